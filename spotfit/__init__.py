@@ -1,0 +1,47 @@
+"""spotfit: find fluorescent spots in microscopy images and measure them.
+
+Conventions (used everywhere in spotfit, stated once here)
+-----------------------------------------------------------
+* Pixel coordinates are 0-based and refer to pixel *centres*: the centre of
+  the first pixel is ``(x, y) = (0.0, 0.0)``; its area spans ``[-0.5, 0.5)``.
+* ``x`` is the column index, ``y`` the row index, ``z`` the plane index.
+  Arrays are indexed ``image[y, x]`` (``image[z, y, x]`` for stacks).
+* Angles are in radians, widths are Gaussian sigma (not FWHM) in pixels.
+* Intensities and backgrounds are in photons (photoelectrons) when the camera
+  is known (``gain`` given), otherwise in ADU above the baseline.
+
+The public API is imported lazily so that ``import spotfit`` (and the
+command-line ``spotfit --help``) stays fast.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "read_image": "spotfit.io",
+    "Image": "spotfit.io",
+    "SpotfitInputError": "spotfit.errors",
+    "Camera": "spotfit.camera",
+    "detect": "spotfit.detect",
+    "fit": "spotfit.fitting",
+    "fit_spots": "spotfit.fitting",
+    "FitConfig": "spotfit.fitting",
+    "simulate": "spotfit.simulate",
+    "write_table": "spotfit.table",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spotfit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,162 @@
+"""Camera model: ADU <-> photoelectrons, and the per-pixel noise model.
+
+A camera turns ``n`` photoelectrons into ``adu = baseline + n * em_gain / gain``
+(``gain`` in photoelectrons per ADU, i.e. the inverse of the conversion gain
+in ADU/e-).  spotfit calls photoelectrons "photons" as the field does (the
+quantum efficiency is not modelled).
+
+Noise model, in photons, for a pixel of expected photon count ``mu``::
+
+    var = excess * mu + read_var
+
+with ``excess`` = 2 for an EMCCD (``em_gain > 1``; the high-gain limit of the
+EM register) and 1 otherwise, and ``read_var`` the read-noise variance in
+photons squared (``(read_noise / em_gain) ** 2``).  For sCMOS cameras
+``baseline``, ``gain`` and ``read_noise`` may be per-pixel maps of the frame's
+shape.
+
+Without ``gain`` the camera is *uncalibrated*: values are reported in ADU
+above ``baseline`` and no photon statistics can be used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from spotfit.errors import SpotfitInputError
+
+ArrayOrFloat = Union[float, np.ndarray]
+
+
+@dataclass(frozen=True, eq=False)
+class Camera:
+    """Camera calibration.
+
+    Parameters
+    ----------
+    baseline : float or (ny, nx) ndarray
+        Offset added by the camera, in ADU.  Default 0.
+    gain : float or (ny, nx) ndarray or None
+        Photoelectrons per ADU (before EM gain).  ``None`` means unknown:
+        results stay in ADU.
+    em_gain : float
+        Electron-multiplying gain (1 for sCMOS/CCD cameras).
+    read_noise : float or (ny, nx) ndarray
+        Read noise, in photoelectrons RMS (before EM gain).  Default 0.
+    """
+
+    baseline: ArrayOrFloat = 0.0
+    gain: ArrayOrFloat | None = None
+    em_gain: float = 1.0
+    read_noise: ArrayOrFloat = 0.0
+
+    def __post_init__(self):
+        for name in ("baseline", "gain", "read_noise"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            arr = np.asarray(value, dtype=float)
+            if not np.all(np.isfinite(arr)):
+                raise SpotfitInputError(f"camera {name} must be finite")
+        if self.gain is not None and np.any(np.asarray(self.gain, dtype=float) <= 0):
+            raise SpotfitInputError("camera gain must be > 0 (photoelectrons per ADU)")
+        if not np.isfinite(self.em_gain) or self.em_gain < 1:
+            raise SpotfitInputError("camera em_gain must be >= 1")
+        if np.any(np.asarray(self.read_noise, dtype=float) < 0):
+            raise SpotfitInputError("camera read_noise must be >= 0")
+
+    # ------------------------------------------------------------------ info
+    @property
+    def calibrated(self) -> bool:
+        """True when ``gain`` is known, so values can be given in photons."""
+        return self.gain is not None
+
+    @property
+    def unit(self) -> str:
+        """Unit of intensities and backgrounds: ``"photon"`` or ``"ADU"``."""
+        return "photon" if self.calibrated else "ADU"
+
+    @property
+    def excess_noise(self) -> float:
+        """Variance multiplier of the signal: 2 for an EMCCD, else 1."""
+        return 2.0 if self.em_gain > 1 else 1.0
+
+    @property
+    def is_map(self) -> bool:
+        """True if any calibration value is a per-pixel map (sCMOS)."""
+        return any(
+            np.ndim(v) > 0 for v in (self.baseline, self.gain, self.read_noise) if v is not None
+        )
+
+    def read_variance(self) -> ArrayOrFloat:
+        """Read-noise variance in output units squared (photons^2 or ADU^2)."""
+        rn = np.asarray(self.read_noise, dtype=float)
+        if self.calibrated:
+            var = (rn / self.em_gain) ** 2
+        else:
+            var = rn**2  # uncalibrated: read_noise is taken as ADU RMS
+        return var if var.ndim else float(var)
+
+    def as_dict(self) -> dict:
+        """Scalar parameters for provenance records (maps are summarised)."""
+
+        def summary(v):
+            if v is None or np.ndim(v) == 0:
+                return None if v is None else float(v)
+            return f"map{tuple(np.shape(v))}"
+
+        return {
+            "baseline": summary(self.baseline),
+            "gain": summary(self.gain),
+            "em_gain": float(self.em_gain),
+            "read_noise": summary(self.read_noise),
+            "unit": self.unit,
+        }
+
+    # ------------------------------------------------------------ conversion
+    def check_shape(self, frame_shape: tuple[int, ...], source: str = "image") -> None:
+        """Raise if a per-pixel map does not match ``frame_shape`` (ny, nx)."""
+        for name in ("baseline", "gain", "read_noise"):
+            v = getattr(self, name)
+            if v is not None and np.ndim(v) > 0 and np.shape(v) != tuple(frame_shape[-2:]):
+                raise SpotfitInputError(
+                    f"camera {name} map has shape {np.shape(v)} but {source} frames are "
+                    f"{tuple(frame_shape[-2:])}"
+                )
+
+    def to_photons(self, adu: np.ndarray, dtype=np.float32) -> np.ndarray:
+        """Convert raw camera values to photons (or ADU above baseline).
+
+        Parameters
+        ----------
+        adu : (..., ny, nx) ndarray
+            Raw pixel values.
+        dtype : numpy dtype
+            Output float type.
+
+        Returns
+        -------
+        (..., ny, nx) ndarray of ``dtype``
+            ``(adu - baseline) * gain / em_gain`` if calibrated, else
+            ``adu - baseline``.
+        """
+        out = np.asarray(adu, dtype=dtype)
+        if out is adu or not isinstance(adu, np.ndarray) or out.base is adu:
+            out = out.copy()
+        baseline = np.asarray(self.baseline, dtype=dtype)
+        if baseline.ndim or baseline != 0:
+            out -= baseline
+        if self.calibrated:
+            scale = np.asarray(self.gain, dtype=dtype) / dtype(self.em_gain)
+            out *= scale
+        return out
+
+    def to_adu(self, photons: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_photons` (float ADU, not rounded)."""
+        out = np.asarray(photons, dtype=float)
+        if self.calibrated:
+            out = out * self.em_gain / np.asarray(self.gain, dtype=float)
+        return out + np.asarray(self.baseline, dtype=float)

@@ -1,0 +1,440 @@
+"""The fitting pipeline: image -> candidates -> windows -> one batched solve -> table.
+
+:func:`fit` is what ``spotfit fit`` runs; :func:`fit_spots` fits given
+positions (e.g. from your own detection).  Both take a :class:`FitConfig`,
+the one set of options shared by the command line and the library.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+
+from spotfit.camera import Camera
+from spotfit.errors import SpotfitInputError
+from spotfit.estimators import ESTIMATOR_NAMES, Noise, get_estimator
+from spotfit.models import MODEL_NAMES, get_model
+from spotfit import roi, solver, table
+
+#: windows per batched solve: large enough to amortise numpy call overhead,
+#: small enough to keep the Jacobian (n, k, P) in cache-friendly memory.
+CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Options for detection and fitting (shared by CLI and Python API).
+
+    Parameters
+    ----------
+    sigma : float
+        Expected PSF sigma in pixels (lateral).  Sets the detection filter,
+        the default window and the starting width; with ``fix_sigma`` the
+        width is held at this value.
+    sigma_z : float or None
+        Expected axial sigma in planes for z-stacks (default ``2 * sigma``).
+    threshold : float or None
+        Detection threshold in signal-to-noise units (None: the detector's
+        default).
+    min_distance : int or None
+        Minimum distance between detected maxima, px (None: from sigma).
+    window : int or None
+        Half-size of the fitting window in px; the window is
+        ``2 * window + 1`` px wide.  Default ``max(2, ceil(2.5 * sigma))``.
+    model : {"rotated", "elliptical", "symmetric"}
+        PSF model (see :mod:`spotfit.models.gaussian`).  3D data support
+        "elliptical" and "symmetric"; "rotated" falls back to "elliptical".
+    estimator : {"lsq", "wlsq", "mle"} or None
+        None: "mle" with a calibrated camera, else "lsq".
+    integrated : bool or None
+        Pixel-integrated model.  None: True with a calibrated camera, else
+        False (point-sampled).
+    fix_sigma : bool
+        Hold the widths at ``sigma`` (and ``sigma_z``).
+    max_iter : int
+        Solver iteration limit per spot.
+    min_snr : float
+        Fits with ``intensity / intensity_err`` below this are flagged
+        ``low_signal``.
+    workers : int or None
+        Threads for the batched solve (None: all cores).
+    """
+
+    sigma: float = 1.3
+    sigma_z: float | None = None
+    threshold: float | None = None
+    min_distance: int | None = None
+    window: int | None = None
+    model: str = "rotated"
+    estimator: str | None = None
+    integrated: bool | None = None
+    fix_sigma: bool = False
+    max_iter: int = 50
+    min_snr: float = 3.0
+    workers: int | None = None
+
+    def __post_init__(self):
+        _positive("--sigma", self.sigma)
+        if self.sigma_z is not None:
+            _positive("--sigma-z", self.sigma_z)
+        if self.threshold is not None:
+            _positive("--threshold", self.threshold)
+        if self.min_distance is not None and self.min_distance < 1:
+            raise SpotfitInputError(f"--min-distance must be >= 1 px, got {self.min_distance}")
+        if self.window is not None and self.window < 1:
+            raise SpotfitInputError(f"--window must be >= 1 px, got {self.window}")
+        if self.model not in MODEL_NAMES:
+            raise SpotfitInputError(
+                f"--model {self.model!r} is unknown; choose one of {', '.join(MODEL_NAMES)}"
+            )
+        if self.estimator is not None and self.estimator not in ESTIMATOR_NAMES:
+            raise SpotfitInputError(
+                f"--estimator {self.estimator!r} is unknown; choose one of {', '.join(ESTIMATOR_NAMES)}"
+            )
+        if self.max_iter < 1:
+            raise SpotfitInputError(f"--max-iter must be >= 1, got {self.max_iter}")
+        if self.min_snr < 0:
+            raise SpotfitInputError(f"--min-snr must be >= 0, got {self.min_snr}")
+        if self.workers is not None and self.workers < 1:
+            raise SpotfitInputError(f"--workers must be >= 1, got {self.workers}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    # -------------------------------------------------------------- resolved
+    def half_size(self, ndim: int) -> tuple:
+        """Window half-size per array axis."""
+        h = self.window if self.window is not None else max(2, math.ceil(2.5 * self.sigma))
+        if ndim == 2:
+            return (h, h)
+        hz = max(1, math.ceil(2.5 * self.axial_sigma()))
+        if self.window is not None:
+            hz = max(1, round(self.window * self.axial_sigma() / self.sigma))
+        return (hz, h, h)
+
+    def axial_sigma(self) -> float:
+        return self.sigma_z if self.sigma_z is not None else 2.0 * self.sigma
+
+    def choose(self, camera: Camera) -> tuple:
+        """Estimator name and ``integrated`` flag after applying defaults."""
+        est = self.estimator or ("mle" if camera.calibrated else "lsq")
+        integ = self.integrated if self.integrated is not None else camera.calibrated
+        return est, integ
+
+
+def _positive(option, value):
+    if not (isinstance(value, (int, float)) and np.isfinite(value) and value > 0):
+        raise SpotfitInputError(f"{option} must be a positive number, got {value!r}")
+
+
+def _config(config, overrides) -> FitConfig:
+    config = config or FitConfig()
+    if overrides:
+        names = {f.name for f in fields(FitConfig)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown fit option(s): {', '.join(sorted(unknown))}")
+        config = replace(config, **overrides)
+    return config
+
+
+def _as_image(image, axes=None, channel=None):
+    """Accept a path, an :class:`~spotfit.io.Image` or an array.
+
+    Arrays without ``axes`` are read as ``YX`` (2D) or ``TYX`` (3D).
+    """
+    from spotfit.io import Image, read_image
+
+    if isinstance(image, Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image, axes=axes, channel=channel)
+    arr = np.asarray(image)
+    if axes is None:
+        axes = {2: "YX", 3: "TYX", 4: "TZYX"}.get(arr.ndim)
+        if axes is None:
+            raise SpotfitInputError(
+                f"cannot fit an array of shape {arr.shape} without axes; pass axes='TZCYX'-style letters"
+            )
+    return Image.from_array(arr, axes, channel=channel)
+
+
+# --------------------------------------------------------------------- API
+def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
+        axes: str | None = None, channel: int | None = None, **options):
+    """Detect and fit every spot of an image or stack.
+
+    Parameters
+    ----------
+    image : str, os.PathLike, spotfit.io.Image or ndarray
+        A TIFF path, an image from :func:`spotfit.read_image`, or an array:
+        ``(ny, nx)``, ``(T, ny, nx)``, or ``(T, nz, ny, nx)``.
+    config : FitConfig, optional
+    camera : Camera, optional
+        Without a calibrated camera, values are in ADU above baseline and the
+        least-squares estimator is used by default.
+    axes, channel : optional
+        Passed to :func:`spotfit.read_image` when ``image`` is a path.
+    **options
+        Override fields of ``config`` (e.g. ``sigma=1.5, estimator="mle"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per detected spot, columns as in :func:`spotfit.table.columns`
+        (documented in the README).  Failed fits are kept and flagged in
+        ``status``.
+    """
+    from spotfit.detect import find_peaks
+
+    config = _config(config, options)
+    camera = camera or Camera()
+    img = _as_image(image, axes=axes, channel=channel)
+    ndim = 3 if img.is_3d else 2
+    camera.check_shape(img.frame_shape, source=str(img.path or "image"))
+    sigma_det = (config.axial_sigma(), config.sigma, config.sigma) if ndim == 3 else config.sigma
+    det_kwargs = {"min_distance": config.min_distance}
+    if config.threshold is not None:
+        det_kwargs["threshold"] = config.threshold
+
+    pending, pending_frames, parts = [], [], []
+    n_pending = 0
+    fitter = _Fitter(config, camera, ndim)
+    for t, frame in img.frames():
+        photons = camera.to_photons(frame)
+        coords, _score = find_peaks(photons, sigma_det, **det_kwargs)
+        if len(coords) == 0:
+            continue
+        w = roi.cut(photons, coords, config.half_size(ndim))
+        pending.append(w)
+        pending_frames.append(np.full(len(w), t, dtype=np.int64))
+        n_pending += len(w)
+        if fitter.noise_var is None:
+            fitter.noise_var = _noise_variance(photons)
+        if n_pending >= 8 * CHUNK:
+            parts.append(fitter.run(roi.concatenate(pending), np.concatenate(pending_frames)))
+            pending, pending_frames, n_pending = [], [], 0
+    if pending:
+        parts.append(fitter.run(roi.concatenate(pending), np.concatenate(pending_frames)))
+    if not parts:
+        return table.empty(ndim)
+    import pandas as pd
+
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera | None = None,
+              frame: int = 0, **options):
+    """Fit spots at given positions in one 2D image or 3D stack.
+
+    Parameters
+    ----------
+    image : (ny, nx) or (nz, ny, nx) ndarray
+        Raw camera values of one frame.
+    positions : (n, 2) or (n, 3) array_like
+        Approximate centres as ``(x, y)`` or ``(x, y, z)`` in px; windows are
+        centred on the nearest pixel.
+    config, camera, **options
+        As in :func:`fit`.
+    frame : int
+        Value of the ``frame`` column.
+
+    Returns
+    -------
+    pandas.DataFrame
+    """
+    config = _config(config, options)
+    camera = camera or Camera()
+    image = np.asarray(image)
+    ndim = image.ndim
+    if ndim not in (2, 3):
+        raise SpotfitInputError(f"fit_spots needs a 2D or 3D image, got shape {image.shape}")
+    pos = np.asarray(positions, dtype=float).reshape(-1, ndim)
+    camera.check_shape(image.shape)
+    photons = camera.to_photons(image)
+    centers = np.rint(pos[:, ::-1]).astype(np.int64)  # (x, y[, z]) -> array order
+    if len(centers) == 0:
+        return table.empty(ndim)
+    fitter = _Fitter(config, camera, ndim)
+    fitter.noise_var = _noise_variance(photons)
+    w = roi.cut(photons, centers, config.half_size(ndim))
+    return fitter.run(w, np.full(len(w), frame, dtype=np.int64))
+
+
+# --------------------------------------------------------------- internals
+def _noise_variance(photons) -> float:
+    """Robust pixel-noise variance of an image (MAD of neighbour differences)."""
+    a = np.asarray(photons, dtype=np.float32)
+    d = np.diff(a[..., ::max(1, a.shape[-1] // 512)] if a.shape[-1] > 1024 else a, axis=-1)
+    mad = float(np.median(np.abs(d - np.median(d))))
+    return (1.4826 * mad) ** 2 / 2.0
+
+
+class _Fitter:
+    """Holds the resolved model/estimator/bounds and fits batches of windows."""
+
+    def __init__(self, config: FitConfig, camera: Camera, ndim: int):
+        self.config = config
+        self.camera = camera
+        self.ndim = ndim
+        model_name = config.model
+        if ndim == 3 and model_name == "rotated":
+            model_name = "elliptical"
+        est_name, integrated = config.choose(camera)
+        self.model = get_model(model_name, ndim, integrated)
+        self.estimator = get_estimator(est_name)
+        if est_name == "mle" and not camera.calibrated:
+            self.estimator.prepare(np.zeros((0, 1)), np.zeros((0, 1), bool), Noise())
+        self.noise_var = None
+        self.workers = config.workers or os.cpu_count() or 1
+
+    def noise(self, windows_read_var=None) -> Noise:
+        cam = self.camera
+        if cam.calibrated:
+            rv = cam.read_variance() if windows_read_var is None else windows_read_var
+            return Noise(calibrated=True, excess=cam.excess_noise, read_var=rv)
+        return Noise(calibrated=False, excess=1.0, read_var=self.noise_var or 0.0)
+
+    def run(self, windows: roi.Windows, frames: np.ndarray):
+        """Fit a batch of windows (split into chunks over threads)."""
+        n = len(windows)
+        bounds = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
+        if self.workers > 1 and len(bounds) > 1:
+            with ThreadPoolExecutor(self.workers) as pool:
+                parts = list(pool.map(lambda b: self._solve(windows, *b), bounds))
+        else:
+            parts = [self._solve(windows, *b) for b in bounds]
+        theta = np.concatenate([p[0] for p in parts])
+        sol = solver.Solution(
+            theta=theta,
+            cov=np.concatenate([p[1].cov for p in parts]),
+            cost=np.concatenate([p[1].cost for p in parts]),
+            chi2_red=np.concatenate([p[1].chi2_red for p in parts]),
+            iterations=np.concatenate([p[1].iterations for p in parts]),
+            status=np.concatenate([p[1].status for p in parts]),
+        )
+        return self._table(windows, frames, sol)
+
+    def _solve(self, windows, start, stop):
+        m, cfg = self.model, self.config
+        data = windows.data[start:stop]
+        mask = windows.mask[start:stop]
+        grid = windows.grid
+        theta0 = initial_guess(m, data, mask, grid, cfg)
+        lower, upper = bounds(m, grid, cfg)
+        # Border-truncated windows: the centre stays within half a pixel of
+        # the image, where the data can still constrain it.
+        first, last = windows.valid_extent(start, stop)
+        lower = np.repeat(lower[None], len(data), axis=0)
+        upper = np.repeat(upper[None], len(data), axis=0)
+        for j, index in enumerate(m.center_index):
+            lower[:, index] = np.maximum(lower[:, index], first[:, j] - 0.5)
+            upper[:, index] = np.minimum(upper[:, index], last[:, j] + 0.5)
+        free = np.ones(m.n_params, bool)
+        if cfg.fix_sigma:
+            for name in m.width_names:
+                free[m.index(name)] = False
+        sol = solver.solve(m, self.estimator, data, mask, grid, theta0, noise=self.noise(),
+                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter)
+        return sol.theta, sol
+
+    def _table(self, windows, frames, sol):
+        m, ndim = self.model, self.ndim
+        names, pub, pcov = m.public(sol.theta, sol.cov)
+        perr = np.sqrt(np.clip(np.diagonal(pcov, axis1=1, axis2=2), 0.0, None))
+        rel = sol.theta[:, list(m.center_index)]
+        absolute = windows.to_image(rel)
+        values, errors = {}, {}
+        for j, name in enumerate(names):
+            columns = ("sigma_x", "sigma_y") if name == "sigma" else (name,)
+            for col in columns:
+                values[col], errors[col] = pub[:, j], perr[:, j]
+        for j, axis in enumerate(("x", "y", "z")[:ndim]):
+            values[axis] = absolute[:, j]
+        if ndim == 2 and "angle" not in names:
+            errors["angle"] = np.full(len(pub), np.nan)  # not a fitted parameter
+        values["amplitude"], errors["amplitude"] = _amplitude(names, pub, pcov, ndim)
+
+        status = sol.status.copy()
+        outside = ~windows.inside(rel)
+        status[outside & (status != solver.SINGULAR)] = solver.LEFT_WINDOW
+        ok = status == solver.CONVERGED
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = pub[:, 0] / perr[:, 0]
+        status[ok & ~(snr >= self.config.min_snr)] = solver.LOW_SIGNAL
+        status_names = np.asarray(solver.STATUS_NAMES, dtype=object)[status]
+        return table.build(frames, values, errors, sol.chi2_red, sol.iterations, status_names,
+                           self.camera.unit, ndim)
+
+
+def _amplitude(names, values, cov, ndim):
+    """Peak density ``N / ((2 pi)^(d/2) prod sigma)`` and its propagated error.
+
+    ``names``/``values``/``cov`` are a model's public parameters.
+    """
+    n = len(values)
+    norm = np.full(n, (2.0 * np.pi) ** (ndim / 2.0))
+    powers = {}
+    for name, power in (("sigma", 2.0), ("sigma_x", 1.0), ("sigma_y", 1.0), ("sigma_z", 1.0)):
+        if name in names:
+            norm = norm * values[:, names.index(name)] ** power
+            powers[names.index(name)] = power
+    amp = values[:, 0] / norm
+    grad = np.zeros_like(values)
+    grad[:, 0] = 1.0 / norm
+    for j, power in powers.items():
+        grad[:, j] = -power * amp / values[:, j]
+    var = np.einsum("nk,nkl,nl->n", grad, cov, grad)
+    return amp, np.sqrt(np.clip(var, 0.0, None))
+
+
+def initial_guess(model, data, mask, grid, config: FitConfig):
+    """Starting values from moments of each window.
+
+    Offset: mean of the valid pixels on the window's outer ring (their
+    minimum if the ring is fully masked).  Intensity: sum of the positive
+    excess over the offset.  Centre: centroid of that excess (the window
+    centre if there is none).  Widths: second moments, clipped to
+    ``[0.7, 1.5] x`` the configured sigma (the configured sigma itself with
+    ``fix_sigma``).
+    """
+    n, P = data.shape
+    coords = grid.flat()  # x, y[, z] each (P,)
+    ring = np.zeros(grid.shape, bool)
+    for a in range(grid.ndim):
+        sl = [slice(None)] * grid.ndim
+        sl[a] = 0
+        ring[tuple(sl)] = True
+        sl[a] = -1
+        ring[tuple(sl)] = True
+    ring = ring.ravel()[None, :] & mask
+    n_ring = ring.sum(axis=1)
+    offset = np.where(
+        n_ring > 0,
+        np.sum(np.where(ring, data, 0.0), axis=1) / np.maximum(n_ring, 1),
+        np.min(np.where(mask, data, np.inf), axis=1),
+    )
+    excess = np.where(mask, np.clip(data - offset[:, None], 0.0, None), 0.0)
+    total = excess.sum(axis=1)
+    safe = np.where(total > 0, total, 1.0)
+    centre_window = (np.array(grid.shape[::-1], float) - 1) / 2
+    center = np.empty((n, grid.ndim))
+    widths = np.empty((n, grid.ndim))
+    expected = [config.sigma, config.sigma, config.axial_sigma()][: grid.ndim]
+    for j, c in enumerate(coords):
+        mean = excess @ c / safe
+        var = excess @ (c * c) / safe - mean**2
+        center[:, j] = np.where(total > 0, mean, centre_window[j])
+        s = np.sqrt(np.clip(var, 0.0, None))
+        widths[:, j] = expected[j] if config.fix_sigma else np.clip(s, 0.7 * expected[j], 1.5 * expected[j])
+    intensity = np.maximum(total, 1e-3)
+    return model.from_moments(center, widths, intensity, offset)
+
+
+def bounds(model, grid, config: FitConfig):
+    """Box constraints ``(lower, upper)``, each ``(k,)``; see ``Model.bounds``."""
+    return model.bounds(grid)

@@ -1,0 +1,781 @@
+"""Read microscopy TIFF files into one axis order; write ImageJ TIFFs.
+
+Every image in spotfit is an :class:`Image` whose ``data`` has the axes
+``"TYX"`` (time series of 2D frames; a single image has T = 1) or ``"TZYX"``
+(time series of z-stacks; a single stack has T = 1).  Indexing follows the
+package convention ``data[t, y, x]`` / ``data[t, z, y, x]``.
+
+How the axes stored in a file are interpreted
+---------------------------------------------
+The axes of the first image series are taken from the file's ImageJ or OME
+metadata as reported by :mod:`tifffile` (``TiffFile.series[0].axes``), or
+from the ``axes`` argument (the command line's ``--axes``) which overrides
+them.  Letters are mapped as follows:
+
+========================  ==========================================
+letter in the file        meaning in spotfit
+========================  ==========================================
+``T``, ``I``              time (``I``: tifffile's generic image index)
+``Z``                     z plane
+``C``, ``S``              channel (``S``: samples, e.g. RGB); one is
+                          selected with ``channel``
+``Y``, ``X``              rows, columns
+anything else (``Q`` …)   unknown: a *leading* unknown axis of a 3D file
+                          is read as time; size-1 unknown axes are
+                          dropped; otherwise the file is rejected and
+                          the user must give ``--axes``
+========================  ==========================================
+
+Axes of size 1 other than T, Y and X are dropped (a one-plane "z-stack" is
+a 2D image).  Files whose metadata are wrong (an ImageJ movie labelled Z,
+a z-stack stored without metadata) are read correctly by passing ``axes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import threading
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import tifffile
+
+from spotfit._atomic import atomic_path
+from spotfit.errors import SpotfitInputError
+
+__all__ = ["Image", "read_image", "write_tiff", "SUPPORTED_DTYPES"]
+
+#: Pixel types spotfit reads; anything else (bool, complex, float16,
+#: 64-bit integers) is rejected with a message naming the file.
+SUPPORTED_DTYPES = tuple(
+    np.dtype(name)
+    for name in (
+        "uint8", "uint16", "uint32", "int8", "int16", "int32", "float32", "float64",
+    )
+)
+
+#: Letters accepted by the ``axes`` override (``--axes``).
+AXES_LETTERS = "TZCYXS"
+
+#: Smallest image (rows and columns) spotfit accepts.
+MIN_SIDE = 3
+
+# Physical sizes outside this range (µm) are treated as unknown: they come
+# from uncalibrated or broken metadata (e.g. ImageJ writing 2e-6 µm/pixel).
+_PLAUSIBLE_UM = (1e-3, 1e4)
+
+# Memory used per block of frames when scanning float data for NaN / inf.
+_SCAN_BYTES = 64 * 2**20
+
+_UNIT_IN_UM = {
+    "um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "microns": 1.0,
+    "micrometer": 1.0, "micrometre": 1.0,
+    "nm": 1e-3, "nanometer": 1e-3, "nanometre": 1e-3,
+    "mm": 1e3, "millimeter": 1e3, "millimetre": 1e3,
+    "cm": 1e4, "centimeter": 1e4, "centimetre": 1e4,
+    "m": 1e6, "meter": 1e6, "metre": 1e6,
+    "å": 1e-4, "angstrom": 1e-4, "pm": 1e-6,
+}
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_OTHER_FORMATS = (
+    (b"\x89PNG", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"%PDF", "PDF"),
+    (b"PK\x03\x04", "ZIP"),
+    (b"\x89HDF", "HDF5"),
+    (b"\x93NUMPY", "NumPy .npy"),
+)
+
+
+# ----------------------------------------------------------------------------
+# The image container
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Image:
+    """A time series of 2D images or z-stacks in one fixed axis order.
+
+    Parameters
+    ----------
+    data : (T, Y, X) or (T, Z, Y, X) ndarray
+        Pixel values, axis order exactly `axes`.  May be a read-only
+        :class:`numpy.memmap` of the input file: index it frame by frame
+        (``data[t]`` or :meth:`frames`) rather than loading all of it.  A
+        memory map keeps the file's byte order (ImageJ writes big-endian),
+        which numpy and scipy handle transparently; :meth:`frames` always
+        yields native byte order.
+    axes : {"TYX", "TZYX"}
+        Axis order of `data`.  A single 2D image is ``"TYX"`` with T = 1; a
+        z-stack without time is ``"TZYX"`` with T = 1.
+    path : str or None
+        File the image was read from, None for images made in memory.
+    pixel_size : float or None
+        Pixel size in x and y, in µm per pixel; None when unknown.
+    z_step : float or None
+        Distance between z planes in µm; None when unknown or 2D.
+    source_axes : str, optional
+        Axes of the stored series as found in the file (after the user's
+        override), e.g. ``"CYX"`` or ``"QYX"``.  Defaults to `axes`.
+    dtype : numpy.dtype, optional
+        Pixel type of the file, in native byte order (``uint16`` even for a
+        big-endian file).  Defaults to ``data.dtype``.
+
+    Notes
+    -----
+    Equality is identity (``eq=False``): comparing pixel arrays element-wise
+    is not what ``==`` on an image should mean.
+    """
+
+    data: np.ndarray
+    axes: str
+    path: str | None = None
+    pixel_size: float | None = None
+    z_step: float | None = None
+    source_axes: str | None = None
+    dtype: np.dtype | None = None
+
+    def __post_init__(self):
+        if self.axes not in ("TYX", "TZYX"):
+            raise SpotfitInputError(
+                f"Image axes must be 'TYX' or 'TZYX', not {self.axes!r}"
+            )
+        ndim = getattr(self.data, "ndim", None)
+        if ndim != len(self.axes):
+            raise SpotfitInputError(
+                f"Image data must have {len(self.axes)} dimensions for axes "
+                f"{self.axes!r}, got shape {getattr(self.data, 'shape', None)}"
+            )
+        if self.source_axes is None:
+            object.__setattr__(self, "source_axes", self.axes)
+        dtype = self.data.dtype if self.dtype is None else np.dtype(self.dtype)
+        object.__setattr__(self, "dtype", dtype.newbyteorder("="))
+
+    @property
+    def n_frames(self) -> int:
+        """Number of time points T."""
+        return int(self.data.shape[0])
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """Spatial shape of one time point: ``(ny, nx)`` or ``(nz, ny, nx)``."""
+        return tuple(int(n) for n in self.data.shape[1:])
+
+    @property
+    def is_3d(self) -> bool:
+        """True for z-stacks (axes ``"TZYX"``)."""
+        return self.axes == "TZYX"
+
+    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(t, frame)`` for each time point, reading one at a time.
+
+        Yields
+        ------
+        t : int
+            Time index, 0-based.
+        frame : (Y, X) or (Z, Y, X) ndarray
+            ``data[t]`` in native byte order: a view (no copy) unless the file
+            is big-endian, then a copy of this one frame.  For a
+            memory-mapped file, pages are read from disk only when used.
+        """
+        for t in range(self.n_frames):
+            yield t, np.asarray(self.data[t], dtype=self.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"Image(shape={tuple(self.data.shape)}, axes={self.axes!r}, "
+            f"dtype={self.dtype}, path={self.path!r}, "
+            f"pixel_size={self.pixel_size!r}, z_step={self.z_step!r}, "
+            f"source_axes={self.source_axes!r})"
+        )
+
+    @classmethod
+    def from_array(
+        cls,
+        data,
+        axes: str,
+        *,
+        channel: int | None = None,
+        pixel_size: float | None = None,
+        z_step: float | None = None,
+    ) -> "Image":
+        """Wrap an in-memory array, bringing it into spotfit's axis order.
+
+        Applies the same axis rules, pixel-type and finiteness checks as
+        :func:`read_image`.
+
+        Parameters
+        ----------
+        data : array_like
+            Pixel values, e.g. of shape (Y, X), (T, Y, X) or (Z, Y, X).
+        axes : str
+            One letter from ``TZCYXS`` per dimension of `data`, e.g. ``"YX"``,
+            ``"ZYX"`` or ``"TCYX"``.
+        channel : int, optional
+            Channel to keep when `data` has a channel axis of size > 1.
+        pixel_size, z_step : float, optional
+            Pixel size in x/y and z distance between planes, in µm.
+
+        Returns
+        -------
+        Image
+        """
+        array = np.asarray(data)
+        where = "array"
+        _check_dtype(array.dtype, where)
+        plan = _plan_axes(
+            _validate_axes_override(axes, array.shape, "", where, "axes"),
+            array.shape, channel, where, option="axes", channel_option="channel",
+            overridden=True,
+        )
+        _check_size(axes.upper(), array.shape, where)
+        out, out_axes = _apply_plan(array, plan)
+        _check_finite(out, where)
+        return cls(
+            data=out, axes=out_axes, path=None, pixel_size=pixel_size,
+            z_step=z_step, source_axes=axes.upper(), dtype=array.dtype,
+        )
+
+
+# ----------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------
+
+
+def read_image(path, axes: str | None = None, channel: int | None = None) -> Image:
+    """Read the first image series of a TIFF file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        TIFF file (plain, ImageJ, OME or BigTIFF).  Opened read-only.
+    axes : str, optional
+        Override for the stored axes (the command line's ``--axes``): one
+        letter from ``TZCYXS`` per dimension of the stored series, ``Y`` and
+        ``X`` required, no repeats, e.g. ``"TYX"`` for an ImageJ movie
+        mislabelled as a z-stack, or ``"ZYX"`` for a z-stack stored as
+        ``"QYX"``.
+    channel : int, optional
+        0-based channel to keep; required when the file has a channel axis
+        (``C``, or ``S`` samples such as RGB) of size > 1, an error otherwise.
+
+    Returns
+    -------
+    Image
+        ``data`` of shape (T, Y, X) or (T, Z, Y, X) in the file's pixel type.
+        Uncompressed, contiguous files are memory-mapped read-only (nothing is
+        loaded until used); others are read into memory.
+
+    Raises
+    ------
+    SpotfitInputError
+        One line naming the file (and the option) when the file is missing,
+        a directory, empty, not a TIFF, corrupt or truncated; when its axes
+        cannot be interpreted or `axes` does not fit; when `channel` is
+        missing, out of range or not applicable; for unsupported pixel types
+        (bool, complex, float16, 64-bit integers); for NaN or infinite
+        pixels; for zero-size images or images smaller than 3 x 3 pixels.
+
+    Notes
+    -----
+    See the module docstring for how stored axis letters are interpreted.
+    A 3D file whose first axis is unknown (tifffile's ``Q``, e.g. a plain
+    multi-page TIFF) is read as a time series; pass ``axes="ZYX"`` for a
+    z-stack.  The physical pixel size is read on a best-effort basis from
+    ImageJ metadata (``unit``, XResolution, ``spacing``), OME metadata
+    (``PhysicalSizeX``, ``PhysicalSizeZ``) or a metric TIFF ResolutionUnit;
+    it is None when absent, in inches or pixels, or implausible
+    (outside 1 nm to 10 mm).
+    """
+    where = os.fspath(path)
+    _check_file(where)
+
+    with _TifffileErrors() as logged:
+        try:
+            tif = tifffile.TiffFile(where)
+        except Exception as exc:  # tifffile raises many types for bad files
+            raise _corrupt(where, exc) from exc
+        with tif:
+            try:
+                series = tif.series[0] if tif.series else None
+            except Exception as exc:
+                raise _corrupt(where, exc) from exc
+            logged.check(where)
+            if series is None:
+                raise SpotfitInputError(
+                    f"{where}: corrupt or truncated TIFF file (no image found)"
+                )
+
+            shape = tuple(int(n) for n in series.shape)
+            stored_axes = str(series.axes)
+            file_dtype = np.dtype(series.dtype)
+            if 0 in shape or len(shape) == 0:
+                raise SpotfitInputError(
+                    f"{where}: image has no pixels (shape {shape}, axes {stored_axes})"
+                )
+            _check_dtype(file_dtype, where)
+            source_axes = (
+                stored_axes
+                if axes is None
+                else _validate_axes_override(axes, shape, stored_axes, where, "--axes")
+            )
+            plan = _plan_axes(source_axes, shape, channel, where, overridden=axes is not None)
+            _check_size(source_axes, shape, where)
+            pixel_size, z_step = _physical_sizes(tif)
+            array = _read_pixels(tif, series, where)
+            logged.check(where)
+
+    data, out_axes = _apply_plan(array, plan)
+    _check_finite(data, where)
+    return Image(
+        data=data,
+        axes=out_axes,
+        path=where,
+        pixel_size=pixel_size,
+        z_step=z_step if out_axes == "TZYX" else None,
+        source_axes=source_axes,
+        dtype=file_dtype,
+    )
+
+
+def _check_file(where: str) -> None:
+    """Reject missing files, directories, empty files and non-TIFF files."""
+    if not os.path.exists(where):
+        raise SpotfitInputError(f"{where}: no such file")
+    if os.path.isdir(where):
+        raise SpotfitInputError(f"{where}: is a directory, not a TIFF file")
+    try:
+        with open(where, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise SpotfitInputError(
+            f"{where}: cannot open ({exc.strerror or exc})"
+        ) from exc
+    if not head:
+        raise SpotfitInputError(f"{where}: empty file (0 bytes), not a TIFF image")
+    if head[:4] not in _TIFF_MAGIC:
+        kind = next((name for magic, name in _OTHER_FORMATS if head.startswith(magic)), None)
+        hint = f" (it looks like a {kind} file)" if kind else ""
+        raise SpotfitInputError(f"{where}: not a TIFF file{hint}")
+
+
+def _corrupt(where: str, exc: BaseException) -> SpotfitInputError:
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if len(detail) > 160:
+        detail = detail[:157] + "..."
+    return SpotfitInputError(f"{where}: corrupt or truncated TIFF file ({detail})")
+
+
+class _TifffileErrors(logging.Filter):
+    """Collect (and silence) tifffile's ERROR log records in this thread.
+
+    tifffile reports some damage only through its logger and then returns a
+    partial result: e.g. a truncated ImageJ movie is logged as "ImageJ series
+    metadata invalid or corrupted file" and read as its first frame only.
+    Such records are turned into a :class:`SpotfitInputError`.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._thread = threading.get_ident()
+        self.messages: list[str] = []
+        self._logger = logging.getLogger("tifffile")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread == self._thread and record.levelno >= logging.ERROR:
+            self.messages.append(record.getMessage())
+            return False
+        return True
+
+    def check(self, where: str) -> None:
+        if self.messages:
+            raise _corrupt(where, RuntimeError(self.messages[0]))
+
+    def __enter__(self):
+        self._logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        self._logger.removeFilter(self)
+        return False
+
+
+def _check_dtype(dtype: np.dtype, where: str) -> None:
+    if np.dtype(dtype).newbyteorder("=") not in SUPPORTED_DTYPES:
+        names = ", ".join(d.name for d in SUPPORTED_DTYPES)
+        raise SpotfitInputError(
+            f"{where}: unsupported pixel type {np.dtype(dtype).name} "
+            f"(supported: {names})"
+        )
+
+
+def _check_size(source_axes: str, shape: tuple[int, ...], where: str) -> None:
+    ny = shape[source_axes.index("Y")]
+    nx = shape[source_axes.index("X")]
+    if ny < MIN_SIDE or nx < MIN_SIDE:
+        raise SpotfitInputError(
+            f"{where}: image is too small ({ny} rows x {nx} columns); spotfit "
+            f"needs at least {MIN_SIDE} x {MIN_SIDE} pixels"
+        )
+
+
+def _read_pixels(tif: tifffile.TiffFile, series, where: str) -> np.ndarray:
+    """Memory-map the series if stored uncompressed and contiguous, else load it.
+
+    The map keeps the file's byte order: ImageJ writes big-endian files, and
+    copying a multi-gigabyte movie only to swap bytes would defeat the map.
+    """
+    file_size = os.path.getsize(where)
+    offset = series.dataoffset
+    if offset is not None:
+        file_dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+        nbytes = int(np.prod(series.shape)) * file_dtype.itemsize
+        if offset + nbytes > file_size:
+            raise SpotfitInputError(
+                f"{where}: corrupt or truncated TIFF file (pixel data needs "
+                f"{offset + nbytes} bytes, the file has {file_size})"
+            )
+        try:
+            return np.memmap(
+                where, dtype=file_dtype, mode="r", offset=offset, shape=tuple(series.shape)
+            )
+        except (OSError, ValueError):
+            pass  # e.g. a file system without mmap: load it instead
+    try:
+        return series.asarray()
+    except Exception as exc:
+        raise _corrupt(where, exc) from exc
+
+
+def _check_finite(data: np.ndarray, where: str) -> None:
+    """Reject float data with NaN or infinite pixels, scanning frame blocks."""
+    if data.dtype.kind != "f" or data.size == 0:
+        return
+    frame_bytes = max(1, data[0].nbytes)
+    step = max(1, _SCAN_BYTES // frame_bytes)
+    n_nan = n_inf = 0
+    for start in range(0, data.shape[0], step):
+        block = np.asarray(data[start:start + step])
+        n_nan += int(np.count_nonzero(np.isnan(block)))
+        n_inf += int(np.count_nonzero(np.isinf(block)))
+    if n_nan or n_inf:
+        raise SpotfitInputError(
+            f"{where}: {n_nan} NaN and {n_inf} infinite pixel values "
+            f"(of {data.size}); spotfit needs finite pixels"
+        )
+
+
+# ----------------------------------------------------------------------------
+# Axes
+# ----------------------------------------------------------------------------
+
+
+def _validate_axes_override(
+    axes, shape: tuple[int, ...], stored_axes: str, where: str, option: str
+) -> str:
+    """Check a user-given axes string against the stored shape; return it upper-case."""
+    stored = f", stored axes {stored_axes!r}" if stored_axes else ""
+
+    def fail(reason: str):
+        raise SpotfitInputError(
+            f"{option} {axes!r} does not fit {where}: {reason} "
+            f"(the image has {len(shape)} dimensions, shape {shape}{stored})"
+        )
+
+    if not isinstance(axes, str):
+        fail("give a string of axis letters")
+    letters = axes.upper()
+    bad = sorted({a for a in letters if a not in AXES_LETTERS})
+    if bad:
+        fail(f"unknown letter(s) {''.join(bad)!r}, use letters from {AXES_LETTERS}")
+    repeated = sorted({a for a in letters if letters.count(a) > 1})
+    if repeated:
+        fail(f"repeated letter(s) {''.join(repeated)!r}")
+    if "Y" not in letters or "X" not in letters:
+        fail("Y and X are required")
+    if len(letters) != len(shape):
+        fail(f"{len(letters)} letters given, one per dimension needed")
+    return letters
+
+
+_ROLE_NAMES = {"T": "time", "Z": "z", "C": "channel"}
+
+
+@dataclass(frozen=True)
+class _AxesPlan:
+    """How to turn a stored array into spotfit's axis order.
+
+    ``index``: per stored axis, an integer (keep that element, dropping the
+    axis) or ``slice(None)``; ``kept``: the roles ("T", "Z", "Y", "X") of the
+    axes left after indexing, in stored order.
+    """
+
+    index: tuple
+    kept: str
+
+
+def _plan_axes(
+    source_axes: str,
+    shape: tuple[int, ...],
+    channel,
+    where: str,
+    option: str = "--axes",
+    channel_option: str = "--channel",
+    overridden: bool = False,
+) -> _AxesPlan:
+    """Interpret axis letters; pick the channel; plan squeezing and transposing."""
+    described = f"axes {source_axes!r}, shape {shape}"
+    roles = []
+    for i, (letter, size) in enumerate(zip(source_axes, shape)):
+        if letter in "TI":
+            role = "T"
+        elif letter in "ZYX":
+            role = letter
+        elif letter in "CS":
+            role = "C"
+        elif size == 1:
+            role = "drop"
+        elif i == 0 and len(shape) == 3 and source_axes[1:] in ("YX", "XY"):
+            role = "T"  # a leading unknown axis of a 3D file: a time series
+        else:
+            raise SpotfitInputError(
+                f"{where}: cannot tell what axis {letter!r} (size {size}) is "
+                f"({described}); give all axes with {option}, e.g. {option} TZYX"
+            )
+        roles.append(role)
+
+    for needed in "YX":
+        if needed not in roles:
+            raise SpotfitInputError(
+                f"{where}: no {needed} axis found ({described}); give the axes "
+                f"with {option}"
+            )
+
+    # A role on two axes: keep the one of size > 1, drop size-1 duplicates.
+    for role in "TZC":
+        positions = [i for i, r in enumerate(roles) if r == role]
+        if len(positions) > 1:
+            big = [i for i in positions if shape[i] > 1]
+            if len(big) > 1:
+                letters = "".join(source_axes[i] for i in big)
+                raise SpotfitInputError(
+                    f"{where}: more than one {_ROLE_NAMES[role]} axis ({letters!r}; "
+                    f"{described}); give the axes with {option}"
+                )
+            keep = big[0] if big else positions[0]
+            for i in positions:
+                if i != keep:
+                    roles[i] = "drop"
+
+    # Channel selection.
+    index: list = [slice(None)] * len(shape)
+    channel_axis = roles.index("C") if "C" in roles else None
+    if channel is not None and (
+        isinstance(channel, bool) or not isinstance(channel, numbers.Integral)
+    ):
+        raise SpotfitInputError(
+            f"{channel_option} must be a whole number (0-based channel), not {channel!r}"
+        )
+    if channel_axis is None:
+        if channel is not None:
+            raise SpotfitInputError(
+                f"{channel_option} {channel} given but {where} has no channel axis "
+                f"({described})"
+            )
+    else:
+        n_channels = shape[channel_axis]
+        letter = source_axes[channel_axis]
+        kind = "; samples per pixel, e.g. RGB" if letter == "S" else ""
+        if channel is None:
+            if n_channels > 1:
+                hint = (
+                    "" if overridden
+                    else f", or give {option} if axis {letter} is not channels"
+                )
+                raise SpotfitInputError(
+                    f"{where} has {n_channels} channels (axis {letter}{kind}); "
+                    f"choose one with {channel_option} (0 to {n_channels - 1}){hint}"
+                )
+            channel = 0
+        if not 0 <= channel < n_channels:
+            raise SpotfitInputError(
+                f"{channel_option} {channel} is out of range for {where}: it has "
+                f"{n_channels} channel(s) (axis {letter}), valid: 0 to {n_channels - 1}"
+            )
+        index[channel_axis] = int(channel)
+        roles[channel_axis] = "drop"
+
+    # Squeeze other size-1 axes away (a one-plane z-stack is a 2D image).
+    for i, role in enumerate(roles):
+        if role == "drop":
+            if not isinstance(index[i], int):
+                index[i] = 0
+        elif role == "Z" and shape[i] == 1:
+            index[i] = 0
+            roles[i] = "drop"
+
+    kept = "".join(r for r in roles if r != "drop")
+    return _AxesPlan(index=tuple(index), kept=kept)
+
+
+def _apply_plan(array: np.ndarray, plan: _AxesPlan) -> tuple[np.ndarray, str]:
+    """Index, transpose to T(Z)YX and add a T axis; views only (maps stay maps)."""
+    view = array[plan.index]
+    order = "".join(r for r in "TZYX" if r in plan.kept)
+    view = np.transpose(view, [plan.kept.index(r) for r in order])
+    if "T" not in order:
+        view = view[np.newaxis]
+        order = "T" + order
+    return view, order
+
+
+# ----------------------------------------------------------------------------
+# Physical pixel size
+# ----------------------------------------------------------------------------
+
+
+def _physical_sizes(tif: tifffile.TiffFile) -> tuple[float | None, float | None]:
+    """Best-effort (pixel_size, z_step) in µm from OME, ImageJ or TIFF tags."""
+    try:
+        if tif.is_ome:
+            sizes = _ome_sizes(tif.ome_metadata)
+            if sizes != (None, None):
+                return sizes
+        page = tif.pages.first
+        if tif.is_imagej:
+            meta = tif.imagej_metadata or {}
+            factor = _unit_in_um(meta.get("unit"))
+            if factor is not None:
+                pixel = _per_resolution(page, factor)
+                spacing = meta.get("spacing")
+                z_step = _plausible(float(spacing) * factor) if spacing else None
+                if pixel is not None or z_step is not None:
+                    return pixel, z_step
+        unit = page.tags.valueof("ResolutionUnit")
+        factor = {3: 1e4, 4: 1e3, 5: 1.0}.get(int(unit) if unit is not None else 1)
+        if factor is not None:
+            return _per_resolution(page, factor), None
+    except Exception:  # metadata is best effort: never fail the read
+        pass
+    return None, None
+
+
+def _unit_in_um(unit) -> float | None:
+    if not isinstance(unit, str):
+        return None
+    text = unit.strip().lower().replace("\\u00b5", "µ").replace("\\u03bc", "μ")
+    return _UNIT_IN_UM.get(text)
+
+
+def _per_resolution(page, factor: float) -> float | None:
+    """Pixel size in µm from XResolution (pixels per unit) times unit in µm."""
+    value = page.tags.valueof("XResolution")
+    if value is None:
+        return None
+    numerator, denominator = value
+    if not numerator or not denominator:
+        return None
+    return _plausible(denominator / numerator * factor)
+
+
+def _ome_sizes(xml: str) -> tuple[float | None, float | None]:
+    root = ElementTree.fromstring(xml)
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None, None
+
+    def size(axis: str) -> float | None:
+        value = pixels.get(f"PhysicalSize{axis}")
+        factor = _unit_in_um(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+        if value is None or factor is None:
+            return None
+        return _plausible(float(value) * factor)
+
+    return size("X"), size("Z")
+
+
+def _plausible(um: float) -> float | None:
+    low, high = _PLAUSIBLE_UM
+    return float(um) if np.isfinite(um) and low <= um <= high else None
+
+
+# ----------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------
+
+_IMAGEJ_DTYPES = tuple(np.dtype(d) for d in ("uint8", "uint16", "int16", "float32"))
+
+
+def write_tiff(
+    path,
+    data,
+    axes: str,
+    *,
+    pixel_size: float | None = None,
+    z_step: float | None = None,
+) -> None:
+    """Write an ImageJ-compatible TIFF atomically.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Output file; replaced atomically (see :func:`spotfit._atomic.atomic_path`).
+    data : array_like
+        Pixel values, axis order `axes`; uint8, uint16, int16 or float32
+        (float64 is stored as float32, since ImageJ has no float64 type).
+    axes : str
+        One letter from ``TZCYX`` per dimension of `data`, Y and X required,
+        e.g. ``"TYX"``, ``"TZYX"`` or ``"YX"``.  Axes are reordered to
+        ImageJ's TZCYX order when needed.
+    pixel_size : float, optional
+        Pixel size in x and y, in µm (stored as resolution with unit "um").
+    z_step : float, optional
+        Distance between z planes, in µm (ImageJ ``spacing``).
+
+    Raises
+    ------
+    SpotfitInputError
+        When `axes` does not fit `data`, the pixel type cannot be stored,
+        `pixel_size` or `z_step` is not positive, or the output directory
+        does not exist; the message names `path`.
+    """
+    where = os.fspath(path)
+    array = np.asarray(data)
+    if isinstance(axes, str) and "S" in axes.upper():
+        raise SpotfitInputError(
+            f"{where}: cannot write axes {axes!r}: use C for channels, not S"
+        )
+    letters = _validate_axes_override(axes, array.shape, "", where, "axes")
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    if array.dtype.newbyteorder("=") not in _IMAGEJ_DTYPES:
+        raise SpotfitInputError(
+            f"{where}: cannot write pixel type {array.dtype.name} to an ImageJ TIFF "
+            f"(use uint8, uint16, int16 or float32)"
+        )
+    order = [letters.index(a) for a in "TZCYX" if a in letters]
+    array = np.ascontiguousarray(np.transpose(array, order))
+    letters = "".join(letters[i] for i in order)
+
+    for name, value in (("pixel_size", pixel_size), ("z_step", z_step)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise SpotfitInputError(
+                f"{where}: {name} must be a positive number of µm, not {value!r}"
+            )
+
+    metadata: dict = {"axes": letters}
+    resolution = None
+    if pixel_size is not None:
+        resolution = (1.0 / float(pixel_size), 1.0 / float(pixel_size))
+        metadata["unit"] = "um"
+    if z_step is not None:
+        metadata["spacing"] = float(z_step)
+    with atomic_path(where) as tmp:
+        tifffile.imwrite(tmp, array, imagej=True, metadata=metadata, resolution=resolution)

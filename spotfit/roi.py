@@ -1,0 +1,146 @@
+"""Fitting windows: cutting them out and converting their coordinates.
+
+This module is the one place where window-relative coordinates meet image
+coordinates.  A window of half-size ``h`` around the integer pixel ``c``
+spans pixels ``c - h .. c + h`` on each axis; its *origin* is the image
+coordinate of its first pixel (``c - h``), so
+
+    image coordinate = origin + window-relative coordinate
+
+on every axis, also for windows that stick out of the image.  Pixels outside
+the image are masked (``mask == False``) and carry no weight in the fit, so
+spots at the border are fitted in their truncated windows without being
+shifted or dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spotfit.models import Grid
+
+
+@dataclass
+class Windows:
+    """A batch of equally sized windows.
+
+    Attributes
+    ----------
+    data : (n, P) ndarray
+        Pixel values, flattened in C order (x fastest); 0 where masked.
+    mask : (n, P) bool ndarray
+        True for pixels inside the image.
+    origin : (n, ndim) int ndarray
+        Image coordinates of each window's first pixel, ordered
+        ``(x, y[, z])``.
+    grid : Grid
+        Window shape, in array order.
+    """
+
+    data: np.ndarray
+    mask: np.ndarray
+    origin: np.ndarray
+    grid: Grid
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    def to_image(self, rel: np.ndarray) -> np.ndarray:
+        """Window-relative ``(n, ndim)`` coordinates ``(x, y[, z])`` -> image."""
+        return rel + self.origin
+
+    def to_window(self, absolute: np.ndarray) -> np.ndarray:
+        """Image coordinates ``(n, ndim)`` ``(x, y[, z])`` -> window-relative."""
+        return absolute - self.origin
+
+    def valid_extent(self, start: int = 0, stop: int | None = None):
+        """First and last unmasked pixel of each window along each axis.
+
+        Returns
+        -------
+        first, last : (m, ndim) ndarray
+            Window-relative pixel-centre coordinates ordered ``(x, y[, z])``
+            for windows ``start:stop``.
+        """
+        mask = self.mask[start:stop].reshape((-1,) + self.grid.shape)
+        m, nd = mask.shape[0], self.grid.ndim
+        first = np.empty((m, nd))
+        last = np.empty((m, nd))
+        for a in range(nd):  # array axis a -> coordinate index nd - 1 - a
+            other = tuple(b + 1 for b in range(nd) if b != a)
+            valid = mask.any(axis=other)
+            size = valid.shape[1]
+            first[:, nd - 1 - a] = np.argmax(valid, axis=1)
+            last[:, nd - 1 - a] = size - 1 - np.argmax(valid[:, ::-1], axis=1)
+        return first, last
+
+    def inside(self, rel: np.ndarray) -> np.ndarray:
+        """True where window-relative ``(x, y[, z])`` lies in a valid pixel.
+
+        A centre counts as inside when it falls within the window's extent
+        ``[-1/2, S - 1/2)`` and on an image pixel (not in the masked part
+        of a border-truncated window).
+        """
+        shape_xyz = np.array(self.grid.shape[::-1])
+        idx = np.floor(rel + 0.5).astype(np.int64)
+        ok = np.all((idx >= 0) & (idx < shape_xyz), axis=1)
+        flat = np.zeros(len(self), dtype=np.int64)
+        stride = 1
+        for a in range(idx.shape[1]):  # x fastest
+            flat += np.clip(idx[:, a], 0, shape_xyz[a] - 1) * stride
+            stride *= shape_xyz[a]
+        return ok & self.mask[np.arange(len(self)), flat]
+
+
+def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float) -> Windows:
+    """Cut windows centred on integer pixels.
+
+    Parameters
+    ----------
+    image : (ny, nx) or (nz, ny, nx) ndarray
+    centers : (n, image.ndim) int ndarray
+        Window centres in *array* order (row, col) or (plane, row, col), as
+        returned by detection.
+    half_size : int or sequence of int
+        Half-size per array axis; the window has ``2 h + 1`` pixels per axis.
+    dtype : numpy dtype
+        Output dtype of ``data``.
+
+    Returns
+    -------
+    Windows
+    """
+    ndim = image.ndim
+    centers = np.asarray(centers, dtype=np.int64).reshape(-1, ndim)
+    half = np.broadcast_to(np.asarray(half_size, dtype=np.int64), (ndim,))
+    shape = tuple(int(2 * h + 1) for h in half)
+    n = centers.shape[0]
+    idx, valid = [], []
+    for a in range(ndim):
+        i = centers[:, a : a + 1] - half[a] + np.arange(shape[a])[None, :]
+        valid.append((i >= 0) & (i < image.shape[a]))
+        idx.append(np.clip(i, 0, image.shape[a] - 1))
+    if ndim == 2:
+        sel = (idx[0][:, :, None], idx[1][:, None, :])
+        mask = valid[0][:, :, None] & valid[1][:, None, :]
+    else:
+        sel = (idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :])
+        mask = valid[0][:, :, None, None] & valid[1][:, None, :, None] & valid[2][:, None, None, :]
+    data = np.asarray(image[sel], dtype=dtype).reshape(n, -1)
+    mask = mask.reshape(n, -1)
+    data[~mask] = 0.0
+    origin = (centers - half)[:, ::-1].copy()
+    return Windows(data=data, mask=mask, origin=origin, grid=Grid(shape))
+
+
+def concatenate(batches) -> Windows:
+    """Join windows of the same grid into one batch."""
+    batches = list(batches)
+    return Windows(
+        data=np.concatenate([b.data for b in batches]),
+        mask=np.concatenate([b.mask for b in batches]),
+        origin=np.concatenate([b.origin for b in batches]),
+        grid=batches[0].grid,
+    )

@@ -1,0 +1,111 @@
+"""Result tables: column schema, assembly from fits, and atomic CSV writing.
+
+One row per spot.  Column meanings and units are listed in
+:data:`COLUMNS` (and in the README); pixel coordinates follow the
+convention stated in :mod:`spotfit`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+#: column -> (unit, meaning).  "signal" is photons with a calibrated camera,
+#: ADU above baseline otherwise (see the ``unit`` column).
+COLUMNS = {
+    "frame": ("-", "time index of the frame (0-based)"),
+    "x": ("px", "fitted centre, column (0-based pixel centres)"),
+    "y": ("px", "fitted centre, row"),
+    "z": ("px", "fitted centre, plane (3D fits only)"),
+    "intensity": ("signal", "integrated signal of the spot above the offset"),
+    "amplitude": ("signal/px", "peak of the fitted Gaussian density, intensity / (2 pi sigma_x sigma_y)"),
+    "sigma_x": ("px", "Gaussian sigma along the spot's first axis (x for angle = 0)"),
+    "sigma_y": ("px", "Gaussian sigma perpendicular to it"),
+    "sigma_z": ("px (planes)", "Gaussian sigma along z (3D fits only)"),
+    "angle": ("rad", "rotation of the sigma_x axis from +x towards +y, in [-pi/4, pi/4)"),
+    "offset": ("signal/px", "local background per pixel"),
+    "chi2_red": ("-", "reduced chi-square of the fit"),
+    "iterations": ("-", "solver iterations"),
+    "status": ("-", "converged, max_iterations, singular, left_window or low_signal"),
+    "unit": ("-", "unit of signal: photon or ADU"),
+}
+
+_ERR_OF = ("x", "y", "z", "intensity", "amplitude", "sigma_x", "sigma_y", "sigma_z", "angle", "offset")
+
+
+def columns(ndim: int = 2) -> list:
+    """Ordered output columns for 2D or 3D fits."""
+    if ndim == 2:
+        values = ["x", "y", "intensity", "amplitude", "sigma_x", "sigma_y", "angle", "offset"]
+    else:
+        values = ["x", "y", "z", "intensity", "amplitude", "sigma_x", "sigma_y", "sigma_z", "offset"]
+    return (
+        ["frame"]
+        + values
+        + [f"{v}_err" for v in values]
+        + ["chi2_red", "iterations", "status", "unit"]
+    )
+
+
+def empty(ndim: int = 2):
+    """A table with no rows and the full schema."""
+    import pandas as pd
+
+    cols = columns(ndim)
+    dtypes = {c: "float64" for c in cols}
+    dtypes.update(frame="int64", iterations="int32", status="object", unit="object")
+    return pd.DataFrame({c: pd.Series(dtype=dtypes[c]) for c in cols})
+
+
+def build(frame, values: dict, errors: dict, chi2_red, iterations, status_names, unit: str, ndim: int):
+    """Assemble a table from per-spot arrays.
+
+    Parameters
+    ----------
+    frame : (n,) int ndarray
+    values, errors : dict of str -> (n,) ndarray
+        Fitted values and standard errors by output column name (missing
+        entries are filled with NaN; ``angle`` defaults to 0).
+    chi2_red : (n,) ndarray
+    iterations : (n,) int ndarray
+    status_names : (n,) ndarray of str
+    unit : {"photon", "ADU"}
+    ndim : {2, 3}
+    """
+    import pandas as pd
+
+    n = len(frame)
+    cols = columns(ndim)
+    data = {"frame": np.asarray(frame, dtype=np.int64)}
+    for c in cols:
+        if c in ("frame", "chi2_red", "iterations", "status", "unit"):
+            continue
+        src = errors if c.endswith("_err") else values
+        key = c[:-4] if c.endswith("_err") else c
+        default = 0.0 if c == "angle" else np.nan
+        data[c] = np.asarray(src.get(key, np.full(n, default)), dtype=float)
+    data["chi2_red"] = np.asarray(chi2_red, dtype=float)
+    data["iterations"] = np.asarray(iterations, dtype=np.int32)
+    data["status"] = np.asarray(status_names, dtype=object)
+    data["unit"] = np.full(n, unit, dtype=object)
+    return pd.DataFrame(data, columns=cols)
+
+
+def write_table(table, path, float_format: str = "%.8g") -> None:
+    """Write a table as CSV atomically (temporary file, then rename).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+    path : str or os.PathLike
+        Destination; its directory must exist.  Nothing is left at ``path``
+        (or beside it) if writing fails.
+    float_format : str
+        printf-style format of floats (8 significant digits by default:
+        1e-4 px resolution for coordinates below 10,000 px).
+    """
+    from spotfit._atomic import atomic_path
+
+    with atomic_path(os.fspath(path)) as tmp:
+        table.to_csv(tmp, index=False, float_format=float_format)

@@ -1,0 +1,269 @@
+"""Tests of spotfit.detect on simulated images with known truth.
+
+Found spots are matched one-to-one to the truth within ``RADIUS`` (in
+pixels) before counting; all images are non-square and seeded.
+"""
+
+import types
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+from skimage.feature import peak_local_max
+
+from spotfit.camera import Camera
+from spotfit.detect import (
+    DEFAULT_THRESHOLD,
+    _EdgeNoise,
+    _local_maxima,
+    default_min_distance,
+    detect,
+    dog_filter,
+    find_peaks,
+)
+from spotfit.errors import SpotfitInputError
+from spotfit.match import detection_scores
+from spotfit.simulate import DEFAULT_CAMERA, render, simulate
+
+RADIUS = 1.5  # px: a detection within 1.5 px of a true centre counts as found
+COLUMNS = ["frame", "x", "y", "score"]
+
+
+def scores_per_frame(found, truth, cols=("x", "y"), scale=None):
+    """Detection counts summed over frames (matching never crosses frames)."""
+    scale = np.ones(len(cols)) if scale is None else np.asarray(scale)
+    matched = n_found = n_truth = 0
+    for t in sorted(set(truth["frame"]) | set(found["frame"])):
+        f = found.loc[found["frame"] == t, list(cols)].to_numpy() / scale
+        g = truth.loc[truth["frame"] == t, list(cols)].to_numpy() / scale
+        s = detection_scores(f.reshape(-1, len(cols)), g.reshape(-1, len(cols)), RADIUS)
+        matched += s["n_matched"]
+        n_found += s["n_found"]
+        n_truth += s["n_truth"]
+    return matched / max(n_truth, 1), matched / max(n_found, 1)
+
+
+# ------------------------------------------------------ recall / precision
+@pytest.mark.parametrize(
+    "photons, background",
+    [
+        (300.0, 50.0),  # faint: filtered peak SNR ~8 on average
+        (5000.0, 10.0),  # bright
+    ],
+)
+def test_recall_and_precision_with_defaults(photons, background):
+    # 4 frames x 60 isolated spots (>= 10 px apart), PSF sigma 1.3 px
+    img, truth = simulate(
+        (4, 200, 300), n_spots=60, photons=photons, background=background, sigma=1.3,
+        min_separation=10.0, seed=2024,
+    )
+    found = detect(img, camera=DEFAULT_CAMERA)
+    recall, precision = scores_per_frame(found, truth)
+    assert recall >= 0.98  # fraction of the 240 true spots
+    assert precision >= 0.98  # fraction of the detections
+
+
+def test_units_do_not_change_scores():
+    cam = Camera(baseline=100.0, gain=2.5)
+    img, _ = simulate((90, 130), n_spots=20, photons=800, background=20, camera=cam, seed=3)
+    in_photons = detect(img, camera=cam)
+    in_adu = detect(img)  # raw ADU with the baseline: same candidates, same SNR
+    pd.testing.assert_frame_equal(in_photons[["frame", "x", "y"]], in_adu[["frame", "x", "y"]])
+    np.testing.assert_allclose(in_photons["score"], in_adu["score"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("photons, background", [(300.0, 50.0), (1000.0, 10.0)])
+def test_spots_at_every_border_are_found(photons, background):
+    ny, nx = 70, 110
+    offsets = [0.0, 0.4, 1.0, 1.6, 2.0]  # distance of the centre from the edge pixel, px
+    pos = []
+    for i, d in enumerate(offsets):
+        a = 12.0 + 18.0 * i  # position along the edge, away from the corners
+        pos += [(a, d), (a, ny - 1 - d), (d, a * ny / nx + 6), (nx - 1 - d, a * ny / nx + 6)]
+    pos += [(0.0, 0.0), (nx - 1.0, 0.0), (0.0, ny - 1.0), (nx - 1.0, ny - 1.0)]  # corners
+    truth_xy = np.array(pos)
+    img, truth = simulate(
+        (3, ny, nx), positions=truth_xy, photons=photons, background=background, seed=17
+    )
+    found = detect(img, camera=DEFAULT_CAMERA)
+    recall, precision = scores_per_frame(found, truth)
+    assert recall == 1.0  # all 3 x 24 spots within 2 px of an edge
+    assert precision == 1.0
+
+
+@pytest.mark.parametrize(
+    "background, camera",
+    [
+        (50.0, None),
+        (10.0, Camera(baseline=100.0, gain=0.5, read_noise=1.5)),  # sCMOS-like
+    ],
+)
+def test_pure_noise_gives_almost_no_detections(background, camera):
+    # measured: 0.05-0.25 false candidates per 512 x 512 frame on average
+    img, _ = simulate((512, 520), n_spots=0, background=background, camera=camera, seed=99)
+    found = detect(img, camera=camera or DEFAULT_CAMERA)
+    assert len(found) <= 3
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.zeros((40, 57)),
+        np.full((40, 57), 100, dtype=np.uint16),
+        np.full((2, 40, 57), 3.7, dtype=np.float32),
+        np.full((2, 6, 40, 57), 1e4),
+    ],
+    ids=["zeros", "uint16-100", "tyx-float32", "tzyx"],
+)
+def test_constant_image_gives_no_spots_and_no_warnings(image):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = detect(image)
+        found_cam = detect(image, camera=Camera(baseline=100.0, gain=2.0))
+    for table in (found, found_cam):
+        assert len(table) == 0
+        expected = COLUMNS[:3] + (["z"] if image.ndim == 4 else []) + ["score"]
+        assert list(table.columns) == expected
+        assert table["frame"].dtype == np.int64
+        assert all(table[c].dtype == np.float64 for c in expected[1:])
+
+
+def test_noise_free_rendering_finds_its_spots():
+    xy = np.array([[10.2, 7.9], [40.0, 30.0], [71.6, 12.4]])
+    img = render((45, 80), xy[:, 0], xy[:, 1], 500.0, 1.3)
+    coords, score = find_peaks(img, 1.3)
+    assert len(coords) == 3
+    np.testing.assert_array_equal(np.sort(coords[:, 1]), np.rint(xy[:, 0]))
+
+
+# ------------------------------------------------------------- stacks / API
+def test_time_lapse_frames_and_order():
+    pos = pd.DataFrame(
+        {
+            "frame": [0, 2, 2, 2, 3],
+            "x": [30.0, 80.0, 10.0, 50.0, 5.0],
+            "y": [20.0, 5.0, 40.0, 40.0, 33.0],
+        }
+    )
+    img, truth = simulate((4, 48, 96), positions=pos, photons=2000, background=10, seed=1)
+    found = detect(img, camera=DEFAULT_CAMERA)
+    assert list(found.columns) == COLUMNS
+    assert list(found["frame"]) == [0, 2, 2, 2, 3]  # frame 1 is empty
+    # sorted by frame, then y, then x
+    np.testing.assert_array_equal(found["y"], [20.0, 5.0, 40.0, 40.0, 33.0])
+    np.testing.assert_array_equal(found["x"], [30.0, 80.0, 10.0, 50.0, 5.0])
+    # a single 2D frame is frame 0; an image object with .data/.axes works
+    single = detect(img[2], camera=DEFAULT_CAMERA)
+    assert (single["frame"] == 0).all() and len(single) == 3
+    obj = types.SimpleNamespace(data=img, axes="TYX")
+    pd.testing.assert_frame_equal(detect(obj, camera=DEFAULT_CAMERA), found)
+
+
+def test_z_stack_detection():
+    sigma_z = 2.0  # planes
+    img, truth = simulate(
+        (2, 14, 48, 64), z_stack=True, sigma_z=sigma_z, n_spots=12, photons=3000,
+        background=10, min_separation=10, seed=5,
+    )
+    found = detect(img, sigma=(sigma_z, 1.3, 1.3), camera=DEFAULT_CAMERA)
+    assert list(found.columns) == ["frame", "x", "y", "z", "score"]
+    # match in (x, y, z / 2): 1.5 px laterally, 3 planes axially
+    recall, precision = scores_per_frame(found, truth, ("x", "y", "z"), scale=(1, 1, 2))
+    assert recall >= 0.95 and precision >= 0.95  # of 24 spots
+    # one z-stack given with its axes
+    one = detect(types.SimpleNamespace(data=img[1:], axes="TZYX"), sigma=(2.0, 1.3, 1.3),
+                 camera=DEFAULT_CAMERA)
+    zyx = detect(img[1], sigma=(2.0, 1.3, 1.3), camera=DEFAULT_CAMERA, axes="ZYX")
+    pd.testing.assert_frame_equal(one, zyx)
+    assert default_min_distance((2.0, 1.3, 1.3)) == (3, 2, 2)
+
+
+def test_min_distance_merges_close_spots():
+    img = render((40, 61), [25.0, 31.0], [20.0, 20.0], 5000.0, 1.3, background=10.0)
+    noisy = np.random.default_rng(0).poisson(img).astype(np.float32)
+    assert default_min_distance(1.3) == 2
+    assert len(find_peaks(noisy, 1.3)[0]) == 2  # 6 px apart: resolved
+    coords, _ = find_peaks(noisy, 1.3, min_distance=7)
+    assert len(coords) == 1
+
+
+def test_find_peaks_output_types_and_order():
+    img, _ = simulate((60, 75), n_spots=8, photons=(300, 3000), background=10, seed=8)
+    coords, score = find_peaks(DEFAULT_CAMERA.to_photons(img), 1.3)
+    assert coords.dtype.kind == "i" and coords.shape == (len(score), 2)
+    assert score.dtype == np.float64
+    assert np.all(np.diff(score) <= 0)  # decreasing score
+    assert np.all(score > DEFAULT_THRESHOLD)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sigma=0.0), "--sigma"),
+        (dict(sigma=-1.3), "--sigma"),
+        (dict(sigma=np.nan), "--sigma"),
+        (dict(sigma="wide"), "--sigma"),
+        (dict(sigma=(1.0, 1.0, 1.0)), "--sigma"),  # 3 values for 2D frames
+        (dict(threshold=0.0), "--threshold"),
+        (dict(threshold=-2.0), "--threshold"),
+        (dict(min_distance=0), "--min-distance"),
+        (dict(min_distance=1.5), "--min-distance"),
+    ],
+)
+def test_invalid_options_name_the_option(kwargs, match):
+    with pytest.raises(SpotfitInputError, match=match):
+        detect(np.zeros((2, 20, 30)), **kwargs)
+
+
+def test_bad_images_are_rejected():
+    with pytest.raises(SpotfitInputError, match="axes"):
+        detect(np.zeros((5, 20, 30)), axes="CYX")
+    with pytest.raises(SpotfitInputError, match="NaN"):
+        detect(np.full((20, 30), np.nan))
+
+
+# ------------------------------------------------------ building blocks
+def test_dog_filter_matches_scipy_gaussian_filters():
+    rng = np.random.default_rng(4)
+    for shape, sigma in [((50, 73), (1.3, 1.3)), ((9, 30, 41), (2.0, 1.2, 1.2))]:
+        data = rng.normal(0.0, 1.0, shape).astype(np.float32)
+        ours = dog_filter(data, sigma)
+        ref = ndimage.gaussian_filter(data, sigma, mode="reflect") - ndimage.gaussian_filter(
+            data, [3.0 * s for s in sigma], mode="reflect"
+        )
+        assert ours.dtype == np.float32 and ours.shape == shape
+        # different kernel truncation only: < 0.2 % of the filtered noise
+        assert np.abs(ours - ref).max() < 2e-3 * ref.std()
+
+
+def test_local_maxima_match_peak_local_max_including_ties():
+    rng = np.random.default_rng(5)
+    for shape in [(61, 87), (12, 30, 26)]:
+        data = rng.normal(0.0, 1.0, shape).astype(np.float32)
+        filtered = np.round(dog_filter(data, 1.0) * 20) / 20  # plateaus make ties
+        t = 0.5 * filtered.std()
+        cand = np.flatnonzero(filtered.ravel() > t)
+        for r in (1, 2, 3):
+            peaks = _local_maxima(filtered, cand, (r,) * len(shape))
+            ours = np.column_stack(np.unravel_index(cand[peaks], shape))
+            ref = peak_local_max(filtered, min_distance=r, threshold_abs=t, exclude_border=False)
+            np.testing.assert_array_equal(ours, ref)
+
+
+def test_edge_noise_model_matches_filtered_white_noise():
+    shape, sigma, n = (36, 47), (1.3, 1.3), 400
+    rng = np.random.default_rng(6)
+    var = np.zeros(shape)
+    for _ in range(n):
+        var += dog_filter(rng.normal(0.0, 1.0, shape).astype(np.float32), sigma) ** 2
+    std = np.sqrt(var / n)
+    model = _EdgeNoise(shape, sigma).relative(np.ix_(np.arange(36), np.arange(47)))
+    interior = std[15:21, 18:29].mean()
+    assert model[18, 23] == pytest.approx(1.0, abs=1e-6)
+    assert model[0, 0] > 1.7 and model[0, 23] > 1.3  # corners and edges are noisier
+    # per pixel: relative std within ~4 standard errors (1/sqrt(2n) = 3.5 %)
+    np.testing.assert_allclose(std / interior, model, rtol=0.14)
+    # on average over the edge rows: within 1 %
+    assert (std[0] / interior).mean() == pytest.approx(model[0].mean(), rel=0.01)

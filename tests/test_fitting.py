@@ -1,0 +1,142 @@
+"""End-to-end ``spotfit.fit`` on simulated images with known truth.
+
+Images are non-square (x/y mix-ups show), seeds fixed, spots isolated
+(``min_separation``) unless stated.  Tolerances are in pixels unless stated.
+"""
+
+import numpy as np
+import pytest
+
+import spotfit
+from spotfit import solver
+from spotfit.camera import Camera
+from spotfit.estimators import Noise
+from spotfit.match import match_spots
+from spotfit.models import Grid, get_model
+from spotfit.simulate import simulate
+
+CAMERA = Camera(baseline=100.0, gain=2.0, read_noise=0.0)
+MATCH_RADIUS = 1.5  # px
+
+
+def _match(found, truth):
+    i_found, i_truth = match_spots(found[["x", "y"]].to_numpy(), truth[["x", "y"]].to_numpy(), MATCH_RADIUS)
+    return i_found, i_truth
+
+
+def _crlb_lateral(truth, background):
+    """sqrt(CRLB) of x for each true spot: pixel-integrated symmetric Gaussian, Poisson noise."""
+    model = get_model("symmetric", 2, integrated=True)
+    grid = Grid((11, 11))
+    frac = truth[["x", "y"]].to_numpy() - np.rint(truth[["x", "y"]].to_numpy()) + 5.0
+    theta = np.column_stack([truth.photons, frac[:, 0], frac[:, 1], truth.sigma_x, np.full(len(truth), background)])
+    return solver.crlb(model, theta, grid, Noise(calibrated=True))[:, 1]
+
+
+@pytest.mark.parametrize(
+    "photons,background",
+    [(300, 50), (2000, 10)],  # faint: ~9 sigma matched-filter SNR; bright
+)
+def test_isolated_spots_detection_and_precision(photons, background):
+    img, truth = simulate((4, 520, 700), n_spots=300, photons=photons, background=background, sigma=1.3,
+                          camera=CAMERA, min_separation=12, border=3, seed=photons)
+    found = spotfit.fit(img, camera=CAMERA, sigma=1.3)
+    recall_hits, precision_hits = 0, 0
+    errors, crlbs = [], []
+    for t in range(4):
+        f = found[found.frame == t].reset_index(drop=True)
+        tr = truth[truth.frame == t].reset_index(drop=True)
+        i_f, i_t = _match(f, tr)
+        recall_hits += len(i_t) / len(tr)
+        precision_hits += len(i_f) / len(f)
+        errors.append(np.column_stack([f.x[i_f] - tr.x.to_numpy()[i_t], f.y[i_f] - tr.y.to_numpy()[i_t]]))
+        crlbs.append(_crlb_lateral(tr.iloc[i_t], background))
+    recall, precision = recall_hits / 4, precision_hits / 4
+    assert recall >= 0.98 and precision >= 0.98, (recall, precision)
+    err = np.concatenate(errors)
+    crlb = np.sqrt(np.mean(np.concatenate(crlbs) ** 2))
+    rmse = np.sqrt(np.mean(err**2, axis=0))
+    assert np.all(rmse <= 1.5 * crlb), (rmse, crlb)
+    assert np.all(np.abs(err.mean(axis=0)) < 0.02), err.mean(axis=0)  # px
+    # every detected spot is reported, none silently dropped; most fits converge
+    assert found.status.isin(solver.STATUS_NAMES).all()
+    assert (found.status == "converged").mean() > 0.9
+    assert (found.unit == "photon").all()
+
+
+def test_spots_at_the_border_are_found_and_unbiased():
+    """Spots centred 0-2 px from every edge: found, fitted in truncated windows, no inward bias.
+
+    Spots are >= 13 px apart so that no neighbour enters a window.
+    """
+    rng = np.random.default_rng(21)
+    ny, nx = 100, 150
+    along_x = np.linspace(12, nx - 13, 9)  # spots near the top and bottom edges
+    along_y = np.linspace(12, ny - 13, 6)  # spots near the left and right edges
+    errors = {"left": [], "right": [], "top": [], "bottom": []}
+    n_truth = n_found = 0
+    for seed in range(12):
+        d = rng.uniform(0.0, 2.0, 30)  # distance of the centre from the edge, px
+        xs = np.concatenate([along_x, along_x, d[18:24], nx - 1 - d[24:30]])
+        ys = np.concatenate([d[:9], ny - 1 - d[9:18], along_y, along_y])
+        img, truth = simulate((ny, nx), positions=np.column_stack([xs, ys]), photons=3000, background=10,
+                              sigma=1.3, camera=CAMERA, seed=seed)
+        found = spotfit.fit(img, camera=CAMERA)
+        i_f, i_t = _match(found, truth)
+        n_truth += len(truth)
+        n_found += len(i_t)
+        err = found[["x", "y"]].to_numpy()[i_f] - truth[["x", "y"]].to_numpy()[i_t]
+        side = np.repeat(["top", "bottom", "left", "right"], [9, 9, 6, 6])[i_t]
+        for name, axis in (("left", 0), ("right", 0), ("top", 1), ("bottom", 1)):
+            errors[name].append(err[side == name, axis])
+    assert n_found >= 0.98 * n_truth
+    for name, errs in errors.items():
+        e = np.concatenate(errs)
+        assert abs(e.mean()) < 0.02, (name, e.mean())  # px: no push towards the inside
+        assert np.sqrt(np.mean(e**2)) < 0.12, name  # px
+
+
+def test_elongated_rotated_spots():
+    img, truth = simulate((300, 410), n_spots=120, photons=8000, background=10, sigma_x=1.2, sigma_y=2.0,
+                          angle=0.5, camera=CAMERA, min_separation=16, border=8, seed=5)
+    found = spotfit.fit(img, camera=CAMERA, sigma=1.5)
+    i_f, i_t = _match(found, truth)
+    assert len(i_t) >= 0.98 * len(truth)
+    f = found.iloc[i_f]
+    assert np.median(f.sigma_x) == pytest.approx(1.2, abs=0.03)  # px
+    assert np.median(f.sigma_y) == pytest.approx(2.0, abs=0.03)  # px
+    assert np.median(f.angle) == pytest.approx(0.5, abs=0.02)  # rad
+    assert np.median(f.intensity / truth.photons.to_numpy()[i_t]) == pytest.approx(1.0, abs=0.02)
+
+
+def test_without_camera_values_are_in_adu():
+    """Uncalibrated: intensity in ADU above baseline = photons / gain; unit column says ADU."""
+    img, truth = simulate((120, 170), n_spots=20, photons=4000, background=10, sigma=1.3, camera=CAMERA,
+                          min_separation=14, border=6, seed=2)
+    adu = spotfit.fit(img, camera=Camera(baseline=100.0))
+    ph = spotfit.fit(img, camera=CAMERA)
+    assert (adu.unit == "ADU").all() and (ph.unit == "photon").all()
+    i_f, i_t = _match(adu, truth)
+    ratio = adu.intensity.to_numpy()[i_f] / (truth.photons.to_numpy()[i_t] / CAMERA.gain)
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.03)
+    assert np.median(adu.offset) == pytest.approx(10 / CAMERA.gain, abs=0.3)
+
+
+def test_time_lapse_frames_and_no_spots():
+    img, truth = simulate((3, 64, 90), n_spots=5, photons=3000, background=10, camera=CAMERA,
+                          min_separation=12, border=5, seed=4)
+    found = spotfit.fit(img, camera=CAMERA)
+    assert sorted(found.frame.unique()) == [0, 1, 2]
+    assert found.groupby("frame").size().tolist() == truth.groupby("frame").size().tolist()
+    empty = spotfit.fit(np.full((40, 60), 100, np.uint16))
+    assert len(empty) == 0 and list(empty.columns) == list(found.columns)
+
+
+def test_fit_spots_at_given_positions():
+    img, truth = simulate((80, 110), n_spots=8, photons=3000, background=10, camera=CAMERA,
+                          min_separation=14, border=6, seed=6)
+    pos = truth[["x", "y"]].to_numpy() + 0.4
+    out = spotfit.fit_spots(img, pos, camera=CAMERA)
+    assert len(out) == 8
+    np.testing.assert_allclose(out.x, truth.x, atol=0.15)
+    np.testing.assert_allclose(out.y, truth.y, atol=0.15)

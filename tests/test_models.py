@@ -1,0 +1,124 @@
+"""Models: analytic Jacobians against numerical derivatives, normalisation, canonical form."""
+
+import numpy as np
+import pytest
+
+from spotfit.models import REGISTRY, Grid, get_model
+from spotfit.errors import SpotfitInputError
+
+ALL_MODELS = [(name, ndim, integ) for (name, ndim) in REGISTRY for integ in (False, True)]
+
+
+def _random_theta(model, grid, rng, n=6):
+    nd = model.ndim
+    shape_xyz = np.array(grid.shape[::-1], float)
+    center = rng.uniform(0.3, 0.7, (n, nd)) * (shape_xyz - 1)
+    widths = rng.uniform(0.9, 2.0, (n, nd))
+    theta = model.from_moments(center, widths, rng.uniform(200, 5000, n), rng.uniform(1, 20, n))
+    if "cov_xy" in model.param_names:  # elongated and tilted
+        vxx, vyy = theta[:, 3], theta[:, 4] * 2.0
+        theta[:, 4] = vyy
+        theta[:, 5] = rng.uniform(-0.6, 0.6, n) * np.sqrt(vxx * vyy)
+    return theta
+
+
+@pytest.mark.parametrize("name,ndim,integrated", ALL_MODELS)
+def test_jacobian_matches_numerical_derivative(name, ndim, integrated):
+    rng = np.random.default_rng(11)
+    model = get_model(name, ndim, integrated)
+    grid = Grid((9, 11) if ndim == 2 else (7, 9, 11))  # non-square windows
+    theta = _random_theta(model, grid, rng)
+    mu, jac = model.evaluate(theta, grid)
+    assert mu.shape == (theta.shape[0], grid.size)
+    assert jac.shape == (theta.shape[0], model.n_params, grid.size)
+    for j in range(model.n_params):
+        h = 1e-6 * max(1.0, np.abs(theta[:, j]).max())
+        up, down = theta.copy(), theta.copy()
+        up[:, j] += h
+        down[:, j] -= h
+        numerical = (model.value(up, grid) - model.value(down, grid)) / (2 * h)
+        scale = np.abs(jac[:, j]).max() + 1e-12
+        np.testing.assert_allclose(jac[:, j], numerical, rtol=1e-5, atol=1e-6 * scale,
+                                   err_msg=f"d mu / d {model.param_names[j]}")
+
+
+@pytest.mark.parametrize("name,ndim,integrated", ALL_MODELS)
+def test_model_integrates_to_intensity(name, ndim, integrated):
+    """A centred spot in a large window sums to its intensity (plus offset * pixels)."""
+    model = get_model(name, ndim, integrated)
+    grid = Grid((31, 33) if ndim == 2 else (25, 31, 33))
+    centre = (np.array(grid.shape[::-1], float) - 1) / 2 + 0.3
+    widths = np.array([[1.3, 1.6, 2.0][:ndim]])
+    theta = model.from_moments(centre[None], widths, np.array([1000.0]), np.array([2.0]))
+    if "cov_xy" in model.param_names:
+        theta[0, model.index("cov_xy")] = 0.5 * np.sqrt(theta[0, 3] * theta[0, 4])
+    mu = model.value(theta, grid)
+    total = mu.sum() - 2.0 * grid.size
+    assert total == pytest.approx(1000.0, rel=1e-4)
+
+
+def test_integrated_and_point_sampled_converge_for_wide_spots():
+    """For sigma >> 1 px, integrating over a pixel changes little (relative < 1%)."""
+    grid = Grid((41, 43))
+    for name in ("symmetric", "elliptical", "rotated"):
+        p, i = get_model(name, 2, False), get_model(name, 2, True)
+        theta = p.from_moments(np.array([[21.2, 19.7]]), np.array([[5.0, 6.0]]), np.array([1e4]), np.array([0.0]))
+        mp, mi = p.value(theta, grid), i.value(theta, grid)
+        assert np.abs(mp - mi).max() < 0.01 * mp.max()
+
+
+def test_rotated_integrated_quadrature_matches_erf_when_axis_aligned():
+    """The rotated model's 3x3 quadrature equals the exact erf integral at angle 0 (rel 1e-4)."""
+    grid = Grid((11, 13))
+    exact, quad = get_model("elliptical", 2, True), get_model("rotated", 2, True)
+    theta_e = exact.from_moments(np.array([[6.3, 4.8]]), np.array([[0.9, 1.4]]), np.array([1e3]), np.array([0.0]))
+    theta_r = quad.from_moments(np.array([[6.3, 4.8]]), np.array([[0.9, 1.4]]), np.array([1e3]), np.array([0.0]))
+    np.testing.assert_allclose(quad.value(theta_r, grid), exact.value(theta_e, grid), rtol=2e-3, atol=1e-4 * 1e3 / 8)
+
+
+def _rotated_theta(sx, sy, angle):
+    """Covariance-form parameters of a spot with widths (sx, sy) rotated by angle."""
+    c, s = np.cos(angle), np.sin(angle)
+    R = np.array([[c, -s], [s, c]])
+    cov = R @ np.diag([sx**2, sy**2]) @ R.T
+    return np.array([[500.0, 5.0, 4.0, cov[0, 0], cov[1, 1], cov[0, 1], 1.0]])
+
+
+@pytest.mark.parametrize("sx,sy,angle", [(1.2, 2.0, 0.3), (2.0, 1.2, -0.7), (1.5, 1.1, 0.0), (1.1, 1.5, -0.78), (1.1, 1.5, 0.79)])
+def test_rotated_reports_canonical_form(sx, sy, angle):
+    """(sx, sy, a) and (sy, sx, a + pi/2) are the same spot: one canonical report, angle in [-pi/4, pi/4)."""
+    model = get_model("rotated", 2)
+    names, a, _ = model.public(_rotated_theta(sx, sy, angle), np.zeros((1, 7, 7)))
+    names, b, _ = model.public(_rotated_theta(sy, sx, angle + np.pi / 2), np.zeros((1, 7, 7)))
+    np.testing.assert_allclose(a, b, atol=1e-9)
+    assert names[3:6] == ("sigma_x", "sigma_y", "angle")
+    assert -np.pi / 4 <= a[0, 5] < np.pi / 4
+    if angle >= np.pi / 4:
+        want = (sy, sx, angle - np.pi / 2)
+    elif angle < -np.pi / 4:
+        want = (sy, sx, angle + np.pi / 2)
+    else:
+        want = (sx, sy, angle)
+    np.testing.assert_allclose(a[0, 3:6], want, atol=1e-9)
+    # the reported values describe the same image
+    grid = Grid((9, 11))
+    np.testing.assert_allclose(model.value(_rotated_theta(*a[0, 3:6]), grid),
+                               model.value(_rotated_theta(sx, sy, angle), grid), rtol=1e-9)
+
+
+def test_rotated_error_propagation_matches_sampling():
+    """Errors of (sigma_x, sigma_y, angle) propagated from the covariance form match Monte Carlo."""
+    rng = np.random.default_rng(4)
+    model = get_model("rotated", 2)
+    theta = _rotated_theta(1.2, 1.8, 0.4)
+    cov = np.diag([100.0, 1e-3, 1e-3, 4e-3, 6e-3, 2e-3, 0.1])[None]
+    cov[0, 3, 5] = cov[0, 5, 3] = 1e-3
+    _, _, pcov = model.public(theta, cov)
+    samples = rng.multivariate_normal(theta[0], cov[0], size=20000)
+    _, pub, _ = model.public(samples, np.zeros((len(samples), 7, 7)))
+    np.testing.assert_allclose(np.std(pub[:, 3:6], axis=0), np.sqrt(np.diagonal(pcov[0])[3:6]), rtol=0.05)
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(SpotfitInputError, match="--model 'rotated' is not available for 3D"):
+        get_model("rotated", 3)
