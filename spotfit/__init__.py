@@ -21,11 +21,11 @@ _LAZY = {
     "Image": "spotfit.io",
     "SpotfitInputError": "spotfit.errors",
     "Camera": "spotfit.camera",
-    "detect": "spotfit.detect",
+    "detect": "spotfit.detection",
     "fit": "spotfit.fitting",
     "fit_spots": "spotfit.fitting",
     "FitConfig": "spotfit.fitting",
-    "simulate": "spotfit.simulate",
+    "simulate": "spotfit.simulation",
     "write_table": "spotfit.table",
 }
 

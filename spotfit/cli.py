@@ -3,9 +3,9 @@
 The command line does no computation of its own: each command parses its
 options into a :class:`spotfit.fitting.FitConfig` and a
 :class:`spotfit.camera.Camera` and calls the functions a Python user calls
-(:func:`spotfit.read_image`, :func:`spotfit.detect.detect`,
-:func:`spotfit.fitting.fit`, :func:`spotfit.simulate.simulate`,
-:func:`spotfit.simulate.write_simulation`, :func:`spotfit.table.write_table`).
+(:func:`spotfit.read_image`, :func:`spotfit.detection.detect`,
+:func:`spotfit.fitting.fit`, :func:`spotfit.simulation.simulate`,
+:func:`spotfit.simulation.write_simulation`, :func:`spotfit.table.write_table`).
 
 Only ``click``, ``os`` and ``sys`` are imported at module level: ``spotfit
 --help`` and usage errors never import numpy, scipy, pandas, scikit-image or
@@ -345,7 +345,7 @@ def detect(image, axes, channel, sigma, sigma_z, threshold, min_distance,
 
 
 def _detect_one(img, config, camera):
-    from spotfit.detect import detect as detect_spots
+    from spotfit.detection import detect as detect_spots
 
     # per-axis sigma in array order, as spotfit.fitting.fit uses for z-stacks
     sigma = (config.axial_sigma(), config.sigma, config.sigma) if img.is_3d else config.sigma
@@ -490,7 +490,7 @@ def simulate(out, shape, n_spots, photons, background, sigma, min_separation, bo
     if os.path.abspath(truth) == os.path.abspath(out):
         raise click.ClickException(f"{truth}: --truth must differ from the image path")
     with _UserErrors():
-        from spotfit.simulate import simulate as simulate_image, write_simulation
+        from spotfit.simulation import simulate as simulate_image, write_simulation
 
         camera = _camera(baseline, gain, em_gain, read_noise)
         image, table = simulate_image(

@@ -189,7 +189,7 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         (documented in the README).  Failed fits are kept and flagged in
         ``status``.
     """
-    from spotfit.detect import find_peaks
+    from spotfit.detection import find_peaks
 
     config = _config(config, options)
     camera = camera or Camera()
@@ -204,12 +204,13 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     pending, pending_frames, parts = [], [], []
     n_pending = 0
     fitter = _Fitter(config, camera, ndim)
+    read_var = fitter.read_var_map()
     for t, frame in img.frames():
         photons = camera.to_photons(frame)
         coords, _score = find_peaks(photons, sigma_det, **det_kwargs)
         if len(coords) == 0:
             continue
-        w = roi.cut(photons, coords, config.half_size(ndim))
+        w = roi.cut(photons, coords, config.half_size(ndim), read_var=read_var)
         pending.append(w)
         pending_frames.append(np.full(len(w), t, dtype=np.int64))
         n_pending += len(w)
@@ -261,7 +262,7 @@ def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera 
         return table.empty(ndim)
     fitter = _Fitter(config, camera, ndim)
     fitter.noise_var = _noise_variance(photons)
-    w = roi.cut(photons, centers, config.half_size(ndim))
+    w = roi.cut(photons, centers, config.half_size(ndim), read_var=fitter.read_var_map())
     return fitter.run(w, np.full(len(w), frame, dtype=np.int64))
 
 
@@ -292,10 +293,17 @@ class _Fitter:
         self.noise_var = None
         self.workers = config.workers or os.cpu_count() or 1
 
-    def noise(self, windows_read_var=None) -> Noise:
+    def read_var_map(self):
+        """Read-noise variance map (photons^2) for sCMOS cameras, else None."""
+        if self.camera.calibrated and np.ndim(self.camera.read_noise) > 0:
+            return self.camera.read_variance()
+        return None
+
+    def noise(self, window_read_var=None) -> Noise:
+        """Noise model; ``window_read_var`` (m, P) overrides the scalar read noise."""
         cam = self.camera
         if cam.calibrated:
-            rv = cam.read_variance() if windows_read_var is None else windows_read_var
+            rv = cam.read_variance() if window_read_var is None else window_read_var
             return Noise(calibrated=True, excess=cam.excess_noise, read_var=rv)
         return Noise(calibrated=False, excess=1.0, read_var=self.noise_var or 0.0)
 
@@ -338,7 +346,8 @@ class _Fitter:
         if cfg.fix_sigma:
             for name in m.width_names:
                 free[m.index(name)] = False
-        sol = solver.solve(m, self.estimator, data, mask, grid, theta0, noise=self.noise(),
+        rv = None if windows.read_var is None else windows.read_var[start:stop]
+        sol = solver.solve(m, self.estimator, data, mask, grid, theta0, noise=self.noise(rv),
                            lower=lower, upper=upper, free=free, max_iter=cfg.max_iter)
         return sol.theta, sol
 

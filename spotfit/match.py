@@ -1,7 +1,7 @@
 """One-to-one matching of found spots to true (or reference) spots.
 
 Used by tests and benchmarks to score detection and localisation against a
-ground truth such as the table of :func:`spotfit.simulate.simulate`.
+ground truth such as the table of :func:`spotfit.simulation.simulate`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def _as_points(points, name):
     if arr.ndim == 1 and arr.size == 0:
         arr = arr.reshape(0, 0)
     if arr.ndim != 2:
-        raise SpotfitInputError(f"{name} must be an (n, d) array of coordinates, got shape {arr.shape}")
+        raise SpotfitInputError(
+            f"{name} must be an (n, d) array of coordinates, got shape {arr.shape}"
+        )
     if not np.all(np.isfinite(arr)):
         raise SpotfitInputError(f"{name} coordinates must be finite")
     return arr

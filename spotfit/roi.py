@@ -37,12 +37,15 @@ class Windows:
         ``(x, y[, z])``.
     grid : Grid
         Window shape, in array order.
+    read_var : (n, P) ndarray or None
+        Per-pixel read-noise variance (sCMOS maps), if any.
     """
 
     data: np.ndarray
     mask: np.ndarray
     origin: np.ndarray
     grid: Grid
+    read_var: np.ndarray | None = None
 
     def __len__(self):
         return self.data.shape[0]
@@ -94,7 +97,7 @@ class Windows:
         return ok & self.mask[np.arange(len(self)), flat]
 
 
-def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float) -> Windows:
+def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float, read_var=None) -> Windows:
     """Cut windows centred on integer pixels.
 
     Parameters
@@ -107,6 +110,8 @@ def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float) -> Windo
         Half-size per array axis; the window has ``2 h + 1`` pixels per axis.
     dtype : numpy dtype
         Output dtype of ``data``.
+    read_var : ndarray of image's shape, optional
+        Per-pixel read-noise variance map, cut into ``Windows.read_var``.
 
     Returns
     -------
@@ -132,7 +137,10 @@ def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float) -> Windo
     mask = mask.reshape(n, -1)
     data[~mask] = 0.0
     origin = (centers - half)[:, ::-1].copy()
-    return Windows(data=data, mask=mask, origin=origin, grid=Grid(shape))
+    rv = None
+    if read_var is not None:
+        rv = np.asarray(np.broadcast_to(read_var, image.shape)[sel], dtype=float).reshape(n, -1)
+    return Windows(data=data, mask=mask, origin=origin, grid=Grid(shape), read_var=rv)
 
 
 def concatenate(batches) -> Windows:
@@ -143,4 +151,5 @@ def concatenate(batches) -> Windows:
         mask=np.concatenate([b.mask for b in batches]),
         origin=np.concatenate([b.origin for b in batches]),
         grid=batches[0].grid,
+        read_var=None if batches[0].read_var is None else np.concatenate([b.read_var for b in batches]),
     )

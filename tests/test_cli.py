@@ -32,7 +32,7 @@ from spotfit.camera import Camera
 from spotfit.cli import main
 from spotfit.fitting import FitConfig
 from spotfit.match import match_spots
-from spotfit.simulate import simulate
+from spotfit.simulation import simulate
 from spotfit.table import columns, write_table
 
 NY, NX = 61, 83  # rows, columns: never square
@@ -541,14 +541,14 @@ def test_fit_defaults_match_fitconfig():
 
 
 def test_detector_default_threshold_in_help():
-    from spotfit.detect import DEFAULT_THRESHOLD, default_min_distance
+    from spotfit.detection import DEFAULT_THRESHOLD, default_min_distance
 
     assert f"the detector's, {DEFAULT_THRESHOLD:g}]" in _param("fit", "threshold").help
     assert default_min_distance(1.3) == round(1.5 * 1.3)
 
 
 def test_simulate_defaults_match_library():
-    from spotfit.simulate import DEFAULT_CAMERA
+    from spotfit.simulation import DEFAULT_CAMERA
 
     sig = inspect.signature(simulate).parameters
     given = _defaults("simulate")

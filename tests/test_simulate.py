@@ -1,4 +1,4 @@
-"""Tests of spotfit.simulate: rendering, placement, noise, camera, files."""
+"""Tests of spotfit.simulation: rendering, placement, noise, camera, files."""
 
 import numpy as np
 import pandas as pd
@@ -8,7 +8,7 @@ from scipy.special import ndtr
 
 from spotfit.camera import Camera
 from spotfit.errors import SpotfitInputError
-from spotfit.simulate import DEFAULT_CAMERA, render, simulate, write_simulation
+from spotfit.simulation import DEFAULT_CAMERA, render, simulate, write_simulation
 
 SHAPE = (40, 53)  # (ny, nx): never square, so x/y swaps show
 
@@ -76,6 +76,15 @@ def test_render_edge_spot_loses_outside_flux_and_background_adds():
     # centred on the corner pixel: the image starts 0.5 px before the centre
     inside = ndtr(0.5 / 1.3) ** 2
     assert img.sum() - 2.5 * img.size == pytest.approx(400.0 * inside, rel=1e-6)
+
+
+def test_render_wide_spot_outside_the_image_adds_its_tail():
+    # centre 30 px left of a 12 x 10 image, sigma 20 px: exact erf product
+    img = render((10, 12), -30.0, 5.0, 1e4, 20.0)
+    x, y = np.arange(12), np.arange(10)
+    px = ndtr((x + 0.5 + 30) / 20) - ndtr((x - 0.5 + 30) / 20)
+    py = ndtr((y + 0.5 - 5) / 20) - ndtr((y - 0.5 - 5) / 20)
+    np.testing.assert_allclose(img, 1e4 * np.outer(py, px), rtol=1e-9)
 
 
 def test_render_many_spots_equals_sum_of_single_spots():

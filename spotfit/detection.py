@@ -117,15 +117,27 @@ def default_min_distance(sigma):
 def _check_options(sigma, threshold, min_distance, ndim=None):
     """Validate options; returns sigma as a tuple of floats (one per axis)."""
     sig = np.atleast_1d(np.asarray(sigma, dtype=float)) if _is_number_like(sigma) else None
-    if sig is None or sig.ndim != 1 or sig.size == 0 or not np.all(np.isfinite(sig)) or np.any(sig <= 0):
+    if (
+        sig is None
+        or sig.ndim != 1
+        or sig.size == 0
+        or not np.all(np.isfinite(sig))
+        or np.any(sig <= 0)
+    ):
         raise SpotfitInputError(f"--sigma must be > 0 pixels, got {sigma!r}")
     if ndim is not None and sig.size not in (1, ndim):
         raise SpotfitInputError(
             f"--sigma needs 1 or {ndim} values for {ndim}D data, got {sig.size}"
         )
-    if not _is_number_like(threshold) or np.ndim(threshold) != 0 or not (float(threshold) > 0) \
-            or not np.isfinite(float(threshold)):
-        raise SpotfitInputError(f"--threshold must be > 0 (signal-to-noise units), got {threshold!r}")
+    if (
+        not _is_number_like(threshold)
+        or np.ndim(threshold) != 0
+        or not np.isfinite(float(threshold))
+        or float(threshold) <= 0
+    ):
+        raise SpotfitInputError(
+            f"--threshold must be > 0 (signal-to-noise units), got {threshold!r}"
+        )
     if min_distance is not None:
         if (
             not _is_number_like(min_distance)
@@ -482,31 +494,29 @@ def detect(
     if camera is not None:
         camera.check_shape(data.shape[-2:])
 
+    # detect frame by frame (a memory-mapped stack is read one frame at a time)
     n_frames = data.shape[0] if has_t else 1
-    found = [(0, np.empty((0, frame_ndim), dtype=np.intp), np.empty(0))]
+    frames = [np.empty(0, dtype=np.int64)]
+    coords = [np.empty((0, frame_ndim), dtype=np.intp)]
+    scores = [np.empty(0)]
     for t in range(n_frames):
         frame = data[t] if has_t else data
-        frame = camera.to_photons(frame, np.float32) if camera is not None else np.asarray(
-            frame, dtype=np.float32
-        )
-        coords, score = find_peaks(frame, sig, threshold, min_distance)
-        found.append((t, coords, score))
+        if camera is not None:
+            frame = camera.to_photons(frame, np.float32)
+        c, s = find_peaks(frame, sig, threshold, min_distance)
+        frames.append(np.full(len(s), t, dtype=np.int64))
+        coords.append(c)
+        scores.append(s)
+    frames = np.concatenate(frames)
+    coords = np.concatenate(coords)
 
-    frames = np.concatenate([np.full(len(s), t, dtype=np.int64) for t, _, s in found])
-    coords = np.concatenate([c for _, c, _ in found]).reshape(-1, frame_ndim)
-    scores = np.concatenate([s for _, _, s in found]).astype(float)
-    cols = {
-        "frame": frames,
-        "x": coords[:, -1].astype(float),
-        "y": coords[:, -2].astype(float),
-    }
-    sort_keys = [cols["x"], cols["y"]]
+    # table in spotfit's conventions: x = column, y = row, z = plane
+    cols = {"frame": frames, "x": coords[:, -1].astype(float), "y": coords[:, -2].astype(float)}
     if has_z:
         cols["z"] = coords[:, 0].astype(float)
-        sort_keys.append(cols["z"])
-    sort_keys.append(frames)
-    cols["score"] = scores
-    order = np.lexsort(sort_keys)  # last key is the primary one
+    cols["score"] = np.concatenate(scores).astype(float)
+    keys = [cols["x"], cols["y"]] + ([cols["z"]] if has_z else []) + [frames]
+    order = np.lexsort(keys)  # the last key is the primary one
     return pd.DataFrame({k: v[order] for k, v in cols.items()})
 
 

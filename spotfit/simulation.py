@@ -132,7 +132,9 @@ def render(
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (2, 3) or min(shape) < 1:
-        raise SpotfitInputError(f"shape must be (ny, nx) or (nz, ny, nx) positive ints, got {shape}")
+        raise SpotfitInputError(
+            f"shape must be (ny, nx) or (nz, ny, nx) positive ints, got {shape}"
+        )
     is3d = len(shape) == 3
     if method not in ("auto", "erf", "supersample"):
         raise SpotfitInputError(f"method must be 'auto', 'erf' or 'supersample', got {method!r}")
@@ -205,11 +207,17 @@ def render(
 
 
 def _axis_window(centre, sigma, n_pix):
-    """First pixel index and window length (common to all spots) along one axis."""
+    """First pixel index per spot and common window length along one axis.
+
+    The window covers +-``WINDOW_SIGMAS`` sigma around each centre, clipped
+    to the image: it is at most `n_pix` long and always lies inside
+    ``[0, n_pix)`` (shifted inwards for spots near or beyond the edge).
+    """
     half = int(math.ceil(WINDOW_SIGMAS * float(np.max(sigma)))) + 1
-    half = min(half, n_pix)  # a window never needs to be larger than the image
-    start = np.rint(centre).astype(np.int64) - half
-    return start, 2 * half + 1
+    length = min(2 * half + 1, n_pix)
+    nearest = np.rint(np.clip(centre, -half - 1, n_pix + half)).astype(np.int64)
+    start = np.clip(nearest - half, 0, n_pix - length)
+    return start, length
 
 
 def _pixel_integrals(centre, sigma, start, length):
@@ -429,37 +437,34 @@ def simulate(
         raise SpotfitInputError("give either --n-spots or positions, not both")
     if n_spots is None:
         n_spots = 50
-    if int(n_spots) != n_spots or n_spots < 0:
+    if not _is_count(n_spots):
         raise SpotfitInputError(f"--n-spots must be a non-negative integer, got {n_spots!r}")
     n_spots = int(n_spots)
     lo, hi = _photon_range(photons)
-    if not np.isfinite(background) or background < 0:
-        raise SpotfitInputError(f"--background must be >= 0 photons per pixel, got {background!r}")
-    sx = sigma if sigma_x is None else sigma_x
-    sy = sigma if sigma_y is None else sigma_y
-    for name, val in (("--sigma", sigma), ("--sigma-x", sx), ("--sigma-y", sy)):
-        if not np.isfinite(val) or val <= 0:
-            raise SpotfitInputError(f"{name} must be > 0 pixels, got {val!r}")
+    background = _number(background, "--background", "photons per pixel", positive=False)
+    sigma = _number(sigma, "--sigma", "pixels")
+    sx = sigma if sigma_x is None else _number(sigma_x, "--sigma-x", "pixels")
+    sy = sigma if sigma_y is None else _number(sigma_y, "--sigma-y", "pixels")
     if z_stack:
-        if sigma_z is None or not np.isfinite(sigma_z) or sigma_z <= 0:
-            raise SpotfitInputError(f"--sigma-z must be > 0 planes for a z-stack, got {sigma_z!r}")
+        if sigma_z is None:
+            raise SpotfitInputError("--sigma-z (axial sigma, planes) is required for a z-stack")
+        sigma_z = _number(sigma_z, "--sigma-z", "planes")
     elif sigma_z is not None:
         raise SpotfitInputError("--sigma-z needs z_stack=True")
     if isinstance(angle, str):
         if angle != "random":
-            raise SpotfitInputError(f"--angle must be a number (radians) or 'random', got {angle!r}")
-    elif angle is None:
-        angle = 0.0
-    elif not np.isfinite(angle):
-        raise SpotfitInputError(f"--angle must be finite, got {angle!r}")
-    if not np.isfinite(border) or border < 0:
-        raise SpotfitInputError(f"--border must be >= 0 pixels, got {border!r}")
+            raise SpotfitInputError(
+                f"--angle must be a number (radians) or 'random', got {angle!r}"
+            )
+    else:
+        angle = 0.0 if angle is None else _number(angle, "--angle", "radians", minimum=None)
+    border = _number(border, "--border", "pixels", positive=False)
     if 2 * border > min(nx, ny) - 1:
         raise SpotfitInputError(
-            f"--border {border} px leaves no room for spots in a {ny} x {nx} image"
+            f"--border {border:g} px leaves no room for spots in a {ny} x {nx} image"
         )
-    if min_separation is not None and (not np.isfinite(min_separation) or min_separation < 0):
-        raise SpotfitInputError(f"--min-separation must be >= 0 pixels, got {min_separation!r}")
+    if min_separation is not None:
+        min_separation = _number(min_separation, "--min-separation", "pixels", positive=False)
     camera = DEFAULT_CAMERA if camera is None else camera
     if not isinstance(camera, Camera):
         raise SpotfitInputError("camera must be a spotfit.Camera")
@@ -518,13 +523,36 @@ def simulate(
     return image, truth
 
 
+def _number(value, option, unit, positive=True, minimum=0.0) -> float:
+    """`value` as a finite float (> minimum if positive, else >= minimum)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = float("nan")
+    if np.ndim(value) != 0 or not np.isfinite(out):
+        raise SpotfitInputError(f"{option} must be a finite number ({unit}), got {value!r}")
+    if minimum is not None and (out <= minimum if positive else out < minimum):
+        op = ">" if positive else ">="
+        raise SpotfitInputError(f"{option} must be {op} {minimum:g} {unit}, got {value!r}")
+    return out
+
+
+def _is_count(value) -> bool:
+    try:
+        return np.ndim(value) == 0 and int(value) == value and int(value) >= 0
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def _photon_range(photons):
     if np.ndim(photons) == 0:
         lo = hi = photons
     elif np.ndim(photons) == 1 and len(photons) == 2:
         lo, hi = photons
     else:
-        raise SpotfitInputError(f"--photons must be a number or a (low, high) pair, got {photons!r}")
+        raise SpotfitInputError(
+            f"--photons must be a number or a (low, high) pair, got {photons!r}"
+        )
     try:
         lo, hi = float(lo), float(hi)
     except (TypeError, ValueError):
@@ -598,7 +626,10 @@ def _positions_by_frame(positions, n_frames, z_stack):
             raise SpotfitInputError("positions has a z column but z_stack is False")
         frames = []
         for t in range(n_frames):
-            rows = positions if "frame" not in positions.columns else positions[positions["frame"] == t]
+            if "frame" in positions.columns:
+                rows = positions[positions["frame"] == t]
+            else:
+                rows = positions
             frames.append({c: rows[c].to_numpy(dtype=float) for c in cols})
         if "frame" in positions.columns:
             bad = ~positions["frame"].isin(range(n_frames))
