@@ -127,7 +127,9 @@ def _one_line(text) -> str:
 class _UserErrors:
     """Turn SpotfitInputError / OSError into click's one-line ``Error:`` (exit 1).
 
-    ``what`` names the path an ``OSError`` without a file name refers to.
+    ``what`` is the user's path an ``OSError`` is reported against (rather
+    than, e.g., the name of a temporary file); default: the error's own
+    file name.
     """
 
     def __init__(self, what=None):
@@ -144,7 +146,7 @@ class _UserErrors:
         if issubclass(exc_type, SpotfitInputError):
             raise click.ClickException(_one_line(exc)) from exc
         if issubclass(exc_type, OSError) and not issubclass(exc_type, BrokenPipeError):
-            where = exc.filename if exc.filename is not None else self.what
+            where = self.what if self.what is not None else exc.filename
             reason = exc.strerror or exc
             message = f"{where}: {reason}" if where is not None else str(reason)
             raise click.ClickException(_one_line(message)) from exc

@@ -58,17 +58,19 @@ class Noise:
         """Expected pixel variance for expected values ``mu`` (photons)."""
         return self.excess * np.maximum(mu, 0.0) + self.read_var
 
-    def take(self, index) -> "Noise":
-        """The noise model restricted to windows ``index``."""
-        if np.ndim(self.read_var) == 0:
-            return self
-        return Noise(self.calibrated, self.excess, self.read_var[index])
 
 
 class Estimator:
     """Base class; subclasses implement :meth:`prepare` and :meth:`terms`."""
 
     name = ""
+    #: estimator id of the compiled solver (:mod:`spotfit._lm`)
+    kernel_id = 0
+
+    def kernel_inputs(self, state):
+        """``(data, weights, shift, scale)`` arrays for the compiled solver."""
+        d, w = state[0], state[1]
+        return np.ascontiguousarray(d, float), np.ascontiguousarray(w, float), np.zeros_like(d, float), 1.0
 
     def prepare(self, data, mask, noise: Noise):
         """Precompute per-fit constants; returns an opaque state."""
@@ -78,10 +80,6 @@ class Estimator:
         """Return ``cost (n,)``, ``e (n, P)``, ``W (n, P)`` at ``mu``."""
         raise NotImplementedError
 
-    @staticmethod
-    def take(state, index):
-        """Restrict a prepared state to windows ``index``."""
-        return tuple(s[index] if isinstance(s, np.ndarray) and s.ndim else s for s in state)
 
 
 class LeastSquares(Estimator):
@@ -107,6 +105,12 @@ class WeightedLeastSquares(LeastSquares):
 
 class PoissonMLE(Estimator):
     name = "mle"
+    kernel_id = 1
+
+    def kernel_inputs(self, state):
+        dt, w, shift, scale = state
+        shift = np.ascontiguousarray(np.broadcast_to(shift, dt.shape), float)
+        return np.ascontiguousarray(dt, float), np.ascontiguousarray(w, float), shift, scale
 
     def prepare(self, data, mask, noise):
         if not noise.calibrated:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -20,9 +19,9 @@ from spotfit.estimators import ESTIMATOR_NAMES, Noise, get_estimator
 from spotfit.models import MODEL_NAMES, get_model
 from spotfit import roi, solver, table
 
-#: windows per batched solve: large enough to amortise numpy call overhead,
-#: small enough to keep the Jacobian (n, k, P) in cache-friendly memory.
-CHUNK = 4096
+#: windows collected (over frames) before one batched solve; bounds memory
+#: to a few (CHUNK, P) float64 arrays.
+CHUNK = 32768
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class FitConfig:
         Fits with ``intensity / intensity_err`` below this are flagged
         ``low_signal``.
     workers : int or None
-        Threads for the batched solve (None: all cores).
+        Threads of the compiled solver (None: all cores).
     """
 
     sigma: float = 1.3
@@ -216,7 +215,7 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         n_pending += len(w)
         if fitter.noise_var is None:
             fitter.noise_var = _noise_variance(photons)
-        if n_pending >= 8 * CHUNK:
+        if n_pending >= CHUNK:
             parts.append(fitter.run(roi.concatenate(pending), np.concatenate(pending_frames)))
             pending, pending_frames, n_pending = [], [], 0
     if pending:
@@ -308,23 +307,11 @@ class _Fitter:
         return Noise(calibrated=False, excess=1.0, read_var=self.noise_var or 0.0)
 
     def run(self, windows: roi.Windows, frames: np.ndarray):
-        """Fit a batch of windows (split into chunks over threads)."""
-        n = len(windows)
-        bounds = [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
-        if self.workers > 1 and len(bounds) > 1:
-            with ThreadPoolExecutor(self.workers) as pool:
-                parts = list(pool.map(lambda b: self._solve(windows, *b), bounds))
-        else:
-            parts = [self._solve(windows, *b) for b in bounds]
-        theta = np.concatenate([p[0] for p in parts])
-        sol = solver.Solution(
-            theta=theta,
-            cov=np.concatenate([p[1].cov for p in parts]),
-            cost=np.concatenate([p[1].cost for p in parts]),
-            chi2_red=np.concatenate([p[1].chi2_red for p in parts]),
-            iterations=np.concatenate([p[1].iterations for p in parts]),
-            status=np.concatenate([p[1].status for p in parts]),
-        )
+        """Fit a batch of windows in one compiled, parallel solve; return its table."""
+        import numba
+
+        numba.set_num_threads(max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS)))
+        theta, sol = self._solve(windows, 0, len(windows))
         return self._table(windows, frames, sol)
 
     def _solve(self, windows, start, stop):

@@ -1,10 +1,11 @@
 """Batched Levenberg-Marquardt: every window of an image in one vectorised solve.
 
 The solver knows nothing about Gaussians or noise: it takes a model
-(:mod:`spotfit.models`) and an estimator (:mod:`spotfit.estimators`) and
-iterates all fits at once as ``(n, k)`` arrays.  Converged fits leave the
-active set, so the cost of an iteration falls as fits finish.  No fit ever
-raises: each gets a status code (:data:`STATUS_NAMES`).
+(:mod:`spotfit.models`) and an estimator (:mod:`spotfit.estimators`), runs
+the compiled kernel :func:`spotfit._lm.levenberg_marquardt` over all windows
+in one call (each window stops when it converges), then computes every
+window's covariance.  No fit ever raises: each gets a status code
+(:data:`STATUS_NAMES`).
 """
 
 from __future__ import annotations
@@ -56,47 +57,6 @@ class Solution:
         return np.sqrt(np.clip(np.diagonal(self.cov, axis1=1, axis2=2), 0.0, None))
 
 
-def _normal_equations(jac, e, W):
-    """``H = J W J^T`` ``(n, k, k)`` and ``g = J e`` ``(n, k)``."""
-    H = np.matmul(jac * W[:, None, :], jac.transpose(0, 2, 1))
-    g = np.einsum("nkp,np->nk", jac, e)
-    return H, g
-
-
-def _damped_step(H, g, lam, free):
-    """Solve ``(H + lam * diag(H)) delta = g`` for every fit.
-
-    Fixed parameters (``free == False``) get ``delta = 0``.  Returns
-    ``delta (n, k)`` and a boolean ``(n,)`` that is False where the system
-    was singular.
-    """
-    k = H.shape[1]
-    diag = np.diagonal(H, axis1=1, axis2=2)
-    floor = 1e-12 * np.max(np.abs(diag), axis=1, keepdims=True) + 1e-300
-    d = np.maximum(diag, floor)
-    A = H.copy()
-    idx = np.arange(k)
-    A[:, idx, idx] = diag + lam[:, None] * d
-    if not np.all(free):
-        fixed = ~free
-        A[:, fixed, :] = 0.0
-        A[:, :, fixed] = 0.0
-        A[:, fixed, fixed] = 1.0
-        g = g.copy()
-        g[:, fixed] = 0.0
-    # Scale to unit diagonal: keeps the solve well conditioned when parameters
-    # differ by orders of magnitude (photons vs pixels).
-    s = 1.0 / np.sqrt(np.diagonal(A, axis1=1, axis2=2))
-    As = A * s[:, :, None] * s[:, None, :]
-    try:
-        delta = np.linalg.solve(As, (g * s)[:, :, None])[:, :, 0] * s
-    except np.linalg.LinAlgError:
-        delta = np.einsum("nkl,nl->nk", np.linalg.pinv(As), g * s) * s
-    ok = np.all(np.isfinite(delta), axis=1)
-    delta[~ok] = 0.0
-    return delta, ok
-
-
 def solve(
     model: Model,
     estimator: Estimator,
@@ -143,76 +103,28 @@ def solve(
     -------
     Solution
     """
+    from spotfit._lm import levenberg_marquardt
+
     n, k = theta0.shape
     free = np.ones(k, bool) if free is None else np.asarray(free, bool)
     lower = np.full(k, -np.inf) if lower is None else np.asarray(lower, float)
     upper = np.full(k, np.inf) if upper is None else np.asarray(upper, float)
-    lower = np.broadcast_to(lower, (n, k))
-    upper = np.broadcast_to(upper, (n, k))
+    lower = np.ascontiguousarray(np.broadcast_to(lower, (n, k)), dtype=float)
+    upper = np.ascontiguousarray(np.broadcast_to(upper, (n, k)), dtype=float)
     dof = np.maximum(mask.sum(axis=1) - free.sum(), 1)
+    data = np.ascontiguousarray(data, dtype=float)
 
-    theta = model.constrain(np.clip(np.asarray(theta0, float), lower, upper))
     state = estimator.prepare(data, mask, noise)
+    d_k, w_k, shift, scale = estimator.kernel_inputs(state)
+    theta = np.array(theta0, dtype=float, order="C", copy=True)
     iterations = np.zeros(n, dtype=np.int32)
-    status = np.full(n, MAX_ITERATIONS, dtype=np.int8)
-    lam = np.full(n, 1e-3)
-    nu = np.full(n, 2.0)
-
+    status = np.zeros(n, dtype=np.int8)
+    cost = np.zeros(n)
     if n:
-        mu, jac = model.evaluate(theta, grid)
-        cost, e, W = estimator.terms(state, mu)
-        H, g = _normal_equations(jac, e, W)
-    else:
-        cost = np.zeros(0)
-        H = np.zeros((0, k, k))
-        g = np.zeros((0, k))
-    bad = ~np.isfinite(cost)
-    status[bad] = SINGULAR
-    active = np.flatnonzero(~bad)
-
-    for _ in range(max_iter):
-        if active.size == 0:
-            break
-        delta, ok = _damped_step(H[active], g[active], lam[active], free)
-        status[active[~ok]] = SINGULAR
-        active, delta = active[ok], delta[ok]
-        if active.size == 0:
-            break
-        trial = model.constrain(np.clip(theta[active] + delta, lower[active], upper[active]))
-        mu_t, jac_t = model.evaluate(trial, grid)
-        cost_t, e_t, W_t = estimator.terms(Estimator.take(state, active), mu_t)
-        iterations[active] += 1
-
-        better = np.isfinite(cost_t) & (cost_t <= cost[active])
-        acc = active[better]
-        gain = cost[acc] - cost_t[better]
-        # Nielsen's damping update from the ratio of actual to predicted gain,
-        # the latter from the quadratic model of the cost: 2 delta.g - delta.H.delta.
-        d_acc = delta[better]
-        H_old = H[acc]
-        predicted = 2.0 * np.einsum("nk,nk->n", d_acc, g[acc]) - np.einsum("nk,nkl,nl->n", d_acc, H_old, d_acc)
-        rho = gain / np.where(predicted > 0, predicted, np.inf)
-        lam[acc] = np.maximum(lam[acc] * np.maximum(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-9)
-        nu[acc] = 2.0
-        theta[acc] = trial[better]
-        cost[acc] = cost_t[better]
-        H_acc, g_acc = _normal_equations(jac_t[better], e_t[better], W_t[better])
-        H[acc] = H_acc
-        g[acc] = g_acc
-        rej = active[~better]
-        lam[rej] *= nu[rej]
-        nu[rej] *= 2.0
-
-        unit = cost[acc] / dof[acc] if estimator.name == "lsq" else 1.0
-        done_acc = acc[gain <= tol * unit]
-        done_rej = rej[lam[rej] > 1e7]  # no downhill step left: at the minimum
-        status[done_acc] = CONVERGED
-        status[done_rej] = CONVERGED
-        still = np.ones(n, bool)
-        still[done_acc] = False
-        still[done_rej] = False
-        active = active[still[active]]
-
+        nz, ny, nx = grid.zyx
+        levenberg_marquardt(model.family, model.integrated, estimator.kernel_id, d_k, w_k, shift,
+                            float(scale), estimator.name == "lsq", nz, ny, nx, theta, lower, upper,
+                            free, int(max_iter), float(tol), iterations, status, cost)
     cov, chi2_red = covariance(model, estimator, state, data, theta, grid, mask, noise, free, dof)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
     status[singular & (status == CONVERGED)] = SINGULAR
@@ -230,57 +142,55 @@ def covariance(model, estimator, state, data, theta, grid, mask, noise, free, do
     Without a calibrated camera the variance is modelled as a camera's,
     ``V = alpha + beta * mu`` (read noise plus shot noise at an unknown gain
     and baseline), with ``alpha, beta`` fitted to the squared residuals of
-    all windows of the batch (a photon-transfer curve from the data itself);
-    the covariance then follows as above, and the reduced chi-square is
-    measured against that model.
+    all windows of the batch, each corrected for its leverage (a
+    photon-transfer curve from the data itself); the covariance then follows
+    as above, and the reduced chi-square is measured against that model.
     """
+    from spotfit._lm import covariance as kernel
+
     n, k = theta.shape
-    if n == 0:
-        return np.zeros((0, k, k)), np.zeros(0)
-    mu, jac = model.evaluate(theta, grid)
-    _, _, W = estimator.terms(state, mu)
-    jac = jac[:, free]
-    r2 = np.where(mask, (data - mu) ** 2, 0.0)
-    A = np.matmul(jac * W[:, None, :], jac.transpose(0, 2, 1))
-    Ainv = _inverse(A)
-    if noise.calibrated:
-        V = noise.variance(mu)
-    else:
-        # Leverage h_p = W_p J_p^T A^-1 J_p: a fit absorbs part of the noise of
-        # the pixels it depends on most, so E[r_p^2] = (1 - h_p) V_p.
-        lev = np.einsum("nkp,nkl,nlp->np", jac, np.nan_to_num(Ainv), jac) * W
-        r2_unbiased = r2 / np.clip(1.0 - lev, 0.05, None)
-        V = _variance_model(mu, r2_unbiased, mask)
-    chi2_red = np.sum(r2 / np.maximum(V, _VAR_FLOOR), axis=1) / dof
-    WVW = W * W * V * mask
-    B = np.matmul(jac * WVW[:, None, :], jac.transpose(0, 2, 1))
-    cov_free = np.matmul(np.matmul(Ainv, B), Ainv)
     cov = np.zeros((n, k, k))
-    fi = np.flatnonzero(free)
-    cov[:, fi[:, None], fi[None, :]] = cov_free
-    return cov, chi2_red
+    chi2 = np.zeros(n)
+    if n == 0:
+        return cov, chi2
+    d_k, w_k, shift, scale = estimator.kernel_inputs(state)
+    nz, ny, nx = grid.zyx
+    read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
+    sums = np.zeros((n, 5))
+    args = (model.family, model.integrated, estimator.kernel_id, d_k, w_k, shift, float(scale), data,
+            nz, ny, nx, theta, free)
+    if noise.calibrated:
+        kernel(*args, 0, float(noise.excess), read_var, 0.0, 0.0, 0.0, cov, chi2, sums)
+    else:
+        kernel(*args, 1, 1.0, read_var, 0.0, 0.0, 0.0, cov, chi2, sums)
+        alpha, beta, v_floor = _variance_model(sums.sum(axis=0))
+        kernel(*args, 2, 1.0, read_var, alpha, beta, v_floor, cov, chi2, sums)
+    return cov, chi2
 
 
 _VAR_FLOOR = 1e-6
 
 
-def _variance_model(mu, r2, mask):
-    """Fit ``r2 ~ alpha + beta * mu`` over all valid pixels; return ``V (n, P)``.
+def _variance_model(sums):
+    """Least-squares line ``r2 ~ alpha + beta * mu`` from summed statistics.
 
-    Falls back to a constant variance if the fitted slope is not positive.
+    ``sums`` = (count, sum mu, sum r2, sum mu^2, sum mu r2) over all valid
+    pixels; ``alpha`` may be negative (an unknown camera baseline).  Falls
+    back to a constant variance if the slope is not positive.  Returns
+    ``(alpha, beta, floor)`` with ``floor`` = 5% of the mean squared residual,
+    the lowest variance the model may give a pixel.
     """
-    m = mu[mask]
-    r = r2[mask]
-    if m.size < 3:
-        return np.full_like(mu, max(float(r.mean()) if r.size else 1.0, _VAR_FLOOR))
-    mm, rm = m.mean(), r.mean()
-    var_m = np.mean((m - mm) ** 2)
-    beta = np.mean((m - mm) * (r - rm)) / var_m if var_m > 0 else 0.0
-    if not np.isfinite(beta) or beta <= 0:
-        return np.full_like(mu, max(rm, _VAR_FLOOR))
-    alpha = rm - beta * mm
+    count, s_m, s_r, s_mm, s_mr = sums
+    if count < 3:
+        rm = max(s_r / max(count, 1.0), _VAR_FLOOR)
+        return rm, 0.0, rm
+    mm, rm = s_m / count, s_r / count
+    var_m = s_mm / count - mm * mm
+    beta = (s_mr / count - mm * rm) / var_m if var_m > 0 else 0.0
     floor = max(0.05 * rm, _VAR_FLOOR)
-    return np.maximum(alpha + beta * mu, floor)
+    if not np.isfinite(beta) or beta <= 0:
+        return max(rm, _VAR_FLOOR), 0.0, floor
+    return rm - beta * mm, beta, floor
 
 
 def _inverse(A):

@@ -14,6 +14,8 @@ import inspect
 import io
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -22,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import click
 import tifffile
 from click.testing import CliRunner
 
@@ -678,3 +679,121 @@ def test_real_subprocess(command, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr == "Error: missing.tif: no such file\n"
     assert proc.stdout == ""
+
+
+# ---------------------------------------------------------------------------
+# more options and data shapes
+# ---------------------------------------------------------------------------
+def test_mle_needs_a_gain(sim2d, dirs):
+    tif, _ = sim2d
+    result = run("fit", tif, "--estimator", "mle", "--out", dirs[1] / "s.csv")
+    assert_input_error(result, "--estimator mle", "--gain")
+    assert list(dirs[1].iterdir()) == []
+
+
+def test_zstack_fitted_in_3d(dirs):
+    """A z-stack stored without metadata (axes Q, Y, X) fitted with --axes ZYX."""
+    inp, out = dirs
+    image, truth = simulate((9, NY, NX), n_spots=6, photons=5000, background=5,
+                            sigma=1.3, z_stack=True, sigma_z=1.5, min_separation=10,
+                            border=5, seed=8)
+    truth = truth[truth["z"].between(2, 6)]  # spots well inside the stack
+    tif = inp / "stack.tif"
+    tifffile.imwrite(tif, image)
+    ok("fit", tif, "--axes", "ZYX", "--sigma-z", "1.5", "--gain", "1", "--baseline", "100",
+       "--out", out / "stack.csv")
+    table = pd.read_csv(out / "stack.csv")
+    assert list(table.columns) == columns(3)
+    assert (table["frame"] == 0).all()
+    pos = ["x", "y", "z"]
+    i_found, i_truth = match_spots(table[pos].to_numpy(), truth[pos].to_numpy(), MATCH_RADIUS)
+    assert len(i_found) == len(truth)
+    # without --axes the leading unknown axis is time: one 2D frame per plane
+    found = pd.read_csv(io.StringIO(ok("detect", tif).stdout))
+    assert "z" not in found.columns and found["frame"].max() > 0
+
+
+# ---------------------------------------------------------------------------
+# README and CI
+# ---------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    readme = REPO / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md not available (installed package)")
+    text = readme.read_text(encoding="utf-8")
+    blocks = re.findall(r"^```\n(.*?)\n```", text, re.S | re.M)
+    return blocks[0].strip(), blocks[1].strip()
+
+
+def test_readme_test_command_is_what_ci_runs():
+    _, tests = _readme_commands()
+    assert tests == (
+        "python3 -m venv .venv && .venv/bin/pip install '.[test]' && .venv/bin/python -m pytest -q"
+    )
+    ci = REPO / ".ci" / "run"
+    if not ci.is_file():
+        pytest.skip(".ci/run not available")
+    lines = [line for line in ci.read_text().splitlines() if line and not line.startswith("#")]
+    readme_pytest = tests.split("&&")[-1].strip().replace(".venv/bin/python", "PY")
+    assert lines[-1].replace('"$venv/bin/python"', "PY") == readme_pytest
+
+
+def test_readme_first_command_fits_the_sample(tmp_path):
+    """The README's first command: its `spotfit fit ...` part, run in-process."""
+    setup, _ = _readme_commands()
+    fit_command = setup.split("&&")[-1].strip()
+    argv = shlex.split(fit_command)
+    assert argv[0] == ".venv/bin/spotfit" and argv[1] == "fit"
+    image = REPO / argv[2]
+    if not image.is_file():
+        pytest.skip("sample_data not available")
+    out = argv.index("--out") + 1
+    argv[out] = str(tmp_path / argv[out])
+    argv[2] = str(image)
+    result = ok(*argv[1:])
+    table = pd.read_csv(argv[out])
+    truth = pd.read_csv(image.with_name("spots_truth.csv"))
+    assert len(table) == len(truth) == 40
+    assert (table["status"] == "converged").all() and (table["unit"] == "photon").all()
+    i_found, i_truth = match_spots(xy(table), xy(truth), 0.5)
+    assert len(i_found) == 40
+    d = xy(table)[i_found] - xy(truth)[i_truth]
+    assert np.sqrt(np.mean(d**2)) < 0.1  # px; measured 0.043, reported x_err ~0.04
+    assert "40 spots (40 converged, 0 flagged)" in result.stderr
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README runs (in order, in one namespace)."""
+    readme = REPO / "README.md"
+    sample = REPO / "sample_data" / "spots.tif"
+    if not readme.is_file() or not sample.is_file():
+        pytest.skip("README.md or sample_data not available")
+    (tmp_path / "sample_data").mkdir()
+    (tmp_path / "sample_data" / "spots.tif").write_bytes(sample.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"^```python\n(.*?)^```", readme.read_text(encoding="utf-8"),
+                        re.S | re.M)
+    assert blocks
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert len(pd.read_csv(tmp_path / "spots.csv")) == 40
+    assert (tmp_path / "sim.tif").is_file() and (tmp_path / "sim_truth.csv").is_file()
+
+
+def test_os_error_while_writing_is_one_line(sim2d, dirs, monkeypatch):
+    """An OSError during writing (e.g. disk full) names --out, leaves nothing."""
+    tif, _ = sim2d
+    out = dirs[1] / "spots.csv"
+
+    def disk_full(self, path, *args, **kwargs):
+        Path(path).write_text("partial")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    result = run("fit", tif, *CAMERA_ARGS, "--out", out)
+    assert_input_error(result, out, "No space left on device")
+    assert list(dirs[1].iterdir()) == []

@@ -82,7 +82,7 @@ CASES = [
                  id="smfish"),
     # Very noisy real time-lapse, 120 frames of 100 x 100 px labelled Z, PSF
     # sigma 1.1 px (.ini): at most a few spots per frame.  At SNR 5 most of
-    # ~470 candidates are noise (23 % converged); SNR 12: measured 93 spots,
+    # ~450 candidates are noise (24 % converged); SNR 12: measured 93 spots,
     # 95 % converged, i.e. < 1 per frame.
     pytest.param(Case("airlocalize-examples/movie.tif",
                       ("--axes", "TYX", "--sigma", "1.1", "--threshold", "12"), 20, 500),

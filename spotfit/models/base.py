@@ -40,6 +40,11 @@ class Grid:
         return int(np.prod(self.shape))
 
     @property
+    def zyx(self) -> tuple:
+        """Window shape as ``(nz, ny, nx)`` (``nz = 1`` for 2D)."""
+        return tuple(int(s) for s in ((1,) + tuple(self.shape))[-3:])
+
+    @property
     def axes(self) -> tuple:
         """Per-axis coordinate vectors in array order (``..., y, x``)."""
         return tuple(np.arange(s, dtype=float) for s in self.shape)
@@ -55,6 +60,8 @@ class Model:
 
     #: short name used by ``--model``
     name: str = ""
+    #: kernel family id (see :mod:`spotfit.models._kernels`)
+    family: int = -1
     #: parameter names in order
     param_names: tuple = ()
     #: spatial dimensions (2 or 3)
@@ -97,7 +104,15 @@ class Model:
         jac : (n, k, P) ndarray
             ``jac[i, j, p] = d mu[i, p] / d theta[i, j]``.
         """
-        raise NotImplementedError
+        from spotfit.models import _kernels
+
+        theta = np.ascontiguousarray(theta, dtype=float)
+        n, k = theta.shape
+        nz, ny, nx = grid.zyx
+        mu = np.empty((n, grid.size))
+        jac = np.empty((n, k, grid.size))
+        _kernels.evaluate(self.family, self.integrated, theta, nz, ny, nx, mu, jac)
+        return mu, jac
 
     def value(self, theta: np.ndarray, grid: Grid) -> np.ndarray:
         """Expected values only, ``(n, P)``."""
@@ -107,13 +122,6 @@ class Model:
     def public_names(self) -> tuple:
         """Names of the reported parameters (same as fitted by default)."""
         return self.param_names
-
-    def constrain(self, theta: np.ndarray) -> np.ndarray:
-        """Project trial parameters into the model's valid domain (in place).
-
-        Called by the solver after box constraints; no-op by default.
-        """
-        return theta
 
     def public(self, theta: np.ndarray, cov: np.ndarray):
         """Reported parameters and their covariance.
@@ -175,18 +183,3 @@ class Model:
 
 
 
-def outer(factors):
-    """Outer product over axes of per-window factors.
-
-    Parameters
-    ----------
-    factors : sequence of (n, S_a) ndarray, in array order (``..., y, x``)
-
-    Returns
-    -------
-    (n, prod S_a) ndarray, flattened in C order (x fastest).
-    """
-    out = factors[0]
-    for f in factors[1:]:
-        out = (out[:, :, None] * f[:, None, :]).reshape(out.shape[0], -1)
-    return out
