@@ -263,7 +263,7 @@ def main(argv=None):
           f"seed {args.seed}")
     if n_cf:
         print(f"  curve_fit: point-sampled symmetric Gaussian, unweighted, first {n_cf} spots of each cell")
-    print(f"  numpy {np.__version__}, scipy {scipy.__version__}, spotfit {spotfit.__version__}, "
+    print(f"  numpy {np.__version__}, scipy {scipy.__version__}, spotfit {spotfit.__version__} ({os.path.dirname(spotfit.__file__)}), "
           f"os.cpu_count() = {os.cpu_count()}")
     print("  statistics over accepted fits (spotfit: status 'converged'; curve_fit: no exception, "
           "finite values and errors, centre in the window); columns: benchmarks/README.md")

@@ -1,12 +1,11 @@
 """Estimators: how data and model are compared, apart from any model.
 
-An estimator turns data ``d``, model values ``mu`` and a pixel mask into
-
-* ``cost`` ``(n,)``: the objective, on a chi-square scale (sum of squared
-  weighted residuals, or the Poisson deviance ``-2 log(L / L_saturated)``),
-* ``e`` ``(n, P)`` and ``W`` ``(n, P)`` such that the Gauss-Newton step of
-  the cost is ``(J W J^T) delta = J e`` for a Jacobian ``J`` of shape
-  ``(n, k, P)``; ``J W J^T`` is the Fisher information for MLE.
+An estimator prepares, from data ``d``, a pixel mask and the noise model,
+the per-pixel inputs of the compiled solver (:mod:`spotfit._lm`), which
+evaluates the cost on a chi-square scale (sum of squared weighted residuals,
+or the Poisson deviance ``-2 log(L / L_saturated)``) and its Gauss-Newton
+normal equations; for MLE their matrix ``J W J^T`` is the Fisher
+information.
 
 The noise model is described by :class:`Noise` in the data's units: photons
 when the camera is calibrated, ADU otherwise.
@@ -14,6 +13,7 @@ when the camera is calibrated, ADU otherwise.
 * ``lsq``: unweighted least squares.  Needs no noise model.
 * ``wlsq``: least squares weighted by ``1 / var`` with the variance taken
   from the data (``excess * max(d, 1) + read_var``), fixed during the fit.
+  Requires data in photons.
 * ``mle``: Poisson maximum likelihood.  Read noise enters through the
   usual shifted-Poisson approximation (``d + read_var`` is Poisson with mean
   ``mu + read_var``; Huang et al., Nat. Methods 10:653, 2013), EMCCD excess
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
-from scipy.special import xlogy
 
 from spotfit.errors import SpotfitInputError
 
@@ -61,77 +60,69 @@ class Noise:
 
 
 class Estimator:
-    """Base class; subclasses implement :meth:`prepare` and :meth:`terms`."""
+    """Base class: prepares the compiled solver's per-pixel inputs."""
 
     name = ""
     #: estimator id of the compiled solver (:mod:`spotfit._lm`)
     kernel_id = 0
 
-    def kernel_inputs(self, state):
-        """``(data, weights, shift, scale)`` arrays for the compiled solver."""
-        d, w = state[0], state[1]
-        return np.ascontiguousarray(d, float), np.ascontiguousarray(w, float), np.zeros_like(d, float), 1.0
-
     def prepare(self, data, mask, noise: Noise):
-        """Precompute per-fit constants; returns an opaque state."""
+        """Per-pixel inputs of the compiled solver.
+
+        Parameters
+        ----------
+        data : (n, P) ndarray
+            Window pixels (photons, or ADU without a calibrated camera).
+        mask : (n, P) bool ndarray
+        noise : Noise
+
+        Returns
+        -------
+        d, w, shift : (n, P) float64 ndarrays
+            Data as the cost sees it, pixel weights (0 = masked) and the
+            MLE count shift.
+        scale : float
+            MLE excess-noise scale.
+        """
         raise NotImplementedError
 
-    def terms(self, state, mu):
-        """Return ``cost (n,)``, ``e (n, P)``, ``W (n, P)`` at ``mu``."""
-        raise NotImplementedError
+    def _need_photons(self, noise):
+        if not noise.calibrated:
+            raise SpotfitInputError(
+                f"--estimator {self.name} needs photon counts: give the camera --gain "
+                "(and --baseline, --em-gain), or use --estimator lsq"
+            )
 
+
+def _c(a):
+    return np.ascontiguousarray(a, dtype=float)
 
 
 class LeastSquares(Estimator):
     name = "lsq"
 
     def prepare(self, data, mask, noise):
-        return (data, mask.astype(data.dtype))
-
-    def terms(self, state, mu):
-        d, w = state
-        e = w * (d - mu)
-        cost = np.einsum("np,np->n", e, d - mu)
-        return cost, e, np.broadcast_to(w, mu.shape)
+        return _c(data), _c(mask), np.zeros(data.shape), 1.0
 
 
-class WeightedLeastSquares(LeastSquares):
+class WeightedLeastSquares(Estimator):
     name = "wlsq"
 
     def prepare(self, data, mask, noise):
+        self._need_photons(noise)
         var = noise.excess * np.maximum(data, 1.0) + noise.read_var
-        return (data, mask / var)
+        return _c(data), _c(mask / var), np.zeros(data.shape), 1.0
 
 
 class PoissonMLE(Estimator):
     name = "mle"
     kernel_id = 1
 
-    def kernel_inputs(self, state):
-        dt, w, shift, scale = state
-        shift = np.ascontiguousarray(np.broadcast_to(shift, dt.shape), float)
-        return np.ascontiguousarray(dt, float), np.ascontiguousarray(w, float), shift, scale
-
     def prepare(self, data, mask, noise):
-        if not noise.calibrated:
-            raise SpotfitInputError(
-                "--estimator mle needs photon counts: give the camera --gain "
-                "(and --baseline, --em-gain), or use --estimator lsq"
-            )
-        shift = noise.read_var
-        dt = np.maximum(data + shift, 0.0)
-        scale = 1.0 / noise.excess
-        return (dt, mask.astype(float), shift, scale)
-
-    def terms(self, state, mu):
-        dt, w, shift, scale = state
-        mt = np.maximum(mu + shift, _MU_FLOOR)
-        ratio = dt / mt
-        e = (w * scale) * (ratio - 1.0)
-        W = (w * scale) / mt
-        dev = (mt - dt) + xlogy(dt, ratio)
-        cost = 2.0 * scale * np.einsum("np,np->n", w, dev)
-        return cost, e, W
+        self._need_photons(noise)
+        shift = np.broadcast_to(np.asarray(noise.read_var, dtype=float), data.shape)
+        d = np.maximum(data + shift, 0.0)
+        return _c(d), _c(mask), _c(shift), 1.0 / noise.excess
 
 
 _ESTIMATORS = {cls.name: cls for cls in (LeastSquares, WeightedLeastSquares, PoissonMLE)}

@@ -287,9 +287,9 @@ class _Fitter:
         est_name, integrated = config.choose(camera)
         self.model = get_model(model_name, ndim, integrated)
         self.estimator = get_estimator(est_name)
-        if est_name == "mle" and not camera.calibrated:
-            self.estimator.prepare(np.zeros((0, 1)), np.zeros((0, 1), bool), Noise())
         self.noise_var = None
+        if est_name in ("mle", "wlsq"):  # fail early, before reading any frame
+            self.estimator.prepare(np.zeros((0, 1)), np.zeros((0, 1), bool), Noise(camera.calibrated))
         self.workers = config.workers or os.cpu_count() or 1
 
     def read_var_map(self):

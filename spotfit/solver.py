@@ -111,11 +111,9 @@ def solve(
     upper = np.full(k, np.inf) if upper is None else np.asarray(upper, float)
     lower = np.ascontiguousarray(np.broadcast_to(lower, (n, k)), dtype=float)
     upper = np.ascontiguousarray(np.broadcast_to(upper, (n, k)), dtype=float)
-    dof = np.maximum(mask.sum(axis=1) - free.sum(), 1)
     data = np.ascontiguousarray(data, dtype=float)
 
-    state = estimator.prepare(data, mask, noise)
-    d_k, w_k, shift, scale = estimator.kernel_inputs(state)
+    d_k, w_k, shift, scale = estimator.prepare(data, mask, noise)
     theta = np.array(theta0, dtype=float, order="C", copy=True)
     iterations = np.zeros(n, dtype=np.int32)
     status = np.zeros(n, dtype=np.int8)
@@ -125,13 +123,13 @@ def solve(
         levenberg_marquardt(model.family, model.integrated, estimator.kernel_id, d_k, w_k, shift,
                             float(scale), estimator.name == "lsq", nz, ny, nx, theta, lower, upper,
                             free, int(max_iter), float(tol), iterations, status, cost)
-    cov, chi2_red = covariance(model, estimator, state, data, theta, grid, mask, noise, free, dof)
+    cov, chi2_red = covariance(model, estimator, (d_k, w_k, shift, scale), data, theta, grid, noise, free)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
     status[singular & (status == CONVERGED)] = SINGULAR
     return Solution(theta, cov, cost, chi2_red, iterations, status)
 
 
-def covariance(model, estimator, state, data, theta, grid, mask, noise, free, dof):
+def covariance(model, estimator, prepared, data, theta, grid, noise, free):
     """Covariance of the estimates under the noise model, and reduced chi2.
 
     With a calibrated camera this is the sandwich covariance
@@ -153,7 +151,7 @@ def covariance(model, estimator, state, data, theta, grid, mask, noise, free, do
     chi2 = np.zeros(n)
     if n == 0:
         return cov, chi2
-    d_k, w_k, shift, scale = estimator.kernel_inputs(state)
+    d_k, w_k, shift, scale = prepared
     nz, ny, nx = grid.zyx
     read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
     sums = np.zeros((n, 5))
