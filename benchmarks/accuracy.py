@@ -24,7 +24,7 @@ start, default ``maxfev``, on a subset of the spots of each cell.
 The bound is ``spotfit.solver.crlb`` at the true parameters of the true
 model with ``Noise(calibrated=True)``.  Column meanings: benchmarks/README.md.
 
-Run ``python benchmarks/accuracy.py`` (about 1-2 minutes on one core) or
+Run ``python benchmarks/accuracy.py`` (under a minute on one core) or
 ``--quick`` (a few seconds); ``--csv PATH`` also writes the table with extra
 columns (standard errors of the biases).
 """
@@ -92,7 +92,7 @@ def mosaic(windows):
 
 
 # ---------------------------------------------------------------- spotfit
-def fit_spotfit(windows, theta_true, half, sigma, estimator, model, workers):
+def fit_spotfit(windows, half, sigma, estimator, model, workers):
     image, origin = mosaic(windows)
     table = spotfit.fit_spots(
         image, origin + half, camera=CAMERA, sigma=sigma, model=model,
@@ -236,7 +236,7 @@ def main(argv=None):
         bound = crlb(true_model, theta, Grid((size, size)), Noise(calibrated=True))
         key = dict(photons=int(ph), background=background, sigma=sigma, window=size)
         for est in ESTIMATORS:
-            fit = fit_spotfit(windows, theta, half, sigma, est, args.model, args.workers)
+            fit = fit_spotfit(windows, half, sigma, est, args.model, args.workers)
             rows.append({**key, "method": est, **summarise(fit, theta, bound)})
         if n_cf:
             fit = fit_curve_fit(windows[:n_cf], half, sigma)
@@ -263,8 +263,8 @@ def main(argv=None):
           f"seed {args.seed}")
     if n_cf:
         print(f"  curve_fit: point-sampled symmetric Gaussian, unweighted, first {n_cf} spots of each cell")
-    print(f"  numpy {np.__version__}, scipy {scipy.__version__}, spotfit {spotfit.__version__} ({os.path.dirname(spotfit.__file__)}), "
-          f"os.cpu_count() = {os.cpu_count()}")
+    print(f"  numpy {np.__version__}, scipy {scipy.__version__}, spotfit {spotfit.__version__} "
+          f"({os.path.dirname(spotfit.__file__)}), os.cpu_count() = {os.cpu_count()}")
     print("  statistics over accepted fits (spotfit: status 'converged'; curve_fit: no exception, "
           "finite values and errors, centre in the window); columns: benchmarks/README.md")
     print()

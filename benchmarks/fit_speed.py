@@ -19,7 +19,7 @@ values and the fits are inside the timing, detection is not).  Threads:
 ``--workers`` (default 1, so the comparison is core for core).
 
 Run ``python benchmarks/fit_speed.py`` (about 20 s) or ``--quick``
-(about 5 s).  The table goes to stdout, progress to stderr.
+(about 10 s).  The table goes to stdout, progress to stderr.
 """
 
 from __future__ import annotations
@@ -149,10 +149,11 @@ def rmse_xy(found, ok, truth_xy):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small image, fewer repeats (~5 s)")
+    parser.add_argument("--quick", action="store_true", help="small image, fewer repeats (~10 s)")
     parser.add_argument("--spots", type=int, help="spots to simulate (default 3000; quick 750)")
     parser.add_argument("--repeats", type=int, help="timed repeats of spotfit (default 15; quick 5)")
-    parser.add_argument("--cf-repeats", type=int, help="timed repeats of the curve_fit loop (default 5; quick 2)")
+    parser.add_argument("--cf-repeats", type=int,
+                        help="timed repeats of the curve_fit loop (default 5; quick 2)")
     parser.add_argument("--workers", type=int, default=1, help="spotfit threads (default 1)")
     parser.add_argument("--seed", type=int, default=20240601)
     args = parser.parse_args(argv)
@@ -225,7 +226,8 @@ def main(argv=None):
     print(f"  {n} fitted spots = spotfit.detect candidates with full "
           f"{2 * half + 1}x{2 * half + 1} windows (half-size {half} px, spotfit's default)")
     print(f"  python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
-          f"spotfit {spotfit.__version__} ({os.path.dirname(spotfit.__file__)}); os.cpu_count() = {os.cpu_count()}, "
+          f"spotfit {spotfit.__version__} ({os.path.dirname(spotfit.__file__)}); "
+          f"os.cpu_count() = {os.cpu_count()}, "
           f"spotfit workers = {args.workers}; OMP/OPENBLAS threads = "
           f"{os.environ.get('OMP_NUM_THREADS', '-')}/{os.environ.get('OPENBLAS_NUM_THREADS', '-')}")
     print()

@@ -34,7 +34,7 @@ LSQ, MLE = 0, 1
 _MU_FLOOR = 1e-6
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _pixel_terms(est, dp, mu, wp, shift, scale):
     """Cost term, weighted residual ``e`` and weight ``W`` of one pixel.
 
@@ -53,34 +53,40 @@ def _pixel_terms(est, dp, mu, wp, shift, scale):
     return 2.0 * ws * dev, ws * (dp / m - 1.0), ws / m
 
 
-@njit(cache=True)
-def _accumulate(family, integ, est, th, d, w, shift, scale, nz, ny, nx, mu, J, scratch, H, g):
-    """Cost of one window; fills ``H = J W J^T`` and ``g = J e``."""
+@njit(cache=True, error_model="numpy")
+def _accumulate(family, integ, est, th, d, w, shift, scale, nz, ny, nx, mu, J, scratch, e, W, H, g):
+    """Cost of one window; fills ``H = J W J^T`` and ``g = J e``.
+
+    ``e`` and ``W`` are ``(P,)`` work arrays.  The sums run over contiguous
+    rows of ``J`` so that they vectorise.
+    """
     k = th.shape[0]
     model_window(family, integ, th, nz, ny, nx, mu, J, scratch)
-    for i in range(k):
-        g[i] = 0.0
-        for j in range(k):
-            H[i, j] = 0.0
     cost = 0.0
     for p in range(mu.shape[0]):
         if w[p] == 0.0:
+            e[p] = 0.0
+            W[p] = 0.0
             continue
-        c, e, W = _pixel_terms(est, d[p], mu[p], w[p], shift[p], scale)
+        c, e[p], W[p] = _pixel_terms(est, d[p], mu[p], w[p], shift[p], scale)
         cost += c
-        for i in range(k):
-            Ji = J[i, p]
-            g[i] += Ji * e
-            JiW = Ji * W
-            for j in range(i + 1):
-                H[i, j] += JiW * J[j, p]
     for i in range(k):
-        for j in range(i):
-            H[j, i] = H[i, j]
+        Ji = J[i]
+        acc = 0.0
+        for p in range(mu.shape[0]):
+            acc += Ji[p] * e[p]
+        g[i] = acc
+        for j in range(i + 1):
+            Jj = J[j]
+            acc = 0.0
+            for p in range(mu.shape[0]):
+                acc += Ji[p] * W[p] * Jj[p]
+            H[i, j] = acc
+            H[j, i] = acc
     return cost
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _damped_solve(H, g, lam, free, A, L, y, delta):
     """Solve ``(H + lam * diag(H)) delta = g`` by scaled Cholesky; False if singular."""
     k = H.shape[0]
@@ -134,7 +140,7 @@ def _damped_solve(H, g, lam, free, A, L, y, delta):
     return True
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz, ny, nx,
                         theta, lower, upper, free, max_iter, tol, iterations, status, cost_out):
     """Fit every window; updates ``theta`` in place.
@@ -184,6 +190,8 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
         L = np.zeros((k, k))
         y = np.empty(k)
         delta = np.empty(k)
+        e = np.empty(P)
+        W = np.empty(P)
         th = theta[s].copy()
         trial = np.empty(k)
         d = data[s]
@@ -200,7 +208,7 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
                 n_valid += 1
         dof = max(n_valid - n_free, 1)
 
-        cost = _accumulate(family, integ, est, th, d, ws, sh, scale, nz, ny, nx, mu, J, scratch, H, g)
+        cost = _accumulate(family, integ, est, th, d, ws, sh, scale, nz, ny, nx, mu, J, scratch, e, W, H, g)
         st = 1  # max iterations unless something else happens
         if not math.isfinite(cost):
             st = 2
@@ -215,7 +223,7 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
                 trial[i] = min(max(th[i] + delta[i], lo[i]), hi[i])
             constrain(family, trial)
             cost_new = _accumulate(family, integ, est, trial, d, ws, sh, scale, nz, ny, nx, mu, J,
-                                   scratch, H_new, g_new)
+                                   scratch, e, W, H_new, g_new)
             it += 1
             if math.isfinite(cost_new) and cost_new <= cost:
                 predicted = 0.0
@@ -248,7 +256,7 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
         cost_out[s] = cost
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _cholesky_inverse(A, out, L, y):
     """Inverse of a symmetric positive definite ``A`` (m x m); False if singular.
 
@@ -295,7 +303,7 @@ def _cholesky_inverse(A, out, L, y):
     return True
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta, free,
                mode, excess, read_var, alpha, beta, v_floor, cov, chi2, sums):
     """Per-window covariance ``A^-1 B A^-1`` and reduced chi-square.

@@ -329,13 +329,14 @@ class _Fitter:
         for j, index in enumerate(m.center_index):
             lower[:, index] = np.maximum(lower[:, index], first[:, j] - 0.5)
             upper[:, index] = np.minimum(upper[:, index], last[:, j] + 0.5)
-        free = np.ones(m.n_params, bool)
-        if cfg.fix_sigma:
-            for name in m.width_names:
-                free[m.index(name)] = False
+        widths = np.zeros(m.n_params, bool)
+        for name in m.width_names:
+            widths[m.index(name)] = True
+        free = ~widths if cfg.fix_sigma else np.ones(m.n_params, bool)
         rv = None if windows.read_var is None else windows.read_var[start:stop]
         sol = solver.solve(m, self.estimator, data, mask, grid, theta0, noise=self.noise(rv),
-                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter)
+                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
+                           hold_first=None if cfg.fix_sigma else widths)
         return sol.theta, sol
 
     def _table(self, windows, frames, sol):

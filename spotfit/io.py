@@ -33,7 +33,10 @@ a z-stack stored without metadata) are read correctly by passing ``axes``.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
+import mmap
 import numbers
 import os
 import threading
@@ -47,7 +50,7 @@ import tifffile
 from spotfit._atomic import atomic_path
 from spotfit.errors import SpotfitInputError
 
-__all__ = ["Image", "read_image", "write_tiff", "SUPPORTED_DTYPES"]
+__all__ = ["Image", "PagedStack", "read_image", "write_tiff", "SUPPORTED_DTYPES"]
 
 #: Pixel types spotfit reads; anything else (bool, complex, float16,
 #: 64-bit integers) is rejected with a message naming the file.
@@ -105,13 +108,17 @@ class Image:
 
     Parameters
     ----------
-    data : (T, Y, X) or (T, Z, Y, X) ndarray
-        Pixel values, axis order exactly `axes`.  May be a read-only
-        :class:`numpy.memmap` of the input file: index it frame by frame
-        (``data[t]`` or :meth:`frames`) rather than loading all of it.  A
-        memory map keeps the file's byte order (ImageJ writes big-endian),
-        which numpy and scipy handle transparently; :meth:`frames` always
-        yields native byte order.
+    data : (T, Y, X) or (T, Z, Y, X) ndarray or array-like
+        Pixel values, axis order exactly `axes`.  For files, either a
+        read-only :class:`numpy.memmap` of the input file (uncompressed,
+        contiguous files) or a :class:`PagedStack` that reads and decodes
+        the TIFF pages of one time point at a time (compressed, tiled or
+        scattered files): read it frame by frame (:meth:`frame`,
+        :meth:`frames` or ``data[t]``) rather than loading all of it
+        (``numpy.asarray(data)`` does load all of it).  A memory map keeps
+        the file's byte order (ImageJ writes big-endian), which numpy and
+        scipy handle transparently; :meth:`frame` and :meth:`frames` always
+        give native byte order.
     axes : {"TYX", "TZYX"}
         Axis order of `data`.  A single 2D image is ``"TYX"`` with T = 1; a
         z-stack without time is ``"TZYX"`` with T = 1.
@@ -181,12 +188,40 @@ class Image:
         t : int
             Time index, 0-based.
         frame : (Y, X) or (Z, Y, X) ndarray
-            ``data[t]`` in native byte order: a view (no copy) unless the file
-            is big-endian, then a copy of this one frame.  For a
-            memory-mapped file, pages are read from disk only when used.
+            ``data[t]`` in native byte order, read by :meth:`frame`: only
+            this frame is in memory at a time, whether the file is
+            memory-mapped or read page by page.
         """
         for t in range(self.n_frames):
-            yield t, np.asarray(self.data[t], dtype=self.dtype)
+            yield t, self.frame(t)
+
+    def frame(self, t: int) -> np.ndarray:
+        """Read time point `t` as an in-memory array in native byte order.
+
+        For a memory-mapped file the frame is copied and the pages of the
+        map are released again, so reading a stack frame by frame keeps the
+        resident memory of the process at about one frame, whatever the
+        size of the file (a map's pages would otherwise stay resident and
+        count towards the process' memory until the map is closed).  For a
+        compressed or otherwise non-contiguous file only the TIFF pages of
+        this frame are read and decoded.
+
+        Parameters
+        ----------
+        t : int
+            Time index, 0-based.
+
+        Returns
+        -------
+        (Y, X) or (Z, Y, X) ndarray
+        """
+        view = self.data[t]
+        mm = getattr(view, "_mmap", None)
+        if mm is None:
+            return np.asarray(view, dtype=self.dtype)
+        frame = np.array(view, dtype=self.dtype)  # a copy: independent of the map
+        _release(mm)
+        return frame
 
     def __repr__(self) -> str:
         return (
@@ -302,7 +337,7 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
             tif = tifffile.TiffFile(where)
         except Exception as exc:  # tifffile raises many types for bad files
             raise _corrupt(where, exc) from exc
-        with tif:
+        with _ClosingUnlessPaged(tif):
             try:
                 series = tif.series[0] if tif.series else None
             except Exception as exc:
@@ -329,11 +364,23 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
             plan = _plan_axes(source_axes, shape, channel, where, overridden=axes is not None)
             _check_size(source_axes, shape, where)
             pixel_size, z_step = _physical_sizes(tif)
-            array = _read_pixels(tif, series, where)
+            array = _map_pixels(tif, series, where)
+            if array is None:
+                array = PagedStack.open(tif, series, plan, where)
+            if array is None:  # a layout not split into pages: load it all
+                array = _load_pixels(series, where)
             logged.check(where)
 
-    data, out_axes = _apply_plan(array, plan)
-    _check_finite(data, where)
+    if isinstance(array, PagedStack):
+        data, out_axes = array, array.axes
+    else:
+        data, out_axes = _apply_plan(array, plan)
+    try:
+        _check_finite(data, where)
+    except BaseException:
+        if isinstance(data, PagedStack):
+            data.close()
+        raise
     return Image(
         data=data,
         axes=out_axes,
@@ -426,8 +473,8 @@ def _check_size(source_axes: str, shape: tuple[int, ...], where: str) -> None:
         )
 
 
-def _read_pixels(tif: tifffile.TiffFile, series, where: str) -> np.ndarray:
-    """Memory-map the series if stored uncompressed and contiguous, else load it.
+def _map_pixels(tif: tifffile.TiffFile, series, where: str) -> np.memmap | None:
+    """Memory-map the series if stored uncompressed and contiguous, else None.
 
     The map keeps the file's byte order: ImageJ writes big-endian files, and
     copying a multi-gigabyte movie only to swap bytes would defeat the map.
@@ -447,24 +494,218 @@ def _read_pixels(tif: tifffile.TiffFile, series, where: str) -> np.ndarray:
                 where, dtype=file_dtype, mode="r", offset=offset, shape=tuple(series.shape)
             )
         except (OSError, ValueError):
-            pass  # e.g. a file system without mmap: load it instead
+            pass  # e.g. a file system without mmap: read it page by page
+    return None
+
+
+def _load_pixels(series, where: str) -> np.ndarray:
+    """Read and decode a whole series (layouts :class:`PagedStack` cannot split)."""
     try:
-        return series.asarray()
+        return series.asarray(maxworkers=1)
     except Exception as exc:
         raise _corrupt(where, exc) from exc
+
+
+def _release(mm) -> None:
+    """Drop the resident pages of a read-only file map (they are re-read on use).
+
+    Pages of a file map that were read stay resident, and count towards the
+    memory of the process, until the map is closed; after each frame they
+    are released so that memory does not grow with the number of frames.
+    """
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:  # e.g. Windows: the OS manages mapped pages itself
+        return
+    try:
+        mm.madvise(advice)
+    except (OSError, ValueError):  # a closed map, or madvise not supported
+        pass
+
+
+class _ClosingUnlessPaged:
+    """Close a TiffFile on leaving the block unless a PagedStack took it over."""
+
+    def __init__(self, tif: tifffile.TiffFile):
+        self.tif = tif
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None or not getattr(self.tif, "_spotfit_paged", False):
+            self.tif.close()
+        return False
+
+
+class PagedStack:
+    """A ``(T, Y, X)`` or ``(T, Z, Y, X)`` array-like over a TIFF series read page by page.
+
+    Used for files that cannot be memory-mapped (compressed, tiled, or with
+    pages scattered through the file): indexing one time point reads and
+    decodes only the TIFF pages that hold it (for a TZCYX hyperstack and one
+    channel, the Z pages of that channel at that time), so memory does not
+    grow with the number of frames.  ``numpy.asarray(stack)`` reads all of
+    it.  The TIFF file stays open (read-only) until :meth:`close` is called
+    or the stack is garbage-collected.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(T, Y, X)`` or ``(T, Z, Y, X)``.
+    ndim : int
+    dtype : numpy.dtype
+        Pixel type, native byte order.
+    axes : {"TYX", "TZYX"}
+    """
+
+    def __init__(self, tif, series, n_page_axes: int, plan: "_AxesPlan", where: str):
+        self._tif = tif
+        self._series = series
+        self._stored = tuple(int(n) for n in series.shape)
+        self._k = n_page_axes
+        self._index = plan.index
+        self._where = where
+        self._cache: tuple = ((), None)
+        kept = plan.kept
+        slots = [i for i, ix in enumerate(plan.index) if isinstance(ix, slice)]
+        self._t_axis = slots[kept.index("T")] if "T" in kept else None
+        spatial = kept.replace("T", "")
+        self._order = [spatial.index(r) for r in "ZYX" if r in spatial]
+        frame_shape = tuple(self._stored[slots[kept.index(r)]] for r in "ZYX" if r in spatial)
+        n_frames = self._stored[self._t_axis] if self._t_axis is not None else 1
+        self.shape = (n_frames,) + frame_shape
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(series.dtype).newbyteorder("=")
+        self.axes = "TZYX" if "Z" in spatial else "TYX"
+
+    @classmethod
+    def open(cls, tif, series, plan: "_AxesPlan", where: str) -> "PagedStack | None":
+        """A PagedStack over `series`, or None if its pages do not split its shape.
+
+        Checks that every page's data lies inside the file, so a truncated
+        file is reported now rather than when its last frame is read.
+        """
+        try:
+            pages = list(series.pages)
+            keyframe = series.keyframe
+        except Exception as exc:
+            raise _corrupt(where, exc) from exc
+        if not pages or any(page is None for page in pages):
+            return None  # e.g. an OME file with missing pages: tifffile fills them
+        file_size = os.path.getsize(where)
+        for page in pages:
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+            if ends and max(ends) > file_size:
+                raise SpotfitInputError(
+                    f"{where}: corrupt or truncated TIFF file (pixel data of a page "
+                    f"ends at byte {max(ends)}, the file has {file_size})"
+                )
+        shape = tuple(int(n) for n in series.shape)
+        page_size = math.prod(keyframe.shape)
+        for k in range(len(shape) + 1):
+            if math.prod(shape[:k]) == len(pages) and math.prod(shape[k:]) == page_size:
+                stack = cls(tif, series, k, plan, where)
+                tif._spotfit_paged = True  # the stack now owns the open file
+                return stack
+        return None
+
+    # ------------------------------------------------------------ array-like
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        first, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if isinstance(first, numbers.Integral) and not isinstance(first, bool):
+            t = int(first)
+            if t < 0:
+                t += self.shape[0]
+            if not 0 <= t < self.shape[0]:
+                raise IndexError(f"frame {first} is out of range for {self.shape[0]} frames")
+            return self._frame(t)[rest] if rest else self._frame(t)
+        if isinstance(first, slice):
+            frames = [self._frame(t) for t in range(*first.indices(self.shape[0]))]
+            block = np.stack(frames) if frames else np.empty((0,) + self.shape[1:], self.dtype)
+            return block[(slice(None),) + rest] if rest else block
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"PagedStack(shape={self.shape}, dtype={self.dtype}, path={self._where!r})"
+
+    def close(self) -> None:
+        """Close the TIFF file (further reads fail)."""
+        self._cache = ((), None)
+        tif, self._tif = self._tif, None
+        if tif is not None:
+            tif.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -------------------------------------------------------------- reading
+    def _frame(self, t: int) -> np.ndarray:
+        """Read the pages of time point `t`; ``(Y, X)`` or ``(Z, Y, X)`` native order."""
+        if self._tif is None:
+            raise ValueError(f"{self._where}: the image was closed")
+        index = list(self._index)
+        if self._t_axis is not None:
+            index[self._t_axis] = t
+        k = self._k
+        ranges = [
+            range(n) if isinstance(i, slice) else (i,)
+            for i, n in zip(index[:k], self._stored[:k])
+        ]
+        keys = tuple(
+            int(np.ravel_multi_index(c, self._stored[:k])) if k else 0
+            for c in itertools.product(*ranges)
+        )
+        cached_keys, block = self._cache
+        if cached_keys != keys:
+            with _TifffileErrors() as logged:
+                try:
+                    block = self._tif.asarray(key=list(keys), series=self._series, maxworkers=1)
+                except Exception as exc:
+                    raise _corrupt(self._where, exc) from exc
+                logged.check(self._where)
+            block = np.asarray(block).reshape([len(r) for r in ranges] + list(self._stored[k:]))
+            self._cache = (keys, block)
+        inner = tuple(slice(None) if isinstance(i, slice) else 0 for i in index[:k])
+        frame = block[inner + tuple(index[k:])]
+        return np.ascontiguousarray(np.transpose(frame, self._order), dtype=self.dtype)
 
 
 def _check_finite(data: np.ndarray, where: str) -> None:
     """Reject float data with NaN or infinite pixels, scanning frame blocks."""
     if data.dtype.kind != "f" or data.size == 0:
         return
-    frame_bytes = max(1, data[0].nbytes)
+    frame_bytes = max(1, data.nbytes // max(1, data.shape[0]))
     step = max(1, _SCAN_BYTES // frame_bytes)
     n_nan = n_inf = 0
     for start in range(0, data.shape[0], step):
-        block = np.asarray(data[start:start + step])
+        chunk = data[start:start + step]
+        block = np.asarray(chunk)
         n_nan += int(np.count_nonzero(np.isnan(block)))
         n_inf += int(np.count_nonzero(np.isinf(block)))
+        del block
+        mm = getattr(chunk, "_mmap", None)
+        if mm is not None:  # do not keep the scanned pages of a map resident
+            _release(mm)
     if n_nan or n_inf:
         raise SpotfitInputError(
             f"{where}: {n_nan} NaN and {n_inf} infinite pixel values "

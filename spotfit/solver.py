@@ -70,6 +70,7 @@ def solve(
     free: np.ndarray | None = None,
     max_iter: int = 50,
     tol: float = 1e-3,
+    hold_first: np.ndarray | None = None,
 ) -> Solution:
     """Fit ``model`` to every window at once.
 
@@ -98,6 +99,11 @@ def solve(
         in chi-square units (the cost of unweighted least squares is first
         divided by its residual variance ``cost / dof``).  A change of 1e-3
         in chi-square moves parameters by about 3% of their standard error.
+    hold_first : (k,) bool ndarray, optional
+        Parameters held at ``theta0`` in a first pass, then freed for a
+        second pass from its result.  Holding the widths first keeps faint
+        fits from collapsing onto a single noisy pixel (a spurious minimum
+        with sigma near 0) before the centre has found the spot.
 
     Returns
     -------
@@ -120,9 +126,15 @@ def solve(
     cost = np.zeros(n)
     if n:
         nz, ny, nx = grid.zyx
-        levenberg_marquardt(model.family, model.integrated, estimator.kernel_id, d_k, w_k, shift,
-                            float(scale), estimator.name == "lsq", nz, ny, nx, theta, lower, upper,
-                            free, int(max_iter), float(tol), iterations, status, cost)
+        passes = [(free, max_iter, tol)]
+        if hold_first is not None:  # a short, coarse first pass is enough to find the spot
+            passes.insert(0, (free & ~np.asarray(hold_first, bool), min(max_iter, 5), 10 * tol))
+        for free_pass, iters_pass, tol_pass in passes:
+            done = iterations.copy()
+            levenberg_marquardt(model.family, model.integrated, estimator.kernel_id, d_k, w_k, shift,
+                                float(scale), estimator.name == "lsq", nz, ny, nx, theta, lower, upper,
+                                free_pass, int(iters_pass), float(tol_pass), iterations, status, cost)
+            iterations += done
     cov, chi2_red = covariance(model, estimator, (d_k, w_k, shift, scale), data, theta, grid, noise, free)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
     status[singular & (status == CONVERGED)] = SINGULAR

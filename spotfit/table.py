@@ -15,6 +15,7 @@ import numpy as np
 #: ADU above baseline otherwise (see the ``unit`` column).
 COLUMNS = {
     "frame": ("-", "time index of the frame (0-based)"),
+    "channel": ("-", "channel index (0-based); only with --channel all"),
     "x": ("px", "fitted centre, column (0-based pixel centres)"),
     "y": ("px", "fitted centre, row"),
     "z": ("px", "fitted centre, plane (3D fits only)"),
@@ -29,6 +30,13 @@ COLUMNS = {
     "iterations": ("-", "solver iterations"),
     "status": ("-", "converged, max_iterations, singular, left_window or low_signal"),
     "unit": ("-", "unit of signal: photon or ADU"),
+    # physical units, appended when the pixel size is known (add_physical_units)
+    "x_um": ("µm", "x * pixel_size"),
+    "y_um": ("µm", "y * pixel_size"),
+    "z_um": ("µm", "z * z_step (3D, when the z step is known)"),
+    "x_um_err": ("µm", "x_err * pixel_size"),
+    "y_um_err": ("µm", "y_err * pixel_size"),
+    "z_um_err": ("µm", "z_err * z_step"),
 }
 
 _ERR_OF = ("x", "y", "z", "intensity", "amplitude", "sigma_x", "sigma_y", "sigma_z", "angle", "offset")
@@ -90,6 +98,69 @@ def build(frame, values: dict, errors: dict, chi2_red, iterations, status_names,
     data["status"] = np.asarray(status_names, dtype=object)
     data["unit"] = np.full(n, unit, dtype=object)
     return pd.DataFrame(data, columns=cols)
+
+
+def physical_columns(table_columns, pixel_size, z_step=None) -> list:
+    """Names of the µm columns :func:`add_physical_units` appends to a table.
+
+    Parameters
+    ----------
+    table_columns : sequence of str
+        Columns of the table in pixels (e.g. ``columns(2)``, or the
+        ``frame, x, y, score`` of a detection table).
+    pixel_size, z_step : float or None
+        Pixel size in x and y and distance between planes, in µm.
+    """
+    if pixel_size is None:
+        return []
+    axes = ["x", "y"] + (["z"] if z_step is not None and "z" in table_columns else [])
+    names = [f"{a}_um" for a in axes]
+    names += [f"{a}_um_err" for a in axes if f"{a}_err" in table_columns]
+    return names
+
+
+def add_physical_units(table, pixel_size, z_step=None):
+    """Append positions (and their errors) in µm to a table in pixels.
+
+    Pixel coordinates stay the primary result; the µm columns are
+    ``x_um = x * pixel_size``, ``y_um = y * pixel_size`` and, for z-stacks
+    with a known z step, ``z_um = z * z_step`` -- so, like the pixel
+    coordinates, they are measured from the centre of the first pixel
+    (plane).  Standard errors ``x_err``, ``y_err``, ``z_err`` present in the
+    table are scaled the same way into ``x_um_err``, ``y_um_err``,
+    ``z_um_err``.  Columns are appended after the existing ones, in the order
+    of :func:`physical_columns`.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        A fit or detection table with ``x``, ``y`` (and ``z``) in pixels.
+    pixel_size : float or None
+        Pixel size in x and y, µm per pixel (``--pixel-size``, or the file's
+        metadata).  None: the table is returned unchanged.
+    z_step : float or None
+        Distance between z planes in µm; without it no ``z_um`` columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A new table (the input is not modified).
+    """
+    from spotfit.errors import SpotfitInputError
+
+    for name, value in (("pixel size", pixel_size), ("z step", z_step)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise SpotfitInputError(f"{name} must be a positive number of µm, got {value!r}")
+    names = physical_columns(list(table.columns), pixel_size, z_step)
+    if not names:
+        return table
+    out = table.copy()
+    for name in names:
+        axis = name[0]
+        scale = float(z_step if axis == "z" else pixel_size)
+        source = f"{axis}_err" if name.endswith("_err") else axis
+        out[name] = out[source].astype(float) * scale
+    return out
 
 
 def write_table(table, path, float_format: str = "%.8g") -> None:

@@ -168,3 +168,32 @@ def test_scmos_pixel_maps():
     assert abs(e.mean()) < 0.01
     assert np.sqrt(np.mean(np.concatenate(reported) ** 2)) == pytest.approx(np.sqrt(np.mean(e**2)), rel=0.15)
     assert np.mean(np.concatenate(ratio)) == pytest.approx(1.0, abs=0.02)
+
+
+def test_emccd_excess_noise_in_errors():
+    """EMCCD (gain 100, excess noise 2): MLE reports errors that match the observed scatter (15%)."""
+    camera = Camera(baseline=100.0, gain=20.0, em_gain=100.0, read_noise=30.0)
+    errs, reported = [], []
+    for seed in range(3):
+        img, truth = simulate((200, 260), n_spots=70, photons=1500, background=10, sigma=1.3, camera=camera,
+                              min_separation=14, border=6, seed=seed)
+        found = spotfit.fit(img, camera=camera)
+        i_f, i_t = _match(found, truth)
+        assert len(i_t) >= 0.98 * len(truth)
+        errs.append(found.x.to_numpy()[i_f] - truth.x.to_numpy()[i_t])
+        reported.append(found.x_err.to_numpy()[i_f])
+    e = np.concatenate(errs)
+    assert np.sqrt(np.mean(np.concatenate(reported) ** 2)) == pytest.approx(np.sqrt(np.mean(e**2)), rel=0.15)
+
+
+def test_too_few_photons_are_flagged():
+    """Spots too faint to trust are reported with status low_signal, not as precise fits."""
+    positions = np.column_stack([np.linspace(10, 110, 6), np.full(6, 30.0)])
+    img, truth = simulate((60, 124), positions=positions, photons=40, background=20, sigma=1.3, camera=CAMERA,
+                          seed=1)
+    out = spotfit.fit_spots(img, positions, camera=CAMERA)
+    assert len(out) == 6
+    assert (out.status != "converged").all()
+    bright, _ = simulate((60, 124), positions=positions, photons=3000, background=20, sigma=1.3, camera=CAMERA,
+                         seed=1)
+    assert (spotfit.fit_spots(bright, positions, camera=CAMERA).status == "converged").all()

@@ -49,7 +49,7 @@ _LAYOUT = np.array(
 )
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _axis_factors(c0, s, integ, n, f, df, ds):
     """1D Gaussian factor over ``n`` pixels: value, d/dcentre, d/dsigma."""
     inv_s = 1.0 / s
@@ -70,7 +70,7 @@ def _axis_factors(c0, s, integ, n, f, df, ds):
             ds[i] = v * (t * t - 1.0) * inv_s
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _separable(family, integ, th, nz, ny, nx, mu, J, scratch):
     k = th.shape[0]
     ix, iy, iz = _LAYOUT[family, 0], _LAYOUT[family, 1], _LAYOUT[family, 2]
@@ -108,7 +108,7 @@ def _separable(family, integ, th, nz, ny, nx, mu, J, scratch):
                 p += 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _covariance_gaussian(th, x, y, out):
     """Unit-intensity Gaussian with covariance [[vxx, cxy], [cxy, vyy]] at (x, y).
 
@@ -130,7 +130,7 @@ def _covariance_gaussian(th, x, y, out):
     return g
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rotated(integ, th, ny, nx, mu, J, tmp):
     N = th[0]
     offset = th[6]
@@ -159,7 +159,7 @@ def _rotated(integ, th, ny, nx, mu, J, tmp):
             p += 1
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def model_window(family, integ, th, nz, ny, nx, mu, J, scratch):
     """Fill ``mu (P,)`` and ``J (k, P)`` for one window.
 
@@ -171,7 +171,7 @@ def model_window(family, integ, th, nz, ny, nx, mu, J, scratch):
         _separable(family, integ, th, nz, ny, nx, mu, J, scratch)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def constrain(family, th):
     """Project parameters into the model's domain (ROT2: positive definite)."""
     if family == ROT2:
@@ -183,7 +183,7 @@ def scratch_size(nz, ny, nx):
     return max(nz, ny, nx, 10)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def evaluate(family, integ, theta, nz, ny, nx, mu, J):
     """Batched :func:`model_window`: ``theta (n, k)`` -> ``mu (n, P)``, ``J (n, k, P)``."""
     n = theta.shape[0]
