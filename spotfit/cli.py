@@ -11,10 +11,17 @@ Only ``click``, ``os`` and ``sys`` are imported at module level: ``spotfit
 --help`` and usage errors never import numpy, scipy, pandas, scikit-image or
 tifffile.  The scientific stack is imported inside the command bodies.
 
+``fit`` and ``detect`` take one or more IMAGE paths.  One file without
+``--out-dir`` writes its table to stdout or ``--out``; several files,
+folders or ``--out-dir`` run :func:`spotfit.batch.run_batch` (one CSV and
+one JSON sidecar per input in ``--out-dir``, ``--workers`` processes).
+
 Errors: a :class:`spotfit.errors.SpotfitInputError` (bad file, bad option
 value) or an ``OSError`` on an input or output path is printed as one line
 ``Error: <message>`` on stderr with exit status 1; usage errors (unknown
-option, value out of range for its type) are click's, exit status 2.  All
+option, value out of range for its type) are click's, exit status 2.  In a
+batch, each failed file is one ``Error: <file>: <message>`` line, followed
+by the summary line, and the exit status is 1 if any file failed.  All
 output files are written atomically, so a failed command leaves no output
 file behind, and input files are only ever opened for reading.
 """
@@ -67,6 +74,25 @@ class FiniteFloat(click.types.FloatParamType):
 FINITE = FiniteFloat()
 POSITIVE = FiniteFloatRange(min=0, min_open=True)
 NON_NEGATIVE = FiniteFloatRange(min=0)
+
+
+class ChannelType(click.ParamType):
+    """``--channel``: a 0-based channel number, or ``all``."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == "all":
+            return "all"
+        if isinstance(value, bool):
+            value = None
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number < 0 or str(number) != str(value).strip():
+            self.fail(f"{value!r} is not a channel number (0, 1, ...) or 'all'.", param, ctx)
+        return number
 
 
 class ShapeType(click.ParamType):
@@ -210,8 +236,33 @@ def _camera_options(baseline=0.0, gain=None, em_gain=1.0, read_noise=0.0, note="
     ]
 
 
+def _config_callback(ctx, param, value):
+    """``--config FILE``: its parameters become defaults; given options win."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    from spotfit.batch import load_config
+    from spotfit.errors import SpotfitInputError
+
+    try:
+        defaults = load_config(value, {p.name for p in ctx.command.params})
+    except SpotfitInputError as exc:
+        raise click.ClickException(_one_line(exc)) from exc
+    if "estimator" in defaults and defaults["estimator"] is None:
+        del defaults["estimator"]
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
 _IMAGE_OPTIONS = [
-    click.argument("image", type=click.Path(dir_okay=True), metavar="IMAGE"),
+    click.argument(
+        "images", nargs=-1, required=True, type=click.Path(dir_okay=True), metavar="IMAGE...",
+    ),
+    click.option(
+        "--config", type=click.Path(dir_okay=False), metavar="FILE.json", is_eager=True,
+        expose_value=False, callback=_config_callback,
+        help="Take parameters from a JSON sidecar of an earlier run (or a JSON object of "
+        "option names and values); options given on the command line override them.",
+    ),
     click.option(
         "--axes", metavar="AXES",
         help="Axes of the TIFF, one letter per dimension from T, Z, C, Y, X, S "
@@ -219,8 +270,19 @@ _IMAGE_OPTIONS = [
         "overrides the file's metadata.",
     ),
     click.option(
-        "--channel", type=click.IntRange(min=0),
-        help="Channel to use (0-based) when the file has several (C or S axis, e.g. RGB).",
+        "--channel", type=ChannelType(),
+        help="Channel to use (0-based) when the file has several (C or S axis, e.g. RGB); "
+        "'all': every channel, with a channel column.",
+    ),
+    click.option(
+        "--pixel-size", type=POSITIVE, metavar="UM",
+        help="Pixel size in µm (x and y); adds x_um, y_um columns.  "
+        "[default: from the file's metadata, if any]",
+    ),
+    click.option(
+        "--z-step", type=POSITIVE, metavar="UM",
+        help="Distance between z planes in µm; adds z_um for z-stacks.  "
+        "[default: from the file's metadata, if any]",
     ),
     click.option(
         "--sigma", type=POSITIVE, default=1.3, show_default=True,
@@ -243,12 +305,28 @@ _IMAGE_OPTIONS = [
 ]
 
 
-def _out_option(what):
-    return click.option(
-        "--out", "-o", type=click.Path(dir_okay=False), default=STDOUT, metavar="FILE",
-        help=f"Output CSV file for the {what} (written atomically).  "
-        "[default: CSV on standard output]",
-    )
+def _out_options(what):
+    return [
+        click.option(
+            "--out", "-o", type=click.Path(dir_okay=False), default=STDOUT, metavar="FILE",
+            help=f"Output CSV file for the {what} of one IMAGE (written atomically).  "
+            "[default: CSV on standard output]",
+        ),
+        click.option(
+            "--out-dir", type=click.Path(file_okay=False), metavar="DIR",
+            help="Write <stem>.csv and a <stem>.json sidecar per input into DIR (created if "
+            "needed); required for several inputs or a folder.",
+        ),
+        click.option(
+            "--skip-existing", is_flag=True,
+            help="With --out-dir: skip inputs whose outputs exist and were made from the same "
+            "file with the same parameters (resume an interrupted run).",
+        ),
+    ]
+
+
+def _workers_option(help_text):
+    return click.option("--workers", type=click.IntRange(min=1), help=help_text)
 
 
 def _camera(baseline, gain, em_gain, read_noise):
@@ -285,13 +363,6 @@ def _silence_stdout():
         pass
 
 
-def _read(image, axes, channel):
-    from spotfit.io import read_image
-
-    with _UserErrors(what=image):
-        return read_image(image, axes=axes, channel=channel)
-
-
 def _fit_config(**options):
     """FitConfig from the options the user gave (None: the library's default)."""
     from spotfit.fitting import FitConfig
@@ -326,36 +397,97 @@ def main():
 @main.command(context_settings=CONTEXT_SETTINGS)
 @_apply(_IMAGE_OPTIONS)
 @_apply(_camera_options(note="  Does not change detection."))
-@_out_option("candidates")
-def detect(image, axes, channel, sigma, sigma_z, threshold, min_distance,
-           baseline, gain, em_gain, read_noise, out):
-    """Find spot candidates in IMAGE (a TIFF) without fitting them.
+@_apply(_out_options("candidates"))
+@_workers_option("Files processed in parallel with --out-dir (processes).  [default: all cores]")
+def detect(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, min_distance,
+           baseline, gain, em_gain, read_noise, out, out_dir, skip_existing, workers):
+    """Find spot candidates in IMAGE (TIFF files or folders) without fitting them.
 
     Writes one row per candidate: frame, x, y (z for z-stacks; integer pixel
     positions of the local maxima of the filtered image) and score (their
-    signal-to-noise ratio).
+    signal-to-noise ratio).  Several files or folders need --out-dir.
     """
-    _check_not_input(out, [image])
+    batch = _check_outputs(images, out, out_dir, skip_existing)
     with _UserErrors():
         config = _fit_config(sigma=sigma, sigma_z=sigma_z, threshold=threshold,
-                             min_distance=min_distance)
+                             min_distance=min_distance, workers=workers)
         camera = _camera(baseline, gain, em_gain, read_noise)
-    img = _read(image, axes, channel)
-    table = _detect_one(img, config, camera)
+    _run(batch, "detect", images, config, camera, axes, channel, pixel_size, z_step,
+         out, out_dir, skip_existing, workers)
+
+
+def _is_batch(images, out_dir) -> bool:
+    if out_dir is not None or len(images) > 1:
+        return True
+    path = images[0]
+    return os.path.isdir(path) or (not os.path.exists(path) and any(c in path for c in "*?["))
+
+
+def _check_outputs(images, out, out_dir, skip_existing) -> bool:
+    """Check --out / --out-dir / --skip-existing against the inputs; True for a batch.
+
+    Runs before anything is imported, so these usage errors answer at once.
+    """
+    if not _is_batch(images, out_dir):
+        if skip_existing:
+            raise click.UsageError("--skip-existing needs --out-dir.")
+        return False
+    if out_dir is None:
+        if len(images) == 1 and os.path.isdir(images[0]):
+            raise click.ClickException(
+                f"{images[0]}: is a directory, not a TIFF file; to process the TIFF files "
+                "in it, give --out-dir DIR"
+            )
+        raise click.UsageError(
+            "several inputs (or a folder or pattern) need --out-dir DIR: one CSV per input "
+            "is written there."
+        )
+    if out != STDOUT:
+        raise click.UsageError(
+            "--out names the output of one IMAGE; with several inputs or --out-dir, "
+            "outputs are named after the inputs: drop --out."
+        )
+    return True
+
+
+def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
+         out, out_dir, skip_existing, workers):
+    """One file to stdout / --out, or a batch into --out-dir."""
+    if not batch:
+        _single(task, images[0], config, camera, axes, channel, pixel_size, z_step, out)
+        return
+    from spotfit.batch import run_batch
+
+    with _UserErrors():
+        summary = run_batch(
+            images, out_dir, task=task, config=config, camera=camera, axes=axes,
+            channel=channel, pixel_size=pixel_size, z_step=z_step, workers=workers,
+            skip_existing=skip_existing,
+        )
+    for result in summary.failed:
+        click.echo(f"Error: {result.input}: {result.message}", err=True)
+    click.echo(summary.line(), err=True)
+    if summary.failed:
+        sys.exit(1)
+
+
+def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out):
+    _check_not_input(out, [image])
+    from spotfit.batch import process_file
+
+    with _UserErrors(what=image):
+        table, _ = process_file(image, task, config=config, camera=camera, axes=axes,
+                                channel=channel, pixel_size=pixel_size, z_step=z_step)
     where = _write_csv(table, out)
-    click.echo(f"{image}: {len(table)} candidates -> {where}", err=True)
-
-
-def _detect_one(img, config, camera):
-    from spotfit.detection import detect as detect_spots
-
-    # per-axis sigma in array order, as spotfit.fitting.fit uses for z-stacks
-    sigma = (config.axial_sigma(), config.sigma, config.sigma) if img.is_3d else config.sigma
-    kwargs = {"min_distance": config.min_distance, "camera": camera}
-    if config.threshold is not None:
-        kwargs["threshold"] = config.threshold
-    with _UserErrors(what=img.path):
-        return detect_spots(img, sigma, **kwargs)
+    if task == "detect":
+        click.echo(f"{image}: {len(table)} candidates -> {where}", err=True)
+        return
+    n = len(table)
+    converged = int((table["status"] == "converged").sum())
+    click.echo(
+        f"{image}: {n} spots ({converged} converged, {n - converged} flagged) -> {where}",
+        err=True,
+    )
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -397,21 +529,22 @@ def _detect_one(img, config, camera):
     "--min-snr", type=NON_NEGATIVE, default=3.0, show_default=True,
     help="Converged fits with intensity / intensity_err below this get status low_signal.",
 )
-@click.option(
-    "--workers", type=click.IntRange(min=1),
-    help="Threads for fitting.  [default: all cores]",
+@_apply(_out_options("fitted spots"))
+@_workers_option(
+    "One IMAGE: threads for fitting.  With --out-dir: files processed in parallel "
+    "(processes, one thread each).  [default: all cores]"
 )
-@_out_option("fitted spots")
-def fit(image, axes, channel, sigma, sigma_z, threshold, min_distance,
+def fit(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, min_distance,
         baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
-        fix_sigma, max_iter, min_snr, workers, out):
-    """Detect and fit every spot of IMAGE (a TIFF): position, intensity, widths.
+        fix_sigma, max_iter, min_snr, out, out_dir, skip_existing, workers):
+    """Detect and fit every spot of IMAGE (TIFF files or folders): position, intensity, widths.
 
     Writes one row per spot (columns and units: see the README), then a
     one-line summary on stderr.  Fits that did not converge are kept, with
-    their reason in the status column.
+    their reason in the status column.  Several files or folders need
+    --out-dir: one CSV and one JSON sidecar per input.
     """
-    _check_not_input(out, [image])
+    batch = _check_outputs(images, out, out_dir, skip_existing)
     with _UserErrors():
         config = _fit_config(
             sigma=sigma, sigma_z=sigma_z, threshold=threshold, min_distance=min_distance,
@@ -420,22 +553,8 @@ def fit(image, axes, channel, sigma, sigma_z, threshold, min_distance,
             workers=workers,
         )
         camera = _camera(baseline, gain, em_gain, read_noise)
-    img = _read(image, axes, channel)
-    table = _fit_one(img, config, camera)
-    where = _write_csv(table, out)
-    n = len(table)
-    converged = int((table["status"] == "converged").sum())
-    click.echo(
-        f"{image}: {n} spots ({converged} converged, {n - converged} flagged) -> {where}",
-        err=True,
-    )
-
-
-def _fit_one(img, config, camera):
-    from spotfit.fitting import fit as fit_image
-
-    with _UserErrors(what=img.path):
-        return fit_image(img, config=config, camera=camera)
+    _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,
+         out, out_dir, skip_existing, workers)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

@@ -357,9 +357,9 @@ def dog_filter(data, sigma) -> np.ndarray:
     fft_shape = tuple(
         scipy.fft.next_fast_len(n, real=(i == data.ndim - 1)) for i, n in enumerate(padded.shape)
     )
-    spectrum = scipy.fft.rfftn(padded, s=fft_shape)
+    spectrum = scipy.fft.rfftn(padded, s=fft_shape, workers=-1)
     spectrum *= _dog_transfer(fft_shape, tuple(float(s) for s in sig))
-    out = scipy.fft.irfftn(spectrum, s=fft_shape)
+    out = scipy.fft.irfftn(spectrum, s=fft_shape, workers=-1)
     crop = tuple(slice(p, p + n) for p, n in zip(pad, data.shape))
     return np.ascontiguousarray(out[crop], dtype=np.float32)
 

@@ -1,7 +1,7 @@
 """Estimators: how data and model are compared, apart from any model.
 
 An estimator prepares, from data ``d``, a pixel mask and the noise model,
-the per-pixel inputs of the compiled solver (:mod:`spotfit._lm`), which
+the per-pixel inputs of the compiled solver (:mod:`spotfit._kernels`), which
 evaluates the cost on a chi-square scale (sum of squared weighted residuals,
 or the Poisson deviance ``-2 log(L / L_saturated)``) and its Gauss-Newton
 normal equations; for MLE their matrix ``J W J^T`` is the Fisher
@@ -63,7 +63,7 @@ class Estimator:
     """Base class: prepares the compiled solver's per-pixel inputs."""
 
     name = ""
-    #: estimator id of the compiled solver (:mod:`spotfit._lm`)
+    #: estimator id of the compiled solver (:mod:`spotfit._kernels`)
     kernel_id = 0
 
     def prepare(self, data, mask, noise: Noise):

@@ -61,6 +61,15 @@ class FitConfig:
         ``low_signal``.
     workers : int or None
         Threads of the compiled solver (None: all cores).
+    crowded : bool
+        Fit overlapping spots jointly and search the residual for hidden
+        emitters (:mod:`spotfit.group`).  Adds ``group_id`` and
+        ``group_size`` columns; every spot is then a symmetric Gaussian
+        (width shared within its group).
+    group_radius : float
+        Spots closer than ``group_radius * sigma`` are fitted together.
+    max_group : int
+        Largest group fitted jointly; bigger clusters are split.
     """
 
     sigma: float = 1.3
@@ -75,6 +84,9 @@ class FitConfig:
     max_iter: int = 50
     min_snr: float = 3.0
     workers: int | None = None
+    crowded: bool = False
+    group_radius: float = 3.0
+    max_group: int = 8
 
     def __post_init__(self):
         _positive("--sigma", self.sigma)
@@ -100,6 +112,9 @@ class FitConfig:
             raise SpotfitInputError(f"--min-snr must be >= 0, got {self.min_snr}")
         if self.workers is not None and self.workers < 1:
             raise SpotfitInputError(f"--workers must be >= 1, got {self.workers}")
+        _positive("--group-radius", self.group_radius)
+        if self.max_group < 1:
+            raise SpotfitInputError(f"--max-group must be >= 1, got {self.max_group}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -204,11 +219,14 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     n_pending = 0
     fitter = _Fitter(config, camera, ndim)
     read_var = fitter.read_var_map()
+    if config.crowded:
+        return _fit_crowded(img, fitter, find_peaks, sigma_det, det_kwargs, read_var)
     for t, frame in img.frames():
         photons = camera.to_photons(frame)
         coords, _score = find_peaks(photons, sigma_det, **det_kwargs)
         if len(coords) == 0:
             continue
+        coords = coords[np.lexsort(coords.T[::-1])]  # rows in raster order (z, y, x)
         w = roi.cut(photons, coords, config.half_size(ndim), read_var=read_var)
         pending.append(w)
         pending_frames.append(np.full(len(w), t, dtype=np.int64))
@@ -225,6 +243,29 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     import pandas as pd
 
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def _fit_crowded(img, fitter, find_peaks, sigma_det, det_kwargs, read_var):
+    """Frame by frame: detection, then grouped joint fits (:mod:`spotfit.group`)."""
+    import pandas as pd
+
+    from spotfit.group import CrowdedFitter, n_groups
+
+    crowd = CrowdedFitter(fitter)
+    parts, groups_so_far = [], 0
+    for t, frame in img.frames():
+        photons = np.ascontiguousarray(fitter.camera.to_photons(frame), dtype=float)
+        coords, _score = find_peaks(photons, sigma_det, **det_kwargs)
+        if len(coords) == 0:
+            continue
+        if fitter.noise_var is None:
+            fitter.noise_var = _noise_variance(photons)
+        result = crowd.fit_frame(photons, coords, read_var)
+        parts.append(crowd.table(result, t, groups_so_far))
+        groups_so_far += n_groups(result)
+    if not parts:
+        return table.empty(fitter.ndim, crowded=True)
+    return pd.concat(parts, ignore_index=True)
 
 
 def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera | None = None,
@@ -285,7 +326,7 @@ class _Fitter:
         if ndim == 3 and model_name == "rotated":
             model_name = "elliptical"
         est_name, integrated = config.choose(camera)
-        self.model = get_model(model_name, ndim, integrated)
+        self.model = get_model(model_name, ndim, integrated, sigma=config.sigma)
         self.estimator = get_estimator(est_name)
         self.noise_var = None
         if est_name in ("mle", "wlsq"):  # fail early, before reading any frame
@@ -321,6 +362,10 @@ class _Fitter:
         grid = windows.grid
         theta0 = initial_guess(m, data, mask, grid, cfg)
         lower, upper = bounds(m, grid, cfg)
+        if self.estimator.name == "mle":
+            # Poisson likelihood: the background is a photon rate and cannot be
+            # negative (a negative offset would make the model <= 0 in dark pixels).
+            lower[-1] = 0.0
         # Border-truncated windows: the centre stays within half a pixel of
         # the image, where the data can still constrain it.
         first, last = windows.valid_extent(start, stop)

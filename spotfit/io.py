@@ -50,7 +50,7 @@ import tifffile
 from spotfit._atomic import atomic_path
 from spotfit.errors import SpotfitInputError
 
-__all__ = ["Image", "PagedStack", "read_image", "write_tiff", "SUPPORTED_DTYPES"]
+__all__ = ["Image", "PagedStack", "count_channels", "read_image", "write_tiff", "SUPPORTED_DTYPES"]
 
 #: Pixel types spotfit reads; anything else (bool, complex, float16,
 #: 64-bit integers) is rejected with a message naming the file.
@@ -390,6 +390,55 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
         source_axes=source_axes,
         dtype=file_dtype,
     )
+
+
+def count_channels(path, axes: str | None = None) -> int:
+    """Number of channels of a TIFF file's first series (1 without a channel axis).
+
+    Reads only the file's header.  Used for ``--channel all``: the image is
+    then read once per channel with ``read_image(path, axes, channel=c)``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    axes : str, optional
+        Override for the stored axes, as in :func:`read_image`.
+
+    Returns
+    -------
+    int
+        Size of the channel axis (``C``, or ``S`` samples such as RGB), or 1.
+        When the file has several channel axes, :func:`read_image` reports it.
+
+    Raises
+    ------
+    SpotfitInputError
+        As :func:`read_image` for missing, empty, non-TIFF or corrupt files
+        and for an `axes` override that does not fit.
+    """
+    where = os.fspath(path)
+    _check_file(where)
+    with _TifffileErrors() as logged:
+        try:
+            tif = tifffile.TiffFile(where)
+        except Exception as exc:
+            raise _corrupt(where, exc) from exc
+        with tif:
+            try:
+                series = tif.series[0] if tif.series else None
+            except Exception as exc:
+                raise _corrupt(where, exc) from exc
+            logged.check(where)
+            if series is None:
+                raise SpotfitInputError(f"{where}: corrupt or truncated TIFF file (no image found)")
+            shape = tuple(int(n) for n in series.shape)
+            stored_axes = str(series.axes)
+    letters = (
+        stored_axes if axes is None
+        else _validate_axes_override(axes, shape, stored_axes, where, "--axes")
+    )
+    sizes = [n for a, n in zip(letters, shape) if a in "CS" and n > 1]
+    return sizes[0] if sizes else 1
 
 
 def _check_file(where: str) -> None:

@@ -121,10 +121,34 @@ def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float, read_var
     centers = np.asarray(centers, dtype=np.int64).reshape(-1, ndim)
     half = np.broadcast_to(np.asarray(half_size, dtype=np.int64), (ndim,))
     shape = tuple(int(2 * h + 1) for h in half)
-    n = centers.shape[0]
+    return cut_box(image, centers - half, shape, dtype=dtype, read_var=read_var)
+
+
+def cut_box(image: np.ndarray, start: np.ndarray, shape, dtype=float, read_var=None) -> Windows:
+    """Cut windows of a given shape whose first pixel is at ``start``.
+
+    Parameters
+    ----------
+    image : (ny, nx) or (nz, ny, nx) ndarray
+    start : (n, image.ndim) int ndarray
+        Array index of each window's first pixel, in array order; may lie
+        outside the image (those pixels are masked).
+    shape : tuple of int
+        Window shape in array order.
+    dtype, read_var
+        As in :func:`cut`.
+
+    Returns
+    -------
+    Windows
+    """
+    ndim = image.ndim
+    start = np.asarray(start, dtype=np.int64).reshape(-1, ndim)
+    shape = tuple(int(s) for s in shape)
+    n = start.shape[0]
     idx, valid = [], []
     for a in range(ndim):
-        i = centers[:, a : a + 1] - half[a] + np.arange(shape[a])[None, :]
+        i = start[:, a : a + 1] + np.arange(shape[a])[None, :]
         valid.append((i >= 0) & (i < image.shape[a]))
         idx.append(np.clip(i, 0, image.shape[a] - 1))
     if ndim == 2:
@@ -133,14 +157,35 @@ def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float, read_var
     else:
         sel = (idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :])
         mask = valid[0][:, :, None, None] & valid[1][:, None, :, None] & valid[2][:, None, None, :]
-    data = np.asarray(image[sel], dtype=dtype).reshape(n, -1)
-    mask = mask.reshape(n, -1)
+    size = int(np.prod(shape))
+    data = np.asarray(image[sel], dtype=dtype).reshape(n, size)
+    mask = mask.reshape(n, size)
     data[~mask] = 0.0
-    origin = (centers - half)[:, ::-1].copy()
+    origin = start[:, ::-1].copy()
     rv = None
     if read_var is not None:
-        rv = np.asarray(np.broadcast_to(read_var, image.shape)[sel], dtype=float).reshape(n, -1)
+        rv = np.asarray(np.broadcast_to(read_var, image.shape)[sel], dtype=float).reshape(n, size)
     return Windows(data=data, mask=mask, origin=origin, grid=Grid(shape), read_var=rv)
+
+
+def scatter_add(image: np.ndarray, windows_values: np.ndarray, origin: np.ndarray, grid: Grid) -> None:
+    """Add window values ``(n, P)`` back into ``image`` at their origins (in place).
+
+    ``origin`` is ``(n, ndim)`` in ``(x, y[, z])`` order, as in
+    :class:`Windows`; pixels outside the image are dropped.
+    """
+    ndim = image.ndim
+    start = np.asarray(origin, dtype=np.int64)[:, ::-1]  # array order
+    flat = np.zeros(windows_values.shape, dtype=np.int64)
+    ok = np.ones(windows_values.shape, dtype=bool)
+    stride = 1
+    mesh = np.meshgrid(*[np.arange(s) for s in grid.shape], indexing="ij")
+    for a in range(ndim - 1, -1, -1):
+        i = start[:, a : a + 1] + mesh[a].ravel()[None, :]
+        ok &= (i >= 0) & (i < image.shape[a])
+        flat += np.clip(i, 0, image.shape[a] - 1) * stride
+        stride *= image.shape[a]
+    image.ravel()[:] += np.bincount(flat[ok], weights=windows_values[ok], minlength=image.size)
 
 
 def concatenate(batches) -> Windows:

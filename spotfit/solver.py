@@ -2,7 +2,7 @@
 
 The solver knows nothing about Gaussians or noise: it takes a model
 (:mod:`spotfit.models`) and an estimator (:mod:`spotfit.estimators`), runs
-the compiled kernel :func:`spotfit._lm.levenberg_marquardt` over all windows
+the compiled kernel :func:`spotfit._kernels.levenberg_marquardt` over all windows
 in one call (each window stops when it converges), then computes every
 window's covariance.  No fit ever raises: each gets a status code
 (:data:`STATUS_NAMES`).
@@ -109,7 +109,7 @@ def solve(
     -------
     Solution
     """
-    from spotfit._lm import levenberg_marquardt
+    from spotfit._kernels import levenberg_marquardt
 
     n, k = theta0.shape
     free = np.ones(k, bool) if free is None else np.asarray(free, bool)
@@ -128,10 +128,10 @@ def solve(
         nz, ny, nx = grid.zyx
         passes = [(free, max_iter, tol)]
         if hold_first is not None:  # a short, coarse first pass is enough to find the spot
-            passes.insert(0, (free & ~np.asarray(hold_first, bool), min(max_iter, 5), 10 * tol))
+            passes.insert(0, (free & ~np.asarray(hold_first, bool), min(max_iter, 3), 10 * tol))
         for free_pass, iters_pass, tol_pass in passes:
             done = iterations.copy()
-            levenberg_marquardt(model.family, model.integrated, estimator.kernel_id, d_k, w_k, shift,
+            levenberg_marquardt(model.family, model.kernel_integ, estimator.kernel_id, d_k, w_k, shift,
                                 float(scale), estimator.name == "lsq", nz, ny, nx, theta, lower, upper,
                                 free_pass, int(iters_pass), float(tol_pass), iterations, status, cost)
             iterations += done
@@ -156,7 +156,7 @@ def covariance(model, estimator, prepared, data, theta, grid, noise, free):
     photon-transfer curve from the data itself); the covariance then follows
     as above, and the reduced chi-square is measured against that model.
     """
-    from spotfit._lm import covariance as kernel
+    from spotfit._kernels import covariance as kernel
 
     n, k = theta.shape
     cov = np.zeros((n, k, k))
@@ -167,7 +167,7 @@ def covariance(model, estimator, prepared, data, theta, grid, noise, free):
     nz, ny, nx = grid.zyx
     read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
     sums = np.zeros((n, 5))
-    args = (model.family, model.integrated, estimator.kernel_id, d_k, w_k, shift, float(scale), data,
+    args = (model.family, model.kernel_integ, estimator.kernel_id, d_k, w_k, shift, float(scale), data,
             nz, ny, nx, theta, free)
     if noise.calibrated:
         kernel(*args, 0, float(noise.excess), read_var, 0.0, 0.0, 0.0, cov, chi2, sums)

@@ -56,13 +56,14 @@ def columns(ndim: int = 2) -> list:
     )
 
 
-def empty(ndim: int = 2):
-    """A table with no rows and the full schema."""
+def empty(ndim: int = 2, crowded: bool = False):
+    """A table with no rows and the full schema (plus group columns if ``crowded``)."""
     import pandas as pd
 
-    cols = columns(ndim)
+    cols = columns(ndim) + (["group_id", "group_size"] if crowded else [])
     dtypes = {c: "float64" for c in cols}
-    dtypes.update(frame="int64", iterations="int32", status="object", unit="object")
+    dtypes.update(frame="int64", iterations="int32", status="object", unit="object",
+                  group_id="int64", group_size="int64")
     return pd.DataFrame({c: pd.Series(dtype=dtypes[c]) for c in cols})
 
 

@@ -797,3 +797,68 @@ def test_os_error_while_writing_is_one_line(sim2d, dirs, monkeypatch):
     result = run("fit", tif, *CAMERA_ARGS, "--out", out)
     assert_input_error(result, out, "No space left on device")
     assert list(dirs[1].iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# several inputs, --out-dir (whole experiments; more in test_batch.py)
+# ---------------------------------------------------------------------------
+def test_help_lists_batch_options():
+    for command in ("fit", "detect"):
+        text = ok(command, "--help").stdout
+        for option in ("IMAGE...", "--out-dir", "--workers", "--skip-existing", "--config",
+                       "--pixel-size", "--z-step", "--channel"):
+            assert option in text, (command, option)
+
+
+def test_one_input_with_out_dir_writes_csv_and_sidecar(sim2d, dirs):
+    tif, _ = sim2d
+    out = dirs[1] / "results"
+    result = ok("fit", tif, *CAMERA_ARGS, "--workers", "1", "--out-dir", out)
+    assert result.stdout == ""
+    assert sorted(p.name for p in out.iterdir()) == ["sim.csv", "sim.json"]
+    assert result.stderr.strip() == f"1 files: 1 ok, 0 failed, 0 skipped; {N_SPOTS} spots in " \
+        + result.stderr.strip().rsplit(" in ", 1)[1]
+    single = ok("fit", tif, *CAMERA_ARGS, "--workers", "1").stdout
+    assert (out / "sim.csv").read_text() == single
+    sidecar = json.loads((out / "sim.json").read_text())
+    assert sidecar["n_spots"] == N_SPOTS and sidecar["input"]["path"] == str(tif.resolve())
+
+
+@pytest.mark.parametrize("command", ["fit", "detect"])
+def test_several_inputs_need_out_dir(sim2d, dirs, command):
+    tif, _ = sim2d
+    out = dirs[1]
+    assert_usage_error(run(command, tif, tif), "--out-dir")
+    assert_usage_error(run(command, tif, tif, "--out", out / "x.csv"), "--out-dir")
+    assert_usage_error(run(command, tif, "--out", out / "x.csv", "--out-dir", out), "--out")
+    assert_usage_error(run(command, tif, "--skip-existing"), "--skip-existing", "--out-dir")
+    assert list(out.iterdir()) == []
+
+
+def test_folder_without_out_dir(dirs):
+    inp, _ = dirs
+    result = run("fit", inp)
+    assert_input_error(result, inp, "directory", "--out-dir")
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "1.5", "al"])
+def test_bad_channel_value(sim2d, value):
+    tif, _ = sim2d
+    assert_usage_error(run("fit", tif, "--channel", value), "--channel")
+
+
+def test_batch_usage_errors_do_not_import_the_scientific_stack(tmp_path):
+    (tmp_path / "folder").mkdir()
+    report = _run_lazy_script(
+        [["fit", "a.tif", "b.tif"], ["detect", "a.tif", "--out", "x.csv", "--out-dir", "o"],
+         ["fit", "a.tif", "--skip-existing"], ["fit", "a.tif", "--channel", "x"],
+         ["fit", "folder"], ["fit", "a.tif", "--config", "missing.json"]],
+        tmp_path,
+    )
+    codes = {k: v[0] for k, v in report["codes"].items()}
+    assert codes == {
+        "fit a.tif b.tif": 2, "detect a.tif --out x.csv --out-dir o": 2,
+        "fit a.tif --skip-existing": 2, "fit a.tif --channel x": 2, "fit folder": 1,
+        "fit a.tif --config missing.json": 1,
+    }
+    assert report["loaded"] == []

@@ -28,7 +28,7 @@ REGISTRY = {
 MODEL_NAMES = ("rotated", "elliptical", "symmetric")
 
 
-def get_model(name: str, ndim: int = 2, integrated: bool = False) -> Model:
+def get_model(name: str, ndim: int = 2, integrated: bool = False, sigma: float | None = None) -> Model:
     """Build a model by name.
 
     Parameters
@@ -38,6 +38,10 @@ def get_model(name: str, ndim: int = 2, integrated: bool = False) -> Model:
         Spatial dimensions of the data.
     integrated : bool
         Pixel-integrated (True) or point-sampled (False).
+    sigma : float, optional
+        Expected PSF sigma, px.  The integrated rotated model uses 2 x 2
+        quadrature nodes per pixel when ``sigma >= 1.2`` (error < 5e-4 of the
+        peak), else 3 x 3 (< 5e-5 down to 0.7 px).
     """
     cls = REGISTRY.get((name, ndim))
     if cls is None:
@@ -45,7 +49,8 @@ def get_model(name: str, ndim: int = 2, integrated: bool = False) -> Model:
         raise SpotfitInputError(
             f"--model {name!r} is not available for {ndim}D data; choose one of {', '.join(valid)}"
         )
-    return cls(integrated=integrated)
+    quadrature = 2 if (sigma is not None and sigma >= 1.2) else 3
+    return cls(integrated=integrated, quadrature=quadrature)
 
 
 __all__ = ["Grid", "Model", "get_model", "REGISTRY", "MODEL_NAMES"]

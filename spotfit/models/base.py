@@ -60,7 +60,7 @@ class Model:
 
     #: short name used by ``--model``
     name: str = ""
-    #: kernel family id (see :mod:`spotfit.models._kernels`)
+    #: kernel family id (see :mod:`spotfit._kernels`)
     family: int = -1
     #: parameter names in order
     param_names: tuple = ()
@@ -69,8 +69,14 @@ class Model:
     #: names of the width parameters (for bounds and ``--fix-sigma``)
     width_names: tuple = ()
 
-    def __init__(self, integrated: bool = False):
+    def __init__(self, integrated: bool = False, quadrature: int = 3):
         self.integrated = bool(integrated)
+        self.quadrature = int(quadrature)
+
+    @property
+    def kernel_integ(self) -> int:
+        """The kernels' ``integ`` code: 0 point-sampled, else quadrature order."""
+        return self.quadrature if self.integrated else 0
 
     def __repr__(self):
         kind = "integrated" if self.integrated else "point-sampled"
@@ -104,14 +110,14 @@ class Model:
         jac : (n, k, P) ndarray
             ``jac[i, j, p] = d mu[i, p] / d theta[i, j]``.
         """
-        from spotfit.models import _kernels
+        from spotfit import _kernels
 
         theta = np.ascontiguousarray(theta, dtype=float)
         n, k = theta.shape
         nz, ny, nx = grid.zyx
         mu = np.empty((n, grid.size))
         jac = np.empty((n, k, grid.size))
-        _kernels.evaluate(self.family, self.integrated, theta, nz, ny, nx, mu, jac)
+        _kernels.evaluate(self.family, self.kernel_integ, theta, nz, ny, nx, mu, jac)
         return mu, jac
 
     def value(self, theta: np.ndarray, grid: Grid) -> np.ndarray:

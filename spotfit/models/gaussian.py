@@ -18,7 +18,7 @@ with ``u = cos(a) dx + sin(a) dy``, ``v = -sin(a) dx + cos(a) dy``,
 Pixel-integrated models replace ``g`` by its integral over the pixel: exact
 (``erf``) for the separable models, Gauss-Legendre quadrature with 3x3 nodes
 per pixel for the rotated model (error < 5e-5 of the peak for sigma >= 0.7 px).
-The maths itself is compiled, in :mod:`spotfit.models._kernels`; the classes
+The maths itself is compiled, in :mod:`spotfit._kernels`; the classes
 here describe parameters, bounds, starting values and reporting.
 
 Canonical rotated form: ``angle`` in ``[-pi/4, pi/4)``, measured from the +x
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spotfit.models import _kernels as K
+from spotfit import _kernels as K
 from spotfit.models.base import Grid, Model
 
 
@@ -153,3 +153,55 @@ class Rotated2D(Model):
 
 
 __all__ = ["Symmetric2D", "Elliptical2D", "Rotated2D", "Symmetric3D", "Elliptical3D", "Grid"]
+
+
+class MultiGaussian(Model):
+    """K Gaussians fitted jointly, sharing their width(s) and one offset.
+
+    Used for crowded fields (:mod:`spotfit.group`).  Parameters, in order:
+    ``intensity_i, x_i, y_i[, z_i]`` for each emitter ``i = 0 .. K-1``, then
+    ``sigma`` (lateral) [, ``sigma_z``], then ``offset``.  Each emitter is a
+    symmetric Gaussian (lateral), point-sampled or pixel-integrated.
+    """
+
+    name = "multi"
+    width_names = ()
+
+    def __init__(self, n_emitters: int, ndim: int = 2, integrated: bool = False):
+        super().__init__(integrated)
+        self.n_emitters = int(n_emitters)
+        self.ndim = int(ndim)
+        self.family = K.MULTI3 if ndim == 3 else K.MULTI2
+        axes = ("x", "y", "z")[:ndim]
+        names = []
+        for i in range(self.n_emitters):
+            names += [f"intensity_{i}"] + [f"{a}_{i}" for a in axes]
+        self.width_names = ("sigma", "sigma_z") if ndim == 3 else ("sigma",)
+        self.param_names = tuple(names) + self.width_names + ("offset",)
+
+    @property
+    def per_emitter(self) -> int:
+        return 1 + self.ndim
+
+    def emitter_index(self, i: int, what: str) -> int:
+        """Index of ``what`` (``"intensity"``, ``"x"``, ``"y"``, ``"z"``) of emitter ``i``."""
+        return i * self.per_emitter + ("intensity", "x", "y", "z").index(what)
+
+    @property
+    def center_index(self) -> tuple:
+        return tuple(self.emitter_index(0, a) for a in ("x", "y", "z")[: self.ndim])
+
+    def bounds(self, grid):
+        k = self.n_params
+        lower = np.full(k, -np.inf)
+        upper = np.full(k, np.inf)
+        shape_xyz = grid.shape[::-1]
+        for i in range(self.n_emitters):
+            lower[self.emitter_index(i, "intensity")] = 1e-3
+            for j, a in enumerate(("x", "y", "z")[: self.ndim]):
+                lower[self.emitter_index(i, a)] = -1.0
+                upper[self.emitter_index(i, a)] = shape_xyz[j]
+        for name in self.width_names:
+            lower[self.index(name)] = 0.3
+            upper[self.index(name)] = float(max(grid.shape)) / 2.0
+        return lower, upper

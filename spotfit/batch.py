@@ -1,0 +1,961 @@
+"""Whole experiments: many TIFF files in one run, one CSV and one JSON sidecar each.
+
+:func:`run_batch` is what ``spotfit fit IMAGE... --out-dir DIR`` and
+``spotfit detect IMAGE... --out-dir DIR`` run; :func:`process_file` is the
+per-file step shared with the single-file command line (read, detect or fit,
+add µm columns), so one file gives the same table either way.
+
+* Inputs are files, folders (their ``*.tif`` / ``*.tiff`` files, not
+  recursive, sorted by name, hidden files skipped) and glob patterns the
+  shell did not expand (``"data/*.tif"``).  Each input ``<stem>.tif`` gives
+  ``<out_dir>/<stem>.csv`` and the provenance sidecar ``<out_dir>/<stem>.json``;
+  two inputs with the same stem are refused before any work.
+* Files are processed in parallel by ``workers`` processes
+  (:class:`concurrent.futures.ProcessPoolExecutor`, ``spawn`` start method);
+  each process fits with one solver thread, so cores are not
+  oversubscribed.  With one worker (or one file) everything runs in this
+  process.  Tables do not depend on the number of workers.
+* A problem with one file (a :class:`~spotfit.errors.SpotfitInputError` or
+  ``OSError``: corrupt, empty, unsupported pixel type, ...) is recorded and
+  the other files still run; unexpected errors are recorded too, as such.
+* Outputs are written atomically (:func:`spotfit._atomic.atomic_path`): the
+  CSV first, then the sidecar, so a sidecar only exists beside a complete
+  CSV.  ``skip_existing`` skips inputs whose CSV and sidecar exist and whose
+  sidecar records the same input size, modification time and parameters.
+
+This module imports only the standard library at import time (worker
+processes set their thread limits before numpy is loaded).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import functools
+import glob
+import json
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from spotfit.errors import SpotfitInputError
+
+__all__ = [
+    "BatchSummary", "FileResult", "TASKS", "expand_inputs", "load_config", "parameters",
+    "process_file", "run_batch",
+]
+
+#: What a batch can do to each file.
+TASKS = ("fit", "detect")
+
+#: File name endings (any case) taken from folders.
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+#: Format version of the JSON sidecar.
+SIDECAR_VERSION = 1
+
+#: Parameter names a ``--config`` file may set (command-line option names
+#: with ``_``); keys of FitConfig and Camera are accepted inside the
+#: sidecar's ``config`` and ``camera`` sections.
+CONFIG_KEYS = (
+    "axes", "channel", "pixel_size", "z_step", "workers",
+    "sigma", "sigma_z", "threshold", "min_distance", "window", "model", "estimator",
+    "integrated", "fix_sigma", "max_iter", "min_snr",
+    "baseline", "gain", "em_gain", "read_noise",
+)
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                     "NUMBA_NUM_THREADS")
+_REPORT_INTERVAL = 0.25  # s between progress messages of one worker
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FileResult:
+    """Outcome of one input file.
+
+    Attributes
+    ----------
+    input : str
+        The input path as given (or as found in a folder).
+    output : str
+        The CSV path.
+    status : {"ok", "failed", "skipped"}
+    message : str
+        Why it failed (empty otherwise); does not repeat `input`.
+    n_spots : int
+        Rows written (ok), or recorded in the sidecar (skipped).
+    seconds : float
+        Processing time of this file.
+    """
+
+    input: str
+    output: str
+    status: str
+    message: str = ""
+    n_spots: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchSummary:
+    """Per-file results of :func:`run_batch`, in input order, and totals."""
+
+    results: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def _with(self, status):
+        return [r for r in self.results if r.status == status]
+
+    @property
+    def ok(self) -> list:
+        return self._with("ok")
+
+    @property
+    def failed(self) -> list:
+        return self._with("failed")
+
+    @property
+    def skipped(self) -> list:
+        return self._with("skipped")
+
+    @property
+    def n_spots(self) -> int:
+        """Spots written in this run (skipped files not counted)."""
+        return sum(r.n_spots for r in self.ok)
+
+    def line(self) -> str:
+        """``N files: A ok, B failed, C skipped; S spots in T s``."""
+        return (
+            f"{len(self.results)} files: {len(self.ok)} ok, {len(self.failed)} failed, "
+            f"{len(self.skipped)} skipped; {self.n_spots} spots in {self.seconds:.1f} s"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Inputs, outputs, parameters
+# ---------------------------------------------------------------------------
+def _is_pattern(path: str) -> bool:
+    return not os.path.exists(path) and any(c in path for c in "*?[")
+
+
+def _folder_tiffs(folder: str) -> list:
+    names = sorted(
+        name for name in os.listdir(folder)
+        if name.lower().endswith(TIFF_SUFFIXES) and not name.startswith(".")
+    )
+    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+
+
+def expand_inputs(inputs) -> list:
+    """Files to process, in order: files as given, folders and patterns expanded.
+
+    Parameters
+    ----------
+    inputs : iterable of str or os.PathLike
+        Files (kept even if missing or not TIFF: they are reported as
+        failures), folders (their ``*.tif``/``*.tiff`` files, any case, not
+        recursive, sorted, hidden files skipped) and glob patterns not
+        expanded by the shell (sorted matches; a pattern matching nothing is
+        kept, and reported as a missing file).
+
+    Returns
+    -------
+    list of str
+        Without repeats of the same file.
+
+    Raises
+    ------
+    SpotfitInputError
+        When a folder cannot be listed.
+    """
+    files, seen = [], set()
+    for item in inputs:
+        path = os.fspath(item)
+        if os.path.isdir(path):
+            try:
+                found = _folder_tiffs(path)
+            except OSError as exc:
+                raise SpotfitInputError(
+                    f"{path}: cannot list folder ({exc.strerror or exc})"
+                ) from exc
+        elif _is_pattern(path):
+            found = sorted(p for p in glob.glob(path) if not os.path.isdir(p)) or [path]
+        else:
+            found = [path]
+        for f in found:
+            key = os.path.realpath(f)
+            if key not in seen:
+                seen.add(key)
+                files.append(f)
+    return files
+
+
+def output_paths(files, out_dir) -> list:
+    """``(csv, sidecar)`` paths in `out_dir` for each file; refuse name clashes.
+
+    Raises
+    ------
+    SpotfitInputError
+        If two inputs have the same stem (``a/x.tif`` and ``b/x.tif``, or
+        ``x.tif`` and ``x.tiff``): they would write the same output; or if
+        an output would overwrite an input.
+    """
+    out_dir = os.fspath(out_dir)
+    by_stem: dict = {}
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        by_stem.setdefault(stem, []).append(f)
+    clashes = {s: fs for s, fs in by_stem.items() if len(fs) > 1}
+    if clashes:
+        stem, fs = next(iter(clashes.items()))
+        more = f" (and {len(clashes) - 1} more name clash(es))" if len(clashes) > 1 else ""
+        raise SpotfitInputError(
+            f"{' and '.join(fs)} would all write {os.path.join(out_dir, stem + '.csv')}{more}; "
+            "process them into different --out-dir folders, or rename them"
+        )
+    paths = []
+    inputs = {os.path.realpath(f): f for f in files}
+    for f in files:
+        stem = os.path.splitext(os.path.basename(f))[0]
+        pair = (os.path.join(out_dir, stem + ".csv"), os.path.join(out_dir, stem + ".json"))
+        for out in pair:
+            if os.path.realpath(out) in inputs:
+                raise SpotfitInputError(
+                    f"{out}: output would overwrite the input file "
+                    f"{inputs[os.path.realpath(out)]}; choose another --out-dir"
+                )
+        paths.append(pair)
+    return paths
+
+
+def parameters(task, config, camera, axes=None, channel=None, pixel_size=None, z_step=None,
+               workers=None) -> dict:
+    """Every parameter that determines a table, as the sidecar records it.
+
+    ``config`` holds every :class:`~spotfit.fitting.FitConfig` field
+    (``workers``: the ``--workers`` value), ``camera``
+    :meth:`~spotfit.camera.Camera.as_dict`; ``axes``, ``channel``,
+    ``pixel_size`` and ``z_step`` are the user's overrides (None: from the
+    file).  This is also the format :func:`load_config` reads.
+    """
+    config_dict = dict(config.as_dict())
+    config_dict["workers"] = workers
+    return {
+        "task": task,
+        "axes": axes,
+        "channel": channel,
+        "pixel_size": pixel_size,
+        "z_step": z_step,
+        "config": config_dict,
+        "camera": camera.as_dict(),
+    }
+
+
+def _comparable(params) -> str:
+    """Parameters as canonical JSON, without settings that do not change results."""
+    p = json.loads(json.dumps(params))
+    if isinstance(p.get("config"), dict):
+        p["config"].pop("workers", None)
+    return json.dumps(p, sort_keys=True)
+
+
+def load_config(path, allowed=None) -> dict:
+    """Parameters of a sidecar or plain JSON file, by command-line option name.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A sidecar written by :func:`run_batch` (its ``parameters`` section
+        is used), or a JSON object with the same keys (``config``,
+        ``camera``, ``axes``, ...) or flat option names (``{"sigma": 1.5,
+        "gain": 2, "estimator": "mle"}``; ``-`` or ``_``, leading ``--``
+        allowed).
+    allowed : collection of str, optional
+        Option names of the command that will use them: other known
+        parameters (e.g. fit options for ``detect``) are left out.
+
+    Returns
+    -------
+    dict
+        Option name -> value; parameters recorded as None (the default)
+        are left out.
+
+    Raises
+    ------
+    SpotfitInputError
+        For an unreadable or invalid file, unknown parameter names, or
+        per-pixel camera maps (not expressible as options).
+    """
+    where = os.fspath(path)
+    try:
+        with open(where, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except FileNotFoundError:
+        raise SpotfitInputError(f"{where}: no such file (--config)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpotfitInputError(f"{where}: cannot read --config file ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise SpotfitInputError(f"{where}: --config file is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise SpotfitInputError(f"{where}: --config file must hold a JSON object")
+    params = doc.get("parameters", doc)
+    if not isinstance(params, dict):
+        raise SpotfitInputError(f"{where}: 'parameters' must be a JSON object")
+
+    flat, unknown = {}, []
+
+    def take(key, value, strict):
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in CONFIG_KEYS:
+            if isinstance(value, str) and value.startswith("map("):
+                raise SpotfitInputError(
+                    f"{where}: {name} is a per-pixel map ({value}); a --config file can "
+                    "only give single values"
+                )
+            flat[name] = value
+        elif strict:
+            unknown.append(str(key))
+
+    for key, value in params.items():
+        if key in ("config", "camera") and isinstance(value, dict):
+            for k, v in value.items():
+                take(k, v, strict=False)  # written by spotfit: e.g. camera "unit"
+        elif key in ("task", "command"):
+            continue
+        else:
+            take(key, value, strict=True)
+    if unknown:
+        raise SpotfitInputError(
+            f"{where}: unknown parameter(s) {', '.join(sorted(unknown))} in --config "
+            f"(known: {', '.join(CONFIG_KEYS)})"
+        )
+    return {
+        k: v for k, v in flat.items()
+        if v is not None and (allowed is None or k in allowed)
+    }
+
+
+# ---------------------------------------------------------------------------
+# One file
+# ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _reporting_image_class():
+    from spotfit.io import Image
+
+    class _ReportingImage(Image):
+        """An Image whose frames() calls ``self._on_frame()`` after each frame."""
+
+        def frames(self):
+            for t, frame in Image.frames(self):
+                yield t, frame
+                self._on_frame()
+
+    return _ReportingImage
+
+
+def _reporting(img, on_frame):
+    if on_frame is None:
+        return img
+    cls = _reporting_image_class()
+    new = cls(**{f.name: getattr(img, f.name) for f in dataclasses.fields(img)})
+    object.__setattr__(new, "_on_frame", on_frame)
+    return new
+
+
+class _FrameSource:
+    """``.data`` / ``.axes`` for :func:`spotfit.detection.detect`, read by ``Image.frame``.
+
+    Each ``data[t]`` is one frame read by :meth:`spotfit.io.Image.frame`,
+    so detection holds one frame at a time (a memory map's pages are
+    released after each frame).
+    """
+
+    def __init__(self, img, on_frame=None):
+        self.axes = img.axes
+        self.data = _FrameArray(img, on_frame)
+
+
+class _FrameArray:
+    def __init__(self, img, on_frame):
+        self._img, self._on_frame = img, on_frame
+        self.shape = tuple(img.data.shape)
+        self.ndim = len(self.shape)
+        self.dtype = img.dtype
+
+    def __getitem__(self, t):
+        frame = self._img.frame(t)
+        if self._on_frame is not None:
+            self._on_frame()
+        return frame
+
+
+def _close(img) -> None:
+    close = getattr(img.data, "close", None)
+    if callable(close):
+        close()
+
+
+def process_file(path, task="fit", config=None, camera=None, axes=None, channel=None,
+                 pixel_size=None, z_step=None, on_frame=None, on_image=None):
+    """Read one TIFF, detect or fit every frame; return the table and a description.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    task : {"fit", "detect"}
+    config : FitConfig, optional
+    camera : Camera, optional
+    axes : str, optional
+        Override of the stored axes (``--axes``).
+    channel : int or "all", optional
+        One channel, or ``"all"``: every channel in turn, with a ``channel``
+        column (0-based) after ``frame`` (0 for a file without channels).
+    pixel_size, z_step : float, optional
+        µm per pixel and between planes, overriding the file's metadata;
+        with a known pixel size the table gets ``x_um``, ``y_um`` (``z_um``)
+        columns (:func:`spotfit.table.add_physical_units`).
+    on_frame : callable, optional
+        Called after each frame is processed.
+    on_image : callable, optional
+        Called with the number of frames of each image once it is opened.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+    info : dict
+        ``shape``, ``axes``, ``source_axes``, ``dtype``, ``frames``,
+        ``channels``, ``pixel_size_um``/``z_step_um`` used (and whether from
+        the ``option`` or the file's ``metadata``), and ``timings_s``
+        (``read`` and ``fit``/``detect`` seconds).
+
+    Raises
+    ------
+    SpotfitInputError
+        For bad files and options (the message names the file).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from spotfit.camera import Camera
+    from spotfit.fitting import FitConfig
+    from spotfit.io import count_channels, read_image
+    from spotfit.table import add_physical_units
+
+    if task not in TASKS:
+        raise SpotfitInputError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    config = config or FitConfig()
+    camera = camera or Camera()
+    where = os.fspath(path)
+    timings = {"read": 0.0, task: 0.0}
+
+    if channel == "all":
+        start = time.perf_counter()
+        n_channels = count_channels(where, axes)
+        timings["read"] += time.perf_counter() - start
+        channels = list(range(n_channels)) if n_channels > 1 else [None]
+    else:
+        channels = [channel]
+
+    tables, info = [], {}
+    for c in channels:
+        start = time.perf_counter()
+        img = read_image(where, axes=axes, channel=c)
+        timings["read"] += time.perf_counter() - start
+        try:
+            if on_image is not None:
+                on_image(img.n_frames)
+            start = time.perf_counter()
+            table = _run_task(task, img, config, camera, on_frame)
+            timings[task] += time.perf_counter() - start
+            px, px_from = _chosen(pixel_size, img.pixel_size)
+            dz, dz_from = _chosen(z_step, img.z_step) if img.is_3d else (None, None)
+            table = add_physical_units(table, px, dz)
+            if channel == "all":
+                table.insert(1, "channel", np.full(len(table), c or 0, dtype=np.int64))
+            tables.append(table)
+            info = {
+                "shape": [int(n) for n in img.data.shape],
+                "axes": img.axes,
+                "source_axes": img.source_axes,
+                "dtype": str(img.dtype),
+                "frames": img.n_frames,
+                "channels": len(channels) if channel == "all" else 1,
+                "pixel_size_um": px,
+                "pixel_size_from": px_from,
+                "z_step_um": dz,
+                "z_step_from": dz_from,
+            }
+        finally:
+            _close(img)
+    non_empty = [t for t in tables if len(t)] or tables[:1]
+    table = pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else non_empty[0]
+    info["timings_s"] = timings
+    return table, info
+
+
+def _chosen(option, metadata):
+    if option is not None:
+        return float(option), "option"
+    if metadata is not None:
+        return float(metadata), "metadata"
+    return None, None
+
+
+def _run_task(task, img, config, camera, on_frame):
+    if task == "fit":
+        from spotfit.fitting import fit
+
+        return fit(_reporting(img, on_frame), config=config, camera=camera)
+    from spotfit.detection import detect
+
+    # per-axis sigma in array order, as spotfit.fitting.fit uses for z-stacks
+    sigma = (config.axial_sigma(), config.sigma, config.sigma) if img.is_3d else config.sigma
+    kwargs = {"min_distance": config.min_distance, "camera": camera}
+    if config.threshold is not None:
+        kwargs["threshold"] = config.threshold
+    return detect(_FrameSource(img, on_frame), sigma, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# One file of a batch: process, write CSV + sidecar
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    index: int
+    path: str
+    csv: str
+    sidecar: str
+    task: str
+    config: object
+    camera: object
+    axes: object
+    channel: object
+    pixel_size: object
+    z_step: object
+    parameters: dict
+    run: dict
+
+
+def _message(exc: BaseException, path: str) -> str:
+    """One line for a failure of `path`, without repeating the path in front."""
+    if isinstance(exc, SpotfitInputError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        name = exc.filename
+        text = f"{reason}" if name in (None, path) else f"{name}: {reason}"
+    else:
+        text = f"unexpected error, please report it: {type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    for prefix in (f"{path}: ", f"{path} "):  # "x.tif: not a TIFF", "x.tif has 2 channels"
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SpotfitInputError(f"{path}: no such file") from None
+    if os.path.isdir(path):
+        raise SpotfitInputError(f"{path}: is a directory, not a TIFF file")
+    return st
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json(doc: dict, path: str) -> None:
+    from spotfit._atomic import atomic_path
+
+    text = json.dumps(doc, indent=2, allow_nan=True) + "\n"
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+
+
+def _run_job(job: _Job, report=None) -> FileResult:
+    """Process one file and write its outputs; never raises for a bad file.
+
+    `report(kind, index, value)` receives ``("image", i, n_frames)`` and
+    ``("frames", i, n_done)`` progress messages (optional).
+    """
+    start = time.perf_counter()
+    done = [0]
+
+    def on_frame():
+        done[0] += 1
+        if report is not None:
+            report("frames", job.index, done[0])
+
+    def on_image(n_frames):
+        if report is not None:
+            report("image", job.index, n_frames)
+
+    try:
+        st = _stat(job.path)  # before reading: the sidecar describes what was read
+        table, info = process_file(
+            job.path, job.task, config=job.config, camera=job.camera, axes=job.axes,
+            channel=job.channel, pixel_size=job.pixel_size, z_step=job.z_step,
+            on_frame=on_frame, on_image=on_image,
+        )
+        from spotfit.table import write_table
+
+        t = time.perf_counter()
+        write_table(table, job.csv)
+        timings = info.pop("timings_s")
+        timings["write"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - start
+        _write_json(_sidecar(job, st, table, info, timings), job.sidecar)
+    except Exception as exc:  # a bad file (or a bug) is recorded; the batch goes on
+        return FileResult(job.path, job.csv, "failed", _message(exc, job.path),
+                          seconds=time.perf_counter() - start)
+    return FileResult(job.path, job.csv, "ok", n_spots=len(table),
+                      seconds=time.perf_counter() - start)
+
+
+def _sidecar(job: _Job, st, table, info: dict, timings: dict) -> dict:
+    from spotfit import __version__
+
+    if "status" in table.columns:
+        counts = {str(k): int(v) for k, v in table["status"].value_counts().sort_index().items()}
+    else:
+        counts = None
+    return {
+        "spotfit_version": __version__,
+        "sidecar_version": SIDECAR_VERSION,
+        "command": job.task,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "input": {
+            "path": os.path.abspath(job.path),
+            "size_bytes": st.st_size,
+            "mtime": _iso(st.st_mtime),
+            "mtime_ns": st.st_mtime_ns,
+            "shape": info["shape"],
+            "axes": info["axes"],
+            "source_axes": info["source_axes"],
+            "dtype": info["dtype"],
+            "frames": info["frames"],
+            "channels": info["channels"],
+        },
+        "output": {
+            "path": os.path.abspath(job.csv),
+            "rows": int(len(table)),
+            "size_bytes": os.path.getsize(job.csv),
+        },
+        "parameters": job.parameters,
+        "pixel_size_um": info["pixel_size_um"],
+        "pixel_size_from": info["pixel_size_from"],
+        "z_step_um": info["z_step_um"],
+        "z_step_from": info["z_step_from"],
+        "n_spots": int(len(table)),
+        "status_counts": counts,
+        "timings_s": {k: round(v, 6) for k, v in timings.items()},
+        "run": dict(job.run, python=platform.python_version(), platform=sys.platform),
+    }
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Remove temporary files a killed run left beside `path` (see spotfit._atomic).
+
+    Only names of the form ``.<name>.<8 hex digits>.tmp<suffix>`` made for
+    this very output are removed.
+    """
+    folder, name = os.path.split(path)
+    suffix = os.path.splitext(name)[1]
+    pattern = re.compile(
+        rf"\.{re.escape(name[:120])}\.[0-9a-f]{{8}}\.tmp{re.escape(suffix[:30])}"
+    )
+    try:
+        entries = os.listdir(folder or ".")
+    except OSError:
+        return
+    for entry in entries:
+        if pattern.fullmatch(entry):
+            try:
+                os.unlink(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
+def _up_to_date(job: _Job):
+    """The sidecar's spot count if `job`'s outputs are complete and current, else None."""
+    try:
+        with open(job.sidecar, encoding="utf-8") as fh:
+            doc = json.load(fh)
+        st = os.stat(job.path)
+        csv_size = os.path.getsize(job.csv)
+        same = (
+            doc["input"]["size_bytes"] == st.st_size
+            and doc["input"]["mtime_ns"] == st.st_mtime_ns
+            and doc["output"]["size_bytes"] == csv_size
+            and _comparable(doc["parameters"]) == _comparable(job.parameters)
+        )
+        return int(doc.get("n_spots", 0)) if same else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Worker processes
+# ---------------------------------------------------------------------------
+_QUEUE = None
+
+
+def _init_worker(queue) -> None:
+    """Worker start-up: one thread per numeric library; keep the progress queue."""
+    global _QUEUE
+    _QUEUE = queue
+    for name in _THREAD_VARIABLES:
+        os.environ.setdefault(name, "1")
+
+
+def _worker(job: _Job) -> FileResult:
+    if _QUEUE is None:
+        return _run_job(job)
+    last = [0.0]
+
+    def report(kind, index, value):
+        now = time.monotonic()
+        if kind == "image" or now - last[0] >= _REPORT_INTERVAL:
+            last[0] = now
+            _QUEUE.put((kind, index, value))
+
+    return _run_job(job, report)
+
+
+# ---------------------------------------------------------------------------
+# Progress bar
+# ---------------------------------------------------------------------------
+def _clock(seconds) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class _ProgressBar:
+    """One line on a terminal, redrawn with ``\\r``: files, frames, spots, time, ETA.
+
+    The fraction done is counted in input bytes (a file in progress counts
+    by its share of frames done), so one huge file and many small ones both
+    give a sensible time left.
+    """
+
+    def __init__(self, label: str, sizes: dict, stream):
+        self.label, self.sizes, self.stream = label, sizes, stream
+        self.total = sum(sizes.values()) or 1
+        self.frames_total: dict = {}
+        self.frames_done: dict = {}
+        self.finished: set = set()
+        self.spots = 0
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.width = 0
+
+    def update(self, kind, index, value):
+        if kind == "image":  # a new image of this file (one per channel with --channel all)
+            self.frames_total[index] = self.frames_total.get(index, 0) + value
+        elif kind == "frames":
+            self.frames_done[index] = value
+        self.draw()
+
+    def file_done(self, index, n_spots):
+        self.finished.add(index)
+        if index in self.frames_total:
+            self.frames_done[index] = self.frames_total[index]
+        self.spots += n_spots
+        self.draw(force=True)
+
+    def draw(self, force=False):
+        now = time.monotonic()
+        if not force and now - self.last < 0.1:
+            return
+        self.last = now
+        done = sum(self.sizes[i] for i in self.finished)
+        for i, n in self.frames_done.items():
+            total = self.frames_total.get(i, 0)
+            if i not in self.finished and total:
+                done += self.sizes[i] * min(1.0, n / total)
+        fraction = min(1.0, done / self.total)
+        elapsed = now - self.start
+        eta = _clock(elapsed * (1 - fraction) / fraction) if fraction > 0 else "?"
+        bar = "#" * int(12 * fraction)
+        line = (
+            f"{self.label} [{bar:.<12}] {len(self.finished)}/{len(self.sizes)} files, "
+            f"{sum(self.frames_done.values())} frames, {self.spots} spots | "
+            f"{_clock(elapsed)}, ETA {eta}"
+        )
+        line = line[: max(10, shutil.get_terminal_size((80, 24)).columns - 1)]
+        self.stream.write("\r" + line + " " * max(0, self.width - len(line)))
+        self.stream.flush()
+        self.width = len(line)
+
+    def close(self):
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------
+# The batch
+# ---------------------------------------------------------------------------
+def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, channel=None,
+              pixel_size=None, z_step=None, workers=None, skip_existing=False,
+              progress=None) -> BatchSummary:
+    """Detect or fit every input file; write ``<out_dir>/<stem>.csv`` and ``.json`` each.
+
+    Parameters
+    ----------
+    inputs : iterable of str or os.PathLike
+        Files, folders and glob patterns (see :func:`expand_inputs`).
+    out_dir : str or os.PathLike
+        Output folder; created if missing.
+    task : {"fit", "detect"}
+    config : FitConfig, optional
+        Detection and fit options (its ``workers`` is replaced: see `workers`).
+    camera : Camera, optional
+    axes, channel, pixel_size, z_step : optional
+        As in :func:`process_file`; the same for every file.
+    workers : int, optional
+        Processes working on files in parallel (default: all cores, at most
+        one per file).  Each fits with one solver thread; with one worker,
+        or one file, files are processed in this process and the solver
+        uses `workers` threads.  Tables do not depend on `workers`.
+    skip_existing : bool
+        Skip files whose CSV and sidecar exist and whose sidecar records the
+        same input size and modification time and the same parameters
+        (``workers`` aside); other files are (re)done.
+    progress : bool, optional
+        Draw a progress bar on stderr; default: when stderr is a terminal.
+
+    Returns
+    -------
+    BatchSummary
+        One :class:`FileResult` per input file, in input order.
+
+    Raises
+    ------
+    SpotfitInputError
+        Before any file is processed: no input files, an output name clash,
+        or an output folder that cannot be created.  Problems with single
+        files are recorded in the summary instead.
+    """
+    from spotfit.camera import Camera
+    from spotfit.fitting import FitConfig
+
+    start = time.perf_counter()
+    if task not in TASKS:
+        raise SpotfitInputError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise SpotfitInputError(f"--workers must be a whole number >= 1, got {workers!r}")
+    config = config or FitConfig()
+    camera = camera or Camera()
+    files = expand_inputs(inputs)
+    if not files:
+        where = ", ".join(os.fspath(i) for i in inputs) or "(none given)"
+        raise SpotfitInputError(f"no TIFF files (*.tif, *.tiff) found in {where}")
+    out_dir = os.fspath(out_dir)
+    paths = output_paths(files, out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise SpotfitInputError(
+            f"{out_dir}: cannot create the output folder ({exc.strerror or exc})"
+        ) from exc
+
+    params = parameters(task, config, camera, axes, channel, pixel_size, z_step, workers)
+    n_cores = workers or os.cpu_count() or 1
+    jobs, results = [], {}
+    for i, (f, (csv, sidecar)) in enumerate(zip(files, paths)):
+        job = _Job(i, f, csv, sidecar, task, config, camera, axes, channel, pixel_size,
+                   z_step, params, {})
+        n_spots = _up_to_date(job) if skip_existing else None
+        if n_spots is not None:
+            results[i] = FileResult(f, csv, "skipped", n_spots=n_spots)
+        else:
+            jobs.append(job)
+            for path in (csv, sidecar):  # left by an interrupted run
+                _remove_stale_temporaries(path)
+
+    processes = min(n_cores, len(jobs))
+    threads = 1 if processes > 1 else n_cores
+    run = {"workers": workers, "processes": max(processes, 1), "solver_threads": threads}
+    jobs = [
+        dataclasses.replace(j, config=dataclasses.replace(config, workers=threads), run=run)
+        for j in jobs
+    ]
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    bar = None
+    if show and jobs:
+        sizes = {j.index: _size(j.path) for j in jobs}
+        bar = _ProgressBar(f"spotfit {task}", sizes, sys.stderr)
+        bar.draw(force=True)
+    try:
+        if processes <= 1:
+            for job in jobs:
+                result = _run_job(job, bar.update if bar else None)
+                results[job.index] = result
+                if bar:
+                    bar.file_done(job.index, result.n_spots)
+        else:
+            results.update(_run_pool(jobs, processes, bar))
+    finally:
+        if bar:
+            bar.close()
+    ordered = [results[i] for i in range(len(files))]
+    return BatchSummary(ordered, time.perf_counter() - start)
+
+
+def _size(path) -> int:
+    try:
+        return max(1, os.path.getsize(path))
+    except OSError:
+        return 1
+
+
+def _run_pool(jobs, processes, bar) -> dict:
+    """Run `jobs` in `processes` spawned worker processes; results by job index."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.SimpleQueue() if bar else None
+    results = {}
+    executor = cf.ProcessPoolExecutor(
+        max_workers=processes, mp_context=context, initializer=_init_worker, initargs=(queue,)
+    )
+    try:
+        futures = {executor.submit(_worker, job): job for job in jobs}
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.2 if bar else None,
+                                    return_when=cf.FIRST_COMPLETED)
+            if queue is not None:
+                while not queue.empty():
+                    bar.update(*queue.get())
+            for future in done:
+                job = futures[future]
+                try:
+                    result = future.result()
+                except Exception as exc:  # e.g. the worker process was killed
+                    result = FileResult(
+                        job.path, job.csv, "failed",
+                        f"the worker process failed ({type(exc).__name__}: {exc})",
+                    )
+                results[job.index] = result
+                if bar:
+                    bar.file_done(job.index, result.n_spots)
+    except BaseException:
+        executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    executor.shutdown(wait=True)
+    return results

@@ -1,0 +1,414 @@
+"""Crowded fields: fit overlapping spots together and find the ones hiding in their tails.
+
+Pipeline for one frame (:func:`fit_crowded`):
+
+1. **Start** from the detected candidates, with moment estimates of each
+   spot's intensity.
+2. **Group** spots closer than ``group_radius * sigma`` (KD-tree pairs +
+   connected components, i.e. union-find); groups larger than
+   ``max_group`` are split at the median of their widest axis.
+3. **Fit each group jointly**: K Gaussians sharing one width and one offset
+   (:class:`~spotfit.models.gaussian.MultiGaussian`), in a window covering
+   all members, vectorised over all groups of the same size.  The light of
+   spots *outside* the group is subtracted from the window first (their
+   current models), so a window's neighbours no longer pull its fit; the
+   covariance of a group is its joint Fisher information, so every spot's
+   errors account for its neighbours.
+4. **Search the residual** (data minus all fitted spots) for significant
+   peaks with the detector; a peak farther than ``SEARCH_EXCLUSION * sigma``
+   from every known spot becomes a new emitter (a close pair fitted as one
+   spot leaves residual lobes about a sigma from the fitted centre), and all
+   groups are refitted.
+5. **Keep an emitter only if the data need it**: an added emitter stays when
+   its Wald statistic ``(N / err_N)^2`` exceeds the BIC penalty of its
+   parameters, ``(1 + ndim) * ln(P)`` (``P`` pixels in its window); any
+   emitter whose ``N / err_N`` falls below 2 is dropped.  After pruning, the
+   affected groups are refitted once more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from spotfit import roi, solver, table
+from spotfit.models import get_model
+from spotfit.models.gaussian import MultiGaussian
+
+#: emitters whose intensity is below this many standard errors are removed
+MIN_EMITTER_SNR = 2.0
+#: residual searches for hidden emitters per frame
+SEARCH_ROUNDS = 2
+#: residual peaks closer than this many sigma to a known spot are not new emitters
+SEARCH_EXCLUSION = 0.5
+#: fitted widths stay within this range times the expected sigma
+WIDTH_RANGE = (0.9, 1.1)
+
+
+def group_spots(points: np.ndarray, radius: float, max_size: int = 8) -> np.ndarray:
+    """Label spots that lie within ``radius`` of each other (transitively).
+
+    Parameters
+    ----------
+    points : (n, d) ndarray
+        Positions, px.
+    radius : float
+        Linking distance, px.
+    max_size : int
+        Largest group; bigger connected components are split recursively at
+        the median of their widest axis.
+
+    Returns
+    -------
+    (n,) int ndarray
+        Group label of each spot, ``0 .. n_groups - 1``.
+    """
+    n = len(points)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    pairs = cKDTree(points).query_pairs(radius, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    sizes = np.bincount(labels)
+    if sizes.max() <= max_size:
+        return labels
+    order = np.argsort(labels, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    next_label = labels.max() + 1
+    for comp in np.flatnonzero(sizes > max_size):  # rare: only oversized components
+        stack = [order[bounds[comp] : bounds[comp + 1]]]
+        while stack:
+            members = stack.pop()
+            if len(members) <= max_size:
+                labels[members] = next_label
+                next_label += 1
+                continue
+            pts = points[members]
+            axis = np.argmax(np.ptp(pts, axis=0))
+            split = np.argsort(pts[:, axis], kind="stable")
+            half = len(members) // 2
+            stack += [members[split[:half]], members[split[half:]]]
+    _, labels = np.unique(labels, return_inverse=True)
+    return labels
+
+
+_FIELDS = ("intensity_err", "sigma_err", "sigma_z_err", "offset_err", "chi2_red", "n_pixels")
+
+
+class _Spots:
+    """Current estimates of all spots of a frame (positions in image px, x/y[/z] order).
+
+    ``rec`` holds the last fit's per-spot errors and statuses, carried along
+    when spots are removed or added.
+    """
+
+    def __init__(self, xyz, intensity, sigma, offset, added, rec=None):
+        self.xyz = np.asarray(xyz, float)
+        self.intensity = np.asarray(intensity, float)
+        self.sigma = np.asarray(sigma, float)  # (n, 1) lateral or (n, 2) lateral + axial
+        self.offset = np.asarray(offset, float)
+        self.added = np.asarray(added, bool)
+        n = len(self.xyz)
+        if rec is None:
+            rec = {k: np.full(n, np.nan) for k in _FIELDS}
+            rec["xyz_err"] = np.full(self.xyz.shape, np.nan)
+            rec["iterations"] = np.zeros(n, np.int32)
+            rec["status"] = np.zeros(n, np.int8)
+        self.rec = rec
+
+    def __len__(self):
+        return len(self.xyz)
+
+    def take(self, keep):
+        return _Spots(self.xyz[keep], self.intensity[keep], self.sigma[keep], self.offset[keep],
+                      self.added[keep], {k: v[keep] for k, v in self.rec.items()})
+
+    def extend(self, other):
+        return _Spots(*(np.concatenate([a, b]) for a, b in (
+            (self.xyz, other.xyz), (self.intensity, other.intensity), (self.sigma, other.sigma),
+            (self.offset, other.offset), (self.added, other.added))),
+            {k: np.concatenate([v, other.rec[k]]) for k, v in self.rec.items()})
+
+
+def _render(shape, spots: _Spots, half, integrated) -> np.ndarray:
+    """Image of all spots' signal (no offset), each drawn in a window of half-size ``half``."""
+    ndim = len(shape)
+    image = np.zeros(shape, dtype=float)
+    if len(spots) == 0:
+        return image
+    model = get_model("symmetric", ndim, integrated)
+    centers = np.rint(spots.xyz[:, ::-1]).astype(np.int64)  # array order
+    origin_xyz = (centers - np.asarray(half))[:, ::-1]
+    grid = roi.Grid(tuple(2 * h + 1 for h in half))
+    rel = spots.xyz - origin_xyz
+    cols = [spots.intensity, *rel.T, *spots.sigma.T, np.zeros(len(spots))]
+    mu = model.value(np.column_stack(cols), grid)
+    roi.scatter_add(image, mu, origin_xyz, grid)
+    return image
+
+
+class CrowdedFitter:
+    """Joint fits of grouped spots for one :class:`spotfit.fitting._Fitter` setup."""
+
+    def __init__(self, fitter):
+        self.fitter = fitter
+        self.config = fitter.config
+        self.ndim = fitter.ndim
+        self.integrated = fitter.model.integrated
+        self.half = fitter.config.half_size(self.ndim)  # array order
+
+    # ------------------------------------------------------------ one frame
+    def fit_frame(self, photons, coords, read_var=None):
+        """Fit all spots of a frame; returns a :class:`_Spots` with results.
+
+        Alternates joint fits of all groups with residual searches
+        (``SEARCH_ROUNDS``) and pruning, until nothing changes.
+        """
+        cfg = self.config
+        spots = self._start(photons, coords)
+        radius = cfg.group_radius * cfg.sigma
+        for round_ in range(2 * SEARCH_ROUNDS + 2):
+            spots, labels = self._joint(photons, spots, radius, read_var)
+            keep = self._keep(spots)
+            changed = not keep.all()
+            if changed:
+                spots = spots.take(keep)
+            if round_ < SEARCH_ROUNDS:
+                new = self._search(photons, spots)
+                if len(new):
+                    spots = spots.extend(new)
+                    changed = True
+            if not changed:
+                break
+        if changed:  # the last round pruned: refit the survivors
+            spots, labels = self._joint(photons, spots, radius, read_var)
+        spots.labels = labels
+        return spots
+
+    def _start(self, photons, coords):
+        """Moment estimates of the detected spots."""
+        cfg, nd = self.config, self.ndim
+        w = roi.cut(photons, coords, self.half)
+        from spotfit.fitting import initial_guess
+
+        start = initial_guess(get_model("symmetric", nd, self.integrated), w.data, w.mask, w.grid, cfg)
+        xyz = coords[:, ::-1].astype(float)
+        sig = [np.full(len(coords), cfg.sigma)] + ([np.full(len(coords), cfg.axial_sigma())] if nd == 3 else [])
+        return _Spots(xyz, start[:, 0], np.column_stack(sig), start[:, -1], np.zeros(len(coords), bool))
+
+    def _search(self, photons, spots):
+        """New emitters: peaks of the residual, and the residual maximum beside wide spots.
+
+        Significant peaks (the detector on the residual) farther than
+        ``SEARCH_EXCLUSION * sigma`` from every known spot; and, for every
+        spot whose width hit its upper bound (a single Gaussian stretched over
+        an unresolved pair), the maximum of the filtered residual in its
+        window.  The joint refit and pruning decide which of them stay.
+        """
+        from spotfit.detection import dog_filter, find_peaks
+        from spotfit.fitting import initial_guess
+
+        cfg, nd = self.config, self.ndim
+        empty = spots.take(np.zeros(len(spots), bool))
+        if len(spots) == 0:
+            return empty
+        residual = photons - _render(photons.shape, spots, self.half, self.integrated)
+        sig = (cfg.axial_sigma(), cfg.sigma, cfg.sigma) if nd == 3 else cfg.sigma
+        kwargs = {"min_distance": cfg.min_distance}
+        if cfg.threshold is not None:
+            kwargs["threshold"] = cfg.threshold
+        coords, _ = find_peaks(residual, sig, **kwargs)
+        if len(coords):
+            xyz = coords[:, ::-1].astype(float)
+            dist, nearest = cKDTree(spots.xyz).query(xyz)
+            new = dist > SEARCH_EXCLUSION * cfg.sigma
+            wide = self._wide(spots)
+            if wide.any():  # around a stretched spot the split below decides instead
+                near_wide = cKDTree(spots.xyz[wide]).query(xyz)[0] <= max(self.half)
+                new &= ~near_wide
+            xyz, nearest = xyz[new], nearest[new]
+        else:
+            xyz, nearest = np.zeros((0, nd)), np.zeros(0, np.int64)
+        w = roi.cut(residual, np.rint(xyz[:, ::-1]).astype(np.int64), self.half)
+        start = initial_guess(get_model("symmetric", nd, self.integrated), w.data, w.mask, w.grid, cfg)
+        sig = [np.full(len(xyz), cfg.sigma)] + ([np.full(len(xyz), cfg.axial_sigma())] if nd == 3 else [])
+        found = _Spots(xyz, start[:, 0], np.column_stack(sig), spots.offset[nearest], np.ones(len(xyz), bool))
+        return self._split_wide(residual, spots, sig=(cfg.axial_sigma(), cfg.sigma, cfg.sigma)[-nd:], extra=found)
+
+    def _wide(self, spots):
+        """Spots whose lateral width reached its upper bound."""
+        return spots.sigma[:, 0] >= 0.99 * WIDTH_RANGE[1] * self.config.sigma
+
+    def _split_wide(self, residual, spots, sig, extra):
+        """Split spots stretched to the width bound into two emitters (in place).
+
+        A single Gaussian fitted to an unresolved pair widens until its bound;
+        such a spot is replaced by two half-intensity emitters one sigma on
+        either side of its centre, along the direction of the strongest
+        residual in its window.  The second emitter is returned (with
+        ``extra``) as an added spot, so pruning decides whether it stays.
+        """
+        from spotfit.detection import dog_filter
+
+        cfg, nd = self.config, self.ndim
+        wide = np.flatnonzero(self._wide(spots))
+        if len(wide) == 0:
+            return extra
+        filtered = dog_filter(residual, sig)
+        w = roi.cut(filtered, np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64), self.half)
+        best = np.argmax(np.where(w.mask, w.data, -np.inf), axis=1)
+        peak = np.column_stack([c[best] for c in w.grid.flat()]) + w.origin  # x, y[, z]
+        direction = peak - spots.xyz[wide]
+        norm = np.linalg.norm(direction, axis=1, keepdims=True)
+        ok = norm[:, 0] > 0
+        wide, direction = wide[ok], direction[ok] / norm[ok]
+        step = direction * cfg.sigma
+        centre = spots.xyz[wide].copy()
+        spots.xyz[wide] = centre - step
+        spots.intensity[wide] *= 0.5
+        split = _Spots(centre + step, spots.intensity[wide], spots.sigma[wide], spots.offset[wide],
+                       np.ones(len(wide), bool))
+        return extra.extend(split)
+
+    def _keep(self, spots):
+        """Which spots stay (see the module docstring, step 5)."""
+        err = spots.rec["intensity_err"]
+        snr = spots.intensity / np.where(err > 0, err, np.inf)
+        keep = snr >= MIN_EMITTER_SNR
+        penalty = (1 + self.ndim) * np.log(np.maximum(spots.rec["n_pixels"], 2))
+        keep &= ~spots.added | (snr**2 > penalty)
+        keep &= np.isfinite(snr)
+        return keep
+
+    # ---------------------------------------------------------- joint fits
+    def _joint(self, photons, spots: _Spots, radius, read_var):
+        """Fit every group jointly; returns the updated spots and their group labels."""
+        cfg = self.config
+        n = len(spots)
+        labels = group_spots(spots.xyz, radius, cfg.max_group)
+        if n == 0:
+            return spots, labels
+        residual = photons - _render(photons.shape, spots, self.half, self.integrated)
+        sizes = np.bincount(labels)
+        order = np.argsort(labels, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        half = np.asarray(self.half)  # array order
+        out = spots.take(np.arange(n))  # a copy to write the new estimates into
+        for K in np.unique(sizes):
+            groups = np.flatnonzero(sizes == K)
+            members = order[starts[groups][:, None] + np.arange(K)[None, :]]
+            self._fit_bucket(photons, residual, spots, members, half, read_var, out)
+        return out, labels
+
+    def _fit_bucket(self, photons, residual, spots, members, half, read_var, out):
+        """Joint fits of all groups with the same number of members ``K``."""
+        f, cfg, nd = self.fitter, self.config, self.ndim
+        G, K = members.shape
+        pos = spots.xyz[members]  # (G, K, nd) x, y[, z]
+        lo = np.floor(pos.min(axis=1)).astype(np.int64)[:, ::-1] - half  # array order
+        hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
+        shape = tuple(int(s) for s in (hi - lo).max(axis=0) + 1)
+        w = roi.cut_box(residual, lo, shape, read_var=read_var)
+        model = MultiGaussian(K, nd, self.integrated)
+        # data = photons minus the light of spots outside the group
+        own = np.zeros((G, model.n_params))
+        rel = pos - w.origin[:, None, :]
+        for i in range(K):
+            own[:, model.emitter_index(i, "intensity")] = spots.intensity[members[:, i]]
+            for j, a in enumerate(("x", "y", "z")[:nd]):
+                own[:, model.emitter_index(i, a)] = rel[:, i, j]
+        own[:, model.index("sigma")] = np.median(spots.sigma[members][:, :, 0], axis=1)
+        if nd == 3:
+            own[:, model.index("sigma_z")] = np.median(spots.sigma[members][:, :, 1], axis=1)
+        theta0 = own.copy()
+        own[:, -1] = 0.0
+        data = w.data + model.value(own, w.grid) * w.mask
+        theta0[:, -1] = np.median(spots.offset[members], axis=1)
+        lower, upper = model.bounds(w.grid)
+        # A PSF is as wide as the optics make it: a width free to grow would let
+        # one Gaussian swallow two close spots, so widths stay near the expected
+        # sigma (WIDTH_RANGE).
+        expected = {"sigma": cfg.sigma, "sigma_z": cfg.axial_sigma()}
+        for name in model.width_names:
+            lower[model.index(name)] = WIDTH_RANGE[0] * expected[name]
+            upper[model.index(name)] = WIDTH_RANGE[1] * expected[name]
+        if f.estimator.name == "mle":
+            lower[-1] = 0.0
+        theta0 = np.clip(theta0, lower, upper)
+        widths = np.isin(model.param_names, model.width_names)
+        free = ~widths if cfg.fix_sigma else np.ones(model.n_params, bool)
+        sol = solver.solve(model, f.estimator, data, w.mask, w.grid, theta0, noise=f.noise(w.read_var),
+                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter)
+        err = sol.err
+        rec = out.rec
+        inside_hi = np.array(shape[::-1], float) - 0.5
+        finite = np.all(np.isfinite(sol.theta), axis=1)  # keep old estimates where a fit failed
+        for i in range(K):
+            m = members[:, i]
+            ii = model.emitter_index(i, "intensity")
+            centre = np.column_stack([sol.theta[:, model.emitter_index(i, a)] for a in ("x", "y", "z")[:nd]])
+            out.intensity[m[finite]] = sol.theta[finite, ii]
+            out.xyz[m[finite]] = (centre + w.origin)[finite]
+            out.sigma[m[finite], 0] = sol.theta[finite, model.index("sigma")]
+            if nd == 3:
+                out.sigma[m[finite], 1] = sol.theta[finite, model.index("sigma_z")]
+                rec["sigma_z_err"][m] = err[:, model.index("sigma_z")]
+            out.offset[m[finite]] = sol.theta[finite, -1]
+            rec["intensity_err"][m] = err[:, ii]
+            rec["xyz_err"][m] = np.column_stack([err[:, model.emitter_index(i, a)] for a in ("x", "y", "z")[:nd]])
+            status = sol.status.copy()
+            outside = np.any((centre < -0.5) | (centre > inside_hi), axis=1) | ~w.inside(centre)
+            status[outside & (status != solver.SINGULAR)] = solver.LEFT_WINDOW
+            rec["status"][m] = status
+            rec["sigma_err"][m] = err[:, model.index("sigma")]
+            rec["offset_err"][m] = err[:, -1]
+            rec["chi2_red"][m] = sol.chi2_red
+            rec["iterations"][m] = sol.iterations
+            rec["n_pixels"][m] = w.mask.sum(axis=1)
+
+    # --------------------------------------------------------------- table
+    def table(self, spots: _Spots, frame: int, group_offset: int):
+        """Rows of one frame (columns of :func:`spotfit.table.columns` + group columns)."""
+        nd = self.ndim
+        n = len(spots)
+        rec = spots.rec
+        values, errors = {}, {}
+        for j, a in enumerate(("x", "y", "z")[:nd]):
+            values[a], errors[a] = spots.xyz[:, j], rec["xyz_err"][:, j]
+        values["intensity"], errors["intensity"] = spots.intensity, rec["intensity_err"]
+        sigma = spots.sigma[:, 0]
+        for col in ("sigma_x", "sigma_y"):
+            values[col], errors[col] = sigma, rec["sigma_err"]
+        if nd == 3:
+            values["sigma_z"], errors["sigma_z"] = spots.sigma[:, 1], rec["sigma_z_err"]
+        else:
+            errors["angle"] = np.full(n, np.nan)
+        values["offset"], errors["offset"] = spots.offset, rec["offset_err"]
+        # amplitude = N / ((2 pi)^(d/2) sigma^2 [sigma_z]); error from N and sigma
+        norm = (2 * np.pi) ** (nd / 2) * sigma**2 * (spots.sigma[:, 1] if nd == 3 else 1.0)
+        amp = spots.intensity / norm
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.hypot(rec["intensity_err"] / spots.intensity, 2 * rec["sigma_err"] / sigma)
+            snr = spots.intensity / rec["intensity_err"]
+        values["amplitude"], errors["amplitude"] = amp, np.abs(amp) * rel
+        status = rec["status"].copy()
+        ok = status == solver.CONVERGED
+        status[ok & ~(snr >= self.config.min_snr)] = solver.LOW_SIGNAL
+        names = np.asarray(solver.STATUS_NAMES, dtype=object)[status]
+        t = table.build(np.full(n, frame, dtype=np.int64), values, errors, rec["chi2_red"],
+                        rec["iterations"], names, self.fitter.camera.unit, nd)
+        sizes = np.bincount(spots.labels) if n else np.zeros(0, np.int64)
+        t["group_id"] = spots.labels.astype(np.int64) + group_offset
+        t["group_size"] = sizes[spots.labels].astype(np.int64)
+        order = np.lexsort(tuple(spots.xyz[:, j] for j in range(nd)))  # raster order
+        return t.iloc[order].reset_index(drop=True)
+
+
+def n_groups(spots) -> int:
+    """Number of groups in a :meth:`CrowdedFitter.fit_frame` result."""
+    return int(spots.labels.max()) + 1 if len(spots) else 0
+
+
+__all__ = ["group_spots", "CrowdedFitter", "MIN_EMITTER_SNR"]
