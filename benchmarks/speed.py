@@ -177,9 +177,16 @@ class Peers:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # 0.11 deprecates the module
             theta, _crlb, _ll, iterations = self.picasso.gaussmle(spots, 0.001, max_it, method="sigmaxy")
-        # picasso's own locs_from_fits: y = theta[:, 0] + box y, x = theta[:, 1] + box x
-        found = np.c_[theta[:, 1] + c[:, 0] - half, theta[:, 0] + c[:, 1] - half].astype(float)
-        rel = theta[:, :2]
+        # Which of theta[:, 0] and theta[:, 1] is x (the column) changed between picasso
+        # versions (its locs_from_fits: y = theta[:, 0] up to 0.10, x = theta[:, 0] in 0.11);
+        # take the one that follows the spots' own column centroid.
+        excess = np.clip(spots - np.median(spots, axis=(1, 2), keepdims=True), 0, None)
+        col = (excess * r[None, None, :]).sum(axis=(1, 2)) / np.maximum(excess.sum(axis=(1, 2)), 1e-9)
+        order = [0, 1]
+        if abs(np.corrcoef(theta[:, 1], col)[0, 1]) > abs(np.corrcoef(theta[:, 0], col)[0, 1]):
+            order = [1, 0]
+        rel = theta[:, order].astype(float)  # (x, y) relative to the box's first pixel
+        found = rel + c - half
         ok = (np.all(np.isfinite(theta), axis=1) & (iterations < max_it)
               & np.all((rel >= -0.5) & (rel < 2 * half + 0.5), axis=1))
         return found, ok
@@ -207,7 +214,8 @@ class Peers:
 
 def section_a(args, rng, peers):
     sizes = (1000, 10_000) if args.quick else (1000, 10_000, 100_000)
-    repeats = {1000: 3, 10_000: 3} if args.quick else {1000: 7, 10_000: 5, 100_000: 2}
+    repeats = {1000: 3, 10_000: 2} if args.quick else {1000: 7, 10_000: 5, 100_000: 2}
+    one_core_windows = (3,) if args.quick else WINDOWS
     one_core_repeats = 2 if args.quick else 3
     n_cf = 300 if args.quick else 1000
     cf_repeats = 1 if args.quick else 2
@@ -278,7 +286,7 @@ def section_a(args, rng, peers):
                 best, median, (found, ok) = timed(run, repeats[n], label)
                 add(method, half, n, cores, best, median, found, ok,
                     subset=n_cf if n == n_ref else None)
-                if n == n_ref and cores > 1:
+                if n == n_ref and cores > 1 and half in one_core_windows:
                     best, median, (found, ok) = timed(lambda: run(1), one_core_repeats,
                                                       label + " 1 core")
                     add(method, half, n, 1, best, median, found, ok, subset=n_cf)
@@ -441,9 +449,17 @@ def in_process_run(path, camera, out):
     return table
 
 
-def accuracy(table, truth):
-    ok = (table["status"] == "converged").to_numpy()
-    return rmse_xy(table[["x", "y"]].to_numpy(), ok, truth)
+ISOLATED = 12.0  # px: true spots with no other true spot closer than this
+
+
+def accuracy(found, ok, truth):
+    """RMSE x, y and matched count over all true spots, and RMSE x, y over isolated ones."""
+    from scipy.spatial import cKDTree
+
+    rx, ry, matched = rmse_xy(found, ok, truth)
+    distance, _ = cKDTree(truth).query(truth, 2)
+    ix, iy, _ = rmse_xy(found, ok, truth[distance[:, 1] >= ISOLATED])
+    return dict(rx=rx, ry=ry, matched=matched, iso=(ix, iy))
 
 
 def breakdown(path, camera, out, repeats):
@@ -488,7 +504,7 @@ def breakdown(path, camera, out, repeats):
 
 def section_b(args, workdir, files, peers):
     command = spotfit_command()
-    repeats = 2 if args.quick else 3
+    repeats = 2 if args.quick else 5
     big = files["big"]
     out = os.path.join(workdir, "out.csv")
     cameras = (("no camera (lsq, point-sampled)", spotfit.Camera(), []),
@@ -501,9 +517,10 @@ def section_b(args, workdir, files, peers):
     for label, camera, _ in cameras:
         name = f"spotfit read+fit+write, {label}"
         best, median, table = timed(lambda: in_process_run(big["path"], camera, out), repeats, name)
-        rx, ry, matched = accuracy(table, big["truth"])
+        acc = accuracy(table[["x", "y"]].to_numpy(), (table["status"] == "converged").to_numpy(),
+                       big["truth"])
         rows.append(dict(method=name, short=label, n=len(table), best=best, median=median,
-                         rx=rx, ry=ry, matched=matched, target=True))
+                         target=True, **acc))
     if peers.trackpy:
         tp = peers.trackpy
 
@@ -517,14 +534,15 @@ def section_b(args, workdir, files, peers):
             trackpy_run(files["small"]["path"])
             best, median, found = timed(lambda: trackpy_run(big["path"]), repeats, "trackpy.locate")
             xy = found[["x", "y"]].to_numpy()
-            rx, ry, matched = rmse_xy(xy, np.ones(len(xy), bool), big["truth"])
             rows.append(dict(method="trackpy.locate (centroid, no PSF fit)", n=len(found),
-                             best=best, median=median, rx=rx, ry=ry, matched=matched, target=False))
+                             best=best, median=median, target=False,
+                             **accuracy(xy, np.ones(len(xy), bool), big["truth"])))
         except Exception as exc:
             log(f"B: trackpy failed: {type(exc).__name__}: {exc}")
 
     log("B: stage breakdown ...")
-    parts = {label: breakdown(big["path"], camera, out, repeats) for label, camera, _ in cameras}
+    parts = {label: breakdown(big["path"], camera, out, 1 if args.quick else 3)
+             for label, camera, _ in cameras}
 
     log("B: spotfit fit in subprocesses (wall time, peak memory) ...")
     procs, already_run = [], set()
@@ -542,7 +560,7 @@ def section_b(args, workdir, files, peers):
           f"{BIG_SHAPE[0]}x{BIG_SHAPE[1]} px, {big['spots']} simulated spots "
           f"(min. separation {MIN_SEPARATION:g} px), after a warm-up on a small image")
     header = (f"   {'method':<56} {'spots':>6} {'best s':>7} {'median s':>8} {'spots/s':>8} "
-              f"{'target':>9} {'':>4} {'matched':>7} {'RMSE x':>7} {'RMSE y':>7}")
+              f"{'target':>9} {'':>4} {'matched':>7} {'RMSE x':>7} {'RMSE y':>7} {'isolated x, y':>15}")
     print(header)
     print("   " + "-" * (len(header) - 3))
     for r in rows:
@@ -553,12 +571,15 @@ def section_b(args, workdir, files, peers):
                          f">= {TARGETS['e2e']:,.0f}", rate >= TARGETS["e2e"])
         target = f">= {TARGETS['e2e'] / 1000:g}k" if r["target"] else ""
         print(f"   {r['method']:<56} {r['n']:>6} {r['best']:>7.3f} {r['median']:>8.3f} {rate:>8,.0f} "
-              f"{target:>9} {tag:>4} {r['matched']:>7} {r['rx']:>7.4f} {r['ry']:>7.4f}")
+              f"{target:>9} {tag:>4} {r['matched']:>7} {r['rx']:>7.4f} {r['ry']:>7.4f} "
+              f"{r['iso'][0]:>7.4f},{r['iso'][1]:>7.4f}")
     print(f"   spots = rows written (every candidate, flagged ones included); spots/s = spots / "
-          f"best time of {repeats} runs; RMSE of converged rows matched to the truth within "
-          f"{MATCH_RADIUS} px")
-    print("   stage breakdown (best of each stage; read includes reading the pixels, detect = "
-          "spotfit.detect, fit only = spotfit.fit - detect):")
+          f"best time of {repeats} runs; RMSE (px) of converged rows matched to the truth within "
+          f"{MATCH_RADIUS} px, over all true spots and over the isolated ones (no other spot "
+          f"within {ISOLATED:g} px; spots are placed at random, so close pairs dominate the "
+          f"first)")
+    print(f"   stage breakdown (best of {1 if args.quick else 3} runs per stage; read includes "
+          "reading the pixels, detect = spotfit.detect, fit only = spotfit.fit - detect):")
     for label, (best, inside, n) in parts.items():
         total = best["read"] + best["fit (detect + fit)"] + best["write"]
         line = ", ".join(f"{k} {v:.3f} s ({v / total:.0%})" for k, v in best.items()
@@ -592,7 +613,7 @@ def section_b(args, workdir, files, peers):
 # ---------------------------------------------------------------- section C
 def section_c(args, workdir, files, already_run=()):
     command = spotfit_command()
-    runs = 3 if args.quick else 5
+    runs = 2 if args.quick else 5
     cases = [("spotfit --help", [command, "--help"], TARGETS["help_s"])]
     for name, target in (("small", TARGETS["small_s"]), ("big", TARGETS["big_s"])):
         for cam, extra in (("", []), (" " + " ".join(CAMERA_ARGS), CAMERA_ARGS)):

@@ -4,13 +4,32 @@ import numpy as np
 import pytest
 
 from spotfit.models import REGISTRY, Grid, get_model
+from spotfit.models.gaussian import MultiGaussian
 from spotfit.errors import SpotfitInputError
 
 ALL_MODELS = [(name, ndim, integ) for (name, ndim) in REGISTRY for integ in (False, True)]
+ALL_MODELS += [(f"multi{k}", ndim, integ) for k in (1, 3) for ndim in (2, 3) for integ in (False, True)]
+
+
+def _model(name, ndim, integrated):
+    if name.startswith("multi"):
+        return MultiGaussian(int(name[5:]), ndim, integrated)
+    return get_model(name, ndim, integrated)
 
 
 def _random_theta(model, grid, rng, n=6):
     nd = model.ndim
+    if isinstance(model, MultiGaussian):
+        theta = np.zeros((n, model.n_params))
+        shape_xyz = np.array(grid.shape[::-1], float)
+        for i in range(model.n_emitters):
+            theta[:, model.emitter_index(i, "intensity")] = rng.uniform(200, 5000, n)
+            for j, a in enumerate(("x", "y", "z")[:nd]):
+                theta[:, model.emitter_index(i, a)] = rng.uniform(0.3, 0.7, n) * (shape_xyz[j] - 1)
+        for name in model.width_names:
+            theta[:, model.index(name)] = rng.uniform(0.9, 2.0, n)
+        theta[:, -1] = rng.uniform(1, 20, n)
+        return theta
     shape_xyz = np.array(grid.shape[::-1], float)
     center = rng.uniform(0.3, 0.7, (n, nd)) * (shape_xyz - 1)
     widths = rng.uniform(0.9, 2.0, (n, nd))
@@ -25,7 +44,7 @@ def _random_theta(model, grid, rng, n=6):
 @pytest.mark.parametrize("name,ndim,integrated", ALL_MODELS)
 def test_jacobian_matches_numerical_derivative(name, ndim, integrated):
     rng = np.random.default_rng(11)
-    model = get_model(name, ndim, integrated)
+    model = _model(name, ndim, integrated)
     grid = Grid((9, 11) if ndim == 2 else (7, 9, 11))  # non-square windows
     theta = _random_theta(model, grid, rng)
     mu, jac = model.evaluate(theta, grid)
@@ -45,10 +64,22 @@ def test_jacobian_matches_numerical_derivative(name, ndim, integrated):
 @pytest.mark.parametrize("name,ndim,integrated", ALL_MODELS)
 def test_model_integrates_to_intensity(name, ndim, integrated):
     """A centred spot in a large window sums to its intensity (plus offset * pixels)."""
-    model = get_model(name, ndim, integrated)
+    model = _model(name, ndim, integrated)
     grid = Grid((31, 33) if ndim == 2 else (25, 31, 33))
     centre = (np.array(grid.shape[::-1], float) - 1) / 2 + 0.3
     widths = np.array([[1.3, 1.6, 2.0][:ndim]])
+    if isinstance(model, MultiGaussian):  # K emitters sharing the total of 1000
+        theta = np.zeros((1, model.n_params))
+        for i in range(model.n_emitters):
+            theta[0, model.emitter_index(i, "intensity")] = 1000.0 / model.n_emitters
+            for j, a in enumerate(("x", "y", "z")[:ndim]):
+                theta[0, model.emitter_index(i, a)] = centre[j] + i - 1
+        for name_w, value in zip(model.width_names, (1.3, 2.0)):
+            theta[0, model.index(name_w)] = value
+        theta[0, -1] = 2.0
+        mu = model.value(theta, grid)
+        assert mu.sum() - 2.0 * grid.size == pytest.approx(1000.0, rel=1e-4)
+        return
     theta = model.from_moments(centre[None], widths, np.array([1000.0]), np.array([2.0]))
     if "cov_xy" in model.param_names:
         theta[0, model.index("cov_xy")] = 0.5 * np.sqrt(theta[0, 3] * theta[0, 4])
