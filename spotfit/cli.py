@@ -270,7 +270,7 @@ _IMAGE_OPTIONS = [
         "overrides the file's metadata.",
     ),
     click.option(
-        "--channel", type=ChannelType(),
+        "--channel", type=ChannelType(), metavar="N|all",
         help="Channel to use (0-based) when the file has several (C or S axis, e.g. RGB); "
         "'all': every channel, with a channel column.",
     ),

@@ -40,7 +40,7 @@ from spotfit.models.gaussian import MultiGaussian
 #: emitters whose intensity is below this many standard errors are removed
 MIN_EMITTER_SNR = 2.0
 #: residual searches for hidden emitters per frame
-SEARCH_ROUNDS = 2
+SEARCH_ROUNDS = 1
 #: residual peaks closer than this many sigma to a known spot are not new emitters
 SEARCH_EXCLUSION = 0.5
 #: fitted widths stay within this range times the expected sigma
@@ -169,7 +169,8 @@ class CrowdedFitter:
         cfg = self.config
         spots = self._start(photons, coords)
         radius = cfg.group_radius * cfg.sigma
-        for round_ in range(2 * SEARCH_ROUNDS + 2):
+        changed = True
+        for round_ in range(SEARCH_ROUNDS + 1):
             spots, labels = self._joint(photons, spots, radius, read_var)
             keep = self._keep(spots)
             changed = not keep.all()
