@@ -66,7 +66,7 @@ SIDECAR_VERSION = 1
 CONFIG_KEYS = (
     "axes", "channel", "pixel_size", "z_step", "workers",
     "sigma", "sigma_z", "threshold", "min_distance", "window", "model", "estimator",
-    "integrated", "fix_sigma", "max_iter", "min_snr",
+    "integrated", "fix_sigma", "max_iter", "min_snr", "crowded", "group_radius", "max_group",
     "baseline", "gain", "em_gain", "read_noise",
 )
 

@@ -38,9 +38,6 @@ import click
 MODEL_CHOICES = ("rotated", "elliptical", "symmetric")
 ESTIMATOR_CHOICES = ("lsq", "wlsq", "mle")
 
-#: Float format of CSV written to stdout; the same as
-#: :func:`spotfit.table.write_table` uses for files (checked by a test).
-CSV_FLOAT_FORMAT = "%.8g"
 
 #: ``--out`` value (and default) meaning standard output.
 STDOUT = "-"
@@ -338,10 +335,13 @@ def _camera(baseline, gain, em_gain, read_noise):
 def _write_csv(table, out) -> str:
     """Write `table` to `out` (atomically) or to stdout; return where it went."""
     if out == STDOUT:
-        # Render first so that a failure cannot leave half a table on stdout.
-        text = table.to_csv(index=False, float_format=CSV_FLOAT_FORMAT)
+        # Render first so that a failure cannot leave half a table on stdout;
+        # the same bytes write_table puts in a file.
+        from spotfit.table import to_csv_bytes
+
+        data = to_csv_bytes(table)
         try:
-            click.echo(text, nl=False)
+            click.echo(data, nl=False)  # bytes go to the binary stdout
             sys.stdout.flush()
         except BrokenPipeError:  # e.g. `spotfit fit img.tif | head`
             _silence_stdout()
@@ -529,6 +529,19 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out)
     "--min-snr", type=NON_NEGATIVE, default=3.0, show_default=True,
     help="Converged fits with intensity / intensity_err below this get status low_signal.",
 )
+@click.option(
+    "--crowded", is_flag=True,
+    help="Crowded fields: fit overlapping spots jointly (K Gaussians sharing width and "
+    "offset), search the residual for hidden spots.  Adds group_id and group_size columns.",
+)
+@click.option(
+    "--group-radius", type=POSITIVE, default=3.0, show_default=True,
+    help="With --crowded: spots closer than this many --sigma are fitted together.",
+)
+@click.option(
+    "--max-group", type=click.IntRange(min=1), default=8, show_default=True,
+    help="With --crowded: largest group fitted jointly; bigger clusters are split.",
+)
 @_apply(_out_options("fitted spots"))
 @_workers_option(
     "One IMAGE: threads for fitting.  With --out-dir: files processed in parallel "
@@ -536,7 +549,8 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out)
 )
 def fit(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, min_distance,
         baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
-        fix_sigma, max_iter, min_snr, out, out_dir, skip_existing, workers):
+        fix_sigma, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
+        skip_existing, workers):
     """Detect and fit every spot of IMAGE (TIFF files or folders): position, intensity, widths.
 
     Writes one row per spot (columns and units: see the README), then a
@@ -550,7 +564,7 @@ def fit(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, mi
             sigma=sigma, sigma_z=sigma_z, threshold=threshold, min_distance=min_distance,
             window=window, model=model, estimator=None if estimator == "auto" else estimator,
             integrated=integrated, fix_sigma=fix_sigma, max_iter=max_iter, min_snr=min_snr,
-            workers=workers,
+            crowded=crowded, group_radius=group_radius, max_group=max_group, workers=workers,
         )
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,

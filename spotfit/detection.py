@@ -499,8 +499,9 @@ def detect(
     frames = [np.empty(0, dtype=np.int64)]
     coords = [np.empty((0, frame_ndim), dtype=np.intp)]
     scores = [np.empty(0)]
+    read = getattr(image, "frame", None)  # spotfit.io.Image: one frame in memory at a time
     for t in range(n_frames):
-        frame = data[t] if has_t else data
+        frame = read(t) if (read is not None and has_t) else (data[t] if has_t else data)
         if camera is not None:
             frame = camera.to_photons(frame, np.float32)
         c, s = find_peaks(frame, sig, threshold, min_distance)

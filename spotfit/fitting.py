@@ -200,7 +200,9 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     -------
     pandas.DataFrame
         One row per detected spot, columns as in :func:`spotfit.table.columns`
-        (documented in the README).  Failed fits are kept and flagged in
+        (documented in the README), plus ``x_um``... when the image knows its
+        pixel size (:func:`spotfit.table.add_physical_units`) and the group
+        columns with ``crowded``.  Failed fits are kept and flagged in
         ``status``.
     """
     from spotfit.detection import find_peaks
@@ -239,10 +241,12 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     if pending:
         parts.append(fitter.run(roi.concatenate(pending), np.concatenate(pending_frames)))
     if not parts:
-        return table.empty(ndim)
-    import pandas as pd
+        result = table.empty(ndim)
+    else:
+        import pandas as pd
 
-    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        result = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    return table.add_physical_units(result, img.pixel_size, img.z_step if img.is_3d else None)
 
 
 def _fit_crowded(img, fitter, find_peaks, sigma_det, det_kwargs, read_var):
@@ -263,9 +267,8 @@ def _fit_crowded(img, fitter, find_peaks, sigma_det, det_kwargs, read_var):
         result = crowd.fit_frame(photons, coords, read_var)
         parts.append(crowd.table(result, t, groups_so_far))
         groups_so_far += n_groups(result)
-    if not parts:
-        return table.empty(fitter.ndim, crowded=True)
-    return pd.concat(parts, ignore_index=True)
+    result = pd.concat(parts, ignore_index=True) if parts else table.empty(fitter.ndim, crowded=True)
+    return table.add_physical_units(result, img.pixel_size, img.z_step if img.is_3d else None)
 
 
 def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera | None = None,

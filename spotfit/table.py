@@ -164,7 +164,17 @@ def add_physical_units(table, pixel_size, z_step=None):
     return out
 
 
-def write_table(table, path, float_format: str = "%.8g") -> None:
+def to_csv_bytes(table) -> bytes:
+    """The CSV text spotfit writes: header + one line per row, floats with 8
+    significant digits (``%.8g``: 1e-4 px resolution below 10,000 px), NaN as
+    an empty field; identical to pandas' ``to_csv(index=False,
+    float_format="%.8g")``, rendered by a compiled kernel (:mod:`spotfit._csv`)."""
+    from spotfit._csv import to_csv_bytes as render
+
+    return render(table)
+
+
+def write_table(table, path) -> None:
     """Write a table as CSV atomically (temporary file, then rename).
 
     Parameters
@@ -172,12 +182,15 @@ def write_table(table, path, float_format: str = "%.8g") -> None:
     table : pandas.DataFrame
     path : str or os.PathLike
         Destination; its directory must exist.  Nothing is left at ``path``
-        (or beside it) if writing fails.
-    float_format : str
-        printf-style format of floats (8 significant digits by default:
-        1e-4 px resolution for coordinates below 10,000 px).
+        (or beside it) if writing fails.  Format: :func:`to_csv_bytes`.
     """
     from spotfit._atomic import atomic_path
 
+    data = to_csv_bytes(table)
     with atomic_path(os.fspath(path)) as tmp:
-        table.to_csv(tmp, index=False, float_format=float_format)
+        _write_bytes(tmp, data)
+
+
+def _write_bytes(path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)

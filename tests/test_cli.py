@@ -34,6 +34,7 @@ from spotfit.cli import main
 from spotfit.fitting import FitConfig
 from spotfit.match import match_spots
 from spotfit.simulation import simulate
+import spotfit.table
 from spotfit.table import columns, write_table
 
 NY, NX = 61, 83  # rows, columns: never square
@@ -561,11 +562,6 @@ def test_simulate_defaults_match_library():
         assert given[name] == getattr(DEFAULT_CAMERA, name), name
 
 
-def test_stdout_float_format_matches_write_table():
-    default = inspect.signature(write_table).parameters["float_format"].default
-    assert cli.CSV_FLOAT_FORMAT == default
-
-
 def test_stdout_and_file_outputs_identical(sim2d, dirs):
     tif, _ = sim2d
     out = dirs[1] / "s.csv"
@@ -789,11 +785,11 @@ def test_os_error_while_writing_is_one_line(sim2d, dirs, monkeypatch):
     tif, _ = sim2d
     out = dirs[1] / "spots.csv"
 
-    def disk_full(self, path, *args, **kwargs):
+    def disk_full(path, data):
         Path(path).write_text("partial")
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    monkeypatch.setattr(spotfit.table, "_write_bytes", disk_full)
     result = run("fit", tif, *CAMERA_ARGS, "--out", out)
     assert_input_error(result, out, "No space left on device")
     assert list(dirs[1].iterdir()) == []
@@ -862,3 +858,16 @@ def test_batch_usage_errors_do_not_import_the_scientific_stack(tmp_path):
         "fit a.tif --config missing.json": 1,
     }
     assert report["loaded"] == []
+
+
+def test_fit_crowded_adds_group_columns(sim2d, dirs):
+    """--crowded: same spots as the library's crowded fit, with group_id and group_size."""
+    tif, _ = sim2d
+    out = dirs[1] / "crowded.csv"
+    result = run("fit", tif, *CAMERA_ARGS, "--crowded", "--group-radius", "2.5", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    table = pd.read_csv(out)
+    assert list(table.columns) == columns(2) + ["group_id", "group_size"]
+    assert (table.group_size >= 1).all()
+    result = run("fit", tif, *CAMERA_ARGS, "--max-group", "0")
+    assert result.exit_code == 2 and "--max-group" in result.stderr
