@@ -24,8 +24,8 @@ Peers (photutils, trackpy, Big-FISH, Picasso) run at that density only if
 they are importable; each is tuned on a separate image (its detection
 threshold swept for the best F1).
 
-Run ``python benchmarks/crowded.py`` (about 1-2 min on 2 cores) or
-``--quick`` (about 15 s).  The table goes to stdout, progress to stderr.
+Run ``python benchmarks/crowded.py`` (about 35 s on 2 cores) or
+``--quick`` (about 10 s).  The table goes to stdout, progress to stderr.
 """
 
 from __future__ import annotations
@@ -352,6 +352,13 @@ def source_revision() -> str:
     return f"{where}, git {rev}{' +modified' if dirty else ''}" if rev else where
 
 
+def _loadavg() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except OSError:
+        return "n/a"
+
+
 def fmt(v, spec):
     return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
 
@@ -359,7 +366,7 @@ def fmt(v, spec):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="4 densities, 1 seed, 2 timings, 2 end-to-end files (~15 s)")
+                        help="4 densities, 1 seed, 2 timings, 2 end-to-end files (~10 s)")
     parser.add_argument("--seeds", type=int, help="images per density (default 2; quick 1)")
     parser.add_argument("--repeats", type=int, help="timed fits per image and method (default 3; quick 2)")
     parser.add_argument("--e2e-files", type=int, help="TIFF files of the end-to-end timing (default 4; quick 2)")
@@ -373,6 +380,7 @@ def main(argv=None):
     repeats = args.repeats or (2 if args.quick else 3)
     n_e2e = args.e2e_files or (2 if args.quick else 4)
     t_start = time.perf_counter()
+    load_start = _loadavg()
 
     log("warm-up (numba cache) ...")
     t_warm = warm_up(args.workers)
@@ -416,6 +424,10 @@ def main(argv=None):
           f"numba threads = {numba.get_num_threads()}; OMP/OPENBLAS threads = "
           f"{os.environ.get('OMP_NUM_THREADS', '-')}/{os.environ.get('OPENBLAS_NUM_THREADS', '-')}; "
           f"warm-up {t_warm:.2f} s (untimed)")
+    load_end = _loadavg()
+    busy = any(v != "n/a" and float(v) > (os.cpu_count() or 1) for v in (load_start, load_end))
+    print(f"  load average (1 min) {load_start} at the start, {load_end} at the end"
+          + ("; above os.cpu_count(): other processes shared the cores, timings are low" if busy else ""))
     print()
     head = (f"{'density':<12} {'spots':>6} {'nbr<2sig':>8} {'method':<10} {'found':>6} {'recall':>7} "
             f"{'precis.':>7} {'F1':>6} {'RMSE':>6} {'flagged':>7} {'s/image':>8} {'spots/s':>8} {'spots/s':>8}")

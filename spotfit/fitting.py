@@ -255,6 +255,7 @@ def _fit_crowded(img, fitter, find_peaks, sigma_det, det_kwargs, read_var):
 
     from spotfit.group import CrowdedFitter, n_groups
 
+    fitter.use_threads()
     crowd = CrowdedFitter(fitter)
     parts, groups_so_far = [], 0
     for t, frame in img.frames():
@@ -350,11 +351,15 @@ class _Fitter:
             return Noise(calibrated=True, excess=cam.excess_noise, read_var=rv)
         return Noise(calibrated=False, excess=1.0, read_var=self.noise_var or 0.0)
 
-    def run(self, windows: roi.Windows, frames: np.ndarray):
-        """Fit a batch of windows in one compiled, parallel solve; return its table."""
+    def use_threads(self):
+        """Give the compiled solver ``workers`` threads (at most numba's maximum)."""
         import numba
 
         numba.set_num_threads(max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS)))
+
+    def run(self, windows: roi.Windows, frames: np.ndarray):
+        """Fit a batch of windows in one compiled, parallel solve; return its table."""
+        self.use_threads()
         theta, sol = self._solve(windows, 0, len(windows))
         return self._table(windows, frames, sol)
 
