@@ -80,16 +80,18 @@ for _q in (2, 3):
     _GL_NODES[_q - 2, :_q] = _x / 2.0
     _GL_WEIGHTS[_q - 2, :_q] = _w / 2.0
 
-# Parameter indices per family: centre x, y, z; width x, y, z (-1: none).
+# Separable families as sums of K emitters: per emitter [N, x, y(, z)], then the
+# shared widths.  Row: (3D?, width index along x, along y, along z) for K = 1;
+# -1: not separable (ROT2) or computed from the parameter count (MULTI).
 _LAYOUT = np.array(
     [
-        [1, 2, -1, 3, 3, -1],  # SYM2
-        [1, 2, -1, 3, 4, -1],  # ELL2
-        [1, 2, -1, -1, -1, -1],  # ROT2 (not separable)
-        [1, 2, 3, 4, 4, 5],  # SYM3
-        [1, 2, 3, 4, 5, 6],  # ELL3
-        [-1, -1, -1, -1, -1, -1],  # MULTI2 (own kernel)
-        [-1, -1, -1, -1, -1, -1],  # MULTI3 (own kernel)
+        [0, 3, 3, -1],  # SYM2
+        [0, 3, 4, -1],  # ELL2
+        [0, -1, -1, -1],  # ROT2 (not separable)
+        [1, 4, 4, 5],  # SYM3
+        [1, 4, 5, 6],  # ELL3
+        [0, -1, -1, -1],  # MULTI2
+        [1, -1, -1, -1],  # MULTI3
     ],
     dtype=np.int64,
 )
@@ -117,41 +119,49 @@ def _axis_factors(c0, s, integ, n, f, df, ds):
 
 
 @njit(cache=True, error_model="numpy")
-def _separable(family, integ, th, nz, ny, nx, mu, J, scratch):
+def _gaussians(three_d, K, wx, wy, wz, integ, th, nz, ny, nx, mu, J, scratch):
+    """Sum of K axis-aligned Gaussians (per emitter N, x, y[, z]) sharing widths and offset.
+
+    ``wx, wy, wz`` are the indices of the widths along x, y, z (equal indices:
+    a shared width, whose derivative sums over the axes).
+    """
     k = th.shape[0]
-    ix, iy, iz = _LAYOUT[family, 0], _LAYOUT[family, 1], _LAYOUT[family, 2]
-    wx, wy, wz = _LAYOUT[family, 3], _LAYOUT[family, 4], _LAYOUT[family, 5]
-    _axis_factors(th[ix], th[wx], integ, nx, scratch[0], scratch[1], scratch[2])
-    _axis_factors(th[iy], th[wy], integ, ny, scratch[3], scratch[4], scratch[5])
-    three_d = iz >= 0
-    if three_d:
-        _axis_factors(th[iz], th[wz], integ, nz, scratch[6], scratch[7], scratch[8])
-    N = th[0]
-    offset = th[k - 1]
-    p = 0
-    for z in range(nz):
-        fz, dz, sz = 1.0, 0.0, 0.0
+    per = 4 if three_d else 3
+    for p in range(mu.shape[0]):
+        mu[p] = th[k - 1]
+    for j in range(k):
+        for p in range(mu.shape[0]):
+            J[j, p] = 0.0
+    for e in range(K):
+        b = e * per
+        N = th[b]
+        _axis_factors(th[b + 1], th[wx], integ, nx, scratch[0], scratch[1], scratch[2])
+        _axis_factors(th[b + 2], th[wy], integ, ny, scratch[3], scratch[4], scratch[5])
         if three_d:
-            fz, dz, sz = scratch[6, z], scratch[7, z], scratch[8, z]
-        for y in range(ny):
-            fy, dy, sy = scratch[3, y], scratch[4, y], scratch[5, y]
-            fyz = fy * fz
-            for x in range(nx):
-                fx, dx, sx = scratch[0, x], scratch[1, x], scratch[2, x]
-                shape = fx * fyz
-                mu[p] = N * shape + offset
-                for j in range(k):
-                    J[j, p] = 0.0
-                J[0, p] = shape
-                J[ix, p] = N * dx * fyz
-                J[iy, p] = N * fx * dy * fz
-                J[wx, p] += N * sx * fyz
-                J[wy, p] += N * fx * sy * fz
-                if three_d:
-                    J[iz, p] = N * fx * fy * dz
-                    J[wz, p] += N * fx * fy * sz
-                J[k - 1, p] = 1.0
-                p += 1
+            _axis_factors(th[b + 3], th[wz], integ, nz, scratch[6], scratch[7], scratch[8])
+        p = 0
+        for z in range(nz):
+            fz, dz, sz = 1.0, 0.0, 0.0
+            if three_d:
+                fz, dz, sz = scratch[6, z], scratch[7, z], scratch[8, z]
+            for y in range(ny):
+                fy, dy, sy = scratch[3, y], scratch[4, y], scratch[5, y]
+                fyz = fy * fz
+                for x in range(nx):
+                    fx, dx, sx = scratch[0, x], scratch[1, x], scratch[2, x]
+                    shape = fx * fyz
+                    mu[p] += N * shape
+                    J[b, p] = shape
+                    J[b + 1, p] = N * dx * fyz
+                    J[b + 2, p] = N * fx * dy * fz
+                    J[wx, p] += N * sx * fyz
+                    J[wy, p] += N * fx * sy * fz
+                    if three_d:
+                        J[b + 3, p] = N * fx * fy * dz
+                        J[wz, p] += N * fx * fy * sz
+                    p += 1
+    for p in range(mu.shape[0]):
+        J[k - 1, p] = 1.0
 
 
 @njit(cache=True, error_model="numpy")
@@ -212,51 +222,6 @@ def _rotated(integ, th, ny, nx, mu, J, tmp):
 
 
 @njit(cache=True, error_model="numpy")
-def _multi(three_d, integ, th, nz, ny, nx, mu, J, scratch):
-    """Sum of K Gaussians (per emitter: N, x, y[, z]) with shared widths and offset."""
-    k = th.shape[0]
-    per = 4 if three_d else 3
-    n_widths = 2 if three_d else 1
-    K = (k - 1 - n_widths) // per
-    iw = k - 1 - n_widths  # lateral sigma
-    s = th[iw]
-    for p in range(mu.shape[0]):
-        mu[p] = th[k - 1]
-    for j in range(k):
-        for p in range(mu.shape[0]):
-            J[j, p] = 0.0
-    for e in range(K):
-        b = e * per
-        N = th[b]
-        _axis_factors(th[b + 1], s, integ, nx, scratch[0], scratch[1], scratch[2])
-        _axis_factors(th[b + 2], s, integ, ny, scratch[3], scratch[4], scratch[5])
-        if three_d:
-            _axis_factors(th[b + 3], th[iw + 1], integ, nz, scratch[6], scratch[7], scratch[8])
-        p = 0
-        for z in range(nz):
-            fz, dz, sz = 1.0, 0.0, 0.0
-            if three_d:
-                fz, dz, sz = scratch[6, z], scratch[7, z], scratch[8, z]
-            for y in range(ny):
-                fy, dy, sy = scratch[3, y], scratch[4, y], scratch[5, y]
-                fyz = fy * fz
-                for x in range(nx):
-                    fx, dx, sx = scratch[0, x], scratch[1, x], scratch[2, x]
-                    shape = fx * fyz
-                    mu[p] += N * shape
-                    J[b, p] = shape
-                    J[b + 1, p] = N * dx * fyz
-                    J[b + 2, p] = N * fx * dy * fz
-                    J[iw, p] += N * (sx * fyz + fx * sy * fz)
-                    if three_d:
-                        J[b + 3, p] = N * fx * fy * dz
-                        J[iw + 1, p] += N * fx * fy * sz
-                    p += 1
-    for p in range(mu.shape[0]):
-        J[k - 1, p] = 1.0
-
-
-@njit(cache=True, error_model="numpy")
 def model_window(family, integ, th, nz, ny, nx, mu, J, scratch):
     """Fill ``mu (P,)`` and ``J (k, P)`` for one window.
 
@@ -264,10 +229,16 @@ def model_window(family, integ, th, nz, ny, nx, mu, J, scratch):
     """
     if family == ROT2:
         _rotated(integ, th, ny, nx, mu, J, scratch[0])
-    elif family == MULTI2 or family == MULTI3:
-        _multi(family == MULTI3, integ, th, nz, ny, nx, mu, J, scratch)
+        return
+    three_d = _LAYOUT[family, 0] == 1
+    if family == MULTI2 or family == MULTI3:
+        n_widths = 2 if three_d else 1
+        wx = th.shape[0] - 1 - n_widths
+        K = wx // (4 if three_d else 3)
+        _gaussians(three_d, K, wx, wx, wx + 1, integ, th, nz, ny, nx, mu, J, scratch)
     else:
-        _separable(family, integ, th, nz, ny, nx, mu, J, scratch)
+        _gaussians(three_d, 1, _LAYOUT[family, 1], _LAYOUT[family, 2], _LAYOUT[family, 3],
+                   integ, th, nz, ny, nx, mu, J, scratch)
 
 
 @njit(cache=True, error_model="numpy")
