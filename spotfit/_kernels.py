@@ -323,6 +323,34 @@ def _accumulate(family, integ, est, th, d, w, shift, scale, nz, ny, nx, mu, J, s
 
 
 @njit(cache=True, error_model="numpy")
+def _scaled_cholesky(A, L, y, min_pivot):
+    """``D A D = L L^T`` with ``D = diag(y)`` scaling ``A`` to unit diagonal.
+
+    Fills ``y`` (the scales) and the lower triangle of ``L``; ``A`` is left
+    unchanged.  Returns False when a diagonal is not positive or a pivot is
+    below ``min_pivot`` (singular to working precision).
+    """
+    m = A.shape[0]
+    for i in range(m):
+        if not A[i, i] > 0.0:
+            return False
+        y[i] = 1.0 / math.sqrt(A[i, i])
+    for j in range(m):
+        s = A[j, j] * y[j] * y[j]
+        for q in range(j):
+            s -= L[j, q] * L[j, q]
+        if not s > min_pivot:
+            return False
+        L[j, j] = math.sqrt(s)
+        for i in range(j + 1, m):
+            t = A[i, j] * y[i] * y[j]
+            for q in range(j):
+                t -= L[i, q] * L[j, q]
+            L[i, j] = t / L[j, j]
+    return True
+
+
+@njit(cache=True, error_model="numpy")
 def _damped_solve(H, g, lam, free, A, L, y, delta):
     """Solve ``(H + lam * diag(H)) delta = g`` by scaled Cholesky; False if singular."""
     k = H.shape[0]
@@ -337,27 +365,8 @@ def _damped_solve(H, g, lam, free, A, L, y, delta):
             A[i, i] = H[i, i] + lam * max(H[i, i], floor)
         else:
             A[i, i] = 1.0
-    # scale to unit diagonal
-    for i in range(k):
-        if not A[i, i] > 0.0:
-            return False
-        y[i] = 1.0 / math.sqrt(A[i, i])
-    for i in range(k):
-        for j in range(k):
-            A[i, j] *= y[i] * y[j]
-    # Cholesky A = L L^T
-    for j in range(k):
-        s = A[j, j]
-        for m in range(j):
-            s -= L[j, m] * L[j, m]
-        if not s > 1e-14:
-            return False
-        L[j, j] = math.sqrt(s)
-        for i in range(j + 1, k):
-            t = A[i, j]
-            for m in range(j):
-                t -= L[i, m] * L[j, m]
-            L[i, j] = t / L[j, j]
+    if not _scaled_cholesky(A, L, y, 1e-14):
+        return False
     # forward / back substitution on the scaled right-hand side
     for i in range(k):
         t = g[i] * y[i] if free[i] else 0.0
@@ -499,22 +508,8 @@ def _cholesky_inverse(A, out, L, y):
     Scaled to unit diagonal first; singular means a pivot below 1e-10.
     """
     m = A.shape[0]
-    for i in range(m):
-        if not A[i, i] > 0.0:
-            return False
-        y[i] = 1.0 / math.sqrt(A[i, i])
-    for j in range(m):
-        s = A[j, j] * y[j] * y[j]
-        for q in range(j):
-            s -= L[j, q] * L[j, q]
-        if not s > 1e-10:
-            return False
-        L[j, j] = math.sqrt(s)
-        for i in range(j + 1, m):
-            t = A[i, j] * y[i] * y[j]
-            for q in range(j):
-                t -= L[i, q] * L[j, q]
-            L[i, j] = t / L[j, j]
+    if not _scaled_cholesky(A, L, y, 1e-10):
+        return False
     # invert L (lower triangular) in place into out, then out = L^-T L^-1
     for i in range(m):
         for j in range(m):
