@@ -23,6 +23,9 @@ from spotfit import roi, solver, table
 #: to a few (CHUNK, P) float64 arrays.
 CHUNK = 32768
 
+#: moment-estimate signal-to-noise below which a fit starts with its widths held
+FAINT_SNR = 25.0
+
 
 @dataclass(frozen=True)
 class FitConfig:
@@ -389,8 +392,22 @@ class _Fitter:
         rv = None if windows.read_var is None else windows.read_var[start:stop]
         sol = solver.solve(m, self.estimator, data, mask, grid, theta0, noise=self.noise(rv),
                            lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
-                           hold_first=None if cfg.fix_sigma else widths)
+                           hold_first=None if cfg.fix_sigma else widths,
+                           hold_rows=self._faint(theta0))
         return sol.theta, sol
+
+    def _faint(self, theta0):
+        """Windows whose moment estimates promise a signal-to-noise ratio below
+        ``FAINT_SNR``: only these need the solver's first pass with the widths
+        held (bright spots cannot collapse onto a single noisy pixel)."""
+        sigma = self.config.sigma
+        area = 4.0 * np.pi * sigma * sigma  # effective pixels of a spot
+        if self.camera.calibrated:
+            var_bg = np.maximum(theta0[:, -1], 1.0)
+        else:
+            var_bg = max(self.noise_var or 0.0, 1e-12)
+        snr = theta0[:, 0] / np.sqrt(area * var_bg)
+        return snr < FAINT_SNR
 
     def _table(self, windows, frames, sol):
         m, ndim = self.model, self.ndim

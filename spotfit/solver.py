@@ -71,6 +71,7 @@ def solve(
     max_iter: int = 50,
     tol: float = 1e-3,
     hold_first: np.ndarray | None = None,
+    hold_rows: np.ndarray | None = None,
 ) -> Solution:
     """Fit ``model`` to every window at once.
 
@@ -104,6 +105,9 @@ def solve(
         second pass from its result.  Holding the widths first keeps faint
         fits from collapsing onto a single noisy pixel (a spurious minimum
         with sigma near 0) before the centre has found the spot.
+    hold_rows : (n,) bool ndarray, optional
+        Windows that get that first pass (default: all).  Bright spots do
+        not need it.
 
     Returns
     -------
@@ -126,15 +130,24 @@ def solve(
     cost = np.zeros(n)
     if n:
         nz, ny, nx = grid.zyx
-        passes = [(free, max_iter, tol)]
+        args = (model.family, model.kernel_integ, estimator.kernel_id)
         if hold_first is not None:  # a short, coarse first pass is enough to find the spot
-            passes.insert(0, (free & ~np.asarray(hold_first, bool), min(max_iter, 3), 10 * tol))
-        for free_pass, iters_pass, tol_pass in passes:
-            done = iterations.copy()
-            levenberg_marquardt(model.family, model.kernel_integ, estimator.kernel_id, d_k, w_k, shift,
-                                float(scale), estimator.name == "lsq", nz, ny, nx, theta, lower, upper,
-                                free_pass, int(iters_pass), float(tol_pass), iterations, status, cost)
-            iterations += done
+            rows = np.arange(n) if hold_rows is None else np.flatnonzero(hold_rows)
+            if len(rows):
+                sub_theta, sub_iter = theta[rows], np.zeros(len(rows), dtype=np.int32)
+                sub_status, sub_cost = np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows))
+                levenberg_marquardt(*args, d_k[rows], w_k[rows], shift[rows], float(scale),
+                                    estimator.name == "lsq", nz, ny, nx, sub_theta, lower[rows],
+                                    upper[rows], free & ~np.asarray(hold_first, bool),
+                                    int(min(max_iter, 3)), float(10 * tol), sub_iter, sub_status,
+                                    sub_cost)
+                theta[rows] = sub_theta
+                iterations[rows] = sub_iter
+        done = iterations.copy()
+        levenberg_marquardt(*args, d_k, w_k, shift, float(scale), estimator.name == "lsq", nz, ny, nx,
+                            theta, lower, upper, free, int(max_iter), float(tol), iterations, status,
+                            cost)
+        iterations += done
     cov, chi2_red = covariance(model, estimator, (d_k, w_k, shift, scale), data, theta, grid, noise, free)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
     status[singular & (status == CONVERGED)] = SINGULAR
