@@ -54,12 +54,12 @@ returns a table.  Coordinates follow :mod:`spotfit`: 0-based pixel centres,
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 
 import numpy as np
 import pandas as pd
 import scipy.fft
+from numba import njit
 from scipy.sparse import csr_matrix
 from scipy.spatial import cKDTree
 
@@ -381,6 +381,28 @@ def _dog_transfer(fft_shape, sigma):
     return h
 
 
+@njit(cache=True)
+def _is_box_maximum(volume, coords, rz, ry, rx):
+    """For each ``(z, y, x)`` in ``coords``: is it >= every pixel of the box of
+    half-widths ``(rz, ry, rx)`` around it (the box clipped at the edges)?"""
+    nz, ny, nx = volume.shape
+    out = np.ones(coords.shape[0], dtype=np.bool_)
+    for i in range(coords.shape[0]):
+        z, y, x = coords[i, 0], coords[i, 1], coords[i, 2]
+        h = volume[z, y, x]
+        for zz in range(max(z - rz, 0), min(z + rz + 1, nz)):
+            for yy in range(max(y - ry, 0), min(y + ry + 1, ny)):
+                for xx in range(max(x - rx, 0), min(x + rx + 1, nx)):
+                    if volume[zz, yy, xx] > h:
+                        out[i] = False
+                        break
+                if not out[i]:
+                    break
+            if not out[i]:
+                break
+    return out
+
+
 def _local_maxima(filtered: np.ndarray, cand: np.ndarray, radii) -> np.ndarray:
     """Which candidate pixels are maxima of their neighbourhood.
 
@@ -412,12 +434,10 @@ def _local_maxima(filtered: np.ndarray, cand: np.ndarray, radii) -> np.ndarray:
         return np.empty(0, dtype=np.intp)
     idx = np.unravel_index(cand, filtered.shape)
     height = filtered.ravel()[cand]
-    is_max = np.ones(cand.size, dtype=bool)
-    for offset in itertools.product(*(range(-r, r + 1) for r in radii)):
-        if not any(offset):
-            continue
-        nb = tuple(np.clip(i + o, 0, n - 1) for i, o, n in zip(idx, offset, filtered.shape))
-        is_max &= height >= filtered[nb]
+    volume = filtered.reshape((1,) * (3 - filtered.ndim) + filtered.shape)  # as (nz, ny, nx)
+    rz, ry, rx = ((0,) * (3 - len(radii)) + tuple(int(r) for r in radii))
+    coords = np.stack([np.zeros_like(idx[0])] * (3 - filtered.ndim) + list(idx), axis=1)
+    is_max = _is_box_maximum(volume, np.ascontiguousarray(coords, dtype=np.int64), rz, ry, rx)
     peaks = np.flatnonzero(is_max)
     peaks = peaks[np.argsort(-height[peaks], kind="stable")]
     if max(radii) > 1 and len(peaks) > 1:
