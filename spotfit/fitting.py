@@ -208,11 +208,19 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         columns with ``crowded``.  Failed fits are kept and flagged in
         ``status``.
     """
-    from spotfit.detection import find_peaks
-
     config = _config(config, options)
     camera = camera or Camera()
     img = _as_image(image, axes=axes, channel=channel)
+    if isinstance(image, (str, os.PathLike)):  # opened here: closed here
+        with img:
+            return _fit_image(img, config, camera)
+    return _fit_image(img, config, camera)
+
+
+def _fit_image(img, config, camera):
+    """:func:`fit` on an open :class:`~spotfit.io.Image`."""
+    from spotfit.detection import find_peaks
+
     ndim = 3 if img.is_3d else 2
     camera.check_shape(img.frame_shape, source=str(img.path or "image"))
     sigma_det = (config.axial_sigma(), config.sigma, config.sigma) if ndim == 3 else config.sigma

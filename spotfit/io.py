@@ -223,6 +223,23 @@ class Image:
         _release(mm)
         return frame
 
+    def close(self) -> None:
+        """Release the file behind `data` (a page-by-page stack's open TIFF).
+
+        Memory-mapped and in-memory images need no closing; calling it is
+        always safe.  ``with read_image(path) as image:`` closes on exit.
+        """
+        close = getattr(self.data, "close", None)
+        if close is not None and not isinstance(self.data, np.ndarray):
+            close()
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self.close()
+        return False
+
     def __repr__(self) -> str:
         return (
             f"Image(shape={tuple(self.data.shape)}, axes={self.axes!r}, "

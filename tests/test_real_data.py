@@ -117,10 +117,11 @@ def test_fit_real_image(case: Case, tmp_path):
     assert (table["unit"] == "ADU").all()  # no --gain given
 
     axes = dict(zip(case.args[::2], case.args[1::2])).get("--axes")
-    image = spotfit.read_image(path, axes=axes)
-    assert table["frame"].between(0, image.n_frames - 1).all()
+    with spotfit.read_image(path, axes=axes) as image:
+        n_frames, frame_shape = image.n_frames, image.frame_shape
+    assert table["frame"].between(0, n_frames - 1).all()
     ok = table[table["status"] == "converged"]
-    sizes = dict(zip("zyx"[-len(image.frame_shape):], image.frame_shape))
+    sizes = dict(zip("zyx"[-len(frame_shape):], frame_shape))
     for axis, size in sizes.items():
         # pixel centres run from 0 to size - 1; the image covers [-0.5, size - 0.5]
         assert ok[axis].between(-0.5, size - 0.5).all(), axis
