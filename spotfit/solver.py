@@ -185,13 +185,21 @@ def covariance(model, estimator, prepared, data, theta, grid, noise, free):
     if noise.calibrated:
         kernel(*args, 0, float(noise.excess), read_var, 0.0, 0.0, 0.0, cov, chi2, sums)
     else:
-        kernel(*args, 1, 1.0, read_var, 0.0, 0.0, 0.0, cov, chi2, sums)
-        alpha, beta, v_floor = _variance_model(sums.sum(axis=0))
+        # The camera's (alpha, beta) are global: REGRESSION_WINDOWS evenly
+        # spread windows measure them as well as all of them would.
+        sub = np.unique(np.linspace(0, n - 1, min(n, REGRESSION_WINDOWS)).astype(np.int64))
+        sub_sums = np.zeros((len(sub), 5))
+        kernel(model.family, model.kernel_integ, estimator.kernel_id, d_k[sub], w_k[sub], shift[sub],
+               float(scale), data[sub], nz, ny, nx, theta[sub], free, 1, 1.0, read_var[sub],
+               0.0, 0.0, 0.0, np.zeros((len(sub), k, k)), np.zeros(len(sub)), sub_sums)
+        alpha, beta, v_floor = _variance_model(sub_sums.sum(axis=0))
         kernel(*args, 2, 1.0, read_var, alpha, beta, v_floor, cov, chi2, sums)
     return cov, chi2
 
 
 _VAR_FLOOR = 1e-6
+#: windows used to fit the noise model of an uncalibrated camera
+REGRESSION_WINDOWS = 2000
 
 
 def _variance_model(sums):
