@@ -636,12 +636,17 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
         for a in range(m):
             for b in range(a):
                 B[b, a] = B[a, b]
+        T = np.zeros((m, m))  # Ainv @ B, then @ Ainv
+        for a in range(m):
+            for c in range(m):
+                if Ainv[a, c] != 0.0:
+                    for e in range(m):
+                        T[a, e] += Ainv[a, c] * B[c, e]
         for a in range(m):
             for b in range(m):
                 t = 0.0
-                for c in range(m):
-                    for e in range(m):
-                        t += Ainv[a, c] * B[c, e] * Ainv[e, b]
+                for e in range(m):
+                    t += T[a, e] * Ainv[e, b]
                 cov[s, idx[a], idx[b]] = t
 
 
