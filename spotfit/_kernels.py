@@ -387,7 +387,8 @@ def _damped_solve(H, g, lam, free, A, L, y, delta):
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz, ny, nx,
-                        theta, lower, upper, free, max_iter, tol, iterations, status, cost_out):
+                        theta, lower, upper, free, max_iter, tol, iterations, status, cost_out,
+                        chunks):
     """Fit every window; updates ``theta`` in place.
 
     Parameters
@@ -415,6 +416,10 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
         Convergence threshold on the cost decrease, chi-square units.
     iterations, status : (n,) int arrays, out
     cost_out : (n,) float64 array, out
+    chunks : int
+        Windows are processed in this many contiguous chunks, spread over
+        the threads (a few per thread balances the load); each chunk
+        allocates its work arrays once.
     """
     n, k = theta.shape
     P = data.shape[1]
@@ -423,7 +428,8 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
     for i in range(k):
         if free[i]:
             n_free += 1
-    for s in prange(n):
+    n_chunks = min(n, max(chunks, 1))
+    for c in prange(n_chunks):  # work arrays allocated once per chunk, not per window
         mu = np.empty(P)
         J = np.empty((k, P))
         scratch = np.empty((9, size))
@@ -437,68 +443,71 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
         delta = np.empty(k)
         e = np.empty(P)
         W = np.empty(P)
-        th = theta[s].copy()
+        th = np.empty(k)
         trial = np.empty(k)
-        d = data[s]
-        ws = w[s]
-        sh = shift[s]
-        lo = lower[s]
-        hi = upper[s]
-        for i in range(k):
-            th[i] = min(max(th[i], lo[i]), hi[i])
-        constrain(family, th)
-        n_valid = 0
-        for p in range(P):
-            if ws[p] != 0.0:
-                n_valid += 1
-        dof = max(n_valid - n_free, 1)
-
-        cost = _accumulate(family, integ, est, th, d, ws, sh, scale, nz, ny, nx, mu, J, scratch, e, W, H, g)
-        st = 1  # max iterations unless something else happens
-        if not math.isfinite(cost):
-            st = 2
-        lam = 1e-3
-        nu = 2.0
-        it = 0
-        while st == 1 and it < max_iter:
-            if not _damped_solve(H, g, lam, free, A, L, y, delta):
-                st = 2
-                break
+        for s in range(c * n // n_chunks, (c + 1) * n // n_chunks):
             for i in range(k):
-                trial[i] = min(max(th[i] + delta[i], lo[i]), hi[i])
-            constrain(family, trial)
-            cost_new = _accumulate(family, integ, est, trial, d, ws, sh, scale, nz, ny, nx, mu, J,
-                                   scratch, e, W, H_new, g_new)
-            it += 1
-            if math.isfinite(cost_new) and cost_new <= cost:
-                predicted = 0.0
+                th[i] = theta[s, i]
+            d = data[s]
+            ws = w[s]
+            sh = shift[s]
+            lo = lower[s]
+            hi = upper[s]
+            for i in range(k):
+                th[i] = min(max(th[i], lo[i]), hi[i])
+            constrain(family, th)
+            n_valid = 0
+            for p in range(P):
+                if ws[p] != 0.0:
+                    n_valid += 1
+            dof = max(n_valid - n_free, 1)
+
+            cost = _accumulate(family, integ, est, th, d, ws, sh, scale, nz, ny, nx, mu, J, scratch, e, W, H, g)
+            st = 1  # max iterations unless something else happens
+            if not math.isfinite(cost):
+                st = 2
+            lam = 1e-3
+            nu = 2.0
+            it = 0
+            while st == 1 and it < max_iter:
+                if not _damped_solve(H, g, lam, free, A, L, y, delta):
+                    st = 2
+                    break
                 for i in range(k):
-                    predicted += 2.0 * delta[i] * g[i]
-                    for j in range(k):
-                        predicted -= delta[i] * H[i, j] * delta[j]
-                gain = cost - cost_new
-                rho = gain / predicted if predicted > 0.0 else 0.0
-                lam = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-9)
-                nu = 2.0
-                for i in range(k):
-                    th[i] = trial[i]
-                    g[i] = g_new[i]
-                    for j in range(k):
-                        H[i, j] = H_new[i, j]
-                cost = cost_new
-                unit = cost / dof if normalise else 1.0
-                if gain <= tol * unit:
-                    st = 0
-            else:
-                lam *= nu
-                nu *= 2.0
-                if lam > 1e7:  # no downhill step left: at the minimum
-                    st = 0
-        for i in range(k):
-            theta[s, i] = th[i]
-        iterations[s] = it
-        status[s] = st
-        cost_out[s] = cost
+                    trial[i] = min(max(th[i] + delta[i], lo[i]), hi[i])
+                constrain(family, trial)
+                cost_new = _accumulate(family, integ, est, trial, d, ws, sh, scale, nz, ny, nx, mu, J,
+                                       scratch, e, W, H_new, g_new)
+                it += 1
+                if math.isfinite(cost_new) and cost_new <= cost:
+                    predicted = 0.0
+                    for i in range(k):
+                        predicted += 2.0 * delta[i] * g[i]
+                        for j in range(k):
+                            predicted -= delta[i] * H[i, j] * delta[j]
+                    gain = cost - cost_new
+                    rho = gain / predicted if predicted > 0.0 else 0.0
+                    lam = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-9)
+                    nu = 2.0
+                    for i in range(k):
+                        th[i] = trial[i]
+                        g[i] = g_new[i]
+                        for j in range(k):
+                            H[i, j] = H_new[i, j]
+                    cost = cost_new
+                    unit = cost / dof if normalise else 1.0
+                    if gain <= tol * unit:
+                        st = 0
+                else:
+                    lam *= nu
+                    nu *= 2.0
+                    if lam > 1e7:  # no downhill step left: at the minimum
+                        st = 0
+            for i in range(k):
+                theta[s, i] = th[i]
+            iterations[s] = it
+            status[s] = st
+            cost_out[s] = cost
 
 
 @njit(cache=True, error_model="numpy")

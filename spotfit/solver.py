@@ -113,6 +113,8 @@ def solve(
     -------
     Solution
     """
+    import numba
+
     from spotfit._kernels import levenberg_marquardt
 
     n, k = theta0.shape
@@ -131,6 +133,7 @@ def solve(
     if n:
         nz, ny, nx = grid.zyx
         args = (model.family, model.kernel_integ, estimator.kernel_id)
+        chunks = 8 * numba.get_num_threads()  # a few chunks of windows per thread
         if hold_first is not None:  # a short, coarse first pass is enough to find the spot
             rows = np.arange(n) if hold_rows is None else np.flatnonzero(hold_rows)
             if len(rows):
@@ -140,13 +143,13 @@ def solve(
                                     estimator.name == "lsq", nz, ny, nx, sub_theta, lower[rows],
                                     upper[rows], free & ~np.asarray(hold_first, bool),
                                     int(min(max_iter, 3)), float(10 * tol), sub_iter, sub_status,
-                                    sub_cost)
+                                    sub_cost, chunks)
                 theta[rows] = sub_theta
                 iterations[rows] = sub_iter
         done = iterations.copy()
         levenberg_marquardt(*args, d_k, w_k, shift, float(scale), estimator.name == "lsq", nz, ny, nx,
                             theta, lower, upper, free, int(max_iter), float(tol), iterations, status,
-                            cost)
+                            cost, chunks)
         iterations += done
     cov, chi2_red = covariance(model, estimator, (d_k, w_k, shift, scale), data, theta, grid, noise, free)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
