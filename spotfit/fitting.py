@@ -26,6 +26,10 @@ CHUNK = 32768
 #: moment-estimate signal-to-noise below which a fit starts with its widths held
 FAINT_SNR = 25.0
 
+#: pixels within this many sigma of another candidate (and nearer to it than to
+#: the window's own spot) are left out of a single-spot fit
+NEIGHBOUR_REACH = 2.5
+
 
 @dataclass(frozen=True)
 class FitConfig:
@@ -241,6 +245,7 @@ def _fit_image(img, config, camera):
             continue
         coords = coords[np.lexsort(coords.T[::-1])]  # rows in raster order (z, y, x)
         w = roi.cut(photons, coords, config.half_size(ndim), read_var=read_var)
+        roi.mask_neighbours(w, coords, NEIGHBOUR_REACH * config.sigma)
         pending.append(w)
         pending_frames.append(np.full(len(w), t, dtype=np.int64))
         n_pending += len(w)

@@ -197,3 +197,23 @@ def test_too_few_photons_are_flagged():
     bright, _ = simulate((60, 124), positions=positions, photons=3000, background=20, sigma=1.3, camera=CAMERA,
                          seed=1)
     assert (spotfit.fit_spots(bright, positions, camera=CAMERA).status == "converged").all()
+
+
+def test_neighbour_pixels_are_left_out_of_single_spot_fits():
+    """Pairs 5-6 px apart (windows overlap): each fit ignores the pixels of the other
+    spot, so positions are not pulled together (RMSE < 0.12 px, all matched within 1 px)."""
+    rng = np.random.default_rng(0)
+    centres = np.array([(x, y) for x in range(15, 400, 25) for y in range(15, 300, 25)], float)
+    angle = rng.uniform(0, np.pi, len(centres))
+    for separation in (5.0, 6.0):
+        half = 0.5 * separation * np.column_stack([np.cos(angle), np.sin(angle)])
+        pos = np.concatenate([centres - half, centres + half])
+        img, truth = simulate((310, 410), positions=pos, photons=2000, background=20, sigma=1.3,
+                              camera=CAMERA, seed=int(separation))
+        found = spotfit.fit(img, camera=CAMERA)
+        i_f, i_t = match_spots(found[["x", "y"]].to_numpy(), pos, 1.0)
+        assert len(i_t) == len(pos)
+        err = found[["x", "y"]].to_numpy()[i_f] - pos[i_t]
+        assert np.sqrt(np.mean(err**2)) < 0.12  # px
+        ratio = found.intensity.to_numpy()[i_f] / 2000.0
+        assert abs(np.mean(ratio) - 1) < 0.08
