@@ -249,10 +249,6 @@ def constrain(family, th):
         th[5] = min(max(th[5], -limit), limit)
 
 
-def scratch_size(nz, ny, nx):
-    return max(nz, ny, nx, 10)
-
-
 @njit(cache=True, parallel=True, error_model="numpy")
 def evaluate(family, integ, theta, nz, ny, nx, mu, J):
     """Batched :func:`model_window`: ``theta (n, k)`` -> ``mu (n, P)``, ``J (n, k, P)``."""

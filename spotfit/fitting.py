@@ -387,7 +387,7 @@ class _Fitter:
         mask = windows.mask[start:stop]
         grid = windows.grid
         theta0 = initial_guess(m, data, mask, grid, cfg)
-        lower, upper = bounds(m, grid, cfg)
+        lower, upper = m.bounds(grid)
         if self.estimator.name == "mle":
             # Poisson likelihood: the background is a photon rate and cannot be
             # negative (a negative offset would make the model <= 0 in dark pixels).
@@ -515,8 +515,3 @@ def initial_guess(model, data, mask, grid, config: FitConfig):
         widths[:, j] = expected[j] if config.fix_sigma else np.clip(s, 0.7 * expected[j], 1.5 * expected[j])
     intensity = np.maximum(total, 1e-3)
     return model.from_moments(center, widths, intensity, offset)
-
-
-def bounds(model, grid, config: FitConfig):
-    """Box constraints ``(lower, upper)``, each ``(k,)``; see ``Model.bounds``."""
-    return model.bounds(grid)

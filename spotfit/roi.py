@@ -54,10 +54,6 @@ class Windows:
         """Window-relative ``(n, ndim)`` coordinates ``(x, y[, z])`` -> image."""
         return rel + self.origin
 
-    def to_window(self, absolute: np.ndarray) -> np.ndarray:
-        """Image coordinates ``(n, ndim)`` ``(x, y[, z])`` -> window-relative."""
-        return absolute - self.origin
-
     def valid_extent(self, start: int = 0, stop: int | None = None):
         """First and last unmasked pixel of each window along each axis.
 

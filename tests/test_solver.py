@@ -10,7 +10,7 @@ import pytest
 
 from spotfit import solver
 from spotfit.estimators import Noise, get_estimator
-from spotfit.fitting import FitConfig, bounds, initial_guess
+from spotfit.fitting import FitConfig, initial_guess
 from spotfit.models import Grid, get_model
 
 GRID = Grid((9, 11))  # (ny, nx)
@@ -29,7 +29,7 @@ def _fit(data, model, estimator, noise=POISSON, fix_sigma=False, sigma=1.3):
     cfg = FitConfig(sigma=sigma, fix_sigma=fix_sigma)
     mask = np.ones(data.shape, bool)
     theta0 = initial_guess(model, data, mask, GRID, cfg)
-    lower, upper = bounds(model, GRID, cfg)
+    lower, upper = model.bounds(GRID)
     widths = np.isin(model.param_names, model.width_names)
     free = ~widths if fix_sigma else np.ones(model.n_params, bool)
     return solver.solve(model, get_estimator(estimator), data, mask, GRID, theta0, noise=noise,
@@ -170,7 +170,7 @@ def test_masked_pixels_are_ignored():
     mask[:, :, :2] = False
     mask = mask.reshape(len(data), -1)
     cfg = FitConfig()
-    lo, hi = bounds(model, GRID, cfg)
+    lo, hi = model.bounds(GRID)
     theta0 = initial_guess(model, np.where(mask, data, 0), mask, GRID, cfg)
     a = solver.solve(model, est, np.where(mask, data, 0.0), mask, GRID, theta0, POISSON, lo, hi)
     b = solver.solve(model, est, np.where(mask, data, 1e6), mask, GRID, theta0, POISSON, lo, hi)
