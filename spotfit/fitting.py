@@ -323,6 +323,7 @@ def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera 
     fitter = _Fitter(config, camera, ndim)
     fitter.noise_var = _noise_variance(photons)
     w = roi.cut(photons, centers, config.half_size(ndim), read_var=fitter.read_var_map())
+    roi.mask_neighbours(w, centers, NEIGHBOUR_REACH * config.sigma)
     return fitter.run(w, np.full(len(w), frame, dtype=np.int64))
 
 
