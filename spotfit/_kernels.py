@@ -285,7 +285,7 @@ def _pixel_terms(est, dp, mu, wp, shift, scale):
     return 2.0 * ws * dev, ws * (dp / m - 1.0), ws / m
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _accumulate(family, integ, est, th, d, w, shift, scale, nz, ny, nx, mu, J, scratch, e, W, H, g):
     """Cost of one window; fills ``H = J W J^T`` and ``g = J e``.
 

@@ -509,8 +509,10 @@ def initial_guess(model, data, mask, grid, config: FitConfig):
     widths = np.empty((n, grid.ndim))
     expected = [config.sigma, config.sigma, config.axial_sigma()][: grid.ndim]
     for j, c in enumerate(coords):
-        mean = excess @ c / safe
-        var = excess @ (c * c) / safe - mean**2
+        # einsum, not `@`: a BLAS call would leave OpenBLAS threads spinning on
+        # the cores the compiled solver is about to use (measured: 2x slower solve)
+        mean = np.einsum("np,p->n", excess, c) / safe
+        var = np.einsum("np,p->n", excess, c * c) / safe - mean**2
         center[:, j] = np.where(total > 0, mean, centre_window[j])
         s = np.sqrt(np.clip(var, 0.0, None))
         widths[:, j] = expected[j] if config.fix_sigma else np.clip(s, 0.7 * expected[j], 1.5 * expected[j])
