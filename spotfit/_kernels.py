@@ -506,6 +506,23 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
             cost_out[s] = cost
 
 
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _weighted_gram(J, idx, m, weight, out):
+    """``out[a, b] = sum_p J[idx[a], p] * weight[p] * J[idx[b], p]`` (symmetric, m x m).
+
+    Row-wise sums over contiguous rows of ``J``, so they vectorise.
+    """
+    for a in range(m):
+        Ja = J[idx[a]]
+        for b in range(a + 1):
+            Jb = J[idx[b]]
+            acc = 0.0
+            for p in range(Ja.shape[0]):
+                acc += Ja[p] * weight[p] * Jb[p]
+            out[a, b] = acc
+            out[b, a] = acc
+
+
 @njit(cache=True, error_model="numpy")
 def _cholesky_inverse(A, out, L, y):
     """Inverse of a symmetric positive definite ``A`` (m x m); False if singular.
@@ -574,6 +591,7 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
         L = np.zeros((m, m))
         y = np.empty(m)
         Wp = np.empty(P)
+        Q = np.empty(P)
         th = theta[s]
         model_window(family, integ, th, nz, ny, nx, mu, J, scratch)
         n_valid = 0
@@ -584,13 +602,7 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
             n_valid += 1
             c, e, W = _pixel_terms(est, d_k[s, p], mu[p], w[s, p], shift[s, p], scale)
             Wp[p] = W
-            for a in range(m):
-                Ja = J[idx[a], p] * W
-                for b in range(a + 1):
-                    A[a, b] += Ja * J[idx[b], p]
-        for a in range(m):
-            for b in range(a):
-                A[b, a] = A[a, b]
+        _weighted_gram(J, idx, m, Wp, A)
         ok = _cholesky_inverse(A.copy(), Ainv, L, y)
         dof = max(n_valid - m, 1)
         if mode == 1:
@@ -616,6 +628,7 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
         x2 = 0.0
         for p in range(P):
             if w[s, p] == 0.0:
+                Q[p] = 0.0
                 continue
             if mode == 0:
                 V = excess * max(mu[p], 0.0) + read_var[s, p]
@@ -624,11 +637,8 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
             V = max(V, _VAR_FLOOR)
             r = data[s, p] - mu[p]
             x2 += r * r / V
-            q = Wp[p] * Wp[p] * V
-            for a in range(m):
-                Ja = J[idx[a], p] * q
-                for b in range(a + 1):
-                    B[a, b] += Ja * J[idx[b], p]
+            Q[p] = Wp[p] * Wp[p] * V
+        _weighted_gram(J, idx, m, Q, B)
         chi2[s] = x2 / dof
         for i in range(k):
             for j in range(k):
@@ -638,9 +648,6 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
                 for b in range(m):
                     cov[s, idx[a], idx[b]] = np.nan
             continue
-        for a in range(m):
-            for b in range(a):
-                B[b, a] = B[a, b]
         T = np.zeros((m, m))  # Ainv @ B, then @ Ainv
         for a in range(m):
             for c in range(m):
