@@ -134,25 +134,25 @@ class Rotated2D(Model):
         out = theta.copy()
         out[:, 3:6] = self._sigmas(theta)
         # Error propagation through the conversion: central differences of
-        # (sigma_x, sigma_y, angle) with respect to (var_xx, var_yy, cov_xy).
-        G = np.zeros((theta.shape[0], 7, 7))
-        idx = np.arange(7)
-        G[:, idx, idx] = 1.0
-        G[:, 3:6, 3:6] = 0.0
-        scale = np.maximum(np.abs(theta[:, 3:5]).max(axis=1), 1e-6)
+        # (sigma_x, sigma_y, angle) with respect to (var_xx, var_yy, cov_xy),
+        # all six perturbations evaluated in one call.
+        n = theta.shape[0]
+        h = 1e-6 * np.maximum(np.abs(theta[:, 3:5]).max(axis=1), 1e-6)
+        steps = np.zeros((6, n, theta.shape[1]))
         for j in range(3):
-            h = 1e-6 * scale
-            up, down = theta.copy(), theta.copy()
-            up[:, 3 + j] += h
-            down[:, 3 + j] -= h
-            d = self._sigmas(up) - self._sigmas(down)
-            d[:, 2] = np.angle(np.exp(2j * d[:, 2])) / 2  # angle differences modulo pi/2
-            G[:, 3:6, 3 + j] = d / (2 * h[:, None])
-        cov_pub = np.matmul(np.matmul(G, cov), G.transpose(0, 2, 1))
+            steps[2 * j, :, 3 + j] = h
+            steps[2 * j + 1, :, 3 + j] = -h
+        moved = self._sigmas((theta[None] + steps).reshape(6 * n, -1)).reshape(6, n, 3)
+        G = np.empty((n, 3, 3))  # d(sigma_x, sigma_y, angle) / d(var_xx, var_yy, cov_xy)
+        for j in range(3):
+            d = moved[2 * j] - moved[2 * j + 1]
+            d[:, 2] = (d[:, 2] + np.pi / 4) % (np.pi / 2) - np.pi / 4  # angle modulo pi/2
+            G[:, :, j] = d / (2 * h[:, None])
+        # Only rows/columns 3:6 change: cov' = M cov M^T with M = identity but G there.
+        cov_pub = cov.copy()
+        cov_pub[:, 3:6, :] = np.matmul(G, cov[:, 3:6, :])
+        cov_pub[:, :, 3:6] = np.matmul(cov_pub[:, :, 3:6], G.transpose(0, 2, 1))
         return self.public_names, out, cov_pub
-
-
-__all__ = ["Symmetric2D", "Elliptical2D", "Rotated2D", "Symmetric3D", "Elliptical3D", "Grid"]
 
 
 class MultiGaussian(Model):
