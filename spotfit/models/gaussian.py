@@ -113,41 +113,50 @@ class Rotated2D(Model):
         return lower, upper
 
     @staticmethod
-    def _sigmas(theta):
-        """Canonical ``(sigma_x, sigma_y, angle)`` from the covariance form, ``(n, 3)``."""
+    def _sigmas(theta, jacobian=False):
+        """Canonical ``(sigma_x, sigma_y, angle)`` from the covariance form, ``(n, 3)``.
+
+        With ``jacobian``, also ``d(sigma_x, sigma_y, angle) / d(var_xx, var_yy,
+        cov_xy)``, ``(n, 3, 3)``, from the eigen-decomposition
+        ``lambda = (var_xx + var_yy) / 2 +- R``, ``R = sqrt(X^2 + Y^2) / 2``,
+        ``angle = atan2(Y, X) / 2`` with ``X = var_xx - var_yy``, ``Y = 2 cov_xy``
+        (undefined for an exactly round spot: 0 there).
+        """
         vxx, vyy, cxy = theta[:, 3], theta[:, 4], theta[:, 5]
-        a = 0.5 * np.arctan2(2.0 * cxy, vxx - vyy)  # direction of the major axis
-        c, s = np.cos(a), np.sin(a)
-        v1 = vxx * c * c + 2 * cxy * c * s + vyy * s * s
-        v2 = vxx * s * s - 2 * cxy * c * s + vyy * c * c
-        sx = np.sqrt(np.clip(v1, 0.0, None))
-        sy = np.sqrt(np.clip(v2, 0.0, None))
+        X, Y = vxx - vyy, 2.0 * cxy
+        a = 0.5 * np.arctan2(Y, X)  # direction of the major axis
+        R = 0.5 * np.hypot(X, Y)
+        mean = 0.5 * (vxx + vyy)
+        s1 = np.sqrt(np.clip(mean + R, 0.0, None))  # major
+        s2 = np.sqrt(np.clip(mean - R, 0.0, None))  # minor
         # canonical: angle in [-pi/4, pi/4), sigma_x along that angle
         swap = a >= np.pi / 4
         a = np.where(swap, a - np.pi / 2, a)
         swap2 = a < -np.pi / 4
         a = np.where(swap2, a + np.pi / 2, a)
         flip = swap ^ swap2
-        return np.stack([np.where(flip, sy, sx), np.where(flip, sx, sy), a], axis=1)
+        values = np.stack([np.where(flip, s2, s1), np.where(flip, s1, s2), a], axis=1)
+        if not jacobian:
+            return values
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = X / (4.0 * R)
+            r = Y / (2.0 * R)
+            d1 = np.stack([0.5 + q, 0.5 - q, r], axis=1) / (2.0 * s1[:, None])
+            d2 = np.stack([0.5 - q, 0.5 + q, -r], axis=1) / (2.0 * s2[:, None])
+            r2 = X * X + Y * Y
+            da = np.stack([-0.5 * Y / r2, 0.5 * Y / r2, X / r2], axis=1)
+        G = np.empty((theta.shape[0], 3, 3))
+        G[:, 0] = np.where(flip[:, None], d2, d1)
+        G[:, 1] = np.where(flip[:, None], d1, d2)
+        G[:, 2] = da
+        # an exactly round spot (R = 0: widths held by --fix-sigma) has no angle;
+        # its width block of the covariance is 0 then, and so are the errors
+        G[~np.isfinite(G)] = 0.0
+        return values, G
 
     def public(self, theta, cov):
         out = theta.copy()
-        out[:, 3:6] = self._sigmas(theta)
-        # Error propagation through the conversion: central differences of
-        # (sigma_x, sigma_y, angle) with respect to (var_xx, var_yy, cov_xy),
-        # all six perturbations evaluated in one call.
-        n = theta.shape[0]
-        h = 1e-6 * np.maximum(np.abs(theta[:, 3:5]).max(axis=1), 1e-6)
-        steps = np.zeros((6, n, theta.shape[1]))
-        for j in range(3):
-            steps[2 * j, :, 3 + j] = h
-            steps[2 * j + 1, :, 3 + j] = -h
-        moved = self._sigmas((theta[None] + steps).reshape(6 * n, -1)).reshape(6, n, 3)
-        G = np.empty((n, 3, 3))  # d(sigma_x, sigma_y, angle) / d(var_xx, var_yy, cov_xy)
-        for j in range(3):
-            d = moved[2 * j] - moved[2 * j + 1]
-            d[:, 2] = (d[:, 2] + np.pi / 4) % (np.pi / 2) - np.pi / 4  # angle modulo pi/2
-            G[:, :, j] = d / (2 * h[:, None])
+        out[:, 3:6], G = self._sigmas(theta, jacobian=True)
         # Only rows/columns 3:6 change: cov' = M cov M^T with M = identity but G there.
         cov_pub = cov.copy()
         cov_pub[:, 3:6, :] = np.matmul(G, cov[:, 3:6, :])
