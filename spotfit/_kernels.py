@@ -472,15 +472,21 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
                 for i in range(k):
                     trial[i] = min(max(th[i] + delta[i], lo[i]), hi[i])
                 constrain(family, trial)
+                predicted = 0.0  # cost decrease the quadratic model expects
+                for i in range(k):
+                    predicted += 2.0 * delta[i] * g[i]
+                    for j in range(k):
+                        predicted -= delta[i] * H[i, j] * delta[j]
+                it += 1
+                if lam < 1.0 and 0.0 <= predicted <= tol * (cost / dof if normalise else 1.0):
+                    # converged by the quadratic model: take the step without evaluating it
+                    for i in range(k):
+                        th[i] = trial[i]
+                    st = 0
+                    break
                 cost_new = _accumulate(family, integ, est, trial, d, ws, sh, scale, nz, ny, nx, mu, J,
                                        scratch, e, W, H_new, g_new)
-                it += 1
                 if math.isfinite(cost_new) and cost_new <= cost:
-                    predicted = 0.0
-                    for i in range(k):
-                        predicted += 2.0 * delta[i] * g[i]
-                        for j in range(k):
-                            predicted -= delta[i] * H[i, j] * delta[j]
                     gain = cost - cost_new
                     rho = gain / predicted if predicted > 0.0 else 0.0
                     lam = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-9)
