@@ -63,16 +63,19 @@ class Windows:
             Window-relative pixel-centre coordinates ordered ``(x, y[, z])``
             for windows ``start:stop``.
         """
-        mask = self.mask[start:stop].reshape((-1,) + self.grid.shape)
-        m, nd = mask.shape[0], self.grid.ndim
-        first = np.empty((m, nd))
-        last = np.empty((m, nd))
-        for a in range(nd):  # array axis a -> coordinate index nd - 1 - a
-            other = tuple(b + 1 for b in range(nd) if b != a)
-            valid = mask.any(axis=other)
-            size = valid.shape[1]
-            first[:, nd - 1 - a] = np.argmax(valid, axis=1)
-            last[:, nd - 1 - a] = size - 1 - np.argmax(valid[:, ::-1], axis=1)
+        flat = self.mask[start:stop]
+        nd = self.grid.ndim
+        first = np.zeros((len(flat), nd))
+        last = np.broadcast_to(np.array(self.grid.shape[::-1], float) - 1, (len(flat), nd)).copy()
+        cut = ~flat.all(axis=1)  # only windows with masked pixels need the work
+        if cut.any():
+            mask = flat[cut].reshape((-1,) + self.grid.shape)
+            for a in range(nd):  # array axis a -> coordinate index nd - 1 - a
+                other = tuple(b + 1 for b in range(nd) if b != a)
+                valid = mask.any(axis=other)
+                size = valid.shape[1]
+                first[cut, nd - 1 - a] = np.argmax(valid, axis=1)
+                last[cut, nd - 1 - a] = size - 1 - np.argmax(valid[:, ::-1], axis=1)
         return first, last
 
     def inside(self, rel: np.ndarray) -> np.ndarray:
