@@ -355,15 +355,7 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
         except Exception as exc:  # tifffile raises many types for bad files
             raise _corrupt(where, exc) from exc
         with _ClosingUnlessPaged(tif):
-            try:
-                series = tif.series[0] if tif.series else None
-            except Exception as exc:
-                raise _corrupt(where, exc) from exc
-            logged.check(where)
-            if series is None:
-                raise SpotfitInputError(
-                    f"{where}: corrupt or truncated TIFF file (no image found)"
-                )
+            series = _first_series(tif, where, logged)
 
             shape = tuple(int(n) for n in series.shape)
             stored_axes = str(series.axes)
@@ -441,13 +433,7 @@ def count_channels(path, axes: str | None = None) -> int:
         except Exception as exc:
             raise _corrupt(where, exc) from exc
         with tif:
-            try:
-                series = tif.series[0] if tif.series else None
-            except Exception as exc:
-                raise _corrupt(where, exc) from exc
-            logged.check(where)
-            if series is None:
-                raise SpotfitInputError(f"{where}: corrupt or truncated TIFF file (no image found)")
+            series = _first_series(tif, where, logged)
             shape = tuple(int(n) for n in series.shape)
             stored_axes = str(series.axes)
     letters = (
@@ -586,6 +572,18 @@ def _release(mm) -> None:
         mm.madvise(advice)
     except (OSError, ValueError):  # a closed map, or madvise not supported
         pass
+
+
+def _first_series(tif, where: str, logged) -> "tifffile.TiffPageSeries":
+    """The file's first image series; a clear error if there is none or it is corrupt."""
+    try:
+        series = tif.series[0] if tif.series else None
+    except Exception as exc:
+        raise _corrupt(where, exc) from exc
+    logged.check(where)
+    if series is None:
+        raise SpotfitInputError(f"{where}: corrupt or truncated TIFF file (no image found)")
+    return series
 
 
 class _ClosingUnlessPaged:

@@ -252,6 +252,16 @@ def _accumulate(flat, shape, values, index_per_axis):
     flat += np.bincount(lin[valid], weights=values[valid], minlength=flat.size)
 
 
+def _add_windows(flat, shape, p, sl, vals, ix, iy):
+    """Add lateral spot windows ``vals (m, ky, kx)`` of spots ``sl`` to the image,
+    times their axial profile for 3D shapes."""
+    if len(shape) == 3:
+        wz, iz = _z_profile({k: v[sl] for k, v in p.items()}, shape[0])
+        _accumulate(flat, shape, wz[:, :, None, None] * vals[:, None, :, :], (iz, iy, ix))
+    else:
+        _accumulate(flat, shape, vals, (iy, ix))
+
+
 def _chunks(n, values_per_spot):
     step = max(1, _CHUNK_VALUES // max(1, values_per_spot))
     for i in range(0, n, step):
@@ -271,15 +281,8 @@ def _render_erf(flat, shape, p, oversample):
     for sl in _chunks(len(x0), kx * ky * kz):
         wx = _pixel_integrals(p["x"][sl], sx[sl], x0[sl], kx)
         wy = _pixel_integrals(p["y"][sl], sy[sl], y0[sl], ky)
-        ix = x0[sl, None] + np.arange(kx)
-        iy = y0[sl, None] + np.arange(ky)
         vals = p["photons"][sl, None, None] * wy[:, :, None] * wx[:, None, :]
-        if len(shape) == 3:
-            wz, iz = _z_profile({k: v[sl] for k, v in p.items()}, shape[0])
-            vals = wz[:, :, None, None] * vals[:, None, :, :]
-            _accumulate(flat, shape, vals, (iz, iy, ix))
-        else:
-            _accumulate(flat, shape, vals, (iy, ix))
+        _add_windows(flat, shape, p, sl, vals, x0[sl, None] + np.arange(kx), y0[sl, None] + np.arange(ky))
 
 
 def _render_supersampled(flat, shape, p, oversample):
@@ -313,14 +316,7 @@ def _render_supersampled(flat, shape, p, oversample):
         norm = p["photons"][sl] / (2 * np.pi * p["sigma_x"][sl] * p["sigma_y"][sl] * s * s)
         vals = dens.reshape(n, ky, s, kx, s).sum(axis=(2, 4))
         vals *= norm[:, None, None]
-        ix = x0[sl, None] + np.arange(kx)
-        iy = y0[sl, None] + np.arange(ky)
-        if len(shape) == 3:
-            wz, iz = _z_profile({k: v[sl] for k, v in p.items()}, shape[0])
-            vals = wz[:, :, None, None] * vals[:, None, :, :]
-            _accumulate(flat, shape, vals, (iz, iy, ix))
-        else:
-            _accumulate(flat, shape, vals, (iy, ix))
+        _add_windows(flat, shape, p, sl, vals, x0[sl, None] + np.arange(kx), y0[sl, None] + np.arange(ky))
 
 
 # ---------------------------------------------------------------------------
