@@ -527,7 +527,8 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out)
 )
 @click.option(
     "--min-snr", type=NON_NEGATIVE, default=3.0, show_default=True,
-    help="Converged fits with intensity / intensity_err below this get status low_signal.",
+    help="Converged fits whose intensity signal-to-noise is below this get status low_signal "
+    "(faint fits: judged at the --sigma width; see the README's status values).",
 )
 @click.option(
     "--crowded", is_flag=True,

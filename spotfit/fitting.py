@@ -30,6 +30,10 @@ FAINT_SNR = 25.0
 #: the window's own spot) are left out of a single-spot fit
 NEIGHBOUR_REACH = 2.5
 
+#: fits with ``intensity / intensity_err`` below this many times ``min_snr``
+#: are judged by their expected signal-to-noise (:func:`expected_snr`)
+SNR_RECHECK = 4.0
+
 
 @dataclass(frozen=True)
 class FitConfig:
@@ -445,13 +449,97 @@ class _Fitter:
         status = sol.status.copy()
         outside = ~windows.inside(rel)
         status[outside & (status != solver.SINGULAR)] = solver.LEFT_WINDOW
-        ok = status == solver.CONVERGED
-        with np.errstate(divide="ignore", invalid="ignore"):
-            snr = pub[:, 0] / perr[:, 0]
-        status[ok & ~(snr >= self.config.min_snr)] = solver.LOW_SIGNAL
+        status[(status == solver.CONVERGED) & self._low_signal(windows, sol, pub[:, 0], perr[:, 0])] = \
+            solver.LOW_SIGNAL
         status_names = np.asarray(solver.STATUS_NAMES, dtype=object)[status]
         return table.build(frames, values, errors, sol.chi2_red, sol.iterations, status_names,
                            self.camera.unit, ndim)
+
+    def _low_signal(self, windows, sol, intensity, intensity_err):
+        """Fits whose intensity is not significant at ``min_snr``.
+
+        The fit's own ``intensity / intensity_err`` scatters a lot for faint
+        spots, and both parts move together with the fitted width, so a
+        threshold on it keeps a biased subset (narrow, dim fits).  Wherever it
+        is below ``SNR_RECHECK x min_snr`` the decision is taken on the
+        *expected* signal-to-noise instead, :func:`expected_snr`: the
+        intensity measured with the configured PSF width (far less noisy),
+        over the intensity error that a free-width fit of such a spot has.
+        With ``fix_sigma`` the fit's own ratio is already that.
+        """
+        cfg = self.config
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = intensity / intensity_err
+        low = ~(snr >= cfg.min_snr)
+        if cfg.fix_sigma:
+            return low
+        rows = np.flatnonzero(np.isfinite(snr) & (snr < SNR_RECHECK * cfg.min_snr))
+        if len(rows):
+            rv = None if windows.read_var is None else windows.read_var[rows]
+            noise = self.noise(rv)
+            if not noise.calibrated:  # constant pixel variance (ADU^2) of the image
+                noise = Noise(calibrated=False, excess=0.0, read_var=max(self.noise_var or 0.0, 1e-12))
+            centres = sol.theta[rows][:, list(self.model.center_index)]
+            low[rows] = ~(expected_snr(self.model, windows.data[rows], windows.mask[rows], windows.grid,
+                                       centres, self.widths(), noise) >= cfg.min_snr)
+        return low
+
+    def widths(self) -> tuple:
+        """Configured PSF sigma along ``x, y[, z]`` (px, planes)."""
+        cfg = self.config
+        return (cfg.sigma, cfg.sigma, cfg.axial_sigma())[: self.ndim]
+
+
+def expected_snr(model, data, mask, grid, centres, widths, noise: Noise):
+    """Signal-to-noise ratio of each spot's intensity at the configured width.
+
+    The intensity ``N`` and offset ``b`` are measured by linear weighted
+    least squares of ``data ~ N g + b``, with ``g`` the model at unit
+    intensity, the given centre and the configured widths (weights from the
+    noise model at that fit); the ratio is ``N`` over the Cramer-Rao bound
+    of ``N`` for a fit with all parameters free (:func:`spotfit.solver.crlb`)
+    at ``(N, centre, widths, b)``.
+
+    Parameters
+    ----------
+    model : spotfit.models.Model
+    data : (n, P) ndarray
+        Window pixels (photons or ADU).
+    mask : (n, P) bool ndarray
+    grid : spotfit.models.Grid
+    centres : (n, ndim) ndarray
+        Window-relative ``x, y[, z]`` of the spots (px).
+    widths : tuple of float
+        PSF sigma along ``x, y[, z]`` (px).
+    noise : Noise
+
+    Returns
+    -------
+    (n,) ndarray
+        ``N / crlb(N)``; NaN where undefined.
+    """
+    n = len(centres)
+    w = np.broadcast_to(np.asarray(widths, float), (n, len(widths)))
+    unit = model.from_moments(centres, w, np.ones(n), np.zeros(n))
+    g = model.value(unit, grid)
+    weight = mask.astype(float)  # first pass unweighted, second weighted by its fit
+    for _ in range(2):
+        sgg = np.einsum("np,np,np->n", weight, g, g)
+        sg = np.einsum("np,np->n", weight, g)
+        s1 = weight.sum(axis=1)
+        sgd = np.einsum("np,np,np->n", weight, g, data)
+        sd = np.einsum("np,np->n", weight, data)
+        det = sgg * s1 - sg * sg
+        with np.errstate(divide="ignore", invalid="ignore"):
+            intensity = (s1 * sgd - sg * sd) / det
+            offset = (sgg * sd - sg * sgd) / det
+        mu = np.clip(intensity[:, None], 0.0, None) * g + offset[:, None]
+        weight = mask / np.maximum(noise.variance(mu), 1e-6)
+    theta = model.from_moments(centres, w, np.clip(intensity, 1e-3, None), offset)
+    mask_arg = None if mask.all() else mask
+    bound = solver.crlb(model, theta, grid, noise, mask=mask_arg)[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.isfinite(intensity) & (intensity > 0), intensity / bound, 0.0)
 
 
 def _amplitude(names, values, cov, ndim):

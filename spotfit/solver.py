@@ -42,6 +42,9 @@ class Solution:
     iterations : (n,) int ndarray
     status : (n,) int ndarray
         One of the codes in :data:`STATUS_NAMES`.
+    bias : (n, k) ndarray
+        First-order bias already subtracted from ``theta`` (Poisson MLE with
+        ``bias_correct``; zeros otherwise), see :func:`covariance`.
     """
 
     theta: np.ndarray
@@ -50,6 +53,7 @@ class Solution:
     chi2_red: np.ndarray
     iterations: np.ndarray
     status: np.ndarray
+    bias: np.ndarray
 
     @property
     def err(self) -> np.ndarray:
@@ -72,6 +76,7 @@ def solve(
     tol: float = 1e-3,
     hold_first: np.ndarray | None = None,
     hold_rows: np.ndarray | None = None,
+    bias_correct: bool = True,
 ) -> Solution:
     """Fit ``model`` to every window at once.
 
@@ -108,6 +113,16 @@ def solve(
     hold_rows : (n,) bool ndarray, optional
         Windows that get that first pass (default: all).  Bright spots do
         not need it.
+    bias_correct : bool
+        For the Poisson MLE, subtract each fit's first-order bias (Cox &
+        Snell, 1968; see :func:`covariance`) from ``theta``, clipped into the
+        bounds.  At low signal the MLE of intensity and width is biased high
+        by a few percent (e.g. +3% at 500 photons over 100 photons/px); the
+        correction removes that to O(1/N^2) and leaves the variance unchanged
+        to first order.  Fits with an intensity signal-to-noise ratio of
+        :data:`BIAS_SNR` or more, where it is negligible, are not corrected.  A fit whose correction exceeds the standard error of
+        any of its parameters is left uncorrected and gets status
+        ``low_signal``.  Other estimators are not corrected.
 
     Returns
     -------
@@ -151,14 +166,29 @@ def solve(
                             theta, lower, upper, free, int(max_iter), float(tol), iterations, status,
                             cost, chunks)
         iterations += done
-    cov, chi2_red = covariance(model, estimator, (d_k, w_k, shift, scale), data, theta, grid, noise, free)
+    want_bias = bias_correct and estimator.kernel_id == 1
+    cov, chi2_red, bias = covariance(model, estimator, (d_k, w_k, shift, scale), data, theta, grid,
+                                     noise, free, want_bias)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
     status[singular & (status == CONVERGED)] = SINGULAR
-    return Solution(theta, cov, cost, chi2_red, iterations, status)
+    if want_bias:
+        # A correction as large as the parameter's own standard error means
+        # the fit is far from the asymptotic regime that both the correction
+        # and the CRLB errors rely on: such fits keep the plain MLE and are
+        # flagged low_signal.
+        err = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
+        with np.errstate(invalid="ignore"):
+            unstable = np.any(np.abs(bias) > err, axis=1) | ~np.all(np.isfinite(bias), axis=1)
+        bias[unstable] = 0.0
+        status[unstable & (status == CONVERGED)] = LOW_SIGNAL
+        corrected = np.clip(theta - bias, lower, upper)
+        bias = theta - corrected
+        theta = corrected
+    return Solution(theta, cov, cost, chi2_red, iterations, status, bias)
 
 
-def covariance(model, estimator, prepared, data, theta, grid, noise, free):
-    """Covariance of the estimates under the noise model, and reduced chi2.
+def covariance(model, estimator, prepared, data, theta, grid, noise, free, bias=False):
+    """Covariance of the estimates under the noise model, reduced chi2, MLE bias.
 
     With a calibrated camera this is the sandwich covariance
     ``A^-1 B A^-1`` with ``A = J W J^T`` (the estimator's curvature) and
@@ -171,14 +201,29 @@ def covariance(model, estimator, prepared, data, theta, grid, noise, free):
     all windows of the batch, each corrected for its leverage (a
     photon-transfer curve from the data itself); the covariance then follows
     as above, and the reduced chi-square is measured against that model.
+
+    With ``bias`` (Poisson MLE only) the first-order bias of each fit is
+    returned too: ``b = -1/2 C sum_p J_p tr(C H_p) / var_p`` (Cox & Snell,
+    J. R. Stat. Soc. B 30:248, 1968), ``C`` the inverse Fisher information,
+    ``H_p`` the Hessian of pixel ``p``'s expected value; zeros for other
+    estimators and for fits whose intensity has a signal-to-noise ratio of
+    :data:`BIAS_SNR` or more.
+
+    Returns
+    -------
+    cov : (n, k, k) ndarray
+    chi2_red : (n,) ndarray
+    bias : (n, k) ndarray
     """
     from spotfit._kernels import covariance as kernel
 
     n, k = theta.shape
     cov = np.zeros((n, k, k))
     chi2 = np.zeros(n)
+    out_bias = np.zeros((n, k))
     if n == 0:
-        return cov, chi2
+        return cov, chi2, out_bias
+    no_bias = np.zeros((0, k))
     d_k, w_k, shift, scale = prepared
     nz, ny, nx = grid.zyx
     read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
@@ -186,7 +231,8 @@ def covariance(model, estimator, prepared, data, theta, grid, noise, free):
     args = (model.family, model.kernel_integ, estimator.kernel_id, d_k, w_k, shift, float(scale), data,
             nz, ny, nx, theta, free)
     if noise.calibrated:
-        kernel(*args, 0, float(noise.excess), read_var, 0.0, 0.0, 0.0, cov, chi2, sums)
+        kernel(*args, 0, float(noise.excess), read_var, 0.0, 0.0, 0.0, cov, chi2, sums,
+               out_bias if bias else no_bias, BIAS_SNR)
     else:
         # The camera's (alpha, beta) are global: REGRESSION_WINDOWS evenly
         # spread windows measure them as well as all of them would.
@@ -194,13 +240,19 @@ def covariance(model, estimator, prepared, data, theta, grid, noise, free):
         sub_sums = np.zeros((len(sub), 5))
         kernel(model.family, model.kernel_integ, estimator.kernel_id, d_k[sub], w_k[sub], shift[sub],
                float(scale), data[sub], nz, ny, nx, theta[sub], free, 1, 1.0, read_var[sub],
-               0.0, 0.0, 0.0, np.zeros((len(sub), k, k)), np.zeros(len(sub)), sub_sums)
+               0.0, 0.0, 0.0, np.zeros((len(sub), k, k)), np.zeros(len(sub)), sub_sums, no_bias, 0.0)
         alpha, beta, v_floor = _variance_model(sub_sums.sum(axis=0))
-        kernel(*args, 2, 1.0, read_var, alpha, beta, v_floor, cov, chi2, sums)
-    return cov, chi2
+        kernel(*args, 2, 1.0, read_var, alpha, beta, v_floor, cov, chi2, sums, no_bias, 0.0)
+    return cov, chi2, out_bias
 
 
 _VAR_FLOOR = 1e-6
+#: MLE fits are bias-corrected when their intensity's signal-to-noise ratio
+#: ``N / err_N`` is below this.  The relative bias of N falls as
+#: ``c / SNR^2`` with c = 0.4-1.3 (symmetric to rotated model, sigma 1-2 px):
+#: above 20 it is < 0.35% of N and < 7% of err_N, too small to pay for the
+#: correction (up to 5 extra model evaluations per fit: +70% MLE fit time).
+BIAS_SNR = 20.0
 #: windows used to fit the noise model of an uncalibrated camera
 REGRESSION_WINDOWS = 2000
 

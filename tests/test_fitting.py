@@ -199,6 +199,31 @@ def test_too_few_photons_are_flagged():
     assert (spotfit.fit_spots(bright, positions, camera=CAMERA).status == "converged").all()
 
 
+@pytest.mark.parametrize("photons,max_flagged,min_flagged", [(500, 1.0, 0.8), (1000, 0.01, 0.0)])
+def test_low_signal_flag_follows_the_bound(photons, max_flagged, min_flagged):
+    """Background 100 photons/px, sigma 2 px (11 x 11 windows).  500 photons: even the
+    Cramer-Rao bound gives the photon count a signal-to-noise of only 2.4 (< min_snr 3), so
+    most fits are flagged.  1000 photons (4.7 at the bound): almost none are, and the accepted
+    ones are unbiased: photons within 2%, positions within 0.01 px, x_err within 10% of the
+    observed scatter (a cut on the fit's own noisy intensity / intensity_err would drop the
+    dim fits and bias the rest low)."""
+    ys, xs = np.mgrid[10:410:14, 10:570:14]
+    positions = np.column_stack([xs.ravel(), ys.ravel()]) + np.random.default_rng(2).uniform(-0.5, 0.5, (xs.size, 2))
+    img, truth = simulate((420, 580), positions=positions, photons=photons, background=100, sigma=2.0,
+                          camera=CAMERA, seed=photons)
+    out = spotfit.fit_spots(img, positions, camera=CAMERA, sigma=2.0, model="symmetric")
+    flagged = (out.status == "low_signal").to_numpy()
+    assert min_flagged <= flagged.mean() <= max_flagged
+    if photons == 1000:
+        ok = (out.status == "converged").to_numpy()
+        assert np.mean(out.intensity[ok] / truth.photons[ok]) == pytest.approx(1.0, abs=0.02)
+        for axis in ("x", "y"):
+            err = out[axis].to_numpy()[ok] - truth[axis].to_numpy()[ok]
+            assert abs(err.mean()) <= 0.01
+            rms_reported = np.sqrt(np.mean(out[axis + "_err"].to_numpy()[ok] ** 2))
+            assert rms_reported == pytest.approx(np.sqrt(np.mean(err**2)), rel=0.10)
+
+
 def test_neighbour_pixels_are_left_out_of_single_spot_fits():
     """Pairs 5-6 px apart (windows overlap): each fit ignores the pixels of the other
     spot, so positions are not pulled together (RMSE < 0.12 px, all matched within 1 px)."""
