@@ -660,7 +660,8 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
                 for b in range(m):
                     cov[s, idx[a], idx[b]] = np.nan
             continue
-        if est == MLE and bias.shape[0] == n and idx[0] == 0 and th[0] * th[0] < bias_snr * bias_snr * Ainv[0, 0]:
+        faint = idx[0] == 0 and th[0] * th[0] < bias_snr * bias_snr * Ainv[0, 0]  # N / err_N < bias_snr
+        if est == MLE and bias.shape[0] == n and faint:
             _mle_bias(family, integ, th, nz, ny, nx, mu, J, scratch, idx, m, Ainv, Wp, bias[s])
         T = np.zeros((m, m))  # Ainv @ B, then @ Ainv
         for a in range(m):

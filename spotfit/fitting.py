@@ -516,7 +516,7 @@ def expected_snr(model, data, mask, grid, centres, widths, noise: Noise):
     Returns
     -------
     (n,) ndarray
-        ``N / crlb(N)``; NaN where undefined.
+        ``N / crlb(N)``; 0 where the intensity is not positive or not finite.
     """
     n = len(centres)
     w = np.broadcast_to(np.asarray(widths, float), (n, len(widths)))

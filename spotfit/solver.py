@@ -120,9 +120,10 @@ def solve(
         by a few percent (e.g. +3% at 500 photons over 100 photons/px); the
         correction removes that to O(1/N^2) and leaves the variance unchanged
         to first order.  Fits with an intensity signal-to-noise ratio of
-        :data:`BIAS_SNR` or more, where it is negligible, are not corrected.  A fit whose correction exceeds the standard error of
-        any of its parameters is left uncorrected and gets status
-        ``low_signal``.  Other estimators are not corrected.
+        :data:`BIAS_SNR` or more, where it is negligible, are not corrected.
+        A fit whose correction exceeds the standard error of any of its
+        parameters is left uncorrected and gets status ``low_signal``.
+        Other estimators are not corrected.
 
     Returns
     -------
@@ -166,7 +167,7 @@ def solve(
                             theta, lower, upper, free, int(max_iter), float(tol), iterations, status,
                             cost, chunks)
         iterations += done
-    want_bias = bias_correct and estimator.kernel_id == 1
+    want_bias = bias_correct and estimator.name == "mle"
     cov, chi2_red, bias = covariance(model, estimator, (d_k, w_k, shift, scale), data, theta, grid,
                                      noise, free, want_bias)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
