@@ -272,6 +272,11 @@ _IMAGE_OPTIONS = [
         "'all': every channel, with a channel column.",
     ),
     click.option(
+        "--invert", is_flag=True,
+        help="Dark objects on a light background (e.g. bright-field colloids): invert the "
+        "image first (max - value of its pixel type).  Not with --gain.",
+    ),
+    click.option(
         "--pixel-size", type=POSITIVE, metavar="UM",
         help="Pixel size in µm (x and y); adds x_um, y_um columns.  "
         "[default: from the file's metadata, if any]",
@@ -399,8 +404,9 @@ def main():
 @_apply(_camera_options(note="  Does not change detection."))
 @_apply(_out_options("candidates"))
 @_workers_option("Files processed in parallel with --out-dir (processes).  [default: all cores]")
-def detect(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, min_distance,
-           baseline, gain, em_gain, read_noise, out, out_dir, skip_existing, workers):
+def detect(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, threshold,
+           min_distance, baseline, gain, em_gain, read_noise, out, out_dir, skip_existing,
+           workers):
     """Find spot candidates in IMAGE (TIFF files or folders) without fitting them.
 
     Writes one row per candidate: frame, x, y (z for z-stacks; integer pixel
@@ -413,7 +419,7 @@ def detect(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold,
                              min_distance=min_distance, workers=workers)
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "detect", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers)
+         out, out_dir, skip_existing, workers, invert)
 
 
 def _is_batch(images, out_dir) -> bool:
@@ -451,10 +457,11 @@ def _check_outputs(images, out, out_dir, skip_existing) -> bool:
 
 
 def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers):
+         out, out_dir, skip_existing, workers, invert=False):
     """One file to stdout / --out, or a batch into --out-dir."""
     if not batch:
-        _single(task, images[0], config, camera, axes, channel, pixel_size, z_step, out)
+        _single(task, images[0], config, camera, axes, channel, pixel_size, z_step, out,
+                invert)
         return
     from spotfit.batch import run_batch
 
@@ -462,7 +469,7 @@ def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
         summary = run_batch(
             images, out_dir, task=task, config=config, camera=camera, axes=axes,
             channel=channel, pixel_size=pixel_size, z_step=z_step, workers=workers,
-            skip_existing=skip_existing,
+            skip_existing=skip_existing, invert=invert,
         )
     for result in summary.failed:
         click.echo(f"Error: {result.input}: {result.message}", err=True)
@@ -471,13 +478,14 @@ def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
         sys.exit(1)
 
 
-def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out):
+def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out, invert=False):
     _check_not_input(out, [image])
     from spotfit.batch import process_file
 
     with _UserErrors(what=image):
         table, _ = process_file(image, task, config=config, camera=camera, axes=axes,
-                                channel=channel, pixel_size=pixel_size, z_step=z_step)
+                                channel=channel, pixel_size=pixel_size, z_step=z_step,
+                                invert=invert)
     where = _write_csv(table, out)
     if task == "detect":
         click.echo(f"{image}: {len(table)} candidates -> {where}", err=True)
@@ -548,8 +556,8 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out)
     "One IMAGE: threads for fitting.  With --out-dir: files processed in parallel "
     "(processes, one thread each).  [default: all cores]"
 )
-def fit(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, min_distance,
-        baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
+def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, threshold,
+        min_distance, baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
         fix_sigma, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
         skip_existing, workers):
     """Detect and fit every spot of IMAGE (TIFF files or folders): position, intensity, widths.
@@ -569,7 +577,7 @@ def fit(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, mi
         )
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers)
+         out, out_dir, skip_existing, workers, invert)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
