@@ -1,4 +1,4 @@
-"""Command line: ``spotfit detect``, ``spotfit fit`` and ``spotfit simulate``.
+"""Command line: ``spotfit detect``, ``spotfit fit``, ``spotfit simulate``, ``spotfit export``.
 
 The command line does no computation of its own: each command parses its
 options into a :class:`spotfit.fitting.FitConfig` and a
@@ -663,6 +663,74 @@ def simulate(out, shape, n_spots, photons, background, sigma, min_separation, bo
         f"truth -> {truth}",
         err=True,
     )
+
+
+#: ``spotfit export --format`` choices (spotfit.export.FORMATS, spelled out
+#: here so that --help does not import numpy; a test checks they agree).
+EXPORT_FORMATS = ("csv", "thunderstorm", "picasso", "parquet")
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("table", type=click.Path(dir_okay=False), metavar="SPOTS.csv")
+@click.option(
+    "--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+    help="thunderstorm: ThunderSTORM CSV (nm, 1-based frames, pixel-corner origin); picasso: "
+    "Picasso HDF5 locs + YAML; parquet: the whole table as Parquet; csv: spotfit CSV.",
+)
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False), metavar="FILE",
+    help="Output file (written atomically).  [default: SPOTS with _thunderstorm.csv, "
+    "_locs.hdf5 or .parquet]",
+)
+@click.option(
+    "--pixel-size", type=POSITIVE, metavar="UM",
+    help="Pixel size in µm, for nm coordinates.  [default: from the table's x_um column, "
+    "the image, or the run's sidecar]",
+)
+@click.option(
+    "--z-step", type=POSITIVE, metavar="UM",
+    help="Distance between z planes in µm (z-stack tables).  [default: from z_um]",
+)
+@click.option(
+    "--image", type=click.Path(dir_okay=False), metavar="IMAGE",
+    help="The image the table was fitted from: Picasso needs its size (read from its "
+    "header).  [default: the sidecar <stem>.json beside SPOTS, if any]",
+)
+@click.option("--axes", metavar="AXES", help="Axes of --image, as for fit.")
+@click.option(
+    "--rows", type=click.Choice(("converged", "all")), default=None,
+    help="Rows for ThunderSTORM and Picasso: converged fits only, or all.  "
+    "[default: converged]",
+)
+@click.option(
+    "--channel", type=click.IntRange(min=0), metavar="N",
+    help="The channel to export from a table of --channel all.",
+)
+def export(table, fmt, out, pixel_size, z_step, image, axes, rows, channel):
+    """Write a spotfit table (CSV or Parquet) for ThunderSTORM, Picasso or pandas.
+
+    \b
+      spotfit export spots.csv --format thunderstorm --pixel-size 0.16
+      spotfit export spots.csv --format picasso --image movie.tif
+      spotfit export spots.csv --format parquet
+    """
+    with _UserErrors():
+        from spotfit import export as ex
+
+        out = out or ex.default_output(table, fmt)
+        _check_not_input(out, [table] + ([image] if image else []))
+        frame = ex.read_table(table)
+        info = ex.sidecar_info(table)
+        if image is not None:
+            info = ex.image_info(image, axes)
+        if pixel_size is None and "x_um" not in frame.columns:
+            pixel_size = info.get("pixel_size")
+        written = ex.export(
+            frame, out, fmt, pixel_size=pixel_size, z_step=z_step, rows=rows, channel=channel,
+            width=info.get("width"), height=info.get("height"), frames=info.get("frames"),
+            source=info.get("source"), dtype=info.get("dtype"), where=table,
+        )
+    click.echo(f"{table}: {fmt} -> {', '.join(written)}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

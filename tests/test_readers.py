@@ -6,7 +6,6 @@ pixels (0-based pixel centres).
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,6 +40,18 @@ def nearest(table, truth):
     ok = table[table["status"] == "converged"]
     d, _ = cKDTree(np.c_[ok["x"], ok["y"]]).query(np.c_[truth["x"], truth["y"]])
     return d
+
+
+def run_cli(*args):
+    """Invoke the CLI in-process (click's CliRunner); uncaught exceptions fail the test."""
+    from click.testing import CliRunner
+
+    from spotfit.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"uncaught {result.exception!r}: {result.stderr}") from result.exception
+    return result
 
 
 # ----------------------------------------------------------------------------
@@ -167,11 +178,8 @@ def test_cli_fits_png_and_batch_folders_take_pngs(tmp_path):
 
     assert [Path(f).name for f in expand_inputs([folder])] == ["one.png", "two.jpeg"]
     out = tmp_path / "one.csv"
-    run = subprocess.run(
-        [sys.executable, "-m", "spotfit", "fit", str(folder / "one.png"), "--out", str(out)],
-        capture_output=True, text=True,
-    )
-    assert run.returncode == 0, run.stderr
+    run = run_cli("fit", str(folder / "one.png"), "--out", str(out))
+    assert run.exit_code == 0, run.stderr
     import pandas as pd
 
     assert np.all(nearest(pd.read_csv(out), truth) < 0.3)
@@ -217,9 +225,8 @@ def test_invert_finds_dark_spots_on_light_background(tmp_path):
     np.testing.assert_allclose(
         spotfit.fit(dark, invert=True)["x"].to_numpy(), table["x"].to_numpy())
     out = tmp_path / "dark.csv"
-    run = subprocess.run([sys.executable, "-m", "spotfit", "fit", str(tmp_path / "dark.png"),
-                          "--invert", "--out", str(out)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    run = run_cli("fit", tmp_path / "dark.png", "--invert", "--out", out)
+    assert run.exit_code == 0, run.stderr
     import pandas as pd
 
     np.testing.assert_allclose(pd.read_csv(out)["x"], table["x"], atol=1e-5)
@@ -230,9 +237,8 @@ def test_invert_refuses_a_camera_calibration(tmp_path):
     with pytest.raises(SpotfitInputError, match="--invert cannot be combined"):
         spotfit.fit(image, invert=True, camera=Camera(gain=2))
     iio.imwrite(tmp_path / "x.png", image)
-    run = subprocess.run([sys.executable, "-m", "spotfit", "fit", str(tmp_path / "x.png"),
-                          "--invert", "--gain", "2"], capture_output=True, text=True)
-    assert run.returncode == 1
+    run = run_cli("fit", tmp_path / "x.png", "--invert", "--gain", "2")
+    assert run.exit_code == 1
     assert "Error: --invert cannot be combined" in run.stderr
     assert "Traceback" not in run.stderr
 
