@@ -356,8 +356,10 @@ def _read_lif(where: str):
     except ImportError as exc:
         raise _missing(where, ".lif", exc) from exc
     try:
-        image = LifFile(where).get_image(0)
-        return _lif_planes(image)
+        # readlif opens (and leaves open) the file for every plane when given
+        # a path; given an open file it reads through that one.
+        with open(where, "rb") as fh:
+            return _lif_planes(LifFile(fh).get_image(0))
     except SpotfitInputError:
         raise
     except Exception as exc:

@@ -337,3 +337,58 @@ def test_czi_round_trip(tmp_path):
     assert img.axes == "TYX" and img.data.shape == (2, 18, 27)
     for t in range(2):
         np.testing.assert_array_equal(img.frame(t), planes[t, 1])
+
+
+def write_minimal_lif(path, planes, pixel_um):
+    """A one-series Leica LIF file with (T, C, Y, X) uint16 planes, as readlif parses it.
+
+    Layout (readlif.reader.LifFile): magic 0x70, size, 0x2A, the UTF-16 XML
+    header; then one memory block: magic, size, 0x2A, its length, 0x2A, a
+    UTF-16 description, the pixels (x fastest, then channel, then time).
+    """
+    import struct
+
+    n_t, n_c, n_y, n_x = planes.shape
+    dims = "".join(
+        f'<DimensionDescription DimID="{dim}" NumberOfElements="{n}" Length="{length}" '
+        f'BytesInc="{inc}"/>'
+        for dim, n, length, inc in (
+            (1, n_x, (n_x - 1) * pixel_um * 1e-6, 2),
+            (2, n_y, (n_y - 1) * pixel_um * 1e-6, 2 * n_x),
+            (4, n_t, float(n_t), 2 * n_x * n_y * n_c),
+        )
+    )
+    channels = "".join(
+        f'<ChannelDescription Resolution="16" BytesInc="{c * 2 * n_x * n_y}"/>' for c in range(n_c)
+    )
+    pixels = np.ascontiguousarray(planes, dtype="<u2").tobytes()
+    xml = (
+        '<LMSDataContainerHeader Version="2"><Element Name="test"><Data/><Memory Size="0"/>'
+        '<Children><Element Name="series 1"><Data><Image><ImageDescription>'
+        f"<Channels>{channels}</Channels><Dimensions>{dims}</Dimensions>"
+        f'</ImageDescription></Image></Data><Memory Size="{len(pixels)}" MemoryBlockID="B1"/>'
+        "</Element></Children></Element></LMSDataContainerHeader>"
+    )
+    header = xml.encode("utf-16-le")
+    description = "MemBlock_1".encode("utf-16-le")
+    with open(path, "wb") as fh:
+        fh.write(b"\x70\x00\x00\x00" + struct.pack("<I", len(header) + 5) + b"\x2a")
+        fh.write(struct.pack("<I", len(header) // 2) + header)
+        fh.write(b"\x70\x00\x00\x00" + struct.pack("<I", 0) + b"\x2a")
+        fh.write(struct.pack("<I", len(pixels)) + b"\x2a")
+        fh.write(struct.pack("<I", len(description) // 2) + description + pixels)
+
+
+def test_lif_round_trip(tmp_path):
+    pytest.importorskip("readlif")
+    rng = np.random.default_rng(9)
+    planes = rng.integers(0, 4000, (3, 2, 17, 29), dtype=np.uint16)  # (T, C, Y, X)
+    path = tmp_path / "scan.lif"
+    write_minimal_lif(path, planes, pixel_um=0.13)
+    with pytest.raises(SpotfitInputError, match="2 channels"):
+        read_image(path)
+    img = read_image(path, channel=1)
+    assert img.axes == "TYX" and img.data.shape == (3, 17, 29)
+    assert img.pixel_size == pytest.approx(0.13)
+    for t in range(3):
+        np.testing.assert_array_equal(img.frame(t), planes[t, 1])
