@@ -262,7 +262,7 @@ _IMAGE_OPTIONS = [
     ),
     click.option(
         "--axes", metavar="AXES",
-        help="Axes of the TIFF, one letter per dimension from T, Z, C, Y, X, S "
+        help="Axes of the image, one letter per dimension from T, Z, C, Y, X, S "
         "(e.g. TYX for a movie stored as a z-stack, ZYX for a z-stack); "
         "overrides the file's metadata.",
     ),
@@ -384,7 +384,7 @@ def _fit_config(**options):
     callback=_version_callback, help="Show the version and exit.",
 )
 def main():
-    """Detect fluorescent spots in microscopy TIFFs and fit Gaussian PSF models.
+    """Detect fluorescent spots in microscopy images and fit Gaussian PSF models.
 
     Coordinates are 0-based pixel centres: x = column, y = row, z = plane.
     Widths are Gaussian sigma in pixels, angles in radians.  Intensities are
@@ -396,6 +396,7 @@ def main():
       spotfit simulate sim.tif --shape 128x160 --n-spots 40 --seed 1
       spotfit detect sim.tif --baseline 100 --gain 1 --out candidates.csv
       spotfit fit sim.tif --baseline 100 --gain 1 --out spots.csv
+      spotfit export spots.csv --format thunderstorm --pixel-size 0.1
     """
 
 
@@ -407,7 +408,7 @@ def main():
 def detect(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, threshold,
            min_distance, baseline, gain, em_gain, read_noise, out, out_dir, skip_existing,
            workers):
-    """Find spot candidates in IMAGE (TIFF files or folders) without fitting them.
+    """Find spot candidates in IMAGE (image files or folders) without fitting them.
 
     Writes one row per candidate: frame, x, y (z for z-stacks; integer pixel
     positions of the local maxima of the filtered image) and score (their
@@ -560,7 +561,7 @@ def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, thres
         min_distance, baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
         fix_sigma, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
         skip_existing, workers):
-    """Detect and fit every spot of IMAGE (TIFF files or folders): position, intensity, widths.
+    """Detect and fit every spot of IMAGE (image files or folders): position, intensity, widths.
 
     Writes one row per spot (columns and units: see the README), then a
     one-line summary on stderr.  Fits that did not converge are kept, with
