@@ -38,6 +38,10 @@ import click
 MODEL_CHOICES = ("rotated", "elliptical", "symmetric")
 ESTIMATOR_CHOICES = ("lsq", "wlsq", "mle")
 
+#: ``--format`` choices of ``fit`` and ``export`` (spotfit.export.FORMATS,
+#: spelled out for the same reason; a test checks they agree).
+EXPORT_FORMATS = ("csv", "thunderstorm", "picasso", "parquet")
+
 
 #: ``--out`` value (and default) meaning standard output.
 STDOUT = "-"
@@ -359,6 +363,20 @@ def _write_csv(table, out) -> str:
     return out
 
 
+def _write_format(table, info, image, out, fmt) -> str:
+    """``fit --format``: write `table` as ThunderSTORM, Picasso or Parquet (spotfit.export)."""
+    from spotfit.export import export
+
+    shape = info["shape"]
+    with _UserErrors(what=out):
+        written = export(
+            table, out, fmt, pixel_size=info["pixel_size_um"], z_step=info["z_step_um"],
+            width=shape[-1], height=shape[-2], frames=info["frames"],
+            source=os.path.abspath(image), dtype=info["dtype"], where=image,
+        )
+    return ", ".join(written)
+
+
 def _silence_stdout():
     """After a broken pipe, point stdout at /dev/null so exit does not complain."""
     try:
@@ -458,11 +476,11 @@ def _check_outputs(images, out, out_dir, skip_existing) -> bool:
 
 
 def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert=False):
+         out, out_dir, skip_existing, workers, invert=False, fmt="csv"):
     """One file to stdout / --out, or a batch into --out-dir."""
     if not batch:
         _single(task, images[0], config, camera, axes, channel, pixel_size, z_step, out,
-                invert)
+                invert, fmt)
         return
     from spotfit.batch import run_batch
 
@@ -479,15 +497,16 @@ def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
         sys.exit(1)
 
 
-def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out, invert=False):
+def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out, invert=False,
+            fmt="csv"):
     _check_not_input(out, [image])
     from spotfit.batch import process_file
 
     with _UserErrors(what=image):
-        table, _ = process_file(image, task, config=config, camera=camera, axes=axes,
-                                channel=channel, pixel_size=pixel_size, z_step=z_step,
-                                invert=invert)
-    where = _write_csv(table, out)
+        table, info = process_file(image, task, config=config, camera=camera, axes=axes,
+                                   channel=channel, pixel_size=pixel_size, z_step=z_step,
+                                   invert=invert)
+    where = _write_csv(table, out) if fmt == "csv" else _write_format(table, info, image, out, fmt)
     if task == "detect":
         click.echo(f"{image}: {len(table)} candidates -> {where}", err=True)
         return
@@ -553,6 +572,11 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out,
     help="With --crowded: largest group fitted jointly; bigger clusters are split.",
 )
 @_apply(_out_options("fitted spots"))
+@click.option(
+    "--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="csv", show_default=True,
+    help="Output format of one IMAGE: csv, or thunderstorm / picasso / parquet (need --out; "
+    "see spotfit export).",
+)
 @_workers_option(
     "One IMAGE: threads for fitting.  With --out-dir: files processed in parallel "
     "(processes, one thread each).  [default: all cores]"
@@ -560,7 +584,7 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out,
 def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, threshold,
         min_distance, baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
         fix_sigma, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
-        skip_existing, workers):
+        skip_existing, fmt, workers):
     """Detect and fit every spot of IMAGE (image files or folders): position, intensity, widths.
 
     Writes one row per spot (columns and units: see the README), then a
@@ -569,6 +593,13 @@ def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, thres
     --out-dir: one CSV and one JSON sidecar per input.
     """
     batch = _check_outputs(images, out, out_dir, skip_existing)
+    if fmt != "csv" and batch:
+        raise click.UsageError(
+            f"--format {fmt} writes the table of one IMAGE; with --out-dir, convert the CSVs "
+            f"with: spotfit export <out-dir>/<stem>.csv --format {fmt}"
+        )
+    if fmt != "csv" and out == STDOUT:
+        raise click.UsageError(f"--format {fmt} needs --out FILE.")
     with _UserErrors():
         config = _fit_config(
             sigma=sigma, sigma_z=sigma_z, threshold=threshold, min_distance=min_distance,
@@ -578,7 +609,7 @@ def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, thres
         )
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert)
+         out, out_dir, skip_existing, workers, invert, fmt)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -664,11 +695,6 @@ def simulate(out, shape, n_spots, photons, background, sigma, min_separation, bo
         f"truth -> {truth}",
         err=True,
     )
-
-
-#: ``spotfit export --format`` choices (spotfit.export.FORMATS, spelled out
-#: here so that --help does not import numpy; a test checks they agree).
-EXPORT_FORMATS = ("csv", "thunderstorm", "picasso", "parquet")
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

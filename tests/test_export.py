@@ -371,3 +371,22 @@ def test_cli_export_choices_match_the_library():
     from spotfit.cli import EXPORT_FORMATS
 
     assert EXPORT_FORMATS == export.FORMATS
+
+
+def test_cli_fit_format_writes_the_export_directly(fitted, tmp_path):
+    table, image = fitted
+    out = tmp_path / "direct_locs.hdf5"
+    result = run_cli("fit", image, "--baseline", "100", "--gain", "2", "--format", "picasso",
+                     "--out", out)
+    assert result.exit_code == 0, result.stderr
+    locs, meta, _ = load_locs_like_picasso(out)
+    ok = table[table["status"] == "converged"]
+    np.testing.assert_allclose(locs["x"], ok["x"], atol=1e-4)
+    assert (meta[0]["Width"], meta[0]["Height"], meta[0]["Frames"]) == (70, 48, 3)
+    assert meta[1]["Pixelsize"] == pytest.approx(107.0)  # from the TIFF's metadata
+    result = run_cli("fit", image, "--format", "thunderstorm", "--out", tmp_path / "ts.csv")
+    assert result.exit_code == 0, result.stderr
+    assert read_like_thunderstorm(tmp_path / "ts.csv")[1]["intensity"] == "ADU"
+    for args in (["--format", "parquet"], ["--format", "parquet", "--out-dir", tmp_path / "o"]):
+        result = run_cli("fit", image, *args)
+        assert result.exit_code == 2 and "--format parquet" in result.stderr
