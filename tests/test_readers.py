@@ -392,3 +392,17 @@ def test_lif_round_trip(tmp_path):
     assert img.pixel_size == pytest.approx(0.13)
     for t in range(3):
         np.testing.assert_array_equal(img.frame(t), planes[t, 1])
+
+
+def test_nd2_style_dask_array_is_read_frame_by_frame():
+    """nd2 hands spotfit a dask array (to_dask): axes plan and frames work on it lazily."""
+    da = pytest.importorskip("dask.array")
+    stored = np.arange(3 * 2 * 2 * 9 * 11, dtype=np.uint16).reshape(3, 2, 2, 9, 11)  # TZCYX
+    lazy = da.from_array(stored, chunks=(1, 1, 1, 9, 11))
+    array, axes, pixel, z_step = readers._nd2_layout(
+        lazy, {"T": 3, "Z": 2, "C": 2, "Y": 9, "X": 11}, (0.2, 0.2, 0.5))
+    img = readers._to_image(array, axes, "x.nd2", None, 1, pixel, z_step)
+    assert img.axes == "TZYX" and img.z_step == 0.5
+    frame = img.frame(2)
+    assert isinstance(frame, np.ndarray)
+    np.testing.assert_array_equal(frame, stored[2, :, 1])
