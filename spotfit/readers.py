@@ -340,14 +340,19 @@ def _czi_planes(doc):
     if samples == 3:  # libCZI returns colour as BGR
         array = array[..., ::-1]
     axes = "TZCYX" + ("S" if samples > 1 else "")
-    scaling = doc.scaling if hasattr(doc, "scaling") else None
-    pixel = z_step = None
-    if scaling is not None:  # metres per pixel
-        x = getattr(scaling, "X", None) if not isinstance(scaling, dict) else scaling.get("X")
-        z = getattr(scaling, "Z", None) if not isinstance(scaling, dict) else scaling.get("Z")
-        pixel = _um(x, 1e6)
-        z_step = _um(z, 1e6)
+    pixel, z_step = _czi_scaling(doc)
     return np.ascontiguousarray(array), axes, pixel, z_step
+
+
+def _czi_scaling(doc) -> tuple:
+    """(pixel size, z step) in µm from the CZI metadata's Scaling/Items/Distance (metres)."""
+    try:
+        items = doc.metadata["ImageDocument"]["Metadata"]["Scaling"]["Items"]["Distance"]
+    except (KeyError, TypeError, AttributeError):
+        return None, None
+    items = items if isinstance(items, list) else [items]
+    metres = {str(d.get("@Id")): d.get("Value") for d in items if isinstance(d, dict)}
+    return _um(metres.get("X"), 1e6), _um(metres.get("Z"), 1e6)
 
 
 def _read_lif(where: str):

@@ -331,10 +331,12 @@ def test_czi_round_trip(tmp_path):
         for t in range(2):
             for c in range(3):
                 doc.write(data=planes[t, c][..., None], plane={"T": t, "C": c})
+        doc.write_metadata(scale_x=1.3e-7, scale_y=1.3e-7, scale_z=5e-7)  # metres
     with pytest.raises(SpotfitInputError, match="3 channels"):
         read_image(path)
     img = read_image(path, channel=1)
     assert img.axes == "TYX" and img.data.shape == (2, 18, 27)
+    assert img.pixel_size == pytest.approx(0.13)
     for t in range(2):
         np.testing.assert_array_equal(img.frame(t), planes[t, 1])
 
