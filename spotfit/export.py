@@ -275,7 +275,7 @@ def write_thunderstorm(table, path, pixel_size=None, z_step=None, rows="converge
 # ----------------------------------------------------------------------------
 
 
-def picasso_locs(table, pixel_size=None, z_step=None, rows="converged", channel=None,
+def picasso_locs(table, z_step=None, rows="converged", channel=None,
                  where="table") -> np.ndarray:
     """The table as Picasso's ``locs`` structured array (its field names and dtypes).
 
@@ -298,10 +298,11 @@ def picasso_locs(table, pixel_size=None, z_step=None, rows="converged", channel=
     rotated = ("angle" in t.columns and "angle_err" in t.columns
                and np.isfinite(t["angle_err"].to_numpy(float)).any())
     sx, sy = t["sigma_x"].to_numpy(float), t["sigma_y"].to_numpy(float)
+    snr = np.full(len(t), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         ellipticity = (np.maximum(sx, sy) - np.minimum(sx, sy)) / np.maximum(sx, sy)
-        snr = t["intensity"].to_numpy(float) / t["intensity_err"].to_numpy(float) \
-            if "intensity_err" in t.columns else np.full(len(t), np.nan)
+        if "intensity_err" in t.columns:
+            snr = t["intensity"].to_numpy(float) / t["intensity_err"].to_numpy(float)
     fields = [
         ("frame", "u4", t["frame"].to_numpy(np.int64)),
         ("x", "f4", t["x"]), ("y", "f4", t["y"]),
@@ -325,8 +326,10 @@ def picasso_locs(table, pixel_size=None, z_step=None, rows="converged", channel=
         fields.append(("iterations", "i4", t["iterations"]))
     locs = np.empty(len(t), dtype=[(name, dtype) for name, dtype, _ in fields])
     for name, dtype, values in fields:
-        locs[name] = np.asarray(values, dtype=float).astype(dtype) if dtype != "u4" \
-            else np.asarray(values, dtype=np.uint32)
+        if dtype == "u4":
+            locs[name] = np.asarray(values, dtype=np.uint32)
+        else:
+            locs[name] = np.asarray(values, dtype=float).astype(dtype)
     return locs
 
 
@@ -393,7 +396,7 @@ def write_picasso(table, path, width: int | None = None, height: int | None = No
         if int(value) < 1:
             raise SpotfitInputError(f"{name} must be >= 1, got {value!r}")
     px = pixel_size_of(table, pixel_size, where)
-    locs = picasso_locs(table, px, z_step, rows, channel, where)
+    locs = picasso_locs(table, z_step, rows, channel, where)
     unit = _unit(table, where) if len(table) else "photon"
     info = picasso_info(width, height, frames, px, unit, source, dtype, rows)
     yaml_path = os.path.splitext(out)[0] + ".yaml"

@@ -254,6 +254,18 @@ def test_invert_is_recorded_in_the_batch_sidecar(tmp_path):
     assert summary.failed == []
     sidecar = json.loads((tmp_path / "out" / "a.json").read_text())
     assert sidecar["parameters"]["invert"] is True
+    # --config replays it: the same table, byte for byte
+    again = tmp_path / "again.csv"
+    result = run_cli("fit", tmp_path / "a.png", "--config", tmp_path / "out" / "a.json",
+                     "--out", again)
+    assert result.exit_code == 0, result.stderr
+    assert again.read_bytes() == (tmp_path / "out" / "a.csv").read_bytes()
+    # detect takes --invert too
+    result = run_cli("detect", tmp_path / "a.png", "--invert", "--out", tmp_path / "d.csv")
+    assert result.exit_code == 0, result.stderr
+    import pandas as pd
+
+    assert len(pd.read_csv(tmp_path / "d.csv")) == len(pd.read_csv(again))
 
 
 @pytest.mark.skipif(not (TRACKPY / "reproducibility_v0.4.npz").exists(),
