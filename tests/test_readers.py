@@ -290,6 +290,9 @@ def test_ambiguous_colour_array_is_refused_without_axes():
         spotfit.fit(rgb)
     with pytest.raises(SpotfitInputError, match="ambiguous"):
         Image.from_array(np.zeros((5, 40, 60, 4), np.uint8))
+    with pytest.raises(SpotfitInputError, match="ambiguous"):
+        spotfit.detect(rgb, sigma=1.3)
+    assert len(spotfit.detect(Image.from_array(rgb, "YXS", channel=0), sigma=1.3)) == 0
     img = Image.from_array(rgb, "YXS", channel=1)
     assert img.data.shape == (1, 424, 640)
     assert Image.from_array(np.zeros((10, 20, 30))).axes == "TYX"  # not ambiguous
