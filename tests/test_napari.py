@@ -149,3 +149,20 @@ def test_entry_point_names_the_manifest():
     module, resource = entry.split(":")
     assert (PACKAGE.parent / module.replace(".", "/") / resource) == MANIFEST
     assert "napari.yaml" in pyproject["tool"]["setuptools"]["package-data"]["spotfit.napari"]
+
+
+def test_layer_data_makes_napari_points_layers(movie, tmp_path):
+    """With napari installed (no display needed): its Points layer accepts the layer data."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layers = pytest.importorskip("napari.layers")
+    image, _ = movie
+    table = spotfit.fit(image, camera=Camera(baseline=100, gain=1))
+    data, kwargs, kind = _layers.table_to_points(table, "spots")
+    with warnings.catch_warnings():  # napari's pydantic models warn while building: not ours
+        warnings.simplefilter("ignore")
+        layer = layers.Layer.create(data, kwargs, kind)
+    assert isinstance(layer, layers.Points) and layer.ndim == 3
+    np.testing.assert_allclose(layer.data, data)
+    np.testing.assert_allclose(layer.face_color, kwargs["face_color"])
+    assert list(layer.features.columns) == list(table.columns)
