@@ -262,12 +262,29 @@ def _read_imageio(where: str):
                 f"read as one either{str(error).split(' file', 1)[1]}"
             )
         raise error from exc
+    if kind == "PNG" and len(head) >= 16 and array.dtype.itemsize == 1:
+        _check_png_depth(where)
     spatial = {2: "YX", 3: "YXS"}.get(array.ndim - int(batch))
     if spatial is None:
         raise SpotfitInputError(
             f"{where}: unexpected {kind} layout (shape {array.shape})"
         )
     return array, ("T" if batch else "") + spatial, None, None
+
+
+def _check_png_depth(where: str) -> None:
+    """Refuse a 16-bit colour PNG: Pillow decodes it to 8 bits per sample.
+
+    The PNG header (IHDR, bytes 24 and 25) gives the bit depth and colour
+    type (2: RGB, 6: RGBA).  16-bit grey PNGs are read at full depth.
+    """
+    with open(where, "rb") as fh:
+        ihdr = fh.read(26)
+    if len(ihdr) == 26 and ihdr[24] == 16 and ihdr[25] in (2, 6):
+        raise SpotfitInputError(
+            f"{where}: a 16-bit colour PNG, which Pillow (imageio's reader) can only read "
+            "as 8 bits per colour; save it as TIFF (or as 16-bit grey PNGs, one per channel)"
+        )
 
 
 # ----------------------------------------------------------------------------

@@ -85,6 +85,32 @@ def test_png_16bit_keeps_its_values(tmp_path):
     np.testing.assert_array_equal(img.frame(0), image)
 
 
+def write_png(path, array, colour_type):
+    """A minimal PNG (signature, IHDR, one IDAT, IEND) of 16-bit samples, big-endian."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    ny, nx = array.shape[:2]
+    rows = b"".join(b"\x00" + np.ascontiguousarray(row, dtype=">u2").tobytes() for row in array)
+    ihdr = struct.pack(">IIBBBBB", nx, ny, 16, colour_type, 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_png_16bit_colour_is_refused_not_truncated(tmp_path):
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 65535, (9, 14), dtype=np.uint16)
+    write_png(tmp_path / "grey16.png", grey, colour_type=0)  # our encoder, checked on grey
+    np.testing.assert_array_equal(read_image(tmp_path / "grey16.png").frame(0), grey)
+    write_png(tmp_path / "rgb16.png", rng.integers(0, 65535, (9, 14, 3), dtype=np.uint16), 2)
+    with pytest.raises(SpotfitInputError, match="16-bit colour PNG.*TIFF"):
+        read_image(tmp_path / "rgb16.png", channel=0)
+
+
 def test_jpeg_is_read_approximately(tmp_path):
     image, _ = spots_8bit()
     iio.imwrite(tmp_path / "spots.jpg", image, quality=95)
