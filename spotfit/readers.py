@@ -219,7 +219,7 @@ def _grey_from_colour(array, stored_axes: str):
     return np.ascontiguousarray(samples[0]), stored_axes.replace("S", "")
 
 
-def _missing(where: str, suffix: str, exc: ImportError) -> SpotfitInputError:
+def _missing(where: str, suffix: str) -> SpotfitInputError:
     name, module, extra = VENDOR_SUFFIXES[suffix]
     return SpotfitInputError(
         f"{where}: reading {name} files needs the optional package {module!r}: "
@@ -296,7 +296,7 @@ def _read_nd2(where: str):
     try:
         import nd2
     except ImportError as exc:
-        raise _missing(where, ".nd2", exc) from exc
+        raise _missing(where, ".nd2") from exc
     try:
         with nd2.ND2File(where) as fh:
             sizes = dict(fh.sizes)
@@ -327,7 +327,7 @@ def _read_czi(where: str):
     try:
         from pylibCZIrw import czi as pyczi
     except ImportError as exc:
-        raise _missing(where, ".czi", exc) from exc
+        raise _missing(where, ".czi") from exc
     try:
         with pyczi.open_czi(where) as doc:
             return _czi_planes(doc)
@@ -376,7 +376,7 @@ def _read_lif(where: str):
     try:
         from readlif.reader import LifFile
     except ImportError as exc:
-        raise _missing(where, ".lif", exc) from exc
+        raise _missing(where, ".lif") from exc
     try:
         # readlif opens (and leaves open) the file for every plane when given
         # a path; given an open file it reads through that one.

@@ -390,3 +390,25 @@ def test_cli_fit_format_writes_the_export_directly(fitted, tmp_path):
     for args in (["--format", "parquet"], ["--format", "parquet", "--out-dir", tmp_path / "o"]):
         result = run_cli("fit", image, *args)
         assert result.exit_code == 2 and "--format parquet" in result.stderr
+
+
+def test_z_stack_tables_get_z_in_nm():
+    """3D tables: z [nm] = z * z_step (from z_um or --z-step); without a z step, an error."""
+    table = pd.DataFrame({
+        "frame": [0, 1], "x": [3.0, 7.5], "y": [2.0, 4.25], "z": [1.5, 4.0],
+        "intensity": [900.0, 1200.0], "sigma_x": [1.2, 1.3], "sigma_y": [1.2, 1.3],
+        "sigma_z": [2.1, 2.2], "offset": [10.0, 12.0], "x_err": [0.05, 0.04],
+        "y_err": [0.05, 0.04], "z_err": [0.2, 0.1], "intensity_err": [30.0, 35.0],
+        "status": ["converged", "converged"], "unit": ["photon", "photon"],
+    })
+    with pytest.raises(SpotfitInputError, match="--z-step"):
+        export.thunderstorm_table(table, pixel_size=0.1)
+    ts = export.thunderstorm_table(table, pixel_size=0.1, z_step=0.25)
+    np.testing.assert_allclose(ts["z [nm]"], [375.0, 1000.0])
+    np.testing.assert_allclose(ts["uncertainty_z [nm]"], [50.0, 25.0])
+    np.testing.assert_allclose(ts["x [nm]"], [350.0, 800.0])
+    with_um = table.assign(x_um=table["x"] * 0.1, z_um=table["z"] * 0.25)
+    np.testing.assert_allclose(export.thunderstorm_table(with_um)["z [nm]"], [375.0, 1000.0])
+    locs = export.picasso_locs(with_um)
+    np.testing.assert_allclose(locs["z"], [375.0, 1000.0])
+    assert "angle" not in locs.dtype.names  # no angle column in 3D tables
