@@ -57,8 +57,7 @@ REQUIRED = ("frame", "x", "y", "intensity", "sigma_x", "sigma_y", "offset",
             "x_err", "y_err", "status", "unit")
 
 # ThunderSTORM parses every field with Java's Double.parseDouble: NaN must be
-# written as "NaN" (an empty field fails), and numbers without grouping.
-_TS_FLOAT = "%.4f"
+# written as "NaN" (an empty field fails), numbers without digit grouping.
 
 
 # ----------------------------------------------------------------------------
@@ -254,19 +253,25 @@ def write_thunderstorm(table, path, pixel_size=None, z_step=None, rows="converge
     """Write a ThunderSTORM CSV (see :func:`thunderstorm_table`); return ``[path]``.
 
     The layout is ThunderSTORM's own export: header labels in double quotes,
-    comma separated, numbers unquoted with a point as decimal separator,
-    NaN written ``NaN``.  Open it in ThunderSTORM with *Import results*
+    comma separated, numbers unquoted with a point as decimal separator (8
+    significant digits: 0.001 nm below 100 µm), NaN written ``NaN``.  Open it in ThunderSTORM with *Import results*
     (file format CSV).
     """
+    import re
+
+    from spotfit.table import to_csv_bytes
+
     ts = thunderstorm_table(table, pixel_size, z_step, rows, channel, where)
-    header = ",".join(f'"{c}"' for c in ts.columns) + "\n"
-    body = ts.to_csv(index=False, header=False, float_format=_TS_FLOAT, na_rep="NaN",
-                     lineterminator="\n")
+    header = (",".join(f'"{c}"' for c in ts.columns) + "\n").encode("utf-8")
+    # spotfit's compiled renderer (8 significant digits, which Double.parseDouble
+    # reads), without its header; its empty NaN fields become "NaN" (the first
+    # column, id, is never empty)
+    body = to_csv_bytes(ts).split(b"\n", 1)[1]
+    body = re.sub(rb"(?<=,)(?=,|\n)", b"NaN", body)
     out = os.fspath(path)
     with atomic_path(out) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(header)
-            fh.write(body)
+        with open(tmp, "wb") as fh:
+            fh.write(header + body)
     return [out]
 
 

@@ -9,6 +9,7 @@ Tables come from fits of simulated, non-square images with known truth.
 """
 
 import json
+import re
 import logging
 import sys
 import warnings
@@ -92,8 +93,8 @@ def read_like_thunderstorm(path):
     for line in lines[1:]:
         fields = line.split(",")
         assert len(fields) == len(labels)
-        for f in fields:
-            assert f in ("NaN",) or f.lstrip("-").replace(".", "", 1).isdigit(), f
+        for f in fields:  # what Java's Double.parseDouble accepts (no grouping, no empty)
+            assert re.fullmatch(r"NaN|-?\d+(\.\d*)?([eE][-+]?\d+)?", f), f
         rows.append([float(f) for f in fields])
     values = np.array(rows).reshape(-1, len(labels))
     keep = [i for i, n in enumerate(names) if n != "id"]
@@ -113,8 +114,8 @@ def test_thunderstorm_columns_units_origin(fitted, tmp_path):
     px_nm = PIXEL_UM * 1000
     np.testing.assert_array_equal(columns["frame"], ok["frame"] + 1)  # 1-based
     # origin at the corner of the first pixel: its centre is at 0.5 px
-    np.testing.assert_allclose(columns["x"], (ok["x"] + 0.5) * px_nm, atol=1e-4)
-    np.testing.assert_allclose(columns["y"], (ok["y"] + 0.5) * px_nm, atol=1e-4)
+    np.testing.assert_allclose(columns["x"], (ok["x"] + 0.5) * px_nm, rtol=1e-7)
+    np.testing.assert_allclose(columns["y"], (ok["y"] + 0.5) * px_nm, rtol=1e-7)
     np.testing.assert_allclose(columns["sigma"], np.sqrt(ok["sigma_x"] * ok["sigma_y"]) * px_nm,
                                atol=1e-4)
     np.testing.assert_allclose(columns["intensity"], ok["intensity"], atol=1e-4)
