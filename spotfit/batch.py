@@ -5,7 +5,8 @@
 per-file step shared with the single-file command line (read, detect or fit,
 add µm columns), so one file gives the same table either way.
 
-* Inputs are files, folders (their ``*.tif`` / ``*.tiff`` files, not
+* Inputs are files, folders (their ``*.tif`` / ``*.tiff`` files and the
+  other image files of :data:`IMAGE_SUFFIXES`, not
   recursive, sorted by name, hidden files skipped) and glob patterns the
   shell did not expand (``"data/*.tif"``).  Each input ``<stem>.tif`` gives
   ``<out_dir>/<stem>.csv`` and the provenance sidecar ``<out_dir>/<stem>.json``;
@@ -54,8 +55,13 @@ __all__ = [
 #: What a batch can do to each file.
 TASKS = ("fit", "detect")
 
-#: File name endings (any case) taken from folders.
+#: File name endings (any case) taken from folders: TIFF and the formats of
+#: :mod:`spotfit.readers` (PNG, JPEG, ..., ND2, CZI, LIF).
 TIFF_SUFFIXES = (".tif", ".tiff")
+IMAGE_SUFFIXES = TIFF_SUFFIXES + (
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".pgm", ".ppm", ".pnm",
+    ".nd2", ".czi", ".lif",
+)
 
 #: Format version of the JSON sidecar.
 SIDECAR_VERSION = 1
@@ -64,7 +70,7 @@ SIDECAR_VERSION = 1
 #: with ``_``); keys of FitConfig and Camera are accepted inside the
 #: sidecar's ``config`` and ``camera`` sections.
 CONFIG_KEYS = (
-    "axes", "channel", "pixel_size", "z_step", "workers",
+    "axes", "channel", "invert", "pixel_size", "z_step", "workers",
     "sigma", "sigma_z", "threshold", "min_distance", "window", "model", "estimator",
     "integrated", "fix_sigma", "max_iter", "min_snr", "crowded", "group_radius", "max_group",
     "baseline", "gain", "em_gain", "read_noise",
@@ -150,7 +156,7 @@ def _is_pattern(path: str) -> bool:
 def _folder_tiffs(folder: str) -> list:
     names = sorted(
         name for name in os.listdir(folder)
-        if name.lower().endswith(TIFF_SUFFIXES) and not name.startswith(".")
+        if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
     )
     return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
 
@@ -162,7 +168,8 @@ def expand_inputs(inputs) -> list:
     ----------
     inputs : iterable of str or os.PathLike
         Files (kept even if missing or not TIFF: they are reported as
-        failures), folders (their ``*.tif``/``*.tiff`` files, any case, not
+        failures), folders (their ``*.tif``/``*.tiff`` files and other
+        images of :data:`IMAGE_SUFFIXES`, ``*.png`` ..., any case, not
         recursive, sorted, hidden files skipped) and glob patterns not
         expanded by the shell (sorted matches; a pattern matching nothing is
         kept, and reported as a missing file).
@@ -238,7 +245,7 @@ def output_paths(files, out_dir) -> list:
 
 
 def parameters(task, config, camera, axes=None, channel=None, pixel_size=None, z_step=None,
-               workers=None) -> dict:
+               workers=None, invert=False) -> dict:
     """Every parameter that determines a table, as the sidecar records it.
 
     ``config`` holds every :class:`~spotfit.fitting.FitConfig` field
@@ -253,6 +260,7 @@ def parameters(task, config, camera, axes=None, channel=None, pixel_size=None, z
         "task": task,
         "axes": axes,
         "channel": channel,
+        "invert": bool(invert),
         "pixel_size": pixel_size,
         "z_step": z_step,
         "config": config_dict,
@@ -405,7 +413,7 @@ def _close(img) -> None:
 
 
 def process_file(path, task="fit", config=None, camera=None, axes=None, channel=None,
-                 pixel_size=None, z_step=None, on_frame=None, on_image=None):
+                 pixel_size=None, z_step=None, on_frame=None, on_image=None, invert=False):
     """Read one TIFF, detect or fit every frame; return the table and a description.
 
     Parameters
@@ -427,6 +435,9 @@ def process_file(path, task="fit", config=None, camera=None, axes=None, channel=
         Called after each frame is processed.
     on_image : callable, optional
         Called with the number of frames of each image once it is opened.
+    invert : bool
+        Dark objects on a light background: process the inverted image
+        (:mod:`spotfit.invert`); refused with a calibrated camera.
 
     Returns
     -------
@@ -454,6 +465,10 @@ def process_file(path, task="fit", config=None, camera=None, axes=None, channel=
         raise SpotfitInputError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
     config = config or FitConfig()
     camera = camera or Camera()
+    if invert:
+        from spotfit.invert import check_camera
+
+        check_camera(camera)
     where = os.fspath(path)
     timings = {"read": 0.0, task: 0.0}
 
@@ -469,6 +484,10 @@ def process_file(path, task="fit", config=None, camera=None, axes=None, channel=
     for c in channels:
         start = time.perf_counter()
         img = read_image(where, axes=axes, channel=c)
+        if invert:
+            from spotfit.invert import invert_image
+
+            img = invert_image(img)
         timings["read"] += time.perf_counter() - start
         try:
             if on_image is not None:
@@ -543,6 +562,7 @@ class _Job:
     z_step: object
     parameters: dict
     run: dict
+    invert: bool = False
 
 
 def _message(exc: BaseException, path: str) -> str:
@@ -608,7 +628,7 @@ def _run_job(job: _Job, report=None) -> FileResult:
         table, info = process_file(
             job.path, job.task, config=job.config, camera=job.camera, axes=job.axes,
             channel=job.channel, pixel_size=job.pixel_size, z_step=job.z_step,
-            on_frame=on_frame, on_image=on_image,
+            on_frame=on_frame, on_image=on_image, invert=job.invert,
         )
         from spotfit.table import write_table
 
@@ -813,7 +833,7 @@ class _ProgressBar:
 # ---------------------------------------------------------------------------
 def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, channel=None,
               pixel_size=None, z_step=None, workers=None, skip_existing=False,
-              progress=None) -> BatchSummary:
+              progress=None, invert=False) -> BatchSummary:
     """Detect or fit every input file; write ``<out_dir>/<stem>.csv`` and ``.json`` each.
 
     Parameters
@@ -839,6 +859,8 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
         (``workers`` aside); other files are (re)done.
     progress : bool, optional
         Draw a progress bar on stderr; default: when stderr is a terminal.
+    invert : bool
+        Process every file inverted (dark objects on a light background).
 
     Returns
     -------
@@ -865,7 +887,7 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
     files = expand_inputs(inputs)
     if not files:
         where = ", ".join(os.fspath(i) for i in inputs) or "(none given)"
-        raise SpotfitInputError(f"no TIFF files (*.tif, *.tiff) found in {where}")
+        raise SpotfitInputError(f"no image files (*.tif, *.tiff, *.png, ...) found in {where}")
     out_dir = os.fspath(out_dir)
     paths = output_paths(files, out_dir)
     try:
@@ -875,12 +897,17 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
             f"{out_dir}: cannot create the output folder ({exc.strerror or exc})"
         ) from exc
 
-    params = parameters(task, config, camera, axes, channel, pixel_size, z_step, workers)
+    if invert:
+        from spotfit.invert import check_camera
+
+        check_camera(camera)
+    params = parameters(task, config, camera, axes, channel, pixel_size, z_step, workers,
+                        invert)
     n_cores = workers or os.cpu_count() or 1
     jobs, results = [], {}
     for i, (f, (csv, sidecar)) in enumerate(zip(files, paths)):
         job = _Job(i, f, csv, sidecar, task, config, camera, axes, channel, pixel_size,
-                   z_step, params, {})
+                   z_step, params, {}, invert=bool(invert))
         n_spots = _up_to_date(job) if skip_existing else None
         if n_spots is not None:
             results[i] = FileResult(f, csv, "skipped", n_spots=n_spots)

@@ -1,4 +1,4 @@
-"""Command line: ``spotfit detect``, ``spotfit fit`` and ``spotfit simulate``.
+"""Command line: ``spotfit detect``, ``spotfit fit``, ``spotfit simulate``, ``spotfit export``.
 
 The command line does no computation of its own: each command parses its
 options into a :class:`spotfit.fitting.FitConfig` and a
@@ -37,6 +37,10 @@ import click
 #: ``ESTIMATOR_NAMES``.
 MODEL_CHOICES = ("rotated", "elliptical", "symmetric")
 ESTIMATOR_CHOICES = ("lsq", "wlsq", "mle")
+
+#: ``--format`` choices of ``fit`` and ``export`` (spotfit.export.FORMATS,
+#: spelled out for the same reason; a test checks they agree).
+EXPORT_FORMATS = ("csv", "thunderstorm", "picasso", "parquet")
 
 
 #: ``--out`` value (and default) meaning standard output.
@@ -262,7 +266,7 @@ _IMAGE_OPTIONS = [
     ),
     click.option(
         "--axes", metavar="AXES",
-        help="Axes of the TIFF, one letter per dimension from T, Z, C, Y, X, S "
+        help="Axes of the image, one letter per dimension from T, Z, C, Y, X, S "
         "(e.g. TYX for a movie stored as a z-stack, ZYX for a z-stack); "
         "overrides the file's metadata.",
     ),
@@ -270,6 +274,11 @@ _IMAGE_OPTIONS = [
         "--channel", type=ChannelType(), metavar="N|all",
         help="Channel to use (0-based) when the file has several (C or S axis, e.g. RGB); "
         "'all': every channel, with a channel column.",
+    ),
+    click.option(
+        "--invert", is_flag=True,
+        help="Dark objects on a light background (e.g. bright-field colloids): invert the "
+        "image first (max - value of its pixel type).  Not with --gain.",
     ),
     click.option(
         "--pixel-size", type=POSITIVE, metavar="UM",
@@ -354,6 +363,20 @@ def _write_csv(table, out) -> str:
     return out
 
 
+def _write_format(table, info, image, out, fmt) -> str:
+    """``fit --format``: write `table` as ThunderSTORM, Picasso or Parquet (spotfit.export)."""
+    from spotfit.export import export
+
+    shape = info["shape"]
+    with _UserErrors(what=out):
+        written = export(
+            table, out, fmt, pixel_size=info["pixel_size_um"], z_step=info["z_step_um"],
+            width=shape[-1], height=shape[-2], frames=info["frames"],
+            source=os.path.abspath(image), dtype=info["dtype"], where=image,
+        )
+    return ", ".join(written)
+
+
 def _silence_stdout():
     """After a broken pipe, point stdout at /dev/null so exit does not complain."""
     try:
@@ -379,7 +402,7 @@ def _fit_config(**options):
     callback=_version_callback, help="Show the version and exit.",
 )
 def main():
-    """Detect fluorescent spots in microscopy TIFFs and fit Gaussian PSF models.
+    """Detect fluorescent spots in microscopy images and fit Gaussian PSF models.
 
     Coordinates are 0-based pixel centres: x = column, y = row, z = plane.
     Widths are Gaussian sigma in pixels, angles in radians.  Intensities are
@@ -391,6 +414,7 @@ def main():
       spotfit simulate sim.tif --shape 128x160 --n-spots 40 --seed 1
       spotfit detect sim.tif --baseline 100 --gain 1 --out candidates.csv
       spotfit fit sim.tif --baseline 100 --gain 1 --out spots.csv
+      spotfit export spots.csv --format thunderstorm --pixel-size 0.1
     """
 
 
@@ -399,9 +423,10 @@ def main():
 @_apply(_camera_options(note="  Does not change detection."))
 @_apply(_out_options("candidates"))
 @_workers_option("Files processed in parallel with --out-dir (processes).  [default: all cores]")
-def detect(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, min_distance,
-           baseline, gain, em_gain, read_noise, out, out_dir, skip_existing, workers):
-    """Find spot candidates in IMAGE (TIFF files or folders) without fitting them.
+def detect(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, threshold,
+           min_distance, baseline, gain, em_gain, read_noise, out, out_dir, skip_existing,
+           workers):
+    """Find spot candidates in IMAGE (image files or folders) without fitting them.
 
     Writes one row per candidate: frame, x, y (z for z-stacks; integer pixel
     positions of the local maxima of the filtered image) and score (their
@@ -413,7 +438,7 @@ def detect(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold,
                              min_distance=min_distance, workers=workers)
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "detect", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers)
+         out, out_dir, skip_existing, workers, invert)
 
 
 def _is_batch(images, out_dir) -> bool:
@@ -451,10 +476,11 @@ def _check_outputs(images, out, out_dir, skip_existing) -> bool:
 
 
 def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers):
+         out, out_dir, skip_existing, workers, invert=False, fmt="csv"):
     """One file to stdout / --out, or a batch into --out-dir."""
     if not batch:
-        _single(task, images[0], config, camera, axes, channel, pixel_size, z_step, out)
+        _single(task, images[0], config, camera, axes, channel, pixel_size, z_step, out,
+                invert, fmt)
         return
     from spotfit.batch import run_batch
 
@@ -462,7 +488,7 @@ def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
         summary = run_batch(
             images, out_dir, task=task, config=config, camera=camera, axes=axes,
             channel=channel, pixel_size=pixel_size, z_step=z_step, workers=workers,
-            skip_existing=skip_existing,
+            skip_existing=skip_existing, invert=invert,
         )
     for result in summary.failed:
         click.echo(f"Error: {result.input}: {result.message}", err=True)
@@ -471,14 +497,16 @@ def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
         sys.exit(1)
 
 
-def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out):
+def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out, invert=False,
+            fmt="csv"):
     _check_not_input(out, [image])
     from spotfit.batch import process_file
 
     with _UserErrors(what=image):
-        table, _ = process_file(image, task, config=config, camera=camera, axes=axes,
-                                channel=channel, pixel_size=pixel_size, z_step=z_step)
-    where = _write_csv(table, out)
+        table, info = process_file(image, task, config=config, camera=camera, axes=axes,
+                                   channel=channel, pixel_size=pixel_size, z_step=z_step,
+                                   invert=invert)
+    where = _write_csv(table, out) if fmt == "csv" else _write_format(table, info, image, out, fmt)
     if task == "detect":
         click.echo(f"{image}: {len(table)} candidates -> {where}", err=True)
         return
@@ -544,15 +572,20 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out)
     help="With --crowded: largest group fitted jointly; bigger clusters are split.",
 )
 @_apply(_out_options("fitted spots"))
+@click.option(
+    "--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="csv", show_default=True,
+    help="Output format of one IMAGE: csv, or thunderstorm / picasso / parquet (need --out; "
+    "see spotfit export).",
+)
 @_workers_option(
     "One IMAGE: threads for fitting.  With --out-dir: files processed in parallel "
     "(processes, one thread each).  [default: all cores]"
 )
-def fit(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, min_distance,
-        baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
+def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, threshold,
+        min_distance, baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
         fix_sigma, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
-        skip_existing, workers):
-    """Detect and fit every spot of IMAGE (TIFF files or folders): position, intensity, widths.
+        skip_existing, fmt, workers):
+    """Detect and fit every spot of IMAGE (image files or folders): position, intensity, widths.
 
     Writes one row per spot (columns and units: see the README), then a
     one-line summary on stderr.  Fits that did not converge are kept, with
@@ -560,6 +593,13 @@ def fit(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, mi
     --out-dir: one CSV and one JSON sidecar per input.
     """
     batch = _check_outputs(images, out, out_dir, skip_existing)
+    if fmt != "csv" and batch:
+        raise click.UsageError(
+            f"--format {fmt} writes the table of one IMAGE; with --out-dir, convert the CSVs "
+            f"with: spotfit export <out-dir>/<stem>.csv --format {fmt}"
+        )
+    if fmt != "csv" and out == STDOUT:
+        raise click.UsageError(f"--format {fmt} needs --out FILE.")
     with _UserErrors():
         config = _fit_config(
             sigma=sigma, sigma_z=sigma_z, threshold=threshold, min_distance=min_distance,
@@ -569,7 +609,7 @@ def fit(images, axes, channel, pixel_size, z_step, sigma, sigma_z, threshold, mi
         )
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers)
+         out, out_dir, skip_existing, workers, invert, fmt)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -655,6 +695,69 @@ def simulate(out, shape, n_spots, photons, background, sigma, min_separation, bo
         f"truth -> {truth}",
         err=True,
     )
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("table", type=click.Path(dir_okay=False), metavar="SPOTS.csv")
+@click.option(
+    "--format", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+    help="thunderstorm: ThunderSTORM CSV (nm, 1-based frames, pixel-corner origin); picasso: "
+    "Picasso HDF5 locs + YAML; parquet: the whole table as Parquet; csv: spotfit CSV.",
+)
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False), metavar="FILE",
+    help="Output file (written atomically).  [default: SPOTS with _thunderstorm.csv, "
+    "_locs.hdf5 or .parquet]",
+)
+@click.option(
+    "--pixel-size", type=POSITIVE, metavar="UM",
+    help="Pixel size in µm, for nm coordinates.  [default: from the table's x_um column, "
+    "the image, or the run's sidecar]",
+)
+@click.option(
+    "--z-step", type=POSITIVE, metavar="UM",
+    help="Distance between z planes in µm (z-stack tables).  [default: from z_um]",
+)
+@click.option(
+    "--image", type=click.Path(dir_okay=False), metavar="IMAGE",
+    help="The image the table was fitted from: Picasso needs its size (read from its "
+    "header).  [default: the sidecar <stem>.json beside SPOTS, if any]",
+)
+@click.option("--axes", metavar="AXES", help="Axes of --image, as for fit.")
+@click.option(
+    "--rows", type=click.Choice(("converged", "all")), default=None,
+    help="Rows for ThunderSTORM and Picasso: converged fits only, or all.  "
+    "[default: converged]",
+)
+@click.option(
+    "--channel", type=click.IntRange(min=0), metavar="N",
+    help="The channel to export from a table of --channel all.",
+)
+def export(table, fmt, out, pixel_size, z_step, image, axes, rows, channel):
+    """Write a spotfit table (CSV or Parquet) for ThunderSTORM, Picasso or pandas.
+
+    \b
+      spotfit export spots.csv --format thunderstorm --pixel-size 0.16
+      spotfit export spots.csv --format picasso --image movie.tif
+      spotfit export spots.csv --format parquet
+    """
+    with _UserErrors():
+        from spotfit import export as ex
+
+        out = out or ex.default_output(table, fmt)
+        _check_not_input(out, [table] + ([image] if image else []))
+        frame = ex.read_table(table)
+        info = ex.sidecar_info(table)
+        if image is not None:
+            info = ex.image_info(image, axes)
+        if pixel_size is None and "x_um" not in frame.columns:
+            pixel_size = info.get("pixel_size")
+        written = ex.export(
+            frame, out, fmt, pixel_size=pixel_size, z_step=z_step, rows=rows, channel=channel,
+            width=info.get("width"), height=info.get("height"), frames=info.get("frames"),
+            source=info.get("source"), dtype=info.get("dtype"), where=table,
+        )
+    click.echo(f"{table}: {fmt} -> {', '.join(written)}", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -554,7 +554,9 @@ def _data_and_axes(image, axes):
             raise SpotfitInputError(
                 f"image must be 2D (YX), 3D (TYX) or 4D (TZYX), got shape {tuple(data.shape)}"
             )
-        axes = _AXES[data.ndim]
+        from spotfit.io import default_axes  # refuses colour-like (..., 3|4) arrays
+
+        axes = default_axes(data.shape)
     axes = str(axes).upper()
     if axes not in ("YX", "TYX", "ZYX", "TZYX"):
         raise SpotfitInputError(f"axes must be YX, TYX, ZYX or TZYX for detection, got {axes!r}")

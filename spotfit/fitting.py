@@ -170,7 +170,8 @@ def _config(config, overrides) -> FitConfig:
 def _as_image(image, axes=None, channel=None):
     """Accept a path, an :class:`~spotfit.io.Image` or an array.
 
-    Arrays without ``axes`` are read as ``YX`` (2D) or ``TYX`` (3D).
+    Arrays without ``axes`` are read as ``YX`` (2D), ``TYX`` (3D) or
+    ``TZYX`` (4D); see :meth:`spotfit.io.Image.from_array`.
     """
     from spotfit.io import Image, read_image
 
@@ -178,19 +179,13 @@ def _as_image(image, axes=None, channel=None):
         return image
     if isinstance(image, (str, os.PathLike)):
         return read_image(image, axes=axes, channel=channel)
-    arr = np.asarray(image)
-    if axes is None:
-        axes = {2: "YX", 3: "TYX", 4: "TZYX"}.get(arr.ndim)
-        if axes is None:
-            raise SpotfitInputError(
-                f"cannot fit an array of shape {arr.shape} without axes; pass axes='TZCYX'-style letters"
-            )
-    return Image.from_array(arr, axes, channel=channel)
+    return Image.from_array(image, axes, channel=channel)
 
 
 # --------------------------------------------------------------------- API
 def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
-        axes: str | None = None, channel: int | None = None, **options):
+        axes: str | None = None, channel: int | None = None, invert: bool = False,
+        **options):
     """Detect and fit every spot of an image or stack.
 
     Parameters
@@ -203,7 +198,13 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         Without a calibrated camera, values are in ADU above baseline and the
         least-squares estimator is used by default.
     axes, channel : optional
-        Passed to :func:`spotfit.read_image` when ``image`` is a path.
+        Passed to :func:`spotfit.read_image` when ``image`` is a path, or
+        to :meth:`spotfit.io.Image.from_array` for an array (an array that
+        may be a colour image, e.g. of shape (424, 640, 3), needs `axes`).
+    invert : bool
+        Dark objects on a light background (e.g. bright-field colloids):
+        fit the inverted image (:mod:`spotfit.invert`).  Not with a
+        calibrated camera.
     **options
         Override fields of ``config`` (e.g. ``sigma=1.5, estimator="mle"``).
 
@@ -218,7 +219,15 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     """
     config = _config(config, options)
     camera = camera or Camera()
+    if invert:
+        from spotfit.invert import check_camera
+
+        check_camera(camera)
     img = _as_image(image, axes=axes, channel=channel)
+    if invert:
+        from spotfit.invert import invert_image
+
+        img = invert_image(img)
     if isinstance(image, (str, os.PathLike)):  # opened here: closed here
         with img:
             return _fit_image(img, config, camera)

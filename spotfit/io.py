@@ -50,7 +50,10 @@ import tifffile
 from spotfit._atomic import atomic_path
 from spotfit.errors import SpotfitInputError
 
-__all__ = ["Image", "PagedStack", "count_channels", "read_image", "write_tiff", "SUPPORTED_DTYPES"]
+__all__ = [
+    "Image", "PagedStack", "count_channels", "default_axes", "read_image", "write_tiff",
+    "SUPPORTED_DTYPES",
+]
 
 #: Pixel types spotfit reads; anything else (bool, complex, float16,
 #: 64-bit integers) is rejected with a message naming the file.
@@ -252,7 +255,7 @@ class Image:
     def from_array(
         cls,
         data,
-        axes: str,
+        axes: str | None = None,
         *,
         channel: int | None = None,
         pixel_size: float | None = None,
@@ -267,9 +270,12 @@ class Image:
         ----------
         data : array_like
             Pixel values, e.g. of shape (Y, X), (T, Y, X) or (Z, Y, X).
-        axes : str
+        axes : str, optional
             One letter from ``TZCYXS`` per dimension of `data`, e.g. ``"YX"``,
-            ``"ZYX"`` or ``"TCYX"``.
+            ``"ZYX"`` or ``"TCYX"``.  Default (:func:`default_axes`): ``YX``,
+            ``TYX`` or ``TZYX`` by the number of dimensions; an array whose
+            last axis has 3 or 4 elements may be a colour image (e.g. RGB
+            of shape (424, 640, 3)) and is refused without `axes`.
         channel : int, optional
             Channel to keep when `data` has a channel axis of size > 1.
         pixel_size, z_step : float, optional
@@ -281,6 +287,8 @@ class Image:
         """
         array = np.asarray(data)
         where = "array"
+        if axes is None:
+            axes = default_axes(array.shape)
         _check_dtype(array.dtype, where)
         plan = _plan_axes(
             _validate_axes_override(axes, array.shape, "", where, "axes"),
@@ -296,18 +304,48 @@ class Image:
         )
 
 
+def default_axes(shape) -> str:
+    """Axes of an array given without them: ``YX``, ``TYX`` or ``TZYX`` by dimension.
+
+    Raises
+    ------
+    SpotfitInputError
+        For other dimensions, and for a 3D or 4D array whose last axis has
+        3 or 4 elements: that is the layout of colour images (RGB, RGBA;
+        e.g. (424, 640, 3)), read as frames of 3 or 4 pixel columns it
+        would give nonsense, so the caller must say which it is.
+    """
+    shape = tuple(int(n) for n in shape)
+    axes = {2: "YX", 3: "TYX", 4: "TZYX"}.get(len(shape))
+    if axes is None:
+        raise SpotfitInputError(
+            f"cannot tell the axes of an array of shape {shape}; pass axes, one letter "
+            f"from {AXES_LETTERS} per dimension (e.g. axes='TZCYX')"
+        )
+    if len(shape) >= 3 and shape[-1] in (3, 4):
+        guess = "YXS" if len(shape) == 3 else "TYXS"
+        raise SpotfitInputError(
+            f"an array of shape {shape} is ambiguous: a colour image ({guess}, then "
+            f"choose channel=0..{shape[-1] - 1}) or {axes} with {shape[-1]} columns; "
+            f"pass axes (e.g. axes={guess!r} with channel=1, or axes={axes!r})"
+        )
+    return axes
+
+
 # ----------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------
 
 
 def read_image(path, axes: str | None = None, channel: int | None = None) -> Image:
-    """Read the first image series of a TIFF file.
+    """Read the first image series of a TIFF file (or another image format).
 
     Parameters
     ----------
     path : str or os.PathLike
         TIFF file (plain, ImageJ, OME or BigTIFF).  Opened read-only.
+        PNG, JPEG, BMP, GIF, ... and vendor files (ND2, CZI, LIF) are read
+        by :func:`spotfit.readers.read_other` with the same rules.
     axes : str, optional
         Override for the stored axes (the command line's ``--axes``): one
         letter from ``TZCYXS`` per dimension of the stored series, ``Y`` and
@@ -347,6 +385,10 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
     (outside 1 nm to 10 mm).
     """
     where = os.fspath(path)
+    from spotfit import readers  # PNG, JPEG, ..., ND2, CZI, LIF
+
+    if readers.handles(where):
+        return readers.read_other(where, axes=axes, channel=channel)
     _check_file(where)
 
     with _TifffileErrors() as logged:
@@ -426,6 +468,10 @@ def count_channels(path, axes: str | None = None) -> int:
         and for an `axes` override that does not fit.
     """
     where = os.fspath(path)
+    from spotfit import readers
+
+    if readers.handles(where):
+        return readers.count_channels(where, axes)
     _check_file(where)
     with _TifffileErrors() as logged:
         try:

@@ -409,7 +409,7 @@ def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run("fit", tmp_path / "empty", "--out-dir", tmp_path / "out")
     assert result.exit_code == 1
-    assert "no TIFF files" in result.stderr
+    assert "no image files" in result.stderr
 
 
 def test_run_batch_api(good, tmp_path):
