@@ -42,7 +42,7 @@ p.meta { color: #555; margin-top: 0; }
 table { border-collapse: collapse; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; vertical-align: middle; text-align: left; }
 th { background: #f4f4f6; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.failed td { background: #fff1f0; }
 tr.skipped td { color: #666; }
 td.thumb img { display: block; image-rendering: auto; }
