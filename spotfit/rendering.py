@@ -57,13 +57,15 @@ _COLUMNS = ("frame", "x", "y", "z", "x_err", "y_err", "z_err", "x_um", "y_um", "
 # Compiled kernel
 # ---------------------------------------------------------------------------
 @njit(cache=True, nogil=True, error_model="numpy")
-def _axis_weights(centre, sigma, n, out):
+def _axis_weights(centre, sigma, out):
     """Pixel-integrated, truncated and renormalised Gaussian along one axis.
 
     Writes the weights of output pixels ``lo .. lo + k - 1`` into
-    ``out[:k]`` and returns ``(lo, k)``; ``sigma <= 0`` puts all the weight
-    into the pixel containing `centre`.  Pixels outside ``[0, n)`` are
-    included (the caller skips them: border loss).
+    ``out[:k]`` and returns ``(lo, k)``; the weights sum to 1 (the mass cut
+    off beyond ``TRUNCATE`` sigma is given back proportionally, and the cut
+    is symmetric about `centre`, so the mean stays at `centre`).  ``sigma
+    <= 0`` puts all the weight into the pixel containing `centre`.  Pixels
+    outside the image are included (the caller skips them: border loss).
     """
     if sigma <= 0.0:
         out[0] = 1.0
@@ -123,9 +125,9 @@ def _gaussians(image, x, y, z, sx, sy, sz, weight, order, buffer):
         syn = sy[0] if sy.size == 1 else sy[n]
         sxn = sx[0] if sx.size == 1 else sx[n]
         w = weight[0] if weight.size == 1 else weight[n]
-        z0, kz = _axis_weights(zn, szn, nz, wz)
-        y0, ky = _axis_weights(y[n], syn, ny, wy)
-        x0, kx = _axis_weights(x[n], sxn, nx, wx)
+        z0, kz = _axis_weights(zn, szn, wz)
+        y0, ky = _axis_weights(y[n], syn, wy)
+        x0, kx = _axis_weights(x[n], sxn, wx)
         c_lo = max(x0, 0)
         c_hi = min(x0 + kx, nx)
         if c_lo >= c_hi:
