@@ -27,6 +27,8 @@ _LAZY = {
     "FitConfig": "spotfit.fitting",
     "simulate": "spotfit.simulation",
     "write_table": "spotfit.table",
+    "render": "spotfit.rendering",
+    "show": "spotfit.overlay",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

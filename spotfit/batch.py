@@ -563,6 +563,7 @@ class _Job:
     parameters: dict
     run: dict
     invert: bool = False
+    qc: str | None = None  # path of the QC picture to write, if any
 
 
 def _message(exc: BaseException, path: str) -> str:
@@ -634,6 +635,11 @@ def _run_job(job: _Job, report=None) -> FileResult:
 
         t = time.perf_counter()
         write_table(table, job.csv)
+        if job.qc:  # before the sidecar: a sidecar means every output is complete
+            from spotfit.overlay import write_qc
+
+            write_qc(job.qc, job.path, table, axes=job.axes,
+                     channel=0 if job.channel == "all" else job.channel)
         timings = info.pop("timings_s")
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
@@ -833,7 +839,7 @@ class _ProgressBar:
 # ---------------------------------------------------------------------------
 def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, channel=None,
               pixel_size=None, z_step=None, workers=None, skip_existing=False,
-              progress=None, invert=False) -> BatchSummary:
+              progress=None, invert=False, qc=False, report=False) -> BatchSummary:
     """Detect or fit every input file; write ``<out_dir>/<stem>.csv`` and ``.json`` each.
 
     Parameters
@@ -861,6 +867,12 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
         Draw a progress bar on stderr; default: when stderr is a terminal.
     invert : bool
         Process every file inverted (dark objects on a light background).
+    qc : bool
+        Also write ``<out_dir>/<stem>_qc.png``, the image with its fits
+        (:func:`spotfit.overlay.write_qc`), before the sidecar.
+    report : bool
+        At the end, write ``<out_dir>/report.html`` over all files
+        (:func:`spotfit.report.write_report`).
 
     Returns
     -------
@@ -876,6 +888,7 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
     """
     from spotfit.camera import Camera
     from spotfit.fitting import FitConfig
+    from spotfit.overlay import qc_path
 
     start = time.perf_counter()
     if task not in TASKS:
@@ -907,13 +920,15 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
     jobs, results = [], {}
     for i, (f, (csv, sidecar)) in enumerate(zip(files, paths)):
         job = _Job(i, f, csv, sidecar, task, config, camera, axes, channel, pixel_size,
-                   z_step, params, {}, invert=bool(invert))
+                   z_step, params, {}, invert=bool(invert), qc=qc_path(csv) if qc else None)
         n_spots = _up_to_date(job) if skip_existing else None
+        if job.qc and not os.path.isfile(job.qc):
+            n_spots = None  # its picture is missing: redo the file
         if n_spots is not None:
             results[i] = FileResult(f, csv, "skipped", n_spots=n_spots)
         else:
             jobs.append(job)
-            for path in (csv, sidecar):  # left by an interrupted run
+            for path in (csv, sidecar) + ((job.qc,) if job.qc else ()):  # left by an interrupted run
                 _remove_stale_temporaries(path)
 
     processes = min(n_cores, len(jobs))
@@ -942,7 +957,13 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
         if bar:
             bar.close()
     ordered = [results[i] for i in range(len(files))]
-    return BatchSummary(ordered, time.perf_counter() - start)
+    summary = BatchSummary(ordered, time.perf_counter() - start)
+    if report:
+        from spotfit.report import REPORT_NAME, write_report
+
+        write_report(os.path.join(out_dir, REPORT_NAME), summary, params, axes=axes,
+                     channel=channel)
+    return summary
 
 
 def _size(path) -> int:

@@ -476,11 +476,11 @@ def _check_outputs(images, out, out_dir, skip_existing) -> bool:
 
 
 def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert=False, fmt="csv"):
-    """One file to stdout / --out, or a batch into --out-dir."""
+         out, out_dir, skip_existing, workers, invert=False, fmt="csv", qc=False):
+    """One file to stdout / --out, or a batch into --out-dir (fit: with report.html)."""
     if not batch:
         _single(task, images[0], config, camera, axes, channel, pixel_size, z_step, out,
-                invert, fmt)
+                invert, fmt, qc)
         return
     from spotfit.batch import run_batch
 
@@ -488,7 +488,7 @@ def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
         summary = run_batch(
             images, out_dir, task=task, config=config, camera=camera, axes=axes,
             channel=channel, pixel_size=pixel_size, z_step=z_step, workers=workers,
-            skip_existing=skip_existing, invert=invert,
+            skip_existing=skip_existing, invert=invert, qc=qc, report=task == "fit",
         )
     for result in summary.failed:
         click.echo(f"Error: {result.input}: {result.message}", err=True)
@@ -498,7 +498,7 @@ def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
 
 
 def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out, invert=False,
-            fmt="csv"):
+            fmt="csv", qc=False):
     _check_not_input(out, [image])
     from spotfit.batch import process_file
 
@@ -516,6 +516,8 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out,
         f"{image}: {n} spots ({converged} converged, {n - converged} flagged) -> {where}",
         err=True,
     )
+    if qc:
+        _write_qc(image, table, out, axes, channel)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -581,16 +583,21 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out,
     "One IMAGE: threads for fitting.  With --out-dir: files processed in parallel "
     "(processes, one thread each).  [default: all cores]"
 )
+@click.option(
+    "--qc", is_flag=True,
+    help="Also write <stem>_qc.png beside each table: the image with its fits (see "
+    "spotfit show).",
+)
 def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, threshold,
         min_distance, baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
         fix_sigma, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
-        skip_existing, fmt, workers):
+        skip_existing, fmt, workers, qc):
     """Detect and fit every spot of IMAGE (image files or folders): position, intensity, widths.
 
     Writes one row per spot (columns and units: see the README), then a
     one-line summary on stderr.  Fits that did not converge are kept, with
     their reason in the status column.  Several files or folders need
-    --out-dir: one CSV and one JSON sidecar per input.
+    --out-dir: one CSV and one JSON sidecar per input, and report.html.
     """
     batch = _check_outputs(images, out, out_dir, skip_existing)
     if fmt != "csv" and batch:
@@ -600,6 +607,9 @@ def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, thres
         )
     if fmt != "csv" and out == STDOUT:
         raise click.UsageError(f"--format {fmt} needs --out FILE.")
+    if qc and not batch and out == STDOUT:
+        raise click.UsageError("--qc writes <stem>_qc.png beside the table: give --out FILE.csv "
+                               "or --out-dir DIR.")
     with _UserErrors():
         config = _fit_config(
             sigma=sigma, sigma_z=sigma_z, threshold=threshold, min_distance=min_distance,
@@ -609,7 +619,7 @@ def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, thres
         )
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert, fmt)
+         out, out_dir, skip_existing, workers, invert, fmt, qc)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -758,6 +768,216 @@ def export(table, fmt, out, pixel_size, z_step, image, axes, rows, channel):
             source=info.get("source"), dtype=info.get("dtype"), where=table,
         )
     click.echo(f"{table}: {fmt} -> {', '.join(written)}", err=True)
+# ---------------------------------------------------------------------------
+# Pictures: spotfit show, spotfit render (and fit --qc)
+# ---------------------------------------------------------------------------
+class PercentilesType(click.ParamType):
+    """``LO,HI`` percentiles, 0 <= LO < HI <= 100 -> (lo, hi)."""
+
+    name = "LO,HI"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            lo, hi = (float(p) for p in str(value).split(","))
+        except ValueError:
+            lo = hi = float("nan")
+        if not (0 <= lo < hi <= 100):
+            self.fail(f"{value!r} is not LO,HI with 0 <= LO < HI <= 100 (e.g. 0.5,99.8).",
+                      param, ctx)
+        return lo, hi
+
+
+def _write_qc(image, table, out, axes, channel):
+    """``<stem>_qc.png`` beside the table `out`: the image with its fits."""
+    from spotfit.overlay import qc_path, write_qc
+
+    path = qc_path(out)
+    _check_not_input(path, [image])
+    with _UserErrors(what=path):
+        write_qc(path, image, table, axes=axes, channel=0 if channel == "all" else channel)
+    click.echo(f"{image}: picture of the fits -> {path}", err=True)
+
+
+#: Options of ``fit`` that ``show`` takes too (to fit an image given without a table).
+_SHOW_FIT_PARAMS = [
+    p for p in fit.params
+    if p.name not in ("images", "out", "out_dir", "skip_existing", "qc", "fmt")
+]
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("image", type=click.Path(dir_okay=False), metavar="IMAGE")
+@click.argument("spots", required=False, type=click.Path(dir_okay=False), metavar="[SPOTS.csv]")
+@click.option(
+    "--out", "-o", required=True, type=click.Path(dir_okay=False), metavar="FILE.png",
+    help="Picture to write (PNG; .pdf and .svg work too), atomically.",
+)
+@click.option(
+    "--frame", type=click.IntRange(min=0),
+    help="Time point to show (0-based) with its spots.  [default: maximum projection over "
+    "time, all spots]",
+)
+@click.option(
+    "--crop", metavar="X0:X1,Y0:Y1",
+    help="Show columns X0..X1-1 and rows Y0..Y1-1 only (e.g. 100:300,50:200).",
+)
+@click.option(
+    "--zoom", type=POSITIVE,
+    help="Screen pixels per image pixel.  [default: an integer making the long side >= 768 px]",
+)
+@click.option(
+    "--percentiles", type=PercentilesType(), default="0.5,99.8", show_default=True,
+    help="Percentiles of the shown pixels mapped to black and white.",
+)
+@click.option(
+    "--color", type=click.Choice(("auto", "status", "z", "frame")), default="auto",
+    show_default=True,
+    help="Colour the fits by status (legend with counts), or by z or frame (colour bar; "
+    "flagged fits dashed).  auto: z for z-stacks, else status.",
+)
+def show(image, spots, out, frame, crop, zoom, percentiles, color, **fit_options):
+    """Draw IMAGE with its fitted spots into a picture (quality control).
+
+    Each fit is an ellipse of 2 sigma around its position (rotated by its
+    angle), coloured by status, over the image contrast-stretched by
+    percentiles; a time series or z-stack is shown as its maximum
+    projection unless --frame is given.  Without SPOTS.csv, IMAGE is
+    fitted first with the fit options below (the same as spotfit fit);
+    with it, they are not used (except --axes and --channel).
+    """
+    _check_not_input(out, [image] + ([spots] if spots else []))
+    axes, channel = fit_options["axes"], fit_options["channel"]
+    if channel == "all":
+        raise click.UsageError("--channel all: show one channel at a time (--channel N).")
+    config = camera = None
+    if spots is None:
+        from dataclasses import fields
+
+        from spotfit.fitting import FitConfig
+
+        names = {f.name for f in fields(FitConfig)}
+        options = {k: v for k, v in fit_options.items() if k in names}
+        if options.get("estimator") == "auto":
+            options["estimator"] = None
+        with _UserErrors():
+            config = _fit_config(**options)
+            camera = _camera(fit_options["baseline"], fit_options["gain"],
+                             fit_options["em_gain"], fit_options["read_noise"])
+    from spotfit.overlay import save, show as draw
+
+    extra = {"invert": True} if spots is None and fit_options.get("invert") else {}
+    with _UserErrors(what=image):
+        figure = draw(image, spots, frame=frame, crop=crop, zoom=zoom, percentiles=percentiles,
+                      color=color, config=config, camera=camera, axes=axes, channel=channel,
+                      **extra)
+    with _UserErrors(what=out):
+        save(figure, out)
+    click.echo(f"{image}: picture of the fits -> {out}", err=True)
+
+
+show.params.extend(_SHOW_FIT_PARAMS)
+
+_RENDER_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("spots", type=click.Path(dir_okay=False), metavar="SPOTS.csv")
+@click.option(
+    "--out", "-o", required=True, type=click.Path(dir_okay=False), metavar="FILE.tif|FILE.png",
+    help="Output: a float32 TIFF (localisations per pixel, pixel size in the ImageJ "
+    "metadata) or an RGB preview PNG.",
+)
+@click.option("--pixel-size", type=POSITIVE, required=True, metavar="NM",
+              help="Pixel size of the rendered image, nm.")
+@click.option(
+    "--method", type=click.Choice(("gaussian", "histogram")), default="gaussian",
+    show_default=True,
+    help="gaussian: each localisation a normalised Gaussian of its own precision "
+    "(x_err, y_err); histogram: localisations counted per pixel.",
+)
+@click.option("--sigma", type=POSITIVE, metavar="NM",
+              help="gaussian: one fixed width for all localisations, nm.  "
+              "[default: each one's precision]")
+@click.option("--min-sigma", type=NON_NEGATIVE, metavar="NM",
+              help="gaussian: smallest width, nm.  [default: half of --pixel-size]")
+@click.option("--z-step", type=POSITIVE, metavar="NM",
+              help="Render a 3D stack with slices this thick, nm (needs a z column).")
+@click.option("--sigma-z", type=POSITIVE, metavar="NM",
+              help="gaussian, 3D: one fixed axial width, nm.  "
+              "[default: each one's z_err, at least half of --z-step]")
+@click.option("--camera-pixel-size", type=POSITIVE, metavar="NM",
+              help="Pixel size of the fitted image, nm.  [default: from the x_um column, or "
+              "the table's JSON sidecar]")
+@click.option("--camera-z-step", type=POSITIVE, metavar="NM",
+              help="Distance between planes of the fitted stack, nm.  [default: from the z_um "
+              "column, or the sidecar]")
+@click.option("--shape", type=ShapeType(), metavar="ROWSxCOLS",
+              help="Size of the fitted image in its pixels (PLANESxROWSxCOLS for stacks): the "
+              "rendered field.  [default: from the sidecar, else up to the last localisation]")
+@click.option("--status", default="converged", show_default=True, metavar="NAMES|all",
+              help="Render rows with these statuses (comma-separated), or all rows.")
+@click.option("--min-intensity", type=FINITE, metavar="SIGNAL",
+              help="Render rows with at least this intensity (the table's unit).")
+@click.option("--max-err", type=POSITIVE, metavar="NM",
+              help="Render rows whose precision max(x_err, y_err) is at most this, nm.")
+@click.option("--color", type=click.Choice(("time", "z")),
+              help="PNG output: colour by frame or by z (hue), brightness by density.")
+def render(spots, out, pixel_size, method, sigma, min_sigma, z_step, sigma_z,
+           camera_pixel_size, camera_z_step, shape, status, min_intensity, max_err, color):
+    """Render the localisations of SPOTS.csv into a super-resolution image.
+
+    Like Picasso Render or ThunderSTORM's visualisation: the field of the
+    fitted image is cut into pixels of --pixel-size nm and every
+    localisation adds 1, either to the pixel it falls into (histogram) or
+    spread as a normalised Gaussian (gaussian).  Only converged rows are
+    rendered unless --status says otherwise.
+    """
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix not in _RENDER_SUFFIXES:
+        raise click.UsageError(f"--out {out}: name a .tif, .tiff or .png file.")
+    if color and suffix != ".png":
+        raise click.UsageError("--color makes an RGB preview: give --out FILE.png.")
+    _check_not_input(out, [spots])
+    from spotfit import rendering as library
+
+    keep = {"time": ("frame",), "z": ("z_nm",)}.get(color, ())
+    with _UserErrors(what=spots):
+        points = library.prepare(
+            spots, pixel_size, method=method, sigma=sigma, min_sigma=min_sigma, z_step=z_step,
+            sigma_z=sigma_z, camera_pixel_size=camera_pixel_size,
+            camera_z_step=camera_z_step, shape=shape, status=status,
+            min_intensity=min_intensity, max_err=max_err, keep=keep,
+        )
+    note = ""
+    with _UserErrors(what=out):
+        if suffix == ".png" and color:
+            rgb, (lo, hi) = library.colour_preview(points, color)
+            unit = "frame" if color == "time" else "z nm"
+            note = f"; colour: {unit} {lo:g} (blue) to {hi:g} (red)"
+            library.write_png(out, rgb)
+        elif suffix == ".png":
+            library.write_png(out, library.grey_preview(library.draw(points)))
+        else:
+            from spotfit.io import write_tiff
+
+            image = library.draw(points)
+            write_tiff(out, image, "ZYX" if image.ndim == 3 else "YX",
+                       pixel_size=pixel_size / 1000,
+                       z_step=z_step / 1000 if z_step is not None else None)
+    c = points.counts
+    dropped = [f"{c[k]} {label}" for k, label in (
+        ("status", "by --status"), ("min_intensity", "by --min-intensity"),
+        ("max_err", "by --max-err"), ("not_finite", "without finite values"),
+        ("outside", "outside the field")) if c.get(k)]
+    size = "x".join(str(n) for n in points.shape)
+    click.echo(
+        f"{spots}: {points.n} of {c['read']} localisations rendered"
+        + (f" (left out: {', '.join(dropped)})" if dropped else "")
+        + f" -> {out}, {size} px of {pixel_size:g} nm{note}",
+        err=True,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

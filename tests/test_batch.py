@@ -103,8 +103,10 @@ def listing(folder: Path) -> list:
     return sorted(p.name for p in folder.iterdir())
 
 
-def outputs(stems) -> list:
-    return sorted(f"{s}.{ext}" for s in stems for ext in ("csv", "json"))
+def outputs(stems, report=False) -> list:
+    """CSV and sidecar per stem (and report.html: written by `spotfit fit --out-dir`)."""
+    names = [f"{s}.{ext}" for s in stems for ext in ("csv", "json")]
+    return sorted(names + (["report.html"] if report else []))
 
 
 # ---------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def test_folder_with_good_and_bad_files(good, tmp_path):
     assert (files, ok, failed, skipped) == (7, 3, 4, 0)
     assert "Traceback" not in result.stderr
     # good files: a CSV and a sidecar each; nothing else (no temporary files)
-    assert listing(out) == outputs("abc")
+    assert listing(out) == outputs("abc", report=True)
     assert spots == sum(len(pd.read_csv(out / f"{s}.csv")) for s in "abc")
     # the same table as the single-file command writes
     single = tmp_path / "single.csv"
@@ -157,7 +159,7 @@ def test_workers_1_and_2_give_identical_tables(good, tmp_path):
     assert [l for l in r1.stderr.splitlines() if l.startswith("Error:")] == [
         l for l in r2.stderr.splitlines() if l.startswith("Error:")
     ]
-    assert listing(one) == listing(two) == outputs("abcd")
+    assert listing(one) == listing(two) == outputs("abcd", report=True)
     for stem in "abcd":
         assert (one / f"{stem}.csv").read_bytes() == (two / f"{stem}.csv").read_bytes(), stem
     run2 = json.loads((two / "a.json").read_text())["run"]
@@ -224,7 +226,7 @@ def test_killed_batch_resumes_with_skip_existing(good, tmp_path):
     result = run("fit", good, "--out-dir", out, *CAMERA_ARGS, "--skip-existing", "--workers", "1")
     assert result.exit_code == 0, result.stderr
     assert summary_of(result)[:4] == (4, 2, 0, 2)
-    assert listing(out) == outputs("abcd")  # the stale temporary file is gone
+    assert listing(out) == outputs("abcd", report=True)  # the stale temporary file is gone
     for name in ("a.csv", "a.json", "b.csv", "b.json"):  # skipped: not rewritten
         assert (out / name).stat().st_mtime_ns == before[name], name
 

@@ -811,7 +811,7 @@ def test_one_input_with_out_dir_writes_csv_and_sidecar(sim2d, dirs):
     out = dirs[1] / "results"
     result = ok("fit", tif, *CAMERA_ARGS, "--workers", "1", "--out-dir", out)
     assert result.stdout == ""
-    assert sorted(p.name for p in out.iterdir()) == ["sim.csv", "sim.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "sim.csv", "sim.json"]
     assert result.stderr.strip() == f"1 files: 1 ok, 0 failed, 0 skipped; {N_SPOTS} spots in " \
         + result.stderr.strip().rsplit(" in ", 1)[1]
     single = ok("fit", tif, *CAMERA_ARGS, "--workers", "1").stdout
