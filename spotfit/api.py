@@ -73,14 +73,11 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     """
     config = make_config(config, options)
     camera = camera or Camera()
-    with _Input(image, axes, channel) as (img, valid):
-        ndim = 3 if img.is_3d else 2
-        camera.check_shape(img.frame_shape, source=str(img.path or "image"))
-        config.check_frame(img.frame_shape, window=True)
+    with _Input(image, axes, channel, config, camera, window=True) as (img, valid, ndim):
         setup = Setup.resolve(config, camera, ndim)
         frames = _frames(img, valid, setup, on_frame)
         result = _fit_crowded(setup, frames) if config.crowded else _fit_single(setup, frames, raster=True)
-        return table.add_physical_units(result, img.pixel_size, img.z_step if img.is_3d else None)
+        return _with_units(result, img)
 
 
 def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera | None = None,
@@ -161,10 +158,7 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
     """
     config = make_config(config, options)
     camera = camera or Camera()
-    with _Input(image, axes, channel) as (img, valid):
-        ndim = 3 if img.is_3d else 2
-        camera.check_shape(img.frame_shape, source=str(img.path or "image"))
-        config.check_frame(img.frame_shape, window=False)
+    with _Input(image, axes, channel, config, camera, window=False) as (img, valid, ndim):
         frames, coords, scores = [np.empty(0, np.int64)], [np.empty((0, ndim), np.intp)], [np.empty(0)]
         for f in _frames(img, valid, config, on_frame, camera=camera):
             frames.append(np.full(len(f.coords), f.t, dtype=np.int64))
@@ -180,18 +174,20 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
         order = np.lexsort(keys)  # the last key is the primary one
         import pandas as pd
 
-        found = pd.DataFrame({k: v[order] for k, v in cols.items()})
-        return table.add_physical_units(found, img.pixel_size, img.z_step if img.is_3d else None)
+        return _with_units(pd.DataFrame({k: v[order] for k, v in cols.items()}), img)
 
 
 # ------------------------------------------------------------------ input
 class _Input:
-    """``with _Input(image, axes, channel) as (img, valid)``: an open
-    :class:`~spotfit.io.Image` (closed on exit if opened here from a path)
-    and, for a masked array with masked pixels, an Image of its validity
-    (1 = use the pixel), else None."""
+    """``with _Input(image, axes, channel, config, camera, window) as (img, valid, ndim)``.
 
-    def __init__(self, image, axes, channel):
+    An open :class:`~spotfit.io.Image` (closed on exit if opened here from a
+    path), checked against the camera's maps and the configuration's
+    sigma (and ``window``); for a masked array with masked pixels, an Image
+    of its validity (1 = use the pixel), else None; the frames' dimensions.
+    """
+
+    def __init__(self, image, axes, channel, config, camera, window):
         from spotfit.io import Image, read_image
 
         self.opened = isinstance(image, (str, os.PathLike))
@@ -213,13 +209,25 @@ class _Input:
             if valid is not None:
                 self.valid = Image.from_array(valid.astype(np.uint8), axes, channel=channel)
 
+        try:
+            camera.check_shape(self.img.frame_shape, source=str(self.img.path or "image"))
+            config.check_frame(self.img.frame_shape, window=window)
+        except BaseException:
+            self.__exit__()
+            raise
+
     def __enter__(self):
-        return self.img, self.valid
+        return self.img, self.valid, 3 if self.img.is_3d else 2
 
     def __exit__(self, *exc):
         if self.opened:
             self.img.close()
         return False
+
+
+def _with_units(result, img):
+    """µm columns when the image knows its pixel size (:func:`spotfit.table.add_physical_units`)."""
+    return table.add_physical_units(result, img.pixel_size, img.z_step if img.is_3d else None)
 
 
 def _split_mask(image):

@@ -38,6 +38,8 @@ STATUS_NAMES = tuple(name for _, name in sorted({
 #: fits with ``intensity / intensity_err`` below this many times ``min_snr``
 #: are judged by their expected signal-to-noise (:func:`expected_snr`)
 SNR_RECHECK = 4.0
+#: fits rechecked at a time (memory: a few (rows, k, P) arrays)
+_RECHECK_ROWS = 4096
 
 _AXES = ("x", "y", "z")
 _WIDTH_COLUMNS = ("sigma_x", "sigma_y", "sigma_z")
@@ -122,8 +124,9 @@ def low_signal(intensity, intensity_err, min_snr, expected=None):
     low = ~(snr >= min_snr)
     if expected is not None:
         rows = np.flatnonzero(np.isfinite(snr) & (snr < SNR_RECHECK * min_snr))
-        if len(rows):
-            low[rows] = ~(expected(rows) >= min_snr)
+        for start in range(0, len(rows), _RECHECK_ROWS):  # bounded (rows, k, P) Jacobians
+            part = rows[start:start + _RECHECK_ROWS]
+            low[part] = ~(expected(part) >= min_snr)
     return low
 
 

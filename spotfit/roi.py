@@ -194,6 +194,10 @@ def scatter_add(image: np.ndarray, windows_values: np.ndarray, origin: np.ndarra
     image.ravel()[:] += np.bincount(flat[ok], weights=windows_values[ok], minlength=image.size)
 
 
+#: window pixels of neighbour pairs examined at a time by :func:`mask_neighbours`
+_PAIR_PIXELS = 1 << 20
+
+
 def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others=None) -> int:
     """Mask, in each window, the pixels that belong to a neighbouring candidate.
 
@@ -238,13 +242,16 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     if len(own) == 0:
         return 0
     pix = np.column_stack(windows.grid.flat())  # (P, ndim) window-relative x, y[, z]
-    rel_other = other_xyz[other] - windows.origin[own]  # (m, ndim)
-    rel_own = xyz[own] - windows.origin[own]
-    d_other = np.sum((pix[None, :, :] - rel_other[:, None, :]) ** 2, axis=2)
-    d_own = np.sum((pix[None, :, :] - rel_own[:, None, :]) ** 2, axis=2)
-    near = (d_other < radius * radius) & (d_other < d_own)
     counts = np.zeros(windows.mask.shape, dtype=np.int32)
-    np.add.at(counts, own, near.astype(np.int32))
+    step = max(1, _PAIR_PIXELS // len(pix))  # pairs at a time: bounded (m, P) temporaries
+    for start in range(0, len(own), step):
+        o, j = own[start:start + step], other[start:start + step]
+        rel_other = other_xyz[j] - windows.origin[o]  # (m, ndim)
+        rel_own = xyz[o] - windows.origin[o]
+        d_other = np.sum((pix[None, :, :] - rel_other[:, None, :]) ** 2, axis=2)
+        d_own = np.sum((pix[None, :, :] - rel_own[:, None, :]) ** 2, axis=2)
+        near = (d_other < radius * radius) & (d_other < d_own)
+        np.add.at(counts, o, near.astype(np.int32))
     masked = windows.mask & (counts > 0)
     windows.mask &= counts == 0
     windows.data[masked] = 0.0

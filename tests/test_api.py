@@ -267,3 +267,26 @@ def test_masked_pixels_are_left_out(movie):
     spot = np.argmin(np.hypot(plain.x - row.x, plain.y - row.y))
     assert results[0].x[spot] == pytest.approx(plain.x[spot], abs=0.05)  # one pixel fewer
     assert results[0].x[spot] != plain.x[spot]
+
+
+def test_memory_is_bounded_by_the_batch_not_the_candidates(monkeypatch):
+    """A noise frame at threshold 0.5 (a candidate every ~50 px): fitted in batches of 100
+    windows, the fit's peak of array memory is a fraction of fitting all candidates at once
+    (benchmarks/candidate_memory.py measures whole processes)."""
+    import tracemalloc
+
+    frame = (100 + np.random.default_rng(1).poisson(20, (256, 320))).astype(np.uint16)
+
+    def peak():
+        tracemalloc.start()
+        found = spotfit.fit(frame, camera=CAMERA, threshold=0.5)
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return size, found
+
+    whole, expected = peak()
+    assert len(expected) > 1000
+    monkeypatch.setattr(single, "PIXEL_BUDGET", 100 * 81)
+    batched, found = peak()
+    pd.testing.assert_frame_equal(found, expected)
+    assert batched < 0.5 * whole, (batched, whole)
