@@ -12,6 +12,18 @@ Conventions (used everywhere in spotfit, stated once here)
 
 The public API is imported lazily so that ``import spotfit`` (and the
 command-line ``spotfit --help``) stays fast.
+
+Public boundary
+---------------
+Public: the names below (``spotfit.fit``, ``spotfit.detect``, ...) and the
+documented functions of :mod:`spotfit.config`, :mod:`spotfit.io`,
+:mod:`spotfit.camera`, :mod:`spotfit.detection`, :mod:`spotfit.simulation`,
+:mod:`spotfit.table`, :mod:`spotfit.match`, :mod:`spotfit.models`,
+:mod:`spotfit.estimators`, :mod:`spotfit.solver` and :mod:`spotfit.results`.
+Internal (may change without notice): :mod:`spotfit.api`'s helpers,
+:mod:`spotfit.single`, :mod:`spotfit.group`, :mod:`spotfit.start`,
+:mod:`spotfit.batch`, :mod:`spotfit.cli` and every module whose name starts
+with an underscore.
 """
 
 __version__ = "0.1.0"

@@ -625,8 +625,7 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr):
                 Wp[p] = 0.0
                 continue
             n_valid += 1
-            c, e, W = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p], cost.scale)
-            Wp[p] = W
+            Wp[p] = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p], cost.scale)[2]
         _weighted_gram(J, idx, m, Wp, A)
         ok = _cholesky_inverse(A.copy(), Ainv, L, y)
         dof = max(n_valid - m, 1)

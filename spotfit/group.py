@@ -1,9 +1,10 @@
 """Crowded fields: fit overlapping spots together and find the ones hiding in their tails.
 
-Pipeline for one frame (:func:`fit_crowded`):
+Pipeline for one frame (:meth:`CrowdedFitter.fit_frame`):
 
 1. **Start** from the detected candidates, with moment estimates of each
-   spot's intensity.
+   spot (:func:`spotfit.start.initial_guess`: centroid, intensity, offset),
+   as single-spot fits start.
 2. **Group** spots closer than ``group_radius * sigma`` (KD-tree pairs +
    connected components, i.e. union-find); groups larger than
    ``max_group`` are split at the median of their widest axis.
@@ -13,7 +14,8 @@ Pipeline for one frame (:func:`fit_crowded`):
    spots *outside* the group is subtracted from the window first (their
    current models), so a window's neighbours no longer pull its fit; the
    covariance of a group is its joint Fisher information, so every spot's
-   errors account for its neighbours.
+   errors account for its neighbours.  Each emitter's columns and status
+   come from :mod:`spotfit.results`, as for single-spot fits.
 4. **Search the residual** (data minus all fitted spots) for significant
    peaks with the detector; a peak farther than ``SEARCH_EXCLUSION * sigma``
    from every known spot becomes a new emitter (a close pair fitted as one

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from spotfit import _kernels as K
-from spotfit.models.base import Grid, Model
+from spotfit.models.base import Model
 
 
 class Symmetric2D(Model):
