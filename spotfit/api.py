@@ -345,12 +345,13 @@ def _fit_single(setup: Setup, frames, raster: bool):
 
     chunk = single.batch_size(setup)
     read_var = setup.read_var_map()
-    parts, pending = [], []
+    parts, pending = [], []  # table parts; batches of whole frames waiting for one solve
 
-    def flush():
+    def flush():  # returns the windows now pending: none
         if pending:
             parts.append(single.fit_batch(setup, single.Batch.join(pending)))
             pending.clear()
+        return 0
 
     n_pending = 0
     for f in frames:
@@ -362,8 +363,7 @@ def _fit_single(setup: Setup, frames, raster: bool):
         n = len(coords)
         cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)
         if n > chunk:  # one frame, several solves: its noise model is measured up front
-            flush()
-            n_pending = 0
+            n_pending = flush()
             variance = None
             if not setup.camera.calibrated:
                 variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
@@ -373,8 +373,7 @@ def _fit_single(setup: Setup, frames, raster: bool):
                     setup, f.t, f.photons, coords, f.image_var, rows=rows, variance=variance, **cut)))
             continue
         if n_pending + n > chunk:
-            flush()
-            n_pending = 0
+            n_pending = flush()
         pending.append(single.cut_frame(setup, f.t, f.photons, coords, f.image_var, **cut))
         n_pending += n
     flush()

@@ -352,9 +352,9 @@ class CrowdedFitter:
             own[:, model.index("sigma_z")] = np.median(spots.sigma[members][:, :, 1], axis=1)
         theta0 = own.copy()
         own[:, model.offset_index] = 0.0
-        data = w.data + model.value(own, w.grid) * w.mask
+        data = w.data + model.value(own, w.grid) * w.mask  # `own`: the light _render took out
         theta0[:, model.offset_index] = np.median(spots.offset[members], axis=1)
-        for i in range(K):
+        for i in range(K):  # the fit starts where each spot's `start` says
             for j, a in enumerate(("x", "y", "z")[:nd]):
                 theta0[:, model.emitter_index(i, a)] = rel_start[:, i, j]
         lower, upper = window_bounds(model, setup.estimator, w)

@@ -290,3 +290,10 @@ def test_memory_is_bounded_by_the_batch_not_the_candidates(monkeypatch):
     batched, found = peak()
     pd.testing.assert_frame_equal(found, expected)
     assert batched < 0.5 * whole, (batched, whole)
+
+
+def test_input_errors_keep_their_parameter_across_processes():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(spotfit.SpotfitInputError("sigma must be > 0", parameter="sigma")))
+    assert str(err) == "sigma must be > 0" and err.parameter == "sigma"

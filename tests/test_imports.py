@@ -107,3 +107,13 @@ def test_fitting_layers_depend_downward():
     }
     for module, forbidden in below.items():
         assert not graph[module] & forbidden, (module, graph[module] & forbidden)
+
+
+def test_config_imports_without_numpy():
+    """The command line reads FitConfig's option metadata before anything heavy is imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, spotfit.config as c; c.option_metadata(); c.FitConfig(sigma=2); "
+            "heavy = {'numpy', 'pandas', 'scipy', 'numba'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE.parent)
