@@ -33,12 +33,10 @@ from spotfit.errors import SpotfitInputError, SpotfitWarning
 #: a warning is given when the baseline is above this fraction of a frame's pixels
 DARK_FRACTION = 0.99
 
-_AXES = {2: "YX", 3: "TYX", 4: "TZYX"}
-
-
 # --------------------------------------------------------------------- API
 def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
-        axes: str | None = None, channel: int | None = None, on_frame=None, **options):
+        axes: str | None = None, channel: int | None = None, on_frame=None, invert: bool = False,
+        **options):
     """Detect and fit every spot of an image or stack.
 
     Parameters
@@ -54,11 +52,17 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         least-squares estimator is used by default.
     axes : str, optional
         Axes of a path's or an array's dimensions (letters ``TZCYXS``);
-        arrays default to ``YX``, ``TYX``, ``TZYX`` by dimension.
+        arrays default to ``YX``, ``TYX``, ``TZYX`` by dimension
+        (:func:`spotfit.io.default_axes`; a colour-like array such as
+        ``(424, 640, 3)`` needs them).
     channel : int, optional
         Channel to use when the image has several.
     on_frame : callable, optional
         ``on_frame(t, n_frames)``, called after each frame is processed.
+    invert : bool
+        Dark objects on a light background (e.g. bright-field colloids):
+        use the inverted image (:mod:`spotfit.invert`).  Not with a
+        calibrated camera.
     **options
         Override fields of ``config`` (e.g. ``sigma=1.5, estimator="mle"``).
 
@@ -73,7 +77,7 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     """
     config = make_config(config, options)
     camera = camera or Camera()
-    with _Input(image, axes, channel, config, camera, window=True) as (img, valid, ndim):
+    with _Input(image, axes, channel, config, camera, window=True, invert=invert) as (img, valid, ndim):
         setup = Setup.resolve(config, camera, ndim)
         frames = _frames(img, valid, setup, on_frame)
         result = _fit_crowded(setup, frames) if config.crowded else _fit_single(setup, frames, raster=True)
@@ -133,7 +137,8 @@ def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera 
 
 
 def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
-           axes: str | None = None, channel: int | None = None, on_frame=None, **options):
+           axes: str | None = None, channel: int | None = None, on_frame=None, invert: bool = False,
+           **options):
     """Detect spot candidates in every frame of an image.
 
     Takes what :func:`fit` takes; only the detection options of the
@@ -142,7 +147,7 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
 
     Parameters
     ----------
-    image, config, camera, axes, channel, on_frame, **options
+    image, config, camera, axes, channel, on_frame, invert, **options
         As in :func:`fit`.  The camera conversion does not change the
         candidates (scores are signal-to-noise ratios).
 
@@ -158,7 +163,7 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
     """
     config = make_config(config, options)
     camera = camera or Camera()
-    with _Input(image, axes, channel, config, camera, window=False) as (img, valid, ndim):
+    with _Input(image, axes, channel, config, camera, window=False, invert=invert) as (img, valid, ndim):
         frames, coords, scores = [np.empty(0, np.int64)], [np.empty((0, ndim), np.intp)], [np.empty(0)]
         for f in _frames(img, valid, config, on_frame, camera=camera):
             frames.append(np.full(len(f.coords), f.t, dtype=np.int64))
@@ -178,38 +183,49 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
 
 
 # ------------------------------------------------------------------ input
-class _Input:
-    """``with _Input(image, axes, channel, config, camera, window) as (img, valid, ndim)``.
+def as_image(image, axes=None, channel=None):
+    """An :class:`~spotfit.io.Image` of a path, an Image or an array.
 
-    An open :class:`~spotfit.io.Image` (closed on exit if opened here from a
-    path), checked against the camera's maps and the configuration's
-    sigma (and ``window``); for a masked array with masked pixels, an Image
-    of its validity (1 = use the pixel), else None; the frames' dimensions.
+    A path is opened here (the caller closes the Image); an array (also a
+    nested list; a masked array's data) is wrapped with
+    :meth:`spotfit.io.Image.from_array`, its ``axes`` defaulting to
+    :func:`spotfit.io.default_axes`.
+    """
+    from spotfit.io import Image, read_image
+
+    if isinstance(image, Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image, axes=axes, channel=channel)
+    return Image.from_array(_pixel_array(_split_mask(image)[0]), axes, channel=channel)
+
+
+class _Input:
+    """``with _Input(image, axes, channel, config, camera, window, invert) as (img, valid, ndim)``.
+
+    An open :class:`~spotfit.io.Image` (:func:`as_image`; closed on exit if
+    opened here from a path), inverted with ``invert``, checked against the
+    camera's maps and the configuration's sigma (and ``window``); for a
+    masked array with masked pixels, an Image of its validity (1 = use the
+    pixel), else None; the frames' dimensions.
     """
 
-    def __init__(self, image, axes, channel, config, camera, window):
-        from spotfit.io import Image, read_image
+    def __init__(self, image, axes, channel, config, camera, window, invert=False):
+        from spotfit.io import Image
 
+        if invert:
+            from spotfit.invert import check_camera
+
+            check_camera(camera)
         self.opened = isinstance(image, (str, os.PathLike))
-        self.valid = None
-        if isinstance(image, Image):
-            self.img = image
-        elif self.opened:
-            self.img = read_image(image, axes=axes, channel=channel)
-        else:
-            raw, valid = _split_mask(image)
-            raw = _pixel_array(raw)
-            if axes is None:
-                axes = _AXES.get(raw.ndim)
-                if axes is None:
-                    raise SpotfitInputError(
-                        f"image of shape {raw.shape} needs axes (letters from TZCYXS, e.g. axes='TCYX')",
-                        parameter="axes")
-            self.img = Image.from_array(raw, axes, channel=channel)
-            if valid is not None:
-                self.valid = Image.from_array(valid.astype(np.uint8), axes, channel=channel)
-
+        self.img = as_image(image, axes, channel)
+        valid = _split_mask(image)[1] if not isinstance(image, (str, os.PathLike, Image)) else None
+        self.valid = None if valid is None else Image.from_array(valid.astype(np.uint8), axes, channel=channel)
         try:
+            if invert:
+                from spotfit.invert import invert_image
+
+                self.img = invert_image(self.img)
             camera.check_shape(self.img.frame_shape, source=str(self.img.path or "image"))
             config.check_frame(self.img.frame_shape, window=window)
         except BaseException:

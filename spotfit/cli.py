@@ -872,7 +872,7 @@ def show(image, spots, out, frame, crop, zoom, percentiles, color, **fit_options
     if spots is None:
         from dataclasses import fields
 
-        from spotfit.fitting import FitConfig
+        from spotfit.config import FitConfig
 
         names = {f.name for f in fields(FitConfig)}
         options = {k: v for k, v in fit_options.items() if k in names}

@@ -240,7 +240,7 @@ def test_bad_images_are_rejected():
     with pytest.raises(SpotfitInputError, match="5 channels .* choose one with channel"):
         detect(np.zeros((5, 20, 30)), axes="CYX")  # as fit: axes and channel of any layout
     assert len(detect(np.zeros((5, 20, 30)), axes="CYX", channel=1)) == 0
-    with pytest.raises(SpotfitInputError, match="needs axes"):
+    with pytest.raises(SpotfitInputError, match="pass axes"):
         detect(np.zeros((2, 2, 5, 20, 30)))
     with pytest.raises(SpotfitInputError, match="NaN"):
         detect(np.full((20, 30), np.nan))
