@@ -18,7 +18,8 @@ Public boundary
 Public: the names below (``spotfit.fit``, ``spotfit.detect``, ...) and the
 documented functions of :mod:`spotfit.config`, :mod:`spotfit.io`,
 :mod:`spotfit.camera`, :mod:`spotfit.detection`, :mod:`spotfit.simulation`,
-:mod:`spotfit.table`, :mod:`spotfit.match`, :mod:`spotfit.models`,
+:mod:`spotfit.table`, :mod:`spotfit.export`, :mod:`spotfit.overlay`,
+:mod:`spotfit.rendering`, :mod:`spotfit.match`, :mod:`spotfit.models`,
 :mod:`spotfit.estimators`, :mod:`spotfit.solver` and :mod:`spotfit.results`.
 Internal (may change without notice): :mod:`spotfit.api`'s helpers,
 :mod:`spotfit.single`, :mod:`spotfit.group`, :mod:`spotfit.start`,
