@@ -297,3 +297,13 @@ def test_input_errors_keep_their_parameter_across_processes():
 
     err = pickle.loads(pickle.dumps(spotfit.SpotfitInputError("sigma must be > 0", parameter="sigma")))
     assert str(err) == "sigma must be > 0" and err.parameter == "sigma"
+
+
+def test_config_choices_are_the_registries():
+    """FitConfig's choices (numpy-free, for the command line) name what the registries build."""
+    from spotfit.config import ESTIMATOR_CHOICES, MODEL_CHOICES
+    from spotfit.estimators import ESTIMATOR_NAMES
+    from spotfit.models import MODEL_NAMES, REGISTRY
+
+    assert MODEL_CHOICES == MODEL_NAMES and {name for name, _ in REGISTRY} == set(MODEL_NAMES)
+    assert ESTIMATOR_CHOICES == ESTIMATOR_NAMES
