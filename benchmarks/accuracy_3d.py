@@ -41,7 +41,7 @@ def crlb(truth, sigma, nz, h=5):
     xyz = truth[["x", "y", "z"]].to_numpy()
     centre = np.rint(xyz)
     n = len(truth)
-    theta = np.column_stack([truth.photons, xyz - centre + h, np.full(n, sigma), np.full(n, SIGMA_Z),
+    theta = np.column_stack([truth.intensity, xyz - centre + h, np.full(n, sigma), np.full(n, SIGMA_Z),
                              np.full(n, BACKGROUND)])
     planes = centre[:, 2:3] - h + np.arange(2 * h + 1)[None, :]
     mask = np.repeat(((planes >= 0) & (planes < nz))[:, :, None], (2 * h + 1) ** 2, axis=2).reshape(n, -1)

@@ -171,7 +171,7 @@ def main(argv=None):
         camera=CAMERA, min_separation=3 * half, border=half + 1, seed=args.seed,
     )
     truth_xy = truth[["x", "y"]].to_numpy()
-    candidates = spotfit.detect(image, SIGMA, camera=CAMERA)
+    candidates = spotfit.detect(image, sigma=SIGMA, camera=CAMERA)
     positions = candidates[["x", "y"]].to_numpy()
     # keep candidates whose full window lies in the image (curve_fit cannot mask)
     ny, nx = shape

@@ -488,9 +488,9 @@ def breakdown(path, camera, out, repeats):
     profile.disable()
     wanted = [  # (function, file or None): the stages inside spotfit.fit, found by name so
         # that moving a function between spotfit's modules does not lose it
-        ("to_photons", None), ("find_peaks", None), ("cut", "roi.py"), ("_noise_variance", None),
+        ("to_photons", None), ("find_peaks", None), ("cut", "roi.py"), ("image_noise", None),
         ("initial_guess", None), ("levenberg_marquardt", None), ("covariance", None),
-        ("_table", "fitting.py"), ("fit", "fitting.py"),
+        ("measure", "results.py"), ("build", "table.py"), ("fit", "api.py"),
     ]
     stats = pstats.Stats(profile).stats
     package = os.sep + "spotfit" + os.sep

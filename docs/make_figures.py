@@ -122,7 +122,7 @@ def blinking_movie(path: Path, truth: Path, drift=(0.0, 0.0)) -> None:
         on = rng.choice(len(sites), size=rng.poisson(8), replace=False)
         rows.append(pd.DataFrame({"frame": f, "x": sites[on, 0] + drift[0] * f / frames,
                                   "y": sites[on, 1] + drift[1] * f / frames,
-                                  "photons": rng.uniform(800, 4000, on.size)}))
+                                  "intensity": rng.uniform(800, 4000, on.size)}))
     positions = pd.concat(rows, ignore_index=True)
     image, table = spotfit.simulate((frames, ny, nx), positions=positions, background=15,
                                     sigma=1.0, seed=8)

@@ -12,6 +12,19 @@ Conventions (used everywhere in spotfit, stated once here)
 
 The public API is imported lazily so that ``import spotfit`` (and the
 command-line ``spotfit --help``) stays fast.
+
+Public boundary
+---------------
+Public: the names below (``spotfit.fit``, ``spotfit.detect``, ...) and the
+documented functions of :mod:`spotfit.config`, :mod:`spotfit.io`,
+:mod:`spotfit.camera`, :mod:`spotfit.detection`, :mod:`spotfit.simulation`,
+:mod:`spotfit.table`, :mod:`spotfit.export`, :mod:`spotfit.overlay`,
+:mod:`spotfit.rendering`, :mod:`spotfit.match`, :mod:`spotfit.models`,
+:mod:`spotfit.estimators`, :mod:`spotfit.solver` and :mod:`spotfit.results`.
+Internal (may change without notice): :mod:`spotfit.api`'s helpers,
+:mod:`spotfit.single`, :mod:`spotfit.group`, :mod:`spotfit.start`,
+:mod:`spotfit.batch`, :mod:`spotfit.cli` and every module whose name starts
+with an underscore.
 """
 
 __version__ = "0.1.0"
@@ -20,11 +33,12 @@ _LAZY = {
     "read_image": "spotfit.io",
     "Image": "spotfit.io",
     "SpotfitInputError": "spotfit.errors",
+    "SpotfitWarning": "spotfit.errors",
     "Camera": "spotfit.camera",
-    "detect": "spotfit.detection",
-    "fit": "spotfit.fitting",
-    "fit_spots": "spotfit.fitting",
-    "FitConfig": "spotfit.fitting",
+    "detect": "spotfit.api",
+    "fit": "spotfit.api",
+    "fit_spots": "spotfit.api",
+    "FitConfig": "spotfit.config",
     "simulate": "spotfit.simulation",
     "write_table": "spotfit.table",
     "render": "spotfit.rendering",

@@ -1,38 +1,45 @@
-"""Compiled kernels: the Gaussian models and the batched solver.
+"""Compiled kernels: the Gaussian models, the batched solver and its covariance.
 
 Models and solver live in one module on purpose: numba's on-disk cache
 (``cache=True``) tracks only the file that defines a function, so a solver
 compiled in another file could be loaded together with stale model code
 after the models change.  Python-side, models (:mod:`spotfit.models`),
 estimators (:mod:`spotfit.estimators`) and the solver driver
-(:mod:`spotfit.solver`) stay separate.
+(:mod:`spotfit.solver`) stay separate, and the codes below are named here
+once and imported from here.
+
+Inputs are bundled in named tuples (:data:`KernelModel`, :data:`Cost`,
+:data:`Box`, :data:`FitState`, :data:`NoiseModel`, :data:`CovarianceOut`),
+built by :mod:`spotfit.solver` and :meth:`spotfit.models.Model.kernel`.
 
 Models
 ------
 
-This is the only place the Gaussian maths lives.  Each function fills, for
-one window, ``mu[p]`` and ``J[j, p]`` (derivative of ``mu[p]`` with respect
-to parameter ``j``) for every pixel ``p`` of a ``(nz, ny, nx)`` window
-flattened in C order (x fastest); 2D windows have ``nz = 1``.  Coordinates
-are window-relative pixel centres (0 is the centre of the first pixel).
+This is the only place the model maths lives.  Each model function fills,
+for one window, ``mu[p]`` and ``J[j, p]`` (derivative of ``mu[p]`` with
+respect to parameter ``j``) for every pixel ``p`` of a ``(nz, ny, nx)``
+window flattened in C order (x fastest); 2D windows have ``nz = 1``.
+Coordinates are window-relative pixel centres (0 is the centre of the first
+pixel).  Parameter layouts (the model classes declare the same ones, and
+``tests/test_models.py`` checks that they agree):
 
-Families (parameter order in brackets; see :mod:`spotfit.models.gaussian`):
-
-* ``SYM2``  symmetric 2D   [N, x, y, sigma, offset]
-* ``ELL2``  elliptical 2D  [N, x, y, sigma_x, sigma_y, offset]
-* ``ROT2``  rotated 2D     [N, x, y, var_xx, var_yy, cov_xy, offset]
-* ``SYM3``  symmetric 3D   [N, x, y, z, sigma, sigma_z, offset]
-* ``ELL3``  elliptical 3D  [N, x, y, z, sigma_x, sigma_y, sigma_z, offset]
-* ``MULTI2`` K symmetric 2D Gaussians sharing width and offset
-  [N_1, x_1, y_1, ..., N_K, x_K, y_K, sigma, offset]
-* ``MULTI3`` K 3D Gaussians sharing widths and offset
-  [N_1, x_1, y_1, z_1, ..., N_K, x_K, y_K, z_K, sigma, sigma_z, offset]
+* ``SEPARABLE``: ``K`` axis-aligned Gaussians (``KernelModel.emitters``),
+  each ``[N, x, y(, z)]`` in turn, then the widths (their indices along x,
+  y, z are ``wx, wy, wz``; equal indices share one width), then the offset
+  at ``KernelModel.offset``.  Symmetric and elliptical 2D/3D models are
+  ``K = 1``; crowded-field groups ``K >= 1`` with shared widths.
+* ``ROTATED``: ``[N, x, y, var_xx, var_yy, cov_xy, offset]`` (a 2D Gaussian
+  in covariance form).
 
 ``integ`` selects the form: 0 point-sampled; otherwise pixel-integrated,
-with exact ``erf`` integrals for the separable families and ``integ x integ``
-Gauss-Legendre nodes per pixel (2 or 3) for ``ROT2``.  The 2-node rule is
+with exact ``erf`` integrals for ``SEPARABLE`` and ``integ x integ``
+Gauss-Legendre nodes per pixel (2 or 3) for ``ROTATED``.  The 2-node rule is
 within 5e-4 of the exact integral (relative to the peak) for sigma >= 1.2 px,
 the 3-node rule within 5e-5 for sigma >= 0.7 px.
+
+Adding a model: a function filling ``mu`` and ``J`` for one window, a family
+code below, one branch in :func:`model_window` (and in :func:`constrain` if
+its domain is not a box); then a class in :mod:`spotfit.models`.
 
 Compiled with numba (``cache=True``: compiled once per installation, then
 loaded from the cache in about 0.1 s).
@@ -41,33 +48,68 @@ Solver
 ------
 One loop over windows (``prange``: spread over the cores); each window runs
 its own damped Gauss-Newton iterations and stops as soon as it converges.
-Per pixel, the model kernel (:func:`model_window`)
-gives value and Jacobian, and the estimator turns them into the cost and the
-normal equations ``H delta = g`` without ever storing the Jacobian of more
-than one window.
+Per pixel, the model kernel (:func:`model_window`) gives value and
+Jacobian, and the cost turns them into the cost value and the normal
+equations ``H delta = g`` without ever storing the Jacobian of more than one
+window.
 
-Estimators (``est``):
+Costs (``Cost.kind``):
 
-* ``LSQ`` (0): weighted least squares, ``cost = sum w (d - mu)^2``;
+* ``LSQ``: weighted least squares, ``cost = sum w (d - mu)^2``;
   ``w`` is the pixel mask (unweighted) or ``mask / var`` (weighted).
-* ``MLE`` (1): Poisson deviance of shifted counts,
+* ``MLE``: Poisson deviance of shifted counts,
   ``cost = 2 s sum w [(m - d) + d log(d / m)]`` with ``d = data + shift``,
   ``m = mu + shift`` and ``s`` the excess-noise scale (see
-  :mod:`spotfit.estimators`).  ``data`` passed in is already ``d``.
+  :mod:`spotfit.estimators`).  ``Cost.data`` is already ``d``.
 
 Damping follows Nielsen (1999): the damping factor is scaled by the ratio of
-actual to predicted cost reduction.  Status codes are those of
-:mod:`spotfit.solver`.
+actual to predicted cost reduction.
 """
 
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import numpy as np
 from numba import njit, prange
 
-SYM2, ELL2, ROT2, SYM3, ELL3, MULTI2, MULTI3 = range(7)
+# ---------------------------------------------------------------- codes
+#: fit status codes; their names in output tables are spotfit.results.STATUS_NAMES
+CONVERGED, MAX_ITERATIONS, SINGULAR, LEFT_WINDOW, LOW_SIGNAL, SATURATED = range(6)
+#: model kernel families
+SEPARABLE, ROTATED = 0, 1
+#: cost functions
+LSQ, MLE = 0, 1
+#: pixel variance of the covariance kernel: the camera's ``excess * mu +
+#: read_var``; accumulate the sums of a regression ``r^2 ~ alpha + beta mu``;
+#: that regression's ``max(alpha + beta mu, floor)``
+CAMERA_VARIANCE, MEASURE_VARIANCE, MEASURED_VARIANCE = range(3)
+#: smallest pixel variance and smallest Poisson mean the kernels use
+VAR_FLOOR = 1e-6
+MU_FLOOR = 1e-6
+
+# --------------------------------------------------------------- bundles
+#: a model's kernel and layout, and the window shape: all ints.  ``intensity``
+#: is the index of the (first) intensity; ``linear`` is 1 when ``mu`` is
+#: ``N * g(other parameters) + offset`` with that one intensity.
+KernelModel = namedtuple(
+    "KernelModel", ["family", "integ", "emitters", "wx", "wy", "wz", "intensity", "offset", "linear",
+                    "nz", "ny", "nx"])
+#: the cost: ``kind`` (LSQ/MLE), per-pixel ``data``, ``weight`` (0 = masked) and
+#: MLE ``shift`` (each (n, P) float64), MLE excess-noise ``scale`` and whether
+#: convergence is measured in units of the residual variance (``normalise``)
+Cost = namedtuple("Cost", ["kind", "data", "weight", "shift", "scale", "normalise"])
+#: box constraints (n, k) and the parameters that are fitted (k,) bool
+Box = namedtuple("Box", ["lower", "upper", "free"])
+#: fitted values (n, k) in and out; iterations, status, final cost (n,) out
+FitState = namedtuple("FitState", ["theta", "iterations", "status", "cost"])
+#: pixel variance for the covariance: ``mode`` (see above), camera ``excess``,
+#: ``read_var`` (n, P), regression ``alpha``, ``beta``, ``floor`` (n,)
+NoiseModel = namedtuple("NoiseModel", ["mode", "excess", "read_var", "alpha", "beta", "floor"])
+#: outputs of the covariance kernel: ``cov`` (n, k, k), ``chi2`` (n,),
+#: regression ``sums`` (n, 5), MLE ``bias`` (n, k) or (0, k) to skip it
+CovarianceOut = namedtuple("CovarianceOut", ["cov", "chi2", "sums", "bias"])
 
 _SQRT2 = math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -79,22 +121,6 @@ for _q in (2, 3):
     _x, _w = np.polynomial.legendre.leggauss(_q)
     _GL_NODES[_q - 2, :_q] = _x / 2.0
     _GL_WEIGHTS[_q - 2, :_q] = _w / 2.0
-
-# Separable families as sums of K emitters: per emitter [N, x, y(, z)], then the
-# shared widths.  Row: (3D?, width index along x, along y, along z) for K = 1;
-# -1: not separable (ROT2) or computed from the parameter count (MULTI).
-_LAYOUT = np.array(
-    [
-        [0, 3, 3, -1],  # SYM2
-        [0, 3, 4, -1],  # ELL2
-        [0, -1, -1, -1],  # ROT2 (not separable)
-        [1, 4, 4, 5],  # SYM3
-        [1, 4, 5, 6],  # ELL3
-        [0, -1, -1, -1],  # MULTI2
-        [1, -1, -1, -1],  # MULTI3
-    ],
-    dtype=np.int64,
-)
 
 
 @njit(cache=True, error_model="numpy")
@@ -119,26 +145,31 @@ def _axis_factors(c0, s, integ, n, f, df, ds):
 
 
 @njit(cache=True, error_model="numpy")
-def _gaussians(three_d, K, wx, wy, wz, integ, th, nz, ny, nx, mu, J, scratch):
-    """Sum of K axis-aligned Gaussians (per emitter N, x, y[, z]) sharing widths and offset.
+def _gaussians(km, th, mu, J, scratch):
+    """Sum of ``km.emitters`` axis-aligned Gaussians (``SEPARABLE`` layout).
 
-    ``wx, wy, wz`` are the indices of the widths along x, y, z (equal indices:
-    a shared width, whose derivative sums over the axes).
+    Per emitter ``[N, x, y(, z)]``; widths at ``km.wx, km.wy, km.wz`` (equal
+    indices: a shared width, whose derivative sums over the axes); offset
+    at ``km.offset``.
     """
     k = th.shape[0]
+    nz, ny, nx = km.nz, km.ny, km.nx
+    three_d = km.wz >= 0
     per = 4 if three_d else 3
+    wx, wy, wz = km.wx, km.wy, km.wz
+    off = km.offset
     for p in range(mu.shape[0]):
-        mu[p] = th[k - 1]
+        mu[p] = th[off]
     for j in range(k):
         for p in range(mu.shape[0]):
             J[j, p] = 0.0
-    for e in range(K):
+    for e in range(km.emitters):
         b = e * per
         N = th[b]
-        _axis_factors(th[b + 1], th[wx], integ, nx, scratch[0], scratch[1], scratch[2])
-        _axis_factors(th[b + 2], th[wy], integ, ny, scratch[3], scratch[4], scratch[5])
+        _axis_factors(th[b + 1], th[wx], km.integ, nx, scratch[0], scratch[1], scratch[2])
+        _axis_factors(th[b + 2], th[wy], km.integ, ny, scratch[3], scratch[4], scratch[5])
         if three_d:
-            _axis_factors(th[b + 3], th[wz], integ, nz, scratch[6], scratch[7], scratch[8])
+            _axis_factors(th[b + 3], th[wz], km.integ, nz, scratch[6], scratch[7], scratch[8])
         p = 0
         for z in range(nz):
             fz, dz, sz = 1.0, 0.0, 0.0
@@ -161,7 +192,7 @@ def _gaussians(three_d, K, wx, wy, wz, integ, th, nz, ny, nx, mu, J, scratch):
                         J[wz, p] += N * fx * fy * sz
                     p += 1
     for p in range(mu.shape[0]):
-        J[k - 1, p] = 1.0
+        J[off, p] = 1.0
 
 
 @njit(cache=True, error_model="numpy")
@@ -190,6 +221,7 @@ def _covariance_gaussian(th, inv_det, norm, x, y, out):
 
 @njit(cache=True, error_model="numpy")
 def _rotated(integ, th, ny, nx, mu, J, tmp):
+    """``ROTATED`` layout ``[N, x, y, var_xx, var_yy, cov_xy, offset]``."""
     N = th[0]
     offset = th[6]
     inv_det = 1.0 / (th[3] * th[4] - th[5] * th[5])
@@ -222,62 +254,50 @@ def _rotated(integ, th, ny, nx, mu, J, tmp):
 
 
 @njit(cache=True, error_model="numpy")
-def model_window(family, integ, th, nz, ny, nx, mu, J, scratch):
-    """Fill ``mu (P,)`` and ``J (k, P)`` for one window.
+def model_window(km, th, mu, J, scratch):
+    """Fill ``mu (P,)`` and ``J (k, P)`` for one window of model ``km``.
 
     ``scratch`` is a ``(9, max(nz, ny, nx, 10))`` work array.
     """
-    if family == ROT2:
-        _rotated(integ, th, ny, nx, mu, J, scratch[0])
-        return
-    three_d = _LAYOUT[family, 0] == 1
-    if family == MULTI2 or family == MULTI3:
-        n_widths = 2 if three_d else 1
-        wx = th.shape[0] - 1 - n_widths
-        K = wx // (4 if three_d else 3)
-        _gaussians(three_d, K, wx, wx, wx + 1, integ, th, nz, ny, nx, mu, J, scratch)
+    if km.family == ROTATED:
+        _rotated(km.integ, th, km.ny, km.nx, mu, J, scratch[0])
     else:
-        _gaussians(three_d, 1, _LAYOUT[family, 1], _LAYOUT[family, 2], _LAYOUT[family, 3],
-                   integ, th, nz, ny, nx, mu, J, scratch)
+        _gaussians(km, th, mu, J, scratch)
 
 
 @njit(cache=True, error_model="numpy")
-def constrain(family, th):
-    """Project parameters into the model's domain (ROT2: positive definite)."""
-    if family == ROT2:
+def constrain(km, th):
+    """Project parameters into the model's domain (ROTATED: positive definite)."""
+    if km.family == ROTATED:
         limit = 0.95 * math.sqrt(max(th[3] * th[4], 0.0))
         th[5] = min(max(th[5], -limit), limit)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def evaluate(family, integ, theta, nz, ny, nx, mu, J):
+def evaluate(km, theta, mu, J):
     """Batched :func:`model_window`: ``theta (n, k)`` -> ``mu (n, P)``, ``J (n, k, P)``."""
     n = theta.shape[0]
-    size = max(nz, ny, nx, 10)
+    size = max(km.nz, km.ny, km.nx, 10)
     for i in prange(n):
         scratch = np.empty((9, size))
-        model_window(family, integ, theta[i], nz, ny, nx, mu[i], J[i], scratch)
+        model_window(km, theta[i], mu[i], J[i], scratch)
 
 
 # ----------------------------------------------------------------------------
 # Solver: Levenberg-Marquardt and covariance over all windows
 # ----------------------------------------------------------------------------
-LSQ, MLE = 0, 1
-_MU_FLOOR = 1e-6
-
-
 @njit(cache=True, error_model="numpy")
-def _pixel_terms(est, dp, mu, wp, shift, scale):
+def _pixel_terms(kind, dp, mu, wp, shift, scale):
     """Cost term, weighted residual ``e`` and weight ``W`` of one pixel.
 
     The Gauss-Newton step of the cost is ``(J W J^T) delta = J e``.
     """
-    if est == LSQ:
+    if kind == LSQ:
         r = dp - mu
         return wp * r * r, wp * r, wp
     m = mu + shift
-    if m < _MU_FLOOR:
-        m = _MU_FLOOR
+    if m < MU_FLOOR:
+        m = MU_FLOOR
     ws = wp * scale
     dev = m - dp
     if dp > 0.0:
@@ -286,22 +306,23 @@ def _pixel_terms(est, dp, mu, wp, shift, scale):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _accumulate(family, integ, est, th, d, w, shift, scale, nz, ny, nx, mu, J, scratch, e, W, H, g):
-    """Cost of one window; fills ``H = J W J^T`` and ``g = J e``.
+def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
+    """Cost of window ``s``; fills ``H = J W J^T`` and ``g = J e``.
 
     ``e`` and ``W`` are ``(P,)`` work arrays.  The sums run over contiguous
     rows of ``J`` so that they vectorise.
     """
     k = th.shape[0]
-    model_window(family, integ, th, nz, ny, nx, mu, J, scratch)
-    cost = 0.0
+    d, w, shift = cost.data[s], cost.weight[s], cost.shift[s]
+    model_window(km, th, mu, J, scratch)
+    total = 0.0
     for p in range(mu.shape[0]):
         if w[p] == 0.0:
             e[p] = 0.0
             W[p] = 0.0
             continue
-        c, e[p], W[p] = _pixel_terms(est, d[p], mu[p], w[p], shift[p], scale)
-        cost += c
+        c, e[p], W[p] = _pixel_terms(cost.kind, d[p], mu[p], w[p], shift[p], cost.scale)
+        total += c
     for i in range(k):
         Ji = J[i]
         acc = 0.0
@@ -315,7 +336,7 @@ def _accumulate(family, integ, est, th, d, w, shift, scale, nz, ny, nx, mu, J, s
                 acc += Ji[p] * W[p] * Jj[p]
             H[i, j] = acc
             H[j, i] = acc
-    return cost
+    return total
 
 
 @njit(cache=True, error_model="numpy")
@@ -382,44 +403,34 @@ def _damped_solve(H, g, lam, free, A, L, y, delta):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz, ny, nx,
-                        theta, lower, upper, free, max_iter, tol, iterations, status, cost_out,
-                        chunks):
-    """Fit every window; updates ``theta`` in place.
+def levenberg_marquardt(km, cost, box, state, max_iter, tol, chunks):
+    """Fit every window; updates ``state`` in place.
 
     Parameters
     ----------
-    family, integ : int, bool
-        Model kernel (see the module docstring).
-    est : int
-        ``LSQ`` or ``MLE``.
-    data, w, shift : (n, P) float64 arrays
-        Data (shifted counts for MLE), pixel weights (0 = masked), MLE shift.
-    scale : float
-        MLE excess-noise scale (1 / excess); unused for LSQ.
-    normalise : bool
-        Measure convergence in units of the residual variance (unweighted LSQ).
-    nz, ny, nx : int
-        Window shape.
-    theta : (n, k) float64 array
-        Starting values in, fitted values out.
-    lower, upper : (n, k) float64 arrays
-        Box constraints.
-    free : (k,) bool array
-        False for parameters held fixed.
+    km : KernelModel
+    cost : Cost
+    box : Box
+        Bounds ``(n, k)`` and the fitted parameters ``(k,)``.
+    state : FitState
+        ``theta (n, k)``: starting values in, fitted values out;
+        ``iterations``, ``status``, ``cost`` ``(n,)`` out.
     max_iter : int
     tol : float
-        Convergence threshold on the cost decrease, chi-square units.
-    iterations, status : (n,) int arrays, out
-    cost_out : (n,) float64 array, out
+        Convergence threshold on the cost decrease, chi-square units (in
+        units of ``cost / dof`` with ``cost.normalise``).
     chunks : int
         Windows are processed in this many contiguous chunks, spread over
         the threads (a few per thread balances the load); each chunk
         allocates its work arrays once.
     """
+    # arrays written inside prange are bound to locals: numba's parallel loop
+    # lowering does not write through a tuple's attribute
+    theta, iterations, status, cost_out = state.theta, state.iterations, state.status, state.cost
+    free = box.free
     n, k = theta.shape
-    P = data.shape[1]
-    size = max(nz, ny, nx, 10)
+    P = cost.data.shape[1]
+    size = max(km.nz, km.ny, km.nx, 10)
     n_free = 0
     for i in range(k):
         if free[i]:
@@ -442,52 +453,46 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
         th = np.empty(k)
         trial = np.empty(k)
         for s in range(c * n // n_chunks, (c + 1) * n // n_chunks):
+            lo = box.lower[s]
+            hi = box.upper[s]
             for i in range(k):
-                th[i] = theta[s, i]
-            d = data[s]
-            ws = w[s]
-            sh = shift[s]
-            lo = lower[s]
-            hi = upper[s]
-            for i in range(k):
-                th[i] = min(max(th[i], lo[i]), hi[i])
-            constrain(family, th)
+                th[i] = min(max(theta[s, i], lo[i]), hi[i])
+            constrain(km, th)
             n_valid = 0
             for p in range(P):
-                if ws[p] != 0.0:
+                if cost.weight[s, p] != 0.0:
                     n_valid += 1
             dof = max(n_valid - n_free, 1)
 
-            cost = _accumulate(family, integ, est, th, d, ws, sh, scale, nz, ny, nx, mu, J, scratch, e, W, H, g)
-            st = 1  # max iterations unless something else happens
-            if not math.isfinite(cost):
-                st = 2
+            value = _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g)
+            st = MAX_ITERATIONS  # unless something else happens
+            if not math.isfinite(value):
+                st = SINGULAR
             lam = 1e-3
             nu = 2.0
             it = 0
-            while st == 1 and it < max_iter:
+            while st == MAX_ITERATIONS and it < max_iter:
                 if not _damped_solve(H, g, lam, free, A, L, y, delta):
-                    st = 2
+                    st = SINGULAR
                     break
                 for i in range(k):
                     trial[i] = min(max(th[i] + delta[i], lo[i]), hi[i])
-                constrain(family, trial)
+                constrain(km, trial)
                 predicted = 0.0  # cost decrease the quadratic model expects
                 for i in range(k):
                     predicted += 2.0 * delta[i] * g[i]
                     for j in range(k):
                         predicted -= delta[i] * H[i, j] * delta[j]
                 it += 1
-                if lam < 1.0 and 0.0 <= predicted <= tol * (cost / dof if normalise else 1.0):
+                if lam < 1.0 and 0.0 <= predicted <= tol * (value / dof if cost.normalise else 1.0):
                     # converged by the quadratic model: take the step without evaluating it
                     for i in range(k):
                         th[i] = trial[i]
-                    st = 0
+                    st = CONVERGED
                     break
-                cost_new = _accumulate(family, integ, est, trial, d, ws, sh, scale, nz, ny, nx, mu, J,
-                                       scratch, e, W, H_new, g_new)
-                if math.isfinite(cost_new) and cost_new <= cost:
-                    gain = cost - cost_new
+                value_new = _accumulate(km, cost, s, trial, mu, J, scratch, e, W, H_new, g_new)
+                if math.isfinite(value_new) and value_new <= value:
+                    gain = value - value_new
                     rho = gain / predicted if predicted > 0.0 else 0.0
                     lam = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-9)
                     nu = 2.0
@@ -496,20 +501,20 @@ def levenberg_marquardt(family, integ, est, data, w, shift, scale, normalise, nz
                         g[i] = g_new[i]
                         for j in range(k):
                             H[i, j] = H_new[i, j]
-                    cost = cost_new
-                    unit = cost / dof if normalise else 1.0
+                    value = value_new
+                    unit = value / dof if cost.normalise else 1.0
                     if gain <= tol * unit:
-                        st = 0
+                        st = CONVERGED
                 else:
                     lam *= nu
                     nu *= 2.0
                     if lam > 1e7:  # no downhill step left: at the minimum
-                        st = 0
+                        st = CONVERGED
             for i in range(k):
                 theta[s, i] = th[i]
             iterations[s] = it
             status[s] = st
-            cost_out[s] = cost
+            cost_out[s] = value
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -563,36 +568,43 @@ def _cholesky_inverse(A, out, L, y):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta, free,
-               mode, excess, read_var, alpha, beta, v_floor, cov, chi2, sums, bias, bias_snr):
+def covariance(km, cost, data, theta, free, noise, out, bias_snr):
     """Per-window covariance ``A^-1 B A^-1``, reduced chi-square and MLE bias.
 
-    ``A = J W J^T`` (the estimator's curvature), ``B = J W V W J^T`` with the
-    pixel variance ``V``:
+    ``A = J W J^T`` (the cost's curvature), ``B = J W V W J^T`` with the
+    pixel variance ``V`` given by ``noise`` (:data:`NoiseModel`):
 
-    * ``mode 0``: ``V = excess * mu + read_var`` (calibrated camera);
-    * ``mode 1``: no covariance; accumulate, per window, the sums for the
-      regression ``r^2 / (1 - h) ~ alpha + beta * mu`` into ``sums (n, 5)``
-      (count, sum mu, sum r2, sum mu^2, sum mu r2), ``h`` the leverage;
-    * ``mode 2``: ``V = max(alpha + beta * mu, v_floor)`` from that regression.
+    * ``CAMERA_VARIANCE``: ``V = excess * mu + read_var`` (calibrated camera);
+    * ``MEASURE_VARIANCE``: no covariance; accumulate, per window, the sums
+      for the regression ``r^2 / (1 - h) ~ alpha + beta * mu`` into
+      ``out.sums (n, 5)`` (count, sum mu, sum r2, sum mu^2, sum mu r2),
+      ``h`` the leverage;
+    * ``MEASURED_VARIANCE``: ``V = max(alpha + beta * mu, floor)`` from that
+      regression (per window).
 
-    Rows and columns of fixed parameters are 0; singular windows get NaN.
+    ``data`` are the window pixels ``(n, P)`` (unshifted).  Rows and columns
+    of fixed parameters are 0; singular windows get NaN.
 
-    With ``est == MLE`` and ``bias`` of shape ``(n, k)`` (pass ``(0, k)``
-    to skip), ``bias`` receives the first-order bias of the Poisson maximum
-    likelihood estimate (:func:`_mle_bias`) of each window whose first
-    parameter (the intensity) has a signal-to-noise ratio below
+    With ``cost.kind == MLE`` and ``out.bias`` of shape ``(n, k)`` (pass
+    ``(0, k)`` to skip), ``out.bias`` receives the first-order bias of the
+    Poisson maximum likelihood estimate (:func:`_mle_bias`) of each window
+    whose intensity ``km.intensity`` has a signal-to-noise ratio below
     ``bias_snr``; other windows and fixed parameters get 0.
     """
     n, k = theta.shape
     P = data.shape[1]
-    size = max(nz, ny, nx, 10)
+    size = max(km.nz, km.ny, km.nx, 10)
     idx = np.empty(k, dtype=np.int64)
     m = 0
+    at_intensity = -1  # position of the intensity among the free parameters
     for i in range(k):
         if free[i]:
+            if i == km.intensity:
+                at_intensity = m
             idx[m] = i
             m += 1
+    want_bias = cost.kind == MLE and out.bias.shape[0] == n and at_intensity >= 0
+    cov, chi2, sums, bias = out.cov, out.chi2, out.sums, out.bias  # written in prange: locals
     for s in prange(n):
         mu = np.empty(P)
         J = np.empty((k, P))
@@ -605,21 +617,21 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
         Wp = np.empty(P)
         Q = np.empty(P)
         th = theta[s]
-        model_window(family, integ, th, nz, ny, nx, mu, J, scratch)
+        w = cost.weight[s]
+        model_window(km, th, mu, J, scratch)
         n_valid = 0
         for p in range(P):
-            if w[s, p] == 0.0:
+            if w[p] == 0.0:
                 Wp[p] = 0.0
                 continue
             n_valid += 1
-            c, e, W = _pixel_terms(est, d_k[s, p], mu[p], w[s, p], shift[s, p], scale)
-            Wp[p] = W
+            Wp[p] = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p], cost.scale)[2]
         _weighted_gram(J, idx, m, Wp, A)
         ok = _cholesky_inverse(A.copy(), Ainv, L, y)
         dof = max(n_valid - m, 1)
-        if mode == 1:
+        if noise.mode == MEASURE_VARIANCE:
             for p in range(P):
-                if w[s, p] == 0.0:
+                if w[p] == 0.0:
                     continue
                 h = 0.0
                 if ok:
@@ -639,14 +651,14 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
             continue
         x2 = 0.0
         for p in range(P):
-            if w[s, p] == 0.0:
+            if w[p] == 0.0:
                 Q[p] = 0.0
                 continue
-            if mode == 0:
-                V = excess * max(mu[p], 0.0) + read_var[s, p]
+            if noise.mode == CAMERA_VARIANCE:
+                V = noise.excess * max(mu[p], 0.0) + noise.read_var[s, p]
             else:
-                V = max(alpha + beta * mu[p], v_floor)
-            V = max(V, _VAR_FLOOR)
+                V = max(noise.alpha[s] + noise.beta[s] * mu[p], noise.floor[s])
+            V = max(V, VAR_FLOOR)
             r = data[s, p] - mu[p]
             x2 += r * r / V
             Q[p] = Wp[p] * Wp[p] * V
@@ -660,9 +672,11 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
                 for b in range(m):
                     cov[s, idx[a], idx[b]] = np.nan
             continue
-        faint = idx[0] == 0 and th[0] * th[0] < bias_snr * bias_snr * Ainv[0, 0]  # N / err_N < bias_snr
-        if est == MLE and bias.shape[0] == n and faint:
-            _mle_bias(family, integ, th, nz, ny, nx, mu, J, scratch, idx, m, Ainv, Wp, bias[s])
+        if want_bias:
+            a0 = at_intensity
+            N = th[km.intensity]
+            if N * N < bias_snr * bias_snr * Ainv[a0, a0]:  # N / err_N < bias_snr
+                _mle_bias(km, th, mu, J, scratch, idx, m, Ainv, Wp, bias[s])
         T = np.zeros((m, m))  # Ainv @ B, then @ Ainv
         for a in range(m):
             for c in range(m):
@@ -677,11 +691,8 @@ def covariance(family, integ, est, d_k, w, shift, scale, data, nz, ny, nx, theta
                 cov[s, idx[a], idx[b]] = t
 
 
-_VAR_FLOOR = 1e-6
-
-
 @njit(cache=True, error_model="numpy")
-def _mle_bias(family, integ, th, nz, ny, nx, mu, J, scratch, idx, m, C, W, out):
+def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
     """First-order bias of a Poisson maximum-likelihood fit (Cox & Snell, 1968).
 
     For independent counts with means ``mu_p(theta)`` the O(1/N) bias of the
@@ -689,9 +700,10 @@ def _mle_bias(family, integ, th, nz, ny, nx, mu, J, scratch, idx, m, C, W, out):
     Fisher information (over the free parameters), ``W_p = 1 / var_p`` and
     ``H_p`` the Hessian of ``mu_p``; subtracting ``b`` leaves an O(1/N^2)
     bias.  ``mu``, ``J`` hold the model at ``th``; ``C (m, m)`` and ``W (P,)``
-    come from the covariance kernel.  The model is linear in the offset (last
-    parameter) and, for single emitters, in the intensity (first), whose
-    second derivatives are therefore exact; the others are forward
+    come from the covariance kernel.  Every model is linear in its offset
+    (``km.offset``), whose second derivatives are therefore 0, and a model
+    with ``km.linear`` is ``N g + offset`` in its intensity ``km.intensity``,
+    whose mixed second derivatives are ``J / N``; the others are forward
     differences of the Jacobian with steps of 1e-4 (relative; 1e-4 px for
     small values), accurate to about 1e-4 of the correction.
     """
@@ -701,17 +713,16 @@ def _mle_bias(family, integ, th, nz, ny, nx, mu, J, scratch, idx, m, C, W, out):
     Jh = np.empty((k, P))
     muh = np.empty(P)
     thh = np.empty(k)
-    single = family != MULTI2 and family != MULTI3
     for b in range(m):
         jb = idx[b]
-        if jb == k - 1:
-            continue  # offset: the Jacobian does not depend on it
-        if single and jb == 0:
+        if jb == km.offset:
+            continue  # the Jacobian does not depend on it
+        if km.linear == 1 and jb == km.intensity:
             # mu = N g + offset: dJ_a / dN = J_a / N except for N and offset
-            inv_n = 1.0 / th[0] if th[0] != 0.0 else 0.0
+            inv_n = 1.0 / th[jb] if th[jb] != 0.0 else 0.0
             for a in range(m):
                 ja = idx[a]
-                if ja == 0 or ja == k - 1:
+                if ja == km.intensity or ja == km.offset:
                     continue
                 c = C[a, b] * inv_n
                 for p in range(P):
@@ -721,7 +732,7 @@ def _mle_bias(family, integ, th, nz, ny, nx, mu, J, scratch, idx, m, C, W, out):
         for j in range(k):
             thh[j] = th[j]
         thh[jb] += h
-        model_window(family, integ, thh, nz, ny, nx, muh, Jh, scratch)
+        model_window(km, thh, muh, Jh, scratch)
         for a in range(m):
             ja = idx[a]
             c = C[a, b] / h

@@ -248,7 +248,7 @@ def parameters(task, config, camera, axes=None, channel=None, pixel_size=None, z
                workers=None, invert=False) -> dict:
     """Every parameter that determines a table, as the sidecar records it.
 
-    ``config`` holds every :class:`~spotfit.fitting.FitConfig` field
+    ``config`` holds every :class:`~spotfit.config.FitConfig` field
     (``workers``: the ``--workers`` value), ``camera``
     :meth:`~spotfit.camera.Camera.as_dict`; ``axes``, ``channel``,
     ``pixel_size`` and ``z_step`` are the user's overrides (None: from the
@@ -379,33 +379,6 @@ def _reporting(img, on_frame):
     return new
 
 
-class _FrameSource:
-    """``.data`` / ``.axes`` for :func:`spotfit.detection.detect`, read by ``Image.frame``.
-
-    Each ``data[t]`` is one frame read by :meth:`spotfit.io.Image.frame`,
-    so detection holds one frame at a time (a memory map's pages are
-    released after each frame).
-    """
-
-    def __init__(self, img, on_frame=None):
-        self.axes = img.axes
-        self.data = _FrameArray(img, on_frame)
-
-
-class _FrameArray:
-    def __init__(self, img, on_frame):
-        self._img, self._on_frame = img, on_frame
-        self.shape = tuple(img.data.shape)
-        self.ndim = len(self.shape)
-        self.dtype = img.dtype
-
-    def __getitem__(self, t):
-        frame = self._img.frame(t)
-        if self._on_frame is not None:
-            self._on_frame()
-        return frame
-
-
 def _close(img) -> None:
     close = getattr(img.data, "close", None)
     if callable(close):
@@ -457,7 +430,7 @@ def process_file(path, task="fit", config=None, camera=None, axes=None, channel=
     import pandas as pd
 
     from spotfit.camera import Camera
-    from spotfit.fitting import FitConfig
+    from spotfit.config import FitConfig
     from spotfit.io import count_channels, read_image
     from spotfit.table import add_physical_units
 
@@ -531,17 +504,13 @@ def _chosen(option, metadata):
 
 def _run_task(task, img, config, camera, on_frame):
     if task == "fit":
-        from spotfit.fitting import fit
+        from spotfit.api import fit
 
         return fit(_reporting(img, on_frame), config=config, camera=camera)
-    from spotfit.detection import detect
+    from spotfit.api import detect
 
-    # per-axis sigma in array order, as spotfit.fitting.fit uses for z-stacks
-    sigma = (config.axial_sigma(), config.sigma, config.sigma) if img.is_3d else config.sigma
-    kwargs = {"min_distance": config.min_distance, "camera": camera}
-    if config.threshold is not None:
-        kwargs["threshold"] = config.threshold
-    return detect(_FrameSource(img, on_frame), sigma, **kwargs)
+    report = None if on_frame is None else (lambda t, n_frames: on_frame())
+    return detect(img, config=config, camera=camera, on_frame=report)
 
 
 # ---------------------------------------------------------------------------
@@ -887,7 +856,7 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
         files are recorded in the summary instead.
     """
     from spotfit.camera import Camera
-    from spotfit.fitting import FitConfig
+    from spotfit.config import FitConfig
     from spotfit.overlay import qc_path
 
     start = time.perf_counter()

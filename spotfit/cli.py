@@ -1,10 +1,10 @@
 """Command line: ``spotfit detect``, ``spotfit fit``, ``spotfit simulate``, ``spotfit export``.
 
 The command line does no computation of its own: each command parses its
-options into a :class:`spotfit.fitting.FitConfig` and a
+options into a :class:`spotfit.config.FitConfig` and a
 :class:`spotfit.camera.Camera` and calls the functions a Python user calls
-(:func:`spotfit.read_image`, :func:`spotfit.detection.detect`,
-:func:`spotfit.fitting.fit`, :func:`spotfit.simulation.simulate`,
+(:func:`spotfit.read_image`, :func:`spotfit.detect`,
+:func:`spotfit.fit`, :func:`spotfit.simulation.simulate`,
 :func:`spotfit.simulation.write_simulation`, :func:`spotfit.table.write_table`).
 
 Only ``click``, ``os`` and ``sys`` are imported at module level: ``spotfit
@@ -171,13 +171,29 @@ class _UserErrors:
         from spotfit.errors import SpotfitInputError
 
         if issubclass(exc_type, SpotfitInputError):
-            raise click.ClickException(_one_line(exc)) from exc
+            raise click.ClickException(_one_line(_as_option(exc))) from exc
         if issubclass(exc_type, OSError) and not issubclass(exc_type, BrokenPipeError):
             where = self.what if self.what is not None else exc.filename
             reason = exc.strerror or exc
             message = f"{where}: {reason}" if where is not None else str(reason)
             raise click.ClickException(_one_line(message)) from exc
         return False
+
+
+def _as_option(exc) -> str:
+    """An API error's message in this command's options: the parameter it starts with,
+    and any parameter quoted as `name`, become the option (``sigma must be ...`` ->
+    ``--sigma must be ...``; see :class:`spotfit.errors.SpotfitInputError`)."""
+    import re
+
+    text, name = str(exc), getattr(exc, "parameter", None)
+    ctx = click.get_current_context(silent=True)
+    if name is None or ctx is None:
+        return text
+    options = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
+    if name in options and text.startswith(name):
+        text = options[name] + text[len(name):]
+    return re.sub(r"`(\w+)`", lambda m: options.get(m.group(1), m.group(1)), text)
 
 
 def _check_not_input(out, inputs) -> None:
@@ -388,7 +404,7 @@ def _silence_stdout():
 
 def _fit_config(**options):
     """FitConfig from the options the user gave (None: the library's default)."""
-    from spotfit.fitting import FitConfig
+    from spotfit.config import FitConfig
 
     return FitConfig(**{k: v for k, v in options.items() if v is not None})
 
@@ -660,7 +676,8 @@ def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, thres
 )
 @click.option(
     "--truth", type=click.Path(dir_okay=False), metavar="FILE.csv",
-    help="Ground-truth CSV (frame, x, y, photons, sigma_x, sigma_y, angle, background).  "
+    help="Ground-truth CSV (frame, x, y, intensity, sigma_x, sigma_y, angle, offset: the fit "
+    "table's names; photons and photons/px).  "
     "[default: OUT with the suffix replaced by _truth.csv]",
 )
 def simulate(out, shape, n_spots, photons, background, sigma, min_separation, border,
@@ -855,7 +872,7 @@ def show(image, spots, out, frame, crop, zoom, percentiles, color, **fit_options
     if spots is None:
         from dataclasses import fields
 
-        from spotfit.fitting import FitConfig
+        from spotfit.config import FitConfig
 
         names = {f.name for f in fields(FitConfig)}
         options = {k: v for k, v in fit_options.items() if k in names}

@@ -46,9 +46,10 @@ with 60 spots each, matched to the truth within 1.5 px:
   Gaussian filtered noise; with very low backgrounds or EM excess noise its
   tail is heavier and a higher threshold (6-7) may be wanted.
 
-:func:`detect` runs this frame by frame over an image or a time-lapse and
-returns a table.  Coordinates follow :mod:`spotfit`: 0-based pixel centres,
-``x`` = column, ``y`` = row, ``z`` = plane.
+:func:`spotfit.detect` (:mod:`spotfit.api`) runs this frame by frame over an
+image or a time-lapse and returns a table.  Coordinates follow
+:mod:`spotfit`: 0-based pixel centres, ``x`` = column, ``y`` = row,
+``z`` = plane.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ import functools
 import math
 
 import numpy as np
-import pandas as pd
 import scipy.fft
 from numba import njit
 from scipy.sparse import csr_matrix
@@ -67,7 +67,6 @@ from spotfit.errors import SpotfitInputError
 
 __all__ = [
     "find_peaks",
-    "detect",
     "dog_filter",
     "default_min_distance",
     "DEFAULT_THRESHOLD",
@@ -124,10 +123,10 @@ def _check_options(sigma, threshold, min_distance, ndim=None):
         or not np.all(np.isfinite(sig))
         or np.any(sig <= 0)
     ):
-        raise SpotfitInputError(f"--sigma must be > 0 pixels, got {sigma!r}")
+        raise SpotfitInputError(f"sigma must be > 0 pixels, got {sigma!r}", parameter="sigma")
     if ndim is not None and sig.size not in (1, ndim):
         raise SpotfitInputError(
-            f"--sigma needs 1 or {ndim} values for {ndim}D data, got {sig.size}"
+            f"sigma needs 1 or {ndim} values for {ndim}D data, got {sig.size}", parameter="sigma"
         )
     if (
         not _is_number_like(threshold)
@@ -136,7 +135,7 @@ def _check_options(sigma, threshold, min_distance, ndim=None):
         or float(threshold) <= 0
     ):
         raise SpotfitInputError(
-            f"--threshold must be > 0 (signal-to-noise units), got {threshold!r}"
+            f"threshold must be > 0 (signal-to-noise units), got {threshold!r}", parameter="threshold"
         )
     if min_distance is not None:
         if (
@@ -147,7 +146,8 @@ def _check_options(sigma, threshold, min_distance, ndim=None):
             or int(min_distance) < 1
         ):
             raise SpotfitInputError(
-                f"--min-distance must be an integer >= 1 pixel, got {min_distance!r}"
+                f"min_distance must be an integer >= 1 pixel, got {min_distance!r}",
+                parameter="min_distance",
             )
     return tuple(float(s) for s in sig)
 
@@ -192,8 +192,8 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None):
     Raises
     ------
     SpotfitInputError
-        For invalid options (the message names ``--sigma``,
-        ``--threshold`` or ``--min-distance``) or non-finite pixels.
+        For invalid options (the message names ``sigma``,
+        ``threshold`` or ``min_distance``) or non-finite pixels.
 
     Notes
     -----
@@ -453,113 +453,3 @@ def _local_maxima(filtered: np.ndarray, cand: np.ndarray, radii) -> np.ndarray:
                     keep[j] = False
             peaks = peaks[keep]
     return peaks
-
-
-# ---------------------------------------------------------------------------
-# detect: whole images / stacks -> table
-# ---------------------------------------------------------------------------
-_AXES = {2: "YX", 3: "TYX", 4: "TZYX"}
-
-
-def detect(
-    image,
-    sigma=1.3,
-    threshold=DEFAULT_THRESHOLD,
-    min_distance=None,
-    camera=None,
-    *,
-    axes=None,
-) -> pd.DataFrame:
-    """Detect spot candidates in every frame of an image.
-
-    Parameters
-    ----------
-    image : ndarray or image object
-        ``(ny, nx)`` one frame, ``(T, ny, nx)`` a time-lapse, or
-        ``(T, nz, ny, nx)`` a time-lapse of z-stacks; or an object with
-        ``.data`` and ``.axes`` (``"YX"``, ``"TYX"``, ``"ZYX"`` or
-        ``"TZYX"``) such as :class:`spotfit.io.Image`.  Frames are read one
-        at a time, so memory-mapped stacks are not loaded whole.
-    sigma : float or sequence of float
-        PSF sigma in pixels, scalar or per axis in array order
-        (``(sigma_y, sigma_x)``, or ``(sigma_z, sigma_y, sigma_x)`` for
-        z-stacks; a scalar is used for all axes).
-    threshold : float
-        Minimum score in signal-to-noise units (see :func:`find_peaks`).
-    min_distance : int, optional
-        Minimum distance between candidates in pixels; default
-        :func:`default_min_distance`.
-    camera : Camera, optional
-        If given, each frame is converted with ``camera.to_photons``
-        (float32) before detection; scores do not depend on the units.
-    axes : str, optional
-        Axis order of a plain array (``"YX"``, ``"TYX"``, ``"ZYX"``,
-        ``"TZYX"``); default from its number of dimensions: 2 -> ``"YX"``,
-        3 -> ``"TYX"``, 4 -> ``"TZYX"``.  Ignored for image objects.
-
-    Returns
-    -------
-    pandas.DataFrame
-        One row per candidate, sorted by ``frame``, (``z``,) ``y``, ``x``:
-        ``frame`` (int64, 0 for a single image), ``x``, ``y`` (float64,
-        pixels; integer pixel positions of the maxima), ``z`` (float64,
-        planes; z-stacks only) and ``score`` (float64, signal-to-noise).
-        No candidates give an empty table with the same columns and dtypes.
-    """
-    data, axes = _data_and_axes(image, axes)
-    has_t = axes.startswith("T")
-    has_z = "Z" in axes
-    frame_ndim = 3 if has_z else 2
-    sig = _check_options(sigma, threshold, min_distance, frame_ndim)
-    if camera is not None:
-        camera.check_shape(data.shape[-2:])
-
-    # detect frame by frame (a memory-mapped stack is read one frame at a time)
-    n_frames = data.shape[0] if has_t else 1
-    frames = [np.empty(0, dtype=np.int64)]
-    coords = [np.empty((0, frame_ndim), dtype=np.intp)]
-    scores = [np.empty(0)]
-    read = getattr(image, "frame", None)  # spotfit.io.Image: one frame in memory at a time
-    for t in range(n_frames):
-        frame = read(t) if (read is not None and has_t) else (data[t] if has_t else data)
-        if camera is not None:
-            frame = camera.to_photons(frame, np.float32)
-        c, s = find_peaks(frame, sig, threshold, min_distance)
-        frames.append(np.full(len(s), t, dtype=np.int64))
-        coords.append(c)
-        scores.append(s)
-    frames = np.concatenate(frames)
-    coords = np.concatenate(coords)
-
-    # table in spotfit's conventions: x = column, y = row, z = plane
-    cols = {"frame": frames, "x": coords[:, -1].astype(float), "y": coords[:, -2].astype(float)}
-    if has_z:
-        cols["z"] = coords[:, 0].astype(float)
-    cols["score"] = np.concatenate(scores).astype(float)
-    keys = [cols["x"], cols["y"]] + ([cols["z"]] if has_z else []) + [frames]
-    order = np.lexsort(keys)  # the last key is the primary one
-    return pd.DataFrame({k: v[order] for k, v in cols.items()})
-
-
-def _data_and_axes(image, axes):
-    """(array-like with a leading T axis or not, axes string) from an image or array."""
-    if hasattr(image, "data") and hasattr(image, "axes") and not isinstance(image, np.ndarray):
-        data, axes = image.data, image.axes
-    else:
-        data = image
-    if not hasattr(data, "shape") or not hasattr(data, "ndim"):
-        data = np.asarray(data)
-    if axes is None:
-        if data.ndim not in _AXES:
-            raise SpotfitInputError(
-                f"image must be 2D (YX), 3D (TYX) or 4D (TZYX), got shape {tuple(data.shape)}"
-            )
-        from spotfit.io import default_axes  # refuses colour-like (..., 3|4) arrays
-
-        axes = default_axes(data.shape)
-    axes = str(axes).upper()
-    if axes not in ("YX", "TYX", "ZYX", "TZYX"):
-        raise SpotfitInputError(f"axes must be YX, TYX, ZYX or TZYX for detection, got {axes!r}")
-    if len(axes) != data.ndim:
-        raise SpotfitInputError(f"axes {axes!r} do not match image shape {tuple(data.shape)}")
-    return data, axes

@@ -1,11 +1,25 @@
 """Estimators: how data and model are compared, apart from any model.
 
-An estimator prepares, from data ``d``, a pixel mask and the noise model,
-the per-pixel inputs of the compiled solver (:mod:`spotfit._kernels`), which
-evaluates the cost on a chi-square scale (sum of squared weighted residuals,
-or the Poisson deviance ``-2 log(L / L_saturated)``) and its Gauss-Newton
-normal equations; for MLE their matrix ``J W J^T`` is the Fisher
-information.
+An estimator turns data ``d``, a pixel mask and the noise model into the
+compiled solver's :data:`~spotfit._kernels.Cost` (:meth:`Estimator.cost`):
+per-pixel inputs of one of the kernel's cost functions, which evaluate the
+cost on a chi-square scale (sum of squared weighted residuals, or the Poisson
+deviance ``-2 log(L / L_saturated)``) and its Gauss-Newton normal equations;
+for MLE their matrix ``J W J^T`` is the Fisher information.
+
+Each estimator *declares* what it is (class attributes), and the rest of
+spotfit asks these properties, never the name:
+
+=====================  =====  ======  =====
+property               lsq    wlsq    mle
+=====================  =====  ======  =====
+``needs_photons``      no     yes     yes
+``weighted``           no     yes     no
+``poisson``            no     no      yes
+``normalised_cost``    yes    no      no
+``nonnegative_offset`` no     no      yes
+``bias_correctable``   no     no      yes
+=====================  =====  ======  =====
 
 The noise model is described by :class:`Noise` in the data's units: photons
 when the camera is calibrated, ADU otherwise.
@@ -28,10 +42,10 @@ from typing import Union
 
 import numpy as np
 
+from spotfit import _kernels as K
 from spotfit.errors import SpotfitInputError
 
 ESTIMATOR_NAMES = ("lsq", "wlsq", "mle")
-_MU_FLOOR = 1e-6
 
 
 @dataclass(frozen=True)
@@ -41,7 +55,9 @@ class Noise:
     Parameters
     ----------
     calibrated : bool
-        True when data are in photons (Poisson statistics apply).
+        True when data are in photons (Poisson statistics apply).  Without
+        a calibration the variance is measured from the fits instead
+        (:func:`spotfit.solver.covariance`).
     excess : float
         Excess-noise factor (2 for EMCCD, 1 otherwise).
     read_var : float or (n, P) ndarray
@@ -58,16 +74,41 @@ class Noise:
         return self.excess * np.maximum(mu, 0.0) + self.read_var
 
 
+def _c(a):
+    return np.ascontiguousarray(a, dtype=float)
+
 
 class Estimator:
-    """Base class: prepares the compiled solver's per-pixel inputs."""
+    """Base class: declares the estimator's properties and builds its cost."""
 
     name = ""
-    #: estimator id of the compiled solver (:mod:`spotfit._kernels`)
-    kernel_id = 0
+    #: the compiled cost function (:data:`spotfit._kernels.LSQ` or ``MLE``)
+    kernel_cost = K.LSQ
+    #: needs data in photons (a calibrated camera)
+    needs_photons = False
+    #: pixel weights from the data's variance
+    weighted = False
+    #: Poisson likelihood (its curvature is the Fisher information)
+    poisson = False
+    #: the cost is on the data's scale, not chi-square: convergence is measured
+    #: in units of its residual variance ``cost / dof``
+    normalised_cost = False
+    #: the offset is a photon rate and cannot be negative (the model must stay > 0)
+    nonnegative_offset = False
+    #: a first-order bias correction exists (:func:`spotfit.solver.solve`)
+    bias_correctable = False
 
-    def prepare(self, data, mask, noise: Noise):
-        """Per-pixel inputs of the compiled solver.
+    def check(self, noise: Noise) -> None:
+        """Raise :class:`SpotfitInputError` if ``noise`` cannot be used."""
+        if self.needs_photons and not noise.calibrated:
+            raise SpotfitInputError(
+                f"estimator {self.name} needs photon counts: give the camera `gain` "
+                "(and `baseline`, `em_gain`), or use estimator lsq",
+                parameter="estimator",
+            )
+
+    def cost(self, data, mask, noise: Noise):
+        """The compiled solver's cost for these windows.
 
         Parameters
         ----------
@@ -78,54 +119,49 @@ class Estimator:
 
         Returns
         -------
-        d, w, shift : (n, P) float64 ndarrays
-            Data as the cost sees it, pixel weights (0 = masked) and the
-            MLE count shift.
-        scale : float
-            MLE excess-noise scale.
+        spotfit._kernels.Cost
+            Data as the cost sees it, pixel weights (0 = masked), the MLE
+            count shift and excess-noise scale.
         """
-        raise NotImplementedError
+        self.check(noise)
+        d, w, shift, scale = self._inputs(np.asarray(data, dtype=float), mask, noise)
+        return K.Cost(int(self.kernel_cost), _c(d), _c(w), _c(shift), float(scale),
+                      bool(self.normalised_cost))
 
-    def _need_photons(self, noise):
-        if not noise.calibrated:
-            raise SpotfitInputError(
-                f"--estimator {self.name} needs photon counts: give the camera --gain "
-                "(and --baseline, --em-gain), or use --estimator lsq"
-            )
-
-
-def _c(a):
-    return np.ascontiguousarray(a, dtype=float)
+    def _inputs(self, data, mask, noise):
+        return data, mask, np.zeros(data.shape), 1.0
 
 
 class LeastSquares(Estimator):
     name = "lsq"
-
-    def prepare(self, data, mask, noise):
-        return _c(data), _c(mask), np.zeros(data.shape), 1.0
+    normalised_cost = True
 
 
 class WeightedLeastSquares(Estimator):
     name = "wlsq"
+    needs_photons = True
+    weighted = True
 
-    def prepare(self, data, mask, noise):
-        self._need_photons(noise)
+    def _inputs(self, data, mask, noise):
         var = noise.excess * np.maximum(data, 1.0) + noise.read_var
-        return _c(data), _c(mask / var), np.zeros(data.shape), 1.0
+        return data, mask / var, np.zeros(data.shape), 1.0
 
 
 class PoissonMLE(Estimator):
     name = "mle"
-    kernel_id = 1
+    kernel_cost = K.MLE
+    needs_photons = True
+    poisson = True
+    nonnegative_offset = True
+    bias_correctable = True
 
-    def prepare(self, data, mask, noise):
-        self._need_photons(noise)
+    def _inputs(self, data, mask, noise):
         shift = np.broadcast_to(np.asarray(noise.read_var, dtype=float), data.shape)
-        d = np.maximum(data + shift, 0.0)
-        return _c(d), _c(mask), _c(shift), 1.0 / noise.excess
+        return np.maximum(data + shift, 0.0), mask, shift, 1.0 / noise.excess
 
 
 _ESTIMATORS = {cls.name: cls for cls in (LeastSquares, WeightedLeastSquares, PoissonMLE)}
+assert tuple(_ESTIMATORS) == ESTIMATOR_NAMES
 
 
 def get_estimator(name: str) -> Estimator:
@@ -134,5 +170,6 @@ def get_estimator(name: str) -> Estimator:
         return _ESTIMATORS[name]()
     except KeyError:
         raise SpotfitInputError(
-            f"--estimator {name!r} is unknown; choose one of {', '.join(ESTIMATOR_NAMES)}"
+            f"estimator {name!r} is unknown; choose one of {', '.join(ESTIMATOR_NAMES)}",
+            parameter="estimator",
         ) from None

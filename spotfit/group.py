@@ -1,9 +1,10 @@
 """Crowded fields: fit overlapping spots together and find the ones hiding in their tails.
 
-Pipeline for one frame (:func:`fit_crowded`):
+Pipeline for one frame (:meth:`CrowdedFitter.fit_frame`):
 
 1. **Start** from the detected candidates, with moment estimates of each
-   spot's intensity.
+   spot (:func:`spotfit.start.initial_guess`: centroid, intensity, offset),
+   as single-spot fits start.
 2. **Group** spots closer than ``group_radius * sigma`` (KD-tree pairs +
    connected components, i.e. union-find); groups larger than
    ``max_group`` are split at the median of their widest axis.
@@ -13,7 +14,8 @@ Pipeline for one frame (:func:`fit_crowded`):
    spots *outside* the group is subtracted from the window first (their
    current models), so a window's neighbours no longer pull its fit; the
    covariance of a group is its joint Fisher information, so every spot's
-   errors account for its neighbours.
+   errors account for its neighbours.  Each emitter's columns and status
+   come from :mod:`spotfit.results`, as for single-spot fits.
 4. **Search the residual** (data minus all fitted spots) for significant
    peaks with the detector; a peak farther than ``SEARCH_EXCLUSION * sigma``
    from every known spot becomes a new emitter (a close pair fitted as one
@@ -33,9 +35,12 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from spotfit import roi, solver, table
+from spotfit import results, roi, solver, table
+from spotfit.config import Setup
 from spotfit.models import get_model
 from spotfit.models.gaussian import MultiGaussian
+from spotfit.single import window_bounds
+from spotfit.start import initial_guess
 
 #: emitters whose intensity is below this many standard errors are removed
 MIN_EMITTER_SNR = 2.0
@@ -94,28 +99,32 @@ def group_spots(points: np.ndarray, radius: float, max_size: int = 8) -> np.ndar
     return labels
 
 
-_FIELDS = ("intensity_err", "sigma_err", "sigma_z_err", "offset_err", "chi2_red", "n_pixels")
-
-
 class _Spots:
     """Current estimates of all spots of a frame (positions in image px, x/y[/z] order).
 
-    ``rec`` holds the last fit's per-spot errors and statuses, carried along
-    when spots are removed or added.
+    ``xyz`` places the spot's window and its light (:func:`_render`);
+    ``start`` is where its next fit starts: the centroid of a detected spot
+    before its first fit (as a single-spot fit starts), else ``xyz``.
+    ``rec`` holds the last fit's output
+    columns (:func:`spotfit.results.measure`: values by column name,
+    errors by column name + ``_err``), ``chi2_red``, ``iterations``,
+    ``status`` and ``n_pixels``, carried along when spots are removed or
+    added.
     """
 
-    def __init__(self, xyz, intensity, sigma, offset, added, rec=None):
+    def __init__(self, xyz, intensity, sigma, offset, added, start=None, rec=None):
         self.xyz = np.asarray(xyz, float)
         self.intensity = np.asarray(intensity, float)
         self.sigma = np.asarray(sigma, float)  # (n, 1) lateral or (n, 2) lateral + axial
         self.offset = np.asarray(offset, float)
         self.added = np.asarray(added, bool)
-        n = len(self.xyz)
+        self.start = self.xyz.copy() if start is None else np.asarray(start, float)
+        n, nd = self.xyz.shape
         if rec is None:
-            rec = {k: np.full(n, np.nan) for k in _FIELDS}
-            rec["xyz_err"] = np.full(self.xyz.shape, np.nan)
-            rec["iterations"] = np.zeros(n, np.int32)
-            rec["status"] = np.zeros(n, np.int8)
+            keys = table.value_columns(nd)
+            rec = {k: np.full(n, np.nan) for k in keys + [f"{k}_err" for k in keys]}
+            rec.update(chi2_red=np.full(n, np.nan), n_pixels=np.zeros(n),
+                       iterations=np.zeros(n, np.int32), status=np.zeros(n, np.int8))
         self.rec = rec
 
     def __len__(self):
@@ -123,12 +132,12 @@ class _Spots:
 
     def take(self, keep):
         return _Spots(self.xyz[keep], self.intensity[keep], self.sigma[keep], self.offset[keep],
-                      self.added[keep], {k: v[keep] for k, v in self.rec.items()})
+                      self.added[keep], self.start[keep], {k: v[keep] for k, v in self.rec.items()})
 
     def extend(self, other):
         return _Spots(*(np.concatenate([a, b]) for a, b in (
             (self.xyz, other.xyz), (self.intensity, other.intensity), (self.sigma, other.sigma),
-            (self.offset, other.offset), (self.added, other.added))),
+            (self.offset, other.offset), (self.added, other.added), (self.start, other.start))),
             {k: np.concatenate([v, other.rec[k]]) for k, v in self.rec.items()})
 
 
@@ -150,28 +159,40 @@ def _render(shape, spots: _Spots, half, integrated) -> np.ndarray:
 
 
 class CrowdedFitter:
-    """Joint fits of grouped spots for one :class:`spotfit.fitting._Fitter` setup."""
+    """Joint fits of grouped spots, frame by frame, for one :class:`~spotfit.config.Setup`."""
 
-    def __init__(self, fitter):
-        self.fitter = fitter
-        self.config = fitter.config
-        self.ndim = fitter.ndim
-        self.integrated = fitter.model.integrated
-        self.half = fitter.config.half_size(self.ndim)  # array order
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.config = setup.config
+        self.ndim = setup.ndim
+        self.integrated = setup.model.integrated
+        self.half = setup.half  # array order
+        self.emitter = get_model("symmetric", self.ndim, self.integrated)
 
     # ------------------------------------------------------------ one frame
-    def fit_frame(self, photons, coords, read_var=None):
+    def fit_frame(self, photons, coords, read_var=None, saturated=None, valid=None):
         """Fit all spots of a frame; returns a :class:`_Spots` with results.
 
         Alternates joint fits of all groups with residual searches
         (``SEARCH_ROUNDS``) and pruning, until nothing changes.
+
+        Parameters
+        ----------
+        photons : ndarray
+            The frame (photons or ADU above baseline), float64.
+        coords : (n, ndim) int ndarray
+            Detected candidates, array order.
+        read_var, saturated, valid : ndarray of the frame's shape, optional
+            Read-noise variance map (sCMOS); pixels clipped at the input's
+            maximum; pixels to use (False: left out).
         """
         cfg = self.config
+        self._maps = (read_var, saturated, valid)
         spots = self._start(photons, coords)
         radius = cfg.group_radius * cfg.sigma
         changed = True
         for round_ in range(SEARCH_ROUNDS + 1):
-            spots, labels = self._joint(photons, spots, radius, read_var)
+            spots, labels = self._joint(photons, spots, radius)
             keep = self._keep(spots)
             changed = not keep.all()
             if changed:
@@ -184,20 +205,24 @@ class CrowdedFitter:
             if not changed:
                 break
         if changed:  # the last round pruned: refit the survivors
-            spots, labels = self._joint(photons, spots, radius, read_var)
+            spots, labels = self._joint(photons, spots, radius)
         spots.labels = labels
         return spots
 
-    def _start(self, photons, coords):
-        """Moment estimates of the detected spots."""
-        cfg, nd = self.config, self.ndim
-        w = roi.cut(photons, coords, self.half)
-        from spotfit.fitting import initial_guess
+    def _new_spots(self, xyz, start, offset, added):
+        """Spots at ``xyz`` with the intensity of the moment estimates ``start``."""
+        cfg, n = self.config, len(xyz)
+        sig = [np.full(n, cfg.sigma)] + ([np.full(n, cfg.axial_sigma())] if self.ndim == 3 else [])
+        return _Spots(xyz, start[:, self.emitter.intensity_index], np.column_stack(sig), offset,
+                      np.full(n, added, bool))
 
-        start = initial_guess(get_model("symmetric", nd, self.integrated), w.data, w.mask, w.grid, cfg)
-        xyz = coords[:, ::-1].astype(float)
-        sig = [np.full(len(coords), cfg.sigma)] + ([np.full(len(coords), cfg.axial_sigma())] if nd == 3 else [])
-        return _Spots(xyz, start[:, 0], np.column_stack(sig), start[:, -1], np.zeros(len(coords), bool))
+    def _start(self, photons, coords):
+        """Moment estimates of the detected spots (centroids, as single-spot fits start)."""
+        w = roi.cut(photons, coords, self.half, valid=self._maps[2])
+        start = initial_guess(self.emitter, w.data, w.mask, w.grid, self.config)
+        spots = self._new_spots(coords[:, ::-1].astype(float), start, start[:, self.emitter.offset_index], False)
+        spots.start = start[:, list(self.emitter.center_index)] + w.origin
+        return spots
 
     def _search(self, photons, spots):
         """New emitters: peaks of the residual, and the residual maximum beside wide spots.
@@ -208,19 +233,14 @@ class CrowdedFitter:
         an unresolved pair), the maximum of the filtered residual in its
         window.  The joint refit and pruning decide which of them stay.
         """
-        from spotfit.detection import dog_filter, find_peaks
-        from spotfit.fitting import initial_guess
+        from spotfit.detection import find_peaks
 
         cfg, nd = self.config, self.ndim
         empty = spots.take(np.zeros(len(spots), bool))
         if len(spots) == 0:
             return empty
         residual = photons - _render(photons.shape, spots, self.half, self.integrated)
-        sig = (cfg.axial_sigma(), cfg.sigma, cfg.sigma) if nd == 3 else cfg.sigma
-        kwargs = {"min_distance": cfg.min_distance}
-        if cfg.threshold is not None:
-            kwargs["threshold"] = cfg.threshold
-        coords, _ = find_peaks(residual, sig, **kwargs)
+        coords, _ = find_peaks(residual, cfg.detection_sigma(nd), **cfg.detection_options())
         if len(coords):
             xyz = coords[:, ::-1].astype(float)
             dist, nearest = cKDTree(spots.xyz).query(xyz)
@@ -233,16 +253,15 @@ class CrowdedFitter:
         else:
             xyz, nearest = np.zeros((0, nd)), np.zeros(0, np.int64)
         w = roi.cut(residual, np.rint(xyz[:, ::-1]).astype(np.int64), self.half)
-        start = initial_guess(get_model("symmetric", nd, self.integrated), w.data, w.mask, w.grid, cfg)
-        sig = [np.full(len(xyz), cfg.sigma)] + ([np.full(len(xyz), cfg.axial_sigma())] if nd == 3 else [])
-        found = _Spots(xyz, start[:, 0], np.column_stack(sig), spots.offset[nearest], np.ones(len(xyz), bool))
-        return self._split_wide(residual, spots, sig=(cfg.axial_sigma(), cfg.sigma, cfg.sigma)[-nd:], extra=found)
+        start = initial_guess(self.emitter, w.data, w.mask, w.grid, cfg)
+        found = self._new_spots(xyz, start, spots.offset[nearest], True)
+        return self._split_wide(residual, spots, extra=found)
 
     def _wide(self, spots):
         """Spots whose lateral width reached its upper bound."""
         return spots.sigma[:, 0] >= 0.99 * WIDTH_RANGE[1] * self.config.sigma
 
-    def _split_wide(self, residual, spots, sig, extra):
+    def _split_wide(self, residual, spots, extra):
         """Split spots stretched to the width bound into two emitters (in place).
 
         A single Gaussian fitted to an unresolved pair widens until its bound;
@@ -253,11 +272,11 @@ class CrowdedFitter:
         """
         from spotfit.detection import dog_filter
 
-        cfg, nd = self.config, self.ndim
+        cfg = self.config
         wide = np.flatnonzero(self._wide(spots))
         if len(wide) == 0:
             return extra
-        filtered = dog_filter(residual, sig)
+        filtered = dog_filter(residual, cfg.widths(self.ndim)[::-1])
         w = roi.cut(filtered, np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64), self.half)
         best = np.argmax(np.where(w.mask, w.data, -np.inf), axis=1)
         peak = np.column_stack([c[best] for c in w.grid.flat()]) + w.origin  # x, y[, z]
@@ -268,6 +287,7 @@ class CrowdedFitter:
         step = direction * cfg.sigma
         centre = spots.xyz[wide].copy()
         spots.xyz[wide] = centre - step
+        spots.start[wide] = centre - step
         spots.intensity[wide] *= 0.5
         split = _Spots(centre + step, spots.intensity[wide], spots.sigma[wide], spots.offset[wide],
                        np.ones(len(wide), bool))
@@ -284,7 +304,7 @@ class CrowdedFitter:
         return keep
 
     # ---------------------------------------------------------- joint fits
-    def _joint(self, photons, spots: _Spots, radius, read_var):
+    def _joint(self, photons, spots: _Spots, radius):
         """Fit every group jointly; returns the updated spots and their group labels."""
         cfg = self.config
         n = len(spots)
@@ -295,27 +315,34 @@ class CrowdedFitter:
         sizes = np.bincount(labels)
         order = np.argsort(labels, kind="stable")
         starts = np.concatenate([[0], np.cumsum(sizes)])
-        half = np.asarray(self.half)  # array order
         out = spots.take(np.arange(n))  # a copy to write the new estimates into
         for K in np.unique(sizes):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
-            self._fit_bucket(photons, residual, spots, members, half, read_var, out)
+            self._fit_bucket(residual, spots, members, out)
         return out, labels
 
-    def _fit_bucket(self, photons, residual, spots, members, half, read_var, out):
-        """Joint fits of all groups with the same number of members ``K``."""
-        f, cfg, nd = self.fitter, self.config, self.ndim
+    def _fit_bucket(self, residual, spots, members, out):
+        """Joint fits of all groups with the same number of members ``K``.
+
+        Each group's window spans its members plus the window half-size (an
+        isolated spot's first fit gets exactly the window and start of a
+        single-spot fit).
+        """
+        setup, cfg, nd = self.setup, self.config, self.ndim
+        read_var, saturated, valid = self._maps
         G, K = members.shape
+        half = np.asarray(self.half)  # array order
         pos = spots.xyz[members]  # (G, K, nd) x, y[, z]
         lo = np.floor(pos.min(axis=1)).astype(np.int64)[:, ::-1] - half  # array order
         hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
         shape = tuple(int(s) for s in (hi - lo).max(axis=0) + 1)
-        w = roi.cut_box(residual, lo, shape, read_var=read_var)
+        w = roi.cut_box(residual, lo, shape, read_var=read_var, valid=valid)
         model = MultiGaussian(K, nd, self.integrated)
         # data = photons minus the light of spots outside the group
         own = np.zeros((G, model.n_params))
         rel = pos - w.origin[:, None, :]
+        rel_start = spots.start[members] - w.origin[:, None, :]
         for i in range(K):
             own[:, model.emitter_index(i, "intensity")] = spots.intensity[members[:, i]]
             for j, a in enumerate(("x", "y", "z")[:nd]):
@@ -324,50 +351,54 @@ class CrowdedFitter:
         if nd == 3:
             own[:, model.index("sigma_z")] = np.median(spots.sigma[members][:, :, 1], axis=1)
         theta0 = own.copy()
-        own[:, -1] = 0.0
-        data = w.data + model.value(own, w.grid) * w.mask
-        theta0[:, -1] = np.median(spots.offset[members], axis=1)
-        lower, upper = model.bounds(w.grid)
+        own[:, model.offset_index] = 0.0
+        data = w.data + model.value(own, w.grid) * w.mask  # `own`: the light _render took out
+        theta0[:, model.offset_index] = np.median(spots.offset[members], axis=1)
+        for i in range(K):  # the fit starts where each spot's `start` says
+            for j, a in enumerate(("x", "y", "z")[:nd]):
+                theta0[:, model.emitter_index(i, a)] = rel_start[:, i, j]
+        lower, upper = window_bounds(model, setup.estimator, w)
         # A PSF is as wide as the optics make it: a width free to grow would let
         # one Gaussian swallow two close spots, so widths stay near the expected
         # sigma (WIDTH_RANGE).
         expected = {"sigma": cfg.sigma, "sigma_z": cfg.axial_sigma()}
         for name in model.width_names:
-            lower[model.index(name)] = WIDTH_RANGE[0] * expected[name]
-            upper[model.index(name)] = WIDTH_RANGE[1] * expected[name]
-        if f.estimator.name == "mle":
-            lower[-1] = 0.0
+            lower[:, model.index(name)] = WIDTH_RANGE[0] * expected[name]
+            upper[:, model.index(name)] = WIDTH_RANGE[1] * expected[name]
         theta0 = np.clip(theta0, lower, upper)
-        widths = np.isin(model.param_names, model.width_names)
-        free = ~widths if cfg.fix_sigma else np.ones(model.n_params, bool)
-        sol = solver.solve(model, f.estimator, data, w.mask, w.grid, theta0, noise=f.noise(w.read_var),
+        free = ~model.width_mask if cfg.fix_sigma else np.ones(model.n_params, bool)
+        sol = solver.solve(model, setup.estimator, data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
                            lower=lower, upper=upper, free=free, max_iter=cfg.max_iter)
-        err = sol.err
+        finite = np.all(np.isfinite(sol.theta), axis=1)
+        theta = np.where(finite[:, None], sol.theta, theta0)
+        sat = np.zeros(G, bool)
+        if saturated is not None:
+            sat = np.any(roi.cut_box(saturated, lo, shape, dtype=bool).data & w.mask, axis=1)
+        em = model.emitter_model
+        centre = list(em.center_index)
         rec = out.rec
-        inside_hi = np.array(shape[::-1], float) - 0.5
-        finite = np.all(np.isfinite(sol.theta), axis=1)  # keep old estimates where a fit failed
         for i in range(K):
             m = members[:, i]
-            ii = model.emitter_index(i, "intensity")
-            centre = np.column_stack([sol.theta[:, model.emitter_index(i, a)] for a in ("x", "y", "z")[:nd]])
-            out.intensity[m[finite]] = sol.theta[finite, ii]
-            out.xyz[m[finite]] = (centre + w.origin)[finite]
-            out.sigma[m[finite], 0] = sol.theta[finite, model.index("sigma")]
-            if nd == 3:
-                out.sigma[m[finite], 1] = sol.theta[finite, model.index("sigma_z")]
-                rec["sigma_z_err"][m] = err[:, model.index("sigma_z")]
-            out.offset[m[finite]] = sol.theta[finite, -1]
-            rec["intensity_err"][m] = err[:, ii]
-            rec["xyz_err"][m] = np.column_stack([err[:, model.emitter_index(i, a)] for a in ("x", "y", "z")[:nd]])
-            status = sol.status.copy()
-            outside = np.any((centre < -0.5) | (centre > inside_hi), axis=1) | ~w.inside(centre)
-            status[outside & (status != solver.SINGULAR)] = solver.LEFT_WINDOW
-            rec["status"][m] = status
-            rec["sigma_err"][m] = err[:, model.index("sigma")]
-            rec["offset_err"][m] = err[:, -1]
+            idx = model.emitter_params(i)
+            values, errors = results.measure(em, theta[:, idx], sol.cov[:, idx][:, :, idx], w.origin)
+            outside = ~w.inside(theta[:, idx][:, centre])
+            low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
+            rec["status"][m] = results.judge(sol.status, outside, low, sat)
+            for key, v in values.items():
+                rec[key][m] = v
+                rec[f"{key}_err"][m] = errors[key]
             rec["chi2_red"][m] = sol.chi2_red
             rec["iterations"][m] = sol.iterations
             rec["n_pixels"][m] = w.mask.sum(axis=1)
+            th = theta[finite][:, idx]  # keep old estimates where a fit failed
+            ok = m[finite]
+            out.intensity[ok] = th[:, em.intensity_index]
+            out.xyz[ok] = th[:, centre] + w.origin[finite]
+            out.start[ok] = out.xyz[ok]
+            out.sigma[ok, 0] = th[:, em.index("sigma")]
+            if nd == 3:
+                out.sigma[ok, 1] = th[:, em.index("sigma_z")]
+            out.offset[ok] = th[:, em.offset_index]
 
     # --------------------------------------------------------------- table
     def table(self, spots: _Spots, frame: int, group_offset: int):
@@ -375,31 +406,10 @@ class CrowdedFitter:
         nd = self.ndim
         n = len(spots)
         rec = spots.rec
-        values, errors = {}, {}
-        for j, a in enumerate(("x", "y", "z")[:nd]):
-            values[a], errors[a] = spots.xyz[:, j], rec["xyz_err"][:, j]
-        values["intensity"], errors["intensity"] = spots.intensity, rec["intensity_err"]
-        sigma = spots.sigma[:, 0]
-        for col in ("sigma_x", "sigma_y"):
-            values[col], errors[col] = sigma, rec["sigma_err"]
-        if nd == 3:
-            values["sigma_z"], errors["sigma_z"] = spots.sigma[:, 1], rec["sigma_z_err"]
-        else:
-            errors["angle"] = np.full(n, np.nan)
-        values["offset"], errors["offset"] = spots.offset, rec["offset_err"]
-        # amplitude = N / ((2 pi)^(d/2) sigma^2 [sigma_z]); error from N and sigma
-        norm = (2 * np.pi) ** (nd / 2) * sigma**2 * (spots.sigma[:, 1] if nd == 3 else 1.0)
-        amp = spots.intensity / norm
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.hypot(rec["intensity_err"] / spots.intensity, 2 * rec["sigma_err"] / sigma)
-            snr = spots.intensity / rec["intensity_err"]
-        values["amplitude"], errors["amplitude"] = amp, np.abs(amp) * rel
-        status = rec["status"].copy()
-        ok = status == solver.CONVERGED
-        status[ok & ~(snr >= self.config.min_snr)] = solver.LOW_SIGNAL
-        names = np.asarray(solver.STATUS_NAMES, dtype=object)[status]
-        t = table.build(np.full(n, frame, dtype=np.int64), values, errors, rec["chi2_red"],
-                        rec["iterations"], names, self.fitter.camera.unit, nd)
+        keys = table.value_columns(nd)
+        t = table.build(np.full(n, frame, dtype=np.int64), {k: rec[k] for k in keys},
+                        {k: rec[f"{k}_err"] for k in keys}, rec["chi2_red"], rec["iterations"],
+                        results.status_names(rec["status"]), self.setup.camera.unit, nd)
         sizes = np.bincount(spots.labels) if n else np.zeros(0, np.int64)
         t["group_id"] = spots.labels.astype(np.int64) + group_offset
         t["group_size"] = sizes[spots.labels].astype(np.int64)

@@ -345,7 +345,7 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
     path : str or os.PathLike
         TIFF file (plain, ImageJ, OME or BigTIFF).  Opened read-only.
         PNG, JPEG, BMP, GIF, ... and vendor files (ND2, CZI, LIF) are read
-        by :func:`spotfit.readers.read_other` with the same rules.
+        by :mod:`spotfit.readers` with the same rules.
     axes : str, optional
         Override for the stored axes (the command line's ``--axes``): one
         letter from ``TZCYXS`` per dimension of the stored series, ``Y`` and
@@ -388,7 +388,8 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
     from spotfit import readers  # PNG, JPEG, ..., ND2, CZI, LIF
 
     if readers.handles(where):
-        return readers.read_other(where, axes=axes, channel=channel)
+        array, stored, pixel_size, z_step = readers.read_stored(where, grey=axes is None and channel is None)
+        return _stored_image(array, stored, where, axes, channel, pixel_size, z_step)
     _check_file(where)
 
     with _TifffileErrors() as logged:
@@ -443,6 +444,30 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
     )
 
 
+def _stored_image(array, stored_axes, where, axes, channel, pixel_size, z_step) -> Image:
+    """An :class:`Image` of pixels read by :mod:`spotfit.readers`, with the axis rules
+    and checks of TIFF files."""
+    shape = tuple(int(n) for n in array.shape)
+    if len(shape) == 0 or 0 in shape:
+        raise SpotfitInputError(
+            f"{where}: image has no pixels (shape {shape}, axes {stored_axes})"
+        )
+    _check_dtype(array.dtype, where)
+    source_axes = (
+        stored_axes if axes is None
+        else _validate_axes_override(axes, shape, stored_axes, where, "--axes")
+    )
+    plan = _plan_axes(source_axes, shape, channel, where, overridden=axes is not None)
+    _check_size(source_axes, shape, where)
+    data, out_axes = _apply_plan(array, plan)
+    _check_finite(data, where)
+    return Image(
+        data=data, axes=out_axes, path=where, pixel_size=pixel_size,
+        z_step=z_step if out_axes == "TZYX" else None, source_axes=source_axes,
+        dtype=np.dtype(array.dtype),
+    )
+
+
 def count_channels(path, axes: str | None = None) -> int:
     """Number of channels of a TIFF file's first series (1 without a channel axis).
 
@@ -471,7 +496,11 @@ def count_channels(path, axes: str | None = None) -> int:
     from spotfit import readers
 
     if readers.handles(where):
-        return readers.count_channels(where, axes)
+        array, stored, _, _ = readers.read_stored(where, grey=axes is None)
+        shape = tuple(int(n) for n in array.shape)
+        letters = stored if axes is None else _validate_axes_override(axes, shape, stored, where, "--axes")
+        sizes = [n for a, n in zip(letters, shape) if a in "CS" and n > 1]
+        return sizes[0] if sizes else 1
     _check_file(where)
     with _TifffileErrors() as logged:
         try:

@@ -197,7 +197,7 @@ def show(image, spots=None, *, frame=None, crop=None, zoom=None, percentiles=(0.
         solid / dashed group when coloured by value), with the positions
         as offsets in data (pixel) coordinates.
     """
-    from spotfit.fitting import _as_image
+    from spotfit.api import as_image
 
     if spots is not None and options:
         raise TypeError(f"fit options ({', '.join(sorted(options))}) are used only without spots")
@@ -212,10 +212,10 @@ def show(image, spots=None, *, frame=None, crop=None, zoom=None, percentiles=(0.
         raise SpotfitInputError(f"--zoom must be a positive number, got {zoom!r}")
 
     opened = isinstance(image, (str, os.PathLike))
-    img = _as_image(image, axes=axes, channel=channel)
+    img = as_image(image, axes=axes, channel=channel)
     try:
         if spots is None:
-            from spotfit.fitting import fit
+            from spotfit.api import fit
 
             table = fit(img, config=config, camera=camera, **options)
         else:

@@ -1,11 +1,12 @@
 """Read image files other than TIFF: common 8/16-bit formats and vendor formats.
 
-:func:`spotfit.io.read_image` handles TIFF itself and hands every other file
-it recognises to :func:`read_other` here (see :func:`handles`).  Each reader
-returns the stored pixels with their axis letters, and the same axis rules,
-pixel-type and finiteness checks as for TIFF are applied (the helpers of
-:mod:`spotfit.io`), so ``--axes``, ``--channel`` and the :class:`Image` that
-comes out mean exactly what they mean for a TIFF.
+:func:`spotfit.io.read_image` handles TIFF itself and asks :func:`read_stored`
+here for every other file it recognises (see :func:`handles`).  Each reader
+returns the stored pixels with their axis letters; :mod:`spotfit.io` applies
+the same axis rules, pixel-type and finiteness checks as for TIFF, so
+``--axes``, ``--channel`` and the :class:`Image` that comes out mean exactly
+what they mean for a TIFF.  (This module imports nothing of
+:mod:`spotfit.io`.)
 
 Formats
 -------
@@ -41,8 +42,7 @@ import numpy as np
 
 from spotfit.errors import SpotfitInputError
 
-__all__ = ["IMAGEIO_SUFFIXES", "VENDOR_SUFFIXES", "SUFFIXES", "handles", "read_other",
-           "count_channels"]
+__all__ = ["IMAGEIO_SUFFIXES", "VENDOR_SUFFIXES", "SUFFIXES", "handles", "read_stored"]
 
 #: File suffixes read through imageio (lower case).
 IMAGEIO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".pgm", ".ppm", ".pnm")
@@ -98,53 +98,41 @@ def handles(where: str) -> bool:
     return any(head.startswith(magic) for magic, _ in _MAGIC)
 
 
-def read_other(where: str, axes: str | None = None, channel: int | None = None):
-    """Read a non-TIFF image file into a :class:`spotfit.io.Image`.
+def read_stored(where: str, grey: bool = True):
+    """The stored pixels of a non-TIFF image file, with their axis letters.
+
+    :func:`spotfit.io.read_image` applies spotfit's axis rules and checks to
+    them (those of TIFF files), so ``--axes``, ``--channel`` and the
+    resulting :class:`~spotfit.io.Image` mean what they mean for a TIFF.
 
     Parameters
     ----------
     where : str
         File path; :func:`handles` must be true for it.
-    axes : str, optional
-        Override of the stored axes (``--axes``), as for TIFF: one letter
-        from ``TZCYXS`` per stored dimension.  Stored axes are ``YX`` for a
-        grey image, ``YXS`` for a colour image, ``TYX``/``TYXS`` for an
-        animation; vendor files report their own (e.g. ``TZCYX``).
-    channel : int, optional
-        Channel (or colour sample) to keep, as for TIFF.
+    grey : bool
+        Read a colour file whose samples are equal in every pixel as one
+        grey channel (when the caller gives no ``axes`` or ``channel``).
 
     Returns
     -------
-    spotfit.io.Image
+    array : ndarray or lazy array
         In memory (imageio, CZI, LIF) or read frame by frame (ND2).
+    stored_axes : str
+        ``YX`` for a grey image, ``YXS`` for a colour image, ``TYX``/``TYXS``
+        for an animation; vendor files report their own (e.g. ``TZCYX``).
+    pixel_size, z_step : float or None
+        µm, when the file says.
 
     Raises
     ------
     SpotfitInputError
         Naming the file: unreadable or corrupt file, missing optional
-        reader (naming the extra to install), and every check of
-        :func:`spotfit.io.read_image`.
+        reader (naming the extra to install).
     """
     array, stored_axes, pixel_size, z_step = _read_stored(where)
-    if axes is None and channel is None:
+    if grey:
         array, stored_axes = _grey_from_colour(array, stored_axes)
-    return _to_image(array, stored_axes, where, axes, channel, pixel_size, z_step)
-
-
-def count_channels(where: str, axes: str | None = None) -> int:
-    """Number of channels (``C`` or ``S``) of a non-TIFF file; 1 without one."""
-    from spotfit.io import _validate_axes_override
-
-    array, stored_axes, _, _ = _read_stored(where)
-    shape = tuple(int(n) for n in array.shape)
-    if axes is None:
-        array, stored_axes = _grey_from_colour(array, stored_axes)
-        shape = tuple(int(n) for n in array.shape)
-        letters = stored_axes
-    else:
-        letters = _validate_axes_override(axes, shape, stored_axes, where, "--axes")
-    sizes = [n for a, n in zip(letters, shape) if a in "CS" and n > 1]
-    return sizes[0] if sizes else 1
+    return array, stored_axes, pixel_size, z_step
 
 
 # ----------------------------------------------------------------------------
@@ -168,34 +156,6 @@ def _read_stored(where: str):
     if suffix == ".lif":
         return _read_lif(where)
     return _read_imageio(where)
-
-
-def _to_image(array, stored_axes, where, axes, channel, pixel_size, z_step):
-    """Apply spotfit's axis rules and checks (those of TIFF files) to `array`."""
-    from spotfit.io import (
-        Image, _apply_plan, _check_dtype, _check_finite, _check_size, _plan_axes,
-        _validate_axes_override,
-    )
-
-    shape = tuple(int(n) for n in array.shape)
-    if len(shape) == 0 or 0 in shape:
-        raise SpotfitInputError(
-            f"{where}: image has no pixels (shape {shape}, axes {stored_axes})"
-        )
-    _check_dtype(array.dtype, where)
-    source_axes = (
-        stored_axes if axes is None
-        else _validate_axes_override(axes, shape, stored_axes, where, "--axes")
-    )
-    plan = _plan_axes(source_axes, shape, channel, where, overridden=axes is not None)
-    _check_size(source_axes, shape, where)
-    data, out_axes = _apply_plan(array, plan)
-    _check_finite(data, where)
-    return Image(
-        data=data, axes=out_axes, path=where, pixel_size=pixel_size,
-        z_step=z_step if out_axes == "TZYX" else None, source_axes=source_axes,
-        dtype=np.dtype(array.dtype),
-    )
 
 
 def _grey_from_colour(array, stored_axes: str):

@@ -1,4 +1,4 @@
-"""Fitting windows: cutting them out and converting their coordinates.
+"""Fitting windows: cutting them out, masking what a fit must not see, converting coordinates.
 
 This module is the one place where window-relative coordinates meet image
 coordinates.  A window of half-size ``h`` around the integer pixel ``c``
@@ -10,7 +10,9 @@ coordinate of its first pixel (``c - h``), so
 on every axis, also for windows that stick out of the image.  Pixels outside
 the image are masked (``mask == False``) and carry no weight in the fit, so
 spots at the border are fitted in their truncated windows without being
-shifted or dropped.
+shifted or dropped; so are pixels the caller marks invalid (the mask of a
+masked array) and, in single-spot fits, a neighbouring candidate's pixels
+(:func:`mask_neighbours`).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ class Windows:
         return ok & self.mask[np.arange(len(self)), flat]
 
 
-def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float, read_var=None) -> Windows:
+def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float, read_var=None,
+        valid=None) -> Windows:
     """Cut windows centred on integer pixels.
 
     Parameters
@@ -111,6 +114,8 @@ def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float, read_var
         Output dtype of ``data``.
     read_var : ndarray of image's shape, optional
         Per-pixel read-noise variance map, cut into ``Windows.read_var``.
+    valid : bool ndarray of image's shape, optional
+        False for pixels to leave out (masked like pixels outside the image).
 
     Returns
     -------
@@ -120,10 +125,10 @@ def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float, read_var
     centers = np.asarray(centers, dtype=np.int64).reshape(-1, ndim)
     half = np.broadcast_to(np.asarray(half_size, dtype=np.int64), (ndim,))
     shape = tuple(int(2 * h + 1) for h in half)
-    return cut_box(image, centers - half, shape, dtype=dtype, read_var=read_var)
+    return cut_box(image, centers - half, shape, dtype=dtype, read_var=read_var, valid=valid)
 
 
-def cut_box(image: np.ndarray, start: np.ndarray, shape, dtype=float, read_var=None) -> Windows:
+def cut_box(image: np.ndarray, start: np.ndarray, shape, dtype=float, read_var=None, valid=None) -> Windows:
     """Cut windows of a given shape whose first pixel is at ``start``.
 
     Parameters
@@ -134,7 +139,7 @@ def cut_box(image: np.ndarray, start: np.ndarray, shape, dtype=float, read_var=N
         outside the image (those pixels are masked).
     shape : tuple of int
         Window shape in array order.
-    dtype, read_var
+    dtype, read_var, valid
         As in :func:`cut`.
 
     Returns
@@ -145,21 +150,23 @@ def cut_box(image: np.ndarray, start: np.ndarray, shape, dtype=float, read_var=N
     start = np.asarray(start, dtype=np.int64).reshape(-1, ndim)
     shape = tuple(int(s) for s in shape)
     n = start.shape[0]
-    idx, valid = [], []
+    idx, inside = [], []
     for a in range(ndim):
         i = start[:, a : a + 1] + np.arange(shape[a])[None, :]
-        valid.append((i >= 0) & (i < image.shape[a]))
+        inside.append((i >= 0) & (i < image.shape[a]))
         idx.append(np.clip(i, 0, image.shape[a] - 1))
     if ndim == 2:
         sel = (idx[0][:, :, None], idx[1][:, None, :])
-        mask = valid[0][:, :, None] & valid[1][:, None, :]
+        mask = inside[0][:, :, None] & inside[1][:, None, :]
     else:
         sel = (idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :])
-        mask = valid[0][:, :, None, None] & valid[1][:, None, :, None] & valid[2][:, None, None, :]
+        mask = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None, :]
     size = int(np.prod(shape))
     data = np.asarray(image[sel], dtype=dtype).reshape(n, size)
     mask = mask.reshape(n, size)
-    data[~mask] = 0.0
+    if valid is not None:
+        mask &= np.asarray(valid, dtype=bool)[sel].reshape(n, size)
+    data[~mask] = 0
     origin = start[:, ::-1].copy()
     rv = None
     if read_var is not None:
@@ -187,7 +194,11 @@ def scatter_add(image: np.ndarray, windows_values: np.ndarray, origin: np.ndarra
     image.ravel()[:] += np.bincount(flat[ok], weights=windows_values[ok], minlength=image.size)
 
 
-def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float) -> int:
+#: window pixels of neighbour pairs examined at a time by :func:`mask_neighbours`
+_PAIR_PIXELS = 1 << 20
+
+
+def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others=None) -> int:
     """Mask, in each window, the pixels that belong to a neighbouring candidate.
 
     A pixel of window ``i`` is masked when it lies within ``radius`` of
@@ -203,6 +214,11 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float) -> int
         Candidate pixels in array order, as passed to :func:`cut`.
     radius : float
         Reach of a neighbour's light, px (isotropic, also along z).
+    others : (m, ndim) int ndarray, optional
+        All candidates of the image, in array order (default ``centers``):
+        the neighbours looked for, when ``windows`` are only some of them
+        (an image fitted in chunks).  A candidate at a window's own centre
+        masks nothing.
 
     Returns
     -------
@@ -212,23 +228,30 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float) -> int
     from scipy.spatial import cKDTree
 
     n = len(windows)
-    if n < 2:
+    if n == 0:
         return 0
     xyz = np.asarray(centers, float)[:, ::-1]  # x, y[, z]
-    reach = radius + np.max(windows.grid.shape) / 2.0
-    pairs = cKDTree(xyz).query_pairs(reach, output_type="ndarray")
-    if len(pairs) == 0:
+    other_xyz = xyz if others is None else np.asarray(others, float)[:, ::-1]
+    if len(other_xyz) < 2:
         return 0
-    own = np.concatenate([pairs[:, 0], pairs[:, 1]])
-    other = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    reach = radius + np.max(windows.grid.shape) / 2.0
+    pairs = cKDTree(xyz).sparse_distance_matrix(cKDTree(other_xyz), reach, output_type="ndarray")
+    own, other = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
+    keep = np.any(xyz[own] != other_xyz[other], axis=1)  # a window's own centre masks nothing
+    own, other = own[keep], other[keep]
+    if len(own) == 0:
+        return 0
     pix = np.column_stack(windows.grid.flat())  # (P, ndim) window-relative x, y[, z]
-    rel_other = xyz[other] - windows.origin[own]  # (m, ndim)
-    rel_own = xyz[own] - windows.origin[own]
-    d_other = np.sum((pix[None, :, :] - rel_other[:, None, :]) ** 2, axis=2)
-    d_own = np.sum((pix[None, :, :] - rel_own[:, None, :]) ** 2, axis=2)
-    near = (d_other < radius * radius) & (d_other < d_own)
     counts = np.zeros(windows.mask.shape, dtype=np.int32)
-    np.add.at(counts, own, near.astype(np.int32))
+    step = max(1, _PAIR_PIXELS // len(pix))  # pairs at a time: bounded (m, P) temporaries
+    for start in range(0, len(own), step):
+        o, j = own[start:start + step], other[start:start + step]
+        rel_other = other_xyz[j] - windows.origin[o]  # (m, ndim)
+        rel_own = xyz[o] - windows.origin[o]
+        d_other = np.sum((pix[None, :, :] - rel_other[:, None, :]) ** 2, axis=2)
+        d_own = np.sum((pix[None, :, :] - rel_own[:, None, :]) ** 2, axis=2)
+        near = (d_other < radius * radius) & (d_other < d_own)
+        np.add.at(counts, o, near.astype(np.int32))
     masked = windows.mask & (counts > 0)
     windows.mask &= counts == 0
     windows.data[masked] = 0.0

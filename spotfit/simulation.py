@@ -384,7 +384,8 @@ def simulate(
     positions : (n, 2) or (n, 3) array_like or DataFrame, optional
         Explicit centres ``x, y[, z]`` (pixels), used in every frame.  A
         DataFrame needs columns ``x``, ``y`` and may have ``z``, ``frame``
-        (then each frame gets its own rows) and ``photons``.  Missing ``z``
+        (then each frame gets its own rows) and ``intensity`` (photons per
+        spot, instead of ``photons``).  Missing ``z``
         is drawn uniformly; `min_separation` and `border` are not applied.
     seed : None, int or numpy.random.Generator
         Seed of the local random generator (``np.random.default_rng(seed)``);
@@ -403,10 +404,11 @@ def simulate(
         Shape `shape`, in ADU.
     truth : pandas.DataFrame
         One row per spot, sorted by frame: ``frame`` (int), ``x``, ``y``
-        (px), ``z`` (planes, z-stacks only), ``photons`` (integrated
+        (px), ``z`` (planes, z-stacks only), ``intensity`` (integrated
         photoelectrons), ``sigma_x``, ``sigma_y`` (px), ``sigma_z``
-        (planes, z-stacks only), ``angle`` (rad), ``background``
-        (photons/px).
+        (planes, z-stacks only), ``angle`` (rad), ``offset`` (background,
+        photons/px): the names of the fit table's columns for the same
+        quantities (:data:`spotfit.table.SCHEMA`).
 
     Notes
     -----
@@ -423,51 +425,51 @@ def simulate(
     frame_ndim = 3 if z_stack else 2
     if len(shape) not in (frame_ndim, frame_ndim + 1) or min(shape, default=0) < 1:
         want = "(nz, ny, nx) or (T, nz, ny, nx)" if z_stack else "(ny, nx) or (T, ny, nx)"
-        raise SpotfitInputError(f"--shape must be {want} with positive sizes, got {shape}")
+        raise SpotfitInputError(f"shape must be {want} with positive sizes, got {shape}", parameter="shape")
     n_frames = shape[0] if len(shape) == frame_ndim + 1 else 1
     frame_shape = shape[-frame_ndim:]
     ny, nx = frame_shape[-2:]
 
     # ---- options
     if positions is not None and n_spots is not None:
-        raise SpotfitInputError("give either --n-spots or positions, not both")
+        raise SpotfitInputError("give either n_spots or positions, not both", parameter="n_spots")
     if n_spots is None:
         n_spots = 50
     if not _is_count(n_spots):
-        raise SpotfitInputError(f"--n-spots must be a non-negative integer, got {n_spots!r}")
+        raise SpotfitInputError(f"n_spots must be a non-negative integer, got {n_spots!r}", parameter="n_spots")
     n_spots = int(n_spots)
     lo, hi = _photon_range(photons)
-    background = _number(background, "--background", "photons per pixel", positive=False)
-    sigma = _number(sigma, "--sigma", "pixels")
-    sx = sigma if sigma_x is None else _number(sigma_x, "--sigma-x", "pixels")
-    sy = sigma if sigma_y is None else _number(sigma_y, "--sigma-y", "pixels")
+    background = _number(background, "background", "photons per pixel", positive=False)
+    sigma = _number(sigma, "sigma", "pixels")
+    sx = sigma if sigma_x is None else _number(sigma_x, "sigma_x", "pixels")
+    sy = sigma if sigma_y is None else _number(sigma_y, "sigma_y", "pixels")
     if z_stack:
         if sigma_z is None:
-            raise SpotfitInputError("--sigma-z (axial sigma, planes) is required for a z-stack")
-        sigma_z = _number(sigma_z, "--sigma-z", "planes")
+            raise SpotfitInputError("sigma_z (axial sigma, planes) is required for a z-stack", parameter="sigma_z")
+        sigma_z = _number(sigma_z, "sigma_z", "planes")
     elif sigma_z is not None:
-        raise SpotfitInputError("--sigma-z needs z_stack=True")
+        raise SpotfitInputError("sigma_z needs z_stack=True", parameter="sigma_z")
     if isinstance(angle, str):
         if angle != "random":
             raise SpotfitInputError(
-                f"--angle must be a number (radians) or 'random', got {angle!r}"
+                f"angle must be a number (radians) or 'random', got {angle!r}", parameter="angle"
             )
     else:
-        angle = 0.0 if angle is None else _number(angle, "--angle", "radians", minimum=None)
-    border = _number(border, "--border", "pixels", positive=False)
+        angle = 0.0 if angle is None else _number(angle, "angle", "radians", minimum=None)
+    border = _number(border, "border", "pixels", positive=False)
     if 2 * border > min(nx, ny) - 1:
         raise SpotfitInputError(
-            f"--border {border:g} px leaves no room for spots in a {ny} x {nx} image"
+            f"border {border:g} px leaves no room for spots in a {ny} x {nx} image", parameter="border"
         )
     if min_separation is not None:
-        min_separation = _number(min_separation, "--min-separation", "pixels", positive=False)
+        min_separation = _number(min_separation, "min_separation", "pixels", positive=False)
     camera = DEFAULT_CAMERA if camera is None else camera
     if not isinstance(camera, Camera):
-        raise SpotfitInputError("camera must be a spotfit.Camera")
+        raise SpotfitInputError("camera must be a spotfit.Camera", parameter="camera")
     camera.check_shape(frame_shape, "simulated")
     dtype = np.dtype(dtype)
     if dtype.kind not in "uif":
-        raise SpotfitInputError(f"--dtype must be an integer or float type, got {dtype}")
+        raise SpotfitInputError(f"dtype must be an integer or float type, got {dtype}", parameter="dtype")
     pos_frames = _positions_by_frame(positions, n_frames, z_stack)
 
     # ---- frames
@@ -486,7 +488,7 @@ def simulate(
             zs = rows.get("z")
             if z_stack and zs is None:
                 zs = rng.uniform(0, frame_shape[0] - 1, len(xs))
-            ph = rows.get("photons")
+            ph = rows.get("intensity")
             if ph is None:
                 ph = _draw_photons(rng, lo, hi, len(xs))
         n = len(xs)
@@ -507,10 +509,10 @@ def simulate(
         cols = {"frame": np.full(n, t, dtype=np.int64), "x": xs, "y": ys}
         if z_stack:
             cols["z"] = zs
-        cols.update(photons=ph, sigma_x=np.full(n, float(sx)), sigma_y=np.full(n, float(sy)))
+        cols.update(intensity=ph, sigma_x=np.full(n, float(sx)), sigma_y=np.full(n, float(sy)))
         if z_stack:
             cols["sigma_z"] = np.full(n, float(sigma_z))
-        cols.update(angle=ang, background=np.full(n, float(background)))
+        cols.update(angle=ang, offset=np.full(n, float(background)))
         tables.append(pd.DataFrame({k: np.asarray(v) for k, v in cols.items()}))
     truth = pd.concat(tables, ignore_index=True)
     truth["frame"] = truth["frame"].astype(np.int64)
@@ -519,17 +521,17 @@ def simulate(
     return image, truth
 
 
-def _number(value, option, unit, positive=True, minimum=0.0) -> float:
-    """`value` as a finite float (> minimum if positive, else >= minimum)."""
+def _number(value, name, unit, positive=True, minimum=0.0) -> float:
+    """`value` of parameter `name` as a finite float (> minimum if positive, else >= minimum)."""
     try:
         out = float(value)
     except (TypeError, ValueError):
         out = float("nan")
     if np.ndim(value) != 0 or not np.isfinite(out):
-        raise SpotfitInputError(f"{option} must be a finite number ({unit}), got {value!r}")
+        raise SpotfitInputError(f"{name} must be a finite number ({unit}), got {value!r}", parameter=name)
     if minimum is not None and (out <= minimum if positive else out < minimum):
         op = ">" if positive else ">="
-        raise SpotfitInputError(f"{option} must be {op} {minimum:g} {unit}, got {value!r}")
+        raise SpotfitInputError(f"{name} must be {op} {minimum:g} {unit}, got {value!r}", parameter=name)
     return out
 
 
@@ -547,15 +549,15 @@ def _photon_range(photons):
         lo, hi = photons
     else:
         raise SpotfitInputError(
-            f"--photons must be a number or a (low, high) pair, got {photons!r}"
+            f"photons must be a number or a (low, high) pair, got {photons!r}", parameter="photons"
         )
     try:
         lo, hi = float(lo), float(hi)
     except (TypeError, ValueError):
-        raise SpotfitInputError(f"--photons must be numeric, got {photons!r}") from None
+        raise SpotfitInputError(f"photons must be numeric, got {photons!r}", parameter="photons") from None
     if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0 or hi < lo:
         raise SpotfitInputError(
-            f"--photons must be >= 0 (and low <= high for a range), got {photons!r}"
+            f"photons must be >= 0 (and low <= high for a range), got {photons!r}", parameter="photons"
         )
     return lo, hi
 
@@ -579,14 +581,14 @@ def _place(rng, n, nx, ny, border, min_separation):
 
     d = float(min_separation)
     fail = (
-        f"could not place {n} spots with min_separation {d:g} px in a {ny} x {nx} image "
-        f"(border {border:g} px); lower --n-spots or --min-separation"
+        f"n_spots {n} cannot be placed with min_separation {d:g} px in a {ny} x {nx} image "
+        f"(border {border:g} px); lower `n_spots` or `min_separation`"
     )
     # Disks of diameter d centred in the box cannot overlap: their area is
     # bounded by the box grown by d/2, at the densest (hexagonal) packing.
     max_hex = (x_hi - x_lo + d) * (y_hi - y_lo + d) / (d * d * math.sqrt(3) / 2)
     if n > max_hex:
-        raise SpotfitInputError(fail)
+        raise SpotfitInputError(fail, parameter="n_spots")
 
     accepted = np.empty((0, 2))
     stalled = 0
@@ -604,20 +606,24 @@ def _place(rng, n, nx, ny, border, min_separation):
         new = cand[keep][:need]
         stalled = stalled + 1 if len(new) == 0 else 0
         if stalled >= 50:
-            raise SpotfitInputError(fail)
+            raise SpotfitInputError(fail, parameter="n_spots")
         accepted = np.vstack([accepted, new])
     return accepted
 
 
 def _positions_by_frame(positions, n_frames, z_stack):
-    """Per-frame dicts of arrays ``x, y[, z][, photons]`` or None."""
+    """Per-frame dicts of arrays ``x, y[, z][, intensity]`` or None."""
     if positions is None:
         return None
     if isinstance(positions, pd.DataFrame):
         missing = {"x", "y"} - set(positions.columns)
         if missing:
             raise SpotfitInputError(f"positions table lacks column(s) {sorted(missing)}")
-        cols = [c for c in ("x", "y", "z", "photons") if c in positions.columns]
+        if "photons" in positions.columns and "intensity" not in positions.columns:
+            raise SpotfitInputError(
+                "positions has a photons column: name it intensity (photons per spot), as in the "
+                "fit and truth tables", parameter="positions")
+        cols = [c for c in ("x", "y", "z", "intensity") if c in positions.columns]
         if "z" in cols and not z_stack:
             raise SpotfitInputError("positions has a z column but z_stack is False")
         frames = []
@@ -648,8 +654,8 @@ def _positions_by_frame(positions, n_frames, z_stack):
         for c, v in rows.items():
             if not np.all(np.isfinite(v)):
                 raise SpotfitInputError(f"positions column {c} must be finite")
-        if "photons" in rows and np.any(rows["photons"] < 0):
-            raise SpotfitInputError("positions photons must be >= 0")
+        if "intensity" in rows and np.any(rows["intensity"] < 0):
+            raise SpotfitInputError("positions intensity must be >= 0 (photons)", parameter="positions")
     return checked
 
 

@@ -1,11 +1,13 @@
 """Batched Levenberg-Marquardt: every window of an image in one vectorised solve.
 
 The solver knows nothing about Gaussians or noise: it takes a model
-(:mod:`spotfit.models`) and an estimator (:mod:`spotfit.estimators`), runs
-the compiled kernel :func:`spotfit._kernels.levenberg_marquardt` over all windows
-in one call (each window stops when it converges), then computes every
-window's covariance.  No fit ever raises: each gets a status code
-(:data:`STATUS_NAMES`).
+(:mod:`spotfit.models`) and an estimator (:mod:`spotfit.estimators`) and
+asks them only what they declare (the model's kernel and roles, the
+estimator's cost and properties).  It runs the compiled kernel
+:func:`spotfit._kernels.levenberg_marquardt` over all windows in one call
+(each window stops when it converges), then computes every window's
+covariance.  No fit ever raises: each gets a status code
+(:mod:`spotfit._kernels`; their names are :data:`spotfit.results.STATUS_NAMES`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spotfit._kernels import (
+    CAMERA_VARIANCE, CONVERGED, LOW_SIGNAL, MEASURE_VARIANCE, MEASURED_VARIANCE, SINGULAR, VAR_FLOOR,
+    Box, CovarianceOut, FitState, NoiseModel,
+)
 from spotfit.estimators import Estimator, Noise
 from spotfit.models import Grid, Model
 
-#: fit status codes and their names in output tables
-CONVERGED, MAX_ITERATIONS, SINGULAR, LEFT_WINDOW, LOW_SIGNAL = range(5)
-STATUS_NAMES = ("converged", "max_iterations", "singular", "left_window", "low_signal")
+#: MLE fits are bias-corrected when their intensity's signal-to-noise ratio
+#: ``N / err_N`` is below this.  The relative bias of N falls as
+#: ``c / SNR^2`` with c = 0.4-1.3 (symmetric to rotated model, sigma 1-2 px):
+#: above 20 it is < 0.35% of N and < 7% of err_N, too small to pay for the
+#: correction (up to 5 extra model evaluations per fit: +70% MLE fit time).
+BIAS_SNR = 20.0
+#: windows (per group, e.g. per frame) used to measure the noise model of an
+#: uncalibrated camera, evenly spread over the group's windows
+REGRESSION_WINDOWS = 2000
 
 
 @dataclass
@@ -41,10 +53,14 @@ class Solution:
         noise model is known, else ``cost / dof``.
     iterations : (n,) int ndarray
     status : (n,) int ndarray
-        One of the codes in :data:`STATUS_NAMES`.
+        A status code of :mod:`spotfit._kernels` (names: :data:`spotfit.results.STATUS_NAMES`).
     bias : (n, k) ndarray
-        First-order bias already subtracted from ``theta`` (Poisson MLE with
-        ``bias_correct``; zeros otherwise), see :func:`covariance`.
+        First-order bias already subtracted from ``theta`` (estimators with
+        ``bias_correctable`` and ``bias_correct``; zeros otherwise), see
+        :func:`covariance`.
+    variance : (n, 3) ndarray
+        Uncalibrated noise model ``(alpha, beta, floor)`` each window's
+        covariance used (:func:`covariance`); NaN with a calibrated camera.
     """
 
     theta: np.ndarray
@@ -54,6 +70,7 @@ class Solution:
     iterations: np.ndarray
     status: np.ndarray
     bias: np.ndarray
+    variance: np.ndarray
 
     @property
     def err(self) -> np.ndarray:
@@ -77,6 +94,8 @@ def solve(
     hold_first: np.ndarray | None = None,
     hold_rows: np.ndarray | None = None,
     bias_correct: bool = True,
+    groups: np.ndarray | None = None,
+    variance: np.ndarray | None = None,
 ) -> Solution:
     """Fit ``model`` to every window at once.
 
@@ -87,7 +106,7 @@ def solve(
     data : (n, P) ndarray
         Window pixels, flattened in C order (x fastest), in photons or ADU.
     mask : (n, P) bool ndarray
-        False for pixels outside the image (border-truncated windows).
+        False for pixels left out (outside the image, a neighbour's).
     grid : Grid
         Window shape shared by all windows.
     theta0 : (n, k) ndarray
@@ -102,7 +121,7 @@ def solve(
         Iteration limit per fit.
     tol : float
         Converged when an accepted step lowers the cost by less than ``tol``
-        in chi-square units (the cost of unweighted least squares is first
+        in chi-square units (an estimator with ``normalised_cost`` is first
         divided by its residual variance ``cost / dof``).  A change of 1e-3
         in chi-square moves parameters by about 3% of their standard error.
     hold_first : (k,) bool ndarray, optional
@@ -114,16 +133,23 @@ def solve(
         Windows that get that first pass (default: all).  Bright spots do
         not need it.
     bias_correct : bool
-        For the Poisson MLE, subtract each fit's first-order bias (Cox &
-        Snell, 1968; see :func:`covariance`) from ``theta``, clipped into the
-        bounds.  At low signal the MLE of intensity and width is biased high
-        by a few percent (e.g. +3% at 500 photons over 100 photons/px); the
-        correction removes that to O(1/N^2) and leaves the variance unchanged
-        to first order.  Fits with an intensity signal-to-noise ratio of
-        :data:`BIAS_SNR` or more, where it is negligible, are not corrected.
-        A fit whose correction exceeds the standard error of any of its
-        parameters is left uncorrected and gets status ``low_signal``.
-        Other estimators are not corrected.
+        For an estimator with ``bias_correctable`` (the Poisson MLE),
+        subtract each fit's first-order bias (Cox & Snell, 1968; see
+        :func:`covariance`) from ``theta``, clipped into the bounds.  At low
+        signal the MLE of intensity and width is biased high by a few percent
+        (e.g. +3% at 500 photons over 100 photons/px); the correction removes
+        that to O(1/N^2) and leaves the variance unchanged to first order.
+        Fits with an intensity signal-to-noise ratio of :data:`BIAS_SNR` or
+        more, where it is negligible, are not corrected.  A fit whose
+        correction exceeds the standard error of any of its parameters is
+        left uncorrected and gets status ``low_signal``.
+    groups : (n,) int ndarray, optional
+        Without a calibrated camera: windows sharing a noise model (e.g. one
+        label per frame); default all one group.  See :func:`covariance`.
+    variance : (n, 3) ndarray, optional
+        Without a calibrated camera: the noise model ``(alpha, beta,
+        floor)`` of each window, measured beforehand (by an earlier
+        :func:`solve`'s ``Solution.variance``), instead of measuring it here.
 
     Returns
     -------
@@ -141,35 +167,29 @@ def solve(
     upper = np.ascontiguousarray(np.broadcast_to(upper, (n, k)), dtype=float)
     data = np.ascontiguousarray(data, dtype=float)
 
-    d_k, w_k, shift, scale = estimator.prepare(data, mask, noise)
-    theta = np.array(theta0, dtype=float, order="C", copy=True)
-    iterations = np.zeros(n, dtype=np.int32)
-    status = np.zeros(n, dtype=np.int8)
-    cost = np.zeros(n)
+    cost = estimator.cost(data, mask, noise)
+    km = model.kernel(grid)
+    state = FitState(np.array(theta0, dtype=float, order="C", copy=True), np.zeros(n, dtype=np.int32),
+                     np.zeros(n, dtype=np.int8), np.zeros(n))
     if n:
-        nz, ny, nx = grid.zyx
-        args = (model.family, model.kernel_integ, estimator.kernel_id)
         chunks = 8 * numba.get_num_threads()  # a few chunks of windows per thread
         if hold_first is not None:  # a short, coarse first pass is enough to find the spot
             rows = np.arange(n) if hold_rows is None else np.flatnonzero(hold_rows)
             if len(rows):
-                sub_theta, sub_iter = theta[rows], np.zeros(len(rows), dtype=np.int32)
-                sub_status, sub_cost = np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows))
-                levenberg_marquardt(*args, d_k[rows], w_k[rows], shift[rows], float(scale),
-                                    estimator.name == "lsq", nz, ny, nx, sub_theta, lower[rows],
-                                    upper[rows], free & ~np.asarray(hold_first, bool),
-                                    int(min(max_iter, 3)), float(10 * tol), sub_iter, sub_status,
-                                    sub_cost, chunks)
-                theta[rows] = sub_theta
-                iterations[rows] = sub_iter
-        done = iterations.copy()
-        levenberg_marquardt(*args, d_k, w_k, shift, float(scale), estimator.name == "lsq", nz, ny, nx,
-                            theta, lower, upper, free, int(max_iter), float(tol), iterations, status,
-                            cost, chunks)
-        iterations += done
-    want_bias = bias_correct and estimator.name == "mle"
-    cov, chi2_red, bias = covariance(model, estimator, (d_k, w_k, shift, scale), data, theta, grid,
-                                     noise, free, want_bias)
+                first = FitState(state.theta[rows], np.zeros(len(rows), dtype=np.int32),
+                                 np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows)))
+                levenberg_marquardt(km, _rows(cost, rows), Box(lower[rows], upper[rows],
+                                                              free & ~np.asarray(hold_first, bool)),
+                                    first, int(min(max_iter, 3)), float(10 * tol), chunks)
+                state.theta[rows] = first.theta
+                state.iterations[rows] = first.iterations
+        done = state.iterations.copy()
+        levenberg_marquardt(km, cost, Box(lower, upper, free), state, int(max_iter), float(tol), chunks)
+        state.iterations[:] += done
+    theta, status = state.theta, state.status
+    want_bias = bias_correct and estimator.bias_correctable
+    cov, chi2_red, bias, used = covariance(model, cost, data, theta, grid, noise, free, want_bias,
+                                           groups=groups, variance=variance)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
     status[singular & (status == CONVERGED)] = SINGULAR
     if want_bias:
@@ -185,10 +205,15 @@ def solve(
         corrected = np.clip(theta - bias, lower, upper)
         bias = theta - corrected
         theta = corrected
-    return Solution(theta, cov, cost, chi2_red, iterations, status, bias)
+    return Solution(theta, cov, state.cost, chi2_red, state.iterations, status, bias, used)
 
 
-def covariance(model, estimator, prepared, data, theta, grid, noise, free, bias=False):
+def _rows(cost, rows):
+    """The cost of windows ``rows`` only."""
+    return cost._replace(data=cost.data[rows], weight=cost.weight[rows], shift=cost.shift[rows])
+
+
+def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=None, variance=None):
     """Covariance of the estimates under the noise model, reduced chi2, MLE bias.
 
     With a calibrated camera this is the sandwich covariance
@@ -198,10 +223,13 @@ def covariance(model, estimator, prepared, data, theta, grid, noise, free, bias=
     information, i.e. the Cramer-Rao lower bound evaluated at the fit.
     Without a calibrated camera the variance is modelled as a camera's,
     ``V = alpha + beta * mu`` (read noise plus shot noise at an unknown gain
-    and baseline), with ``alpha, beta`` fitted to the squared residuals of
-    all windows of the batch, each corrected for its leverage (a
-    photon-transfer curve from the data itself); the covariance then follows
-    as above, and the reduced chi-square is measured against that model.
+    and baseline), with ``alpha, beta`` fitted per group of windows
+    (``groups``, e.g. per frame) to the squared residuals of up to
+    :data:`REGRESSION_WINDOWS` windows of the group, evenly spread over it,
+    each corrected for its leverage (a photon-transfer curve from the data
+    itself); the covariance then follows as above, and the reduced
+    chi-square is measured against that model.  A group's model depends on
+    that group's windows only, not on what else is in the batch.
 
     With ``bias`` (Poisson MLE only) the first-order bias of each fit is
     returned too: ``b = -1/2 C sum_p J_p tr(C H_p) / var_p`` (Cox & Snell,
@@ -210,74 +238,127 @@ def covariance(model, estimator, prepared, data, theta, grid, noise, free, bias=
     estimators and for fits whose intensity has a signal-to-noise ratio of
     :data:`BIAS_SNR` or more.
 
+    Parameters
+    ----------
+    model : Model
+    cost : spotfit._kernels.Cost
+        From :meth:`Estimator.cost`.
+    data : (n, P) ndarray
+        Window pixels.
+    theta : (n, k) ndarray
+    grid : Grid
+    noise : Noise
+    free : (k,) bool ndarray
+    bias : bool
+    groups : (n,) int ndarray, optional
+    variance : (n, 3) ndarray, optional
+        Uncalibrated: ``(alpha, beta, floor)`` per window, instead of
+        measuring them.
+
     Returns
     -------
     cov : (n, k, k) ndarray
     chi2_red : (n,) ndarray
     bias : (n, k) ndarray
+    variance : (n, 3) ndarray
+        The uncalibrated noise model used per window (NaN if calibrated).
     """
     from spotfit._kernels import covariance as kernel
 
     n, k = theta.shape
-    cov = np.zeros((n, k, k))
-    chi2 = np.zeros(n)
-    out_bias = np.zeros((n, k))
+    out = CovarianceOut(np.zeros((n, k, k)), np.zeros(n), np.zeros((n, 5)),
+                        np.zeros((n, k)) if bias else np.zeros((0, k)))
+    used = np.full((n, 3), np.nan)
     if n == 0:
-        return cov, chi2, out_bias
-    no_bias = np.zeros((0, k))
-    d_k, w_k, shift, scale = prepared
-    nz, ny, nx = grid.zyx
-    read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
-    sums = np.zeros((n, 5))
-    args = (model.family, model.kernel_integ, estimator.kernel_id, d_k, w_k, shift, float(scale), data,
-            nz, ny, nx, theta, free)
+        return out.cov, out.chi2, np.zeros((n, k)), used
+    km = model.kernel(grid)
+    data = np.ascontiguousarray(data, dtype=float)
+    free = np.asarray(free, bool)
     if noise.calibrated:
-        kernel(*args, 0, float(noise.excess), read_var, 0.0, 0.0, 0.0, cov, chi2, sums,
-               out_bias if bias else no_bias, BIAS_SNR)
+        read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
+        none = np.zeros(0)
+        kernel(km, cost, data, theta, free,
+               NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out, BIAS_SNR)
     else:
-        # The camera's (alpha, beta) are global: REGRESSION_WINDOWS evenly
-        # spread windows measure them as well as all of them would.
-        sub = np.unique(np.linspace(0, n - 1, min(n, REGRESSION_WINDOWS)).astype(np.int64))
-        sub_sums = np.zeros((len(sub), 5))
-        kernel(model.family, model.kernel_integ, estimator.kernel_id, d_k[sub], w_k[sub], shift[sub],
-               float(scale), data[sub], nz, ny, nx, theta[sub], free, 1, 1.0, read_var[sub],
-               0.0, 0.0, 0.0, np.zeros((len(sub), k, k)), np.zeros(len(sub)), sub_sums, no_bias, 0.0)
-        alpha, beta, v_floor = _variance_model(sub_sums.sum(axis=0))
-        kernel(*args, 2, 1.0, read_var, alpha, beta, v_floor, cov, chi2, sums, no_bias, 0.0)
-    return cov, chi2, out_bias
+        if variance is None:
+            variance = _measure_variance(km, cost, data, theta, free, groups)
+        used = np.ascontiguousarray(variance, dtype=float)
+        kernel(km, cost, data, theta, free,
+               NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(), used[:, 1].copy(),
+                          used[:, 2].copy()), out, 0.0)
+    return out.cov, out.chi2, out.bias if bias else np.zeros((n, k)), used
 
 
-_VAR_FLOOR = 1e-6
-#: MLE fits are bias-corrected when their intensity's signal-to-noise ratio
-#: ``N / err_N`` is below this.  The relative bias of N falls as
-#: ``c / SNR^2`` with c = 0.4-1.3 (symmetric to rotated model, sigma 1-2 px):
-#: above 20 it is < 0.35% of N and < 7% of err_N, too small to pay for the
-#: correction (up to 5 extra model evaluations per fit: +70% MLE fit time).
-BIAS_SNR = 20.0
-#: windows used to fit the noise model of an uncalibrated camera
-REGRESSION_WINDOWS = 2000
+def regression_rows(groups) -> np.ndarray:
+    """The windows that measure each group's noise model (sorted indices).
 
-
-def _variance_model(sums):
-    """Least-squares line ``r2 ~ alpha + beta * mu`` from summed statistics.
-
-    ``sums`` = (count, sum mu, sum r2, sum mu^2, sum mu r2) over all valid
-    pixels; ``alpha`` may be negative (an unknown camera baseline).  Falls
-    back to a constant variance if the slope is not positive.  Returns
-    ``(alpha, beta, floor)`` with ``floor`` = 5% of the mean squared residual,
-    the lowest variance the model may give a pixel.
+    Up to :data:`REGRESSION_WINDOWS` per group, evenly spread over the
+    group's windows (in their order): the noise model of a group's camera
+    is global, and this many windows measure it as well as all would.
     """
-    count, s_m, s_r, s_mm, s_mr = sums
-    if count < 3:
-        rm = max(s_r / max(count, 1.0), _VAR_FLOOR)
-        return rm, 0.0, rm
-    mm, rm = s_m / count, s_r / count
-    var_m = s_mm / count - mm * mm
-    beta = (s_mr / count - mm * rm) / var_m if var_m > 0 else 0.0
-    floor = max(0.05 * rm, _VAR_FLOOR)
-    if not np.isfinite(beta) or beta <= 0:
-        return max(rm, _VAR_FLOOR), 0.0, floor
-    return rm - beta * mm, beta, floor
+    groups = np.asarray(groups)
+    labels, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    if counts.max() <= REGRESSION_WINDOWS:
+        return np.arange(len(groups))
+    order = np.argsort(inverse, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rows = []
+    for g, c in enumerate(counts):
+        pick = np.unique(np.linspace(0, c - 1, min(c, REGRESSION_WINDOWS)).astype(np.int64))
+        rows.append(order[starts[g] + pick])
+    return np.sort(np.concatenate(rows))
+
+
+def _measure_variance(km, cost, data, theta, free, groups):
+    """Per-window ``(alpha, beta, floor)`` of its group's measured noise model."""
+    from spotfit._kernels import covariance as kernel
+
+    n, k = theta.shape
+    groups = np.zeros(n, np.int64) if groups is None else np.asarray(groups)
+    labels, inverse = np.unique(groups, return_inverse=True)
+    sub = regression_rows(groups)
+    sums = np.zeros((len(sub), 5))
+    none = np.zeros(0)
+    kernel(km, _rows(cost, sub), data[sub], theta[sub], free,
+           NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
+           CovarianceOut(np.zeros((len(sub), k, k)), np.zeros(len(sub)), sums, np.zeros((0, k))), 0.0)
+    per_group = np.zeros((len(labels), 5))
+    np.add.at(per_group, inverse[sub], sums)
+    return variance_model(per_group)[inverse]
+
+
+def variance_model(sums):
+    """Least-squares lines ``r2 ~ alpha + beta * mu`` from summed statistics.
+
+    Parameters
+    ----------
+    sums : (g, 5) ndarray
+        Per group: (count, sum mu, sum r2, sum mu^2, sum mu r2) over all
+        valid pixels of its regression windows.
+
+    Returns
+    -------
+    (g, 3) ndarray
+        ``(alpha, beta, floor)`` per group; ``alpha`` may be negative (an
+        unknown camera baseline); ``floor`` = 5% of the mean squared
+        residual is the lowest variance the model may give a pixel.  A group
+        whose slope is not positive (or with fewer than 3 pixels) gets a
+        constant variance.
+    """
+    sums = np.atleast_2d(np.asarray(sums, dtype=float))
+    count, s_m, s_r, s_mm, s_mr = sums.T
+    out = np.empty((len(sums), 3))
+    few = count < 3
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mm, rm = s_m / count, s_r / count
+        var_m = s_mm / count - mm * mm
+        beta = np.where(var_m > 0, (s_mr / count - mm * rm) / var_m, 0.0)
+    rm_few = np.maximum(s_r / np.maximum(count, 1.0), VAR_FLOOR)
+    flat = ~np.isfinite(beta) | (beta <= 0)
+    out[:, 0] = np.where(few, rm_few, np.where(flat, np.maximum(rm, VAR_FLOOR), rm - beta * mm))
+    out[:, 1] = np.where(few | flat, 0.0, beta)
+    out[:, 2] = np.where(few, rm_few, np.maximum(0.05 * rm, VAR_FLOOR))
+    return out
 
 
 def _inverse(A):
@@ -316,7 +397,7 @@ def crlb(model: Model, theta: np.ndarray, grid: Grid, noise: Noise, mask=None) -
         the units of each parameter (px for positions).
     """
     mu, jac = model.evaluate(np.asarray(theta, float), grid)
-    inv_var = 1.0 / np.maximum(noise.variance(mu), _VAR_FLOOR)
+    inv_var = 1.0 / np.maximum(noise.variance(mu), VAR_FLOOR)
     if mask is not None:
         inv_var = inv_var * mask
     fisher = np.matmul(jac * inv_var[:, None, :], jac.transpose(0, 2, 1))

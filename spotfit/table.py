@@ -1,104 +1,137 @@
-"""Result tables: column schema, assembly from fits, and atomic CSV writing.
+"""Result tables: the one column schema, assembly of fit tables, physical units, atomic CSV writing.
 
-One row per spot.  Column meanings and units are listed in
-:data:`COLUMNS` (and in the README); pixel coordinates follow the
-convention stated in :mod:`spotfit`.
+:data:`SCHEMA` lists every column spotfit writes -- fit, detection and
+ground-truth tables -- with its dtype, unit and meaning (the README's column
+table says the same); :func:`columns` gives the order of a fit table,
+:func:`empty` and :func:`build` make tables in that order and with those
+dtypes.  Truth tables (:func:`spotfit.simulation.simulate`) use the fit
+tables' names for the same quantities (``intensity``, ``offset``, ...).
+Pixel coordinates follow the convention stated in :mod:`spotfit`.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
-#: column -> (unit, meaning).  "signal" is photons with a calibrated camera,
-#: ADU above baseline otherwise (see the ``unit`` column).
-COLUMNS = {
-    "frame": ("-", "time index of the frame (0-based)"),
-    "channel": ("-", "channel index (0-based); only with --channel all"),
-    "x": ("px", "fitted centre, column (0-based pixel centres)"),
-    "y": ("px", "fitted centre, row"),
-    "z": ("px", "fitted centre, plane (3D fits only)"),
-    "intensity": ("signal", "integrated signal of the spot above the offset"),
-    "amplitude": ("signal/px", "peak of the fitted Gaussian density, intensity / (2 pi sigma_x sigma_y)"),
-    "sigma_x": ("px", "Gaussian sigma along the spot's first axis (x for angle = 0)"),
-    "sigma_y": ("px", "Gaussian sigma perpendicular to it"),
-    "sigma_z": ("px (planes)", "Gaussian sigma along z (3D fits only)"),
-    "angle": ("rad", "rotation of the sigma_x axis from +x towards +y, in [-pi/4, pi/4)"),
-    "offset": ("signal/px", "local background per pixel"),
-    "chi2_red": ("-", "reduced chi-square of the fit"),
-    "iterations": ("-", "solver iterations"),
-    "status": ("-", "converged, max_iterations, singular, left_window or low_signal"),
-    "unit": ("-", "unit of signal: photon or ADU"),
+
+class Column(NamedTuple):
+    """One column of spotfit's tables."""
+
+    name: str
+    dtype: str
+    unit: str
+    meaning: str
+
+
+#: Every column, in table order.  "signal" is photons with a calibrated
+#: camera, ADU above baseline otherwise (see the ``unit`` column).
+SCHEMA = (
+    Column("frame", "int64", "-", "time index of the frame (0-based)"),
+    Column("channel", "int64", "-", "channel index (0-based); only with --channel all"),
+    Column("x", "float64", "px", "fitted centre, column (0-based pixel centres)"),
+    Column("y", "float64", "px", "fitted centre, row"),
+    Column("z", "float64", "planes", "fitted centre, plane (3D fits only)"),
+    Column("intensity", "float64", "signal", "integrated signal of the spot above the offset (N)"),
+    Column("amplitude", "float64", "signal/px",
+           "peak of the fitted Gaussian density: intensity / (2 pi sigma_x sigma_y) in 2D, "
+           "intensity / ((2 pi)^1.5 sigma_x sigma_y sigma_z) per voxel in 3D"),
+    Column("sigma_x", "float64", "px", "Gaussian sigma along the spot's first axis (along x when angle = 0)"),
+    Column("sigma_y", "float64", "px", "Gaussian sigma perpendicular to it (symmetric: equal to sigma_x)"),
+    Column("sigma_z", "float64", "planes", "Gaussian sigma along z (3D fits only)"),
+    Column("angle", "float64", "rad",
+           "rotation of the sigma_x axis from +x towards +y, in [-pi/4, pi/4); 0 for symmetric "
+           "and elliptical (2D only)"),
+    Column("offset", "float64", "signal/px", "local background per pixel"),
+    # standard errors of the values above, same order: "<name>_err", same unit
+    Column("chi2_red", "float64", "-", "reduced chi-square of the fit, ~1 for a good fit"),
+    Column("iterations", "int32", "-", "solver iterations used"),
+    Column("status", "object", "-", "fit status (see spotfit.results.STATUS_NAMES)"),
+    Column("unit", "object", "-", "unit of signal: photon or ADU"),
+    # detection tables
+    Column("score", "float64", "-", "detection signal-to-noise ratio of the candidate"),
     # physical units, appended when the pixel size is known (add_physical_units)
-    "x_um": ("µm", "x * pixel_size"),
-    "y_um": ("µm", "y * pixel_size"),
-    "z_um": ("µm", "z * z_step (3D, when the z step is known)"),
-    "x_um_err": ("µm", "x_err * pixel_size"),
-    "y_um_err": ("µm", "y_err * pixel_size"),
-    "z_um_err": ("µm", "z_err * z_step"),
-}
+    Column("x_um", "float64", "µm", "x * pixel_size"),
+    Column("y_um", "float64", "µm", "y * pixel_size"),
+    Column("z_um", "float64", "µm", "z * z_step (3D, when the z step is known)"),
+    Column("x_um_err", "float64", "µm", "x_err * pixel_size"),
+    Column("y_um_err", "float64", "µm", "y_err * pixel_size"),
+    Column("z_um_err", "float64", "µm", "z_err * z_step"),
+    # crowded fields
+    Column("group_id", "int64", "-", "spots fitted jointly share a group id (unique within the table)"),
+    Column("group_size", "int64", "-", "number of spots in the group (1 for an isolated spot)"),
+)
 
-_ERR_OF = ("x", "y", "z", "intensity", "amplitude", "sigma_x", "sigma_y", "sigma_z", "angle", "offset")
+_BY_NAME = {c.name: c for c in SCHEMA}
+_VALUES = ("x", "y", "z", "intensity", "amplitude", "sigma_x", "sigma_y", "sigma_z", "angle", "offset")
+_QUALITY = ("chi2_red", "iterations", "status", "unit")
+_GROUP = ("group_id", "group_size")
 
 
-def columns(ndim: int = 2) -> list:
-    """Ordered output columns for 2D or 3D fits."""
-    if ndim == 2:
-        values = ["x", "y", "intensity", "amplitude", "sigma_x", "sigma_y", "angle", "offset"]
-    else:
-        values = ["x", "y", "z", "intensity", "amplitude", "sigma_x", "sigma_y", "sigma_z", "offset"]
-    return (
-        ["frame"]
-        + values
-        + [f"{v}_err" for v in values]
-        + ["chi2_red", "iterations", "status", "unit"]
-    )
+def column(name: str) -> Column:
+    """The schema entry of a column; ``<value>_err`` columns share their value's unit."""
+    if name.endswith("_err") and name[:-4] in _VALUES:
+        value = _BY_NAME[name[:-4]]
+        return Column(name, "float64", value.unit, f"standard error of {value.name}")
+    return _BY_NAME[name]
+
+
+def value_columns(ndim: int = 2) -> list:
+    """The fitted values of a 2D or 3D fit table, in order (no ``z``/``sigma_z`` in 2D,
+    no ``angle`` in 3D)."""
+    skip = ("z", "sigma_z") if ndim == 2 else ("angle",)
+    return [c for c in _VALUES if c not in skip]
+
+
+def columns(ndim: int = 2, crowded: bool = False) -> list:
+    """Ordered output columns of a fit table for 2D or 3D fits (+ group columns if ``crowded``)."""
+    values = value_columns(ndim)
+    return (["frame"] + values + [f"{v}_err" for v in values] + list(_QUALITY)
+            + (list(_GROUP) if crowded else []))
 
 
 def empty(ndim: int = 2, crowded: bool = False):
-    """A table with no rows and the full schema (plus group columns if ``crowded``)."""
+    """A fit table with no rows and the full schema (plus group columns if ``crowded``)."""
     import pandas as pd
 
-    cols = columns(ndim) + (["group_id", "group_size"] if crowded else [])
-    dtypes = {c: "float64" for c in cols}
-    dtypes.update(frame="int64", iterations="int32", status="object", unit="object",
-                  group_id="int64", group_size="int64")
-    return pd.DataFrame({c: pd.Series(dtype=dtypes[c]) for c in cols})
+    return pd.DataFrame({c: pd.Series(dtype=column(c).dtype) for c in columns(ndim, crowded)})
 
 
 def build(frame, values: dict, errors: dict, chi2_red, iterations, status_names, unit: str, ndim: int):
-    """Assemble a table from per-spot arrays.
+    """Assemble a fit table from per-spot arrays.
 
     Parameters
     ----------
     frame : (n,) int ndarray
     values, errors : dict of str -> (n,) ndarray
-        Fitted values and standard errors by output column name (missing
-        entries are filled with NaN; ``angle`` defaults to 0).
+        Fitted values and standard errors by output column name
+        (:func:`value_columns`; :func:`spotfit.results.measure` gives them).
     chi2_red : (n,) ndarray
     iterations : (n,) int ndarray
     status_names : (n,) ndarray of str
     unit : {"photon", "ADU"}
     ndim : {2, 3}
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :func:`columns` ``(ndim)`` with the schema's dtypes.
     """
     import pandas as pd
 
     n = len(frame)
-    cols = columns(ndim)
     data = {"frame": np.asarray(frame, dtype=np.int64)}
-    for c in cols:
-        if c in ("frame", "chi2_red", "iterations", "status", "unit"):
-            continue
-        src = errors if c.endswith("_err") else values
-        key = c[:-4] if c.endswith("_err") else c
-        default = 0.0 if c == "angle" else np.nan
-        data[c] = np.asarray(src.get(key, np.full(n, default)), dtype=float)
+    for c in value_columns(ndim):
+        data[c] = np.asarray(values[c], dtype=float)
+    for c in value_columns(ndim):
+        data[f"{c}_err"] = np.asarray(errors[c], dtype=float)
     data["chi2_red"] = np.asarray(chi2_red, dtype=float)
     data["iterations"] = np.asarray(iterations, dtype=np.int32)
     data["status"] = np.asarray(status_names, dtype=object)
     data["unit"] = np.full(n, unit, dtype=object)
-    return pd.DataFrame(data, columns=cols)
+    return pd.DataFrame(data, columns=columns(ndim))
 
 
 def physical_columns(table_columns, pixel_size, z_step=None) -> list:

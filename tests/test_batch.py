@@ -29,7 +29,7 @@ import spotfit.batch as batch
 import spotfit.io as sio
 from spotfit.camera import Camera
 from spotfit.cli import main
-from spotfit.fitting import FitConfig
+from spotfit.config import FitConfig
 from spotfit.io import PagedStack, read_image, write_tiff
 from spotfit.simulation import simulate
 from spotfit.table import add_physical_units, columns
@@ -484,8 +484,10 @@ def test_physical_units_3d():
     image, _ = simulate((9, NY, NX), n_spots=4, photons=5000, background=5, z_stack=True,
                         sigma_z=1.5, min_separation=10, border=5, seed=8)
     img = sio.Image.from_array(image, "ZYX", pixel_size=0.1, z_step=0.3)
-    found = spotfit.detect(img, sigma=(1.5, 1.3, 1.3))
+    with_units = spotfit.detect(img, sigma=1.3, sigma_z=1.5)  # from the image's metadata, as fit
+    found = spotfit.detect(sio.Image.from_array(image, "ZYX"), sigma=1.3, sigma_z=1.5)
     both = add_physical_units(found, 0.1, 0.3)
+    pd.testing.assert_frame_equal(with_units, both)
     assert list(both.columns) == ["frame", "x", "y", "z", "score", "x_um", "y_um", "z_um"]
     np.testing.assert_allclose(both["z_um"], found["z"] * 0.3)
     lateral = add_physical_units(found, 0.1, None)

@@ -31,7 +31,7 @@ import spotfit
 from spotfit import cli
 from spotfit.camera import Camera
 from spotfit.cli import main
-from spotfit.fitting import FitConfig
+from spotfit.config import FitConfig
 from spotfit.match import match_spots
 from spotfit.simulation import simulate
 import spotfit.table
@@ -158,7 +158,7 @@ def test_simulate_same_seed_same_files(dirs):
     assert np.array_equal(tifffile.imread(inp / "a.tif"), tifffile.imread(out / "b.tif"))
     a, b = pd.read_csv(inp / "a_truth.csv"), pd.read_csv(out / "b_truth.csv")
     pd.testing.assert_frame_equal(a, b)
-    assert a["photons"].between(500, 900).all() and a["photons"].nunique() > 1
+    assert a["intensity"].between(500, 900).all() and a["intensity"].nunique() > 1
 
 
 def test_detect_2d_finds_every_spot(sim2d):

@@ -1,10 +1,9 @@
-"""Tests of spotfit.detection on simulated images with known truth.
+"""Tests of spotfit.detection and spotfit.detect on simulated images with known truth.
 
 Found spots are matched one-to-one to the truth within ``RADIUS`` (in
 pixels) before counting; all images are non-square and seeded.
 """
 
-import types
 import warnings
 
 import numpy as np
@@ -13,17 +12,18 @@ import pytest
 from scipy import ndimage
 from skimage.feature import peak_local_max
 
+from spotfit import detect
 from spotfit.camera import Camera
 from spotfit.detection import (
     DEFAULT_THRESHOLD,
     _EdgeNoise,
     _local_maxima,
     default_min_distance,
-    detect,
     dog_filter,
     find_peaks,
 )
-from spotfit.errors import SpotfitInputError
+from spotfit.errors import SpotfitInputError, SpotfitWarning
+from spotfit.io import Image
 from spotfit.match import detection_scores
 from spotfit.simulation import DEFAULT_CAMERA, render, simulate
 
@@ -121,10 +121,16 @@ def test_pure_noise_gives_almost_no_detections(background, camera):
     ids=["zeros", "uint16-100", "tyx-float32", "tzyx"],
 )
 def test_constant_image_gives_no_spots_and_no_warnings(image):
+    """No spots, no warnings -- except the one about a baseline above every pixel."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         found = detect(image)
-        found_cam = detect(image, camera=Camera(baseline=100.0, gain=2.0))
+        camera = Camera(baseline=100.0, gain=2.0)
+        if np.all(image < 100):
+            with pytest.warns(SpotfitWarning, match="baseline"):
+                found_cam = detect(image, camera=camera)
+        else:
+            found_cam = detect(image, camera=camera)
     for table in (found, found_cam):
         assert len(table) == 0
         expected = COLUMNS[:3] + (["z"] if image.ndim == 4 else []) + ["score"]
@@ -157,11 +163,11 @@ def test_time_lapse_frames_and_order():
     # sorted by frame, then y, then x
     np.testing.assert_array_equal(found["y"], [20.0, 5.0, 40.0, 40.0, 33.0])
     np.testing.assert_array_equal(found["x"], [30.0, 80.0, 10.0, 50.0, 5.0])
-    # a single 2D frame is frame 0; an image object with .data/.axes works
+    # a single 2D frame is frame 0; an Image and a nested list work as the array does
     single = detect(img[2], camera=DEFAULT_CAMERA)
     assert (single["frame"] == 0).all() and len(single) == 3
-    obj = types.SimpleNamespace(data=img, axes="TYX")
-    pd.testing.assert_frame_equal(detect(obj, camera=DEFAULT_CAMERA), found)
+    pd.testing.assert_frame_equal(detect(Image.from_array(img, "TYX"), camera=DEFAULT_CAMERA), found)
+    pd.testing.assert_frame_equal(detect(img.tolist(), camera=DEFAULT_CAMERA), found)
 
 
 def test_z_stack_detection():
@@ -170,15 +176,14 @@ def test_z_stack_detection():
         (2, 14, 48, 64), z_stack=True, sigma_z=sigma_z, n_spots=12, photons=3000,
         background=10, min_separation=10, seed=5,
     )
-    found = detect(img, sigma=(sigma_z, 1.3, 1.3), camera=DEFAULT_CAMERA)
+    found = detect(img, sigma=1.3, sigma_z=sigma_z, camera=DEFAULT_CAMERA)
     assert list(found.columns) == ["frame", "x", "y", "z", "score"]
     # match in (x, y, z / 2): 1.5 px laterally, 3 planes axially
     recall, precision = scores_per_frame(found, truth, ("x", "y", "z"), scale=(1, 1, 2))
     assert recall >= 0.95 and precision >= 0.95  # of 24 spots
     # one z-stack given with its axes
-    one = detect(types.SimpleNamespace(data=img[1:], axes="TZYX"), sigma=(2.0, 1.3, 1.3),
-                 camera=DEFAULT_CAMERA)
-    zyx = detect(img[1], sigma=(2.0, 1.3, 1.3), camera=DEFAULT_CAMERA, axes="ZYX")
+    one = detect(Image.from_array(img[1:], "TZYX"), sigma=1.3, sigma_z=2.0, camera=DEFAULT_CAMERA)
+    zyx = detect(img[1], sigma=1.3, sigma_z=2.0, camera=DEFAULT_CAMERA, axes="ZYX")
     pd.testing.assert_frame_equal(one, zyx)
     assert default_min_distance((2.0, 1.3, 1.3)) == (3, 2, 2)
 
@@ -202,27 +207,41 @@ def test_find_peaks_output_types_and_order():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, name",
     [
-        (dict(sigma=0.0), "--sigma"),
-        (dict(sigma=-1.3), "--sigma"),
-        (dict(sigma=np.nan), "--sigma"),
-        (dict(sigma="wide"), "--sigma"),
-        (dict(sigma=(1.0, 1.0, 1.0)), "--sigma"),  # 3 values for 2D frames
-        (dict(threshold=0.0), "--threshold"),
-        (dict(threshold=-2.0), "--threshold"),
-        (dict(min_distance=0), "--min-distance"),
-        (dict(min_distance=1.5), "--min-distance"),
+        (dict(sigma=0.0), "sigma"),
+        (dict(sigma=-1.3), "sigma"),
+        (dict(sigma=np.nan), "sigma"),
+        (dict(sigma="wide"), "sigma"),
+        (dict(sigma=(1.0, 1.0, 1.0)), "sigma"),  # one lateral sigma, plus sigma_z
+        (dict(sigma=True), "sigma"),
+        (dict(sigma_z=-2.0), "sigma_z"),
+        (dict(threshold=0.0), "threshold"),
+        (dict(threshold=-2.0), "threshold"),
+        (dict(min_distance=0), "min_distance"),
+        (dict(min_distance=1.5), "min_distance"),
     ],
 )
-def test_invalid_options_name_the_option(kwargs, match):
-    with pytest.raises(SpotfitInputError, match=match):
+def test_invalid_options_name_the_parameter(kwargs, name):
+    with pytest.raises(SpotfitInputError, match=f"^{name} must be") as info:
         detect(np.zeros((2, 20, 30)), **kwargs)
+    assert info.value.parameter == name
+
+
+def test_find_peaks_errors_name_the_parameter():
+    with pytest.raises(SpotfitInputError, match="^sigma must be > 0") as info:
+        find_peaks(np.zeros((20, 30)), -1.0)
+    assert info.value.parameter == "sigma"
+    with pytest.raises(SpotfitInputError, match="^threshold must be > 0"):
+        find_peaks(np.zeros((20, 30)), 1.3, threshold=0)
 
 
 def test_bad_images_are_rejected():
-    with pytest.raises(SpotfitInputError, match="axes"):
-        detect(np.zeros((5, 20, 30)), axes="CYX")
+    with pytest.raises(SpotfitInputError, match="5 channels .* choose one with channel"):
+        detect(np.zeros((5, 20, 30)), axes="CYX")  # as fit: axes and channel of any layout
+    assert len(detect(np.zeros((5, 20, 30)), axes="CYX", channel=1)) == 0
+    with pytest.raises(SpotfitInputError, match="pass axes"):
+        detect(np.zeros((2, 2, 5, 20, 30)))
     with pytest.raises(SpotfitInputError, match="NaN"):
         detect(np.full((20, 30), np.nan))
 

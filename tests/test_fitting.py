@@ -13,6 +13,7 @@ from spotfit.camera import Camera
 from spotfit.estimators import Noise
 from spotfit.match import match_spots
 from spotfit.models import Grid, get_model
+from spotfit.results import STATUS_NAMES
 from spotfit.simulation import simulate
 
 CAMERA = Camera(baseline=100.0, gain=2.0, read_noise=0.0)
@@ -29,7 +30,7 @@ def _crlb_lateral(truth, background):
     model = get_model("symmetric", 2, integrated=True)
     grid = Grid((11, 11))
     frac = truth[["x", "y"]].to_numpy() - np.rint(truth[["x", "y"]].to_numpy()) + 5.0
-    theta = np.column_stack([truth.photons, frac[:, 0], frac[:, 1], truth.sigma_x, np.full(len(truth), background)])
+    theta = np.column_stack([truth.intensity, frac[:, 0], frac[:, 1], truth.sigma_x, np.full(len(truth), background)])
     return solver.crlb(model, theta, grid, Noise(calibrated=True))[:, 1]
 
 
@@ -59,7 +60,7 @@ def test_isolated_spots_detection_and_precision(photons, background):
     assert np.all(rmse <= 1.5 * crlb), (rmse, crlb)
     assert np.all(np.abs(err.mean(axis=0)) < 0.02), err.mean(axis=0)  # px
     # every detected spot is reported, none silently dropped; most fits converge
-    assert found.status.isin(solver.STATUS_NAMES).all()
+    assert found.status.isin(STATUS_NAMES).all()
     assert (found.status == "converged").mean() > 0.9
     assert (found.unit == "photon").all()
 
@@ -106,7 +107,7 @@ def test_elongated_rotated_spots():
     assert np.median(f.sigma_x) == pytest.approx(1.2, abs=0.03)  # px
     assert np.median(f.sigma_y) == pytest.approx(2.0, abs=0.03)  # px
     assert np.median(f.angle) == pytest.approx(0.5, abs=0.02)  # rad
-    assert np.median(f.intensity / truth.photons.to_numpy()[i_t]) == pytest.approx(1.0, abs=0.02)
+    assert np.median(f.intensity / truth.intensity.to_numpy()[i_t]) == pytest.approx(1.0, abs=0.02)
 
 
 def test_without_camera_values_are_in_adu():
@@ -117,7 +118,7 @@ def test_without_camera_values_are_in_adu():
     ph = spotfit.fit(img, camera=CAMERA)
     assert (adu.unit == "ADU").all() and (ph.unit == "photon").all()
     i_f, i_t = _match(adu, truth)
-    ratio = adu.intensity.to_numpy()[i_f] / (truth.photons.to_numpy()[i_t] / CAMERA.gain)
+    ratio = adu.intensity.to_numpy()[i_f] / (truth.intensity.to_numpy()[i_t] / CAMERA.gain)
     assert np.median(ratio) == pytest.approx(1.0, abs=0.03)
     assert np.median(adu.offset) == pytest.approx(10 / CAMERA.gain, abs=0.3)
 
@@ -163,7 +164,7 @@ def test_scmos_pixel_maps():
         assert len(i_t) >= 0.98 * len(truth)
         errs.append(found.x.to_numpy()[i_f] - truth.x.to_numpy()[i_t])
         reported.append(found.x_err.to_numpy()[i_f])
-        ratio.append(found.intensity.to_numpy()[i_f] / truth.photons.to_numpy()[i_t])
+        ratio.append(found.intensity.to_numpy()[i_f] / truth.intensity.to_numpy()[i_t])
     e = np.concatenate(errs)
     assert abs(e.mean()) < 0.01
     assert np.sqrt(np.mean(np.concatenate(reported) ** 2)) == pytest.approx(np.sqrt(np.mean(e**2)), rel=0.15)
@@ -216,7 +217,7 @@ def test_low_signal_flag_follows_the_bound(photons, max_flagged, min_flagged):
     assert min_flagged <= flagged.mean() <= max_flagged
     if photons == 1000:
         ok = (out.status == "converged").to_numpy()
-        assert np.mean(out.intensity[ok] / truth.photons[ok]) == pytest.approx(1.0, abs=0.02)
+        assert np.mean(out.intensity[ok] / truth.intensity[ok]) == pytest.approx(1.0, abs=0.02)
         for axis in ("x", "y"):
             err = out[axis].to_numpy()[ok] - truth[axis].to_numpy()[ok]
             assert abs(err.mean()) <= 0.01

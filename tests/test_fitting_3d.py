@@ -28,7 +28,7 @@ def _crlb(truth, sigma, sigma_z, background, nz):
     centre = np.rint(truth[["x", "y", "z"]].to_numpy())
     rel = truth[["x", "y", "z"]].to_numpy() - centre + h
     n = len(truth)
-    theta = np.column_stack([truth.photons, rel, np.full(n, sigma), np.full(n, sigma_z), np.full(n, background)])
+    theta = np.column_stack([truth.intensity, rel, np.full(n, sigma), np.full(n, sigma_z), np.full(n, background)])
     planes = centre[:, 2:3] - h + np.arange(2 * h + 1)[None, :]  # (n, nz_window)
     valid_z = (planes >= 0) & (planes < nz)
     mask = np.repeat(valid_z[:, :, None], (2 * h + 1) ** 2, axis=2).reshape(n, -1)

@@ -158,3 +158,97 @@ def test_rotated_error_propagation_matches_sampling():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(SpotfitInputError, match="--model 'rotated' is not available for 3D"):
         get_model("rotated", 3)
+
+
+# ------------------------------------------------- the declared roles against the kernels
+def _emitters(model):
+    return range(getattr(model, "n_emitters", 1))
+
+
+@pytest.mark.parametrize("name,ndim,integrated", ALL_MODELS)
+def test_declared_roles_match_the_kernel(name, ndim, integrated):
+    """What a model class declares (spotfit.models.base) is what its compiled kernel computes:
+    the offset adds to every pixel, the model is linear in the intensities, moving the declared
+    centre by one pixel moves the image by one pixel along that axis."""
+    rng = np.random.default_rng(21)
+    model = _model(name, ndim, integrated)
+    grid = Grid((13, 15) if ndim == 2 else (9, 13, 15))
+    theta = _random_theta(model, grid, rng, n=3)
+    mu, jac = model.evaluate(theta, grid)
+    off = model.offset_index
+    np.testing.assert_array_equal(jac[:, off], 1.0)
+    signal = sum(theta[:, [model.emitter_index(i, "intensity")]] * jac[:, model.emitter_index(i, "intensity")]
+                 for i in _emitters(model))
+    np.testing.assert_allclose(mu - theta[:, [off]], signal, rtol=1e-12, atol=1e-9)
+    if model.linear:
+        assert model.n_emitters == 1
+    for j, axis in enumerate(("x", "y", "z")[:ndim]):
+        moved = theta.copy()
+        for i in _emitters(model):
+            moved[:, model.emitter_index(i, axis)] += 1.0
+        a = mu.reshape((-1,) + grid.shape)
+        b = model.value(moved, grid).reshape((-1,) + grid.shape)
+        array_axis = grid.ndim - j  # x is the last array axis (+1 for the batch axis)
+        head = [slice(None)] * (grid.ndim + 1)
+        tail = [slice(None)] * (grid.ndim + 1)
+        head[array_axis], tail[array_axis] = slice(1, None), slice(None, -1)
+        np.testing.assert_allclose(b[tuple(head)], a[tuple(tail)], rtol=1e-9, atol=1e-9, err_msg=axis)
+
+
+@pytest.mark.parametrize("name,ndim", [(n, d) for (n, d) in REGISTRY])
+def test_declared_widths_and_peak_match_the_kernel(name, ndim):
+    """``axis_widths`` are the spot's sigma along x, y[, z] (second moments of the point-sampled
+    model in a large window), and ``peak`` is its density at the centre (the amplitude)."""
+    model = get_model(name, ndim, False)
+    grid = Grid((41, 45) if ndim == 2 else (31, 41, 45))
+    centre = np.array([[22.0, 20.0, 15.0][:ndim]])
+    widths = np.array([[1.4, 2.1, 2.6][:ndim]])
+    theta = model.from_moments(centre, widths, np.array([5000.0]), np.array([3.0]))
+    names, pub, _ = model.public(theta, np.zeros((1,) + (model.n_params,) * 2))
+    signal = model.value(theta, grid)[0] - 3.0
+    coords = grid.flat()
+    for j, axis_width in enumerate(model.axis_widths):
+        mean = np.sum(signal * coords[j]) / signal.sum()
+        second = np.sum(signal * (coords[j] - mean) ** 2) / signal.sum()
+        assert np.sqrt(second) == pytest.approx(pub[0, names.index(axis_width)], rel=1e-4), axis_width
+    amp, grad = model.peak(names, pub)
+    at_centre = np.ravel_multi_index(tuple(int(c) for c in centre[0][::-1]), grid.shape)
+    assert amp[0] == pytest.approx(signal[at_centre], rel=1e-12)
+    h = 1e-6 * pub[0]
+    for k in range(len(names)):
+        up = pub.copy()
+        up[0, k] += h[k] if h[k] else 1e-6
+        assert grad[0, k] == pytest.approx((model.peak(names, up)[0][0] - amp[0]) / (up[0, k] - pub[0, k]),
+                                           rel=1e-4, abs=1e-9), names[k]
+
+
+def test_kernel_layout_is_the_declared_one():
+    """The compiled kernel reads widths, intensity and offset where the class declares them."""
+    from spotfit import _kernels as K
+
+    grid = Grid((9, 11))
+    for (name, ndim), cls in REGISTRY.items():
+        model = cls()
+        km = model.kernel(grid if ndim == 2 else Grid((5, 9, 11)))
+        assert (km.intensity, km.offset) == (model.index("intensity"), model.index("offset"))
+        if model.family == K.SEPARABLE:
+            got = [model.param_names[i] for i in (km.wx, km.wy, km.wz)[:ndim]]
+            assert got == list(model.axis_widths), name
+        else:  # ROTATED: [N, x, y, var_xx, var_yy, cov_xy, offset]
+            assert model.param_names == ("intensity", "x", "y", "var_xx", "var_yy", "cov_xy", "offset")
+
+
+def test_multi_gaussian_emitter_is_the_symmetric_model():
+    """Emitter i of a group, taken with emitter_params(i), is the symmetric model: a group of
+    one gives the symmetric model's values exactly."""
+    rng = np.random.default_rng(2)
+    for ndim in (2, 3):
+        grid = Grid((9, 11) if ndim == 2 else (7, 9, 11))
+        multi = MultiGaussian(3, ndim, True)
+        theta = _random_theta(multi, grid, rng, n=2)
+        one = MultiGaussian(1, ndim, True)
+        sym = multi.emitter_model
+        for i in range(3):
+            own = theta[:, multi.emitter_params(i)]
+            np.testing.assert_array_equal(one.value(own, grid), sym.value(own, grid))
+            assert [multi.param_names[j] for j in multi.emitter_params(i)][-1] == "offset"

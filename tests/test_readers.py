@@ -14,6 +14,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 import spotfit
+from spotfit import io as sio
 from spotfit import readers
 from spotfit.camera import Camera
 from spotfit.errors import SpotfitInputError
@@ -36,8 +37,9 @@ def spots_8bit(seed=0, shape=(48, 72), n_spots=8):
 
 
 def nearest(table, truth):
-    """Distance (px) from each true spot to the nearest converged fit."""
-    ok = table[table["status"] == "converged"]
+    """Distance (px) from each true spot to the nearest converged fit (bright 8-bit spots
+    reach 255 and are flagged saturated: they converged too)."""
+    ok = table[table["status"].isin(["converged", "saturated"])]
     d, _ = cKDTree(np.c_[ok["x"], ok["y"]]).query(np.c_[truth["x"], truth["y"]])
     return d
 
@@ -357,7 +359,7 @@ def test_nd2_layout_maps_axes_and_sizes():
     sizes = {"T": 3, "Z": 5, "C": 2, "Y": 16, "X": 24}
     array, axes, pixel, z_step = readers._nd2_layout(data, sizes, (0.108, 0.108, 0.3))
     assert axes == "TZCYX" and pixel == 0.108 and z_step == 0.3
-    img = readers._to_image(array, axes, "x.nd2", None, 1, pixel, z_step)
+    img = sio._stored_image(array, axes, "x.nd2", None, 1, pixel, z_step)
     assert img.axes == "TZYX" and img.data.shape == (3, 5, 16, 24) and img.z_step == 0.3
     _, axes, pixel, z_step = readers._nd2_layout(data[0, 0, 0], {"Y": 16, "X": 24}, (0, 0, 0))
     assert axes == "YX" and pixel is None and z_step is None
@@ -444,7 +446,7 @@ def test_nd2_style_dask_array_is_read_frame_by_frame():
     lazy = da.from_array(stored, chunks=(1, 1, 1, 9, 11))
     array, axes, pixel, z_step = readers._nd2_layout(
         lazy, {"T": 3, "Z": 2, "C": 2, "Y": 9, "X": 11}, (0.2, 0.2, 0.5))
-    img = readers._to_image(array, axes, "x.nd2", None, 1, pixel, z_step)
+    img = sio._stored_image(array, axes, "x.nd2", None, 1, pixel, z_step)
     assert img.axes == "TZYX" and img.z_step == 0.5
     frame = img.frame(2)
     assert isinstance(frame, np.ndarray)

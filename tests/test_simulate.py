@@ -123,16 +123,16 @@ def test_truth_table_columns_and_ranges():
     )
     assert img.shape == (3, 40, 70) and img.dtype == np.uint16
     assert list(truth.columns) == [
-        "frame", "x", "y", "photons", "sigma_x", "sigma_y", "angle", "background"
+        "frame", "x", "y", "intensity", "sigma_x", "sigma_y", "angle", "offset"
     ]
     assert truth["frame"].dtype == np.int64
     assert truth.groupby("frame").size().to_dict() == {0: 12, 1: 12, 2: 12}
     assert truth["x"].between(3.0, 70 - 1 - 3.0).all()
     assert truth["y"].between(3.0, 40 - 1 - 3.0).all()
-    assert truth["photons"].between(200, 900).all()
+    assert truth["intensity"].between(200, 900).all()
     assert (truth["sigma_x"] == 1.1).all() and (truth["sigma_y"] == 1.6).all()
     assert truth["angle"].between(0, np.pi).all() and truth["angle"].nunique() == 36
-    assert (truth["background"] == 5.0).all()
+    assert (truth["offset"] == 5.0).all()
 
 
 def test_truth_matches_image():
@@ -144,7 +144,7 @@ def test_truth_matches_image():
     )
     counts = DEFAULT_CAMERA.to_photons(img, np.float64)
     yy, xx = np.mgrid[: img.shape[0], : img.shape[1]]
-    assert counts.sum() == pytest.approx(truth["photons"].sum(), rel=0.01)
+    assert counts.sum() == pytest.approx(truth["intensity"].sum(), rel=0.01)
     for row in truth.itertuples():
         near = (xx - row.x) ** 2 + (yy - row.y) ** 2 < 5.0**2
         w = counts * near
@@ -172,7 +172,7 @@ def test_min_separation_is_honoured():
 
 
 def test_impossible_min_separation_is_reported():
-    with pytest.raises(SpotfitInputError, match="could not place 500 spots with min_separation 10"):
+    with pytest.raises(SpotfitInputError, match="n_spots 500 cannot be placed with min_separation 10"):
         simulate((60, 90), n_spots=500, min_separation=10, seed=0)
 
 
@@ -208,7 +208,7 @@ def test_integer_output_is_clipped_to_dtype():
 
 def test_explicit_positions_on_non_square_image():
     pos = pd.DataFrame({"frame": [0, 1, 1], "x": [50.0, 3.0, 60.0], "y": [10.0, 15.0, 2.0],
-                        "photons": [5e4, 5e4, 5e4]})
+                        "intensity": [5e4, 5e4, 5e4]})
     img, truth = simulate((2, 20, 64), positions=pos, background=0.0, seed=4, dtype="float32")
     assert list(truth["frame"]) == [0, 1, 1]
     np.testing.assert_array_equal(truth["x"], pos["x"])
@@ -224,36 +224,41 @@ def test_z_stack():
     )
     assert img.shape == (2, 9, 30, 40)
     assert list(truth.columns) == [
-        "frame", "x", "y", "z", "photons", "sigma_x", "sigma_y", "sigma_z", "angle",
-        "background",
+        "frame", "x", "y", "z", "intensity", "sigma_x", "sigma_y", "sigma_z", "angle",
+        "offset",
     ]
     assert truth["z"].between(0, 8).all() and (truth["sigma_z"] == 1.8).all()
-    with pytest.raises(SpotfitInputError, match="--sigma-z"):
+    with pytest.raises(SpotfitInputError, match="^sigma_z"):
         simulate((9, 30, 40), z_stack=True, n_spots=2)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(photons=-5.0), "--photons"),
-        (dict(photons=(500, 100)), "--photons"),
-        (dict(background=-1.0), "--background"),
-        (dict(sigma=0.0), "--sigma"),
-        (dict(sigma_y=-1.0), "--sigma-y"),
-        (dict(border=-1.0), "--border"),
-        (dict(border=15.0), "--border"),
-        (dict(min_separation=-2.0), "--min-separation"),
-        (dict(n_spots=-1), "--n-spots"),
-        (dict(angle="sideways"), "--angle"),
-        (dict(positions=[[1.0, 2.0]]), "either --n-spots or positions"),
-        (dict(shape=(5, 5, 5, 5)), "--shape"),
+        (dict(photons=-5.0), "photons"),
+        (dict(photons=(500, 100)), "photons"),
+        (dict(background=-1.0), "background"),
+        (dict(sigma=0.0), "sigma"),
+        (dict(sigma_y=-1.0), "sigma_y"),
+        (dict(border=-1.0), "border"),
+        (dict(border=15.0), "border"),
+        (dict(min_separation=-2.0), "min_separation"),
+        (dict(n_spots=-1), "n_spots"),
+        (dict(angle="sideways"), "angle"),
+        (dict(positions=[[1.0, 2.0]]), "n_spots"),
+        (dict(shape=(5, 5, 5, 5)), "shape"),
+        (dict(dtype="U8"), "dtype"),
+        (dict(positions=pd.DataFrame({"x": [1.0], "y": [2.0], "photons": [9.0]}), n_spots=None),
+         "positions"),
     ],
 )
 def test_simulate_validation(kwargs, match):
+    """Errors name the Python parameter, first in the message and as ``.parameter``."""
     args = dict(shape=(25, 31), n_spots=3, seed=0)
     args.update(kwargs)
-    with pytest.raises(SpotfitInputError, match=match):
+    with pytest.raises(SpotfitInputError, match=f"^(give either )?{match}") as info:
         simulate(**args)
+    assert info.value.parameter == match
 
 
 def test_write_simulation_round_trip(tmp_path):

@@ -34,53 +34,43 @@ from __future__ import annotations
 import numpy as np
 
 from spotfit import _kernels as K
-from spotfit.models.base import Grid, Model
+from spotfit.models.base import Model
 
 
 class Symmetric2D(Model):
     name = "symmetric"
-    family = K.SYM2
+    family = K.SEPARABLE
     ndim = 2
     param_names = ("intensity", "x", "y", "sigma", "offset")
     width_names = ("sigma",)
-
-    def _set_widths(self, theta, widths):
-        theta[:, 3] = np.sqrt(widths[:, 0] * widths[:, 1])
+    axis_widths = ("sigma", "sigma")
 
 
 class Elliptical2D(Model):
     name = "elliptical"
-    family = K.ELL2
+    family = K.SEPARABLE
     ndim = 2
     param_names = ("intensity", "x", "y", "sigma_x", "sigma_y", "offset")
     width_names = ("sigma_x", "sigma_y")
-
-    def _set_widths(self, theta, widths):
-        theta[:, 3] = widths[:, 0]
-        theta[:, 4] = widths[:, 1]
+    axis_widths = ("sigma_x", "sigma_y")
 
 
 class Symmetric3D(Model):
     name = "symmetric"
-    family = K.SYM3
+    family = K.SEPARABLE
     ndim = 3
     param_names = ("intensity", "x", "y", "z", "sigma", "sigma_z", "offset")
     width_names = ("sigma", "sigma_z")
-
-    def _set_widths(self, theta, widths):
-        theta[:, 4] = np.sqrt(widths[:, 0] * widths[:, 1])
-        theta[:, 5] = widths[:, 2]
+    axis_widths = ("sigma", "sigma", "sigma_z")
 
 
 class Elliptical3D(Model):
     name = "elliptical"
-    family = K.ELL3
+    family = K.SEPARABLE
     ndim = 3
     param_names = ("intensity", "x", "y", "z", "sigma_x", "sigma_y", "sigma_z", "offset")
     width_names = ("sigma_x", "sigma_y", "sigma_z")
-
-    def _set_widths(self, theta, widths):
-        theta[:, 4:7] = widths
+    axis_widths = ("sigma_x", "sigma_y", "sigma_z")
 
 
 class Rotated2D(Model):
@@ -94,11 +84,13 @@ class Rotated2D(Model):
     """
 
     name = "rotated"
-    family = K.ROT2
+    family = K.ROTATED
     ndim = 2
     param_names = ("intensity", "x", "y", "var_xx", "var_yy", "cov_xy", "offset")
     public_names = ("intensity", "x", "y", "sigma_x", "sigma_y", "angle", "offset")
     width_names = ("var_xx", "var_yy", "cov_xy")
+    axis_widths = ("sigma_x", "sigma_y")
+    angle_name = "angle"
 
     def _set_widths(self, theta, widths):
         theta[:, 3] = widths[:, 0] ** 2
@@ -170,47 +162,46 @@ class MultiGaussian(Model):
     Used for crowded fields (:mod:`spotfit.group`).  Parameters, in order:
     ``intensity_i, x_i, y_i[, z_i]`` for each emitter ``i = 0 .. K-1``, then
     ``sigma`` (lateral) [, ``sigma_z``], then ``offset``.  Each emitter is a
-    symmetric Gaussian (lateral), point-sampled or pixel-integrated.
+    symmetric Gaussian (lateral), point-sampled or pixel-integrated; emitter
+    ``i`` alone is the symmetric model :attr:`emitter_model` with the
+    parameters :meth:`emitter_params` ``(i)``.
     """
 
     name = "multi"
-    width_names = ()
+    family = K.SEPARABLE
 
     def __init__(self, n_emitters: int, ndim: int = 2, integrated: bool = False):
-        super().__init__(integrated)
         self.n_emitters = int(n_emitters)
         self.ndim = int(ndim)
-        self.family = K.MULTI3 if ndim == 3 else K.MULTI2
-        axes = ("x", "y", "z")[:ndim]
         names = []
         for i in range(self.n_emitters):
-            names += [f"intensity_{i}"] + [f"{a}_{i}" for a in axes]
+            names += [f"intensity_{i}"] + [f"{a}_{i}" for a in ("x", "y", "z")[:ndim]]
         self.width_names = ("sigma", "sigma_z") if ndim == 3 else ("sigma",)
+        self.axis_widths = ("sigma", "sigma", "sigma_z")[:ndim]
         self.param_names = tuple(names) + self.width_names + ("offset",)
+        self.public_names = None
+        super().__init__(integrated)
 
     @property
     def per_emitter(self) -> int:
         return 1 + self.ndim
 
-    def emitter_index(self, i: int, what: str) -> int:
-        """Index of ``what`` (``"intensity"``, ``"x"``, ``"y"``, ``"z"``) of emitter ``i``."""
-        return i * self.per_emitter + ("intensity", "x", "y", "z").index(what)
+    def emitter_index(self, i: int, role: str) -> int:
+        """Index of ``role`` (``"intensity"``, ``"x"``, ``"y"``, ``"z"``) of emitter ``i``."""
+        if not 0 <= i < self.n_emitters:
+            raise IndexError(f"emitter {i} of {self.n_emitters}")
+        return i * self.per_emitter + ("intensity", "x", "y", "z").index(role)
 
     @property
-    def center_index(self) -> tuple:
-        return tuple(self.emitter_index(0, a) for a in ("x", "y", "z")[: self.ndim])
+    def emitter_model(self) -> Model:
+        """The one-emitter model each emitter is (symmetric, same form)."""
+        return (Symmetric3D if self.ndim == 3 else Symmetric2D)(self.integrated)
 
-    def bounds(self, grid):
-        k = self.n_params
-        lower = np.full(k, -np.inf)
-        upper = np.full(k, np.inf)
-        shape_xyz = grid.shape[::-1]
-        for i in range(self.n_emitters):
-            lower[self.emitter_index(i, "intensity")] = 1e-3
-            for j, a in enumerate(("x", "y", "z")[: self.ndim]):
-                lower[self.emitter_index(i, a)] = -1.0
-                upper[self.emitter_index(i, a)] = shape_xyz[j]
-        for name in self.width_names:
-            lower[self.index(name)] = 0.3
-            upper[self.index(name)] = float(max(grid.shape)) / 2.0
-        return lower, upper
+    def emitter_params(self, i: int) -> np.ndarray:
+        """Indices that take emitter ``i``'s parameters, in :attr:`emitter_model` order.
+
+        ``theta[:, idx]`` and ``cov[:, idx][:, :, idx]`` are emitter ``i``'s
+        parameters and their covariance (shared widths and offset included).
+        """
+        own = [self.emitter_index(i, r) for r in ("intensity", "x", "y", "z")[: 1 + self.ndim]]
+        return np.array(own + [self.index(n) for n in self.width_names] + [self.offset_index])

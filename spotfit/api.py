@@ -1,0 +1,418 @@
+"""The Python API: :func:`fit`, :func:`fit_spots` and :func:`detect`, image in, table out.
+
+These are the functions the command line calls (through
+:mod:`spotfit.batch`) and users call.  :func:`fit` and :func:`detect` take
+the same inputs -- a TIFF path, an :class:`~spotfit.io.Image` or an array
+(also a masked array, or a nested list), a :class:`~spotfit.config.FitConfig`
+and/or its fields as keywords, a :class:`~spotfit.camera.Camera`, ``axes``
+and ``channel`` -- and report progress through an optional callback
+``on_frame(t, n_frames)``, called after each frame.
+
+Per frame the pipeline is: camera conversion (ADU -> photons, or ADU above
+the baseline), detection (:func:`spotfit.detection.find_peaks`), then either
+single-spot fits (:mod:`spotfit.single`; windows of several frames are
+pooled into one solve, a frame with very many candidates is split) or
+crowded-field fits (:mod:`spotfit.group`), and the table
+(:mod:`spotfit.table`).  Results do not depend on how frames are pooled or
+split: everything that is not per window is per frame.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from spotfit import single, table
+from spotfit.camera import Camera
+from spotfit.config import FitConfig, Setup, make_config
+from spotfit.errors import SpotfitInputError, SpotfitWarning
+
+#: a warning is given when the baseline is above this fraction of a frame's pixels
+DARK_FRACTION = 0.99
+
+# --------------------------------------------------------------------- API
+def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
+        axes: str | None = None, channel: int | None = None, on_frame=None, invert: bool = False,
+        **options):
+    """Detect and fit every spot of an image or stack.
+
+    Parameters
+    ----------
+    image : str, os.PathLike, spotfit.io.Image or array_like
+        A TIFF path, an image from :func:`spotfit.read_image`, or an array:
+        ``(ny, nx)``, ``(T, ny, nx)``, ``(T, nz, ny, nx)``, or any layout
+        with ``axes``.  Masked pixels of a ``numpy.ma.MaskedArray`` are left
+        out of detection and fits.
+    config : FitConfig, optional
+    camera : Camera, optional
+        Without a calibrated camera, values are in ADU above baseline and the
+        least-squares estimator is used by default.
+    axes : str, optional
+        Axes of a path's or an array's dimensions (letters ``TZCYXS``);
+        arrays default to ``YX``, ``TYX``, ``TZYX`` by dimension
+        (:func:`spotfit.io.default_axes`; a colour-like array such as
+        ``(424, 640, 3)`` needs them).
+    channel : int, optional
+        Channel to use when the image has several.
+    on_frame : callable, optional
+        ``on_frame(t, n_frames)``, called after each frame is processed.
+    invert : bool
+        Dark objects on a light background (e.g. bright-field colloids):
+        use the inverted image (:mod:`spotfit.invert`).  Not with a
+        calibrated camera.
+    **options
+        Override fields of ``config`` (e.g. ``sigma=1.5, estimator="mle"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per detected spot, columns as in :func:`spotfit.table.columns`
+        (documented in the README), plus ``x_um``... when the image knows its
+        pixel size (:func:`spotfit.table.add_physical_units`) and the group
+        columns with ``crowded``.  Failed fits are kept and flagged in
+        ``status``.
+    """
+    config = make_config(config, options)
+    camera = camera or Camera()
+    with _Input(image, axes, channel, config, camera, window=True, invert=invert) as (img, valid, ndim):
+        setup = Setup.resolve(config, camera, ndim)
+        frames = _frames(img, valid, setup, on_frame)
+        result = _fit_crowded(setup, frames) if config.crowded else _fit_single(setup, frames, raster=True)
+        return _with_units(result, img)
+
+
+def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera | None = None,
+              frame: int = 0, **options):
+    """Fit spots at given positions in one 2D image or 3D stack.
+
+    Parameters
+    ----------
+    image : (ny, nx) or (nz, ny, nx) array_like
+        Raw camera values of one frame (a masked array's masked pixels are
+        left out of the fits).
+    positions : (n, 2) or (n, 3) array_like
+        Approximate centres as ``(x, y)`` or ``(x, y, z)`` in px; windows are
+        centred on the nearest pixel.  Must be finite.
+    config, camera, **options
+        As in :func:`fit` (``crowded`` is ignored: each position gets its
+        own window).
+    frame : int
+        Value of the ``frame`` column.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per position, in the order given.
+    """
+    config = make_config(config, options)
+    camera = camera or Camera()
+    raw, valid = _split_mask(image)
+    raw = _pixel_array(raw)
+    ndim = raw.ndim
+    if ndim not in (2, 3):
+        raise SpotfitInputError(f"image must be a 2D or 3D frame for fit_spots, got shape {raw.shape}",
+                                parameter="image")
+    pos = np.asarray(positions, dtype=float)
+    if pos.size and (pos.ndim != 2 or pos.shape[1] != ndim) and pos.shape != (ndim,):
+        raise SpotfitInputError(
+            f"positions must be an (n, {ndim}) array of {'x, y, z' if ndim == 3 else 'x, y'} for a "
+            f"{ndim}D image, got shape {pos.shape}", parameter="positions")
+    pos = pos.reshape(-1, ndim)
+    if not np.all(np.isfinite(pos)):
+        raise SpotfitInputError("positions must be finite (no NaN or infinite coordinates)",
+                                parameter="positions")
+    camera.check_shape(raw.shape)
+    config.check_frame(raw.shape, window=True)
+    setup = Setup.resolve(config, camera, ndim)
+    if len(pos) == 0:
+        return table.empty(ndim)
+    prepared = _prepare(setup, int(frame), raw, valid)
+    if prepared.dark:
+        warnings.warn(prepared.dark, SpotfitWarning, stacklevel=2)
+    prepared.coords = np.rint(pos[:, ::-1]).astype(np.int64)  # (x, y[, z]) -> array order
+    return _fit_single(setup, [prepared], raster=False)
+
+
+def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
+           axes: str | None = None, channel: int | None = None, on_frame=None, invert: bool = False,
+           **options):
+    """Detect spot candidates in every frame of an image.
+
+    Takes what :func:`fit` takes; only the detection options of the
+    configuration matter (``sigma``, ``sigma_z``, ``threshold``,
+    ``min_distance``).
+
+    Parameters
+    ----------
+    image, config, camera, axes, channel, on_frame, invert, **options
+        As in :func:`fit`.  The camera conversion does not change the
+        candidates (scores are signal-to-noise ratios).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per candidate, sorted by ``frame``, (``z``,) ``y``, ``x``:
+        ``frame`` (int64, 0 for a single image), ``x``, ``y`` (float64,
+        pixels; integer pixel positions of the maxima), ``z`` (float64,
+        planes; z-stacks only) and ``score`` (float64, signal-to-noise),
+        plus ``x_um``... when the image knows its pixel size.  No
+        candidates give an empty table with the same columns and dtypes.
+    """
+    config = make_config(config, options)
+    camera = camera or Camera()
+    with _Input(image, axes, channel, config, camera, window=False, invert=invert) as (img, valid, ndim):
+        frames, coords, scores = [np.empty(0, np.int64)], [np.empty((0, ndim), np.intp)], [np.empty(0)]
+        for f in _frames(img, valid, config, on_frame, camera=camera):
+            frames.append(np.full(len(f.coords), f.t, dtype=np.int64))
+            coords.append(f.coords)
+            scores.append(f.score)
+        frames, coords = np.concatenate(frames), np.concatenate(coords)
+        # table in spotfit's conventions: x = column, y = row, z = plane
+        cols = {"frame": frames, "x": coords[:, -1].astype(float), "y": coords[:, -2].astype(float)}
+        if ndim == 3:
+            cols["z"] = coords[:, 0].astype(float)
+        cols["score"] = np.concatenate(scores).astype(float)
+        keys = [cols["x"], cols["y"]] + ([cols["z"]] if ndim == 3 else []) + [frames]
+        order = np.lexsort(keys)  # the last key is the primary one
+        import pandas as pd
+
+        return _with_units(pd.DataFrame({k: v[order] for k, v in cols.items()}), img)
+
+
+# ------------------------------------------------------------------ input
+def as_image(image, axes=None, channel=None):
+    """An :class:`~spotfit.io.Image` of a path, an Image or an array.
+
+    A path is opened here (the caller closes the Image); an array (also a
+    nested list; a masked array's data) is wrapped with
+    :meth:`spotfit.io.Image.from_array`, its ``axes`` defaulting to
+    :func:`spotfit.io.default_axes`.
+    """
+    from spotfit.io import Image, read_image
+
+    if isinstance(image, Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image, axes=axes, channel=channel)
+    return Image.from_array(_pixel_array(_split_mask(image)[0]), axes, channel=channel)
+
+
+class _Input:
+    """``with _Input(image, axes, channel, config, camera, window, invert) as (img, valid, ndim)``.
+
+    An open :class:`~spotfit.io.Image` (:func:`as_image`; closed on exit if
+    opened here from a path), inverted with ``invert``, checked against the
+    camera's maps and the configuration's sigma (and ``window``); for a
+    masked array with masked pixels, an Image of its validity (1 = use the
+    pixel), else None; the frames' dimensions.
+    """
+
+    def __init__(self, image, axes, channel, config, camera, window, invert=False):
+        from spotfit.io import Image
+
+        if invert:
+            from spotfit.invert import check_camera
+
+            check_camera(camera)
+        self.opened = isinstance(image, (str, os.PathLike))
+        self.img = as_image(image, axes, channel)
+        valid = _split_mask(image)[1] if not isinstance(image, (str, os.PathLike, Image)) else None
+        self.valid = None if valid is None else Image.from_array(valid.astype(np.uint8), axes, channel=channel)
+        try:
+            if invert:
+                from spotfit.invert import invert_image
+
+                self.img = invert_image(self.img)
+            camera.check_shape(self.img.frame_shape, source=str(self.img.path or "image"))
+            config.check_frame(self.img.frame_shape, window=window)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __enter__(self):
+        return self.img, self.valid, 3 if self.img.is_3d else 2
+
+    def __exit__(self, *exc):
+        if self.opened:
+            self.img.close()
+        return False
+
+
+def _with_units(result, img):
+    """µm columns when the image knows its pixel size (:func:`spotfit.table.add_physical_units`)."""
+    return table.add_physical_units(result, img.pixel_size, img.z_step if img.is_3d else None)
+
+
+def _split_mask(image):
+    """``(data, valid)`` of a masked array (``valid`` None if nothing is masked)."""
+    if isinstance(image, np.ma.MaskedArray):
+        mask = np.ma.getmaskarray(image)
+        if mask.any():
+            return image.filled(np.zeros((), image.dtype)), ~mask
+        return image.data, None
+    return image, None
+
+
+def _pixel_array(image) -> np.ndarray:
+    """An array of a pixel type spotfit reads; other integer (and bool) types as float64."""
+    arr = np.asarray(image)
+    if arr.dtype.kind == "b" or arr.dtype in (np.dtype(np.int64), np.dtype(np.uint64)):
+        arr = arr.astype(np.float64)
+    return arr
+
+
+# ------------------------------------------------------------------ frames
+@dataclass
+class _Frame:
+    """One frame ready for fitting: photons, candidates, and what is known about its pixels."""
+
+    t: int
+    photons: np.ndarray
+    coords: np.ndarray | None = None
+    score: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    saturated: np.ndarray | None = None
+    image_var: float = 0.0
+    dark: str | None = None
+
+
+def _prepare(setup, t, raw, valid=None, camera=None) -> _Frame:
+    """Camera conversion of one frame, its image noise and its clipped pixels.
+
+    ``setup`` is a :class:`Setup` (fits) or a :class:`FitConfig`
+    (detection only, with ``camera``).
+    """
+    from spotfit.start import image_noise
+
+    camera = camera or setup.camera
+    photons = camera.to_photons(raw)
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+        # left-out pixels neither make nor hide peaks: the frame's typical level
+        photons[~valid] = np.median(photons[valid]) if valid.any() else 0.0
+    f = _Frame(t, photons, valid=valid, dark=_dark(camera, photons, t))
+    if isinstance(setup, Setup):
+        if not camera.calibrated:
+            f.image_var = image_noise(photons)
+        f.saturated = _clipped(raw, valid)
+    return f
+
+
+def _clipped(raw, valid):
+    """Pixels at the maximum of an integer pixel type (None if there are none)."""
+    raw = np.asarray(raw)
+    if raw.dtype.kind not in "ui":
+        return None
+    top = np.iinfo(raw.dtype).max
+    if raw.max() < top:
+        return None
+    clipped = raw == top
+    return clipped if valid is None else clipped & valid
+
+
+def _dark(camera, photons, t):
+    """A warning's text when the baseline is above almost every pixel (:data:`DARK_FRACTION`)."""
+    baseline = np.asarray(camera.baseline)
+    if not np.any(baseline != 0):
+        return None
+    sample = photons.ravel()[:: max(1, photons.size // 65536)]
+    dark = np.count_nonzero(sample < 0) / max(sample.size, 1)
+    if dark < DARK_FRACTION:
+        return None
+    level = f"{float(baseline):g} ADU" if baseline.ndim == 0 else "map"
+    return (f"baseline ({level}) is above {100 * dark:.1f}% of the pixels of frame {t}: "
+            "results are doubtful; is the baseline right?")
+
+
+def _frames(img, valid_img, setup, on_frame=None, camera=None):
+    """Prepared, detected frames of ``img``, one at a time; ``on_frame(t, n)`` after each.
+
+    Gives at most one :class:`SpotfitWarning` about a dark frame per call.
+    """
+    from spotfit.detection import find_peaks
+
+    config = setup.config if isinstance(setup, Setup) else setup
+    ndim = 3 if img.is_3d else 2
+    sigma, options = config.detection_sigma(ndim), config.detection_options()
+    warned = False
+    valid_frames = valid_img.frames() if valid_img is not None else None
+    for t, raw in img.frames():
+        valid = next(valid_frames)[1].astype(bool) if valid_frames is not None else None
+        f = _prepare(setup, t, raw, valid, camera)
+        if f.dark and not warned:
+            warnings.warn(f.dark, SpotfitWarning, stacklevel=3)
+            warned = True
+        f.coords, f.score = find_peaks(f.photons, sigma, **options)
+        if f.valid is not None and len(f.coords):
+            keep = f.valid[tuple(f.coords.T)]
+            f.coords, f.score = f.coords[keep], f.score[keep]
+        yield f
+        if on_frame is not None:
+            on_frame(t, img.n_frames)
+
+
+# -------------------------------------------------------------- pipelines
+def _fit_single(setup: Setup, frames, raster: bool):
+    """Single-spot fits of every candidate of every frame; one table."""
+    import pandas as pd
+
+    chunk = single.batch_size(setup)
+    read_var = setup.read_var_map()
+    parts, pending = [], []  # table parts; batches of whole frames waiting for one solve
+
+    def flush():  # returns the windows now pending: none
+        if pending:
+            parts.append(single.fit_batch(setup, single.Batch.join(pending)))
+            pending.clear()
+        return 0
+
+    n_pending = 0
+    for f in frames:
+        coords = f.coords
+        if len(coords) == 0:
+            continue
+        if raster:
+            coords = coords[np.lexsort(coords.T[::-1])]  # rows in raster order (z, y, x)
+        n = len(coords)
+        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)
+        if n > chunk:  # one frame, several solves: its noise model is measured up front
+            n_pending = flush()
+            variance = None
+            if not setup.camera.calibrated:
+                variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
+            for start in range(0, n, chunk):
+                rows = np.arange(start, min(n, start + chunk))
+                parts.append(single.fit_batch(setup, single.cut_frame(
+                    setup, f.t, f.photons, coords, f.image_var, rows=rows, variance=variance, **cut)))
+            continue
+        if n_pending + n > chunk:
+            n_pending = flush()
+        pending.append(single.cut_frame(setup, f.t, f.photons, coords, f.image_var, **cut))
+        n_pending += n
+    flush()
+    if not parts:
+        return table.empty(setup.ndim)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def _fit_crowded(setup: Setup, frames):
+    """Frame by frame: grouped joint fits (:mod:`spotfit.group`); one table."""
+    import pandas as pd
+
+    from spotfit.group import CrowdedFitter, n_groups
+
+    setup.use_threads()
+    crowd = CrowdedFitter(setup)
+    read_var = setup.read_var_map()
+    parts, groups_so_far = [], 0
+    for f in frames:
+        if len(f.coords) == 0:
+            continue
+        photons = np.ascontiguousarray(f.photons, dtype=float)
+        result = crowd.fit_frame(photons, f.coords, read_var, f.saturated, f.valid)
+        parts.append(crowd.table(result, f.t, groups_so_far))
+        groups_so_far += n_groups(result)
+    return pd.concat(parts, ignore_index=True) if parts else table.empty(setup.ndim, crowded=True)

@@ -1,0 +1,387 @@
+"""Configuration: the user's options (:class:`FitConfig`) and the setup resolved from them (:class:`Setup`).
+
+:class:`FitConfig` is the one set of options shared by the command line and
+the library: frozen, validated on construction (errors name the Python
+parameter, :class:`~spotfit.errors.SpotfitInputError` ``.parameter``), and
+each field carries metadata (:func:`option_metadata`: help text, command-line
+name, choices) from which command-line options can be generated.
+
+:class:`Setup` is what a fit actually runs with, resolved once from a
+config, a camera and the data's dimensions: the model, the estimator, the
+window, the detection parameters, the solver threads.  It is frozen;
+everything that varies per frame (the image's noise, saturated pixels) is
+passed alongside it, never stored in it.
+
+No numpy at import time: the command line imports this module for its
+option metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from spotfit.errors import SpotfitInputError
+
+#: names of the models and estimators (the registries check they agree)
+MODEL_CHOICES = ("rotated", "elliptical", "symmetric")
+ESTIMATOR_CHOICES = ("lsq", "wlsq", "mle")
+
+
+def _meta(help, cli=None, choices=None):
+    """Field metadata: ``help`` text, command-line option ``cli`` (default
+    ``--`` + the name with dashes), ``choices``."""
+    return {"help": help, "cli": cli, "choices": choices}
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Options for detection and fitting (shared by CLI and Python API).
+
+    Parameters
+    ----------
+    sigma : float
+        Expected PSF sigma in pixels (lateral).  Sets the detection filter,
+        the default window and the starting width; with ``fix_sigma`` the
+        width is held at this value.
+    sigma_z : float or None
+        Expected axial sigma in planes for z-stacks (default ``2 * sigma``).
+    threshold : float or None
+        Detection threshold in signal-to-noise units (None: the detector's
+        default).
+    min_distance : int or None
+        Minimum distance between detected maxima, px (None: from sigma).
+    window : int or None
+        Half-size of the fitting window in px; the window is
+        ``2 * window + 1`` px wide.  Default ``max(2, ceil(2.5 * sigma))``.
+    model : {"rotated", "elliptical", "symmetric"}
+        PSF model (see :mod:`spotfit.models.gaussian`).  3D data support
+        "elliptical" and "symmetric"; "rotated" falls back to "elliptical".
+    estimator : {"lsq", "wlsq", "mle"} or None
+        None: "mle" with a calibrated camera, else "lsq".
+    integrated : bool or None
+        Pixel-integrated model.  None: True with a calibrated camera, else
+        False (point-sampled).
+    fix_sigma : bool
+        Hold the widths at ``sigma`` (and ``sigma_z``).
+    max_iter : int
+        Solver iteration limit per spot.
+    min_snr : float
+        Fits with ``intensity / intensity_err`` below this are flagged
+        ``low_signal``.
+    workers : int or None
+        Threads of the compiled solver (None: all cores).
+    crowded : bool
+        Fit overlapping spots jointly and search the residual for hidden
+        emitters (:mod:`spotfit.group`).  Adds ``group_id`` and
+        ``group_size`` columns; every spot is then a symmetric Gaussian
+        (width shared within its group).
+    group_radius : float
+        Spots closer than ``group_radius * sigma`` are fitted together.
+    max_group : int
+        Largest group fitted jointly; bigger clusters are split.
+
+    Notes
+    -----
+    Numbers may be any real type (``numpy.float32(1.3)`` works) and are
+    stored as Python ``int``/``float``; booleans are not numbers here
+    (``sigma=True`` is refused).  Each field's ``metadata`` holds ``help``,
+    ``cli`` and ``choices`` (:func:`option_metadata`).
+    """
+
+    sigma: float = field(default=1.3, metadata=_meta(
+        "Expected PSF sigma in pixels (Gaussian sigma, not FWHM)."))
+    sigma_z: float | None = field(default=None, metadata=_meta(
+        "Expected axial PSF sigma in planes, for z-stacks.  [default: 2 x sigma]"))
+    threshold: float | None = field(default=None, metadata=_meta(
+        "Detection threshold in signal-to-noise units of the filtered image.  "
+        "[default: the detector's, 5]"))
+    min_distance: int | None = field(default=None, metadata=_meta(
+        "Minimum distance between detected spots in pixels.  [default: round(1.5 x sigma)]"))
+    window: int | None = field(default=None, metadata=_meta(
+        "Half-size of the fitting window in pixels (the window is 2 x WINDOW + 1 wide).  "
+        "[default: max(2, ceil(2.5 x sigma))]"))
+    model: str = field(default="rotated", metadata=_meta(
+        "PSF model: rotated (sigma_x, sigma_y, angle), elliptical (sigma_x, sigma_y) "
+        "or symmetric (one sigma).  z-stacks use elliptical for rotated.", choices=MODEL_CHOICES))
+    estimator: str | None = field(default=None, metadata=_meta(
+        "lsq (least squares), wlsq (weighted by the camera noise model) or mle "
+        "(Poisson maximum likelihood).  auto: mle with --gain, else lsq.",
+        choices=ESTIMATOR_CHOICES))
+    integrated: bool | None = field(default=None, metadata=_meta(
+        "Integrate the Gaussian over each pixel, or sample it at pixel centres.  "
+        "[default: integrated with --gain, else point-sampled]", cli="--integrated/--point-sampled"))
+    fix_sigma: bool = field(default=False, metadata=_meta(
+        "Hold the widths at --sigma (and --sigma-z) instead of fitting them."))
+    max_iter: int = field(default=50, metadata=_meta("Solver iteration limit per spot."))
+    min_snr: float = field(default=3.0, metadata=_meta(
+        "Converged fits whose intensity signal-to-noise is below this get status low_signal "
+        "(faint fits: judged at the --sigma width; see the README's status values)."))
+    workers: int | None = field(default=None, metadata=_meta(
+        "Threads of the compiled solver.  [default: all cores]"))
+    crowded: bool = field(default=False, metadata=_meta(
+        "Crowded fields: fit overlapping spots jointly (K Gaussians sharing width and "
+        "offset), search the residual for hidden spots.  Adds group_id and group_size columns."))
+    group_radius: float = field(default=3.0, metadata=_meta(
+        "With --crowded: spots closer than this many --sigma are fitted together."))
+    max_group: int = field(default=8, metadata=_meta(
+        "With --crowded: largest group fitted jointly; bigger clusters are split."))
+
+    def __post_init__(self):
+        real = _real
+        real(self, "sigma", "pixels", low=0.0)
+        real(self, "sigma_z", "planes", low=0.0, optional=True)
+        real(self, "threshold", "signal-to-noise units", low=0.0, optional=True)
+        _whole(self, "min_distance", "pixels", low=1, optional=True)
+        _whole(self, "window", "pixels", low=1, optional=True)
+        _choice(self, "model", MODEL_CHOICES)
+        _choice(self, "estimator", ESTIMATOR_CHOICES, optional=True)
+        _flag(self, "integrated", optional=True)
+        _flag(self, "fix_sigma")
+        _whole(self, "max_iter", "iterations", low=1)
+        real(self, "min_snr", "signal-to-noise units", low=0.0, inclusive=True)
+        _whole(self, "workers", "threads", low=1, optional=True)
+        _flag(self, "crowded")
+        real(self, "group_radius", "sigmas", low=0.0)
+        _whole(self, "max_group", "spots", low=1)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def axial_sigma(self) -> float:
+        """Axial sigma in planes (``sigma_z``, default ``2 * sigma``)."""
+        return self.sigma_z if self.sigma_z is not None else 2.0 * self.sigma
+
+    def half_size(self, ndim: int) -> tuple:
+        """Window half-size per array axis (``(h, h)`` or ``(hz, h, h)``)."""
+        h = self.window if self.window is not None else max(2, math.ceil(2.5 * self.sigma))
+        if ndim == 2:
+            return (h, h)
+        hz = max(1, math.ceil(2.5 * self.axial_sigma()))
+        if self.window is not None:
+            hz = max(1, round(self.window * self.axial_sigma() / self.sigma))
+        return (hz, h, h)
+
+    def widths(self, ndim: int) -> tuple:
+        """Configured PSF sigma along ``x, y[, z]`` (px, planes)."""
+        return (self.sigma, self.sigma, self.axial_sigma())[:ndim]
+
+    def detection_sigma(self, ndim: int):
+        """Sigma of the detection filter: a scalar in 2D, ``(sigma_z, sigma, sigma)`` in 3D."""
+        return (self.axial_sigma(), self.sigma, self.sigma) if ndim == 3 else self.sigma
+
+    def detection_options(self) -> dict:
+        """Keyword arguments of :func:`spotfit.detection.find_peaks` besides sigma."""
+        out = {"min_distance": self.min_distance}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return out
+
+    def choose(self, camera) -> tuple:
+        """Estimator name and ``integrated`` flag after applying defaults."""
+        est = self.estimator or ("mle" if camera.calibrated else "lsq")
+        integ = self.integrated if self.integrated is not None else camera.calibrated
+        return est, integ
+
+    def check_frame(self, frame_shape, window: bool = True) -> None:
+        """Refuse a window or sigma out of proportion to frames of ``frame_shape``.
+
+        A window half-size larger than the frame (it would cover the whole
+        frame from any centre), a lateral sigma above a quarter of the
+        frame's larger side, or an axial sigma above half the planes of a
+        z-stack describe no spot the frame can hold, and would only cost
+        memory (windows and filter padding grow with them).
+
+        Parameters
+        ----------
+        frame_shape : tuple of int
+            ``(ny, nx)`` or ``(nz, ny, nx)``.
+        window : bool
+            Check the window too (fits; detection has none).
+        """
+        lateral = max(frame_shape[-2:])
+        size = " x ".join(str(int(s)) for s in frame_shape)
+        if self.sigma > lateral / 4:
+            raise SpotfitInputError(
+                f"sigma must be at most a quarter of the image's larger side ({lateral / 4:g} px "
+                f"for {size} px frames), got {self.sigma:g}", parameter="sigma")
+        if len(frame_shape) == 3 and self.axial_sigma() > frame_shape[0] / 2:
+            raise SpotfitInputError(
+                f"sigma_z must be at most half the number of planes ({frame_shape[0] / 2:g} for "
+                f"{frame_shape[0]} planes), got {self.axial_sigma():g}"
+                + ("" if self.sigma_z is not None else " (2 x sigma; give sigma_z)"),
+                parameter="sigma_z")
+        if window and self.window is not None and self.window > lateral:
+            raise SpotfitInputError(
+                f"window must be at most the image's larger side ({lateral} px for {size} px "
+                f"frames), got {self.window}", parameter="window")
+
+
+def option_metadata() -> dict:
+    """Per field of :class:`FitConfig`: ``help``, ``cli`` option, ``default``, ``choices``.
+
+    The command line's option names are ``--`` + the field name with dashes
+    unless the field says otherwise (``integrated``:
+    ``--integrated/--point-sampled``).
+    """
+    out = {}
+    for f in fields(FitConfig):
+        meta = dict(f.metadata)
+        meta["cli"] = meta["cli"] or "--" + f.name.replace("_", "-")
+        meta["default"] = f.default
+        out[f.name] = meta
+    return out
+
+
+def make_config(config: FitConfig | None, overrides: dict) -> FitConfig:
+    """``config`` (default :class:`FitConfig()`) with keyword ``overrides`` applied."""
+    if config is not None and not isinstance(config, FitConfig):
+        raise SpotfitInputError(f"config must be a FitConfig, got {type(config).__name__}",
+                                parameter="config")
+    config = config or FitConfig()
+    if overrides:
+        names = {f.name for f in fields(FitConfig)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise TypeError(f"unknown fit option(s): {', '.join(sorted(unknown))}")
+        config = replace(config, **overrides)
+    return config
+
+
+# ------------------------------------------------------------ validation
+def _set(config, name, value):
+    object.__setattr__(config, name, value)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _real(config, name, unit, low, optional=False, inclusive=False):
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    ok = _is_real(value) and math.isfinite(float(value))
+    ok = ok and (float(value) >= low if inclusive else float(value) > low)
+    if not ok:
+        relation = ">=" if inclusive else ">"
+        raise SpotfitInputError(f"{name} must be a number {relation} {low:g} ({unit}), got {value!r}",
+                                parameter=name)
+    _set(config, name, float(value))
+
+
+def _whole(config, name, unit, low, optional=False):
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    ok = _is_real(value) and math.isfinite(float(value)) and float(value) == int(value) and int(value) >= low
+    if not ok:
+        raise SpotfitInputError(f"{name} must be a whole number >= {low} ({unit}), got {value!r}",
+                                parameter=name)
+    _set(config, name, int(value))
+
+
+def _flag(config, name, optional=False):
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+        raise SpotfitInputError(f"{name} must be True or False, got {value!r}", parameter=name)
+    _set(config, name, bool(value))
+
+
+def _choice(config, name, choices, optional=False):
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if value not in choices:
+        raise SpotfitInputError(f"{name} {value!r} is unknown; choose one of {', '.join(choices)}",
+                                parameter=name)
+
+
+# ------------------------------------------------------------------ setup
+@dataclass(frozen=True)
+class Setup:
+    """Everything a fit runs with, resolved once (frozen).
+
+    Build with :meth:`resolve`.  Per-frame quantities (the image noise of an
+    uncalibrated frame, saturated pixels) are not part of it: they are
+    passed to the fitting functions with each batch.
+
+    Attributes
+    ----------
+    config : FitConfig
+    camera : spotfit.camera.Camera
+    ndim : {2, 3}
+        Spatial dimensions of a frame.
+    model : spotfit.models.Model
+        Resolved model (``rotated`` becomes ``elliptical`` in 3D).
+    estimator : spotfit.estimators.Estimator
+    half : tuple of int
+        Window half-size per array axis.
+    workers : int
+        Solver threads.
+    """
+
+    config: FitConfig
+    camera: object
+    ndim: int
+    model: object
+    estimator: object
+    half: tuple
+    workers: int
+
+    @classmethod
+    def resolve(cls, config: FitConfig, camera, ndim: int) -> "Setup":
+        """Resolve ``config`` for ``camera`` and ``ndim``-dimensional frames.
+
+        Raises :class:`SpotfitInputError` early (before any frame is read)
+        for an estimator that needs photons without a calibrated camera.
+        """
+        from spotfit.estimators import get_estimator
+        from spotfit.models import get_model
+
+        name = "elliptical" if (ndim == 3 and config.model == "rotated") else config.model
+        est_name, integrated = config.choose(camera)
+        estimator = get_estimator(est_name)
+        setup = cls(config=config, camera=camera, ndim=ndim,
+                    model=get_model(name, ndim, integrated, sigma=config.sigma), estimator=estimator,
+                    half=config.half_size(ndim), workers=config.workers or os.cpu_count() or 1)
+        estimator.check(setup.noise())
+        return setup
+
+    @property
+    def widths(self) -> tuple:
+        """Configured PSF sigma along ``x, y[, z]``."""
+        return self.config.widths(self.ndim)
+
+    def read_var_map(self):
+        """Read-noise variance map (photons^2) for sCMOS cameras, else None."""
+        import numpy as np
+
+        if self.camera.calibrated and np.ndim(self.camera.read_noise) > 0:
+            return self.camera.read_variance()
+        return None
+
+    def noise(self, window_read_var=None):
+        """The camera's noise model (:class:`spotfit.estimators.Noise`).
+
+        ``window_read_var`` ``(n, P)`` (sCMOS maps cut into windows)
+        overrides the scalar read noise.  Without a calibration the noise
+        model is measured from the fits (:func:`spotfit.solver.covariance`).
+        """
+        from spotfit.estimators import Noise
+
+        cam = self.camera
+        if not cam.calibrated:
+            return Noise(calibrated=False)
+        rv = cam.read_variance() if window_read_var is None else window_read_var
+        return Noise(calibrated=True, excess=cam.excess_noise, read_var=rv)
+
+    def use_threads(self) -> None:
+        """Give the compiled solver ``workers`` threads (at most numba's maximum)."""
+        import numba
+
+        numba.set_num_threads(max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS)))

@@ -1,0 +1,197 @@
+"""Single-spot fits: one window per candidate, neighbours' pixels left out, all windows in one batched solve.
+
+:func:`cut_frame` cuts the windows of (some of) a frame's candidates into a
+:class:`Batch`; batches of several frames are joined (:meth:`Batch.join`)
+and fitted in one call (:func:`fit_batch`), which returns their table rows.
+A batch's results do not depend on what else is in it: every quantity that
+is not per window (the image noise, the measured noise model of an
+uncalibrated camera) is per frame.  :func:`frame_variance` measures a
+frame's noise model up front when the frame is too large for one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spotfit import results, roi, solver, table
+from spotfit.config import Setup
+from spotfit.estimators import Noise
+from spotfit.start import faint, initial_guess
+
+#: pixels within this many sigma of another candidate (and nearer to it than to
+#: the window's own spot) are left out of a single-spot fit
+NEIGHBOUR_REACH = 2.5
+#: window pixels fitted in one solve (bounds memory to a few (n, P) float64
+#: arrays of this size: 32768 windows of 11 x 11 px)
+PIXEL_BUDGET = 32768 * 121
+
+
+@dataclass
+class Batch:
+    """Windows to fit, with what is known about each window's frame.
+
+    Attributes
+    ----------
+    windows : spotfit.roi.Windows
+    frame : (n,) int64 ndarray
+        Frame index of each window.
+    image_var : (n,) ndarray
+        Pixel-noise variance of the window's frame (uncalibrated data;
+        :func:`spotfit.start.image_noise`).
+    saturated : (n,) bool ndarray
+        The window's fitted pixels include one clipped at the input's maximum.
+    variance : (n, 3) ndarray or None
+        Measured noise model of each window's frame (uncalibrated, frames
+        fitted in several batches; :func:`frame_variance`), else None:
+        measured per frame within the batch.
+    """
+
+    windows: roi.Windows
+    frame: np.ndarray
+    image_var: np.ndarray
+    saturated: np.ndarray
+    variance: np.ndarray | None = None
+
+    def __len__(self):
+        return len(self.windows)
+
+    @staticmethod
+    def join(batches) -> "Batch":
+        """One batch of several (same window shape; all or none with ``variance``)."""
+        batches = list(batches)
+        if len(batches) == 1:
+            return batches[0]
+        variance = None
+        if batches[0].variance is not None:
+            variance = np.concatenate([b.variance for b in batches])
+        return Batch(roi.concatenate(b.windows for b in batches),
+                     np.concatenate([b.frame for b in batches]),
+                     np.concatenate([b.image_var for b in batches]),
+                     np.concatenate([b.saturated for b in batches]), variance)
+
+
+def batch_size(setup: Setup) -> int:
+    """Windows per solve for ``setup``'s window shape (:data:`PIXEL_BUDGET`)."""
+    pixels = int(np.prod([2 * h + 1 for h in setup.half]))
+    return max(1, PIXEL_BUDGET // pixels)
+
+
+def cut_frame(setup: Setup, t: int, photons, coords, image_var: float, rows=None, saturated=None,
+              valid=None, read_var=None, variance=None) -> Batch:
+    """Windows around candidates of one frame.
+
+    Parameters
+    ----------
+    setup : Setup
+    t : int
+        Frame index.
+    photons : (ny, nx) or (nz, ny, nx) ndarray
+        The frame, in photons (or ADU above baseline).
+    coords : (m, ndim) int ndarray
+        All candidates of the frame, array order (neighbours are looked for
+        among all of them).
+    image_var : float
+        Pixel-noise variance of the frame (:func:`spotfit.start.image_noise`).
+    rows : index array, optional
+        Candidates to cut windows for (default all).
+    saturated, valid : bool ndarray of the frame's shape, optional
+        Pixels clipped at the input's maximum; pixels to use (False: left
+        out, e.g. a masked array's mask).
+    read_var : ndarray of the frame's shape, optional
+        Read-noise variance map (sCMOS).
+    variance : (3,) ndarray, optional
+        The frame's measured noise model (:func:`frame_variance`).
+
+    Returns
+    -------
+    Batch
+    """
+    centers = coords if rows is None else coords[rows]
+    w = roi.cut(photons, centers, setup.half, read_var=read_var, valid=valid)
+    roi.mask_neighbours(w, centers, NEIGHBOUR_REACH * setup.config.sigma, others=coords)
+    n = len(w)
+    sat = np.zeros(n, bool)
+    if saturated is not None:
+        s = roi.cut(saturated, centers, setup.half, dtype=bool)
+        sat = np.any(s.data & w.mask, axis=1)
+    var = None if variance is None else np.broadcast_to(np.asarray(variance, float), (n, 3))
+    return Batch(w, np.full(n, t, dtype=np.int64), np.full(n, float(image_var)), sat, var)
+
+
+def frame_variance(setup: Setup, photons, coords, image_var: float, valid=None) -> np.ndarray:
+    """The measured noise model ``(alpha, beta, floor)`` of an uncalibrated frame.
+
+    Fits the windows :func:`spotfit.solver.regression_rows` picks among all
+    of the frame's candidates, as :func:`fit_batch` would within one batch,
+    so a frame fitted in several batches gets the same errors as in one.
+    """
+    rows = solver.regression_rows(np.zeros(len(coords), np.int64))
+    batch = cut_frame(setup, 0, photons, coords, image_var, rows=rows, valid=valid)
+    return _solve(setup, batch).variance[0]
+
+
+def window_bounds(model, estimator, windows: roi.Windows):
+    """Box constraints ``(n, k)`` of each window's fit.
+
+    The model's bounds (:meth:`~spotfit.models.Model.bounds`); with an
+    estimator declaring ``nonnegative_offset`` the offset cannot go negative
+    (a Poisson rate); in border-truncated windows each centre stays within
+    half a pixel of the image, where the data can still constrain it.
+    """
+    lower, upper = model.bounds(windows.grid)
+    if estimator.nonnegative_offset:
+        lower[model.offset_index] = 0.0
+    first, last = windows.valid_extent()
+    lower = np.repeat(lower[None], len(windows), axis=0)
+    upper = np.repeat(upper[None], len(windows), axis=0)
+    for i in range(model.n_emitters):
+        for j, axis in enumerate(("x", "y", "z")[: model.ndim]):
+            index = model.emitter_index(i, axis)
+            lower[:, index] = np.maximum(lower[:, index], first[:, j] - 0.5)
+            upper[:, index] = np.minimum(upper[:, index], last[:, j] + 0.5)
+    return lower, upper
+
+
+def _solve(setup: Setup, batch: Batch):
+    m, cfg, w = setup.model, setup.config, batch.windows
+    setup.use_threads()
+    theta0 = initial_guess(m, w.data, w.mask, w.grid, cfg)
+    lower, upper = window_bounds(m, setup.estimator, w)
+    widths = m.width_mask
+    free = ~widths if cfg.fix_sigma else np.ones(m.n_params, bool)
+    hold = faint(m, theta0, cfg.sigma, setup.camera.calibrated, batch.image_var)
+    return solver.solve(m, setup.estimator, w.data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
+                        lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
+                        hold_first=None if cfg.fix_sigma else widths, hold_rows=hold,
+                        groups=batch.frame, variance=batch.variance)
+
+
+def fit_batch(setup: Setup, batch: Batch):
+    """Fit every window of ``batch`` in one compiled, parallel solve; return its table rows.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns of :func:`spotfit.table.columns`, one row per window.
+    """
+    m, cfg, w = setup.model, setup.config, batch.windows
+    sol = _solve(setup, batch)
+    values, errors = results.measure(m, sol.theta, sol.cov, w.origin)
+    outside = ~w.inside(sol.theta[:, list(m.center_index)])
+
+    def expected(rows):
+        rv = None if w.read_var is None else w.read_var[rows]
+        noise = setup.noise(rv)
+        if not noise.calibrated:  # constant pixel variance (ADU^2) of each window's frame
+            noise = Noise(calibrated=False, excess=0.0,
+                          read_var=np.maximum(batch.image_var[rows], 1e-12)[:, None])
+        centres = sol.theta[rows][:, list(m.center_index)]
+        return results.expected_snr(m, w.data[rows], w.mask[rows], w.grid, centres, setup.widths, noise)
+
+    low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr,
+                             expected=None if cfg.fix_sigma else expected)
+    status = results.judge(sol.status, outside, low, batch.saturated)
+    return table.build(batch.frame, values, errors, sol.chi2_red, sol.iterations,
+                       results.status_names(status), setup.camera.unit, setup.ndim)

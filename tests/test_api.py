@@ -1,0 +1,309 @@
+"""The Python API's contract: inputs, options, errors, and results that do not depend on how
+the work is split.
+
+Images are simulated, non-square and seeded; spots isolated unless stated.
+"""
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+import spotfit
+from spotfit import single
+from spotfit.camera import Camera
+from spotfit.cli import main
+from spotfit.config import FitConfig, option_metadata
+
+CAMERA = Camera(baseline=100.0, gain=1.0)
+
+
+@pytest.fixture(scope="module")
+def movie():
+    img, truth = spotfit.simulate((3, 70, 96), n_spots=14, photons=(800, 4000), background=15, sigma=1.3,
+                                  camera=CAMERA, min_separation=11, border=4, seed=21)
+    return img, truth
+
+
+# ------------------------------------------------------------ one results layer
+@pytest.mark.parametrize("camera", [CAMERA, Camera(baseline=100.0)], ids=["mle", "lsq-uncalibrated"])
+def test_crowded_and_single_fits_of_isolated_spots_agree(camera):
+    """Isolated spots fitted by the single-spot and the crowded path (widths held, the same
+    symmetric model; the crowded residual search finds nothing to add in this image): every
+    column and error agrees to 1e-6 relative, statuses exactly."""
+    img, _ = spotfit.simulate((110, 150), n_spots=12, photons=(600, 3000), background=10, sigma=1.3,
+                              camera=CAMERA, min_separation=25, border=8, seed=6)
+    options = dict(camera=camera, model="symmetric", fix_sigma=True)
+    a = spotfit.fit(img, **options)
+    b = spotfit.fit(img, crowded=True, **options)
+    assert (b.group_size == 1).all() and len(a) == len(b) == 12
+    b = b.sort_values(["y", "x"]).reset_index(drop=True)[a.columns]
+    a = a.sort_values(["y", "x"]).reset_index(drop=True)
+    for c in a.columns:
+        if a[c].dtype.kind == "f":
+            np.testing.assert_allclose(b[c], a[c], rtol=1e-6, atol=1e-12, err_msg=c)
+        else:
+            assert (a[c] == b[c]).all(), c
+
+
+def test_amplitude_error_propagates_the_width_covariance():
+    """amplitude_err = sqrt(g C g^T) over intensity and widths, as sampling the covariance
+    gives (Monte Carlo, 2%); ignoring the N-sigma covariance would be off by ~30%."""
+    from spotfit.models import get_model
+    from spotfit.results import measure
+
+    rng = np.random.default_rng(5)
+    model = get_model("symmetric", 2, True)
+    theta = np.array([[2000.0, 4.0, 5.0, 1.3, 10.0]])
+    cov = np.diag([80.0**2, 0.01, 0.01, 0.04**2, 0.5])[None]
+    cov[0, 0, 3] = cov[0, 3, 0] = 0.8 * 80.0 * 0.04  # intensity and width go together
+    values, errors = measure(model, theta, cov, np.zeros((1, 2)))
+    samples = rng.multivariate_normal(theta[0], cov[0], size=40000)
+    amp = samples[:, 0] / (2 * np.pi * samples[:, 3] ** 2)
+    assert errors["amplitude"][0] == pytest.approx(np.std(amp), rel=0.02)
+    assert values["amplitude"][0] == pytest.approx(2000.0 / (2 * np.pi * 1.3**2))
+
+
+def test_status_order():
+    from spotfit import _kernels as K
+    from spotfit.results import STATUS_NAMES, judge
+
+    status = np.array([K.CONVERGED, K.CONVERGED, K.SINGULAR, K.MAX_ITERATIONS, K.CONVERGED, K.CONVERGED])
+    outside = np.array([True, False, True, False, False, False])
+    low = np.array([True, True, True, True, False, True])
+    sat = np.array([True, False, False, True, True, True])
+    got = [STATUS_NAMES[c] for c in judge(status, outside, low, sat)]
+    assert got == ["left_window", "low_signal", "singular", "max_iterations", "saturated", "saturated"]
+
+
+# ------------------------------------------------- independent of how work is split
+def test_frames_are_fitted_independently(movie):
+    """Frame 1 of a movie gives the same rows alone as with the others (uncalibrated: the noise
+    model is the frame's own)."""
+    img, _ = movie
+    for camera in (Camera(baseline=100.0), CAMERA):
+        together = spotfit.fit(img, camera=camera)
+        alone = spotfit.fit(img[1], camera=camera)
+        rows = together[together.frame == 1].drop(columns="frame").reset_index(drop=True)
+        pd.testing.assert_frame_equal(rows, alone.drop(columns="frame"), rtol=1e-12)
+
+
+@pytest.mark.parametrize("camera", [Camera(baseline=100.0), CAMERA], ids=["uncalibrated", "calibrated"])
+def test_results_do_not_depend_on_batching(movie, camera, monkeypatch):
+    """Solves of 5 windows (frames split into several, pooled with others) give the table of
+    one solve per movie."""
+    img, _ = movie
+    whole = spotfit.fit(img, camera=camera)
+    sizes = []
+    fit_batch = single.fit_batch
+    monkeypatch.setattr(single, "PIXEL_BUDGET", 5 * 81)
+    monkeypatch.setattr(single, "fit_batch", lambda setup, batch: sizes.append(len(batch)) or fit_batch(setup, batch))
+    chunked = spotfit.fit(img, camera=camera)
+    assert max(sizes) == 5 and len(sizes) > len(img)
+    pd.testing.assert_frame_equal(chunked, whole, rtol=1e-12)
+
+
+def test_on_frame_reports_every_frame(movie):
+    img, _ = movie
+    for call in (spotfit.fit, spotfit.detect):
+        seen = []
+        call(img, camera=CAMERA, on_frame=lambda t, n: seen.append((t, n)))
+        assert seen == [(0, 3), (1, 3), (2, 3)]
+
+
+# ------------------------------------------------------------- one vocabulary
+def test_detect_takes_what_fit_takes(movie, tmp_path):
+    img, _ = movie
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, img, imagej=True, metadata={"axes": "TYX"})
+    config = FitConfig(sigma=1.3, threshold=6)
+    by_array = spotfit.detect(img, config, CAMERA)
+    pd.testing.assert_frame_equal(spotfit.detect(str(path), config, CAMERA), by_array)
+    pd.testing.assert_frame_equal(spotfit.detect(spotfit.read_image(path), config=config, camera=CAMERA),
+                                  by_array)
+    pd.testing.assert_frame_equal(spotfit.detect(img, camera=CAMERA, sigma=1.3, threshold=6), by_array)
+    # the candidates fit starts from
+    found = spotfit.fit(img, config, CAMERA)
+    assert len(found) == len(by_array)
+
+
+def test_fit_accepts_lists_and_wide_integers(movie):
+    img, _ = movie
+    frame = img[0]
+    expected = spotfit.fit(frame, camera=CAMERA)
+    pd.testing.assert_frame_equal(spotfit.fit(frame.tolist(), camera=CAMERA), expected)
+    pd.testing.assert_frame_equal(spotfit.fit(frame.astype(np.int64), camera=CAMERA), expected)
+
+
+def test_fit_config_numbers():
+    assert FitConfig(sigma=np.float32(1.3)).sigma == pytest.approx(1.3, rel=1e-7)
+    assert type(FitConfig(sigma=np.float32(1.3)).sigma) is float
+    assert FitConfig(window=np.int64(4), max_iter=np.int32(20)).window == 4
+    cases = [(dict(sigma=True), "sigma"), (dict(sigma=np.bool_(True)), "sigma"),
+             (dict(window=2.5), "window"), (dict(window=True), "window"), (dict(max_iter=0), "max_iter"),
+             (dict(model="moffat"), "model"), (dict(estimator="ml"), "estimator"),
+             (dict(fix_sigma="yes"), "fix_sigma"), (dict(min_snr=-1), "min_snr"),
+             (dict(sigma_z=float("inf")), "sigma_z")]
+    for kwargs, name in cases:
+        with pytest.raises(spotfit.SpotfitInputError, match=f"^{name} ") as info:
+            FitConfig(**kwargs)
+        assert info.value.parameter == name
+
+
+def test_fit_config_metadata_matches_the_command_line():
+    """Every FitConfig field has help, an option of `spotfit fit` of that name, and the same
+    default (the step towards generating the options from the metadata)."""
+    import click
+
+    meta = option_metadata()
+    assert set(meta) == {f.name for f in dataclasses.fields(FitConfig)}
+    options = {p.name: p for p in main.commands["fit"].params if isinstance(p, click.Option)}
+    for name, m in meta.items():
+        assert m["help"], name
+        assert name in options, name
+        assert m["cli"].split("/")[0] in options[name].opts, name
+        default = options[name].default
+        if type(default).__name__ == "Sentinel":  # click >= 8.3: no default
+            default = None
+        if name == "estimator":
+            default = None if default == "auto" else default
+        if name == "fix_sigma" or name == "crowded":
+            default = bool(default)
+        assert default == m["default"], (name, default, m["default"])
+        if m["choices"]:
+            assert set(m["choices"]) <= set(options[name].type.choices), name
+
+
+def test_cli_names_the_option_of_a_parameter_error(movie, tmp_path):
+    img, _ = movie
+    path = tmp_path / "small.tif"
+    tifffile.imwrite(path, img[0][:40, :50])
+    runner = CliRunner()
+    result = runner.invoke(main, ["fit", str(path), "--window", "1000"])
+    assert result.exit_code == 1
+    assert "Error: --window must be at most the image's larger side (50 px" in result.stderr
+    result = runner.invoke(main, ["fit", str(path), "--estimator", "mle"])
+    assert result.exit_code == 1
+    assert "--estimator mle needs photon counts: give the camera --gain (and --baseline, --em-gain)" \
+        in result.stderr
+    result = runner.invoke(main, ["detect", str(path), "--sigma", "100"])
+    assert result.exit_code == 1 and "Error: --sigma must be at most a quarter" in result.stderr
+
+
+# ------------------------------------------------------------- bad input
+def test_window_and_sigma_are_bounded_by_the_image():
+    frame = np.zeros((64, 48), np.uint16)
+    for kwargs, name in [(dict(window=1000), "window"), (dict(window=65), "window"),
+                         (dict(sigma=1000.0), "sigma"), (dict(sigma=16.5), "sigma")]:
+        with pytest.raises(spotfit.SpotfitInputError, match=f"^{name} must be at most") as info:
+            spotfit.fit(frame, **kwargs)
+        assert info.value.parameter == name
+    with pytest.raises(spotfit.SpotfitInputError, match="^sigma_z must be at most half"):
+        spotfit.fit(np.zeros((4, 30, 40)), axes="ZYX", sigma=1.3)  # sigma_z 2.6 for 4 planes
+    assert len(spotfit.fit(frame, window=64, sigma=16.0)) == 0  # at the limits: fine
+
+
+def test_fit_spots_refuses_bad_positions():
+    frame = np.zeros((30, 40))
+    for positions in ([[np.nan, 3.0]], [[1.0, np.inf]]):
+        with pytest.raises(spotfit.SpotfitInputError, match="^positions must be finite"):
+            spotfit.fit_spots(frame, positions)
+    with pytest.raises(spotfit.SpotfitInputError, match=r"^positions must be an \(n, 2\)"):
+        spotfit.fit_spots(frame, [[1.0, 2.0, 3.0]])
+    assert len(spotfit.fit_spots(frame, np.zeros((0, 2)))) == 0
+
+
+def test_saturated_spots_are_flagged(movie):
+    """A spot with a pixel clipped at the dtype's maximum gets status saturated; its
+    neighbours and a float image with the same values do not."""
+    img, truth = movie
+    frame = img[0].copy()
+    row = truth[truth.frame == 0].iloc[0]
+    frame[int(round(row.y)), int(round(row.x))] = np.iinfo(np.uint16).max
+    for crowded in (False, True):
+        found = spotfit.fit(frame, camera=CAMERA, crowded=crowded)
+        near = np.hypot(found.x - row.x, found.y - row.y) < 1.5
+        assert near.sum() == 1
+        assert (found.status[near] == "saturated").all()
+        assert (found.status[~near] != "saturated").all()
+    as_float = spotfit.fit(frame.astype(np.float32), camera=CAMERA)
+    assert (as_float.status != "saturated").all()
+
+
+def test_a_baseline_above_every_pixel_gives_one_warning(movie):
+    img, _ = movie
+    with pytest.warns(spotfit.SpotfitWarning, match=r"baseline \(5000 ADU\) is above 100.0% of the pixels") as record:
+        spotfit.fit(img, camera=Camera(baseline=5000.0, gain=1.0))
+    assert len(record) == 1  # one line, not one per frame
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spotfit.fit(img, camera=CAMERA)
+
+
+def test_masked_pixels_are_left_out(movie):
+    """Whatever hides under the mask changes nothing: not the candidates, not the fits."""
+    img, truth = movie
+    frame = img[0].astype(np.float64)
+    row = truth[truth.frame == 0].iloc[2]
+    y, x = int(round(row.y)), int(round(row.x))
+    mask = np.zeros(frame.shape, bool)
+    mask[y - 1, x + 1] = True  # inside the spot's window
+    mask[5, 7] = True  # far from any spot
+    results = []
+    for garbage in (0.0, 1e6):
+        data = frame.copy()
+        data[mask] = garbage
+        results.append(spotfit.fit(np.ma.masked_array(data, mask=mask), camera=CAMERA))
+    pd.testing.assert_frame_equal(results[0], results[1])
+    unmasked = frame.copy()
+    unmasked[mask] = 1e6
+    assert len(spotfit.fit(unmasked, camera=CAMERA)) > len(results[0])  # garbage makes spots
+    plain = spotfit.fit(frame, camera=CAMERA)
+    assert len(plain) == len(results[0])
+    spot = np.argmin(np.hypot(plain.x - row.x, plain.y - row.y))
+    assert results[0].x[spot] == pytest.approx(plain.x[spot], abs=0.05)  # one pixel fewer
+    assert results[0].x[spot] != plain.x[spot]
+
+
+def test_memory_is_bounded_by_the_batch_not_the_candidates(monkeypatch):
+    """A noise frame at threshold 0.5 (a candidate every ~50 px): fitted in batches of 100
+    windows, the fit's peak of array memory is a fraction of fitting all candidates at once
+    (benchmarks/candidate_memory.py measures whole processes)."""
+    import tracemalloc
+
+    frame = (100 + np.random.default_rng(1).poisson(20, (256, 320))).astype(np.uint16)
+
+    def peak():
+        tracemalloc.start()
+        found = spotfit.fit(frame, camera=CAMERA, threshold=0.5)
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return size, found
+
+    whole, expected = peak()
+    assert len(expected) > 1000
+    monkeypatch.setattr(single, "PIXEL_BUDGET", 100 * 81)
+    batched, found = peak()
+    pd.testing.assert_frame_equal(found, expected)
+    assert batched < 0.5 * whole, (batched, whole)
+
+
+def test_input_errors_keep_their_parameter_across_processes():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(spotfit.SpotfitInputError("sigma must be > 0", parameter="sigma")))
+    assert str(err) == "sigma must be > 0" and err.parameter == "sigma"
+
+
+def test_config_choices_are_the_registries():
+    """FitConfig's choices (numpy-free, for the command line) name what the registries build."""
+    from spotfit.config import ESTIMATOR_CHOICES, MODEL_CHOICES
+    from spotfit.estimators import ESTIMATOR_NAMES
+    from spotfit.models import MODEL_NAMES, REGISTRY
+
+    assert MODEL_CHOICES == MODEL_NAMES and {name for name, _ in REGISTRY} == set(MODEL_NAMES)
+    assert ESTIMATOR_CHOICES == ESTIMATOR_NAMES

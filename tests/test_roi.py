@@ -1,0 +1,136 @@
+"""Windows: cutting, masks, window <-> image coordinates, neighbour masking.
+
+Images are non-square and filled with ``value = 1000 * row + col`` (``+ 10^6 *
+plane``), so every pixel says where it came from.
+"""
+
+import numpy as np
+import pytest
+
+from spotfit import roi
+from spotfit.models import Grid
+
+NY, NX = 20, 31
+
+
+def _ramp(shape):
+    idx = np.indices(shape)
+    out = 1000.0 * idx[-2] + idx[-1]
+    if len(shape) == 3:
+        out = out + 1e6 * idx[0]
+    return out
+
+
+def test_cut_takes_the_pixels_around_each_centre():
+    image = _ramp((NY, NX))
+    w = roi.cut(image, np.array([[5, 7], [10, 20]]), 2)  # (row, col)
+    assert w.grid.shape == (5, 5) and w.data.shape == (2, 25)
+    np.testing.assert_array_equal(w.origin, [[5, 3], [18, 8]])  # (x, y) of the first pixel
+    block = w.data[0].reshape(5, 5)
+    np.testing.assert_array_equal(block, image[3:8, 5:10])
+    assert w.mask.all()
+
+
+def test_border_windows_are_masked_outside_and_keep_their_origin():
+    image = _ramp((NY, NX))
+    w = roi.cut(image, np.array([[0, NX - 1]]), (1, 2))  # top-right corner, 3 x 5 window
+    mask = w.mask[0].reshape(3, 5)
+    np.testing.assert_array_equal(mask[0], False)  # row -1
+    np.testing.assert_array_equal(mask[:, 3:], False)  # cols NX, NX + 1
+    assert mask[1:, :3].all()
+    data = w.data[0].reshape(3, 5)
+    assert np.all(data[~mask] == 0)
+    np.testing.assert_array_equal(data[1:, :3], image[0:2, NX - 3:NX])
+    np.testing.assert_array_equal(w.origin[0], [NX - 3, -1])
+    first, last = w.valid_extent()
+    np.testing.assert_array_equal(first[0], [0, 1])  # x, y of the first valid pixel
+    np.testing.assert_array_equal(last[0], [2, 2])
+
+
+def test_valid_map_masks_like_the_border():
+    image = _ramp((NY, NX))
+    valid = np.ones((NY, NX), bool)
+    valid[6, 8] = False
+    w = roi.cut(image, np.array([[5, 7]]), 2, valid=valid)
+    mask = w.mask[0].reshape(5, 5)
+    assert not mask[3, 3] and mask.sum() == 24  # pixel (row 6, col 8) = window (3, 3)
+    assert w.data[0].reshape(5, 5)[3, 3] == 0
+
+
+def test_cut_3d_and_read_variance_follow_the_same_pixels():
+    image = _ramp((6, NY, NX))
+    read_var = image * 2
+    w = roi.cut(image, np.array([[2, 5, 7]]), (1, 2, 3), read_var=read_var)
+    assert w.grid.shape == (3, 5, 7)
+    np.testing.assert_array_equal(w.data[0].reshape(3, 5, 7), image[1:4, 3:8, 4:11])
+    np.testing.assert_array_equal(w.read_var, 2 * w.data)
+    np.testing.assert_array_equal(w.origin[0], [4, 3, 1])  # x, y, z
+
+
+def test_window_and_image_coordinates():
+    w = roi.cut(_ramp((NY, NX)), np.array([[5, 7], [0, 0]]), 2)
+    rel = np.array([[2.25, 1.5], [0.0, 0.0]])
+    np.testing.assert_allclose(w.to_image(rel), [[7.25, 4.5], [-2.0, -2.0]])
+    # inside: within [-1/2, S - 1/2) and on an image pixel
+    assert w.inside(np.array([[-0.49, 4.49], [2.0, 2.0]])).tolist() == [True, True]
+    assert w.inside(np.array([[4.5, 0.0], [1.0, 2.0]])).tolist() == [False, False]  # beyond; masked pixel
+
+
+def test_scatter_add_inverts_cut():
+    image = np.zeros((NY, NX))
+    grid = Grid((3, 5))
+    values = np.arange(30, dtype=float).reshape(2, 15)
+    origin = np.array([[2, 4], [NX - 2, NY - 2]])  # the second sticks out of the image
+    roi.scatter_add(image, values, origin, grid)
+    np.testing.assert_array_equal(image[4:7, 2:7], values[0].reshape(3, 5))
+    assert image[NY - 2:, NX - 2:].tolist() == [[15.0, 16.0], [20.0, 21.0]]
+    assert image.sum() == values[0].sum() + 15 + 16 + 20 + 21
+
+
+def test_neighbour_pixels_are_masked_on_the_bisector():
+    """Two candidates 4 px apart along x: each window loses the pixels within the reach of the
+    other that are nearer to it, and keeps its own half."""
+    image = np.zeros((NY, NX))
+    centres = np.array([[10, 10], [10, 14]])
+    w = roi.cut(image, centres, 3)
+    n = roi.mask_neighbours(w, centres, radius=2.5)
+    left = w.mask[0].reshape(7, 7)
+    right = w.mask[1].reshape(7, 7)
+    cols = np.arange(7) + 7  # image columns 7..13 of the left window; the neighbour is at 14
+    assert not left[1:6, cols == 13].any()  # within 2.5 px of the neighbour (rows 8-12)
+    assert left[0, cols == 13].all() and left[6, cols == 13].all()  # 3.2 px away: kept
+    assert left[:, cols == 12].all()  # on the bisector (x = 12): kept (not nearer to the other)
+    assert left[:, cols <= 11].all()  # its own half is whole
+    assert (~left).sum() == 5
+    np.testing.assert_array_equal(left, right[:, ::-1])  # symmetric
+    assert n == (~w.mask).sum()
+
+
+def test_neighbours_from_all_candidates_when_cut_in_chunks():
+    """Windows cut for some candidates, neighbours looked for among all: the same masks."""
+    rng = np.random.default_rng(3)
+    centres = np.unique(rng.integers(0, (NY, NX), (40, 2)), axis=0)
+    image = np.zeros((NY, NX))
+    whole = roi.cut(image, centres, 3)
+    roi.mask_neighbours(whole, centres, 3.0)
+    for part in np.array_split(np.arange(len(centres)), 3):
+        chunk = roi.cut(image, centres[part], 3)
+        roi.mask_neighbours(chunk, centres[part], 3.0, others=centres)
+        np.testing.assert_array_equal(chunk.mask, whole.mask[part])
+
+
+def test_concatenate_keeps_order_and_read_variance():
+    image = _ramp((NY, NX))
+    a = roi.cut(image, np.array([[3, 3]]), 1, read_var=image)
+    b = roi.cut(image, np.array([[9, 9], [12, 20]]), 1, read_var=image)
+    both = roi.concatenate([a, b])
+    assert len(both) == 3
+    np.testing.assert_array_equal(both.data, np.concatenate([a.data, b.data]))
+    np.testing.assert_array_equal(both.read_var, both.data)
+    np.testing.assert_array_equal(both.origin[1:], b.origin)
+
+
+@pytest.mark.parametrize("half", [0, 1, 4])
+def test_window_size(half):
+    w = roi.cut(np.zeros((NY, NX)), np.array([[5, 5]]), half)
+    assert w.grid.shape == (2 * half + 1, 2 * half + 1)
