@@ -21,7 +21,10 @@ output path is:
 * a directory: refused.
 
 Temporary files are named ``.<name>.<8 hex digits>.tmp<suffix>`` and are
-locked (``flock``) while in use.  A killed run can leave one behind;
+locked while in use (an open-file-description lock on Linux, ``F_OFD_SETLK``:
+it does not conflict with the ``flock`` a writer such as HDF5 takes on the
+same file, and closing another descriptor of the file does not drop it;
+``flock`` elsewhere).  A killed run can leave one behind;
 :func:`remove_stale_temporaries` removes those of an output, but never one
 that another live run is writing (it is locked) or that was just created.
 """
@@ -34,6 +37,7 @@ import re
 import secrets
 import shutil
 import stat
+import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -128,6 +132,22 @@ class _Output:
         self.close()
 
 
+def _lock(fd: int) -> bool:
+    """Take an exclusive lock on the open file `fd` without waiting; True if taken."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return True
+    ofd = getattr(fcntl, "F_OFD_SETLK", None)
+    try:
+        if ofd is not None:
+            # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+            fcntl.fcntl(fd, ofd, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+        else:  # pragma: no cover - not Linux
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
 def _ids(fd) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_uid, st.st_gid
@@ -154,9 +174,7 @@ def _create_beside(target: Path, shown: Path) -> tuple[Path, int]:
             continue
         except OSError as exc:
             raise _cannot_write(shown, exc) from exc
-        if fcntl is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock(fd)
         try:
             try:
                 os.link(fresh, tmp)  # fails if the name is taken: never clobbers
@@ -379,16 +397,13 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
         if not pattern.fullmatch(entry):
             continue
         full = os.path.join(folder, entry)
-        try:
-            fd = os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:  # read-write: an exclusive fcntl lock needs a descriptor open for writing
+            fd = os.open(full, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             continue
         try:
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # a live run is writing it
+            if not _lock(fd):
+                continue  # a live run is writing it
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 continue

@@ -176,11 +176,16 @@ def test_out_to_a_fifo_writes_into_it(image, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cell.tif", "pipe"]
 
 
-@pytest.mark.skipif(not Path("/dev/stdout").exists(), reason="needs /dev/stdout")
-def test_out_to_dev_stdout_writes_to_the_pipe(image):
-    proc = spotfit_process("detect", image, "--out", "/dev/stdout")
+@pytest.mark.skipif(not Path("/proc/self/fd/1").exists(), reason="needs /proc/self/fd")
+def test_out_to_a_link_to_standard_output_writes_to_the_pipe(image, tmp_path):
+    """Like ``--out /dev/stdout`` (a link to /proc/self/fd/1, a pipe here), on a private
+    link, so that a regression replaces that link and not the machine's /dev/stdout."""
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    proc = spotfit_process("detect", image, "--out", link)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("frame,x,y,score\n")
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
 
 
 def test_out_through_a_symlink_replaces_its_target_and_keeps_the_link(image, tmp_path):
@@ -391,7 +396,8 @@ def test_disk_full_without_an_old_pair_leaves_neither_file(folder, tmp_path, mon
     out = tmp_path / "out"
     result = run("fit", folder, "--out-dir", out, *CAMERA_ARGS, "--workers", "1")
     assert result.exit_code == 1
-    assert sorted(snapshot(out)) == ["a.csv", "a.json", "b.csv", "b.json", "d.csv", "d.json"]
+    assert sorted(snapshot(out)) == [
+        "a.csv", "a.json", "b.csv", "b.json", "d.csv", "d.json", "report.html"]
 
 
 # ---------------------------------------------------------------------------
@@ -421,7 +427,8 @@ def test_a_crashed_worker_fails_only_its_file(folder, tmp_path):
     assert len(errors) == 1 and errors[0].startswith(f"Error: {folder / 'b.tif'}: ")
     assert "killed by SIGKILL" in errors[0]
     assert proc.stderr.strip().splitlines()[-1].startswith("4 files: 3 ok, 1 failed, 0 skipped")
-    assert sorted(snapshot(out)) == ["a.csv", "a.json", "c.csv", "c.json", "d.csv", "d.json"]
+    assert sorted(snapshot(out)) == [
+        "a.csv", "a.json", "c.csv", "c.json", "d.csv", "d.json", "report.html"]
 
 
 _TRUNCATE_SCRIPT = """
