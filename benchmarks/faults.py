@@ -92,6 +92,22 @@ def start(args: list, cwd: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+#: Seconds a faulted run may take to end before it is reported as hanging.
+HANG = 120.0
+
+
+def finish(proc: subprocess.Popen) -> str:
+    """Wait for `proc` (and whatever holds its output); its stderr.  A run that does not
+    end within HANG seconds is reported and killed with its whole process group."""
+    try:
+        _, stderr = proc.communicate(timeout=HANG)
+        return stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its (orphaned) workers
+        _, stderr = proc.communicate()
+        return stderr + f"\nHANG: still running (or its output still held open) after {HANG:.0f} s"
+
+
 def wait_for(condition, timeout=120.0, step=0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -135,6 +151,8 @@ def report(title: str, proc: subprocess.Popen, stderr: str, out: Path, workers: 
     tail = stderr.strip().splitlines()[-1:] if stderr.strip() else []
     for line in errors_of(stderr) or tail:
         print(f"  stderr: {line}")
+    if "HANG" in stderr:
+        print(f"  {stderr.strip().splitlines()[-1]}")
     if "Traceback" in stderr or "leaked" in stderr:
         print("  stderr holds a TRACEBACK or a leaked-resource warning")
     print(f"on disk: {disk_state(out)}")
@@ -145,7 +163,7 @@ def report(title: str, proc: subprocess.Popen, stderr: str, out: Path, workers: 
 def rerun(inputs: Path, out: Path, cwd: Path) -> None:
     proc = start(["fit", inputs, "--out-dir", out, "--workers", "2", "--skip-existing",
                   *CAMERA_ARGS], cwd)
-    _, stderr = proc.communicate(timeout=600)
+    stderr = finish(proc)
     summary = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     print(f"rerun with --skip-existing: exit {proc.returncode}, {summary!r}")
     print(f"  then on disk: {disk_state(out)}")
@@ -169,7 +187,7 @@ def batch_case(title, work: Path, inputs: Path, fault) -> None:
         return
     workers[:] = sorted(set(workers) | set(children(proc.pid)))
     fault(proc, workers)
-    _, stderr = proc.communicate(timeout=600)
+    stderr = finish(proc)
     time.sleep(0.5)  # workers that die with their parent need a moment
     report(title, proc, stderr, out, workers)
     if proc.returncode != 0 or any(n.startswith(".") for n in os.listdir(out)):
@@ -217,7 +235,8 @@ def disk_full_case(work: Path, inputs: Path) -> None:
                                                     "--workers", "1", *CAMERA_ARGS],
                                capture_output=True, text=True)
         assert first.returncode == 0, first.stderr + probe.stderr
-        old = {p.name: p.read_bytes() for p in out.iterdir()}
+        pair = ("f0.csv", "f0.json")
+        old = {name: (out / name).read_bytes() for name in pair}
         env = dict(os.environ)
         if mounted:
             # leave room for the new CSV's pages, not one page more: the
@@ -246,7 +265,7 @@ def disk_full_case(work: Path, inputs: Path) -> None:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         _, stderr = proc.communicate(timeout=600)
         report(f"{title} ({how})", proc, stderr, out, [])
-        now = {p.name: p.read_bytes() for p in out.iterdir()}
+        now = {name: (out / name).read_bytes() for name in pair if (out / name).exists()}
         print(f"old CSV and sidecar unchanged: {'yes' if now == old else 'NO'}")
     finally:
         if mounted:
@@ -264,7 +283,7 @@ def truncated_case(work: Path) -> None:
     time.sleep(8.0)  # start-up (~3 s), then some hundred frames of 3000
     still_running = proc.poll() is None
     os.truncate(movie, movie.stat().st_size // 2)
-    _, stderr = proc.communicate(timeout=600)
+    stderr = finish(proc)
     print(f"\n== {title} ==")
     print(f"truncated to half its size while the run was {'running' if still_running else 'DONE'}")
     print(f"exit status: {proc.returncode}" + (" (SIGBUS)" if proc.returncode == -7 else ""))
