@@ -270,7 +270,7 @@ def test_fit_and_detect_do_not_modify_the_callers_float_array(tmp_path):
     np.testing.assert_array_equal(image, before)
     second = spotfit.fit(image, camera=CAMERA)  # the same answer twice
     np.testing.assert_array_equal(first.to_numpy(dtype=str), second.to_numpy(dtype=str))
-    spotfit.detect(image, 1.3, camera=CAMERA)
+    spotfit.detect(image, sigma=1.3, camera=CAMERA)
     spotfit.fit_spots(image, first[["x", "y"]].to_numpy(), camera=CAMERA)
     np.testing.assert_array_equal(image, before)
 
@@ -293,7 +293,7 @@ def test_a_writable_memory_map_of_a_tiff_is_not_written_to(tmp_path):
     before = path.read_bytes()
     mapped = tifffile.memmap(path)  # mode r+
     spotfit.fit(mapped, camera=CAMERA)
-    spotfit.detect(mapped, 1.3, camera=CAMERA)
+    spotfit.detect(mapped, sigma=1.3, camera=CAMERA)
     del mapped
     assert path.read_bytes() == before
 
