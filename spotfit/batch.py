@@ -11,17 +11,27 @@ add µm columns), so one file gives the same table either way.
   shell did not expand (``"data/*.tif"``).  Each input ``<stem>.tif`` gives
   ``<out_dir>/<stem>.csv`` and the provenance sidecar ``<out_dir>/<stem>.json``;
   two inputs with the same stem are refused before any work.
-* Files are processed in parallel by ``workers`` processes
-  (:class:`concurrent.futures.ProcessPoolExecutor`, ``spawn`` start method);
-  each process fits with one solver thread, so cores are not
-  oversubscribed.  With one worker (or one file) everything runs in this
-  process.  Tables do not depend on the number of workers.
+* Files are processed in parallel by ``workers`` processes (``spawn``
+  start method, at most one per core and per file), each connected to this
+  process by its own pipe; each fits with one solver thread, so cores are
+  not oversubscribed.  With one worker (or one file) everything runs in
+  this process.  Tables do not depend on the number of workers.
 * A problem with one file (a :class:`~spotfit.errors.SpotfitInputError` or
   ``OSError``: corrupt, empty, unsupported pixel type, ...) is recorded and
   the other files still run; unexpected errors are recorded too, as such.
-* Outputs are written atomically (:func:`spotfit._atomic.atomic_path`): the
-  CSV first, then the sidecar, so a sidecar only exists beside a complete
-  CSV.  ``skip_existing`` skips inputs whose CSV and sidecar exist and whose
+  A worker process that dies (killed, out of memory, a crash in a library)
+  fails only the file it was processing: a new worker takes its place and
+  the batch goes on.  Warnings of a file are returned with its result.
+* Interruption (Ctrl-C, or SIGTERM where the caller turns it into
+  :class:`spotfit.errors.Terminated`, as the command line does) stops the
+  workers: they remove their temporary files and exit; finished outputs
+  stay, no partial output is left.  Workers also stop when this process
+  dies (Linux: parent-death signal).
+* The CSV and its sidecar are written as a pair
+  (:func:`spotfit._atomic.atomic_group`): both are replaced, or neither (a
+  failure, e.g. a full disk while writing the sidecar, keeps the old pair),
+  and a sidecar never stands beside a CSV it does not describe.
+  ``skip_existing`` skips inputs whose CSV and sidecar exist and whose
   sidecar records the same input size, modification time and parameters.
 
 This module imports only the standard library at import time (worker
@@ -30,7 +40,6 @@ processes set their thread limits before numpy is loaded).
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import functools
 import glob
@@ -38,14 +47,16 @@ import json
 import multiprocessing
 import os
 import platform
-import re
 import shutil
+import signal
 import sys
 import time
+import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from spotfit.errors import SpotfitInputError
+from spotfit.errors import SpotfitInputError, SpotfitWarning, Terminated
 
 __all__ = [
     "BatchSummary", "FileResult", "TASKS", "expand_inputs", "load_config", "parameters",
@@ -70,11 +81,23 @@ SIDECAR_VERSION = 1
 #: with ``_``); keys of FitConfig and Camera are accepted inside the
 #: sidecar's ``config`` and ``camera`` sections.
 CONFIG_KEYS = (
-    "axes", "channel", "invert", "pixel_size", "z_step", "workers",
+    "axes", "channel", "invert", "series", "pixel_size", "z_step", "workers",
     "sigma", "sigma_z", "threshold", "min_distance", "window", "model", "estimator",
     "integrated", "fix_sigma", "max_iter", "min_snr", "crowded", "group_radius", "max_group",
     "baseline", "gain", "em_gain", "read_noise",
 )
+
+#: Value types of the ``--config`` parameters (None is always allowed: the default).
+_INT_KEYS = ("series", "workers", "min_distance", "window", "max_iter", "max_group")
+_BOOL_KEYS = ("invert", "integrated", "fix_sigma", "crowded")
+_STR_KEYS = ("axes", "model", "estimator")
+_NUMBER_KEYS = tuple(
+    k for k in CONFIG_KEYS if k not in _INT_KEYS + _BOOL_KEYS + _STR_KEYS + ("channel",)
+)
+
+#: Keys of the sidecar's ``parameters`` sections that spotfit writes but
+#: that are not options (accepted and ignored in a ``--config`` file).
+_WRITTEN_ONLY = {"camera": ("unit",), "parameters": ("task", "command")}
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                      "NUMBA_NUM_THREADS")
@@ -101,6 +124,8 @@ class FileResult:
         Rows written (ok), or recorded in the sidecar (skipped).
     seconds : float
         Processing time of this file.
+    warnings : tuple of str
+        Distinct warnings raised while processing it (one line each).
     """
 
     input: str
@@ -109,6 +134,7 @@ class FileResult:
     message: str = ""
     n_spots: int = 0
     seconds: float = 0.0
+    warnings: tuple = ()
 
 
 @dataclass
@@ -245,18 +271,19 @@ def output_paths(files, out_dir) -> list:
 
 
 def parameters(task, config, camera, axes=None, channel=None, pixel_size=None, z_step=None,
-               workers=None, invert=False) -> dict:
+               workers=None, invert=False, series=None) -> dict:
     """Every parameter that determines a table, as the sidecar records it.
 
     ``config`` holds every :class:`~spotfit.config.FitConfig` field
     (``workers``: the ``--workers`` value), ``camera``
     :meth:`~spotfit.camera.Camera.as_dict`; ``axes``, ``channel``,
     ``pixel_size`` and ``z_step`` are the user's overrides (None: from the
-    file).  This is also the format :func:`load_config` reads.
+    file), ``series`` the image series (only recorded when given).  This is
+    also the format :func:`load_config` reads.
     """
     config_dict = dict(config.as_dict())
     config_dict["workers"] = workers
-    return {
+    params = {
         "task": task,
         "axes": axes,
         "channel": channel,
@@ -266,6 +293,9 @@ def parameters(task, config, camera, axes=None, channel=None, pixel_size=None, z
         "config": config_dict,
         "camera": camera.as_dict(),
     }
+    if series is not None:
+        params["series"] = series
+    return params
 
 
 def _comparable(params) -> str:
@@ -319,9 +349,9 @@ def load_config(path, allowed=None) -> dict:
     if not isinstance(params, dict):
         raise SpotfitInputError(f"{where}: 'parameters' must be a JSON object")
 
-    flat, unknown = {}, []
+    flat, unknown, bad = {}, [], []
 
-    def take(key, value, strict):
+    def take(key, value, section):
         name = str(key).lstrip("-").replace("-", "_")
         if name in CONFIG_KEYS:
             if isinstance(value, str) and value.startswith("map("):
@@ -329,27 +359,50 @@ def load_config(path, allowed=None) -> dict:
                     f"{where}: {name} is a per-pixel map ({value}); a --config file can "
                     "only give single values"
                 )
+            problem = _type_problem(name, value)
+            if problem:
+                bad.append(f"{key}: {problem}, not {json.dumps(value)}")
             flat[name] = value
-        elif strict:
-            unknown.append(str(key))
+        elif str(key) not in _WRITTEN_ONLY.get(section, ()):
+            unknown.append(str(key) if section == "parameters" else f"{section}.{key}")
 
     for key, value in params.items():
-        if key in ("config", "camera") and isinstance(value, dict):
+        if key in ("config", "camera"):
+            if not isinstance(value, dict):
+                raise SpotfitInputError(f"{where}: '{key}' in --config must be a JSON object")
             for k, v in value.items():
-                take(k, v, strict=False)  # written by spotfit: e.g. camera "unit"
-        elif key in ("task", "command"):
-            continue
+                take(k, v, key)
         else:
-            take(key, value, strict=True)
+            take(key, value, "parameters")
     if unknown:
         raise SpotfitInputError(
             f"{where}: unknown parameter(s) {', '.join(sorted(unknown))} in --config "
             f"(known: {', '.join(CONFIG_KEYS)})"
         )
+    if bad:
+        raise SpotfitInputError(f"{where}: invalid value(s) in --config: {'; '.join(bad)}")
     return {
         k: v for k, v in flat.items()
         if v is not None and (allowed is None or k in allowed)
     }
+
+
+def _type_problem(name: str, value) -> str:
+    """Why `value` cannot be parameter `name` ('' if it can); JSON types, no coercion."""
+    if value is None:
+        return ""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if name == "channel":
+        return "" if is_int or value == "all" else "must be a whole number or \"all\""
+    if name in _INT_KEYS:
+        return "" if is_int else "must be a whole number"
+    if name in _BOOL_KEYS:
+        return "" if isinstance(value, bool) else "must be true or false"
+    if name in _STR_KEYS:
+        return "" if isinstance(value, str) else "must be a string"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "must be a number"
+    return ""
 
 
 # ---------------------------------------------------------------------------
@@ -379,14 +432,11 @@ def _reporting(img, on_frame):
     return new
 
 
-def _close(img) -> None:
-    close = getattr(img.data, "close", None)
-    if callable(close):
-        close()
 
 
 def process_file(path, task="fit", config=None, camera=None, axes=None, channel=None,
-                 pixel_size=None, z_step=None, on_frame=None, on_image=None, invert=False):
+                 pixel_size=None, z_step=None, on_frame=None, on_image=None, invert=False,
+                 series=None):
     """Read one TIFF, detect or fit every frame; return the table and a description.
 
     Parameters
@@ -411,6 +461,8 @@ def process_file(path, task="fit", config=None, camera=None, axes=None, channel=
     invert : bool
         Dark objects on a light background: process the inverted image
         (:mod:`spotfit.invert`); refused with a calibrated camera.
+    series : int, optional
+        Image series of a file that holds several (``--series``).
 
     Returns
     -------
@@ -447,7 +499,7 @@ def process_file(path, task="fit", config=None, camera=None, axes=None, channel=
 
     if channel == "all":
         start = time.perf_counter()
-        n_channels = count_channels(where, axes)
+        n_channels = count_channels(where, axes, series=series)
         timings["read"] += time.perf_counter() - start
         channels = list(range(n_channels)) if n_channels > 1 else [None]
     else:
@@ -456,7 +508,7 @@ def process_file(path, task="fit", config=None, camera=None, axes=None, channel=
     tables, info = [], {}
     for c in channels:
         start = time.perf_counter()
-        img = read_image(where, axes=axes, channel=c)
+        img = read_image(where, axes=axes, channel=c, series=series)
         if invert:
             from spotfit.invert import invert_image
 
@@ -487,7 +539,7 @@ def process_file(path, task="fit", config=None, camera=None, axes=None, channel=
                 "z_step_from": dz_from,
             }
         finally:
-            _close(img)
+            img.close()
     non_empty = [t for t in tables if len(t)] or tables[:1]
     table = pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else non_empty[0]
     info["timings_s"] = timings
@@ -533,6 +585,7 @@ class _Job:
     run: dict
     invert: bool = False
     qc: str | None = None  # path of the QC picture to write, if any
+    series: object = None
 
 
 def _message(exc: BaseException, path: str) -> str:
@@ -566,20 +619,18 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_json(doc: dict, path: str) -> None:
-    from spotfit._atomic import atomic_path
-
-    text = json.dumps(doc, indent=2, allow_nan=True) + "\n"
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
+def _json_text(doc: dict) -> str:
+    return json.dumps(doc, indent=2, allow_nan=True) + "\n"
 
 
 def _run_job(job: _Job, report=None) -> FileResult:
-    """Process one file and write its outputs; never raises for a bad file.
+    """Process one file and write its CSV and sidecar; never raises for a bad file.
 
     `report(kind, index, value)` receives ``("image", i, n_frames)`` and
-    ``("frames", i, n_done)`` progress messages (optional).
+    ``("frames", i, n_done)`` progress messages (optional).  Warnings raised
+    while processing the file are collected into ``FileResult.warnings``.
+    An interruption (KeyboardInterrupt, :class:`~spotfit.errors.Terminated`)
+    propagates, after the temporary files are removed.
     """
     start = time.perf_counter()
     done = [0]
@@ -593,34 +644,65 @@ def _run_job(job: _Job, report=None) -> FileResult:
         if report is not None:
             report("image", job.index, n_frames)
 
-    try:
-        st = _stat(job.path)  # before reading: the sidecar describes what was read
-        table, info = process_file(
-            job.path, job.task, config=job.config, camera=job.camera, axes=job.axes,
-            channel=job.channel, pixel_size=job.pixel_size, z_step=job.z_step,
-            on_frame=on_frame, on_image=on_image, invert=job.invert,
-        )
-        from spotfit.table import write_table
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning,
+                         ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        try:
+            result = _process_and_write(job, start, on_frame, on_image)
+        except Exception as exc:  # a bad file (or a bug) is recorded; the batch goes on
+            result = FileResult(job.path, job.csv, "failed", _message(exc, job.path),
+                                seconds=time.perf_counter() - start)
+    lines = warning_lines(caught)
+    return dataclasses.replace(result, warnings=lines) if lines else result
 
-        t = time.perf_counter()
-        write_table(table, job.csv)
-        if job.qc:  # before the sidecar: a sidecar means every output is complete
+
+def _process_and_write(job: _Job, start: float, on_frame, on_image) -> FileResult:
+    from spotfit._atomic import atomic_group
+    from spotfit.table import to_csv_bytes
+
+    st = _stat(job.path)  # before reading: the sidecar describes what was read
+    table, info = process_file(
+        job.path, job.task, config=job.config, camera=job.camera, axes=job.axes,
+        channel=job.channel, pixel_size=job.pixel_size, z_step=job.z_step,
+        on_frame=on_frame, on_image=on_image, invert=job.invert, series=job.series,
+    )
+    t = time.perf_counter()
+    data = to_csv_bytes(table)
+    # CSV (QC picture) and sidecar as one group: all replaced, or none; the
+    # sidecar last (spotfit._atomic).
+    outputs = [job.csv] + ([job.qc] if job.qc else []) + [job.sidecar]
+    with atomic_group(outputs) as temporaries:
+        tmp_csv, tmp_json = temporaries[0], temporaries[-1]
+        with open(tmp_csv, "wb") as fh:
+            fh.write(data)
+        if job.qc:
             from spotfit.overlay import write_qc
 
-            write_qc(job.qc, job.path, table, axes=job.axes,
+            write_qc(temporaries[1], job.path, table, axes=job.axes,
                      channel=0 if job.channel == "all" else job.channel)
         timings = info.pop("timings_s")
         timings["write"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - start
-        _write_json(_sidecar(job, st, table, info, timings), job.sidecar)
-    except Exception as exc:  # a bad file (or a bug) is recorded; the batch goes on
-        return FileResult(job.path, job.csv, "failed", _message(exc, job.path),
-                          seconds=time.perf_counter() - start)
+        doc = _sidecar(job, st, table, info, timings, csv_bytes=len(data))
+        with open(tmp_json, "w", encoding="utf-8") as fh:
+            fh.write(_json_text(doc))
     return FileResult(job.path, job.csv, "ok", n_spots=len(table),
                       seconds=time.perf_counter() - start)
 
 
-def _sidecar(job: _Job, st, table, info: dict, timings: dict) -> dict:
+def warning_lines(records) -> tuple:
+    """Distinct warning messages of `records` (``warnings.WarningMessage``), one line each."""
+    lines = []
+    for record in records:
+        line = " ".join(str(record.message).split())
+        if line and line not in lines:
+            lines.append(line)
+    return tuple(lines)
+
+
+def _sidecar(job: _Job, st, table, info: dict, timings: dict, csv_bytes: int) -> dict:
     from spotfit import __version__
 
     if "status" in table.columns:
@@ -647,7 +729,7 @@ def _sidecar(job: _Job, st, table, info: dict, timings: dict) -> dict:
         "output": {
             "path": os.path.abspath(job.csv),
             "rows": int(len(table)),
-            "size_bytes": os.path.getsize(job.csv),
+            "size_bytes": int(csv_bytes),
         },
         "parameters": job.parameters,
         "pixel_size_um": info["pixel_size_um"],
@@ -661,27 +743,12 @@ def _sidecar(job: _Job, st, table, info: dict, timings: dict) -> dict:
     }
 
 
-def _remove_stale_temporaries(path: str) -> None:
-    """Remove temporary files a killed run left beside `path` (see spotfit._atomic).
+def _remove_stale_temporaries(job: _Job) -> None:
+    """Remove temporary files a killed run left beside `job`'s outputs (not a live run's)."""
+    from spotfit._atomic import remove_stale_temporaries
 
-    Only names of the form ``.<name>.<8 hex digits>.tmp<suffix>`` made for
-    this very output are removed.
-    """
-    folder, name = os.path.split(path)
-    suffix = os.path.splitext(name)[1]
-    pattern = re.compile(
-        rf"\.{re.escape(name[:120])}\.[0-9a-f]{{8}}\.tmp{re.escape(suffix[:30])}"
-    )
-    try:
-        entries = os.listdir(folder or ".")
-    except OSError:
-        return
-    for entry in entries:
-        if pattern.fullmatch(entry):
-            try:
-                os.unlink(os.path.join(folder, entry))
-            except OSError:
-                pass
+    for path in (job.csv, job.sidecar) + ((job.qc,) if job.qc else ()):
+        remove_stale_temporaries(path)
 
 
 def _up_to_date(job: _Job):
@@ -705,29 +772,92 @@ def _up_to_date(job: _Job):
 # ---------------------------------------------------------------------------
 # Worker processes
 # ---------------------------------------------------------------------------
-_QUEUE = None
+#: Exit status of a worker stopped by SIGTERM (128 + 15, as a shell reports it).
+_EXIT_TERMINATED = 128 + signal.SIGTERM
+_IN_JOB = False
 
 
-def _init_worker(queue) -> None:
-    """Worker start-up: one thread per numeric library; keep the progress queue."""
-    global _QUEUE
-    _QUEUE = queue
-    for name in _THREAD_VARIABLES:
+def _worker_sigterm(signum, frame):
+    """SIGTERM in a worker: unwind the current file (temporaries removed), then exit."""
+    if _IN_JOB:
+        raise Terminated()
+    os._exit(_EXIT_TERMINATED)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to send SIGTERM to this worker when the batch's main process dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:  # no prctl: workers then end when their pipe closes
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(_EXIT_TERMINATED)
+
+
+def _worker_main(conn, parent_pid: int) -> None:
+    """A worker process: receive jobs on `conn`, send progress and results back.
+
+    Messages to the parent: ``("progress", kind, index, value)`` and
+    ``("done", FileResult)``.  ``None`` (or a closed pipe) ends the worker.
+    SIGINT is ignored (Ctrl-C reaches the main process, which stops the
+    workers); SIGTERM ends the worker after removing its temporary files.
+    """
+    global _IN_JOB
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+    _die_with_parent(parent_pid)
+    for name in _THREAD_VARIABLES:  # one thread per numeric library, before numpy loads
         os.environ.setdefault(name, "1")
-
-
-def _worker(job: _Job) -> FileResult:
-    if _QUEUE is None:
-        return _run_job(job)
     last = [0.0]
 
     def report(kind, index, value):
         now = time.monotonic()
         if kind == "image" or now - last[0] >= _REPORT_INTERVAL:
             last[0] = now
-            _QUEUE.put((kind, index, value))
+            conn.send(("progress", kind, index, value))
 
-    return _run_job(job, report)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        _IN_JOB = True
+        try:
+            result = _run_job(job, report)
+        except KeyboardInterrupt:  # Terminated: temporaries are gone; stop
+            os._exit(_EXIT_TERMINATED)
+        finally:
+            _IN_JOB = False
+        try:
+            conn.send(("done", result))
+        except (OSError, ValueError):
+            return
+
+
+def _describe_exit(code) -> str:
+    if code is None:
+        return "it stopped answering"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = {
+            "SIGKILL": " (killed, e.g. by the out-of-memory killer or kill -9)",
+            "SIGSEGV": " (a crash in compiled code)",
+            "SIGBUS": " (a crash reading memory, e.g. a file changed while read)",
+        }.get(name, "")
+        return f"it was killed by {name}{hint}"
+    if code == _EXIT_TERMINATED:
+        return "it was terminated (SIGTERM)"
+    return f"it exited with status {code}"
 
 
 # ---------------------------------------------------------------------------
@@ -806,9 +936,18 @@ class _ProgressBar:
 # ---------------------------------------------------------------------------
 # The batch
 # ---------------------------------------------------------------------------
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, channel=None,
               pixel_size=None, z_step=None, workers=None, skip_existing=False,
-              progress=None, invert=False, qc=False, report=False) -> BatchSummary:
+              progress=None, invert=False, qc=False, report=False, series=None
+              ) -> BatchSummary:
     """Detect or fit every input file; write ``<out_dir>/<stem>.csv`` and ``.json`` each.
 
     Parameters
@@ -821,13 +960,14 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
     config : FitConfig, optional
         Detection and fit options (its ``workers`` is replaced: see `workers`).
     camera : Camera, optional
-    axes, channel, pixel_size, z_step : optional
+    axes, channel, pixel_size, z_step, series : optional
         As in :func:`process_file`; the same for every file.
     workers : int, optional
-        Processes working on files in parallel (default: all cores, at most
-        one per file).  Each fits with one solver thread; with one worker,
-        or one file, files are processed in this process and the solver
-        uses `workers` threads.  Tables do not depend on `workers`.
+        Processes working on files in parallel (default: all cores; at most
+        one per core and one per file).  Each fits with one solver thread;
+        with one worker, or one file, files are processed in this process
+        and the solver uses `workers` threads (at most one per core).
+        Tables do not depend on `workers`.
     skip_existing : bool
         Skip files whose CSV and sidecar exist and whose sidecar records the
         same input size and modification time and the same parameters
@@ -846,14 +986,22 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
     Returns
     -------
     BatchSummary
-        One :class:`FileResult` per input file, in input order.
+        One :class:`FileResult` per input file, in input order.  Warnings of
+        a file are in its ``warnings`` and are also re-issued here as
+        :class:`~spotfit.errors.SpotfitWarning` ``"<file>: <message>"``.
 
     Raises
     ------
     SpotfitInputError
         Before any file is processed: no input files, an output name clash,
         or an output folder that cannot be created.  Problems with single
-        files are recorded in the summary instead.
+        files (including a worker process that died) are recorded in the
+        summary instead.
+    KeyboardInterrupt
+        Ctrl-C, or :class:`~spotfit.errors.Terminated` (SIGTERM, when the
+        caller installs :func:`spotfit.errors.raise_terminated`): the worker
+        processes are stopped first; finished files keep their outputs, the
+        others are left without any.
     """
     from spotfit.camera import Camera
     from spotfit.config import FitConfig
@@ -862,7 +1010,9 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
     start = time.perf_counter()
     if task not in TASKS:
         raise SpotfitInputError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, int) or workers < 1
+    ):
         raise SpotfitInputError(f"--workers must be a whole number >= 1, got {workers!r}")
     config = config or FitConfig()
     camera = camera or Camera()
@@ -884,12 +1034,13 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
 
         check_camera(camera)
     params = parameters(task, config, camera, axes, channel, pixel_size, z_step, workers,
-                        invert)
-    n_cores = workers or os.cpu_count() or 1
+                        invert, series=series)
+    n_cores = min(workers or available_cores(), available_cores())
     jobs, results = [], {}
     for i, (f, (csv, sidecar)) in enumerate(zip(files, paths)):
         job = _Job(i, f, csv, sidecar, task, config, camera, axes, channel, pixel_size,
-                   z_step, params, {}, invert=bool(invert), qc=qc_path(csv) if qc else None)
+                   z_step, params, {}, invert=bool(invert), qc=qc_path(csv) if qc else None,
+                   series=series)
         n_spots = _up_to_date(job) if skip_existing else None
         if job.qc and not os.path.isfile(job.qc):
             n_spots = None  # its picture is missing: redo the file
@@ -897,8 +1048,7 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
             results[i] = FileResult(f, csv, "skipped", n_spots=n_spots)
         else:
             jobs.append(job)
-            for path in (csv, sidecar) + ((job.qc,) if job.qc else ()):  # left by an interrupted run
-                _remove_stale_temporaries(path)
+            _remove_stale_temporaries(job)  # left by a killed run (never a live run's)
 
     processes = min(n_cores, len(jobs))
     threads = 1 if processes > 1 else n_cores
@@ -921,11 +1071,14 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
                 if bar:
                     bar.file_done(job.index, result.n_spots)
         else:
-            results.update(_run_pool(jobs, processes, bar))
+            results.update(_Pool(processes, bar).run(jobs))
     finally:
         if bar:
             bar.close()
     ordered = [results[i] for i in range(len(files))]
+    for result in ordered:
+        for line in result.warnings:
+            warnings.warn(f"{result.input}: {line}", SpotfitWarning, stacklevel=2)
     summary = BatchSummary(ordered, time.perf_counter() - start)
     if report:
         from spotfit.report import REPORT_NAME, write_report
@@ -942,37 +1095,159 @@ def _size(path) -> int:
         return 1
 
 
-def _run_pool(jobs, processes, bar) -> dict:
-    """Run `jobs` in `processes` spawned worker processes; results by job index."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.SimpleQueue() if bar else None
-    results = {}
-    executor = cf.ProcessPoolExecutor(
-        max_workers=processes, mp_context=context, initializer=_init_worker, initargs=(queue,)
-    )
-    try:
-        futures = {executor.submit(_worker, job): job for job in jobs}
-        pending = set(futures)
-        while pending:
-            done, pending = cf.wait(pending, timeout=0.2 if bar else None,
-                                    return_when=cf.FIRST_COMPLETED)
-            if queue is not None:
-                while not queue.empty():
-                    bar.update(*queue.get())
-            for future in done:
-                job = futures[future]
-                try:
-                    result = future.result()
-                except Exception as exc:  # e.g. the worker process was killed
-                    result = FileResult(
-                        job.path, job.csv, "failed",
-                        f"the worker process failed ({type(exc).__name__}: {exc})",
-                    )
-                results[job.index] = result
-                if bar:
-                    bar.file_done(job.index, result.n_spots)
-    except BaseException:
-        executor.shutdown(wait=False, cancel_futures=True)
-        raise
-    executor.shutdown(wait=True)
-    return results
+class _Pool:
+    """Worker processes, one pipe each; a worker that dies fails only its own file.
+
+    Not :class:`concurrent.futures.ProcessPoolExecutor`: when one of its
+    workers dies, every pending future fails (``BrokenProcessPool``) and it
+    cannot tell which file killed it.  Here each worker has its own pipe,
+    so the file a dead worker was processing is known; it is reported as
+    failed, the worker is replaced, and the other files go on.  No shared
+    queue or lock: a worker killed at any moment cannot block the others.
+    """
+
+    #: Seconds to wait for stopped workers to exit before killing them.
+    STOP_TIMEOUT = 10.0
+
+    def __init__(self, processes: int, bar=None):
+        self.processes = processes
+        self.bar = bar
+        self.context = multiprocessing.get_context("spawn")
+        self.workers: list = []  # [process, connection]
+
+    def _start(self):
+        parent, child = self.context.Pipe(duplex=True)
+        process = self.context.Process(
+            target=_worker_main, args=(child, os.getpid()), daemon=True,
+            name="spotfit-worker",
+        )
+        # Workers ignore SIGINT from birth (Ctrl-C goes to the whole process
+        # group; this process stops them): the disposition is inherited.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            process.start()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        child.close()
+        worker = [process, parent]
+        self.workers.append(worker)
+        return worker
+
+    def run(self, jobs) -> dict:
+        """Process `jobs`; results by job index.  Stops every worker on the way out."""
+        from multiprocessing.connection import wait
+
+        queue = deque(jobs)
+        running: dict = {}  # id(worker) -> (worker, job)
+        idle: list = []
+        results: dict = {}
+        try:
+            for _ in range(min(self.processes, len(queue))):
+                idle.append(self._start())
+            while queue or running:
+                while idle and queue:
+                    worker, job = idle.pop(), queue.popleft()
+                    try:
+                        worker[1].send(job)
+                    except (OSError, ValueError):  # it died while idle: the job never started
+                        queue.appendleft(job)
+                        self._forget(worker)
+                        idle.append(self._start())
+                        continue
+                    running[id(worker)] = (worker, job)
+                busy = [w for w, _ in running.values()]
+                ready = wait([w[1] for w in busy] + [w[0].sentinel for w in busy])
+                for worker in busy:
+                    process, conn = worker
+                    if conn in ready or process.sentinel in ready:
+                        finished = self._receive(worker, running, results)
+                        if finished:
+                            idle.append(worker)
+                        elif not process.is_alive() and id(worker) in running:
+                            _, job = running.pop(id(worker))
+                            results[job.index] = self._died(worker, job)
+                            if queue:
+                                idle.append(self._start())
+        except BaseException:
+            self.stop(terminate=True)
+            raise
+        self.stop(terminate=False)
+        return results
+
+    def _receive(self, worker, running, results) -> bool:
+        """Read the worker's messages; True once it has sent its file's result."""
+        process, conn = worker
+        try:
+            while conn.poll():
+                message = conn.recv()
+                if message[0] == "progress":
+                    if self.bar:
+                        self.bar.update(*message[1:])
+                elif message[0] == "done":
+                    _, job = running.pop(id(worker))
+                    results[job.index] = message[1]
+                    if self.bar:
+                        self.bar.file_done(job.index, message[1].n_spots)
+                    return True
+        except (EOFError, OSError):
+            process.join(self.STOP_TIMEOUT)
+        return False
+
+    def _forget(self, worker) -> None:
+        process, conn = worker
+        process.join(self.STOP_TIMEOUT)
+        conn.close()
+        self.workers.remove(worker)
+
+    def _died(self, worker, job) -> FileResult:
+        process, _ = worker
+        self._forget(worker)
+        _remove_stale_temporaries(job)  # its locks died with it
+        if self.bar:
+            self.bar.file_done(job.index, 0)
+        return FileResult(
+            job.path, job.csv, "failed",
+            f"the worker process processing this file died: {_describe_exit(process.exitcode)}; "
+            "no output was written (the other files were processed)",
+        )
+
+    def stop(self, terminate: bool) -> None:
+        """End every worker: politely (no more jobs), or with SIGTERM (interrupted).
+
+        A second Ctrl-C or SIGTERM while the workers are being stopped waits
+        until they are (so none is left running).
+        """
+        previous = {}
+        if terminate and _main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, signal.SIG_IGN)
+        try:
+            self._stop(terminate)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, terminate: bool) -> None:
+        for process, conn in self.workers:
+            try:
+                if terminate:
+                    process.terminate()  # the worker removes its temporaries and exits
+                else:
+                    conn.send(None)
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + self.STOP_TIMEOUT
+        for process, conn in self.workers:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+            conn.close()
+        self.workers = []
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

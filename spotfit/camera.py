@@ -130,9 +130,12 @@ class Camera:
     def to_photons(self, adu: np.ndarray, dtype=np.float32) -> np.ndarray:
         """Convert raw camera values to photons (or ADU above baseline).
 
+        Always returns a new array: `adu` (the caller's array, a read-only
+        array, or a memory map of a file) is never modified.
+
         Parameters
         ----------
-        adu : (..., ny, nx) ndarray
+        adu : (..., ny, nx) array_like
             Raw pixel values.
         dtype : numpy dtype
             Output float type.
@@ -141,17 +144,32 @@ class Camera:
         -------
         (..., ny, nx) ndarray of ``dtype``
             ``(adu - baseline) * gain / em_gain`` if calibrated, else
-            ``adu - baseline``.
+            ``adu - baseline``; a new, writable array in native byte order.
+
+        Raises
+        ------
+        SpotfitInputError
+            If the conversion overflows `dtype` (e.g. ``gain=1e300``): the
+            message names the camera values to check.
         """
-        out = np.asarray(adu, dtype=dtype)
-        if out is adu or not isinstance(adu, np.ndarray) or out.base is adu:
-            out = out.copy()
-        baseline = np.asarray(self.baseline, dtype=dtype)
-        if baseline.ndim or baseline != 0:
-            out -= baseline
-        if self.calibrated:
-            scale = np.asarray(self.gain, dtype=dtype) / dtype(self.em_gain)
-            out *= scale
+        dtype = np.dtype(dtype)
+        # np.array copies (subok=False: a plain ndarray, never a view of a map)
+        out = np.array(adu, dtype=dtype.newbyteorder("="), copy=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            baseline = np.asarray(self.baseline, dtype=dtype)
+            if baseline.ndim or baseline != 0:
+                out -= baseline
+            if self.calibrated:
+                scale = np.asarray(self.gain, dtype=dtype) / dtype.type(self.em_gain)
+                out *= scale
+        if out.dtype.kind == "f" and not np.isfinite(out).all():
+            if np.isfinite(np.asarray(adu, dtype=float)).all():
+                raise SpotfitInputError(
+                    f"the camera conversion (adu - baseline) * gain / em_gain leaves the "
+                    f"{dtype.name} range ({np.finfo(dtype).max:.3g}) for some pixels: check "
+                    f"--baseline ({self.as_dict()['baseline']}), --gain "
+                    f"({self.as_dict()['gain']}) and --em-gain ({self.em_gain:g})"
+                )
         return out
 
     def to_adu(self, photons: np.ndarray) -> np.ndarray:

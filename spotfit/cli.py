@@ -17,17 +17,26 @@ folders or ``--out-dir`` run :func:`spotfit.batch.run_batch` (one CSV and
 one JSON sidecar per input in ``--out-dir``, ``--workers`` processes).
 
 Errors: a :class:`spotfit.errors.SpotfitInputError` (bad file, bad option
-value) or an ``OSError`` on an input or output path is printed as one line
-``Error: <message>`` on stderr with exit status 1; usage errors (unknown
-option, value out of range for its type) are click's, exit status 2.  In a
-batch, each failed file is one ``Error: <file>: <message>`` line, followed
-by the summary line, and the exit status is 1 if any file failed.  All
-output files are written atomically, so a failed command leaves no output
-file behind, and input files are only ever opened for reading.
+value), an ``OSError`` on an input or output path or a ``MemoryError`` is
+printed as one line ``Error: <message>`` on stderr with exit status 1;
+usage errors (unknown option, value out of range for its type) are
+click's, exit status 2.  In a batch, each failed file is one
+``Error: <file>: <message>`` line, followed by the summary line, and the
+exit status is 1 if any file failed.  Ctrl-C (SIGINT) and SIGTERM stop the
+run cleanly (workers stopped, temporary files removed): one ``Error:``
+line, exit status 130 and 143.  An unexpected exception (a bug) is one
+``Error: internal error ...`` line too (``SPOTFIT_TRACEBACK=1`` shows the
+traceback).  Warnings (:class:`spotfit.errors.SpotfitWarning`, numpy's
+RuntimeWarnings) are printed once each as ``Warning: <message>``.  All
+output files are written through :mod:`spotfit._atomic` (complete or
+absent; devices and FIFOs written in place; symbolic links followed), and
+input files are only ever opened for reading.
 """
 
 import os
+import signal
 import sys
+import warnings
 
 import click
 
@@ -171,7 +180,16 @@ class _UserErrors:
         from spotfit.errors import SpotfitInputError
 
         if issubclass(exc_type, SpotfitInputError):
-            raise click.ClickException(_one_line(_as_option(exc))) from exc
+            message = _one_line(_as_option(exc))
+            if (self.what is not None and str(self.what) not in message
+                    and not message.startswith("--")):
+                message = f"{self.what}: {message}"  # name the file (not for option errors)
+            raise click.ClickException(message) from exc
+        if _is_memory_error(exc) and self.what is not None:
+            raise click.ClickException(
+                f"{self.what}: not enough memory to process it with these options (try "
+                "smaller --window or --sigma values, or fewer --workers)"
+            ) from exc
         if issubclass(exc_type, OSError) and not issubclass(exc_type, BrokenPipeError):
             where = self.what if self.what is not None else exc.filename
             reason = exc.strerror or exc
@@ -194,6 +212,28 @@ def _as_option(exc) -> str:
     if name in options and text.startswith(name):
         text = options[name] + text[len(name):]
     return re.sub(r"`(\w+)`", lambda m: options.get(m.group(1), m.group(1)), text)
+
+
+def _quoted_options(text: str) -> str:
+    """Parameters quoted as `name` in a message (e.g. a batch file's) become options."""
+    import re
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or "`" not in text:
+        return text
+    options = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
+    return re.sub(r"`(\w+)`", lambda m: options.get(m.group(1), m.group(1)), text)
+
+
+def _is_device(path) -> bool:
+    """True for an existing non-regular, non-directory file (a device, a FIFO)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _check_not_input(out, inputs) -> None:
@@ -272,7 +312,10 @@ def _config_callback(ctx, param, value):
 
 _IMAGE_OPTIONS = [
     click.argument(
-        "images", nargs=-1, required=True, type=click.Path(dir_okay=True), metavar="IMAGE...",
+        # readable=False: an unreadable file is that file's error, not a usage
+        # error aborting a whole batch
+        "images", nargs=-1, required=True, type=click.Path(dir_okay=True, readable=False),
+        metavar="IMAGE...",
     ),
     click.option(
         "--config", type=click.Path(dir_okay=False), metavar="FILE.json", is_eager=True,
@@ -295,6 +338,11 @@ _IMAGE_OPTIONS = [
         "--invert", is_flag=True,
         help="Dark objects on a light background (e.g. bright-field colloids): invert the "
         "image first (max - value of its pixel type).  Not with --gain.",
+    ),
+    click.option(
+        "--series", type=click.IntRange(min=0), metavar="N",
+        help="Image series to read (0-based), for files that hold several: a multi-position "
+        "OME-TIFF, or a multi-page TIFF whose pages differ in shape.",
     ),
     click.option(
         "--pixel-size", type=POSITIVE, metavar="UM",
@@ -351,6 +399,22 @@ def _workers_option(help_text):
     return click.option("--workers", type=click.IntRange(min=1), help=help_text)
 
 
+def _cap_workers(workers):
+    """At most one worker per available core; a note when the user asked for more."""
+    if workers is None:
+        return None
+    from spotfit.batch import available_cores  # standard library only
+
+    cores = available_cores()
+    if workers > cores:
+        click.echo(
+            f"Note: --workers {workers} is more than the {cores} available cores; using {cores}",
+            err=True,
+        )
+        return cores
+    return workers
+
+
 def _camera(baseline, gain, em_gain, read_noise):
     from spotfit.camera import Camera
 
@@ -358,23 +422,35 @@ def _camera(baseline, gain, em_gain, read_noise):
 
 
 def _write_csv(table, out) -> str:
-    """Write `table` to `out` (atomically) or to stdout; return where it went."""
+    """Write `table` to `out` (see :mod:`spotfit._atomic`) or to stdout; return where it went."""
     if out == STDOUT:
         # Render first so that a failure cannot leave half a table on stdout;
         # the same bytes write_table puts in a file.
         from spotfit.table import to_csv_bytes
 
         data = to_csv_bytes(table)
+        stream = getattr(sys.stdout, "buffer", sys.stdout)
+        if stream is None:
+            raise click.ClickException(
+                "standard output is closed: cannot write the table; give --out FILE"
+            )
         try:
-            click.echo(data, nl=False)  # bytes go to the binary stdout
-            sys.stdout.flush()
-        except BrokenPipeError:  # e.g. `spotfit fit img.tif | head`
+            stream.write(data)
+            stream.flush()
+        except OSError as exc:
             _silence_stdout()
-            sys.exit(1)
+            if _is_broken_pipe(exc):  # e.g. `spotfit fit img.tif | head`
+                sys.exit(1)
+            raise click.ClickException(
+                f"cannot write the table to standard output ({exc.strerror or exc}); "
+                "give --out FILE"
+            ) from exc
         return "stdout"
+    from spotfit._atomic import remove_stale_temporaries
     from spotfit.table import write_table
 
     with _UserErrors(what=out):
+        remove_stale_temporaries(out)  # left by a killed run (never a live run's)
         write_table(table, out)
     return out
 
@@ -394,7 +470,11 @@ def _write_format(table, info, image, out, fmt) -> str:
 
 
 def _silence_stdout():
-    """After a broken pipe, point stdout at /dev/null so exit does not complain."""
+    """After a failed write, point stdout at /dev/null so exit does not complain.
+
+    The unwritten data stay in Python's buffer, which is flushed (again) at
+    exit: into /dev/null now, instead of a second error message.
+    """
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -410,9 +490,145 @@ def _fit_config(**options):
 
 
 # ---------------------------------------------------------------------------
+# The program: signals, warnings and errors around every command
+# ---------------------------------------------------------------------------
+#: Exit status after Ctrl-C (SIGINT) and SIGTERM: 128 + the signal number,
+#: as a shell reports a process killed by that signal.
+EXIT_INTERRUPTED = 128 + 2
+EXIT_TERMINATED = 128 + 15
+
+
+class _Warnings:
+    """Show warnings as single ``Warning: <message>`` lines on stderr, each once.
+
+    SpotfitWarning (a UserWarning) and RuntimeWarning (numpy's overflow and
+    invalid-value warnings) are shown; deprecation noise from libraries is not.
+    """
+
+    def __enter__(self):
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        self.seen = set()
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("always", RuntimeWarning)
+        warnings.showwarning = self.show
+        return self
+
+    def show(self, message, category, filename, lineno, file=None, line=None):
+        text = _one_line(message)
+        if text and text not in self.seen:
+            self.seen.add(text)
+            click.echo(f"Warning: {text}", err=True)
+
+    def __exit__(self, *exc_info):
+        self._catch.__exit__(*exc_info)
+        return False
+
+
+class _Program(click.Group):
+    """The ``spotfit`` group: runs a command with spotfit's error and signal policy.
+
+    Whatever happens, the process ends with one ``Error:`` line (or none)
+    and an exit status (0 success, 1 error, 2 usage error, 130 SIGINT,
+    143 SIGTERM), never with a traceback.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        import threading
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            from spotfit.errors import raise_terminated
+
+            previous = signal.signal(signal.SIGTERM, raise_terminated)
+        try:
+            with _Warnings():
+                code = self._run(args, prog_name, complete_var, **extra)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        sys.exit(code)
+
+    def _run(self, args, prog_name, complete_var, **extra) -> int:
+        """Run the command; its exit status (messages already printed)."""
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            return rv if isinstance(rv, int) else 0
+        except click.ClickException as exc:
+            exc.show()
+            return exc.exit_code
+        except (click.Abort, KeyboardInterrupt, EOFError) as exc:
+            return _interrupted(exc)
+        except (MemoryError, ValueError) as exc:
+            if not _is_memory_error(exc):
+                return self._bug(exc)
+            click.echo("Error: not enough memory for this image with these options "
+                       "(try smaller --window or --sigma values, or fewer --workers)", err=True)
+            return 1
+        except OSError as exc:
+            if _is_broken_pipe(exc):
+                _silence_stdout()
+                return 1
+            click.echo(f"Error: {_one_line(_os_message(exc))}", err=True)
+            return 1
+        except Exception as exc:
+            return self._bug(exc)
+
+    @staticmethod
+    def _bug(exc) -> int:
+        """A bug: one line, a traceback only on request."""
+        if os.environ.get("SPOTFIT_TRACEBACK"):
+            raise exc
+        click.echo(
+            f"Error: internal error, please report it with the command line: "
+            f"{type(exc).__name__}: {_one_line(exc)} (set SPOTFIT_TRACEBACK=1 to see where)",
+            err=True,
+        )
+        return 1
+
+
+def _is_memory_error(exc) -> bool:
+    """MemoryError, or numpy refusing an array larger than the address space."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, ValueError) and (
+        "array is too big" in text or "Maximum allowed size exceeded" in text
+    )
+
+
+def _interrupted(exc) -> int:
+    from spotfit.errors import Terminated
+
+    chain, seen = exc, 0
+    while chain is not None and seen < 5:  # click wraps KeyboardInterrupt in Abort
+        if isinstance(chain, Terminated):
+            click.echo("Error: terminated (SIGTERM); no partial output was left", err=True)
+            return EXIT_TERMINATED
+        chain, seen = chain.__cause__ or chain.__context__, seen + 1
+    click.echo("Error: interrupted (SIGINT); no partial output was left", err=True)
+    return EXIT_INTERRUPTED
+
+
+def _is_broken_pipe(exc) -> bool:
+    import errno
+
+    return isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == errno.EPIPE
+
+
+def _os_message(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
+# ---------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------
-@click.group(context_settings=CONTEXT_SETTINGS)
+@click.group(cls=_Program, context_settings=CONTEXT_SETTINGS)
 @click.option(
     "--version", is_flag=True, expose_value=False, is_eager=True,
     callback=_version_callback, help="Show the version and exit.",
@@ -439,7 +655,7 @@ def main():
 @_apply(_camera_options(note="  Does not change detection."))
 @_apply(_out_options("candidates"))
 @_workers_option("Files processed in parallel with --out-dir (processes).  [default: all cores]")
-def detect(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, threshold,
+def detect(images, axes, channel, invert, series, pixel_size, z_step, sigma, sigma_z, threshold,
            min_distance, baseline, gain, em_gain, read_noise, out, out_dir, skip_existing,
            workers):
     """Find spot candidates in IMAGE (image files or folders) without fitting them.
@@ -449,19 +665,26 @@ def detect(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, th
     signal-to-noise ratio).  Several files or folders need --out-dir.
     """
     batch = _check_outputs(images, out, out_dir, skip_existing)
+    workers = _cap_workers(workers)
     with _UserErrors():
         config = _fit_config(sigma=sigma, sigma_z=sigma_z, threshold=threshold,
                              min_distance=min_distance, workers=workers)
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "detect", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert)
+         out, out_dir, skip_existing, workers, invert, series=series)
 
 
 def _is_batch(images, out_dir) -> bool:
     if out_dir is not None or len(images) > 1:
         return True
     path = images[0]
-    return os.path.isdir(path) or (not os.path.exists(path) and any(c in path for c in "*?["))
+    if os.path.isdir(path):
+        return True
+    if os.path.exists(path) or not any(c in path for c in "*?["):
+        return False
+    import glob
+
+    return bool(glob.glob(path))  # a pattern matching nothing is a missing file
 
 
 def _check_outputs(images, out, out_dir, skip_existing) -> bool:
@@ -492,11 +715,11 @@ def _check_outputs(images, out, out_dir, skip_existing) -> bool:
 
 
 def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert=False, fmt="csv", qc=False):
+         out, out_dir, skip_existing, workers, invert=False, fmt="csv", qc=False, series=None):
     """One file to stdout / --out, or a batch into --out-dir (fit: with report.html)."""
     if not batch:
         _single(task, images[0], config, camera, axes, channel, pixel_size, z_step, out,
-                invert, fmt, qc)
+                invert, fmt, qc, series)
         return
     from spotfit.batch import run_batch
 
@@ -505,23 +728,24 @@ def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
             images, out_dir, task=task, config=config, camera=camera, axes=axes,
             channel=channel, pixel_size=pixel_size, z_step=z_step, workers=workers,
             skip_existing=skip_existing, invert=invert, qc=qc, report=task == "fit",
+            series=series,
         )
     for result in summary.failed:
-        click.echo(f"Error: {result.input}: {result.message}", err=True)
+        click.echo(f"Error: {result.input}: {_quoted_options(result.message)}", err=True)
     click.echo(summary.line(), err=True)
     if summary.failed:
         sys.exit(1)
 
 
 def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out, invert=False,
-            fmt="csv", qc=False):
+            fmt="csv", qc=False, series=None):
     _check_not_input(out, [image])
     from spotfit.batch import process_file
 
     with _UserErrors(what=image):
         table, info = process_file(image, task, config=config, camera=camera, axes=axes,
                                    channel=channel, pixel_size=pixel_size, z_step=z_step,
-                                   invert=invert)
+                                   invert=invert, series=series)
     where = _write_csv(table, out) if fmt == "csv" else _write_format(table, info, image, out, fmt)
     if task == "detect":
         click.echo(f"{image}: {len(table)} candidates -> {where}", err=True)
@@ -604,7 +828,7 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out,
     help="Also write <stem>_qc.png beside each table: the image with its fits (see "
     "spotfit show).",
 )
-def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, threshold,
+def fit(images, axes, channel, invert, series, pixel_size, z_step, sigma, sigma_z, threshold,
         min_distance, baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
         fix_sigma, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
         skip_existing, fmt, workers, qc):
@@ -626,6 +850,7 @@ def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, thres
     if qc and not batch and out == STDOUT:
         raise click.UsageError("--qc writes <stem>_qc.png beside the table: give --out FILE.csv "
                                "or --out-dir DIR.")
+    workers = _cap_workers(workers)
     with _UserErrors():
         config = _fit_config(
             sigma=sigma, sigma_z=sigma_z, threshold=threshold, min_distance=min_distance,
@@ -635,7 +860,7 @@ def fit(images, axes, channel, invert, pixel_size, z_step, sigma, sigma_z, thres
         )
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert, fmt, qc)
+         out, out_dir, skip_existing, workers, invert, fmt, qc, series=series)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -690,7 +915,7 @@ def simulate(out, shape, n_spots, photons, background, sigma, min_separation, bo
     """
     if truth is None:
         truth = os.path.splitext(out)[0] + "_truth.csv"
-    if os.path.abspath(truth) == os.path.abspath(out):
+    if os.path.realpath(truth) == os.path.realpath(out) and not _is_device(out):
         raise click.ClickException(f"{truth}: --truth must differ from the image path")
     with _UserErrors():
         from spotfit.simulation import simulate as simulate_image, write_simulation
@@ -701,21 +926,13 @@ def simulate(out, shape, n_spots, photons, background, sigma, min_separation, bo
             camera=camera, min_separation=min_separation, border=border, seed=seed,
         )
     axes = "TYX" if len(shape) == 3 else "YX"
-    # Both files are written atomically, the image first: if the truth
-    # cannot be written, a new image is removed again (an older file of the
-    # same name would already have been replaced).
+    # The image and its truth are written as a pair: both, or neither.
     for path in (out, truth):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise click.ClickException(f"{path}: cannot write, directory {folder!r} does not exist")
-    existed = os.path.exists(out)
-    try:
-        with _UserErrors(what=out):
-            write_simulation(out, truth, image, table, axes)
-    except BaseException:
-        if not existed and os.path.exists(out):
-            os.unlink(out)
-        raise
+    with _UserErrors(what=out):
+        write_simulation(out, truth, image, table, axes)
     n_frames = shape[0] if len(shape) == 3 else 1
     click.echo(
         f"{out}: {len(table)} spots in {n_frames} frame(s) of {shape[-2]}x{shape[-1]} px; "

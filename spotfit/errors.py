@@ -1,10 +1,20 @@
-"""Exception and warning classes for user-facing problems (bad files, bad options, doubtful data).
+"""Exceptions and warnings spotfit raises for its users (bad files, bad options, doubtful data).
 
-The command line turns a :class:`SpotfitInputError` into a one-line message
-and a non-zero exit status, without a traceback; when the error names a
-Python parameter (``parameter``), the command line names its option instead
-(``sigma`` -> ``--sigma``).  Anything else is a bug.
+* :class:`SpotfitInputError`: a user mistake (bad file, bad option).  The
+  command line turns it into one line ``Error: <message>`` and a non-zero
+  exit status, without a traceback; when the error names a Python parameter
+  (``parameter``), the command line names its option instead (``sigma`` ->
+  ``--sigma``).  Anything else is a bug.
+* :class:`SpotfitWarning`: a result that is computed but doubtful, or an
+  input that was adjusted (e.g. clipped pixels).  The command line prints
+  each distinct warning once as one line ``Warning: <message>``.
+* :class:`Terminated`: raised in the main thread by the SIGTERM handler the
+  command line (and a batch's worker processes) install, so that a
+  terminated run unwinds like an interrupted one (Ctrl-C): temporary files
+  are removed, worker processes are stopped, no partial output is left.
 """
+
+import signal as _signal
 
 
 class SpotfitInputError(ValueError):
@@ -31,4 +41,22 @@ class SpotfitInputError(ValueError):
 
 
 class SpotfitWarning(UserWarning):
-    """Results were computed, but the input makes them doubtful (one line each)."""
+    """Results were computed, but the input makes them doubtful, or an input was
+    adjusted (e.g. clipped pixels); one line each, saying which and why."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM (``kill PID``, ``docker stop``, a job scheduler).
+
+    A :class:`KeyboardInterrupt` subclass: code that cleans up after Ctrl-C
+    (``except BaseException``/``finally`` blocks, :func:`spotfit._atomic.atomic_path`)
+    cleans up after SIGTERM the same way, and ``except Exception`` does not
+    swallow it.
+    """
+
+    signum = _signal.SIGTERM
+
+
+def raise_terminated(signum, frame):
+    """A signal handler that raises :class:`Terminated` (install for SIGTERM)."""
+    raise Terminated()

@@ -33,16 +33,17 @@ a z-stack stored without metadata) are read correctly by passing ``axes``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
-import mmap
 import numbers
 import os
+import stat
 import threading
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tifffile
@@ -137,6 +138,11 @@ class Image:
     dtype : numpy.dtype, optional
         Pixel type of the file, in native byte order (``uint16`` even for a
         big-endian file).  Defaults to ``data.dtype``.
+    reader : optional
+        For a memory-mapped file: reads frames through the open file
+        (``pread``) instead of through the map, so that a file truncated
+        while it is being read gives a :class:`SpotfitInputError` rather
+        than killing the process with SIGBUS.  Set by :func:`read_image`.
 
     Notes
     -----
@@ -151,6 +157,7 @@ class Image:
     z_step: float | None = None
     source_axes: str | None = None
     dtype: np.dtype | None = None
+    reader: "_FileReader | None" = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.axes not in ("TYX", "TZYX"):
@@ -201,12 +208,13 @@ class Image:
     def frame(self, t: int) -> np.ndarray:
         """Read time point `t` as an in-memory array in native byte order.
 
-        For a memory-mapped file the frame is copied and the pages of the
-        map are released again, so reading a stack frame by frame keeps the
-        resident memory of the process at about one frame, whatever the
-        size of the file (a map's pages would otherwise stay resident and
-        count towards the process' memory until the map is closed).  For a
-        compressed or otherwise non-contiguous file only the TIFF pages of
+        For a memory-mapped file the frame's bytes are read from the file
+        (not through the map, whose pages would stay resident and count
+        towards the process' memory until the map is closed, and whose
+        access kills the process with SIGBUS if the file was truncated in
+        the meantime), so reading a stack frame by frame keeps the memory of
+        the process at about one frame, whatever the size of the file.  For
+        a compressed or otherwise non-contiguous file only the TIFF pages of
         this frame are read and decoded.
 
         Parameters
@@ -217,14 +225,19 @@ class Image:
         Returns
         -------
         (Y, X) or (Z, Y, X) ndarray
+            A new array (never a view of the caller's or the file's data).
+
+        Raises
+        ------
+        SpotfitInputError
+            If the file was truncated or became unreadable since it was opened.
         """
         view = self.data[t]
-        mm = getattr(view, "_mmap", None)
-        if mm is None:
-            return np.asarray(view, dtype=self.dtype)
-        frame = np.array(view, dtype=self.dtype)  # a copy: independent of the map
-        _release(mm)
-        return frame
+        if self.reader is not None and isinstance(view, np.memmap):
+            return self.reader.read(view)
+        if isinstance(view, np.ndarray):  # a copy: never a view of the caller's array
+            return np.array(view, dtype=self.dtype)
+        return np.asarray(view, dtype=self.dtype)  # a PagedStack frame is new already
 
     def close(self) -> None:
         """Release the file behind `data` (a page-by-page stack's open TIFF).
@@ -235,6 +248,8 @@ class Image:
         close = getattr(self.data, "close", None)
         if close is not None and not isinstance(self.data, np.ndarray):
             close()
+        if self.reader is not None:
+            self.reader.close()
 
     def __enter__(self) -> "Image":
         return self
@@ -337,8 +352,10 @@ def default_axes(shape) -> str:
 # ----------------------------------------------------------------------------
 
 
-def read_image(path, axes: str | None = None, channel: int | None = None) -> Image:
-    """Read the first image series of a TIFF file (or another image format).
+def read_image(
+    path, axes: str | None = None, channel: int | None = None, series: int | None = None
+) -> Image:
+    """Read one image series of a TIFF file (the only one, or `series`), or another image format.
 
     Parameters
     ----------
@@ -355,19 +372,28 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
     channel : int, optional
         0-based channel to keep; required when the file has a channel axis
         (``C``, or ``S`` samples such as RGB) of size > 1, an error otherwise.
+    series : int, optional
+        0-based image series to read (the command line's ``--series``);
+        required when the file holds several (a multi-position OME-TIFF, a
+        multi-page TIFF whose pages differ in shape), which is an error
+        without it: spotfit never reads only part of a file silently.
 
     Returns
     -------
     Image
         ``data`` of shape (T, Y, X) or (T, Z, Y, X) in the file's pixel type.
         Uncompressed, contiguous files are memory-mapped read-only (nothing is
-        loaded until used); others are read into memory.
+        loaded until used; frames are read through the file, see
+        :meth:`Image.frame`); others are read page by page.
 
     Raises
     ------
     SpotfitInputError
         One line naming the file (and the option) when the file is missing,
-        a directory, empty, not a TIFF, corrupt or truncated; when its axes
+        a directory, not a regular file (a pipe, standard input), empty, not
+        a TIFF, corrupt or truncated; when it is compressed with a codec
+        that needs the ``imagecodecs`` package; when it holds several image
+        series and `series` is not given (or out of range); when its axes
         cannot be interpreted or `axes` does not fit; when `channel` is
         missing, out of range or not applicable; for unsupported pixel types
         (bool, complex, float16, 64-bit integers); for NaN or infinite
@@ -388,6 +414,11 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
     from spotfit import readers  # PNG, JPEG, ..., ND2, CZI, LIF
 
     if readers.handles(where):
+        if series not in (None, 0):
+            raise SpotfitInputError(
+                f"series {series} is out of range for {where}: it holds 1 image series "
+                "(valid: 0)", parameter="series",
+            )
         array, stored, pixel_size, z_step = readers.read_stored(where, grey=axes is None and channel is None)
         return _stored_image(array, stored, where, axes, channel, pixel_size, z_step)
     _check_file(where)
@@ -398,7 +429,8 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
         except Exception as exc:  # tifffile raises many types for bad files
             raise _corrupt(where, exc) from exc
         with _ClosingUnlessPaged(tif):
-            series = _first_series(tif, where, logged)
+            index = series
+            series = _select_series(tif, where, logged, index)
 
             shape = tuple(int(n) for n in series.shape)
             stored_axes = str(series.axes)
@@ -415,9 +447,13 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
             )
             plan = _plan_axes(source_axes, shape, channel, where, overridden=axes is not None)
             _check_size(source_axes, shape, where)
-            pixel_size, z_step = _physical_sizes(tif)
+            pixel_size, z_step = _physical_sizes(tif, series, index or 0)
             array = _map_pixels(tif, series, where)
-            if array is None:
+            reader = None
+            if array is not None:
+                reader = _FileReader(where, array)
+            else:
+                _check_codec(series, where)
                 array = PagedStack.open(tif, series, plan, where)
             if array is None:  # a layout not split into pages: load it all
                 array = _load_pixels(series, where)
@@ -427,13 +463,7 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
         data, out_axes = array, array.axes
     else:
         data, out_axes = _apply_plan(array, plan)
-    try:
-        _check_finite(data, where)
-    except BaseException:
-        if isinstance(data, PagedStack):
-            data.close()
-        raise
-    return Image(
+    image = Image(
         data=data,
         axes=out_axes,
         path=where,
@@ -441,7 +471,14 @@ def read_image(path, axes: str | None = None, channel: int | None = None) -> Ima
         z_step=z_step if out_axes == "TZYX" else None,
         source_axes=source_axes,
         dtype=file_dtype,
+        reader=reader,
     )
+    try:
+        _check_finite(data, where, reader.read if reader is not None else np.asarray)
+    except BaseException:
+        image.close()
+        raise
+    return image
 
 
 def _stored_image(array, stored_axes, where, axes, channel, pixel_size, z_step) -> Image:
@@ -468,8 +505,8 @@ def _stored_image(array, stored_axes, where, axes, channel, pixel_size, z_step) 
     )
 
 
-def count_channels(path, axes: str | None = None) -> int:
-    """Number of channels of a TIFF file's first series (1 without a channel axis).
+def count_channels(path, axes: str | None = None, series: int | None = None) -> int:
+    """Number of channels of a TIFF file's image series (1 without a channel axis).
 
     Reads only the file's header.  Used for ``--channel all``: the image is
     then read once per channel with ``read_image(path, axes, channel=c)``.
@@ -479,6 +516,8 @@ def count_channels(path, axes: str | None = None) -> int:
     path : str or os.PathLike
     axes : str, optional
         Override for the stored axes, as in :func:`read_image`.
+    series : int, optional
+        Image series, as in :func:`read_image`.
 
     Returns
     -------
@@ -508,7 +547,7 @@ def count_channels(path, axes: str | None = None) -> int:
         except Exception as exc:
             raise _corrupt(where, exc) from exc
         with tif:
-            series = _first_series(tif, where, logged)
+            series = _select_series(tif, where, logged, series)
             shape = tuple(int(n) for n in series.shape)
             stored_axes = str(series.axes)
     letters = (
@@ -521,10 +560,28 @@ def count_channels(path, axes: str | None = None) -> int:
 
 def _check_file(where: str) -> None:
     """Reject missing files, directories, empty files and non-TIFF files."""
-    if not os.path.exists(where):
-        raise SpotfitInputError(f"{where}: no such file")
-    if os.path.isdir(where):
+    if where == "-":
+        raise SpotfitInputError(
+            "-: spotfit cannot read an image from standard input; save it to a file and "
+            "give its path"
+        )
+    try:
+        st = os.stat(where)
+    except FileNotFoundError:
+        raise SpotfitInputError(f"{where}: no such file") from None
+    except OSError as exc:
+        raise SpotfitInputError(f"{where}: cannot open ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(st.st_mode):
         raise SpotfitInputError(f"{where}: is a directory, not a TIFF file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a pipe (FIFO)" if stat.S_ISFIFO(st.st_mode) else (
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a socket"
+            if stat.S_ISSOCK(st.st_mode) else "not a regular file"
+        )
+        raise SpotfitInputError(
+            f"{where}: is {kind}, not an image file; spotfit reads image files only (not "
+            "standard input or pipes): save the image to a file first"
+        )
     try:
         with open(where, "rb") as fh:
             head = fh.read(8)
@@ -540,11 +597,39 @@ def _check_file(where: str) -> None:
         raise SpotfitInputError(f"{where}: not a TIFF file{hint}")
 
 
-def _corrupt(where: str, exc: BaseException) -> SpotfitInputError:
+#: How to get the codecs tifffile lacks.
+CODECS_HINT = "pip install imagecodecs"
+
+
+def _corrupt(where: str, exc: BaseException, compression: str | None = None) -> SpotfitInputError:
+    """The error for a file tifffile cannot read: a missing codec, or damage."""
+    if _needs_codecs(exc):
+        how = f"compressed with {compression}" if compression else "compressed"
+        return SpotfitInputError(
+            f"{where}: {how}, which needs the imagecodecs package to decode: {CODECS_HINT}"
+        )
     detail = " ".join(str(exc).split()) or type(exc).__name__
     if len(detail) > 160:
         detail = detail[:157] + "..."
     return SpotfitInputError(f"{where}: corrupt or truncated TIFF file ({detail})")
+
+
+def _needs_codecs(exc: BaseException) -> bool:
+    """True for tifffile's "this compression needs imagecodecs" failures."""
+    return isinstance(exc, ImportError) or "imagecodecs" in str(exc)
+
+
+def _check_codec(series, where: str) -> None:
+    """Decode the first page of a compressed series now: a missing codec or a broken
+    first page is reported when the file is opened, not in the middle of a run."""
+    try:
+        keyframe = series.keyframe
+        compression = getattr(keyframe.compression, "name", str(keyframe.compression))
+        if int(keyframe.compression) == 1:  # uncompressed
+            return
+        keyframe.asarray(maxworkers=1)
+    except Exception as exc:
+        raise _corrupt(where, exc, locals().get("compression")) from exc
 
 
 class _TifffileErrors(logging.Filter):
@@ -633,32 +718,128 @@ def _load_pixels(series, where: str) -> np.ndarray:
         raise _corrupt(where, exc) from exc
 
 
-def _release(mm) -> None:
-    """Drop the resident pages of a read-only file map (they are re-read on use).
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    """Read into `buffer` from `offset` of `fd`; the number of bytes read (0 at the end)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buffer], offset)
+    data = os.pread(fd, len(buffer), offset)  # pragma: no cover - platforms without preadv
+    buffer[:len(data)] = data
+    return len(data)
 
-    Pages of a file map that were read stay resident, and count towards the
-    memory of the process, until the map is closed; after each frame they
-    are released so that memory does not grow with the number of frames.
+
+class _FileReader:
+    """Reads pieces of a memory-mapped TIFF through the open file, never through the map.
+
+    Touching a page of a map whose file has been truncated since it was
+    mapped kills the process with SIGBUS; reading the same bytes with
+    ``pread`` instead gives a short read, reported as a
+    :class:`SpotfitInputError`.  The file is opened once (so a file renamed
+    or replaced meanwhile is still the one read) and closed by
+    :meth:`close` or when the reader is garbage-collected.
+
+    Parameters
+    ----------
+    where : str
+        The file (for opening and for messages).
+    array : numpy.memmap
+        The map of the file's pixel data, as made by :func:`_map_pixels`;
+        every view passed to :meth:`read` must be a view of it.
     """
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is None:  # e.g. Windows: the OS manages mapped pages itself
-        return
-    try:
-        mm.madvise(advice)
-    except (OSError, ValueError):  # a closed map, or madvise not supported
-        pass
+
+    def __init__(self, where: str, array: np.memmap):
+        self._where = where
+        self._base = int(array.__array_interface__["data"][0])
+        self._offset = int(array.offset)
+        self._fd = os.open(where, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def read(self, view: np.ndarray) -> np.ndarray:
+        """A new, contiguous, native-order array with the values of `view` (a view of the map)."""
+        native = view.dtype.newbyteorder("=")
+        if view.size == 0:
+            return np.empty(view.shape, dtype=native)
+        if self._fd is None:
+            raise SpotfitInputError(f"{self._where}: the image was closed")
+        address = int(view.__array_interface__["data"][0])
+        low = address + sum(s * (n - 1) for s, n in zip(view.strides, view.shape) if s < 0)
+        high = address + view.itemsize + sum(
+            s * (n - 1) for s, n in zip(view.strides, view.shape) if s > 0
+        )
+        start = self._offset + (low - self._base)
+        buffer = np.empty(high - low, dtype=np.uint8)
+        got = 0
+        while got < buffer.size:
+            try:
+                n = _pread_into(self._fd, memoryview(buffer)[got:], start + got)
+            except OSError as exc:
+                raise SpotfitInputError(
+                    f"{self._where}: cannot read ({exc.strerror or exc})"
+                ) from exc
+            if n == 0:
+                size = os.fstat(self._fd).st_size
+                raise SpotfitInputError(
+                    f"{self._where}: the file was truncated while being read (its pixel data "
+                    f"need {start + buffer.size} bytes, it now has {size}); was it being "
+                    "written or copied?"
+                )
+            got += n
+        piece = np.ndarray(view.shape, dtype=view.dtype, buffer=buffer,
+                           offset=address - low, strides=view.strides)
+        if piece.flags.c_contiguous and view.dtype == native:
+            return piece  # the view's bytes exactly: the buffer is the frame
+        return np.ascontiguousarray(piece, dtype=native)
+
+    def close(self) -> None:
+        """Close the file (further reads fail)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __del__(self):
+        self.close()
 
 
-def _first_series(tif, where: str, logged) -> "tifffile.TiffPageSeries":
-    """The file's first image series; a clear error if there is none or it is corrupt."""
+def _select_series(tif, where: str, logged, index=None) -> "tifffile.TiffPageSeries":
+    """The image series to read: the only one, or number `index`; clear errors otherwise."""
     try:
-        series = tif.series[0] if tif.series else None
+        found = list(tif.series)
     except Exception as exc:
         raise _corrupt(where, exc) from exc
     logged.check(where)
-    if series is None:
+    if not found:
         raise SpotfitInputError(f"{where}: corrupt or truncated TIFF file (no image found)")
-    return series
+    n = len(found)
+    if index is None:
+        if n > 1:
+            raise SpotfitInputError(
+                f"{where} holds {n} image series ({_describe_series(found)}); spotfit reads "
+                f"one at a time: choose one with `series` N (0 to {n - 1})", parameter="series"
+            )
+        return found[0]
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+        raise SpotfitInputError(
+            f"series must be a whole number (0-based), not {index!r}", parameter="series"
+        )
+    if not 0 <= index < n:
+        raise SpotfitInputError(
+            f"series {index} is out of range for {where}: it holds {n} image series "
+            f"(valid: 0 to {n - 1})", parameter="series",
+        )
+    return found[int(index)]
+
+
+def _describe_series(found, limit: int = 4) -> str:
+    parts = []
+    for i, s in enumerate(found[:limit]):
+        try:
+            parts.append(f"{i}: {'x'.join(str(n) for n in s.shape)} {s.axes}")
+        except Exception:
+            parts.append(f"{i}: ?")
+    if len(found) > limit:
+        parts.append(f"... {len(found) - limit} more")
+    return ", ".join(parts)
 
 
 class _ClosingUnlessPaged:
@@ -716,6 +897,8 @@ class PagedStack:
         self.ndim = len(self.shape)
         self.dtype = np.dtype(series.dtype).newbyteorder("=")
         self.axes = "TZYX" if "Z" in spatial else "TYX"
+        compression = getattr(series.keyframe, "compression", None)
+        self._compression = getattr(compression, "name", None)
 
     @classmethod
     def open(cls, tif, series, plan: "_AxesPlan", where: str) -> "PagedStack | None":
@@ -820,7 +1003,7 @@ class PagedStack:
                 try:
                     block = self._tif.asarray(key=list(keys), series=self._series, maxworkers=1)
                 except Exception as exc:
-                    raise _corrupt(self._where, exc) from exc
+                    raise _corrupt(self._where, exc, self._compression) from exc
                 logged.check(self._where)
             block = np.asarray(block).reshape([len(r) for r in ranges] + list(self._stored[k:]))
             self._cache = (keys, block)
@@ -829,22 +1012,22 @@ class PagedStack:
         return np.ascontiguousarray(np.transpose(frame, self._order), dtype=self.dtype)
 
 
-def _check_finite(data: np.ndarray, where: str) -> None:
-    """Reject float data with NaN or infinite pixels, scanning frame blocks."""
+def _check_finite(data: np.ndarray, where: str, read=np.asarray) -> None:
+    """Reject float data with NaN or infinite pixels, scanning blocks of frames.
+
+    ``read(block)`` turns a block ``data[a:b]`` into an in-memory array
+    (for a memory map: :meth:`_FileReader.read`, so the map is not touched).
+    """
     if data.dtype.kind != "f" or data.size == 0:
         return
     frame_bytes = max(1, data.nbytes // max(1, data.shape[0]))
     step = max(1, _SCAN_BYTES // frame_bytes)
     n_nan = n_inf = 0
     for start in range(0, data.shape[0], step):
-        chunk = data[start:start + step]
-        block = np.asarray(chunk)
+        block = read(data[start:start + step])
         n_nan += int(np.count_nonzero(np.isnan(block)))
         n_inf += int(np.count_nonzero(np.isinf(block)))
         del block
-        mm = getattr(chunk, "_mmap", None)
-        if mm is not None:  # do not keep the scanned pages of a map resident
-            _release(mm)
     if n_nan or n_inf:
         raise SpotfitInputError(
             f"{where}: {n_nan} NaN and {n_inf} infinite pixel values "
@@ -1021,14 +1204,15 @@ def _apply_plan(array: np.ndarray, plan: _AxesPlan) -> tuple[np.ndarray, str]:
 # ----------------------------------------------------------------------------
 
 
-def _physical_sizes(tif: tifffile.TiffFile) -> tuple[float | None, float | None]:
-    """Best-effort (pixel_size, z_step) in µm from OME, ImageJ or TIFF tags."""
+def _physical_sizes(tif: tifffile.TiffFile, series=None, index: int = 0
+                    ) -> tuple[float | None, float | None]:
+    """Best-effort (pixel_size, z_step) in µm from OME, ImageJ or TIFF tags of a series."""
     try:
         if tif.is_ome:
-            sizes = _ome_sizes(tif.ome_metadata)
+            sizes = _ome_sizes(tif.ome_metadata, index)
             if sizes != (None, None):
                 return sizes
-        page = tif.pages.first
+        page = series.keyframe if series is not None else tif.pages.first
         if tif.is_imagej:
             meta = tif.imagej_metadata or {}
             factor = _unit_in_um(meta.get("unit"))
@@ -1065,9 +1249,10 @@ def _per_resolution(page, factor: float) -> float | None:
     return _plausible(denominator / numerator * factor)
 
 
-def _ome_sizes(xml: str) -> tuple[float | None, float | None]:
+def _ome_sizes(xml: str, index: int = 0) -> tuple[float | None, float | None]:
     root = ElementTree.fromstring(xml)
-    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    all_pixels = [el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"]
+    pixels = all_pixels[index] if index < len(all_pixels) else None
     if pixels is None:
         return None, None
 
@@ -1100,6 +1285,7 @@ def write_tiff(
     *,
     pixel_size: float | None = None,
     z_step: float | None = None,
+    into=None,
 ) -> None:
     """Write an ImageJ-compatible TIFF atomically.
 
@@ -1118,6 +1304,10 @@ def write_tiff(
         Pixel size in x and y, in µm (stored as resolution with unit "um").
     z_step : float, optional
         Distance between z planes, in µm (ImageJ ``spacing``).
+    into : str or os.PathLike, optional
+        Write to this (temporary) file instead, as is: for a caller that
+        writes several files as one (:func:`spotfit._atomic.atomic_group`).
+        `path` is then only used in messages.
 
     Raises
     ------
@@ -1157,5 +1347,11 @@ def write_tiff(
         metadata["unit"] = "um"
     if z_step is not None:
         metadata["spacing"] = float(z_step)
+    write = functools.partial(
+        tifffile.imwrite, data=array, imagej=True, metadata=metadata, resolution=resolution
+    )
+    if into is not None:
+        write(into)
+        return
     with atomic_path(where) as tmp:
-        tifffile.imwrite(tmp, array, imagej=True, metadata=metadata, resolution=resolution)
+        write(tmp)

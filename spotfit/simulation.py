@@ -7,7 +7,8 @@ Three layers:
 * :func:`simulate` -- spot placement, photon (shot) noise, EM-register noise,
   read noise and the camera's ADU conversion, returning the image and a
   ground-truth table;
-* :func:`write_simulation` -- writes both to disk (TIFF + CSV), atomically.
+* :func:`write_simulation` -- writes both to disk (TIFF + CSV) as a pair:
+  both files are replaced, or neither.
 
 Conventions are those of :mod:`spotfit`: 0-based pixel centres, ``x`` =
 column, ``y`` = row, ``z`` = plane, widths are Gaussian sigma in pixels
@@ -42,8 +43,10 @@ import pandas as pd
 from scipy.special import ndtr
 from scipy.spatial import cKDTree
 
+import warnings
+
 from spotfit.camera import Camera
-from spotfit.errors import SpotfitInputError
+from spotfit.errors import SpotfitInputError, SpotfitWarning
 
 __all__ = ["render", "simulate", "write_simulation", "DEFAULT_CAMERA"]
 
@@ -401,7 +404,9 @@ def simulate(
     Returns
     -------
     image : ndarray of `dtype`
-        Shape `shape`, in ADU.
+        Shape `shape`, in ADU.  Integer values beyond the range of `dtype`
+        are clipped to it, with a :class:`~spotfit.errors.SpotfitWarning`
+        saying how many (the truth table does not describe clipped pixels).
     truth : pandas.DataFrame
         One row per spot, sorted by frame: ``frame`` (int), ``x``, ``y``
         (px), ``z`` (planes, z-stacks only), ``intensity`` (integrated
@@ -409,6 +414,14 @@ def simulate(
         (planes, z-stacks only), ``angle`` (rad), ``offset`` (background,
         photons/px): the names of the fit table's columns for the same
         quantities (:data:`spotfit.table.SCHEMA`).
+
+    Raises
+    ------
+    SpotfitInputError
+        For invalid options; when the image would need more memory than the
+        machine has; when the background alone lies outside the range of
+        an integer `dtype` (e.g. ``background=1e9`` photons for uint16):
+        nearly every pixel would be clipped.
 
     Notes
     -----
@@ -470,12 +483,15 @@ def simulate(
     dtype = np.dtype(dtype)
     if dtype.kind not in "uif":
         raise SpotfitInputError(f"dtype must be an integer or float type, got {dtype}", parameter="dtype")
+    _check_memory(shape, frame_shape, dtype)
+    _check_range(background, camera, dtype)
     pos_frames = _positions_by_frame(positions, n_frames, z_stack)
 
     # ---- frames
     image = np.empty(shape, dtype=dtype)
     out_frames = image.reshape((n_frames,) + frame_shape)
     tables = []
+    clipped = [0, 0]  # pixels clipped at the bottom and top of an integer dtype
     for t in range(n_frames):
         if pos_frames is None:
             xy = _place(rng, n_spots, nx, ny, border, min_separation)
@@ -505,7 +521,7 @@ def simulate(
             sigma_z=np.full(n, float(sigma_z)) if z_stack else None,
             background=background,
         )
-        out_frames[t] = _camera_noise(rng, mu, camera, dtype)
+        out_frames[t] = _camera_noise(rng, mu, camera, dtype, clipped)
         cols = {"frame": np.full(n, t, dtype=np.int64), "x": xs, "y": ys}
         if z_stack:
             cols["z"] = zs
@@ -514,6 +530,20 @@ def simulate(
             cols["sigma_z"] = np.full(n, float(sigma_z))
         cols.update(angle=ang, offset=np.full(n, float(background)))
         tables.append(pd.DataFrame({k: np.asarray(v) for k, v in cols.items()}))
+    if clipped[1]:
+        warnings.warn(
+            f"{clipped[1]} of {image.size} simulated pixels exceed the {dtype.name} maximum "
+            f"({np.iinfo(dtype).max} ADU) and were clipped to it; the truth table does not "
+            "describe them (lower the photons or the background, or raise the gain)",
+            SpotfitWarning, stacklevel=2,
+        )
+    if clipped[0]:
+        warnings.warn(
+            f"{clipped[0]} of {image.size} simulated pixels fall below the {dtype.name} "
+            f"minimum ({np.iinfo(dtype).min} ADU) and were clipped to it, which biases "
+            "the background (raise the baseline above a few read-noise sigmas)",
+            SpotfitWarning, stacklevel=2,
+        )
     truth = pd.concat(tables, ignore_index=True)
     truth["frame"] = truth["frame"].astype(np.int64)
     for col in truth.columns[1:]:
@@ -659,8 +689,48 @@ def _positions_by_frame(positions, n_frames, z_stack):
     return checked
 
 
-def _camera_noise(rng, mu, camera, dtype):
-    """Shot, EM and read noise on expected photons ``mu``; returns ADU of `dtype`."""
+def _check_memory(shape, frame_shape, dtype) -> None:
+    """Refuse an image (plus the float64 work arrays of one frame) larger than memory."""
+    n_image = math.prod(shape)
+    n_frame = math.prod(frame_shape)
+    need = n_image * dtype.itemsize + 6 * 8 * n_frame  # mu, noise draws, ADU (float64)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return
+    if need > have:
+        size = "x".join(str(n) for n in shape)
+        raise SpotfitInputError(
+            f"shape {size} needs about {need / 2**30:.3g} GiB of memory, more than this "
+            f"machine has ({have / 2**30:.3g} GiB); simulate a smaller image or fewer frames",
+            parameter="shape",
+        )
+
+
+def _check_range(background, camera, dtype) -> None:
+    """Refuse a background whose mean ADU lies outside an integer dtype's range."""
+    if dtype.kind not in "ui":
+        return
+    info = np.iinfo(dtype)
+    gain = 1.0 if camera.gain is None else np.asarray(camera.gain, dtype=float)
+    level = np.asarray(camera.baseline, dtype=float) + background * camera.em_gain / gain
+    low, high = float(np.min(level)), float(np.max(level))
+    if high > info.max or low < info.min:
+        raise SpotfitInputError(
+            f"background {background:g} photons/px with `baseline` and `gain` gives "
+            f"{high if high > info.max else low:.4g} ADU, outside the {dtype.name} range "
+            f"({info.min} to {info.max}): nearly every pixel would be clipped; lower "
+            "`background` or `baseline`, or raise `gain`",
+            parameter="background",
+        )
+
+
+def _camera_noise(rng, mu, camera, dtype, clipped=None):
+    """Shot, EM and read noise on expected photons ``mu``; returns ADU of `dtype`.
+
+    Integer types are rounded and clipped to their range; ``clipped`` (a
+    two-element list) counts the pixels clipped at the bottom and the top.
+    """
     electrons = rng.poisson(mu).astype(float)
     if camera.em_gain > 1:
         electrons = rng.gamma(electrons, camera.em_gain)
@@ -671,7 +741,11 @@ def _camera_noise(rng, mu, camera, dtype):
     adu = np.asarray(camera.baseline, dtype=float) + electrons / gain
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        adu = np.clip(np.rint(adu), info.min, info.max)
+        adu = np.rint(adu)
+        if clipped is not None:
+            clipped[0] += int(np.count_nonzero(adu < info.min))
+            clipped[1] += int(np.count_nonzero(adu > info.max))
+        adu = np.clip(adu, info.min, info.max)
     return adu.astype(dtype)
 
 
@@ -704,17 +778,18 @@ def write_simulation(tif_path, truth_csv_path, image, truth, axes: str) -> None:
 
     Notes
     -----
-    Each file is written to a temporary file beside it and then renamed over
-    the target (:func:`spotfit._atomic.atomic_path`), so an interrupted run
-    leaves either the old file or the complete new one.  The TIFF is written
-    first; if the CSV then fails, the new TIFF stays.
+    The two files are written as a pair (:func:`spotfit._atomic.atomic_group`):
+    each to a temporary file beside it, then both renamed into place, the
+    truth last; if anything fails (or the run is interrupted), both old
+    files stay as they were and no new file is left.  A device or FIFO
+    (``/dev/null``) is written in place; a symbolic link is followed.
     """
-    from spotfit._atomic import atomic_path
+    from spotfit._atomic import atomic_group
     from spotfit.io import write_tiff
 
     csv_dir = os.path.dirname(os.path.abspath(os.fspath(truth_csv_path)))
     if not os.path.isdir(csv_dir):  # fail before writing the TIFF
         raise SpotfitInputError(f"{os.fspath(truth_csv_path)}: directory {csv_dir} does not exist")
-    write_tiff(tif_path, np.asarray(image), axes)
-    with atomic_path(truth_csv_path) as tmp:
-        truth.to_csv(tmp, index=False)
+    with atomic_group([tif_path, truth_csv_path]) as (tmp_tif, tmp_csv):
+        write_tiff(tif_path, np.asarray(image), axes, into=tmp_tif)
+        truth.to_csv(tmp_csv, index=False)

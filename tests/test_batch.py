@@ -189,21 +189,18 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     import spotfit.batch as b
-    from spotfit._atomic import atomic_path
     from spotfit.camera import Camera
 
     calls = [0]
-    real = b._write_json
+    real = b._json_text
 
-    def dying(doc, path):
+    def dying(doc):
         calls[0] += 1
-        if calls[0] == 3:  # third file: its CSV is written, its sidecar half-written
-            with atomic_path(path) as tmp:
-                open(tmp, "w").write('{"half": ')
-                os.kill(os.getpid(), signal.SIGKILL)
-        real(doc, path)
+        if calls[0] == 3:  # third file: its CSV is in a temporary, its sidecar not yet
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(doc)
 
-    b._write_json = dying
+    b._json_text = dying
     b.run_batch([sys.argv[1]], sys.argv[2], camera=Camera(baseline=100, gain=2, read_noise=1.5),
                 workers=1, progress=False)
     """
@@ -217,16 +214,17 @@ def test_killed_batch_resumes_with_skip_existing(good, tmp_path):
     proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(good), str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    # a, b complete; c has its CSV and only a hidden temporary sidecar; d nothing
+    # a, b complete; c has nothing but hidden temporaries (CSV and sidecar are a
+    # pair: both or neither); d nothing
     visible = [n for n in listing(out) if not n.startswith(".")]
-    assert visible == ["a.csv", "a.json", "b.csv", "b.json", "c.csv"]
-    assert any(n.startswith(".c.json.") for n in listing(out))
+    assert visible == ["a.csv", "a.json", "b.csv", "b.json"]
+    assert any(n.startswith(".c.csv.") for n in listing(out))
     before = {n: (out / n).stat().st_mtime_ns for n in visible}
 
     result = run("fit", good, "--out-dir", out, *CAMERA_ARGS, "--skip-existing", "--workers", "1")
     assert result.exit_code == 0, result.stderr
     assert summary_of(result)[:4] == (4, 2, 0, 2)
-    assert listing(out) == outputs("abcd", report=True)  # the stale temporary file is gone
+    assert listing(out) == outputs("abcd", report=True)  # the stale temporary files are gone
     for name in ("a.csv", "a.json", "b.csv", "b.json"):  # skipped: not rewritten
         assert (out / name).stat().st_mtime_ns == before[name], name
 
@@ -589,19 +587,21 @@ def test_nan_check_of_compressed_float_stack_is_blockwise(tmp_path, monkeypatch)
         read_image(tmp_path / "nan.tif")
 
 
-def test_memory_mapped_frames_are_copies_and_release_the_map(tmp_path, monkeypatch):
+def test_memory_mapped_frames_are_read_through_the_file_not_the_map(tmp_path, monkeypatch):
     data = np.random.default_rng(1).integers(0, 1000, size=(5, NY, NX)).astype("uint16")
     path = tmp_path / "mm.tif"
     tifffile.imwrite(path, data, imagej=True, metadata={"axes": "TYX"})
-    released = []
-    real = sio._release
-    monkeypatch.setattr(sio, "_release", lambda mm: (released.append(mm), real(mm)))
     img = read_image(path)
     assert isinstance(img.data, np.memmap)
+    reads = []
+    real = img.reader.read
+    monkeypatch.setattr(img.reader, "read", lambda view: (reads.append(view.shape), real(view))[1])
     for t, frame in img.frames():
-        assert type(frame) is np.ndarray and frame.flags.owndata
+        assert type(frame) is np.ndarray and frame.flags.c_contiguous and frame.flags.writeable
+        assert not np.shares_memory(frame, img.data)
         np.testing.assert_array_equal(frame, data[t])
-    assert len(released) == 5
+    assert reads == [(NY, NX)] * 5
+    img.close()
 
 
 def test_paged_stack_hyperstack_channel_and_axes(tmp_path):

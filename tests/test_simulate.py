@@ -7,7 +7,7 @@ import tifffile
 from scipy.special import ndtr
 
 from spotfit.camera import Camera
-from spotfit.errors import SpotfitInputError
+from spotfit.errors import SpotfitInputError, SpotfitWarning
 from spotfit.simulation import DEFAULT_CAMERA, render, simulate, write_simulation
 
 SHAPE = (40, 53)  # (ny, nx): never square, so x/y swaps show
@@ -201,8 +201,10 @@ def test_flat_image_mean_and_variance_follow_camera(camera):
     assert photons.var() == pytest.approx(expected_var, rel=0.03)  # ~3 standard errors
 
 
-def test_integer_output_is_clipped_to_dtype():
-    img, _ = simulate((20, 30), n_spots=3, photons=1e6, background=0.0, seed=1, dtype="uint8")
+def test_integer_output_is_clipped_to_dtype_with_a_warning():
+    with pytest.warns(SpotfitWarning, match=r"exceed the uint8 maximum \(255 ADU\)"):
+        img, _ = simulate((20, 30), n_spots=3, photons=1e6, background=0.0, seed=1,
+                          dtype="uint8")
     assert img.dtype == np.uint8 and img.max() == 255
 
 
