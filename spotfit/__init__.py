@@ -38,6 +38,7 @@ _LAZY = {
     "detect": "spotfit.api",
     "fit": "spotfit.api",
     "fit_spots": "spotfit.api",
+    "measure": "spotfit.photometry",
     "FitConfig": "spotfit.config",
     "simulate": "spotfit.simulation",
     "write_table": "spotfit.table",
