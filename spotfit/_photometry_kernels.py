@@ -36,8 +36,9 @@ the fitted model: ``excess * max(mu, 0) + read_var`` with a calibrated camera,
 ``max(alpha + beta * mu, v_floor)`` (a noise model measured on the data)
 otherwise.  For ``MLE`` it is the inverse Fisher information.
 
-Aperture photometry (:func:`aperture_sums`) only sums pixel values over
-precomputed pixel lists; the arithmetic around it is in numpy.
+Aperture photometry only sums pixel values over precomputed pixel lists, in
+the same pass (the frame's pixels are in cache); the arithmetic around it is
+in numpy.
 
 Matrices are inverted by Cholesky after Jacobi scaling; a pivot below
 ``1e-10`` of its diagonal marks the window ``SINGULAR`` (e.g. two spots at the
@@ -272,17 +273,19 @@ def _fit_single(g, ok, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_f
         if not (b + min(N * gmin, N * gmax) + rvmin > 0.0):
             N = 0.0
             b = max(count / s1 - rvmin, _MU_FLOOR - rvmin)
+        # With a calibrated camera without excess noise, V = mu + read_var = 1 / w
+        # wherever mu >= 0: then B = A and chi2 = sum w res^2, accumulated on the way
+        simple = calibrated and excess == 1.0
         status = MAX_ITERATIONS
+        negative = True
         for it in range(max_iter):
             agg = 0.0
             ag = 0.0
             a1 = 0.0
             rg = 0.0
             r1 = 0.0
-            bgg = 0.0
-            bg = 0.0
-            b1 = 0.0
             chi2 = 0.0
+            negative = False
             for p in range(P):
                 if ok[p]:
                     gp = g[p]
@@ -295,13 +298,9 @@ def _fit_single(g, ok, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_f
                     a1 += w
                     rg += wg * y
                     r1 += w * y
-                    v = _variance(mu, rvp[p], calibrated, excess, alpha, beta, v_floor)
                     res = d[p] - mu
-                    chi2 += res * res / v
-                    wv = w * w * v
-                    bgg += wv * gp * gp
-                    bg += wv * gp
-                    b1 += wv
+                    chi2 += res * res * w
+                    negative |= mu < 0.0
             det = agg * a1 - ag * ag
             if not (det > _PIVOT * agg * a1):
                 return nan, nan, nan, nan, nan, it + 1, SINGULAR
@@ -325,7 +324,35 @@ def _fit_single(g, ok, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_f
                     and abs(lam * step_b) <= tol * math.sqrt(excess * agg / det)):
                 status = CONVERGED
                 break
-        # the last pass's A and B, one step (< tol standard errors) before the estimate
+        # A (and chi2) of the last pass, one step (< tol standard errors) before the estimate
+        bgg, bg, b1 = agg, ag, a1
+        if not simple or negative:  # B = sum w^2 V x x^T and chi2 in full, at the estimate
+            agg = 0.0
+            ag = 0.0
+            a1 = 0.0
+            bgg = 0.0
+            bg = 0.0
+            b1 = 0.0
+            chi2 = 0.0
+            for p in range(P):
+                if ok[p]:
+                    gp = g[p]
+                    mu = N * gp + b
+                    w = 1.0 / max(mu + rvp[p], _MU_FLOOR)
+                    wg = w * gp
+                    agg += wg * gp
+                    ag += wg
+                    a1 += w
+                    v = _variance(mu, rvp[p], calibrated, excess, alpha, beta, v_floor)
+                    res = d[p] - mu
+                    chi2 += res * res / v
+                    wv = w * w * v
+                    bgg += wv * gp * gp
+                    bg += wv * gp
+                    b1 += wv
+            det = agg * a1 - ag * ag
+            if not (det > _PIVOT * agg * a1):
+                return nan, nan, nan, nan, nan, iterations, SINGULAR
     det2 = det * det
     var_n = (a1 * a1 * bgg - 2.0 * a1 * ag * bg + ag * ag * b1) / det2
     var_b = (ag * ag * bgg - 2.0 * ag * agg * bg + agg * agg * b1) / det2
@@ -476,16 +503,38 @@ def _regression_sums(profiles, c0, K, P, ok, d, w, y, mu, A, inv, L, scale, r, t
         out[4] += mu[p] * r2
 
 
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _segment_sum(frame, cam_a, cam_b, ptr, start, length, i):
+    """Sum over spot ``i``'s pixel runs of ``frame``, converted by ``a + b * value``."""
+    s = 0.0
+    count = 0
+    if cam_a.shape[0] > 1:
+        for k in range(ptr[i], ptr[i + 1]):
+            for q in range(start[k], start[k] + length[k]):
+                s += cam_a[q] + cam_b[q] * frame[q]
+        return s
+    for k in range(ptr[i], ptr[i + 1]):
+        count += length[k]
+        for q in range(start[k], start[k] + length[k]):
+            s += frame[q]
+    return count * cam_a[0] + cam_b[0] * s
+
+
 @njit(cache=True, parallel=True, error_model="numpy")
-def measure_windows(frames, pix, valid, col_ptr, profiles, rv, rv_map, est, calibrated, excess,
-                    alpha, beta, v_floor, max_iter, tol, n_chunks, regression,
-                    out_n, out_n_var, out_b, out_b_var, out_chi2, out_iter, out_status, out_sums):
-    """Fit every window of every frame; results per (frame, window).
+def measure_windows(frames, cam_a, cam_b, pix, valid, col_ptr, profiles, rv,
+                    ap_ptr, ap_start, ap_len, bg_ptr, bg_start, bg_len,
+                    est, calibrated, excess, alpha, beta, v_floor, max_iter, tol, n_chunks, regression,
+                    out_n, out_n_var, out_b, out_b_var, out_chi2, out_iter, out_status, out_ap, out_bg,
+                    out_sums):
+    """Fit every window of every frame, and sum every aperture; results per (frame, window).
 
     Parameters
     ----------
     frames : (F, S) float32 ndarray
-        Frames flattened in C order (photons, or ADU above baseline).
+        Raw camera values, each frame flattened in C order.
+    cam_a, cam_b : (S,) or (1,) float64 ndarrays
+        Camera conversion ``photons = a + b * raw`` (``a = -baseline * b``; ADU
+        above baseline without a calibration), per pixel or for all pixels.
     pix : (n, P) int64 ndarray
         Flat frame index of each window pixel (any valid index where not valid).
     valid : (n, P) bool ndarray
@@ -496,7 +545,13 @@ def measure_windows(frames, pix, valid, col_ptr, profiles, rv, rv_map, est, cali
     profiles : (C, P) float64 ndarray
         Unit-intensity profiles on the window pixels.
     rv : (S,) or (1,) float64 ndarray
-        Read-noise variance per frame pixel (``rv_map``) or for all pixels.
+        Read-noise variance (photons^2) per frame pixel or for all pixels.
+    ap_ptr, ap_start, ap_len : int64 ndarrays
+        Spot ``i``'s aperture is the runs ``k = ap_ptr[i] .. ap_ptr[i + 1] - 1``
+        of ``ap_len[k]`` consecutive pixels from flat index ``ap_start[k]``;
+        ``ap_ptr`` of length 1 skips the apertures.
+    bg_ptr, bg_start, bg_len : int64 ndarrays
+        The annulus of each spot, likewise.
     est : int
         ``LSQ``, ``WLSQ`` or ``MLE``.
     calibrated : bool
@@ -519,11 +574,16 @@ def measure_windows(frames, pix, valid, col_ptr, profiles, rv, rv_map, est, cali
         Pearson ``sum (d - mu)^2 / V`` over ``valid pixels - (K + 1)``.
     out_iter : (F, n) int32 ndarray
     out_status : (F, n) int8 ndarray
+    out_ap, out_bg : (F, n) float64 ndarrays
+        Sums of the converted pixel values over each aperture and annulus.
     out_sums : (F, n, 5) float64 ndarray
         Written only with ``regression``.
     """
     F = frames.shape[0]
     n, P = pix.shape
+    apertures = ap_ptr.shape[0] > 1
+    cam_map = cam_a.shape[0] > 1
+    rv_map = rv.shape[0] > 1
     kmax = 1
     for i in range(n):
         kmax = max(kmax, col_ptr[i + 1] - col_ptr[i])
@@ -553,10 +613,15 @@ def measure_windows(frames, pix, valid, col_ptr, profiles, rv, rv_map, est, cali
             ok = valid[i]
             c0 = col_ptr[i]
             K = col_ptr[i + 1] - c0
+            frame = frames[t]
             for p in range(P):
                 if ok[p]:
-                    d[p] = frames[t, pix[i, p]]
-                    rvp[p] = rv[pix[i, p]] if rv_map else rv[0]
+                    q = pix[i, p]
+                    if cam_map:
+                        d[p] = cam_a[q] + cam_b[q] * frame[q]
+                    else:
+                        d[p] = cam_a[0] + cam_b[0] * frame[q]
+                    rvp[p] = rv[q] if rv_map else rv[0]
                 else:
                     d[p] = 0.0
                     rvp[p] = 0.0
@@ -578,30 +643,6 @@ def measure_windows(frames, pix, valid, col_ptr, profiles, rv, rv_map, est, cali
             out_chi2[t, i] = res[4]
             out_iter[t, i] = res[5]
             out_status[t, i] = res[6]
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def aperture_sums(frames, ap_ptr, ap_idx, bg_ptr, bg_idx, out_ap, out_bg):
-    """Sum of the pixel values of each spot's aperture and annulus, per frame.
-
-    Parameters
-    ----------
-    frames : (F, S) float32 ndarray
-    ap_ptr, bg_ptr : (n + 1,) int64 ndarrays
-        Spot ``i``'s aperture pixels are ``ap_idx[ap_ptr[i]:ap_ptr[i + 1]]``
-        (flat frame indices), its annulus pixels likewise in ``bg_idx``.
-    out_ap, out_bg : (F, n) float64 ndarrays
-    """
-    F = frames.shape[0]
-    n = ap_ptr.shape[0] - 1
-    for item in prange(F * n):
-        t = item // n
-        i = item - t * n
-        s = 0.0
-        for k in range(ap_ptr[i], ap_ptr[i + 1]):
-            s += frames[t, ap_idx[k]]
-        out_ap[t, i] = s
-        s = 0.0
-        for k in range(bg_ptr[i], bg_ptr[i + 1]):
-            s += frames[t, bg_idx[k]]
-        out_bg[t, i] = s
+            if apertures:
+                out_ap[t, i] = _segment_sum(frame, cam_a, cam_b, ap_ptr, ap_start, ap_len, i)
+                out_bg[t, i] = _segment_sum(frame, cam_a, cam_b, bg_ptr, bg_start, bg_len, i)

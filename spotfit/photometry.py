@@ -489,14 +489,28 @@ class _Context:
         self.workers = config.workers or os.cpu_count() or 1
 
     def read_var(self, frame_shape):
-        """Read-noise variance: a flat map or a 1-element array, and whether it is a map."""
+        """Read-noise variance (photons^2): flat per-pixel map or a 1-element array."""
         cam = self.camera
         if not cam.calibrated:
-            return np.zeros(1), False
+            return np.zeros(1)
         rv = np.asarray(cam.read_variance(), dtype=float)
         if rv.ndim:
-            return np.ascontiguousarray(np.broadcast_to(rv, frame_shape[-2:]).ravel()), True
-        return np.array([float(rv)]), False
+            return np.ascontiguousarray(np.broadcast_to(rv, frame_shape).ravel())
+        return np.array([float(rv)])
+
+    def conversion(self, frame_shape):
+        """Camera conversion ``photons = a + b * raw``: ``(a, b)``, flat maps or 1-element arrays.
+
+        Taken from :meth:`Camera.to_photons` itself (its values at 0 and 1),
+        which stays the one place the conversion is defined.
+        """
+        cam = self.camera
+        shape = tuple(frame_shape[-2:]) if cam.is_map else (1,)
+        a = cam.to_photons(np.zeros(shape), dtype=np.float64)
+        b = cam.to_photons(np.ones(shape), dtype=np.float64) - a
+        if not cam.is_map:
+            return a.ravel(), b.ravel()
+        return tuple(np.ascontiguousarray(np.broadcast_to(v, frame_shape).ravel()) for v in (a, b))
 
     def run(self, img, frame_ids, layout):
         """Model fits and aperture sums of ``layout`` in the frames ``frame_ids``."""
@@ -508,42 +522,37 @@ class _Context:
         n = len(layout)
         n_frames = len(frame_ids)
         size = int(np.prod(img.frame_shape))
-        out = {k: np.full((n_frames, n), np.nan) for k in
-               ("n", "n_var", "b", "b_var", "chi2", "ap", "bg")}
-        out["iter"] = np.zeros((n_frames, n), np.int32)
-        out["status"] = np.zeros((n_frames, n), np.int8)
+        out = {k: np.empty((n_frames, n)) for k in ("n", "n_var", "b", "b_var", "chi2", "ap", "bg")}
+        out["iter"] = np.empty((n_frames, n), np.int32)
+        out["status"] = np.empty((n_frames, n), np.int8)
         if n == 0 or n_frames == 0:
             return out
-        rv, rv_map = self.read_var(img.frame_shape)
-        if rv_map and self.ndim == 3:
-            rv = np.ascontiguousarray(np.broadcast_to(rv.reshape(img.frame_shape[-2:]),
-                                                      img.frame_shape).ravel())
+        rv = self.read_var(img.frame_shape)
+        cam_a, cam_b = self.conversion(img.frame_shape)
         per_block = max(1, min(n_frames, BLOCK_VALUES // max(size, 1)))
         cfg = self.config
+        block = None
         for first in range(0, n_frames, per_block):
             ids = frame_ids[first:first + per_block]
-            block = np.empty((len(ids), size), dtype=np.float32)
-            for k, t in enumerate(ids):
-                block[k] = self.camera.to_photons(img.frame(t)).ravel()
+            if block is None or len(block) != len(ids):
+                block = np.empty((len(ids), size), dtype=np.float32)
+            for k, t in enumerate(ids):  # raw values, converted by the kernel where it reads them
+                block[k].reshape(img.frame_shape)[...] = img.frame(t)
             if not self.camera.calibrated and self.noise_model is None:
-                self.noise_model = self._fit_noise_model(block, layout, rv)
+                self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
             alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
             sl = slice(first, first + len(ids))
-            views = {k: np.empty((len(ids), n), out[k].dtype) for k in out}
             chunks = max(1, min(len(ids) * n, 8 * numba.get_num_threads()))
             kernels.measure_windows(
-                block, layout.pix, layout.valid, layout.col_ptr, layout.profiles, rv, rv_map,
+                block, cam_a, cam_b, layout.pix, layout.valid, layout.col_ptr, layout.profiles, rv,
+                *layout.aperture_runs, *layout.annulus_runs,
                 self.est_id, self.camera.calibrated, float(self.camera.excess_noise), alpha, beta,
-                floor, int(cfg.max_iter), MLE_TOL, chunks, False, views["n"], views["n_var"],
-                views["b"], views["b_var"], views["chi2"], views["iter"], views["status"],
-                np.zeros((0, 0, 5)))
-            kernels.aperture_sums(block, layout.ap_ptr, layout.ap_idx, layout.bg_ptr, layout.bg_idx,
-                                  views["ap"], views["bg"])
-            for k in out:
-                out[k][sl] = views[k]
+                floor, int(cfg.max_iter), MLE_TOL, chunks, False, out["n"][sl], out["n_var"][sl],
+                out["b"][sl], out["b_var"][sl], out["chi2"][sl], out["iter"][sl], out["status"][sl],
+                out["ap"][sl], out["bg"][sl], np.zeros((0, 0, 5)))
         return out
 
-    def _fit_noise_model(self, block, layout, rv):
+    def _fit_noise_model(self, block, cam_a, cam_b, layout, rv):
         """``V = alpha + beta * mu`` of an uncalibrated camera, from least-squares residuals."""
         import numba
 
@@ -552,13 +561,14 @@ class _Context:
         n = len(layout)
         frames = block[: max(1, min(len(block), -(-REGRESSION_WINDOWS // n)))]
         shape = (len(frames), n)
-        scratch = [np.empty(shape) for _ in range(5)]
+        scratch = [np.empty(shape) for _ in range(7)]
         sums = np.zeros(shape + (5,))
+        none = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
         kernels.measure_windows(
-            frames, layout.pix, layout.valid, layout.col_ptr, layout.profiles, rv, False,
-            kernels.LSQ, False, 1.0, 1.0, 0.0, 1.0, 1, MLE_TOL,
-            max(1, min(shape[0] * n, 8 * numba.get_num_threads())), True, *scratch,
-            np.empty(shape, np.int32), np.empty(shape, np.int8), sums)
+            frames, cam_a, cam_b, layout.pix, layout.valid, layout.col_ptr, layout.profiles, rv,
+            *none, *none, kernels.LSQ, False, 1.0, 1.0, 0.0, 1.0, 1, MLE_TOL,
+            max(1, min(shape[0] * n, 8 * numba.get_num_threads())), True, *scratch[:5],
+            np.empty(shape, np.int32), np.empty(shape, np.int8), *scratch[5:], sums)
         return solver._variance_model(sums.reshape(-1, 5).sum(axis=0))
 
 
@@ -573,8 +583,9 @@ class _Layout:
     profiles : (C, P) float64 ndarray
         Unit profiles: window ``i``'s own spot first, then its neighbours.
     neighbours : (n,) int64 ndarray
-    ap_ptr, ap_idx, bg_ptr, bg_idx : int64 ndarrays
-        Aperture and annulus pixels (flat indices) of each spot.
+    aperture_runs, annulus_runs : tuples of int64 ndarrays
+        Aperture and annulus pixels of each spot as runs along rows
+        (:func:`_runs`).
     n_ap, n_bg : (n,) ndarrays
     rv_ap, rv_bg : (n,) ndarrays
         Summed read-noise variance over each spot's aperture and annulus.
@@ -702,15 +713,12 @@ class _Layout:
                 in_bg &= hit == 0
         self.n_ap = in_ap.sum(axis=1).astype(float)
         self.n_bg = in_bg.sum(axis=1).astype(float)
-        self.ap_ptr = np.concatenate([[0], np.cumsum(self.n_ap)]).astype(np.int64)
-        self.bg_ptr = np.concatenate([[0], np.cumsum(self.n_bg)]).astype(np.int64)
-        self.ap_idx = np.ascontiguousarray(box.data[in_ap], dtype=np.int64)
-        self.bg_idx = np.ascontiguousarray(box.data[in_bg], dtype=np.int64)
-        rv, rv_map = ctx.read_var(self.frame_shape)
-        if rv_map:
-            rv_full = np.broadcast_to(rv.reshape(self.frame_shape[-2:]), self.frame_shape).ravel()
-            self.rv_ap = np.where(in_ap, rv_full[box.data], 0.0).sum(axis=1)
-            self.rv_bg = np.where(in_bg, rv_full[box.data], 0.0).sum(axis=1)
+        self.aperture_runs = _runs(in_ap, box.data, shape[-1])
+        self.annulus_runs = _runs(in_bg, box.data, shape[-1])
+        rv = ctx.read_var(self.frame_shape)
+        if len(rv) > 1:
+            self.rv_ap = np.where(in_ap, rv[box.data], 0.0).sum(axis=1)
+            self.rv_bg = np.where(in_bg, rv[box.data], 0.0).sum(axis=1)
         else:
             self.rv_ap, self.rv_bg = self.n_ap * rv[0], self.n_bg * rv[0]
         status = np.zeros(n, np.int64)
@@ -718,6 +726,38 @@ class _Layout:
         status[truncated] = APERTURE_STATUS.index("truncated")
         status[self.n_bg < MIN_ANNULUS] = APERTURE_STATUS.index("no_background")
         self.ap_status = status
+
+
+def _runs(selected, flat_index, row_length):
+    """Runs of consecutive selected pixels along the rows of each box.
+
+    Parameters
+    ----------
+    selected : (n, P) bool ndarray
+        Selected pixels of each box (valid pixels only), C order.
+    flat_index : (n, P) int64 ndarray
+        Flat frame index of each box pixel.
+    row_length : int
+        Pixels per box row (consecutive pixels of a row are consecutive in
+        the frame).
+
+    Returns
+    -------
+    ptr, start, length : int64 ndarrays
+        Box ``i``'s runs are ``ptr[i]:ptr[i + 1]``; run ``k`` covers the flat
+        indices ``start[k] .. start[k] + length[k] - 1``.
+    """
+    n = len(selected)
+    rows = selected.reshape(n, -1, row_length)
+    pad = np.zeros(rows.shape[:2] + (1,), bool)
+    padded = np.concatenate([pad, rows, pad], axis=2)
+    begins = np.nonzero(padded[:, :, 1:-1] & ~padded[:, :, :-2])
+    ends = np.nonzero(padded[:, :, 1:-1] & ~padded[:, :, 2:])
+    start = flat_index.reshape(rows.shape)[begins]
+    length = ends[2] - begins[2] + 1
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(begins[0], minlength=n))])
+    return (ptr.astype(np.int64), np.ascontiguousarray(start, dtype=np.int64),
+            np.ascontiguousarray(length, dtype=np.int64))
 
 
 def _aperture_values(out, layout, ctx):
