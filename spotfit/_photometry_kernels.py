@@ -203,8 +203,11 @@ def _variance(mu, rv, calibrated, excess, alpha, beta, v_floor):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _fit_single(g, ok, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_floor, max_iter, tol):
+def _fit_single(g, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_floor, max_iter, tol):
     """One window with one spot (``K = 1``): 2 x 2 normal equations in closed form.
+
+    ``g``, ``d``, ``rvp`` hold the window's ``P`` valid pixels only (profile,
+    data, read-noise variance), so that the loops have no branches.
 
     Returns ``(N, var_N, b, var_b, chi2, iterations, status)``.
     """
@@ -215,10 +218,11 @@ def _fit_single(g, ok, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_f
         return nan, nan, nan, nan, nan, 0, SINGULAR
     sgd = 0.0
     sd = 0.0
+    count = 0.0
     for p in range(P):
-        if ok[p]:
-            sgd += g[p] * d[p]
-            sd += d[p]
+        sgd += g[p] * d[p]
+        sd += d[p]
+        count += max(d[p] + rvp[p], 0.0)
     N = (s1 * sgd - sg * sd) / det
     b = (sgg * sd - sg * sgd) / det
     iterations = 0
@@ -232,14 +236,13 @@ def _fit_single(g, ok, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_f
         rg = 0.0
         r1 = 0.0
         for p in range(P):
-            if ok[p]:
-                w = 1.0 / (excess * max(d[p], 1.0) + rvp[p])
-                wg = w * g[p]
-                agg += wg * g[p]
-                ag += wg
-                a1 += w
-                rg += wg * d[p]
-                r1 += w * d[p]
+            w = 1.0 / (excess * max(d[p], 1.0) + rvp[p])
+            wg = w * g[p]
+            agg += wg * g[p]
+            ag += wg
+            a1 += w
+            rg += wg * d[p]
+            r1 += w * d[p]
         det = agg * a1 - ag * ag
         if not (det > _PIVOT * agg * a1):
             return nan, nan, nan, nan, nan, 0, SINGULAR
@@ -251,23 +254,18 @@ def _fit_single(g, ok, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_f
         b1 = 0.0
         chi2 = 0.0
         for p in range(P):
-            if ok[p]:
-                mu = N * g[p] + b
-                v = _variance(mu, rvp[p], calibrated, excess, alpha, beta, v_floor)
-                res = d[p] - mu
-                chi2 += res * res / v
-                w = 1.0 if est == LSQ else 1.0 / (excess * max(d[p], 1.0) + rvp[p])
-                wv = w * w * v
-                bgg += wv * g[p] * g[p]
-                bg += wv * g[p]
-                b1 += wv
+            mu = N * g[p] + b
+            v = _variance(mu, rvp[p], calibrated, excess, alpha, beta, v_floor)
+            res = d[p] - mu
+            chi2 += res * res / v
+            w = 1.0 if est == LSQ else 1.0 / (excess * max(d[p], 1.0) + rvp[p])
+            wv = w * w * v
+            bgg += wv * g[p] * g[p]
+            bg += wv * g[p]
+            b1 += wv
     else:
         # Poisson MLE: reweighted least squares of y = max(d, -read_var) with
         # w = 1 / (mu + read_var); every pixel's mu + read_var must stay > 0
-        count = 0.0
-        for p in range(P):
-            if ok[p]:
-                count += max(d[p] + rvp[p], 0.0)
         if not (count > 0.0):
             return nan, nan, nan, nan, nan, 0, SINGULAR
         if not (b + min(N * gmin, N * gmax) + rvmin > 0.0):
@@ -287,20 +285,19 @@ def _fit_single(g, ok, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_f
             chi2 = 0.0
             negative = False
             for p in range(P):
-                if ok[p]:
-                    gp = g[p]
-                    mu = N * gp + b
-                    w = 1.0 / max(mu + rvp[p], _MU_FLOOR)
-                    y = max(d[p], -rvp[p])
-                    wg = w * gp
-                    agg += wg * gp
-                    ag += wg
-                    a1 += w
-                    rg += wg * y
-                    r1 += w * y
-                    res = d[p] - mu
-                    chi2 += res * res * w
-                    negative |= mu < 0.0
+                gp = g[p]
+                mu = N * gp + b
+                w = 1.0 / max(mu + rvp[p], _MU_FLOOR)
+                y = max(d[p], -rvp[p])
+                wg = w * gp
+                agg += wg * gp
+                ag += wg
+                a1 += w
+                rg += wg * y
+                r1 += w * y
+                res = d[p] - mu
+                chi2 += res * res * w
+                negative |= mu < 0.0
             det = agg * a1 - ag * ag
             if not (det > _PIVOT * agg * a1):
                 return nan, nan, nan, nan, nan, it + 1, SINGULAR
@@ -335,21 +332,20 @@ def _fit_single(g, ok, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_f
             b1 = 0.0
             chi2 = 0.0
             for p in range(P):
-                if ok[p]:
-                    gp = g[p]
-                    mu = N * gp + b
-                    w = 1.0 / max(mu + rvp[p], _MU_FLOOR)
-                    wg = w * gp
-                    agg += wg * gp
-                    ag += wg
-                    a1 += w
-                    v = _variance(mu, rvp[p], calibrated, excess, alpha, beta, v_floor)
-                    res = d[p] - mu
-                    chi2 += res * res / v
-                    wv = w * w * v
-                    bgg += wv * gp * gp
-                    bg += wv * gp
-                    b1 += wv
+                gp = g[p]
+                mu = N * gp + b
+                w = 1.0 / max(mu + rvp[p], _MU_FLOOR)
+                wg = w * gp
+                agg += wg * gp
+                ag += wg
+                a1 += w
+                v = _variance(mu, rvp[p], calibrated, excess, alpha, beta, v_floor)
+                res = d[p] - mu
+                chi2 += res * res / v
+                wv = w * w * v
+                bgg += wv * gp * gp
+                bg += wv * gp
+                b1 += wv
             det = agg * a1 - ag * ag
             if not (det > _PIVOT * agg * a1):
                 return nan, nan, nan, nan, nan, iterations, SINGULAR
@@ -524,9 +520,9 @@ def _segment_sum(frame, cam_a, cam_b, ptr, start, length, i):
 def measure_windows(frames, cam_a, cam_b, pix, valid, col_ptr, profiles, rv,
                     ap_ptr, ap_start, ap_len, bg_ptr, bg_start, bg_len,
                     est, calibrated, excess, alpha, beta, v_floor, max_iter, tol, n_chunks, regression,
-                    out_n, out_n_var, out_b, out_b_var, out_chi2, out_iter, out_status, out_ap, out_bg,
+                    t0, out_n, out_n_var, out_b, out_b_var, out_chi2, out_iter, out_status, out_ap, out_bg,
                     out_sums):
-    """Fit every window of every frame, and sum every aperture; results per (frame, window).
+    """Fit every window of every frame, and sum every aperture; results per (window, frame).
 
     Parameters
     ----------
@@ -565,18 +561,21 @@ def measure_windows(frames, cam_a, cam_b, pix, valid, col_ptr, profiles, rv,
         Work is split into this many chunks (spread over the threads).
     regression : bool
         Instead of fitting, accumulate the unknown-camera noise regression
-        sums of unweighted fits: ``out_sums[f, i] = (count, sum mu, sum r2,
+        sums of unweighted fits: ``out_sums[i, f] = (count, sum mu, sum r2,
         sum mu^2, sum mu r2)`` with ``r2 = (d - mu)^2 / (1 - h)``, ``h`` the
         pixel's leverage.
-    out_n, out_n_var, out_b, out_b_var : (F, n) float64 ndarrays
-        Intensity of the window's own spot, background, and their variances.
-    out_chi2 : (F, n) float64 ndarray
+    t0 : int
+        Column of the outputs where this block's first frame goes.
+    out_n, out_n_var, out_b, out_b_var : (n, >= t0 + F) float64 ndarrays
+        Intensity of the window's own spot, background, and their variances
+        (window-major: one row per spot, as the output table).
+    out_chi2 : (n, >= t0 + F) float64 ndarray
         Pearson ``sum (d - mu)^2 / V`` over ``valid pixels - (K + 1)``.
-    out_iter : (F, n) int32 ndarray
-    out_status : (F, n) int8 ndarray
-    out_ap, out_bg : (F, n) float64 ndarrays
+    out_iter : (n, >= t0 + F) int32 ndarray
+    out_status : (n, >= t0 + F) int8 ndarray
+    out_ap, out_bg : (n, >= t0 + F) float64 ndarrays
         Sums of the converted pixel values over each aperture and annulus.
-    out_sums : (F, n, 5) float64 ndarray
+    out_sums : (n, >= t0 + F, 5) float64 ndarray
         Written only with ``regression``.
     """
     F = frames.shape[0]
@@ -627,22 +626,29 @@ def measure_windows(frames, cam_a, cam_b, pix, valid, col_ptr, profiles, rv,
                     rvp[p] = 0.0
             if regression:
                 _regression_sums(profiles, c0, K, P, ok, d, w, y, mu, A, inv, L, scale, r, theta, u,
-                                 out_sums[t, i])
+                                 out_sums[i, t0 + t])
                 continue
             if K == 1:
-                res = _fit_single(profiles[c0], ok, d, rvp, P, cst[i], est, calibrated, excess,
-                                  alpha, beta, v_floor, max_iter, tol)
+                m = 0  # the valid pixels, packed
+                for p in range(P):
+                    if ok[p]:
+                        y[m] = d[p]
+                        w[m] = profiles[c0, p]
+                        mu[m] = rvp[p]
+                        m += 1
+                res = _fit_single(w, y, mu, m, cst[i], est, calibrated, excess, alpha, beta, v_floor,
+                                  max_iter, tol)
             else:
                 res = _fit_joint(profiles, c0, K, P, ok, cst[i, 2], d, rvp, est, calibrated, excess,
                                  alpha, beta, v_floor, max_iter, tol, y, w, mu, A, inv, L, scale, r,
                                  theta, step, u)
-            out_n[t, i] = res[0]
-            out_n_var[t, i] = res[1]
-            out_b[t, i] = res[2]
-            out_b_var[t, i] = res[3]
-            out_chi2[t, i] = res[4]
-            out_iter[t, i] = res[5]
-            out_status[t, i] = res[6]
+            out_n[i, t0 + t] = res[0]
+            out_n_var[i, t0 + t] = res[1]
+            out_b[i, t0 + t] = res[2]
+            out_b_var[i, t0 + t] = res[3]
+            out_chi2[i, t0 + t] = res[4]
+            out_iter[i, t0 + t] = res[5]
+            out_status[i, t0 + t] = res[6]
             if apertures:
-                out_ap[t, i] = _segment_sum(frame, cam_a, cam_b, ap_ptr, ap_start, ap_len, i)
-                out_bg[t, i] = _segment_sum(frame, cam_a, cam_b, bg_ptr, bg_start, bg_len, i)
+                out_ap[i, t0 + t] = _segment_sum(frame, cam_a, cam_b, ap_ptr, ap_start, ap_len, i)
+                out_bg[i, t0 + t] = _segment_sum(frame, cam_a, cam_b, bg_ptr, bg_start, bg_len, i)

@@ -37,7 +37,7 @@ from spotfit.camera import Camera
 from spotfit.errors import SpotfitInputError
 from spotfit.estimators import Noise, get_estimator
 from spotfit.fitting import FitConfig, _as_image, _config, fit_spots
-from spotfit.models import Grid, get_model
+from spotfit.models import get_model
 
 #: neighbours whose profile puts at least this fraction of their light into a
 #: window are fitted jointly with the window's spot
@@ -522,9 +522,10 @@ class _Context:
         n = len(layout)
         n_frames = len(frame_ids)
         size = int(np.prod(img.frame_shape))
-        out = {k: np.empty((n_frames, n)) for k in ("n", "n_var", "b", "b_var", "chi2", "ap", "bg")}
-        out["iter"] = np.empty((n_frames, n), np.int32)
-        out["status"] = np.empty((n_frames, n), np.int8)
+        # (spot, frame): one row per spot, the order of the output table
+        out = {k: np.empty((n, n_frames)) for k in ("n", "n_var", "b", "b_var", "chi2", "ap", "bg")}
+        out["iter"] = np.empty((n, n_frames), np.int32)
+        out["status"] = np.empty((n, n_frames), np.int8)
         if n == 0 or n_frames == 0:
             return out
         rv = self.read_var(img.frame_shape)
@@ -541,15 +542,14 @@ class _Context:
             if not self.camera.calibrated and self.noise_model is None:
                 self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
             alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
-            sl = slice(first, first + len(ids))
             chunks = max(1, min(len(ids) * n, 8 * numba.get_num_threads()))
             kernels.measure_windows(
                 block, cam_a, cam_b, layout.pix, layout.valid, layout.col_ptr, layout.profiles, rv,
                 *layout.aperture_runs, *layout.annulus_runs,
                 self.est_id, self.camera.calibrated, float(self.camera.excess_noise), alpha, beta,
-                floor, int(cfg.max_iter), MLE_TOL, chunks, False, out["n"][sl], out["n_var"][sl],
-                out["b"][sl], out["b_var"][sl], out["chi2"][sl], out["iter"][sl], out["status"][sl],
-                out["ap"][sl], out["bg"][sl], np.zeros((0, 0, 5)))
+                floor, int(cfg.max_iter), MLE_TOL, chunks, False, first,
+                *(out[k] for k in ("n", "n_var", "b", "b_var", "chi2", "iter", "status", "ap", "bg")),
+                np.zeros((0, 0, 5)))
         return out
 
     def _fit_noise_model(self, block, cam_a, cam_b, layout, rv):
@@ -560,14 +560,14 @@ class _Context:
 
         n = len(layout)
         frames = block[: max(1, min(len(block), -(-REGRESSION_WINDOWS // n)))]
-        shape = (len(frames), n)
+        shape = (n, len(frames))
         scratch = [np.empty(shape) for _ in range(7)]
         sums = np.zeros(shape + (5,))
         none = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
         kernels.measure_windows(
             frames, cam_a, cam_b, layout.pix, layout.valid, layout.col_ptr, layout.profiles, rv,
             *none, *none, kernels.LSQ, False, 1.0, 1.0, 0.0, 1.0, 1, MLE_TOL,
-            max(1, min(shape[0] * n, 8 * numba.get_num_threads())), True, *scratch[:5],
+            max(1, min(shape[0] * n, 8 * numba.get_num_threads())), True, 0, *scratch[:5],
             np.empty(shape, np.int32), np.empty(shape, np.int8), *scratch[5:], sums)
         return solver._variance_model(sums.reshape(-1, 5).sum(axis=0))
 
@@ -689,12 +689,10 @@ class _Layout:
         centres = np.rint(spots.xyz).astype(np.int64)
         box = roi.cut(np.arange(int(np.prod(self.frame_shape)), dtype=np.int64).reshape(self.frame_shape),
                       centres[:, ::-1], half[::-1], dtype=np.int64)
-        offsets = np.column_stack(Grid(shape).flat())  # (P, ndim) window-relative x, y[, z]
-        rel = (box.origin[:, None, :] + offsets[None, :, :]) - spots.xyz[:, None, :]
         scale = np.array([1.0, 1.0, 1.0 / zscale][:ndim])
-        dist = np.sqrt(np.sum((rel * scale) ** 2, axis=2)) if n else np.zeros((0, len(offsets)))
-        in_ap = dist <= R
-        in_bg = (dist > R + 1.0) & (dist <= outer) & box.mask
+        dist2 = _box_distance2(box.origin, shape, spots.xyz, scale)
+        in_ap = dist2 <= R * R
+        in_bg = (dist2 > (R + 1.0) ** 2) & (dist2 <= outer * outer) & box.mask
         truncated = np.any(in_ap & ~box.mask, axis=1)
         in_ap &= box.mask
         crowded = np.zeros(n, bool)
@@ -706,8 +704,7 @@ class _Layout:
                 b = np.concatenate([pairs[:, 1], pairs[:, 0]])
                 gap = np.sqrt(np.sum((scaled[a] - scaled[b]) ** 2, axis=1))
                 crowded[a[gap < 2.0 * R]] = True
-                near = (box.origin[a][:, None, :] + offsets[None, :, :]) - spots.xyz[b][:, None, :]
-                close = np.sqrt(np.sum((near * scale) ** 2, axis=2)) <= R + 1.0
+                close = _box_distance2(box.origin[a], shape, spots.xyz[b], scale) <= (R + 1.0) ** 2
                 hit = np.zeros(in_bg.shape, np.int32)
                 np.add.at(hit, a, close.astype(np.int32))
                 in_bg &= hit == 0
@@ -726,6 +723,24 @@ class _Layout:
         status[truncated] = APERTURE_STATUS.index("truncated")
         status[self.n_bg < MIN_ANNULUS] = APERTURE_STATUS.index("no_background")
         self.ap_status = status
+
+
+def _box_distance2(origin, shape, xyz, scale):
+    """Squared scaled distance of every box pixel to a point, ``(n, P)``.
+
+    ``origin`` (n, ndim) are the boxes' first pixels ``(x, y[, z])``, ``shape``
+    the box shape in array order, ``xyz`` (n, ndim) the points, ``scale``
+    (ndim,) multiplies each axis' offset.
+    """
+    n = len(origin)
+    total = np.zeros((n,) + tuple(shape))
+    for j in range(origin.shape[1]):  # x, y[, z] -> array axis ndim - j
+        length = shape[::-1][j]
+        offset = (origin[:, j:j + 1] + np.arange(length)[None, :] - xyz[:, j:j + 1]) * scale[j]
+        view = [1] * len(shape)
+        view[len(shape) - 1 - j] = length
+        total += (offset ** 2).reshape((n,) + tuple(view))
+    return total.reshape(n, -1)
 
 
 def _runs(selected, flat_index, row_length):
@@ -761,7 +776,7 @@ def _runs(selected, flat_index, row_length):
 
 
 def _aperture_values(out, layout, ctx):
-    """Aperture intensity, its error and the annulus background, ``(F, n)`` each.
+    """Aperture intensity, its error and the annulus background, ``(n, F)`` each.
 
     ``I = S_ap - n_ap * S_bg / n_bg`` (sums ``S`` of pixel values over the
     ``n_ap`` aperture and ``n_bg`` annulus pixels); its variance is
@@ -771,26 +786,34 @@ def _aperture_values(out, layout, ctx):
     data) otherwise.
     """
     cam = ctx.camera
+    n_ap, n_bg = layout.n_ap[:, None], layout.n_bg[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        background = out["bg"] / layout.n_bg
-        intensity = out["ap"] - layout.n_ap * background
+        background = out["bg"] / n_bg
+        intensity = out["ap"] - n_ap * background
         if cam.calibrated:
             excess = cam.excess_noise
-            v_ap = excess * out["ap"] + layout.rv_ap
-            v_bg = excess * out["bg"] + layout.rv_bg
+            v_ap = excess * out["ap"] + layout.rv_ap[:, None]
+            v_bg = excess * out["bg"] + layout.rv_bg[:, None]
         else:
             alpha, beta, _ = ctx.noise_model or (0.0, 0.0, 0.0)
-            v_ap = layout.n_ap * alpha + beta * out["ap"]
-            v_bg = layout.n_bg * alpha + beta * out["bg"]
-        var = v_ap + (layout.n_ap / layout.n_bg) ** 2 * v_bg
+            v_ap = n_ap * alpha + beta * out["ap"]
+            v_bg = n_bg * alpha + beta * out["bg"]
+        var = v_ap + (n_ap / n_bg) ** 2 * v_bg
     none = layout.ap_status == APERTURE_STATUS.index("no_background")
     for a in (intensity, background, var):
-        a[:, none] = np.nan
+        a[none] = np.nan
     return {"aperture_intensity": intensity, "aperture_intensity_err": np.sqrt(np.clip(var, 0.0, None)),
             "aperture_background": background, "status": layout.ap_status}
 
 
 # ------------------------------------------------------------------- table
+def _labels(codes, names):
+    """A categorical column of ``names[codes]`` (cheap for millions of rows)."""
+    import pandas as pd
+
+    return pd.Categorical.from_codes(codes, categories=list(names))
+
+
 def _table(spots, parts, ctx, channel, refined):
     """Long table from the per-(frame, spot) results of each group of spots."""
     import pandas as pd
@@ -804,7 +827,7 @@ def _table(spots, parts, ctx, channel, refined):
         n, F = len(rows), len(frame_ids)
         if n == 0 or F == 0:
             continue
-        T = lambda a: np.asarray(a).T.ravel()  # (F, n) -> spot-major rows  # noqa: E731
+        flat = lambda a: np.asarray(a).ravel()  # (n, F) -> spot-major rows  # noqa: E731
         rep = lambda a: np.repeat(np.asarray(a), F)  # noqa: E731
         data = {"spot_id": rep(layout_spots.ids), "frame": np.tile(np.asarray(frame_ids, np.int64), n),
                 "channel": np.full(n * F, channel, np.int64)}
@@ -815,32 +838,33 @@ def _table(spots, parts, ctx, channel, refined):
             data["angle"] = rep(layout_spots.angle)
         else:
             data["sigma_z"] = rep(layout_spots.widths[:, 2])
-        intensity, n_err = T(out["n"]), np.sqrt(np.clip(T(out["n_var"]), 0.0, None))
+        intensity, n_err = flat(out["n"]), np.sqrt(np.clip(flat(out["n_var"]), 0.0, None))
         data["intensity"], data["intensity_err"] = intensity, n_err
-        data["background"] = T(out["b"])
-        data["background_err"] = np.sqrt(np.clip(T(out["b_var"]), 0.0, None))
+        data["background"] = flat(out["b"])
+        data["background_err"] = np.sqrt(np.clip(flat(out["b_var"]), 0.0, None))
         ap = out["aperture"]
-        data.update({k: T(v) for k, v in ap.items() if k != "status"})
-        data["aperture_status"] = np.asarray(APERTURE_STATUS, dtype=object)[rep(ap["status"])]
-        data["chi2_red"] = T(out["chi2"])
-        data["iterations"] = T(out["iter"]).astype(np.int32)
+        data.update({k: flat(v) for k, v in ap.items() if k != "status"})
+        data["aperture_status"] = _labels(rep(ap["status"]), APERTURE_STATUS)
+        data["chi2_red"] = flat(out["chi2"])
+        data["iterations"] = flat(out["iter"])
         data["neighbours"] = rep(out["neighbours"]).astype(np.int64)
-        status = T(out["status"]).astype(np.int64)
+        status = flat(out["status"]).copy()
         with np.errstate(divide="ignore", invalid="ignore"):
             faint = ~(intensity / n_err >= ctx.config.min_snr)
         status[(status == solver.CONVERGED) & faint] = solver.LOW_SIGNAL
-        data["status"] = np.asarray(solver.STATUS_NAMES, dtype=object)[status]
-        data["unit"] = np.full(n * F, cam.unit, dtype=object)
+        data["status"] = _labels(status, solver.STATUS_NAMES)
+        data["unit"] = _labels(np.zeros(n * F, np.int8), (cam.unit,))
         if refined is not None:
             data["refined"] = rep(refined[rows])
-        pieces.append(pd.DataFrame(data, columns=cols))
+        pieces.append(pd.DataFrame(data, columns=cols, copy=False))
     if not pieces:
         empty = {c: pd.Series(dtype="float64") for c in cols}
         for c in ("spot_id", "frame", "channel", "neighbours"):
             empty[c] = pd.Series(dtype="int64")
         empty["iterations"] = pd.Series(dtype="int32")
-        for c in ("aperture_status", "status", "unit"):
-            empty[c] = pd.Series(dtype="object")
+        for c, names in (("aperture_status", APERTURE_STATUS), ("status", solver.STATUS_NAMES),
+                         ("unit", (cam.unit,))):
+            empty[c] = _labels(np.zeros(0, np.int8), names)
         if refined is not None:
             empty["refined"] = pd.Series(dtype="bool")
         result = pd.DataFrame(empty, columns=cols)
