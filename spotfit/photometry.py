@@ -28,15 +28,15 @@ stay unbiased.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+import spotfit
 from spotfit import roi, solver
 from spotfit.camera import Camera
 from spotfit.errors import SpotfitInputError
 from spotfit.estimators import Noise, get_estimator
-from spotfit.fitting import FitConfig, _as_image, _config, fit_spots
 from spotfit.models import get_model
 
 #: neighbours whose profile puts at least this fraction of their light into a
@@ -92,7 +92,7 @@ class Spots:
 
 
 # --------------------------------------------------------------------- API
-def measure(image, positions, config: FitConfig | None = None, camera: Camera | None = None, *,
+def measure(image, positions, config=None, camera: Camera | None = None, *,
             frames=None, axes: str | None = None, channel=None, refine: bool = False,
             aperture: float | None = None, at_frame: int | None = None,
             match_frames: bool = False, pixel_size: float | None = None,
@@ -109,7 +109,7 @@ def measure(image, positions, config: FitConfig | None = None, camera: Camera | 
         ``sigma_x, sigma_y`` (px), ``angle`` (rad), ``sigma_z`` (planes) --
         e.g. a ``spotfit fit`` table -- and ``spot_id``, ``frame``.  An array
         has columns ``x, y[, z]``.  ``z`` is ignored for 2D images.
-    config : FitConfig, optional
+    config : spotfit.FitConfig, optional
         ``estimator``, ``integrated``, ``window``, ``max_iter``, ``min_snr``,
         ``workers`` as in ``fit``.  Widths: the table's ``sigma_*`` columns
         when present, else ``sigma`` (and ``sigma_z``); ``fix_sigma=True``
@@ -155,7 +155,7 @@ def measure(image, positions, config: FitConfig | None = None, camera: Camera | 
 
     from spotfit.table import add_physical_units
 
-    config = _config(config, options)
+    config = _options(config, options)
     camera = camera or Camera()
     if refine and match_frames:
         raise SpotfitInputError("--refine and --match-frames cannot be combined: refining sums "
@@ -166,7 +166,7 @@ def measure(image, positions, config: FitConfig | None = None, camera: Camera | 
     table = read_positions(positions) if isinstance(positions, (str, os.PathLike)) else positions
     parts = []
     for ch in _channels(image, axes, channel):
-        img = _as_image(image, axes=axes, channel=ch)
+        img = _open(image, axes, ch)
         opened = isinstance(image, (str, os.PathLike))
         try:
             part = _measure_image(img, table, source, config, camera, frames, refine, aperture,
@@ -181,6 +181,32 @@ def measure(image, positions, config: FitConfig | None = None, camera: Camera | 
     if len(parts) > 1:
         result = result.sort_values(["spot_id", "channel", "frame"], kind="stable", ignore_index=True)
     return result
+
+
+def _options(config, overrides):
+    """``config`` (default ``spotfit.FitConfig()``) with keyword ``overrides`` applied."""
+    config = config or spotfit.FitConfig()
+    unknown = set(overrides) - {f.name for f in fields(config)}
+    if unknown:
+        raise TypeError(f"unknown measure option(s): {', '.join(sorted(unknown))}")
+    return replace(config, **overrides) if overrides else config
+
+
+def _open(image, axes, channel):
+    """An :class:`~spotfit.io.Image` from a path, an Image or an array (``YX``, ``TYX``, ``TZYX``)."""
+    from spotfit.io import Image, read_image
+
+    if isinstance(image, Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(image, axes=axes, channel=channel)
+    arr = np.asarray(image)
+    if axes is None:
+        axes = {2: "YX", 3: "TYX", 4: "TZYX"}.get(arr.ndim)
+        if axes is None:
+            raise SpotfitInputError(f"cannot measure an array of shape {arr.shape} without axes; "
+                                    "pass axes='TCYX'-style letters")
+    return Image.from_array(arr, axes, channel=channel)
 
 
 def read_positions(path):
@@ -457,7 +483,7 @@ def _refine(img, frame_ids, spots, config, camera):
     widths = np.median(spots.widths, axis=0)
     cfg = replace(config, sigma=float(np.mean(widths[:2])),
                   sigma_z=float(widths[2]) if img.is_3d else None)
-    fitted = fit_spots(total, spots.xyz, config=cfg, camera=summed)
+    fitted = spotfit.fit_spots(total, spots.xyz, config=cfg, camera=summed)
     ok = (fitted["status"] == "converged").to_numpy()
     out = spots.take(np.arange(len(spots)))
     axes = ("x", "y", "z")[: spots.xyz.shape[1]]
