@@ -54,6 +54,8 @@ MIN_ANNULUS = 5
 BLOCK_VALUES = 1 << 23
 #: windows used to fit the noise model of an uncalibrated camera
 REGRESSION_WINDOWS = 2000
+#: spots whose aperture pixels are found at once (bounds the memory of the layout)
+APERTURE_CHUNK = 4096
 
 APERTURE_STATUS = ("ok", "crowded", "truncated", "no_background")
 
@@ -157,6 +159,9 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
 
     config = _options(config, options)
     camera = camera or Camera()
+    if at_frame is not None and match_frames:
+        raise SpotfitInputError("--at-frame and --match-frames cannot be combined: --at-frame measures "
+                                "the spots of one frame in every frame")
     if refine and match_frames:
         raise SpotfitInputError("--refine and --match-frames cannot be combined: refining sums "
                                 "all frames, matching measures each position in one frame only")
@@ -630,12 +635,14 @@ class _Layout:
         sized = replace(cfg, sigma=float(np.mean(widths[:2])),
                         sigma_z=float(widths[2]) if ndim == 3 else None)
         self.half = sized.half_size(ndim)
-        index = np.arange(int(np.prod(frame_shape)), dtype=np.int64).reshape(frame_shape)
+        # windows are cut from an image of flat indices: they give each pixel's index
+        self.index = np.arange(int(np.prod(frame_shape)), dtype=np.int64).reshape(frame_shape)
         centres = np.rint(spots.xyz[:, ::-1]).astype(np.int64)
-        w = roi.cut(index, centres, self.half, dtype=np.int64)
+        w = roi.cut(self.index, centres, self.half, dtype=np.int64)
         self.pix, self.valid, self.origin, self.grid = w.data, w.mask, w.origin, w.grid
         self._profiles(spots, ctx)
         self._apertures(spots, ctx, widths)
+        del self.index
 
     def __len__(self):
         return len(self.spots)
@@ -713,42 +720,65 @@ class _Layout:
         half = np.ceil(reach).astype(np.int64)
         shape = tuple(int(2 * h + 1) for h in half[::-1])
         centres = np.rint(spots.xyz).astype(np.int64)
-        box = roi.cut(np.arange(int(np.prod(self.frame_shape)), dtype=np.int64).reshape(self.frame_shape),
-                      centres[:, ::-1], half[::-1], dtype=np.int64)
         scale = np.array([1.0, 1.0, 1.0 / zscale][:ndim])
-        dist2 = _box_distance2(box.origin, shape, spots.xyz, scale)
-        in_ap = dist2 <= R * R
-        in_bg = (dist2 > (R + 1.0) ** 2) & (dist2 <= outer * outer) & box.mask
-        truncated = np.any(in_ap & ~box.mask, axis=1)
-        in_ap &= box.mask
-        crowded = np.zeros(n, bool)
+        scaled = spots.xyz * scale
+        pairs = np.zeros((0, 2), np.int64)
         if n > 1:
-            scaled = spots.xyz * scale
             pairs = cKDTree(scaled).query_pairs(outer + R + 1.0, output_type="ndarray")
-            if len(pairs):
-                a = np.concatenate([pairs[:, 0], pairs[:, 1]])
-                b = np.concatenate([pairs[:, 1], pairs[:, 0]])
-                gap = np.sqrt(np.sum((scaled[a] - scaled[b]) ** 2, axis=1))
-                crowded[a[gap < 2.0 * R]] = True
-                close = _box_distance2(box.origin[a], shape, spots.xyz[b], scale) <= (R + 1.0) ** 2
-                hit = np.zeros(in_bg.shape, np.int32)
-                np.add.at(hit, a, close.astype(np.int32))
-                in_bg &= hit == 0
-        self.n_ap = in_ap.sum(axis=1).astype(float)
-        self.n_bg = in_bg.sum(axis=1).astype(float)
-        self.aperture_runs = _runs(in_ap, box.data, shape[-1])
-        self.annulus_runs = _runs(in_bg, box.data, shape[-1])
+        a = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        b = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        gap = np.sqrt(np.sum((scaled[a] - scaled[b]) ** 2, axis=1))
+        crowded = np.zeros(n, bool)
+        crowded[a[gap < 2.0 * R]] = True
+        order = np.argsort(a, kind="stable")
+        a, b = a[order], b[order]
         rv = ctx.read_var(self.frame_shape)
-        if len(rv) > 1:
-            self.rv_ap = np.where(in_ap, rv[box.data], 0.0).sum(axis=1)
-            self.rv_bg = np.where(in_bg, rv[box.data], 0.0).sum(axis=1)
-        else:
-            self.rv_ap, self.rv_bg = self.n_ap * rv[0], self.n_bg * rv[0]
+        truncated = np.zeros(n, bool)
+        self.n_ap, self.n_bg = np.zeros(n), np.zeros(n)
+        self.rv_ap, self.rv_bg = np.zeros(n), np.zeros(n)
+        runs = {"ap": [], "bg": []}
+        for first in range(0, n, APERTURE_CHUNK):  # bounded memory: (chunk, box pixels) arrays
+            rows = np.arange(first, min(n, first + APERTURE_CHUNK))
+            box = roi.cut(self.index, centres[rows, ::-1], half[::-1], dtype=np.int64)
+            dist2 = _box_distance2(box.origin, shape, spots.xyz[rows], scale)
+            in_ap = dist2 <= R * R
+            in_bg = (dist2 > (R + 1.0) ** 2) & (dist2 <= outer * outer) & box.mask
+            truncated[rows] = np.any(in_ap & ~box.mask, axis=1)
+            in_ap &= box.mask
+            lo, hi = np.searchsorted(a, [rows[0], rows[-1] + 1])
+            if hi > lo:  # annulus pixels near another spot are not background
+                pa, pb = a[lo:hi], b[lo:hi]
+                close = _box_distance2(box.origin[pa - first], shape, spots.xyz[pb], scale) <= (R + 1.0) ** 2
+                hit = np.zeros(in_bg.shape, np.int32)
+                np.add.at(hit, pa - first, close.astype(np.int32))
+                in_bg &= hit == 0
+            self.n_ap[rows] = in_ap.sum(axis=1)
+            self.n_bg[rows] = in_bg.sum(axis=1)
+            if len(rv) > 1:
+                self.rv_ap[rows] = np.where(in_ap, rv[box.data], 0.0).sum(axis=1)
+                self.rv_bg[rows] = np.where(in_bg, rv[box.data], 0.0).sum(axis=1)
+            else:
+                self.rv_ap[rows], self.rv_bg[rows] = self.n_ap[rows] * rv[0], self.n_bg[rows] * rv[0]
+            runs["ap"].append(_runs(in_ap, box.data, shape[-1]))
+            runs["bg"].append(_runs(in_bg, box.data, shape[-1]))
+        self.aperture_runs = _join_runs(runs["ap"])
+        self.annulus_runs = _join_runs(runs["bg"])
         status = np.zeros(n, np.int64)
         status[crowded] = APERTURE_STATUS.index("crowded")
         status[truncated] = APERTURE_STATUS.index("truncated")
         status[self.n_bg < MIN_ANNULUS] = APERTURE_STATUS.index("no_background")
         self.ap_status = status
+
+
+def _join_runs(parts):
+    """Concatenate :func:`_runs` results of consecutive chunks of spots."""
+    if not parts:
+        return np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ptr = [np.zeros(1, np.int64)]
+    for p, _, _ in parts:
+        ptr.append(p[1:] + ptr[-1][-1])
+    return (np.concatenate(ptr), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]))
 
 
 def _box_distance2(origin, shape, xyz, scale):

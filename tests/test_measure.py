@@ -375,6 +375,7 @@ def test_bad_positions_are_refused_clearly(tmp_path, movie_file, content, messag
     (["--frames", "3-9"], "frame 6 does not exist"),
     (["--frames", "a"], "--frames 'a'"),
     (["--at-frame", "4"], "needs a 'frame' column"),
+    (["--at-frame", "0", "--match-frames"], "cannot be combined"),
     (["--estimator", "mle", "--gain", "0"], None),
 ])
 def test_bad_options_are_refused_clearly(tmp_path, movie_file, args, message):
@@ -385,6 +386,22 @@ def test_bad_options_are_refused_clearly(tmp_path, movie_file, args, message):
     assert r.exit_code in (1, 2) and "Traceback" not in r.output
     if message:
         assert message in r.stderr
+
+
+def test_no_positions_give_an_empty_table(movie_file):
+    path, _, _ = movie_file
+    table = spotfit.measure(str(path), pd.DataFrame({"x": [], "y": []}), camera=CAMERA)
+    assert len(table) == 0 and list(table.columns) == photometry.columns(2)
+    assert len(photometry.wide(table)) == 0
+
+
+def test_aperture_layout_in_chunks_is_the_same(movie_file, monkeypatch):
+    """Aperture pixels found in chunks of spots (bounded memory) give the same sums."""
+    path, xy, _ = movie_file
+    whole = spotfit.measure(str(path), xy, camera=CAMERA)
+    monkeypatch.setattr(photometry, "APERTURE_CHUNK", 4)
+    chunked = spotfit.measure(str(path), xy, camera=CAMERA)
+    pd.testing.assert_frame_equal(whole, chunked)
 
 
 def test_mle_without_a_camera_is_refused(tmp_path, movie_file):
