@@ -107,16 +107,14 @@ def _invert(A, m, inv, L, scale):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _normal(profiles, c0, K, P, ok, w, y, A, r):
-    """``A = sum w x x^T`` and ``r = sum w x y`` over the valid pixels (``m = K + 1``)."""
+def _normal(profiles, c0, K, P, w, y, A, r):
+    """``A = sum w x x^T`` and ``r = sum w x y`` over the ``P`` valid pixels (``m = K + 1``)."""
     m = K + 1
     for a in range(m):
         r[a] = 0.0
         for b in range(m):
             A[a, b] = 0.0
     for p in range(P):
-        if not ok[p]:
-            continue
         wp = w[p]
         wy = wp * y[p]
         for a in range(K):
@@ -153,21 +151,20 @@ def _solve(inv, r, m, theta):
 
 
 @njit(cache=True, error_model="numpy")
-def _min_shifted(mu, rvp, ok, P):
+def _min_shifted(mu, rvp, P):
     low = np.inf
     for p in range(P):
-        if ok[p]:
-            v = mu[p] + rvp[p]
-            if v < low:
-                low = v
+        v = mu[p] + rvp[p]
+        if v < low:
+            low = v
     return low
 
 
 @njit(cache=True, error_model="numpy")
-def _window_constants(pix, valid, col_ptr, profiles, rv, rv_map, out):
+def _window_constants(pix, n_valid, col_ptr, profiles, rv, rv_map, out):
     """Per window, from its own profile ``g``: ``sum g^2, sum g, count, min g, max g,
     min read_var`` over its valid pixels (``out``, ``(n, 6)``)."""
-    n, P = pix.shape
+    n = pix.shape[0]
     for i in range(n):
         c0 = col_ptr[i]
         sgg = 0.0
@@ -176,9 +173,7 @@ def _window_constants(pix, valid, col_ptr, profiles, rv, rv_map, out):
         gmin = np.inf
         gmax = -np.inf
         rmin = np.inf
-        for p in range(P):
-            if not valid[i, p]:
-                continue
+        for p in range(n_valid[i]):
             g = profiles[c0, p]
             sgg += g * g
             sg += g
@@ -357,9 +352,11 @@ def _fit_single(g, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_floor
 
 
 @njit(cache=True, error_model="numpy")
-def _fit_joint(profiles, c0, K, P, ok, n_ok, d, rvp, est, calibrated, excess, alpha, beta, v_floor,
+def _fit_joint(profiles, c0, K, P, d, rvp, est, calibrated, excess, alpha, beta, v_floor,
                max_iter, tol, y, w, mu, A, inv, L, scale, r, theta, step, u):
     """One window with its spot and ``K - 1`` neighbours: ``(K + 1)``-square normal equations.
+
+    The window's ``P`` valid pixels come first in ``profiles``, ``d`` and ``rvp``.
 
     Returns ``(N, var_N, b, var_b, chi2, iterations, status)`` of the window's own spot.
     """
@@ -373,7 +370,7 @@ def _fit_joint(profiles, c0, K, P, ok, n_ok, d, rvp, est, calibrated, excess, al
     if est == WLSQ:
         for p in range(P):
             w[p] = 1.0 / (excess * max(d[p], 1.0) + rvp[p])
-    _normal(profiles, c0, K, P, ok, w, y, A, r)
+    _normal(profiles, c0, K, P, w, y, A, r)
     if not _invert(A, m, inv, L, scale):
         return nan, nan, nan, nan, nan, 0, SINGULAR
     _solve(inv, r, m, theta)
@@ -382,24 +379,22 @@ def _fit_joint(profiles, c0, K, P, ok, n_ok, d, rvp, est, calibrated, excess, al
         count = 0.0
         for p in range(P):
             y[p] = max(d[p], -rvp[p])
-            if ok[p]:
-                count += y[p] + rvp[p]
+            count += y[p] + rvp[p]
         if not (count > 0.0):
             return nan, nan, nan, nan, nan, 0, SINGULAR
-        if not (_min_shifted(mu, rvp, ok, P) > 0.0):
+        if not (_min_shifted(mu, rvp, P) > 0.0):
             low_rv = np.inf
             for p in range(P):
-                if ok[p]:
-                    low_rv = min(low_rv, rvp[p])
+                low_rv = min(low_rv, rvp[p])
             for a in range(K):
                 theta[a] = 0.0
-            theta[K] = max(count / n_ok - low_rv, _MU_FLOOR - low_rv)
+            theta[K] = max(count / P - low_rv, _MU_FLOOR - low_rv)
             _expected(profiles, c0, K, P, theta, mu)
         status = MAX_ITERATIONS
         for it in range(max_iter):
             for p in range(P):
                 w[p] = 1.0 / max(mu[p] + rvp[p], _MU_FLOOR)
-            _normal(profiles, c0, K, P, ok, w, y, A, r)
+            _normal(profiles, c0, K, P, w, y, A, r)
             if not _invert(A, m, inv, L, scale):
                 return nan, nan, nan, nan, nan, it + 1, SINGULAR
             for a in range(m):
@@ -413,7 +408,7 @@ def _fit_joint(profiles, c0, K, P, ok, n_ok, d, rvp, est, calibrated, excess, al
                 for a in range(m):
                     u[a] = theta[a] + lam * step[a]
                 _expected(profiles, c0, K, P, u, mu)
-                if _min_shifted(mu, rvp, ok, P) > 0.0:
+                if _min_shifted(mu, rvp, P) > 0.0:
                     admissible = True
                     break
                 lam *= 0.5
@@ -432,7 +427,7 @@ def _fit_joint(profiles, c0, K, P, ok, n_ok, d, rvp, est, calibrated, excess, al
         # covariance with the weights of the estimate
         for p in range(P):
             w[p] = 1.0 / max(mu[p] + rvp[p], _MU_FLOOR)
-        _normal(profiles, c0, K, P, ok, w, y, A, r)
+        _normal(profiles, c0, K, P, w, y, A, r)
         if not _invert(A, m, inv, L, scale):
             return nan, nan, nan, nan, nan, iterations, SINGULAR
     # sandwich A^-1 B A^-1, B = sum w^2 V x x^T (in A's storage)
@@ -441,8 +436,6 @@ def _fit_joint(profiles, c0, K, P, ok, n_ok, d, rvp, est, calibrated, excess, al
         for b in range(m):
             A[a, b] = 0.0
     for p in range(P):
-        if not ok[p]:
-            continue
         v = _variance(mu[p], rvp[p], calibrated, excess, alpha, beta, v_floor)
         res = d[p] - mu[p]
         chi2 += res * res / v
@@ -462,25 +455,23 @@ def _fit_joint(profiles, c0, K, P, ok, n_ok, d, rvp, est, calibrated, excess, al
         for b in range(m):
             var_n += inv[0, a] * A[a, b] * inv[b, 0]
             var_b += inv[K, a] * A[a, b] * inv[b, K]
-    dof = n_ok - m
+    dof = P - m
     return theta[0], var_n, theta[K], var_b, chi2 / dof if dof > 0 else nan, iterations, status
 
 
 @njit(cache=True, error_model="numpy")
-def _regression_sums(profiles, c0, K, P, ok, d, w, y, mu, A, inv, L, scale, r, theta, u, out):
+def _regression_sums(profiles, c0, K, P, d, w, y, mu, A, inv, L, scale, r, theta, u, out):
     """Noise-regression sums of an unweighted fit (see :func:`measure_windows`)."""
     m = K + 1
     for p in range(P):
         w[p] = 1.0
         y[p] = d[p]
-    _normal(profiles, c0, K, P, ok, w, y, A, r)
+    _normal(profiles, c0, K, P, w, y, A, r)
     if not _invert(A, m, inv, L, scale):
         return
     _solve(inv, r, m, theta)
     _expected(profiles, c0, K, P, theta, mu)
     for p in range(P):
-        if not ok[p]:
-            continue
         for a in range(K):
             u[a] = profiles[c0 + a, p]
         u[K] = 1.0
@@ -517,7 +508,7 @@ def _segment_sum(frame, cam_a, cam_b, ptr, start, length, i):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def measure_windows(frames, cam_a, cam_b, pix, valid, col_ptr, profiles, rv,
+def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
                     ap_ptr, ap_start, ap_len, bg_ptr, bg_start, bg_len,
                     est, calibrated, excess, alpha, beta, v_floor, max_iter, tol, n_chunks, regression,
                     t0, out_n, out_n_var, out_b, out_b_var, out_chi2, out_iter, out_status, out_ap, out_bg,
@@ -532,14 +523,14 @@ def measure_windows(frames, cam_a, cam_b, pix, valid, col_ptr, profiles, rv,
         Camera conversion ``photons = a + b * raw`` (``a = -baseline * b``; ADU
         above baseline without a calibration), per pixel or for all pixels.
     pix : (n, P) int64 ndarray
-        Flat frame index of each window pixel (any valid index where not valid).
-    valid : (n, P) bool ndarray
-        Window pixels inside the frame.
+        Flat frame index of each window pixel, those inside the frame first.
+    n_valid : (n,) int64 ndarray
+        Number of window pixels inside the frame (the first ones of ``pix``).
     col_ptr : (n + 1,) int64 ndarray
         Window ``i``'s profiles are rows ``col_ptr[i]:col_ptr[i + 1]`` of
         ``profiles``, its own spot first.
     profiles : (C, P) float64 ndarray
-        Unit-intensity profiles on the window pixels.
+        Unit-intensity profiles on the window pixels (in the order of ``pix``).
     rv : (S,) or (1,) float64 ndarray
         Read-noise variance (photons^2) per frame pixel or for all pixels.
     ap_ptr, ap_start, ap_len : int64 ndarrays
@@ -588,7 +579,7 @@ def measure_windows(frames, cam_a, cam_b, pix, valid, col_ptr, profiles, rv,
         kmax = max(kmax, col_ptr[i + 1] - col_ptr[i])
     mmax = kmax + 1
     cst = np.zeros((n, 6))
-    _window_constants(pix, valid, col_ptr, profiles, rv, rv_map, cst)
+    _window_constants(pix, n_valid, col_ptr, profiles, rv, rv_map, cst)
     total = F * n
     for c in prange(n_chunks):
         start = c * total // n_chunks
@@ -609,39 +600,27 @@ def measure_windows(frames, cam_a, cam_b, pix, valid, col_ptr, profiles, rv,
         for item in range(start, stop):
             t = item // n
             i = item - t * n
-            ok = valid[i]
+            m = n_valid[i]
             c0 = col_ptr[i]
             K = col_ptr[i + 1] - c0
             frame = frames[t]
-            for p in range(P):
-                if ok[p]:
-                    q = pix[i, p]
-                    if cam_map:
-                        d[p] = cam_a[q] + cam_b[q] * frame[q]
-                    else:
-                        d[p] = cam_a[0] + cam_b[0] * frame[q]
-                    rvp[p] = rv[q] if rv_map else rv[0]
+            for p in range(m):
+                q = pix[i, p]
+                if cam_map:
+                    d[p] = cam_a[q] + cam_b[q] * frame[q]
                 else:
-                    d[p] = 0.0
-                    rvp[p] = 0.0
+                    d[p] = cam_a[0] + cam_b[0] * frame[q]
+                rvp[p] = rv[q] if rv_map else rv[0]
             if regression:
-                _regression_sums(profiles, c0, K, P, ok, d, w, y, mu, A, inv, L, scale, r, theta, u,
+                _regression_sums(profiles, c0, K, m, d, w, y, mu, A, inv, L, scale, r, theta, u,
                                  out_sums[i, t0 + t])
                 continue
             if K == 1:
-                m = 0  # the valid pixels, packed
-                for p in range(P):
-                    if ok[p]:
-                        y[m] = d[p]
-                        w[m] = profiles[c0, p]
-                        mu[m] = rvp[p]
-                        m += 1
-                res = _fit_single(w, y, mu, m, cst[i], est, calibrated, excess, alpha, beta, v_floor,
-                                  max_iter, tol)
+                res = _fit_single(profiles[c0], d, rvp, m, cst[i], est, calibrated, excess, alpha,
+                                  beta, v_floor, max_iter, tol)
             else:
-                res = _fit_joint(profiles, c0, K, P, ok, cst[i, 2], d, rvp, est, calibrated, excess,
-                                 alpha, beta, v_floor, max_iter, tol, y, w, mu, A, inv, L, scale, r,
-                                 theta, step, u)
+                res = _fit_joint(profiles, c0, K, m, d, rvp, est, calibrated, excess, alpha, beta,
+                                 v_floor, max_iter, tol, y, w, mu, A, inv, L, scale, r, theta, step, u)
             out_n[i, t0 + t] = res[0]
             out_n_var[i, t0 + t] = res[1]
             out_b[i, t0 + t] = res[2]

@@ -573,14 +573,17 @@ class _Context:
             if not self.camera.calibrated and self.noise_model is None:
                 self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
             alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
-            chunks = max(1, min(len(ids) * n, 8 * numba.get_num_threads()))
-            kernels.measure_windows(
-                block, cam_a, cam_b, layout.pix, layout.valid, layout.col_ptr, layout.profiles, rv,
-                *layout.aperture_runs, *layout.annulus_runs,
-                self.est_id, self.camera.calibrated, float(self.camera.excess_noise), alpha, beta,
-                floor, int(cfg.max_iter), MLE_TOL, chunks, False, first,
-                *(out[k] for k in ("n", "n_var", "b", "b_var", "chi2", "iter", "status", "ap", "bg")),
-                np.zeros((0, 0, 5)))
+            # many small chunks, handed out one at a time: a thread that the
+            # machine's other work slows down does not hold the others up
+            chunks = max(1, min(len(ids) * n, 64 * numba.get_num_threads()))
+            with numba.parallel_chunksize(1):
+                kernels.measure_windows(
+                    block, cam_a, cam_b, layout.pix, layout.n_valid, layout.col_ptr, layout.profiles, rv,
+                    *layout.aperture_runs, *layout.annulus_runs,
+                    self.est_id, self.camera.calibrated, float(self.camera.excess_noise), alpha, beta,
+                    floor, int(cfg.max_iter), MLE_TOL, chunks, False, first,
+                    *(out[k] for k in ("n", "n_var", "b", "b_var", "chi2", "iter", "status", "ap", "bg")),
+                    np.zeros((0, 0, 5)))
         return out
 
     def _fit_noise_model(self, block, cam_a, cam_b, layout, rv):
@@ -596,7 +599,7 @@ class _Context:
         sums = np.zeros(shape + (5,))
         none = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
         kernels.measure_windows(
-            frames, cam_a, cam_b, layout.pix, layout.valid, layout.col_ptr, layout.profiles, rv,
+            frames, cam_a, cam_b, layout.pix, layout.n_valid, layout.col_ptr, layout.profiles, rv,
             *none, *none, kernels.LSQ, False, 1.0, 1.0, 0.0, 1.0, 1, MLE_TOL,
             max(1, min(shape[0] * n, 8 * numba.get_num_threads())), True, 0, *scratch[:5],
             np.empty(shape, np.int32), np.empty(shape, np.int8), *scratch[5:], sums)
@@ -608,11 +611,14 @@ class _Layout:
 
     Attributes
     ----------
-    pix, valid : (n, P) ndarrays
-        Flat frame index of each window pixel, and whether it is inside.
+    pix : (n, P) int64 ndarray
+        Flat frame index of each window pixel, those inside the frame first.
+    n_valid : (n,) int64 ndarray
+        Pixels of each window inside the frame.
     col_ptr : (n + 1,) int64 ndarray
     profiles : (C, P) float64 ndarray
-        Unit profiles: window ``i``'s own spot first, then its neighbours.
+        Unit profiles, pixels in the order of ``pix``: window ``i``'s own spot
+        first, then its neighbours.
     neighbours : (n,) int64 ndarray
     aperture_runs, annulus_runs : tuples of int64 ndarrays
         Aperture and annulus pixels of each spot as runs along rows
@@ -643,6 +649,13 @@ class _Layout:
         self._profiles(spots, ctx)
         self._apertures(spots, ctx, widths)
         del self.index
+        # the pixels inside the frame first, in every window and its profiles: the
+        # compiled loops then run over the first n_valid pixels, without a test
+        order = np.argsort(~self.valid, axis=1, kind="stable")
+        self.pix = np.ascontiguousarray(np.take_along_axis(self.pix, order, axis=1))
+        owner = np.repeat(np.arange(len(spots)), np.diff(self.col_ptr))
+        self.profiles = np.ascontiguousarray(np.take_along_axis(self.profiles, order[owner], axis=1))
+        self.n_valid = self.valid.sum(axis=1).astype(np.int64)
 
     def __len__(self):
         return len(self.spots)
