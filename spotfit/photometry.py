@@ -106,7 +106,7 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
     image : str, os.PathLike, spotfit.io.Image or ndarray
         A TIFF path, an image from :func:`spotfit.read_image`, or an array
         (``(ny, nx)``, ``(T, ny, nx)`` or ``(T, nz, ny, nx)`` without ``axes``).
-    positions : pandas.DataFrame, str/os.PathLike (CSV) or (n, ndim) array_like
+    positions : pandas.DataFrame, str/os.PathLike (CSV or Parquet) or (n, ndim) array_like
         Columns ``x, y`` (px) and, for z-stacks, ``z`` (planes); optionally
         ``sigma_x, sigma_y`` (px), ``angle`` (rad), ``sigma_z`` (planes) --
         e.g. a ``spotfit fit`` table -- and ``spot_id``, ``frame``.  An array
@@ -167,8 +167,12 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
                                 "all frames, matching measures each position in one frame only")
     if aperture is not None and not (np.isfinite(aperture) and aperture > 0):
         raise SpotfitInputError(f"--aperture must be a positive radius in px, got {aperture!r}")
-    source = os.fspath(positions) if isinstance(positions, (str, os.PathLike)) else "positions"
-    table = read_positions(positions) if isinstance(positions, (str, os.PathLike)) else positions
+    if isinstance(positions, (str, os.PathLike)):  # a fit table, or any CSV / Parquet table
+        from spotfit.export import read_table
+
+        source, table = os.fspath(positions), read_table(positions)
+    else:
+        source, table = "positions", positions
     parts = []
     for ch in _channels(image, axes, channel):
         img = _open(image, axes, ch)
@@ -212,33 +216,6 @@ def _open(image, axes, channel):
             raise SpotfitInputError(f"cannot measure an array of shape {arr.shape} without axes; "
                                     "pass axes='TCYX'-style letters")
     return Image.from_array(arr, axes, channel=channel)
-
-
-def read_positions(path):
-    """Read a CSV table of positions, with errors that name the file.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-
-    Returns
-    -------
-    pandas.DataFrame
-    """
-    import pandas as pd
-
-    where = os.fspath(path)
-    if not os.path.exists(where):
-        raise SpotfitInputError(f"{where}: no such file")
-    if os.path.isdir(where):
-        raise SpotfitInputError(f"{where}: is a directory, not a CSV file")
-    try:
-        return pd.read_csv(where)
-    except pd.errors.EmptyDataError:
-        raise SpotfitInputError(f"{where}: empty file; expected a CSV table with columns x, y") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
-        reason = " ".join(str(exc).split())
-        raise SpotfitInputError(f"{where}: not a readable CSV table ({reason})") from None
 
 
 def columns(ndim: int = 2, refined: bool = False) -> list:

@@ -357,7 +357,7 @@ def test_positions_from_a_fit_table_of_one_frame(tmp_path, movie_file):
     ("x,y\n1,\n", "row 0 has no position"),
     ("x,y\n3,4\n1,abc\n", "column 'y' is not numeric"),
     ("x,y\n3,4\n200,4\n", "row 1 (x=200, y=4) is outside the image"),
-    ("", "empty file"),
+    ("", "cannot read the table"),
     ("x,y,sigma_x,sigma_y\n3,4,1.2,\n", "row 0 has no width"),
 ])
 def test_bad_positions_are_refused_clearly(tmp_path, movie_file, content, message):
