@@ -410,6 +410,25 @@ def test_mle_without_a_camera_is_refused(tmp_path, movie_file):
         spotfit.measure(str(path), xy, estimator="mle")
 
 
+def test_help_and_usage_errors_do_not_import_numpy():
+    """``spotfit measure --help`` and a usage error answer without the scientific stack."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from spotfit.cli import main\n"
+        "codes = [CliRunner().invoke(main, a).exit_code for a in "
+        "(['measure', '--help'], ['measure', 'img.tif'], ['measure', 'i.tif', '--at', 'a.csv', '--sigma', '0'])]\n"
+        "print(json.dumps([codes, sorted(m for m in ('numpy', 'pandas', 'scipy') if m in sys.modules)]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    codes, loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert codes == [0, 2, 2] and loaded == []
+
+
 def test_inputs_are_not_modified(movie_file):
     path, xy, _ = movie_file
     img = tifffile.imread(path)
