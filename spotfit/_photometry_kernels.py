@@ -54,7 +54,8 @@ import numpy as np
 from numba import njit, prange
 
 LSQ, WLSQ, MLE = 0, 1, 2
-CONVERGED, MAX_ITERATIONS, SINGULAR = 0, 1, 2  # as spotfit.solver
+#: status codes, the same as those of :mod:`spotfit._kernels` (checked by the tests)
+CONVERGED, MAX_ITERATIONS, SINGULAR = 0, 1, 2
 _MU_FLOOR = 1e-6  # smallest expected value (photons) a weight is computed from
 _PIVOT = 1e-10  # relative Cholesky pivot below which a matrix counts as singular
 _HALVINGS = 30  # step halvings before an MLE step is given up
@@ -510,9 +511,9 @@ def _segment_sum(frame, cam_a, cam_b, ptr, start, length, i):
 @njit(cache=True, parallel=True, error_model="numpy")
 def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
                     ap_ptr, ap_start, ap_len, bg_ptr, bg_start, bg_len,
-                    est, calibrated, excess, alpha, beta, v_floor, max_iter, tol, n_chunks, regression,
-                    t0, out_n, out_n_var, out_b, out_b_var, out_chi2, out_iter, out_status, out_ap, out_bg,
-                    out_sums):
+                    est, calibrated, excess, alpha, beta, v_floor, max_iter, tol, clip, n_chunks,
+                    regression, t0, out_n, out_n_var, out_b, out_b_var, out_chi2, out_iter, out_status,
+                    out_sat, out_ap, out_bg, out_sums):
     """Fit every window of every frame, and sum every aperture; results per (window, frame).
 
     Parameters
@@ -548,6 +549,9 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
         MLE iteration limit.
     tol : float
         MLE convergence: largest step, in standard errors.
+    clip : float
+        Raw value at which a pixel counts as clipped (the top of an integer
+        pixel type; ``inf``: none).
     n_chunks : int
         Work is split into this many chunks (spread over the threads).
     regression : bool
@@ -564,6 +568,8 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
         Pearson ``sum (d - mu)^2 / V`` over ``valid pixels - (K + 1)``.
     out_iter : (n, >= t0 + F) int32 ndarray
     out_status : (n, >= t0 + F) int8 ndarray
+    out_sat : (n, >= t0 + F) int8 ndarray
+        1 where the window holds a clipped pixel.
     out_ap, out_bg : (n, >= t0 + F) float64 ndarrays
         Sums of the converted pixel values over each aperture and annulus.
     out_sums : (n, >= t0 + F, 5) float64 ndarray
@@ -604,8 +610,11 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
             c0 = col_ptr[i]
             K = col_ptr[i + 1] - c0
             frame = frames[t]
+            clipped = 0
             for p in range(m):
                 q = pix[i, p]
+                if frame[q] >= clip:
+                    clipped = 1
                 if cam_map:
                     d[p] = cam_a[q] + cam_b[q] * frame[q]
                 else:
@@ -628,6 +637,7 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
             out_chi2[i, t0 + t] = res[4]
             out_iter[i, t0 + t] = res[5]
             out_status[i, t0 + t] = res[6]
+            out_sat[i, t0 + t] = clipped
             if apertures:
                 out_ap[i, t0 + t] = _segment_sum(frame, cam_a, cam_b, ap_ptr, ap_start, ap_len, i)
                 out_bg[i, t0 + t] = _segment_sum(frame, cam_a, cam_b, bg_ptr, bg_start, bg_len, i)

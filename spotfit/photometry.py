@@ -28,13 +28,13 @@ stay unbiased.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-import spotfit
-from spotfit import roi, solver
+from spotfit import results, roi, solver
 from spotfit.camera import Camera
+from spotfit.config import make_config
 from spotfit.errors import SpotfitInputError
 from spotfit.estimators import Noise, get_estimator
 from spotfit.models import get_model
@@ -155,9 +155,10 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
     """
     import pandas as pd
 
+    from spotfit.api import as_image
     from spotfit.table import add_physical_units
 
-    config = _options(config, options)
+    config = make_config(config, options)
     camera = camera or Camera()
     if at_frame is not None and match_frames:
         raise SpotfitInputError("--at-frame and --match-frames cannot be combined: --at-frame measures "
@@ -175,7 +176,7 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
         source, table = "positions", positions
     parts = []
     for ch in _channels(image, axes, channel):
-        img = _open(image, axes, ch)
+        img = as_image(image, axes, ch)
         opened = isinstance(image, (str, os.PathLike))
         try:
             part = _measure_image(img, table, source, config, camera, frames, refine, aperture,
@@ -190,32 +191,6 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
     if len(parts) > 1:
         result = result.sort_values(["spot_id", "channel", "frame"], kind="stable", ignore_index=True)
     return result
-
-
-def _options(config, overrides):
-    """``config`` (default ``spotfit.FitConfig()``) with keyword ``overrides`` applied."""
-    config = config or spotfit.FitConfig()
-    unknown = set(overrides) - {f.name for f in fields(config)}
-    if unknown:
-        raise TypeError(f"unknown measure option(s): {', '.join(sorted(unknown))}")
-    return replace(config, **overrides) if overrides else config
-
-
-def _open(image, axes, channel):
-    """An :class:`~spotfit.io.Image` from a path, an Image or an array (``YX``, ``TYX``, ``TZYX``)."""
-    from spotfit.io import Image, read_image
-
-    if isinstance(image, Image):
-        return image
-    if isinstance(image, (str, os.PathLike)):
-        return read_image(image, axes=axes, channel=channel)
-    arr = np.asarray(image)
-    if axes is None:
-        axes = {2: "YX", 3: "TYX", 4: "TZYX"}.get(arr.ndim)
-        if axes is None:
-            raise SpotfitInputError(f"cannot measure an array of shape {arr.shape} without axes; "
-                                    "pass axes='TCYX'-style letters")
-    return Image.from_array(arr, axes, channel=channel)
 
 
 def columns(ndim: int = 2, refined: bool = False) -> list:
@@ -465,7 +440,9 @@ def _refine(img, frame_ids, spots, config, camera):
     widths = np.median(spots.widths, axis=0)
     cfg = replace(config, sigma=float(np.mean(widths[:2])),
                   sigma_z=float(widths[2]) if img.is_3d else None)
-    fitted = spotfit.fit_spots(total, spots.xyz, config=cfg, camera=summed)
+    from spotfit.api import fit_spots
+
+    fitted = fit_spots(total, spots.xyz, config=cfg, camera=summed)
     ok = (fitted["status"] == "converged").to_numpy()
     out = spots.take(np.arange(len(spots)))
     axes = ("x", "y", "z")[: spots.xyz.shape[1]]
@@ -489,7 +466,7 @@ class _Context:
         est_name, self.integrated = config.choose(camera)
         self.estimator = get_estimator(est_name)
         # wlsq and mle need photons: the same error as fit's, before any work
-        self.estimator.prepare(np.zeros((0, 1)), np.zeros((0, 1), bool), Noise(camera.calibrated))
+        self.estimator.check(Noise(camera.calibrated))
         from spotfit import _photometry_kernels as kernels
 
         self.est_id = {"lsq": kernels.LSQ, "wlsq": kernels.WLSQ, "mle": kernels.MLE}[est_name]
@@ -534,10 +511,13 @@ class _Context:
         out = {k: np.empty((n, n_frames)) for k in ("n", "n_var", "b", "b_var", "chi2", "ap", "bg")}
         out["iter"] = np.empty((n, n_frames), np.int32)
         out["status"] = np.empty((n, n_frames), np.int8)
+        out["sat"] = np.empty((n, n_frames), np.int8)
         if n == 0 or n_frames == 0:
             return out
         rv = self.read_var(img.frame_shape)
         cam_a, cam_b = self.conversion(img.frame_shape)
+        # raw values at the top of an integer pixel type are clipped: such fits are "saturated"
+        clip = float(np.iinfo(img.dtype).max) if img.dtype.kind in "ui" else np.inf
         per_block = max(1, min(n_frames, BLOCK_VALUES // max(size, 1)))
         cfg = self.config
         block = None
@@ -558,8 +538,9 @@ class _Context:
                     block, cam_a, cam_b, layout.pix, layout.n_valid, layout.col_ptr, layout.profiles, rv,
                     *layout.aperture_runs, *layout.annulus_runs,
                     self.est_id, self.camera.calibrated, float(self.camera.excess_noise), alpha, beta,
-                    floor, int(cfg.max_iter), MLE_TOL, chunks, False, first,
-                    *(out[k] for k in ("n", "n_var", "b", "b_var", "chi2", "iter", "status", "ap", "bg")),
+                    floor, int(cfg.max_iter), MLE_TOL, clip, chunks, False, first,
+                    *(out[k] for k in ("n", "n_var", "b", "b_var", "chi2", "iter", "status", "sat", "ap",
+                                       "bg")),
                     np.zeros((0, 0, 5)))
         return out
 
@@ -577,10 +558,12 @@ class _Context:
         none = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
         kernels.measure_windows(
             frames, cam_a, cam_b, layout.pix, layout.n_valid, layout.col_ptr, layout.profiles, rv,
-            *none, *none, kernels.LSQ, False, 1.0, 1.0, 0.0, 1.0, 1, MLE_TOL,
+            *none, *none, kernels.LSQ, False, 1.0, 1.0, 0.0, 1.0, 1, MLE_TOL, np.inf,
             max(1, min(shape[0] * n, 8 * numba.get_num_threads())), True, 0, *scratch[:5],
-            np.empty(shape, np.int32), np.empty(shape, np.int8), *scratch[5:], sums)
-        return solver._variance_model(sums.reshape(-1, 5).sum(axis=0))
+            np.empty(shape, np.int32), np.empty(shape, np.int8), np.empty(shape, np.int8), *scratch[5:],
+            sums)
+        alpha, beta, floor = solver.variance_model(sums.reshape(-1, 5).sum(axis=0))[0]
+        return float(alpha), float(beta), float(floor)
 
 
 class _Layout:
@@ -894,11 +877,10 @@ def _table(spots, parts, ctx, channel, refined):
         data["chi2_red"] = flat(out["chi2"])
         data["iterations"] = flat(out["iter"])
         data["neighbours"] = rep(out["neighbours"]).astype(np.int64)
-        status = flat(out["status"]).copy()
         with np.errstate(divide="ignore", invalid="ignore"):
             faint = ~(intensity / n_err >= ctx.config.min_snr)
-        status[(status == solver.CONVERGED) & faint] = solver.LOW_SIGNAL
-        data["status"] = _labels(status, solver.STATUS_NAMES)
+        status = results.judge(flat(out["status"]), np.zeros(n * F, bool), faint, flat(out["sat"]) > 0)
+        data["status"] = _labels(status, results.STATUS_NAMES)
         data["unit"] = _labels(np.zeros(n * F, np.int8), (cam.unit,))
         if refined is not None:
             data["refined"] = rep(refined[rows])
@@ -908,7 +890,7 @@ def _table(spots, parts, ctx, channel, refined):
         for c in ("spot_id", "frame", "channel", "neighbours"):
             empty[c] = pd.Series(dtype="int64")
         empty["iterations"] = pd.Series(dtype="int32")
-        for c, names in (("aperture_status", APERTURE_STATUS), ("status", solver.STATUS_NAMES),
+        for c, names in (("aperture_status", APERTURE_STATUS), ("status", results.STATUS_NAMES),
                          ("unit", (cam.unit,))):
             empty[c] = _labels(np.zeros(0, np.int8), names)
         if refined is not None:

@@ -41,7 +41,8 @@ def _movie(xy, photons, background=10.0, seed=0, camera=CAMERA, shape=(NY, NX)):
         "frame": np.repeat(np.arange(T), n), "x": np.tile(xy[:, 0], T),
         "y": np.tile(xy[:, 1], T), "photons": photons.ravel(),
     })
-    img, _ = simulate((T,) + shape, positions=truth, background=background, sigma=SIGMA,
+    img, _ = simulate((T,) + shape, positions=truth.rename(columns={"photons": "intensity"}),
+                      background=background, sigma=SIGMA,
                       camera=camera, seed=seed)
     truth["spot_id"] = np.tile(np.arange(n), T)
     return img, truth
@@ -235,7 +236,7 @@ def _two_channels(seed):
     present = np.arange(n) < n // 2
     frames = []
     for c, photons in enumerate((np.full(n, 3000.0), np.where(present, 1500.0, 0.0))):
-        pos = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "photons": photons})
+        pos = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "intensity": photons})
         img, _ = simulate((NY, NX), positions=pos, background=10.0, sigma=SIGMA, camera=CAMERA,
                           seed=seed + c)
         frames.append(img)
@@ -447,7 +448,7 @@ def test_z_stack_intensities():
     z = rng.uniform(4, 8, len(xy))
     T = 12
     pos = pd.DataFrame({"frame": np.repeat(np.arange(T), len(xy)), "x": np.tile(xy[:, 0], T),
-                        "y": np.tile(xy[:, 1], T), "z": np.tile(z, T), "photons": 4000.0})
+                        "y": np.tile(xy[:, 1], T), "z": np.tile(z, T), "intensity": 4000.0})
     img, _ = simulate((T, 13, 44, 60), positions=pos, background=5.0, sigma=SIGMA, sigma_z=2.5,
                       camera=CAMERA, seed=82, z_stack=True)
     table = spotfit.measure(img, np.column_stack([xy, z]), camera=CAMERA, sigma_z=2.5)
@@ -484,8 +485,8 @@ def _kernel(g, d, rv, est, valid=None):
     none = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     measure_windows(d[None], np.zeros(1), np.ones(1), pix[None], np.array([valid.sum()]),
                     np.array([0, len(g)]), np.ascontiguousarray(g[:, pix]), np.array([rv]), *none, *none,
-                    est, True, 1.0, 0.0, 0.0, 0.0, 100, 1e-6, 1, False, 0, *outs, it, st,
-                    np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((0, 0, 5)))
+                    est, True, 1.0, 0.0, 0.0, 0.0, 100, 1e-6, np.inf, 1, False, 0, *outs, it, st,
+                    np.zeros((1, 1), np.int8), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((0, 0, 5)))
     return [o[0, 0] for o in outs], it[0, 0], st[0, 0]
 
 
@@ -517,6 +518,24 @@ def test_kernel_matches_numpy_and_scipy(neighbour):
     m = X @ np.concatenate([best.x[:-1], best.x[-1:]]) + rv
     cov = np.linalg.inv(X.T @ (X / m[:, None]))
     assert np.isclose(n_var, cov[0, 0], rtol=1e-3) and np.isclose(b_var, cov[-1, -1], rtol=1e-3)
+
+
+def test_kernel_status_codes_are_spotfits():
+    from spotfit import _kernels, _photometry_kernels as pk
+
+    assert (pk.CONVERGED, pk.MAX_ITERATIONS, pk.SINGULAR) == (
+        _kernels.CONVERGED, _kernels.MAX_ITERATIONS, _kernels.SINGULAR)
+
+
+def test_clipped_pixels_make_a_measurement_saturated():
+    """A spot whose peak reaches the top of uint16 is flagged in the frames where it does."""
+    xy = np.array([[30.2, 20.7], [80.4, 45.1]])
+    photons = np.full((4, 2), 2000.0)
+    photons[2, 0] = 3e6  # far beyond 65535 ADU at the peak: clipped
+    img, truth = _movie(xy, photons, seed=3)
+    table = spotfit.measure(img, xy, camera=CAMERA)
+    flagged = table[table.status == "saturated"]
+    assert list(zip(flagged.spot_id, flagged.frame)) == [(0, 2)]
 
 
 def test_kernel_masked_pixels_and_singular_windows():
