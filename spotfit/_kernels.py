@@ -517,6 +517,23 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, chunks):
             cost_out[s] = value
 
 
+@njit(cache=True, parallel=True, error_model="numpy")
+def gradient_curvature(km, cost, theta, g, H):
+    """Each window's cost gradient ``g = J e`` ``(n, k)`` and curvature ``H = J W J^T``
+    ``(n, k, k)`` at ``theta`` (all parameters; see :func:`_accumulate`): the
+    parts of a score test (:func:`spotfit.solver.score_test`)."""
+    n, k = theta.shape
+    P = cost.data.shape[1]
+    size = max(km.nz, km.ny, km.nx, 10)
+    for s in prange(n):
+        mu = np.empty(P)
+        J = np.empty((k, P))
+        scratch = np.empty((9, size))
+        e = np.empty(P)
+        W = np.empty(P)
+        _accumulate(km, cost, s, theta[s], mu, J, scratch, e, W, H[s], g[s])
+
+
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _weighted_gram(J, idx, m, weight, out):
     """``out[a, b] = sum_p J[idx[a], p] * weight[p] * J[idx[b], p]`` (symmetric, m x m).

@@ -792,6 +792,11 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out,
     help="Hold the widths at --sigma (and --sigma-z) instead of fitting them.",
 )
 @click.option(
+    "--select-model/--no-select-model", default=True, show_default=True,
+    help="Fit --model only to spots whose data support its extra widths (a score test at the "
+    "BIC level), the symmetric model to the others; --no-select-model: --model for every spot.",
+)
+@click.option(
     "--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
     help="Solver iteration limit per spot.",
 )
@@ -830,7 +835,7 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out,
 )
 def fit(images, axes, channel, invert, series, pixel_size, z_step, sigma, sigma_z, threshold,
         min_distance, baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
-        fix_sigma, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
+        fix_sigma, select_model, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
         skip_existing, fmt, workers, qc):
     """Detect and fit every spot of IMAGE (image files or folders): position, intensity, widths.
 
@@ -855,8 +860,9 @@ def fit(images, axes, channel, invert, series, pixel_size, z_step, sigma, sigma_
         config = _fit_config(
             sigma=sigma, sigma_z=sigma_z, threshold=threshold, min_distance=min_distance,
             window=window, model=model, estimator=None if estimator == "auto" else estimator,
-            integrated=integrated, fix_sigma=fix_sigma, max_iter=max_iter, min_snr=min_snr,
-            crowded=crowded, group_radius=group_radius, max_group=max_group, workers=workers,
+            integrated=integrated, fix_sigma=fix_sigma, select_model=select_model, max_iter=max_iter,
+            min_snr=min_snr, crowded=crowded, group_radius=group_radius, max_group=max_group,
+            workers=workers,
         )
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,

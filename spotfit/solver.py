@@ -249,6 +249,75 @@ def _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, s
     return out
 
 
+def score_test(model, estimator, data, mask, grid, theta, embed, noise=Noise(), residual_var=None):
+    """Score (Lagrange multiplier) statistic of a richer model at a simpler model's fit.
+
+    For each window, the gradient ``g`` and curvature ``H`` of the richer
+    model's cost at ``theta`` (the simpler fit, embedded in the richer
+    model's parameters), projected off the directions the simpler model
+    spans:
+
+        T = g^T [H^-1 - D (D^T H D)^-1 D^T] g
+
+    with ``D`` the Jacobian of the embedding.  For the Poisson likelihood
+    (and weighted least squares) ``T`` is asymptotically chi-square with as
+    many degrees of freedom as the richer model has extra parameters when
+    the simpler model is right: the deviance the richer fit would gain,
+    predicted without fitting it.
+
+    Parameters
+    ----------
+    model : Model
+        The richer model.
+    estimator : Estimator
+    data, mask : (n, P) ndarrays
+    grid : Grid
+    theta : (n, k_r) ndarray
+        The simpler model's fitted parameters (its plain estimate: a bias
+        correction would leave a gradient along the simpler model too).
+    embed : callable
+        ``embed(theta) -> (n, k)`` parameters of the richer model.
+    noise : Noise
+    residual_var : (n,) ndarray, optional
+        Divides ``T``: the residual variance of an unweighted least-squares
+        fit (its cost is a sum of squares, not a chi-square).
+
+    Returns
+    -------
+    (n,) ndarray
+        ``T``; NaN where a curvature is singular.
+    """
+    from spotfit._kernels import gradient_curvature
+
+    n = len(theta)
+    k = model.n_params
+    full = np.ascontiguousarray(embed(theta), dtype=float)
+    g, H = np.zeros((n, k)), np.zeros((n, k, k))
+    if n:
+        gradient_curvature(model.kernel(grid), estimator.cost(np.ascontiguousarray(data, dtype=float),
+                                                               mask, noise), full, g, H)
+    kr = theta.shape[1]
+    D = np.empty((n, k, kr))
+    for j in range(kr):  # the embedding's Jacobian, by central differences
+        h = 1e-6 * np.maximum(np.abs(theta[:, j]), 1.0)
+        up, down = theta.copy(), theta.copy()
+        up[:, j] += h
+        down[:, j] -= h
+        D[:, :, j] = (embed(up) - embed(down)) / (2.0 * h[:, None])
+    out = np.full(n, np.nan)
+    with np.errstate(all="ignore"):
+        finite = np.all(np.isfinite(H), axis=(1, 2)) & np.all(np.isfinite(g), axis=1)
+        Hinv = _inverse(np.where(finite[:, None, None], H, 0.0))
+        DHD = np.matmul(D.transpose(0, 2, 1), np.matmul(H, D))
+        reduced = np.matmul(D, np.matmul(_inverse(DHD), D.transpose(0, 2, 1)))
+        t = np.einsum("nk,nkl,nl->n", g, Hinv - reduced, g)
+    ok = finite & np.isfinite(t)
+    out[ok] = np.maximum(t[ok], 0.0)
+    if residual_var is not None:
+        out = out / np.maximum(residual_var, VAR_FLOOR)
+    return out
+
+
 def _rows(cost, rows):
     """The cost of windows ``rows`` only."""
     return cost._replace(data=cost.data[rows], weight=cost.weight[rows], shift=cost.shift[rows])
