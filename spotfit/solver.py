@@ -287,32 +287,23 @@ def score_test(model, estimator, data, mask, grid, theta, embed, noise=Noise(), 
     (n,) ndarray
         ``T``; NaN where a curvature is singular.
     """
-    from spotfit._kernels import gradient_curvature
+    from spotfit._kernels import score_statistic
 
     n = len(theta)
-    k = model.n_params
-    full = np.ascontiguousarray(embed(theta), dtype=float)
-    g, H = np.zeros((n, k)), np.zeros((n, k, k))
-    if n:
-        gradient_curvature(model.kernel(grid), estimator.cost(np.ascontiguousarray(data, dtype=float),
-                                                               mask, noise), full, g, H)
+    out = np.full(n, np.nan)
+    if n == 0:
+        return out
     kr = theta.shape[1]
-    D = np.empty((n, k, kr))
+    D = np.empty((n, model.n_params, kr))
     for j in range(kr):  # the embedding's Jacobian, by central differences
         h = 1e-6 * np.maximum(np.abs(theta[:, j]), 1.0)
         up, down = theta.copy(), theta.copy()
         up[:, j] += h
         down[:, j] -= h
         D[:, :, j] = (embed(up) - embed(down)) / (2.0 * h[:, None])
-    out = np.full(n, np.nan)
-    with np.errstate(all="ignore"):
-        finite = np.all(np.isfinite(H), axis=(1, 2)) & np.all(np.isfinite(g), axis=1)
-        Hinv = _inverse(np.where(finite[:, None, None], H, 0.0))
-        DHD = np.matmul(D.transpose(0, 2, 1), np.matmul(H, D))
-        reduced = np.matmul(D, np.matmul(_inverse(DHD), D.transpose(0, 2, 1)))
-        t = np.einsum("nk,nkl,nl->n", g, Hinv - reduced, g)
-    ok = finite & np.isfinite(t)
-    out[ok] = np.maximum(t[ok], 0.0)
+    cost = estimator.cost(np.ascontiguousarray(data, dtype=float), mask, noise)
+    score_statistic(model.kernel(grid), cost, np.ascontiguousarray(embed(theta), dtype=float),
+                    np.ascontiguousarray(D), out)
     if residual_var is not None:
         out = out / np.maximum(residual_var, VAR_FLOOR)
     return out
