@@ -532,7 +532,8 @@ def test_clipped_pixels_make_a_measurement_saturated():
     xy = np.array([[30.2, 20.7], [80.4, 45.1]])
     photons = np.full((4, 2), 2000.0)
     photons[2, 0] = 3e6  # far beyond 65535 ADU at the peak: clipped
-    img, truth = _movie(xy, photons, seed=3)
+    with pytest.warns(spotfit.SpotfitWarning, match="clipped"):
+        img, truth = _movie(xy, photons, seed=3)
     table = spotfit.measure(img, xy, camera=CAMERA)
     flagged = table[table.status == "saturated"]
     assert list(zip(flagged.spot_id, flagged.frame)) == [(0, 2)]
