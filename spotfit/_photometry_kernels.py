@@ -42,8 +42,11 @@ in numpy.
 
 Matrices are inverted by Cholesky after Jacobi scaling; a pivot below
 ``1e-10`` of its diagonal marks the window ``SINGULAR`` (e.g. two spots at the
-same position, or a window without enough valid pixels).  Status codes are
-those of :mod:`spotfit.solver`.
+same position, or a window without enough valid pixels).  The Cholesky is this
+module's own although :mod:`spotfit._kernels` has one: numba's on-disk cache
+tracks only the file that defines a function, so calling into that module
+could load stale code after it changes.  Status codes are those of
+:mod:`spotfit._kernels`.
 """
 
 from __future__ import annotations
