@@ -14,8 +14,9 @@ weighted normal equations ``A theta = r`` with ``A = sum w x x^T``,
 ``r = sum w x y``, ``x_p = (g_1p, ..., g_Kp, 1)``:
 
 * ``LSQ`` (0): ``w = 1``: closed form, exact, unbiased.
-* ``WLSQ`` (1): ``w = 1 / (excess * max(d, 1) + read_var)`` from the data
-  (the weights of ``fit``'s ``wlsq``): closed form.
+* ``WLSQ`` (1): weights and data of ``fit``'s ``wlsq`` (Mighell's
+  chi-square-gamma: counts ``n = d / excess``, data ``d + excess min(n, 1)``,
+  ``w = 1 / (excess^2 (n + 1) + read_var)``): closed form.
 * ``MLE`` (2): Poisson likelihood of the shifted counts ``d + read_var`` with
   mean ``mu + read_var``, scaled by ``1 / excess`` (:mod:`spotfit.estimators`).
   For a model linear in its parameters the Fisher-scoring step is a weighted
@@ -194,6 +195,15 @@ def _window_constants(pix, n_valid, col_ptr, profiles, rv, rv_map, out):
 
 
 @njit(cache=True, error_model="numpy")
+def _wlsq_pixel(d, rv, excess):
+    """Weight and data of a pixel for ``WLSQ``: Mighell's chi-square-gamma, as
+    :class:`spotfit.estimators.WeightedLeastSquares` (counts ``n = d / excess``,
+    data ``d + excess min(n, 1)``, variance ``excess^2 (n + 1) + read_var``)."""
+    n = max(d, 0.0) / excess
+    return 1.0 / (excess * excess * (n + 1.0) + rv), d + excess * min(n, 1.0)
+
+
+@njit(cache=True, error_model="numpy")
 def _variance(mu, rv, calibrated, excess, alpha, beta, v_floor):
     """Pixel variance of the fitted model (see the module docstring)."""
     if calibrated:
@@ -235,13 +245,13 @@ def _fit_single(g, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_floor
         rg = 0.0
         r1 = 0.0
         for p in range(P):
-            w = 1.0 / (excess * max(d[p], 1.0) + rvp[p])
+            w, yp = _wlsq_pixel(d[p], rvp[p], excess)
             wg = w * g[p]
             agg += wg * g[p]
             ag += wg
             a1 += w
-            rg += wg * d[p]
-            r1 += w * d[p]
+            rg += wg * yp
+            r1 += w * yp
         det = agg * a1 - ag * ag
         if not (det > _PIVOT * agg * a1):
             return nan, nan, nan, nan, nan, 0, SINGULAR
@@ -257,7 +267,7 @@ def _fit_single(g, d, rvp, P, cst, est, calibrated, excess, alpha, beta, v_floor
             v = _variance(mu, rvp[p], calibrated, excess, alpha, beta, v_floor)
             res = d[p] - mu
             chi2 += res * res / v
-            w = 1.0 if est == LSQ else 1.0 / (excess * max(d[p], 1.0) + rvp[p])
+            w = 1.0 if est == LSQ else _wlsq_pixel(d[p], rvp[p], excess)[0]
             wv = w * w * v
             bgg += wv * g[p] * g[p]
             bg += wv * g[p]
@@ -373,7 +383,7 @@ def _fit_joint(profiles, c0, K, P, d, rvp, est, calibrated, excess, alpha, beta,
         y[p] = d[p]
     if est == WLSQ:
         for p in range(P):
-            w[p] = 1.0 / (excess * max(d[p], 1.0) + rvp[p])
+            w[p], y[p] = _wlsq_pixel(d[p], rvp[p], excess)
     _normal(profiles, c0, K, P, w, y, A, r)
     if not _invert(A, m, inv, L, scale):
         return nan, nan, nan, nan, nan, 0, SINGULAR
