@@ -20,7 +20,8 @@ documented functions of :mod:`spotfit.config`, :mod:`spotfit.io`,
 :mod:`spotfit.camera`, :mod:`spotfit.detection`, :mod:`spotfit.simulation`,
 :mod:`spotfit.table`, :mod:`spotfit.export`, :mod:`spotfit.overlay`,
 :mod:`spotfit.rendering`, :mod:`spotfit.match`, :mod:`spotfit.models`,
-:mod:`spotfit.estimators`, :mod:`spotfit.solver` and :mod:`spotfit.results`.
+:mod:`spotfit.estimators`, :mod:`spotfit.solver`, :mod:`spotfit.results` and
+:mod:`spotfit.photometry`.
 Internal (may change without notice): :mod:`spotfit.api`'s helpers,
 :mod:`spotfit.single`, :mod:`spotfit.group`, :mod:`spotfit.start`,
 :mod:`spotfit.batch`, :mod:`spotfit.cli` and every module whose name starts
@@ -38,6 +39,7 @@ _LAZY = {
     "detect": "spotfit.api",
     "fit": "spotfit.api",
     "fit_spots": "spotfit.api",
+    "measure": "spotfit.photometry",
     "FitConfig": "spotfit.config",
     "simulate": "spotfit.simulation",
     "write_table": "spotfit.table",

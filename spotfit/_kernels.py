@@ -517,6 +517,59 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, chunks):
             cost_out[s] = value
 
 
+@njit(cache=True, parallel=True, error_model="numpy")
+def score_statistic(km, cost, theta, D, out):
+    """Score statistic of each window's richer model at ``theta`` (see
+    :func:`spotfit.solver.score_test`): ``g^T H^-1 g - v^T (D^T H D)^-1 v`` with
+    the cost's gradient ``g = J e`` and curvature ``H = J W J^T`` at ``theta``
+    (:func:`_accumulate`), ``v = D^T g`` and ``D (n, k, r)`` the Jacobian of the
+    simpler model's embedding.  NaN where a curvature is singular."""
+    n, k = theta.shape
+    r = D.shape[2]
+    P = cost.data.shape[1]
+    size = max(km.nz, km.ny, km.nx, 10)
+    for s in prange(n):
+        mu = np.empty(P)
+        J = np.empty((k, P))
+        scratch = np.empty((9, size))
+        e = np.empty(P)
+        W = np.empty(P)
+        H = np.empty((k, k))
+        g = np.empty(k)
+        _accumulate(km, cost, s, theta[s], mu, J, scratch, e, W, H, g)
+        Hinv = np.empty((k, k))
+        L = np.zeros((k, k))
+        y = np.empty(k)
+        M = np.empty((r, r))  # D^T H D
+        v = np.zeros(r)  # D^T g
+        HD = np.zeros((k, r))
+        for a in range(r):
+            for i in range(k):
+                v[a] += D[s, i, a] * g[i]
+                for j in range(k):
+                    HD[i, a] += H[i, j] * D[s, j, a]
+        for a in range(r):
+            for b in range(r):
+                t = 0.0
+                for i in range(k):
+                    t += D[s, i, a] * HD[i, b]
+                M[a, b] = t
+        Minv = np.empty((r, r))
+        Lr = np.zeros((r, r))
+        yr = np.empty(r)
+        if not (_cholesky_inverse(H.copy(), Hinv, L, y) and _cholesky_inverse(M.copy(), Minv, Lr, yr)):
+            out[s] = np.nan
+            continue
+        t = 0.0
+        for i in range(k):
+            for j in range(k):
+                t += g[i] * Hinv[i, j] * g[j]
+        for a in range(r):
+            for b in range(r):
+                t -= v[a] * Minv[a, b] * v[b]
+        out[s] = max(t, 0.0)
+
+
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _weighted_gram(J, idx, m, weight, out):
     """``out[a, b] = sum_p J[idx[a], p] * weight[p] * J[idx[b], p]`` (symmetric, m x m).

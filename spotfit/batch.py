@@ -83,13 +83,13 @@ SIDECAR_VERSION = 1
 CONFIG_KEYS = (
     "axes", "channel", "invert", "series", "pixel_size", "z_step", "workers",
     "sigma", "sigma_z", "threshold", "min_distance", "window", "model", "estimator",
-    "integrated", "fix_sigma", "max_iter", "min_snr", "crowded", "group_radius", "max_group",
-    "baseline", "gain", "em_gain", "read_noise",
+    "integrated", "fix_sigma", "select_model", "max_iter", "min_snr", "crowded", "group_radius",
+    "max_group", "baseline", "gain", "em_gain", "read_noise",
 )
 
 #: Value types of the ``--config`` parameters (None is always allowed: the default).
 _INT_KEYS = ("series", "workers", "min_distance", "window", "max_iter", "max_group")
-_BOOL_KEYS = ("invert", "integrated", "fix_sigma", "crowded")
+_BOOL_KEYS = ("invert", "integrated", "fix_sigma", "select_model", "crowded")
 _STR_KEYS = ("axes", "model", "estimator")
 _NUMBER_KEYS = tuple(
     k for k in CONFIG_KEYS if k not in _INT_KEYS + _BOOL_KEYS + _STR_KEYS + ("channel",)

@@ -792,6 +792,11 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out,
     help="Hold the widths at --sigma (and --sigma-z) instead of fitting them.",
 )
 @click.option(
+    "--select-model/--no-select-model", default=True, show_default=True,
+    help="Fit --model only to spots whose data support its extra widths (a score test at the "
+    "BIC level), the symmetric model to the others; --no-select-model: --model for every spot.",
+)
+@click.option(
     "--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
     help="Solver iteration limit per spot.",
 )
@@ -830,7 +835,7 @@ def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out,
 )
 def fit(images, axes, channel, invert, series, pixel_size, z_step, sigma, sigma_z, threshold,
         min_distance, baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
-        fix_sigma, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
+        fix_sigma, select_model, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
         skip_existing, fmt, workers, qc):
     """Detect and fit every spot of IMAGE (image files or folders): position, intensity, widths.
 
@@ -855,8 +860,9 @@ def fit(images, axes, channel, invert, series, pixel_size, z_step, sigma, sigma_
         config = _fit_config(
             sigma=sigma, sigma_z=sigma_z, threshold=threshold, min_distance=min_distance,
             window=window, model=model, estimator=None if estimator == "auto" else estimator,
-            integrated=integrated, fix_sigma=fix_sigma, max_iter=max_iter, min_snr=min_snr,
-            crowded=crowded, group_radius=group_radius, max_group=max_group, workers=workers,
+            integrated=integrated, fix_sigma=fix_sigma, select_model=select_model, max_iter=max_iter,
+            min_snr=min_snr, crowded=crowded, group_radius=group_radius, max_group=max_group,
+            workers=workers,
         )
         camera = _camera(baseline, gain, em_gain, read_noise)
     _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,
@@ -1210,6 +1216,130 @@ def render(spots, out, pixel_size, method, sigma, min_sigma, z_step, sigma_z,
         f"{spots}: {points.n} of {c['read']} localisations rendered"
         + (f" (left out: {', '.join(dropped)})" if dropped else "")
         + f" -> {out}, {size} px of {pixel_size:g} nm{note}",
+        err=True,
+    )
+
+
+# ---------------------------------------------------------------------------
+# measure: intensities at known positions
+# ---------------------------------------------------------------------------
+@main.command(context_settings=CONTEXT_SETTINGS)
+@click.argument("image", type=click.Path(dir_okay=False), metavar="IMAGE")
+@click.option(
+    "--at", "at", required=True, type=click.Path(dir_okay=False), metavar="SPOTS.csv",
+    help="Positions to measure: a CSV with columns x, y (and z for z-stacks), e.g. a "
+    "'spotfit fit' table; its sigma_x, sigma_y, angle (sigma_z) columns set the widths.",
+)
+@click.option(
+    "--at-frame", type=click.IntRange(min=0), metavar="N",
+    help="Use only the rows of SPOTS.csv whose frame column is N (e.g. the spots of frame 0).",
+)
+@click.option(
+    "--match-frames", is_flag=True,
+    help="Measure each row of SPOTS.csv only in the frame given by its frame column "
+    "(e.g. channel 1 at the spots fitted in channel 0 of the same frame).",
+)
+@click.option(
+    "--frames", metavar="LIST",
+    help="Frames to measure (0-based, ranges inclusive), e.g. 0-99,200,300-.  [default: all]",
+)
+@click.option(
+    "--axes", metavar="AXES",
+    help="Axes of the TIFF, one letter per dimension from T, Z, C, Y, X, S; overrides the "
+    "file's metadata.",
+)
+@click.option(
+    "--channel", type=ChannelType(), metavar="N|all",
+    help="Channel to measure (0-based) when the file has several; 'all': every channel.",
+)
+@click.option("--pixel-size", type=POSITIVE, metavar="UM",
+              help="Pixel size in µm; adds x_um, y_um columns.  [default: from the file]")
+@click.option("--z-step", type=POSITIVE, metavar="UM",
+              help="Distance between z planes in µm; adds z_um.  [default: from the file]")
+@click.option(
+    "--sigma", type=POSITIVE,
+    help="PSF sigma in pixels for every spot, instead of the widths in SPOTS.csv.  "
+    "[default: the table's sigma_x, sigma_y (angle), else 1.3]",
+)
+@click.option("--sigma-z", type=POSITIVE,
+              help="Axial PSF sigma in planes with --sigma, for z-stacks.  [default: 2 x sigma]")
+@_apply(_camera_options(
+    note="  With it, results are in photons and the default estimator is mle; "
+    "without it, in ADU above the baseline with lsq."
+))
+@click.option(
+    "--window", type=click.IntRange(min=1),
+    help="Half-size of the window in pixels (2 x WINDOW + 1 wide).  "
+    "[default: max(2, ceil(2.5 x sigma))]",
+)
+@click.option(
+    "--estimator", type=click.Choice(("auto",) + ESTIMATOR_CHOICES), default="auto",
+    show_default=True,
+    help="lsq, wlsq or mle, as for fit.  auto: mle with --gain, else lsq.",
+)
+@click.option(
+    "--integrated/--point-sampled", default=None,
+    help="Pixel-integrated or point-sampled PSF.  [default: integrated with --gain]",
+)
+@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
+              help="mle iteration limit per measurement.")
+@click.option(
+    "--min-snr", type=NON_NEGATIVE, default=3.0, show_default=True,
+    help="Measurements whose intensity / intensity_err is below this get status low_signal "
+    "(e.g. a spot that is off); their values stay unbiased.",
+)
+@click.option(
+    "--refine", is_flag=True,
+    help="Fit the positions (and widths, without --sigma) once on the sum of the frames and "
+    "hold them: drift-free traces.  Adds a refined column.",
+)
+@click.option(
+    "--aperture", type=POSITIVE, metavar="PX",
+    help="Radius of the aperture sum in pixels; background from the annulus R+1 .. 2R+1.  "
+    "[default: 3 x sigma]",
+)
+@click.option("--wide", is_flag=True,
+              help="One row per spot and one intensity_<frame> column per frame (no errors).")
+@click.option(
+    "--out", "-o", type=click.Path(dir_okay=False), default=STDOUT, metavar="FILE",
+    help="Output CSV file (written atomically).  [default: CSV on standard output]",
+)
+@_workers_option("Threads for measuring.  [default: all cores]")
+def measure(image, at, at_frame, match_frames, frames, axes, channel, pixel_size, z_step, sigma,
+            sigma_z, baseline, gain, em_gain, read_noise, window, estimator, integrated, max_iter,
+            min_snr, refine, aperture, wide, out, workers):
+    """Measure the intensity of spots at known positions in every frame of IMAGE.
+
+    Positions and widths are held (from SPOTS.csv, or --sigma); intensity and
+    background are fitted with the estimators and camera model of fit, with
+    standard errors and a status, and measured model-free by an aperture sum
+    with a local background annulus.  One row per spot and frame (see the
+    README); --wide gives one row per spot.
+    """
+    _check_not_input(out, [image, at])
+    with _UserErrors():
+        config = _fit_config(
+            sigma=sigma, sigma_z=sigma_z, window=window,
+            estimator=None if estimator == "auto" else estimator, integrated=integrated,
+            fix_sigma=sigma is not None, max_iter=max_iter, min_snr=min_snr, workers=workers,
+        )
+        camera = _camera(baseline, gain, em_gain, read_noise)
+        from spotfit.photometry import measure as measure_spots, wide as to_wide
+
+        table = measure_spots(
+            image, at, config=config, camera=camera, frames=frames, axes=axes, channel=channel,
+            refine=refine, aperture=aperture, at_frame=at_frame, match_frames=match_frames,
+            pixel_size=pixel_size, z_step=z_step,
+        )
+        result = to_wide(table) if wide else table
+    where = _write_csv(result, out)
+    n = len(table)
+    converged = int((table["status"] == "converged").sum())
+    low = int((table["status"] == "low_signal").sum())
+    spots = table["spot_id"].nunique()
+    click.echo(
+        f"{image}: {spots} spots, {n} measurements ({converged} converged, {low} low_signal, "
+        f"{n - converged - low} failed) -> {where}",
         err=True,
     )
 

@@ -66,6 +66,11 @@ class FitConfig:
         False (point-sampled).
     fix_sigma : bool
         Hold the widths at ``sigma`` (and ``sigma_z``).
+    select_model : bool
+        With a ``model`` richer than ``symmetric``, fit each spot with the
+        symmetric model first and with ``model`` only where the data support
+        its extra widths (a score test at the BIC level,
+        :func:`spotfit.single.fit_batch`); False fits ``model`` to every spot.
     max_iter : int
         Solver iteration limit per spot.
     min_snr : float
@@ -115,6 +120,10 @@ class FitConfig:
         "[default: integrated with --gain, else point-sampled]", cli="--integrated/--point-sampled"))
     fix_sigma: bool = field(default=False, metadata=_meta(
         "Hold the widths at --sigma (and --sigma-z) instead of fitting them."))
+    select_model: bool = field(default=True, metadata=_meta(
+        "Fit --model only to spots whose data support its extra widths (a score test at the BIC "
+        "level), the symmetric model to the others; --no-select-model: --model for every spot.",
+        cli="--select-model/--no-select-model"))
     max_iter: int = field(default=50, metadata=_meta("Solver iteration limit per spot."))
     min_snr: float = field(default=3.0, metadata=_meta(
         "Converged fits whose intensity signal-to-noise is below this get status low_signal "
@@ -140,6 +149,7 @@ class FitConfig:
         _choice(self, "estimator", ESTIMATOR_CHOICES, optional=True)
         _flag(self, "integrated", optional=True)
         _flag(self, "fix_sigma")
+        _flag(self, "select_model")
         _whole(self, "max_iter", "iterations", low=1)
         real(self, "min_snr", "signal-to-noise units", low=0.0, inclusive=True)
         _whole(self, "workers", "threads", low=1, optional=True)

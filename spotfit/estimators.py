@@ -26,8 +26,10 @@ when the camera is calibrated, ADU otherwise.
 
 * ``lsq``: unweighted least squares.  Needs no noise model.
 * ``wlsq``: least squares weighted by ``1 / var`` with the variance taken
-  from the data (``excess * max(d, 1) + read_var``), fixed during the fit.
-  Requires data in photons.
+  from the data, fixed during the fit: Mighell's chi-square-gamma (counts
+  ``n = d / excess``; the data ``d + excess * min(n, 1)`` fitted with variance
+  ``excess^2 (n + 1) + read_var``), which, unlike weights ``1 / max(d, 1)``,
+  does not bias low counts low.  Requires data in photons.
 * ``mle``: Poisson maximum likelihood.  Read noise enters through the
   usual shifted-Poisson approximation (``d + read_var`` is Poisson with mean
   ``mu + read_var``; Huang et al., Nat. Methods 10:653, 2013), EMCCD excess
@@ -143,8 +145,14 @@ class WeightedLeastSquares(Estimator):
     weighted = True
 
     def _inputs(self, data, mask, noise):
-        var = noise.excess * np.maximum(data, 1.0) + noise.read_var
-        return data, mask / var, np.zeros(data.shape), 1.0
+        # Mighell's chi-square-gamma (ApJ 518:380, 1999): in counts n, fit n + min(n, 1)
+        # with variance n + 1.  Plain data weights 1 / max(n, 1) are larger where the
+        # data fall low by chance, which biases the fit low (-12% at 200 photons over
+        # 1 photon/px); the shifted data and variance cancel that to within ~1% from
+        # 500 photons up.  For EMCCD data the counts are d / excess.
+        counts = np.maximum(data, 0.0) / noise.excess
+        var = noise.excess ** 2 * (counts + 1.0) + noise.read_var
+        return data + noise.excess * np.minimum(counts, 1.0), mask / var, np.zeros(data.shape), 1.0
 
 
 class PoissonMLE(Estimator):

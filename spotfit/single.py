@@ -11,7 +11,7 @@ frame's noise model up front when the frame is too large for one batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -129,7 +129,8 @@ def frame_variance(setup: Setup, photons, coords, image_var: float, valid=None) 
     """
     rows = solver.regression_rows(np.zeros(len(coords), np.int64))
     batch = cut_frame(setup, 0, photons, coords, image_var, rows=rows, valid=valid)
-    return _solve(setup, batch).variance[0]
+    first = _reduced(setup) if _selects(setup) else setup  # the fits that measure it in fit_batch
+    return _solve(first, batch).variance[0]
 
 
 def window_bounds(model, estimator, windows: roi.Windows):
@@ -171,13 +172,26 @@ def _solve(setup: Setup, batch: Batch):
 def fit_batch(setup: Setup, batch: Batch):
     """Fit every window of ``batch`` in one compiled, parallel solve; return its table rows.
 
+    With ``config.select_model`` (default) and a model richer than the
+    symmetric one (``rotated``, ``elliptical``; not with ``fix_sigma``), the
+    model is chosen per spot by the data (:func:`_fit_selected`).
+
     Returns
     -------
     pandas.DataFrame
         Columns of :func:`spotfit.table.columns`, one row per window.
     """
+    if _selects(setup):
+        values, errors, chi2, iterations, status = _fit_selected(setup, batch)
+    else:
+        values, errors, chi2, iterations, status = _columns(setup, batch, _solve(setup, batch))
+    return table.build(batch.frame, values, errors, chi2, iterations, results.status_names(status),
+                       setup.camera.unit, setup.ndim)
+
+
+def _columns(setup: Setup, batch: Batch, sol):
+    """Output columns, their errors, reduced chi-square, iterations and status of a solve."""
     m, cfg, w = setup.model, setup.config, batch.windows
-    sol = _solve(setup, batch)
     values, errors = results.measure(m, sol.theta, sol.cov, w.origin)
     outside = ~w.inside(sol.theta[:, list(m.center_index)])
 
@@ -193,5 +207,85 @@ def fit_batch(setup: Setup, batch: Batch):
     low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr,
                              expected=None if cfg.fix_sigma else expected)
     status = results.judge(sol.status, outside, low, batch.saturated)
-    return table.build(batch.frame, values, errors, sol.chi2_red, sol.iterations,
-                       results.status_names(status), setup.camera.unit, setup.ndim)
+    return values, errors, sol.chi2_red, sol.iterations, status
+
+
+# ------------------------------------------------------------ model choice
+def _selects(setup: Setup) -> bool:
+    cfg = setup.config
+    return bool(cfg.select_model) and not cfg.fix_sigma and setup.model.name != "symmetric"
+
+
+def _reduced(setup: Setup) -> Setup:
+    """``setup`` with the symmetric model of the same dimensions and pixel integration."""
+    from spotfit.models import get_model
+
+    return replace(setup, model=get_model("symmetric", setup.ndim, setup.model.integrated,
+                                          sigma=setup.config.sigma))
+
+
+def _embedding(reduced, full):
+    """``embed(theta)``: symmetric parameters as the richer model's (equal widths, angle 0)."""
+    widths = [reduced.index(name) for name in reduced.axis_widths]
+
+    def embed(theta):
+        return full.from_moments(theta[:, list(reduced.center_index)], theta[:, widths],
+                                 theta[:, reduced.intensity_index], theta[:, reduced.offset_index])
+    return embed
+
+
+def _take(batch: Batch, rows, variance=None) -> Batch:
+    w = batch.windows
+    windows = roi.Windows(w.data[rows], w.mask[rows], w.origin[rows], w.grid,
+                          None if w.read_var is None else w.read_var[rows])
+    if variance is None and batch.variance is not None:
+        variance = batch.variance[rows]
+    return Batch(windows, batch.frame[rows], batch.image_var[rows], batch.saturated[rows], variance)
+
+
+def _fit_selected(setup: Setup, batch: Batch):
+    """Symmetric fits everywhere; the richer model where the data support it.
+
+    A spot gets the richer model (``setup.model``) only when its extra
+    widths would improve the fit by more than the BIC penalty of ``q``
+    parameters, ``q ln P`` (``P`` the window's fitted pixels): the score
+    statistic of the richer model at the symmetric fit
+    (:func:`spotfit.solver.score_test`, asymptotically chi-square with
+    ``q`` degrees of freedom when the spot is round), which costs one
+    evaluation of the richer model instead of its fit.  A round spot is
+    refitted with the richer model with probability ``exp(-ln P)``-ish
+    (about 1% for 9 x 9 windows); an elongated one as soon as its
+    elongation is significant.  Faint round spots thus keep the symmetric
+    model's precision (two free widths that the data cannot pin down would
+    cost ~4% in localisation precision at 300 photons over 50 photons/px)
+    and bright elongated spots get their widths and angle.
+
+    Returns the columns of :func:`_columns`, rows in ``batch`` order.
+    """
+    reduced = _reduced(setup)
+    sol = _solve(reduced, batch)
+    values, errors, chi2, iterations, status = _columns(reduced, batch, sol)
+    w = batch.windows
+    n_valid = w.mask.sum(axis=1)
+    k_r = reduced.model.n_params
+    residual_var = None
+    if setup.estimator.normalised_cost:  # a sum of squares: in units of the residual variance
+        residual_var = sol.cost / np.maximum(n_valid - k_r, 1)
+    score = solver.score_test(setup.model, setup.estimator, w.data, w.mask, w.grid, sol.theta + sol.bias,
+                              _embedding(reduced.model, setup.model), noise=setup.noise(w.read_var),
+                              residual_var=residual_var)
+    extra = setup.model.n_params - k_r
+    rows = np.flatnonzero(~(score <= extra * np.log(np.maximum(n_valid, 2))))
+    if len(rows) == 0:
+        return values, errors, chi2, iterations, status
+    measured = None if setup.camera.calibrated else sol.variance[rows]
+    sub = _take(batch, rows, measured)
+    v2, e2, c2, i2, s2 = _columns(setup, sub, _solve(setup, sub))
+    # own copies: a symmetric fit's sigma_x and sigma_y may be views of one array
+    values = {key: np.array(v, dtype=float) for key, v in values.items()}
+    errors = {key: np.array(v, dtype=float) for key, v in errors.items()}
+    for key in v2:
+        values[key][rows], errors[key][rows] = v2[key], e2[key]
+    chi2, iterations, status = chi2.copy(), iterations.copy(), status.copy()
+    chi2[rows], iterations[rows], status[rows] = c2, i2, s2
+    return values, errors, chi2, iterations, status

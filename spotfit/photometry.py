@@ -1,0 +1,903 @@
+"""Intensities at known positions: traces over frames, other channels, aperture sums.
+
+:func:`measure` is what ``spotfit measure`` runs.  Given spot positions (a
+``fit`` table of another frame or channel, or any table with ``x, y[, z]``),
+it measures every spot in every selected frame with its position and widths
+*held*, two ways:
+
+* **Model fit.**  With positions and widths fixed the model is linear in the
+  intensities and the background (``mu = sum_k N_k g_k + b``, ``g_k`` the
+  unit-intensity profile from :mod:`spotfit.models`, pixel-integrated or not
+  as in ``fit``), so each (frame, window) is a small linear problem solved in
+  closed form (``lsq``, ``wlsq``) or by a few reweighted steps (``mle``), all
+  windows of all frames in one compiled call
+  (:mod:`spotfit._photometry_kernels`), with the estimators, camera model and
+  sandwich covariance of ``fit``.  Neighbours whose light reaches into a
+  window are fitted jointly with the window's own spot (their profiles are
+  extra columns), so overlapping spots do not inflate each other.
+* **Aperture sum.**  The model-free alternative: the sum over the pixels
+  within a radius ``R`` of the position, minus ``R``'s pixel count times the
+  mean of a background annulus ``R + 1 < r <= 2 R + 1`` (pixels near other
+  spots left out).
+
+Neither constrains the sign of the intensity: a spot that has bleached
+measures around 0, negative as often as positive, so averages over frames
+stay unbiased.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from spotfit import results, roi, solver
+from spotfit.camera import Camera
+from spotfit.config import make_config
+from spotfit.errors import SpotfitInputError
+from spotfit.estimators import Noise, get_estimator
+from spotfit.models import get_model
+
+#: neighbours whose profile puts at least this fraction of their light into a
+#: window are fitted jointly with the window's spot
+NEIGHBOUR_LIGHT = 1e-3
+#: most neighbours fitted jointly in one window (the ones with most light in it)
+MAX_NEIGHBOURS = 8
+#: MLE converged when no parameter moves by more than this many standard errors
+MLE_TOL = 0.01
+#: default aperture radius, in PSF sigmas (98.9% of a 2D Gaussian's light)
+APERTURE_SIGMAS = 3.0
+#: fewest annulus pixels for an aperture background
+MIN_ANNULUS = 5
+#: frame values gathered for one compiled call (bounds the memory of a block)
+BLOCK_VALUES = 1 << 23
+#: windows used to fit the noise model of an uncalibrated camera
+REGRESSION_WINDOWS = 2000
+#: spots whose aperture pixels are found at once (bounds the memory of the layout)
+APERTURE_CHUNK = 4096
+
+APERTURE_STATUS = ("ok", "crowded", "truncated", "no_background")
+
+
+@dataclass
+class Spots:
+    """Positions and widths of the spots to measure (one row per spot).
+
+    Attributes
+    ----------
+    ids : (n,) int64 ndarray
+        ``spot_id`` of each spot: the table's ``spot_id`` column, else its
+        0-based row number.
+    xyz : (n, ndim) float ndarray
+        Centres ``x, y[, z]`` in px (planes for z), image coordinates.
+    widths : (n, ndim) float ndarray
+        ``sigma_x, sigma_y[, sigma_z]``, px (planes).
+    angle : (n,) float ndarray
+        Rotation of the ``sigma_x`` axis from +x towards +y, rad (0 in 3D).
+    frame : (n,) int64 ndarray or None
+        The ``frame`` of each row, when the table has one.
+    """
+
+    ids: np.ndarray
+    xyz: np.ndarray
+    widths: np.ndarray
+    angle: np.ndarray
+    frame: np.ndarray | None = None
+
+    def __len__(self):
+        return len(self.ids)
+
+    def take(self, rows) -> "Spots":
+        return Spots(self.ids[rows], self.xyz[rows], self.widths[rows], self.angle[rows],
+                     None if self.frame is None else self.frame[rows])
+
+
+# --------------------------------------------------------------------- API
+def measure(image, positions, config=None, camera: Camera | None = None, *,
+            frames=None, axes: str | None = None, channel=None, refine: bool = False,
+            aperture: float | None = None, at_frame: int | None = None,
+            match_frames: bool = False, pixel_size: float | None = None,
+            z_step: float | None = None, **options):
+    """Measure intensity and background at fixed positions in every selected frame.
+
+    Parameters
+    ----------
+    image : str, os.PathLike, spotfit.io.Image or ndarray
+        A TIFF path, an image from :func:`spotfit.read_image`, or an array
+        (``(ny, nx)``, ``(T, ny, nx)`` or ``(T, nz, ny, nx)`` without ``axes``).
+    positions : pandas.DataFrame, str/os.PathLike (CSV or Parquet) or (n, ndim) array_like
+        Columns ``x, y`` (px) and, for z-stacks, ``z`` (planes); optionally
+        ``sigma_x, sigma_y`` (px), ``angle`` (rad), ``sigma_z`` (planes) --
+        e.g. a ``spotfit fit`` table -- and ``spot_id``, ``frame``.  An array
+        has columns ``x, y[, z]``.  ``z`` is ignored for 2D images.
+    config : spotfit.FitConfig, optional
+        ``estimator``, ``integrated``, ``window``, ``max_iter``, ``min_snr``,
+        ``workers`` as in ``fit``.  Widths: the table's ``sigma_*`` columns
+        when present, else ``sigma`` (and ``sigma_z``); ``fix_sigma=True``
+        uses ``sigma`` even when the table has widths.
+    camera : Camera, optional
+        A calibrated camera gives photons and allows ``wlsq`` and ``mle``
+        (the default then); without, values are ADU above the baseline,
+        ``lsq``, with errors from a noise model measured on the data.
+    frames : None, int, str or iterable of int
+        Frames to measure (0-based): all by default; a string such as
+        ``"0-99,200,300-"`` (ranges inclusive, ``300-`` to the last frame).
+    axes, channel : optional
+        As in :func:`spotfit.read_image`; ``channel="all"`` measures every
+        channel in turn.
+    refine : bool
+        Before measuring, fit the spots once (position, and widths unless
+        ``fix_sigma``) on the sum of the selected frames
+        (:func:`spotfit.fit_spots`) and hold the result: drift-free traces
+        from positions more precise than any single frame's.  Spots whose fit
+        does not converge keep their given position (``refined`` False).
+    aperture : float, optional
+        Aperture radius, px (default ``3 x`` the median lateral width); the
+        background annulus spans ``R + 1 < r <= 2 R + 1``.
+    at_frame : int, optional
+        Use only the rows of ``positions`` whose ``frame`` is this.
+    match_frames : bool
+        Measure each row only in the frame given by its ``frame`` column
+        (e.g. spots fitted in channel 0 of a movie, measured in channel 1 of
+        the same frames).
+    pixel_size, z_step : float, optional
+        µm per pixel and between planes, overriding the image's metadata;
+        when known, ``x_um, y_um[, z_um]`` columns are appended.
+    **options
+        Override fields of ``config`` (e.g. ``estimator="lsq"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per spot and frame, sorted by ``spot_id``, ``channel``,
+        ``frame``; columns in :func:`columns` (units in the README).
+    """
+    import pandas as pd
+
+    from spotfit.api import as_image
+    from spotfit.table import add_physical_units
+
+    config = make_config(config, options)
+    camera = camera or Camera()
+    if at_frame is not None and match_frames:
+        raise SpotfitInputError("--at-frame and --match-frames cannot be combined: --at-frame measures "
+                                "the spots of one frame in every frame")
+    if refine and match_frames:
+        raise SpotfitInputError("--refine and --match-frames cannot be combined: refining sums "
+                                "all frames, matching measures each position in one frame only")
+    if aperture is not None and not (np.isfinite(aperture) and aperture > 0):
+        raise SpotfitInputError(f"--aperture must be a positive radius in px, got {aperture!r}")
+    if isinstance(positions, (str, os.PathLike)):  # a fit table, or any CSV / Parquet table
+        from spotfit.export import read_table
+
+        source, table = os.fspath(positions), read_table(positions)
+    else:
+        source, table = "positions", positions
+    parts = []
+    for ch in _channels(image, axes, channel):
+        img = as_image(image, axes, ch)
+        opened = isinstance(image, (str, os.PathLike))
+        try:
+            part = _measure_image(img, table, source, config, camera, frames, refine, aperture,
+                                  at_frame, match_frames, 0 if ch is None else ch)
+            parts.append(add_physical_units(
+                part, pixel_size if pixel_size is not None else img.pixel_size,
+                (z_step if z_step is not None else img.z_step) if img.is_3d else None))
+        finally:
+            if opened:
+                img.close()
+    result = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    if len(parts) > 1:
+        result = result.sort_values(["spot_id", "channel", "frame"], kind="stable", ignore_index=True)
+    return result
+
+
+def columns(ndim: int = 2, refined: bool = False) -> list:
+    """Ordered columns of a :func:`measure` table (2D or 3D)."""
+    place = ["x", "y", "sigma_x", "sigma_y", "angle"] if ndim == 2 else \
+        ["x", "y", "z", "sigma_x", "sigma_y", "sigma_z"]
+    return (["spot_id", "frame", "channel"] + place
+            + ["intensity", "intensity_err", "background", "background_err",
+               "aperture_intensity", "aperture_intensity_err", "aperture_background",
+               "aperture_status", "chi2_red", "iterations", "neighbours", "status", "unit"]
+            + (["refined"] if refined else []))
+
+
+def wide(table, value: str = "intensity"):
+    """One row per spot (and channel), one column ``<value>_<frame>`` per frame.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        A :func:`measure` table.
+    value : str
+        The column spread over frames (e.g. ``"intensity"``,
+        ``"aperture_intensity"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``spot_id, channel, x, y[, z], unit`` then ``<value>_<frame>`` in
+        frame order (NaN where a spot was not measured in a frame).
+    """
+    import pandas as pd
+
+    if value not in table.columns:
+        raise SpotfitInputError(f"no column {value!r} to spread over frames")
+    keys = ["spot_id", "channel"]
+    place = [c for c in ("x", "y", "z") if c in table.columns]
+    first = table.drop_duplicates(keys)[keys + place + ["unit"]].set_index(keys)
+    spread = table.pivot(index=keys, columns="frame", values=value)
+    spread = spread.reindex(columns=sorted(spread.columns))
+    spread.columns = [f"{value}_{int(t)}" for t in spread.columns]
+    out = first.join(spread).reset_index()
+    if len(out) == 0:
+        out = pd.DataFrame(columns=keys + place + ["unit"])
+    return out
+
+
+# ------------------------------------------------------------ one channel
+def _channels(image, axes, channel):
+    if channel != "all":
+        return [channel]
+    if isinstance(image, (str, os.PathLike)):
+        from spotfit.io import count_channels
+
+        n = count_channels(image, axes)
+    elif axes is not None and hasattr(image, "shape"):
+        letters = axes.upper()
+        sizes = [s for a, s in zip(letters, np.shape(image)) if a in "CS" and s > 1]
+        n = sizes[0] if sizes else 1
+    else:
+        n = 1
+    return list(range(n)) if n > 1 else [None]
+
+
+def _measure_image(img, table, source, config, camera, frames, refine, aperture, at_frame,
+                   match_frames, channel):
+    """:func:`measure` on one open image (one channel)."""
+    ndim = 3 if img.is_3d else 2
+    camera.check_shape(img.frame_shape, source=str(img.path or "image"))
+    frame_ids = frame_list(frames, img.n_frames)
+    spots = spots_from_table(table, ndim, img.frame_shape, config, source, at_frame, match_frames)
+    ctx = _Context(config, camera, ndim)
+    refined = None
+    if refine and len(spots):
+        spots, refined = _refine(img, frame_ids, spots, config, camera)
+    if match_frames:
+        if np.any((spots.frame < 0) | (spots.frame >= img.n_frames)):
+            bad = int(spots.frame[(spots.frame < 0) | (spots.frame >= img.n_frames)][0])
+            raise SpotfitInputError(f"{source}: frame {bad} does not exist in the image "
+                                    f"({img.n_frames} frames)")
+        chosen = np.isin(spots.frame, frame_ids)
+        spots = spots.take(np.flatnonzero(chosen))
+        groups = [(int(t), np.flatnonzero(spots.frame == t)) for t in frame_ids]
+        groups = [(t, rows) for t, rows in groups if len(rows)]
+    else:
+        groups = [(None, np.arange(len(spots)))]
+    radius = aperture if aperture is not None else APERTURE_SIGMAS * _median_width(spots, config)
+    parts = []
+    for t, rows in groups:
+        sub = spots.take(rows)
+        ids = frame_ids if t is None else [t]
+        layout = _Layout(sub, img.frame_shape, ctx, radius)
+        out = ctx.run(img, ids, layout)
+        out["aperture"] = _aperture_values(out, layout, ctx)
+        out["neighbours"] = layout.neighbours
+        parts.append((rows, ids, out))
+    return _table(spots, parts, ctx, channel, refined)
+
+
+def frame_list(spec, n_frames: int) -> list:
+    """Frames selected by ``spec`` (see :func:`measure`), sorted, validated."""
+    if spec is None:
+        return list(range(n_frames))
+    if isinstance(spec, (int, np.integer)):
+        items = [int(spec)]
+    elif isinstance(spec, str):
+        items = []
+        for part in spec.replace(" ", "").split(","):
+            lo, dash, hi = part.partition("-")
+            try:
+                a = int(lo)
+                b = (int(hi) if hi else n_frames - 1) if dash else a
+            except ValueError:
+                raise SpotfitInputError(
+                    f"--frames {spec!r}: expected frame numbers and ranges such as 0-99,200,300-"
+                ) from None
+            if b < a:
+                raise SpotfitInputError(f"--frames {spec!r}: range {part} is empty")
+            items.extend(range(a, b + 1))
+    else:
+        items = [int(v) for v in spec]
+    bad = [t for t in items if not 0 <= t < n_frames]
+    if bad:
+        raise SpotfitInputError(f"--frames: frame {bad[0]} does not exist; the image has "
+                                f"{n_frames} frame(s), 0-{n_frames - 1}")
+    if not items:
+        raise SpotfitInputError("--frames selects no frame")
+    return sorted(set(items))
+
+
+def spots_from_table(table, ndim, frame_shape, config, source="positions", at_frame=None,
+                     match_frames=False) -> Spots:
+    """Validated :class:`Spots` from a positions table or array.
+
+    Raises :class:`SpotfitInputError` for missing columns, NaN or
+    non-numeric positions and widths, and positions outside the image
+    (farther than half a pixel beyond the outermost pixel centres).
+    """
+    import pandas as pd
+
+    axes = ("x", "y", "z")[:ndim]
+    if not isinstance(table, pd.DataFrame):
+        arr = np.asarray(table, dtype=float)
+        if arr.ndim != 2 or arr.shape[1] not in (2, 3) or (ndim == 3 and arr.shape[1] != 3):
+            raise SpotfitInputError(f"{source}: positions must be an (n, {ndim}) array of "
+                                    f"{', '.join(axes)}, got shape {arr.shape}")
+        table = pd.DataFrame(arr[:, :ndim], columns=list(axes))
+    row_number = np.arange(len(table))
+    missing = [a for a in axes if a not in table.columns]
+    if missing:
+        raise SpotfitInputError(
+            f"{source}: no column {', '.join(missing)}; positions need columns "
+            f"{', '.join(axes)} (found: {', '.join(map(str, table.columns)) or 'none'})")
+    frame = None
+    if at_frame is not None or match_frames:
+        what = "--at-frame" if at_frame is not None else "--match-frames"
+        if "frame" not in table.columns:
+            raise SpotfitInputError(f"{source}: {what} needs a 'frame' column")
+        frame = _numeric(table, "frame", source)
+        if np.any(~np.isfinite(frame)) or np.any(frame != np.round(frame)):
+            raise SpotfitInputError(f"{source}: column 'frame' must hold whole frame numbers")
+        frame = frame.astype(np.int64)
+        if at_frame is not None:
+            keep = frame == int(at_frame)
+            if not keep.any():
+                raise SpotfitInputError(f"{source}: no rows with frame {at_frame}")
+            table, row_number, frame = table[keep], row_number[keep], None
+    xyz = np.column_stack([_numeric(table, a, source) for a in axes]) if len(table) else \
+        np.zeros((0, ndim))
+    _check_finite(xyz, row_number, source, "position", axes)
+    shape_xyz = np.array(frame_shape[::-1], float)
+    outside = np.any((xyz < -0.5) | (xyz > shape_xyz - 0.5), axis=1)
+    if outside.any():
+        k = int(np.argmax(outside))
+        where = ", ".join(f"{a}={v:g}" for a, v in zip(axes, xyz[k]))
+        size = " x ".join(str(s) for s in frame_shape[::-1])
+        raise SpotfitInputError(
+            f"{source}: row {row_number[k]} ({where}) is outside the image ({size} px, x by y"
+            f"{' by z' if ndim == 3 else ''}); {int(outside.sum())} position(s) outside")
+    widths = np.empty((len(xyz), ndim))
+    angle = np.zeros(len(xyz))
+    lateral = ("sigma_x", "sigma_y")
+    from_table = not config.fix_sigma and all(c in table.columns for c in lateral)
+    if from_table:
+        widths[:, :2] = np.column_stack([_numeric(table, c, source) for c in lateral])
+        if ndim == 2 and "angle" in table.columns:
+            angle = _numeric(table, "angle", source)
+    else:
+        widths[:, :2] = config.sigma
+    if ndim == 3:
+        widths[:, 2] = _numeric(table, "sigma_z", source) if from_table and "sigma_z" in table.columns \
+            else config.axial_sigma()
+    names = ("sigma_x", "sigma_y", "sigma_z")[:ndim]
+    _check_finite(widths, row_number, source, "width", names, hint="; or give --sigma")
+    if np.any(widths <= 0):
+        k = int(np.argmax(np.any(widths <= 0, axis=1)))
+        raise SpotfitInputError(f"{source}: row {row_number[k]} has a width <= 0; give --sigma")
+    _check_finite(angle[:, None], row_number, source, "angle", ("angle",))
+    if "spot_id" in table.columns:
+        ids = _numeric(table, "spot_id", source)
+        if np.any(~np.isfinite(ids)) or np.any(ids != np.round(ids)):
+            raise SpotfitInputError(f"{source}: column 'spot_id' must hold whole numbers")
+        ids = ids.astype(np.int64)
+    else:
+        ids = row_number.astype(np.int64)
+    return Spots(ids, xyz, widths, angle, frame)
+
+
+def _numeric(table, column, source):
+    import pandas as pd
+
+    values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=float)
+    bad = np.isnan(values) & table[column].notna().to_numpy()
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise SpotfitInputError(f"{source}: column {column!r} is not numeric "
+                                f"(row {k}: {table[column].iloc[k]!r})")
+    return values
+
+
+def _check_finite(values, row_number, source, what, names, hint=""):
+    bad = ~np.all(np.isfinite(values), axis=1)
+    if bad.any():
+        k = int(np.argmax(bad))
+        col = names[int(np.argmax(~np.isfinite(values[k])))]
+        raise SpotfitInputError(f"{source}: row {row_number[k]} has no {what} ({col} is missing "
+                                f"or not finite); {int(bad.sum())} such row(s){hint}")
+
+
+def _median_width(spots, config):
+    return float(np.median(spots.widths[:, :2])) if len(spots) else config.sigma
+
+
+# -------------------------------------------------------------- refining
+def _refine(img, frame_ids, spots, config, camera):
+    """Fit the spots once on the sum of the frames; hold the converged fits."""
+    total = None
+    for t in frame_ids:
+        photons = camera.to_photons(img.frame(t), dtype=np.float64)
+        total = photons if total is None else total + photons
+    n = len(frame_ids)
+    # the sum is in photons (or ADU above baseline): a camera that converts nothing
+    if camera.calibrated:
+        summed = Camera(baseline=0.0, gain=camera.em_gain, em_gain=camera.em_gain,
+                        read_noise=np.sqrt(n) * np.asarray(camera.read_noise, dtype=float))
+    else:
+        summed = Camera()
+    widths = np.median(spots.widths, axis=0)
+    cfg = replace(config, sigma=float(np.mean(widths[:2])),
+                  sigma_z=float(widths[2]) if img.is_3d else None)
+    from spotfit.api import fit_spots
+
+    fitted = fit_spots(total, spots.xyz, config=cfg, camera=summed)
+    ok = (fitted["status"] == "converged").to_numpy()
+    out = spots.take(np.arange(len(spots)))
+    axes = ("x", "y", "z")[: spots.xyz.shape[1]]
+    out.xyz[ok] = fitted.loc[ok, list(axes)].to_numpy()
+    if not config.fix_sigma:
+        names = ["sigma_x", "sigma_y"] + (["sigma_z"] if img.is_3d else [])
+        out.widths[ok] = fitted.loc[ok, names].to_numpy()
+        if not img.is_3d:
+            out.angle[ok] = fitted.loc[ok, "angle"].to_numpy()
+    return out, ok
+
+
+# ------------------------------------------------------------------ layout
+class _Context:
+    """Resolved estimator, model choice, noise model and threads of one run."""
+
+    def __init__(self, config, camera, ndim):
+        self.config = config
+        self.camera = camera
+        self.ndim = ndim
+        est_name, self.integrated = config.choose(camera)
+        self.estimator = get_estimator(est_name)
+        # wlsq and mle need photons: the same error as fit's, before any work
+        self.estimator.check(Noise(camera.calibrated))
+        from spotfit import _photometry_kernels as kernels
+
+        self.est_id = {"lsq": kernels.LSQ, "wlsq": kernels.WLSQ, "mle": kernels.MLE}[est_name]
+        self.noise_model = None  # (alpha, beta, floor) of an uncalibrated camera, from the data
+        self.workers = config.workers or os.cpu_count() or 1
+
+    def read_var(self, frame_shape):
+        """Read-noise variance (photons^2): flat per-pixel map or a 1-element array."""
+        cam = self.camera
+        if not cam.calibrated:
+            return np.zeros(1)
+        rv = np.asarray(cam.read_variance(), dtype=float)
+        if rv.ndim:
+            return np.ascontiguousarray(np.broadcast_to(rv, frame_shape).ravel())
+        return np.array([float(rv)])
+
+    def conversion(self, frame_shape):
+        """Camera conversion ``photons = a + b * raw``: ``(a, b)``, flat maps or 1-element arrays.
+
+        Taken from :meth:`Camera.to_photons` itself (its values at 0 and 1),
+        which stays the one place the conversion is defined.
+        """
+        cam = self.camera
+        shape = tuple(frame_shape[-2:]) if cam.is_map else (1,)
+        a = cam.to_photons(np.zeros(shape), dtype=np.float64)
+        b = cam.to_photons(np.ones(shape), dtype=np.float64) - a
+        if not cam.is_map:
+            return a.ravel(), b.ravel()
+        return tuple(np.ascontiguousarray(np.broadcast_to(v, frame_shape).ravel()) for v in (a, b))
+
+    def run(self, img, frame_ids, layout):
+        """Model fits and aperture sums of ``layout`` in the frames ``frame_ids``."""
+        import numba
+
+        from spotfit import _photometry_kernels as kernels
+
+        numba.set_num_threads(max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS)))
+        n = len(layout)
+        n_frames = len(frame_ids)
+        size = int(np.prod(img.frame_shape))
+        # (spot, frame): one row per spot, the order of the output table
+        out = {k: np.empty((n, n_frames)) for k in ("n", "n_var", "b", "b_var", "chi2", "ap", "bg")}
+        out["iter"] = np.empty((n, n_frames), np.int32)
+        out["status"] = np.empty((n, n_frames), np.int8)
+        out["sat"] = np.empty((n, n_frames), np.int8)
+        if n == 0 or n_frames == 0:
+            return out
+        rv = self.read_var(img.frame_shape)
+        cam_a, cam_b = self.conversion(img.frame_shape)
+        # raw values at the top of an integer pixel type are clipped: such fits are "saturated"
+        clip = float(np.iinfo(img.dtype).max) if img.dtype.kind in "ui" else np.inf
+        per_block = max(1, min(n_frames, BLOCK_VALUES // max(size, 1)))
+        cfg = self.config
+        block = None
+        for first in range(0, n_frames, per_block):
+            ids = frame_ids[first:first + per_block]
+            if block is None or len(block) != len(ids):
+                block = np.empty((len(ids), size), dtype=np.float32)
+            for k, t in enumerate(ids):  # raw values, converted by the kernel where it reads them
+                block[k].reshape(img.frame_shape)[...] = img.frame(t)
+            if not self.camera.calibrated and self.noise_model is None:
+                self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
+            alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
+            # many small chunks, handed out one at a time: a thread that the
+            # machine's other work slows down does not hold the others up
+            chunks = max(1, min(len(ids) * n, 64 * numba.get_num_threads()))
+            with numba.parallel_chunksize(1):
+                kernels.measure_windows(
+                    block, cam_a, cam_b, layout.pix, layout.n_valid, layout.col_ptr, layout.profiles, rv,
+                    *layout.aperture_runs, *layout.annulus_runs,
+                    self.est_id, self.camera.calibrated, float(self.camera.excess_noise), alpha, beta,
+                    floor, int(cfg.max_iter), MLE_TOL, clip, chunks, False, first,
+                    *(out[k] for k in ("n", "n_var", "b", "b_var", "chi2", "iter", "status", "sat", "ap",
+                                       "bg")),
+                    np.zeros((0, 0, 5)))
+        return out
+
+    def _fit_noise_model(self, block, cam_a, cam_b, layout, rv):
+        """``V = alpha + beta * mu`` of an uncalibrated camera, from least-squares residuals."""
+        import numba
+
+        from spotfit import _photometry_kernels as kernels
+
+        n = len(layout)
+        frames = block[: max(1, min(len(block), -(-REGRESSION_WINDOWS // n)))]
+        shape = (n, len(frames))
+        scratch = [np.empty(shape) for _ in range(7)]
+        sums = np.zeros(shape + (5,))
+        none = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        kernels.measure_windows(
+            frames, cam_a, cam_b, layout.pix, layout.n_valid, layout.col_ptr, layout.profiles, rv,
+            *none, *none, kernels.LSQ, False, 1.0, 1.0, 0.0, 1.0, 1, MLE_TOL, np.inf,
+            max(1, min(shape[0] * n, 8 * numba.get_num_threads())), True, 0, *scratch[:5],
+            np.empty(shape, np.int32), np.empty(shape, np.int8), np.empty(shape, np.int8), *scratch[5:],
+            sums)
+        alpha, beta, floor = solver.variance_model(sums.reshape(-1, 5).sum(axis=0))[0]
+        return float(alpha), float(beta), float(floor)
+
+
+class _Layout:
+    """Windows, profiles and aperture pixels of a set of spots in one frame geometry.
+
+    Attributes
+    ----------
+    pix : (n, P) int64 ndarray
+        Flat frame index of each window pixel, those inside the frame first.
+    n_valid : (n,) int64 ndarray
+        Pixels of each window inside the frame.
+    col_ptr : (n + 1,) int64 ndarray
+    profiles : (C, P) float64 ndarray
+        Unit profiles, pixels in the order of ``pix``: window ``i``'s own spot
+        first, then its neighbours.
+    neighbours : (n,) int64 ndarray
+    aperture_runs, annulus_runs : tuples of int64 ndarrays
+        Aperture and annulus pixels of each spot as runs along rows
+        (:func:`_runs`).
+    n_ap, n_bg : (n,) ndarrays
+    rv_ap, rv_bg : (n,) ndarrays
+        Summed read-noise variance over each spot's aperture and annulus.
+    ap_status : (n,) int ndarray
+        Index into :data:`APERTURE_STATUS`.
+    """
+
+    def __init__(self, spots, frame_shape, ctx, radius):
+        self.spots = spots
+        self.frame_shape = tuple(frame_shape)
+        self.radius = float(radius)
+        ndim = ctx.ndim
+        widths = np.median(spots.widths, axis=0) if len(spots) else \
+            np.array([ctx.config.sigma] * 2 + [ctx.config.axial_sigma()])[:ndim]
+        cfg = ctx.config
+        sized = replace(cfg, sigma=float(np.mean(widths[:2])),
+                        sigma_z=float(widths[2]) if ndim == 3 else None)
+        self.half = sized.half_size(ndim)
+        # windows are cut from an image of flat indices: they give each pixel's index
+        self.index = np.arange(int(np.prod(frame_shape)), dtype=np.int64).reshape(frame_shape)
+        centres = np.rint(spots.xyz[:, ::-1]).astype(np.int64)
+        w = roi.cut(self.index, centres, self.half, dtype=np.int64)
+        self.pix, self.valid, self.origin, self.grid = w.data, w.mask, w.origin, w.grid
+        self._profiles(spots, ctx)
+        self._apertures(spots, ctx, widths)
+        del self.index
+        # the pixels inside the frame first, in every window and its profiles: the
+        # compiled loops then run over the first n_valid pixels, without a test
+        order = np.argsort(~self.valid, axis=1, kind="stable")
+        self.pix = np.ascontiguousarray(np.take_along_axis(self.pix, order, axis=1))
+        owner = np.repeat(np.arange(len(spots)), np.diff(self.col_ptr))
+        self.profiles = np.ascontiguousarray(np.take_along_axis(self.profiles, order[owner], axis=1))
+        self.n_valid = self.valid.sum(axis=1).astype(np.int64)
+
+    def __len__(self):
+        return len(self.spots)
+
+    # ------------------------------------------------------------ profiles
+    def _profiles(self, spots, ctx):
+        """Own and neighbours' unit profiles on every window (one model call per model kind)."""
+        from scipy.spatial import cKDTree
+
+        n = len(spots)
+        if n == 0:
+            self.col_ptr = np.zeros(1, np.int64)
+            self.profiles = np.zeros((0, self.grid.size))
+            self.neighbours = np.zeros(0, np.int64)
+            return
+        half_xyz = np.array(self.half[::-1], float)
+        centre = self.origin + half_xyz  # integer window centres (x, y[, z])
+        pairs = cKDTree(centre / half_xyz).query_pairs(2.0 + 1e-9, p=np.inf, output_type="ndarray")
+        own = np.concatenate([np.arange(n), pairs[:, 0], pairs[:, 1]]).astype(np.int64)
+        other = np.concatenate([np.arange(n), pairs[:, 1], pairs[:, 0]]).astype(np.int64)
+        g = self._evaluate(spots, own, other, ctx)
+        light = np.einsum("cp,cp->c", g, self.valid[own].astype(float))
+        is_self = own == other
+        keep = is_self | (light >= NEIGHBOUR_LIGHT)
+        own, other, g, light, is_self = own[keep], other[keep], g[keep], light[keep], is_self[keep]
+        # per window: its own spot first, then neighbours by light in the window
+        order = np.lexsort((-light, ~is_self, own))
+        own, other, g = own[order], other[order], g[order]
+        rank = np.arange(len(own)) - np.searchsorted(own, own)
+        keep = rank <= MAX_NEIGHBOURS
+        own, g = own[keep], g[keep]
+        counts = np.bincount(own, minlength=n)
+        self.col_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.profiles = np.ascontiguousarray(g, dtype=float)
+        self.neighbours = counts - 1
+
+    def _evaluate(self, spots, own, other, ctx):
+        """Profile of spot ``other[c]`` on window ``own[c]``'s pixels, ``(C, P)``."""
+        ndim = ctx.ndim
+        rel = spots.xyz[other] - self.origin[own]
+        widths = spots.widths[other]
+        angle = spots.angle[other]
+        out = np.empty((len(own), self.grid.size))
+        rotated = (angle != 0) if ndim == 2 else np.zeros(len(own), bool)
+        for kind, rows in (("elliptical", np.flatnonzero(~rotated)), ("rotated", np.flatnonzero(rotated))):
+            if len(rows) == 0:
+                continue
+            sigma = float(np.min(widths[rows, :2]))
+            model = get_model(kind, ndim, ctx.integrated, sigma=sigma)
+            theta = model.from_moments(rel[rows], widths[rows], np.ones(len(rows)), np.zeros(len(rows)))
+            if kind == "rotated":
+                c, s = np.cos(angle[rows]), np.sin(angle[rows])
+                sx2, sy2 = widths[rows, 0] ** 2, widths[rows, 1] ** 2
+                theta[:, model.index("var_xx")] = sx2 * c * c + sy2 * s * s
+                theta[:, model.index("var_yy")] = sx2 * s * s + sy2 * c * c
+                theta[:, model.index("cov_xy")] = (sx2 - sy2) * s * c
+            out[rows] = model.value(theta, self.grid)
+        return out
+
+    # ----------------------------------------------------------- apertures
+    def _apertures(self, spots, ctx, widths):
+        """Aperture (r <= R) and annulus (R + 1 < r <= 2 R + 1) pixels of every spot.
+
+        In 3D, distances along z are scaled by ``sigma / sigma_z`` (an
+        ellipsoidal aperture shaped like the PSF).  Annulus pixels within
+        ``R + 1`` of another spot are left out of its background.
+        """
+        from scipy.spatial import cKDTree
+
+        n, ndim = len(spots), ctx.ndim
+        R = self.radius
+        outer = 2.0 * R + 1.0
+        zscale = float(widths[2] / np.mean(widths[:2])) if ndim == 3 else 1.0
+        reach = np.array([outer, outer, outer * zscale][:ndim])  # (x, y[, z]) in px/planes
+        half = np.ceil(reach).astype(np.int64)
+        shape = tuple(int(2 * h + 1) for h in half[::-1])
+        centres = np.rint(spots.xyz).astype(np.int64)
+        scale = np.array([1.0, 1.0, 1.0 / zscale][:ndim])
+        scaled = spots.xyz * scale
+        pairs = np.zeros((0, 2), np.int64)
+        if n > 1:
+            pairs = cKDTree(scaled).query_pairs(outer + R + 1.0, output_type="ndarray")
+        a = np.concatenate([pairs[:, 0], pairs[:, 1]])
+        b = np.concatenate([pairs[:, 1], pairs[:, 0]])
+        gap = np.sqrt(np.sum((scaled[a] - scaled[b]) ** 2, axis=1))
+        crowded = np.zeros(n, bool)
+        crowded[a[gap < 2.0 * R]] = True
+        order = np.argsort(a, kind="stable")
+        a, b = a[order], b[order]
+        rv = ctx.read_var(self.frame_shape)
+        truncated = np.zeros(n, bool)
+        self.n_ap, self.n_bg = np.zeros(n), np.zeros(n)
+        self.rv_ap, self.rv_bg = np.zeros(n), np.zeros(n)
+        runs = {"ap": [], "bg": []}
+        for first in range(0, n, APERTURE_CHUNK):  # bounded memory: (chunk, box pixels) arrays
+            rows = np.arange(first, min(n, first + APERTURE_CHUNK))
+            box = roi.cut(self.index, centres[rows, ::-1], half[::-1], dtype=np.int64)
+            dist2 = _box_distance2(box.origin, shape, spots.xyz[rows], scale)
+            in_ap = dist2 <= R * R
+            in_bg = (dist2 > (R + 1.0) ** 2) & (dist2 <= outer * outer) & box.mask
+            truncated[rows] = np.any(in_ap & ~box.mask, axis=1)
+            in_ap &= box.mask
+            lo, hi = np.searchsorted(a, [rows[0], rows[-1] + 1])
+            if hi > lo:  # annulus pixels near another spot are not background
+                pa, pb = a[lo:hi], b[lo:hi]
+                close = _box_distance2(box.origin[pa - first], shape, spots.xyz[pb], scale) <= (R + 1.0) ** 2
+                hit = np.zeros(in_bg.shape, np.int32)
+                np.add.at(hit, pa - first, close.astype(np.int32))
+                in_bg &= hit == 0
+            self.n_ap[rows] = in_ap.sum(axis=1)
+            self.n_bg[rows] = in_bg.sum(axis=1)
+            if len(rv) > 1:
+                self.rv_ap[rows] = np.where(in_ap, rv[box.data], 0.0).sum(axis=1)
+                self.rv_bg[rows] = np.where(in_bg, rv[box.data], 0.0).sum(axis=1)
+            else:
+                self.rv_ap[rows], self.rv_bg[rows] = self.n_ap[rows] * rv[0], self.n_bg[rows] * rv[0]
+            runs["ap"].append(_runs(in_ap, box.data, shape[-1]))
+            runs["bg"].append(_runs(in_bg, box.data, shape[-1]))
+        self.aperture_runs = _join_runs(runs["ap"])
+        self.annulus_runs = _join_runs(runs["bg"])
+        status = np.zeros(n, np.int64)
+        status[crowded] = APERTURE_STATUS.index("crowded")
+        status[truncated] = APERTURE_STATUS.index("truncated")
+        status[self.n_bg < MIN_ANNULUS] = APERTURE_STATUS.index("no_background")
+        self.ap_status = status
+
+
+def _join_runs(parts):
+    """Concatenate :func:`_runs` results of consecutive chunks of spots."""
+    if not parts:
+        return np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ptr = [np.zeros(1, np.int64)]
+    for p, _, _ in parts:
+        ptr.append(p[1:] + ptr[-1][-1])
+    return (np.concatenate(ptr), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]))
+
+
+def _box_distance2(origin, shape, xyz, scale):
+    """Squared scaled distance of every box pixel to a point, ``(n, P)``.
+
+    ``origin`` (n, ndim) are the boxes' first pixels ``(x, y[, z])``, ``shape``
+    the box shape in array order, ``xyz`` (n, ndim) the points, ``scale``
+    (ndim,) multiplies each axis' offset.
+    """
+    n = len(origin)
+    total = np.zeros((n,) + tuple(shape))
+    for j in range(origin.shape[1]):  # x, y[, z] -> array axis ndim - j
+        length = shape[::-1][j]
+        offset = (origin[:, j:j + 1] + np.arange(length)[None, :] - xyz[:, j:j + 1]) * scale[j]
+        view = [1] * len(shape)
+        view[len(shape) - 1 - j] = length
+        total += (offset ** 2).reshape((n,) + tuple(view))
+    return total.reshape(n, -1)
+
+
+def _runs(selected, flat_index, row_length):
+    """Runs of consecutive selected pixels along the rows of each box.
+
+    Parameters
+    ----------
+    selected : (n, P) bool ndarray
+        Selected pixels of each box (valid pixels only), C order.
+    flat_index : (n, P) int64 ndarray
+        Flat frame index of each box pixel.
+    row_length : int
+        Pixels per box row (consecutive pixels of a row are consecutive in
+        the frame).
+
+    Returns
+    -------
+    ptr, start, length : int64 ndarrays
+        Box ``i``'s runs are ``ptr[i]:ptr[i + 1]``; run ``k`` covers the flat
+        indices ``start[k] .. start[k] + length[k] - 1``.
+    """
+    n = len(selected)
+    rows = selected.reshape(n, -1, row_length)
+    pad = np.zeros(rows.shape[:2] + (1,), bool)
+    padded = np.concatenate([pad, rows, pad], axis=2)
+    begins = np.nonzero(padded[:, :, 1:-1] & ~padded[:, :, :-2])
+    ends = np.nonzero(padded[:, :, 1:-1] & ~padded[:, :, 2:])
+    start = flat_index.reshape(rows.shape)[begins]
+    length = ends[2] - begins[2] + 1
+    ptr = np.concatenate([[0], np.cumsum(np.bincount(begins[0], minlength=n))])
+    return (ptr.astype(np.int64), np.ascontiguousarray(start, dtype=np.int64),
+            np.ascontiguousarray(length, dtype=np.int64))
+
+
+def _aperture_values(out, layout, ctx):
+    """Aperture intensity, its error and the annulus background, ``(n, F)`` each.
+
+    ``I = S_ap - n_ap * S_bg / n_bg`` (sums ``S`` of pixel values over the
+    ``n_ap`` aperture and ``n_bg`` annulus pixels); its variance is
+    ``sum_ap v + (n_ap / n_bg)^2 sum_bg v`` with the pixel variance ``v``
+    estimated from each pixel's own value: ``excess * d + read_var`` with a
+    calibrated camera, ``alpha + beta * d`` (the noise model measured on the
+    data) otherwise.
+    """
+    cam = ctx.camera
+    n_ap, n_bg = layout.n_ap[:, None], layout.n_bg[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        background = out["bg"] / n_bg
+        intensity = out["ap"] - n_ap * background
+        if cam.calibrated:
+            excess = cam.excess_noise
+            v_ap = excess * out["ap"] + layout.rv_ap[:, None]
+            v_bg = excess * out["bg"] + layout.rv_bg[:, None]
+        else:
+            alpha, beta, _ = ctx.noise_model or (0.0, 0.0, 0.0)
+            v_ap = n_ap * alpha + beta * out["ap"]
+            v_bg = n_bg * alpha + beta * out["bg"]
+        var = v_ap + (n_ap / n_bg) ** 2 * v_bg
+    none = layout.ap_status == APERTURE_STATUS.index("no_background")
+    for a in (intensity, background, var):
+        a[none] = np.nan
+    return {"aperture_intensity": intensity, "aperture_intensity_err": np.sqrt(np.clip(var, 0.0, None)),
+            "aperture_background": background, "status": layout.ap_status}
+
+
+# ------------------------------------------------------------------- table
+def _labels(codes, names):
+    """A categorical column of ``names[codes]`` (cheap for millions of rows)."""
+    import pandas as pd
+
+    return pd.Categorical.from_codes(codes, categories=list(names))
+
+
+def _table(spots, parts, ctx, channel, refined):
+    """Long table from the per-(frame, spot) results of each group of spots."""
+    import pandas as pd
+
+    ndim = ctx.ndim
+    cam = ctx.camera
+    cols = columns(ndim, refined is not None)
+    pieces = []
+    for rows, frame_ids, out in parts:
+        layout_spots = spots.take(rows)
+        n, F = len(rows), len(frame_ids)
+        if n == 0 or F == 0:
+            continue
+        flat = lambda a: np.asarray(a).ravel()  # (n, F) -> spot-major rows  # noqa: E731
+        rep = lambda a: np.repeat(np.asarray(a), F)  # noqa: E731
+        data = {"spot_id": rep(layout_spots.ids), "frame": np.tile(np.asarray(frame_ids, np.int64), n),
+                "channel": np.full(n * F, channel, np.int64)}
+        for j, a in enumerate(("x", "y", "z")[:ndim]):
+            data[a] = rep(layout_spots.xyz[:, j])
+        data["sigma_x"], data["sigma_y"] = rep(layout_spots.widths[:, 0]), rep(layout_spots.widths[:, 1])
+        if ndim == 2:
+            data["angle"] = rep(layout_spots.angle)
+        else:
+            data["sigma_z"] = rep(layout_spots.widths[:, 2])
+        intensity, n_err = flat(out["n"]), np.sqrt(np.clip(flat(out["n_var"]), 0.0, None))
+        data["intensity"], data["intensity_err"] = intensity, n_err
+        data["background"] = flat(out["b"])
+        data["background_err"] = np.sqrt(np.clip(flat(out["b_var"]), 0.0, None))
+        ap = out["aperture"]
+        data.update({k: flat(v) for k, v in ap.items() if k != "status"})
+        data["aperture_status"] = _labels(rep(ap["status"]), APERTURE_STATUS)
+        data["chi2_red"] = flat(out["chi2"])
+        data["iterations"] = flat(out["iter"])
+        data["neighbours"] = rep(out["neighbours"]).astype(np.int64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            faint = ~(intensity / n_err >= ctx.config.min_snr)
+        status = results.judge(flat(out["status"]), np.zeros(n * F, bool), faint, flat(out["sat"]) > 0)
+        data["status"] = _labels(status, results.STATUS_NAMES)
+        data["unit"] = _labels(np.zeros(n * F, np.int8), (cam.unit,))
+        if refined is not None:
+            data["refined"] = rep(refined[rows])
+        pieces.append(pd.DataFrame(data, columns=cols, copy=False))
+    if not pieces:
+        empty = {c: pd.Series(dtype="float64") for c in cols}
+        for c in ("spot_id", "frame", "channel", "neighbours"):
+            empty[c] = pd.Series(dtype="int64")
+        empty["iterations"] = pd.Series(dtype="int32")
+        for c, names in (("aperture_status", APERTURE_STATUS), ("status", results.STATUS_NAMES),
+                         ("unit", (cam.unit,))):
+            empty[c] = _labels(np.zeros(0, np.int8), names)
+        if refined is not None:
+            empty["refined"] = pd.Series(dtype="bool")
+        result = pd.DataFrame(empty, columns=cols)
+    else:
+        result = pd.concat(pieces, ignore_index=True) if len(pieces) > 1 else pieces[0]
+        if len(pieces) > 1:
+            result = result.sort_values(["spot_id", "frame"], kind="stable", ignore_index=True)
+    return result
