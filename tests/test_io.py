@@ -127,7 +127,7 @@ def test_unknown_axes_of_4d_file_need_override(tmp_path):
     path = _write(tmp_path, "qq.tif", data)
     with pytest.raises(
         SpotfitInputError,
-        match=_message(str(path), "cannot tell what axis 'Q'", "QQYX", "--axes"),
+        match=_message(str(path), "cannot tell what axis 'Q'", "QQYX", "`axes='TZYX'`"),
     ):
         read_image(path)
     img = read_image(path, axes="TZYX")
@@ -165,7 +165,7 @@ def test_bad_axes_override(tmp_path, axes, reason):
     with pytest.raises(
         SpotfitInputError,
         match=_message(
-            f"--axes {axes!r} does not fit {path}", reason,
+            f"axes {axes!r} does not fit {path}", reason,
             f"shape (5, {NY}, {NX}), stored axes 'TYX'",
         ),
     ):
@@ -187,7 +187,7 @@ def test_channel_axis_requires_channel(cyx_file):
     path, _ = cyx_file
     with pytest.raises(
         SpotfitInputError,
-        match=_message(f"{path} has 3 channels (axis C); choose one with --channel (0 to 2)"),
+        match=_message(f"{path} has 3 channels (axis C); choose one with `channel` (0 to 2)"),
     ):
         read_image(path)
 
@@ -204,14 +204,14 @@ def test_channel_out_of_range(cyx_file, channel):
     path, _ = cyx_file
     with pytest.raises(
         SpotfitInputError,
-        match=_message(f"--channel {channel} is out of range for {path}", "valid: 0 to 2"),
+        match=_message(f"channel {channel} is out of range for {path}", "valid: 0 to 2"),
     ):
         read_image(path, channel=channel)
 
 
 def test_channel_must_be_an_integer(cyx_file):
     path, _ = cyx_file
-    with pytest.raises(SpotfitInputError, match="--channel must be a whole number"):
+    with pytest.raises(SpotfitInputError, match="^channel must be a whole number"):
         read_image(path, channel=1.5)
 
 
@@ -219,7 +219,7 @@ def test_channel_without_channel_axis(tmp_path):
     path = _write(tmp_path, "yx.tif", _ramp((NY, NX)))
     with pytest.raises(
         SpotfitInputError,
-        match=_message(f"--channel 0 given but {path} has no channel axis", "'YX'"),
+        match=_message(f"channel 0 given but {path} has no channel axis", "'YX'"),
     ):
         read_image(path, channel=0)
 
@@ -248,7 +248,7 @@ def test_stack_of_four_stored_as_samples_can_be_overridden(tmp_path):
     path = _write(tmp_path, "four.tif", data)
     with pytest.raises(
         SpotfitInputError,
-        match=_message(f"{path} has 4 channels (axis S", "--channel", "--axes"),
+        match=_message(f"{path} has 4 channels (axis S", "`channel`", "`axes`"),
     ):
         read_image(path)
     img = read_image(path, axes="TYX")
@@ -263,7 +263,7 @@ def test_rgb_needs_channel(tmp_path):
         SpotfitInputError,
         match=_message(
             f"{path} has 3 channels (axis S; samples per pixel, e.g. RGB); "
-            "choose one with --channel (0 to 2)"
+            "choose one with `channel` (0 to 2)"
         ),
     ):
         read_image(path)

@@ -203,7 +203,7 @@ def test_time_series_projection_and_frame():
     offsets = np.vstack([c.get_offsets() for c in fig.axes[0].collections])
     np.testing.assert_array_equal(offsets, table.loc[table["frame"] == 1, ["x", "y"]].to_numpy())
     np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), movie[1])
-    with pytest.raises(SpotfitInputError, match="--frame 3 is out of range"):
+    with pytest.raises(SpotfitInputError, match="frame 3 is out of range"):
         show(movie, table, frame=3)
 
 
