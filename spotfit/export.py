@@ -392,8 +392,6 @@ def write_picasso(table, path, width: int | None = None, height: int | None = No
     frames : int
         Number of frames of the movie.
     """
-    h5py = _require("h5py", "Picasso", "export")
-    yaml = _require("yaml", "Picasso", "export")
     out = os.fspath(path)
     if not out.lower().endswith((".hdf5", ".h5")):
         raise SpotfitInputError(f"{out}: a Picasso file must end in .hdf5")
@@ -405,9 +403,11 @@ def write_picasso(table, path, width: int | None = None, height: int | None = No
                 parameter=name
             )
         if int(value) < 1:
-            raise SpotfitInputError(f"{name} must be >= 1, got {value!r}")
+            raise SpotfitInputError(f"{name} must be >= 1, got {value!r}", parameter=name)
     px = pixel_size_of(table, pixel_size, where)
     locs = picasso_locs(table, z_step, rows, channel, where)
+    h5py = _require("h5py", "Picasso", "export")  # after the checks: they need no extra
+    yaml = _require("yaml", "Picasso", "export")
     unit = _unit(table, where) if len(table) else "photon"
     info = picasso_info(width, height, frames, px, unit, source, dtype, rows)
     yaml_path = os.path.splitext(out)[0] + ".yaml"
