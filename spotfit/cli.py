@@ -787,6 +787,11 @@ def _fit_or_detect(task, params):
         _batch(task, p["images"], p["out_dir"], config, camera, inputs, workers,
                p["skip_existing"], qc)
     else:
+        from dataclasses import replace
+
+        from spotfit.batch import share_cores  # standard library only
+
+        config = replace(config, workers=share_cores(workers, 1)[1])  # the cores as threads
         _single(task, p["images"][0], p["out"], config, camera, inputs, workers, fmt, qc)
 
 
@@ -1071,15 +1076,14 @@ def export(table, fmt, out, pixel_size, z_step, image, axes, rows, channel):
         out = out or ex.default_output(table, fmt)
         _check_not_input(out, [table] + ([image] if image else []))
         frame = ex.read_table(table)
-        info = ex.sidecar_info(table)
-        if image is not None:
-            info = ex.image_info(image, axes)
+        info = {} if image is not None else ex.sidecar_info(table)
         if pixel_size is None and "x_um" not in frame.columns:
             pixel_size = info.get("pixel_size")
         written = ex.export(
             frame, out, fmt, pixel_size=pixel_size, z_step=z_step, rows=rows, channel=channel,
             width=info.get("width"), height=info.get("height"), frames=info.get("frames"),
-            source=info.get("source"), dtype=info.get("dtype"), where=table,
+            source=info.get("source"), dtype=info.get("dtype"), where=table, image=image,
+            axes=axes,
         )
     click.echo(f"{table}: {fmt} -> {', '.join(written)}", err=True)
 # ---------------------------------------------------------------------------

@@ -398,9 +398,8 @@ def write_picasso(table, path, width: int | None = None, height: int | None = No
     for name, value in (("width", width), ("height", height), ("frames", frames)):
         if value is None:
             raise SpotfitInputError(
-                f"{where}: Picasso needs the image size: give `width`, `height` and `frames` "
-                "(on the command line --image, the image the table was fitted from)",
-                parameter=name
+                f"{where}: Picasso needs the image size: give the `image` the table was "
+                "fitted from, or `width`, `height` and `frames`", parameter=name
             )
         if int(value) < 1:
             raise SpotfitInputError(f"{name} must be >= 1, got {value!r}", parameter=name)
@@ -467,7 +466,7 @@ def default_output(table_path, fmt: str) -> str:
 
 def export(table, path, fmt: str, *, pixel_size=None, z_step=None, rows=None, channel=None,
            width=None, height=None, frames=None, source=None, dtype=None,
-           where="table") -> list:
+           where="table", image=None, axes=None) -> list:
     """Write `table` to `path` in format `fmt`; return the paths written.
 
     Parameters
@@ -488,6 +487,11 @@ def export(table, path, fmt: str, *, pixel_size=None, z_step=None, rows=None, ch
         Image size, needed by Picasso.
     source, dtype : str, optional
         Image file and pixel type, recorded in Picasso's metadata.
+    image : str or os.PathLike, optional
+        The image the table was fitted from (`axes` as for
+        :func:`spotfit.read_image`): its header gives `width`, `height`,
+        `frames`, `source`, `dtype` and, for a table without ``x_um``,
+        `pixel_size`, where they are not given (:func:`image_info`).
 
     Raises
     ------
@@ -498,6 +502,13 @@ def export(table, path, fmt: str, *, pixel_size=None, z_step=None, rows=None, ch
     if fmt not in FORMATS:
         raise SpotfitInputError(f"fmt {fmt!r} is unknown; choose one of {', '.join(FORMATS)}",
                                 parameter="fmt")
+    if image is not None:
+        info = image_info(image, axes)
+        width, height, frames = (v if v is not None else info[k] for k, v in (
+            ("width", width), ("height", height), ("frames", frames)))
+        source, dtype = source or info["source"], dtype or info["dtype"]
+        if pixel_size is None and "x_um" not in table.columns:
+            pixel_size = info["pixel_size"]
     if fmt in ("csv", "parquet"):
         if rows not in (None, "all") or channel is not None:
             raise SpotfitInputError(
