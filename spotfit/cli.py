@@ -839,6 +839,8 @@ def _single(task, image, out, config, camera, inputs, workers, fmt="csv", qc=Fal
     if sidecar is not None:
         _check_not_input(sidecar, [image])
     bar = ProgressBar(f"spotfit {task}", {0: 1}) if wanted() else None
+    if bar is not None:
+        bar.draw(force=True)
     with _UserErrors(what=image):
         try:
             st = provenance.input_stat(image) if sidecar is not None else None

@@ -84,7 +84,7 @@ class ProgressBar:
         self.frames_done[index] = frames_done
         self.frames_total[index] = frames_total
         self.found[index] = found
-        self.draw()
+        self.draw(force=frames_done >= frames_total)  # the last frame is always shown
 
     def file_done(self, index, n_spots: int) -> None:
         """File `index` is finished (or failed: ``n_spots`` 0) with `n_spots` rows."""

@@ -20,7 +20,7 @@ import tifffile
 import spotfit.io as sio
 from spotfit._atomic import atomic_path
 from spotfit.errors import SpotfitInputError
-from spotfit.io import Image, read_image, write_tiff
+from spotfit.io import Image, PagedStack, read_image, write_tiff
 
 NY, NX = 23, 31  # rows, columns: never square
 
@@ -545,6 +545,19 @@ def test_compressed_file_is_loaded(tmp_path):
     np.testing.assert_array_equal(img.data, data)
 
 
+def test_a_paged_stack_owns_its_tifffile_without_marking_it(tmp_path):
+    """The open TiffFile is handed to the PagedStack; nothing of spotfit's is set on it."""
+    path = _write(tmp_path, "z.tif", _ramp((4, NY, NX)), compression="zlib", imagej=True,
+                  metadata={"axes": "TYX"})
+    img = read_image(path)
+    assert isinstance(img.data, PagedStack)
+    tif = img.data._tif
+    assert not [name for name in vars(tif) if "spotfit" in name]
+    assert not tif.filehandle.closed  # still open: the stack reads pages from it
+    img.close()
+    assert tif.filehandle.closed
+
+
 # ----------------------------------------------------------------------------
 # The Image container
 # ----------------------------------------------------------------------------
@@ -632,6 +645,21 @@ def test_atomic_path_writes_and_leaves_no_temporary(tmp_path):
         tmp.write_text("x,y\n1,2\n")
     assert target.read_text() == "x,y\n1,2\n"
     assert os.listdir(tmp_path) == ["out.csv"]
+
+
+def test_temporary_names_are_made_and_recognised_in_one_place(tmp_path):
+    from spotfit._atomic import remove_stale_temporaries, temporary_name, temporary_pattern
+
+    target = tmp_path / ("x" * 200 + ".csv")  # long names are cut
+    name = temporary_name(target, "0123abcd")
+    assert name.startswith(".xxx") and name.endswith(".0123abcd.tmp.csv") and len(name) < 160
+    assert temporary_pattern(target).fullmatch(name)
+    assert not temporary_pattern(target).fullmatch(temporary_name(target, "0123abcd", "new"))
+    assert not temporary_pattern(tmp_path / "y.csv").fullmatch(name)
+    (tmp_path / name).write_text("left by a killed run")
+    assert remove_stale_temporaries(target) == [str(tmp_path / name)]
+    with atomic_path(target) as tmp:  # what atomic_path makes is what is recognised
+        assert temporary_pattern(target).fullmatch(tmp.name)
 
 
 def test_atomic_path_file_mode_follows_umask(tmp_path):
