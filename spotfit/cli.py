@@ -778,20 +778,19 @@ def _fit_or_detect(task, params):
         raise click.UsageError(f"--out {p['out']}: its JSON sidecar would have the same name; "
                                "name the table .csv")
     workers = _cap_workers(p["workers"])
+    from spotfit.batch import share_cores  # standard library only
+
+    # --workers: cores in total; for one file, the solver's threads (a batch shares them out)
+    threads = workers if batch else share_cores(workers, 1)[1]
     with _UserErrors():
         config = _fit_config(p, ("detection", "fit") if task == "fit" else ("detection",),
-                             workers=workers)
+                             workers=threads)
         camera = _camera(p["baseline"], p["gain"], p["em_gain"], p["read_noise"])
     inputs = {k: p[k] for k in _INPUT_PARAMS}
     if batch:
         _batch(task, p["images"], p["out_dir"], config, camera, inputs, workers,
                p["skip_existing"], qc)
     else:
-        from dataclasses import replace
-
-        from spotfit.batch import share_cores  # standard library only
-
-        config = replace(config, workers=share_cores(workers, 1)[1])  # the cores as threads
         _single(task, p["images"][0], p["out"], config, camera, inputs, workers, fmt, qc)
 
 
