@@ -252,10 +252,10 @@ def disk_full_case(work: Path, inputs: Path) -> None:
             hook = work / "hook"
             hook.mkdir()
             (hook / "sitecustomize.py").write_text(
-                "import spotfit.batch as b\n"
+                "import spotfit.provenance as p\n"
                 "def _full(doc):\n"
                 "    raise OSError(28, 'No space left on device')\n"
-                "b._json_text = _full\n"
+                "p._json_text = _full\n"
             )
             env["PYTHONPATH"] = str(hook)
             how = "ENOSPC injected into the sidecar write (no tmpfs mount here)"

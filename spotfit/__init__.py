@@ -24,7 +24,8 @@ documented functions of :mod:`spotfit.config`, :mod:`spotfit.io`,
 :mod:`spotfit.photometry`.
 Internal (may change without notice): :mod:`spotfit.api`'s helpers,
 :mod:`spotfit.single`, :mod:`spotfit.group`, :mod:`spotfit.start`,
-:mod:`spotfit.batch`, :mod:`spotfit.cli` and every module whose name starts
+:mod:`spotfit.batch`, :mod:`spotfit.provenance`, :mod:`spotfit.pool`,
+:mod:`spotfit.progress`, :mod:`spotfit.cli` and every module whose name starts
 with an underscore.
 """
 

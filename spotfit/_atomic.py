@@ -153,6 +153,19 @@ def _ids(fd) -> tuple[int, int]:
     return st.st_uid, st.st_gid
 
 
+def temporary_name(path: str | os.PathLike, token: str, kind: str = "tmp") -> str:
+    """The file name of a temporary for output `path`: ``.<name>.<token>.<kind><suffix>``.
+
+    The one place temporary names are made (:func:`_create_beside`,
+    :func:`_backup`) and recognised (:func:`temporary_pattern`): `token` is
+    8 hex digits, `kind` ``tmp`` (a temporary or a backup, removed when
+    stale) or ``new`` (being created and locked, never removed).
+    """
+    name = os.path.basename(os.fspath(path))
+    suffix = os.path.splitext(name)[1]
+    return f".{name[:_MAX_NAME]}.{token}.{kind}{suffix[:_MAX_SUFFIX]}"
+
+
 def _create_beside(target: Path, shown: Path) -> tuple[Path, int]:
     """Create, open and lock an empty hidden temporary file beside `target`.
 
@@ -161,12 +174,10 @@ def _create_beside(target: Path, shown: Path) -> tuple[Path, int]:
     and only then linked to its temporary name: a file with a temporary's
     name is locked for as long as its writer lives.
     """
-    name = target.name[:_MAX_NAME]
-    suffix = target.suffix[:_MAX_SUFFIX]
     for _ in range(_MAX_ATTEMPTS):
         token = secrets.token_hex(4)
-        fresh = target.with_name(f".{name}.{token}.new{suffix}")
-        tmp = target.with_name(f".{name}.{token}.tmp{suffix}")
+        fresh = target.with_name(temporary_name(target, token, "new"))
+        tmp = target.with_name(temporary_name(target, token))
         try:
             # 0o666 filtered by the umask: the same permissions as a plain open().
             fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
@@ -348,8 +359,7 @@ def _backup(out: _Output) -> Path | None:
     None where the file system has no hard links: the group is then still
     committed seal-last, but a failed rename cannot bring the old files back.
     """
-    name = f".{out.target.name[:_MAX_NAME]}.{secrets.token_hex(4)}.tmp{out.target.suffix[:_MAX_SUFFIX]}"
-    backup = out.target.with_name(name)
+    backup = out.target.with_name(temporary_name(out.target, secrets.token_hex(4)))
     try:
         os.link(out.target, backup)
     except OSError:
@@ -364,11 +374,8 @@ def _backup(out: _Output) -> Path | None:
 
 def temporary_pattern(path: str | os.PathLike) -> re.Pattern:
     """The names of the temporary files made for output `path` (see :func:`atomic_path`)."""
-    name = os.path.basename(os.fspath(path))
-    suffix = os.path.splitext(name)[1]
-    return re.compile(
-        rf"\.{re.escape(name[:_MAX_NAME])}\.[0-9a-f]{{8}}\.tmp{re.escape(suffix[:_MAX_SUFFIX])}"
-    )
+    head, tail = temporary_name(path, "\0").split("\0")
+    return re.compile(re.escape(head) + "[0-9a-f]{8}" + re.escape(tail))
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:

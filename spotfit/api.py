@@ -1,12 +1,17 @@
-"""The Python API: :func:`fit`, :func:`fit_spots` and :func:`detect`, image in, table out.
+"""The Python API: :func:`fit`, :func:`fit_spots` and :func:`detect`, image in, table out;
+:func:`process_file`, one file in, its table and a description of how it was read out.
 
-These are the functions the command line calls (through
-:mod:`spotfit.batch`) and users call.  :func:`fit` and :func:`detect` take
-the same inputs -- a TIFF path, an :class:`~spotfit.io.Image` or an array
-(also a masked array, or a nested list), a :class:`~spotfit.config.FitConfig`
-and/or its fields as keywords, a :class:`~spotfit.camera.Camera`, ``axes``
-and ``channel`` -- and report progress through an optional callback
-``on_frame(t, n_frames)``, called after each frame.
+These are the functions the command line calls and users call.
+:func:`fit` and :func:`detect` take the same inputs -- an image path, an
+:class:`~spotfit.io.Image` or an array (also a masked array, or a nested
+list), a :class:`~spotfit.config.FitConfig` and/or its fields as keywords,
+a :class:`~spotfit.camera.Camera`, ``axes``, ``channel`` and ``series`` --
+and report progress through an optional callback ``on_frame(t, n_frames)``,
+called after each frame.  :func:`process_file` is the per-file step of
+``spotfit fit``/``detect`` (one file, or each file of a batch): read with
+the user's overrides (pixel size, ``channel="all"``), detect or fit, and
+say what was read (axes, frames, notes where the axes were a guess, the
+resolved parameters), reporting frames and spots as it goes.
 
 Per frame the pipeline is: camera conversion (ADU -> photons, or ADU above
 the baseline), detection (:func:`spotfit.detection.find_peaks`), then either
@@ -36,7 +41,7 @@ DARK_FRACTION = 0.99
 # --------------------------------------------------------------------- API
 def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         axes: str | None = None, channel: int | None = None, on_frame=None, invert: bool = False,
-        **options):
+        series: int | None = None, **options):
     """Detect and fit every spot of an image or stack.
 
     Parameters
@@ -63,6 +68,8 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         Dark objects on a light background (e.g. bright-field colloids):
         use the inverted image (:mod:`spotfit.invert`).  Not with a
         calibrated camera.
+    series : int, optional
+        Image series of a file that holds several (:func:`spotfit.read_image`).
     **options
         Override fields of ``config`` (e.g. ``sigma=1.5, estimator="mle"``).
 
@@ -77,11 +84,22 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     """
     config = make_config(config, options)
     camera = camera or Camera()
-    with _Input(image, axes, channel, config, camera, window=True, invert=invert) as (img, valid, ndim):
-        setup = Setup.resolve(config, camera, ndim)
-        frames = _frames(img, valid, setup, on_frame)
-        result = _fit_crowded(setup, frames) if config.crowded else _fit_single(setup, frames, raster=True)
-        return _with_units(result, img)
+    with _Input(image, axes, channel, config, camera, window=True, invert=invert,
+                series=series) as (img, valid, ndim):
+        return _fit_image(img, valid, ndim, config, camera, _per_frame(on_frame))
+
+
+def _fit_image(img, valid, ndim, config, camera, report=None):
+    """The fit table of an open image; ``report(t, n_frames, n_found)`` after each frame."""
+    setup = Setup.resolve(config, camera, ndim)
+    frames = _frames(img, valid, setup, report)
+    result = _fit_crowded(setup, frames) if config.crowded else _fit_single(setup, frames, raster=True)
+    return _with_units(result, img)
+
+
+def _per_frame(on_frame):
+    """The public ``on_frame(t, n_frames)`` as an internal ``report(t, n_frames, n_found)``."""
+    return None if on_frame is None else (lambda t, n_frames, n_found: on_frame(t, n_frames))
 
 
 def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera | None = None,
@@ -138,7 +156,7 @@ def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera 
 
 def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
            axes: str | None = None, channel: int | None = None, on_frame=None, invert: bool = False,
-           **options):
+           series: int | None = None, **options):
     """Detect spot candidates in every frame of an image.
 
     Takes what :func:`fit` takes; only the detection options of the
@@ -147,7 +165,7 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
 
     Parameters
     ----------
-    image, config, camera, axes, channel, on_frame, invert, **options
+    image, config, camera, axes, channel, on_frame, invert, series, **options
         As in :func:`fit`.  The camera conversion does not change the
         candidates (scores are signal-to-noise ratios).
 
@@ -163,45 +181,215 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
     """
     config = make_config(config, options)
     camera = camera or Camera()
-    with _Input(image, axes, channel, config, camera, window=False, invert=invert) as (img, valid, ndim):
-        frames, coords, scores = [np.empty(0, np.int64)], [np.empty((0, ndim), np.intp)], [np.empty(0)]
-        for f in _frames(img, valid, config, on_frame, camera=camera):
-            frames.append(np.full(len(f.coords), f.t, dtype=np.int64))
-            coords.append(f.coords)
-            scores.append(f.score)
-        frames, coords = np.concatenate(frames), np.concatenate(coords)
-        # table in spotfit's conventions: x = column, y = row, z = plane
-        cols = {"frame": frames, "x": coords[:, -1].astype(float), "y": coords[:, -2].astype(float)}
-        if ndim == 3:
-            cols["z"] = coords[:, 0].astype(float)
-        cols["score"] = np.concatenate(scores).astype(float)
-        keys = [cols["x"], cols["y"]] + ([cols["z"]] if ndim == 3 else []) + [frames]
-        order = np.lexsort(keys)  # the last key is the primary one
-        import pandas as pd
+    with _Input(image, axes, channel, config, camera, window=False, invert=invert,
+                series=series) as (img, valid, ndim):
+        return _detect_image(img, valid, ndim, config, camera, _per_frame(on_frame))
 
-        return _with_units(pd.DataFrame({k: v[order] for k, v in cols.items()}), img)
+
+def _detect_image(img, valid, ndim, config, camera, report=None):
+    """The detection table of an open image; ``report(t, n_frames, n_found)`` after each frame."""
+    import pandas as pd
+
+    frames, coords, scores = [np.empty(0, np.int64)], [np.empty((0, ndim), np.intp)], [np.empty(0)]
+    for f in _frames(img, valid, config, report, camera=camera):
+        frames.append(np.full(len(f.coords), f.t, dtype=np.int64))
+        coords.append(f.coords)
+        scores.append(f.score)
+    frames, coords = np.concatenate(frames), np.concatenate(coords)
+    # table in spotfit's conventions: x = column, y = row, z = plane
+    cols = {"frame": frames, "x": coords[:, -1].astype(float), "y": coords[:, -2].astype(float)}
+    if ndim == 3:
+        cols["z"] = coords[:, 0].astype(float)
+    cols["score"] = np.concatenate(scores).astype(float)
+    keys = [cols["x"], cols["y"]] + ([cols["z"]] if ndim == 3 else []) + [frames]
+    order = np.lexsort(keys)  # the last key is the primary one
+    return _with_units(pd.DataFrame({k: v[order] for k, v in cols.items()}), img)
+
+
+# ------------------------------------------------------------ one file
+#: What :func:`process_file` can do to a file.
+TASKS = ("fit", "detect")
+
+#: Physical sizes above these (µm) are warned about: a camera pixel seen in
+#: the sample is ~0.03-2 µm, so ``160`` is nm given as µm.
+IMPLAUSIBLE_PIXEL_UM = 10.0
+IMPLAUSIBLE_Z_STEP_UM = 50.0
+
+
+def process_file(path, task: str = "fit", config: FitConfig | None = None,
+                 camera: Camera | None = None, axes: str | None = None, channel=None,
+                 pixel_size: float | None = None, z_step: float | None = None,
+                 invert: bool = False, series: int | None = None, progress=None):
+    """Read one image file, detect or fit every frame; the table and how the file was read.
+
+    The per-file step of ``spotfit fit`` and ``spotfit detect``, for one
+    file or each file of a batch, so one file gives the same table either way.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    task : {"fit", "detect"}
+    config : FitConfig, optional
+    camera : Camera, optional
+    axes, series : optional
+        As in :func:`spotfit.read_image`.
+    channel : int or "all", optional
+        One channel, or ``"all"``: every channel in turn, with a ``channel``
+        column (0-based) after ``frame`` (0 for a file without channels).
+    pixel_size, z_step : float, optional
+        µm per pixel and between planes, overriding the file's metadata;
+        with a known pixel size the table gets ``x_um``, ``y_um`` (``z_um``)
+        columns, once (:func:`spotfit.table.add_physical_units`).  A size
+        beyond :data:`IMPLAUSIBLE_PIXEL_UM` (:data:`IMPLAUSIBLE_Z_STEP_UM`),
+        given or read, is warned about (nm given as µm?).
+    invert : bool
+        Dark objects on a light background (:mod:`spotfit.invert`).
+    progress : callable, optional
+        ``progress(frames_done, frames_total, spots_found)`` after each
+        frame (over all channels with ``channel="all"``); ``spots_found``
+        counts the candidates detected so far.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+    info : dict
+        ``shape``, ``axes`` (``TYX``/``TZYX``), ``source_axes`` (as read),
+        ``dtype``, ``frames``, ``channels``, ``channel`` (as given),
+        ``pixel_size_um``/``z_step_um`` used (None: unknown) and where they
+        came from (``pixel_size_from``, ``z_step_from``: ``option`` or
+        ``metadata``), ``notes`` (:attr:`spotfit.io.Image.notes`: where the
+        axes were a guess), ``resolved`` (:func:`spotfit.config.resolved_values`:
+        the parameters actually used) and ``timings_s`` (``read`` and
+        ``fit``/``detect`` seconds).
+
+    Raises
+    ------
+    SpotfitInputError
+        For bad files and parameters (the message names the file or the
+        parameter).
+    """
+    import dataclasses
+    import time
+
+    import pandas as pd
+
+    from spotfit.config import resolved_values
+    from spotfit.io import count_channels, read_image
+
+    if task not in TASKS:
+        raise SpotfitInputError(f"task must be one of {', '.join(TASKS)}, not {task!r}",
+                                parameter="task")
+    config = make_config(config, {})
+    camera = camera or Camera()
+    if invert:
+        from spotfit.invert import check_camera
+
+        check_camera(camera)
+    for name, value in (("pixel_size", pixel_size), ("z_step", z_step)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise SpotfitInputError(f"{name} must be a positive number of µm, got {value!r}",
+                                    parameter=name)
+    where = os.fspath(path)
+    timings = {"read": 0.0, task: 0.0}
+    channels = [channel]
+    if channel == "all":
+        start = time.perf_counter()
+        n_channels = count_channels(where, axes, series=series)
+        timings["read"] += time.perf_counter() - start
+        channels = list(range(n_channels)) if n_channels > 1 else [None]
+
+    tables, info, found = [], {}, 0
+    for k, c in enumerate(channels):
+        start = time.perf_counter()
+        img = read_image(where, axes=axes, channel=c, series=series)
+        timings["read"] += time.perf_counter() - start
+        with img:
+            given = {"pixel_size": pixel_size, "z_step": z_step if img.is_3d else None}
+            scaled = dataclasses.replace(img, **{n: float(v) for n, v in given.items() if v is not None})
+            if k == 0:
+                _warn_implausible(scaled, given)
+
+            def report(t, n_frames, n_found, k=k):
+                nonlocal found
+                found += n_found
+                if progress is not None:
+                    progress(k * n_frames + t + 1, len(channels) * n_frames, found)
+
+            start = time.perf_counter()
+            with _Input(scaled, None, None, config, camera, window=task == "fit",
+                        invert=invert) as (use, valid, ndim):
+                run = _fit_image if task == "fit" else _detect_image
+                table = run(use, valid, ndim, config, camera, report)
+            timings[task] += time.perf_counter() - start
+            if channel == "all":
+                table.insert(1, "channel", np.full(len(table), c or 0, dtype=np.int64))
+            tables.append(table)
+            info = _describe(scaled, given, channel, len(channels), ndim)
+            info["resolved"] = resolved_values(config, camera, ndim, task)
+    non_empty = [t for t in tables if len(t)] or tables[:1]
+    table = pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else non_empty[0]
+    info["timings_s"] = timings
+    return table, info
+
+
+def _describe(img, given, channel, n_channels, ndim) -> dict:
+    """How an image was read, for :func:`process_file`'s ``info``."""
+    def origin(name, value):
+        return None if value is None else ("option" if given[name] is not None else "metadata")
+
+    z_step = img.z_step if ndim == 3 else None
+    return {
+        "shape": [int(n) for n in img.data.shape],
+        "axes": img.axes,
+        "source_axes": img.source_axes,
+        "dtype": str(img.dtype),
+        "frames": img.n_frames,
+        "channels": n_channels if channel == "all" else 1,
+        "channel": channel,
+        "pixel_size_um": img.pixel_size,
+        "pixel_size_from": origin("pixel_size", img.pixel_size),
+        "z_step_um": z_step,
+        "z_step_from": origin("z_step", z_step),
+        "notes": list(img.notes),
+    }
+
+
+def _warn_implausible(img, given) -> None:
+    """One warning per physical size beyond what a microscope camera sees (nm given as µm?)."""
+    for name, value, limit, what in (
+            ("pixel_size", img.pixel_size, IMPLAUSIBLE_PIXEL_UM, "µm per pixel"),
+            ("z_step", img.z_step, IMPLAUSIBLE_Z_STEP_UM, "µm between planes")):
+        if value is None or value <= limit:
+            continue
+        if given[name] is not None:
+            text = (f"{value:g} {what} (`{name}`) is implausible, above {limit:g} µm: did you "
+                    f"give nm? It is in µm: {value / 1000:g} for {value:g} nm")
+        else:
+            text = (f"the file's metadata give {value:g} {what}, which is implausible (above "
+                    f"{limit:g} µm); if that is wrong, give `{name}` in µm")
+        warnings.warn(text, SpotfitWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------------ input
-def as_image(image, axes=None, channel=None):
+def as_image(image, axes=None, channel=None, series=None):
     """An :class:`~spotfit.io.Image` of a path, an Image or an array.
 
-    A path is opened here (the caller closes the Image); an array (also a
-    nested list; a masked array's data) is wrapped with
-    :meth:`spotfit.io.Image.from_array`, its ``axes`` defaulting to
-    :func:`spotfit.io.default_axes`.
+    A path is opened here (the caller closes the Image), its ``series`` if
+    it holds several; an array (also a nested list; a masked array's data)
+    is wrapped with :meth:`spotfit.io.Image.from_array`, its ``axes``
+    defaulting to :func:`spotfit.io.default_axes`.
     """
     from spotfit.io import Image, read_image
 
     if isinstance(image, Image):
         return image
     if isinstance(image, (str, os.PathLike)):
-        return read_image(image, axes=axes, channel=channel)
+        return read_image(image, axes=axes, channel=channel, series=series)
     return Image.from_array(_pixel_array(_split_mask(image)[0]), axes, channel=channel)
 
 
 class _Input:
-    """``with _Input(image, axes, channel, config, camera, window, invert) as (img, valid, ndim)``.
+    """``with _Input(image, axes, channel, config, camera, window, invert, series) as (img, valid, ndim)``.
 
     An open :class:`~spotfit.io.Image` (:func:`as_image`; closed on exit if
     opened here from a path), inverted with ``invert``, checked against the
@@ -210,7 +398,7 @@ class _Input:
     pixel), else None; the frames' dimensions.
     """
 
-    def __init__(self, image, axes, channel, config, camera, window, invert=False):
+    def __init__(self, image, axes, channel, config, camera, window, invert=False, series=None):
         from spotfit.io import Image
 
         if invert:
@@ -218,7 +406,7 @@ class _Input:
 
             check_camera(camera)
         self.opened = isinstance(image, (str, os.PathLike))
-        self.img = as_image(image, axes, channel)
+        self.img = as_image(image, axes, channel, series)
         valid = _split_mask(image)[1] if not isinstance(image, (str, os.PathLike, Image)) else None
         self.valid = None if valid is None else Image.from_array(valid.astype(np.uint8), axes, channel=channel)
         try:
@@ -327,8 +515,9 @@ def _dark(camera, photons, t):
             "results are doubtful; is the baseline right?")
 
 
-def _frames(img, valid_img, setup, on_frame=None, camera=None):
-    """Prepared, detected frames of ``img``, one at a time; ``on_frame(t, n)`` after each.
+def _frames(img, valid_img, setup, report=None, camera=None):
+    """Prepared, detected frames of ``img``, one at a time; ``report(t, n_frames, n_found)``
+    after each (``n_found``: the frame's candidates).
 
     Gives at most one :class:`SpotfitWarning` about a dark frame per call.
     """
@@ -350,8 +539,8 @@ def _frames(img, valid_img, setup, on_frame=None, camera=None):
             keep = f.valid[tuple(f.coords.T)]
             f.coords, f.score = f.coords[keep], f.score[keep]
         yield f
-        if on_frame is not None:
-            on_frame(t, img.n_frames)
+        if report is not None:
+            report(t, img.n_frames, len(f.coords))
 
 
 # -------------------------------------------------------------- pipelines

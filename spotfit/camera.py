@@ -60,13 +60,14 @@ class Camera:
                 continue
             arr = np.asarray(value, dtype=float)
             if not np.all(np.isfinite(arr)):
-                raise SpotfitInputError(f"camera {name} must be finite")
+                raise SpotfitInputError(f"camera `{name}` must be finite", parameter=name)
         if self.gain is not None and np.any(np.asarray(self.gain, dtype=float) <= 0):
-            raise SpotfitInputError("camera gain must be > 0 (photoelectrons per ADU)")
+            raise SpotfitInputError("camera `gain` must be > 0 (photoelectrons per ADU)",
+                                    parameter="gain")
         if not np.isfinite(self.em_gain) or self.em_gain < 1:
-            raise SpotfitInputError("camera em_gain must be >= 1")
+            raise SpotfitInputError("camera `em_gain` must be >= 1", parameter="em_gain")
         if np.any(np.asarray(self.read_noise, dtype=float) < 0):
-            raise SpotfitInputError("camera read_noise must be >= 0")
+            raise SpotfitInputError("camera `read_noise` must be >= 0", parameter="read_noise")
 
     # ------------------------------------------------------------------ info
     @property
@@ -123,8 +124,8 @@ class Camera:
             v = getattr(self, name)
             if v is not None and np.ndim(v) > 0 and np.shape(v) != tuple(frame_shape[-2:]):
                 raise SpotfitInputError(
-                    f"camera {name} map has shape {np.shape(v)} but {source} frames are "
-                    f"{tuple(frame_shape[-2:])}"
+                    f"camera `{name}` map has shape {np.shape(v)} but {source} frames are "
+                    f"{tuple(frame_shape[-2:])}", parameter=name
                 )
 
     def to_photons(self, adu: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -167,8 +168,8 @@ class Camera:
                 raise SpotfitInputError(
                     f"the camera conversion (adu - baseline) * gain / em_gain leaves the "
                     f"{dtype.name} range ({np.finfo(dtype).max:.3g}) for some pixels: check "
-                    f"--baseline ({self.as_dict()['baseline']}), --gain "
-                    f"({self.as_dict()['gain']}) and --em-gain ({self.em_gain:g})"
+                    f"`baseline` ({self.as_dict()['baseline']}), `gain` "
+                    f"({self.as_dict()['gain']}) and `em_gain` ({self.em_gain:g})"
                 )
         return out
 

@@ -7,14 +7,27 @@ options into a :class:`spotfit.config.FitConfig` and a
 :func:`spotfit.fit`, :func:`spotfit.simulation.simulate`,
 :func:`spotfit.simulation.write_simulation`, :func:`spotfit.table.write_table`).
 
-Only ``click``, ``os`` and ``sys`` are imported at module level: ``spotfit
---help`` and usage errors never import numpy, scipy, pandas, scikit-image or
-tifffile.  The scientific stack is imported inside the command bodies.
+Only ``click``, ``os``, ``sys`` and :mod:`spotfit.config` (standard library
+only) are imported at module level: ``spotfit --help`` and usage errors
+never import numpy, scipy, pandas, scikit-image or tifffile.  The
+scientific stack is imported inside the command bodies.
+
+One vocabulary: the options of :class:`~spotfit.config.FitConfig` are made
+from its field metadata (:func:`spotfit.config.option_metadata`: names,
+types, bounds, defaults, choices, help), and errors of the library, which
+name Python parameters (``sigma must be ...``, ```axes='TYX'```), are
+shown with this command's options instead (``--sigma must be ...``,
+``--axes TYX``; :func:`_as_options`).
 
 ``fit`` and ``detect`` take one or more IMAGE paths.  One file without
-``--out-dir`` writes its table to stdout or ``--out``; several files,
-folders or ``--out-dir`` run :func:`spotfit.batch.run_batch` (one CSV and
-one JSON sidecar per input in ``--out-dir``, ``--workers`` processes).
+``--out-dir`` runs :func:`spotfit.api.process_file` and writes its table to
+stdout, or to ``--out`` with a JSON sidecar beside it
+(:mod:`spotfit.provenance`), with a progress bar on a terminal
+(:mod:`spotfit.progress`); several files, folders or ``--out-dir`` run
+:func:`spotfit.batch.run_batch` (one CSV and one sidecar per input in
+``--out-dir``).  ``--workers N`` is the number of cores to use in total
+either way: solver threads for one file, processes sharing them for a
+batch.
 
 Errors: a :class:`spotfit.errors.SpotfitInputError` (bad file, bad option
 value), an ``OSError`` on an input or output path or a ``MemoryError`` is
@@ -40,12 +53,7 @@ import warnings
 
 import click
 
-#: Choices of ``--model`` and ``--estimator``.  Spelled out here (not imported
-#: from spotfit.models / spotfit.estimators) so that ``--help`` stays free of
-#: numpy; tests check they equal the library's ``MODEL_NAMES`` and
-#: ``ESTIMATOR_NAMES``.
-MODEL_CHOICES = ("rotated", "elliptical", "symmetric")
-ESTIMATOR_CHOICES = ("lsq", "wlsq", "mle")
+from spotfit.config import option_metadata
 
 #: ``--format`` choices of ``fit`` and ``export`` (spotfit.export.FORMATS,
 #: spelled out for the same reason; a test checks they agree).
@@ -198,31 +206,46 @@ class _UserErrors:
         return False
 
 
+#: A parameter quoted in a library message: ```name``` or ```name=value```.
+_QUOTED = r"`(\w+)(?:=(['\"]?)([^`'\"]*)\2)?`"
+
+
+def _options() -> dict:
+    """Parameter name -> this command's option (its longest name), e.g. ``z_step``: ``--z-step``."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    return {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
+
+
+def _as_options(text: str, parameter: str | None = None) -> str:
+    """A library message in this command's options.
+
+    The library names Python parameters (:class:`spotfit.errors.SpotfitInputError`):
+    the `parameter` a message starts with, and any parameter quoted as
+    ```name``` or ```name=value```, become the option (``sigma must be
+    ...`` -> ``--sigma must be ...``; ```axes='TYX'``` -> ``--axes TYX``).
+    Names that are not options of this command lose their quotes.
+    """
+    import re
+
+    options = _options()
+    text = str(text)
+    if parameter in options and re.match(rf"{parameter}\b", text):
+        text = options[parameter] + text[len(parameter):]
+
+    def option(match):
+        name, value = match.group(1), match.group(3)
+        if name not in options:
+            return match.group(0)[1:-1]
+        return options[name] + (f" {value}" if value is not None else "")
+
+    return re.sub(_QUOTED, option, text)
+
+
 def _as_option(exc) -> str:
-    """An API error's message in this command's options: the parameter it starts with,
-    and any parameter quoted as `name`, become the option (``sigma must be ...`` ->
-    ``--sigma must be ...``; see :class:`spotfit.errors.SpotfitInputError`)."""
-    import re
-
-    text, name = str(exc), getattr(exc, "parameter", None)
-    ctx = click.get_current_context(silent=True)
-    if name is None or ctx is None:
-        return text
-    options = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
-    if name in options and text.startswith(name):
-        text = options[name] + text[len(name):]
-    return re.sub(r"`(\w+)`", lambda m: options.get(m.group(1), m.group(1)), text)
-
-
-def _quoted_options(text: str) -> str:
-    """Parameters quoted as `name` in a message (e.g. a batch file's) become options."""
-    import re
-
-    ctx = click.get_current_context(silent=True)
-    if ctx is None or "`" not in text:
-        return text
-    options = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
-    return re.sub(r"`(\w+)`", lambda m: options.get(m.group(1), m.group(1)), text)
+    """An API error's message in this command's options (:func:`_as_options`)."""
+    return _as_options(str(exc), getattr(exc, "parameter", None))
 
 
 def _is_device(path) -> bool:
@@ -297,15 +320,13 @@ def _config_callback(ctx, param, value):
     """``--config FILE``: its parameters become defaults; given options win."""
     if value is None or ctx.resilient_parsing:
         return value
-    from spotfit.batch import load_config
     from spotfit.errors import SpotfitInputError
+    from spotfit.provenance import load_config
 
     try:
         defaults = load_config(value, {p.name for p in ctx.command.params})
     except SpotfitInputError as exc:
-        raise click.ClickException(_one_line(exc)) from exc
-    if "estimator" in defaults and defaults["estimator"] is None:
-        del defaults["estimator"]
+        raise click.ClickException(_one_line(_as_option(exc))) from exc
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
 
@@ -354,25 +375,52 @@ _IMAGE_OPTIONS = [
         help="Distance between z planes in µm; adds z_um for z-stacks.  "
         "[default: from the file's metadata, if any]",
     ),
-    click.option(
-        "--sigma", type=POSITIVE, default=1.3, show_default=True,
-        help="Expected PSF sigma in pixels (Gaussian sigma, not FWHM).",
-    ),
-    click.option(
-        "--sigma-z", type=POSITIVE,
-        help="Expected axial PSF sigma in planes, for z-stacks.  [default: 2 x sigma]",
-    ),
-    click.option(
-        "--threshold", type=POSITIVE,
-        help="Detection threshold in signal-to-noise units of the filtered image.  "
-        "[default: the detector's, 5]",
-    ),
-    click.option(
-        "--min-distance", type=click.IntRange(min=1),
-        help="Minimum distance between detected spots in pixels.  "
-        "[default: round(1.5 x sigma)]",
-    ),
 ]
+
+
+def _none_word(word):
+    """A callback turning the command line's word for None (``auto``) into None."""
+    def callback(ctx, param, value):
+        return None if value == word else value
+
+    return callback
+
+
+def _config_option(name: str, help: str | None = None):
+    """The click option of the :class:`~spotfit.config.FitConfig` field `name`, from its
+    metadata (name, type, bounds, default, choices, help; another `help` for a command that
+    uses the field differently)."""
+    meta = option_metadata()[name]
+    kind, default, decls = meta["kind"], meta["default"], meta["cli"]
+    help = help or meta["help"]
+    extra = {"help": help, "show_default": default is not None}
+    if meta["metavar"]:
+        extra["metavar"] = meta["metavar"]
+    if kind == "flag":
+        if default is None:  # --on/--off, neither given: None
+            return click.option(decls, name, default=None, help=help)
+        if "/" in decls:  # --on/--off with a default
+            return click.option(decls, name, default=default, show_default=True, help=help)
+        return click.option(decls, name, is_flag=True, default=default, help=help)
+    if kind == "choice":
+        choices = tuple(meta["choices"])
+        if meta["auto"]:
+            choices, default = (meta["auto"],) + choices, meta["auto"]
+            extra.update(show_default=True, callback=_none_word(meta["auto"]))
+        return click.option(decls, name, type=click.Choice(choices), default=default, **extra)
+    if kind == "whole":
+        kind_type = click.IntRange(min=meta["low"])
+    else:
+        low = meta["low"]
+        low = int(low) if float(low).is_integer() else low  # help shows x>0, not x>0.0
+        kind_type = FiniteFloatRange(min=low, min_open=not meta["inclusive"])
+    return click.option(decls, name, type=kind_type, default=default, **extra)
+
+
+def _config_options(group: str) -> list:
+    """Options of the FitConfig fields of `group` ("detection", "fit" or "run"), in order."""
+    return [_config_option(name) for name, meta in option_metadata().items()
+            if meta["group"] == group]
 
 
 def _out_options(what):
@@ -393,10 +441,6 @@ def _out_options(what):
             "file with the same parameters (resume an interrupted run).",
         ),
     ]
-
-
-def _workers_option(help_text):
-    return click.option("--workers", type=click.IntRange(min=1), help=help_text)
 
 
 def _cap_workers(workers):
@@ -482,11 +526,13 @@ def _silence_stdout():
         pass
 
 
-def _fit_config(**options):
-    """FitConfig from the options the user gave (None: the library's default)."""
+def _fit_config(params: dict, groups, workers=None):
+    """FitConfig from a command's options of the field `groups` (None: the library's default)."""
     from spotfit.config import FitConfig
 
-    return FitConfig(**{k: v for k, v in options.items() if v is not None})
+    names = [n for n, meta in option_metadata().items() if meta["group"] in groups]
+    given = {n: params[n] for n in names if params.get(n) is not None}
+    return FitConfig(**given, workers=workers)
 
 
 # ---------------------------------------------------------------------------
@@ -516,9 +562,12 @@ class _Warnings:
         return self
 
     def show(self, message, category, filename, lineno, file=None, line=None):
-        text = _one_line(message)
+        text = _one_line(_as_options(message))
         if text and text not in self.seen:
             self.seen.add(text)
+            from spotfit.progress import clear
+
+            clear()  # a progress bar being drawn: the warning starts on a clean line
             click.echo(f"Warning: {text}", err=True)
 
     def __exit__(self, *exc_info):
@@ -652,26 +701,18 @@ def main():
 
 @main.command(context_settings=CONTEXT_SETTINGS)
 @_apply(_IMAGE_OPTIONS)
+@_apply(_config_options("detection"))
 @_apply(_camera_options(note="  Does not change detection."))
 @_apply(_out_options("candidates"))
-@_workers_option("Files processed in parallel with --out-dir (processes).  [default: all cores]")
-def detect(images, axes, channel, invert, series, pixel_size, z_step, sigma, sigma_z, threshold,
-           min_distance, baseline, gain, em_gain, read_noise, out, out_dir, skip_existing,
-           workers):
+@_apply(_config_options("run"))
+def detect(**params):
     """Find spot candidates in IMAGE (image files or folders) without fitting them.
 
     Writes one row per candidate: frame, x, y (z for z-stacks; integer pixel
     positions of the local maxima of the filtered image) and score (their
     signal-to-noise ratio).  Several files or folders need --out-dir.
     """
-    batch = _check_outputs(images, out, out_dir, skip_existing)
-    workers = _cap_workers(workers)
-    with _UserErrors():
-        config = _fit_config(sigma=sigma, sigma_z=sigma_z, threshold=threshold,
-                             min_distance=min_distance, workers=workers)
-        camera = _camera(baseline, gain, em_gain, read_noise)
-    _run(batch, "detect", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert, series=series)
+    _fit_or_detect("detect", params)
 
 
 def _is_batch(images, out_dir) -> bool:
@@ -714,159 +755,198 @@ def _check_outputs(images, out, out_dir, skip_existing) -> bool:
     return True
 
 
-def _run(batch, task, images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert=False, fmt="csv", qc=False, series=None):
-    """One file to stdout / --out, or a batch into --out-dir (fit: with report.html)."""
-    if not batch:
-        _single(task, images[0], config, camera, axes, channel, pixel_size, z_step, out,
-                invert, fmt, qc, series)
-        return
+#: How to read the inputs: options of fit and detect passed on as they are.
+_INPUT_PARAMS = ("axes", "channel", "invert", "series", "pixel_size", "z_step")
+
+
+def _fit_or_detect(task, params):
+    """``spotfit fit``/``detect``: one file to stdout / --out, or a batch into --out-dir."""
+    p = params
+    fmt, qc = p.get("fmt", "csv"), p.get("qc", False)
+    batch = _check_outputs(p["images"], p["out"], p["out_dir"], p["skip_existing"])
+    if fmt != "csv" and batch:
+        raise click.UsageError(
+            f"--format {fmt} writes the table of one IMAGE; with --out-dir, convert the CSVs "
+            f"with: spotfit export <out-dir>/<stem>.csv --format {fmt}"
+        )
+    if fmt != "csv" and p["out"] == STDOUT:
+        raise click.UsageError(f"--format {fmt} needs --out FILE.")
+    if qc and not batch and p["out"] == STDOUT:
+        raise click.UsageError("--qc writes <stem>_qc.png beside the table: give --out FILE.csv "
+                               "or --out-dir DIR.")
+    if not batch and fmt == "csv" and p["out"].lower().endswith(".json"):
+        raise click.UsageError(f"--out {p['out']}: its JSON sidecar would have the same name; "
+                               "name the table .csv")
+    workers = _cap_workers(p["workers"])
+    from spotfit.batch import share_cores  # standard library only
+
+    # --workers: cores in total; for one file, the solver's threads (a batch shares them out)
+    threads = workers if batch else share_cores(workers, 1)[1]
+    with _UserErrors():
+        config = _fit_config(p, ("detection", "fit") if task == "fit" else ("detection",),
+                             workers=threads)
+        camera = _camera(p["baseline"], p["gain"], p["em_gain"], p["read_noise"])
+    inputs = {k: p[k] for k in _INPUT_PARAMS}
+    if batch:
+        _batch(task, p["images"], p["out_dir"], config, camera, inputs, workers,
+               p["skip_existing"], qc)
+    else:
+        _single(task, p["images"][0], p["out"], config, camera, inputs, workers, fmt, qc)
+
+
+def _batch(task, images, out_dir, config, camera, inputs, workers, skip_existing, qc):
+    """Every file into --out-dir (:func:`spotfit.batch.run_batch`; fit: with report.html)."""
     from spotfit.batch import run_batch
 
     with _UserErrors():
-        summary = run_batch(
-            images, out_dir, task=task, config=config, camera=camera, axes=axes,
-            channel=channel, pixel_size=pixel_size, z_step=z_step, workers=workers,
-            skip_existing=skip_existing, invert=invert, qc=qc, report=task == "fit",
-            series=series,
-        )
+        summary = run_batch(images, out_dir, task=task, config=config, camera=camera,
+                            workers=workers, skip_existing=skip_existing, qc=qc,
+                            report=task == "fit", **inputs)
+    for result in summary.results:
+        for note in result.notes:
+            click.echo(f"Note: {result.input}: {_as_options(note)}", err=True)
     for result in summary.failed:
-        click.echo(f"Error: {result.input}: {_quoted_options(result.message)}", err=True)
+        click.echo(f"Error: {result.input}: {_as_options(result.message)}", err=True)
     click.echo(summary.line(), err=True)
     if summary.failed:
         sys.exit(1)
 
 
-def _single(task, image, config, camera, axes, channel, pixel_size, z_step, out, invert=False,
-            fmt="csv", qc=False, series=None):
-    _check_not_input(out, [image])
-    from spotfit.batch import process_file
+def _sidecar_of(out):
+    """The JSON sidecar of a table written to `out` (``<stem>.json``), or None.
 
+    None for standard output and for a device or FIFO (written in place:
+    there is no folder of ours to put a sidecar in).
+    """
+    if out == STDOUT or _is_device(out):
+        return None
+    from spotfit.provenance import sidecar_path
+
+    return sidecar_path(out)
+
+
+def _single(task, image, out, config, camera, inputs, workers, fmt="csv", qc=False):
+    """One file: its table to stdout or --out (with its sidecar), a summary line."""
+    import time
+
+    from spotfit import api, provenance
+    from spotfit.progress import ProgressBar, wanted
+
+    start = time.perf_counter()
+    sidecar = _sidecar_of(out) if fmt == "csv" else None
+    _check_not_input(out, [image])
+    if sidecar is not None:
+        _check_not_input(sidecar, [image])
+    bar = ProgressBar(f"spotfit {task}", {0: 1}) if wanted() else None
+    if bar is not None:
+        bar.draw(force=True)
     with _UserErrors(what=image):
-        table, info = process_file(image, task, config=config, camera=camera, axes=axes,
-                                   channel=channel, pixel_size=pixel_size, z_step=z_step,
-                                   invert=invert, series=series)
-    where = _write_csv(table, out) if fmt == "csv" else _write_format(table, info, image, out, fmt)
-    if task == "detect":
-        click.echo(f"{image}: {len(table)} candidates -> {where}", err=True)
-        return
-    n = len(table)
-    converged = int((table["status"] == "converged").sum())
-    click.echo(
-        f"{image}: {n} spots ({converged} converged, {n - converged} flagged) -> {where}",
-        err=True,
-    )
+        try:
+            st = provenance.input_stat(image) if sidecar is not None else None
+            table, info = api.process_file(
+                image, task, config=config, camera=camera, **inputs,
+                progress=None if bar is None else (lambda *done: bar.update(0, *done)))
+        finally:
+            if bar is not None:
+                bar.close()
+    for note in info["notes"]:
+        click.echo(f"Note: {image}: {_as_options(note)}", err=True)
+    picture = None
     if qc:
-        _write_qc(image, table, out, axes, channel)
+        from spotfit.overlay import qc_path, write_qc
+
+        picture = (qc_path(out), lambda path: write_qc(
+            path, image, table, axes=inputs["axes"], series=inputs["series"],
+            channel=0 if inputs["channel"] == "all" else inputs["channel"]))
+        _check_not_input(picture[0], [image])
+    if sidecar is not None:
+        params = provenance.parameters(task, config, camera, workers=workers, **inputs)
+        run = {"workers": workers, "processes": 1, "solver_threads": config.workers}
+        t = time.perf_counter()
+
+        def describe(csv_bytes):
+            timings = dict(info["timings_s"], write=time.perf_counter() - t,
+                           total=time.perf_counter() - start)
+            return provenance.document(task, image, st, table, info, params, out, csv_bytes,
+                                       timings, run)
+
+        with _UserErrors(what=out):
+            from spotfit._atomic import remove_stale_temporaries
+
+            for path in (out, sidecar) + ((picture[0],) if picture else ()):
+                remove_stale_temporaries(path)  # left by a killed run (never a live run's)
+            provenance.write_with_sidecar(table, out, sidecar, describe, picture)
+        where = f"{out} + {sidecar}"
+    else:
+        where = _write_csv(table, out) if fmt == "csv" else _write_format(table, info, image, out,
+                                                                          fmt)
+        if picture:
+            with _UserErrors(what=picture[0]):
+                picture[1](picture[0])
+    what = f"{image} ({_described(info, task, camera)})"
+    if task == "detect":
+        click.echo(f"{what}: {len(table)} candidates -> {where}", err=True)
+    else:
+        n = len(table)
+        converged = int((table["status"] == "converged").sum())
+        click.echo(f"{what}: {n} spots ({converged} converged, {n - converged} flagged) -> {where}",
+                   err=True)
+    if picture:
+        click.echo(f"{image}: picture of the fits -> {picture[0]}", err=True)
+
+
+def _described(info: dict, task: str, camera) -> str:
+    """How the file was read, for the summary line: axes, frames or planes, channel,
+    pixel size (and z step), and for fits the unit (photons or ADU)."""
+    frames, shape = info["frames"], info["shape"]
+    if info["axes"] == "TZYX":
+        parts = ["ZYX", f"{shape[1]} planes"] if frames == 1 else [
+            "TZYX", f"{frames} frames of {shape[1]} planes"]
+    else:
+        parts = ["YX" if frames == 1 else "TYX", f"{frames} frame{'s' if frames != 1 else ''}"]
+    if info["channel"] == "all":
+        parts.append(f"{info['channels']} channels")
+    elif info["channel"] is not None:
+        parts.append(f"channel {info['channel']}")
+    px, dz = info["pixel_size_um"], info["z_step_um"]
+    parts.append(f"{px:g} µm/px" if px is not None else "pixel size unknown")
+    if dz is not None:
+        parts.append(f"{dz:g} µm/plane")
+    if task == "fit":
+        parts.append("photons" if camera.calibrated else "ADU")
+    return ", ".join(parts)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
 @_apply(_IMAGE_OPTIONS)
+@_apply(_config_options("detection"))
 @_apply(_camera_options(
     note="  With it, results are in photons and the default estimator is mle; "
     "without it, in ADU above the baseline with lsq."
 ))
-@click.option(
-    "--window", type=click.IntRange(min=1),
-    help="Half-size of the fitting window in pixels (the window is 2 x WINDOW + 1 wide).  "
-    "[default: max(2, ceil(2.5 x sigma))]",
-)
-@click.option(
-    "--model", type=click.Choice(MODEL_CHOICES), default="rotated", show_default=True,
-    help="PSF model: rotated (sigma_x, sigma_y, angle), elliptical (sigma_x, sigma_y) "
-    "or symmetric (one sigma).  z-stacks use elliptical for rotated.",
-)
-@click.option(
-    "--estimator", type=click.Choice(("auto",) + ESTIMATOR_CHOICES), default="auto",
-    show_default=True,
-    help="lsq (least squares), wlsq (weighted by the camera noise model) or mle "
-    "(Poisson maximum likelihood).  auto: mle with --gain, else lsq.",
-)
-@click.option(
-    "--integrated/--point-sampled", default=None,
-    help="Integrate the Gaussian over each pixel, or sample it at pixel centres.  "
-    "[default: integrated with --gain, else point-sampled]",
-)
-@click.option(
-    "--fix-sigma", is_flag=True,
-    help="Hold the widths at --sigma (and --sigma-z) instead of fitting them.",
-)
-@click.option(
-    "--select-model/--no-select-model", default=True, show_default=True,
-    help="Fit --model only to spots whose data support its extra widths (a score test at the "
-    "BIC level), the symmetric model to the others; --no-select-model: --model for every spot.",
-)
-@click.option(
-    "--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
-    help="Solver iteration limit per spot.",
-)
-@click.option(
-    "--min-snr", type=NON_NEGATIVE, default=3.0, show_default=True,
-    help="Converged fits whose intensity signal-to-noise is below this get status low_signal "
-    "(faint fits: judged at the --sigma width; see the README's status values).",
-)
-@click.option(
-    "--crowded", is_flag=True,
-    help="Crowded fields: fit overlapping spots jointly (K Gaussians sharing width and "
-    "offset), search the residual for hidden spots.  Adds group_id and group_size columns.",
-)
-@click.option(
-    "--group-radius", type=POSITIVE, default=3.0, show_default=True,
-    help="With --crowded: spots closer than this many --sigma are fitted together.",
-)
-@click.option(
-    "--max-group", type=click.IntRange(min=1), default=8, show_default=True,
-    help="With --crowded: largest group fitted jointly; bigger clusters are split.",
-)
+@_apply(_config_options("fit"))
 @_apply(_out_options("fitted spots"))
 @click.option(
     "--format", "fmt", type=click.Choice(EXPORT_FORMATS), default="csv", show_default=True,
     help="Output format of one IMAGE: csv, or thunderstorm / picasso / parquet (need --out; "
     "see spotfit export).",
 )
-@_workers_option(
-    "One IMAGE: threads for fitting.  With --out-dir: files processed in parallel "
-    "(processes, one thread each).  [default: all cores]"
-)
+@_apply(_config_options("run"))
 @click.option(
     "--qc", is_flag=True,
     help="Also write <stem>_qc.png beside each table: the image with its fits (see "
     "spotfit show).",
 )
-def fit(images, axes, channel, invert, series, pixel_size, z_step, sigma, sigma_z, threshold,
-        min_distance, baseline, gain, em_gain, read_noise, window, model, estimator, integrated,
-        fix_sigma, select_model, max_iter, min_snr, crowded, group_radius, max_group, out, out_dir,
-        skip_existing, fmt, workers, qc):
+def fit(**params):
     """Detect and fit every spot of IMAGE (image files or folders): position, intensity, widths.
 
     Writes one row per spot (columns and units: see the README), then a
     one-line summary on stderr.  Fits that did not converge are kept, with
-    their reason in the status column.  Several files or folders need
-    --out-dir: one CSV and one JSON sidecar per input, and report.html.
+    their reason in the status column.  With --out FILE.csv, a JSON sidecar
+    FILE.json records how the table was made.  Several files or folders
+    need --out-dir: one CSV and one JSON sidecar per input, and report.html.
     """
-    batch = _check_outputs(images, out, out_dir, skip_existing)
-    if fmt != "csv" and batch:
-        raise click.UsageError(
-            f"--format {fmt} writes the table of one IMAGE; with --out-dir, convert the CSVs "
-            f"with: spotfit export <out-dir>/<stem>.csv --format {fmt}"
-        )
-    if fmt != "csv" and out == STDOUT:
-        raise click.UsageError(f"--format {fmt} needs --out FILE.")
-    if qc and not batch and out == STDOUT:
-        raise click.UsageError("--qc writes <stem>_qc.png beside the table: give --out FILE.csv "
-                               "or --out-dir DIR.")
-    workers = _cap_workers(workers)
-    with _UserErrors():
-        config = _fit_config(
-            sigma=sigma, sigma_z=sigma_z, threshold=threshold, min_distance=min_distance,
-            window=window, model=model, estimator=None if estimator == "auto" else estimator,
-            integrated=integrated, fix_sigma=fix_sigma, select_model=select_model, max_iter=max_iter,
-            min_snr=min_snr, crowded=crowded, group_radius=group_radius, max_group=max_group,
-            workers=workers,
-        )
-        camera = _camera(baseline, gain, em_gain, read_noise)
-    _run(batch, "fit", images, config, camera, axes, channel, pixel_size, z_step,
-         out, out_dir, skip_existing, workers, invert, fmt, qc, series=series)
+    _fit_or_detect("fit", params)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)
@@ -997,15 +1077,14 @@ def export(table, fmt, out, pixel_size, z_step, image, axes, rows, channel):
         out = out or ex.default_output(table, fmt)
         _check_not_input(out, [table] + ([image] if image else []))
         frame = ex.read_table(table)
-        info = ex.sidecar_info(table)
-        if image is not None:
-            info = ex.image_info(image, axes)
+        info = {} if image is not None else ex.sidecar_info(table)
         if pixel_size is None and "x_um" not in frame.columns:
             pixel_size = info.get("pixel_size")
         written = ex.export(
             frame, out, fmt, pixel_size=pixel_size, z_step=z_step, rows=rows, channel=channel,
             width=info.get("width"), height=info.get("height"), frames=info.get("frames"),
-            source=info.get("source"), dtype=info.get("dtype"), where=table,
+            source=info.get("source"), dtype=info.get("dtype"), where=table, image=image,
+            axes=axes,
         )
     click.echo(f"{table}: {fmt} -> {', '.join(written)}", err=True)
 # ---------------------------------------------------------------------------
@@ -1027,17 +1106,6 @@ class PercentilesType(click.ParamType):
             self.fail(f"{value!r} is not LO,HI with 0 <= LO < HI <= 100 (e.g. 0.5,99.8).",
                       param, ctx)
         return lo, hi
-
-
-def _write_qc(image, table, out, axes, channel):
-    """``<stem>_qc.png`` beside the table `out`: the image with its fits."""
-    from spotfit.overlay import qc_path, write_qc
-
-    path = qc_path(out)
-    _check_not_input(path, [image])
-    with _UserErrors(what=path):
-        write_qc(path, image, table, axes=axes, channel=0 if channel == "all" else channel)
-    click.echo(f"{image}: picture of the fits -> {path}", err=True)
 
 
 #: Options of ``fit`` that ``show`` takes too (to fit an image given without a table).
@@ -1085,7 +1153,7 @@ def show(image, spots, out, frame, crop, zoom, percentiles, color, **fit_options
     percentiles; a time series or z-stack is shown as its maximum
     projection unless --frame is given.  Without SPOTS.csv, IMAGE is
     fitted first with the fit options below (the same as spotfit fit);
-    with it, they are not used (except --axes and --channel).
+    with it, they are not used (except --axes, --channel and --series).
     """
     _check_not_input(out, [image] + ([spots] if spots else []))
     axes, channel = fit_options["axes"], fit_options["channel"]
@@ -1093,16 +1161,9 @@ def show(image, spots, out, frame, crop, zoom, percentiles, color, **fit_options
         raise click.UsageError("--channel all: show one channel at a time (--channel N).")
     config = camera = None
     if spots is None:
-        from dataclasses import fields
-
-        from spotfit.config import FitConfig
-
-        names = {f.name for f in fields(FitConfig)}
-        options = {k: v for k, v in fit_options.items() if k in names}
-        if options.get("estimator") == "auto":
-            options["estimator"] = None
         with _UserErrors():
-            config = _fit_config(**options)
+            config = _fit_config(fit_options, ("detection", "fit"),
+                                 workers=_cap_workers(fit_options["workers"]))
             camera = _camera(fit_options["baseline"], fit_options["gain"],
                              fit_options["em_gain"], fit_options["read_noise"])
     from spotfit.overlay import save, show as draw
@@ -1111,7 +1172,7 @@ def show(image, spots, out, frame, crop, zoom, percentiles, color, **fit_options
     with _UserErrors(what=image):
         figure = draw(image, spots, frame=frame, crop=crop, zoom=zoom, percentiles=percentiles,
                       color=color, config=config, camera=camera, axes=axes, channel=channel,
-                      **extra)
+                      series=fit_options["series"], **extra)
     with _UserErrors(what=out):
         save(figure, out)
     click.echo(f"{image}: picture of the fits -> {out}", err=True)
@@ -1267,27 +1328,15 @@ def render(spots, out, pixel_size, method, sigma, min_sigma, z_step, sigma_z,
     note="  With it, results are in photons and the default estimator is mle; "
     "without it, in ADU above the baseline with lsq."
 ))
-@click.option(
-    "--window", type=click.IntRange(min=1),
-    help="Half-size of the window in pixels (2 x WINDOW + 1 wide).  "
-    "[default: max(2, ceil(2.5 x sigma))]",
-)
-@click.option(
-    "--estimator", type=click.Choice(("auto",) + ESTIMATOR_CHOICES), default="auto",
-    show_default=True,
-    help="lsq, wlsq or mle, as for fit.  auto: mle with --gain, else lsq.",
-)
-@click.option(
-    "--integrated/--point-sampled", default=None,
-    help="Pixel-integrated or point-sampled PSF.  [default: integrated with --gain]",
-)
-@click.option("--max-iter", type=click.IntRange(min=1), default=50, show_default=True,
-              help="mle iteration limit per measurement.")
-@click.option(
-    "--min-snr", type=NON_NEGATIVE, default=3.0, show_default=True,
-    help="Measurements whose intensity / intensity_err is below this get status low_signal "
-    "(e.g. a spot that is off); their values stay unbiased.",
-)
+@_apply([_config_option("window"),
+         _config_option("estimator", help="lsq, wlsq or mle, as for fit.  auto: mle with --gain, "
+                        "else lsq."),
+         _config_option("integrated", help="Pixel-integrated or point-sampled PSF.  [default: "
+                        "integrated with --gain]"),
+         _config_option("max_iter", help="mle iteration limit per measurement."),
+         _config_option("min_snr", help="Measurements whose intensity / intensity_err is below "
+                        "this get status low_signal (e.g. a spot that is off); their values stay "
+                        "unbiased.")])
 @click.option(
     "--refine", is_flag=True,
     help="Fit the positions (and widths, without --sigma) once on the sum of the frames and "
@@ -1304,7 +1353,8 @@ def render(spots, out, pixel_size, method, sigma, min_sigma, z_step, sigma_z,
     "--out", "-o", type=click.Path(dir_okay=False), default=STDOUT, metavar="FILE",
     help="Output CSV file (written atomically).  [default: CSV on standard output]",
 )
-@_workers_option("Threads for measuring.  [default: all cores]")
+@_apply([_config_option("workers", help="Cores to use (threads for measuring).  "
+                        "[default: all cores]")])
 def measure(image, at, at_frame, match_frames, frames, axes, channel, pixel_size, z_step, sigma,
             sigma_z, baseline, gain, em_gain, read_noise, window, estimator, integrated, max_iter,
             min_snr, refine, aperture, wide, out, workers):
@@ -1318,11 +1368,12 @@ def measure(image, at, at_frame, match_frames, frames, axes, channel, pixel_size
     """
     _check_not_input(out, [image, at])
     with _UserErrors():
-        config = _fit_config(
-            sigma=sigma, sigma_z=sigma_z, window=window,
-            estimator=None if estimator == "auto" else estimator, integrated=integrated,
-            fix_sigma=sigma is not None, max_iter=max_iter, min_snr=min_snr, workers=workers,
-        )
+        from spotfit.config import FitConfig
+
+        given = dict(sigma=sigma, sigma_z=sigma_z, window=window, estimator=estimator,
+                     integrated=integrated, fix_sigma=sigma is not None, max_iter=max_iter,
+                     min_snr=min_snr, workers=_cap_workers(workers))
+        config = FitConfig(**{k: v for k, v in given.items() if v is not None})
         camera = _camera(baseline, gain, em_gain, read_noise)
         from spotfit.photometry import measure as measure_spots, wide as to_wide
 

@@ -30,10 +30,40 @@ MODEL_CHOICES = ("rotated", "elliptical", "symmetric")
 ESTIMATOR_CHOICES = ("lsq", "wlsq", "mle")
 
 
-def _meta(help, cli=None, choices=None):
-    """Field metadata: ``help`` text, command-line option ``cli`` (default
-    ``--`` + the name with dashes), ``choices``."""
-    return {"help": help, "cli": cli, "choices": choices}
+#: What a field is for: ``detection`` fields are used by :func:`spotfit.detect`
+#: and :func:`spotfit.fit`, ``fit`` fields by fits only, ``run`` fields say how
+#: to run (not what is computed).
+GROUPS = ("detection", "fit", "run")
+
+
+def _meta(help, kind, group, unit=None, low=None, inclusive=False, choices=None, cli=None,
+          auto=None, metavar=None):
+    """Field metadata, the one description of an option (validation and command line).
+
+    Parameters
+    ----------
+    help : str
+        Help text (the command line's; ``[default: ...]`` for defaults that
+        are computed).
+    kind : {"real", "whole", "flag", "choice"}
+        A finite real number, a whole number, True/False, or one of `choices`.
+    group : one of :data:`GROUPS`
+    unit : str, optional
+        Unit of a number, for messages.
+    low, inclusive : optional
+        Numbers must be ``> low`` (``>= low`` when `inclusive`).
+    choices : tuple of str, optional
+    cli : str, optional
+        Command-line option (default ``--`` + the name with dashes); a flag
+        with a default of None is ``--on/--off``.
+    auto : str, optional
+        The command line's word for None (``--estimator auto``).
+    metavar : str, optional
+        The command line's name for the value.
+    """
+    return {"help": help, "kind": kind, "group": group, "unit": unit, "low": low,
+            "inclusive": inclusive, "choices": choices, "cli": cli, "auto": auto,
+            "metavar": metavar}
 
 
 @dataclass(frozen=True)
@@ -77,7 +107,7 @@ class FitConfig:
         Fits with ``intensity / intensity_err`` below this are flagged
         ``low_signal``.
     workers : int or None
-        Threads of the compiled solver (None: all cores).
+        Cores to use: threads of the compiled solver (None: all cores).
     crowded : bool
         Fit overlapping spots jointly and search the residual for hidden
         emitters (:mod:`spotfit.group`).  Adds ``group_id`` and
@@ -92,70 +122,71 @@ class FitConfig:
     -----
     Numbers may be any real type (``numpy.float32(1.3)`` works) and are
     stored as Python ``int``/``float``; booleans are not numbers here
-    (``sigma=True`` is refused).  Each field's ``metadata`` holds ``help``,
-    ``cli`` and ``choices`` (:func:`option_metadata`).
+    (``sigma=True`` is refused).  Each field's ``metadata`` describes it once
+    (kind, bounds, unit, choices, help text, command-line option): validation
+    here and the command line's options are both made from it
+    (:func:`option_metadata`).
     """
 
     sigma: float = field(default=1.3, metadata=_meta(
-        "Expected PSF sigma in pixels (Gaussian sigma, not FWHM)."))
+        "Expected PSF sigma in pixels (Gaussian sigma, not FWHM).",
+        "real", "detection", unit="pixels", low=0.0, metavar="PX"))
     sigma_z: float | None = field(default=None, metadata=_meta(
-        "Expected axial PSF sigma in planes, for z-stacks.  [default: 2 x sigma]"))
+        "Expected axial PSF sigma in planes, for z-stacks.  [default: 2 x sigma]",
+        "real", "detection", unit="planes", low=0.0, metavar="PLANES"))
     threshold: float | None = field(default=None, metadata=_meta(
         "Detection threshold in signal-to-noise units of the filtered image.  "
-        "[default: the detector's, 5]"))
+        "[default: the detector's, 5]",
+        "real", "detection", unit="signal-to-noise units", low=0.0, metavar="SNR"))
     min_distance: int | None = field(default=None, metadata=_meta(
-        "Minimum distance between detected spots in pixels.  [default: round(1.5 x sigma)]"))
+        "Minimum distance between detected spots in pixels.  [default: round(1.5 x sigma)]",
+        "whole", "detection", unit="pixels", low=1, metavar="PX"))
     window: int | None = field(default=None, metadata=_meta(
         "Half-size of the fitting window in pixels (the window is 2 x WINDOW + 1 wide).  "
-        "[default: max(2, ceil(2.5 x sigma))]"))
+        "[default: max(2, ceil(2.5 x sigma))]",
+        "whole", "fit", unit="pixels", low=1, metavar="PX"))
     model: str = field(default="rotated", metadata=_meta(
         "PSF model: rotated (sigma_x, sigma_y, angle), elliptical (sigma_x, sigma_y) "
-        "or symmetric (one sigma).  z-stacks use elliptical for rotated.", choices=MODEL_CHOICES))
+        "or symmetric (one sigma).  z-stacks use elliptical for rotated.",
+        "choice", "fit", choices=MODEL_CHOICES))
     estimator: str | None = field(default=None, metadata=_meta(
         "lsq (least squares), wlsq (weighted by the camera noise model) or mle "
         "(Poisson maximum likelihood).  auto: mle with --gain, else lsq.",
-        choices=ESTIMATOR_CHOICES))
+        "choice", "fit", choices=ESTIMATOR_CHOICES, auto="auto"))
     integrated: bool | None = field(default=None, metadata=_meta(
         "Integrate the Gaussian over each pixel, or sample it at pixel centres.  "
-        "[default: integrated with --gain, else point-sampled]", cli="--integrated/--point-sampled"))
+        "[default: integrated with --gain, else point-sampled]",
+        "flag", "fit", cli="--integrated/--point-sampled"))
     fix_sigma: bool = field(default=False, metadata=_meta(
-        "Hold the widths at --sigma (and --sigma-z) instead of fitting them."))
+        "Hold the widths at --sigma (and --sigma-z) instead of fitting them.", "flag", "fit"))
     select_model: bool = field(default=True, metadata=_meta(
         "Fit --model only to spots whose data support its extra widths (a score test at the BIC "
         "level), the symmetric model to the others; --no-select-model: --model for every spot.",
-        cli="--select-model/--no-select-model"))
-    max_iter: int = field(default=50, metadata=_meta("Solver iteration limit per spot."))
+        "flag", "fit", cli="--select-model/--no-select-model"))
+    max_iter: int = field(default=50, metadata=_meta(
+        "Solver iteration limit per spot.", "whole", "fit", unit="iterations", low=1))
     min_snr: float = field(default=3.0, metadata=_meta(
         "Converged fits whose intensity signal-to-noise is below this get status low_signal "
-        "(faint fits: judged at the --sigma width; see the README's status values)."))
+        "(faint fits: judged at the --sigma width; see the README's status values).",
+        "real", "fit", unit="signal-to-noise units", low=0.0, inclusive=True))
     workers: int | None = field(default=None, metadata=_meta(
-        "Threads of the compiled solver.  [default: all cores]"))
+        "Cores to use in total: for one IMAGE, threads of the compiled solver; with "
+        "--out-dir, files processed in parallel (processes) sharing them.  [default: all cores]",
+        "whole", "run", unit="cores", low=1, metavar="N"))
     crowded: bool = field(default=False, metadata=_meta(
         "Crowded fields: fit overlapping spots jointly (K Gaussians sharing width and "
-        "offset), search the residual for hidden spots.  Adds group_id and group_size columns."))
+        "offset), search the residual for hidden spots.  Adds group_id and group_size columns.",
+        "flag", "fit"))
     group_radius: float = field(default=3.0, metadata=_meta(
-        "With --crowded: spots closer than this many --sigma are fitted together."))
+        "With --crowded: spots closer than this many --sigma are fitted together.",
+        "real", "fit", unit="sigmas", low=0.0))
     max_group: int = field(default=8, metadata=_meta(
-        "With --crowded: largest group fitted jointly; bigger clusters are split."))
+        "With --crowded: largest group fitted jointly; bigger clusters are split.",
+        "whole", "fit", unit="spots", low=1))
 
     def __post_init__(self):
-        real = _real
-        real(self, "sigma", "pixels", low=0.0)
-        real(self, "sigma_z", "planes", low=0.0, optional=True)
-        real(self, "threshold", "signal-to-noise units", low=0.0, optional=True)
-        _whole(self, "min_distance", "pixels", low=1, optional=True)
-        _whole(self, "window", "pixels", low=1, optional=True)
-        _choice(self, "model", MODEL_CHOICES)
-        _choice(self, "estimator", ESTIMATOR_CHOICES, optional=True)
-        _flag(self, "integrated", optional=True)
-        _flag(self, "fix_sigma")
-        _flag(self, "select_model")
-        _whole(self, "max_iter", "iterations", low=1)
-        real(self, "min_snr", "signal-to-noise units", low=0.0, inclusive=True)
-        _whole(self, "workers", "threads", low=1, optional=True)
-        _flag(self, "crowded")
-        real(self, "group_radius", "sigmas", low=0.0)
-        _whole(self, "max_group", "spots", low=1)
+        for f in fields(self):
+            _check(self, f.name, f.metadata, optional=f.default is None)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -230,11 +261,11 @@ class FitConfig:
 
 
 def option_metadata() -> dict:
-    """Per field of :class:`FitConfig`: ``help``, ``cli`` option, ``default``, ``choices``.
+    """Per field of :class:`FitConfig`, in order: its metadata (see :func:`_meta`) and ``default``.
 
-    The command line's option names are ``--`` + the field name with dashes
-    unless the field says otherwise (``integrated``:
-    ``--integrated/--point-sampled``).
+    The command line makes its options from these (``cli`` filled in:
+    ``--`` + the field name with dashes unless the field says otherwise,
+    e.g. ``integrated``: ``--integrated/--point-sampled``).
     """
     out = {}
     for f in fields(FitConfig):
@@ -242,6 +273,52 @@ def option_metadata() -> dict:
         meta["cli"] = meta["cli"] or "--" + f.name.replace("_", "-")
         meta["default"] = f.default
         out[f.name] = meta
+    return out
+
+
+def resolved_values(config: FitConfig, camera, ndim: int, task: str = "fit") -> dict:
+    """The values a detection (``task="detect"``) or fit actually runs with, defaults resolved.
+
+    What the JSON sidecar records under ``resolved``: no None for a default,
+    per-axis values spelled out (``window`` lateral, ``window_z`` axial, in
+    px and planes; ``min_distance`` and ``min_distance_z`` likewise).
+
+    Parameters
+    ----------
+    config : FitConfig
+    camera : spotfit.camera.Camera
+    ndim : {2, 3}
+        Spatial dimensions of the frames.
+    task : {"fit", "detect"}
+
+    Returns
+    -------
+    dict
+        ``sigma``, ``sigma_z`` (3D only), ``threshold``, ``min_distance``
+        (``min_distance_z``), and for fits ``model``, ``estimator``,
+        ``integrated``, ``window`` (``window_z``) and ``unit``.
+    """
+    from spotfit.detection import DEFAULT_THRESHOLD, default_min_distance
+
+    out = {"sigma": config.sigma}
+    if ndim == 3:
+        out["sigma_z"] = config.axial_sigma()
+    out["threshold"] = config.threshold if config.threshold is not None else DEFAULT_THRESHOLD
+    distance = config.min_distance
+    if distance is None:
+        distance = default_min_distance(config.detection_sigma(ndim))
+    distance = (distance,) * ndim if isinstance(distance, int) else tuple(distance)
+    out["min_distance"] = int(distance[-1])
+    if ndim == 3:
+        out["min_distance_z"] = int(distance[0])
+    if task == "fit":
+        estimator, integrated = config.choose(camera)
+        half = config.half_size(ndim)
+        out.update(model="elliptical" if ndim == 3 and config.model == "rotated" else config.model,
+                   estimator=estimator, integrated=bool(integrated), window=int(half[-1]))
+        if ndim == 3:
+            out["window_z"] = int(half[0])
+        out["unit"] = camera.unit
     return out
 
 
@@ -269,46 +346,38 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
 
 
-def _real(config, name, unit, low, optional=False, inclusive=False):
+def _check(config, name, meta, optional=False):
+    """Validate and normalise field `name` of `config` as its metadata says."""
     value = getattr(config, name)
     if value is None and optional:
         return
+    kind = meta["kind"]
+    if kind == "choice":
+        if value not in meta["choices"]:
+            raise SpotfitInputError(
+                f"{name} {value!r} is unknown; choose one of {', '.join(meta['choices'])}",
+                parameter=name)
+        return
+    if kind == "flag":
+        if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+            raise SpotfitInputError(f"{name} must be True or False, got {value!r}", parameter=name)
+        _set(config, name, bool(value))
+        return
+    low, inclusive, unit = meta["low"], meta["inclusive"], meta["unit"]
     ok = _is_real(value) and math.isfinite(float(value))
+    if kind == "whole":
+        ok = ok and float(value) == int(value) and int(value) >= low
+        if not ok:
+            raise SpotfitInputError(f"{name} must be a whole number >= {low} ({unit}), got {value!r}",
+                                    parameter=name)
+        _set(config, name, int(value))
+        return
     ok = ok and (float(value) >= low if inclusive else float(value) > low)
     if not ok:
         relation = ">=" if inclusive else ">"
         raise SpotfitInputError(f"{name} must be a number {relation} {low:g} ({unit}), got {value!r}",
                                 parameter=name)
     _set(config, name, float(value))
-
-
-def _whole(config, name, unit, low, optional=False):
-    value = getattr(config, name)
-    if value is None and optional:
-        return
-    ok = _is_real(value) and math.isfinite(float(value)) and float(value) == int(value) and int(value) >= low
-    if not ok:
-        raise SpotfitInputError(f"{name} must be a whole number >= {low} ({unit}), got {value!r}",
-                                parameter=name)
-    _set(config, name, int(value))
-
-
-def _flag(config, name, optional=False):
-    value = getattr(config, name)
-    if value is None and optional:
-        return
-    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
-        raise SpotfitInputError(f"{name} must be True or False, got {value!r}", parameter=name)
-    _set(config, name, bool(value))
-
-
-def _choice(config, name, choices, optional=False):
-    value = getattr(config, name)
-    if value is None and optional:
-        return
-    if value not in choices:
-        raise SpotfitInputError(f"{name} {value!r} is unknown; choose one of {', '.join(choices)}",
-                                parameter=name)
 
 
 # ------------------------------------------------------------------ setup

@@ -109,7 +109,8 @@ def pixel_size_of(table, pixel_size=None, where: str = "table") -> float:
     if pixel_size is not None:
         if not (isinstance(pixel_size, (int, float)) and math.isfinite(pixel_size)
                 and pixel_size > 0):
-            raise SpotfitInputError(f"--pixel-size must be a positive number of µm, got {pixel_size!r}")
+            raise SpotfitInputError(f"pixel_size must be a positive number of µm, got {pixel_size!r}",
+                                    parameter="pixel_size")
         return float(pixel_size)
     if "x_um" in table.columns and len(table):
         x = table["x"].to_numpy(float)
@@ -119,7 +120,7 @@ def pixel_size_of(table, pixel_size=None, where: str = "table") -> float:
             return float(np.median(x_um[ok] / x[ok]))
     raise SpotfitInputError(
         f"{where}: the pixel size is unknown (the table has no x_um column); give "
-        "--pixel-size in µm (e.g. --pixel-size 0.16 for 160 nm pixels)"
+        "`pixel_size` in µm (e.g. `pixel_size=0.16` for 160 nm pixels)", parameter="pixel_size"
     )
 
 
@@ -134,7 +135,8 @@ def _z_step_of(table, z_step=None, where: str = "table") -> float:
         if ok.any():
             return float(np.median(z_um[ok] / z[ok]))
     raise SpotfitInputError(
-        f"{where}: a z-stack table needs the z step for z in nm; give --z-step in µm"
+        f"{where}: a z-stack table needs the z step for z in nm; give `z_step` in µm",
+        parameter="z_step"
     )
 
 
@@ -150,19 +152,22 @@ def _check_fit_table(table, where: str) -> None:
 def _select(table, rows: str, channel, where: str):
     """Rows to write (converged or all) of one channel."""
     if rows not in ("converged", "all"):
-        raise SpotfitInputError(f"rows must be 'converged' or 'all', not {rows!r}")
+        raise SpotfitInputError(f"rows must be 'converged' or 'all', not {rows!r}", parameter="rows")
     if "channel" in table.columns:
         channels = sorted(int(c) for c in table["channel"].dropna().unique())
         if channel is None and len(channels) > 1:
             raise SpotfitInputError(
-                f"{where} holds channels {channels}; export one at a time with --channel N"
+                f"{where} holds channels {channels}; export one at a time with `channel=N`",
+                parameter="channel"
             )
         if channel is not None:
             if channel not in channels:
-                raise SpotfitInputError(f"{where} has no channel {channel} (it has {channels})")
+                raise SpotfitInputError(f"{where} has no channel {channel} (it has {channels})",
+                                        parameter="channel")
             table = table[table["channel"] == channel]
     elif channel is not None:
-        raise SpotfitInputError(f"--channel {channel} given but {where} has no channel column")
+        raise SpotfitInputError(f"channel {channel} given but {where} has no channel column",
+                                parameter="channel")
     if rows == "converged":
         table = table[table["status"] == "converged"]
     return table
@@ -387,21 +392,21 @@ def write_picasso(table, path, width: int | None = None, height: int | None = No
     frames : int
         Number of frames of the movie.
     """
-    h5py = _require("h5py", "Picasso", "export")
-    yaml = _require("yaml", "Picasso", "export")
     out = os.fspath(path)
     if not out.lower().endswith((".hdf5", ".h5")):
         raise SpotfitInputError(f"{out}: a Picasso file must end in .hdf5")
     for name, value in (("width", width), ("height", height), ("frames", frames)):
         if value is None:
             raise SpotfitInputError(
-                f"{where}: Picasso needs the image size (width, height, frames); give --image "
-                "with the image the table was fitted from"
+                f"{where}: Picasso needs the image size: give the `image` the table was "
+                "fitted from, or `width`, `height` and `frames`", parameter=name
             )
         if int(value) < 1:
-            raise SpotfitInputError(f"{name} must be >= 1, got {value!r}")
+            raise SpotfitInputError(f"{name} must be >= 1, got {value!r}", parameter=name)
     px = pixel_size_of(table, pixel_size, where)
     locs = picasso_locs(table, z_step, rows, channel, where)
+    h5py = _require("h5py", "Picasso", "export")  # after the checks: they need no extra
+    yaml = _require("yaml", "Picasso", "export")
     unit = _unit(table, where) if len(table) else "photon"
     info = picasso_info(width, height, frames, px, unit, source, dtype, rows)
     yaml_path = os.path.splitext(out)[0] + ".yaml"
@@ -461,7 +466,7 @@ def default_output(table_path, fmt: str) -> str:
 
 def export(table, path, fmt: str, *, pixel_size=None, z_step=None, rows=None, channel=None,
            width=None, height=None, frames=None, source=None, dtype=None,
-           where="table") -> list:
+           where="table", image=None, axes=None) -> list:
     """Write `table` to `path` in format `fmt`; return the paths written.
 
     Parameters
@@ -482,6 +487,11 @@ def export(table, path, fmt: str, *, pixel_size=None, z_step=None, rows=None, ch
         Image size, needed by Picasso.
     source, dtype : str, optional
         Image file and pixel type, recorded in Picasso's metadata.
+    image : str or os.PathLike, optional
+        The image the table was fitted from (`axes` as for
+        :func:`spotfit.read_image`): its header gives `width`, `height`,
+        `frames`, `source`, `dtype` and, for a table without ``x_um``,
+        `pixel_size`, where they are not given (:func:`image_info`).
 
     Raises
     ------
@@ -490,11 +500,20 @@ def export(table, path, fmt: str, *, pixel_size=None, z_step=None, rows=None, ch
         package (naming the extra), unwritable path.
     """
     if fmt not in FORMATS:
-        raise SpotfitInputError(f"--format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
+        raise SpotfitInputError(f"fmt {fmt!r} is unknown; choose one of {', '.join(FORMATS)}",
+                                parameter="fmt")
+    if image is not None:
+        info = image_info(image, axes)
+        width, height, frames = (v if v is not None else info[k] for k, v in (
+            ("width", width), ("height", height), ("frames", frames)))
+        source, dtype = source or info["source"], dtype or info["dtype"]
+        if pixel_size is None and "x_um" not in table.columns:
+            pixel_size = info["pixel_size"]
     if fmt in ("csv", "parquet"):
         if rows not in (None, "all") or channel is not None:
             raise SpotfitInputError(
-                f"--format {fmt} keeps every row and channel (filter with pandas instead)"
+                f"fmt {fmt} keeps every row and channel (filter with pandas instead)",
+                parameter="fmt"
             )
         if fmt == "csv":
             return write_csv(table, path)

@@ -46,9 +46,10 @@ def check_camera(camera) -> None:
     """
     if camera is not None and getattr(camera, "calibrated", False):
         raise SpotfitInputError(
-            "--invert cannot be combined with a camera calibration (--gain): inverted "
+            "invert cannot be combined with a camera calibration (`gain`): inverted "
             "counts are not photons, and the photon noise model would be upside down. "
-            "Fit inverted images without --gain (results in ADU of the inverted image)"
+            "Fit inverted images without `gain` (results in ADU of the inverted image)",
+            parameter="invert",
         )
 
 
@@ -64,15 +65,12 @@ def invert_image(img):
     Returns
     -------
     spotfit.io.Image
-        Same axes, shape, pixel type, path and physical sizes; ``data`` is an
-        :class:`InvertedStack` over `img`.
+        Same axes, shape, pixel type, path, physical sizes and notes;
+        ``data`` is an :class:`InvertedStack` over `img`.
     """
-    from spotfit.io import Image
+    import dataclasses
 
-    return Image(
-        data=InvertedStack(img), axes=img.axes, path=img.path, pixel_size=img.pixel_size,
-        z_step=img.z_step, source_axes=img.source_axes, dtype=img.dtype,
-    )
+    return dataclasses.replace(img, data=InvertedStack(img), reader=None)
 
 
 class InvertedStack:

@@ -143,6 +143,10 @@ class Image:
         (``pread``) instead of through the map, so that a file truncated
         while it is being read gives a :class:`SpotfitInputError` rather
         than killing the process with SIGBUS.  Set by :func:`read_image`.
+    notes : tuple of str
+        Where reading the file's axes was a guess (:func:`axes_notes`), one
+        line each, suggesting ``axes``; empty when the axes were given or are
+        certain.
 
     Notes
     -----
@@ -158,6 +162,7 @@ class Image:
     source_axes: str | None = None
     dtype: np.dtype | None = None
     reader: "_FileReader | None" = field(default=None, repr=False)
+    notes: tuple = ()
 
     def __post_init__(self):
         if self.axes not in ("TYX", "TZYX"):
@@ -306,9 +311,8 @@ class Image:
             axes = default_axes(array.shape)
         _check_dtype(array.dtype, where)
         plan = _plan_axes(
-            _validate_axes_override(axes, array.shape, "", where, "axes"),
-            array.shape, channel, where, option="axes", channel_option="channel",
-            overridden=True,
+            _validate_axes_override(axes, array.shape, "", where),
+            array.shape, channel, where, overridden=True,
         )
         _check_size(axes.upper(), array.shape, where)
         out, out_axes = _apply_plan(array, plan)
@@ -428,7 +432,7 @@ def read_image(
             tif = tifffile.TiffFile(where)
         except Exception as exc:  # tifffile raises many types for bad files
             raise _corrupt(where, exc) from exc
-        with _ClosingUnlessPaged(tif):
+        with _ClosingUnlessPaged(tif) as closing:
             index = series
             series = _select_series(tif, where, logged, index)
 
@@ -443,7 +447,7 @@ def read_image(
             source_axes = (
                 stored_axes
                 if axes is None
-                else _validate_axes_override(axes, shape, stored_axes, where, "--axes")
+                else _validate_axes_override(axes, shape, stored_axes, where)
             )
             plan = _plan_axes(source_axes, shape, channel, where, overridden=axes is not None)
             _check_size(source_axes, shape, where)
@@ -455,6 +459,7 @@ def read_image(
             else:
                 _check_codec(series, where)
                 array = PagedStack.open(tif, series, plan, where)
+                closing.keep = array is not None  # the stack now owns the open file
             if array is None:  # a layout not split into pages: load it all
                 array = _load_pixels(series, where)
             logged.check(where)
@@ -472,6 +477,7 @@ def read_image(
         source_axes=source_axes,
         dtype=file_dtype,
         reader=reader,
+        notes=() if axes is not None else axes_notes(source_axes, shape, plan, z_step),
     )
     try:
         _check_finite(data, where, reader.read if reader is not None else np.asarray)
@@ -492,7 +498,7 @@ def _stored_image(array, stored_axes, where, axes, channel, pixel_size, z_step) 
     _check_dtype(array.dtype, where)
     source_axes = (
         stored_axes if axes is None
-        else _validate_axes_override(axes, shape, stored_axes, where, "--axes")
+        else _validate_axes_override(axes, shape, stored_axes, where)
     )
     plan = _plan_axes(source_axes, shape, channel, where, overridden=axes is not None)
     _check_size(source_axes, shape, where)
@@ -502,6 +508,7 @@ def _stored_image(array, stored_axes, where, axes, channel, pixel_size, z_step) 
         data=data, axes=out_axes, path=where, pixel_size=pixel_size,
         z_step=z_step if out_axes == "TZYX" else None, source_axes=source_axes,
         dtype=np.dtype(array.dtype),
+        notes=() if axes is not None else axes_notes(source_axes, shape, plan, z_step),
     )
 
 
@@ -537,7 +544,7 @@ def count_channels(path, axes: str | None = None, series: int | None = None) -> 
     if readers.handles(where):
         array, stored, _, _ = readers.read_stored(where, grey=axes is None)
         shape = tuple(int(n) for n in array.shape)
-        letters = stored if axes is None else _validate_axes_override(axes, shape, stored, where, "--axes")
+        letters = stored if axes is None else _validate_axes_override(axes, shape, stored, where)
         sizes = [n for a, n in zip(letters, shape) if a in "CS" and n > 1]
         return sizes[0] if sizes else 1
     _check_file(where)
@@ -552,7 +559,7 @@ def count_channels(path, axes: str | None = None, series: int | None = None) -> 
             stored_axes = str(series.axes)
     letters = (
         stored_axes if axes is None
-        else _validate_axes_override(axes, shape, stored_axes, where, "--axes")
+        else _validate_axes_override(axes, shape, stored_axes, where)
     )
     sizes = [n for a, n in zip(letters, shape) if a in "CS" and n > 1]
     return sizes[0] if sizes else 1
@@ -815,7 +822,7 @@ def _select_series(tif, where: str, logged, index=None) -> "tifffile.TiffPageSer
         if n > 1:
             raise SpotfitInputError(
                 f"{where} holds {n} image series ({_describe_series(found)}); spotfit reads "
-                f"one at a time: choose one with `series` N (0 to {n - 1})", parameter="series"
+                f"one at a time: choose one with `series=N` (0 to {n - 1})", parameter="series"
             )
         return found[0]
     if isinstance(index, bool) or not isinstance(index, numbers.Integral):
@@ -843,16 +850,17 @@ def _describe_series(found, limit: int = 4) -> str:
 
 
 class _ClosingUnlessPaged:
-    """Close a TiffFile on leaving the block unless a PagedStack took it over."""
+    """Close a TiffFile on leaving the block unless a PagedStack took it over (``keep``)."""
 
     def __init__(self, tif: tifffile.TiffFile):
         self.tif = tif
+        self.keep = False
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None or not getattr(self.tif, "_spotfit_paged", False):
+        if exc_type is not None or not self.keep:
             self.tif.close()
         return False
 
@@ -926,9 +934,7 @@ class PagedStack:
         page_size = math.prod(keyframe.shape)
         for k in range(len(shape) + 1):
             if math.prod(shape[:k]) == len(pages) and math.prod(shape[k:]) == page_size:
-                stack = cls(tif, series, k, plan, where)
-                tif._spotfit_paged = True  # the stack now owns the open file
-                return stack
+                return cls(tif, series, k, plan, where)
         return None
 
     # ------------------------------------------------------------ array-like
@@ -1040,16 +1046,15 @@ def _check_finite(data: np.ndarray, where: str, read=np.asarray) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _validate_axes_override(
-    axes, shape: tuple[int, ...], stored_axes: str, where: str, option: str
-) -> str:
-    """Check a user-given axes string against the stored shape; return it upper-case."""
+def _validate_axes_override(axes, shape: tuple[int, ...], stored_axes: str, where: str) -> str:
+    """Check a user-given axes string (the ``axes`` parameter) against the stored shape;
+    return it upper-case."""
     stored = f", stored axes {stored_axes!r}" if stored_axes else ""
 
     def fail(reason: str):
         raise SpotfitInputError(
-            f"{option} {axes!r} does not fit {where}: {reason} "
-            f"(the image has {len(shape)} dimensions, shape {shape}{stored})"
+            f"axes {axes!r} does not fit {where}: {reason} "
+            f"(the image has {len(shape)} dimensions, shape {shape}{stored})", parameter="axes"
         )
 
     if not isinstance(axes, str):
@@ -1077,11 +1082,13 @@ class _AxesPlan:
 
     ``index``: per stored axis, an integer (keep that element, dropping the
     axis) or ``slice(None)``; ``kept``: the roles ("T", "Z", "Y", "X") of the
-    axes left after indexing, in stored order.
+    axes left after indexing, in stored order; ``roles``: per stored axis,
+    its role or "drop".
     """
 
     index: tuple
     kept: str
+    roles: tuple = ()
 
 
 def _plan_axes(
@@ -1089,11 +1096,13 @@ def _plan_axes(
     shape: tuple[int, ...],
     channel,
     where: str,
-    option: str = "--axes",
-    channel_option: str = "--channel",
     overridden: bool = False,
 ) -> _AxesPlan:
-    """Interpret axis letters; pick the channel; plan squeezing and transposing."""
+    """Interpret axis letters; pick the channel; plan squeezing and transposing.
+
+    Messages name the parameters ``axes`` and ``channel`` (the command line
+    names its options instead, see :class:`~spotfit.errors.SpotfitInputError`).
+    """
     described = f"axes {source_axes!r}, shape {shape}"
     roles = []
     for i, (letter, size) in enumerate(zip(source_axes, shape)):
@@ -1110,7 +1119,7 @@ def _plan_axes(
         else:
             raise SpotfitInputError(
                 f"{where}: cannot tell what axis {letter!r} (size {size}) is "
-                f"({described}); give all axes with {option}, e.g. {option} TZYX"
+                f"({described}); give all axes with `axes`, e.g. `axes='TZYX'`", parameter="axes"
             )
         roles.append(role)
 
@@ -1118,7 +1127,7 @@ def _plan_axes(
         if needed not in roles:
             raise SpotfitInputError(
                 f"{where}: no {needed} axis found ({described}); give the axes "
-                f"with {option}"
+                f"with `axes`", parameter="axes"
             )
 
     # A role on two axes: keep the one of size > 1, drop size-1 duplicates.
@@ -1130,7 +1139,7 @@ def _plan_axes(
                 letters = "".join(source_axes[i] for i in big)
                 raise SpotfitInputError(
                     f"{where}: more than one {_ROLE_NAMES[role]} axis ({letters!r}; "
-                    f"{described}); give the axes with {option}"
+                    f"{described}); give the axes with `axes`", parameter="axes"
                 )
             keep = big[0] if big else positions[0]
             for i in positions:
@@ -1144,13 +1153,14 @@ def _plan_axes(
         isinstance(channel, bool) or not isinstance(channel, numbers.Integral)
     ):
         raise SpotfitInputError(
-            f"{channel_option} must be a whole number (0-based channel), not {channel!r}"
+            f"channel must be a whole number (0-based channel), not {channel!r}",
+            parameter="channel",
         )
     if channel_axis is None:
         if channel is not None:
             raise SpotfitInputError(
-                f"{channel_option} {channel} given but {where} has no channel axis "
-                f"({described})"
+                f"channel {channel} given but {where} has no channel axis "
+                f"({described})", parameter="channel"
             )
     else:
         n_channels = shape[channel_axis]
@@ -1160,17 +1170,19 @@ def _plan_axes(
             if n_channels > 1:
                 hint = (
                     "" if overridden
-                    else f", or give {option} if axis {letter} is not channels"
+                    else f", or give `axes` if axis {letter} is not channels"
                 )
                 raise SpotfitInputError(
                     f"{where} has {n_channels} channels (axis {letter}{kind}); "
-                    f"choose one with {channel_option} (0 to {n_channels - 1}){hint}"
+                    f"choose one with `channel` (0 to {n_channels - 1}){hint}",
+                    parameter="channel",
                 )
             channel = 0
         if not 0 <= channel < n_channels:
             raise SpotfitInputError(
-                f"{channel_option} {channel} is out of range for {where}: it has "
-                f"{n_channels} channel(s) (axis {letter}), valid: 0 to {n_channels - 1}"
+                f"channel {channel} is out of range for {where}: it has "
+                f"{n_channels} channel(s) (axis {letter}), valid: 0 to {n_channels - 1}",
+                parameter="channel",
             )
         index[channel_axis] = int(channel)
         roles[channel_axis] = "drop"
@@ -1185,7 +1197,35 @@ def _plan_axes(
             roles[i] = "drop"
 
     kept = "".join(r for r in roles if r != "drop")
-    return _AxesPlan(index=tuple(index), kept=kept)
+    return _AxesPlan(index=tuple(index), kept=kept, roles=tuple(roles))
+
+
+def axes_notes(source_axes: str, shape, plan: _AxesPlan, z_step) -> tuple:
+    """Where the reading of a file's axes was a guess: one note each, suggesting ``axes``.
+
+    * a stored axis read as time without being labelled time (tifffile's
+      ``I`` of a plain multi-page TIFF, a leading unknown ``Q``);
+    * images labelled as z planes (e.g. ImageJ's default for any stack,
+      "slices") with no z step recorded, and no time axis: perhaps a movie.
+
+    Only for axes taken from the file (not given by the user).
+    """
+    notes = []
+    for i, (letter, n) in enumerate(zip(source_axes, shape)):
+        if plan.roles[i] == "T" and letter != "T" and n > 1:
+            hint = source_axes[:i] + "Z" + source_axes[i + 1:]
+            notes.append(
+                f"its {n} images are not labelled as time or z (axes {source_axes!r}); read as "
+                f"{n} time frames. If they are z planes, give `axes='{hint}'`")
+    if "T" not in plan.roles and z_step is None:
+        for i, (letter, n) in enumerate(zip(source_axes, shape)):
+            if plan.roles[i] == "Z" and n > 1:
+                hint = source_axes[:i] + "T" + source_axes[i + 1:]
+                notes.append(
+                    f"its {n} images are labelled as z planes but no z step is recorded: read "
+                    f"as one z-stack of {n} planes (3D). If they are time points, give "
+                    f"`axes='{hint}'`")
+    return tuple(notes)
 
 
 def _apply_plan(array: np.ndarray, plan: _AxesPlan) -> tuple[np.ndarray, str]:
@@ -1322,7 +1362,7 @@ def write_tiff(
         raise SpotfitInputError(
             f"{where}: cannot write axes {axes!r}: use C for channels, not S"
         )
-    letters = _validate_axes_override(axes, array.shape, "", where, "axes")
+    letters = _validate_axes_override(axes, array.shape, "", where)
     if array.dtype == np.float64:
         array = array.astype(np.float32)
     if array.dtype.newbyteorder("=") not in _IMAGEJ_DTYPES:

@@ -77,13 +77,13 @@ def parse_crop(crop):
                 bounds += [int(lo) if lo else None, int(hi) if hi else None]
         except ValueError:
             raise SpotfitInputError(
-                f"--crop {crop!r} is not X0:X1,Y0:Y1 (columns X0 to X1-1, rows Y0 to Y1-1, "
-                "e.g. 100:300,50:200)"
+                f"crop {crop!r} is not X0:X1,Y0:Y1 (columns X0 to X1-1, rows Y0 to Y1-1, "
+                "e.g. 100:300,50:200)", parameter="crop"
             ) from None
         return tuple(bounds)
     bounds = tuple(crop)
     if len(bounds) != 4:
-        raise SpotfitInputError(f"crop must be (x0, x1, y0, y1), got {crop!r}")
+        raise SpotfitInputError(f"crop must be (x0, x1, y0, y1), got {crop!r}", parameter="crop")
     return tuple(None if b is None else int(b) for b in bounds)
 
 
@@ -97,8 +97,8 @@ def _crop_box(crop, ny, nx):
     y1 = ny if y1 is None else y1
     if not (0 <= x0 < x1 <= nx and 0 <= y0 < y1 <= ny):
         raise SpotfitInputError(
-            f"--crop {x0}:{x1},{y0}:{y1} is not inside the image of {nx} columns and {ny} "
-            "rows (need 0 <= X0 < X1 <= columns, 0 <= Y0 < Y1 <= rows)"
+            f"crop {x0}:{x1},{y0}:{y1} is not inside the image of {nx} columns and {ny} "
+            "rows (need 0 <= X0 < X1 <= columns, 0 <= Y0 < Y1 <= rows)", parameter="crop"
         )
     return x0, x1, y0, y1
 
@@ -144,7 +144,7 @@ def _default_zoom(ny, nx):
 # ---------------------------------------------------------------------------
 def show(image, spots=None, *, frame=None, crop=None, zoom=None, percentiles=(0.5, 99.8),
          color="auto", legend=True, title=None, linewidth=1.0, config=None, camera=None,
-         axes=None, channel=None, **options):
+         axes=None, channel=None, series=None, **options):
     """Draw an image with its fitted spots; return the matplotlib Figure.
 
     Parameters
@@ -183,7 +183,7 @@ def show(image, spots=None, *, frame=None, crop=None, zoom=None, percentiles=(0.
         Ellipse line width in points (1 point = 1.39 px at 100 dpi).
     config, camera, options
         Fit settings, used only when `spots` is None.
-    axes, channel : optional
+    axes, channel, series : optional
         How to read `image` (see :func:`spotfit.read_image`).  With a
         table that has a ``channel`` column, only that channel's spots
         (default 0) are drawn.
@@ -202,17 +202,20 @@ def show(image, spots=None, *, frame=None, crop=None, zoom=None, percentiles=(0.
     if spots is not None and options:
         raise TypeError(f"fit options ({', '.join(sorted(options))}) are used only without spots")
     if color not in ("auto", "status", "z", "frame"):
-        raise SpotfitInputError(f"--color must be auto, status, z or frame, not {color!r}")
+        raise SpotfitInputError(f"color must be auto, status, z or frame, not {color!r}",
+                                parameter="color")
     if channel == "all":
-        raise SpotfitInputError("--channel all: show one channel at a time (--channel N)")
+        raise SpotfitInputError("channel 'all': show one channel at a time (`channel=N`)",
+                                parameter="channel")
     lo_p, hi_p = (float(p) for p in percentiles)
     if not (0 <= lo_p < hi_p <= 100):
-        raise SpotfitInputError(f"percentiles must be 0 <= low < high <= 100, got {percentiles!r}")
+        raise SpotfitInputError(f"percentiles must be 0 <= low < high <= 100, got {percentiles!r}",
+                                parameter="percentiles")
     if zoom is not None and not (math.isfinite(zoom) and zoom > 0):
-        raise SpotfitInputError(f"--zoom must be a positive number, got {zoom!r}")
+        raise SpotfitInputError(f"zoom must be a positive number, got {zoom!r}", parameter="zoom")
 
     opened = isinstance(image, (str, os.PathLike))
-    img = as_image(image, axes=axes, channel=channel)
+    img = as_image(image, axes=axes, channel=channel, series=series)
     try:
         if spots is None:
             from spotfit.api import fit
@@ -224,8 +227,8 @@ def show(image, spots=None, *, frame=None, crop=None, zoom=None, percentiles=(0.
         if frame is not None:
             if not (isinstance(frame, (int, np.integer)) and 0 <= frame < n_frames):
                 raise SpotfitInputError(
-                    f"--frame {frame} is out of range: the image has {n_frames} frame(s) "
-                    f"(0 to {n_frames - 1})"
+                    f"frame {frame} is out of range: the image has {n_frames} frame(s) "
+                    f"(0 to {n_frames - 1})", parameter="frame"
                 )
             frames = [int(frame)]
         else:
@@ -244,7 +247,7 @@ def show(image, spots=None, *, frame=None, crop=None, zoom=None, percentiles=(0.
     if color == "auto":
         color = "z" if is_3d and "z" in spots_in.columns else "status"
     if color in ("z", "frame") and color not in spots_in.columns:
-        raise SpotfitInputError(f"--color {color}: the table has no {color} column")
+        raise SpotfitInputError(f"color {color}: the table has no {color} column", parameter="color")
     if zoom is None:
         zoom = _default_zoom(*picture.shape)
     if title is None:

@@ -161,13 +161,16 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
     config = make_config(config, options)
     camera = camera or Camera()
     if at_frame is not None and match_frames:
-        raise SpotfitInputError("--at-frame and --match-frames cannot be combined: --at-frame measures "
-                                "the spots of one frame in every frame")
+        raise SpotfitInputError("at_frame and `match_frames` cannot be combined: `at_frame` "
+                                "measures the spots of one frame in every frame",
+                                parameter="at_frame")
     if refine and match_frames:
-        raise SpotfitInputError("--refine and --match-frames cannot be combined: refining sums "
-                                "all frames, matching measures each position in one frame only")
+        raise SpotfitInputError("refine and `match_frames` cannot be combined: refining sums "
+                                "all frames, matching measures each position in one frame only",
+                                parameter="refine")
     if aperture is not None and not (np.isfinite(aperture) and aperture > 0):
-        raise SpotfitInputError(f"--aperture must be a positive radius in px, got {aperture!r}")
+        raise SpotfitInputError(f"aperture must be a positive radius in px, got {aperture!r}",
+                                parameter="aperture")
     if isinstance(positions, (str, os.PathLike)):  # a fit table, or any CSV / Parquet table
         from spotfit.export import read_table
 
@@ -304,19 +307,21 @@ def frame_list(spec, n_frames: int) -> list:
                 b = (int(hi) if hi else n_frames - 1) if dash else a
             except ValueError:
                 raise SpotfitInputError(
-                    f"--frames {spec!r}: expected frame numbers and ranges such as 0-99,200,300-"
+                    f"frames {spec!r}: expected frame numbers and ranges such as 0-99,200,300-",
+                    parameter="frames"
                 ) from None
             if b < a:
-                raise SpotfitInputError(f"--frames {spec!r}: range {part} is empty")
+                raise SpotfitInputError(f"frames {spec!r}: range {part} is empty",
+                                        parameter="frames")
             items.extend(range(a, b + 1))
     else:
         items = [int(v) for v in spec]
     bad = [t for t in items if not 0 <= t < n_frames]
     if bad:
-        raise SpotfitInputError(f"--frames: frame {bad[0]} does not exist; the image has "
-                                f"{n_frames} frame(s), 0-{n_frames - 1}")
+        raise SpotfitInputError(f"frames: frame {bad[0]} does not exist; the image has "
+                                f"{n_frames} frame(s), 0-{n_frames - 1}", parameter="frames")
     if not items:
-        raise SpotfitInputError("--frames selects no frame")
+        raise SpotfitInputError("frames selects no frame", parameter="frames")
     return sorted(set(items))
 
 
@@ -383,10 +388,10 @@ def spots_from_table(table, ndim, frame_shape, config, source="positions", at_fr
         widths[:, 2] = _numeric(table, "sigma_z", source) if from_table and "sigma_z" in table.columns \
             else config.axial_sigma()
     names = ("sigma_x", "sigma_y", "sigma_z")[:ndim]
-    _check_finite(widths, row_number, source, "width", names, hint="; or give --sigma")
+    _check_finite(widths, row_number, source, "width", names, hint="; or give `sigma`")
     if np.any(widths <= 0):
         k = int(np.argmax(np.any(widths <= 0, axis=1)))
-        raise SpotfitInputError(f"{source}: row {row_number[k]} has a width <= 0; give --sigma")
+        raise SpotfitInputError(f"{source}: row {row_number[k]} has a width <= 0; give `sigma`")
     _check_finite(angle[:, None], row_number, source, "angle", ("angle",))
     if "spot_id" in table.columns:
         ids = _numeric(table, "spot_id", source)

@@ -221,7 +221,7 @@ def _positive(name, value, allow_none=True):
     except (TypeError, ValueError):
         v = float("nan")
     if not (math.isfinite(v) and v > 0):
-        raise SpotfitInputError(f"{name} must be a positive number, got {value!r}")
+        raise SpotfitInputError(f"{name} must be a positive number, got {value!r}", parameter=name)
     return v
 
 
@@ -262,8 +262,8 @@ def _column(table, name, where, why):
     return np.asarray(table[name], dtype=float)
 
 
-def _camera_size(table, axis, given, doc_value, where, option):
-    """nm per camera pixel (plane) along `axis`: option, ``<axis>_um`` column, sidecar."""
+def _camera_size(table, axis, given, doc_value, where, parameter):
+    """nm per camera pixel (plane) along `axis`: `parameter`, ``<axis>_um`` column, sidecar."""
     if given is not None:
         return given
     col = f"{axis}_um"
@@ -279,7 +279,8 @@ def _camera_size(table, axis, given, doc_value, where, option):
         return 1000.0 * float(doc_value)
     what = "pixel size" if axis == "x" else "distance between planes"
     raise SpotfitInputError(
-        f"{where}: the camera {what} is unknown (no {col} column); give it with {option} NM"
+        f"{where}: the camera {what} is unknown (no {col} column); give it in nm with "
+        f"`{parameter}`", parameter=parameter
     )
 
 
@@ -290,7 +291,7 @@ def _field_shape(shape, doc, ndim):
         if len(shape) not in (2, 3) or min(shape) < 1:
             raise SpotfitInputError(
                 f"shape must be (rows, columns) or (planes, rows, columns) of the camera image, "
-                f"got {shape!r}"
+                f"got {shape!r}", parameter="shape"
             )
         return shape
     if doc is None:
@@ -385,16 +386,18 @@ def prepare(spots, pixel_size, *, method="gaussian", sigma=None, min_sigma=None,
     """
     table, doc, where = _read_table(spots)
     if method not in METHODS:
-        raise SpotfitInputError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    pixel_size = _positive("--pixel-size", pixel_size, allow_none=False)
-    sigma = _positive("--sigma", sigma)
-    sigma_z = _positive("--sigma-z", sigma_z)
-    z_step = _positive("--z-step", z_step)
-    camera_pixel_size = _positive("--camera-pixel-size", camera_pixel_size)
-    camera_z_step = _positive("--camera-z-step", camera_z_step)
-    max_err = _positive("--max-err", max_err)
+        raise SpotfitInputError(f"method must be one of {', '.join(METHODS)}, not {method!r}",
+                                parameter="method")
+    pixel_size = _positive("pixel_size", pixel_size, allow_none=False)
+    sigma = _positive("sigma", sigma)
+    sigma_z = _positive("sigma_z", sigma_z)
+    z_step = _positive("z_step", z_step)
+    camera_pixel_size = _positive("camera_pixel_size", camera_pixel_size)
+    camera_z_step = _positive("camera_z_step", camera_z_step)
+    max_err = _positive("max_err", max_err)
     if min_sigma is not None and not (math.isfinite(float(min_sigma)) and min_sigma >= 0):
-        raise SpotfitInputError(f"--min-sigma must be a number >= 0, got {min_sigma!r}")
+        raise SpotfitInputError(f"min_sigma must be a number >= 0, got {min_sigma!r}",
+                                parameter="min_sigma")
     three_d = z_step is not None
     need_z = three_d or "z_nm" in keep
 
@@ -409,20 +412,20 @@ def prepare(spots, pixel_size, *, method="gaussian", sigma=None, min_sigma=None,
         if "status" in table.columns:
             keep_rows &= np.isin(np.asarray(table["status"], dtype=object), names)
         elif names != ["converged"]:
-            raise SpotfitInputError(f"{where}: the table has no 'status' column (--status)")
+            raise SpotfitInputError(f"{where}: the table has no 'status' column (`status`)")
     counts["status"] = int(x.size - keep_rows.sum())
     if min_intensity is not None:
         before = keep_rows.sum()
-        keep_rows &= _column(table, "intensity", where, "--min-intensity") >= min_intensity
+        keep_rows &= _column(table, "intensity", where, "`min_intensity`") >= min_intensity
         counts["min_intensity"] = int(before - keep_rows.sum())
 
     cam_px = _camera_size(table, "x", camera_pixel_size,
-                          doc.get("pixel_size_um") if doc else None, where, "--camera-pixel-size")
+                          doc.get("pixel_size_um") if doc else None, where, "camera_pixel_size")
     scale = cam_px / pixel_size
     if max_err is not None:
         before = keep_rows.sum()
-        err = np.fmax(_column(table, "x_err", where, "--max-err"),
-                       _column(table, "y_err", where, "--max-err")) * cam_px
+        err = np.fmax(_column(table, "x_err", where, "`max_err`"),
+                       _column(table, "y_err", where, "`max_err`")) * cam_px
         keep_rows &= err <= max_err  # NaN errors fail the test
         counts["max_err"] = int(before - keep_rows.sum())
 
@@ -432,11 +435,11 @@ def prepare(spots, pixel_size, *, method="gaussian", sigma=None, min_sigma=None,
     if z is not None:
         finite &= np.isfinite(z)
     if per_spot:
-        ex = _column(table, "x_err", where, "per-localisation widths; or give --sigma")
-        ey = _column(table, "y_err", where, "per-localisation widths; or give --sigma")
+        ex = _column(table, "x_err", where, "per-localisation widths; or give `sigma`")
+        ey = _column(table, "y_err", where, "per-localisation widths; or give `sigma`")
         finite &= np.isfinite(ex) & np.isfinite(ey)
     if per_spot_z:
-        ez = _column(table, "z_err", where, "per-localisation axial widths; or give --sigma-z")
+        ez = _column(table, "z_err", where, "per-localisation axial widths; or give `sigma_z`")
         finite &= np.isfinite(ez)
     before = keep_rows.sum()
     keep_rows &= finite
@@ -453,7 +456,7 @@ def prepare(spots, pixel_size, *, method="gaussian", sigma=None, min_sigma=None,
     w = None
     if need_z:
         cam_dz = _camera_size(table, "z", camera_z_step,
-                              doc.get("z_step_um") if doc else None, where, "--camera-z-step")
+                              doc.get("z_step_um") if doc else None, where, "camera_z_step")
     if three_d:
         nz_cam = _extent(z[keep_rows], cam_shape[0] if cam_shape and len(cam_shape) == 3 else None)
         zscale = cam_dz / z_step
@@ -614,7 +617,7 @@ def colour_preview(points: Points, by, density=None, percentile=99.5, cmap="turb
                                    else "the table has no z column" if by == "z"
                                    else "choose time or z"))
     if len(points.shape) != 2:
-        raise SpotfitInputError("a colour preview is 2D: leave out --z-step")
+        raise SpotfitInputError("a colour preview is 2D: leave out `z_step`")
     values = np.asarray(values, dtype=float)
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
     span = hi - lo if hi > lo else 1.0

@@ -214,7 +214,7 @@ def write_report(path, summary, parameters=None, *, axes=None, channel=None,
         Per-file results of :func:`spotfit.batch.run_batch`; the CSVs (and
         sidecars) of ``ok`` and ``skipped`` files are read back.
     parameters : dict, optional
-        The parameters of the run (:func:`spotfit.batch.parameters`);
+        The parameters of the run (:func:`spotfit.provenance.parameters`);
         default: those recorded in the first sidecar found.
     axes, channel : optional
         How the inputs were read (``--axes``, ``--channel``), for the thumbnails.

@@ -48,8 +48,9 @@ SCHEMA = (
     # standard errors of the values above, same order: "<name>_err", same unit
     Column("chi2_red", "float64", "-", "reduced chi-square of the fit, ~1 for a good fit"),
     Column("iterations", "int32", "-", "solver iterations used"),
-    Column("status", "object", "-", "fit status (see spotfit.results.STATUS_NAMES)"),
-    Column("unit", "object", "-", "unit of signal: photon or ADU"),
+    # "str": pandas' string dtype (pandas >= 3), object holding str before
+    Column("status", "str", "-", "fit status (see spotfit.results.STATUS_NAMES)"),
+    Column("unit", "str", "-", "unit of signal: photon or ADU"),
     # detection tables
     Column("score", "float64", "-", "detection signal-to-noise ratio of the candidate"),
     # physical units, appended when the pixel size is known (add_physical_units)
@@ -129,8 +130,8 @@ def build(frame, values: dict, errors: dict, chi2_red, iterations, status_names,
         data[f"{c}_err"] = np.asarray(errors[c], dtype=float)
     data["chi2_red"] = np.asarray(chi2_red, dtype=float)
     data["iterations"] = np.asarray(iterations, dtype=np.int32)
-    data["status"] = np.asarray(status_names, dtype=object)
-    data["unit"] = np.full(n, unit, dtype=object)
+    data["status"] = pd.Series(np.asarray(status_names, dtype=object), dtype="str")
+    data["unit"] = pd.Series(np.full(n, unit, dtype=object), dtype="str")
     return pd.DataFrame(data, columns=columns(ndim))
 
 
@@ -182,9 +183,10 @@ def add_physical_units(table, pixel_size, z_step=None):
     """
     from spotfit.errors import SpotfitInputError
 
-    for name, value in (("pixel size", pixel_size), ("z step", z_step)):
+    for name, value in (("pixel_size", pixel_size), ("z_step", z_step)):
         if value is not None and not (np.isfinite(value) and value > 0):
-            raise SpotfitInputError(f"{name} must be a positive number of µm, got {value!r}")
+            raise SpotfitInputError(f"{name} must be a positive number of µm, got {value!r}",
+                                    parameter=name)
     names = physical_columns(list(table.columns), pixel_size, z_step)
     if not names:
         return table
@@ -221,9 +223,11 @@ def write_table(table, path) -> None:
 
     data = to_csv_bytes(table)
     with atomic_path(os.fspath(path)) as tmp:
-        _write_bytes(tmp, data)
+        write_csv_bytes(tmp, data)
 
 
-def _write_bytes(path, data: bytes) -> None:
+def write_csv_bytes(path, data: bytes) -> None:
+    """Write rendered CSV bytes (:func:`to_csv_bytes`) to `path`, a temporary file of
+    :func:`spotfit._atomic.atomic_path` or ``atomic_group``."""
     with open(path, "wb") as fh:
         fh.write(data)

@@ -25,6 +25,7 @@ import tifffile
 from click.testing import CliRunner
 
 import spotfit
+import spotfit.api
 import spotfit.batch as batch
 import spotfit.io as sio
 from spotfit.camera import Camera
@@ -167,14 +168,14 @@ def test_workers_1_and_2_give_identical_tables(good, tmp_path):
 
 
 def test_unexpected_error_in_one_file_is_recorded(good, tmp_path, monkeypatch):
-    real = batch._run_task
+    real = spotfit.api.process_file
 
-    def flaky(task, img, config, camera, on_frame):
-        if img.path.endswith("b.tif"):
+    def flaky(path, *args, **kwargs):
+        if str(path).endswith("b.tif"):
             raise RuntimeError("boom")
-        return real(task, img, config, camera, on_frame)
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(batch, "_run_task", flaky)
+    monkeypatch.setattr(spotfit.api, "process_file", flaky)
     summary = batch.run_batch([good], tmp_path / "out", camera=CAMERA, workers=1)
     assert [r.status for r in summary.results] == ["ok", "failed", "ok"]
     assert "unexpected error" in summary.failed[0].message
@@ -189,10 +190,11 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     import spotfit.batch as b
+    import spotfit.provenance as p
     from spotfit.camera import Camera
 
     calls = [0]
-    real = b._json_text
+    real = p._json_text
 
     def dying(doc):
         calls[0] += 1
@@ -200,7 +202,7 @@ _KILL_SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real(doc)
 
-    b._json_text = dying
+    p._json_text = dying
     b.run_batch([sys.argv[1]], sys.argv[2], camera=Camera(baseline=100, gain=2, read_noise=1.5),
                 workers=1, progress=False)
     """
@@ -495,8 +497,9 @@ def test_physical_units_3d():
                          "z_err": [0.5]})
     got = add_physical_units(fake, 0.1, 0.3)
     assert got.loc[0, "z_um_err"] == pytest.approx(0.15)
-    with pytest.raises(spotfit.SpotfitInputError, match="pixel size"):
+    with pytest.raises(spotfit.SpotfitInputError, match="pixel_size must be a positive") as err:
         add_physical_units(fake, -1, None)
+    assert err.value.parameter == "pixel_size"
 
 
 def test_z_step_from_option_for_zstacks(tmp_path):

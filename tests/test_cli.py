@@ -169,7 +169,8 @@ def test_detect_2d_finds_every_spot(sim2d):
     i_found, _ = match_spots(xy(found), xy(truth), MATCH_RADIUS)
     assert len(i_found) == N_SPOTS
     assert len(found) <= N_SPOTS + 1  # at most one noise candidate
-    assert f"{tif}: {len(found)} candidates -> stdout" in result.stderr
+    assert f"{tif} (YX, 1 frame, pixel size unknown): {len(found)} candidates -> stdout" \
+        in result.stderr
 
 
 def test_fit_2d_out_file(sim2d, dirs):
@@ -189,9 +190,10 @@ def test_fit_2d_out_file(sim2d, dirs):
     assert (table["frame"] == 0).all()
     converged = int((table["status"] == "converged").sum())
     assert result.stderr.strip() == (
-        f"{tif}: {N_SPOTS} spots ({converged} converged, {N_SPOTS - converged} flagged) -> {out}"
+        f"{tif} (YX, 1 frame, pixel size unknown, photons): {N_SPOTS} spots ({converged} "
+        f"converged, {N_SPOTS - converged} flagged) -> {out} + {dirs[1] / 'spots.json'}"
     )
-    assert sorted(p.name for p in dirs[1].iterdir()) == ["spots.csv"]
+    assert sorted(p.name for p in dirs[1].iterdir()) == ["spots.csv", "spots.json"]
 
 
 def test_fit_stdout_is_clean_csv(sim2d):
@@ -291,7 +293,8 @@ def test_image_without_spots_gives_header_only_csv(dirs):
         result = ok(command, tif, "--out", out / f"{command}.csv")
         text = (out / f"{command}.csv").read_text()
         assert text.count("\n") == 1, text  # the header line only
-        assert f"{tif}: 0 " in result.stderr
+        assert f"{tif} (YX, 1 frame, pixel size unknown" in result.stderr
+        assert "): 0 " in result.stderr
     assert (out / "fit.csv").read_text().strip().split(",") == columns(2)
     result = ok("fit", tif)
     assert result.stdout.strip().split(",") == columns(2)
@@ -522,9 +525,8 @@ def test_choices_match_library():
     from spotfit.estimators import ESTIMATOR_NAMES
     from spotfit.models import MODEL_NAMES
 
-    assert tuple(cli.MODEL_CHOICES) == tuple(MODEL_NAMES)
-    assert tuple(cli.ESTIMATOR_CHOICES) == tuple(ESTIMATOR_NAMES)
     assert tuple(_param("fit", "model").type.choices) == tuple(MODEL_NAMES)
+    assert tuple(_param("fit", "estimator").type.choices) == ("auto",) + tuple(ESTIMATOR_NAMES)
 
 
 def test_fit_defaults_match_fitconfig():
@@ -533,7 +535,7 @@ def test_fit_defaults_match_fitconfig():
     for name in ("sigma", "sigma_z", "threshold", "min_distance", "window", "model",
                  "integrated", "fix_sigma", "max_iter", "min_snr", "workers"):
         assert given[name] == defaults[name], name
-    assert given["estimator"] == "auto" and defaults["estimator"] is None
+    assert given["estimator"] is None and defaults["estimator"] is None  # shown as "auto"
     assert given["out"] == "-" and given["axes"] is None and given["channel"] is None
     assert _defaults("detect")["sigma"] == defaults["sigma"]
     camera = Camera()
@@ -789,7 +791,7 @@ def test_os_error_while_writing_is_one_line(sim2d, dirs, monkeypatch):
         Path(path).write_text("partial")
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(spotfit.table, "_write_bytes", disk_full)
+    monkeypatch.setattr(spotfit.table, "write_csv_bytes", disk_full)
     result = run("fit", tif, *CAMERA_ARGS, "--out", out)
     assert_input_error(result, out, "No space left on device")
     assert list(dirs[1].iterdir()) == []

@@ -237,7 +237,7 @@ def test_find_peaks_errors_name_the_parameter():
 
 
 def test_bad_images_are_rejected():
-    with pytest.raises(SpotfitInputError, match="5 channels .* choose one with channel"):
+    with pytest.raises(SpotfitInputError, match="5 channels .* choose one with `channel`"):
         detect(np.zeros((5, 20, 30)), axes="CYX")  # as fit: axes and channel of any layout
     assert len(detect(np.zeros((5, 20, 30)), axes="CYX", channel=1)) == 0
     with pytest.raises(SpotfitInputError, match="pass axes"):

@@ -46,6 +46,12 @@ def fitted(tmp_path_factory):
     return table, path
 
 
+def needs_export_extra():
+    """Skip unless the ``export`` extra is installed (h5py, pyyaml; pyarrow for Parquet)."""
+    pytest.importorskip("h5py")
+    pytest.importorskip("yaml")
+
+
 def picasso_io():
     """picasso.io if installed (it silences tifffile's logger on import: restored)."""
     logger = logging.getLogger("tifffile")
@@ -199,6 +205,7 @@ def load_locs_like_picasso(path):
 
 
 def test_picasso_locs_fields_values_and_metadata(fitted, tmp_path):
+    needs_export_extra()
     table, image = fitted
     out = tmp_path / "locs.hdf5"
     info = export.image_info(image)
@@ -292,7 +299,7 @@ def test_pixel_size_from_x_um_or_error(fitted):
     table, _ = fitted
     assert export.pixel_size_of(table) == pytest.approx(PIXEL_UM, rel=1e-6)
     bare = table.drop(columns=[c for c in table.columns if "_um" in c])
-    with pytest.raises(SpotfitInputError, match="pixel size is unknown.*--pixel-size"):
+    with pytest.raises(SpotfitInputError, match="pixel size is unknown.*`pixel_size`"):
         export.thunderstorm_table(bare)
     assert export.pixel_size_of(bare, 0.2) == 0.2
 
@@ -303,7 +310,7 @@ def test_detection_tables_and_channels_refused(fitted, tmp_path):
     with pytest.raises(SpotfitInputError, match="detection table"):
         export.thunderstorm_table(detections, pixel_size=0.1)
     two = pd.concat([table.assign(channel=0), table.assign(channel=1)], ignore_index=True)
-    with pytest.raises(SpotfitInputError, match="--channel N"):
+    with pytest.raises(SpotfitInputError, match="`channel=N`"):
         export.thunderstorm_table(two)
     assert len(export.thunderstorm_table(two, channel=1)) == (table["status"] == "converged").sum()
 
@@ -346,15 +353,23 @@ def test_cli_export_formats(fitted, tmp_path):
     result = run_cli("export", spots, "--format", "picasso")
     assert result.exit_code == 1 and "Error:" in result.stderr and "--image" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "spots_locs.hdf5").exists()
-    result = run_cli("export", spots, "--format", "picasso", "--image", image)
-    assert result.exit_code == 0, result.stderr
-    locs, meta, _ = load_locs_like_picasso(tmp_path / "spots_locs.hdf5")
-    assert meta[0]["Width"] == 70 and len(locs) == (table["status"] == "converged").sum()
     result = run_cli("export", spots, "--format", "csv", "--out", spots)
     assert result.exit_code == 1 and "overwrite the input" in result.stderr
 
 
+def test_cli_export_picasso_with_the_image(fitted, tmp_path):
+    needs_export_extra()
+    table, image = fitted
+    spots = tmp_path / "spots.csv"
+    spotfit.write_table(table, spots)
+    result = run_cli("export", spots, "--format", "picasso", "--image", image)
+    assert result.exit_code == 0, result.stderr
+    locs, meta, _ = load_locs_like_picasso(tmp_path / "spots_locs.hdf5")
+    assert meta[0]["Width"] == 70 and len(locs) == (table["status"] == "converged").sum()
+
+
 def test_cli_export_of_a_batch_uses_its_sidecar(tmp_path):
+    needs_export_extra()
     image, _ = simulate((2, 40, 52), n_spots=4, photons=3000, background=10, seed=13,
                         camera=Camera(baseline=100, gain=1), border=5)
     (tmp_path / "data").mkdir()
@@ -376,7 +391,18 @@ def test_cli_export_choices_match_the_library():
     assert EXPORT_FORMATS == export.FORMATS
 
 
+def test_cli_fit_format_thunderstorm_and_usage_errors(fitted, tmp_path):
+    table, image = fitted
+    result = run_cli("fit", image, "--format", "thunderstorm", "--out", tmp_path / "ts.csv")
+    assert result.exit_code == 0, result.stderr
+    assert read_like_thunderstorm(tmp_path / "ts.csv")[1]["intensity"] == "ADU"
+    for args in (["--format", "parquet"], ["--format", "parquet", "--out-dir", tmp_path / "o"]):
+        result = run_cli("fit", image, *args)
+        assert result.exit_code == 2 and "--format parquet" in result.stderr
+
+
 def test_cli_fit_format_writes_the_export_directly(fitted, tmp_path):
+    needs_export_extra()
     table, image = fitted
     out = tmp_path / "direct_locs.hdf5"
     result = run_cli("fit", image, "--baseline", "100", "--gain", "2", "--no-select-model",
@@ -387,12 +413,6 @@ def test_cli_fit_format_writes_the_export_directly(fitted, tmp_path):
     np.testing.assert_allclose(locs["x"], ok["x"], atol=1e-4)
     assert (meta[0]["Width"], meta[0]["Height"], meta[0]["Frames"]) == (70, 48, 3)
     assert meta[1]["Pixelsize"] == pytest.approx(107.0)  # from the TIFF's metadata
-    result = run_cli("fit", image, "--format", "thunderstorm", "--out", tmp_path / "ts.csv")
-    assert result.exit_code == 0, result.stderr
-    assert read_like_thunderstorm(tmp_path / "ts.csv")[1]["intensity"] == "ADU"
-    for args in (["--format", "parquet"], ["--format", "parquet", "--out-dir", tmp_path / "o"]):
-        result = run_cli("fit", image, *args)
-        assert result.exit_code == 2 and "--format parquet" in result.stderr
 
 
 def test_z_stack_tables_get_z_in_nm():
@@ -404,7 +424,7 @@ def test_z_stack_tables_get_z_in_nm():
         "y_err": [0.05, 0.04], "z_err": [0.2, 0.1], "intensity_err": [30.0, 35.0],
         "status": ["converged", "converged"], "unit": ["photon", "photon"],
     })
-    with pytest.raises(SpotfitInputError, match="--z-step"):
+    with pytest.raises(SpotfitInputError, match="give `z_step` in µm"):
         export.thunderstorm_table(table, pixel_size=0.1)
     ts = export.thunderstorm_table(table, pixel_size=0.1, z_step=0.25)
     np.testing.assert_allclose(ts["z [nm]"], [375.0, 1000.0])

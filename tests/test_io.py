@@ -20,7 +20,7 @@ import tifffile
 import spotfit.io as sio
 from spotfit._atomic import atomic_path
 from spotfit.errors import SpotfitInputError
-from spotfit.io import Image, read_image, write_tiff
+from spotfit.io import Image, PagedStack, read_image, write_tiff
 
 NY, NX = 23, 31  # rows, columns: never square
 
@@ -127,7 +127,7 @@ def test_unknown_axes_of_4d_file_need_override(tmp_path):
     path = _write(tmp_path, "qq.tif", data)
     with pytest.raises(
         SpotfitInputError,
-        match=_message(str(path), "cannot tell what axis 'Q'", "QQYX", "--axes"),
+        match=_message(str(path), "cannot tell what axis 'Q'", "QQYX", "`axes='TZYX'`"),
     ):
         read_image(path)
     img = read_image(path, axes="TZYX")
@@ -165,7 +165,7 @@ def test_bad_axes_override(tmp_path, axes, reason):
     with pytest.raises(
         SpotfitInputError,
         match=_message(
-            f"--axes {axes!r} does not fit {path}", reason,
+            f"axes {axes!r} does not fit {path}", reason,
             f"shape (5, {NY}, {NX}), stored axes 'TYX'",
         ),
     ):
@@ -187,7 +187,7 @@ def test_channel_axis_requires_channel(cyx_file):
     path, _ = cyx_file
     with pytest.raises(
         SpotfitInputError,
-        match=_message(f"{path} has 3 channels (axis C); choose one with --channel (0 to 2)"),
+        match=_message(f"{path} has 3 channels (axis C); choose one with `channel` (0 to 2)"),
     ):
         read_image(path)
 
@@ -204,14 +204,14 @@ def test_channel_out_of_range(cyx_file, channel):
     path, _ = cyx_file
     with pytest.raises(
         SpotfitInputError,
-        match=_message(f"--channel {channel} is out of range for {path}", "valid: 0 to 2"),
+        match=_message(f"channel {channel} is out of range for {path}", "valid: 0 to 2"),
     ):
         read_image(path, channel=channel)
 
 
 def test_channel_must_be_an_integer(cyx_file):
     path, _ = cyx_file
-    with pytest.raises(SpotfitInputError, match="--channel must be a whole number"):
+    with pytest.raises(SpotfitInputError, match="^channel must be a whole number"):
         read_image(path, channel=1.5)
 
 
@@ -219,7 +219,7 @@ def test_channel_without_channel_axis(tmp_path):
     path = _write(tmp_path, "yx.tif", _ramp((NY, NX)))
     with pytest.raises(
         SpotfitInputError,
-        match=_message(f"--channel 0 given but {path} has no channel axis", "'YX'"),
+        match=_message(f"channel 0 given but {path} has no channel axis", "'YX'"),
     ):
         read_image(path, channel=0)
 
@@ -248,7 +248,7 @@ def test_stack_of_four_stored_as_samples_can_be_overridden(tmp_path):
     path = _write(tmp_path, "four.tif", data)
     with pytest.raises(
         SpotfitInputError,
-        match=_message(f"{path} has 4 channels (axis S", "--channel", "--axes"),
+        match=_message(f"{path} has 4 channels (axis S", "`channel`", "`axes`"),
     ):
         read_image(path)
     img = read_image(path, axes="TYX")
@@ -263,7 +263,7 @@ def test_rgb_needs_channel(tmp_path):
         SpotfitInputError,
         match=_message(
             f"{path} has 3 channels (axis S; samples per pixel, e.g. RGB); "
-            "choose one with --channel (0 to 2)"
+            "choose one with `channel` (0 to 2)"
         ),
     ):
         read_image(path)
@@ -545,6 +545,19 @@ def test_compressed_file_is_loaded(tmp_path):
     np.testing.assert_array_equal(img.data, data)
 
 
+def test_a_paged_stack_owns_its_tifffile_without_marking_it(tmp_path):
+    """The open TiffFile is handed to the PagedStack; nothing of spotfit's is set on it."""
+    path = _write(tmp_path, "z.tif", _ramp((4, NY, NX)), compression="zlib", imagej=True,
+                  metadata={"axes": "TYX"})
+    img = read_image(path)
+    assert isinstance(img.data, PagedStack)
+    tif = img.data._tif
+    assert not [name for name in vars(tif) if "spotfit" in name]
+    assert not tif.filehandle.closed  # still open: the stack reads pages from it
+    img.close()
+    assert tif.filehandle.closed
+
+
 # ----------------------------------------------------------------------------
 # The Image container
 # ----------------------------------------------------------------------------
@@ -632,6 +645,21 @@ def test_atomic_path_writes_and_leaves_no_temporary(tmp_path):
         tmp.write_text("x,y\n1,2\n")
     assert target.read_text() == "x,y\n1,2\n"
     assert os.listdir(tmp_path) == ["out.csv"]
+
+
+def test_temporary_names_are_made_and_recognised_in_one_place(tmp_path):
+    from spotfit._atomic import remove_stale_temporaries, temporary_name, temporary_pattern
+
+    target = tmp_path / ("x" * 200 + ".csv")  # long names are cut
+    name = temporary_name(target, "0123abcd")
+    assert name.startswith(".xxx") and name.endswith(".0123abcd.tmp.csv") and len(name) < 160
+    assert temporary_pattern(target).fullmatch(name)
+    assert not temporary_pattern(target).fullmatch(temporary_name(target, "0123abcd", "new"))
+    assert not temporary_pattern(tmp_path / "y.csv").fullmatch(name)
+    (tmp_path / name).write_text("left by a killed run")
+    assert remove_stale_temporaries(target) == [str(tmp_path / name)]
+    with atomic_path(target) as tmp:  # what atomic_path makes is what is recognised
+        assert temporary_pattern(target).fullmatch(tmp.name)
 
 
 def test_atomic_path_file_mode_follows_umask(tmp_path):

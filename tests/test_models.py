@@ -156,7 +156,7 @@ def test_rotated_error_propagation_matches_sampling():
 
 
 def test_unknown_model_is_a_clear_error():
-    with pytest.raises(SpotfitInputError, match="--model 'rotated' is not available for 3D"):
+    with pytest.raises(SpotfitInputError, match="model 'rotated' is not available for 3D"):
         get_model("rotated", 3)
 
 

@@ -203,7 +203,7 @@ def test_time_series_projection_and_frame():
     offsets = np.vstack([c.get_offsets() for c in fig.axes[0].collections])
     np.testing.assert_array_equal(offsets, table.loc[table["frame"] == 1, ["x", "y"]].to_numpy())
     np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), movie[1])
-    with pytest.raises(SpotfitInputError, match="--frame 3 is out of range"):
+    with pytest.raises(SpotfitInputError, match="frame 3 is out of range"):
         show(movie, table, frame=3)
 
 
@@ -301,8 +301,8 @@ def test_fit_qc_writes_a_picture_beside_the_table(tmp_path):
     qc = tmp_path / "res" / "cells_spots_qc.png"
     assert "cells_spots_qc.png" in result.stderr
     assert green(read_png(qc)).sum() > 100  # the fits are drawn
-    assert sorted(p.name for p in out.parent.iterdir()) == ["cells_spots.csv",
-                                                            "cells_spots_qc.png"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "cells_spots.csv", "cells_spots.json", "cells_spots_qc.png"]
     result = CliRunner().invoke(main, ["fit", str(tif), "--qc"])
     assert result.exit_code == 2 and "--qc" in result.output
 

@@ -19,6 +19,7 @@ To hunt for new failures, run it with ``SPOTFIT_HYPOTHESIS_EXAMPLES=500``
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -292,7 +293,10 @@ def test_cli_result_or_exactly_one_error_and_no_partial_output(
         assert errors == []
         if target in ("new", "existing"):
             assert out.read_bytes().startswith(b"frame,")
-            assert sorted(after_dir) == sorted(set(before_dir) | {out.name})
+            sidecar = out.with_suffix(".json")  # the table and its sidecar, a pair
+            assert sorted(after_dir) == sorted(set(before_dir) | {out.name, sidecar.name})
+            assert json.loads(after_dir[sidecar.name])["output"]["size_bytes"] == len(
+                after_dir[out.name])
         else:
             assert result.stdout.startswith("frame,")
     else:

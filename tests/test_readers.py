@@ -138,7 +138,7 @@ def test_rgb_is_an_s_axis_like_rgb_tiffs(tmp_path):
 
     tifffile.imwrite(write_tiff_rgb, rgb, photometric="rgb")
     for path in (tmp_path / "rgb.png", write_tiff_rgb):
-        with pytest.raises(SpotfitInputError, match="3 channels.*--channel"):
+        with pytest.raises(SpotfitInputError, match="3 channels.*`channel`"):
             read_image(path)
         for c in range(3):
             img = read_image(path, channel=c)
@@ -262,7 +262,7 @@ def test_invert_finds_dark_spots_on_light_background(tmp_path):
 
 def test_invert_refuses_a_camera_calibration(tmp_path):
     image, _ = spots_8bit()
-    with pytest.raises(SpotfitInputError, match="--invert cannot be combined"):
+    with pytest.raises(SpotfitInputError, match="^invert cannot be combined"):
         spotfit.fit(image, invert=True, camera=Camera(gain=2))
     iio.imwrite(tmp_path / "x.png", image)
     run = run_cli("fit", tmp_path / "x.png", "--invert", "--gain", "2")

@@ -100,7 +100,7 @@ def fit_cli(path: Path, args, out: Path) -> pd.DataFrame:
     result = CliRunner().invoke(main, ["fit", str(path), *args, "--out", str(out)])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code == 0, result.stderr
-    assert result.stderr.startswith(f"{path}: ")
+    assert result.stderr.startswith(f"{path} (")
     return pd.read_csv(out)
 
 

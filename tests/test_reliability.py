@@ -28,7 +28,9 @@ import tifffile
 from click.testing import CliRunner
 
 import spotfit
+import spotfit.api
 import spotfit.batch as batch
+import spotfit.provenance as provenance
 import spotfit._atomic as atomic
 import spotfit.errors as errors
 from spotfit.camera import Camera
@@ -372,14 +374,14 @@ def test_disk_full_while_writing_the_sidecar_keeps_the_old_pair(folder, tmp_path
     out = tmp_path / "out"
     assert run("fit", folder, "--out-dir", out, *CAMERA_ARGS, "--workers", "1").exit_code == 0
     old = snapshot(out)
-    real = batch._json_text
+    real = provenance._json_text
 
     def full(doc):
         if doc["input"]["path"].endswith("b.tif"):
             raise OSError(28, "No space left on device")
         return real(doc)
 
-    monkeypatch.setattr(batch, "_json_text", full)
+    monkeypatch.setattr(provenance, "_json_text", full)
     result = run("fit", folder, "--out-dir", out, *CAMERA_ARGS, "--window", "3", "--workers", "1")
     assert result.exit_code == 1
     assert error_lines(result.stderr) == [f"Error: {folder / 'b.tif'}: No space left on device"]
@@ -391,8 +393,8 @@ def test_disk_full_while_writing_the_sidecar_keeps_the_old_pair(folder, tmp_path
 
 
 def test_disk_full_without_an_old_pair_leaves_neither_file(folder, tmp_path, monkeypatch):
-    real = batch._json_text
-    monkeypatch.setattr(batch, "_json_text", lambda doc: (_ for _ in ()).throw(
+    real = provenance._json_text
+    monkeypatch.setattr(provenance, "_json_text", lambda doc: (_ for _ in ()).throw(
         OSError(28, "No space left on device")) if "c.tif" in doc["input"]["path"] else real(doc))
     out = tmp_path / "out"
     result = run("fit", folder, "--out-dir", out, *CAMERA_ARGS, "--workers", "1")
@@ -406,13 +408,13 @@ def test_disk_full_without_an_old_pair_leaves_neither_file(folder, tmp_path, mon
 # ---------------------------------------------------------------------------
 _CRASH_HOOK = """
 import os, signal
-import spotfit.batch as _b
-_real = _b._run_task
-def _crashing(task, img, config, camera, on_frame):
-    if str(img.path).endswith("b.tif"):
+import spotfit.api as _a
+_real = _a.process_file
+def _crashing(path, *args, **kwargs):
+    if str(path).endswith("b.tif"):
         os.kill(os.getpid(), signal.SIGKILL)
-    return _real(task, img, config, camera, on_frame)
-_b._run_task = _crashing
+    return _real(path, *args, **kwargs)
+_a.process_file = _crashing
 """
 
 
@@ -434,13 +436,13 @@ def test_a_crashed_worker_fails_only_its_file(folder, tmp_path):
 
 _TRUNCATE_SCRIPT = """
 import os, sys
-from spotfit.batch import process_file
+from spotfit.api import process_file
 from spotfit.errors import SpotfitInputError
 path = sys.argv[1]
-def cut():
+def cut(*progress):
     os.truncate(path, 1000)  # another program truncates the file while it is read
 try:
-    process_file(path, "detect", on_frame=cut)
+    process_file(path, "detect", progress=cut)
 except SpotfitInputError as exc:
     print(exc)
 """
@@ -458,13 +460,14 @@ def test_a_file_truncated_while_memory_mapped_is_an_error_not_sigbus(tmp_path):
 
 _TRUNCATE_HOOK = """
 import os
-import spotfit.batch as _b
-_real = _b._run_task
-def _truncating(task, img, config, camera, on_frame):
-    if str(img.path).endswith("c.tif"):
-        os.truncate(img.path, 1000)  # another program truncates it while it is read
-    return _real(task, img, config, camera, on_frame)
-_b._run_task = _truncating
+import spotfit.io as _io
+_real = _io.read_image
+def _truncating(path, *args, **kwargs):
+    image = _real(path, *args, **kwargs)  # opened (memory-mapped), not yet read
+    if str(path).endswith("c.tif"):
+        os.truncate(path, 1000)  # another program truncates it while it is read
+    return image
+_io.read_image = _truncating
 """
 
 
@@ -537,7 +540,7 @@ def test_memory_error_is_one_line(image, monkeypatch):
     def exhausted(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(batch, "process_file", exhausted)
+    monkeypatch.setattr(spotfit.api, "process_file", exhausted)
     result = run("fit", image, "--window", "1000")
     assert result.exit_code == 1
     assert error_lines(result.stderr) == [
@@ -721,7 +724,7 @@ def test_workers_are_capped_at_the_cores_with_a_note(folder, tmp_path):
 
 
 def test_warnings_are_single_lines_once_each(image, monkeypatch):
-    real = batch.process_file
+    real = spotfit.api.process_file
 
     def noisy(*args, **kwargs):
         for _ in range(3):
@@ -729,7 +732,7 @@ def test_warnings_are_single_lines_once_each(image, monkeypatch):
             warnings.warn("a doubtful\n  result", errors.SpotfitWarning)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(batch, "process_file", noisy)
+    monkeypatch.setattr(spotfit.api, "process_file", noisy)
     result = run("detect", image)
     assert result.exit_code == 0
     lines = result.stderr.strip().splitlines()
@@ -740,12 +743,12 @@ def test_warnings_are_single_lines_once_each(image, monkeypatch):
 def test_warnings_of_batch_workers_are_one_line_naming_the_file(folder, tmp_path):
     env = _with_hook(tmp_path, textwrap.dedent("""
         import warnings
-        import spotfit.batch as _b
-        _real = _b._run_task
-        def _warning(task, img, config, camera, on_frame):
+        import spotfit.api as _a
+        _real = _a.process_file
+        def _warning(*args, **kwargs):
             warnings.warn("overflow encountered in multiply", RuntimeWarning)
-            return _real(task, img, config, camera, on_frame)
-        _b._run_task = _warning
+            return _real(*args, **kwargs)
+        _a.process_file = _warning
     """))
     proc = spotfit_process("detect", folder, "--out-dir", tmp_path / "out", "--workers", "2",
                            env=env)

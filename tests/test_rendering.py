@@ -197,7 +197,7 @@ def test_filters_and_their_counts():
 
 def test_camera_pixel_size_from_the_um_columns_or_a_clear_error():
     t = uniform_table(50, seed=7)
-    with pytest.raises(SpotfitInputError, match="--camera-pixel-size"):
+    with pytest.raises(SpotfitInputError, match="camera_pixel_size"):
         prepare(t, OUT)
     t = spotfit.table.add_physical_units(t, CAM / 1000)
     points = prepare(t, OUT, shape=(NY, NX))

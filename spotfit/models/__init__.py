@@ -47,7 +47,8 @@ def get_model(name: str, ndim: int = 2, integrated: bool = False, sigma: float |
     if cls is None:
         valid = sorted(n for (n, d) in REGISTRY if d == ndim)
         raise SpotfitInputError(
-            f"--model {name!r} is not available for {ndim}D data; choose one of {', '.join(valid)}"
+            f"model {name!r} is not available for {ndim}D data; choose one of {', '.join(valid)}",
+            parameter="model"
         )
     quadrature = 2 if (sigma is not None and sigma >= 1.2) else 3
     return cls(integrated=integrated, quadrature=quadrature)
