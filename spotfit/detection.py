@@ -77,12 +77,13 @@ __all__ = [
 #: image (see the module docstring for how it was chosen).
 DEFAULT_THRESHOLD = 5.0
 
+#: Width of the detection filter's Gaussian in PSF sigmas
+SMOOTH = 0.7
+
 #: Width ratio of the two Gaussians of the difference-of-Gaussians filter
 #: (a constant: cached filter responses depend on it).
 DOG_RATIO = 3.0
 
-# MAD -> standard deviation for Gaussian noise.
-_MAD_TO_SIGMA = 1.4826
 # The noise is estimated on at most this many pixels (a regular sub-grid):
 # the median of ~250k values is as good as that of millions, and cheaper.
 _NOISE_SAMPLES = 250_000
@@ -160,14 +161,14 @@ def _is_number_like(value) -> bool:
     return True
 
 
-def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None):
+def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noise=None):
     """Find spot candidates in one 2D image or 3D stack.
 
     Parameters
     ----------
     frame : (ny, nx) or (nz, ny, nx) array_like
-        One image, already in photons or ADU above baseline (a constant
-        offset does not matter).  Converted to float32.
+        One image, already in photons (with a calibrated camera) or ADU
+        above the baseline.  Converted to float32.
     sigma : float or sequence of float
         PSF sigma in pixels: a scalar for all axes or one value per axis in
         array order (``(sigma_z, sigma_y, sigma_x)`` for a stack).
@@ -179,6 +180,13 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None):
         candidate is the maximum of the box of half-width `min_distance`
         around it (Chebyshev distance), so of two closer maxima the brighter
         is kept.  Default :func:`default_min_distance` ``(sigma)``, per axis.
+    noise : spotfit.background.NoiseModel, optional
+        Pixel noise of the frame as a function of the background level, in
+        the frame's units: :meth:`NoiseModel.from_camera` for photons from a
+        calibrated camera.  Default: measured on the frame
+        (:func:`spotfit.background.estimate_noise`); to process a frame in
+        blocks, measure it once on the whole frame and pass it to every
+        block.
 
     Returns
     -------
@@ -186,8 +194,9 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None):
         Pixel indices of the maxima in array order (``(row, col)`` or
         ``(plane, row, col)``), sorted by decreasing score.
     score : (n,) ndarray of float64
-        Filtered height of each maximum divided by the robust noise of the
-        filtered image at that pixel (signal-to-noise units).
+        Filtered height of each maximum above the local background divided
+        by the standard deviation the noise model predicts for it
+        (signal-to-noise units).
 
     Raises
     ------
@@ -197,12 +206,10 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None):
 
     Notes
     -----
-    The noise is estimated from the frame itself, so it should hold mostly
-    background.  A frame without noise in most of its pixels (e.g. a
-    constant one) has a noise estimate of 0; the noise is then floored at
-    ``16 * eps(float32)`` times the largest deviation from the median
-    (float32 rounding level), so a constant frame gives no candidates and a
-    noise-free rendering gives its spots.
+    A frame without noise (e.g. a constant one) has a measured noise of 0;
+    the noise is then floored at ``16 * eps(float32)`` times the largest
+    deviation from the median (float32 rounding level), so a constant frame
+    gives no candidates and a noise-free rendering gives its spots.
     """
     data = np.asarray(frame, dtype=np.float32)
     if data.ndim not in (2, 3):
@@ -219,38 +226,156 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None):
         return empty
     if not np.all(np.isfinite(data)):
         raise SpotfitInputError("image contains NaN or infinite pixels")
-
-    # 0. remove the typical level (a constant frame becomes exactly 0, and
-    #    float32 rounding in the filter scales with the fluctuations only)
-    data = data - np.float32(np.median(_subgrid(data)))
-
-    # 1. difference-of-Gaussians filter (reflective edges)
-    filtered = dog_filter(data, sig)
-    flat = filtered.ravel()
-    edge = _EdgeNoise(filtered.shape, sig)
-
-    # 2. robust noise of the filtered image, as in the interior (mirrored
-    #    edges carry up to ~1.4x more, corners ~1.8x), floored at the float32
-    #    rounding level
-    sub_index = np.ix_(*_subgrid_index(filtered.shape))
-    sample = (filtered[sub_index] / edge.relative(sub_index)).ravel()
-    med = np.median(sample)
-    noise = _MAD_TO_SIGMA * float(np.median(np.abs(sample - med)))
-    noise = max(noise, _NOISE_FLOOR * float(np.max(np.abs(data))))
-    if not noise > 0:  # constant frame: nothing to find
+    filtered, background, noise, edge, floor = _filter(data, sig, noise)
+    if filtered is None:  # no noise at all: nothing to find
         return empty
 
-    # 3. pixels whose signal-to-noise ratio exceeds the threshold ...
-    cand = np.flatnonzero(flat > float(threshold) * noise * edge.min_relative)
-    snr = flat[cand] / (noise * edge.relative(np.unravel_index(cand, filtered.shape)))
-    above = snr > float(threshold)
+    # pixels whose signal-to-noise ratio exceeds the threshold: first against
+    # the smallest noise of the frame, then exactly at the survivors ...
+    flat = filtered.ravel()
+    cand = _screen(filtered, background, noise, floor, float(threshold) * edge.white_sd * edge.min_relative)
+    index = np.unravel_index(cand, filtered.shape)
+    sd, skew = _noise_sd(index, background, noise, edge, floor)
+    snr = flat[cand] / sd
+    above = snr > _skewed_threshold(float(threshold), skew)
     cand, snr = cand[above], snr[above]
 
-    # 4. ... that are local maxima of the filtered image (border pixels included)
+    # ... that are local maxima of the filtered image (border pixels included)
     peaks = _local_maxima(filtered, cand, radii)
     peaks = peaks[np.argsort(-snr[peaks], kind="stable")]
     coords = np.column_stack(np.unravel_index(cand[peaks], filtered.shape))
     return coords.astype(np.intp).reshape(-1, data.ndim), snr[peaks].astype(float)
+
+
+def filter_frame(frame, sigma, noise=None):
+    """The detection filter of :func:`find_peaks` and its noise, at every pixel.
+
+    Parameters
+    ----------
+    frame : (ny, nx) or (nz, ny, nx) array_like
+        One frame (photons or ADU above the baseline).
+    sigma : float or sequence of float
+        PSF sigma in pixels, scalar or per axis (array order).
+    noise : NoiseModel, optional
+        As in :func:`find_peaks` (default: measured on the frame).
+
+    Returns
+    -------
+    filtered : ndarray of float32
+        ``G(sigma) * frame - background``: the frame smoothed by the PSF
+        (the matched filter of a spot in white noise) minus the local
+        background (:func:`spotfit.background.local_background`).
+    sd : ndarray of float32
+        Standard deviation of `filtered` at each pixel where no spot is:
+        the noise model at the background level, propagated through the
+        filter and the background estimate, larger within the kernel reach
+        of the edges (mirror-reflected kernel, :class:`_EdgeNoise`).
+    """
+    data = np.asarray(frame, dtype=np.float32)
+    sig = _check_options(sigma, DEFAULT_THRESHOLD, None, data.ndim)
+    sig = sig * data.ndim if len(sig) == 1 else sig
+    filtered, background, noise, edge, floor = _filter(data, sig, noise)
+    if filtered is None:
+        return np.zeros(data.shape, np.float32), np.zeros(data.shape, np.float32)
+    index = np.indices(data.shape).reshape(data.ndim, -1)
+    return filtered, _noise_sd(tuple(index), background, noise, edge, floor)[0].reshape(data.shape)
+
+
+def _filter(data, sig, noise):
+    """Filtered frame, its :class:`~spotfit.background.Background`, the noise model,
+    the edge-noise model and the variance floor; (None, ...) for a noiseless frame."""
+    from spotfit.background import SCALE, Background, _as_volume, _sigmas, estimate_noise
+
+    if noise is None:
+        noise = estimate_noise(data, sig)
+    # the filter works on the frame minus its typical level: float32 rounding
+    # then scales with the fluctuations only (a constant frame becomes 0)
+    shift = np.float32(np.median(_subgrid(data)))
+    centred = data - shift
+    floor = (_NOISE_FLOOR * float(np.max(np.abs(centred)))) ** 2
+    if not max(floor, _max_variance(noise)) > 0:
+        return None, None, noise, None, floor
+    volume = _as_volume(data)
+    background = Background.estimate(volume, _sigmas(sig, data.ndim), noise)
+    filtered = gaussian_smooth(centred, tuple(SMOOTH * s for s in sig))
+    background.subtract_from(filtered.reshape(volume.shape), float(shift))
+    return filtered, background, noise, _EdgeNoise(data.shape, sig, SMOOTH, SCALE), floor
+
+
+def _screen(filtered, background, noise, floor, factor):
+    """Flat indices of the pixels whose filtered value exceeds ``factor`` times a lower
+    bound of their noise standard deviation (the smallest of the cells around them)."""
+    from spotfit.background import _box_filter
+
+    rv = noise.read_var
+    rv_min = float(np.min(rv)) if np.ndim(rv) else float(rv)
+    level = _box_filter(background.coarse, np.ones(3, np.int64), True)  # interpolation uses +-1 cell
+    var = np.maximum(rv_min + noise.shot * np.maximum(level, 0.0), max(noise.floor, floor)) * noise.correlation
+    limit = (factor * np.sqrt(var)).astype(np.float32)
+    volume = filtered.reshape(background.shape)
+    return _above(volume, limit, background.cells)
+
+
+@njit(cache=True)
+def _above(volume, limit, cells):
+    """Flat indices of the pixels of `volume` above their cell's `limit`, increasing."""
+    nz, ny, nx = volume.shape
+    cz, cy, cx = cells[0], cells[1], cells[2]
+    cell_x = np.arange(nx) // cx
+    out = np.empty(1024, np.int64)
+    n = 0
+    for z in range(nz):
+        for y in range(ny):
+            row = volume[z, y]
+            lim = limit[z // cz, y // cy]
+            base = (z * ny + y) * nx
+            for x in range(nx):
+                if row[x] > lim[cell_x[x]]:
+                    if n == out.size:
+                        grown = np.empty(2 * out.size, np.int64)
+                        grown[:n] = out[:n]
+                        out = grown
+                    out[n] = base + x
+                    n += 1
+    return out[:n]
+
+
+def _noise_sd(index, background, noise, edge, floor):
+    """Standard deviation and skewness of the filtered frame's noise at pixels ``index``.
+
+    The skewness is that of the smoothing kernel applied to Poisson counts
+    (third cumulant ``shot * (var - read_var)`` per pixel, in the data's
+    units), ignoring the background's small share: it makes the noise of
+    dim backgrounds heavy-tailed on the bright side, so that there the
+    threshold is raised (:func:`_skewed_threshold`).
+    """
+    nd = len(index)
+    full = (np.zeros_like(index[0]),) * (3 - nd) + tuple(index)
+    level = background.at(full)
+    var = np.maximum(noise.variance(level, index=index), np.float32(floor))
+    sd = np.sqrt(var * np.float32(noise.correlation)) * np.float32(edge.white_sd) * edge.relative(index)
+    # Poisson part of the variance: all of it for a measured model (whose
+    # read_var mixes read noise with an unknown camera offset)
+    rv = noise.read_var if noise.source == "camera" else 0.0
+    if np.ndim(rv):
+        rv = np.asarray(rv, np.float32)[tuple(index[-rv.ndim:])]
+    k3 = noise.shot * np.maximum(var - np.maximum(rv, 0), 0)
+    skew = k3 * edge.kernel_k3 / np.maximum(var * edge.kernel_k2, 1e-300) ** 1.5
+    return sd, skew.astype(np.float32)
+
+
+def _skewed_threshold(threshold, skew):
+    """Signal-to-noise ratio with the false-alarm probability that `threshold`
+    has for Gaussian noise, for noise of skewness `skew` (the inverse of
+    Wilson and Hilferty's cube-root normal approximation of gamma-like
+    noise; `threshold` itself for symmetric noise)."""
+    g = np.maximum(np.asarray(skew, np.float64), 1e-6)
+    x = 2.0 / g * ((1.0 + g / 6.0 * (threshold - g / 6.0)) ** 3 - 1.0)
+    return np.where(np.asarray(skew) > 1e-6, x, threshold)
+
+
+def _max_variance(noise) -> float:
+    return float(np.max(noise.read_var)) + (1.0 if noise.shot > 0 else 0.0)
 
 
 def _subgrid_index(shape) -> list:
@@ -278,15 +403,23 @@ class _EdgeNoise:
 
     with ``A``, ``B``, ``C`` the per-axis sums ``sum g1**2``,
     ``sum g1 * g2`` and ``sum g2**2`` of the folded narrow (``g1``) and wide
-    (``g2``) 1D kernels.  :meth:`relative` gives ``sqrt(V / V_interior)``
-    (1 away from the edges).
+    (``g2``) 1D kernels, of widths ``narrow * sigma`` and ``wide * sigma``
+    (the detection filter of :func:`find_peaks` is modelled by the same
+    pair, its background standing in for the wide Gaussian).
+    :meth:`relative` gives ``sqrt(V / V_interior)`` (1 away from the
+    edges).
     """
 
-    def __init__(self, shape, sigma):
-        sums = [_folded_sums(int(n), float(s)) for n, s in zip(shape, sigma)]
+    def __init__(self, shape, sigma, narrow=1.0, wide=DOG_RATIO):
+        sums = [_folded_sums(int(n), narrow * float(s), wide * float(s)) for n, s in zip(shape, sigma)]
         self._abc = [s[0] for s in sums]
         a_inf, b_inf, c_inf = (np.prod([s[1][q] for s in sums]) for q in range(3))
         self._v_inf = a_inf - 2 * b_inf + c_inf
+        #: standard deviation of the filtered image in the interior for white noise of unit variance
+        self.white_sd = float(math.sqrt(self._v_inf))
+        #: sums of the squared and cubed weights of the narrow kernel (interior)
+        self.kernel_k2 = float(np.prod([_kernel_power(narrow * float(s), 2) for s in sigma]))
+        self.kernel_k3 = float(np.prod([_kernel_power(narrow * float(s), 3) for s in sigma]))
         # the relative noise varies only within the kernel reach of an edge:
         # its minimum is on the grid of those indices plus one interior index
         self.min_relative = float(np.min(self.relative(np.ix_(*[s[2] for s in sums]))))
@@ -299,15 +432,22 @@ class _EdgeNoise:
         return np.sqrt(np.maximum(pa - 2 * pb + pc, 0.0) / self._v_inf).astype(np.float32)
 
 
+def _kernel_power(sigma: float, power: int) -> float:
+    """``sum(g**power)`` of the normalised sampled 1D Gaussian of width `sigma` (truncated at 4 sigma)."""
+    half = int(math.ceil(4.0 * sigma))
+    g = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    g /= g.sum()
+    return float(np.sum(g**power))
+
+
 @functools.lru_cache(maxsize=32)
-def _folded_sums(n: int, sigma: float):
+def _folded_sums(n: int, sigma: float, wide: float):
     """Folded-kernel sums on an axis of length `n`, for :class:`_EdgeNoise`.
 
     Returns ``((A, B, C), (A_inf, B_inf, C_inf), indices)``: three (n,)
     arrays, their interior values, and the indices within the kernel reach
     of an edge plus one more.
     """
-    wide = DOG_RATIO * sigma
     reach = int(math.ceil(4.0 * wide))  # the padding of dog_filter
     k = np.arange(-reach, reach + 1)
     g1 = np.exp(-0.5 * (k / sigma) ** 2)
@@ -350,24 +490,96 @@ def dog_filter(data, sigma) -> np.ndarray:
     -------
     ndarray of float32, same shape as `data`
     """
+    return _fft_filter(data, sigma, wide=True)
+
+
+def gaussian_smooth(data, sigma) -> np.ndarray:
+    """Gaussian filter ``G(sigma)`` of an array (mirror-reflected edges, float32).
+
+    Equal to ``scipy.ndimage.gaussian_filter(data, sigma, mode="reflect",
+    truncate=4)`` to float32 rounding.  Short kernels (sigma up to
+    ``_DIRECT_SIGMA`` px) are applied directly, one axis at a time, longer
+    ones by FFT.  Parameters and result as in :func:`dog_filter`.
+    """
     data = np.asarray(data, dtype=np.float32)
     sig = np.broadcast_to(np.asarray(sigma, dtype=float), (data.ndim,))
-    pad = [int(math.ceil(4.0 * DOG_RATIO * s)) for s in sig]
+    if float(np.max(sig)) > _DIRECT_SIGMA:
+        return _fft_filter(data, sigma, wide=False)
+    out = data.reshape((1,) * (3 - data.ndim) + data.shape)
+    for axis, s in zip(range(3 - data.ndim, 3), sig):
+        if s <= 0:
+            continue
+        half = int(math.ceil(4.0 * s))
+        k = np.exp(-0.5 * (np.arange(-half, half + 1) / s) ** 2)
+        out = _correlate_axis(out, (k / k.sum()).astype(np.float32), axis)
+    return out.reshape(data.shape)
+
+
+#: Gaussian kernels up to this sigma (px) are applied directly rather than by FFT
+_DIRECT_SIGMA = 2.0
+
+
+@njit(cache=True)
+def _correlate_axis(a, kernel, axis):
+    """Correlation of a (nz, ny, nx) float32 array with a symmetric 1D kernel
+    along `axis`, edges mirror-reflected (``d c b a | a b c d``)."""
+    nz, ny, nx = a.shape
+    half = (kernel.size - 1) // 2
+    out = np.empty_like(a)
+    n = a.shape[axis]
+    if axis == 2:
+        padded = np.empty(nx + 2 * half, np.float32)
+        for z in range(nz):
+            for y in range(ny):
+                row = a[z, y]
+                for i in range(nx + 2 * half):
+                    m = i - half
+                    while m < 0 or m >= nx:  # reflect (repeatedly for tiny axes)
+                        m = -m - 1 if m < 0 else 2 * nx - 1 - m
+                    padded[i] = row[m]
+                o = out[z, y]
+                for x in range(nx):
+                    acc = np.float32(0.0)
+                    for t in range(kernel.size):
+                        acc += kernel[t] * padded[x + t]
+                    o[x] = acc
+        return out
+    for z in range(nz):
+        for y in range(ny):
+            c = y if axis == 1 else z
+            o = out[z, y]
+            o[:] = 0.0
+            for t in range(kernel.size):
+                m = c + t - half
+                while m < 0 or m >= n:
+                    m = -m - 1 if m < 0 else 2 * n - 1 - m
+                src = a[z, m] if axis == 1 else a[m, y]
+                w = kernel[t]
+                for x in range(nx):
+                    o[x] += w * src[x]
+    return out
+
+
+def _fft_filter(data, sigma, wide):
+    data = np.asarray(data, dtype=np.float32)
+    sig = np.broadcast_to(np.asarray(sigma, dtype=float), (data.ndim,))
+    reach = DOG_RATIO if wide else 1.0
+    pad = [int(math.ceil(4.0 * reach * s)) for s in sig]
     padded = np.pad(data, [(p, p) for p in pad], mode="symmetric")
     fft_shape = tuple(
         scipy.fft.next_fast_len(n, real=(i == data.ndim - 1)) for i, n in enumerate(padded.shape)
     )
     spectrum = scipy.fft.rfftn(padded, s=fft_shape, workers=-1)
-    spectrum *= _dog_transfer(fft_shape, tuple(float(s) for s in sig))
+    spectrum *= _transfer(fft_shape, tuple(float(s) for s in sig), wide)
     out = scipy.fft.irfftn(spectrum, s=fft_shape, workers=-1)
     crop = tuple(slice(p, p + n) for p, n in zip(pad, data.shape))
     return np.ascontiguousarray(out[crop], dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=4)
-def _dog_transfer(fft_shape, sigma):
-    """Frequency response of the DoG on an rfftn grid (cached: one per frame shape)."""
-    narrow, wide = np.ones(1, np.float32), np.ones(1, np.float32)
+def _transfer(fft_shape, sigma, wide):
+    """Frequency response of G(sigma) [- G(DOG_RATIO sigma)] on an rfftn grid (cached per shape)."""
+    narrow, broad = np.ones(1, np.float32), np.ones(1, np.float32)
     for axis, (n, s) in enumerate(zip(fft_shape, sigma)):
         last = axis == len(fft_shape) - 1
         k = scipy.fft.rfftfreq(n) if last else scipy.fft.fftfreq(n)
@@ -375,8 +587,9 @@ def _dog_transfer(fft_shape, sigma):
         shape = [1] * len(fft_shape)
         shape[axis] = k.size
         narrow = narrow * np.exp(-0.5 * s * s * k2).astype(np.float32).reshape(shape)
-        wide = wide * np.exp(-0.5 * (DOG_RATIO * s) ** 2 * k2).astype(np.float32).reshape(shape)
-    h = narrow - wide
+        if wide:
+            broad = broad * np.exp(-0.5 * (DOG_RATIO * s) ** 2 * k2).astype(np.float32).reshape(shape)
+    h = narrow - broad if wide else narrow
     h.flags.writeable = False
     return h
 
