@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Union
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 from scipy import ndimage
 
 from spotfit.errors import SpotfitInputError
@@ -71,7 +71,7 @@ _IQR_HALF = 0.6745
 # fewest pixels per half of the levels to measure the noise correlation
 _MIN_CORRELATION = 200
 # pixels sampled for the noise measurement
-_NOISE_SAMPLES = 300_000
+_NOISE_SAMPLES = 150_000
 # a pixel whose cell mean is this many standard errors from the smooth
 # background is not used for the photon-transfer fit
 _STRAY = 3.0
@@ -81,7 +81,7 @@ _NOISE_ITERATIONS = 1
 _MIN_BIN = 100
 _MAX_BINS = 12
 # pixels used for the photon-transfer fit
-_FIT_SAMPLES = 120_000
+_FIT_SAMPLES = 60_000
 
 Array = Union[float, np.ndarray]
 
@@ -268,30 +268,16 @@ class Background:
         cells = np.array([_cell(s) if s > 0 else 1 for s in sig], np.int64)
         coarse_shape = tuple(-(-n // int(c)) for n, c in zip(data.shape, cells))
         sums, counts = _cell_sums(data, cells, coarse_shape)
-        means = sums / np.maximum(counts, 1.0)
-        scale = np.array([SCALE * s / c for s, c in zip(sig, cells)])
-        # 1. lower envelope: grey opening of the cell means over boxes a little
-        #    wider than a spot, which keeps structure wider than that
+        scale = [SCALE * s / c for s, c in zip(sig, cells)]
         half = np.array([max(1, int(round(ENVELOPE * s / c))) if s > 0 else 0 for s, c in zip(sig, cells)],
                         np.int64)
-        envelope = _box_filter(_box_filter(means, half, True), half, False)
-        # 2. spots: cells brighter than the envelope by CLIP pixel-noise standard
-        #    deviations, and their neighbours
-        limit = envelope + CLIP * np.sqrt(noise.correlation * _coarse_variance(noise, envelope, cells, data.shape))
         reach = np.array([int(math.ceil(DILATE * s / c)) if s > 0 else 0 for s, c in zip(sig, cells)],
                          np.int64)
-        excluded = _box_filter((means > limit).astype(np.float64), reach, False) > 0
-        # 3. Gaussian-weighted mean of the other cells; where too few are left,
-        #    the smoothed envelope
-        w_sum = _gauss(np.where(excluded, 0.0, sums), scale, False)
-        w_count = _gauss(np.where(excluded, 0.0, counts), scale, False)
-        full_weight = _gauss(counts, scale, False)
-        start = _gauss(envelope, scale, True)
-        t = np.clip(w_count / np.maximum(full_weight, 1e-12) / MIN_COVERAGE, 0.0, 1.0)
-        coarse = t * (w_sum / np.maximum(w_count, 1e-12)) + (1.0 - t) * start
-        # 4. never below the envelope: at sharp edges (a cell's, a nucleus')
-        #    the smooth mean lags behind, the envelope does not
-        coarse = np.maximum(coarse, envelope)
+        kernels, k_half = _gauss_kernels(scale)
+        read_var = _cell_read_variance(noise, cells, data.shape, coarse_shape)
+        coarse, excluded, means = _coarse_background(
+            sums, counts, read_var, float(noise.shot), float(noise.correlation), float(noise.floor),
+            half, reach, kernels, k_half, CLIP, MIN_COVERAGE)
         return cls(coarse, cells, data.shape, excluded, means)
 
     def full(self) -> np.ndarray:
@@ -317,38 +303,100 @@ class Background:
         return out[tuple(slice(0, n) for n in self.shape)]
 
 
-def _coarse_variance(noise: NoiseModel, coarse, cells, shape):
-    """Noise variance at the coarse background (read-noise maps averaged per cell)."""
+def _cell_read_variance(noise: NoiseModel, cells, shape, coarse_shape) -> np.ndarray:
+    """The noise model's ``read_var`` per cell (a map is averaged over each cell)."""
     rv = noise.read_var
-    if np.ndim(rv) > 0:
-        rv = np.asarray(rv, dtype=np.float32)
-        rv3 = np.broadcast_to(rv.reshape((1,) * (3 - rv.ndim) + rv.shape), shape)
-        s, c = _cell_sums(np.ascontiguousarray(rv3), cells, coarse.shape)
-        rv = s / np.maximum(c, 1.0)
-    var = rv + noise.shot * np.maximum(coarse, 0.0)
-    return np.maximum(var, noise.floor)
+    if np.ndim(rv) == 0:
+        return np.full(coarse_shape, float(rv))
+    rv = np.asarray(rv, dtype=np.float32)
+    rv3 = np.broadcast_to(rv.reshape((1,) * (3 - rv.ndim) + rv.shape), shape)
+    s, c = _cell_sums(np.ascontiguousarray(rv3), cells, coarse_shape)
+    return s / np.maximum(c, 1.0)
+
+
+def _gauss_kernels(scale):
+    """Gaussian kernels (one row per axis, sigma in cells, truncated at 3 sigma) and
+    their half-widths; an axis of scale 0 gets the identity."""
+    halves = np.array([int(math.ceil(3.0 * s)) if s > 0 else 0 for s in scale], np.int64)
+    kernels = np.zeros((len(scale), 2 * int(halves.max()) + 1))
+    for a, (s, h) in enumerate(zip(scale, halves)):
+        if s > 0:
+            k = np.exp(-0.5 * (np.arange(-h, h + 1) / s) ** 2)
+            kernels[a, : 2 * h + 1] = k / k.sum()
+        else:
+            kernels[a, 0] = 1.0
+    return kernels, halves
 
 
 @njit(cache=True)
+def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, reach, kernels,
+                       k_half, clip, min_coverage):
+    """The background on the coarse grid (see :meth:`Background.estimate`).
+
+    Returns the background per cell, the cells left out as spots and the
+    cell means.
+    """
+    means = sums / np.maximum(counts, 1.0)
+    # 1. lower envelope: grey opening of the cell means
+    envelope = means
+    for axis in range(3):
+        envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 1)
+    for axis in range(3):
+        envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 2)
+    # 2. spots: cells brighter than the envelope by `clip` pixel-noise
+    #    standard deviations, dilated by `reach` cells
+    bright = np.zeros(means.shape)
+    for i in range(means.size):
+        var = max(read_var.flat[i] + shot * max(envelope.flat[i], 0.0), floor) * correlation
+        if means.flat[i] > envelope.flat[i] + clip * math.sqrt(var):
+            bright.flat[i] = 1.0
+    for axis in range(3):
+        bright = _filter_axis(bright, axis, kernels[axis], reach[axis], True, 2)
+    # 3. Gaussian-weighted means (normalised convolutions) of the other cells,
+    #    of all cells' envelope, and the weights themselves
+    kept_sum = np.where(bright > 0, 0.0, sums)
+    kept_count = np.where(bright > 0, 0.0, counts)
+    env_sum = envelope * counts
+    all_count = counts.copy()
+    for axis in range(3):
+        if k_half[axis] > 0:
+            kept_sum = _filter_axis(kept_sum, axis, kernels[axis], k_half[axis], False, 0)
+            kept_count = _filter_axis(kept_count, axis, kernels[axis], k_half[axis], False, 0)
+            env_sum = _filter_axis(env_sum, axis, kernels[axis], k_half[axis], False, 0)
+            all_count = _filter_axis(all_count, axis, kernels[axis], k_half[axis], False, 0)
+    coarse = np.empty(means.shape)
+    for i in range(means.size):
+        start = env_sum.flat[i] / max(all_count.flat[i], 1e-12)
+        t = min(max(kept_count.flat[i] / max(all_count.flat[i], 1e-12) / min_coverage, 0.0), 1.0)
+        value = start
+        if kept_count.flat[i] > 0:
+            value = t * (kept_sum.flat[i] / kept_count.flat[i]) + (1.0 - t) * start
+        # 4. never below the envelope: at sharp edges (a cell's, a nucleus')
+        #    the smooth mean lags behind, the envelope does not
+        coarse.flat[i] = max(value, envelope.flat[i])
+    return coarse, bright > 0, means
+
+
+@njit(cache=True, parallel=True)
 def _cell_sums(data, cells, coarse_shape):
-    """Sum and count of the pixels of every coarse cell."""
+    """Sum and count of the pixels of every coarse cell (cell rows spread over threads)."""
     sums = np.zeros(coarse_shape)
     counts = np.zeros(coarse_shape)
     nz, ny, nx = data.shape
     cz, cy, cx = cells[0], cells[1], cells[2]
-    mx = coarse_shape[2]
-    for z in range(nz):
-        iz = z // cz
-        for y in range(ny):
-            iy = y // cy
-            row = data[z, y]
-            for jx in range(mx):
-                x1 = min((jx + 1) * cx, nx)
-                acc = 0.0
-                for x in range(jx * cx, x1):
-                    acc += row[x]
-                sums[iz, iy, jx] += acc
-                counts[iz, iy, jx] += x1 - jx * cx
+    mz, my, mx = coarse_shape
+    for r in prange(mz * my):
+        iz, iy = r // my, r % my
+        for z in range(iz * cz, min((iz + 1) * cz, nz)):
+            for y in range(iy * cy, min((iy + 1) * cy, ny)):
+                row = data[z, y]
+                for jx in range(mx):
+                    x1 = min((jx + 1) * cx, nx)
+                    acc = 0.0
+                    for x in range(jx * cx, x1):
+                        acc += row[x]
+                    sums[iz, iy, jx] += acc
+                    counts[iz, iy, jx] += x1 - jx * cx
     return sums, counts
 
 
@@ -359,13 +407,15 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax):
     Edges: nearest value (``nearest``) or zeros.  The array is viewed as
     (outer, n, inner) around `axis` so the innermost loop is contiguous."""
     n0, n1, n2 = a.shape
+    if half == 0 or a.shape[axis] == 1:
+        return a.copy()
     if axis == 0:
         outer, n, inner = 1, n0, n1 * n2
     elif axis == 1:
         outer, n, inner = n0, n1, n2
     else:
         outer, n, inner = n0 * n1, n2, 1
-    src = a.reshape(outer, n, inner)
+    src = np.ascontiguousarray(a).reshape(outer, n, inner)
     out = np.empty((outer, n, inner))
     if inner == 1:  # along the contiguous axis: through a padded copy of each line
         line = np.empty(n + 2 * half)
@@ -427,18 +477,6 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax):
     return out.reshape(n0, n1, n2)
 
 
-def _gauss(a, scale, nearest):
-    """Separable Gaussian filter (sigma per axis in cells, truncated at 3.5 sigma)."""
-    out = np.ascontiguousarray(a, dtype=np.float64)
-    for axis, s in enumerate(scale):
-        if s <= 0 or out.shape[axis] == 1:
-            continue
-        half = int(math.ceil(3.5 * s))
-        k = np.exp(-0.5 * (np.arange(-half, half + 1) / s) ** 2)
-        out = _filter_axis(out, axis, k / k.sum(), half, nearest, 0)
-    return out
-
-
 def _box_filter(a, half, minimum):
     """Separable minimum (or maximum) over boxes of ``2 half + 1`` cells (nearest edges)."""
     out = np.ascontiguousarray(a, dtype=np.float64)
@@ -463,29 +501,29 @@ def _axis_weights(n, c, m):
     return lo, hi, w
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _add_interpolated(image, coarse, cells, sign, shift):
     """In place, for every pixel: ``image[p] += sign * B(p) + shift`` with ``B``
     the coarse grid interpolated multilinearly (cell centres at
-    ``(i + 0.5) * cell - 0.5``)."""
+    ``(i + 0.5) * cell - 0.5``); rows spread over threads."""
     nz, ny, nx = image.shape
     mz, my, mx = coarse.shape
     lz, hz, wz = _axis_weights(nz, cells[0], mz)
     ly, hy, wy = _axis_weights(ny, cells[1], my)
     lx, hx, wx = _axis_weights(nx, cells[2], mx)
-    line = np.empty(mx)
-    for z in range(nz):
-        for y in range(ny):
-            # interpolate along z and y on the coarse columns, then along x
-            for j in range(mx):
-                a = coarse[lz[z], ly[y], j] * (1 - wy[y]) + coarse[lz[z], hy[y], j] * wy[y]
-                if mz > 1:
-                    b = coarse[hz[z], ly[y], j] * (1 - wy[y]) + coarse[hz[z], hy[y], j] * wy[y]
-                    a = a * (1 - wz[z]) + b * wz[z]
-                line[j] = a
-            row = image[z, y]
-            for x in range(nx):
-                row[x] = row[x] + sign * (line[lx[x]] * (1 - wx[x]) + line[hx[x]] * wx[x]) + shift
+    for r in prange(nz * ny):
+        z, y = r // ny, r % ny
+        # interpolate along z and y on the coarse columns, then along x
+        line = np.empty(mx)
+        for j in range(mx):
+            a = coarse[lz[z], ly[y], j] * (1 - wy[y]) + coarse[lz[z], hy[y], j] * wy[y]
+            if mz > 1:
+                b = coarse[hz[z], ly[y], j] * (1 - wy[y]) + coarse[hz[z], hy[y], j] * wy[y]
+                a = a * (1 - wz[z]) + b * wz[z]
+            line[j] = a
+        row = image[z, y]
+        for x in range(nx):
+            row[x] = row[x] + sign * (line[lx[x]] * (1 - wx[x]) + line[hx[x]] * wx[x]) + shift
 
 
 @njit(cache=True)
@@ -570,7 +608,8 @@ def estimate_noise(frame, sigma) -> NoiseModel:
     d_all = np.concatenate([d.ravel() for d in diffs]) if diffs else np.zeros(0)
     if d_all.size == 0:
         return NoiseModel(read_var=floor, shot=0.0, floor=floor, source="measured")
-    var0 = _clipped_variance(d_all) / _D_GAIN
+    step = max(1, d_all.size // _FIT_SAMPLES)
+    var0 = _clipped_variance(d_all[::step]) / _D_GAIN
     model = NoiseModel(read_var=max(var0, floor), shot=0.0, floor=floor, source="measured")
     if not var0 > floor:
         return model

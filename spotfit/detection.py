@@ -59,7 +59,7 @@ import math
 
 import numpy as np
 import scipy.fft
-from numba import njit
+from numba import njit, prange
 from scipy.sparse import csr_matrix
 from scipy.spatial import cKDTree
 
@@ -230,19 +230,17 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noi
     if filtered is None:  # no noise at all: nothing to find
         return empty
 
-    # pixels whose signal-to-noise ratio exceeds the threshold: first against
-    # the smallest noise of the frame, then exactly at the survivors ...
+    # local maxima of the filtered image (border pixels included) among the
+    # pixels above the threshold for the smallest noise around them ...
     flat = filtered.ravel()
     cand = _screen(filtered, background, noise, floor, float(threshold) * edge.white_sd * edge.min_relative)
-    index = np.unravel_index(cand, filtered.shape)
-    sd, skew = _noise_sd(index, background, noise, edge, floor)
+    cand = cand[_local_maxima(filtered, cand, radii)]
+    # ... whose signal-to-noise ratio exceeds the threshold (raised where
+    # the noise is skewed)
+    sd, skew = _noise_sd(np.unravel_index(cand, filtered.shape), background, noise, edge, floor)
     snr = flat[cand] / sd
-    above = snr > _skewed_threshold(float(threshold), skew)
-    cand, snr = cand[above], snr[above]
-
-    # ... that are local maxima of the filtered image (border pixels included)
-    peaks = _local_maxima(filtered, cand, radii)
-    peaks = peaks[np.argsort(-snr[peaks], kind="stable")]
+    keep = np.flatnonzero(snr > _skewed_threshold(float(threshold), skew))
+    peaks = keep[np.argsort(-snr[keep], kind="stable")]
     coords = np.column_stack(np.unravel_index(cand[peaks], filtered.shape))
     return coords.astype(np.intp).reshape(-1, data.ndim), snr[peaks].astype(float)
 
@@ -316,28 +314,35 @@ def _screen(filtered, background, noise, floor, factor):
     return _above(volume, limit, background.cells)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _above(volume, limit, cells):
     """Flat indices of the pixels of `volume` above their cell's `limit`, increasing."""
     nz, ny, nx = volume.shape
     cz, cy, cx = cells[0], cells[1], cells[2]
     cell_x = np.arange(nx) // cx
-    out = np.empty(1024, np.int64)
-    n = 0
-    for z in range(nz):
-        for y in range(ny):
-            row = volume[z, y]
-            lim = limit[z // cz, y // cy]
-            base = (z * ny + y) * nx
-            for x in range(nx):
-                if row[x] > lim[cell_x[x]]:
-                    if n == out.size:
-                        grown = np.empty(2 * out.size, np.int64)
-                        grown[:n] = out[:n]
-                        out = grown
-                    out[n] = base + x
-                    n += 1
-    return out[:n]
+    counts = np.zeros(nz * ny, np.int64)
+    for r in prange(nz * ny):  # first count per row, then fill
+        z, y = r // ny, r % ny
+        row = volume[z, y]
+        lim = limit[z // cz, y // cy]
+        k = 0
+        for x in range(nx):
+            if row[x] > lim[cell_x[x]]:
+                k += 1
+        counts[r] = k
+    starts = np.zeros(nz * ny + 1, np.int64)
+    starts[1:] = np.cumsum(counts)
+    out = np.empty(starts[-1], np.int64)
+    for r in prange(nz * ny):
+        z, y = r // ny, r % ny
+        row = volume[z, y]
+        lim = limit[z // cz, y // cy]
+        k = starts[r]
+        for x in range(nx):
+            if row[x] > lim[cell_x[x]]:
+                out[k] = r * nx + x
+                k += 1
+    return out
 
 
 def _noise_sd(index, background, noise, edge, floor):
@@ -519,35 +524,33 @@ def gaussian_smooth(data, sigma) -> np.ndarray:
 _DIRECT_SIGMA = 2.0
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _correlate_axis(a, kernel, axis):
     """Correlation of a (nz, ny, nx) float32 array with a symmetric 1D kernel
-    along `axis`, edges mirror-reflected (``d c b a | a b c d``)."""
+    along `axis`, edges mirror-reflected (``d c b a | a b c d``); rows are
+    spread over numba's threads."""
     nz, ny, nx = a.shape
     half = (kernel.size - 1) // 2
     out = np.empty_like(a)
     n = a.shape[axis]
-    if axis == 2:
-        padded = np.empty(nx + 2 * half, np.float32)
-        for z in range(nz):
-            for y in range(ny):
-                row = a[z, y]
-                for i in range(nx + 2 * half):
-                    m = i - half
-                    while m < 0 or m >= nx:  # reflect (repeatedly for tiny axes)
-                        m = -m - 1 if m < 0 else 2 * nx - 1 - m
-                    padded[i] = row[m]
-                o = out[z, y]
-                for x in range(nx):
-                    acc = np.float32(0.0)
-                    for t in range(kernel.size):
-                        acc += kernel[t] * padded[x + t]
-                    o[x] = acc
-        return out
-    for z in range(nz):
-        for y in range(ny):
+    for r in prange(nz * ny):
+        z, y = r // ny, r % ny
+        o = out[z, y]
+        if axis == 2:
+            row = a[z, y]
+            padded = np.empty(nx + 2 * half, np.float32)
+            for i in range(nx + 2 * half):
+                m = i - half
+                while m < 0 or m >= nx:  # reflect (repeatedly for tiny axes)
+                    m = -m - 1 if m < 0 else 2 * nx - 1 - m
+                padded[i] = row[m]
+            for x in range(nx):
+                acc = np.float32(0.0)
+                for t in range(kernel.size):
+                    acc += kernel[t] * padded[x + t]
+                o[x] = acc
+        else:
             c = y if axis == 1 else z
-            o = out[z, y]
             o[:] = 0.0
             for t in range(kernel.size):
                 m = c + t - half
