@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from spotfit.errors import SpotfitInputError
 
-__all__ = ["NoiseModel", "estimate_noise", "local_background", "halo", "CLIP"]
+__all__ = ["NoiseModel", "estimate_noise", "local_background", "halo", "cell_size", "CLIP"]
 
 #: cells whose mean is more than this many pixel-noise standard deviations
 #: above the background are left out of the background estimate as spots ...
@@ -144,15 +144,21 @@ class NoiseModel:
 
         Returns
         -------
-        ndarray of float32
+        ndarray of float64
         """
         rv = self.read_var
         if np.ndim(rv) > 0:
-            rv = np.asarray(rv, dtype=np.float32)
+            rv = np.asarray(rv, dtype=np.float64)
             if index is not None:
                 rv = rv[tuple(index[-rv.ndim:])]
-        var = np.asarray(rv, dtype=np.float32) + np.float32(self.shot) * np.maximum(level, 0)
-        return np.maximum(var, np.float32(self.floor))
+        var = rv + self.shot * np.maximum(np.asarray(level, dtype=np.float64), 0.0)
+        return np.maximum(var, self.floor)
+
+    def scaled(self, factor: float) -> "NoiseModel":
+        """The same noise for data multiplied by `factor`."""
+        rv = self.read_var
+        rv = rv * factor**2 if np.ndim(rv) == 0 else np.asarray(rv, float) * factor**2
+        return replace(self, read_var=rv, shot=self.shot * factor, floor=self.floor * factor**2)
 
     def as_dict(self) -> dict:
         """Scalar summary for provenance records."""
@@ -169,24 +175,34 @@ class NoiseModel:
 # local background
 # ---------------------------------------------------------------------------
 def halo(sigma) -> tuple:
-    """Pixels per axis beyond which a pixel does not change the background or detection.
+    """Pixels per axis beyond which a pixel does not change the local background.
 
-    A block padded by this many pixels on every side (the whole frame's
-    pixels, not a reflection) gives the same :func:`local_background` and
-    :func:`spotfit.detection.find_peaks` results in its interior as the
-    whole frame.
+    The background of a cell depends on the cells within the grey opening
+    (twice its half-width), the dilation of spots and the Gaussian
+    neighbourhood; each pixel's value interpolates the two nearest cells.  A
+    block that starts at a multiple of :func:`cell_size` and is padded by
+    this many pixels of the frame (fewer only where the frame ends) has, in
+    its interior, the background of the whole frame for the same noise
+    model.
     """
     sig = np.atleast_1d(np.asarray(sigma, dtype=float))
     out = []
     for s in sig:
-        c = _cell(s)
-        reach = 4.0 * SCALE * s + 2 * (ENVELOPE * s + c) + 4 * c
-        out.append(int(math.ceil(reach)))
+        c = cell_size(s)
+        env = max(1, int(round(ENVELOPE * s / c)))
+        reach = int(math.ceil(DILATE * s / c))
+        k_half = int(math.ceil(3.0 * SCALE * s / c))
+        cells = 2 * env + reach + k_half + 2  # + interpolation and the detection screen
+        out.append(int(cells * c + c))
     return tuple(out)
 
 
-def _cell(s: float) -> int:
-    return max(1, int(round(CELL * s)))
+def cell_size(sigma: float) -> int:
+    """Side of the background's coarse cells along an axis of PSF sigma `sigma`, px."""
+    return max(1, int(round(CELL * float(sigma))))
+
+
+_cell = cell_size
 
 
 def local_background(frame, sigma, noise: NoiseModel) -> np.ndarray:
@@ -598,12 +614,23 @@ def estimate_noise(frame, sigma) -> NoiseModel:
     spaced bands of ``_BAND`` rows (all columns and planes) that together
     hold about that many pixels.
     """
-    data = _as_volume(frame)
-    ndim = np.ndim(frame)
+    raw = np.asarray(frame)
+    ndim = raw.ndim
+    raw = raw.reshape((1,) * (3 - ndim) + raw.shape)  # a view: bands are converted one by one
     sig = _sigmas(sigma, ndim)
-    scale = float(np.max(np.abs(data))) if data.size else 0.0
-    floor = max((16 * float(np.finfo(np.float32).eps) * scale) ** 2, 1e-30)
-    bands = [data[:, r0:r1] for r0, r1 in _bands(data.shape)]
+    biggest = max(abs(float(np.min(raw))), abs(float(np.max(raw)))) if raw.size else 0.0
+    factor = 1.0
+    if biggest > 0 and not 2.0**-40 < biggest < 2.0**40:  # measure in a safe range
+        factor = 2.0 ** int(round(math.log2(1024.0 / biggest)))
+    floor = max((16 * float(np.finfo(np.float32).eps) * biggest * factor) ** 2, 1e-30)
+    bands = [np.ascontiguousarray((raw[:, r0:r1].astype(np.float64) * factor).astype(np.float32))
+             for r0, r1 in _bands(raw.shape)]
+    model = _measure(bands, sig, floor)
+    return model if factor == 1.0 else model.scaled(1.0 / factor)
+
+
+def _measure(bands, sig, floor) -> NoiseModel:
+    """:func:`estimate_noise` on bands (nz, rows, nx) of float32 data in a safe range."""
     diffs = [_differences(b) for b in bands]
     d_all = np.concatenate([d.ravel() for d in diffs]) if diffs else np.zeros(0)
     if d_all.size == 0:

@@ -211,7 +211,7 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noi
     deviation from the median (float32 rounding level), so a constant frame
     gives no candidates and a noise-free rendering gives its spots.
     """
-    data = np.asarray(frame, dtype=np.float32)
+    data = np.asarray(frame)
     if data.ndim not in (2, 3):
         raise SpotfitInputError(f"find_peaks needs a 2D or 3D array, got shape {data.shape}")
     sig = _check_options(sigma, threshold, min_distance, data.ndim)
@@ -224,29 +224,164 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noi
     empty = (np.empty((0, data.ndim), dtype=np.intp), np.empty(0, dtype=float))
     if data.size == 0:
         return empty
-    if not np.all(np.isfinite(data)):
-        raise SpotfitInputError("image contains NaN or infinite pixels")
-    filtered, background, noise, edge, floor = _filter(data, sig, noise)
-    if filtered is None:  # no noise at all: nothing to find
+    prepared = _Prepared.of(data, sig, noise)
+    if prepared is None:  # no noise at all: nothing to find
         return empty
+    coords, snr = [empty[0]], [empty[1]]
+    for block, origin, interior in _blocks(data.shape, sig, radii):
+        c, s = _block_peaks(prepared, data[block], origin, interior, float(threshold), radii)
+        coords.append(c)
+        snr.append(s)
+    coords, snr = np.concatenate(coords), np.concatenate(snr)
+    order = np.argsort(-snr, kind="stable")
+    return coords[order].astype(np.intp).reshape(-1, data.ndim), snr[order].astype(float)
 
-    # local maxima of the filtered image (border pixels included) among the
-    # pixels above the threshold for the smallest noise around them ...
-    flat = filtered.ravel()
-    cand = _screen(filtered, background, noise, floor, float(threshold) * edge.white_sd * edge.min_relative)
+
+class _Prepared:
+    """What every block of a frame shares: working scale, level shift, noise model, floor.
+
+    Frames whose values are far from 1 (beyond 2^+-40, e.g. float images near
+    the float32 limits) are multiplied by a power of two (exact), and the
+    noise model with them, so that variances neither overflow nor underflow;
+    ``factor`` is that power of two (1 for most frames).  ``shift`` is the
+    typical level (median of a sub-grid), removed before filtering so that
+    float32 rounding scales with the fluctuations only; ``floor`` is the
+    smallest variance (float32 rounding of the frame).
+    """
+
+    def __init__(self, sig, factor, shift, noise, floor, edge):
+        self.sig, self.factor, self.shift = sig, factor, shift
+        self.noise, self.floor, self.edge = noise, floor, edge
+
+    @classmethod
+    def of(cls, data, sig, noise):
+        from spotfit.background import SCALE, estimate_noise
+
+        lo, hi = float(np.min(data)), float(np.max(data))  # NaN propagates: no mask array
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise SpotfitInputError("image contains NaN or infinite pixels")
+        biggest = max(abs(lo), abs(hi))
+        factor = 1.0
+        if biggest > 0 and not _UNIT_RANGE[0] < biggest < _UNIT_RANGE[1]:
+            factor = 2.0 ** int(round(math.log2(1024.0 / biggest)))
+        if noise is None:
+            noise = estimate_noise(data, sig)
+        if factor != 1.0:
+            noise = noise.scaled(factor)
+        shift = float(np.float32(np.median(_subgrid(data).astype(np.float64) * factor)))
+        floor = (_NOISE_FLOOR * max(hi * factor - shift, shift - lo * factor)) ** 2
+        if not max(floor, _max_variance(noise)) > 0:
+            return None
+        return cls(sig, factor, shift, noise, floor, _EdgeNoise(data.shape, sig, SMOOTH, SCALE))
+
+    def working(self, block) -> np.ndarray:
+        """A block of the frame in working units, float32."""
+        if self.factor == 1.0:
+            return np.asarray(block, dtype=np.float32)
+        return (np.asarray(block, dtype=np.float64) * self.factor).astype(np.float32)
+
+
+#: frames whose largest |value| lies outside this range are rescaled first
+_UNIT_RANGE = (2.0**-40, 2.0**40)
+#: frames larger than this many pixels are processed in blocks of rows
+BLOCK_PIXELS = 1 << 24
+
+
+def detection_halo(sigma, min_distance=None) -> tuple:
+    """Pixels per axis around a block of a frame that decide its candidates.
+
+    :func:`find_peaks` finds a frame's candidates block by block when the
+    frame is large (``BLOCK_PIXELS``), each block padded by this many rows of
+    the frame (rounded up to whole background cells,
+    :func:`spotfit.background.cell_size`), and gets those of the whole frame.
+    The same holds for a caller's blocks that start at multiples of the cell
+    size, given the frame's noise model (a camera's, or
+    :func:`spotfit.background.estimate_noise` of the whole frame) as
+    ``noise``, away from the frame's edges (the edge-noise correction needs
+    a pixel's position in the frame).
+
+    Parameters
+    ----------
+    sigma : float or sequence of float
+        PSF sigma per axis (array order).
+    min_distance : int, optional
+        As in :func:`find_peaks`.
+
+    Returns
+    -------
+    tuple of int
+        Halo per axis, pixels.
+    """
+    from spotfit.background import halo
+
+    sig = np.atleast_1d(np.asarray(sigma, dtype=float))
+    radii = default_min_distance(tuple(sig)) if min_distance is None else (int(min_distance),) * sig.size
+    radii = np.broadcast_to(np.atleast_1d(radii), sig.shape)
+    return tuple(int(h + math.ceil(4.0 * SMOOTH * s) + r) for h, s, r in zip(halo(sig), sig, radii))
+
+
+def _blocks(shape, sig, radii):
+    """Blocks of rows (with halos) covering a frame: (block slices, origin, interior slices)."""
+    from spotfit.background import cell_size
+
+    nd = len(shape)
+    full = tuple(slice(0, n) for n in shape)
+    size = int(np.prod(shape))
+    if size <= BLOCK_PIXELS:
+        return [(full, (0,) * nd, full)]
+    axis = nd - 2  # rows
+    cell = cell_size(sig[axis])
+    halo = detection_halo(sig, max(radii))[axis]
+    halo = -(-halo // cell) * cell
+    per_row = size // shape[axis]
+    rows = max(cell, (BLOCK_PIXELS // per_row - 2 * halo) // cell * cell)
+    out = []
+    for r0 in range(0, shape[axis], rows):
+        r1 = min(r0 + rows, shape[axis])
+        b0, b1 = max(0, r0 - halo), min(shape[axis], r1 + halo)
+        block, interior, origin = list(full), list(full), [0] * nd
+        block[axis] = slice(b0, b1)
+        interior[axis] = slice(r0 - b0, r1 - b0)
+        origin[axis] = b0
+        out.append((tuple(block), tuple(origin), tuple(interior)))
+    return out
+
+
+def _block_peaks(prepared, raw, origin, interior, threshold, radii):
+    """Candidates of one block whose maxima lie in its interior, in frame coordinates."""
+    from spotfit.background import Background, _as_volume, _sigmas
+
+    p, edge = prepared, prepared.edge
+    data = p.working(raw)
+    volume = _as_volume(data)
+    background = Background.estimate(volume, _sigmas(p.sig, data.ndim), p.noise)
+    filtered = gaussian_smooth(data - np.float32(p.shift), tuple(SMOOTH * s for s in p.sig))
+    background.subtract_from(filtered.reshape(volume.shape), p.shift)
+    # local maxima of the filtered image (border pixels included), in the
+    # interior, among the pixels above the threshold for the smallest noise
+    # around them ...
+    cand = _screen(filtered, background, p.noise, p.floor, threshold * edge.white_sd * edge.min_relative)
+    inside = np.ones(len(cand), bool)
+    for i, sl in zip(np.unravel_index(cand, filtered.shape), interior):
+        inside &= (i >= sl.start) & (i < sl.stop)
+    cand = cand[inside]
     cand = cand[_local_maxima(filtered, cand, radii)]
-    # ... whose signal-to-noise ratio exceeds the threshold (raised where
-    # the noise is skewed)
-    sd, skew = _noise_sd(np.unravel_index(cand, filtered.shape), background, noise, edge, floor)
-    snr = flat[cand] / sd
-    keep = np.flatnonzero(snr > _skewed_threshold(float(threshold), skew))
-    peaks = keep[np.argsort(-snr[keep], kind="stable")]
-    coords = np.column_stack(np.unravel_index(cand[peaks], filtered.shape))
-    return coords.astype(np.intp).reshape(-1, data.ndim), snr[peaks].astype(float)
+    # ... whose signal-to-noise ratio exceeds the threshold (raised where the
+    # noise is skewed)
+    local = np.unravel_index(cand, filtered.shape)
+    in_frame = tuple(i + o for i, o in zip(local, origin))
+    sd, skew = _noise_sd(local, in_frame, background, p.noise, edge, p.floor)
+    snr = filtered.ravel()[cand] / sd
+    keep = snr > _skewed_threshold(threshold, skew)
+    coords = np.column_stack([i[keep] for i in in_frame]) if len(cand) else np.zeros((0, data.ndim))
+    return coords.astype(np.intp).reshape(-1, data.ndim), snr[keep].astype(float)
 
 
 def filter_frame(frame, sigma, noise=None):
     """The detection filter of :func:`find_peaks` and its noise, at every pixel.
+
+    For looking at what detection sees (the whole frame at once, not in
+    blocks).
 
     Parameters
     ----------
@@ -260,44 +395,31 @@ def filter_frame(frame, sigma, noise=None):
     Returns
     -------
     filtered : ndarray of float32
-        ``G(sigma) * frame - background``: the frame smoothed by the PSF
-        (the matched filter of a spot in white noise) minus the local
-        background (:func:`spotfit.background.local_background`).
+        ``G(SMOOTH * sigma) * frame - background``: the frame smoothed at the
+        scale of a spot minus the local background
+        (:func:`spotfit.background.local_background`), in the frame's units.
     sd : ndarray of float32
         Standard deviation of `filtered` at each pixel where no spot is:
         the noise model at the background level, propagated through the
         filter and the background estimate, larger within the kernel reach
         of the edges (mirror-reflected kernel, :class:`_EdgeNoise`).
     """
-    data = np.asarray(frame, dtype=np.float32)
+    from spotfit.background import Background, _as_volume, _sigmas
+
+    data = np.asarray(frame)
     sig = _check_options(sigma, DEFAULT_THRESHOLD, None, data.ndim)
     sig = sig * data.ndim if len(sig) == 1 else sig
-    filtered, background, noise, edge, floor = _filter(data, sig, noise)
-    if filtered is None:
+    p = _Prepared.of(data, sig, noise)
+    if p is None:
         return np.zeros(data.shape, np.float32), np.zeros(data.shape, np.float32)
-    index = np.indices(data.shape).reshape(data.ndim, -1)
-    return filtered, _noise_sd(tuple(index), background, noise, edge, floor)[0].reshape(data.shape)
-
-
-def _filter(data, sig, noise):
-    """Filtered frame, its :class:`~spotfit.background.Background`, the noise model,
-    the edge-noise model and the variance floor; (None, ...) for a noiseless frame."""
-    from spotfit.background import SCALE, Background, _as_volume, _sigmas, estimate_noise
-
-    if noise is None:
-        noise = estimate_noise(data, sig)
-    # the filter works on the frame minus its typical level: float32 rounding
-    # then scales with the fluctuations only (a constant frame becomes 0)
-    shift = np.float32(np.median(_subgrid(data)))
-    centred = data - shift
-    floor = (_NOISE_FLOOR * float(np.max(np.abs(centred)))) ** 2
-    if not max(floor, _max_variance(noise)) > 0:
-        return None, None, noise, None, floor
-    volume = _as_volume(data)
-    background = Background.estimate(volume, _sigmas(sig, data.ndim), noise)
-    filtered = gaussian_smooth(centred, tuple(SMOOTH * s for s in sig))
-    background.subtract_from(filtered.reshape(volume.shape), float(shift))
-    return filtered, background, noise, _EdgeNoise(data.shape, sig, SMOOTH, SCALE), floor
+    work = p.working(data)
+    volume = _as_volume(work)
+    background = Background.estimate(volume, _sigmas(sig, data.ndim), p.noise)
+    filtered = gaussian_smooth(work - np.float32(p.shift), tuple(SMOOTH * s for s in sig))
+    background.subtract_from(filtered.reshape(volume.shape), p.shift)
+    index = tuple(np.indices(data.shape).reshape(data.ndim, -1))
+    sd = _noise_sd(index, index, background, p.noise, p.edge, p.floor)[0].reshape(data.shape)
+    return filtered / np.float32(p.factor), (sd / p.factor).astype(np.float32)
 
 
 def _screen(filtered, background, noise, floor, factor):
@@ -345,28 +467,31 @@ def _above(volume, limit, cells):
     return out
 
 
-def _noise_sd(index, background, noise, edge, floor):
-    """Standard deviation and skewness of the filtered frame's noise at pixels ``index``.
+def _noise_sd(index, frame_index, background, noise, edge, floor):
+    """Standard deviation and skewness of the filtered frame's noise at some pixels.
 
-    The skewness is that of the smoothing kernel applied to Poisson counts
-    (third cumulant ``shot * (var - read_var)`` per pixel, in the data's
-    units), ignoring the background's small share: it makes the noise of
-    dim backgrounds heavy-tailed on the bright side, so that there the
-    threshold is raised (:func:`_skewed_threshold`).
+    ``index`` are the pixels' indices in the block that `background`
+    describes, ``frame_index`` the same pixels' indices in the frame (for
+    per-pixel camera maps and the edges' folded kernels).  The skewness is
+    that of the smoothing kernel applied to Poisson counts (third cumulant
+    ``shot * (var - read_var)`` per pixel, in the data's units), ignoring
+    the background's small share: it makes the noise of dim backgrounds
+    heavy-tailed on the bright side, so that there the threshold is raised
+    (:func:`_skewed_threshold`).
     """
     nd = len(index)
     full = (np.zeros_like(index[0]),) * (3 - nd) + tuple(index)
     level = background.at(full)
-    var = np.maximum(noise.variance(level, index=index), np.float32(floor))
-    sd = np.sqrt(var * np.float32(noise.correlation)) * np.float32(edge.white_sd) * edge.relative(index)
+    var = np.maximum(noise.variance(level, index=frame_index), floor)
+    sd = np.sqrt(var * noise.correlation) * edge.white_sd * edge.relative(frame_index)
     # Poisson part of the variance: all of it for a measured model (whose
     # read_var mixes read noise with an unknown camera offset)
     rv = noise.read_var if noise.source == "camera" else 0.0
     if np.ndim(rv):
-        rv = np.asarray(rv, np.float32)[tuple(index[-rv.ndim:])]
+        rv = np.asarray(rv, np.float64)[tuple(frame_index[-rv.ndim:])]
     k3 = noise.shot * np.maximum(var - np.maximum(rv, 0), 0)
     skew = k3 * edge.kernel_k3 / np.maximum(var * edge.kernel_k2, 1e-300) ** 1.5
-    return sd, skew.astype(np.float32)
+    return sd, skew
 
 
 def _skewed_threshold(threshold, skew):
