@@ -61,10 +61,10 @@ MIN_COVERAGE = 0.25
 #: (rounded to whole cells, at least one) on each side of a cell
 ENVELOPE = 2.0
 
-# Clipped second moment: |d| < 3 s keeps 99.73 % of Gaussian noise and
-# 97.33 % of its variance.
-_CLIP_SIGMAS = 3.0
-_CLIP_VARIANCE = 0.97328
+# Clipped second moment: |d| < 4 s keeps 99.994 % of Gaussian noise and
+# 99.89 % of its variance.
+_CLIP_SIGMAS = 4.0
+_CLIP_VARIANCE = 0.99893
 _MAD_TO_SIGMA = 1.4826
 # median minus lower quartile of a normal distribution, in standard deviations
 _IQR_HALF = 0.6745
@@ -643,7 +643,7 @@ def _measure(bands, sig, floor) -> NoiseModel:
     # the expected level seen by each difference: the data averaged with the
     # operator's squared weights (spots included: their photons are noise too)
     levels = np.concatenate([_weighted_level(b).ravel() for b in bands])
-    fitted = _fit_transfer(d_all, levels, floor)
+    fitted = _fit_transfer(d_all, levels, floor, var0)
     model = model if fitted is None else fitted
     return replace(model, correlation=_correlation(bands, sig, model))
 
@@ -651,22 +651,26 @@ def _measure(bands, sig, floor) -> NoiseModel:
 def _correlation(bands, sig, model) -> float:
     """Variance of the detection filter's noise over its white-noise prediction (>= 1).
 
-    Measured on the filtered bands, away from their edges and from the
-    pixels the background leaves out as spots, in the darker half of the
-    background levels (least disturbed by structure the background does not
-    follow, such as nuclear texture), by the spread of the lower half of the
-    signal-to-noise values (median minus lower quartile: spots only add
-    light).  The background is estimated again with the measured ratio
-    (its clipping of spots depends on it) and the ratio measured once more.
-    In a frame covered with spots the spread understates the noise; the
-    ratio is therefore never below 1.
+    Noise correlated between neighbouring pixels (interpolated, binned,
+    denoised data) has more power at the scale of a spot than the pixel
+    differences show.  The ratio is measured directly: the detection filter
+    is applied to the bands, divided by the noise the model predicts for
+    white noise, and the spread of the result ((q84 - q16) / 2, squared) is
+    the ratio.  Spots only add light, so the pixels the background leaves
+    out as spots are not used, and of the others the darker half; if fewer
+    than ``_MIN_KEPT`` of the pixels are left (a frame covered with spots,
+    or a model so small that every cell looks like a spot) all pixels are
+    used.  The result is trusted only if the distribution is symmetric
+    (asymmetry below ``_MAX_ASYMMETRY``): a skewed one is dominated by the
+    light of spots, and the noise is then taken as white.  Two rounds, the
+    second with the background clipped at the corrected noise.
     """
     from spotfit.detection import SMOOTH, _EdgeNoise, gaussian_smooth
 
     ratio = 1.0
-    for _ in range(2):
+    for _ in range(3):
         current = replace(model, correlation=ratio)
-        rs, levels = [], []
+        kept, every = [], []
         for band in bands:
             bg = Background.estimate(band, sig, current)
             axes = [a for a, s in enumerate(sig) if s > 0]  # a 2D frame has no z sigma
@@ -675,19 +679,38 @@ def _correlation(bands, sig, model) -> float:
             filtered = gaussian_smooth(band, tuple(SMOOTH * s for s in sig))
             level = bg.full()
             filtered -= level
-            sd = np.sqrt(model.variance(level)) * np.float32(edge.white_sd)
+            r = filtered / (np.sqrt(model.variance(level)) * edge.white_sd)
             m = [int(math.ceil(4 * SCALE * s)) if s > 0 else 0 for s in sig]
             inner = tuple(slice(k, n - k) for k, n in zip(m, band.shape))
-            keep = ~bg.per_pixel(bg.excluded)[inner]
-            rs.append((filtered / sd)[inner][keep])
-            levels.append(level[inner][keep])
-        r, level = np.concatenate(rs), np.concatenate(levels)
-        if r.size < 2 * _MIN_CORRELATION:
-            return ratio
-        dark = r[level <= np.median(level)]
-        q25, q50 = np.percentile(dark, [25.0, 50.0])
-        ratio = max(1.0, float((q50 - q25) / _IQR_HALF) ** 2)
+            r, level = r[inner], level[inner]
+            ok = ~bg.per_pixel(bg.excluded)[inner]
+            kept.append((r[ok], level[ok]))
+            every.append(r.ravel())
+        r_all = np.concatenate(every)
+        if r_all.size < 2 * _MIN_CORRELATION:
+            return max(1.0, ratio)
+        r_kept = np.concatenate([k[0] for k in kept])
+        if r_kept.size >= max(_MIN_KEPT * r_all.size, 2 * _MIN_CORRELATION):
+            level = np.concatenate([k[1] for k in kept])
+            r = r_kept[level <= np.median(level)]
+        else:
+            r = r_all
+        q16, q50, q84 = np.percentile(r, [15.87, 50.0, 84.13])
+        if ((q84 - q50) - (q50 - q16)) > _MAX_ASYMMETRY * (q84 - q16):
+            return 1.0
+        new = max(1.0, float((q84 - q16) / 2.0) ** 2)
+        done = abs(new - ratio) < 0.05 * ratio
+        ratio = new
+        if done:
+            break
     return ratio
+
+
+#: fewest of a frame's pixels left by the background's clipping to measure the
+#: noise correlation on them alone
+_MIN_KEPT = 0.2
+#: largest asymmetry ((q84 - q50) - (q50 - q16)) / (q84 - q16) of noise
+_MAX_ASYMMETRY = 0.15
 
 
 def _weighted_level(data: np.ndarray) -> np.ndarray:
@@ -727,7 +750,7 @@ def _differences(data: np.ndarray) -> np.ndarray:
 
 
 def _clipped_variance(d: np.ndarray) -> float:
-    """Variance of the central part of ``d`` (|d - median| < 3 s, iterated), corrected
+    """Variance of the central part of ``d`` (|d - median| < 4 s, iterated), corrected
     for the clipping: robust to a minority of outliers and not quantised like a MAD."""
     if d.size == 0:
         return 0.0
@@ -745,8 +768,13 @@ def _clipped_variance(d: np.ndarray) -> float:
     return s * s
 
 
-def _fit_transfer(d, level, floor):
-    """Weighted least-squares fit of ``var(d) / gain = a + b * level`` over level bins."""
+def _fit_transfer(d, level, floor, overall):
+    """Weighted least-squares fit of ``var(d) / gain = a + b * level`` over level bins.
+
+    ``overall`` (the variance of all differences) is the model when no slope
+    describes the bins: too few levels, a non-positive slope, or a line
+    below half of some bin's variance.
+    """
     if d.size > _FIT_SAMPLES:  # plenty for 12 variances; sorting more costs time
         step = int(math.ceil(d.size / _FIT_SAMPLES))
         d, level = d[::step], level[::step]
@@ -767,12 +795,16 @@ def _fit_transfer(d, level, floor):
     if len(var) == 0:
         return None
     w = cnt / np.maximum(var, floor) ** 2  # a variance estimate's variance ~ 2 var^2 / n
-    mean = float(np.sum(w * var) / np.sum(w))
-    a, b = mean, 0.0
+    # one variance for all levels: that of all the differences together
+    a, b = float(overall), 0.0
     if len(var) >= 3 and np.ptp(lev) > 0:
         A = np.column_stack([np.ones_like(lev), lev]) * np.sqrt(w)[:, None]
         coef, *_ = np.linalg.lstsq(A, var * np.sqrt(w), rcond=None)
-        if coef[1] > 0:
+        line = coef[0] + coef[1] * lev
+        # a slope only where it describes the bins: in a dim frame (a few counts
+        # per pixel) the level and the differences share the same counts, and
+        # the fitted line can fall far below the variance it should describe
+        if coef[1] > 0 and np.all(line > 0.5 * var):
             a, b = float(coef[0]), float(coef[1])
     # a floor well below every measured bin keeps extrapolation positive
     return NoiseModel(read_var=a, shot=b, floor=max(0.25 * float(np.min(var)), floor), source="measured")
