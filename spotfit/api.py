@@ -166,8 +166,10 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
     Parameters
     ----------
     image, config, camera, axes, channel, on_frame, invert, series, **options
-        As in :func:`fit`.  The camera conversion does not change the
-        candidates (scores are signal-to-noise ratios).
+        As in :func:`fit`.  With a calibrated camera the noise that scores
+        are relative to comes from the camera's noise model
+        (:meth:`spotfit.background.NoiseModel.from_camera`), otherwise it is
+        measured on each frame (:func:`spotfit.background.estimate_noise`).
 
     Returns
     -------
@@ -521,11 +523,15 @@ def _frames(img, valid_img, setup, report=None, camera=None):
 
     Gives at most one :class:`SpotfitWarning` about a dark frame per call.
     """
+    from spotfit.background import NoiseModel
     from spotfit.detection import find_peaks
 
     config = setup.config if isinstance(setup, Setup) else setup
     ndim = 3 if img.is_3d else 2
     sigma, options = config.detection_sigma(ndim), config.detection_options()
+    cam = camera or setup.camera
+    # a calibrated camera's noise model; otherwise find_peaks measures each frame's
+    options["noise"] = NoiseModel.from_camera(cam) if cam.calibrated else None
     warned = False
     valid_frames = valid_img.frames() if valid_img is not None else None
     for t, raw in img.frames():

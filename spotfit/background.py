@@ -39,7 +39,6 @@ from typing import Union
 
 import numpy as np
 from numba import njit, prange
-from scipy import ndimage
 
 from spotfit.errors import SpotfitInputError
 
@@ -665,7 +664,7 @@ def _correlation(bands, sig, model) -> float:
     light of spots, and the noise is then taken as white.  Two rounds, the
     second with the background clipped at the corrected noise.
     """
-    from spotfit.detection import SMOOTH, _EdgeNoise, gaussian_smooth
+    from spotfit.filters import SMOOTH, _EdgeNoise, gaussian_smooth
 
     ratio = 1.0
     for _ in range(3):

@@ -270,7 +270,7 @@ class CrowdedFitter:
         residual in its window.  The second emitter is returned (with
         ``extra``) as an added spot, so pruning decides whether it stays.
         """
-        from spotfit.detection import dog_filter
+        from spotfit.filters import dog_filter
 
         cfg = self.config
         wide = np.flatnonzero(self._wide(spots))

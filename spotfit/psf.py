@@ -165,7 +165,7 @@ def _round(img, camera, sigma, sigma_z, ndim, max_spots, max_frames):
     """Widths (lateral, axial) of the bright isolated spots found with the current guess."""
     from spotfit.background import NoiseModel
     from spotfit.detection import find_peaks
-    from spotfit.fitting import fit_spots
+    from spotfit.api import fit_spots
 
     noise = NoiseModel.from_camera(camera) if camera.calibrated else None
     det_sigma = (sigma_z, sigma, sigma) if ndim == 3 else sigma

@@ -44,7 +44,7 @@ def test_measured_noise_does_not_grow_with_spot_density(area):
     shape = (180, 250)
     img, truth = simulate(shape, n_spots=shape[0] * shape[1] // area, photons=(1000, 3000),
                           background=BG, sigma=1.3, camera=CAMERA, seed=area)
-    expected = render(shape, truth["x"], truth["y"], truth["photons"], 1.3, background=BG)
+    expected = render(shape, truth["x"], truth["y"], truth["intensity"], 1.3, background=BG)
     model = estimate_noise(img, 1.3)  # in ADU: level = photons + 100
     assert model.source == "measured"
     ratio = model.variance(expected + 100.0) / expected
@@ -62,7 +62,7 @@ def test_detection_noise_is_the_noise_of_the_filtered_frame(calibrated, area):
     shape = (150, 220)
     _, truth = simulate(shape, n_spots=shape[0] * shape[1] // area, photons=(1000, 3000), background=BG,
                         sigma=1.3, camera=CAMERA, seed=7)
-    expected = render(shape, truth["x"], truth["y"], truth["photons"], 1.3, background=BG)
+    expected = render(shape, truth["x"], truth["y"], truth["intensity"], 1.3, background=BG)
     rng = np.random.default_rng(1)
     noise = NoiseModel.from_camera(CAMERA) if calibrated else None
     first, sd = filter_frame(rng.poisson(expected).astype(np.float32), 1.3, noise=noise)
