@@ -467,6 +467,7 @@ class _Frame:
     saturated: np.ndarray | None = None
     image_var: float = 0.0
     dark: str | None = None
+    noise: object = None  # the detection's NoiseModel of this frame
 
 
 def _prepare(setup, t, raw, valid=None, camera=None) -> _Frame:
@@ -523,15 +524,15 @@ def _frames(img, valid_img, setup, report=None, camera=None):
 
     Gives at most one :class:`SpotfitWarning` about a dark frame per call.
     """
-    from spotfit.background import NoiseModel
+    from spotfit.background import NoiseModel, estimate_noise
     from spotfit.detection import find_peaks
 
     config = setup.config if isinstance(setup, Setup) else setup
     ndim = 3 if img.is_3d else 2
     sigma, options = config.detection_sigma(ndim), config.detection_options()
     cam = camera or setup.camera
-    # a calibrated camera's noise model; otherwise find_peaks measures each frame's
-    options["noise"] = NoiseModel.from_camera(cam) if cam.calibrated else None
+    # a calibrated camera's noise model; otherwise each frame's, measured on it
+    camera_noise = NoiseModel.from_camera(cam) if cam.calibrated else None
     warned = False
     valid_frames = valid_img.frames() if valid_img is not None else None
     for t, raw in img.frames():
@@ -540,7 +541,8 @@ def _frames(img, valid_img, setup, report=None, camera=None):
         if f.dark and not warned:
             warnings.warn(f.dark, SpotfitWarning, stacklevel=3)
             warned = True
-        f.coords, f.score = find_peaks(f.photons, sigma, **options)
+        f.noise = camera_noise if camera_noise is not None else estimate_noise(f.photons, sigma)
+        f.coords, f.score = find_peaks(f.photons, sigma, noise=f.noise, **options)
         if f.valid is not None and len(f.coords):
             keep = f.valid[tuple(f.coords.T)]
             f.coords, f.score = f.coords[keep], f.score[keep]
@@ -594,7 +596,12 @@ def _fit_single(setup: Setup, frames, raster: bool):
 
 
 def _fit_crowded(setup: Setup, frames):
-    """Frame by frame: grouped joint fits (:mod:`spotfit.group`); one table."""
+    """Grouped joint fits (:mod:`spotfit.group`) of chunks of frames; one table.
+
+    Frames are fitted together in chunks of up to :data:`CROWDED_CHUNK`
+    pixels (one frame at least), so that small frames do not each pay the
+    per-call costs; the results do not depend on the chunking.
+    """
     import pandas as pd
 
     from spotfit.group import CrowdedFitter, n_groups
@@ -602,12 +609,27 @@ def _fit_crowded(setup: Setup, frames):
     setup.use_threads()
     crowd = CrowdedFitter(setup)
     read_var = setup.read_var_map()
-    parts, groups_so_far = [], 0
+    parts, groups_so_far, chunk, pixels = [], 0, [], 0
+
+    def flush():
+        nonlocal groups_so_far
+        if chunk:
+            result = crowd.fit_frames(chunk, read_var)
+            parts.append(crowd.table(result, groups_so_far))
+            groups_so_far += n_groups(result)
+            chunk.clear()
+        return 0
+
     for f in frames:
         if len(f.coords) == 0:
             continue
-        photons = np.ascontiguousarray(f.photons, dtype=float)
-        result = crowd.fit_frame(photons, f.coords, read_var, f.saturated, f.valid)
-        parts.append(crowd.table(result, f.t, groups_so_far))
-        groups_so_far += n_groups(result)
+        if chunk and pixels + f.photons.size > CROWDED_CHUNK:
+            pixels = flush()
+        chunk.append(f)
+        pixels += f.photons.size
+    flush()
     return pd.concat(parts, ignore_index=True) if parts else table.empty(setup.ndim, crowded=True)
+
+
+#: pixels of the frames fitted together by the crowded path (a few float64 copies each)
+CROWDED_CHUNK = 1 << 22

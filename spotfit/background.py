@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit, prange
 
 from spotfit.errors import SpotfitInputError
+from spotfit.filters import PARALLEL_PIXELS, serial_and_parallel
 
 __all__ = ["NoiseModel", "estimate_noise", "local_background", "halo", "cell_size", "CLIP"]
 
@@ -392,8 +393,7 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     return coarse, bright > 0, means
 
 
-@njit(cache=True, parallel=True)
-def _cell_sums(data, cells, coarse_shape):
+def _cell_sums_rows(data, cells, coarse_shape):
     """Sum and count of the pixels of every coarse cell (cell rows spread over threads)."""
     sums = np.zeros(coarse_shape)
     counts = np.zeros(coarse_shape)
@@ -413,6 +413,13 @@ def _cell_sums(data, cells, coarse_shape):
                     sums[iz, iy, jx] += acc
                     counts[iz, iy, jx] += x1 - jx * cx
     return sums, counts
+
+
+
+def _cell_sums(data, cells, coarse_shape):
+    """:func:`_cell_sums_rows`, on numba's threads for large frames."""
+    kernel = _CELL_SUMS[1] if data.size >= PARALLEL_PIXELS else _CELL_SUMS[0]
+    return kernel(data, cells, coarse_shape)
 
 
 @njit(cache=True)
@@ -516,8 +523,7 @@ def _axis_weights(n, c, m):
     return lo, hi, w
 
 
-@njit(cache=True, parallel=True)
-def _add_interpolated(image, coarse, cells, sign, shift):
+def _add_interpolated_rows(image, coarse, cells, sign, shift):
     """In place, for every pixel: ``image[p] += sign * B(p) + shift`` with ``B``
     the coarse grid interpolated multilinearly (cell centres at
     ``(i + 0.5) * cell - 0.5``); rows spread over threads."""
@@ -539,6 +545,13 @@ def _add_interpolated(image, coarse, cells, sign, shift):
         row = image[z, y]
         for x in range(nx):
             row[x] = row[x] + sign * (line[lx[x]] * (1 - wx[x]) + line[hx[x]] * wx[x]) + shift
+
+
+
+def _add_interpolated(image, coarse, cells, sign, shift):
+    """:func:`_add_interpolated_rows`, on numba's threads for large frames."""
+    kernel = _ADD_INTERPOLATED[1] if image.size >= PARALLEL_PIXELS else _ADD_INTERPOLATED[0]
+    kernel(image, coarse, cells, sign, shift)
 
 
 @njit(cache=True)
@@ -807,3 +820,7 @@ def _fit_transfer(d, level, floor, overall):
             a, b = float(coef[0]), float(coef[1])
     # a floor well below every measured bin keeps extrapolation positive
     return NoiseModel(read_var=a, shot=b, floor=max(0.25 * float(np.min(var)), floor), source="measured")
+
+
+_CELL_SUMS = serial_and_parallel(_cell_sums_rows)
+_ADD_INTERPOLATED = serial_and_parallel(_add_interpolated_rows)

@@ -72,7 +72,9 @@ from numba import njit, prange
 from scipy.spatial import cKDTree
 
 from spotfit.errors import SpotfitInputError
-from spotfit.filters import DOG_RATIO, SMOOTH, _EdgeNoise, dog_filter, gaussian_smooth  # noqa: F401
+from spotfit.filters import (  # noqa: F401  (dog_filter, DOG_RATIO: the public names stay here too)
+    DOG_RATIO, PARALLEL_PIXELS, SMOOTH, _EdgeNoise, dog_filter, gaussian_smooth, serial_and_parallel,
+)
 
 __all__ = [
     "find_peaks",
@@ -441,8 +443,7 @@ def _screen(filtered, background, noise, floor, factor):
     return _above(volume, limit, background.cells)
 
 
-@njit(cache=True, parallel=True)
-def _above(volume, limit, cells):
+def _above_rows(volume, limit, cells):
     """Flat indices of the pixels of `volume` above their cell's `limit`, increasing."""
     nz, ny, nx = volume.shape
     cz, cy, cx = cells[0], cells[1], cells[2]
@@ -470,6 +471,15 @@ def _above(volume, limit, cells):
                 out[k] = r * nx + x
                 k += 1
     return out
+
+
+
+_above_serial, _above_parallel = serial_and_parallel(_above_rows)
+
+
+def _above(volume, limit, cells):
+    """:func:`_above_rows`, on numba's threads for large frames."""
+    return (_above_parallel if volume.size >= PARALLEL_PIXELS else _above_serial)(volume, limit, cells)
 
 
 def _noise_sd(index, frame_index, background, noise, edge, floor):

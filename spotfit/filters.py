@@ -35,6 +35,24 @@ SMOOTH = 0.7
 DOG_RATIO = 3.0
 
 
+def serial_and_parallel(func):
+    """Two compiled variants of a row-parallel (``prange``) kernel: one thread,
+    and numba's threads.  Waking the threads costs ~1 ms, far more than a small
+    frame's work; callers pick by size (:data:`PARALLEL_PIXELS`).  The parallel
+    variant is compiled from a copy with its own name, so that numba's on-disk
+    cache keeps the two apart."""
+    import types
+
+    twin = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_parallel",
+                              func.__defaults__, func.__closure__)
+    twin.__qualname__ = func.__qualname__ + "_parallel"
+    return njit(cache=True)(func), njit(cache=True, parallel=True)(twin)
+
+
+#: arrays with at least this many pixels use the parallel variant of a kernel
+PARALLEL_PIXELS = 1 << 18
+
+
 class _EdgeNoise:
     """Noise of the DoG-filtered image near the edges, relative to the interior.
 
@@ -164,8 +182,7 @@ def gaussian_smooth(data, sigma) -> np.ndarray:
 _DIRECT_SIGMA = 2.0
 
 
-@njit(cache=True, parallel=True)
-def _correlate_axis(a, kernel, axis):
+def _correlate_axis_rows(a, kernel, axis):
     """Correlation of a (nz, ny, nx) float32 array with a symmetric 1D kernel
     along `axis`, edges mirror-reflected (``d c b a | a b c d``); rows are
     spread over numba's threads."""
@@ -201,6 +218,16 @@ def _correlate_axis(a, kernel, axis):
                 for x in range(nx):
                     o[x] += w * src[x]
     return out
+
+
+
+_correlate_serial, _correlate_parallel = serial_and_parallel(_correlate_axis_rows)
+
+
+def _correlate_axis(a, kernel, axis):
+    """:func:`_correlate_axis_rows`, on numba's threads for large arrays."""
+    kernel_fn = _correlate_parallel if a.size >= PARALLEL_PIXELS else _correlate_serial
+    return kernel_fn(a, kernel, axis)
 
 
 def _fft_filter(data, sigma, wide):

@@ -100,20 +100,23 @@ def group_spots(points: np.ndarray, radius: float, max_size: int = 8) -> np.ndar
 
 
 class _Spots:
-    """Current estimates of all spots of a frame (positions in image px, x/y[/z] order).
+    """Current estimates of all spots of a chunk of frames (positions in image px, x/y[/z] order).
 
-    ``xyz`` places the spot's window and its light (:func:`_render`);
-    ``start`` is where its next fit starts: the centroid of a detected spot
-    before its first fit (as a single-spot fit starts), else ``xyz``.
-    ``rec`` holds the last fit's output
-    columns (:func:`spotfit.results.measure`: values by column name,
-    errors by column name + ``_err``), ``chi2_red``, ``iterations``,
+    ``t`` is each spot's frame within the chunk; ``xyz`` places the spot's
+    window and its light (:meth:`CrowdedFitter._render`); ``start`` is where
+    its next fit starts: the centroid of a detected spot before its first
+    fit (as a single-spot fit starts), else ``xyz``.  ``rec`` holds the last
+    fit's output columns (:func:`spotfit.results.measure`: values by column
+    name, errors by column name + ``_err``), ``chi2_red``, ``iterations``,
     ``status`` and ``n_pixels``, carried along when spots are removed or
     added.
     """
 
-    def __init__(self, xyz, intensity, sigma, offset, added, start=None, rec=None):
+    _ARRAYS = ("xyz", "t", "intensity", "sigma", "offset", "added", "start")
+
+    def __init__(self, xyz, t, intensity, sigma, offset, added, start=None, rec=None):
         self.xyz = np.asarray(xyz, float)
+        self.t = np.asarray(t, np.int64)
         self.intensity = np.asarray(intensity, float)
         self.sigma = np.asarray(sigma, float)  # (n, 1) lateral or (n, 2) lateral + axial
         self.offset = np.asarray(offset, float)
@@ -131,35 +134,31 @@ class _Spots:
         return len(self.xyz)
 
     def take(self, keep):
-        return _Spots(self.xyz[keep], self.intensity[keep], self.sigma[keep], self.offset[keep],
-                      self.added[keep], self.start[keep], {k: v[keep] for k, v in self.rec.items()})
+        return _Spots(*(getattr(self, a)[keep] for a in self._ARRAYS),
+                      rec={k: v[keep] for k, v in self.rec.items()})
 
     def extend(self, other):
-        return _Spots(*(np.concatenate([a, b]) for a, b in (
-            (self.xyz, other.xyz), (self.intensity, other.intensity), (self.sigma, other.sigma),
-            (self.offset, other.offset), (self.added, other.added), (self.start, other.start))),
-            {k: np.concatenate([v, other.rec[k]]) for k, v in self.rec.items()})
+        return _Spots(*(np.concatenate([getattr(self, a), getattr(other, a)]) for a in self._ARRAYS),
+                      rec={k: np.concatenate([v, other.rec[k]]) for k, v in self.rec.items()})
+
+    def keyed(self) -> np.ndarray:
+        """Positions with the frame as an extra, far-away coordinate (no links across frames)."""
+        return np.column_stack([self.xyz, self.t * _FRAME_GAP])
 
 
-def _render(shape, spots: _Spots, half, integrated) -> np.ndarray:
-    """Image of all spots' signal (no offset), each drawn in a window of half-size ``half``."""
-    ndim = len(shape)
-    image = np.zeros(shape, dtype=float)
-    if len(spots) == 0:
-        return image
-    model = get_model("symmetric", ndim, integrated)
-    centers = np.rint(spots.xyz[:, ::-1]).astype(np.int64)  # array order
-    origin_xyz = (centers - np.asarray(half))[:, ::-1]
-    grid = roi.Grid(tuple(2 * h + 1 for h in half))
-    rel = spots.xyz - origin_xyz
-    cols = [spots.intensity, *rel.T, *spots.sigma.T, np.zeros(len(spots))]
-    mu = model.value(np.column_stack(cols), grid)
-    roi.scatter_add(image, mu, origin_xyz, grid)
-    return image
+#: distance between frames in :meth:`_Spots.keyed` (far beyond any grouping radius)
+_FRAME_GAP = 1e7
 
 
 class CrowdedFitter:
-    """Joint fits of grouped spots, frame by frame, for one :class:`~spotfit.config.Setup`."""
+    """Joint fits of grouped spots over a chunk of frames, for one :class:`~spotfit.config.Setup`.
+
+    The frames of a chunk are stacked, so that every step -- cutting
+    windows, rendering the fitted spots, every bucket of equally sized
+    groups -- runs once for the chunk rather than once per frame (small
+    frames, as in single-molecule movies, are otherwise dominated by the
+    per-frame overhead); groups never span two frames.
+    """
 
     def __init__(self, setup: Setup):
         self.setup = setup
@@ -169,69 +168,125 @@ class CrowdedFitter:
         self.half = setup.half  # array order
         self.emitter = get_model("symmetric", self.ndim, self.integrated)
 
-    # ------------------------------------------------------------ one frame
-    def fit_frame(self, photons, coords, read_var=None, saturated=None, valid=None):
-        """Fit all spots of a frame; returns a :class:`_Spots` with results.
+    # ---------------------------------------------------------- the chunk
+    def fit_frames(self, frames, read_var=None):
+        """Fit all spots of some frames; returns a :class:`_Spots` with results.
 
         Alternates joint fits of all groups with residual searches
         (``SEARCH_ROUNDS``) and pruning, until nothing changes.
 
         Parameters
         ----------
-        photons : ndarray
-            The frame (photons or ADU above baseline), float64.
-        coords : (n, ndim) int ndarray
-            Detected candidates, array order.
-        read_var, saturated, valid : ndarray of the frame's shape, optional
-            Read-noise variance map (sCMOS); pixels clipped at the input's
-            maximum; pixels to use (False: left out).
+        frames : sequence
+            Frames of the same shape with ``photons`` (photons or ADU above
+            baseline), ``coords`` (detected candidates, ``(n, ndim)`` array
+            order), ``valid`` and ``saturated`` (bool maps or None) and
+            ``noise`` (the frame's :class:`~spotfit.background.NoiseModel`,
+            or None to measure it) attributes.
+        read_var : ndarray of the frames' shape, optional
+            Read-noise variance map (sCMOS).
+
+        Returns
+        -------
+        _Spots
+            With ``labels`` (group of each spot, unique within the chunk).
         """
         cfg = self.config
-        self._maps = (read_var, saturated, valid)
-        spots = self._start(photons, coords)
+        self._frames = list(frames)
+        self._stack = np.stack([np.asarray(f.photons, dtype=float) for f in self._frames])
+        self._valid = _stack_or_none([f.valid for f in self._frames], self._stack.shape, True)
+        self._saturated = _stack_or_none([f.saturated for f in self._frames], self._stack.shape, False)
+        self._read_var = None if read_var is None else np.broadcast_to(read_var, self._stack.shape)
+        spots = self._start()
         radius = cfg.group_radius * cfg.sigma
         changed = True
+        labels = np.zeros(0, np.int64)
         for round_ in range(SEARCH_ROUNDS + 1):
-            spots, labels = self._joint(photons, spots, radius)
+            before = spots
+            spots, labels = self._joint(spots, radius)
+            if round_:
+                spots = self._revert(before, spots, labels)
+                labels = group_spots(spots.keyed(), radius, cfg.max_group)
             keep = self._keep(spots)
             changed = not keep.all()
             if changed:
                 spots = spots.take(keep)
             if round_ < SEARCH_ROUNDS:
-                new = self._search(photons, spots)
+                new = self._search(spots)
                 if len(new):
                     spots = spots.extend(new)
                     changed = True
             if not changed:
                 break
         if changed:  # the last round pruned: refit the survivors
-            spots, labels = self._joint(photons, spots, radius)
+            spots, labels = self._joint(spots, radius)
         spots.labels = labels
         return spots
 
-    def _new_spots(self, xyz, start, offset, added):
+    def _windows(self, image, t, lo, shape, dtype=float):
+        """Windows of ``shape`` (a frame's axes) starting at ``lo`` (array order) in frames
+        ``t`` of a stacked ``image``, as windows of one frame (origin ``x, y[, z]``)."""
+        start = np.column_stack([t, lo])
+        rv = self._read_var if dtype is float else None
+        valid = self._valid if dtype is float else None
+        w = roi.cut_box(image, start, (1,) + tuple(shape), dtype=dtype, read_var=rv, valid=valid)
+        return roi.Windows(w.data, w.mask, w.origin[:, : self.ndim], roi.Grid(tuple(shape)), w.read_var)
+
+    def _new_spots(self, xyz, t, start, offset, added):
         """Spots at ``xyz`` with the intensity of the moment estimates ``start``."""
         cfg, n = self.config, len(xyz)
         sig = [np.full(n, cfg.sigma)] + ([np.full(n, cfg.axial_sigma())] if self.ndim == 3 else [])
-        return _Spots(xyz, start[:, self.emitter.intensity_index], np.column_stack(sig), offset,
+        return _Spots(xyz, t, start[:, self.emitter.intensity_index], np.column_stack(sig), offset,
                       np.full(n, added, bool))
 
-    def _start(self, photons, coords):
+    def _start(self):
         """Moment estimates of the detected spots (centroids, as single-spot fits start)."""
-        w = roi.cut(photons, coords, self.half, valid=self._maps[2])
+        coords = [np.asarray(f.coords, np.int64).reshape(-1, self.ndim) for f in self._frames]
+        t = np.concatenate([np.full(len(c), i, np.int64) for i, c in enumerate(coords)])
+        coords = np.concatenate(coords) if coords else np.zeros((0, self.ndim), np.int64)
+        half = np.asarray(self.half)
+        w = self._windows(self._stack, t, coords - half, tuple(2 * half + 1))
         start = initial_guess(self.emitter, w.data, w.mask, w.grid, self.config)
-        spots = self._new_spots(coords[:, ::-1].astype(float), start, start[:, self.emitter.offset_index], False)
+        spots = self._new_spots(coords[:, ::-1].astype(float), t, start,
+                                start[:, self.emitter.offset_index], False)
         spots.start = start[:, list(self.emitter.center_index)] + w.origin
         return spots
 
-    def _search(self, photons, spots):
+    def _render(self, spots: _Spots) -> np.ndarray:
+        """The stacked frames' light of all spots (no offset), each drawn in a window of half-size ``half``."""
+        image = np.zeros(self._stack.shape, dtype=float)
+        if len(spots) == 0:
+            return image
+        half = np.asarray(self.half)
+        centers = np.rint(spots.xyz[:, ::-1]).astype(np.int64)  # array order
+        origin_xyz = (centers - half)[:, ::-1]
+        grid = roi.Grid(tuple(2 * half + 1))
+        rel = spots.xyz - origin_xyz
+        cols = [spots.intensity, *rel.T, *spots.sigma.T, np.zeros(len(spots))]
+        mu = self.emitter.value(np.column_stack(cols), grid)
+        roi.scatter_add(image, mu, np.column_stack([origin_xyz, spots.t]), roi.Grid((1,) + grid.shape))
+        return image
+
+    def _noise(self, i):
+        """Detection noise model of frame ``i`` of the chunk (measured once if need be)."""
+        from spotfit.background import NoiseModel, estimate_noise
+
+        f = self._frames[i]
+        if getattr(f, "noise", None) is None:
+            cam = self.setup.camera
+            sig = self.config.detection_sigma(self.ndim)
+            f.noise = NoiseModel.from_camera(cam) if cam.calibrated else estimate_noise(f.photons, sig)
+        return f.noise
+
+    def _search(self, spots):
         """New emitters: peaks of the residual, and the residual maximum beside wide spots.
 
-        Significant peaks (the detector on the residual) farther than
-        ``SEARCH_EXCLUSION * sigma`` from every known spot; and, for every
-        spot whose width hit its upper bound (a single Gaussian stretched over
-        an unresolved pair), the maximum of the filtered residual in its
-        window.  The joint refit and pruning decide which of them stay.
+        Significant peaks (the detector on the residual, with the frame's
+        noise model) farther than ``SEARCH_EXCLUSION * sigma`` from every
+        known spot; and, for every spot whose width hit its upper bound (a
+        single Gaussian stretched over an unresolved pair), the maximum of
+        the filtered residual in its window.  The joint refit and pruning
+        decide which of them stay.
         """
         from spotfit.detection import find_peaks
 
@@ -239,22 +294,29 @@ class CrowdedFitter:
         empty = spots.take(np.zeros(len(spots), bool))
         if len(spots) == 0:
             return empty
-        residual = photons - _render(photons.shape, spots, self.half, self.integrated)
-        coords, _ = find_peaks(residual, cfg.detection_sigma(nd), **cfg.detection_options())
-        if len(coords):
-            xyz = coords[:, ::-1].astype(float)
-            dist, nearest = cKDTree(spots.xyz).query(xyz)
+        residual = self._stack - self._render(spots)
+        sig, options = cfg.detection_sigma(nd), cfg.detection_options()
+        found_xyz, found_t = [], []
+        for i in np.unique(spots.t):
+            coords, _ = find_peaks(residual[i], sig, noise=self._noise(i), **options)
+            found_xyz.append(coords[:, ::-1].astype(float))
+            found_t.append(np.full(len(coords), i, np.int64))
+        xyz = np.concatenate(found_xyz) if found_xyz else np.zeros((0, nd))
+        t = np.concatenate(found_t) if found_t else np.zeros(0, np.int64)
+        nearest = np.zeros(0, np.int64)
+        if len(xyz):
+            keyed = np.column_stack([xyz, t * _FRAME_GAP])
+            dist, nearest = cKDTree(spots.keyed()).query(keyed)
             new = dist > SEARCH_EXCLUSION * cfg.sigma
             wide = self._wide(spots)
             if wide.any():  # around a stretched spot the split below decides instead
-                near_wide = cKDTree(spots.xyz[wide]).query(xyz)[0] <= max(self.half)
+                near_wide = cKDTree(spots.keyed()[wide]).query(keyed)[0] <= max(self.half)
                 new &= ~near_wide
-            xyz, nearest = xyz[new], nearest[new]
-        else:
-            xyz, nearest = np.zeros((0, nd)), np.zeros(0, np.int64)
-        w = roi.cut(residual, np.rint(xyz[:, ::-1]).astype(np.int64), self.half)
+            xyz, t, nearest = xyz[new], t[new], nearest[new]
+        half = np.asarray(self.half)
+        w = self._windows(residual, t, np.rint(xyz[:, ::-1]).astype(np.int64) - half, tuple(2 * half + 1))
         start = initial_guess(self.emitter, w.data, w.mask, w.grid, cfg)
-        found = self._new_spots(xyz, start, spots.offset[nearest], True)
+        found = self._new_spots(xyz, t, start, spots.offset[nearest], True)
         return self._split_wide(residual, spots, extra=found)
 
     def _wide(self, spots):
@@ -276,8 +338,12 @@ class CrowdedFitter:
         wide = np.flatnonzero(self._wide(spots))
         if len(wide) == 0:
             return extra
-        filtered = dog_filter(residual, cfg.widths(self.ndim)[::-1])
-        w = roi.cut(filtered, np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64), self.half)
+        filtered = np.zeros_like(residual)
+        for i in np.unique(spots.t[wide]):
+            filtered[i] = dog_filter(residual[i], cfg.widths(self.ndim)[::-1])
+        half = np.asarray(self.half)
+        w = self._windows(filtered, spots.t[wide], np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64) - half,
+                          tuple(2 * half + 1))
         best = np.argmax(np.where(w.mask, w.data, -np.inf), axis=1)
         peak = np.column_stack([c[best] for c in w.grid.flat()]) + w.origin  # x, y[, z]
         direction = peak - spots.xyz[wide]
@@ -289,29 +355,54 @@ class CrowdedFitter:
         spots.xyz[wide] = centre - step
         spots.start[wide] = centre - step
         spots.intensity[wide] *= 0.5
-        split = _Spots(centre + step, spots.intensity[wide], spots.sigma[wide], spots.offset[wide],
-                       np.ones(len(wide), bool))
+        split = _Spots(centre + step, spots.t[wide], spots.intensity[wide], spots.sigma[wide],
+                       spots.offset[wide], np.ones(len(wide), bool))
         return extra.extend(split)
 
     def _keep(self, spots):
         """Which spots stay (see the module docstring, step 5)."""
-        err = spots.rec["intensity_err"]
-        snr = spots.intensity / np.where(err > 0, err, np.inf)
+        snr = _snr(spots)
         keep = snr >= MIN_EMITTER_SNR
         penalty = (1 + self.ndim) * np.log(np.maximum(spots.rec["n_pixels"], 2))
         keep &= ~spots.added | (snr**2 > penalty)
         keep &= np.isfinite(snr)
         return keep
 
+    def _revert(self, before, after, labels):
+        """Undo the additions to a group whose refit made one of its earlier emitters
+        insignificant: drop the group's added emitters and give its earlier ones
+        their previous estimates back.
+
+        An added emitter that takes half the light of a bright spot it sits
+        beside (a residual peak of a slightly misfitted spot) can leave both
+        too faint to keep; the evidence was the earlier spot's, not the pair's.
+        ``before`` and ``after`` hold the same spots in the same order (before
+        and after the refit); ``labels`` are the groups of the refit.
+        """
+        earlier = ~before.added
+        weak = earlier & ~(_snr(after) >= MIN_EMITTER_SNR) & (_snr(before) >= MIN_EMITTER_SNR)
+        if not weak.any():
+            return after
+        added_groups = np.unique(labels[before.added])
+        undo = np.isin(labels, np.intersect1d(labels[weak], added_groups))
+        if not undo.any():
+            return after
+        restore = np.flatnonzero(undo & earlier)
+        for a in _Spots._ARRAYS:
+            getattr(after, a)[restore] = getattr(before, a)[restore]
+        for k, v in after.rec.items():
+            v[restore] = before.rec[k][restore]
+        return after.take(~(undo & before.added))
+
     # ---------------------------------------------------------- joint fits
-    def _joint(self, photons, spots: _Spots, radius):
+    def _joint(self, spots: _Spots, radius):
         """Fit every group jointly; returns the updated spots and their group labels."""
         cfg = self.config
         n = len(spots)
-        labels = group_spots(spots.xyz, radius, cfg.max_group)
+        labels = group_spots(spots.keyed(), radius, cfg.max_group)
         if n == 0:
             return spots, labels
-        residual = photons - _render(photons.shape, spots, self.half, self.integrated)
+        residual = self._stack - self._render(spots)
         sizes = np.bincount(labels)
         order = np.argsort(labels, kind="stable")
         starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -330,14 +421,14 @@ class CrowdedFitter:
         single-spot fit).
         """
         setup, cfg, nd = self.setup, self.config, self.ndim
-        read_var, saturated, valid = self._maps
         G, K = members.shape
         half = np.asarray(self.half)  # array order
         pos = spots.xyz[members]  # (G, K, nd) x, y[, z]
+        t = spots.t[members[:, 0]]
         lo = np.floor(pos.min(axis=1)).astype(np.int64)[:, ::-1] - half  # array order
         hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
         shape = tuple(int(s) for s in (hi - lo).max(axis=0) + 1)
-        w = roi.cut_box(residual, lo, shape, read_var=read_var, valid=valid)
+        w = self._windows(residual, t, lo, shape)
         model = MultiGaussian(K, nd, self.integrated)
         # data = photons minus the light of spots outside the group
         own = np.zeros((G, model.n_params))
@@ -368,12 +459,13 @@ class CrowdedFitter:
         theta0 = np.clip(theta0, lower, upper)
         free = ~model.width_mask if cfg.fix_sigma else np.ones(model.n_params, bool)
         sol = solver.solve(model, setup.estimator, data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
-                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter)
+                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter, groups=t)
         finite = np.all(np.isfinite(sol.theta), axis=1)
         theta = np.where(finite[:, None], sol.theta, theta0)
         sat = np.zeros(G, bool)
-        if saturated is not None:
-            sat = np.any(roi.cut_box(saturated, lo, shape, dtype=bool).data & w.mask, axis=1)
+        if self._saturated is not None:
+            s = self._windows(self._saturated, t, lo, shape, dtype=bool)
+            sat = np.any(s.data & w.mask, axis=1)
         em = model.emitter_model
         centre = list(em.center_index)
         rec = out.rec
@@ -401,24 +493,40 @@ class CrowdedFitter:
             out.offset[ok] = th[:, em.offset_index]
 
     # --------------------------------------------------------------- table
-    def table(self, spots: _Spots, frame: int, group_offset: int):
-        """Rows of one frame (columns of :func:`spotfit.table.columns` + group columns)."""
+    def table(self, spots: _Spots, group_offset: int):
+        """Rows of the chunk, by frame and in raster order within a frame
+        (columns of :func:`spotfit.table.columns` + group columns)."""
         nd = self.ndim
         n = len(spots)
         rec = spots.rec
         keys = table.value_columns(nd)
-        t = table.build(np.full(n, frame, dtype=np.int64), {k: rec[k] for k in keys},
+        frame = np.array([f.t for f in self._frames], np.int64)[spots.t] if n else np.zeros(0, np.int64)
+        t = table.build(frame, {k: rec[k] for k in keys},
                         {k: rec[f"{k}_err"] for k in keys}, rec["chi2_red"], rec["iterations"],
                         results.status_names(rec["status"]), self.setup.camera.unit, nd)
         sizes = np.bincount(spots.labels) if n else np.zeros(0, np.int64)
         t["group_id"] = spots.labels.astype(np.int64) + group_offset
         t["group_size"] = sizes[spots.labels].astype(np.int64)
-        order = np.lexsort(tuple(spots.xyz[:, j] for j in range(nd)))  # raster order
+        order = np.lexsort(tuple(spots.xyz[:, j] for j in range(nd)) + (frame,))  # frame, then raster
         return t.iloc[order].reset_index(drop=True)
 
 
+def _snr(spots) -> np.ndarray:
+    """``intensity / intensity_err`` of each spot's last fit (0 where unknown)."""
+    err = spots.rec["intensity_err"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return spots.intensity / np.where(err > 0, err, np.inf)
+
+
+def _stack_or_none(maps, shape, fill):
+    """Per-frame bool maps stacked (a frame without one gets ``fill``), or None if none has one."""
+    if all(m is None for m in maps):
+        return None
+    return np.stack([np.asarray(m, bool) if m is not None else np.full(shape[1:], fill) for m in maps])
+
+
 def n_groups(spots) -> int:
-    """Number of groups in a :meth:`CrowdedFitter.fit_frame` result."""
+    """Number of groups in a :meth:`CrowdedFitter.fit_frames` result."""
     return int(spots.labels.max()) + 1 if len(spots) else 0
 
 
