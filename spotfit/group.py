@@ -31,6 +31,7 @@ Pipeline for one frame (:meth:`CrowdedFitter.fit_frame`):
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -45,11 +46,16 @@ from spotfit.start import initial_guess
 #: emitters whose intensity is below this many standard errors are removed
 MIN_EMITTER_SNR = 2.0
 #: residual searches for hidden emitters per frame
-SEARCH_ROUNDS = 1
+SEARCH_ROUNDS = 2
 #: residual peaks closer than this many sigma to a known spot are not new emitters
 SEARCH_EXCLUSION = 0.5
+#: the residual is searched this many sigmas beyond a fitted spot's window
+SEARCH_REACH = 1.5
 #: fitted widths stay within this range times the expected sigma
 WIDTH_RANGE = (0.9, 1.1)
+#: a group fit whose reduced chi-square exceeds 1 by this many standard
+#: deviations with its width at the upper bound is no group of spots (not_spot)
+MISFIT_SIGMAS = 4.0
 
 
 def group_spots(points: np.ndarray, radius: float, max_size: int = 8) -> np.ndarray:
@@ -109,12 +115,15 @@ class _Spots:
     fit's output columns (:func:`spotfit.results.measure`: values by column
     name, errors by column name + ``_err``), ``chi2_red``, ``iterations``,
     ``status`` and ``n_pixels``, carried along when spots are removed or
-    added.
+    added.  A ``fixed`` spot is a single-spot fit that stands as it is: its
+    light is subtracted from its neighbours' windows, but it is not refitted
+    unless a new emitter is found beside it (then it joins that group).
     """
 
-    _ARRAYS = ("xyz", "t", "intensity", "sigma", "offset", "added", "start")
+    _ARRAYS = ("xyz", "t", "intensity", "sigma", "offset", "added", "start", "fixed", "single", "locked")
 
-    def __init__(self, xyz, t, intensity, sigma, offset, added, start=None, rec=None):
+    def __init__(self, xyz, t, intensity, sigma, offset, added, start=None, fixed=None, single=None,
+                 locked=None, rec=None):
         self.xyz = np.asarray(xyz, float)
         self.t = np.asarray(t, np.int64)
         self.intensity = np.asarray(intensity, float)
@@ -123,6 +132,12 @@ class _Spots:
         self.added = np.asarray(added, bool)
         self.start = self.xyz.copy() if start is None else np.asarray(start, float)
         n, nd = self.xyz.shape
+        # fixed: a single-spot fit taken as it is (its light only is used), unless a
+        # new emitter appears beside it; single: its row among those fits, else -1
+        self.fixed = np.zeros(n, bool) if fixed is None else np.asarray(fixed, bool)
+        self.single = np.full(n, -1, np.int64) if single is None else np.asarray(single, np.int64)
+        # locked: fixed for good (a fit that is no spot: its light is subtracted, nothing more)
+        self.locked = np.zeros(n, bool) if locked is None else np.asarray(locked, bool)
         if rec is None:
             keys = table.value_columns(nd)
             rec = {k: np.full(n, np.nan) for k in keys + [f"{k}_err" for k in keys]}
@@ -169,7 +184,7 @@ class CrowdedFitter:
         self.emitter = get_model("symmetric", self.ndim, self.integrated)
 
     # ---------------------------------------------------------- the chunk
-    def fit_frames(self, frames, read_var=None):
+    def fit_frames(self, frames, read_var=None, fixed=None):
         """Fit all spots of some frames; returns a :class:`_Spots` with results.
 
         Alternates joint fits of all groups with residual searches
@@ -179,17 +194,25 @@ class CrowdedFitter:
         ----------
         frames : sequence
             Frames of the same shape with ``photons`` (photons or ADU above
-            baseline), ``coords`` (detected candidates, ``(n, ndim)`` array
+            baseline), ``coords`` (the candidates to fit, ``(n, ndim)`` array
             order), ``valid`` and ``saturated`` (bool maps or None) and
             ``noise`` (the frame's :class:`~spotfit.background.NoiseModel`,
             or None to measure it) attributes.
         read_var : ndarray of the frames' shape, optional
             Read-noise variance map (sCMOS).
+        fixed : dict, optional
+            Single-spot fits that stand as they are unless a new emitter is
+            found beside them: ``xyz`` (n, ndim), ``t`` (frame within
+            ``frames``), ``intensity``, ``sigma`` (n, 1) or (n, 2),
+            ``offset``, ``row`` (their index, reported back in
+            :attr:`_Spots.single`), optionally ``locked`` (bool: never
+            refitted, e.g. fits that are no spot).
 
         Returns
         -------
         _Spots
-            With ``labels`` (group of each spot, unique within the chunk).
+            With ``labels`` (group of each spot that is not fixed, unique
+            within the chunk; -1 for fixed ones).
         """
         cfg = self.config
         self._frames = list(frames)
@@ -198,6 +221,11 @@ class CrowdedFitter:
         self._saturated = _stack_or_none([f.saturated for f in self._frames], self._stack.shape, False)
         self._read_var = None if read_var is None else np.broadcast_to(read_var, self._stack.shape)
         spots = self._start()
+        if fixed is not None and len(fixed["xyz"]):
+            n = len(fixed["xyz"])
+            spots = spots.extend(_Spots(fixed["xyz"], fixed["t"], fixed["intensity"], fixed["sigma"],
+                                        fixed["offset"], np.zeros(n, bool), fixed=np.ones(n, bool),
+                                        single=fixed["row"], locked=fixed.get("locked")))
         radius = cfg.group_radius * cfg.sigma
         changed = True
         labels = np.zeros(0, np.int64)
@@ -206,19 +234,19 @@ class CrowdedFitter:
             spots, labels = self._joint(spots, radius)
             if round_:
                 spots = self._revert(before, spots, labels)
-                labels = group_spots(spots.keyed(), radius, cfg.max_group)
+                labels = self._labels(spots, radius)
             keep = self._keep(spots)
             changed = not keep.all()
             if changed:
                 spots = spots.take(keep)
             if round_ < SEARCH_ROUNDS:
-                new = self._search(spots)
+                new = self._search(spots, radius)
                 if len(new):
                     spots = spots.extend(new)
                     changed = True
             if not changed:
                 break
-        if changed:  # the last round pruned: refit the survivors
+        if changed:  # the last round pruned or added: refit the survivors
             spots, labels = self._joint(spots, radius)
         spots.labels = labels
         return spots
@@ -264,8 +292,33 @@ class CrowdedFitter:
         rel = spots.xyz - origin_xyz
         cols = [spots.intensity, *rel.T, *spots.sigma.T, np.zeros(len(spots))]
         mu = self.emitter.value(np.column_stack(cols), grid)
-        roi.scatter_add(image, mu, np.column_stack([origin_xyz, spots.t]), roi.Grid((1,) + grid.shape))
+        start = np.column_stack([spots.t, (centers - half)])  # array order, with the frame first
+        nz = 0 if self.ndim == 2 else image.shape[1]
+        _scatter(image.reshape(-1, image.shape[-2], image.shape[-1]), mu, start, np.array(grid.shape), nz)
         return image
+
+    def _background_at(self, t, lo, shape):
+        """The frames' local background (:class:`spotfit.background.Background`, one
+        per frame, estimated once) at the pixels of windows ``shape`` from ``lo``
+        (array order) in frames ``t``: ``(n, P)``."""
+        from spotfit.background import Background, _as_volume, _sigmas
+
+        if getattr(self, "_bg_frames", None) is not self._frames:
+            self._bg, self._bg_frames = {}, self._frames
+        out = np.empty((len(t), int(np.prod(shape))))
+        mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
+        for i in np.unique(t):
+            if i not in self._bg:
+                sig = _sigmas(self.config.detection_sigma(self.ndim), self.ndim)
+                photons = _as_volume(np.asarray(self._frames[i].photons, np.float32))
+                self._bg[i] = Background.estimate(photons, sig, self._noise(i))
+            rows = np.flatnonzero(t == i)
+            pix = lo[rows][:, None, :] + mesh[None]  # (m, P, ndim), array order
+            dims = self._stack.shape[1:]
+            pix = np.clip(pix, 0, np.array(dims) - 1).reshape(-1, len(shape))
+            index = [np.zeros(len(pix), np.int64)] * (3 - len(shape)) + [pix[:, a] for a in range(len(shape))]
+            out[rows] = self._bg[i].at(index).reshape(len(rows), -1)
+        return out
 
     def _noise(self, i):
         """Detection noise model of frame ``i`` of the chunk (measured once if need be)."""
@@ -278,46 +331,114 @@ class CrowdedFitter:
             f.noise = NoiseModel.from_camera(cam) if cam.calibrated else estimate_noise(f.photons, sig)
         return f.noise
 
-    def _search(self, spots):
-        """New emitters: peaks of the residual, and the residual maximum beside wide spots.
+    def _search(self, spots, radius):
+        """New emitters: peaks of the residual near the spots being fitted, and the
+        residual maximum beside wide spots.
 
-        Significant peaks (the detector on the residual, with the frame's
-        noise model) farther than ``SEARCH_EXCLUSION * sigma`` from every
-        known spot; and, for every spot whose width hit its upper bound (a
-        single Gaussian stretched over an unresolved pair), the maximum of
-        the filtered residual in its window.  The joint refit and pruning
-        decide which of them stay.
+        Around every spot that is not fixed, a window ``SEARCH_REACH`` sigmas
+        wider than its fit window is cut from the residual (data minus all
+        spots' light, minus the spot's offset), smoothed like the detector
+        smooths, and its local maxima (3 x 3) above the detection threshold
+        (the frame's noise model at that offset) farther than
+        ``SEARCH_EXCLUSION * sigma`` from every known spot become new
+        emitters, as does, for every spot whose width hit its upper bound
+        (a single Gaussian stretched over an unresolved pair), the maximum of
+        the filtered residual in its window.  A fixed spot within the
+        grouping radius of a new emitter joins the fits.  The joint refit and
+        pruning decide which new emitters stay.
         """
-        from spotfit.detection import find_peaks
-
-        cfg, nd = self.config, self.ndim
+        cfg = self.config
         empty = spots.take(np.zeros(len(spots), bool))
-        if len(spots) == 0:
+        # around the spots being fitted, not around added ones: a search that
+        # follows its own additions walks along texture
+        active = np.flatnonzero(~spots.fixed & ~spots.added)
+        if len(active) == 0:
             return empty
-        residual = self._stack - self._render(spots)
-        sig, options = cfg.detection_sigma(nd), cfg.detection_options()
-        found_xyz, found_t = [], []
-        for i in np.unique(spots.t):
-            coords, _ = find_peaks(residual[i], sig, noise=self._noise(i), **options)
-            found_xyz.append(coords[:, ::-1].astype(float))
-            found_t.append(np.full(len(coords), i, np.int64))
-        xyz = np.concatenate(found_xyz) if found_xyz else np.zeros((0, nd))
-        t = np.concatenate(found_t) if found_t else np.zeros(0, np.int64)
+        light = self._render(spots)
+        residual = self._stack - light
+        xyz, t = self._residual_peaks(residual, light, spots, active)
         nearest = np.zeros(0, np.int64)
         if len(xyz):
             keyed = np.column_stack([xyz, t * _FRAME_GAP])
-            dist, nearest = cKDTree(spots.keyed()).query(keyed)
+            tree = cKDTree(spots.keyed())
+            dist, nearest = tree.query(keyed)
             new = dist > SEARCH_EXCLUSION * cfg.sigma
+            if spots.locked.any():  # a blob's leftover light is no hidden spot
+                new &= cKDTree(spots.keyed()[spots.locked]).query(keyed)[0] > radius
             wide = self._wide(spots)
             if wide.any():  # around a stretched spot the split below decides instead
                 near_wide = cKDTree(spots.keyed()[wide]).query(keyed)[0] <= max(self.half)
                 new &= ~near_wide
             xyz, t, nearest = xyz[new], t[new], nearest[new]
+            if len(xyz):  # fixed spots beside a new emitter are fitted with it
+                near = tree.query_ball_point(np.column_stack([xyz, t * _FRAME_GAP]), radius)
+                hit = np.unique(np.concatenate([np.asarray(h, np.int64) for h in near]))
+                hit = hit[spots.fixed[hit] & ~spots.locked[hit]]
+                spots.fixed[hit] = False
+                spots.start[hit] = spots.xyz[hit]
         half = np.asarray(self.half)
         w = self._windows(residual, t, np.rint(xyz[:, ::-1]).astype(np.int64) - half, tuple(2 * half + 1))
         start = initial_guess(self.emitter, w.data, w.mask, w.grid, cfg)
         found = self._new_spots(xyz, t, start, spots.offset[nearest], True)
         return self._split_wide(residual, spots, extra=found)
+
+    def _residual_peaks(self, residual, light, spots, active):
+        """Significant local maxima of the smoothed residual around spots ``active``:
+        positions ``(m, ndim)`` (x, y[, z]) and frames ``(m,)``, each pixel once.
+
+        The noise a residual peak is compared with is the frame's noise
+        model at the fitted level there (offset plus all spots' light): the
+        shot noise of a bright spot's own photons is no hidden emitter.
+        """
+        from scipy import ndimage
+
+        from spotfit.filters import SMOOTH, _kernel_power
+
+        cfg, nd = self.config, self.ndim
+        reach = int(np.ceil(SEARCH_REACH * cfg.sigma))
+        half = np.asarray(self.half) + np.array([0] * (nd - 2) + [reach, reach])
+        if nd == 3:
+            half[0] += int(np.ceil(SEARCH_REACH * cfg.axial_sigma()))
+        centre = np.rint(spots.xyz[active][:, ::-1]).astype(np.int64)
+        t = spots.t[active]
+        shape = tuple(2 * half + 1)
+        w = self._windows(residual, t, centre - half, shape)
+        # the level a hidden spot would stand on: the frame's local background
+        # (it follows cells and texture wider than a spot, not spots)
+        offset = self._background_at(t, centre - half, shape)
+        data = (w.data - offset) * w.mask
+        widths = cfg.widths(nd)[::-1]  # array order
+        smoothing = (0,) + tuple(SMOOTH * s for s in widths)
+        smooth = ndimage.gaussian_filter(data.reshape((-1,) + shape), smoothing, mode="constant", truncate=3.0)
+        # noise of the smoothed residual: the frame's noise model at the fitted level
+        level = offset + self._windows(light, t, centre - half, shape).data
+        level = ndimage.gaussian_filter(level.reshape((-1,) + shape), smoothing, mode="nearest", truncate=3.0)
+        k2 = float(np.prod([_kernel_power(SMOOTH * s, 2) for s in widths]))
+        var = np.empty_like(level)
+        for i in np.unique(t):
+            rows = t == i
+            noise = self._noise(i)
+            rv = noise.read_var
+            read = float(np.mean(rv)) if np.ndim(rv) else float(rv)
+            v = read + noise.shot * np.maximum(level[rows], 0.0)
+            var[rows] = np.maximum(v, noise.floor) * noise.correlation
+        # ... or the residual's own spread there, if larger: structure the fits
+        # and the background leave (texture) is no hidden spot either
+        flat = smooth.reshape(len(smooth), -1)
+        clutter = 1.4826 * np.median(np.abs(flat - np.median(flat, axis=1, keepdims=True)), axis=1)
+        sd = np.maximum(np.sqrt(var * k2), clutter.reshape((-1,) + (1,) * nd))
+        threshold = cfg.threshold if cfg.threshold is not None else _detection_threshold()
+        peak = smooth == ndimage.maximum_filter(smooth, size=(1,) + (3,) * nd, mode="constant", cval=-np.inf)
+        peak &= smooth > threshold * sd
+        inner = np.zeros(shape, bool)
+        inner[tuple(slice(1, -1) for _ in shape)] = True  # a window's edge is no maximum
+        peak &= inner[None] & w.mask.reshape((-1,) + shape)
+        rows, *idx = np.nonzero(peak)
+        if len(rows) == 0:
+            return np.zeros((0, nd)), np.zeros(0, np.int64)
+        pix = np.column_stack(idx) + (centre[rows] - half)  # array order, image pixels
+        found = np.unique(np.column_stack([t[rows], pix]), axis=0)
+        return found[:, 1:][:, ::-1].astype(float), found[:, 0]
 
     def _wide(self, spots):
         """Spots whose lateral width reached its upper bound."""
@@ -332,18 +453,27 @@ class CrowdedFitter:
         residual in its window.  The second emitter is returned (with
         ``extra``) as an added spot, so pruning decides whether it stays.
         """
-        from spotfit.filters import dog_filter
+        from spotfit.filters import DOG_RATIO
 
         cfg = self.config
         wide = np.flatnonzero(self._wide(spots))
         if len(wide) == 0:
             return extra
-        filtered = np.zeros_like(residual)
-        for i in np.unique(spots.t[wide]):
-            filtered[i] = dog_filter(residual[i], cfg.widths(self.ndim)[::-1])
+        from scipy import ndimage
+
         half = np.asarray(self.half)
-        w = self._windows(filtered, spots.t[wide], np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64) - half,
-                          tuple(2 * half + 1))
+        pad = np.asarray([int(np.ceil(4 * DOG_RATIO * s)) for s in cfg.widths(self.ndim)[::-1]])
+        shape = tuple(2 * (half + pad) + 1)
+        big = self._windows(residual, spots.t[wide], np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64) - half - pad,
+                            shape)
+        stack = big.data.reshape((-1,) + shape)
+        sig = (0,) + tuple(cfg.widths(self.ndim)[::-1])
+        filtered = ndimage.gaussian_filter(stack, sig, mode="nearest") - \
+            ndimage.gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
+        inner = (slice(None),) + tuple(slice(p, p + 2 * h + 1) for p, h in zip(pad, half))
+        mask = big.mask.reshape((-1,) + shape)[inner].reshape(len(wide), -1)
+        w = roi.Windows(filtered[inner].reshape(len(wide), -1), mask, big.origin + pad[::-1],
+                        roi.Grid(tuple(2 * half + 1)))
         best = np.argmax(np.where(w.mask, w.data, -np.inf), axis=1)
         peak = np.column_stack([c[best] for c in w.grid.flat()]) + w.origin  # x, y[, z]
         direction = peak - spots.xyz[wide]
@@ -364,9 +494,11 @@ class CrowdedFitter:
         snr = _snr(spots)
         keep = snr >= MIN_EMITTER_SNR
         penalty = (1 + self.ndim) * np.log(np.maximum(spots.rec["n_pixels"], 2))
-        keep &= ~spots.added | (snr**2 > penalty)
+        threshold = self.config.threshold if self.config.threshold is not None else _detection_threshold()
+        # an added emitter must be as significant as a detected one would be
+        keep &= ~spots.added | ((snr**2 > penalty) & (snr >= threshold))
         keep &= np.isfinite(snr)
-        return keep
+        return keep | spots.fixed
 
     def _revert(self, before, after, labels):
         """Undo the additions to a group whose refit made one of its earlier emitters
@@ -379,12 +511,12 @@ class CrowdedFitter:
         ``before`` and ``after`` hold the same spots in the same order (before
         and after the refit); ``labels`` are the groups of the refit.
         """
-        earlier = ~before.added
+        earlier = ~before.added & ~before.fixed
         weak = earlier & ~(_snr(after) >= MIN_EMITTER_SNR) & (_snr(before) >= MIN_EMITTER_SNR)
         if not weak.any():
             return after
-        added_groups = np.unique(labels[before.added])
-        undo = np.isin(labels, np.intersect1d(labels[weak], added_groups))
+        added_groups = np.unique(labels[before.added & (labels >= 0)])
+        undo = np.isin(labels, np.intersect1d(labels[weak], added_groups)) & (labels >= 0)
         if not undo.any():
             return after
         restore = np.flatnonzero(undo & earlier)
@@ -395,16 +527,23 @@ class CrowdedFitter:
         return after.take(~(undo & before.added))
 
     # ---------------------------------------------------------- joint fits
+    def _labels(self, spots, radius):
+        """Group labels of the spots that are not fixed (-1 for fixed ones)."""
+        labels = np.full(len(spots), -1, np.int64)
+        free = ~spots.fixed
+        labels[free] = group_spots(spots.keyed()[free], radius, self.config.max_group)
+        return labels
+
     def _joint(self, spots: _Spots, radius):
         """Fit every group jointly; returns the updated spots and their group labels."""
-        cfg = self.config
         n = len(spots)
-        labels = group_spots(spots.keyed(), radius, cfg.max_group)
-        if n == 0:
+        labels = self._labels(spots, radius)
+        if n == 0 or spots.fixed.all():
             return spots, labels
         residual = self._stack - self._render(spots)
-        sizes = np.bincount(labels)
-        order = np.argsort(labels, kind="stable")
+        free = np.flatnonzero(labels >= 0)
+        sizes = np.bincount(labels[free])
+        order = free[np.argsort(labels[free], kind="stable")]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         out = spots.take(np.arange(n))  # a copy to write the new estimates into
         for K in np.unique(sizes):
@@ -469,13 +608,19 @@ class CrowdedFitter:
         em = model.emitter_model
         centre = list(em.center_index)
         rec = out.rec
+        # a group whose PSFs are as wide as allowed and still misfit is no group
+        # of spots (nuclear texture, a blob): its emitters are not spots
+        dof = np.maximum(w.mask.sum(axis=1) - model.n_params, 1)
+        pegged = theta[:, model.index("sigma")] >= (1 - 1e-3) * upper[:, model.index("sigma")]
+        misfit = sol.chi2_red > 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)
+        blob = self._blob(data, w, sol.chi2_red * dof, model.n_params, pegged & misfit)
         for i in range(K):
             m = members[:, i]
             idx = model.emitter_params(i)
             values, errors = results.measure(em, theta[:, idx], sol.cov[:, idx][:, :, idx], w.origin)
             outside = ~w.inside(theta[:, idx][:, centre])
             low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
-            rec["status"][m] = results.judge(sol.status, outside, low, sat)
+            rec["status"][m] = results.judge(sol.status, outside, low, sat, blob)
             for key, v in values.items():
                 rec[key][m] = v
                 rec[f"{key}_err"][m] = errors[key]
@@ -492,11 +637,47 @@ class CrowdedFitter:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
 
+    def _blob(self, data, w, chi2, n_params, candidates):
+        """Which misfit groups one wide Gaussian explains as well as their emitters.
+
+        For each candidate group, the setup's single-spot model (widths
+        free) is fitted to the group's window; if it fits (reduced
+        chi-square within ``MISFIT_SIGMAS`` of 1) and its chi-square plus
+        the BIC penalty of its parameters is no larger than the group's,
+        the group is a blob of light (texture, an aggregate), not spots.
+        A cluster of spots the search has not yet resolved is misfit by one
+        wide Gaussian too, and stays.
+        """
+        out = np.zeros(len(candidates), bool)
+        rows = np.flatnonzero(candidates)
+        if len(rows) == 0:
+            return out
+        setup, m = self.setup, self.setup.model
+        sub = roi.Windows(data[rows], w.mask[rows], w.origin[rows], w.grid,
+                          None if w.read_var is None else w.read_var[rows])
+        theta0 = initial_guess(m, sub.data, sub.mask, sub.grid, self.config)
+        lower, upper = window_bounds(m, setup.estimator, sub)
+        sol = solver.solve(m, setup.estimator, sub.data, sub.mask, sub.grid, theta0,
+                           noise=setup.noise(sub.read_var), lower=lower, upper=upper,
+                           max_iter=self.config.max_iter, bias_correct=False)
+        pixels = sub.mask.sum(axis=1)
+        dof = np.maximum(pixels - m.n_params, 1)
+        penalty = np.log(np.maximum(pixels, 2))
+        blob_cost = sol.chi2_red * dof + m.n_params * penalty
+        group_cost = chi2[rows] + n_params * penalty
+        fits = sol.chi2_red <= 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)  # the blob explains the data
+        out[rows] = np.isfinite(blob_cost) & (blob_cost <= group_cost) & fits
+        return out
+
     # --------------------------------------------------------------- table
     def table(self, spots: _Spots, group_offset: int):
         """Rows of the chunk, by frame and in raster order within a frame
         (columns of :func:`spotfit.table.columns` + group columns)."""
         nd = self.ndim
+        free = ~spots.fixed
+        labels = np.unique(spots.labels[free], return_inverse=True)[1].astype(np.int64)
+        spots = spots.take(free)
+        spots.labels = labels
         n = len(spots)
         rec = spots.rec
         keys = table.value_columns(nd)
@@ -509,6 +690,43 @@ class CrowdedFitter:
         t["group_size"] = sizes[spots.labels].astype(np.int64)
         order = np.lexsort(tuple(spots.xyz[:, j] for j in range(nd)) + (frame,))  # frame, then raster
         return t.iloc[order].reset_index(drop=True)
+
+
+@njit(cache=True)
+def _scatter(image, values, start, shape, nz):
+    """Add window values ``(n, P)`` into ``image`` ((T, ny, nx) frames, or (T * nz, ny, nx)
+    for z-stacks of ``nz`` planes) at array-order starts ``(t, [z,] y, x)``; pixels
+    outside are dropped.  ``nz = 0`` for 2D frames."""
+    nt, ny, nx = image.shape
+    for i in range(values.shape[0]):
+        p = 0
+        if nz == 0:
+            t, y0, x0 = start[i, 0], start[i, 1], start[i, 2]
+            for dy in range(shape[0]):
+                y = y0 + dy
+                for dx in range(shape[1]):
+                    x = x0 + dx
+                    if 0 <= y < ny and 0 <= x < nx:
+                        image[t, y, x] += values[i, p]
+                    p += 1
+        else:
+            t, z0, y0, x0 = start[i, 0], start[i, 1], start[i, 2], start[i, 3]
+            for dz in range(shape[0]):
+                z = z0 + dz
+                for dy in range(shape[1]):
+                    y = y0 + dy
+                    for dx in range(shape[2]):
+                        x = x0 + dx
+                        if 0 <= z < nz and 0 <= y < ny and 0 <= x < nx:
+                            image[t * nz + z, y, x] += values[i, p]
+                        p += 1
+    return image
+
+
+def _detection_threshold() -> float:
+    from spotfit.detection import DEFAULT_THRESHOLD
+
+    return DEFAULT_THRESHOLD
 
 
 def _snr(spots) -> np.ndarray:
