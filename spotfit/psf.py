@@ -125,6 +125,11 @@ def estimate_sigma(image, camera=None, *, axes=None, channel=None, start=None, m
         used = np.zeros(0)
         for rounds in range(1, ROUNDS + 1):
             widths, axial = _round(img, camera, sigma, sigma_z, ndim, max_spots, max_frames)
+            for _ in range(2 if rounds == 1 else 0):  # a first guess far too small splits
+                if len(widths) >= MIN_SPOTS:          # spots into several close maxima:
+                    break                             # try twice, four times as wide
+                sigma, sigma_z = 2 * sigma, (2 * sigma_z if sigma_z else None)
+                widths, axial = _round(img, camera, sigma, sigma_z, ndim, max_spots, max_frames)
             if len(widths) < MIN_SPOTS:
                 raise SpotfitInputError(
                     f"--sigma auto found {len(widths)} bright isolated spots that fit well (needs "
