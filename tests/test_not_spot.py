@@ -22,20 +22,20 @@ def _image(shape, xy, photons, sigma, background=10.0, seed=0):
 
 @pytest.mark.parametrize("crowded", [False, True], ids=["single", "crowded"])
 def test_blobs_wider_than_twice_sigma_are_not_spots(crowded):
-    # 12 spots of the PSF (sigma 1.3 px) and 12 blobs of sigma 4 px (texture,
-    # aggregates), 3000 photons each, well apart; 9 x 9 px windows see the blobs
-    # truncated, so their fitted widths scatter around 2.5-3.5 px
+    # 12 spots of the PSF (sigma 1.3 px, 3000 photons) and 12 bright blobs of sigma
+    # 4 px (texture, aggregates; 20000 photons), well apart; 9 x 9 px windows see the
+    # blobs truncated, so their fitted widths scatter around 2.5-3.5 px
     ys, xs = np.mgrid[12:110:20, 12:290:22]
     xy = np.column_stack([xs.ravel(), ys.ravel()]).astype(float)[:24]
     widths = np.r_[np.full(12, 1.3), np.full(12, 4.0)]
-    img = _image((115, 300), xy, 3000.0, widths, seed=1)
+    img = _image((115, 300), xy, np.r_[np.full(12, 3000.0), np.full(12, 20000.0)], widths, seed=1)
     table = spotfit.fit(img, camera=CAMERA, crowded=crowded)
     i, j = match_spots(table[["x", "y"]].to_numpy(), xy, 1.5)
     status = table["status"].to_numpy()[i]
     assert (status[j < 12] == "converged").all()
     # a blob is not_spot, or low_signal where its wide light is too faint to judge
     blob = status[j >= 12]
-    assert (blob == "not_spot").mean() >= 0.6 and np.isin(blob, ["not_spot", "low_signal"]).all()
+    assert (blob == "not_spot").mean() >= 0.8 and np.isin(blob, ["not_spot", "low_signal"]).all()
 
 
 def test_a_hot_pixel_is_not_a_spot():
