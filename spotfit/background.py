@@ -125,7 +125,7 @@ class NoiseModel:
     def from_camera(cls, camera) -> "NoiseModel":
         """The camera's noise model in photons (``camera`` must be calibrated)."""
         if not camera.calibrated:
-            raise SpotfitInputError("a noise model from the camera needs its gain (--gain)")
+            raise SpotfitInputError("a noise model from the camera needs its `gain`", parameter="gain")
         rv = camera.read_variance()
         floor = 1e-6 * max(float(np.max(rv)), 1.0)
         return cls(read_var=rv, shot=float(camera.excess_noise), floor=floor, source="camera")

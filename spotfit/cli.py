@@ -423,8 +423,6 @@ def _config_option(name: str, help: str | None = None):
             extra.update(show_default=True, callback=_none_word(meta["auto"]))
         return click.option(decls, name, type=click.Choice(choices), default=default, **extra)
     if name == "sigma":  # a number, or "auto": measured on the image (spotfit.psf)
-        extra.update(metavar="PX|auto", help=help + "  auto: measured on the bright isolated spots "
-                     "of the one IMAGE (printed; recorded in the sidecar).")
         return click.option(decls, name, type=SigmaType(), default=default, **extra)
     if kind == "whole":
         kind_type = click.IntRange(min=meta["low"])

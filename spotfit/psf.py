@@ -132,8 +132,8 @@ def estimate_sigma(image, camera=None, *, axes=None, channel=None, start=None, m
                 widths, axial = _round(img, camera, sigma, sigma_z, ndim, max_spots, max_frames)
             if len(widths) < MIN_SPOTS:
                 raise SpotfitInputError(
-                    f"--sigma auto found {len(widths)} bright isolated spots that fit well (needs "
-                    f"{MIN_SPOTS}); give the PSF width with --sigma")
+                    f"the PSF width could not be measured: {len(widths)} bright isolated spots "
+                    f"fit well (needs {MIN_SPOTS}); give `sigma`", parameter="sigma")
             new = float(np.median(widths))
             new_z = float(np.median(axial)) if ndim == 3 else None
             done = abs(new - sigma) < 0.02 * sigma and (ndim == 2 or abs(new_z - sigma_z) < 0.02 * sigma_z)

@@ -42,5 +42,5 @@ def test_z_stack_lateral_and_axial_sigma():
 
 def test_no_spots_is_a_clear_error():
     img, _ = simulate((80, 110), n_spots=0, background=20, camera=CAMERA, seed=1)
-    with pytest.raises(SpotfitInputError, match="--sigma"):
+    with pytest.raises(SpotfitInputError, match="sigma"):
         estimate_sigma(img, camera=CAMERA)
