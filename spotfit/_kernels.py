@@ -76,7 +76,7 @@ from numba import njit, prange
 
 # ---------------------------------------------------------------- codes
 #: fit status codes; their names in output tables are spotfit.results.STATUS_NAMES
-CONVERGED, MAX_ITERATIONS, SINGULAR, LEFT_WINDOW, LOW_SIGNAL, SATURATED = range(6)
+CONVERGED, MAX_ITERATIONS, SINGULAR, LEFT_WINDOW, LOW_SIGNAL, SATURATED, NOT_SPOT = range(7)
 #: model kernel families
 SEPARABLE, ROTATED = 0, 1
 #: cost functions

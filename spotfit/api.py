@@ -93,7 +93,7 @@ def _fit_image(img, valid, ndim, config, camera, report=None):
     """The fit table of an open image; ``report(t, n_frames, n_found)`` after each frame."""
     setup = Setup.resolve(config, camera, ndim)
     frames = _frames(img, valid, setup, report)
-    result = _fit_crowded(setup, frames) if config.crowded else _fit_single(setup, frames, raster=True)
+    result = _fit_dense(setup, frames) if config.crowded else _fit_single(setup, frames, raster=True)
     return _with_units(result, img)
 
 
@@ -166,8 +166,10 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
     Parameters
     ----------
     image, config, camera, axes, channel, on_frame, invert, series, **options
-        As in :func:`fit`.  The camera conversion does not change the
-        candidates (scores are signal-to-noise ratios).
+        As in :func:`fit`.  With a calibrated camera the noise that scores
+        are relative to comes from the camera's noise model
+        (:meth:`spotfit.background.NoiseModel.from_camera`), otherwise it is
+        measured on each frame (:func:`spotfit.background.estimate_noise`).
 
     Returns
     -------
@@ -465,6 +467,7 @@ class _Frame:
     saturated: np.ndarray | None = None
     image_var: float = 0.0
     dark: str | None = None
+    noise: object = None  # the detection's NoiseModel of this frame
 
 
 def _prepare(setup, t, raw, valid=None, camera=None) -> _Frame:
@@ -521,11 +524,15 @@ def _frames(img, valid_img, setup, report=None, camera=None):
 
     Gives at most one :class:`SpotfitWarning` about a dark frame per call.
     """
+    from spotfit.background import NoiseModel, estimate_noise
     from spotfit.detection import find_peaks
 
     config = setup.config if isinstance(setup, Setup) else setup
     ndim = 3 if img.is_3d else 2
     sigma, options = config.detection_sigma(ndim), config.detection_options()
+    cam = camera or setup.camera
+    # a calibrated camera's noise model; otherwise each frame's, measured on it
+    camera_noise = NoiseModel.from_camera(cam) if cam.calibrated else None
     warned = False
     valid_frames = valid_img.frames() if valid_img is not None else None
     for t, raw in img.frames():
@@ -534,7 +541,8 @@ def _frames(img, valid_img, setup, report=None, camera=None):
         if f.dark and not warned:
             warnings.warn(f.dark, SpotfitWarning, stacklevel=3)
             warned = True
-        f.coords, f.score = find_peaks(f.photons, sigma, **options)
+        f.noise = camera_noise if camera_noise is not None else estimate_noise(f.photons, sigma)
+        f.coords, f.score = find_peaks(f.photons, sigma, noise=f.noise, **options)
         if f.valid is not None and len(f.coords):
             keep = f.valid[tuple(f.coords.T)]
             f.coords, f.score = f.coords[keep], f.score[keep]
@@ -587,21 +595,179 @@ def _fit_single(setup: Setup, frames, raster: bool):
     return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
-def _fit_crowded(setup: Setup, frames):
-    """Frame by frame: grouped joint fits (:mod:`spotfit.group`); one table."""
+#: pixels of the frames fitted together by the crowded path (a few float64 copies each)
+CROWDED_CHUNK = 1 << 22
+
+#: a single-spot fit is re-examined jointly (it may be two spots, or hide one
+#: in its tail) when its larger width exceeds this many PSF sigmas, ...
+SUSPECT_WIDTH = 1.2
+#: ... when one width exceeds the other this many times, ...
+SUSPECT_ELONGATION = 1.15
+#: ... or when its reduced chi-square exceeds 1 by this many standard deviations
+SUSPECT_CHI2 = 4.0
+#: a single-spot fit wider than this many PSF sigmas both ways is a blob (not
+#: spots, even among other candidates): it is not fitted jointly
+BLOB_WIDTH = 1.5
+NOT_SPOT_JOINS = True
+
+
+def _fit_dense(setup: Setup, frames):
+    """Crowded fields (``crowded=True``): single-spot fits where spots stand alone, joint fits where they do not.
+
+    Per chunk of frames (:data:`CROWDED_CHUNK` pixels, one frame at least):
+
+    1. Candidates with no other candidate within ``group_radius * sigma``
+       get single-spot fits (:mod:`spotfit.single`: the rotated Gaussian,
+       widths free, all windows in one solve).
+    2. A single fit that looks like one PSF (widths within
+       ``SUSPECT_WIDTH`` sigmas, ``SUSPECT_ELONGATION``, reduced chi-square
+       as expected) stands, as does one that is no spot (``not_spot``) or
+       failed; the others are suspects: perhaps two spots closer than the
+       detector separates, or a spot with a faint one in its tail.
+    3. The other candidates (groups) and the suspects are fitted jointly
+       (:class:`spotfit.group.CrowdedFitter`), with the standing fits' light
+       subtracted from their windows; the residual around them is searched
+       for hidden emitters, which stay if the likelihood needs them (a
+       standing fit beside a new emitter joins its group).
+
+    The table has the columns of the single-spot path plus ``group_id`` and
+    ``group_size`` (1 for a standing single fit); isolated spots are
+    exactly what single-spot fitting gives.
+    """
     import pandas as pd
 
-    from spotfit.group import CrowdedFitter, n_groups
+    from spotfit.group import CrowdedFitter
 
     setup.use_threads()
     crowd = CrowdedFitter(setup)
     read_var = setup.read_var_map()
-    parts, groups_so_far = [], 0
+    parts, chunk, pixels, groups = [], [], 0, 0
+
+    def flush():
+        nonlocal groups
+        if chunk:
+            part = _dense_chunk(setup, crowd, chunk, read_var, groups)
+            groups += int(part["group_id"].max()) + 1 - groups if len(part) else 0
+            parts.append(part)
+            chunk.clear()
+        return 0
+
     for f in frames:
         if len(f.coords) == 0:
             continue
-        photons = np.ascontiguousarray(f.photons, dtype=float)
-        result = crowd.fit_frame(photons, f.coords, read_var, f.saturated, f.valid)
-        parts.append(crowd.table(result, f.t, groups_so_far))
-        groups_so_far += n_groups(result)
-    return pd.concat(parts, ignore_index=True) if parts else table.empty(setup.ndim, crowded=True)
+        if chunk and pixels + f.photons.size > CROWDED_CHUNK:
+            pixels = flush()
+        chunk.append(f)
+        pixels += f.photons.size
+    flush()
+    if not parts:
+        return table.empty(setup.ndim, crowded=True)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+@dataclass
+class _Candidates:
+    """A frame of a chunk with the candidates the joint fits start from."""
+
+    t: int
+    photons: np.ndarray
+    coords: np.ndarray
+    valid: np.ndarray | None
+    saturated: np.ndarray | None
+    noise: object
+
+
+def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
+    """:func:`_fit_dense` on one chunk of frames; its table rows, by frame and raster order,
+    group ids from ``group_offset`` on."""
+    import pandas as pd
+    from scipy.spatial import cKDTree
+
+    from spotfit import results
+    from spotfit._kernels import CONVERGED, NOT_SPOT
+
+    cfg, nd = setup.config, setup.ndim
+    radius = cfg.group_radius * cfg.sigma
+    # 1. single-spot fits of the candidates that stand alone
+    size = single.batch_size(setup)
+    batches, alone = [], []
+    for f in chunk:
+        coords = f.coords[np.lexsort(f.coords.T[::-1])]  # raster order (z, y, x)
+        f.coords = coords
+        isolated = np.ones(len(coords), bool)
+        if len(coords) > 1:
+            d, _ = cKDTree(coords[:, ::-1].astype(float)).query(coords[:, ::-1].astype(float), k=2)
+            isolated = d[:, 1] > radius
+        alone.append(isolated)
+        rows = np.arange(len(coords))  # every candidate: a grouped one may be a blob
+        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)
+        variance = None  # a frame fitted in several solves: its noise model measured up front
+        if len(rows) > size and not setup.camera.calibrated:
+            variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
+        for start in range(0, len(rows), size):
+            batches.append(single.cut_frame(setup, f.t, f.photons, coords, f.image_var,
+                                            rows=rows[start:start + size], variance=variance, **cut))
+    singles = _fit_batches(setup, batches, size)
+    # 2. which single fits stand
+    status = singles["status"].to_numpy() if len(singles) else np.zeros(0, object)
+    ok = (status == results.STATUS_NAMES[CONVERGED]) | (NOT_SPOT_JOINS & (status == results.STATUS_NAMES[NOT_SPOT]))
+    sx, sy = singles["sigma_x"].to_numpy(), singles["sigma_y"].to_numpy()
+    big, small = np.maximum(sx, sy), np.minimum(sx, sy)
+    dof = np.prod([2 * h + 1 for h in setup.half]) - setup.model.n_params
+    chi2_limit = 1.0 + SUSPECT_CHI2 * np.sqrt(2.0 / max(dof, 1))
+    # a PSF-narrow minor axis with a long major one (or a misfit) is a row of
+    # spots; a fit wide both ways is a blob (texture, aggregate), left as it is
+    suspect = ok & (small < SUSPECT_WIDTH * cfg.sigma) & (
+        (big > SUSPECT_WIDTH * cfg.sigma) | (big > SUSPECT_ELONGATION * small)
+        | (singles["chi2_red"].to_numpy() > chi2_limit))
+    blob = ok & (small > BLOB_WIDTH * cfg.sigma)
+    grouped = ~np.concatenate(alone) if alone else np.zeros(0, bool)  # singles are in raster order per frame
+    # grouped candidates are fitted jointly unless their own fit is a blob
+    suspect |= grouped & ~blob & (status != results.STATUS_NAMES[NOT_SPOT]) | grouped & ~blob & ok
+    stands = ~suspect
+    # 3. joint fits of the groups and the suspects, the standing fits' light subtracted
+    frame_of = {f.t: i for i, f in enumerate(chunk)}
+    t_single = np.array([frame_of[t] for t in singles["frame"].to_numpy()], np.int64)
+    xyz = singles[["x", "y", "z"][:nd]].to_numpy() if len(singles) else np.zeros((0, nd))
+    engine_frames = []
+    for i, f in enumerate(chunk):
+        mine = t_single == i
+        active = np.concatenate([f.coords[suspect[mine] & grouped[mine]],
+                                 np.rint(xyz[suspect & ~grouped & mine][:, ::-1]).astype(np.int64).reshape(-1, nd)])
+        engine_frames.append(_Candidates(i, f.photons, active, f.valid, f.saturated, f.noise))
+    widths = [np.sqrt(sx * sy)] + ([singles["sigma_z"].to_numpy()] if nd == 3 else [])
+    fixed = {"xyz": xyz[stands], "t": t_single[stands], "intensity": singles["intensity"].to_numpy()[stands],
+             "sigma": np.column_stack(widths)[stands], "offset": singles["offset"].to_numpy()[stands],
+             "row": np.flatnonzero(stands), "locked": (status != results.STATUS_NAMES[CONVERGED])[stands]}
+    keep = stands.copy()  # suspects are fitted again jointly
+    joint = table.empty(nd, crowded=True)
+    if any(len(e.coords) for e in engine_frames):
+        spots = crowd.fit_frames(engine_frames, read_var, fixed=fixed)
+        joint = crowd.table(spots, group_offset)
+        joint["frame"] = np.array([f.t for f in chunk], np.int64)[joint["frame"].to_numpy()]
+        keep[spots.single[~spots.fixed & (spots.single >= 0)]] = False
+    alone_rows = singles[keep].copy()
+    first = int(joint["group_id"].max()) + 1 if len(joint) else group_offset
+    alone_rows["group_id"] = np.arange(first, first + len(alone_rows), dtype=np.int64)
+    alone_rows["group_size"] = np.ones(len(alone_rows), np.int64)
+    out = pd.concat([alone_rows, joint], ignore_index=True)
+    keys = [out[c].to_numpy() for c in ("x", "y", "z")[:nd]] + [out["frame"].to_numpy()]
+    return out.iloc[np.lexsort(keys)].reset_index(drop=True)
+
+
+def _fit_batches(setup: Setup, batches, size):
+    """Single-spot fits of batches of windows, joined into solves of at most ``size`` windows."""
+    import pandas as pd
+
+    parts, pending, n = [], [], 0
+    for b in batches:
+        if pending and n + len(b) > size:
+            parts.append(single.fit_batch(setup, single.Batch.join(pending)))
+            pending, n = [], 0
+        pending.append(b)
+        n += len(b)
+    if pending:
+        parts.append(single.fit_batch(setup, single.Batch.join(pending)))
+    if not parts:
+        return table.empty(setup.ndim)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]

@@ -89,6 +89,20 @@ class FiniteFloat(click.types.FloatParamType):
         return rv
 
 
+class SigmaType(FiniteFloatRange):
+    """A PSF sigma in pixels (> 0), or ``auto``: measured on the image (:mod:`spotfit.psf`)."""
+
+    name = "sigma"
+
+    def __init__(self):
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return super().convert(value, param, ctx)
+
+
 FINITE = FiniteFloat()
 POSITIVE = FiniteFloatRange(min=0, min_open=True)
 NON_NEGATIVE = FiniteFloatRange(min=0)
@@ -408,6 +422,8 @@ def _config_option(name: str, help: str | None = None):
             choices, default = (meta["auto"],) + choices, meta["auto"]
             extra.update(show_default=True, callback=_none_word(meta["auto"]))
         return click.option(decls, name, type=click.Choice(choices), default=default, **extra)
+    if name == "sigma":  # a number, or "auto": measured on the image (spotfit.psf)
+        return click.option(decls, name, type=SigmaType(), default=default, **extra)
     if kind == "whole":
         kind_type = click.IntRange(min=meta["low"])
     else:
@@ -702,7 +718,7 @@ def main():
 @main.command(context_settings=CONTEXT_SETTINGS)
 @_apply(_IMAGE_OPTIONS)
 @_apply(_config_options("detection"))
-@_apply(_camera_options(note="  Does not change detection."))
+@_apply(_camera_options(note="  With --gain, the detection threshold uses the camera's noise model."))
 @_apply(_out_options("candidates"))
 @_apply(_config_options("run"))
 def detect(**params):
@@ -713,6 +729,21 @@ def detect(**params):
     signal-to-noise ratio).  Several files or folders need --out-dir.
     """
     _fit_or_detect("detect", params)
+
+
+def _auto_sigma(sigma, sigma_z, images, batch, camera, axes, channel):
+    """``--sigma auto``: the PSF sigma (and axial sigma, unless given) measured on the
+    one IMAGE (:func:`spotfit.psf.estimate_sigma`), printed on stderr."""
+    if sigma != "auto":
+        return sigma, sigma_z
+    if batch:
+        raise click.UsageError("--sigma auto measures the PSF of one IMAGE; run it on one file "
+                               "and pass the value it prints to the batch.")
+    from spotfit.psf import estimate_sigma
+
+    est = estimate_sigma(images[0], camera=camera, axes=axes, channel=channel)
+    click.echo(f"{images[0]}: {est.describe()}", err=True)
+    return est.sigma, sigma_z if sigma_z is not None else est.sigma_z
 
 
 def _is_batch(images, out_dir) -> bool:
@@ -783,9 +814,13 @@ def _fit_or_detect(task, params):
     # --workers: cores in total; for one file, the solver's threads (a batch shares them out)
     threads = workers if batch else share_cores(workers, 1)[1]
     with _UserErrors():
+        camera = _camera(p["baseline"], p["gain"], p["em_gain"], p["read_noise"])
+        if p.get("sigma") == "auto":
+            p = dict(p)
+            p["sigma"], p["sigma_z"] = _auto_sigma(p["sigma"], p.get("sigma_z"), p["images"], batch,
+                                                   camera, p.get("axes"), p.get("channel"))
         config = _fit_config(p, ("detection", "fit") if task == "fit" else ("detection",),
                              workers=threads)
-        camera = _camera(p["baseline"], p["gain"], p["em_gain"], p["read_noise"])
     inputs = {k: p[k] for k in _INPUT_PARAMS}
     if batch:
         _batch(task, p["images"], p["out_dir"], config, camera, inputs, workers,

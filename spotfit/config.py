@@ -129,8 +129,10 @@ class FitConfig:
     """
 
     sigma: float = field(default=1.3, metadata=_meta(
-        "Expected PSF sigma in pixels (Gaussian sigma, not FWHM).",
-        "real", "detection", unit="pixels", low=0.0, metavar="PX"))
+        "Expected PSF sigma in pixels (Gaussian sigma, not FWHM); on the command line also "
+        "auto: measured on the bright isolated spots of the one IMAGE (printed; recorded in "
+        "the sidecar).",
+        "real", "detection", unit="pixels", low=0.0, metavar="PX|auto"))
     sigma_z: float | None = field(default=None, metadata=_meta(
         "Expected axial PSF sigma in planes, for z-stacks.  [default: 2 x sigma]",
         "real", "detection", unit="planes", low=0.0, metavar="PLANES"))

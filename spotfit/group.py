@@ -31,6 +31,7 @@ Pipeline for one frame (:meth:`CrowdedFitter.fit_frame`):
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
@@ -45,11 +46,16 @@ from spotfit.start import initial_guess
 #: emitters whose intensity is below this many standard errors are removed
 MIN_EMITTER_SNR = 2.0
 #: residual searches for hidden emitters per frame
-SEARCH_ROUNDS = 1
+SEARCH_ROUNDS = 2
 #: residual peaks closer than this many sigma to a known spot are not new emitters
 SEARCH_EXCLUSION = 0.5
+#: the residual is searched this many sigmas beyond a fitted spot's window
+SEARCH_REACH = 1.5
 #: fitted widths stay within this range times the expected sigma
 WIDTH_RANGE = (0.9, 1.1)
+#: a group fit whose reduced chi-square exceeds 1 by this many standard
+#: deviations with its width at the upper bound is no group of spots (not_spot)
+MISFIT_SIGMAS = 4.0
 
 
 def group_spots(points: np.ndarray, radius: float, max_size: int = 8) -> np.ndarray:
@@ -100,26 +106,38 @@ def group_spots(points: np.ndarray, radius: float, max_size: int = 8) -> np.ndar
 
 
 class _Spots:
-    """Current estimates of all spots of a frame (positions in image px, x/y[/z] order).
+    """Current estimates of all spots of a chunk of frames (positions in image px, x/y[/z] order).
 
-    ``xyz`` places the spot's window and its light (:func:`_render`);
-    ``start`` is where its next fit starts: the centroid of a detected spot
-    before its first fit (as a single-spot fit starts), else ``xyz``.
-    ``rec`` holds the last fit's output
-    columns (:func:`spotfit.results.measure`: values by column name,
-    errors by column name + ``_err``), ``chi2_red``, ``iterations``,
+    ``t`` is each spot's frame within the chunk; ``xyz`` places the spot's
+    window and its light (:meth:`CrowdedFitter._render`); ``start`` is where
+    its next fit starts: the centroid of a detected spot before its first
+    fit (as a single-spot fit starts), else ``xyz``.  ``rec`` holds the last
+    fit's output columns (:func:`spotfit.results.measure`: values by column
+    name, errors by column name + ``_err``), ``chi2_red``, ``iterations``,
     ``status`` and ``n_pixels``, carried along when spots are removed or
-    added.
+    added.  A ``fixed`` spot is a single-spot fit that stands as it is: its
+    light is subtracted from its neighbours' windows, but it is not refitted
+    unless a new emitter is found beside it (then it joins that group).
     """
 
-    def __init__(self, xyz, intensity, sigma, offset, added, start=None, rec=None):
+    _ARRAYS = ("xyz", "t", "intensity", "sigma", "offset", "added", "start", "fixed", "single", "locked")
+
+    def __init__(self, xyz, t, intensity, sigma, offset, added, start=None, fixed=None, single=None,
+                 locked=None, rec=None):
         self.xyz = np.asarray(xyz, float)
+        self.t = np.asarray(t, np.int64)
         self.intensity = np.asarray(intensity, float)
         self.sigma = np.asarray(sigma, float)  # (n, 1) lateral or (n, 2) lateral + axial
         self.offset = np.asarray(offset, float)
         self.added = np.asarray(added, bool)
         self.start = self.xyz.copy() if start is None else np.asarray(start, float)
         n, nd = self.xyz.shape
+        # fixed: a single-spot fit taken as it is (its light only is used), unless a
+        # new emitter appears beside it; single: its row among those fits, else -1
+        self.fixed = np.zeros(n, bool) if fixed is None else np.asarray(fixed, bool)
+        self.single = np.full(n, -1, np.int64) if single is None else np.asarray(single, np.int64)
+        # locked: fixed for good (a fit that is no spot: its light is subtracted, nothing more)
+        self.locked = np.zeros(n, bool) if locked is None else np.asarray(locked, bool)
         if rec is None:
             keys = table.value_columns(nd)
             rec = {k: np.full(n, np.nan) for k in keys + [f"{k}_err" for k in keys]}
@@ -131,35 +149,31 @@ class _Spots:
         return len(self.xyz)
 
     def take(self, keep):
-        return _Spots(self.xyz[keep], self.intensity[keep], self.sigma[keep], self.offset[keep],
-                      self.added[keep], self.start[keep], {k: v[keep] for k, v in self.rec.items()})
+        return _Spots(*(getattr(self, a)[keep] for a in self._ARRAYS),
+                      rec={k: v[keep] for k, v in self.rec.items()})
 
     def extend(self, other):
-        return _Spots(*(np.concatenate([a, b]) for a, b in (
-            (self.xyz, other.xyz), (self.intensity, other.intensity), (self.sigma, other.sigma),
-            (self.offset, other.offset), (self.added, other.added), (self.start, other.start))),
-            {k: np.concatenate([v, other.rec[k]]) for k, v in self.rec.items()})
+        return _Spots(*(np.concatenate([getattr(self, a), getattr(other, a)]) for a in self._ARRAYS),
+                      rec={k: np.concatenate([v, other.rec[k]]) for k, v in self.rec.items()})
+
+    def keyed(self) -> np.ndarray:
+        """Positions with the frame as an extra, far-away coordinate (no links across frames)."""
+        return np.column_stack([self.xyz, self.t * _FRAME_GAP])
 
 
-def _render(shape, spots: _Spots, half, integrated) -> np.ndarray:
-    """Image of all spots' signal (no offset), each drawn in a window of half-size ``half``."""
-    ndim = len(shape)
-    image = np.zeros(shape, dtype=float)
-    if len(spots) == 0:
-        return image
-    model = get_model("symmetric", ndim, integrated)
-    centers = np.rint(spots.xyz[:, ::-1]).astype(np.int64)  # array order
-    origin_xyz = (centers - np.asarray(half))[:, ::-1]
-    grid = roi.Grid(tuple(2 * h + 1 for h in half))
-    rel = spots.xyz - origin_xyz
-    cols = [spots.intensity, *rel.T, *spots.sigma.T, np.zeros(len(spots))]
-    mu = model.value(np.column_stack(cols), grid)
-    roi.scatter_add(image, mu, origin_xyz, grid)
-    return image
+#: distance between frames in :meth:`_Spots.keyed` (far beyond any grouping radius)
+_FRAME_GAP = 1e7
 
 
 class CrowdedFitter:
-    """Joint fits of grouped spots, frame by frame, for one :class:`~spotfit.config.Setup`."""
+    """Joint fits of grouped spots over a chunk of frames, for one :class:`~spotfit.config.Setup`.
+
+    The frames of a chunk are stacked, so that every step -- cutting
+    windows, rendering the fitted spots, every bucket of equally sized
+    groups -- runs once for the chunk rather than once per frame (small
+    frames, as in single-molecule movies, are otherwise dominated by the
+    per-frame overhead); groups never span two frames.
+    """
 
     def __init__(self, setup: Setup):
         self.setup = setup
@@ -169,93 +183,262 @@ class CrowdedFitter:
         self.half = setup.half  # array order
         self.emitter = get_model("symmetric", self.ndim, self.integrated)
 
-    # ------------------------------------------------------------ one frame
-    def fit_frame(self, photons, coords, read_var=None, saturated=None, valid=None):
-        """Fit all spots of a frame; returns a :class:`_Spots` with results.
+    # ---------------------------------------------------------- the chunk
+    def fit_frames(self, frames, read_var=None, fixed=None):
+        """Fit all spots of some frames; returns a :class:`_Spots` with results.
 
         Alternates joint fits of all groups with residual searches
         (``SEARCH_ROUNDS``) and pruning, until nothing changes.
 
         Parameters
         ----------
-        photons : ndarray
-            The frame (photons or ADU above baseline), float64.
-        coords : (n, ndim) int ndarray
-            Detected candidates, array order.
-        read_var, saturated, valid : ndarray of the frame's shape, optional
-            Read-noise variance map (sCMOS); pixels clipped at the input's
-            maximum; pixels to use (False: left out).
+        frames : sequence
+            Frames of the same shape with ``photons`` (photons or ADU above
+            baseline), ``coords`` (the candidates to fit, ``(n, ndim)`` array
+            order), ``valid`` and ``saturated`` (bool maps or None) and
+            ``noise`` (the frame's :class:`~spotfit.background.NoiseModel`,
+            or None to measure it) attributes.
+        read_var : ndarray of the frames' shape, optional
+            Read-noise variance map (sCMOS).
+        fixed : dict, optional
+            Single-spot fits that stand as they are unless a new emitter is
+            found beside them: ``xyz`` (n, ndim), ``t`` (frame within
+            ``frames``), ``intensity``, ``sigma`` (n, 1) or (n, 2),
+            ``offset``, ``row`` (their index, reported back in
+            :attr:`_Spots.single`), optionally ``locked`` (bool: never
+            refitted, e.g. fits that are no spot).
+
+        Returns
+        -------
+        _Spots
+            With ``labels`` (group of each spot that is not fixed, unique
+            within the chunk; -1 for fixed ones).
         """
         cfg = self.config
-        self._maps = (read_var, saturated, valid)
-        spots = self._start(photons, coords)
+        self._frames = list(frames)
+        self._stack = np.stack([np.asarray(f.photons, dtype=float) for f in self._frames])
+        self._valid = _stack_or_none([f.valid for f in self._frames], self._stack.shape, True)
+        self._saturated = _stack_or_none([f.saturated for f in self._frames], self._stack.shape, False)
+        self._read_var = None if read_var is None else np.broadcast_to(read_var, self._stack.shape)
+        spots = self._start()
+        if fixed is not None and len(fixed["xyz"]):
+            n = len(fixed["xyz"])
+            spots = spots.extend(_Spots(fixed["xyz"], fixed["t"], fixed["intensity"], fixed["sigma"],
+                                        fixed["offset"], np.zeros(n, bool), fixed=np.ones(n, bool),
+                                        single=fixed["row"], locked=fixed.get("locked")))
         radius = cfg.group_radius * cfg.sigma
         changed = True
+        labels = np.zeros(0, np.int64)
         for round_ in range(SEARCH_ROUNDS + 1):
-            spots, labels = self._joint(photons, spots, radius)
+            before = spots
+            spots, labels = self._joint(spots, radius)
+            if round_:
+                spots = self._revert(before, spots, labels)
+                labels = self._labels(spots, radius)
             keep = self._keep(spots)
             changed = not keep.all()
             if changed:
                 spots = spots.take(keep)
             if round_ < SEARCH_ROUNDS:
-                new = self._search(photons, spots)
+                new = self._search(spots, radius)
                 if len(new):
                     spots = spots.extend(new)
                     changed = True
             if not changed:
                 break
-        if changed:  # the last round pruned: refit the survivors
-            spots, labels = self._joint(photons, spots, radius)
+        if changed:  # the last round pruned or added: refit the survivors
+            spots, labels = self._joint(spots, radius)
         spots.labels = labels
         return spots
 
-    def _new_spots(self, xyz, start, offset, added):
+    def _windows(self, image, t, lo, shape, dtype=float):
+        """Windows of ``shape`` (a frame's axes) starting at ``lo`` (array order) in frames
+        ``t`` of a stacked ``image``, as windows of one frame (origin ``x, y[, z]``)."""
+        start = np.column_stack([t, lo])
+        rv = self._read_var if dtype is float else None
+        valid = self._valid if dtype is float else None
+        w = roi.cut_box(image, start, (1,) + tuple(shape), dtype=dtype, read_var=rv, valid=valid)
+        return roi.Windows(w.data, w.mask, w.origin[:, : self.ndim], roi.Grid(tuple(shape)), w.read_var)
+
+    def _new_spots(self, xyz, t, start, offset, added):
         """Spots at ``xyz`` with the intensity of the moment estimates ``start``."""
         cfg, n = self.config, len(xyz)
         sig = [np.full(n, cfg.sigma)] + ([np.full(n, cfg.axial_sigma())] if self.ndim == 3 else [])
-        return _Spots(xyz, start[:, self.emitter.intensity_index], np.column_stack(sig), offset,
+        return _Spots(xyz, t, start[:, self.emitter.intensity_index], np.column_stack(sig), offset,
                       np.full(n, added, bool))
 
-    def _start(self, photons, coords):
+    def _start(self):
         """Moment estimates of the detected spots (centroids, as single-spot fits start)."""
-        w = roi.cut(photons, coords, self.half, valid=self._maps[2])
+        coords = [np.asarray(f.coords, np.int64).reshape(-1, self.ndim) for f in self._frames]
+        t = np.concatenate([np.full(len(c), i, np.int64) for i, c in enumerate(coords)])
+        coords = np.concatenate(coords) if coords else np.zeros((0, self.ndim), np.int64)
+        half = np.asarray(self.half)
+        w = self._windows(self._stack, t, coords - half, tuple(2 * half + 1))
         start = initial_guess(self.emitter, w.data, w.mask, w.grid, self.config)
-        spots = self._new_spots(coords[:, ::-1].astype(float), start, start[:, self.emitter.offset_index], False)
+        spots = self._new_spots(coords[:, ::-1].astype(float), t, start,
+                                start[:, self.emitter.offset_index], False)
         spots.start = start[:, list(self.emitter.center_index)] + w.origin
         return spots
 
-    def _search(self, photons, spots):
-        """New emitters: peaks of the residual, and the residual maximum beside wide spots.
-
-        Significant peaks (the detector on the residual) farther than
-        ``SEARCH_EXCLUSION * sigma`` from every known spot; and, for every
-        spot whose width hit its upper bound (a single Gaussian stretched over
-        an unresolved pair), the maximum of the filtered residual in its
-        window.  The joint refit and pruning decide which of them stay.
-        """
-        from spotfit.detection import find_peaks
-
-        cfg, nd = self.config, self.ndim
-        empty = spots.take(np.zeros(len(spots), bool))
+    def _render(self, spots: _Spots) -> np.ndarray:
+        """The stacked frames' light of all spots (no offset), each drawn in a window of half-size ``half``."""
+        image = np.zeros(self._stack.shape, dtype=float)
         if len(spots) == 0:
+            return image
+        half = np.asarray(self.half)
+        centers = np.rint(spots.xyz[:, ::-1]).astype(np.int64)  # array order
+        origin_xyz = (centers - half)[:, ::-1]
+        grid = roi.Grid(tuple(2 * half + 1))
+        rel = spots.xyz - origin_xyz
+        cols = [spots.intensity, *rel.T, *spots.sigma.T, np.zeros(len(spots))]
+        mu = self.emitter.value(np.column_stack(cols), grid)
+        start = np.column_stack([spots.t, (centers - half)])  # array order, with the frame first
+        nz = 0 if self.ndim == 2 else image.shape[1]
+        _scatter(image.reshape(-1, image.shape[-2], image.shape[-1]), mu, start, np.array(grid.shape), nz)
+        return image
+
+    def _background_at(self, t, lo, shape):
+        """The frames' local background (:class:`spotfit.background.Background`, one
+        per frame, estimated once) at the pixels of windows ``shape`` from ``lo``
+        (array order) in frames ``t``: ``(n, P)``."""
+        from spotfit.background import Background, _as_volume, _sigmas
+
+        if getattr(self, "_bg_frames", None) is not self._frames:
+            self._bg, self._bg_frames = {}, self._frames
+        out = np.empty((len(t), int(np.prod(shape))))
+        mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
+        for i in np.unique(t):
+            if i not in self._bg:
+                sig = _sigmas(self.config.detection_sigma(self.ndim), self.ndim)
+                photons = _as_volume(np.asarray(self._frames[i].photons, np.float32))
+                self._bg[i] = Background.estimate(photons, sig, self._noise(i))
+            rows = np.flatnonzero(t == i)
+            pix = lo[rows][:, None, :] + mesh[None]  # (m, P, ndim), array order
+            dims = self._stack.shape[1:]
+            pix = np.clip(pix, 0, np.array(dims) - 1).reshape(-1, len(shape))
+            index = [np.zeros(len(pix), np.int64)] * (3 - len(shape)) + [pix[:, a] for a in range(len(shape))]
+            out[rows] = self._bg[i].at(index).reshape(len(rows), -1)
+        return out
+
+    def _noise(self, i):
+        """Detection noise model of frame ``i`` of the chunk (measured once if need be)."""
+        from spotfit.background import NoiseModel, estimate_noise
+
+        f = self._frames[i]
+        if getattr(f, "noise", None) is None:
+            cam = self.setup.camera
+            sig = self.config.detection_sigma(self.ndim)
+            f.noise = NoiseModel.from_camera(cam) if cam.calibrated else estimate_noise(f.photons, sig)
+        return f.noise
+
+    def _search(self, spots, radius):
+        """New emitters: peaks of the residual near the spots being fitted, and the
+        residual maximum beside wide spots.
+
+        Around every spot that is not fixed, a window ``SEARCH_REACH`` sigmas
+        wider than its fit window is cut from the residual (data minus all
+        spots' light, minus the spot's offset), smoothed like the detector
+        smooths, and its local maxima (3 x 3) above the detection threshold
+        (the frame's noise model at that offset) farther than
+        ``SEARCH_EXCLUSION * sigma`` from every known spot become new
+        emitters, as does, for every spot whose width hit its upper bound
+        (a single Gaussian stretched over an unresolved pair), the maximum of
+        the filtered residual in its window.  A fixed spot within the
+        grouping radius of a new emitter joins the fits.  The joint refit and
+        pruning decide which new emitters stay.
+        """
+        cfg = self.config
+        empty = spots.take(np.zeros(len(spots), bool))
+        # around the spots being fitted, not around added ones: a search that
+        # follows its own additions walks along texture
+        active = np.flatnonzero(~spots.fixed & ~spots.added)
+        if len(active) == 0:
             return empty
-        residual = photons - _render(photons.shape, spots, self.half, self.integrated)
-        coords, _ = find_peaks(residual, cfg.detection_sigma(nd), **cfg.detection_options())
-        if len(coords):
-            xyz = coords[:, ::-1].astype(float)
-            dist, nearest = cKDTree(spots.xyz).query(xyz)
+        light = self._render(spots)
+        residual = self._stack - light
+        xyz, t = self._residual_peaks(residual, light, spots, active)
+        nearest = np.zeros(0, np.int64)
+        if len(xyz):
+            keyed = np.column_stack([xyz, t * _FRAME_GAP])
+            tree = cKDTree(spots.keyed())
+            dist, nearest = tree.query(keyed)
             new = dist > SEARCH_EXCLUSION * cfg.sigma
+            if spots.locked.any():  # a blob's leftover light is no hidden spot
+                new &= cKDTree(spots.keyed()[spots.locked]).query(keyed)[0] > radius
             wide = self._wide(spots)
             if wide.any():  # around a stretched spot the split below decides instead
-                near_wide = cKDTree(spots.xyz[wide]).query(xyz)[0] <= max(self.half)
+                near_wide = cKDTree(spots.keyed()[wide]).query(keyed)[0] <= max(self.half)
                 new &= ~near_wide
-            xyz, nearest = xyz[new], nearest[new]
-        else:
-            xyz, nearest = np.zeros((0, nd)), np.zeros(0, np.int64)
-        w = roi.cut(residual, np.rint(xyz[:, ::-1]).astype(np.int64), self.half)
+            xyz, t, nearest = xyz[new], t[new], nearest[new]
+            if len(xyz):  # fixed spots beside a new emitter are fitted with it
+                near = tree.query_ball_point(np.column_stack([xyz, t * _FRAME_GAP]), radius)
+                hit = np.unique(np.concatenate([np.asarray(h, np.int64) for h in near]))
+                hit = hit[spots.fixed[hit] & ~spots.locked[hit]]
+                spots.fixed[hit] = False
+                spots.start[hit] = spots.xyz[hit]
+        half = np.asarray(self.half)
+        w = self._windows(residual, t, np.rint(xyz[:, ::-1]).astype(np.int64) - half, tuple(2 * half + 1))
         start = initial_guess(self.emitter, w.data, w.mask, w.grid, cfg)
-        found = self._new_spots(xyz, start, spots.offset[nearest], True)
+        found = self._new_spots(xyz, t, start, spots.offset[nearest], True)
         return self._split_wide(residual, spots, extra=found)
+
+    def _residual_peaks(self, residual, light, spots, active):
+        """Significant local maxima of the smoothed residual around spots ``active``:
+        positions ``(m, ndim)`` (x, y[, z]) and frames ``(m,)``, each pixel once.
+
+        The noise a residual peak is compared with is the frame's noise
+        model at the fitted level there (offset plus all spots' light): the
+        shot noise of a bright spot's own photons is no hidden emitter.
+        """
+        from scipy import ndimage
+
+        from spotfit.filters import SMOOTH, _kernel_power
+
+        cfg, nd = self.config, self.ndim
+        reach = int(np.ceil(SEARCH_REACH * cfg.sigma))
+        half = np.asarray(self.half) + np.array([0] * (nd - 2) + [reach, reach])
+        if nd == 3:
+            half[0] += int(np.ceil(SEARCH_REACH * cfg.axial_sigma()))
+        centre = np.rint(spots.xyz[active][:, ::-1]).astype(np.int64)
+        t = spots.t[active]
+        shape = tuple(2 * half + 1)
+        w = self._windows(residual, t, centre - half, shape)
+        # the level a hidden spot would stand on: the frame's local background
+        # (it follows cells and texture wider than a spot, not spots)
+        offset = self._background_at(t, centre - half, shape)
+        data = (w.data - offset) * w.mask
+        widths = cfg.widths(nd)[::-1]  # array order
+        smoothing = (0,) + tuple(SMOOTH * s for s in widths)
+        smooth = ndimage.gaussian_filter(data.reshape((-1,) + shape), smoothing, mode="constant", truncate=3.0)
+        # noise of the smoothed residual: the frame's noise model at the fitted level
+        level = offset + self._windows(light, t, centre - half, shape).data
+        level = ndimage.gaussian_filter(level.reshape((-1,) + shape), smoothing, mode="nearest", truncate=3.0)
+        k2 = float(np.prod([_kernel_power(SMOOTH * s, 2) for s in widths]))
+        var = np.empty_like(level)
+        for i in np.unique(t):
+            rows = t == i
+            noise = self._noise(i)
+            rv = noise.read_var
+            read = float(np.mean(rv)) if np.ndim(rv) else float(rv)
+            v = read + noise.shot * np.maximum(level[rows], 0.0)
+            var[rows] = np.maximum(v, noise.floor) * noise.correlation
+        # ... or the residual's own spread there, if larger: structure the fits
+        # and the background leave (texture) is no hidden spot either
+        flat = smooth.reshape(len(smooth), -1)
+        clutter = 1.4826 * np.median(np.abs(flat - np.median(flat, axis=1, keepdims=True)), axis=1)
+        sd = np.maximum(np.sqrt(var * k2), clutter.reshape((-1,) + (1,) * nd))
+        threshold = cfg.threshold if cfg.threshold is not None else _detection_threshold()
+        peak = smooth == ndimage.maximum_filter(smooth, size=(1,) + (3,) * nd, mode="constant", cval=-np.inf)
+        peak &= smooth > threshold * sd
+        inner = np.zeros(shape, bool)
+        inner[tuple(slice(1, -1) for _ in shape)] = True  # a window's edge is no maximum
+        peak &= inner[None] & w.mask.reshape((-1,) + shape)
+        rows, *idx = np.nonzero(peak)
+        if len(rows) == 0:
+            return np.zeros((0, nd)), np.zeros(0, np.int64)
+        pix = np.column_stack(idx) + (centre[rows] - half)  # array order, image pixels
+        found = np.unique(np.column_stack([t[rows], pix]), axis=0)
+        return found[:, 1:][:, ::-1].astype(float), found[:, 0]
 
     def _wide(self, spots):
         """Spots whose lateral width reached its upper bound."""
@@ -270,14 +453,27 @@ class CrowdedFitter:
         residual in its window.  The second emitter is returned (with
         ``extra``) as an added spot, so pruning decides whether it stays.
         """
-        from spotfit.detection import dog_filter
+        from spotfit.filters import DOG_RATIO
 
         cfg = self.config
         wide = np.flatnonzero(self._wide(spots))
         if len(wide) == 0:
             return extra
-        filtered = dog_filter(residual, cfg.widths(self.ndim)[::-1])
-        w = roi.cut(filtered, np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64), self.half)
+        from scipy import ndimage
+
+        half = np.asarray(self.half)
+        pad = np.asarray([int(np.ceil(4 * DOG_RATIO * s)) for s in cfg.widths(self.ndim)[::-1]])
+        shape = tuple(2 * (half + pad) + 1)
+        big = self._windows(residual, spots.t[wide], np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64) - half - pad,
+                            shape)
+        stack = big.data.reshape((-1,) + shape)
+        sig = (0,) + tuple(cfg.widths(self.ndim)[::-1])
+        filtered = ndimage.gaussian_filter(stack, sig, mode="nearest") - \
+            ndimage.gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
+        inner = (slice(None),) + tuple(slice(p, p + 2 * h + 1) for p, h in zip(pad, half))
+        mask = big.mask.reshape((-1,) + shape)[inner].reshape(len(wide), -1)
+        w = roi.Windows(filtered[inner].reshape(len(wide), -1), mask, big.origin + pad[::-1],
+                        roi.Grid(tuple(2 * half + 1)))
         best = np.argmax(np.where(w.mask, w.data, -np.inf), axis=1)
         peak = np.column_stack([c[best] for c in w.grid.flat()]) + w.origin  # x, y[, z]
         direction = peak - spots.xyz[wide]
@@ -289,31 +485,65 @@ class CrowdedFitter:
         spots.xyz[wide] = centre - step
         spots.start[wide] = centre - step
         spots.intensity[wide] *= 0.5
-        split = _Spots(centre + step, spots.intensity[wide], spots.sigma[wide], spots.offset[wide],
-                       np.ones(len(wide), bool))
+        split = _Spots(centre + step, spots.t[wide], spots.intensity[wide], spots.sigma[wide],
+                       spots.offset[wide], np.ones(len(wide), bool))
         return extra.extend(split)
 
     def _keep(self, spots):
         """Which spots stay (see the module docstring, step 5)."""
-        err = spots.rec["intensity_err"]
-        snr = spots.intensity / np.where(err > 0, err, np.inf)
+        snr = _snr(spots)
         keep = snr >= MIN_EMITTER_SNR
         penalty = (1 + self.ndim) * np.log(np.maximum(spots.rec["n_pixels"], 2))
-        keep &= ~spots.added | (snr**2 > penalty)
+        threshold = self.config.threshold if self.config.threshold is not None else _detection_threshold()
+        # an added emitter must be as significant as a detected one would be
+        keep &= ~spots.added | ((snr**2 > penalty) & (snr >= threshold))
         keep &= np.isfinite(snr)
-        return keep
+        return keep | spots.fixed
+
+    def _revert(self, before, after, labels):
+        """Undo the additions to a group whose refit made one of its earlier emitters
+        insignificant: drop the group's added emitters and give its earlier ones
+        their previous estimates back.
+
+        An added emitter that takes half the light of a bright spot it sits
+        beside (a residual peak of a slightly misfitted spot) can leave both
+        too faint to keep; the evidence was the earlier spot's, not the pair's.
+        ``before`` and ``after`` hold the same spots in the same order (before
+        and after the refit); ``labels`` are the groups of the refit.
+        """
+        earlier = ~before.added & ~before.fixed
+        weak = earlier & ~(_snr(after) >= MIN_EMITTER_SNR) & (_snr(before) >= MIN_EMITTER_SNR)
+        if not weak.any():
+            return after
+        added_groups = np.unique(labels[before.added & (labels >= 0)])
+        undo = np.isin(labels, np.intersect1d(labels[weak], added_groups)) & (labels >= 0)
+        if not undo.any():
+            return after
+        restore = np.flatnonzero(undo & earlier)
+        for a in _Spots._ARRAYS:
+            getattr(after, a)[restore] = getattr(before, a)[restore]
+        for k, v in after.rec.items():
+            v[restore] = before.rec[k][restore]
+        return after.take(~(undo & before.added))
 
     # ---------------------------------------------------------- joint fits
-    def _joint(self, photons, spots: _Spots, radius):
+    def _labels(self, spots, radius):
+        """Group labels of the spots that are not fixed (-1 for fixed ones)."""
+        labels = np.full(len(spots), -1, np.int64)
+        free = ~spots.fixed
+        labels[free] = group_spots(spots.keyed()[free], radius, self.config.max_group)
+        return labels
+
+    def _joint(self, spots: _Spots, radius):
         """Fit every group jointly; returns the updated spots and their group labels."""
-        cfg = self.config
         n = len(spots)
-        labels = group_spots(spots.xyz, radius, cfg.max_group)
-        if n == 0:
+        labels = self._labels(spots, radius)
+        if n == 0 or spots.fixed.all():
             return spots, labels
-        residual = photons - _render(photons.shape, spots, self.half, self.integrated)
-        sizes = np.bincount(labels)
-        order = np.argsort(labels, kind="stable")
+        residual = self._stack - self._render(spots)
+        free = np.flatnonzero(labels >= 0)
+        sizes = np.bincount(labels[free])
+        order = free[np.argsort(labels[free], kind="stable")]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         out = spots.take(np.arange(n))  # a copy to write the new estimates into
         for K in np.unique(sizes):
@@ -330,14 +560,14 @@ class CrowdedFitter:
         single-spot fit).
         """
         setup, cfg, nd = self.setup, self.config, self.ndim
-        read_var, saturated, valid = self._maps
         G, K = members.shape
         half = np.asarray(self.half)  # array order
         pos = spots.xyz[members]  # (G, K, nd) x, y[, z]
+        t = spots.t[members[:, 0]]
         lo = np.floor(pos.min(axis=1)).astype(np.int64)[:, ::-1] - half  # array order
         hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
         shape = tuple(int(s) for s in (hi - lo).max(axis=0) + 1)
-        w = roi.cut_box(residual, lo, shape, read_var=read_var, valid=valid)
+        w = self._windows(residual, t, lo, shape)
         model = MultiGaussian(K, nd, self.integrated)
         # data = photons minus the light of spots outside the group
         own = np.zeros((G, model.n_params))
@@ -368,22 +598,29 @@ class CrowdedFitter:
         theta0 = np.clip(theta0, lower, upper)
         free = ~model.width_mask if cfg.fix_sigma else np.ones(model.n_params, bool)
         sol = solver.solve(model, setup.estimator, data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
-                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter)
+                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter, groups=t)
         finite = np.all(np.isfinite(sol.theta), axis=1)
         theta = np.where(finite[:, None], sol.theta, theta0)
         sat = np.zeros(G, bool)
-        if saturated is not None:
-            sat = np.any(roi.cut_box(saturated, lo, shape, dtype=bool).data & w.mask, axis=1)
+        if self._saturated is not None:
+            s = self._windows(self._saturated, t, lo, shape, dtype=bool)
+            sat = np.any(s.data & w.mask, axis=1)
         em = model.emitter_model
         centre = list(em.center_index)
         rec = out.rec
+        # a group whose PSFs are as wide as allowed and still misfit is no group
+        # of spots (nuclear texture, a blob): its emitters are not spots
+        dof = np.maximum(w.mask.sum(axis=1) - model.n_params, 1)
+        pegged = theta[:, model.index("sigma")] >= (1 - 1e-3) * upper[:, model.index("sigma")]
+        misfit = sol.chi2_red > 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)
+        blob = self._blob(data, w, sol.chi2_red * dof, model.n_params, pegged & misfit)
         for i in range(K):
             m = members[:, i]
             idx = model.emitter_params(i)
             values, errors = results.measure(em, theta[:, idx], sol.cov[:, idx][:, :, idx], w.origin)
             outside = ~w.inside(theta[:, idx][:, centre])
             low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
-            rec["status"][m] = results.judge(sol.status, outside, low, sat)
+            rec["status"][m] = results.judge(sol.status, outside, low, sat, blob)
             for key, v in values.items():
                 rec[key][m] = v
                 rec[f"{key}_err"][m] = errors[key]
@@ -400,25 +637,114 @@ class CrowdedFitter:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
 
+    def _blob(self, data, w, chi2, n_params, candidates):
+        """Which misfit groups one wide Gaussian explains as well as their emitters.
+
+        For each candidate group, the setup's single-spot model (widths
+        free) is fitted to the group's window; if it fits (reduced
+        chi-square within ``MISFIT_SIGMAS`` of 1) and its chi-square plus
+        the BIC penalty of its parameters is no larger than the group's,
+        the group is a blob of light (texture, an aggregate), not spots.
+        A cluster of spots the search has not yet resolved is misfit by one
+        wide Gaussian too, and stays.
+        """
+        out = np.zeros(len(candidates), bool)
+        rows = np.flatnonzero(candidates)
+        if len(rows) == 0:
+            return out
+        setup, m = self.setup, self.setup.model
+        sub = roi.Windows(data[rows], w.mask[rows], w.origin[rows], w.grid,
+                          None if w.read_var is None else w.read_var[rows])
+        theta0 = initial_guess(m, sub.data, sub.mask, sub.grid, self.config)
+        lower, upper = window_bounds(m, setup.estimator, sub)
+        sol = solver.solve(m, setup.estimator, sub.data, sub.mask, sub.grid, theta0,
+                           noise=setup.noise(sub.read_var), lower=lower, upper=upper,
+                           max_iter=self.config.max_iter, bias_correct=False)
+        pixels = sub.mask.sum(axis=1)
+        dof = np.maximum(pixels - m.n_params, 1)
+        penalty = np.log(np.maximum(pixels, 2))
+        blob_cost = sol.chi2_red * dof + m.n_params * penalty
+        group_cost = chi2[rows] + n_params * penalty
+        fits = sol.chi2_red <= 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)  # the blob explains the data
+        out[rows] = np.isfinite(blob_cost) & (blob_cost <= group_cost) & fits
+        return out
+
     # --------------------------------------------------------------- table
-    def table(self, spots: _Spots, frame: int, group_offset: int):
-        """Rows of one frame (columns of :func:`spotfit.table.columns` + group columns)."""
+    def table(self, spots: _Spots, group_offset: int):
+        """Rows of the chunk, by frame and in raster order within a frame
+        (columns of :func:`spotfit.table.columns` + group columns)."""
         nd = self.ndim
+        free = ~spots.fixed
+        labels = np.unique(spots.labels[free], return_inverse=True)[1].astype(np.int64)
+        spots = spots.take(free)
+        spots.labels = labels
         n = len(spots)
         rec = spots.rec
         keys = table.value_columns(nd)
-        t = table.build(np.full(n, frame, dtype=np.int64), {k: rec[k] for k in keys},
+        frame = np.array([f.t for f in self._frames], np.int64)[spots.t] if n else np.zeros(0, np.int64)
+        t = table.build(frame, {k: rec[k] for k in keys},
                         {k: rec[f"{k}_err"] for k in keys}, rec["chi2_red"], rec["iterations"],
                         results.status_names(rec["status"]), self.setup.camera.unit, nd)
         sizes = np.bincount(spots.labels) if n else np.zeros(0, np.int64)
         t["group_id"] = spots.labels.astype(np.int64) + group_offset
         t["group_size"] = sizes[spots.labels].astype(np.int64)
-        order = np.lexsort(tuple(spots.xyz[:, j] for j in range(nd)))  # raster order
+        order = np.lexsort(tuple(spots.xyz[:, j] for j in range(nd)) + (frame,))  # frame, then raster
         return t.iloc[order].reset_index(drop=True)
 
 
+@njit(cache=True)
+def _scatter(image, values, start, shape, nz):
+    """Add window values ``(n, P)`` into ``image`` ((T, ny, nx) frames, or (T * nz, ny, nx)
+    for z-stacks of ``nz`` planes) at array-order starts ``(t, [z,] y, x)``; pixels
+    outside are dropped.  ``nz = 0`` for 2D frames."""
+    nt, ny, nx = image.shape
+    for i in range(values.shape[0]):
+        p = 0
+        if nz == 0:
+            t, y0, x0 = start[i, 0], start[i, 1], start[i, 2]
+            for dy in range(shape[0]):
+                y = y0 + dy
+                for dx in range(shape[1]):
+                    x = x0 + dx
+                    if 0 <= y < ny and 0 <= x < nx:
+                        image[t, y, x] += values[i, p]
+                    p += 1
+        else:
+            t, z0, y0, x0 = start[i, 0], start[i, 1], start[i, 2], start[i, 3]
+            for dz in range(shape[0]):
+                z = z0 + dz
+                for dy in range(shape[1]):
+                    y = y0 + dy
+                    for dx in range(shape[2]):
+                        x = x0 + dx
+                        if 0 <= z < nz and 0 <= y < ny and 0 <= x < nx:
+                            image[t * nz + z, y, x] += values[i, p]
+                        p += 1
+    return image
+
+
+def _detection_threshold() -> float:
+    from spotfit.detection import DEFAULT_THRESHOLD
+
+    return DEFAULT_THRESHOLD
+
+
+def _snr(spots) -> np.ndarray:
+    """``intensity / intensity_err`` of each spot's last fit (0 where unknown)."""
+    err = spots.rec["intensity_err"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return spots.intensity / np.where(err > 0, err, np.inf)
+
+
+def _stack_or_none(maps, shape, fill):
+    """Per-frame bool maps stacked (a frame without one gets ``fill``), or None if none has one."""
+    if all(m is None for m in maps):
+        return None
+    return np.stack([np.asarray(m, bool) if m is not None else np.full(shape[1:], fill) for m in maps])
+
+
 def n_groups(spots) -> int:
-    """Number of groups in a :meth:`CrowdedFitter.fit_frame` result."""
+    """Number of groups in a :meth:`CrowdedFitter.fit_frames` result."""
     return int(spots.labels.max()) + 1 if len(spots) else 0
 
 

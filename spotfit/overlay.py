@@ -42,6 +42,7 @@ STATUS_COLOURS = {
     "left_window": "#29b6ff",
     "max_iterations": "#ff4df5",
     "singular": "#ff3b30",
+    "not_spot": "#8c5aff",
     "spot": "#ff9f1a",
 }
 _OTHER_COLOUR = "#ffffff"

@@ -11,7 +11,9 @@ with a one-emitter model and that emitter's parameters and covariance:
 * :func:`judge` -- the status of each fit, in this order: the solver's
   (``converged``, ``max_iterations``, ``singular``, ``low_signal`` for an
   unstable bias correction), then ``left_window``, ``low_signal``
-  (:func:`low_signal`), ``saturated``;
+  (:func:`low_signal`), ``not_spot`` (:func:`not_spot`), ``saturated``;
+* :func:`not_spot` -- fits that are no diffraction-limited spot: far wider
+  than the PSF, or a width stuck at its bound;
 * :func:`expected_snr` -- the signal-to-noise ratio a faint fit's
   ``low_signal`` decision is taken on.
 
@@ -25,15 +27,18 @@ import numpy as np
 
 from spotfit import solver
 from spotfit._kernels import (
-    CONVERGED, LEFT_WINDOW, LOW_SIGNAL, MAX_ITERATIONS, SATURATED, SINGULAR,
+    CONVERGED, LEFT_WINDOW, LOW_SIGNAL, MAX_ITERATIONS, NOT_SPOT, SATURATED, SINGULAR,
 )
 from spotfit.estimators import Noise
 
 #: status names by code (index = code of :mod:`spotfit._kernels`)
 STATUS_NAMES = tuple(name for _, name in sorted({
     CONVERGED: "converged", MAX_ITERATIONS: "max_iterations", SINGULAR: "singular",
-    LEFT_WINDOW: "left_window", LOW_SIGNAL: "low_signal", SATURATED: "saturated",
+    LEFT_WINDOW: "left_window", LOW_SIGNAL: "low_signal", SATURATED: "saturated", NOT_SPOT: "not_spot",
 }.items()))
+
+#: a fit wider than this many times the configured PSF sigma (on any axis) is not a spot
+MAX_WIDTH = 2.0
 
 #: fits with ``intensity / intensity_err`` below this many times ``min_snr``
 #: are judged by their expected signal-to-noise (:func:`expected_snr`)
@@ -130,7 +135,35 @@ def low_signal(intensity, intensity_err, min_snr, expected=None):
     return low
 
 
-def judge(status, outside, low, saturated=None):
+def not_spot(values, widths, lower, upper):
+    """Fits that describe no diffraction-limited spot.
+
+    A fit wider than ``MAX_WIDTH`` times the configured PSF sigma along any
+    axis (nuclear texture, a cell's edge, an aggregate, out-of-focus light),
+    or with a width stuck at its bound (the lower one: a single hot pixel;
+    the upper one, half the window: a blob the window cannot hold).
+
+    Parameters
+    ----------
+    values : dict of str -> (n,) ndarray
+        Output columns (:func:`measure`): ``sigma_x``, ``sigma_y``[, ``sigma_z``].
+    widths : tuple of float
+        Configured PSF sigma along ``x, y[, z]``.
+    lower, upper : tuple of float
+        The widths' bounds along ``x, y[, z]`` (px, planes).
+
+    Returns
+    -------
+    (n,) bool ndarray
+    """
+    out = np.zeros(len(values["sigma_x"]), bool)
+    for column, expected, lo, hi in zip(("sigma_x", "sigma_y", "sigma_z"), widths, lower, upper):
+        w = values[column]
+        out |= (w > MAX_WIDTH * expected) | (w <= lo * (1 + 1e-3)) | (w >= hi * (1 - 1e-3))
+    return out
+
+
+def judge(status, outside, low, saturated=None, wide=None):
     """Final status codes.
 
     Parameters
@@ -144,7 +177,12 @@ def judge(status, outside, low, saturated=None):
         :func:`low_signal`: a ``converged`` fit becomes ``low_signal``.
     saturated : (n,) bool ndarray, optional
         The fit used pixels clipped at the input's maximum value: a
-        ``converged`` or ``low_signal`` fit becomes ``saturated``.
+        ``converged``, ``low_signal`` or ``not_spot`` fit becomes
+        ``saturated``.
+    wide : (n,) bool ndarray, optional
+        :func:`not_spot`: a ``converged`` fit (significant: not
+        ``low_signal``) becomes ``not_spot``; ``saturated`` still takes
+        precedence.
 
     Returns
     -------
@@ -153,8 +191,10 @@ def judge(status, outside, low, saturated=None):
     out = np.array(status, dtype=np.int8, copy=True)
     out[outside & (out != SINGULAR)] = LEFT_WINDOW
     out[(out == CONVERGED) & low] = LOW_SIGNAL
-    if saturated is not None:
-        out[saturated & ((out == CONVERGED) | (out == LOW_SIGNAL))] = SATURATED
+    if wide is not None:  # a shape is judged only on a significant fit
+        out[wide & (out == CONVERGED)] = NOT_SPOT
+    if saturated is not None:  # the clipped pixel explains an odd fit best
+        out[saturated & ((out == CONVERGED) | (out == LOW_SIGNAL) | (out == NOT_SPOT))] = SATURATED
     return out
 
 

@@ -133,7 +133,7 @@ def cut_box(image: np.ndarray, start: np.ndarray, shape, dtype=float, read_var=N
 
     Parameters
     ----------
-    image : (ny, nx) or (nz, ny, nx) ndarray
+    image : (ny, nx) or (nz, ny, nx) ndarray (any number of axes)
     start : (n, image.ndim) int ndarray
         Array index of each window's first pixel, in array order; may lie
         outside the image (those pixels are masked).
@@ -150,17 +150,13 @@ def cut_box(image: np.ndarray, start: np.ndarray, shape, dtype=float, read_var=N
     start = np.asarray(start, dtype=np.int64).reshape(-1, ndim)
     shape = tuple(int(s) for s in shape)
     n = start.shape[0]
-    idx, inside = [], []
-    for a in range(ndim):
+    sel, mask = [], np.ones((n,) + (1,) * ndim, dtype=bool)
+    for a in range(ndim):  # index arrays broadcast to (n, *shape)
         i = start[:, a : a + 1] + np.arange(shape[a])[None, :]
-        inside.append((i >= 0) & (i < image.shape[a]))
-        idx.append(np.clip(i, 0, image.shape[a] - 1))
-    if ndim == 2:
-        sel = (idx[0][:, :, None], idx[1][:, None, :])
-        mask = inside[0][:, :, None] & inside[1][:, None, :]
-    else:
-        sel = (idx[0][:, :, None, None], idx[1][:, None, :, None], idx[2][:, None, None, :])
-        mask = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None, :]
+        view = (slice(None),) + tuple(slice(None) if b == a else None for b in range(ndim))
+        mask = mask & ((i >= 0) & (i < image.shape[a]))[view]
+        sel.append(np.clip(i, 0, image.shape[a] - 1)[view])
+    sel = tuple(sel)
     size = int(np.prod(shape))
     data = np.asarray(image[sel], dtype=dtype).reshape(n, size)
     mask = mask.reshape(n, size)

@@ -155,6 +155,13 @@ def window_bounds(model, estimator, windows: roi.Windows):
     return lower, upper
 
 
+def width_limits(model, grid):
+    """Bounds of the widths along ``x, y[, z]`` (:meth:`~spotfit.models.Model.bounds`:
+    0.3 px to half the window, the rotated model's variances bounded alike)."""
+    n = model.ndim
+    return (0.3,) * n, (float(max(grid.shape)) / 2.0,) * n
+
+
 def _solve(setup: Setup, batch: Batch):
     m, cfg, w = setup.model, setup.config, batch.windows
     setup.use_threads()
@@ -206,7 +213,8 @@ def _columns(setup: Setup, batch: Batch, sol):
 
     low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr,
                              expected=None if cfg.fix_sigma else expected)
-    status = results.judge(sol.status, outside, low, batch.saturated)
+    wide = results.not_spot(values, setup.widths, *width_limits(m, w.grid))
+    status = results.judge(sol.status, outside, low, batch.saturated, wide)
     return values, errors, sol.chi2_red, sol.iterations, status
 
 

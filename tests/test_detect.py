@@ -65,13 +65,27 @@ def test_recall_and_precision_with_defaults(photons, background):
     assert precision >= 0.98  # fraction of the detections
 
 
-def test_units_do_not_change_scores():
+def test_units_do_not_change_measured_scores():
+    # without a calibration the noise is measured on the frame, in its units:
+    # ADU with a baseline and photons give the same candidates and scores
     cam = Camera(baseline=100.0, gain=2.5)
     img, _ = simulate((90, 130), n_spots=20, photons=800, background=20, camera=cam, seed=3)
-    in_photons = detect(img, camera=cam)
-    in_adu = detect(img)  # raw ADU with the baseline: same candidates, same SNR
+    in_adu = detect(img)  # raw ADU with the baseline
+    in_photons = detect(cam.to_photons(img, np.float64))  # photons, noise still measured
     pd.testing.assert_frame_equal(in_photons[["frame", "x", "y"]], in_adu[["frame", "x", "y"]])
-    np.testing.assert_allclose(in_photons["score"], in_adu["score"], rtol=1e-4)
+    np.testing.assert_allclose(in_photons["score"], in_adu["score"], rtol=1e-3)
+
+
+def test_camera_noise_and_measured_noise_agree():
+    # a calibrated camera's noise model and the noise measured on the frame
+    # describe the same noise: same candidates, scores within 10 %
+    cam = Camera(baseline=100.0, gain=2.5, read_noise=2.0)
+    img, _ = simulate((2, 150, 190), n_spots=30, photons=1500, background=20, camera=cam,
+                      min_separation=8.0, seed=3)
+    with_camera = detect(img, camera=cam)
+    measured = detect(img)
+    pd.testing.assert_frame_equal(with_camera[["frame", "x", "y"]], measured[["frame", "x", "y"]])
+    np.testing.assert_allclose(with_camera["score"], measured["score"], rtol=0.10)
 
 
 @pytest.mark.parametrize("photons, background", [(1000.0, 50.0), (1000.0, 10.0)])

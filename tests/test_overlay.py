@@ -159,7 +159,7 @@ def test_status_colours_legend_and_counts():
     rows = []
     for i, name in enumerate(names):
         for j in range(i + 1):  # i + 1 spots of the i-th status
-            rows.append({"x": 6.0 + 9 * i, "y": 5.0 + 7 * j, "sigma_x": 1.2, "sigma_y": 1.2,
+            rows.append({"x": 5.0 + 8 * i, "y": 4.0 + 5.5 * j, "sigma_x": 1.2, "sigma_y": 1.2,
                          "angle": 0.0, "status": name})
     table = pd.DataFrame(rows)
     fig = show(image, table, zoom=4)
@@ -177,7 +177,7 @@ def test_status_colours_legend_and_counts():
         ys, xs = np.nonzero(in_image)
         assert xs.size >= 20 * (i + 1), name
         # drawn around this status' column of spots only (PNG column -> x: (c + 0.5) / 4 - 0.5)
-        assert np.all(np.abs((xs + 0.5) / 4 - 0.5 - (6.0 + 9 * i)) < 2 * 1.2 + 1), name
+        assert np.all(np.abs((xs + 0.5) / 4 - 0.5 - (5.0 + 8 * i)) < 2 * 1.2 + 1), name
 
 
 def test_candidates_without_status_are_drawn():

@@ -302,7 +302,9 @@ def test_trackpy_colloids_with_invert_agree_with_trackpy():
     """trackpy's locate(invert(frame1)) positions vs spotfit --invert, defaults."""
     reference = np.load(TRACKPY / "reproducibility_v0.4.npz")["arr_3"]  # (y, x)
     table = spotfit.fit(TRACKPY / "image_sequence" / "T76S3F00001.png", invert=True)
-    ok = table[table["status"] == "converged"]
+    # colloids ~3 px wide are wider than 2x the default sigma (1.3 px): many rows are
+    # not_spot (no diffraction-limited spot), their positions fitted all the same
+    ok = table[table["status"].isin(["converged", "not_spot"])]
     d, _ = cKDTree(np.c_[ok["y"], ok["x"]]).query(reference[:, :2])
     assert (d < 1.0).mean() >= 0.95, (d < 1.0).mean()  # within 1 px
 

@@ -25,6 +25,7 @@ STATUS_COLOURS = {
     "left_window": (1.00, 0.50, 0.00, 0.6),
     "max_iterations": (0.85, 0.20, 0.85, 0.6),
     "singular": (1.00, 0.10, 0.10, 0.6),
+    "not_spot": (0.55, 0.35, 1.00, 0.6),
 }
 #: Colour of a status not listed above (and of detection tables without status).
 OTHER_COLOUR = (0.30, 0.70, 1.00, 0.6)

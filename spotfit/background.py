@@ -1,0 +1,826 @@
+"""Local background and pixel noise of a frame: what a spot is compared with.
+
+Detection asks, at every pixel, whether the light above the local background
+is more than the noise can explain.  Both halves live here:
+
+* :class:`NoiseModel` -- the variance of a pixel as a function of its
+  expected background level, ``var = read_var + shot * max(level, 0)``.
+  With a calibrated camera it is the camera's noise model
+  (:meth:`NoiseModel.from_camera`: Poisson shot noise, EM excess factor,
+  read noise, per pixel for sCMOS maps).  Without one it is measured on the
+  frame (:func:`estimate_noise`) from fourth-order pixel differences, which
+  smooth signals such as spots and cells barely touch, binned by background
+  level: the photon-transfer curve of the frame.  Spots cannot inflate
+  either: the camera model does not look at the data, and the measurement
+  leaves out the pixels of spots and uses statistics that tolerate the
+  rest.
+* :func:`local_background` -- the expected background level at every pixel,
+  following cells, nuclei and illumination on scales above ~3 PSF sigmas but
+  not spots: a masked mean over a neighbourhood of ~3 sigma, from which the
+  pixels of spots (more than ``CLIP`` noise standard deviations above the
+  background, and their neighbours) are left out, iterated from a lower
+  envelope.  It is computed on a coarse grid of cells ~1.5 sigma wide and
+  interpolated, so it costs a few passes over the frame.
+
+Both are local: a block of a frame with a halo of :func:`halo` pixels gives
+the same values as the whole frame, provided the same :class:`NoiseModel`
+is used (without a camera, estimate it once per frame and pass it along).
+
+Units are those of the frame: photons with a calibrated camera, ADU above
+the baseline otherwise.  Arrays are in array order (``(ny, nx)`` or
+``(nz, ny, nx)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Union
+
+import numpy as np
+from numba import njit, prange
+
+from spotfit.errors import SpotfitInputError
+from spotfit.filters import PARALLEL_PIXELS, serial_and_parallel
+
+__all__ = ["NoiseModel", "estimate_noise", "local_background", "halo", "cell_size", "CLIP"]
+
+#: cells whose mean is more than this many pixel-noise standard deviations
+#: above the background are left out of the background estimate as spots ...
+CLIP = 2.0
+#: ... and so are the cells within this many PSF sigmas of them (their tails)
+DILATE = 1.0
+#: background neighbourhood: Gaussian weights of this many PSF sigmas
+SCALE = 3.0
+#: cell size of the coarse grid, in PSF sigmas (rounded; at least 1 px)
+CELL = 2.0
+#: where less than this fraction of a neighbourhood's weight is left after
+#: clipping, the lower envelope fills in
+MIN_COVERAGE = 0.25
+#: the lower envelope: grey opening over boxes reaching this many PSF sigmas
+#: (rounded to whole cells, at least one) on each side of a cell
+ENVELOPE = 2.0
+
+# Clipped second moment: |d| < 4 s keeps 99.994 % of Gaussian noise and
+# 99.89 % of its variance.
+_CLIP_SIGMAS = 4.0
+_CLIP_VARIANCE = 0.99893
+_MAD_TO_SIGMA = 1.4826
+# median minus lower quartile of a normal distribution, in standard deviations
+_IQR_HALF = 0.6745
+# fewest pixels per half of the levels to measure the noise correlation
+_MIN_CORRELATION = 200
+# pixels sampled for the noise measurement
+_NOISE_SAMPLES = 150_000
+# a pixel whose cell mean is this many standard errors from the smooth
+# background is not used for the photon-transfer fit
+_STRAY = 3.0
+# rounds of background estimate + photon-transfer fit
+_NOISE_ITERATIONS = 1
+# fewest pixels per background-level bin of the photon-transfer fit
+_MIN_BIN = 100
+_MAX_BINS = 12
+# pixels used for the photon-transfer fit
+_FIT_SAMPLES = 60_000
+
+Array = Union[float, np.ndarray]
+
+
+# ---------------------------------------------------------------------------
+# noise model
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class NoiseModel:
+    """Pixel variance as a function of the expected level: ``read_var + shot * max(level, 0)``.
+
+    Parameters
+    ----------
+    read_var : float or (ny, nx) ndarray
+        Variance at level 0, in data units squared (photons^2 or ADU^2):
+        read noise; a per-pixel map for sCMOS cameras.  Without a camera
+        it may be negative (an unknown camera offset is part of the level);
+        :meth:`variance` is floored at ``floor``.
+    shot : float
+        Variance per unit of level: 1 for photons, 2 for an EMCCD (excess
+        noise factor), the ADU per photoelectron for a measured model.
+    floor : float
+        Smallest variance returned, data units squared (> 0).
+    source : str
+        ``"camera"`` or ``"measured"``: where the model comes from.
+    correlation : float
+        Variance of the detection filter's output over the variance the
+        model predicts for independent pixels (>= 1).  1 for a camera;
+        measured images whose noise is correlated between neighbouring
+        pixels (interpolated, binned, denoised data) have more noise at the
+        scale of a spot than their pixel differences show.
+    """
+
+    read_var: Array = 0.0
+    shot: float = 1.0
+    floor: float = 1e-12
+    source: str = "camera"
+    correlation: float = 1.0
+
+    @classmethod
+    def from_camera(cls, camera) -> "NoiseModel":
+        """The camera's noise model in photons (``camera`` must be calibrated)."""
+        if not camera.calibrated:
+            raise SpotfitInputError("a noise model from the camera needs its `gain`", parameter="gain")
+        rv = camera.read_variance()
+        floor = 1e-6 * max(float(np.max(rv)), 1.0)
+        return cls(read_var=rv, shot=float(camera.excess_noise), floor=floor, source="camera")
+
+    def variance(self, level: np.ndarray, index=None) -> np.ndarray:
+        """Expected variance of pixels at background ``level``.
+
+        Parameters
+        ----------
+        level : ndarray
+            Expected background, data units; the frame's shape (or, with
+            `index`, the shape of the indexed pixels).
+        index : tuple of arrays, optional
+            Pixel indices of `level` into the frame (used to pick a
+            per-pixel ``read_var`` map).
+
+        Returns
+        -------
+        ndarray of float64
+        """
+        rv = self.read_var
+        if np.ndim(rv) > 0:
+            rv = np.asarray(rv, dtype=np.float64)
+            if index is not None:
+                rv = rv[tuple(index[-rv.ndim:])]
+        var = rv + self.shot * np.maximum(np.asarray(level, dtype=np.float64), 0.0)
+        return np.maximum(var, self.floor)
+
+    def scaled(self, factor: float) -> "NoiseModel":
+        """The same noise for data multiplied by `factor`."""
+        rv = self.read_var
+        rv = rv * factor**2 if np.ndim(rv) == 0 else np.asarray(rv, float) * factor**2
+        return replace(self, read_var=rv, shot=self.shot * factor, floor=self.floor * factor**2)
+
+    def as_dict(self) -> dict:
+        """Scalar summary for provenance records."""
+        rv = self.read_var
+        return {
+            "source": self.source,
+            "read_var": float(rv) if np.ndim(rv) == 0 else f"map{np.shape(rv)}",
+            "shot": float(self.shot),
+            "correlation": float(self.correlation),
+        }
+
+
+# ---------------------------------------------------------------------------
+# local background
+# ---------------------------------------------------------------------------
+def halo(sigma) -> tuple:
+    """Pixels per axis beyond which a pixel does not change the local background.
+
+    The background of a cell depends on the cells within the grey opening
+    (twice its half-width), the dilation of spots and the Gaussian
+    neighbourhood; each pixel's value interpolates the two nearest cells.  A
+    block that starts at a multiple of :func:`cell_size` and is padded by
+    this many pixels of the frame (fewer only where the frame ends) has, in
+    its interior, the background of the whole frame for the same noise
+    model.
+    """
+    sig = np.atleast_1d(np.asarray(sigma, dtype=float))
+    out = []
+    for s in sig:
+        c = cell_size(s)
+        env = max(1, int(round(ENVELOPE * s / c)))
+        reach = int(math.ceil(DILATE * s / c))
+        k_half = int(math.ceil(3.0 * SCALE * s / c))
+        cells = 2 * env + reach + k_half + 2  # + interpolation and the detection screen
+        out.append(int(cells * c + c))
+    return tuple(out)
+
+
+def cell_size(sigma: float) -> int:
+    """Side of the background's coarse cells along an axis of PSF sigma `sigma`, px."""
+    return max(1, int(round(CELL * float(sigma))))
+
+
+_cell = cell_size
+
+
+def local_background(frame, sigma, noise: NoiseModel) -> np.ndarray:
+    """Expected background level at every pixel, following structure but not spots.
+
+    Parameters
+    ----------
+    frame : (ny, nx) or (nz, ny, nx) array_like
+        One frame, photons or ADU above the baseline.
+    sigma : float or sequence of float
+        PSF sigma in pixels, scalar or per axis in array order.
+    noise : NoiseModel
+        Noise model of the frame (decides which pixels are too bright to be
+        background).
+
+    Returns
+    -------
+    ndarray of float32, shape of `frame`
+
+    Notes
+    -----
+    On a coarse grid of cells ~``CELL`` sigma wide: start from a lower
+    envelope (grey opening of the cell means over ``ENVELOPE`` sigmas,
+    smoothed), then ``ITERATIONS`` times: leave out every pixel brighter
+    than the current background (at least the envelope) plus ``CLIP`` noise
+    standard deviations, and the pixels within ``DILATE`` sigmas of it, and
+    take the Gaussian-weighted mean (``SCALE`` sigmas) of the remaining
+    pixels; where clipping left less than ``MIN_COVERAGE`` of the weight (a
+    bright spot, a crowd of spots), the smoothed envelope fills in.  The
+    coarse result is interpolated (multilinearly) to every pixel.
+    """
+    data = _as_volume(frame)
+    sig = _sigmas(sigma, np.ndim(frame))
+    return Background.estimate(data, sig, noise).full().reshape(np.shape(frame))
+
+
+def _as_volume(frame) -> np.ndarray:
+    a = np.asarray(frame, dtype=np.float32)
+    return np.ascontiguousarray(a.reshape((1,) * (3 - a.ndim) + a.shape))
+
+
+def _sigmas(sigma, ndim) -> tuple:
+    """Sigma per axis of the (nz, ny, nx) volume (z sigma 0 for a 2D frame)."""
+    sig = np.atleast_1d(np.asarray(sigma, dtype=float))
+    if sig.size == 1:
+        sig = np.repeat(sig, ndim)
+    return (0.0,) * (3 - ndim) + tuple(float(s) for s in sig)
+
+
+class Background:
+    """The background of a (nz, ny, nx) volume on its coarse grid of cells.
+
+    Attributes
+    ----------
+    coarse : (mz, my, mx) ndarray of float64
+        Background at the cell centres (cell ``i`` covers pixels
+        ``i * cell ... (i + 1) * cell - 1``; its centre is at
+        ``(i + 0.5) * cell - 0.5``).
+    cells : (3,) ndarray of int64
+        Cell size per axis, pixels.
+    shape : tuple
+        Shape of the volume.
+    excluded : (mz, my, mx) ndarray of bool
+        Cells left out as (parts of) spots.
+    means : (mz, my, mx) ndarray of float64
+        Mean of the pixels of each cell.
+    """
+
+    def __init__(self, coarse, cells, shape, excluded, means):
+        self.coarse = coarse
+        self.cells = cells
+        self.shape = shape
+        self.excluded = excluded
+        self.means = means
+
+    @classmethod
+    def estimate(cls, data: np.ndarray, sig: tuple, noise: NoiseModel) -> "Background":
+        """Estimate the background of a (nz, ny, nx) float32 volume (see :func:`local_background`)."""
+        cells = np.array([_cell(s) if s > 0 else 1 for s in sig], np.int64)
+        coarse_shape = tuple(-(-n // int(c)) for n, c in zip(data.shape, cells))
+        sums, counts = _cell_sums(data, cells, coarse_shape)
+        scale = [SCALE * s / c for s, c in zip(sig, cells)]
+        half = np.array([max(1, int(round(ENVELOPE * s / c))) if s > 0 else 0 for s, c in zip(sig, cells)],
+                        np.int64)
+        reach = np.array([int(math.ceil(DILATE * s / c)) if s > 0 else 0 for s, c in zip(sig, cells)],
+                         np.int64)
+        kernels, k_half = _gauss_kernels(scale)
+        read_var = _cell_read_variance(noise, cells, data.shape, coarse_shape)
+        coarse, excluded, means = _coarse_background(
+            sums, counts, read_var, float(noise.shot), float(noise.correlation), float(noise.floor),
+            half, reach, kernels, k_half, CLIP, MIN_COVERAGE)
+        return cls(coarse, cells, data.shape, excluded, means)
+
+    def full(self) -> np.ndarray:
+        """Background at every pixel (float32, the volume's shape)."""
+        out = np.zeros(self.shape, np.float32)
+        _add_interpolated(out, self.coarse, self.cells, 1.0, 0.0)
+        return out
+
+    def subtract_from(self, image: np.ndarray, shift: float = 0.0) -> None:
+        """``image -= background - shift``, in place ((nz, ny, nx) float32)."""
+        _add_interpolated(image, self.coarse, self.cells, -1.0, shift)
+
+    def at(self, index) -> np.ndarray:
+        """Background at pixels ``(z, y, x)`` (integer arrays), float32."""
+        z, y, x = (np.ascontiguousarray(i, dtype=np.int64) for i in index)
+        return _interpolate_at(self.coarse, self.cells, z, y, x)
+
+    def per_pixel(self, cell_values) -> np.ndarray:
+        """Values of the cells (e.g. :attr:`excluded`, :attr:`means`) at each pixel."""
+        out = cell_values
+        for axis, c in enumerate(self.cells):
+            out = np.repeat(out, int(c), axis=axis)
+        return out[tuple(slice(0, n) for n in self.shape)]
+
+
+def _cell_read_variance(noise: NoiseModel, cells, shape, coarse_shape) -> np.ndarray:
+    """The noise model's ``read_var`` per cell (a map is averaged over each cell)."""
+    rv = noise.read_var
+    if np.ndim(rv) == 0:
+        return np.full(coarse_shape, float(rv))
+    rv = np.asarray(rv, dtype=np.float32)
+    rv3 = np.broadcast_to(rv.reshape((1,) * (3 - rv.ndim) + rv.shape), shape)
+    s, c = _cell_sums(np.ascontiguousarray(rv3), cells, coarse_shape)
+    return s / np.maximum(c, 1.0)
+
+
+def _gauss_kernels(scale):
+    """Gaussian kernels (one row per axis, sigma in cells, truncated at 3 sigma) and
+    their half-widths; an axis of scale 0 gets the identity."""
+    halves = np.array([int(math.ceil(3.0 * s)) if s > 0 else 0 for s in scale], np.int64)
+    kernels = np.zeros((len(scale), 2 * int(halves.max()) + 1))
+    for a, (s, h) in enumerate(zip(scale, halves)):
+        if s > 0:
+            k = np.exp(-0.5 * (np.arange(-h, h + 1) / s) ** 2)
+            kernels[a, : 2 * h + 1] = k / k.sum()
+        else:
+            kernels[a, 0] = 1.0
+    return kernels, halves
+
+
+@njit(cache=True)
+def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, reach, kernels,
+                       k_half, clip, min_coverage):
+    """The background on the coarse grid (see :meth:`Background.estimate`).
+
+    Returns the background per cell, the cells left out as spots and the
+    cell means.
+    """
+    means = sums / np.maximum(counts, 1.0)
+    # 1. lower envelope: grey opening of the cell means
+    envelope = means
+    for axis in range(3):
+        envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 1)
+    for axis in range(3):
+        envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 2)
+    # 2. spots: cells brighter than the envelope by `clip` pixel-noise
+    #    standard deviations, dilated by `reach` cells
+    bright = np.zeros(means.shape)
+    for i in range(means.size):
+        var = max(read_var.flat[i] + shot * max(envelope.flat[i], 0.0), floor) * correlation
+        if means.flat[i] > envelope.flat[i] + clip * math.sqrt(var):
+            bright.flat[i] = 1.0
+    for axis in range(3):
+        bright = _filter_axis(bright, axis, kernels[axis], reach[axis], True, 2)
+    # 3. Gaussian-weighted means (normalised convolutions) of the other cells,
+    #    of all cells' envelope, and the weights themselves
+    kept_sum = np.where(bright > 0, 0.0, sums)
+    kept_count = np.where(bright > 0, 0.0, counts)
+    env_sum = envelope * counts
+    all_count = counts.copy()
+    for axis in range(3):
+        if k_half[axis] > 0:
+            kept_sum = _filter_axis(kept_sum, axis, kernels[axis], k_half[axis], False, 0)
+            kept_count = _filter_axis(kept_count, axis, kernels[axis], k_half[axis], False, 0)
+            env_sum = _filter_axis(env_sum, axis, kernels[axis], k_half[axis], False, 0)
+            all_count = _filter_axis(all_count, axis, kernels[axis], k_half[axis], False, 0)
+    coarse = np.empty(means.shape)
+    for i in range(means.size):
+        start = env_sum.flat[i] / max(all_count.flat[i], 1e-12)
+        t = min(max(kept_count.flat[i] / max(all_count.flat[i], 1e-12) / min_coverage, 0.0), 1.0)
+        value = start
+        if kept_count.flat[i] > 0:
+            value = t * (kept_sum.flat[i] / kept_count.flat[i]) + (1.0 - t) * start
+        # 4. never below the envelope: at sharp edges (a cell's, a nucleus')
+        #    the smooth mean lags behind, the envelope does not
+        coarse.flat[i] = max(value, envelope.flat[i])
+    return coarse, bright > 0, means
+
+
+def _cell_sums_rows(data, cells, coarse_shape):
+    """Sum and count of the pixels of every coarse cell (cell rows spread over threads)."""
+    sums = np.zeros(coarse_shape)
+    counts = np.zeros(coarse_shape)
+    nz, ny, nx = data.shape
+    cz, cy, cx = cells[0], cells[1], cells[2]
+    mz, my, mx = coarse_shape
+    for r in prange(mz * my):
+        iz, iy = r // my, r % my
+        for z in range(iz * cz, min((iz + 1) * cz, nz)):
+            for y in range(iy * cy, min((iy + 1) * cy, ny)):
+                row = data[z, y]
+                for jx in range(mx):
+                    x1 = min((jx + 1) * cx, nx)
+                    acc = 0.0
+                    for x in range(jx * cx, x1):
+                        acc += row[x]
+                    sums[iz, iy, jx] += acc
+                    counts[iz, iy, jx] += x1 - jx * cx
+    return sums, counts
+
+
+
+def _cell_sums(data, cells, coarse_shape):
+    """:func:`_cell_sums_rows`, on numba's threads for large frames."""
+    kernel = _CELL_SUMS[1] if data.size >= PARALLEL_PIXELS else _CELL_SUMS[0]
+    return kernel(data, cells, coarse_shape)
+
+
+@njit(cache=True)
+def _filter_axis(a, axis, kernel, half, nearest, minmax):
+    """One separable pass along `axis` of a 3D array: correlation with `kernel`
+    (minmax 0), or the minimum (1) / maximum (2) over ``2 half + 1`` cells.
+    Edges: nearest value (``nearest``) or zeros.  The array is viewed as
+    (outer, n, inner) around `axis` so the innermost loop is contiguous."""
+    n0, n1, n2 = a.shape
+    if half == 0 or a.shape[axis] == 1:
+        return a.copy()
+    if axis == 0:
+        outer, n, inner = 1, n0, n1 * n2
+    elif axis == 1:
+        outer, n, inner = n0, n1, n2
+    else:
+        outer, n, inner = n0 * n1, n2, 1
+    src = np.ascontiguousarray(a).reshape(outer, n, inner)
+    out = np.empty((outer, n, inner))
+    if inner == 1:  # along the contiguous axis: through a padded copy of each line
+        line = np.empty(n + 2 * half)
+        flat = src.reshape(outer, n)
+        res = out.reshape(outer, n)
+        for o in range(outer):
+            v = flat[o]
+            for i in range(n + 2 * half):
+                m = i - half
+                if m < 0 or m >= n:
+                    if nearest:
+                        line[i] = v[0] if m < 0 else v[n - 1]
+                    else:
+                        line[i] = 0.0 if minmax == 0 else (v[0] if m < 0 else v[n - 1])
+                else:
+                    line[i] = v[m]
+            r = res[o]
+            for c in range(n):
+                if minmax == 0:
+                    acc = 0.0
+                    for t in range(2 * half + 1):
+                        acc += kernel[t] * line[c + t]
+                elif minmax == 1:
+                    acc = line[c]
+                    for t in range(1, 2 * half + 1):
+                        acc = min(acc, line[c + t])
+                else:
+                    acc = line[c]
+                    for t in range(1, 2 * half + 1):
+                        acc = max(acc, line[c + t])
+                r[c] = acc
+        return out.reshape(n0, n1, n2)
+    for o in range(outer):
+        for c in range(n):
+            row = out[o, c]
+            if minmax == 0:
+                row[:] = 0.0
+            else:
+                row[:] = src[o, c]
+            for t in range(-half, half + 1):
+                m = c + t
+                if m < 0 or m >= n:
+                    if not nearest:
+                        continue
+                    m = 0 if m < 0 else n - 1
+                other = src[o, m]
+                if minmax == 0:
+                    w = kernel[t + half]
+                    for k in range(inner):
+                        row[k] += w * other[k]
+                elif minmax == 1:
+                    for k in range(inner):
+                        if other[k] < row[k]:
+                            row[k] = other[k]
+                else:
+                    for k in range(inner):
+                        if other[k] > row[k]:
+                            row[k] = other[k]
+    return out.reshape(n0, n1, n2)
+
+
+def _box_filter(a, half, minimum):
+    """Separable minimum (or maximum) over boxes of ``2 half + 1`` cells (nearest edges)."""
+    out = np.ascontiguousarray(a, dtype=np.float64)
+    for axis, h in enumerate(half):
+        if h > 0 and out.shape[axis] > 1:
+            out = _filter_axis(out, axis, np.zeros(1), int(h), True, 1 if minimum else 2)
+    return out
+
+
+@njit(cache=True)
+def _axis_weights(n, c, m):
+    """Interpolation indices and weights along one axis (cell centres at (i + 0.5) c - 0.5)."""
+    lo = np.empty(n, np.int64)
+    hi = np.empty(n, np.int64)
+    w = np.empty(n)
+    for p in range(n):
+        f = (p + 0.5) / c - 0.5
+        i = min(max(int(math.floor(f)), 0), m - 1)
+        lo[p] = i
+        hi[p] = min(i + 1, m - 1)
+        w[p] = min(max(f - i, 0.0), 1.0)
+    return lo, hi, w
+
+
+def _add_interpolated_rows(image, coarse, cells, sign, shift):
+    """In place, for every pixel: ``image[p] += sign * B(p) + shift`` with ``B``
+    the coarse grid interpolated multilinearly (cell centres at
+    ``(i + 0.5) * cell - 0.5``); rows spread over threads."""
+    nz, ny, nx = image.shape
+    mz, my, mx = coarse.shape
+    lz, hz, wz = _axis_weights(nz, cells[0], mz)
+    ly, hy, wy = _axis_weights(ny, cells[1], my)
+    lx, hx, wx = _axis_weights(nx, cells[2], mx)
+    for r in prange(nz * ny):
+        z, y = r // ny, r % ny
+        # interpolate along z and y on the coarse columns, then along x
+        line = np.empty(mx)
+        for j in range(mx):
+            a = coarse[lz[z], ly[y], j] * (1 - wy[y]) + coarse[lz[z], hy[y], j] * wy[y]
+            if mz > 1:
+                b = coarse[hz[z], ly[y], j] * (1 - wy[y]) + coarse[hz[z], hy[y], j] * wy[y]
+                a = a * (1 - wz[z]) + b * wz[z]
+            line[j] = a
+        row = image[z, y]
+        for x in range(nx):
+            row[x] = row[x] + sign * (line[lx[x]] * (1 - wx[x]) + line[hx[x]] * wx[x]) + shift
+
+
+
+def _add_interpolated(image, coarse, cells, sign, shift):
+    """:func:`_add_interpolated_rows`, on numba's threads for large frames."""
+    kernel = _ADD_INTERPOLATED[1] if image.size >= PARALLEL_PIXELS else _ADD_INTERPOLATED[0]
+    kernel(image, coarse, cells, sign, shift)
+
+
+@njit(cache=True)
+def _interpolate_at(coarse, cells, zs, ys, xs):
+    mz, my, mx = coarse.shape
+    out = np.empty(zs.size, np.float32)
+    for i in range(zs.size):
+        v = 0.0
+        fz = (zs[i] + 0.5) / cells[0] - 0.5
+        fy = (ys[i] + 0.5) / cells[1] - 0.5
+        fx = (xs[i] + 0.5) / cells[2] - 0.5
+        iz = min(max(int(math.floor(fz)), 0), mz - 1)
+        iy = min(max(int(math.floor(fy)), 0), my - 1)
+        ix = min(max(int(math.floor(fx)), 0), mx - 1)
+        tz = min(max(fz - iz, 0.0), 1.0)
+        ty = min(max(fy - iy, 0.0), 1.0)
+        tx = min(max(fx - ix, 0.0), 1.0)
+        for dz in range(2):
+            wz = tz if dz else 1 - tz
+            jz = min(iz + dz, mz - 1)
+            for dy in range(2):
+                wy = ty if dy else 1 - ty
+                jy = min(iy + dy, my - 1)
+                for dx in range(2):
+                    wx = tx if dx else 1 - tx
+                    jx = min(ix + dx, mx - 1)
+                    v += wz * wy * wx * coarse[jz, jy, jx]
+        out[i] = v
+    return out
+
+
+# ---------------------------------------------------------------------------
+# noise measured on the frame
+# ---------------------------------------------------------------------------
+def estimate_noise(frame, sigma) -> NoiseModel:
+    """Measure the noise model of a frame without a camera calibration.
+
+    Parameters
+    ----------
+    frame : (ny, nx) or (nz, ny, nx) array_like
+        One frame in ADU (a constant offset does not matter).
+    sigma : float or sequence of float
+        PSF sigma in pixels (decides the background scale and which pixels
+        belong to spots).
+
+    Returns
+    -------
+    NoiseModel
+        ``read_var + shot * level`` fitted to the variance of pixel
+        differences against the local background level (``source =
+        "measured"``); ``shot = 0`` (one variance for all pixels) when the
+        frame has too few pixels or too narrow a range of levels to tell.
+
+    Notes
+    -----
+    1. A global variance from the clipped second moment of the eighth-order
+       differences ``d = [1, -4, 6, -4, 1] (x) [1, -4, 6, -4, 1]``
+       (variance ``4900 v`` for white noise of variance ``v``; smooth
+       signals such as spots and cells contribute little: a spot of sigma
+       1.3 px leaves at most 0.4 standard deviations per 1000 photons over
+       unit noise, a quadratic background nothing).
+    2. The local background (:func:`local_background`) with that variance;
+       the pixels it leaves out as spots, and those whose cell mean strays
+       from the smooth background (sharp edges, spots' tails), are set
+       aside.
+    3. The remaining pixels are binned by background level (equal counts);
+       each bin's clipped variance of ``d`` gives one point of the frame's
+       photon-transfer curve, and ``read_var + shot * level`` is fitted to
+       them by weighted least squares (``shot >= 0``).
+
+    Frames larger than ``_NOISE_SAMPLES`` pixels are measured on evenly
+    spaced bands of ``_BAND`` rows (all columns and planes) that together
+    hold about that many pixels.
+    """
+    raw = np.asarray(frame)
+    ndim = raw.ndim
+    raw = raw.reshape((1,) * (3 - ndim) + raw.shape)  # a view: bands are converted one by one
+    sig = _sigmas(sigma, ndim)
+    biggest = max(abs(float(np.min(raw))), abs(float(np.max(raw)))) if raw.size else 0.0
+    factor = 1.0
+    if biggest > 0 and not 2.0**-40 < biggest < 2.0**40:  # measure in a safe range
+        factor = 2.0 ** int(round(math.log2(1024.0 / biggest)))
+    floor = max((16 * float(np.finfo(np.float32).eps) * biggest * factor) ** 2, 1e-30)
+    bands = [np.ascontiguousarray((raw[:, r0:r1].astype(np.float64) * factor).astype(np.float32))
+             for r0, r1 in _bands(raw.shape)]
+    model = _measure(bands, sig, floor)
+    return model if factor == 1.0 else model.scaled(1.0 / factor)
+
+
+def _measure(bands, sig, floor) -> NoiseModel:
+    """:func:`estimate_noise` on bands (nz, rows, nx) of float32 data in a safe range."""
+    diffs = [_differences(b) for b in bands]
+    d_all = np.concatenate([d.ravel() for d in diffs]) if diffs else np.zeros(0)
+    if d_all.size == 0:
+        return NoiseModel(read_var=floor, shot=0.0, floor=floor, source="measured")
+    step = max(1, d_all.size // _FIT_SAMPLES)
+    var0 = _clipped_variance(d_all[::step]) / _D_GAIN
+    model = NoiseModel(read_var=max(var0, floor), shot=0.0, floor=floor, source="measured")
+    if not var0 > floor:
+        return model
+    # the expected level seen by each difference: the data averaged with the
+    # operator's squared weights (spots included: their photons are noise too)
+    levels = np.concatenate([_weighted_level(b).ravel() for b in bands])
+    fitted = _fit_transfer(d_all, levels, floor, var0)
+    model = model if fitted is None else fitted
+    return replace(model, correlation=_correlation(bands, sig, model))
+
+
+def _correlation(bands, sig, model) -> float:
+    """Variance of the detection filter's noise over its white-noise prediction (>= 1).
+
+    Noise correlated between neighbouring pixels (interpolated, binned,
+    denoised data) has more power at the scale of a spot than the pixel
+    differences show.  The ratio is measured directly: the detection filter
+    is applied to the bands, divided by the noise the model predicts for
+    white noise, and the spread of the result ((q84 - q16) / 2, squared) is
+    the ratio.  Spots only add light, so the pixels the background leaves
+    out as spots are not used, and of the others the darker half; if fewer
+    than ``_MIN_KEPT`` of the pixels are left (a frame covered with spots,
+    or a model so small that every cell looks like a spot) all pixels are
+    used.  The result is trusted only if the distribution is symmetric
+    (asymmetry below ``_MAX_ASYMMETRY``): a skewed one is dominated by the
+    light of spots, and the noise is then taken as white.  Two rounds, the
+    second with the background clipped at the corrected noise.
+    """
+    from spotfit.filters import SMOOTH, _EdgeNoise, gaussian_smooth
+
+    ratio = 1.0
+    for _ in range(3):
+        current = replace(model, correlation=ratio)
+        kept, every = [], []
+        for band in bands:
+            bg = Background.estimate(band, sig, current)
+            axes = [a for a, s in enumerate(sig) if s > 0]  # a 2D frame has no z sigma
+            edge = _EdgeNoise(tuple(band.shape[a] for a in axes), tuple(sig[a] for a in axes),
+                              SMOOTH, SCALE)
+            filtered = gaussian_smooth(band, tuple(SMOOTH * s for s in sig))
+            level = bg.full()
+            filtered -= level
+            r = filtered / (np.sqrt(model.variance(level)) * edge.white_sd)
+            m = [int(math.ceil(4 * SCALE * s)) if s > 0 else 0 for s in sig]
+            inner = tuple(slice(k, n - k) for k, n in zip(m, band.shape))
+            r, level = r[inner], level[inner]
+            ok = ~bg.per_pixel(bg.excluded)[inner]
+            kept.append((r[ok], level[ok]))
+            every.append(r.ravel())
+        r_all = np.concatenate(every)
+        if r_all.size < 2 * _MIN_CORRELATION:
+            return max(1.0, ratio)
+        r_kept = np.concatenate([k[0] for k in kept])
+        if r_kept.size >= max(_MIN_KEPT * r_all.size, 2 * _MIN_CORRELATION):
+            level = np.concatenate([k[1] for k in kept])
+            r = r_kept[level <= np.median(level)]
+        else:
+            r = r_all
+        q16, q50, q84 = np.percentile(r, [15.87, 50.0, 84.13])
+        if ((q84 - q50) - (q50 - q16)) > _MAX_ASYMMETRY * (q84 - q16):
+            return 1.0
+        new = max(1.0, float((q84 - q16) / 2.0) ** 2)
+        done = abs(new - ratio) < 0.05 * ratio
+        ratio = new
+        if done:
+            break
+    return ratio
+
+
+#: fewest of a frame's pixels left by the background's clipping to measure the
+#: noise correlation on them alone
+_MIN_KEPT = 0.2
+#: largest asymmetry ((q84 - q50) - (q50 - q16)) / (q84 - q16) of noise
+_MAX_ASYMMETRY = 0.15
+
+
+def _weighted_level(data: np.ndarray) -> np.ndarray:
+    """Mean of the 5 x 5 pixels under each difference, weighted like its variance
+    (``[1, 16, 36, 16, 1] / 70`` per axis), shape (nz, ny - 4, nx - 4)."""
+    a = data.astype(np.float64)
+    w = np.array([1.0, 16.0, 36.0, 16.0, 1.0]) / 70.0
+    lx = sum(w[i] * a[:, :, i:a.shape[2] - 4 + i] for i in range(5))
+    return sum(w[i] * lx[:, i:lx.shape[1] - 4 + i] for i in range(5))
+
+
+#: rows per band of the noise measurement of large frames
+_BAND = 64
+#: difference operator's variance gain for white noise: sum([1, -4, 6, -4, 1]^2)^2
+_D_GAIN = 4900.0
+
+
+def _bands(shape):
+    """Row ranges of the bands measured (the whole frame if it is small)."""
+    nz, ny, nx = shape
+    if nz * ny * nx <= _NOISE_SAMPLES or ny <= 2 * _BAND:
+        return [(0, ny)]
+    n_bands = max(1, min(ny // _BAND, int(math.ceil(_NOISE_SAMPLES / (nz * _BAND * nx)))))
+    starts = np.linspace(0, ny - _BAND, n_bands).round().astype(int)
+    return [(int(r), int(r) + _BAND) for r in starts]
+
+
+def _differences(data: np.ndarray) -> np.ndarray:
+    """Eighth-order differences ``[1, -4, 6, -4, 1] (x) [1, -4, 6, -4, 1]`` (lateral,
+    per plane) of the interior pixels, shape (nz, ny - 4, nx - 4), float64."""
+    nz, ny, nx = data.shape
+    if ny < 5 or nx < 5:
+        return np.zeros((nz, 0, 0))
+    a = data.astype(np.float64)
+    dx = a[:, :, :-4] - 4 * a[:, :, 1:-3] + 6 * a[:, :, 2:-2] - 4 * a[:, :, 3:-1] + a[:, :, 4:]
+    return dx[:, :-4] - 4 * dx[:, 1:-3] + 6 * dx[:, 2:-2] - 4 * dx[:, 3:-1] + dx[:, 4:]
+
+
+def _clipped_variance(d: np.ndarray) -> float:
+    """Variance of the central part of ``d`` (|d - median| < 4 s, iterated), corrected
+    for the clipping: robust to a minority of outliers and not quantised like a MAD."""
+    if d.size == 0:
+        return 0.0
+    med = float(np.median(d))
+    s = _MAD_TO_SIGMA * float(np.median(np.abs(d - med)))
+    if not s > 0:
+        s = float(np.std(d))
+    if not s > 0:
+        return 0.0
+    for _ in range(3):
+        c = d[np.abs(d - med) < _CLIP_SIGMAS * s]
+        if c.size < 10:
+            break
+        s = math.sqrt(float(np.mean((c - med) ** 2)) / _CLIP_VARIANCE)
+    return s * s
+
+
+def _fit_transfer(d, level, floor, overall):
+    """Weighted least-squares fit of ``var(d) / gain = a + b * level`` over level bins.
+
+    ``overall`` (the variance of all differences) is the model when no slope
+    describes the bins: too few levels, a non-positive slope, or a line
+    below half of some bin's variance.
+    """
+    if d.size > _FIT_SAMPLES:  # plenty for 12 variances; sorting more costs time
+        step = int(math.ceil(d.size / _FIT_SAMPLES))
+        d, level = d[::step], level[::step]
+    n = d.size
+    if n < 2 * _MIN_BIN:
+        if n < 50:
+            return None
+        v = _clipped_variance(d) / _D_GAIN
+        return NoiseModel(read_var=max(v, floor), shot=0.0, floor=floor, source="measured")
+    bins = int(min(_MAX_BINS, n // _MIN_BIN))
+    order = np.argsort(level, kind="stable")
+    parts = np.array_split(order, bins)
+    lev = np.array([float(np.median(level[p])) for p in parts])
+    var = np.array([_clipped_variance(d[p]) / _D_GAIN for p in parts])
+    cnt = np.array([len(p) for p in parts], float)
+    ok = var > 0
+    lev, var, cnt = lev[ok], var[ok], cnt[ok]
+    if len(var) == 0:
+        return None
+    w = cnt / np.maximum(var, floor) ** 2  # a variance estimate's variance ~ 2 var^2 / n
+    # one variance for all levels: that of all the differences together
+    a, b = float(overall), 0.0
+    if len(var) >= 3 and np.ptp(lev) > 0:
+        A = np.column_stack([np.ones_like(lev), lev]) * np.sqrt(w)[:, None]
+        coef, *_ = np.linalg.lstsq(A, var * np.sqrt(w), rcond=None)
+        line = coef[0] + coef[1] * lev
+        # a slope only where it describes the bins: in a dim frame (a few counts
+        # per pixel) the level and the differences share the same counts, and
+        # the fitted line can fall far below the variance it should describe
+        if coef[1] > 0 and np.all(line > 0.5 * var):
+            a, b = float(coef[0]), float(coef[1])
+    # a floor well below every measured bin keeps extrapolation positive
+    return NoiseModel(read_var=a, shot=b, floor=max(0.25 * float(np.min(var)), floor), source="measured")
+
+
+_CELL_SUMS = serial_and_parallel(_cell_sums_rows)
+_ADD_INTERPOLATED = serial_and_parallel(_add_interpolated_rows)

@@ -1,0 +1,171 @@
+"""Tests of spotfit.background (noise models, local background) and of the
+noise detection derives from them, on simulated frames with known truth.
+
+All images are non-square and seeded; noise variances are compared with the
+truth in relative terms, backgrounds in units of the pixel noise.
+"""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+import spotfit.detection as detection
+from spotfit.background import NoiseModel, cell_size, estimate_noise, halo, local_background
+from spotfit.camera import Camera
+from spotfit.detection import filter_frame, find_peaks
+from spotfit.simulation import render, simulate
+
+CAMERA = Camera(baseline=100.0, gain=1.0)  # photons = ADU - 100
+BG = 20.0  # photons / px
+
+
+# ------------------------------------------------------------- noise models
+def test_noise_model_from_camera():
+    emccd = NoiseModel.from_camera(Camera(baseline=100, gain=10.0, em_gain=100, read_noise=30.0))
+    # EM excess factor 2; read noise 30 e- before a gain of 100: 0.3 photons
+    np.testing.assert_allclose(emccd.variance(np.array([5.0, 0.0])), [2 * 5 + 0.09, 0.09])
+    rn = np.full((4, 6), 1.5)
+    rn[1, 2] = 3.0
+    scmos = NoiseModel.from_camera(Camera(baseline=100, gain=2.0, read_noise=rn))
+    var = scmos.variance(np.full((4, 6), 10.0))
+    assert var[1, 2] == pytest.approx(19.0) and var[0, 0] == pytest.approx(12.25)
+    # one pixel of the map picked by its index
+    assert scmos.variance(np.array([10.0]), index=(np.array([1]), np.array([2])))[0] == pytest.approx(19.0)
+    with pytest.raises(Exception, match="gain"):
+        NoiseModel.from_camera(Camera(baseline=100))
+
+
+@pytest.mark.parametrize("area", [400, 100, 36, 16])
+def test_measured_noise_does_not_grow_with_spot_density(area):
+    # 1000-3000 photon spots over 20 photons/px, from 1 spot per 400 px^2 (sparse)
+    # to 1 per 16 px^2 (every pixel under some spot's light): the measured
+    # noise model must give each pixel the variance of its expected level
+    # (Poisson: background plus the spots' light), not more
+    shape = (180, 250)
+    img, truth = simulate(shape, n_spots=shape[0] * shape[1] // area, photons=(1000, 3000),
+                          background=BG, sigma=1.3, camera=CAMERA, seed=area)
+    expected = render(shape, truth["x"], truth["y"], truth["intensity"], 1.3, background=BG)
+    model = estimate_noise(img, 1.3)  # in ADU: level = photons + 100
+    assert model.source == "measured"
+    ratio = model.variance(expected + 100.0) / expected
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.06)
+    assert model.correlation == pytest.approx(1.0, abs=0.05)  # white noise
+
+
+@pytest.mark.parametrize("calibrated", [True, False], ids=["camera", "measured"])
+@pytest.mark.parametrize("area", [400, 16])
+def test_detection_noise_is_the_noise_of_the_filtered_frame(calibrated, area):
+    # two noise realisations of one expected image: half the variance of the
+    # difference of their filtered frames is the filtered noise, which the
+    # noise detection divides by must match, in a sparse and in a covered
+    # frame alike (there it is larger: the spots' own shot noise)
+    shape = (150, 220)
+    _, truth = simulate(shape, n_spots=shape[0] * shape[1] // area, photons=(1000, 3000), background=BG,
+                        sigma=1.3, camera=CAMERA, seed=7)
+    expected = render(shape, truth["x"], truth["y"], truth["intensity"], 1.3, background=BG)
+    rng = np.random.default_rng(1)
+    noise = NoiseModel.from_camera(CAMERA) if calibrated else None
+    first, sd = filter_frame(rng.poisson(expected).astype(np.float32), 1.3, noise=noise)
+    second, _ = filter_frame(rng.poisson(expected).astype(np.float32), 1.3, noise=noise)
+    inner = (slice(12, -12), slice(12, -12))
+    # typical pixel (robust: the cores of spots have far more noise)
+    actual = 1.4826 * np.median(np.abs((first - second)[inner])) / np.sqrt(2)
+    # the model uses the background level (a spot's own light is not noise
+    # under the hypothesis that no spot is there): at most the actual noise
+    # and, in a sparse frame, nearly all of it
+    assert np.median(sd[inner]) <= 1.05 * actual
+    if area == 400:
+        assert np.median(sd[inner]) == pytest.approx(actual, rel=0.1)
+
+
+def test_correlated_noise_is_measured():
+    # white noise smoothed by a Gaussian of 0.7 px: neighbouring pixels correlate
+    # (interpolated or denoised data); pixel differences alone would see too
+    # little noise at the scale of a spot and detect thousands of noise peaks
+    rng = np.random.default_rng(3)
+    noise = ndimage.gaussian_filter(rng.normal(0, 10.0, (400, 520)), 0.7)
+    model = estimate_noise(noise + 500.0, 1.3)
+    assert model.correlation > 2.0
+    coords, _ = find_peaks(noise + 500.0, 1.3)
+    assert len(coords) <= 3
+
+
+# --------------------------------------------------------------- background
+def _cells_frame(rng, shape):
+    """Background of blurred 'cells' (steps of +150 photons/px, sigma 2 px edges,
+    ~40 px wide) on 10 photons/px, with a gradient."""
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(float)
+    cells = np.zeros(shape)
+    for cx, cy, r in ((60, 50, 22), (170, 90, 28), (90, 120, 18)):
+        cells[np.hypot(xx - cx, yy - cy) < r] = 150.0
+    return 10.0 + 0.1 * xx + ndimage.gaussian_filter(cells, 2.0)
+
+
+def test_background_follows_cells_not_spots():
+    rng = np.random.default_rng(5)
+    shape = (170, 230)
+    truth = _cells_frame(rng, shape)
+    xy = rng.uniform(5, [shape[1] - 5, shape[0] - 5], (60, 2))
+    spots = render(shape, xy[:, 0], xy[:, 1], 4000.0, 1.3)
+    frame = rng.poisson(truth + spots).astype(np.float32)
+    bg = local_background(frame, 1.3, NoiseModel.from_camera(CAMERA))
+    sd = np.sqrt(truth)
+    err = (bg - truth) / sd
+    # inside cells and outside them, away from the edges (the background's
+    # scale is ~3 sigma: it rounds a step of 40 noise standard deviations)
+    edge = ndimage.gaussian_gradient_magnitude(truth, 1.0) > 1.0
+    flat = ~ndimage.binary_dilation(edge, iterations=6)
+    assert np.sqrt(np.mean(err[flat] ** 2)) < 0.5
+    # under the spots (4000 photons: peak ~375 photons/px) the background
+    # stays the cells': spots are left out, not averaged in
+    at_spots = np.rint(xy[:, ::-1]).astype(int)
+    under = err[at_spots[:, 0], at_spots[:, 1]][flat[at_spots[:, 0], at_spots[:, 1]]]
+    assert len(under) > 20
+    assert np.median(np.abs(under)) < 0.5
+
+
+def test_blocks_find_what_the_whole_frame_finds(monkeypatch):
+    rng = np.random.default_rng(8)
+    shape = (300, 170)
+    truth = _cells_frame(rng, (300, 230))[:, :170]
+    xy = rng.uniform(0, [shape[1] - 1, shape[0] - 1], (150, 2))
+    frame = rng.poisson(truth + render(shape, xy[:, 0], xy[:, 1], rng.uniform(300, 3000, 150), 1.3))
+    for noise in (NoiseModel.from_camera(CAMERA), estimate_noise(frame, 1.3)):
+        whole = find_peaks(frame, 1.3, noise=noise)
+        monkeypatch.setattr(detection, "BLOCK_PIXELS", 6000)  # blocks of rows with halos
+        assert len(detection._blocks(shape, (1.3, 1.3), (2, 2))) > 5
+        blocks = find_peaks(frame, 1.3, noise=noise)
+        monkeypatch.undo()
+        order_w, order_b = np.lexsort(whole[0].T), np.lexsort(blocks[0].T)
+        np.testing.assert_array_equal(whole[0][order_w], blocks[0][order_b])
+        np.testing.assert_allclose(whole[1][order_w], blocks[1][order_b], rtol=1e-6)
+
+
+def test_halo_covers_cells():
+    for s in (0.8, 1.3, 2.5):
+        assert halo(s)[0] >= 3 * 3 * s  # at least the Gaussian neighbourhood
+        assert halo(s)[0] % cell_size(s) == 0 or halo(s)[0] > 0
+
+
+@pytest.mark.parametrize("scale", [3e38 / 500, 1e-40])
+def test_float_frames_near_the_limits(scale):
+    # float32 frames with values near 3e38 (or tiny ones) give the candidates
+    # of the same frame in ordinary units (variances would overflow)
+    img, truth = simulate((90, 140), n_spots=12, photons=3000, background=BG, min_separation=10, seed=1)
+    frame = img.astype(np.float64)
+    ref = find_peaks(frame.astype(np.float32), 1.3)
+    extreme = (frame * scale).astype(np.float32)
+    assert np.all(np.isfinite(extreme)) and np.max(extreme) > 0
+    got = find_peaks(extreme, 1.3)
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-3)
+    assert len(got[0]) == 12
+
+
+def test_dim_background_false_alarms_with_skewed_noise():
+    # 1 photon/px: Poisson noise is skewed, the threshold is raised to keep
+    # the Gaussian false-alarm rate (~0.3 false candidates per 512^2 frame)
+    img, _ = simulate((3, 400, 500), n_spots=0, background=1.0, camera=CAMERA, seed=12)
+    noise = NoiseModel.from_camera(CAMERA)
+    false = sum(len(find_peaks(CAMERA.to_photons(f), 1.3, noise=noise)[0]) for f in img)
+    assert false <= 3
