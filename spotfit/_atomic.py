@@ -172,36 +172,52 @@ def _create_beside(target: Path, shown: Path) -> tuple[Path, int]:
     The file is created and locked under a name that
     :func:`remove_stale_temporaries` does not touch (``.new`` for ``.tmp``)
     and only then linked to its temporary name: a file with a temporary's
-    name is locked for as long as its writer lives.
+    name is locked for as long as its writer lives.  Whatever interrupts the
+    creation (an error, Ctrl-C, :class:`spotfit.errors.Terminated` raised by
+    a SIGTERM handler), no file of it is left behind.
     """
     for _ in range(_MAX_ATTEMPTS):
         token = secrets.token_hex(4)
         fresh = target.with_name(temporary_name(target, token, "new"))
         tmp = target.with_name(temporary_name(target, token))
-        try:
-            # 0o666 filtered by the umask: the same permissions as a plain open().
-            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise _cannot_write(shown, exc) from exc
-        _lock(fd)
+        made: list[Path] = []  # names of ours that exist, to remove if interrupted
+        fd = None
         try:
             try:
-                os.link(fresh, tmp)  # fails if the name is taken: never clobbers
-                os.unlink(fresh)
+                # 0o666 filtered by the umask: the same permissions as a plain open().
+                fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
-                os.unlink(fresh)
-                os.close(fd)
+                continue
+            made.append(fresh)
+            _lock(fd)
+            try:
+                os.link(fresh, tmp)  # fails if the name is taken: never clobbers
+                made.append(tmp)
+            except FileExistsError:
+                _release(made, fd)
                 continue
             except OSError:  # no hard links on this file system
                 os.rename(fresh, tmp)
-        except OSError as exc:
-            _remove_quietly(fresh)
-            os.close(fd)
-            raise _cannot_write(shown, exc) from exc
+                made = [tmp]
+            else:
+                os.unlink(fresh)
+                made.remove(fresh)
+        except BaseException as exc:
+            _release(made, fd)
+            if isinstance(exc, OSError):
+                raise _cannot_write(shown, exc) from exc
+            raise
         return tmp, fd
     raise SpotfitInputError(f"{shown}: cannot create a temporary file beside it")
+
+
+def _release(made: list[Path], fd: int | None) -> None:
+    """Remove the files `made` and close `fd` (an abandoned temporary)."""
+    for path in made:
+        _remove_quietly(path)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _copy_into(source: Path, target: Path) -> None:

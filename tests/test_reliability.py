@@ -262,6 +262,37 @@ def test_atomic_group_rolls_back_when_a_rename_fails(tmp_path, monkeypatch):
     assert snapshot(tmp_path) == {"x.csv": b"old csv", "x.json": b"old json"}
 
 
+
+@pytest.mark.parametrize("where", ["open", "_lock", "link", "unlink"])
+def test_an_interrupted_temporary_creation_leaves_no_file(tmp_path, monkeypatch, where):
+    # SIGTERM (Terminated raised by the handler) at each step of making a
+    # temporary: inside a system call (before it acts: EINTR, then the Python
+    # handler raises) or in the Python function after it (locking the new
+    # file).  Neither its locked ".new" name nor its ".tmp" name may remain
+    # (found by benchmarks/faults.py: SIGTERM left both beside a sidecar).
+    out = tmp_path / "x.csv"
+    out.write_text("old")
+    owner = atomic if where == "_lock" else atomic.os
+    real = getattr(owner, where)
+
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(args)
+        if where == "_lock":
+            real(*args, **kwargs)
+        elif len(calls) > 1:  # the clean-up's own calls go through
+            return real(*args, **kwargs)
+        raise errors.Terminated()
+
+    monkeypatch.setattr(owner, where, interrupted)
+    with pytest.raises(errors.Terminated):
+        with atomic.atomic_group([out, tmp_path / "x.json"]) as (t1, t2):
+            t1.write_text("new")
+    monkeypatch.setattr(owner, where, real)
+    assert snapshot(tmp_path) == {"x.csv": b"old"}
+
+
 # ---------------------------------------------------------------------------
 # 2. the caller's arrays and memory maps are never modified
 # ---------------------------------------------------------------------------
