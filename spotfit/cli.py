@@ -1,11 +1,13 @@
-"""Command line: ``spotfit detect``, ``spotfit fit``, ``spotfit simulate``, ``spotfit export``.
+"""Command line: the ``spotfit`` commands, each a thin layer over the library.
 
-The command line does no computation of its own: each command parses its
-options into a :class:`spotfit.config.FitConfig` and a
+``detect``, ``fit``, ``measure``, ``show``, ``render``, ``export`` and
+``simulate``.  The command line does no computation of its own: each
+command parses its options into a :class:`spotfit.config.FitConfig` and a
 :class:`spotfit.camera.Camera` and calls the functions a Python user calls
-(:func:`spotfit.read_image`, :func:`spotfit.detect`,
-:func:`spotfit.fit`, :func:`spotfit.simulation.simulate`,
-:func:`spotfit.simulation.write_simulation`, :func:`spotfit.table.write_table`).
+(:func:`spotfit.read_image`, :func:`spotfit.detect`, :func:`spotfit.fit`,
+:func:`spotfit.measure`, :func:`spotfit.show`, :func:`spotfit.render`,
+:func:`spotfit.export.export`, :func:`spotfit.simulation.simulate`,
+:func:`spotfit.table.write_table`).
 
 Only ``click``, ``os``, ``sys`` and :mod:`spotfit.config` (standard library
 only) are imported at module level: ``spotfit --help`` and usage errors
