@@ -33,7 +33,7 @@ import os
 
 import numpy as np
 
-from spotfit._atomic import atomic_path
+from spotfit._atomic import atomic_group, atomic_path
 from spotfit.errors import SpotfitInputError
 
 __all__ = [
@@ -383,7 +383,7 @@ def write_picasso(table, path, width: int | None = None, height: int | None = No
     like Picasso >= 0.11 writes it, the metadata as JSON in ``metadata``;
     ``<stem>.yaml`` beside it holds the same metadata for Picasso Render
     and older Picassos (:func:`picasso_info`).  Both files are written
-    atomically.
+    as one (:func:`spotfit._atomic.atomic_group`): both replaced, or neither.
 
     Parameters
     ----------
@@ -410,7 +410,9 @@ def write_picasso(table, path, width: int | None = None, height: int | None = No
     unit = _unit(table, where) if len(table) else "photon"
     info = picasso_info(width, height, frames, px, unit, source, dtype, rows)
     yaml_path = os.path.splitext(out)[0] + ".yaml"
-    with atomic_path(yaml_path) as tmp_yaml, atomic_path(out) as tmp_h5:
+    # one group, the YAML (what Picasso Render opens) last: never a new HDF5
+    # file beside an old YAML or the reverse
+    with atomic_group([out, yaml_path]) as (tmp_h5, tmp_yaml):
         with h5py.File(tmp_h5, "w") as fh:
             fh.create_dataset("locs", data=locs)
             fh.create_dataset("metadata", data=json.dumps(info))

@@ -229,6 +229,35 @@ def test_picasso_locs_fields_values_and_metadata(fitted, tmp_path):
     np.testing.assert_allclose(locs["angle"], np.rad2deg(ok["angle"]), rtol=1e-6, atol=1e-6)
 
 
+
+def test_picasso_pair_is_replaced_together_or_not_at_all(fitted, tmp_path, monkeypatch):
+    # the YAML cannot be put in place (e.g. an I/O error on rename): the
+    # previous HDF5 + YAML pair must stay as it was, never a new HDF5 beside
+    # an old YAML
+    needs_export_extra()
+    import os
+
+    table, image = fitted
+    out = tmp_path / "locs.hdf5"
+    size = dict(width=70, height=48, frames=3)
+    export.export(table, out, "picasso", **size)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = os.replace
+    calls = []
+
+    def failing_yaml(src, dst):  # the first rename onto the YAML fails, not the roll-back
+        if str(dst).endswith(".yaml"):
+            calls.append(dst)
+            if len(calls) == 1:
+                raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_yaml)
+    with pytest.raises(SpotfitInputError, match="locs.yaml: cannot write"):
+        export.export(table.iloc[:3], out, "picasso", **size)
+    monkeypatch.setattr(os, "replace", real)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
 def test_picasso_load_locs_reads_it(fitted, tmp_path):
     pio = picasso_io()
     if pio is None:
