@@ -171,6 +171,13 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
     if aperture is not None and not (np.isfinite(aperture) and aperture > 0):
         raise SpotfitInputError(f"aperture must be a positive radius in px, got {aperture!r}",
                                 parameter="aperture")
+    if isinstance(image, np.ma.MaskedArray) and np.ma.getmaskarray(image).any():
+        # the windows' pixels are chosen once for every frame: masked pixels
+        # would be measured as zeros; refuse rather than bias the traces
+        raise SpotfitInputError(
+            "image: measure does not take masked pixels (they would be read as zeros); "
+            "pass the array without a mask, or fit it with spotfit.fit, which leaves masked "
+            "pixels out", parameter="image")
     if isinstance(positions, (str, os.PathLike)):  # a fit table, or any CSV / Parquet table
         from spotfit.export import read_table
 

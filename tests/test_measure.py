@@ -550,3 +550,13 @@ def test_kernel_masked_pixels_and_singular_windows():
     twice = np.vstack([g, g])  # two spots at the same place cannot be told apart
     (n, *_), _, status = _kernel(twice, d, rv, LSQ)
     assert status == 2 and np.isnan(n)
+
+
+def test_a_masked_array_is_refused_not_read_as_zeros():
+    image = np.random.default_rng(3).poisson(10.0, (2, 30, 40)).astype(np.float32)
+    positions = pd.DataFrame({"x": [20.0], "y": [15.0]})
+    masked = np.ma.masked_array(image, mask=np.zeros(image.shape, bool))
+    spotfit.measure(masked, positions, sigma=1.3)  # nothing masked: measured as the data
+    masked[0, 15, 20] = np.ma.masked
+    with pytest.raises(spotfit.SpotfitInputError, match="masked pixels"):
+        spotfit.measure(masked, positions, sigma=1.3)
