@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from spotfit._jit import njit
 
 FLOAT, INT, STR = 0, 1, 2
 _DIGITS = 8  # significant digits, as "%.8g"

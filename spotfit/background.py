@@ -38,8 +38,9 @@ from dataclasses import dataclass, replace
 from typing import Union
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
+from spotfit._jit import njit
 from spotfit.errors import SpotfitInputError
 from spotfit.filters import PARALLEL_PIXELS, serial_and_parallel
 

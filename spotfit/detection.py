@@ -68,9 +68,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 from scipy.spatial import cKDTree
 
+from spotfit._jit import njit
 from spotfit.errors import SpotfitInputError
 from spotfit.filters import (  # noqa: F401  (dog_filter, DOG_RATIO: the public names stay here too)
     DOG_RATIO, PARALLEL_PIXELS, SMOOTH, _EdgeNoise, dog_filter, gaussian_smooth, serial_and_parallel,

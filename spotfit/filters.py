@@ -21,8 +21,10 @@ import math
 
 import numpy as np
 import scipy.fft
-from numba import njit, prange
+from numba import prange
 from scipy.sparse import csr_matrix
+
+from spotfit._jit import njit
 
 __all__ = ["gaussian_smooth", "dog_filter", "SMOOTH", "DOG_RATIO"]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spotfit._jit import over_windows
 from spotfit._kernels import (
     CAMERA_VARIANCE, CONVERGED, LOW_SIGNAL, MEASURE_VARIANCE, MEASURED_VARIANCE, SINGULAR, VAR_FLOOR,
     Box, CovarianceOut, FitState, NoiseModel,
@@ -156,8 +157,6 @@ def solve(
     -------
     Solution
     """
-    import numba
-
     from spotfit._kernels import levenberg_marquardt
 
     n, k = theta0.shape
@@ -173,19 +172,19 @@ def solve(
     state = FitState(np.array(theta0, dtype=float, order="C", copy=True), np.zeros(n, dtype=np.int32),
                      np.zeros(n, dtype=np.int8), np.zeros(n))
     if n:
-        chunks = 8 * numba.get_num_threads()  # a few chunks of windows per thread
         if hold_first is not None:  # a short, coarse first pass is enough to find the spot
             rows = np.arange(n) if hold_rows is None else np.flatnonzero(hold_rows)
             if len(rows):
                 first = FitState(state.theta[rows], np.zeros(len(rows), dtype=np.int32),
                                  np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows)))
-                levenberg_marquardt(km, _rows(cost, rows), Box(lower[rows], upper[rows],
-                                                              free & ~np.asarray(hold_first, bool)),
-                                    first, int(min(max_iter, 3)), float(10 * tol), chunks)
+                over_windows(levenberg_marquardt, len(rows), km, _rows(cost, rows),
+                             Box(lower[rows], upper[rows], free & ~np.asarray(hold_first, bool)),
+                             first, int(min(max_iter, 3)), float(10 * tol))
                 state.theta[rows] = first.theta
                 state.iterations[rows] = first.iterations
         done = state.iterations.copy()
-        levenberg_marquardt(km, cost, Box(lower, upper, free), state, int(max_iter), float(tol), chunks)
+        over_windows(levenberg_marquardt, n, km, cost, Box(lower, upper, free), state, int(max_iter),
+                     float(tol))
         state.iterations[:] += done
     theta, status = state.theta, state.status
     want_bias = bias_correct and estimator.bias_correctable
@@ -302,8 +301,8 @@ def score_test(model, estimator, data, mask, grid, theta, embed, noise=Noise(), 
         down[:, j] -= h
         D[:, :, j] = (embed(up) - embed(down)) / (2.0 * h[:, None])
     cost = estimator.cost(np.ascontiguousarray(data, dtype=float), mask, noise)
-    score_statistic(model.kernel(grid), cost, np.ascontiguousarray(embed(theta), dtype=float),
-                    np.ascontiguousarray(D), out)
+    over_windows(score_statistic, n, model.kernel(grid), cost,
+                 np.ascontiguousarray(embed(theta), dtype=float), np.ascontiguousarray(D), out)
     if residual_var is not None:
         out = out / np.maximum(residual_var, VAR_FLOOR)
     return out
@@ -378,15 +377,16 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
     if noise.calibrated:
         read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
         none = np.zeros(0)
-        kernel(km, cost, data, theta, free,
-               NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out, BIAS_SNR)
+        over_windows(kernel, n, km, cost, data, theta, free,
+                     NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
+                     BIAS_SNR)
     else:
         if variance is None:
             variance = _measure_variance(km, cost, data, theta, free, groups)
         used = np.ascontiguousarray(variance, dtype=float)
-        kernel(km, cost, data, theta, free,
-               NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(), used[:, 1].copy(),
-                          used[:, 2].copy()), out, 0.0)
+        over_windows(kernel, n, km, cost, data, theta, free,
+                     NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(),
+                                used[:, 1].copy(), used[:, 2].copy()), out, 0.0)
     return out.cov, out.chi2, out.bias if bias else np.zeros((n, k)), used
 
 
@@ -420,9 +420,10 @@ def _measure_variance(km, cost, data, theta, free, groups):
     sub = regression_rows(groups)
     sums = np.zeros((len(sub), 5))
     none = np.zeros(0)
-    kernel(km, _rows(cost, sub), data[sub], theta[sub], free,
-           NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
-           CovarianceOut(np.zeros((len(sub), k, k)), np.zeros(len(sub)), sums, np.zeros((0, k))), 0.0)
+    over_windows(kernel, len(sub), km, _rows(cost, sub), data[sub], theta[sub], free,
+                 NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
+                 CovarianceOut(np.zeros((len(sub), k, k)), np.zeros(len(sub)), sums, np.zeros((0, k))),
+                 0.0)
     per_group = np.zeros((len(labels), 5))
     np.add.at(per_group, inverse[sub], sums)
     return variance_model(per_group)[inverse]

@@ -1,0 +1,158 @@
+"""How spotfit compiles its kernels and runs them: numba's cache, the first-run notice, threads.
+
+Every module with compiled kernels decorates them with :func:`njit` from here (not
+numba's), which adds three things to ``numba.njit(cache=True, ...)``:
+
+* **One cache key for all kernel modules.**  numba's on-disk cache checks only the
+  source file that defines a function, so a kernel whose callee in another file
+  changed was loaded stale (and a detection kernel once failed to load with
+  ``No module named '<dynamic>'``).  Here every spotfit kernel's cache entry is
+  stamped with a hash of the sources of all :data:`KERNEL_MODULES` (and numba's
+  version): any change to any of them recompiles them all, once.  The cache stays
+  where numba puts it: ``__pycache__`` beside the installed sources when that is
+  writable (a ``pip install`` into a user's environment), else numba's user-wide
+  cache folder, or ``NUMBA_CACHE_DIR`` when set.
+* **A one-line notice** on standard error when a kernel is actually compiled
+  (a cache miss), once per process, if the program asked for it
+  (:func:`announce_compilation`; the command line does).
+* **Threads without ``parallel=True``** for the kernels that loop over windows:
+  numba's parallel compilation costs 2-3 times the serial one (it was most of a
+  first run's compile time), so they are compiled serially with ``nogil=True`` and
+  run on a few Python threads, each over a contiguous range of windows
+  (:func:`over_windows`).  (The row kernels of detection and background keep a
+  ``parallel=True`` twin, compiled only for frames of at least
+  :data:`spotfit.filters.PARALLEL_PIXELS` pixels.)
+
+This module imports numba only when the first kernel is decorated, so that the
+command line can ask for the notice without importing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+#: the modules (files of this package) that define compiled kernels; their sources
+#: together key the cache of every kernel (tests check that the list is complete)
+KERNEL_MODULES = ("_kernels.py", "_photometry_kernels.py", "_csv.py", "background.py",
+                  "detection.py", "filters.py", "group.py", "rendering.py")
+#: the notice, printed once when the first kernel of a run is compiled
+NOTICE = "Compiling spotfit's kernels (first run after installing or upgrading only, ~{seconds} s)..."
+#: the compile time the notice announces, measured on a 2-core machine
+NOTICE_SECONDS = 10
+#: fewer windows than this run in the calling thread
+MIN_THREADED_WINDOWS = 64
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_state = {"ready": False, "announce": None, "announced": False, "stamp": None}
+
+
+def announce_compilation(stream=None) -> None:
+    """Print :data:`NOTICE` on ``stream`` (default: standard error) when a kernel is
+    compiled in this process, once; nothing when every kernel comes from the cache."""
+    _state["announce"] = stream if stream is not None else sys.stderr
+
+
+def njit(*args, **options):
+    """``numba.njit`` with ``cache=True`` and spotfit's cache key (see the module docstring).
+
+    Use as ``@njit`` or ``@njit(error_model="numpy", nogil=True)``.
+    """
+    _setup()
+    from numba import njit as numba_njit
+
+    options.setdefault("cache", True)
+    if args and callable(args[0]):
+        return numba_njit(**options)(args[0])
+    return numba_njit(*args, **options)
+
+
+def over_windows(kernel, n: int, *args) -> None:
+    """Call ``kernel(*args, start, stop)`` over windows ``0 .. n`` split into ranges.
+
+    The ranges run on numba's number of threads (:func:`numba.get_num_threads`,
+    which :meth:`spotfit.config.FitConfig.use_threads` sets), a few ranges per thread
+    to balance the load; the kernel must be compiled with ``nogil=True`` and write
+    each window's results only.  Few windows run in the calling thread.
+    """
+    import numba
+
+    threads = numba.get_num_threads()
+    if threads <= 1 or n < MIN_THREADED_WINDOWS:
+        kernel(*args, 0, n)
+        return
+    chunks = min(4 * threads, n // (MIN_THREADED_WINDOWS // 4))
+    bounds = [(c * n // chunks, (c + 1) * n // chunks) for c in range(chunks)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for done in [pool.submit(kernel, *args, start, stop) for start, stop in bounds]:
+            done.result()
+
+
+def kernel_stamp() -> str:
+    """Hash of the sources of all :data:`KERNEL_MODULES` and numba's version."""
+    if _state["stamp"] is None:
+        import numba
+
+        digest = hashlib.sha256(numba.__version__.encode())
+        for name in KERNEL_MODULES:
+            with open(os.path.join(_PACKAGE, name), "rb") as f:
+                digest.update(f.read())
+        _state["stamp"] = digest.hexdigest()
+    return _state["stamp"]
+
+
+def _setup() -> None:
+    """Install the cache locators and the compile listener (once)."""
+    if _state["ready"]:
+        return
+    from numba.core import caching
+    from numba.core import event
+
+    bases = [getattr(caching, name, None) or getattr(caching, "_" + name)
+             for name in ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")]
+    ours = [_locator(base) for base in bases]
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # renamed in numba 0.61
+    classes = impl._locator_classes
+    classes[:0] = [cls for cls in ours if cls.__name__ not in {c.__name__ for c in classes}]
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            _on_compile_start(ev)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Listener())
+    _state["ready"] = True
+
+
+def _locator(base):
+    """A subclass of numba's cache locator ``base`` for spotfit's files, stamped by
+    :func:`kernel_stamp` instead of the one file's source."""
+
+    class Locator(base):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.dirname(os.path.abspath(py_file)) != _PACKAGE:
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            return kernel_stamp()
+
+    Locator.__name__ = Locator.__qualname__ = "Spotfit" + base.__name__.lstrip("_")
+    return Locator
+
+
+def _on_compile_start(event) -> None:
+    """Print the notice at the start of the first compilation of a spotfit kernel."""
+    stream = _state["announce"]
+    if stream is None or _state["announced"]:
+        return
+    func = getattr(event.data.get("dispatcher"), "py_func", None)
+    if func is None or not getattr(func, "__module__", "").startswith("spotfit."):
+        return
+    _state["announced"] = True
+    print(NOTICE.format(seconds=NOTICE_SECONDS), file=stream, flush=True)
