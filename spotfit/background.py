@@ -345,13 +345,13 @@ def _gauss_kernels(scale):
     return kernels, halves
 
 
-@njit(cache=True)
 def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, reach, kernels,
                        k_half, clip, min_coverage):
     """The background on the coarse grid (see :meth:`Background.estimate`).
 
     Returns the background per cell, the cells left out as spots and the
-    cell means.
+    cell means.  NumPy and SciPy, not compiled: the grid has a few cells per
+    PSF width, and compiling this took a third of a first run's compile time.
     """
     means = sums / np.maximum(counts, 1.0)
     # 1. lower envelope: grey opening of the cell means
@@ -362,11 +362,8 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
         envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 2)
     # 2. spots: cells brighter than the envelope by `clip` pixel-noise
     #    standard deviations, dilated by `reach` cells
-    bright = np.zeros(means.shape)
-    for i in range(means.size):
-        var = max(read_var.flat[i] + shot * max(envelope.flat[i], 0.0), floor) * correlation
-        if means.flat[i] > envelope.flat[i] + clip * math.sqrt(var):
-            bright.flat[i] = 1.0
+    var = np.maximum(read_var + shot * np.maximum(envelope, 0.0), floor) * correlation
+    bright = (means > envelope + clip * np.sqrt(var)).astype(np.float64)
     for axis in range(3):
         bright = _filter_axis(bright, axis, kernels[axis], reach[axis], True, 2)
     # 3. Gaussian-weighted means (normalised convolutions) of the other cells,
@@ -381,16 +378,14 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
             kept_count = _filter_axis(kept_count, axis, kernels[axis], k_half[axis], False, 0)
             env_sum = _filter_axis(env_sum, axis, kernels[axis], k_half[axis], False, 0)
             all_count = _filter_axis(all_count, axis, kernels[axis], k_half[axis], False, 0)
-    coarse = np.empty(means.shape)
-    for i in range(means.size):
-        start = env_sum.flat[i] / max(all_count.flat[i], 1e-12)
-        t = min(max(kept_count.flat[i] / max(all_count.flat[i], 1e-12) / min_coverage, 0.0), 1.0)
-        value = start
-        if kept_count.flat[i] > 0:
-            value = t * (kept_sum.flat[i] / kept_count.flat[i]) + (1.0 - t) * start
-        # 4. never below the envelope: at sharp edges (a cell's, a nucleus')
-        #    the smooth mean lags behind, the envelope does not
-        coarse.flat[i] = max(value, envelope.flat[i])
+    weight = np.maximum(all_count, 1e-12)
+    start = env_sum / weight
+    t = np.clip(kept_count / weight / min_coverage, 0.0, 1.0)
+    kept = kept_count > 0
+    value = np.where(kept, t * (kept_sum / np.where(kept, kept_count, 1.0)) + (1.0 - t) * start, start)
+    # 4. never below the envelope: at sharp edges (a cell's, a nucleus')
+    #    the smooth mean lags behind, the envelope does not
+    coarse = np.maximum(value, envelope)
     return coarse, bright > 0, means
 
 
@@ -423,81 +418,21 @@ def _cell_sums(data, cells, coarse_shape):
     return kernel(data, cells, coarse_shape)
 
 
-@njit(cache=True)
 def _filter_axis(a, axis, kernel, half, nearest, minmax):
-    """One separable pass along `axis` of a 3D array: correlation with `kernel`
-    (minmax 0), or the minimum (1) / maximum (2) over ``2 half + 1`` cells.
-    Edges: nearest value (``nearest``) or zeros.  The array is viewed as
-    (outer, n, inner) around `axis` so the innermost loop is contiguous."""
-    n0, n1, n2 = a.shape
+    """One separable pass along `axis` of a 3D float64 array: correlation with
+    ``kernel[:2 half + 1]`` (minmax 0), or the minimum (1) / maximum (2) over
+    ``2 half + 1`` cells.  Edges: nearest value (``nearest``, always for the
+    minimum and maximum) or zeros.  An axis of length 1 is left as it is."""
+    from scipy import ndimage
+
+    half = int(half)
     if half == 0 or a.shape[axis] == 1:
         return a.copy()
-    if axis == 0:
-        outer, n, inner = 1, n0, n1 * n2
-    elif axis == 1:
-        outer, n, inner = n0, n1, n2
-    else:
-        outer, n, inner = n0 * n1, n2, 1
-    src = np.ascontiguousarray(a).reshape(outer, n, inner)
-    out = np.empty((outer, n, inner))
-    if inner == 1:  # along the contiguous axis: through a padded copy of each line
-        line = np.empty(n + 2 * half)
-        flat = src.reshape(outer, n)
-        res = out.reshape(outer, n)
-        for o in range(outer):
-            v = flat[o]
-            for i in range(n + 2 * half):
-                m = i - half
-                if m < 0 or m >= n:
-                    if nearest:
-                        line[i] = v[0] if m < 0 else v[n - 1]
-                    else:
-                        line[i] = 0.0 if minmax == 0 else (v[0] if m < 0 else v[n - 1])
-                else:
-                    line[i] = v[m]
-            r = res[o]
-            for c in range(n):
-                if minmax == 0:
-                    acc = 0.0
-                    for t in range(2 * half + 1):
-                        acc += kernel[t] * line[c + t]
-                elif minmax == 1:
-                    acc = line[c]
-                    for t in range(1, 2 * half + 1):
-                        acc = min(acc, line[c + t])
-                else:
-                    acc = line[c]
-                    for t in range(1, 2 * half + 1):
-                        acc = max(acc, line[c + t])
-                r[c] = acc
-        return out.reshape(n0, n1, n2)
-    for o in range(outer):
-        for c in range(n):
-            row = out[o, c]
-            if minmax == 0:
-                row[:] = 0.0
-            else:
-                row[:] = src[o, c]
-            for t in range(-half, half + 1):
-                m = c + t
-                if m < 0 or m >= n:
-                    if not nearest:
-                        continue
-                    m = 0 if m < 0 else n - 1
-                other = src[o, m]
-                if minmax == 0:
-                    w = kernel[t + half]
-                    for k in range(inner):
-                        row[k] += w * other[k]
-                elif minmax == 1:
-                    for k in range(inner):
-                        if other[k] < row[k]:
-                            row[k] = other[k]
-                else:
-                    for k in range(inner):
-                        if other[k] > row[k]:
-                            row[k] = other[k]
-    return out.reshape(n0, n1, n2)
+    if minmax == 0:
+        return ndimage.correlate1d(a, kernel[: 2 * half + 1], axis=axis,
+                                   mode="nearest" if nearest else "constant", cval=0.0)
+    extreme = ndimage.minimum_filter1d if minmax == 1 else ndimage.maximum_filter1d
+    return extreme(a, 2 * half + 1, axis=axis, mode="nearest")
 
 
 def _box_filter(a, half, minimum):
