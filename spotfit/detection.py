@@ -448,7 +448,9 @@ def _above_rows(volume, limit, cells):
     """Flat indices of the pixels of `volume` above their cell's `limit`, increasing."""
     nz, ny, nx = volume.shape
     cz, cy, cx = cells[0], cells[1], cells[2]
-    cell_x = np.arange(nx) // cx
+    cell_x = np.empty(nx, np.int64)
+    for x in range(nx):
+        cell_x[x] = x // cx
     counts = np.zeros(nz * ny, np.int64)
     for r in prange(nz * ny):  # first count per row, then fill
         z, y = r // ny, r % ny
@@ -460,7 +462,8 @@ def _above_rows(volume, limit, cells):
                 k += 1
         counts[r] = k
     starts = np.zeros(nz * ny + 1, np.int64)
-    starts[1:] = np.cumsum(counts)
+    for r in range(nz * ny):  # (a loop: slices and np.cumsum cost seconds of compile time)
+        starts[r + 1] = starts[r] + counts[r]
     out = np.empty(starts[-1], np.int64)
     for r in prange(nz * ny):
         z, y = r // ny, r % ny
