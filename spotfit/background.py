@@ -444,30 +444,20 @@ def _box_filter(a, half, minimum):
     return out
 
 
-@njit(cache=True)
 def _axis_weights(n, c, m):
     """Interpolation indices and weights along one axis (cell centres at (i + 0.5) c - 0.5)."""
-    lo = np.empty(n, np.int64)
-    hi = np.empty(n, np.int64)
-    w = np.empty(n)
-    for p in range(n):
-        f = (p + 0.5) / c - 0.5
-        i = min(max(int(math.floor(f)), 0), m - 1)
-        lo[p] = i
-        hi[p] = min(i + 1, m - 1)
-        w[p] = min(max(f - i, 0.0), 1.0)
-    return lo, hi, w
+    f = (np.arange(n) + 0.5) / c - 0.5
+    lo = np.clip(np.floor(f).astype(np.int64), 0, m - 1)
+    hi = np.minimum(lo + 1, m - 1)
+    return lo, hi, np.clip(f - lo, 0.0, 1.0)
 
 
-def _add_interpolated_rows(image, coarse, cells, sign, shift):
+def _add_interpolated_rows(image, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, sign, shift):
     """In place, for every pixel: ``image[p] += sign * B(p) + shift`` with ``B``
-    the coarse grid interpolated multilinearly (cell centres at
-    ``(i + 0.5) * cell - 0.5``); rows spread over threads."""
+    the coarse grid interpolated multilinearly (indices and weights per axis:
+    :func:`_axis_weights`); rows spread over threads."""
     nz, ny, nx = image.shape
     mz, my, mx = coarse.shape
-    lz, hz, wz = _axis_weights(nz, cells[0], mz)
-    ly, hy, wy = _axis_weights(ny, cells[1], my)
-    lx, hx, wx = _axis_weights(nx, cells[2], mx)
     for r in prange(nz * ny):
         z, y = r // ny, r % ny
         # interpolate along z and y on the coarse columns, then along x
@@ -487,36 +477,25 @@ def _add_interpolated_rows(image, coarse, cells, sign, shift):
 def _add_interpolated(image, coarse, cells, sign, shift):
     """:func:`_add_interpolated_rows`, on numba's threads for large frames."""
     kernel = _ADD_INTERPOLATED[1] if image.size >= PARALLEL_PIXELS else _ADD_INTERPOLATED[0]
-    kernel(image, coarse, cells, sign, shift)
+    weights = [w for n, c, m in zip(image.shape, cells, coarse.shape) for w in _axis_weights(n, int(c), m)]
+    kernel(image, coarse, *weights, sign, shift)
 
 
-@njit(cache=True)
 def _interpolate_at(coarse, cells, zs, ys, xs):
-    mz, my, mx = coarse.shape
-    out = np.empty(zs.size, np.float32)
-    for i in range(zs.size):
-        v = 0.0
-        fz = (zs[i] + 0.5) / cells[0] - 0.5
-        fy = (ys[i] + 0.5) / cells[1] - 0.5
-        fx = (xs[i] + 0.5) / cells[2] - 0.5
-        iz = min(max(int(math.floor(fz)), 0), mz - 1)
-        iy = min(max(int(math.floor(fy)), 0), my - 1)
-        ix = min(max(int(math.floor(fx)), 0), mx - 1)
-        tz = min(max(fz - iz, 0.0), 1.0)
-        ty = min(max(fy - iy, 0.0), 1.0)
-        tx = min(max(fx - ix, 0.0), 1.0)
-        for dz in range(2):
-            wz = tz if dz else 1 - tz
-            jz = min(iz + dz, mz - 1)
-            for dy in range(2):
-                wy = ty if dy else 1 - ty
-                jy = min(iy + dy, my - 1)
-                for dx in range(2):
-                    wx = tx if dx else 1 - tx
-                    jx = min(ix + dx, mx - 1)
-                    v += wz * wy * wx * coarse[jz, jy, jx]
-        out[i] = v
-    return out
+    """The coarse grid interpolated multilinearly at pixels ``(zs, ys, xs)``, float32."""
+    out = np.zeros(len(zs))
+    corners = []
+    for axis, p in enumerate((zs, ys, xs)):
+        m = coarse.shape[axis]
+        f = (p + 0.5) / cells[axis] - 0.5
+        i = np.clip(np.floor(f).astype(np.int64), 0, m - 1)
+        t = np.clip(f - i, 0.0, 1.0)
+        corners.append(((i, 1.0 - t), (np.minimum(i + 1, m - 1), t)))
+    for (jz, wz) in corners[0]:
+        for (jy, wy) in corners[1]:
+            for (jx, wx) in corners[2]:
+                out += wz * wy * wx * coarse[jz, jy, jx]
+    return out.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
