@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 #: the modules (files of this package) that define compiled kernels; their sources
 #: together key the cache of every kernel (tests check that the list is complete)
@@ -46,13 +45,13 @@ NOTICE_SECONDS = 10
 MIN_THREADED_WINDOWS = 64
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-_state = {"ready": False, "announce": None, "announced": False, "stamp": None}
+_state = {"ready": False, "announce": False, "announced": False, "stamp": None}
 
 
-def announce_compilation(stream=None) -> None:
-    """Print :data:`NOTICE` on ``stream`` (default: standard error) when a kernel is
-    compiled in this process, once; nothing when every kernel comes from the cache."""
-    _state["announce"] = stream if stream is not None else sys.stderr
+def announce_compilation(on: bool = True) -> None:
+    """Print :data:`NOTICE` on standard error when a kernel is compiled in this
+    process, once; nothing when every kernel comes from the cache."""
+    _state["announce"] = on
 
 
 def njit(*args, inner=False, **options):
@@ -82,6 +81,8 @@ def over_windows(kernel, n: int, *args) -> None:
     each window's results only.  Few windows run in the calling thread.
     """
     import numba
+
+    from concurrent.futures import ThreadPoolExecutor
 
     threads = numba.get_num_threads()
     if threads <= 1 or n < MIN_THREADED_WINDOWS:
@@ -152,11 +153,12 @@ def _locator(base):
 
 def _on_compile_start(event) -> None:
     """Print the notice at the start of the first compilation of a spotfit kernel."""
-    stream = _state["announce"]
-    if stream is None or _state["announced"]:
+    if not _state["announce"] or _state["announced"]:
         return
     func = getattr(event.data.get("dispatcher"), "py_func", None)
     if func is None or not getattr(func, "__module__", "").startswith("spotfit."):
         return
     _state["announced"] = True
-    print(NOTICE.format(seconds=NOTICE_SECONDS), file=stream, flush=True)
+    stream = sys.stderr
+    clear = "\r\x1b[K" if getattr(stream, "isatty", lambda: False)() else ""  # over a progress bar's line, if any
+    print(clear + NOTICE.format(seconds=NOTICE_SECONDS), file=stream, flush=True)

@@ -622,6 +622,9 @@ class _Program(click.Group):
 
     def _run(self, args, prog_name, complete_var, **extra) -> int:
         """Run the command; its exit status (messages already printed)."""
+        from spotfit._jit import announce_compilation
+
+        announce_compilation()  # a line on stderr if kernels compile (first run)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             return rv if isinstance(rv, int) else 0
