@@ -15,6 +15,13 @@ numba's), which adds three things to ``numba.njit(cache=True, ...)``:
 * **A one-line notice** on standard error when a kernel is actually compiled
   (a cache miss), once per process, if the program asked for it
   (:func:`announce_compilation`; the command line does).
+* **A second compiling process** on a first run, if the program asked for it
+  (:func:`compile_alongside`; ``spotfit fit`` does): numba compiles one function
+  at a time, so at the first cache miss a second Python process compiles the
+  kernels the run needs last (:func:`spotfit.solver.compile_kernels`: covariance
+  and score test) while this one compiles detection and the solver; before
+  calling those kernels this process waits for it (:func:`join_alongside`) and
+  loads them from the cache.  On two cores that takes a third off a first run.
 * **Threads without ``parallel=True``** for the kernels that loop over windows:
   numba's parallel compilation costs 2-3 times the serial one (it was most of a
   first run's compile time), so they are compiled serially with ``nogil=True`` and
@@ -45,13 +52,36 @@ NOTICE_SECONDS = 10
 MIN_THREADED_WINDOWS = 64
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
-_state = {"ready": False, "announce": False, "announced": False, "stamp": None}
+_state = {"ready": False, "announce": False, "announced": False, "stamp": None,
+          "alongside": None, "helper": None}
 
 
 def announce_compilation(on: bool = True) -> None:
     """Print :data:`NOTICE` on standard error when a kernel is compiled in this
     process, once; nothing when every kernel comes from the cache."""
     _state["announce"] = on
+
+
+def compile_alongside(target) -> None:
+    """At this process' first cache miss, start ``python -c "import M; M.F()"`` for
+    ``target`` ``"M:F"`` (a function that compiles some kernels into the cache);
+    ``None``: do not."""
+    _state["alongside"] = target
+
+
+def join_alongside(timeout: float = 600.0) -> None:
+    """Wait for the process :func:`compile_alongside` started, if any (then load
+    what it compiled from the cache instead of compiling it again)."""
+    helper, _state["helper"] = _state["helper"], None
+    if helper is None:
+        return
+    import subprocess
+
+    try:
+        helper.wait(timeout)
+    except subprocess.TimeoutExpired:  # compile here after all
+        helper.kill()
+        helper.wait()
 
 
 def njit(*args, inner=False, **options):
@@ -95,16 +125,19 @@ def over_windows(kernel, n: int, *args) -> None:
             done.result()
 
 
-def kernel_stamp() -> str:
-    """Hash of the sources of all :data:`KERNEL_MODULES` and numba's version."""
-    if _state["stamp"] is None:
-        import numba
+def kernel_stamp(package=None) -> str:
+    """Hash of the sources of all :data:`KERNEL_MODULES` (in the folder ``package``,
+    default: this package's) and numba's version."""
+    import numba
 
+    if package is not None:
         digest = hashlib.sha256(numba.__version__.encode())
         for name in KERNEL_MODULES:
-            with open(os.path.join(_PACKAGE, name), "rb") as f:
+            with open(os.path.join(package, name), "rb") as f:
                 digest.update(f.read())
-        _state["stamp"] = digest.hexdigest()
+        return digest.hexdigest()
+    if _state["stamp"] is None:
+        _state["stamp"] = kernel_stamp(_PACKAGE)
     return _state["stamp"]
 
 
@@ -133,6 +166,18 @@ def _setup() -> None:
     _state["ready"] = True
 
 
+def _start_helper(target: str) -> None:
+    import subprocess
+
+    module, func = target.split(":")
+    try:
+        _state["helper"] = subprocess.Popen(
+            [sys.executable, "-c", f"import {module}; {module}.{func}()"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:  # no second process: compile everything here
+        _state["helper"] = None
+
+
 def _locator(base):
     """A subclass of numba's cache locator ``base`` for spotfit's files, stamped by
     :func:`kernel_stamp` instead of the one file's source."""
@@ -153,12 +198,16 @@ def _locator(base):
 
 def _on_compile_start(event) -> None:
     """Print the notice at the start of the first compilation of a spotfit kernel."""
-    if not _state["announce"] or _state["announced"]:
+    if _state["announced"] or not (_state["announce"] or _state["alongside"]):
         return
     func = getattr(event.data.get("dispatcher"), "py_func", None)
     if func is None or not getattr(func, "__module__", "").startswith("spotfit."):
         return
     _state["announced"] = True
+    if _state["alongside"]:
+        _start_helper(_state["alongside"])
+    if not _state["announce"]:
+        return
     stream = sys.stderr
     clear = "\r\x1b[K" if getattr(stream, "isatty", lambda: False)() else ""  # over a progress bar's line, if any
     print(clear + NOTICE.format(seconds=NOTICE_SECONDS), file=stream, flush=True)

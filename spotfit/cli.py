@@ -986,6 +986,10 @@ def fit(**params):
     FILE.json records how the table was made.  Several files or folders
     need --out-dir: one CSV and one JSON sidecar per input, and report.html.
     """
+    if params.get("workers") != 1:
+        from spotfit._jit import compile_alongside
+
+        compile_alongside("spotfit.solver:compile_kernels")  # on a first run only
     _fit_or_detect("fit", params)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spotfit._jit import over_windows
+from spotfit._jit import join_alongside, over_windows
 from spotfit._kernels import (
     CAMERA_VARIANCE, CONVERGED, LOW_SIGNAL, MEASURE_VARIANCE, MEASURED_VARIANCE, SINGULAR, VAR_FLOOR,
     Box, CovarianceOut, FitState, NoiseModel,
@@ -301,6 +301,7 @@ def score_test(model, estimator, data, mask, grid, theta, embed, noise=Noise(), 
         down[:, j] -= h
         D[:, :, j] = (embed(up) - embed(down)) / (2.0 * h[:, None])
     cost = estimator.cost(np.ascontiguousarray(data, dtype=float), mask, noise)
+    join_alongside()  # a first run may compile this kernel in a second process
     over_windows(score_statistic, n, model.kernel(grid), cost,
                  np.ascontiguousarray(embed(theta), dtype=float), np.ascontiguousarray(D), out)
     if residual_var is not None:
@@ -374,6 +375,7 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
     km = model.kernel(grid)
     data = np.ascontiguousarray(data, dtype=float)
     free = np.asarray(free, bool)
+    join_alongside()  # a first run may compile this kernel in a second process
     if noise.calibrated:
         read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
         none = np.zeros(0)
@@ -504,3 +506,25 @@ def crlb(model: Model, theta: np.ndarray, grid: Grid, noise: Noise, mask=None) -
         inv_var = inv_var * mask
     fisher = np.matmul(jac * inv_var[:, None, :], jac.transpose(0, 2, 1))
     return np.sqrt(np.clip(np.diagonal(_inverse(fisher), axis1=1, axis2=2), 0.0, None))
+
+
+def compile_kernels() -> None:
+    """Compile (or load from the cache) the covariance and score-test kernels, on a
+    tiny problem with the types every fit passes them.
+
+    Run in a second process on a first run (:func:`spotfit._jit.compile_alongside`)
+    while the first compiles detection and the Levenberg-Marquardt kernel.
+    """
+    from spotfit.estimators import Noise, get_estimator
+    from spotfit.models import Grid, get_model
+
+    grid = Grid((5, 5))
+    model = get_model("rotated", integrated=True)
+    theta = np.array([[100.0, 2.0, 2.0, 1.7, 1.7, 0.0, 1.0]] * 2)
+    data = np.full((2, grid.size), 5.0)
+    mask = np.ones(data.shape, bool)
+    noise = Noise(calibrated=True, excess=1.0, read_var=1.0)
+    estimator = get_estimator("mle")
+    cost = estimator.cost(data, mask, noise)
+    covariance(model, cost, data, theta, grid, noise, np.ones(model.n_params, bool), bias=True)
+    score_test(model, estimator, data, mask, grid, theta, lambda t: t, noise)
