@@ -26,9 +26,8 @@ numba's), which adds three things to ``numba.njit(cache=True, ...)``:
   numba's parallel compilation costs 2-3 times the serial one (it was most of a
   first run's compile time), so they are compiled serially with ``nogil=True`` and
   run on a few Python threads, each over a contiguous range of windows
-  (:func:`over_windows`).  (The row kernels of detection and background keep a
-  ``parallel=True`` twin, compiled only for frames of at least
-  :data:`spotfit.filters.PARALLEL_PIXELS` pixels.)
+  (:func:`over_windows`); so do the row kernels of detection and background on
+  frames of at least :data:`spotfit.filters.PARALLEL_PIXELS` pixels.
 
 This module imports numba only when the first kernel is decorated, so that the
 command line can ask for the notice without importing it.
@@ -102,23 +101,28 @@ def njit(*args, inner=False, **options):
     return numba_njit(*args, **options)
 
 
-def over_windows(kernel, n: int, *args) -> None:
-    """Call ``kernel(*args, start, stop)`` over windows ``0 .. n`` split into ranges.
+def over_windows(kernel, n: int, *args, threaded=None) -> None:
+    """Call ``kernel(*args, start, stop)`` over items ``0 .. n`` (windows, rows of
+    pixels) split into ranges.
 
     The ranges run on numba's number of threads (:func:`numba.get_num_threads`,
     which :meth:`spotfit.config.FitConfig.use_threads` sets), a few ranges per thread
     to balance the load; the kernel must be compiled with ``nogil=True`` and write
-    each window's results only.  Few windows run in the calling thread.
+    each item's results only.  ``threaded``: whether to use threads at all (waking
+    them costs more than a small frame's work); default: from
+    :data:`MIN_THREADED_WINDOWS` windows on.
     """
     import numba
 
     from concurrent.futures import ThreadPoolExecutor
 
     threads = numba.get_num_threads()
-    if threads <= 1 or n < MIN_THREADED_WINDOWS:
+    if threaded is None:
+        threaded = n >= MIN_THREADED_WINDOWS
+    if threads <= 1 or not threaded or n < 2:
         kernel(*args, 0, n)
         return
-    chunks = min(4 * threads, n // (MIN_THREADED_WINDOWS // 4))
+    chunks = min(4 * threads, n)
     bounds = [(c * n // chunks, (c + 1) * n // chunks) for c in range(chunks)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for done in [pool.submit(kernel, *args, start, stop) for start, stop in bounds]:

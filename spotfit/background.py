@@ -38,11 +38,10 @@ from dataclasses import dataclass, replace
 from typing import Union
 
 import numpy as np
-from numba import prange
 
-from spotfit._jit import njit
+from spotfit._jit import njit, over_windows
 from spotfit.errors import SpotfitInputError
-from spotfit.filters import PARALLEL_PIXELS, serial_and_parallel
+from spotfit.filters import PARALLEL_PIXELS
 
 __all__ = ["NoiseModel", "estimate_noise", "local_background", "halo", "cell_size", "CLIP"]
 
@@ -389,14 +388,15 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     return coarse, bright > 0, means
 
 
-def _cell_sums_rows(data, cells, coarse_shape):
-    """Sum and count of the pixels of every coarse cell (cell rows spread over threads)."""
-    sums = np.zeros(coarse_shape)
-    counts = np.zeros(coarse_shape)
+@njit(nogil=True)
+def _cell_sums_rows(data, cells, sums, counts, start, stop):
+    """Sum and count of the pixels of every coarse cell, into `sums` and `counts`
+    (zeros of the coarse grid's shape); rows of cells ``start .. stop`` of the
+    ``mz * my`` rows."""
     nz, ny, nx = data.shape
     cz, cy, cx = cells[0], cells[1], cells[2]
-    mz, my, mx = coarse_shape
-    for r in prange(mz * my):
+    mz, my, mx = sums.shape
+    for r in range(start, stop):
         iz, iy = r // my, r % my
         for z in range(iz * cz, min((iz + 1) * cz, nz)):
             for y in range(iy * cy, min((iy + 1) * cy, ny)):
@@ -408,14 +408,16 @@ def _cell_sums_rows(data, cells, coarse_shape):
                         acc += row[x]
                     sums[iz, iy, jx] += acc
                     counts[iz, iy, jx] += x1 - jx * cx
-    return sums, counts
-
 
 
 def _cell_sums(data, cells, coarse_shape):
-    """:func:`_cell_sums_rows`, on numba's threads for large frames."""
-    kernel = _CELL_SUMS[1] if data.size >= PARALLEL_PIXELS else _CELL_SUMS[0]
-    return kernel(data, cells, coarse_shape)
+    """Sum and count of the pixels of every coarse cell (:func:`_cell_sums_rows`, on
+    threads for large frames)."""
+    sums = np.zeros(coarse_shape)
+    counts = np.zeros(coarse_shape)
+    over_windows(_cell_sums_rows, coarse_shape[0] * coarse_shape[1], data, cells, sums, counts,
+                 threaded=data.size >= PARALLEL_PIXELS)
+    return sums, counts
 
 
 def _filter_axis(a, axis, kernel, half, nearest, minmax):
@@ -452,13 +454,14 @@ def _axis_weights(n, c, m):
     return lo, hi, np.clip(f - lo, 0.0, 1.0)
 
 
-def _add_interpolated_rows(image, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, sign, shift):
-    """In place, for every pixel: ``image[p] += sign * B(p) + shift`` with ``B``
-    the coarse grid interpolated multilinearly (indices and weights per axis:
-    :func:`_axis_weights`); rows spread over threads."""
+@njit(nogil=True)
+def _add_interpolated_rows(image, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, sign, shift, start, stop):
+    """In place, for every pixel of rows ``start .. stop`` (of the ``nz * ny``):
+    ``image[p] += sign * B(p) + shift`` with ``B`` the coarse grid interpolated
+    multilinearly (indices and weights per axis: :func:`_axis_weights`)."""
     nz, ny, nx = image.shape
     mz, my, mx = coarse.shape
-    for r in prange(nz * ny):
+    for r in range(start, stop):
         z, y = r // ny, r % ny
         # interpolate along z and y on the coarse columns, then along x
         line = np.empty(mx)
@@ -476,9 +479,9 @@ def _add_interpolated_rows(image, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, si
 
 def _add_interpolated(image, coarse, cells, sign, shift):
     """:func:`_add_interpolated_rows`, on numba's threads for large frames."""
-    kernel = _ADD_INTERPOLATED[1] if image.size >= PARALLEL_PIXELS else _ADD_INTERPOLATED[0]
     weights = [w for n, c, m in zip(image.shape, cells, coarse.shape) for w in _axis_weights(n, int(c), m)]
-    kernel(image, coarse, *weights, sign, shift)
+    over_windows(_add_interpolated_rows, image.shape[0] * image.shape[1], image, coarse, *weights,
+                 float(sign), float(shift), threaded=image.size >= PARALLEL_PIXELS)
 
 
 def _interpolate_at(coarse, cells, zs, ys, xs):
@@ -737,5 +740,3 @@ def _fit_transfer(d, level, floor, overall):
     return NoiseModel(read_var=a, shot=b, floor=max(0.25 * float(np.min(var)), floor), source="measured")
 
 
-_CELL_SUMS = serial_and_parallel(_cell_sums_rows)
-_ADD_INTERPOLATED = serial_and_parallel(_add_interpolated_rows)
