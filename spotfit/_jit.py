@@ -27,7 +27,9 @@ numba's), which adds three things to ``numba.njit(cache=True, ...)``:
   first run's compile time), so they are compiled serially with ``nogil=True`` and
   run on a few Python threads, each over a contiguous range of windows
   (:func:`over_windows`); so do the row kernels of detection and background on
-  frames of at least :data:`spotfit.filters.PARALLEL_PIXELS` pixels.
+  frames of at least :data:`spotfit.filters.PARALLEL_PIXELS` pixels.  (The kernel
+  of ``spotfit measure``, :mod:`spotfit._photometry_kernels`, still uses
+  ``parallel=True``: it compiles on the first ``measure`` only.)
 
 This module imports numba only when the first kernel is decorated, so that the
 command line can ask for the notice without importing it.
@@ -43,10 +45,9 @@ import sys
 #: together key the cache of every kernel (tests check that the list is complete)
 KERNEL_MODULES = ("_kernels.py", "_photometry_kernels.py", "_csv.py", "background.py",
                   "detection.py", "filters.py", "group.py", "rendering.py")
-#: the notice, printed once when the first kernel of a run is compiled
-NOTICE = "Compiling spotfit's kernels (first run after installing or upgrading only, ~{seconds} s)..."
-#: the compile time the notice announces, measured on a 2-core machine
-NOTICE_SECONDS = 10
+#: the notice, printed once when the first kernel of a run is compiled (the time:
+#: benchmarks/first_run.py on 2 cores, idle to busy)
+NOTICE = "Compiling spotfit's kernels (once after installing or upgrading spotfit; 10-30 s)..."
 #: fewer windows than this run in the calling thread
 MIN_THREADED_WINDOWS = 64
 
@@ -214,4 +215,4 @@ def _on_compile_start(event) -> None:
         return
     stream = sys.stderr
     clear = "\r\x1b[K" if getattr(stream, "isatty", lambda: False)() else ""  # over a progress bar's line, if any
-    print(clear + NOTICE.format(seconds=NOTICE_SECONDS), file=stream, flush=True)
+    print(clear + NOTICE, file=stream, flush=True)
