@@ -624,7 +624,8 @@ class _Program(click.Group):
         """Run the command; its exit status (messages already printed)."""
         from spotfit._jit import announce_compilation
 
-        announce_compilation()  # a line on stderr if kernels compile (first run)
+        # a line on stderr if kernels compile (first run); SPOTFIT_COMPILE_NOTICE=0: none
+        announce_compilation(os.environ.get("SPOTFIT_COMPILE_NOTICE", "1") != "0")
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             return rv if isinstance(rv, int) else 0

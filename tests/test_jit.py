@@ -96,6 +96,7 @@ def test_cli_notice_only_on_a_cache_miss(tmp_path):
     table = tmp_path / "spots.csv"
     table.write_text("x,y\n5.0,6.0\n10.5,3.25\n")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("SPOTFIT_COMPILE_NOTICE", None)  # (tests/conftest.py switches it off)
     command = [sys.executable, "-m", "spotfit", "render", str(table), "-o", str(tmp_path / "r.tif"),
                "--pixel-size", "50", "--camera-pixel-size", "100", "--sigma", "20"]
     first = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
