@@ -84,18 +84,14 @@ def join_alongside(timeout: float = 600.0) -> None:
         helper.wait()
 
 
-def njit(*args, inner=False, **options):
+def njit(*args, **options):
     """``numba.njit`` with ``cache=True`` and spotfit's cache key (see the module docstring).
 
-    Use as ``@njit`` or ``@njit(error_model="numpy", nogil=True)``.  ``inner=True``:
-    a helper called only from other kernels, compiled without the wrappers that
-    make it callable from Python (a fifth less to compile).
+    Use as ``@njit`` or ``@njit(error_model="numpy", nogil=True)``.
     """
     _setup()
     from numba import njit as numba_njit
 
-    if inner:
-        options.update(no_cpython_wrapper=True, no_cfunc_wrapper=True)
     options.setdefault("cache", True)
     if args and callable(args[0]):
         return numba_njit(**options)(args[0])

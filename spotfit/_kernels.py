@@ -126,7 +126,7 @@ for _q in (2, 3):
     _GL_WEIGHTS[_q - 2, :_q] = _w / 2.0
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def _axis_factors(c0, s, integ, n, f, df, ds):
     """1D Gaussian factor over ``n`` pixels: value, d/dcentre, d/dsigma."""
     inv_s = 1.0 / s
@@ -147,7 +147,7 @@ def _axis_factors(c0, s, integ, n, f, df, ds):
             ds[i] = v * (t * t - 1.0) * inv_s
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def _gaussians(km, th, mu, J, scratch):
     """Sum of ``km.emitters`` axis-aligned Gaussians (``SEPARABLE`` layout).
 
@@ -198,7 +198,7 @@ def _gaussians(km, th, mu, J, scratch):
         J[off, p] = 1.0
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def _covariance_gaussian(th, inv_det, norm, x, y, out):
     """Unit-intensity Gaussian with covariance [[vxx, cxy], [cxy, vyy]] at (x, y).
 
@@ -222,7 +222,7 @@ def _covariance_gaussian(th, inv_det, norm, x, y, out):
     return g
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def _rotated(integ, th, ny, nx, mu, J, tmp):
     """``ROTATED`` layout ``[N, x, y, var_xx, var_yy, cov_xy, offset]``."""
     N = th[0]
@@ -256,7 +256,7 @@ def _rotated(integ, th, ny, nx, mu, J, tmp):
             p += 1
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def model_window(km, th, mu, J, scratch):
     """Fill ``mu (P,)`` and ``J (k, P)`` for one window of model ``km``.
 
@@ -268,7 +268,7 @@ def model_window(km, th, mu, J, scratch):
         _gaussians(km, th, mu, J, scratch)
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def constrain(km, th):
     """Project parameters into the model's domain (ROTATED: positive definite)."""
     if km.family == ROTATED:
@@ -288,7 +288,7 @@ def evaluate(km, theta, mu, J, start, stop):
 # ----------------------------------------------------------------------------
 # Solver: Levenberg-Marquardt and covariance over all windows
 # ----------------------------------------------------------------------------
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def _pixel_terms(kind, dp, mu, wp, shift, scale):
     """Cost term, weighted residual ``e`` and weight ``W`` of one pixel.
 
@@ -307,7 +307,7 @@ def _pixel_terms(kind, dp, mu, wp, shift, scale):
     return 2.0 * ws * dev, ws * (dp / m - 1.0), ws / m
 
 
-@njit(inner=True, error_model="numpy", fastmath={"reassoc", "contract"})
+@njit(error_model="numpy", fastmath={"reassoc", "contract"})
 def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
     """Cost of window ``s``; fills ``H = J W J^T`` and ``g = J e``.
 
@@ -341,7 +341,7 @@ def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
     return total
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def _scaled_cholesky(A, L, y, min_pivot):
     """``D A D = L L^T`` with ``D = diag(y)`` scaling ``A`` to unit diagonal.
 
@@ -369,7 +369,7 @@ def _scaled_cholesky(A, L, y, min_pivot):
     return True
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def _damped_solve(H, g, lam, free, A, L, y, delta):
     """Solve ``(H + lam * diag(H)) delta = g`` by scaled Cholesky; False if singular."""
     k = H.shape[0]
@@ -569,7 +569,7 @@ def score_statistic(km, cost, theta, D, out, start, stop):
         out[s] = max(t, 0.0)
 
 
-@njit(inner=True, error_model="numpy", fastmath={"reassoc", "contract"})
+@njit(error_model="numpy", fastmath={"reassoc", "contract"})
 def _weighted_gram(J, idx, m, weight, out):
     """``out[a, b] = sum_p J[idx[a], p] * weight[p] * J[idx[b], p]`` (symmetric, m x m).
 
@@ -586,7 +586,7 @@ def _weighted_gram(J, idx, m, weight, out):
             out[b, a] = acc
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def _cholesky_inverse(A, out, L, y):
     """Inverse of a symmetric positive definite ``A`` (m x m); False if singular.
 
@@ -745,7 +745,7 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
                 cov[s, idx[a], idx[b]] = t
 
 
-@njit(inner=True, error_model="numpy")
+@njit(error_model="numpy")
 def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
     """First-order bias of a Poisson maximum-likelihood fit (Cox & Snell, 1968).
 
