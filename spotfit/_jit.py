@@ -52,6 +52,7 @@ NOTICE = "Compiling spotfit's kernels (once after installing or upgrading spotfi
 MIN_THREADED_WINDOWS = 64
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_DETACHED = []  # second compiling processes no longer waited for (kept referenced)
 _state = {"ready": False, "announce": False, "announced": False, "stamp": None,
           "alongside": None, "helper": None}
 
@@ -65,8 +66,12 @@ def announce_compilation(on: bool = True) -> None:
 def compile_alongside(target) -> None:
     """At this process' first cache miss, start ``python -c "import M; M.F()"`` for
     ``target`` ``"M:F"`` (a function that compiles some kernels into the cache);
-    ``None``: do not."""
+    ``None``: do not (any more; a process already started is left to finish filling
+    the cache)."""
     _state["alongside"] = target
+    if target is None and _state["helper"] is not None:
+        _DETACHED.append(_state["helper"])
+        _state["helper"] = None
 
 
 def join_alongside(timeout: float = 600.0) -> None:
@@ -171,9 +176,12 @@ def _start_helper(target: str) -> None:
     import subprocess
 
     module, func = target.split(":")
+    # the same spotfit as this process' (not one in the working directory)
+    code = (f"import sys; sys.path[0] = {os.path.dirname(_PACKAGE)!r}; "
+            f"import {module}; {module}.{func}()")
     try:
         _state["helper"] = subprocess.Popen(
-            [sys.executable, "-c", f"import {module}; {module}.{func}()"],
+            [sys.executable, "-c", code],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:  # no second process: compile everything here
         _state["helper"] = None

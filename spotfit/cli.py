@@ -987,11 +987,14 @@ def fit(**params):
     FILE.json records how the table was made.  Several files or folders
     need --out-dir: one CSV and one JSON sidecar per input, and report.html.
     """
-    if params.get("workers") != 1:
-        from spotfit._jit import compile_alongside
+    from spotfit._jit import compile_alongside
 
+    if params.get("workers") != 1:
         compile_alongside("spotfit.solver:compile_kernels")  # on a first run only
-    _fit_or_detect("fit", params)
+    try:
+        _fit_or_detect("fit", params)
+    finally:
+        compile_alongside(None)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

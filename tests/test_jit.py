@@ -72,6 +72,7 @@ def _compile_something(module_name):
 
 def test_notice_once_when_a_spotfit_kernel_compiles(monkeypatch, capsys):
     monkeypatch.setitem(_jit._state, "announced", False)
+    monkeypatch.setitem(_jit._state, "alongside", None)
     monkeypatch.setitem(_jit._state, "announce", True)
     _compile_something("not_spotfit.module")
     assert capsys.readouterr().err == ""  # other packages' compilations: not ours to announce
@@ -85,6 +86,7 @@ def test_notice_once_when_a_spotfit_kernel_compiles(monkeypatch, capsys):
 
 def test_no_notice_unless_asked(monkeypatch, capsys):
     monkeypatch.setitem(_jit._state, "announced", False)
+    monkeypatch.setitem(_jit._state, "alongside", None)
     monkeypatch.setitem(_jit._state, "announce", False)
     _compile_something("spotfit.example")
     assert capsys.readouterr().err == ""
