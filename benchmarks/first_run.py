@@ -23,9 +23,12 @@ same command, and whether the compile notice was printed on stderr (it should be
 first run, not on a warm one).
 ``--venv DIR`` reuses (or creates) an environment there and only reinstalls spotfit, which
 empties its cache: a first run again in seconds instead of a minute of ``pip install``.
+``--repo PATH`` installs another checkout (e.g. an older version, for a before/after
+comparison under the same load).
 
     python benchmarks/first_run.py
     python benchmarks/first_run.py --venv /tmp/spotfit-first-run
+    python benchmarks/first_run.py --venv /tmp/spotfit-first-run --repo ../other-checkout
 """
 
 from __future__ import annotations
@@ -49,22 +52,22 @@ def run(command, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs)
 
 
-def make_venv(venv: Path) -> Path:
+def make_venv(venv: Path, repo: Path) -> Path:
     """A virtual environment at ``venv`` with spotfit freshly installed (not editable)."""
     python = venv / "bin" / "python"
     started = time.perf_counter()
     if not python.exists():
         base = getattr(sys, "_base_executable", sys.executable)
         run([base, "-m", "venv", str(venv)])
-        run([str(python), "-m", "pip", "install", "--quiet", str(REPO)])
+        run([str(python), "-m", "pip", "install", "--quiet", str(repo)])
     else:  # reuse the dependencies; a fresh copy of spotfit, its numba cache emptied
         run([str(python), "-m", "pip", "install", "--quiet", "--no-deps",
-             "--force-reinstall", str(REPO)])
+             "--force-reinstall", str(repo)])
         package = run([str(python), "-c", "import os, spotfit; print(os.path.dirname(spotfit.__file__))"],
                       cwd=venv).stdout.strip()
         for cached in Path(package).rglob("__pycache__/*.nb[ic]"):  # pip leaves them
             cached.unlink()
-    print(f"environment: {venv} (install {time.perf_counter() - started:.0f} s)")
+    print(f"environment: {venv} (install {time.perf_counter() - started:.0f} s) with {repo}")
     return python
 
 
@@ -110,11 +113,12 @@ def timed_fit(python: Path, args, out: Path, env) -> tuple[float, float, bool]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, help="reuse (or create) this environment")
+    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout to install")
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "PYTHON"))}
     with tempfile.TemporaryDirectory(prefix="spotfit-first-run-") as tmp:
         tmp = Path(tmp)
-        python = make_venv(args.venv if args.venv else tmp / "venv")
+        python = make_venv(args.venv if args.venv else tmp / "venv", args.repo.resolve())
         stack, large = tmp / "stack.tif", tmp / "large.tif"
         make_images(stack, large, python)
         cases = {
