@@ -5,6 +5,8 @@ pandas spends ~0.5 us per value formatting floats; a table of 10^4 spots has
 renders the same text as ``DataFrame.to_csv(index=False, float_format="%.8g")``
 (8 significant digits, ``%g`` layout, NaN as an empty field) in one compiled
 pass.  Columns may be floats, integers, booleans or strings (categorical).
+Tables of fewer than :data:`COMPILED_ROWS` rows are written by pandas itself:
+the same text, and no compilation (2 s) on a first run that fits a few spots.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from spotfit._jit import njit
 
 FLOAT, INT, STR = 0, 1, 2
 _DIGITS = 8  # significant digits, as "%.8g"
 _POW10 = np.array([10.0**k for k in range(23)])
+#: tables with at least this many rows are rendered by the compiled kernel (below:
+#: pandas, ~0.1 s at most)
+COMPILED_ROWS = 5000
 
 
 @njit(cache=True, error_model="numpy")
@@ -162,15 +168,19 @@ def _render(kinds, index, floats, overrides, ints, codes, cat_bytes, cat_len, ou
     return pos
 
 
-def to_csv_bytes(table) -> bytes:
+def to_csv_bytes(table, compiled=None) -> bytes:
     """Render a DataFrame as CSV bytes (header + one line per row).
 
     Same text as ``table.to_csv(index=False, float_format="%.8g")`` for
-    float, integer, boolean and string columns.
+    float, integer, boolean and string columns.  ``compiled``: render with the
+    compiled kernel (True) or pandas (False); default: the kernel for tables of
+    :data:`COMPILED_ROWS` rows or more.
     """
     import pandas as pd
 
-    if table.shape[1] < 2:  # pandas quotes empty single fields ('""'); not worth a fast path
+    if compiled is None:
+        compiled = len(table) >= COMPILED_ROWS
+    if not compiled or table.shape[1] < 2:  # pandas quotes empty single fields ('""')
         return table.to_csv(index=False, float_format="%.8g").encode()
     n = len(table)
     kinds, index = [], []

@@ -41,12 +41,14 @@ Adding a model: a function filling ``mu`` and ``J`` for one window, a family
 code below, one branch in :func:`model_window` (and in :func:`constrain` if
 its domain is not a box); then a class in :mod:`spotfit.models`.
 
-Compiled with numba (``cache=True``: compiled once per installation, then
-loaded from the cache in about 0.1 s).
+Compiled with numba through :func:`spotfit._jit.njit` (cached: compiled once
+per installation, then loaded from the cache in about 0.1 s).  The batched
+kernels take a range of windows ``start .. stop`` and release the GIL;
+:func:`spotfit._jit.over_windows` spreads the ranges over threads.
 
 Solver
 ------
-One loop over windows (``prange``: spread over the cores); each window runs
+One loop over windows (ranges of windows on threads); each window runs
 its own damped Gauss-Newton iterations and stops as soon as it converges.
 Per pixel, the model kernel (:func:`model_window`) gives value and
 Jacobian, and the cost turns them into the cost value and the normal
@@ -72,7 +74,8 @@ import math
 from collections import namedtuple
 
 import numpy as np
-from numba import njit, prange
+
+from spotfit._jit import njit
 
 # ---------------------------------------------------------------- codes
 #: fit status codes; their names in output tables are spotfit.results.STATUS_NAMES
@@ -123,7 +126,7 @@ for _q in (2, 3):
     _GL_WEIGHTS[_q - 2, :_q] = _w / 2.0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _axis_factors(c0, s, integ, n, f, df, ds):
     """1D Gaussian factor over ``n`` pixels: value, d/dcentre, d/dsigma."""
     inv_s = 1.0 / s
@@ -144,7 +147,7 @@ def _axis_factors(c0, s, integ, n, f, df, ds):
             ds[i] = v * (t * t - 1.0) * inv_s
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _gaussians(km, th, mu, J, scratch):
     """Sum of ``km.emitters`` axis-aligned Gaussians (``SEPARABLE`` layout).
 
@@ -195,7 +198,7 @@ def _gaussians(km, th, mu, J, scratch):
         J[off, p] = 1.0
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _covariance_gaussian(th, inv_det, norm, x, y, out):
     """Unit-intensity Gaussian with covariance [[vxx, cxy], [cxy, vyy]] at (x, y).
 
@@ -219,7 +222,7 @@ def _covariance_gaussian(th, inv_det, norm, x, y, out):
     return g
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _rotated(integ, th, ny, nx, mu, J, tmp):
     """``ROTATED`` layout ``[N, x, y, var_xx, var_yy, cov_xy, offset]``."""
     N = th[0]
@@ -253,7 +256,7 @@ def _rotated(integ, th, ny, nx, mu, J, tmp):
             p += 1
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def model_window(km, th, mu, J, scratch):
     """Fill ``mu (P,)`` and ``J (k, P)`` for one window of model ``km``.
 
@@ -265,7 +268,7 @@ def model_window(km, th, mu, J, scratch):
         _gaussians(km, th, mu, J, scratch)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def constrain(km, th):
     """Project parameters into the model's domain (ROTATED: positive definite)."""
     if km.family == ROTATED:
@@ -273,20 +276,19 @@ def constrain(km, th):
         th[5] = min(max(th[5], -limit), limit)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def evaluate(km, theta, mu, J):
-    """Batched :func:`model_window`: ``theta (n, k)`` -> ``mu (n, P)``, ``J (n, k, P)``."""
-    n = theta.shape[0]
-    size = max(km.nz, km.ny, km.nx, 10)
-    for i in prange(n):
-        scratch = np.empty((9, size))
+@njit(error_model="numpy", nogil=True)
+def evaluate(km, theta, mu, J, start, stop):
+    """Batched :func:`model_window`: ``theta (n, k)`` -> ``mu (n, P)``, ``J (n, k, P)``,
+    windows ``start .. stop`` (see :func:`spotfit._jit.over_windows`)."""
+    scratch = np.empty((9, max(km.nz, km.ny, km.nx, 10)))
+    for i in range(start, stop):
         model_window(km, theta[i], mu[i], J[i], scratch)
 
 
 # ----------------------------------------------------------------------------
 # Solver: Levenberg-Marquardt and covariance over all windows
 # ----------------------------------------------------------------------------
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _pixel_terms(kind, dp, mu, wp, shift, scale):
     """Cost term, weighted residual ``e`` and weight ``W`` of one pixel.
 
@@ -305,7 +307,7 @@ def _pixel_terms(kind, dp, mu, wp, shift, scale):
     return 2.0 * ws * dev, ws * (dp / m - 1.0), ws / m
 
 
-@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+@njit(error_model="numpy", fastmath={"reassoc", "contract"})
 def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
     """Cost of window ``s``; fills ``H = J W J^T`` and ``g = J e``.
 
@@ -339,7 +341,7 @@ def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
     return total
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _scaled_cholesky(A, L, y, min_pivot):
     """``D A D = L L^T`` with ``D = diag(y)`` scaling ``A`` to unit diagonal.
 
@@ -367,7 +369,7 @@ def _scaled_cholesky(A, L, y, min_pivot):
     return True
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _damped_solve(H, g, lam, free, A, L, y, delta):
     """Solve ``(H + lam * diag(H)) delta = g`` by scaled Cholesky; False if singular."""
     k = H.shape[0]
@@ -402,9 +404,9 @@ def _damped_solve(H, g, lam, free, A, L, y, delta):
     return True
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def levenberg_marquardt(km, cost, box, state, max_iter, tol, chunks):
-    """Fit every window; updates ``state`` in place.
+@njit(error_model="numpy", nogil=True)
+def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
+    """Fit windows ``start .. stop``; updates ``state`` in place.
 
     Parameters
     ----------
@@ -419,116 +421,113 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, chunks):
     tol : float
         Convergence threshold on the cost decrease, chi-square units (in
         units of ``cost / dof`` with ``cost.normalise``).
-    chunks : int
-        Windows are processed in this many contiguous chunks, spread over
-        the threads (a few per thread balances the load); each chunk
-        allocates its work arrays once.
+    start, stop : int
+        The windows to fit (:func:`spotfit._jit.over_windows` runs ranges of
+        windows on threads); the work arrays are allocated once per call.
     """
-    # arrays written inside prange are bound to locals: numba's parallel loop
-    # lowering does not write through a tuple's attribute
     theta, iterations, status, cost_out = state.theta, state.iterations, state.status, state.cost
     free = box.free
-    n, k = theta.shape
+    k = theta.shape[1]
     P = cost.data.shape[1]
     size = max(km.nz, km.ny, km.nx, 10)
     n_free = 0
     for i in range(k):
         if free[i]:
             n_free += 1
-    n_chunks = min(n, max(chunks, 1))
-    for c in prange(n_chunks):  # work arrays allocated once per chunk, not per window
-        mu = np.empty(P)
-        J = np.empty((k, P))
-        scratch = np.empty((9, size))
-        H = np.empty((k, k))
-        g = np.empty(k)
-        H_new = np.empty((k, k))
-        g_new = np.empty(k)
-        A = np.empty((k, k))
-        L = np.zeros((k, k))
-        y = np.empty(k)
-        delta = np.empty(k)
-        e = np.empty(P)
-        W = np.empty(P)
-        th = np.empty(k)
-        trial = np.empty(k)
-        for s in range(c * n // n_chunks, (c + 1) * n // n_chunks):
-            lo = box.lower[s]
-            hi = box.upper[s]
-            for i in range(k):
-                th[i] = min(max(theta[s, i], lo[i]), hi[i])
-            constrain(km, th)
-            n_valid = 0
-            for p in range(P):
-                if cost.weight[s, p] != 0.0:
-                    n_valid += 1
-            dof = max(n_valid - n_free, 1)
+    # one range of windows: work arrays allocated once
+    mu = np.empty(P)
+    J = np.empty((k, P))
+    scratch = np.empty((9, size))
+    H = np.empty((k, k))
+    g = np.empty(k)
+    H_new = np.empty((k, k))
+    g_new = np.empty(k)
+    A = np.empty((k, k))
+    L = np.zeros((k, k))
+    y = np.empty(k)
+    delta = np.empty(k)
+    e = np.empty(P)
+    W = np.empty(P)
+    th = np.empty(k)
+    trial = np.empty(k)
+    for s in range(start, stop):
+        lo = box.lower[s]
+        hi = box.upper[s]
+        for i in range(k):
+            th[i] = min(max(theta[s, i], lo[i]), hi[i])
+        constrain(km, th)
+        n_valid = 0
+        for p in range(P):
+            if cost.weight[s, p] != 0.0:
+                n_valid += 1
+        dof = max(n_valid - n_free, 1)
 
-            value = _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g)
-            st = MAX_ITERATIONS  # unless something else happens
-            if not math.isfinite(value):
+        value = _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g)
+        st = MAX_ITERATIONS  # unless something else happens
+        if not math.isfinite(value):
+            st = SINGULAR
+        lam = 1e-3
+        nu = 2.0
+        it = 0
+        while st == MAX_ITERATIONS and it < max_iter:
+            if not _damped_solve(H, g, lam, free, A, L, y, delta):
                 st = SINGULAR
-            lam = 1e-3
-            nu = 2.0
-            it = 0
-            while st == MAX_ITERATIONS and it < max_iter:
-                if not _damped_solve(H, g, lam, free, A, L, y, delta):
-                    st = SINGULAR
-                    break
-                for i in range(k):
-                    trial[i] = min(max(th[i] + delta[i], lo[i]), hi[i])
-                constrain(km, trial)
-                predicted = 0.0  # cost decrease the quadratic model expects
-                for i in range(k):
-                    predicted += 2.0 * delta[i] * g[i]
-                    for j in range(k):
-                        predicted -= delta[i] * H[i, j] * delta[j]
-                it += 1
-                if lam < 1.0 and 0.0 <= predicted <= tol * (value / dof if cost.normalise else 1.0):
-                    # converged by the quadratic model: take the step without evaluating it
-                    for i in range(k):
-                        th[i] = trial[i]
-                    st = CONVERGED
-                    break
-                value_new = _accumulate(km, cost, s, trial, mu, J, scratch, e, W, H_new, g_new)
-                if math.isfinite(value_new) and value_new <= value:
-                    gain = value - value_new
-                    rho = gain / predicted if predicted > 0.0 else 0.0
-                    lam = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-9)
-                    nu = 2.0
-                    for i in range(k):
-                        th[i] = trial[i]
-                        g[i] = g_new[i]
-                        for j in range(k):
-                            H[i, j] = H_new[i, j]
-                    value = value_new
-                    unit = value / dof if cost.normalise else 1.0
-                    if gain <= tol * unit:
-                        st = CONVERGED
-                else:
-                    lam *= nu
-                    nu *= 2.0
-                    if lam > 1e7:  # no downhill step left: at the minimum
-                        st = CONVERGED
+                break
             for i in range(k):
-                theta[s, i] = th[i]
-            iterations[s] = it
-            status[s] = st
-            cost_out[s] = value
+                trial[i] = min(max(th[i] + delta[i], lo[i]), hi[i])
+            constrain(km, trial)
+            predicted = 0.0  # cost decrease the quadratic model expects
+            for i in range(k):
+                predicted += 2.0 * delta[i] * g[i]
+                for j in range(k):
+                    predicted -= delta[i] * H[i, j] * delta[j]
+            it += 1
+            if lam < 1.0 and 0.0 <= predicted <= tol * (value / dof if cost.normalise else 1.0):
+                # converged by the quadratic model: take the step without evaluating it
+                for i in range(k):
+                    th[i] = trial[i]
+                st = CONVERGED
+                break
+            value_new = _accumulate(km, cost, s, trial, mu, J, scratch, e, W, H_new, g_new)
+            if math.isfinite(value_new) and value_new <= value:
+                gain = value - value_new
+                rho = gain / predicted if predicted > 0.0 else 0.0
+                lam = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 1e-9)
+                nu = 2.0
+                for i in range(k):
+                    th[i] = trial[i]
+                    g[i] = g_new[i]
+                    for j in range(k):
+                        H[i, j] = H_new[i, j]
+                value = value_new
+                unit = value / dof if cost.normalise else 1.0
+                if gain <= tol * unit:
+                    st = CONVERGED
+            else:
+                lam *= nu
+                nu *= 2.0
+                if lam > 1e7:  # no downhill step left: at the minimum
+                    st = CONVERGED
+        for i in range(k):
+            theta[s, i] = th[i]
+        iterations[s] = it
+        status[s] = st
+        cost_out[s] = value
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def score_statistic(km, cost, theta, D, out):
+@njit(error_model="numpy", nogil=True)
+def score_statistic(km, cost, theta, D, out, start, stop):
     """Score statistic of each window's richer model at ``theta`` (see
     :func:`spotfit.solver.score_test`): ``g^T H^-1 g - v^T (D^T H D)^-1 v`` with
     the cost's gradient ``g = J e`` and curvature ``H = J W J^T`` at ``theta``
     (:func:`_accumulate`), ``v = D^T g`` and ``D (n, k, r)`` the Jacobian of the
-    simpler model's embedding.  NaN where a curvature is singular."""
-    n, k = theta.shape
+    simpler model's embedding.  NaN where a curvature is singular.  Windows
+    ``start .. stop`` (see :func:`spotfit._jit.over_windows`)."""
+    k = theta.shape[1]
     r = D.shape[2]
     P = cost.data.shape[1]
     size = max(km.nz, km.ny, km.nx, 10)
-    for s in prange(n):
+    for s in range(start, stop):
         mu = np.empty(P)
         J = np.empty((k, P))
         scratch = np.empty((9, size))
@@ -570,7 +569,7 @@ def score_statistic(km, cost, theta, D, out):
         out[s] = max(t, 0.0)
 
 
-@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+@njit(error_model="numpy", fastmath={"reassoc", "contract"})
 def _weighted_gram(J, idx, m, weight, out):
     """``out[a, b] = sum_p J[idx[a], p] * weight[p] * J[idx[b], p]`` (symmetric, m x m).
 
@@ -587,7 +586,7 @@ def _weighted_gram(J, idx, m, weight, out):
             out[b, a] = acc
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _cholesky_inverse(A, out, L, y):
     """Inverse of a symmetric positive definite ``A`` (m x m); False if singular.
 
@@ -620,8 +619,8 @@ def _cholesky_inverse(A, out, L, y):
     return True
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def covariance(km, cost, data, theta, free, noise, out, bias_snr):
+@njit(error_model="numpy", nogil=True)
+def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
     """Per-window covariance ``A^-1 B A^-1``, reduced chi-square and MLE bias.
 
     ``A = J W J^T`` (the cost's curvature), ``B = J W V W J^T`` with the
@@ -643,6 +642,8 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr):
     Poisson maximum likelihood estimate (:func:`_mle_bias`) of each window
     whose intensity ``km.intensity`` has a signal-to-noise ratio below
     ``bias_snr``; other windows and fixed parameters get 0.
+
+    Windows ``start .. stop`` (see :func:`spotfit._jit.over_windows`).
     """
     n, k = theta.shape
     P = data.shape[1]
@@ -657,8 +658,8 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr):
             idx[m] = i
             m += 1
     want_bias = cost.kind == MLE and out.bias.shape[0] == n and at_intensity >= 0
-    cov, chi2, sums, bias = out.cov, out.chi2, out.sums, out.bias  # written in prange: locals
-    for s in prange(n):
+    cov, chi2, sums, bias = out.cov, out.chi2, out.sums, out.bias
+    for s in range(start, stop):
         mu = np.empty(P)
         J = np.empty((k, P))
         scratch = np.empty((9, size))
@@ -744,7 +745,7 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr):
                 cov[s, idx[a], idx[b]] = t
 
 
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
     """First-order bias of a Poisson maximum-likelihood fit (Cox & Snell, 1968).
 

@@ -55,7 +55,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from spotfit._jit import njit
 
 LSQ, WLSQ, MLE = 0, 1, 2
 #: status codes, the same as those of :mod:`spotfit._kernels` (checked by the tests)

@@ -38,10 +38,10 @@ from dataclasses import dataclass, replace
 from typing import Union
 
 import numpy as np
-from numba import njit, prange
 
+from spotfit._jit import njit, over_windows
 from spotfit.errors import SpotfitInputError
-from spotfit.filters import PARALLEL_PIXELS, serial_and_parallel
+from spotfit.filters import PARALLEL_PIXELS
 
 __all__ = ["NoiseModel", "estimate_noise", "local_background", "halo", "cell_size", "CLIP"]
 
@@ -344,13 +344,13 @@ def _gauss_kernels(scale):
     return kernels, halves
 
 
-@njit(cache=True)
 def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, reach, kernels,
                        k_half, clip, min_coverage):
     """The background on the coarse grid (see :meth:`Background.estimate`).
 
     Returns the background per cell, the cells left out as spots and the
-    cell means.
+    cell means.  NumPy and SciPy, not compiled: the grid has a few cells per
+    PSF width, and compiling this took a third of a first run's compile time.
     """
     means = sums / np.maximum(counts, 1.0)
     # 1. lower envelope: grey opening of the cell means
@@ -361,11 +361,8 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
         envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 2)
     # 2. spots: cells brighter than the envelope by `clip` pixel-noise
     #    standard deviations, dilated by `reach` cells
-    bright = np.zeros(means.shape)
-    for i in range(means.size):
-        var = max(read_var.flat[i] + shot * max(envelope.flat[i], 0.0), floor) * correlation
-        if means.flat[i] > envelope.flat[i] + clip * math.sqrt(var):
-            bright.flat[i] = 1.0
+    var = np.maximum(read_var + shot * np.maximum(envelope, 0.0), floor) * correlation
+    bright = (means > envelope + clip * np.sqrt(var)).astype(np.float64)
     for axis in range(3):
         bright = _filter_axis(bright, axis, kernels[axis], reach[axis], True, 2)
     # 3. Gaussian-weighted means (normalised convolutions) of the other cells,
@@ -380,27 +377,26 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
             kept_count = _filter_axis(kept_count, axis, kernels[axis], k_half[axis], False, 0)
             env_sum = _filter_axis(env_sum, axis, kernels[axis], k_half[axis], False, 0)
             all_count = _filter_axis(all_count, axis, kernels[axis], k_half[axis], False, 0)
-    coarse = np.empty(means.shape)
-    for i in range(means.size):
-        start = env_sum.flat[i] / max(all_count.flat[i], 1e-12)
-        t = min(max(kept_count.flat[i] / max(all_count.flat[i], 1e-12) / min_coverage, 0.0), 1.0)
-        value = start
-        if kept_count.flat[i] > 0:
-            value = t * (kept_sum.flat[i] / kept_count.flat[i]) + (1.0 - t) * start
-        # 4. never below the envelope: at sharp edges (a cell's, a nucleus')
-        #    the smooth mean lags behind, the envelope does not
-        coarse.flat[i] = max(value, envelope.flat[i])
+    weight = np.maximum(all_count, 1e-12)
+    start = env_sum / weight
+    t = np.clip(kept_count / weight / min_coverage, 0.0, 1.0)
+    kept = kept_count > 0
+    value = np.where(kept, t * (kept_sum / np.where(kept, kept_count, 1.0)) + (1.0 - t) * start, start)
+    # 4. never below the envelope: at sharp edges (a cell's, a nucleus')
+    #    the smooth mean lags behind, the envelope does not
+    coarse = np.maximum(value, envelope)
     return coarse, bright > 0, means
 
 
-def _cell_sums_rows(data, cells, coarse_shape):
-    """Sum and count of the pixels of every coarse cell (cell rows spread over threads)."""
-    sums = np.zeros(coarse_shape)
-    counts = np.zeros(coarse_shape)
+@njit(nogil=True)
+def _cell_sums_rows(data, cells, sums, counts, start, stop):
+    """Sum and count of the pixels of every coarse cell, into `sums` and `counts`
+    (zeros of the coarse grid's shape); rows of cells ``start .. stop`` of the
+    ``mz * my`` rows."""
     nz, ny, nx = data.shape
     cz, cy, cx = cells[0], cells[1], cells[2]
-    mz, my, mx = coarse_shape
-    for r in prange(mz * my):
+    mz, my, mx = sums.shape
+    for r in range(start, stop):
         iz, iy = r // my, r % my
         for z in range(iz * cz, min((iz + 1) * cz, nz)):
             for y in range(iy * cy, min((iy + 1) * cy, ny)):
@@ -412,91 +408,33 @@ def _cell_sums_rows(data, cells, coarse_shape):
                         acc += row[x]
                     sums[iz, iy, jx] += acc
                     counts[iz, iy, jx] += x1 - jx * cx
-    return sums, counts
-
 
 
 def _cell_sums(data, cells, coarse_shape):
-    """:func:`_cell_sums_rows`, on numba's threads for large frames."""
-    kernel = _CELL_SUMS[1] if data.size >= PARALLEL_PIXELS else _CELL_SUMS[0]
-    return kernel(data, cells, coarse_shape)
+    """Sum and count of the pixels of every coarse cell (:func:`_cell_sums_rows`, on
+    threads for large frames)."""
+    sums = np.zeros(coarse_shape)
+    counts = np.zeros(coarse_shape)
+    over_windows(_cell_sums_rows, coarse_shape[0] * coarse_shape[1], data, cells, sums, counts,
+                 threaded=data.size >= PARALLEL_PIXELS)
+    return sums, counts
 
 
-@njit(cache=True)
 def _filter_axis(a, axis, kernel, half, nearest, minmax):
-    """One separable pass along `axis` of a 3D array: correlation with `kernel`
-    (minmax 0), or the minimum (1) / maximum (2) over ``2 half + 1`` cells.
-    Edges: nearest value (``nearest``) or zeros.  The array is viewed as
-    (outer, n, inner) around `axis` so the innermost loop is contiguous."""
-    n0, n1, n2 = a.shape
+    """One separable pass along `axis` of a 3D float64 array: correlation with
+    ``kernel[:2 half + 1]`` (minmax 0), or the minimum (1) / maximum (2) over
+    ``2 half + 1`` cells.  Edges: nearest value (``nearest``, always for the
+    minimum and maximum) or zeros.  An axis of length 1 is left as it is."""
+    from scipy import ndimage
+
+    half = int(half)
     if half == 0 or a.shape[axis] == 1:
         return a.copy()
-    if axis == 0:
-        outer, n, inner = 1, n0, n1 * n2
-    elif axis == 1:
-        outer, n, inner = n0, n1, n2
-    else:
-        outer, n, inner = n0 * n1, n2, 1
-    src = np.ascontiguousarray(a).reshape(outer, n, inner)
-    out = np.empty((outer, n, inner))
-    if inner == 1:  # along the contiguous axis: through a padded copy of each line
-        line = np.empty(n + 2 * half)
-        flat = src.reshape(outer, n)
-        res = out.reshape(outer, n)
-        for o in range(outer):
-            v = flat[o]
-            for i in range(n + 2 * half):
-                m = i - half
-                if m < 0 or m >= n:
-                    if nearest:
-                        line[i] = v[0] if m < 0 else v[n - 1]
-                    else:
-                        line[i] = 0.0 if minmax == 0 else (v[0] if m < 0 else v[n - 1])
-                else:
-                    line[i] = v[m]
-            r = res[o]
-            for c in range(n):
-                if minmax == 0:
-                    acc = 0.0
-                    for t in range(2 * half + 1):
-                        acc += kernel[t] * line[c + t]
-                elif minmax == 1:
-                    acc = line[c]
-                    for t in range(1, 2 * half + 1):
-                        acc = min(acc, line[c + t])
-                else:
-                    acc = line[c]
-                    for t in range(1, 2 * half + 1):
-                        acc = max(acc, line[c + t])
-                r[c] = acc
-        return out.reshape(n0, n1, n2)
-    for o in range(outer):
-        for c in range(n):
-            row = out[o, c]
-            if minmax == 0:
-                row[:] = 0.0
-            else:
-                row[:] = src[o, c]
-            for t in range(-half, half + 1):
-                m = c + t
-                if m < 0 or m >= n:
-                    if not nearest:
-                        continue
-                    m = 0 if m < 0 else n - 1
-                other = src[o, m]
-                if minmax == 0:
-                    w = kernel[t + half]
-                    for k in range(inner):
-                        row[k] += w * other[k]
-                elif minmax == 1:
-                    for k in range(inner):
-                        if other[k] < row[k]:
-                            row[k] = other[k]
-                else:
-                    for k in range(inner):
-                        if other[k] > row[k]:
-                            row[k] = other[k]
-    return out.reshape(n0, n1, n2)
+    if minmax == 0:
+        return ndimage.correlate1d(a, kernel[: 2 * half + 1], axis=axis,
+                                   mode="nearest" if nearest else "constant", cval=0.0)
+    extreme = ndimage.minimum_filter1d if minmax == 1 else ndimage.maximum_filter1d
+    return extreme(a, 2 * half + 1, axis=axis, mode="nearest")
 
 
 def _box_filter(a, half, minimum):
@@ -508,31 +446,22 @@ def _box_filter(a, half, minimum):
     return out
 
 
-@njit(cache=True)
 def _axis_weights(n, c, m):
     """Interpolation indices and weights along one axis (cell centres at (i + 0.5) c - 0.5)."""
-    lo = np.empty(n, np.int64)
-    hi = np.empty(n, np.int64)
-    w = np.empty(n)
-    for p in range(n):
-        f = (p + 0.5) / c - 0.5
-        i = min(max(int(math.floor(f)), 0), m - 1)
-        lo[p] = i
-        hi[p] = min(i + 1, m - 1)
-        w[p] = min(max(f - i, 0.0), 1.0)
-    return lo, hi, w
+    f = (np.arange(n) + 0.5) / c - 0.5
+    lo = np.clip(np.floor(f).astype(np.int64), 0, m - 1)
+    hi = np.minimum(lo + 1, m - 1)
+    return lo, hi, np.clip(f - lo, 0.0, 1.0)
 
 
-def _add_interpolated_rows(image, coarse, cells, sign, shift):
-    """In place, for every pixel: ``image[p] += sign * B(p) + shift`` with ``B``
-    the coarse grid interpolated multilinearly (cell centres at
-    ``(i + 0.5) * cell - 0.5``); rows spread over threads."""
+@njit(nogil=True)
+def _add_interpolated_rows(image, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, sign, shift, start, stop):
+    """In place, for every pixel of rows ``start .. stop`` (of the ``nz * ny``):
+    ``image[p] += sign * B(p) + shift`` with ``B`` the coarse grid interpolated
+    multilinearly (indices and weights per axis: :func:`_axis_weights`)."""
     nz, ny, nx = image.shape
     mz, my, mx = coarse.shape
-    lz, hz, wz = _axis_weights(nz, cells[0], mz)
-    ly, hy, wy = _axis_weights(ny, cells[1], my)
-    lx, hx, wx = _axis_weights(nx, cells[2], mx)
-    for r in prange(nz * ny):
+    for r in range(start, stop):
         z, y = r // ny, r % ny
         # interpolate along z and y on the coarse columns, then along x
         line = np.empty(mx)
@@ -550,37 +479,26 @@ def _add_interpolated_rows(image, coarse, cells, sign, shift):
 
 def _add_interpolated(image, coarse, cells, sign, shift):
     """:func:`_add_interpolated_rows`, on numba's threads for large frames."""
-    kernel = _ADD_INTERPOLATED[1] if image.size >= PARALLEL_PIXELS else _ADD_INTERPOLATED[0]
-    kernel(image, coarse, cells, sign, shift)
+    weights = [w for n, c, m in zip(image.shape, cells, coarse.shape) for w in _axis_weights(n, int(c), m)]
+    over_windows(_add_interpolated_rows, image.shape[0] * image.shape[1], image, coarse, *weights,
+                 float(sign), float(shift), threaded=image.size >= PARALLEL_PIXELS)
 
 
-@njit(cache=True)
 def _interpolate_at(coarse, cells, zs, ys, xs):
-    mz, my, mx = coarse.shape
-    out = np.empty(zs.size, np.float32)
-    for i in range(zs.size):
-        v = 0.0
-        fz = (zs[i] + 0.5) / cells[0] - 0.5
-        fy = (ys[i] + 0.5) / cells[1] - 0.5
-        fx = (xs[i] + 0.5) / cells[2] - 0.5
-        iz = min(max(int(math.floor(fz)), 0), mz - 1)
-        iy = min(max(int(math.floor(fy)), 0), my - 1)
-        ix = min(max(int(math.floor(fx)), 0), mx - 1)
-        tz = min(max(fz - iz, 0.0), 1.0)
-        ty = min(max(fy - iy, 0.0), 1.0)
-        tx = min(max(fx - ix, 0.0), 1.0)
-        for dz in range(2):
-            wz = tz if dz else 1 - tz
-            jz = min(iz + dz, mz - 1)
-            for dy in range(2):
-                wy = ty if dy else 1 - ty
-                jy = min(iy + dy, my - 1)
-                for dx in range(2):
-                    wx = tx if dx else 1 - tx
-                    jx = min(ix + dx, mx - 1)
-                    v += wz * wy * wx * coarse[jz, jy, jx]
-        out[i] = v
-    return out
+    """The coarse grid interpolated multilinearly at pixels ``(zs, ys, xs)``, float32."""
+    out = np.zeros(len(zs))
+    corners = []
+    for axis, p in enumerate((zs, ys, xs)):
+        m = coarse.shape[axis]
+        f = (p + 0.5) / cells[axis] - 0.5
+        i = np.clip(np.floor(f).astype(np.int64), 0, m - 1)
+        t = np.clip(f - i, 0.0, 1.0)
+        corners.append(((i, 1.0 - t), (np.minimum(i + 1, m - 1), t)))
+    for (jz, wz) in corners[0]:
+        for (jy, wy) in corners[1]:
+            for (jx, wx) in corners[2]:
+                out += wz * wy * wx * coarse[jz, jy, jx]
+    return out.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -822,5 +740,3 @@ def _fit_transfer(d, level, floor, overall):
     return NoiseModel(read_var=a, shot=b, floor=max(0.25 * float(np.min(var)), floor), source="measured")
 
 
-_CELL_SUMS = serial_and_parallel(_cell_sums_rows)
-_ADD_INTERPOLATED = serial_and_parallel(_add_interpolated_rows)

@@ -622,6 +622,10 @@ class _Program(click.Group):
 
     def _run(self, args, prog_name, complete_var, **extra) -> int:
         """Run the command; its exit status (messages already printed)."""
+        from spotfit._jit import announce_compilation
+
+        # a line on stderr if kernels compile (first run); SPOTFIT_COMPILE_NOTICE=0: none
+        announce_compilation(os.environ.get("SPOTFIT_COMPILE_NOTICE", "1") != "0")
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             return rv if isinstance(rv, int) else 0
@@ -983,7 +987,14 @@ def fit(**params):
     FILE.json records how the table was made.  Several files or folders
     need --out-dir: one CSV and one JSON sidecar per input, and report.html.
     """
-    _fit_or_detect("fit", params)
+    from spotfit._jit import compile_alongside
+
+    if params.get("workers") != 1:
+        compile_alongside("spotfit.solver:compile_kernels")  # on a first run only
+    try:
+        _fit_or_detect("fit", params)
+    finally:
+        compile_alongside(None)
 
 
 @main.command(context_settings=CONTEXT_SETTINGS)

@@ -68,12 +68,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
 from scipy.spatial import cKDTree
 
+from spotfit._jit import njit, over_windows
 from spotfit.errors import SpotfitInputError
 from spotfit.filters import (  # noqa: F401  (dog_filter, DOG_RATIO: the public names stay here too)
-    DOG_RATIO, PARALLEL_PIXELS, SMOOTH, _EdgeNoise, dog_filter, gaussian_smooth, serial_and_parallel,
+    DOG_RATIO, PARALLEL_PIXELS, SMOOTH, _EdgeNoise, dog_filter, gaussian_smooth,
 )
 
 __all__ = [
@@ -443,43 +443,41 @@ def _screen(filtered, background, noise, floor, factor):
     return _above(volume, limit, background.cells)
 
 
-def _above_rows(volume, limit, cells):
-    """Flat indices of the pixels of `volume` above their cell's `limit`, increasing."""
+@njit(nogil=True)
+def _above_rows(volume, limit, cells, cell_x, first, out, fill, start, stop):
+    """Pixels of rows ``start .. stop`` (of the ``nz * ny`` rows of `volume`) above
+    their cell's `limit`: counted into ``first[r]`` (``fill`` False), or their flat
+    indices written to `out` from position ``first[r]`` on (``fill`` True)."""
     nz, ny, nx = volume.shape
-    cz, cy, cx = cells[0], cells[1], cells[2]
-    cell_x = np.arange(nx) // cx
-    counts = np.zeros(nz * ny, np.int64)
-    for r in prange(nz * ny):  # first count per row, then fill
+    cz, cy = cells[0], cells[1]
+    for r in range(start, stop):
         z, y = r // ny, r % ny
         row = volume[z, y]
         lim = limit[z // cz, y // cy]
-        k = 0
+        k = first[r] if fill else 0
         for x in range(nx):
             if row[x] > lim[cell_x[x]]:
+                if fill:
+                    out[k] = r * nx + x
                 k += 1
-        counts[r] = k
-    starts = np.zeros(nz * ny + 1, np.int64)
-    starts[1:] = np.cumsum(counts)
-    out = np.empty(starts[-1], np.int64)
-    for r in prange(nz * ny):
-        z, y = r // ny, r % ny
-        row = volume[z, y]
-        lim = limit[z // cz, y // cy]
-        k = starts[r]
-        for x in range(nx):
-            if row[x] > lim[cell_x[x]]:
-                out[k] = r * nx + x
-                k += 1
-    return out
-
-
-
-_above_serial, _above_parallel = serial_and_parallel(_above_rows)
+        if not fill:
+            first[r] = k
 
 
 def _above(volume, limit, cells):
-    """:func:`_above_rows`, on numba's threads for large frames."""
-    return (_above_parallel if volume.size >= PARALLEL_PIXELS else _above_serial)(volume, limit, cells)
+    """Flat indices of the pixels of `volume` above their cell's `limit`, increasing
+    (:func:`_above_rows`: counted per row, then filled; on threads for large frames)."""
+    nz, ny, nx = volume.shape
+    rows, threaded = nz * ny, volume.size >= PARALLEL_PIXELS
+    cell_x = np.arange(nx, dtype=np.int64) // int(cells[2])
+    counts = np.zeros(rows, np.int64)
+    none = np.zeros(0, np.int64)
+    over_windows(_above_rows, rows, volume, limit, cells, cell_x, counts, none, False, threaded=threaded)
+    first = np.zeros(rows, np.int64)
+    np.cumsum(counts[:-1], out=first[1:])
+    out = np.empty(int(counts.sum()), np.int64)
+    over_windows(_above_rows, rows, volume, limit, cells, cell_x, first, out, True, threaded=threaded)
+    return out
 
 
 def _noise_sd(index, frame_index, background, noise, edge, floor):

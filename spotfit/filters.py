@@ -21,8 +21,9 @@ import math
 
 import numpy as np
 import scipy.fft
-from numba import njit, prange
 from scipy.sparse import csr_matrix
+
+from spotfit._jit import njit, over_windows
 
 __all__ = ["gaussian_smooth", "dog_filter", "SMOOTH", "DOG_RATIO"]
 
@@ -35,21 +36,9 @@ SMOOTH = 0.7
 DOG_RATIO = 3.0
 
 
-def serial_and_parallel(func):
-    """Two compiled variants of a row-parallel (``prange``) kernel: one thread,
-    and numba's threads.  Waking the threads costs ~1 ms, far more than a small
-    frame's work; callers pick by size (:data:`PARALLEL_PIXELS`).  The parallel
-    variant is compiled from a copy with its own name, so that numba's on-disk
-    cache keeps the two apart."""
-    import types
-
-    twin = types.FunctionType(func.__code__, func.__globals__, func.__name__ + "_parallel",
-                              func.__defaults__, func.__closure__)
-    twin.__qualname__ = func.__qualname__ + "_parallel"
-    return njit(cache=True)(func), njit(cache=True, parallel=True)(twin)
-
-
-#: arrays with at least this many pixels use the parallel variant of a kernel
+#: arrays with at least this many pixels run their row kernels on threads
+#: (:func:`spotfit._jit.over_windows`); waking the threads costs ~1 ms, more than
+#: a small frame's work
 PARALLEL_PIXELS = 1 << 18
 
 
@@ -182,15 +171,15 @@ def gaussian_smooth(data, sigma) -> np.ndarray:
 _DIRECT_SIGMA = 2.0
 
 
-def _correlate_axis_rows(a, kernel, axis):
+@njit(error_model="numpy", nogil=True)
+def _correlate_axis_rows(a, kernel, axis, out, start, stop):
     """Correlation of a (nz, ny, nx) float32 array with a symmetric 1D kernel
-    along `axis`, edges mirror-reflected (``d c b a | a b c d``); rows are
-    spread over numba's threads."""
+    along `axis`, edges mirror-reflected (``d c b a | a b c d``), into `out`;
+    rows ``start .. stop`` of the ``nz * ny`` rows."""
     nz, ny, nx = a.shape
     half = (kernel.size - 1) // 2
-    out = np.empty_like(a)
     n = a.shape[axis]
-    for r in prange(nz * ny):
+    for r in range(start, stop):
         z, y = r // ny, r % ny
         o = out[z, y]
         if axis == 2:
@@ -217,17 +206,14 @@ def _correlate_axis_rows(a, kernel, axis):
                 w = kernel[t]
                 for x in range(nx):
                     o[x] += w * src[x]
-    return out
-
-
-
-_correlate_serial, _correlate_parallel = serial_and_parallel(_correlate_axis_rows)
 
 
 def _correlate_axis(a, kernel, axis):
-    """:func:`_correlate_axis_rows`, on numba's threads for large arrays."""
-    kernel_fn = _correlate_parallel if a.size >= PARALLEL_PIXELS else _correlate_serial
-    return kernel_fn(a, kernel, axis)
+    """:func:`_correlate_axis_rows`, on threads for large arrays."""
+    out = np.empty_like(a)
+    over_windows(_correlate_axis_rows, a.shape[0] * a.shape[1], a, kernel, axis, out,
+                 threaded=a.size >= PARALLEL_PIXELS)
+    return out
 
 
 def _fft_filter(data, sigma, wide):

@@ -31,11 +31,11 @@ Pipeline for one frame (:meth:`CrowdedFitter.fit_frame`):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from spotfit._jit import njit
 from spotfit import results, roi, solver, table
 from spotfit.config import Setup
 from spotfit.models import get_model

@@ -35,8 +35,8 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
 
+from spotfit._jit import njit
 from spotfit.errors import SpotfitInputError
 
 __all__ = ["METHODS", "TRUNCATE", "Points", "colour_preview", "draw", "prepare", "render"]

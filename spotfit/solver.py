@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spotfit._jit import join_alongside, over_windows
 from spotfit._kernels import (
     CAMERA_VARIANCE, CONVERGED, LOW_SIGNAL, MEASURE_VARIANCE, MEASURED_VARIANCE, SINGULAR, VAR_FLOOR,
     Box, CovarianceOut, FitState, NoiseModel,
@@ -156,8 +157,6 @@ def solve(
     -------
     Solution
     """
-    import numba
-
     from spotfit._kernels import levenberg_marquardt
 
     n, k = theta0.shape
@@ -173,19 +172,19 @@ def solve(
     state = FitState(np.array(theta0, dtype=float, order="C", copy=True), np.zeros(n, dtype=np.int32),
                      np.zeros(n, dtype=np.int8), np.zeros(n))
     if n:
-        chunks = 8 * numba.get_num_threads()  # a few chunks of windows per thread
         if hold_first is not None:  # a short, coarse first pass is enough to find the spot
             rows = np.arange(n) if hold_rows is None else np.flatnonzero(hold_rows)
             if len(rows):
                 first = FitState(state.theta[rows], np.zeros(len(rows), dtype=np.int32),
                                  np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows)))
-                levenberg_marquardt(km, _rows(cost, rows), Box(lower[rows], upper[rows],
-                                                              free & ~np.asarray(hold_first, bool)),
-                                    first, int(min(max_iter, 3)), float(10 * tol), chunks)
+                over_windows(levenberg_marquardt, len(rows), km, _rows(cost, rows),
+                             Box(lower[rows], upper[rows], free & ~np.asarray(hold_first, bool)),
+                             first, int(min(max_iter, 3)), float(10 * tol))
                 state.theta[rows] = first.theta
                 state.iterations[rows] = first.iterations
         done = state.iterations.copy()
-        levenberg_marquardt(km, cost, Box(lower, upper, free), state, int(max_iter), float(tol), chunks)
+        over_windows(levenberg_marquardt, n, km, cost, Box(lower, upper, free), state, int(max_iter),
+                     float(tol))
         state.iterations[:] += done
     theta, status = state.theta, state.status
     want_bias = bias_correct and estimator.bias_correctable
@@ -302,8 +301,9 @@ def score_test(model, estimator, data, mask, grid, theta, embed, noise=Noise(), 
         down[:, j] -= h
         D[:, :, j] = (embed(up) - embed(down)) / (2.0 * h[:, None])
     cost = estimator.cost(np.ascontiguousarray(data, dtype=float), mask, noise)
-    score_statistic(model.kernel(grid), cost, np.ascontiguousarray(embed(theta), dtype=float),
-                    np.ascontiguousarray(D), out)
+    join_alongside()  # a first run may compile this kernel in a second process
+    over_windows(score_statistic, n, model.kernel(grid), cost,
+                 np.ascontiguousarray(embed(theta), dtype=float), np.ascontiguousarray(D), out)
     if residual_var is not None:
         out = out / np.maximum(residual_var, VAR_FLOOR)
     return out
@@ -375,18 +375,20 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
     km = model.kernel(grid)
     data = np.ascontiguousarray(data, dtype=float)
     free = np.asarray(free, bool)
+    join_alongside()  # a first run may compile this kernel in a second process
     if noise.calibrated:
         read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
         none = np.zeros(0)
-        kernel(km, cost, data, theta, free,
-               NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out, BIAS_SNR)
+        over_windows(kernel, n, km, cost, data, theta, free,
+                     NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
+                     BIAS_SNR)
     else:
         if variance is None:
             variance = _measure_variance(km, cost, data, theta, free, groups)
         used = np.ascontiguousarray(variance, dtype=float)
-        kernel(km, cost, data, theta, free,
-               NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(), used[:, 1].copy(),
-                          used[:, 2].copy()), out, 0.0)
+        over_windows(kernel, n, km, cost, data, theta, free,
+                     NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(),
+                                used[:, 1].copy(), used[:, 2].copy()), out, 0.0)
     return out.cov, out.chi2, out.bias if bias else np.zeros((n, k)), used
 
 
@@ -420,9 +422,10 @@ def _measure_variance(km, cost, data, theta, free, groups):
     sub = regression_rows(groups)
     sums = np.zeros((len(sub), 5))
     none = np.zeros(0)
-    kernel(km, _rows(cost, sub), data[sub], theta[sub], free,
-           NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
-           CovarianceOut(np.zeros((len(sub), k, k)), np.zeros(len(sub)), sums, np.zeros((0, k))), 0.0)
+    over_windows(kernel, len(sub), km, _rows(cost, sub), data[sub], theta[sub], free,
+                 NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
+                 CovarianceOut(np.zeros((len(sub), k, k)), np.zeros(len(sub)), sums, np.zeros((0, k))),
+                 0.0)
     per_group = np.zeros((len(labels), 5))
     np.add.at(per_group, inverse[sub], sums)
     return variance_model(per_group)[inverse]
@@ -503,3 +506,25 @@ def crlb(model: Model, theta: np.ndarray, grid: Grid, noise: Noise, mask=None) -
         inv_var = inv_var * mask
     fisher = np.matmul(jac * inv_var[:, None, :], jac.transpose(0, 2, 1))
     return np.sqrt(np.clip(np.diagonal(_inverse(fisher), axis1=1, axis2=2), 0.0, None))
+
+
+def compile_kernels() -> None:
+    """Compile (or load from the cache) the covariance and score-test kernels, on a
+    tiny problem with the types every fit passes them.
+
+    Run in a second process on a first run (:func:`spotfit._jit.compile_alongside`)
+    while the first compiles detection and the Levenberg-Marquardt kernel.
+    """
+    from spotfit.estimators import Noise, get_estimator
+    from spotfit.models import Grid, get_model
+
+    grid = Grid((5, 5))
+    model = get_model("rotated", integrated=True)
+    theta = np.array([[100.0, 2.0, 2.0, 1.7, 1.7, 0.0, 1.0]] * 2)
+    data = np.full((2, grid.size), 5.0)
+    mask = np.ones(data.shape, bool)
+    noise = Noise(calibrated=True, excess=1.0, read_var=1.0)
+    estimator = get_estimator("mle")
+    cost = estimator.cost(data, mask, noise)
+    covariance(model, cost, data, theta, grid, noise, np.ones(model.n_params, bool), bias=True)
+    score_test(model, estimator, data, mask, grid, theta, lambda t: t, noise)

@@ -194,12 +194,13 @@ class Model:
             ``jac[i, j, p] = d mu[i, p] / d theta[i, j]``.
         """
         from spotfit import _kernels
+        from spotfit._jit import over_windows
 
         theta = np.ascontiguousarray(theta, dtype=float)
         n, k = theta.shape
         mu = np.empty((n, grid.size))
         jac = np.empty((n, k, grid.size))
-        _kernels.evaluate(self.kernel(grid), theta, mu, jac)
+        over_windows(_kernels.evaluate, n, self.kernel(grid), theta, mu, jac)
         return mu, jac
 
     def value(self, theta: np.ndarray, grid: Grid) -> np.ndarray:

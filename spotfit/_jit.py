@@ -1,0 +1,222 @@
+"""How spotfit compiles its kernels and runs them: numba's cache, the first-run notice, threads.
+
+Every module with compiled kernels decorates them with :func:`njit` from here (not
+numba's), which adds three things to ``numba.njit(cache=True, ...)``:
+
+* **One cache key for all kernel modules.**  numba's on-disk cache checks only the
+  source file that defines a function, so a kernel whose callee in another file
+  changed was loaded stale (and a detection kernel once failed to load with
+  ``No module named '<dynamic>'``).  Here every spotfit kernel's cache entry is
+  stamped with a hash of the sources of all :data:`KERNEL_MODULES` (and numba's
+  version): any change to any of them recompiles them all, once.  The cache stays
+  where numba puts it: ``__pycache__`` beside the installed sources when that is
+  writable (a ``pip install`` into a user's environment), else numba's user-wide
+  cache folder, or ``NUMBA_CACHE_DIR`` when set.
+* **A one-line notice** on standard error when a kernel is actually compiled
+  (a cache miss), once per process, if the program asked for it
+  (:func:`announce_compilation`; the command line does).
+* **A second compiling process** on a first run, if the program asked for it
+  (:func:`compile_alongside`; ``spotfit fit`` does): numba compiles one function
+  at a time, so at the first cache miss a second Python process compiles the
+  kernels the run needs last (:func:`spotfit.solver.compile_kernels`: covariance
+  and score test) while this one compiles detection and the solver; before
+  calling those kernels this process waits for it (:func:`join_alongside`) and
+  loads them from the cache.  On two cores that takes a third off a first run.
+* **Threads without ``parallel=True``** for the kernels that loop over windows:
+  numba's parallel compilation costs 2-3 times the serial one (it was most of a
+  first run's compile time), so they are compiled serially with ``nogil=True`` and
+  run on a few Python threads, each over a contiguous range of windows
+  (:func:`over_windows`); so do the row kernels of detection and background on
+  frames of at least :data:`spotfit.filters.PARALLEL_PIXELS` pixels.  (The kernel
+  of ``spotfit measure``, :mod:`spotfit._photometry_kernels`, still uses
+  ``parallel=True``: it compiles on the first ``measure`` only.)
+
+This module imports numba only when the first kernel is decorated, so that the
+command line can ask for the notice without importing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+
+#: the modules (files of this package) that define compiled kernels; their sources
+#: together key the cache of every kernel (tests check that the list is complete)
+KERNEL_MODULES = ("_kernels.py", "_photometry_kernels.py", "_csv.py", "background.py",
+                  "detection.py", "filters.py", "group.py", "rendering.py")
+#: the notice, printed once when the first kernel of a run is compiled (the time:
+#: benchmarks/first_run.py on 2 cores, idle to busy)
+NOTICE = "Compiling spotfit's kernels (once after installing or upgrading spotfit; 10-30 s)..."
+#: fewer windows than this run in the calling thread
+MIN_THREADED_WINDOWS = 64
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_DETACHED = []  # second compiling processes no longer waited for (kept referenced)
+_state = {"ready": False, "announce": False, "announced": False, "stamp": None,
+          "alongside": None, "helper": None}
+
+
+def announce_compilation(on: bool = True) -> None:
+    """Print :data:`NOTICE` on standard error when a kernel is compiled in this
+    process, once; nothing when every kernel comes from the cache."""
+    _state["announce"] = on
+
+
+def compile_alongside(target) -> None:
+    """At this process' first cache miss, start ``python -c "import M; M.F()"`` for
+    ``target`` ``"M:F"`` (a function that compiles some kernels into the cache);
+    ``None``: do not (any more; a process already started is left to finish filling
+    the cache)."""
+    _state["alongside"] = target
+    if target is None and _state["helper"] is not None:
+        _DETACHED.append(_state["helper"])
+        _state["helper"] = None
+
+
+def join_alongside(timeout: float = 600.0) -> None:
+    """Wait for the process :func:`compile_alongside` started, if any (then load
+    what it compiled from the cache instead of compiling it again)."""
+    helper, _state["helper"] = _state["helper"], None
+    if helper is None:
+        return
+    import subprocess
+
+    try:
+        helper.wait(timeout)
+    except subprocess.TimeoutExpired:  # compile here after all
+        helper.kill()
+        helper.wait()
+
+
+def njit(*args, **options):
+    """``numba.njit`` with ``cache=True`` and spotfit's cache key (see the module docstring).
+
+    Use as ``@njit`` or ``@njit(error_model="numpy", nogil=True)``.
+    """
+    _setup()
+    from numba import njit as numba_njit
+
+    options.setdefault("cache", True)
+    if args and callable(args[0]):
+        return numba_njit(**options)(args[0])
+    return numba_njit(*args, **options)
+
+
+def over_windows(kernel, n: int, *args, threaded=None) -> None:
+    """Call ``kernel(*args, start, stop)`` over items ``0 .. n`` (windows, rows of
+    pixels) split into ranges.
+
+    The ranges run on numba's number of threads (:func:`numba.get_num_threads`,
+    which :meth:`spotfit.config.FitConfig.use_threads` sets), a few ranges per thread
+    to balance the load; the kernel must be compiled with ``nogil=True`` and write
+    each item's results only.  ``threaded``: whether to use threads at all (waking
+    them costs more than a small frame's work); default: from
+    :data:`MIN_THREADED_WINDOWS` windows on.
+    """
+    import numba
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = numba.get_num_threads()
+    if threaded is None:
+        threaded = n >= MIN_THREADED_WINDOWS
+    if threads <= 1 or not threaded or n < 2:
+        kernel(*args, 0, n)
+        return
+    chunks = min(4 * threads, n)
+    bounds = [(c * n // chunks, (c + 1) * n // chunks) for c in range(chunks)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for done in [pool.submit(kernel, *args, start, stop) for start, stop in bounds]:
+            done.result()
+
+
+def kernel_stamp(package=None) -> str:
+    """Hash of the sources of all :data:`KERNEL_MODULES` (in the folder ``package``,
+    default: this package's) and numba's version."""
+    import numba
+
+    if package is not None:
+        digest = hashlib.sha256(numba.__version__.encode())
+        for name in KERNEL_MODULES:
+            with open(os.path.join(package, name), "rb") as f:
+                digest.update(f.read())
+        return digest.hexdigest()
+    if _state["stamp"] is None:
+        _state["stamp"] = kernel_stamp(_PACKAGE)
+    return _state["stamp"]
+
+
+def _setup() -> None:
+    """Install the cache locators and the compile listener (once)."""
+    if _state["ready"]:
+        return
+    from numba.core import caching
+    from numba.core import event
+
+    bases = [getattr(caching, name, None) or getattr(caching, "_" + name)
+             for name in ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")]
+    ours = [_locator(base) for base in bases]
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl  # renamed in numba 0.61
+    classes = impl._locator_classes
+    classes[:0] = [cls for cls in ours if cls.__name__ not in {c.__name__ for c in classes}]
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            _on_compile_start(ev)
+
+        def on_end(self, ev):
+            pass
+
+    event.register("numba:compile", Listener())
+    _state["ready"] = True
+
+
+def _start_helper(target: str) -> None:
+    import subprocess
+
+    module, func = target.split(":")
+    # the same spotfit as this process' (not one in the working directory)
+    code = (f"import sys; sys.path[0] = {os.path.dirname(_PACKAGE)!r}; "
+            f"import {module}; {module}.{func}()")
+    try:
+        _state["helper"] = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:  # no second process: compile everything here
+        _state["helper"] = None
+
+
+def _locator(base):
+    """A subclass of numba's cache locator ``base`` for spotfit's files, stamped by
+    :func:`kernel_stamp` instead of the one file's source."""
+
+    class Locator(base):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.dirname(os.path.abspath(py_file)) != _PACKAGE:
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            return kernel_stamp()
+
+    Locator.__name__ = Locator.__qualname__ = "Spotfit" + base.__name__.lstrip("_")
+    return Locator
+
+
+def _on_compile_start(event) -> None:
+    """Print the notice at the start of the first compilation of a spotfit kernel."""
+    if _state["announced"] or not (_state["announce"] or _state["alongside"]):
+        return
+    func = getattr(event.data.get("dispatcher"), "py_func", None)
+    if func is None or not getattr(func, "__module__", "").startswith("spotfit."):
+        return
+    _state["announced"] = True
+    if _state["alongside"]:
+        _start_helper(_state["alongside"])
+    if not _state["announce"]:
+        return
+    stream = sys.stderr
+    clear = "\r\x1b[K" if getattr(stream, "isatty", lambda: False)() else ""  # over a progress bar's line, if any
+    print(clear + NOTICE, file=stream, flush=True)

@@ -1,0 +1,159 @@
+"""How kernels are compiled and run (spotfit._jit): the cache key covers every kernel module,
+the first-run notice appears only when something compiles, and ranges of windows on threads
+give the same numbers as one thread.
+
+The first fit after installation (seconds, with the notice) is measured by
+``benchmarks/first_run.py``: compiling everything takes too long for the suite.
+"""
+
+import ast
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+from spotfit import _jit
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "spotfit"
+
+
+def _uses_njit(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return any(isinstance(node, ast.ImportFrom) and node.module == "spotfit._jit"
+               and any(a.name == "njit" for a in node.names) for node in ast.walk(tree))
+
+
+def test_kernel_modules_are_exactly_the_modules_with_kernels():
+    with_kernels = {p.name for p in PACKAGE.glob("*.py") if _uses_njit(p)}
+    assert with_kernels == set(_jit.KERNEL_MODULES)
+    for path in PACKAGE.rglob("*.py"):  # and none decorates with numba's own njit
+        if path.name == "_jit.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        assert "from numba import njit" not in text and "numba.njit" not in text, path
+
+
+def test_cache_stamp_changes_when_any_kernel_module_changes(tmp_path):
+    for name in _jit.KERNEL_MODULES:
+        shutil.copy(PACKAGE / name, tmp_path / name)
+    before = _jit.kernel_stamp(tmp_path)
+    assert before == _jit.kernel_stamp(PACKAGE)
+    for name in ("filters.py", "_kernels.py"):  # a callee's file, the solver's file
+        path = tmp_path / name
+        original = path.read_bytes()
+        path.write_bytes(original + b"\n# changed\n")
+        assert _jit.kernel_stamp(tmp_path) != before
+        path.write_bytes(original)
+    assert _jit.kernel_stamp(tmp_path) == before
+
+
+def test_spotfit_kernels_are_cached_under_the_shared_stamp():
+    from spotfit import _kernels, detection
+
+    for kernel in (_kernels.levenberg_marquardt, detection._is_box_maximum):
+        locator = kernel._cache._impl.locator
+        assert type(locator).__name__.startswith("Spotfit")
+        assert locator.get_source_stamp() == _jit.kernel_stamp()
+
+
+def _compile_something(module_name):
+    """A fresh function compiled now (no cache), as if defined in ``module_name``."""
+    def twice(x):
+        return 2 * x
+
+    twice.__module__ = module_name
+    return _jit.njit(cache=False)(twice)(21)
+
+
+def test_notice_once_when_a_spotfit_kernel_compiles(monkeypatch, capsys):
+    monkeypatch.setitem(_jit._state, "announced", False)
+    monkeypatch.setitem(_jit._state, "alongside", None)
+    monkeypatch.setitem(_jit._state, "announce", True)
+    _compile_something("not_spotfit.module")
+    assert capsys.readouterr().err == ""  # other packages' compilations: not ours to announce
+    assert _compile_something("spotfit.example") == 42
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err == _jit.NOTICE + "\n"
+    _compile_something("spotfit.example")
+    assert capsys.readouterr().err == ""  # once per process
+
+
+def test_no_notice_unless_asked(monkeypatch, capsys):
+    monkeypatch.setitem(_jit._state, "announced", False)
+    monkeypatch.setitem(_jit._state, "alongside", None)
+    monkeypatch.setitem(_jit._state, "announce", False)
+    _compile_something("spotfit.example")
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_notice_only_on_a_cache_miss(tmp_path):
+    """`spotfit render` compiles one small kernel: with an empty cache the notice is
+    the first line on stderr, from the cache there is none; stdout stays clean."""
+    table = tmp_path / "spots.csv"
+    table.write_text("x,y\n5.0,6.0\n10.5,3.25\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("SPOTFIT_COMPILE_NOTICE", None)  # (tests/conftest.py switches it off)
+    command = [sys.executable, "-m", "spotfit", "render", str(table), "-o", str(tmp_path / "r.tif"),
+               "--pixel-size", "50", "--camera-pixel-size", "100", "--sigma", "20"]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    again = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    assert first.stderr.startswith(_jit.NOTICE)
+    assert first.stderr.count("Compiling") == 1
+    assert "Compiling" not in first.stdout + again.stdout + again.stderr
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_window_ranges_match_one_thread(threads):
+    from spotfit.models import Grid, get_model
+
+    rng = np.random.default_rng(5)
+    n = 4 * _jit.MIN_THREADED_WINDOWS + 3  # uneven ranges
+    grid = Grid((1, 9, 11))
+    model = get_model("rotated")
+    theta = np.column_stack([rng.uniform(100, 1000, n), rng.uniform(3, 7, n), rng.uniform(3, 5, n),
+                             rng.uniform(1, 3, n), rng.uniform(1, 3, n), rng.uniform(-0.5, 0.5, n),
+                             rng.uniform(0, 10, n)])
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        mu1, jac1 = model.evaluate(theta, grid)
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        mu2, jac2 = model.evaluate(theta, grid)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(mu1, mu2)
+    np.testing.assert_array_equal(jac1, jac2)
+
+
+def test_compile_kernels_compiles_what_fits_use(monkeypatch):
+    """The second process of a first run compiles the covariance and score-test
+    kernels for the argument types fits pass (else the run would compile them again)."""
+    import spotfit
+    from spotfit import _kernels, solver
+    from spotfit.camera import Camera
+
+    seen = {}
+    run = solver.over_windows
+
+    def recording(kernel, n, *args, **kw):
+        if kernel in (_kernels.covariance, _kernels.score_statistic):
+            seen.setdefault(kernel.__name__, set()).add(tuple(numba.typeof(a) for a in args))
+        return run(kernel, n, *args, **kw)
+
+    monkeypatch.setattr(solver, "over_windows", recording)
+    solver.compile_kernels()
+    compiled, seen = seen, {}
+    assert set(compiled) == {"covariance", "score_statistic"}
+    assert all(len(types) == 1 for types in compiled.values())
+    camera = Camera(baseline=100.0, gain=2.0, read_noise=1.5)
+    image, _ = spotfit.simulate((40, 52), n_spots=4, photons=(300, 3000), camera=camera,
+                                min_separation=10, border=5, seed=3)
+    spotfit.fit(image, camera=camera)  # photons, mle (faint spots: bias correction)
+    spotfit.fit(image, camera=Camera(baseline=100.0))  # ADU, lsq, measured noise
+    assert seen == compiled
