@@ -137,16 +137,25 @@ class BatchSummary:
 # ---------------------------------------------------------------------------
 # Inputs, outputs, parameters
 # ---------------------------------------------------------------------------
+def _is_zarr(path: str) -> bool:
+    from spotfit.readers import is_zarr
+
+    return is_zarr(path)
+
+
 def _is_pattern(path: str) -> bool:
     return not os.path.exists(path) and any(c in path for c in "*?[")
 
 
 def _folder_tiffs(folder: str) -> list:
+    from spotfit.readers import is_zarr
+
     names = sorted(
         name for name in os.listdir(folder)
-        if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+        if name.lower().endswith(IMAGE_SUFFIXES + (".zarr",)) and not name.startswith(".")
     )
-    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    paths = [os.path.join(folder, n) for n in names]
+    return [p for p in paths if os.path.isfile(p) or is_zarr(p)]
 
 
 def expand_inputs(inputs) -> list:
@@ -175,7 +184,7 @@ def expand_inputs(inputs) -> list:
     files, seen = [], set()
     for item in inputs:
         path = os.fspath(item)
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not _is_zarr(path):
             try:
                 found = _folder_tiffs(path)
             except OSError as exc:

@@ -207,7 +207,7 @@ class _FrameInfo:
     variance: np.ndarray | None = None
 
 
-def _to_photons(camera, raw):
+def _to_photons_block(raw, camera):
     return camera.to_photons(np.asarray(raw))
 
 
@@ -228,7 +228,10 @@ def _measure_frame(frame, t, config, camera, ndim, task, compute) -> _FrameInfo:
     sig = detection._check_options(config.detection_sigma(ndim), 1.0, config.min_distance, ndim)
     if len(sig) == 1:
         sig = sig * ndim
-    photons = frame.map_blocks(lambda b: _to_photons(camera, b), dtype=np.float32)
+    import uuid
+
+    photons = frame.map_blocks(_to_photons_block, camera, dtype=np.float32,
+                               name=f"spotfit-photons-{uuid.uuid4().hex}")
     shape = tuple(int(n) for n in frame.shape)
     grid = detection._subgrid_index(shape)
     sub = photons[tuple(slice(0, n, int(g[1] - g[0]) if len(g) > 1 else 1) for g, n in zip(grid, shape))]
