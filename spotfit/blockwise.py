@@ -207,6 +207,14 @@ class _FrameInfo:
     variance: np.ndarray | None = None
 
 
+def _photons(frame, camera):
+    """A lazy frame in photons, under a new name (each computation has its own keys)."""
+    import uuid
+
+    return frame.map_blocks(_to_photons_block, camera, dtype=np.float32,
+                            name=f"spotfit-photons-{uuid.uuid4().hex}")
+
+
 def _to_photons_block(raw, camera):
     return camera.to_photons(np.asarray(raw))
 
@@ -228,10 +236,7 @@ def _measure_frame(frame, t, config, camera, ndim, task, compute) -> _FrameInfo:
     sig = detection._check_options(config.detection_sigma(ndim), 1.0, config.min_distance, ndim)
     if len(sig) == 1:
         sig = sig * ndim
-    import uuid
-
-    photons = frame.map_blocks(_to_photons_block, camera, dtype=np.float32,
-                               name=f"spotfit-photons-{uuid.uuid4().hex}")
+    photons = _photons(frame, camera)
     shape = tuple(int(n) for n in frame.shape)
     grid = detection._subgrid_index(shape)
     sub = photons[tuple(slice(0, n, int(g[1] - g[0]) if len(g) > 1 else 1) for g, n in zip(grid, shape))]
@@ -252,7 +257,7 @@ def _measure_frame(frame, t, config, camera, ndim, task, compute) -> _FrameInfo:
     if camera.calibrated:
         noise = background.NoiseModel.from_camera(camera)
     else:
-        noise = _estimate_noise(photons, sig, biggest, compute)
+        noise = _estimate_noise(_photons(frame, camera), sig, biggest, compute)
     info = _FrameInfo(t)
     if rows is not None:
         info.image_var = image_noise(rows)
