@@ -207,28 +207,18 @@ class _FrameInfo:
     variance: np.ndarray | None = None
 
 
-def _photons(frame, camera):
-    """A lazy frame in photons, under a new name (each computation has its own keys)."""
-    import uuid
-
-    return frame.map_blocks(_to_photons_block, camera, dtype=np.float32,
-                            name=f"spotfit-photons-{uuid.uuid4().hex}")
-
-
-def _to_photons_block(raw, camera):
-    return camera.to_photons(np.asarray(raw))
-
-
 def _measure_frame(frame, t, config, camera, ndim, task, compute) -> _FrameInfo:
     """The per-frame quantities of :func:`spotfit.detection.find_peaks` and the fits.
 
-    ``frame`` is a lazy array (Dask) of raw values; ``compute(*arrays)``
-    computes several lazy arrays at once.  Reads the frame's minimum and
-    maximum (one pass), a sub-grid, and for an uncalibrated camera the
-    noise bands and ~64 rows: the same pixels and the same arithmetic as
-    the in-memory functions.
+    ``frame`` is a lazy array (Dask) of raw values; ``compute(*lazy)``
+    computes several lazy objects at once.  One pass over the frame's
+    storage chunks (a task each) gives its minimum and maximum, the
+    detection's sub-grid, and for an uncalibrated camera the noise bands of
+    :func:`spotfit.background.estimate_noise` and the ~64 rows of
+    :func:`spotfit.start.image_noise`: the same pixels and the same
+    arithmetic as the in-memory functions.
     """
-    import dask.array as da
+    import dask
 
     from spotfit import background, detection, filters
     from spotfit.start import image_noise
@@ -236,20 +226,36 @@ def _measure_frame(frame, t, config, camera, ndim, task, compute) -> _FrameInfo:
     sig = detection._check_options(config.detection_sigma(ndim), 1.0, config.min_distance, ndim)
     if len(sig) == 1:
         sig = sig * ndim
-    photons = _photons(frame, camera)
     shape = tuple(int(n) for n in frame.shape)
     grid = detection._subgrid_index(shape)
-    sub = photons[tuple(slice(0, n, int(g[1] - g[0]) if len(g) > 1 else 1) for g, n in zip(grid, shape))]
+    steps = tuple(int(g[1] - g[0]) if len(g) > 1 else max(1, n) for g, n in zip(grid, shape))
     rows = None
     if task == "fit" and not camera.calibrated:
         flat_rows = int(np.prod(shape[:-1]))
-        step = max(1, flat_rows // 64)
-        idx = np.unravel_index(np.arange(0, flat_rows, step), shape[:-1])
-        rows = da.stack([photons[tuple(int(i[k]) for i in idx)] for k in range(len(idx[0]))])
-    lo, hi, sub, rows = compute(photons.min(), photons.max(), sub, rows)
-    lo, hi = float(lo), float(hi)
+        rows = np.column_stack(np.unravel_index(np.arange(0, flat_rows, max(1, flat_rows // 64)),
+                                                shape[:-1]))
+    vol_shape = (1,) * (3 - ndim) + shape
+    spans = background._bands(vol_shape) if not camera.calibrated else []
+    starts = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in frame.chunks]
+    pieces = frame.to_delayed()
+    tasks = [dask.delayed(_chunk_pass, pure=True)(pieces[idx], tuple(int(starts[a][i]) for a, i in enumerate(idx)),
+                                                  steps, rows, spans, camera)
+             for idx in np.ndindex(pieces.shape)]
+    parts = compute(*tasks)
+    lo = min(p["lo"] for p in parts)
+    hi = max(p["hi"] for p in parts)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise SpotfitInputError(f"frame {t} contains NaN or infinite pixels")
+    sub = np.zeros(tuple(len(g) for g in grid), np.float32)
+    band_data = [np.zeros((vol_shape[0], r1 - r0, vol_shape[2]), np.float32) for r0, r1 in spans]
+    row_data = None if rows is None else np.zeros((len(rows), shape[-1]), np.float32)
+    for p in parts:
+        first, values = p["sub"]
+        sub[tuple(slice(f, f + n) for f, n in zip(first, values.shape))] = values
+        for k, x0, seg in p["rows"]:
+            row_data[k, x0:x0 + len(seg)] = seg
+        for b, where, seg in p["bands"]:
+            band_data[b][where] = seg
     biggest = max(abs(lo), abs(hi))
     factor = 1.0
     if biggest > 0 and not detection._UNIT_RANGE[0] < biggest < detection._UNIT_RANGE[1]:
@@ -257,13 +263,13 @@ def _measure_frame(frame, t, config, camera, ndim, task, compute) -> _FrameInfo:
     if camera.calibrated:
         noise = background.NoiseModel.from_camera(camera)
     else:
-        noise = _estimate_noise(_photons(frame, camera), sig, biggest, compute)
+        noise = _estimate_noise(band_data, sig, ndim, biggest)
     info = _FrameInfo(t)
-    if rows is not None:
-        info.image_var = image_noise(rows)
+    if row_data is not None:
+        info.image_var = image_noise(row_data)
     if factor != 1.0:
         noise = noise.scaled(factor)
-    shift = float(np.float32(np.median(np.asarray(sub).ravel().astype(np.float64) * factor)))
+    shift = float(np.float32(np.median(sub.ravel().astype(np.float64) * factor)))
     floor = (detection._NOISE_FLOOR * max(hi * factor - shift, shift - lo * factor)) ** 2
     if max(floor, detection._max_variance(noise)) > 0:
         info.prepared = detection._Prepared(sig, factor, shift, noise, floor,
@@ -272,21 +278,39 @@ def _measure_frame(frame, t, config, camera, ndim, task, compute) -> _FrameInfo:
     return info
 
 
-def _estimate_noise(photons, sig, biggest, compute):
-    """:func:`spotfit.background.estimate_noise` of a lazy frame: only its bands are read."""
+def _chunk_pass(raw, offset, steps, rows, spans, camera) -> dict:
+    """What :func:`_measure_frame` needs of one storage chunk (at ``offset`` in the frame)."""
+    photons = camera.to_photons(np.asarray(raw))
+    out = {"lo": float(np.min(photons)), "hi": float(np.max(photons)), "rows": [], "bands": []}
+    sel = [np.arange(-(-o // s) * s, o + n, s) - o for o, n, s in zip(offset, photons.shape, steps)]
+    first = tuple(int((sl[0] + o) // s) if len(sl) else 0 for sl, o, s in zip(sel, offset, steps))
+    out["sub"] = (first, photons[np.ix_(*sel)])
+    if rows is not None:
+        lead = np.asarray(offset[:-1])
+        inside = np.all((rows >= lead) & (rows < lead + np.asarray(photons.shape[:-1])), axis=1)
+        for k in np.flatnonzero(inside):
+            out["rows"].append((int(k), offset[-1], photons[tuple(rows[k] - lead)].copy()))
+    if spans:
+        vol = photons.reshape((1,) * (3 - photons.ndim) + photons.shape)
+        z0, y0, x0 = (0,) * (3 - photons.ndim) + tuple(offset)
+        for b, (r0, r1) in enumerate(spans):
+            a, e = max(r0, y0), min(r1, y0 + vol.shape[1])
+            if a < e:
+                where = (slice(z0, z0 + vol.shape[0]), slice(a - r0, e - r0), slice(x0, x0 + vol.shape[2]))
+                out["bands"].append((b, where, vol[:, a - y0:e - y0].copy()))
+    return out
+
+
+def _estimate_noise(bands, sig, ndim, biggest):
+    """:func:`spotfit.background.estimate_noise` of a frame from its bands (photons, float32)."""
     from spotfit import background
 
-    ndim = photons.ndim
-    vol = photons.reshape((1,) * (3 - ndim) + tuple(photons.shape))
     sigmas = background._sigmas(sig, ndim)
     factor = 1.0
     if biggest > 0 and not 2.0**-40 < biggest < 2.0**40:
         factor = 2.0 ** int(round(math.log2(1024.0 / biggest)))
     floor = max((16 * float(np.finfo(np.float32).eps) * biggest * factor) ** 2, 1e-30)
-    spans = background._bands(tuple(int(n) for n in vol.shape))
-    raw = compute(*[vol[:, r0:r1] for r0, r1 in spans])
-    bands = [np.ascontiguousarray((np.asarray(b).astype(np.float64) * factor).astype(np.float32))
-             for b in raw]
+    bands = [np.ascontiguousarray((b.astype(np.float64) * factor).astype(np.float32)) for b in bands]
     model = background._measure(bands, sigmas, floor)
     return model if factor == 1.0 else model.scaled(1.0 / factor)
 
@@ -459,7 +483,10 @@ class _Distributed:
         import dask
         from distributed import as_completed
 
-        tasks = [dask.delayed(func, pure=False)(*args) for func, args in calls]
+        # each block's pixels read by its own task (the slice fused into the
+        # storage reads), not as chunks shared between blocks' tasks
+        tasks = [dask.delayed(func, pure=False)(*[dask.optimize(a)[0] if hasattr(a, "__dask_graph__")
+                                                  else a for a in args]) for func, args in calls]
         futures = self.client.compute(tasks)
         index = {f.key: i for i, f in enumerate(futures)}
         out = [None] * len(futures)
