@@ -51,9 +51,10 @@ from spotfit.errors import SpotfitInputError, SpotfitWarning
 __all__ = ["halo", "plan_blocks", "fit_blocks", "detect_blocks", "BlockError", "Block",
            "BLOCK_VOXELS", "is_lazy"]
 
-#: core voxels of a block by default: ~0.5 GB of working memory per block
-#: (detection holds a few float32 copies of the block with its halo)
-BLOCK_VOXELS = 1 << 23
+#: core voxels of a block by default: ~1 GB of working memory per block
+#: (detection holds a few float32 copies of the block with its halo; measured
+#: by benchmarks/scale.py: ~25 bytes per voxel read plus ~0.2 GB)
+BLOCK_VOXELS = 1 << 24
 
 #: environment variable read for the scheduler when none is given
 SCHEDULER_ENV = "SPOTFIT_SCHEDULER"
@@ -171,12 +172,11 @@ def plan_blocks(frame_shape, config: FitConfig, block_size=None, chunks=None, ta
             elif core[a] <= 2 * cells[a]:
                 break
             core[a] = -(-core[a] // 2)
-        if chunks is not None:
+        if chunks is not None:  # whole storage chunks, as near as whole background cells allow
             for a, c in enumerate(chunks):
                 c = int(c)
                 if c and core[a] < shape[a] and core[a] > c:
-                    step = c * cells[a] // math.gcd(c, cells[a])
-                    core[a] = max(step, core[a] // step * step)
+                    core[a] = max(cells[a], int(round(core[a] // c * c / cells[a])) * cells[a])
     else:
         size = np.broadcast_to(np.atleast_1d(np.asarray(block_size, dtype=np.int64)), (nd,))
         if np.any(size < 1):
