@@ -488,9 +488,9 @@ _BLOCK_OPTIONS = [
     ),
     click.option(
         "--scheduler", metavar="ADDRESS", default=None, envvar="SPOTFIT_SCHEDULER",
-        help="Zarr / OME-Zarr input: run its blocks on the Dask cluster at ADDRESS "
-        "(tcp://host:8786), or local:N for N local worker processes.  [default: this process; "
-        "env SPOTFIT_SCHEDULER]",
+        help="Run on the Dask cluster at ADDRESS (tcp://host:8786), or local:N for N local "
+        "worker processes: the blocks of a Zarr / OME-Zarr input, or with --out-dir one task "
+        "per file.  [default: this process (and --workers); env SPOTFIT_SCHEDULER]",
     ),
 ]
 
@@ -866,20 +866,21 @@ def _fit_or_detect(task, params):
     inputs = {k: p[k] for k in _INPUT_PARAMS}
     if batch:
         _batch(task, p["images"], p["out_dir"], config, camera, inputs, workers,
-               p["skip_existing"], qc)
+               p["skip_existing"], qc, scheduler=p.get("scheduler"))
     else:
         _single(task, p["images"][0], p["out"], config, camera, inputs, workers, fmt, qc,
                 blocks={"block_size": p.get("block_size"), "scheduler": p.get("scheduler")})
 
 
-def _batch(task, images, out_dir, config, camera, inputs, workers, skip_existing, qc):
+def _batch(task, images, out_dir, config, camera, inputs, workers, skip_existing, qc,
+           scheduler=None):
     """Every file into --out-dir (:func:`spotfit.batch.run_batch`; fit: with report.html)."""
     from spotfit.batch import run_batch
 
     with _UserErrors():
         summary = run_batch(images, out_dir, task=task, config=config, camera=camera,
                             workers=workers, skip_existing=skip_existing, qc=qc,
-                            report=task == "fit", **inputs)
+                            report=task == "fit", scheduler=scheduler, **inputs)
     for result in summary.results:
         for note in result.notes:
             click.echo(f"Note: {result.input}: {_as_options(note)}", err=True)

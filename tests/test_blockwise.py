@@ -238,3 +238,26 @@ def test_a_killed_worker_is_recomputed(tmp_path, volume, volume_ref):
                                    sigma_z=SIGMA_Z, scheduler=c, on_error="raise")
     assert os.path.exists(mark)  # a worker was killed mid-run
     _assert_same(got, volume_ref["calibrated"])
+
+
+def test_whole_experiment_on_a_cluster(tmp_path, client):
+    import tifffile
+
+    from spotfit.batch import run_batch
+
+    rng = np.random.default_rng(3)
+    for name in ("a", "b"):
+        img, _ = spotfit.simulate((2, 60, 70), n_spots=8, photons=2000, background=10, seed=rng)
+        tifffile.imwrite(tmp_path / f"{name}.tif", img)
+    (tmp_path / "bad.tif").write_bytes(b"not a tiff at all")
+    inputs = [str(tmp_path / n) for n in ("a.tif", "bad.tif", "b.tif")]
+    local = run_batch(inputs, tmp_path / "local", camera=CAMERA, workers=1, progress=False)
+    remote = run_batch(inputs, tmp_path / "cluster", camera=CAMERA, scheduler=client, progress=False)
+    assert [r.status for r in remote.results] == ["ok", "failed", "ok"]  # one bad file, the rest run
+    assert "bad.tif" in remote.results[1].input and remote.results[1].message
+    for name in ("a", "b"):
+        assert (tmp_path / "cluster" / f"{name}.csv").read_bytes() == \
+            (tmp_path / "local" / f"{name}.csv").read_bytes()
+        assert (tmp_path / "cluster" / f"{name}.json").exists()
+    assert not (tmp_path / "cluster" / "bad.csv").exists()
+    assert [r.n_spots for r in remote.results] == [r.n_spots for r in local.results]
