@@ -110,6 +110,7 @@ class PeakRSS:
 
         self.procs = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
         self.peak = {p.pid: 0 for p in self.procs}
+        self.cpu = 0.0  # CPU seconds of the workers while sampled
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -122,11 +123,23 @@ class PeakRSS:
                     pass
             self._stop.wait(0.2)
 
+    def _cpu(self):
+        total = 0.0
+        for p in self.procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except Exception:
+                pass
+        return total
+
     def __enter__(self):
+        self._cpu0 = self._cpu()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
+        self.cpu = self._cpu() - self._cpu0
         self._stop.set()
         self._thread.join()
 
@@ -159,7 +172,7 @@ def run_cluster(data, n_workers, block_size):
                                          block_size=block_size, scheduler=client, progress=progress,
                                          on_error="raise")
             wall = time.perf_counter() - start
-    return table, wall, max(rss.peak.values()) / GB, sorted(v / GB for v in rss.peak.values())
+    return table, wall, max(rss.peak.values()) / GB, sorted(v / GB for v in rss.peak.values()), rss.cpu
 
 
 def same(a, b):
@@ -213,17 +226,21 @@ def main():
         tables = {}
         for n in (1, 2):
             log(f"  fitting on a LocalCluster of {n} worker(s) ...")
-            table, wall, peak, peaks = run_cluster(data, n, block)
+            table, wall, peak, peaks, cpu = run_cluster(data, n, block)
             tables[n] = table
             rows.append((f"LocalCluster, {n} worker{'s' if n > 1 else ''}", wall, np.prod(shape) / wall,
-                         len(table), recall(table, truth), peak, peaks))
+                         len(table), recall(table, truth), peak, peaks, cpu))
         print()
-        print(f"{'run':<28} {'wall s':>8} {'Mvoxel/s':>9} {'spots':>8} {'recall':>7} {'peak GB/worker':>15}")
-        for name, wall, tput, n, rec, peak, peaks in rows:
-            print(f"{name:<28} {wall:8.1f} {tput / 1e6:9.2f} {n:8d} {rec:7.3f} {peak:15.2f}   "
-                  f"(workers: {', '.join(f'{p:.2f}' for p in peaks)})")
+        print(f"{'run':<28} {'wall s':>8} {'Mvoxel/s':>9} {'spots':>8} {'recall':>7} {'peak GB/worker':>15} "
+              f"{'worker CPU s':>13} {'cores got':>10}")
+        for name, wall, tput, n, rec, peak, peaks, cpu in rows:
+            print(f"{name:<28} {wall:8.1f} {tput / 1e6:9.2f} {n:8d} {rec:7.3f} {peak:15.2f} {cpu:13.0f} "
+                  f"{cpu / wall:10.2f}   (peak per worker: {', '.join(f'{p:.2f}' for p in peaks)} GB)")
         ratio = rows[0][1] / rows[1][1]
-        print(f"throughput 2 workers / 1 worker: {ratio:.2f}x (target >= 1.7 on 2 free cores); "
+        load = os.getloadavg()
+        print(f"throughput 2 workers / 1 worker: {ratio:.2f}x (target >= 1.7 on 2 free cores; the workers "
+              f"got {rows[1][7] / rows[1][1]:.2f} cores on average, load average now {load[0]:.1f} / "
+              f"{load[1]:.1f}); CPU seconds per voxel 2 vs 1 worker: {rows[1][7] / rows[0][7]:.2f}; "
               f"peak per worker {max(r[5] for r in rows):.2f} GB (target <= 1.5); "
               f"tables of 1 and 2 workers the same: {same(tables[1], tables[2])}")
 
@@ -236,7 +253,7 @@ def main():
         t = time.perf_counter()
         ref = spotfit.fit(arr, axes="ZYX", camera=CAMERA, sigma=SIGMA, sigma_z=SIGMA_Z)
         t_mem = time.perf_counter() - t
-        got, t_blk, peak, _ = run_cluster(sub, 2, block)
+        got, t_blk, peak, _, _ = run_cluster(sub, 2, block)
         print()
         print(f"slice {arr.shape[0]} x {arr.shape[1]} x {arr.shape[2]} ({arr.nbytes / GB:.2f} GB):")
         print(f"{'in memory (spotfit.fit, numpy)':<36} {t_mem:8.1f} s {arr.size / t_mem / 1e6:9.2f} Mvoxel/s "

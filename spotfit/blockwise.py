@@ -354,7 +354,8 @@ def _raster(coords):
     return np.lexsort(coords.T[::-1]) if len(coords) else np.zeros(0, np.int64)
 
 
-def _fit_one(setup, t, raw, photons, block: Block, cand: _Candidates, image_var, variance):
+def _fit_one(setup, t, raw, photons, block: Block, cand: _Candidates, image_var, variance,
+             whole=False):
     """Table rows of the block's core candidates of frame ``t``, in raster order, frame coordinates."""
     from spotfit import single, table
     from spotfit.api import _clipped
@@ -367,6 +368,9 @@ def _fit_one(setup, t, raw, photons, block: Block, cand: _Candidates, image_var,
     local = coords - np.asarray(block.origin)
     saturated = _clipped(raw, None)
     size = single.batch_size(setup)
+    if whole and variance is None and not setup.camera.calibrated and len(rows) > size:
+        # a whole frame in several solves: its noise model measured up front, as in memory
+        variance = single.frame_variance(setup, photons, local, image_var)
     parts = []
     for start in range(0, len(rows), size):
         batch = single.cut_frame(setup, t, photons, local, image_var, rows=rows[start:start + size],
@@ -406,16 +410,35 @@ def _block_task(raw, block, frames, infos, config, camera, ndim, task, cands=Non
             info = infos[k]
             frame_raw = raw[k]
             photons = camera.to_photons(frame_raw)
+            if info is None:  # the block is the whole frame: measured here, as in memory
+                info = _whole_frame_info(photons, t, config, camera, ndim, task)
             c = cands[k] if cands is not None else _detect_one(info.prepared, photons, block, config, ndim)
             if task == "detect":
                 out.append(c)
             else:
-                out.append(_fit_one(setup, t, frame_raw, photons, block, c, info.image_var, info.variance))
+                out.append(_fit_one(setup, t, frame_raw, photons, block, c, info.image_var, info.variance,
+                                    whole=infos[k] is None))
         return ("ok", out)
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # a block's failure is reported with the block
         return ("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, SpotfitInputError) else str(exc))
+
+
+def _whole_frame_info(photons, t, config, camera, ndim, task) -> _FrameInfo:
+    """:class:`_FrameInfo` of a frame in memory, by the in-memory functions."""
+    from spotfit import detection
+    from spotfit.background import NoiseModel, estimate_noise
+    from spotfit.start import image_noise
+
+    sig = detection._check_options(config.detection_sigma(ndim), 1.0, config.min_distance, ndim)
+    if len(sig) == 1:
+        sig = sig * ndim
+    noise = NoiseModel.from_camera(camera) if camera.calibrated else estimate_noise(photons, sig)
+    info = _FrameInfo(t, prepared=detection._Prepared.of(photons, sig, noise))
+    if task == "fit" and not camera.calibrated:
+        info.image_var = image_noise(photons)
+    return info
 
 
 def dataclass_replace(obj, **changes):
@@ -681,8 +704,9 @@ def _run_blocks(data, config, camera, axes, block_size, scheduler, task, progres
     run = _prepare_run(data, config, camera, axes, block_size, task)
     eng = engine(scheduler)
     try:
-        infos = _frame_infos(run, eng, False)
-        two_pass = task == "fit" and not camera.calibrated
+        whole = len(run.blocks) == 1  # blocks of whole frames: per-frame quantities in the task
+        infos = [None] * run.data.shape[0] if whole else _frame_infos(run, eng, False)
+        two_pass = task == "fit" and not camera.calibrated and not whole
         first_task = "detect" if (task == "detect" or two_pass) else "fit"
         calls, keys = _calls(run, infos, first_task, threads=eng.threads)
         out = _collect(run, keys, eng.run(calls, progress=None if two_pass else progress))

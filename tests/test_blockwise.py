@@ -123,7 +123,7 @@ def test_time_series_blockwise_equals_in_memory(client):
     # spatial blocks here and on the cluster; whole frames (several per task)
     # through spotfit.fit, which takes the lazy array itself
     runs = {CAMERA: (((32, 40), None), ((32, 40), client), (None, None)),
-            spotfit.Camera(baseline=100.0): (((32, 40), client),)}
+            spotfit.Camera(baseline=100.0): (((32, 40), client), (None, None))}
     for camera, settings in runs.items():
         ref = spotfit.fit(movie, camera=camera)
         for block_size, scheduler in settings:
@@ -196,10 +196,10 @@ def test_a_failing_block_is_reported_and_the_others_kept(volume, volume_ref, mon
     failing = (0, 1, 1)
     original = blockwise._fit_one
 
-    def fit_one(setup, t, raw, photons, block, cand, image_var, variance):
+    def fit_one(setup, t, raw, photons, block, *args, **kwargs):
         if block.index == failing:
             raise RuntimeError("disk hiccup")
-        return original(setup, t, raw, photons, block, cand, image_var, variance)
+        return original(setup, t, raw, photons, block, *args, **kwargs)
 
     monkeypatch.setattr(blockwise, "_fit_one", fit_one)
     data = da.from_array(volume, chunks=(14, 42, 50))
@@ -261,3 +261,38 @@ def test_whole_experiment_on_a_cluster(tmp_path, client):
         assert (tmp_path / "cluster" / f"{name}.json").exists()
     assert not (tmp_path / "cluster" / "bad.csv").exists()
     assert [r.n_spots for r in remote.results] == [r.n_spots for r in local.results]
+
+
+def test_zarr_errors_name_the_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from spotfit.cli import main
+
+    group = tmp_path / "plain.zarr"
+    zarr.open_group(str(group), mode="w")  # a group without OME metadata
+    with pytest.raises(spotfit.SpotfitInputError, match="plain.zarr.*multiscales"):
+        spotfit.read_image(str(group))
+    res = CliRunner().invoke(main, ["fit", str(group)])
+    assert res.exit_code == 1 and "multiscales" in res.output and "Traceback" not in res.output
+    # a plain Zarr array: its last two axes are rows and columns
+    arr = zarr.open_array(str(tmp_path / "plain_array.zarr"), mode="w", shape=(40, 50), chunks=(20, 25),
+                          dtype="uint16")
+    arr[:] = 100
+    img = spotfit.read_image(str(tmp_path / "plain_array.zarr"))
+    assert img.axes == "TYX" and img.data.shape == (1, 40, 50)
+
+
+def test_uncalibrated_frames_fitted_in_several_solves(monkeypatch):
+    """A frame with more windows than one solve takes: its fit-noise model measured up front
+    (in memory, in a whole-frame block, and over the blocks of the frame) is the same."""
+    from spotfit import single
+
+    monkeypatch.setattr(single, "PIXEL_BUDGET", 121 * 7)  # 7 windows per solve
+    rng = np.random.default_rng(11)
+    img, _ = spotfit.simulate((2, 80, 96), n_spots=30, photons=2000, background=10, seed=rng)
+    camera = spotfit.Camera(baseline=100.0)
+    ref = spotfit.fit(img, camera=camera)
+    lazy = da.from_array(img, chunks=(1, 40, 48))
+    for block_size in (None, (27, 33)):
+        _assert_same(blockwise.fit_blocks(lazy, camera=camera, block_size=block_size,
+                                          on_error="raise"), ref)
