@@ -15,7 +15,7 @@ process, all cores) and blockwise on the 2-worker cluster: the two tables
 must be the same (rows and values).  The folder is deleted afterwards.
 
     python benchmarks/scale.py            # ~4.3 GB volume (needs ~6 GB free disk), ~15-25 min
-    python benchmarks/scale.py --quick    # 64 x 1024 x 1024 (0.13 GB), ~2 min
+    python benchmarks/scale.py --quick    # 64 x 1024 x 1024 (0.13 GB), 256 x 256 cores, ~1 min
     python benchmarks/scale.py --dir /scratch --planes 256   # 8.6 GB as in issue #16
 
 Targets (issue #16): peak memory per worker <= 1.5 GB, 2 workers >= 1.7 x the
@@ -195,6 +195,7 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.planes, args.size, args.spots = 64, 1024, 3000
+        args.block_size = args.block_size or 256  # 16 blocks, to share between 2 workers
     shape = (args.planes, args.size, args.size)
     chunks = (args.planes, 256, 256)
     nbytes = int(np.prod(shape)) * 2
