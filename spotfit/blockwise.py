@@ -37,6 +37,7 @@ per-pixel maps); no masked pixels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -402,8 +403,8 @@ def _block_task(raw, block, frames, infos, config, camera, ndim, task, cands=Non
     """
     try:
         _threads(threads)
-        setup = Setup.resolve(dataclass_replace(config, workers=threads or config.workers), camera, ndim) \
-            if task != "detect" else None
+        setup = Setup.resolve(dataclasses.replace(config, workers=threads or config.workers), camera,
+                              ndim) if task != "detect" else None
         out = []
         raw = np.asarray(raw)
         for k, t in enumerate(frames):
@@ -441,29 +442,32 @@ def _whole_frame_info(photons, t, config, camera, ndim, task) -> _FrameInfo:
     return info
 
 
-def dataclass_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
-
-
-def _variance_windows(raw, block, t, cand: _Candidates, picked, config, camera, ndim, image_var):
-    """Windows of the picked candidates (frame coordinates) that this block owns, origin in the frame."""
+def _variance_windows(raw, block, cand: _Candidates, picked, frame_shape, config, camera, ndim,
+                      image_var):
+    """Windows of the picked candidates (frame coordinates, raster order) that this block
+    owns, their origins in the frame, and their places among the picked:
+    ``("ok", (batch or None, places))`` or ``("error", message)``."""
     from spotfit import single
 
-    setup = Setup.resolve(config, camera, ndim)
-    photons = camera.to_photons(np.asarray(raw))
-    order = _raster(cand.coords)
-    coords = cand.coords[order]
-    local = coords - np.asarray(block.origin)
-    key = {tuple(p): i for i, p in enumerate(map(tuple, picked))}
-    rows = [i for i, c in enumerate(map(tuple, coords)) if cand.core[order][i] and c in key]
-    if not rows:
-        return None, np.zeros(0, np.int64)
-    rows = np.asarray(rows)
-    batch = single.cut_frame(setup, 0, photons, local, image_var, rows=rows)
-    batch.windows.origin += np.asarray(block.origin[::-1], dtype=batch.windows.origin.dtype)
-    return batch, np.array([key[tuple(c)] for c in coords[rows]])
+    try:
+        setup = Setup.resolve(config, camera, ndim)
+        order = _raster(cand.coords)
+        coords = cand.coords[order]
+        keys = np.ravel_multi_index(tuple(coords.T), frame_shape)
+        wanted = np.ravel_multi_index(tuple(np.asarray(picked).T), frame_shape)  # ascending
+        places = np.minimum(np.searchsorted(wanted, keys), max(len(wanted) - 1, 0))
+        rows = np.flatnonzero(cand.core[order] & (wanted[places] == keys)) if len(wanted) else []
+        if len(rows) == 0:
+            return ("ok", (None, np.zeros(0, np.int64)))
+        photons = camera.to_photons(np.asarray(raw))
+        batch = single.cut_frame(setup, 0, photons, coords - np.asarray(block.origin), image_var,
+                                 rows=rows)
+        batch.windows.origin += np.asarray(block.origin[::-1], dtype=batch.windows.origin.dtype)
+        return ("ok", (batch, places[rows]))
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        return ("error", str(exc) if isinstance(exc, SpotfitInputError) else f"{type(exc).__name__}: {exc}")
 
 
 # ---------------------------------------------------------------- engines
@@ -637,7 +641,8 @@ def _prepare_run(data, config, camera, axes, block_size, task) -> _Run:
     return _Run(data, config, camera, ndim, task, blocks, t_chunk)
 
 
-def _frame_infos(run: _Run, eng, need_variance_later: bool) -> list:
+def _frame_infos(run: _Run, eng) -> list:
+    """:func:`_measure_frame` of every frame."""
     return [_measure_frame(run.data[t], t, run.config, run.camera, run.ndim, run.task, eng.compute)
             for t in range(run.data.shape[0])]
 
@@ -683,15 +688,21 @@ def _frame_variance(run, eng, infos, cands):
             continue
         coords = coords[_raster(coords)]
         picked = coords[solver.regression_rows(np.zeros(len(coords), np.int64))]
-        calls = []
+        calls, owners = [], []
         for b, block in enumerate(run.blocks):
             c = cands.get((t, b))
             if c is None or not c.core.any():
                 continue
             raw = run.data[(t,) + block.read]
-            calls.append((_variance_windows, (raw, block, t, c, picked, run.config, run.camera,
-                                              run.ndim, info.image_var)))
-        parts = [p for p in eng.run(calls) if p[0] is not None]
+            calls.append((_variance_windows, (raw, block, c, picked, tuple(run.data.shape[1:]),
+                                              run.config, run.camera, run.ndim, info.image_var)))
+            owners.append(b)
+        parts = []
+        for b, (status, value) in zip(owners, eng.run(calls)):
+            if status == "error":  # the frame's model is measured without this block's windows
+                run.errors.append(BlockError(run.blocks[b], [t], value))
+            elif value[0] is not None:
+                parts.append(value)
         if not parts:
             continue
         batch = single.Batch.join([p[0] for p in parts])
@@ -705,7 +716,7 @@ def _run_blocks(data, config, camera, axes, block_size, scheduler, task, progres
     eng = engine(scheduler)
     try:
         whole = len(run.blocks) == 1  # blocks of whole frames: per-frame quantities in the task
-        infos = [None] * run.data.shape[0] if whole else _frame_infos(run, eng, False)
+        infos = [None] * run.data.shape[0] if whole else _frame_infos(run, eng)
         two_pass = task == "fit" and not camera.calibrated and not whole
         first_task = "detect" if (task == "detect" or two_pass) else "fit"
         calls, keys = _calls(run, infos, first_task, threads=eng.threads)
