@@ -59,7 +59,8 @@ def write_volume(path, shape, n_spots, chunks, seed):
                              rng.uniform(1, nz - 2, n_spots)])  # x, y, z
     photons = rng.uniform(1500, 3000, n_spots)
     g = zarr.open_group(path, mode="w")
-    arr = g.create_array("0", shape=shape, chunks=chunks, dtype=np.uint16)
+    create = getattr(g, "create_array", None) or g.create_dataset  # zarr 3 / zarr 2
+    arr = create("0", shape=shape, chunks=chunks, dtype=np.uint16)
     g.attrs["multiscales"] = [{
         "version": "0.4", "name": "scale-benchmark",
         "axes": [{"name": n, "type": "space", "unit": "micrometer"} for n in "zyx"],

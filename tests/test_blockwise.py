@@ -141,7 +141,8 @@ def test_time_series_blockwise_equals_in_memory(client):
 
 def _ome_zarr(path, data, scale=(0.3, 0.1, 0.1), chunks=(14, 32, 32)):
     g = zarr.open_group(str(path), mode="w")
-    a = g.create_array("0", shape=data.shape, chunks=chunks, dtype=data.dtype)
+    create = getattr(g, "create_array", None) or g.create_dataset  # zarr 3 / zarr 2
+    a = create("0", shape=data.shape, chunks=chunks, dtype=data.dtype)
     a[:] = data
     g.attrs["multiscales"] = [{
         "version": "0.4",
