@@ -359,7 +359,6 @@ def _fit_one(setup, t, raw, photons, block: Block, cand: _Candidates, image_var,
              whole=False):
     """Table rows of the block's core candidates of frame ``t``, in raster order, frame coordinates."""
     from spotfit import single, table
-    from spotfit.api import _clipped
 
     order = _raster(cand.coords)
     coords = cand.coords[order]
@@ -367,7 +366,7 @@ def _fit_one(setup, t, raw, photons, block: Block, cand: _Candidates, image_var,
     if len(rows) == 0:
         return table.empty(setup.ndim)
     local = coords - np.asarray(block.origin)
-    saturated = _clipped(raw, None)
+    saturated = _clipped(raw)
     size = single.batch_size(setup)
     if whole and variance is None and not setup.camera.calibrated and len(rows) > size:
         # a whole frame in several solves: its noise model measured up front, as in memory
@@ -384,6 +383,15 @@ def _fit_one(setup, t, raw, photons, block: Block, cand: _Candidates, image_var,
     for a in range(setup.ndim):  # the detected pixel: the in-memory row order
         out[f"_d{a}"] = coords[rows, a]
     return out
+
+
+def _clipped(raw):
+    """Pixels at the maximum of an integer pixel type, or None (as the in-memory path:
+    ``spotfit.api._clipped``; spotfit.api imports this module)."""
+    raw = np.asarray(raw)
+    if raw.dtype.kind not in "ui" or raw.max() < np.iinfo(raw.dtype).max:
+        return None
+    return raw == np.iinfo(raw.dtype).max
 
 
 def _threads(n):
