@@ -541,7 +541,7 @@ class _Distributed:
 def engine(scheduler=None):
     """The engine of a ``scheduler``: None (``SPOTFIT_SCHEDULER`` or this process),
     a :class:`distributed.Client`, an address, or ``"local:N"``."""
-    if scheduler is None:
+    if scheduler is None and not _in_dask_worker():  # a task's own blocks stay in its worker
         scheduler = os.environ.get(SCHEDULER_ENV) or None
     if scheduler is None or scheduler == "serial":
         _require_dask()
@@ -569,6 +569,21 @@ def engine(scheduler=None):
         raise SpotfitInputError(f"cannot reach the Dask scheduler at {text} ({exc})",
                                 parameter="scheduler") from exc
     return _Distributed(client, owned=(client,))
+
+
+def _in_dask_worker() -> bool:
+    """True inside a task of a dask.distributed worker (e.g. one file of a batch)."""
+    import sys
+
+    if "distributed" not in sys.modules:
+        return False
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except (ValueError, ImportError):
+        return False
 
 
 def _require_dask(distributed=False):
