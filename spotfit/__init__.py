@@ -18,7 +18,7 @@ Public boundary
 Public: the names below (``spotfit.fit``, ``spotfit.detect``, ...) and the
 documented functions of :mod:`spotfit.config`, :mod:`spotfit.io`,
 :mod:`spotfit.camera`, :mod:`spotfit.detection`, :mod:`spotfit.simulation`,
-:mod:`spotfit.table`, :mod:`spotfit.export`, :mod:`spotfit.overlay`,
+:mod:`spotfit.table`, :mod:`spotfit.export`, :mod:`spotfit.overlay`, :mod:`spotfit.blockwise`,
 :mod:`spotfit.rendering`, :mod:`spotfit.match`, :mod:`spotfit.models`,
 :mod:`spotfit.estimators`, :mod:`spotfit.solver`, :mod:`spotfit.results` and
 :mod:`spotfit.photometry`.

@@ -84,9 +84,35 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
     """
     config = make_config(config, options)
     camera = camera or Camera()
+    if _lazy(image):
+        return _blockwise("fit", image, config, camera, axes, on_frame)
     with _Input(image, axes, channel, config, camera, window=True, invert=invert,
                 series=series) as (img, valid, ndim):
         return _fit_image(img, valid, ndim, config, camera, _per_frame(on_frame))
+
+
+def _lazy(image) -> bool:
+    """A Dask or Zarr array (or an Image of one): fitted block by block (:mod:`spotfit.blockwise`)."""
+    from spotfit.blockwise import is_lazy
+
+    return is_lazy(image) or (type(image).__name__ == "Image" and is_lazy(getattr(image, "data", None)))
+
+
+def _blockwise(task, image, config, camera, axes=None, on_frame=None, block_size=None,
+               scheduler=None, progress=None):
+    """:func:`spotfit.blockwise.fit_blocks` / ``detect_blocks`` of an array or an Image of one."""
+    from spotfit import blockwise
+
+    img = image if type(image).__name__ == "Image" else None
+    data = image if img is None else image.data
+    if img is not None:
+        axes = img.axes
+    if progress is None and on_frame is not None:
+        progress = on_frame  # (blocks done, blocks in all)
+    run = blockwise.fit_blocks if task == "fit" else blockwise.detect_blocks
+    result = run(data, config, camera, axes=axes, block_size=block_size, scheduler=scheduler,
+                 progress=progress)
+    return result if img is None else _with_units(result, img)
 
 
 def _fit_image(img, valid, ndim, config, camera, report=None):
@@ -183,6 +209,8 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
     """
     config = make_config(config, options)
     camera = camera or Camera()
+    if _lazy(image):
+        return _blockwise("detect", image, config, camera, axes, on_frame)
     with _Input(image, axes, channel, config, camera, window=False, invert=invert,
                 series=series) as (img, valid, ndim):
         return _detect_image(img, valid, ndim, config, camera, _per_frame(on_frame))
@@ -221,7 +249,8 @@ IMPLAUSIBLE_Z_STEP_UM = 50.0
 def process_file(path, task: str = "fit", config: FitConfig | None = None,
                  camera: Camera | None = None, axes: str | None = None, channel=None,
                  pixel_size: float | None = None, z_step: float | None = None,
-                 invert: bool = False, series: int | None = None, progress=None):
+                 invert: bool = False, series: int | None = None, progress=None,
+                 block_size=None, scheduler=None):
     """Read one image file, detect or fit every frame; the table and how the file was read.
 
     The per-file step of ``spotfit fit`` and ``spotfit detect``, for one
@@ -250,6 +279,10 @@ def process_file(path, task: str = "fit", config: FitConfig | None = None,
         ``progress(frames_done, frames_total, spots_found)`` after each
         frame (over all channels with ``channel="all"``); ``spots_found``
         counts the candidates detected so far.
+    block_size, scheduler : optional
+        For a file read lazily (Zarr / OME-Zarr): fitted block by block
+        (:func:`spotfit.blockwise.fit_blocks`, with these), ``progress``
+        then counting blocks (``spots_found`` 0).
 
     Returns
     -------
@@ -318,10 +351,17 @@ def process_file(path, task: str = "fit", config: FitConfig | None = None,
                     progress(k * n_frames + t + 1, len(channels) * n_frames, found)
 
             start = time.perf_counter()
-            with _Input(scaled, None, None, config, camera, window=task == "fit",
-                        invert=invert) as (use, valid, ndim):
-                run = _fit_image if task == "fit" else _detect_image
-                table = run(use, valid, ndim, config, camera, report)
+            if _lazy(scaled) and not invert:
+                ndim = 3 if scaled.is_3d else 2
+                blocks = None if progress is None else (
+                    lambda done, total, k=k: progress(k * total + done, len(channels) * total, 0))
+                table = _blockwise(task, scaled, config, camera, block_size=block_size,
+                                   scheduler=scheduler, progress=blocks)
+            else:
+                with _Input(scaled, None, None, config, camera, window=task == "fit",
+                            invert=invert) as (use, valid, ndim):
+                    run = _fit_image if task == "fit" else _detect_image
+                    table = run(use, valid, ndim, config, camera, report)
             timings[task] += time.perf_counter() - start
             if channel == "all":
                 table.insert(1, "channel", np.full(len(table), c or 0, dtype=np.int64))

@@ -137,16 +137,25 @@ class BatchSummary:
 # ---------------------------------------------------------------------------
 # Inputs, outputs, parameters
 # ---------------------------------------------------------------------------
+def _is_zarr(path: str) -> bool:
+    from spotfit.readers import is_zarr
+
+    return is_zarr(path)
+
+
 def _is_pattern(path: str) -> bool:
     return not os.path.exists(path) and any(c in path for c in "*?[")
 
 
 def _folder_tiffs(folder: str) -> list:
+    from spotfit.readers import is_zarr
+
     names = sorted(
         name for name in os.listdir(folder)
-        if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+        if name.lower().endswith(IMAGE_SUFFIXES + (".zarr",)) and not name.startswith(".")
     )
-    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    paths = [os.path.join(folder, n) for n in names]
+    return [p for p in paths if os.path.isfile(p) or is_zarr(p)]
 
 
 def expand_inputs(inputs) -> list:
@@ -175,7 +184,7 @@ def expand_inputs(inputs) -> list:
     files, seen = [], set()
     for item in inputs:
         path = os.fspath(item)
-        if os.path.isdir(path):
+        if os.path.isdir(path) and not _is_zarr(path):
             try:
                 found = _folder_tiffs(path)
             except OSError as exc:
@@ -387,8 +396,8 @@ def _died(job: _Job, why: str) -> FileResult:
 # ---------------------------------------------------------------------------
 def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, channel=None,
               pixel_size=None, z_step=None, workers=None, skip_existing=False,
-              progress=None, invert=False, qc=False, report=False, series=None
-              ) -> BatchSummary:
+              progress=None, invert=False, qc=False, report=False, series=None,
+              scheduler=None) -> BatchSummary:
     """Detect or fit every input file; write ``<out_dir>/<stem>.csv`` and ``.json`` each.
 
     Parameters
@@ -420,6 +429,15 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
     report : bool
         At the end, write ``<out_dir>/report.html`` over all files
         (:func:`spotfit.report.write_report`).
+    scheduler : optional
+        A Dask cluster (:func:`spotfit.blockwise.engine`: a
+        ``distributed.Client``, a scheduler address or ``"local:N"``): one
+        task per file, run and written by the cluster's workers (the input
+        and output folders must be visible to them), with the same
+        reliability as the local pool: a bad file is recorded and the others
+        go on; a worker that dies is replaced and its file recomputed by
+        Dask (a file that keeps killing workers is recorded as failed).
+        `workers` is then the solver threads per task (default 1).
 
     Returns
     -------
@@ -493,6 +511,8 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
             _remove_stale_temporaries(job)  # left by a killed run (never a live run's)
 
     processes, threads = share_cores(workers, len(jobs))
+    if scheduler is not None:
+        processes, threads = 0, workers or 1
     run = {"workers": workers, "processes": processes, "solver_threads": threads}
     jobs = [
         dataclasses.replace(j, config=dataclasses.replace(config, workers=threads), run=run)
@@ -503,7 +523,9 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
         bar = ProgressBar(f"spotfit {task}", {j.index: _size(j.path) for j in jobs})
         bar.draw(force=True)
     try:
-        if processes <= 1:
+        if scheduler is not None:
+            results.update(_run_on_cluster(jobs, scheduler, bar))
+        elif processes <= 1:
             for job in jobs:
                 result = _run_job(job, bar.update if bar else None)
                 results[job.index] = result
@@ -529,6 +551,32 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
         write_report(os.path.join(out_dir, REPORT_NAME), summary, params, axes=axes,
                      channel=channel)
     return summary
+
+
+def _run_on_cluster(jobs, scheduler, bar) -> dict:
+    """Each job a task of a Dask cluster; results by job index."""
+    from spotfit.blockwise import engine
+
+    eng = engine(scheduler)
+    try:
+        from distributed import as_completed
+
+        futures = {eng.client.submit(_run_job, job, pure=False, key=f"spotfit-file-{job.index}-"
+                                     f"{os.getpid()}-{time.time_ns()}"): job for job in jobs}
+        results = {}
+        for future in as_completed(futures):
+            job = futures[future]
+            try:
+                result = future.result()
+            except Exception as exc:  # KilledWorker: the file kept killing workers
+                result = _died(job, "Dask gave up on it after its workers died ("
+                                    f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
+            results[job.index] = result
+            if bar:
+                bar.file_done(job.index, result.n_spots)
+        return results
+    finally:
+        eng.close()
 
 
 def _size(path) -> int:

@@ -461,6 +461,40 @@ def _out_options(what):
     ]
 
 
+class BlockSizeType(click.ParamType):
+    """``N`` (every axis) or ``ZxYxX`` / ``YxX``: core size of a block, pixels."""
+
+    name = "block_size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = tuple(int(v) for v in str(value).lower().split("x"))
+        except ValueError:
+            sizes = ()
+        if not sizes or any(v < 1 for v in sizes):
+            self.fail(f"{value!r} is not a block size (N, YxX or ZxYxX positive integers)",
+                      param, ctx)
+        return sizes[0] if len(sizes) == 1 else sizes
+
+
+_BLOCK_OPTIONS = [
+    click.option(
+        "--block-size", type=BlockSizeType(), default=None, metavar="N|ZxYxX",
+        help="Zarr / OME-Zarr input (fitted block by block): core size of a block in pixels "
+        "(array order).  [default: from the storage chunks and a memory budget of ~0.5 GB "
+        "per block]",
+    ),
+    click.option(
+        "--scheduler", metavar="ADDRESS", default=None, envvar="SPOTFIT_SCHEDULER",
+        help="Run on the Dask cluster at ADDRESS (tcp://host:8786), or local:N for N local "
+        "worker processes: the blocks of a Zarr / OME-Zarr input, or with --out-dir one task "
+        "per file.  [default: this process (and --workers); env SPOTFIT_SCHEDULER]",
+    ),
+]
+
+
 def _cap_workers(workers):
     """At most one worker per available core; a note when the user asked for more."""
     if workers is None:
@@ -727,6 +761,7 @@ def main():
 @_apply(_camera_options(note="  With --gain, the detection threshold uses the camera's noise model."))
 @_apply(_out_options("candidates"))
 @_apply(_config_options("run"))
+@_apply(_BLOCK_OPTIONS)
 def detect(**params):
     """Find spot candidates in IMAGE (image files or folders) without fitting them.
 
@@ -756,13 +791,18 @@ def _is_batch(images, out_dir) -> bool:
     if out_dir is not None or len(images) > 1:
         return True
     path = images[0]
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not _is_zarr(path):
         return True
     if os.path.exists(path) or not any(c in path for c in "*?["):
         return False
     import glob
 
     return bool(glob.glob(path))  # a pattern matching nothing is a missing file
+
+
+def _is_zarr(path) -> bool:
+    """A Zarr folder is one image (:func:`spotfit.readers.is_zarr`, without importing it)."""
+    return any(os.path.isfile(os.path.join(path, m)) for m in (".zgroup", ".zarray", "zarr.json"))
 
 
 def _check_outputs(images, out, out_dir, skip_existing) -> bool:
@@ -830,19 +870,21 @@ def _fit_or_detect(task, params):
     inputs = {k: p[k] for k in _INPUT_PARAMS}
     if batch:
         _batch(task, p["images"], p["out_dir"], config, camera, inputs, workers,
-               p["skip_existing"], qc)
+               p["skip_existing"], qc, scheduler=p.get("scheduler"))
     else:
-        _single(task, p["images"][0], p["out"], config, camera, inputs, workers, fmt, qc)
+        _single(task, p["images"][0], p["out"], config, camera, inputs, workers, fmt, qc,
+                blocks={"block_size": p.get("block_size"), "scheduler": p.get("scheduler")})
 
 
-def _batch(task, images, out_dir, config, camera, inputs, workers, skip_existing, qc):
+def _batch(task, images, out_dir, config, camera, inputs, workers, skip_existing, qc,
+           scheduler=None):
     """Every file into --out-dir (:func:`spotfit.batch.run_batch`; fit: with report.html)."""
     from spotfit.batch import run_batch
 
     with _UserErrors():
         summary = run_batch(images, out_dir, task=task, config=config, camera=camera,
                             workers=workers, skip_existing=skip_existing, qc=qc,
-                            report=task == "fit", **inputs)
+                            report=task == "fit", scheduler=scheduler, **inputs)
     for result in summary.results:
         for note in result.notes:
             click.echo(f"Note: {result.input}: {_as_options(note)}", err=True)
@@ -866,7 +908,7 @@ def _sidecar_of(out):
     return sidecar_path(out)
 
 
-def _single(task, image, out, config, camera, inputs, workers, fmt="csv", qc=False):
+def _single(task, image, out, config, camera, inputs, workers, fmt="csv", qc=False, blocks=None):
     """One file: its table to stdout or --out (with its sidecar), a summary line."""
     import time
 
@@ -885,7 +927,7 @@ def _single(task, image, out, config, camera, inputs, workers, fmt="csv", qc=Fal
         try:
             st = provenance.input_stat(image) if sidecar is not None else None
             table, info = api.process_file(
-                image, task, config=config, camera=camera, **inputs,
+                image, task, config=config, camera=camera, **inputs, **(blocks or {}),
                 progress=None if bar is None else (lambda *done: bar.update(0, *done)))
         finally:
             if bar is not None:
@@ -973,6 +1015,7 @@ def _described(info: dict, task: str, camera) -> str:
     "see spotfit export).",
 )
 @_apply(_config_options("run"))
+@_apply(_BLOCK_OPTIONS)
 @click.option(
     "--qc", is_flag=True,
     help="Also write <stem>_qc.png beside each table: the image with its fits (see "
@@ -1159,7 +1202,8 @@ class PercentilesType(click.ParamType):
 #: Options of ``fit`` that ``show`` takes too (to fit an image given without a table).
 _SHOW_FIT_PARAMS = [
     p for p in fit.params
-    if p.name not in ("images", "out", "out_dir", "skip_existing", "qc", "fmt")
+    if p.name not in ("images", "out", "out_dir", "skip_existing", "qc", "fmt", "block_size",
+                      "scheduler")
 ]
 
 

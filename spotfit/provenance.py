@@ -210,9 +210,10 @@ def input_stat(path: str) -> os.stat_result:
         st = os.stat(path)
     except FileNotFoundError:
         raise SpotfitInputError(f"{path}: no such file") from None
-    if os.path.isdir(path):
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, m))
+                                       for m in (".zgroup", ".zarray", "zarr.json")):
         raise SpotfitInputError(f"{path}: is a directory, not an image file")
-    return st
+    return st  # a Zarr folder: the folder's own stat (its metadata file changes with it)
 
 
 def _iso(seconds: float) -> str:

@@ -18,7 +18,13 @@ suffix                                 read by                              inst
 ``.nd2`` (Nikon)                       ``nd2``                              ``spotfit[nd2]``
 ``.czi`` (Zeiss)                       ``pylibCZIrw`` (Zeiss' libCZI)       ``spotfit[czi]``
 ``.lif`` (Leica)                       ``readlif``                          ``spotfit[lif]``
+``.zarr`` folders (OME-Zarr, Zarr)     ``zarr`` + ``dask`` (lazily)         ``spotfit[dask]``
 =====================================  ===================================  ==============
+
+A Zarr folder is read lazily, as a Dask array of its full-resolution level
+(OME-Zarr: the first dataset of its ``multiscales``, axes and pixel sizes
+from its metadata; a plain Zarr array: the last two axes ``YX``), and fitted
+block by block (:mod:`spotfit.blockwise`).
 
 imageio is already installed with scikit-image (a core dependency), is the
 reader scikit-image itself uses, and covers all of Pillow's formats with one
@@ -57,6 +63,9 @@ VENDOR_SUFFIXES = {
 #: Every suffix handled here (TIFF is read by :mod:`spotfit.io`).
 SUFFIXES = IMAGEIO_SUFFIXES + tuple(VENDOR_SUFFIXES)
 
+#: Files that mark a folder as a Zarr store (v2 and v3).
+ZARR_MARKERS = (".zgroup", ".zarray", "zarr.json")
+
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 # First bytes of the formats read through imageio, so that e.g. a PNG saved
@@ -88,6 +97,8 @@ def handles(where: str) -> bool:
     PNG, JPEG, GIF or BMP file; a file that starts like a TIFF is left to
     :mod:`spotfit.io`, whatever its name.
     """
+    if is_zarr(where):
+        return True
     if not os.path.isfile(where):
         return False
     head = _head(where)
@@ -144,6 +155,8 @@ def _read_stored(where: str):
     """(array, stored axes, pixel size µm or None, z step µm or None)."""
     if not os.path.exists(where):
         raise SpotfitInputError(f"{where}: no such file")
+    if is_zarr(where):
+        return _read_zarr(where)
     if os.path.isdir(where):
         raise SpotfitInputError(f"{where}: is a directory, not an image file")
     if os.path.getsize(where) == 0:
@@ -370,3 +383,76 @@ def _um(value, factor: float) -> float | None:
     except (TypeError, ValueError):
         return None
     return um if np.isfinite(um) and 1e-3 <= um <= 1e4 else None
+
+
+# ----------------------------------------------------------------------------
+# Zarr and OME-Zarr (folders), read lazily
+# ----------------------------------------------------------------------------
+
+#: OME-NGFF space units -> µm
+_NGFF_UNITS = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3, "meter": 1e6,
+               "angstrom": 1e-4, "picometer": 1e-6, "centimeter": 1e4}
+
+
+def is_zarr(where: str) -> bool:
+    """True for a folder holding a Zarr group or array (by its marker files)."""
+    return os.path.isdir(where) and any(os.path.isfile(os.path.join(where, m)) for m in ZARR_MARKERS)
+
+
+def _read_zarr(where: str):
+    """(dask array, axes, pixel size µm, z step µm) of a Zarr / OME-Zarr folder, nothing loaded."""
+    try:
+        import dask.array as da
+        import zarr
+    except ImportError as exc:
+        raise SpotfitInputError(f"{where}: reading Zarr folders needs the optional packages "
+                                "'zarr' and 'dask': pip install 'spotfit[dask]'") from exc
+    try:
+        node = zarr.open(where, mode="r")
+    except Exception as exc:  # zarr raises many types for bad stores
+        raise _unreadable(where, "Zarr", exc) from exc
+    pixel_size = z_step = None
+    if isinstance(node, zarr.Array):
+        array = node
+        axes = "Q" * max(0, array.ndim - 2) + "YX"
+    else:
+        attrs = dict(node.attrs)
+        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+        if not multiscales:
+            raise SpotfitInputError(f"{where}: a Zarr group without OME-Zarr 'multiscales' "
+                                    "metadata; give the path of its image array")
+        ms = multiscales[0]
+        dataset = ms["datasets"][0]
+        try:
+            array = node[dataset["path"]]
+        except Exception as exc:
+            raise _unreadable(where, "OME-Zarr", exc) from exc
+        names = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", [])]
+        if len(names) != array.ndim:
+            names = ["t", "c", "z", "y", "x"][5 - array.ndim:]
+        letters = {"t": "T", "c": "C", "z": "Z", "y": "Y", "x": "X"}
+        axes = "".join(letters.get(n.lower(), "Q") for n in names)
+        scale = _ngff_scale(ms, dataset, array.ndim)
+        units = [a.get("unit") if isinstance(a, dict) else None for a in ms.get("axes", [])]
+        if scale is not None and len(units) == array.ndim:
+            sizes = {}
+            for letter, s, u in zip(axes, scale, units):
+                factor = _NGFF_UNITS.get(str(u).lower()) if u else None
+                if factor is not None and s > 0:
+                    sizes[letter] = float(s) * factor
+            pixel_size = sizes.get("X")
+            z_step = sizes.get("Z")
+    return da.from_zarr(array), axes, pixel_size, z_step
+
+
+def _ngff_scale(ms: dict, dataset: dict, ndim: int):
+    """The scale of a multiscale's dataset (its own and the multiscale's transformations)."""
+    scale = np.ones(ndim)
+    found = False
+    for transforms in (dataset.get("coordinateTransformations", []),
+                       ms.get("coordinateTransformations", [])):
+        for tr in transforms:
+            if tr.get("type") == "scale" and len(tr.get("scale", [])) == ndim:
+                scale *= np.asarray(tr["scale"], float)
+                found = True
+    return scale if found else None
