@@ -468,6 +468,7 @@ class _Frame:
     image_var: float = 0.0
     dark: str | None = None
     noise: object = None  # the detection's NoiseModel of this frame
+    background: object = None  # the detection's local Background of this frame (or None)
 
 
 def _prepare(setup, t, raw, valid=None, camera=None) -> _Frame:
@@ -525,7 +526,7 @@ def _frames(img, valid_img, setup, report=None, camera=None):
     Gives at most one :class:`SpotfitWarning` about a dark frame per call.
     """
     from spotfit.background import NoiseModel, estimate_noise
-    from spotfit.detection import find_peaks
+    from spotfit.detection import _find_peaks
 
     config = setup.config if isinstance(setup, Setup) else setup
     ndim = 3 if img.is_3d else 2
@@ -542,7 +543,7 @@ def _frames(img, valid_img, setup, report=None, camera=None):
             warnings.warn(f.dark, SpotfitWarning, stacklevel=3)
             warned = True
         f.noise = camera_noise if camera_noise is not None else estimate_noise(f.photons, sigma)
-        f.coords, f.score = find_peaks(f.photons, sigma, noise=f.noise, **options)
+        f.coords, f.score, f.background = _find_peaks(f.photons, sigma, noise=f.noise, **options)
         if f.valid is not None and len(f.coords):
             keep = f.valid[tuple(f.coords.T)]
             f.coords, f.score = f.coords[keep], f.score[keep]
@@ -574,7 +575,7 @@ def _fit_single(setup: Setup, frames, raster: bool):
         if raster:
             coords = coords[np.lexsort(coords.T[::-1])]  # rows in raster order (z, y, x)
         n = len(coords)
-        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)
+        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var, background=f.background)
         if n > chunk:  # one frame, several solves: its noise model is measured up front
             n_pending = flush()
             variance = None
@@ -700,7 +701,7 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
             isolated = d[:, 1] > radius
         alone.append(isolated)
         rows = np.arange(len(coords))  # every candidate: a grouped one may be a blob
-        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)
+        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var, background=f.background)
         variance = None  # a frame fitted in several solves: its noise model measured up front
         if len(rows) > size and not setup.camera.calibrated:
             variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
@@ -736,9 +737,12 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
                                  np.rint(xyz[suspect & ~grouped & mine][:, ::-1]).astype(np.int64).reshape(-1, nd)])
         engine_frames.append(_Candidates(i, f.photons, active, f.valid, f.saturated, f.noise))
     widths = [np.sqrt(sx * sy)] + ([singles["sigma_z"].to_numpy()] if nd == 3 else [])
-    fixed = {"xyz": xyz[stands], "t": t_single[stands], "intensity": singles["intensity"].to_numpy()[stands],
-             "sigma": np.column_stack(widths)[stands], "offset": singles["offset"].to_numpy()[stands],
-             "row": np.flatnonzero(stands), "locked": (status != results.STATUS_NAMES[CONVERGED])[stands]}
+    # the standing fits that matter: those whose light reaches the joint fits'
+    # windows or the residual search around them (the rest stand as they are)
+    near = stands & _near_active(xyz, t_single, engine_frames, setup)
+    fixed = {"xyz": xyz[near], "t": t_single[near], "intensity": singles["intensity"].to_numpy()[near],
+             "sigma": np.column_stack(widths)[near], "offset": singles["offset"].to_numpy()[near],
+             "row": np.flatnonzero(near), "locked": (status != results.STATUS_NAMES[CONVERGED])[near]}
     keep = stands.copy()  # suspects are fitted again jointly
     joint = table.empty(nd, crowded=True)
     if any(len(e.coords) for e in engine_frames):
@@ -753,6 +757,26 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
     out = pd.concat([alone_rows, joint], ignore_index=True)
     keys = [out[c].to_numpy() for c in ("x", "y", "z")[:nd]] + [out["frame"].to_numpy()]
     return out.iloc[np.lexsort(keys)].reset_index(drop=True)
+
+
+def _near_active(xyz, t, engine_frames, setup):
+    """Which single fits at ``xyz`` (x, y[, z]) in chunk frames ``t`` lie within the
+    reach of a joint fit: a candidate fitted jointly, its residual search
+    (window + ``SEARCH_REACH`` sigmas), a new emitter's grouping radius, and
+    a window half-size (their own light)."""
+    from scipy.spatial import cKDTree
+
+    from spotfit.group import SEARCH_REACH
+
+    out = np.zeros(len(xyz), bool)
+    active = [np.column_stack([e.coords[:, ::-1].astype(float), np.full(len(e.coords), i * 1e7)])
+              for i, e in enumerate(engine_frames) if len(e.coords)]
+    if not active or len(xyz) == 0:
+        return out
+    cfg = setup.config
+    r = 2 * max(setup.half) + (SEARCH_REACH + cfg.group_radius) * cfg.sigma + 1.0
+    d, _ = cKDTree(np.concatenate(active)).query(np.column_stack([xyz, t * 1e7]), distance_upper_bound=r)
+    return np.isfinite(d)
 
 
 def _fit_batches(setup: Setup, batches, size):
