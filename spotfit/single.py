@@ -154,13 +154,24 @@ def remove_slope(windows: roi.Windows, background) -> None:
     across it -- a gradient, a cell's or a nucleus' edge -- which a
     constant offset cannot follow and which would otherwise pull the fitted
     centre and width.
+
+    Windows that reach beyond the frame are left as they are: the background
+    is extrapolated there, and a spot's own light at the edge would tilt it.
     """
     if len(windows) == 0:
         return
-    bg = background_in(windows, background)
-    m = windows.mask
+    nd = windows.origin.shape[1]
+    size = np.asarray(windows.grid.shape[::-1])  # x, y[, z]
+    frame = np.asarray(background.shape[::-1][:nd])
+    inside = np.all((windows.origin >= 0) & (windows.origin + size <= frame), axis=1)
+    if not inside.any():
+        return
+    rows = np.flatnonzero(inside)
+    sub = roi.Windows(windows.data[rows], windows.mask[rows], windows.origin[rows], windows.grid)
+    bg = background_in(sub, background)
+    m = sub.mask
     mean = np.sum(bg * m, axis=1) / np.maximum(m.sum(axis=1), 1)
-    windows.data -= (bg - mean[:, None]) * m
+    windows.data[rows] -= (bg - mean[:, None]) * m
 
 
 def frame_variance(setup: Setup, photons, coords, image_var: float, valid=None) -> np.ndarray:
