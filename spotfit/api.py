@@ -468,7 +468,6 @@ class _Frame:
     image_var: float = 0.0
     dark: str | None = None
     noise: object = None  # the detection's NoiseModel of this frame
-    background: object = None  # the detection's local Background of this frame (or None)
 
 
 def _prepare(setup, t, raw, valid=None, camera=None) -> _Frame:
@@ -526,7 +525,7 @@ def _frames(img, valid_img, setup, report=None, camera=None):
     Gives at most one :class:`SpotfitWarning` about a dark frame per call.
     """
     from spotfit.background import NoiseModel, estimate_noise
-    from spotfit.detection import _find_peaks
+    from spotfit.detection import find_peaks
 
     config = setup.config if isinstance(setup, Setup) else setup
     ndim = 3 if img.is_3d else 2
@@ -543,7 +542,7 @@ def _frames(img, valid_img, setup, report=None, camera=None):
             warnings.warn(f.dark, SpotfitWarning, stacklevel=3)
             warned = True
         f.noise = camera_noise if camera_noise is not None else estimate_noise(f.photons, sigma)
-        f.coords, f.score, f.background = _find_peaks(f.photons, sigma, noise=f.noise, **options)
+        f.coords, f.score = find_peaks(f.photons, sigma, noise=f.noise, **options)
         if f.valid is not None and len(f.coords):
             keep = f.valid[tuple(f.coords.T)]
             f.coords, f.score = f.coords[keep], f.score[keep]
@@ -575,7 +574,7 @@ def _fit_single(setup: Setup, frames, raster: bool):
         if raster:
             coords = coords[np.lexsort(coords.T[::-1])]  # rows in raster order (z, y, x)
         n = len(coords)
-        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var, background=f.background)
+        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)
         if n > chunk:  # one frame, several solves: its noise model is measured up front
             n_pending = flush()
             variance = None
@@ -701,7 +700,7 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
             isolated = d[:, 1] > radius
         alone.append(isolated)
         rows = np.arange(len(coords))  # every candidate: a grouped one may be a blob
-        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var, background=f.background)
+        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)
         variance = None  # a frame fitted in several solves: its noise model measured up front
         if len(rows) > size and not setup.camera.calibrated:
             variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)

@@ -218,13 +218,6 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noi
     deviation from the median (float32 rounding level), so a constant frame
     gives no candidates and a noise-free rendering gives its spots.
     """
-    return _find_peaks(frame, sigma, threshold, min_distance, noise)[:2]
-
-
-def _find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noise=None):
-    """:func:`find_peaks`, and the frame's local background
-    (:class:`spotfit.background.Background`, in the frame's units) when the
-    frame was one block, else None."""
     data = np.asarray(frame)
     if data.ndim not in (2, 3):
         raise SpotfitInputError(f"find_peaks needs a 2D or 3D array, got shape {data.shape}")
@@ -235,24 +228,20 @@ def _find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, no
         radii = default_min_distance(sig)
     else:
         radii = (int(min_distance),) * data.ndim
-    empty = (np.empty((0, data.ndim), dtype=np.intp), np.empty(0, dtype=float), None)
+    empty = (np.empty((0, data.ndim), dtype=np.intp), np.empty(0, dtype=float))
     if data.size == 0:
         return empty
     prepared = _Prepared.of(data, sig, noise)
     if prepared is None:  # no noise at all: nothing to find
         return empty
     coords, snr = [empty[0]], [empty[1]]
-    blocks = _blocks(data.shape, sig, radii)
-    background = None
-    for block, origin, interior in blocks:
-        c, s, background = _block_peaks(prepared, data[block], origin, interior, float(threshold), radii)
+    for block, origin, interior in _blocks(data.shape, sig, radii):
+        c, s = _block_peaks(prepared, data[block], origin, interior, float(threshold), radii)
         coords.append(c)
         snr.append(s)
     coords, snr = np.concatenate(coords), np.concatenate(snr)
     order = np.argsort(-snr, kind="stable")
-    if len(blocks) > 1 or prepared.factor != 1.0:
-        background = None  # per block, or in working units
-    return coords[order].astype(np.intp).reshape(-1, data.ndim), snr[order].astype(float), background
+    return coords[order].astype(np.intp).reshape(-1, data.ndim), snr[order].astype(float)
 
 
 class _Prepared:
@@ -392,7 +381,7 @@ def _block_peaks(prepared, raw, origin, interior, threshold, radii):
     snr = filtered.ravel()[cand] / sd
     keep = snr > _skewed_threshold(threshold, skew)
     coords = np.column_stack([i[keep] for i in in_frame]) if len(cand) else np.zeros((0, data.ndim))
-    return coords.astype(np.intp).reshape(-1, data.ndim), snr[keep].astype(float), background
+    return coords.astype(np.intp).reshape(-1, data.ndim), snr[keep].astype(float)
 
 
 def filter_frame(frame, sigma, noise=None):

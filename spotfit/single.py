@@ -79,7 +79,7 @@ def batch_size(setup: Setup) -> int:
 
 
 def cut_frame(setup: Setup, t: int, photons, coords, image_var: float, rows=None, saturated=None,
-              valid=None, read_var=None, variance=None, background=None) -> Batch:
+              valid=None, read_var=None, variance=None) -> Batch:
     """Windows around candidates of one frame.
 
     Parameters
@@ -103,12 +103,6 @@ def cut_frame(setup: Setup, t: int, photons, coords, image_var: float, rows=None
         Read-noise variance map (sCMOS).
     variance : (3,) ndarray, optional
         The frame's measured noise model (:func:`frame_variance`).
-    background : spotfit.background.Background, optional
-        The frame's local background (detection's, in the frame's units):
-        its shape within each window (its deviation from the window's mean)
-        is known light, taken out of the window before the fit, so that the
-        fitted offset is the level under the spot and a gradient or the edge
-        of a nucleus does not pull the fitted centre (:func:`remove_slope`).
 
     Returns
     -------
@@ -117,8 +111,6 @@ def cut_frame(setup: Setup, t: int, photons, coords, image_var: float, rows=None
     centers = coords if rows is None else coords[rows]
     w = roi.cut(photons, centers, setup.half, read_var=read_var, valid=valid)
     roi.mask_neighbours(w, centers, NEIGHBOUR_REACH * setup.config.sigma, others=coords)
-    if background is not None:
-        remove_slope(w, background)
     n = len(w)
     sat = np.zeros(n, bool)
     if saturated is not None:
@@ -126,52 +118,6 @@ def cut_frame(setup: Setup, t: int, photons, coords, image_var: float, rows=None
         sat = np.any(s.data & w.mask, axis=1)
     var = None if variance is None else np.broadcast_to(np.asarray(variance, float), (n, 3))
     return Batch(w, np.full(n, t, dtype=np.int64), np.full(n, float(image_var)), sat, var)
-
-
-def background_in(windows: roi.Windows, background) -> np.ndarray:
-    """The local background (:class:`spotfit.background.Background`) at the pixels of
-    ``windows`` (``(n, P)``; pixels beyond the frame take the nearest edge pixel's)."""
-    shape = background.shape  # (nz, ny, nx)
-    nd = windows.origin.shape[1]
-    grid = windows.grid.flat()  # x, y[, z] offsets of each window pixel
-    index = []
-    for axis in range(3):  # array order z, y, x
-        j = 2 - axis  # x, y, z position in origin/grid
-        if j >= nd:
-            index.append(np.zeros((len(windows), windows.data.shape[1]), np.int64))
-            continue
-        pix = windows.origin[:, j][:, None] + np.asarray(grid[j])[None, :]
-        index.append(np.clip(np.rint(pix).astype(np.int64), 0, shape[axis] - 1))
-    values = background.at([i.ravel() for i in index])
-    return values.reshape(len(windows), -1).astype(float)
-
-
-def remove_slope(windows: roi.Windows, background) -> None:
-    """Take the shape of the local background out of each window, in place.
-
-    The window keeps its mean level (which the fit's offset measures, and
-    which the noise model needs) but loses the background's variation
-    across it -- a gradient, a cell's or a nucleus' edge -- which a
-    constant offset cannot follow and which would otherwise pull the fitted
-    centre and width.
-
-    Windows that reach beyond the frame are left as they are: the background
-    is extrapolated there, and a spot's own light at the edge would tilt it.
-    """
-    if len(windows) == 0:
-        return
-    nd = windows.origin.shape[1]
-    size = np.asarray(windows.grid.shape[::-1])  # x, y[, z]
-    frame = np.asarray(background.shape[::-1][:nd])
-    inside = np.all((windows.origin >= 0) & (windows.origin + size <= frame), axis=1)
-    if not inside.any():
-        return
-    rows = np.flatnonzero(inside)
-    sub = roi.Windows(windows.data[rows], windows.mask[rows], windows.origin[rows], windows.grid)
-    bg = background_in(sub, background)
-    m = sub.mask
-    mean = np.sum(bg * m, axis=1) / np.maximum(m.sum(axis=1), 1)
-    windows.data[rows] -= (bg - mean[:, None]) * m
 
 
 def frame_variance(setup: Setup, photons, coords, image_var: float, valid=None) -> np.ndarray:

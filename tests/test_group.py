@@ -111,3 +111,23 @@ def test_crowded_z_stack_pair():
     found = spotfit.fit(img, camera=CAMERA, axes="ZYX", sigma=1.3, sigma_z=2.0, crowded=True)
     i, j = match_spots(found[["x", "y", "z"]].to_numpy(), truth[["x", "y", "z"]].to_numpy(), 1.0)
     assert len(j) == 3
+
+
+def test_reach_covers_detection_and_joint_fits():
+    from spotfit.config import FitConfig, reach
+    from spotfit.detection import detection_halo
+    from spotfit.group import SEARCH_REACH
+
+    cfg = FitConfig(sigma=1.3)
+    r = reach(cfg)
+    assert r["detection"] == detection_halo((1.3, 1.3))
+    half = cfg.half_size(2)
+    # a group of max_group spots each group_radius * sigma from the next, the
+    # residual search around its last member, and that member's window
+    chain = (cfg.max_group - 1) * cfg.group_radius * 1.3 + SEARCH_REACH * 1.3
+    assert all(f >= 2 * h + chain for f, h in zip(r["fit"], half))
+    assert r["halo"] == tuple(max(a, b) for a, b in zip(r["detection"], r["fit"]))
+    # wider PSFs and bigger groups reach farther; z-stacks get one value per axis
+    assert reach(FitConfig(sigma=2.0))["halo"][-1] > r["halo"][-1]
+    assert reach(FitConfig(sigma=1.3, max_group=12))["fit"][-1] > r["fit"][-1]
+    assert len(reach(FitConfig(sigma=1.3, sigma_z=2.0), 3)["halo"]) == 3
