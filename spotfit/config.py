@@ -262,52 +262,6 @@ class FitConfig:
                 f"frames), got {self.window}", parameter="window")
 
 
-def reach(config: FitConfig, ndim: int = 2) -> dict:
-    """How far, in pixels, the processing of a spot looks from it (for blockwise engines).
-
-    A block of a frame processed on its own gives the whole frame's results
-    for the spots in its interior when it is padded by at least ``halo``
-    pixels of the frame along each axis.
-
-    Parameters
-    ----------
-    config : FitConfig
-    ndim : int
-        2 for images, 3 for z-stacks.
-
-    Returns
-    -------
-    dict
-        Per array axis (tuples of int, ``(y, x)`` or ``(z, y, x)``):
-
-        ``detection``
-            :func:`spotfit.detection.detection_halo`: the pixels that decide
-            a candidate (local background, filter, ``min_distance``).
-        ``fit``
-            A spot's fit: its window, the residual search around it and the
-            group it may join -- up to ``max_group`` spots each within
-            ``group_radius * sigma`` of the next -- with its neighbours'
-            windows.
-        ``halo``
-            The larger of the two, per axis: the padding a block needs.
-    """
-    import math
-
-    import numpy as np
-
-    from spotfit.detection import detection_halo
-    from spotfit.group import SEARCH_REACH
-
-    sig = config.detection_sigma(ndim)
-    sig = (sig,) * ndim if np.ndim(sig) == 0 else tuple(sig)
-    det = detection_halo(sig, config.min_distance)
-    half = config.half_size(ndim)
-    chain = (max(config.max_group, 1) - 1) * config.group_radius
-    fit = tuple(int(2 * h + math.ceil((chain + SEARCH_REACH) * s)) for h, s in zip(half, sig))
-    return {"detection": tuple(int(v) for v in det), "fit": fit,
-            "halo": tuple(max(a, b) for a, b in zip(det, fit))}
-
-
 def option_metadata() -> dict:
     """Per field of :class:`FitConfig`, in order: its metadata (see :func:`_meta`) and ``default``.
 

@@ -723,6 +723,49 @@ def _scatter(image, values, start, shape, nz):
     return image
 
 
+def reach(config, ndim: int = 2) -> dict:
+    """How far, in pixels, the processing of a spot looks from it (for blockwise engines).
+
+    A block of a frame processed on its own gives the whole frame's results
+    for the spots in its interior when it is padded by at least ``halo``
+    pixels of the frame along each axis.
+
+    Parameters
+    ----------
+    config : spotfit.FitConfig
+    ndim : int
+        2 for images, 3 for z-stacks.
+
+    Returns
+    -------
+    dict
+        Per array axis (tuples of int, ``(y, x)`` or ``(z, y, x)``):
+
+        ``detection``
+            :func:`spotfit.detection.detection_halo`: the pixels that decide
+            a candidate (local background, filter, ``min_distance``).
+        ``fit``
+            A spot's fit: its window, the residual search around it and the
+            group it may join -- up to ``max_group`` spots each within
+            ``group_radius * sigma`` of the next -- with its neighbours'
+            windows.
+        ``halo``
+            The larger of the two, per axis: the padding a block needs.
+    """
+    import math
+
+    from spotfit.detection import detection_halo
+
+    sig = config.detection_sigma(ndim)
+    sig = (sig,) * ndim if np.ndim(sig) == 0 else tuple(sig)
+    det = detection_halo(sig, config.min_distance)
+    half = config.half_size(ndim)
+    chain = (max(config.max_group, 1) - 1) * config.group_radius
+    fit = tuple(int(2 * h + math.ceil((chain + SEARCH_REACH) * s)) for h, s in zip(half, sig))
+    return {"detection": tuple(int(v) for v in det), "fit": fit,
+            "halo": tuple(max(a, b) for a, b in zip(det, fit))}
+
+
 def _detection_threshold() -> float:
     from spotfit.detection import DEFAULT_THRESHOLD
 
@@ -748,4 +791,4 @@ def n_groups(spots) -> int:
     return int(spots.labels.max()) + 1 if len(spots) else 0
 
 
-__all__ = ["group_spots", "CrowdedFitter", "MIN_EMITTER_SNR"]
+__all__ = ["group_spots", "CrowdedFitter", "MIN_EMITTER_SNR", "reach"]

@@ -114,7 +114,8 @@ def test_crowded_z_stack_pair():
 
 
 def test_reach_covers_detection_and_joint_fits():
-    from spotfit.config import FitConfig, reach
+    from spotfit.config import FitConfig
+    from spotfit.group import reach
     from spotfit.detection import detection_halo
     from spotfit.group import SEARCH_REACH
 
