@@ -738,7 +738,12 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
     widths = [np.sqrt(sx * sy)] + ([singles["sigma_z"].to_numpy()] if nd == 3 else [])
     # the standing fits that matter: those whose light reaches the joint fits'
     # windows or the residual search around them (the rest stand as they are)
-    near = stands & _near_active(xyz, t_single, engine_frames, setup)
+    # (a standing fit as wide as a joint fit's widest PSF is split by the
+    # engine, so it counts as a joint fit here)
+    from spotfit.group import WIDTH_RANGE
+
+    stretched = stands & (np.sqrt(sx * sy) >= 0.99 * WIDTH_RANGE[1] * cfg.sigma)
+    near = stands & (stretched | _near_active(xyz, t_single, engine_frames, setup, seeds=stretched))
     fixed = {"xyz": xyz[near], "t": t_single[near], "intensity": singles["intensity"].to_numpy()[near],
              "sigma": np.column_stack(widths)[near], "offset": singles["offset"].to_numpy()[near],
              "row": np.flatnonzero(near), "locked": (status != results.STATUS_NAMES[CONVERGED])[near]}
@@ -758,11 +763,12 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
     return out.iloc[np.lexsort(keys)].reset_index(drop=True)
 
 
-def _near_active(xyz, t, engine_frames, setup):
+def _near_active(xyz, t, engine_frames, setup, seeds=None):
     """Which single fits at ``xyz`` (x, y[, z]) in chunk frames ``t`` lie within the
     reach of a joint fit: a candidate fitted jointly, its residual search
-    (window + ``SEARCH_REACH`` sigmas), a new emitter's grouping radius, and
-    a window half-size (their own light)."""
+    (window + ``SEARCH_REACH`` sigmas), a new emitter's group window and
+    grouping radius, and a window half-size (their own light); ``seeds``
+    (bool over ``xyz``) count as candidates fitted jointly."""
     from scipy.spatial import cKDTree
 
     from spotfit.group import SEARCH_REACH
@@ -770,10 +776,12 @@ def _near_active(xyz, t, engine_frames, setup):
     out = np.zeros(len(xyz), bool)
     active = [np.column_stack([e.coords[:, ::-1].astype(float), np.full(len(e.coords), i * 1e7)])
               for i, e in enumerate(engine_frames) if len(e.coords)]
+    if seeds is not None and seeds.any():
+        active.append(np.column_stack([xyz[seeds], t[seeds] * 1e7]))
     if not active or len(xyz) == 0:
         return out
     cfg = setup.config
-    r = 2 * max(setup.half) + (SEARCH_REACH + cfg.group_radius) * cfg.sigma + 1.0
+    r = 4 * max(setup.half) + (SEARCH_REACH + cfg.group_radius) * cfg.sigma + 1.0
     d, _ = cKDTree(np.concatenate(active)).query(np.column_stack([xyz, t * 1e7]), distance_upper_bound=r)
     return np.isfinite(d)
 
