@@ -246,10 +246,23 @@ class CrowdedFitter:
                     changed = True
             if not changed:
                 break
-        if changed:  # the last round pruned or added: refit the survivors
+        if changed or spots is not self._pending_owner:  # refit the survivors
             spots, labels = self._joint(spots, radius)
+        self._judge_blobs(spots)
         spots.labels = labels
         return spots
+
+    def _judge_blobs(self, spots):
+        """Statuses of the last joint fits' emitters, with the blob test (:meth:`_blob`)
+        of their misfit groups: run once, on the final fits only (the test
+        decides a status, nothing the rounds before depend on)."""
+        for members, status, outside, low, sat, data, w, chi2, n_params, candidates in self._pending:
+            blob = self._blob(data, w, chi2, n_params, candidates)
+            if not blob.any():
+                continue
+            for i in range(members.shape[1]):
+                spots.rec["status"][members[:, i]] = results.judge(status, outside[i], low[i], sat, blob)
+        self._pending = []
 
     def _windows(self, image, t, lo, shape, dtype=float):
         """Windows of ``shape`` (a frame's axes) starting at ``lo`` (array order) in frames
@@ -538,6 +551,7 @@ class CrowdedFitter:
         """Fit every group jointly; returns the updated spots and their group labels."""
         n = len(spots)
         labels = self._labels(spots, radius)
+        self._pending, self._pending_owner = [], spots
         if n == 0 or spots.fixed.all():
             return spots, labels
         residual = self._stack - self._render(spots)
@@ -546,6 +560,7 @@ class CrowdedFitter:
         order = free[np.argsort(labels[free], kind="stable")]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         out = spots.take(np.arange(n))  # a copy to write the new estimates into
+        self._pending, self._pending_owner = [], out  # blob tests of this round's misfit groups
         for K in np.unique(sizes):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
@@ -613,7 +628,9 @@ class CrowdedFitter:
         dof = np.maximum(w.mask.sum(axis=1) - model.n_params, 1)
         pegged = theta[:, model.index("sigma")] >= (1 - 1e-3) * upper[:, model.index("sigma")]
         misfit = sol.chi2_red > 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)
-        blob = self._blob(data, w, sol.chi2_red * dof, model.n_params, pegged & misfit)
+        candidates = pegged & misfit  # blob tests: after the last round (_judge_blobs)
+        blob = np.zeros(G, bool)
+        outs, lows = [], []
         for i in range(K):
             m = members[:, i]
             idx = model.emitter_params(i)
@@ -621,6 +638,8 @@ class CrowdedFitter:
             outside = ~w.inside(theta[:, idx][:, centre])
             low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
             rec["status"][m] = results.judge(sol.status, outside, low, sat, blob)
+            outs.append(outside)
+            lows.append(low)
             for key, v in values.items():
                 rec[key][m] = v
                 rec[f"{key}_err"][m] = errors[key]
@@ -636,6 +655,9 @@ class CrowdedFitter:
             if nd == 3:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
+        if candidates.any():
+            self._pending.append((members, sol.status, outs, lows, sat, data, w, sol.chi2_red * dof,
+                                  model.n_params, candidates))
 
     def _blob(self, data, w, chi2, n_params, candidates):
         """Which misfit groups one wide Gaussian explains as well as their emitters.
