@@ -51,6 +51,9 @@ SEARCH_ROUNDS = 2
 SEARCH_EXCLUSION = 0.5
 #: the residual is searched this many sigmas beyond a fitted spot's window
 SEARCH_REACH = 1.5
+#: a misfit group that one Gaussian wider than this many sigmas both ways explains
+#: at least as well (BIC) is a blob, even if that Gaussian misfits too (texture)
+BLOB_MINOR = 1.5
 #: fitted widths stay within this range times the expected sigma
 WIDTH_RANGE = (0.9, 1.1)
 #: a group fit whose reduced chi-square exceeds 1 by this many standard
@@ -664,9 +667,11 @@ class CrowdedFitter:
 
         For each candidate group, the setup's single-spot model (widths
         free) is fitted to the group's window; if it fits (reduced
-        chi-square within ``MISFIT_SIGMAS`` of 1) and its chi-square plus
-        the BIC penalty of its parameters is no larger than the group's,
-        the group is a blob of light (texture, an aggregate), not spots.
+        chi-square within ``MISFIT_SIGMAS`` of 1) or is wider than
+        ``BLOB_MINOR`` sigmas both ways (textured light misfits both), and
+        its chi-square plus the BIC penalty of its parameters is no larger
+        than the group's, the group is a blob of light (texture, an
+        aggregate), not spots.
         A cluster of spots the search has not yet resolved is misfit by one
         wide Gaussian too, and stays.
         """
@@ -688,7 +693,11 @@ class CrowdedFitter:
         blob_cost = sol.chi2_red * dof + m.n_params * penalty
         group_cost = chi2[rows] + n_params * penalty
         fits = sol.chi2_red <= 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)  # the blob explains the data
-        out[rows] = np.isfinite(blob_cost) & (blob_cost <= group_cost) & fits
+        # ... or is wide both ways: then neither explains textured light, and
+        # the cheaper description (one wide blob) wins
+        values, _ = results.measure(m, sol.theta, sol.cov, sub.origin)
+        wide = np.minimum(values["sigma_x"], values["sigma_y"]) > BLOB_MINOR * self.config.sigma
+        out[rows] = np.isfinite(blob_cost) & (blob_cost <= group_cost) & (fits | wide)
         return out
 
     # --------------------------------------------------------------- table

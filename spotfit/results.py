@@ -250,8 +250,11 @@ def expected_snr(model, data, mask, grid, centres, widths, noise: Noise):
             offset = (sgg * sd - sg * sgd) / det
         mu = np.clip(intensity[:, None], 0.0, None) * g + offset[:, None]
         var = noise.variance(mu)
-        # a floor relative to the window's largest variance (any unit)
-        floor = 1e-12 * np.max(np.where(mask, var, 0.0), axis=1, keepdims=True) + np.finfo(float).tiny
+        if noise.calibrated:  # photons^2: an absolute floor
+            floor = 1e-6
+        else:  # any unit: relative to the window's largest variance (1e-6 for none at all)
+            top = np.max(np.where(mask, var, 0.0), axis=1, keepdims=True)
+            floor = np.where(top > 0, 1e-12 * top, 1e-6)
         weight = mask / np.maximum(var, floor)
     from spotfit.start import intensity_floor
 
