@@ -132,3 +132,32 @@ def test_reach_covers_detection_and_joint_fits():
     assert reach(FitConfig(sigma=2.0))["halo"][-1] > r["halo"][-1]
     assert reach(FitConfig(sigma=1.3, max_group=12))["fit"][-1] > r["fit"][-1]
     assert len(reach(FitConfig(sigma=1.3, sigma_z=2.0), 3)["halo"]) == 3
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_spots_beyond_the_reach_do_not_change_a_region(crowded):
+    # a crowded cluster on the left; spots on the right, all farther than
+    # reach()["halo"] from it, are added as their own photons: the cluster's
+    # rows are exactly those of the image without them (what a blockwise
+    # engine padding its blocks by the halo relies on)
+    import pandas as pd
+
+    from spotfit.config import FitConfig
+    from spotfit.group import reach
+    from spotfit.simulation import render
+
+    rng = np.random.default_rng(31)
+    halo = reach(FitConfig(sigma=1.3))["halo"][-1]
+    shape = (48, 40 + halo + 60)
+    left = np.column_stack([rng.uniform(6, 34, 14), rng.uniform(6, 42, 14)])
+    right = np.column_stack([rng.uniform(40 + halo + 5, shape[1] - 6, 10), rng.uniform(6, 42, 10)])
+    base = rng.poisson(render(shape, left[:, 0], left[:, 1], 2500.0, 1.3, background=15.0))
+    extra = rng.poisson(render(shape, right[:, 0], right[:, 1], 2500.0, 1.3))
+    assert not extra[:, : 40 + 5].any()
+    camera = Camera(baseline=100.0, gain=1.0)
+    alone = spotfit.fit((100 + base).astype(np.float32), camera=camera, sigma=1.3, crowded=crowded)
+    both = spotfit.fit((100 + base + extra).astype(np.float32), camera=camera, sigma=1.3, crowded=crowded)
+    region = both[both["x"] < 40].reset_index(drop=True)
+    assert len(alone) >= 10 and (both["x"] > 40 + halo).sum() >= 8
+    cols = ["x", "y", "intensity", "sigma_x", "status"]
+    pd.testing.assert_frame_equal(region[cols], alone[cols])
