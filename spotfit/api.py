@@ -93,8 +93,69 @@ def _fit_image(img, valid, ndim, config, camera, report=None):
     """The fit table of an open image; ``report(t, n_frames, n_found)`` after each frame."""
     setup = Setup.resolve(config, camera, ndim)
     frames = _frames(img, valid, setup, report)
-    result = _fit_dense(setup, frames) if config.crowded else _fit_single(setup, frames, raster=True)
+    result = _fit_dense(setup, frames) if config.crowded else _fit_auto(setup, frames)
     return _with_units(result, img)
+
+
+#: a frame whose candidates would cover at least this fraction of it with discs of
+#: ``group_radius * sigma`` (:func:`coverage`) is a dense field: its overlapping spots
+#: are fitted jointly without ``crowded`` (:func:`_fit_auto`)
+DENSE_COVERAGE = 0.2
+
+
+def coverage(coords, shape, config: FitConfig) -> float:
+    """How crowded a frame is: its candidates' number times the area (volume) of a
+    disc (ball) of ``group_radius * sigma`` px, over the frame's area (volume).
+
+    About the fraction of the frame within the grouping radius of a spot
+    when spots do not overlap; above 1 in frames covered with spots.
+    """
+    r = config.group_radius * config.sigma
+    if len(shape) == 3:
+        rz = config.group_radius * config.axial_sigma()
+        unit = 4.0 / 3.0 * np.pi * r * r * rz
+    else:
+        unit = np.pi * r * r
+    return float(len(coords) * unit / max(int(np.prod(shape)), 1))
+
+
+def _fit_auto(setup: Setup, frames):
+    """The default: single-spot fits of frames whose spots stand apart, the
+    crowded-field fits (:func:`_fit_dense`, without the group columns) of dense
+    frames (:data:`DENSE_COVERAGE`).
+
+    Consecutive frames of a kind are fitted together in runs (at most
+    :data:`CROWDED_CHUNK` pixels of dense frames, or a single-spot solve's
+    worth of windows), in frame order.
+    """
+    import pandas as pd
+
+    parts, run, kind, size = [], [], None, 0
+    chunk = single.batch_size(setup)
+
+    def flush():
+        if run:
+            if kind:
+                part = _fit_dense(setup, run)
+                parts.append(part.drop(columns=[c for c in table._GROUP if c in part]))
+            else:
+                parts.append(_fit_single(setup, run, raster=True))
+            run.clear()
+        return 0
+
+    for f in frames:
+        dense = coverage(f.coords, f.photons.shape, setup.config) >= DENSE_COVERAGE
+        amount = f.photons.size if dense else len(f.coords)
+        if run and (dense != kind or size + amount > (CROWDED_CHUNK if dense else chunk)):
+            size = flush()
+        kind = dense
+        run.append(f)
+        size += amount
+    flush()
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return table.empty(setup.ndim)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def _per_frame(on_frame):
