@@ -88,7 +88,8 @@ LSQ, MLE = 0, 1
 #: read_var``; accumulate the sums of a regression ``r^2 ~ alpha + beta mu``;
 #: that regression's ``max(alpha + beta mu, floor)``
 CAMERA_VARIANCE, MEASURE_VARIANCE, MEASURED_VARIANCE = range(3)
-#: smallest pixel variance and smallest Poisson mean the kernels use
+#: smallest pixel variance (photons^2, or where a measured noise model gives
+#: none) and smallest Poisson mean (photons) the kernels use
 VAR_FLOOR = 1e-6
 MU_FLOOR = 1e-6
 
@@ -708,11 +709,12 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             if w[p] == 0.0:
                 Q[p] = 0.0
                 continue
-            if noise.mode == CAMERA_VARIANCE:
-                V = noise.excess * max(mu[p], 0.0) + noise.read_var[s, p]
-            else:
+            if noise.mode == CAMERA_VARIANCE:  # photons: an absolute floor
+                V = max(noise.excess * max(mu[p], 0.0) + noise.read_var[s, p], VAR_FLOOR)
+            else:  # any unit: the measured floor (relative), VAR_FLOOR for noise-free data
                 V = max(noise.alpha[s] + noise.beta[s] * mu[p], noise.floor[s])
-            V = max(V, VAR_FLOOR)
+                if not V > 0.0:
+                    V = VAR_FLOOR
             r = data[s, p] - mu[p]
             x2 += r * r / V
             Q[p] = Wp[p] * Wp[p] * V

@@ -119,8 +119,69 @@ def _fit_image(img, valid, ndim, config, camera, report=None):
     """The fit table of an open image; ``report(t, n_frames, n_found)`` after each frame."""
     setup = Setup.resolve(config, camera, ndim)
     frames = _frames(img, valid, setup, report)
-    result = _fit_dense(setup, frames) if config.crowded else _fit_single(setup, frames, raster=True)
+    result = _fit_dense(setup, frames) if config.crowded else _fit_auto(setup, frames)
     return _with_units(result, img)
+
+
+#: a frame whose candidates would cover at least this fraction of it with discs of
+#: ``group_radius * sigma`` (:func:`coverage`) is a dense field: its overlapping spots
+#: are fitted jointly without ``crowded`` (:func:`_fit_auto`)
+DENSE_COVERAGE = 0.2
+
+
+def coverage(coords, shape, config: FitConfig) -> float:
+    """How crowded a frame is: its candidates' number times the area (volume) of a
+    disc (ball) of ``group_radius * sigma`` px, over the frame's area (volume).
+
+    About the fraction of the frame within the grouping radius of a spot
+    when spots do not overlap; above 1 in frames covered with spots.
+    """
+    r = config.group_radius * config.sigma
+    if len(shape) == 3:
+        rz = config.group_radius * config.axial_sigma()
+        unit = 4.0 / 3.0 * np.pi * r * r * rz
+    else:
+        unit = np.pi * r * r
+    return float(len(coords) * unit / max(int(np.prod(shape)), 1))
+
+
+def _fit_auto(setup: Setup, frames):
+    """The default: single-spot fits of frames whose spots stand apart, the
+    crowded-field fits (:func:`_fit_dense`, without the group columns) of dense
+    frames (:data:`DENSE_COVERAGE`).
+
+    Consecutive frames of a kind are fitted together in runs (at most
+    :data:`CROWDED_CHUNK` pixels of dense frames, or a single-spot solve's
+    worth of windows), in frame order.
+    """
+    import pandas as pd
+
+    parts, run, kind, size = [], [], None, 0
+    chunk = single.batch_size(setup)
+
+    def flush():
+        if run:
+            if kind:
+                part = _fit_dense(setup, run)
+                parts.append(part.drop(columns=[c for c in table._GROUP if c in part]))
+            else:
+                parts.append(_fit_single(setup, run, raster=True))
+            run.clear()
+        return 0
+
+    for f in frames:
+        dense = coverage(f.coords, f.photons.shape, setup.config) >= DENSE_COVERAGE
+        amount = f.photons.size if dense else len(f.coords)
+        if run and (dense != kind or size + amount > (CROWDED_CHUNK if dense else chunk)):
+            size = flush()
+        kind = dense
+        run.append(f)
+        size += amount
+    flush()
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return table.empty(setup.ndim)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def _per_frame(on_frame):
@@ -776,9 +837,17 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
                                  np.rint(xyz[suspect & ~grouped & mine][:, ::-1]).astype(np.int64).reshape(-1, nd)])
         engine_frames.append(_Candidates(i, f.photons, active, f.valid, f.saturated, f.noise))
     widths = [np.sqrt(sx * sy)] + ([singles["sigma_z"].to_numpy()] if nd == 3 else [])
-    fixed = {"xyz": xyz[stands], "t": t_single[stands], "intensity": singles["intensity"].to_numpy()[stands],
-             "sigma": np.column_stack(widths)[stands], "offset": singles["offset"].to_numpy()[stands],
-             "row": np.flatnonzero(stands), "locked": (status != results.STATUS_NAMES[CONVERGED])[stands]}
+    # the standing fits that matter: those whose light reaches the joint fits'
+    # windows or the residual search around them (the rest stand as they are)
+    # (a standing fit as wide as a joint fit's widest PSF is split by the
+    # engine, so it counts as a joint fit here)
+    from spotfit.group import WIDTH_RANGE
+
+    stretched = stands & (np.sqrt(sx * sy) >= 0.99 * WIDTH_RANGE[1] * cfg.sigma)
+    near = stands & (stretched | _near_active(xyz, t_single, engine_frames, setup, seeds=stretched))
+    fixed = {"xyz": xyz[near], "t": t_single[near], "intensity": singles["intensity"].to_numpy()[near],
+             "sigma": np.column_stack(widths)[near], "offset": singles["offset"].to_numpy()[near],
+             "row": np.flatnonzero(near), "locked": (status != results.STATUS_NAMES[CONVERGED])[near]}
     keep = stands.copy()  # suspects are fitted again jointly
     joint = table.empty(nd, crowded=True)
     if any(len(e.coords) for e in engine_frames):
@@ -793,6 +862,29 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
     out = pd.concat([alone_rows, joint], ignore_index=True)
     keys = [out[c].to_numpy() for c in ("x", "y", "z")[:nd]] + [out["frame"].to_numpy()]
     return out.iloc[np.lexsort(keys)].reset_index(drop=True)
+
+
+def _near_active(xyz, t, engine_frames, setup, seeds=None):
+    """Which single fits at ``xyz`` (x, y[, z]) in chunk frames ``t`` lie within the
+    reach of a joint fit: a candidate fitted jointly, its residual search
+    (window + ``SEARCH_REACH`` sigmas), a new emitter's group window and
+    grouping radius, and a window half-size (their own light); ``seeds``
+    (bool over ``xyz``) count as candidates fitted jointly."""
+    from scipy.spatial import cKDTree
+
+    from spotfit.group import SEARCH_REACH
+
+    out = np.zeros(len(xyz), bool)
+    active = [np.column_stack([e.coords[:, ::-1].astype(float), np.full(len(e.coords), i * 1e7)])
+              for i, e in enumerate(engine_frames) if len(e.coords)]
+    if seeds is not None and seeds.any():
+        active.append(np.column_stack([xyz[seeds], t[seeds] * 1e7]))
+    if not active or len(xyz) == 0:
+        return out
+    cfg = setup.config
+    r = 4 * max(setup.half) + (SEARCH_REACH + cfg.group_radius) * cfg.sigma + 1.0
+    d, _ = cKDTree(np.concatenate(active)).query(np.column_stack([xyz, t * 1e7]), distance_upper_bound=r)
+    return np.isfinite(d)
 
 
 def _fit_batches(setup: Setup, batches, size):

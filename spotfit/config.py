@@ -110,9 +110,10 @@ class FitConfig:
         Cores to use: threads of the compiled solver (None: all cores).
     crowded : bool
         Fit overlapping spots jointly and search the residual for hidden
-        emitters (:mod:`spotfit.group`).  Adds ``group_id`` and
-        ``group_size`` columns; every spot is then a symmetric Gaussian
-        (width shared within its group).
+        emitters (:mod:`spotfit.group`) in every frame, and add the
+        ``group_id`` and ``group_size`` columns.  Without it, frames that are
+        dense fields (:data:`spotfit.api.DENSE_COVERAGE`) are fitted so
+        anyway, without those columns; sparse frames get single-spot fits.
     group_radius : float
         Spots closer than ``group_radius * sigma`` are fitted together.
     max_group : int
@@ -176,14 +177,15 @@ class FitConfig:
         "--out-dir, files processed in parallel (processes) sharing them.  [default: all cores]",
         "whole", "run", unit="cores", low=1, metavar="N"))
     crowded: bool = field(default=False, metadata=_meta(
-        "Crowded fields: fit overlapping spots jointly (K Gaussians sharing width and "
-        "offset), search the residual for hidden spots.  Adds group_id and group_size columns.",
+        "Joint fits in every frame (K Gaussians sharing width and offset; residual search for "
+        "hidden spots), with group_id and group_size columns.  Without it, dense frames are "
+        "fitted so anyway (without those columns), sparse ones spot by spot.",
         "flag", "fit"))
     group_radius: float = field(default=3.0, metadata=_meta(
-        "With --crowded: spots closer than this many --sigma are fitted together.",
+        "Joint fits: spots closer than this many --sigma are fitted together.",
         "real", "fit", unit="sigmas", low=0.0))
     max_group: int = field(default=8, metadata=_meta(
-        "With --crowded: largest group fitted jointly; bigger clusters are split.",
+        "Joint fits: largest group fitted jointly; bigger clusters are split.",
         "whole", "fit", unit="spots", low=1))
 
     def __post_init__(self):

@@ -51,6 +51,9 @@ SEARCH_ROUNDS = 2
 SEARCH_EXCLUSION = 0.5
 #: the residual is searched this many sigmas beyond a fitted spot's window
 SEARCH_REACH = 1.5
+#: a misfit group that one Gaussian wider than this many sigmas both ways explains
+#: at least as well (BIC) is a blob, even if that Gaussian misfits too (texture)
+BLOB_MINOR = 1.5
 #: fitted widths stay within this range times the expected sigma
 WIDTH_RANGE = (0.9, 1.1)
 #: a group fit whose reduced chi-square exceeds 1 by this many standard
@@ -246,10 +249,23 @@ class CrowdedFitter:
                     changed = True
             if not changed:
                 break
-        if changed:  # the last round pruned or added: refit the survivors
+        if changed or spots is not self._pending_owner:  # refit the survivors
             spots, labels = self._joint(spots, radius)
+        self._judge_blobs(spots)
         spots.labels = labels
         return spots
+
+    def _judge_blobs(self, spots):
+        """Statuses of the last joint fits' emitters, with the blob test (:meth:`_blob`)
+        of their misfit groups: run once, on the final fits only (the test
+        decides a status, nothing the rounds before depend on)."""
+        for members, status, outside, low, sat, data, w, chi2, n_params, candidates in self._pending:
+            blob = self._blob(data, w, chi2, n_params, candidates)
+            if not blob.any():
+                continue
+            for i in range(members.shape[1]):
+                spots.rec["status"][members[:, i]] = results.judge(status, outside[i], low[i], sat, blob)
+        self._pending = []
 
     def _windows(self, image, t, lo, shape, dtype=float):
         """Windows of ``shape`` (a frame's axes) starting at ``lo`` (array order) in frames
@@ -538,6 +554,7 @@ class CrowdedFitter:
         """Fit every group jointly; returns the updated spots and their group labels."""
         n = len(spots)
         labels = self._labels(spots, radius)
+        self._pending, self._pending_owner = [], spots
         if n == 0 or spots.fixed.all():
             return spots, labels
         residual = self._stack - self._render(spots)
@@ -546,6 +563,7 @@ class CrowdedFitter:
         order = free[np.argsort(labels[free], kind="stable")]
         starts = np.concatenate([[0], np.cumsum(sizes)])
         out = spots.take(np.arange(n))  # a copy to write the new estimates into
+        self._pending, self._pending_owner = [], out  # blob tests of this round's misfit groups
         for K in np.unique(sizes):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
@@ -613,7 +631,9 @@ class CrowdedFitter:
         dof = np.maximum(w.mask.sum(axis=1) - model.n_params, 1)
         pegged = theta[:, model.index("sigma")] >= (1 - 1e-3) * upper[:, model.index("sigma")]
         misfit = sol.chi2_red > 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)
-        blob = self._blob(data, w, sol.chi2_red * dof, model.n_params, pegged & misfit)
+        candidates = pegged & misfit  # blob tests: after the last round (_judge_blobs)
+        blob = np.zeros(G, bool)
+        outs, lows = [], []
         for i in range(K):
             m = members[:, i]
             idx = model.emitter_params(i)
@@ -621,6 +641,8 @@ class CrowdedFitter:
             outside = ~w.inside(theta[:, idx][:, centre])
             low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
             rec["status"][m] = results.judge(sol.status, outside, low, sat, blob)
+            outs.append(outside)
+            lows.append(low)
             for key, v in values.items():
                 rec[key][m] = v
                 rec[f"{key}_err"][m] = errors[key]
@@ -636,15 +658,20 @@ class CrowdedFitter:
             if nd == 3:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
+        if candidates.any():
+            self._pending.append((members, sol.status, outs, lows, sat, data, w, sol.chi2_red * dof,
+                                  model.n_params, candidates))
 
     def _blob(self, data, w, chi2, n_params, candidates):
         """Which misfit groups one wide Gaussian explains as well as their emitters.
 
         For each candidate group, the setup's single-spot model (widths
         free) is fitted to the group's window; if it fits (reduced
-        chi-square within ``MISFIT_SIGMAS`` of 1) and its chi-square plus
-        the BIC penalty of its parameters is no larger than the group's,
-        the group is a blob of light (texture, an aggregate), not spots.
+        chi-square within ``MISFIT_SIGMAS`` of 1) or is wider than
+        ``BLOB_MINOR`` sigmas both ways (textured light misfits both), and
+        its chi-square plus the BIC penalty of its parameters is no larger
+        than the group's, the group is a blob of light (texture, an
+        aggregate), not spots.
         A cluster of spots the search has not yet resolved is misfit by one
         wide Gaussian too, and stays.
         """
@@ -666,7 +693,11 @@ class CrowdedFitter:
         blob_cost = sol.chi2_red * dof + m.n_params * penalty
         group_cost = chi2[rows] + n_params * penalty
         fits = sol.chi2_red <= 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)  # the blob explains the data
-        out[rows] = np.isfinite(blob_cost) & (blob_cost <= group_cost) & fits
+        # ... or is wide both ways: then neither explains textured light, and
+        # the cheaper description (one wide blob) wins
+        values, _ = results.measure(m, sol.theta, sol.cov, sub.origin)
+        wide = np.minimum(values["sigma_x"], values["sigma_y"]) > BLOB_MINOR * self.config.sigma
+        out[rows] = np.isfinite(blob_cost) & (blob_cost <= group_cost) & (fits | wide)
         return out
 
     # --------------------------------------------------------------- table
@@ -723,6 +754,49 @@ def _scatter(image, values, start, shape, nz):
     return image
 
 
+def reach(config, ndim: int = 2) -> dict:
+    """How far, in pixels, the processing of a spot looks from it (for blockwise engines).
+
+    A block of a frame processed on its own gives the whole frame's results
+    for the spots in its interior when it is padded by at least ``halo``
+    pixels of the frame along each axis.
+
+    Parameters
+    ----------
+    config : spotfit.FitConfig
+    ndim : int
+        2 for images, 3 for z-stacks.
+
+    Returns
+    -------
+    dict
+        Per array axis (tuples of int, ``(y, x)`` or ``(z, y, x)``):
+
+        ``detection``
+            :func:`spotfit.detection.detection_halo`: the pixels that decide
+            a candidate (local background, filter, ``min_distance``).
+        ``fit``
+            A spot's fit: its window, the residual search around it and the
+            group it may join -- up to ``max_group`` spots each within
+            ``group_radius * sigma`` of the next -- with its neighbours'
+            windows.
+        ``halo``
+            The larger of the two, per axis: the padding a block needs.
+    """
+    import math
+
+    from spotfit.detection import detection_halo
+
+    sig = config.detection_sigma(ndim)
+    sig = (sig,) * ndim if np.ndim(sig) == 0 else tuple(sig)
+    det = detection_halo(sig, config.min_distance)
+    half = config.half_size(ndim)
+    chain = (max(config.max_group, 1) - 1) * config.group_radius
+    fit = tuple(int(2 * h + math.ceil((chain + SEARCH_REACH) * s)) for h, s in zip(half, sig))
+    return {"detection": tuple(int(v) for v in det), "fit": fit,
+            "halo": tuple(max(a, b) for a, b in zip(det, fit))}
+
+
 def _detection_threshold() -> float:
     from spotfit.detection import DEFAULT_THRESHOLD
 
@@ -748,4 +822,4 @@ def n_groups(spots) -> int:
     return int(spots.labels.max()) + 1 if len(spots) else 0
 
 
-__all__ = ["group_spots", "CrowdedFitter", "MIN_EMITTER_SNR"]
+__all__ = ["group_spots", "CrowdedFitter", "MIN_EMITTER_SNR", "reach"]

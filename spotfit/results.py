@@ -249,8 +249,17 @@ def expected_snr(model, data, mask, grid, centres, widths, noise: Noise):
             intensity = (s1 * sgd - sg * sd) / det
             offset = (sgg * sd - sg * sgd) / det
         mu = np.clip(intensity[:, None], 0.0, None) * g + offset[:, None]
-        weight = mask / np.maximum(noise.variance(mu), 1e-6)
-    theta = model.from_moments(centres, w, np.clip(intensity, 1e-3, None), offset)
+        var = noise.variance(mu)
+        if noise.calibrated:  # photons^2: an absolute floor
+            floor = 1e-6
+        else:  # any unit: relative to the window's largest variance (1e-6 for none at all)
+            top = np.max(np.where(mask, var, 0.0), axis=1, keepdims=True)
+            floor = np.where(top > 0, 1e-12 * top, 1e-6)
+        weight = mask / np.maximum(var, floor)
+    from spotfit.start import intensity_floor
+
+    theta = model.from_moments(centres, w, np.maximum(np.nan_to_num(intensity, nan=0.0),
+                                                      intensity_floor(data, mask)), offset)
     mask_arg = None if mask.all() else mask
     bound = solver.crlb(model, theta, grid, noise, mask=mask_arg)[:, model.intensity_index]
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -18,7 +18,7 @@ import numpy as np
 from spotfit import results, roi, solver, table
 from spotfit.config import Setup
 from spotfit.estimators import Noise
-from spotfit.start import faint, initial_guess
+from spotfit.start import faint, initial_guess, intensity_floor
 
 #: pixels within this many sigma of another candidate (and nearer to it than to
 #: the window's own spot) are left out of a single-spot fit
@@ -138,7 +138,8 @@ def window_bounds(model, estimator, windows: roi.Windows):
 
     The model's bounds (:meth:`~spotfit.models.Model.bounds`); with an
     estimator declaring ``nonnegative_offset`` the offset cannot go negative
-    (a Poisson rate); in border-truncated windows each centre stays within
+    (a Poisson rate); intensities stay above :func:`spotfit.start.intensity_floor`
+    (relative to the window's data); in border-truncated windows each centre stays within
     half a pixel of the image, where the data can still constrain it.
     """
     lower, upper = model.bounds(windows.grid)
@@ -147,6 +148,9 @@ def window_bounds(model, estimator, windows: roi.Windows):
     first, last = windows.valid_extent()
     lower = np.repeat(lower[None], len(windows), axis=0)
     upper = np.repeat(upper[None], len(windows), axis=0)
+    floor = intensity_floor(windows.data, windows.mask)  # relative to the data: any unit
+    for i in range(model.n_emitters):
+        lower[:, model.emitter_index(i, "intensity")] = floor
     for i in range(model.n_emitters):
         for j, axis in enumerate(("x", "y", "z")[: model.ndim]):
             index = model.emitter_index(i, axis)

@@ -457,12 +457,19 @@ def variance_model(sums):
         mm, rm = s_m / count, s_r / count
         var_m = s_mm / count - mm * mm
         beta = np.where(var_m > 0, (s_mr / count - mm * rm) / var_m, 0.0)
-    rm_few = np.maximum(s_r / np.maximum(count, 1.0), VAR_FLOOR)
+    # floors relative to the data (any unit); VAR_FLOOR only for noise-free data
+    rm_few = _positive(s_r / np.maximum(count, 1.0))
     flat = ~np.isfinite(beta) | (beta <= 0)
-    out[:, 0] = np.where(few, rm_few, np.where(flat, np.maximum(rm, VAR_FLOOR), rm - beta * mm))
+    out[:, 0] = np.where(few, rm_few, np.where(flat, _positive(rm), rm - beta * mm))
     out[:, 1] = np.where(few | flat, 0.0, beta)
-    out[:, 2] = np.where(few, rm_few, np.maximum(0.05 * rm, VAR_FLOOR))
+    out[:, 2] = np.where(few, rm_few, _positive(0.05 * rm))
     return out
+
+
+def _positive(v):
+    """``v`` where positive, else :data:`VAR_FLOOR` (a residual-free fit)."""
+    v = np.asarray(v, dtype=float)
+    return np.where(v > 0, v, VAR_FLOOR)
 
 
 def _inverse(A):
@@ -501,7 +508,9 @@ def crlb(model: Model, theta: np.ndarray, grid: Grid, noise: Noise, mask=None) -
         the units of each parameter (px for positions).
     """
     mu, jac = model.evaluate(np.asarray(theta, float), grid)
-    inv_var = 1.0 / np.maximum(noise.variance(mu), VAR_FLOOR)
+    var = noise.variance(mu)
+    # photons: an absolute floor; other units: positive only (any unit alike)
+    inv_var = 1.0 / (np.maximum(var, VAR_FLOOR) if noise.calibrated else _positive(var))
     if mask is not None:
         inv_var = inv_var * mask
     fisher = np.matmul(jac * inv_var[:, None, :], jac.transpose(0, 2, 1))

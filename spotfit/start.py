@@ -16,6 +16,20 @@ import numpy as np
 FAINT_SNR = 25.0
 
 
+#: smallest intensity a fit may take, relative to the window's data scale
+#: (the sum of its pixels' magnitudes): photons and ADU of any gain alike
+INTENSITY_FLOOR = 1e-6
+
+
+def intensity_floor(data, mask) -> np.ndarray:
+    """Smallest intensity of each window's fit, ``(n,)``: :data:`INTENSITY_FLOOR`
+    times the sum of the magnitudes of its fitted pixels (a positive minimum
+    for an all-zero window).  About 1e-3 photons for a typical photon window,
+    and the same fraction of the data in ADU or in any other unit."""
+    scale = np.einsum("np,np->n", np.abs(np.asarray(data, float)), np.asarray(mask, float))
+    return np.maximum(INTENSITY_FLOOR * scale, np.finfo(float).tiny / INTENSITY_FLOOR)
+
+
 def initial_guess(model, data, mask, grid, config):
     """Starting values from moments of each window.
 
@@ -70,7 +84,7 @@ def initial_guess(model, data, mask, grid, config):
         center[:, j] = np.where(total > 0, mean, centre_window[j])
         s = np.sqrt(np.clip(var, 0.0, None))
         widths[:, j] = expected[j] if config.fix_sigma else np.clip(s, 0.7 * expected[j], 1.5 * expected[j])
-    intensity = np.maximum(total, 1e-3)
+    intensity = np.maximum(total, intensity_floor(data, mask))
     return model.from_moments(center, widths, intensity, offset)
 
 

@@ -243,3 +243,21 @@ def test_neighbour_pixels_are_left_out_of_single_spot_fits():
         assert np.sqrt(np.mean(err**2)) < 0.12  # px
         ratio = found.intensity.to_numpy()[i_f] / 2000.0
         assert abs(np.mean(ratio) - 1) < 0.08
+
+
+@pytest.mark.parametrize("crowded", [False, True])
+def test_results_do_not_depend_on_the_unit_of_uncalibrated_data(crowded):
+    # ADU of any gain, or a normalised float image: the same spots, positions
+    # and statuses, intensities in the data's unit (no absolute floor)
+    img, truth = simulate((60, 90), n_spots=12, photons=(300.0, 3000.0), background=20.0, sigma=1.3,
+                          min_separation=9.0, seed=4)
+    img = img.astype(float) - 100.0  # ADU above the baseline
+    ref = spotfit.fit(img, sigma=1.3, crowded=crowded)
+    assert (ref["status"] == "converged").sum() >= 10
+    for k in (1e-6, 1e6):
+        t = spotfit.fit(img * k, sigma=1.3, crowded=crowded)
+        assert len(t) == len(ref)
+        assert (t["status"].to_numpy() == ref["status"].to_numpy()).all()
+        np.testing.assert_allclose(t[["x", "y"]].to_numpy(), ref[["x", "y"]].to_numpy(), atol=1e-3)  # px
+        np.testing.assert_allclose(t["intensity"] / k, ref["intensity"], rtol=1e-3)
+        np.testing.assert_allclose(t["intensity_err"] / k, ref["intensity_err"], rtol=1e-2)
