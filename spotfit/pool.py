@@ -249,6 +249,13 @@ def _worker_main(conn, parent_pid: int, work, threads: int) -> None:
     signal.signal(signal.SIGTERM, _worker_sigterm)
     _die_with_parent(parent_pid)
     for name in THREAD_VARIABLES:  # before numpy and numba load
+        if name == "NUMBA_NUM_THREADS" and "numba" in sys.modules:
+            # numba was imported at start-up (a sitecustomize, a .pth hook) and has
+            # read its thread count: changing the variable now would make its next
+            # compilation fail ("Cannot set NUMBA_NUM_THREADS ... once the threads
+            # have been launched"); the jobs set their threads with
+            # numba.set_num_threads instead (FitConfig.use_threads)
+            continue
         os.environ.setdefault(name, str(threads))
     last = [0.0]
 

@@ -788,3 +788,47 @@ def test_warnings_of_batch_workers_are_one_line_naming_the_file(folder, tmp_path
     assert sorted(lines[:-1]) == [
         f"Warning: {folder / s}.tif: overflow encountered in multiply" for s in "abcd"]
     assert "leaked" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+_NUMBA_AT_STARTUP = """
+import numba
+numba.get_num_threads()  # launches numba's threads with its default count
+"""
+
+_NUMBA_JOB = """
+import collections
+
+
+def work(job, report):
+    import numba
+
+    @numba.njit(cache=False)  # a compilation re-reads numba's environment variables
+    def plus_one(x):
+        return x + 1
+
+    return plus_one(job.index)
+
+
+Job = collections.namedtuple("Job", "index")
+"""
+
+_POOL_SCRIPT = """
+from numba_job import Job, work
+from spotfit.pool import Pool
+
+results = Pool(2, work, threads=1, on_death=lambda job, why: why).run([Job(i) for i in range(3)])
+print(sorted(results.items()))
+"""
+
+
+def test_workers_compile_when_numba_was_imported_at_startup(tmp_path):
+    """A sitecustomize that imports numba (and launches its threads) before a worker
+    sets its thread variables must not break the worker's first compilation
+    ("Cannot set NUMBA_NUM_THREADS ... once the threads have been launched")."""
+    env = _with_hook(tmp_path, _NUMBA_AT_STARTUP)
+    (tmp_path / "hook" / "numba_job.py").write_text(_NUMBA_JOB)
+    env.pop("NUMBA_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], env=env, text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[(0, 1), (1, 2), (2, 3)]"
