@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spotfit import single, table
+from spotfit.group import DENSE_COVERAGE, coverage  # noqa: F401 (public here too)
 from spotfit.camera import Camera
 from spotfit.config import FitConfig, Setup, make_config
 from spotfit.errors import SpotfitInputError, SpotfitWarning
@@ -109,10 +110,19 @@ def _blockwise(task, image, config, camera, axes=None, on_frame=None, block_size
         axes = img.axes
     if progress is None and on_frame is not None:
         progress = on_frame  # (blocks done, blocks in all)
-    run = blockwise.fit_blocks if task == "fit" else blockwise.detect_blocks
-    result = run(data, config, camera, axes=axes, block_size=block_size, scheduler=scheduler,
-                 progress=progress)
+    if task == "fit":
+        result = blockwise.fit_blocks(data, config, camera, axes=axes, block_size=block_size,
+                                      scheduler=scheduler, progress=progress, frame_fit=_fit_frames)
+    else:
+        result = blockwise.detect_blocks(data, config, camera, axes=axes, block_size=block_size,
+                                         scheduler=scheduler, progress=progress)
     return result if img is None else _with_units(result, img)
+
+
+def _fit_frames(raw, config, camera, ndim):
+    """The in-memory table of whole frames ``raw`` ``(k, [nz,] ny, nx)`` (frames numbered
+    from 0): what :mod:`spotfit.blockwise` runs for blocks that are whole frames."""
+    return fit(raw, config=config, camera=camera, axes="TZYX" if ndim == 3 else "TYX")
 
 
 def _fit_image(img, valid, ndim, config, camera, report=None):
@@ -121,28 +131,6 @@ def _fit_image(img, valid, ndim, config, camera, report=None):
     frames = _frames(img, valid, setup, report)
     result = _fit_dense(setup, frames) if config.crowded else _fit_auto(setup, frames)
     return _with_units(result, img)
-
-
-#: a frame whose candidates would cover at least this fraction of it with discs of
-#: ``group_radius * sigma`` (:func:`coverage`) is a dense field: its overlapping spots
-#: are fitted jointly without ``crowded`` (:func:`_fit_auto`)
-DENSE_COVERAGE = 0.2
-
-
-def coverage(coords, shape, config: FitConfig) -> float:
-    """How crowded a frame is: its candidates' number times the area (volume) of a
-    disc (ball) of ``group_radius * sigma`` px, over the frame's area (volume).
-
-    About the fraction of the frame within the grouping radius of a spot
-    when spots do not overlap; above 1 in frames covered with spots.
-    """
-    r = config.group_radius * config.sigma
-    if len(shape) == 3:
-        rz = config.group_radius * config.axial_sigma()
-        unit = 4.0 / 3.0 * np.pi * r * r * rz
-    else:
-        unit = np.pi * r * r
-    return float(len(coords) * unit / max(int(np.prod(shape)), 1))
 
 
 def _fit_auto(setup: Setup, frames):

@@ -31,8 +31,13 @@ raises is reported (:class:`BlockError`, naming the block) and the others
 are kept; a worker that dies is replaced and its blocks recomputed by Dask.
 Dask (``pip install 'spotfit[dask]'``) is imported only when used.
 
-Limits: single-spot fits only (not ``crowded``); scalar camera values (no
-per-pixel maps); no masked pixels.
+Dense fields: a frame within one block is fitted by the in-memory path
+(``frame_fit``, which :func:`spotfit.fit` passes), joint fits of dense
+frames included; a dense frame cut into several blocks is refused with a
+clear error (its spots would be fitted one by one).
+
+Limits: not ``crowded``; dense frames within one block only; scalar camera
+values (no per-pixel maps); no masked pixels.
 """
 
 from __future__ import annotations
@@ -434,6 +439,26 @@ def _block_task(raw, block, frames, infos, config, camera, ndim, task, cands=Non
         return ("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, SpotfitInputError) else str(exc))
 
 
+def _frames_task(raw, frames, config, camera, ndim, frame_fit, threads=None):
+    """Whole frames of a block task fitted by the in-memory path ``frame_fit``:
+    ``("ok", [table of each frame])`` or ``("error", message)``."""
+    try:
+        _threads(threads)
+        cfg = dataclasses.replace(config, workers=threads or config.workers)
+        result = frame_fit(np.asarray(raw), cfg, camera, ndim)
+        frame = result["frame"].to_numpy()
+        out = []
+        for k, t in enumerate(frames):
+            part = result[frame == k].reset_index(drop=True)
+            part["frame"] = t
+            out.append(part)
+        return ("ok", out)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # a block's failure is reported with the block
+        return ("error", f"{type(exc).__name__}: {exc}" if not isinstance(exc, SpotfitInputError) else str(exc))
+
+
 def _whole_frame_info(photons, t, config, camera, ndim, task) -> _FrameInfo:
     """:class:`_FrameInfo` of a frame in memory, by the in-memory functions."""
     from spotfit import detection
@@ -613,6 +638,7 @@ class _Run:
     blocks: list
     t_chunk: int
     errors: list = field(default_factory=list)
+    in_memory: bool = False  # whole frames fitted by the in-memory path
 
 
 def _as_dask(data, axes):
@@ -670,14 +696,20 @@ def _frame_infos(run: _Run, eng) -> list:
             for t in range(run.data.shape[0])]
 
 
-def _calls(run, infos, task, cands=None, threads=None):
-    """(function, args) of every (frame chunk, block)."""
+def _calls(run, infos, task, cands=None, threads=None, frame_fit=None):
+    """(function, args) of every (frame chunk, block); blocks of whole frames go to
+    ``frame_fit`` (the in-memory path) when given."""
     T = run.data.shape[0]
     calls, keys = [], []
     for t0 in range(0, T, run.t_chunk):
         frames = list(range(t0, min(T, t0 + run.t_chunk)))
         for b, block in enumerate(run.blocks):
             raw = run.data[(slice(frames[0], frames[-1] + 1),) + block.read]
+            if frame_fit is not None:
+                calls.append((_frames_task, (raw, frames, run.config, run.camera, run.ndim,
+                                             frame_fit, threads)))
+                keys.append((frames, b))
+                continue
             cb = None if cands is None else [cands[(t, b)] for t in frames]
             calls.append((_block_task, (raw, block, frames, [infos[t] for t in frames], run.config,
                                         run.camera, run.ndim, task, cb, threads)))
@@ -734,15 +766,17 @@ def _frame_variance(run, eng, infos, cands):
         info.variance = single._solve(first, batch).variance[0]
 
 
-def _run_blocks(data, config, camera, axes, block_size, scheduler, task, progress):
+def _run_blocks(data, config, camera, axes, block_size, scheduler, task, progress, frame_fit=None):
     run = _prepare_run(data, config, camera, axes, block_size, task)
     eng = engine(scheduler)
     try:
         whole = len(run.blocks) == 1  # blocks of whole frames: per-frame quantities in the task
+        run.in_memory = whole and task == "fit" and frame_fit is not None
         infos = [None] * run.data.shape[0] if whole else _frame_infos(run, eng)
         two_pass = task == "fit" and not camera.calibrated and not whole
         first_task = "detect" if (task == "detect" or two_pass) else "fit"
-        calls, keys = _calls(run, infos, first_task, threads=eng.threads)
+        calls, keys = _calls(run, infos, first_task, threads=eng.threads,
+                             frame_fit=frame_fit if run.in_memory else None)
         out = _collect(run, keys, eng.run(calls, progress=None if two_pass else progress))
         if two_pass:
             _frame_variance(run, eng, infos, out)
@@ -780,7 +814,7 @@ def _report(run, on_error):
 
 def fit_blocks(data, config: FitConfig | None = None, camera: Camera | None = None,
                axes: str | None = None, block_size=None, scheduler=None, progress=None,
-               on_error: str = "warn", **options):
+               on_error: str = "warn", frame_fit=None, **options):
     """Detect and fit every spot of a large array block by block.
 
     Parameters
@@ -804,12 +838,25 @@ def fit_blocks(data, config: FitConfig | None = None, camera: Camera | None = No
     on_error : {"warn", "raise"}
         A block whose fit fails: a :class:`SpotfitWarning` naming it (its
         spots are missing, the others kept), or raise :class:`BlockError`.
+    frame_fit : callable, optional
+        ``frame_fit(raw, config, camera, ndim)`` -> the in-memory table of
+        whole frames ``raw`` (``(k, [nz,] ny, nx)`` raw values, frames
+        numbered from 0); tasks whose block is a whole frame call it, so that
+        dense frames get the joint fits they get in memory (:func:`spotfit.fit`
+        passes its own in-memory path).  Without it blocks are fitted spot by
+        spot, and a dense frame (:func:`spotfit.group.coverage`) is refused.
 
     Returns
     -------
     pandas.DataFrame
         The table :func:`spotfit.fit` gives for the whole array in memory
         (same rows and order; values equal to floating-point noise).
+
+    Raises
+    ------
+    SpotfitInputError
+        Bad options, or a dense frame cut into several blocks (its spots
+        would be fitted one by one, unlike in memory).
     """
     import pandas as pd
 
@@ -817,13 +864,16 @@ def fit_blocks(data, config: FitConfig | None = None, camera: Camera | None = No
 
     config = make_config(config, options)
     camera = camera or Camera()
-    run, out = _run_blocks(data, config, camera, axes, block_size, scheduler, "fit", progress)
+    run, out = _run_blocks(data, config, camera, axes, block_size, scheduler, "fit", progress,
+                           frame_fit=frame_fit)
     _report(run, on_error)
     parts = []
     for t in range(run.data.shape[0]):
         rows = [out[(t, b)] for b in range(len(run.blocks)) if (t, b) in out and len(out[(t, b)])]
         if not rows:
             continue
+        if not run.in_memory:
+            _refuse_dense(t, sum(len(r) for r in rows), run)
         part = pd.concat(rows, ignore_index=True) if len(rows) > 1 else rows[0]
         parts.append(part)
     if not parts:
@@ -832,10 +882,27 @@ def fit_blocks(data, config: FitConfig | None = None, camera: Camera | None = No
     return _raster_rows(result, run)
 
 
+def _refuse_dense(t, n, run):
+    """Raise if frame ``t``, with ``n`` candidates fitted one by one, is a dense field
+    (:func:`spotfit.group.coverage`): in memory its overlapping spots are fitted
+    jointly, which blocks of part of a frame do not do (yet)."""
+    from spotfit.group import DENSE_COVERAGE, coverage
+
+    shape = tuple(int(v) for v in run.data.shape[1:])
+    c = coverage(np.empty((n, run.ndim)), shape, run.config)
+    if c >= DENSE_COVERAGE:
+        where = f"frame {t}" if run.data.shape[0] > 1 else "the image"
+        raise SpotfitInputError(
+            f"{where} is a dense field ({n} spots, coverage {c:.2f} >= {DENSE_COVERAGE}): its "
+            "overlapping spots need joint fits, which blockwise fitting does only for frames "
+            f"within one block; give a block size of at least the frame {shape} (--block-size) "
+            "or fit it in memory", parameter="block_size")
+
+
 def _raster_rows(result, run):
     """Rows per frame in the raster order of their windows' centres (the detected pixels),
-    as the in-memory path gives them."""
-    if not len(result):
+    as the in-memory path gives them (rows of whole frames fitted in memory already are)."""
+    if not len(result) or run.in_memory:
         return result
     keys = [result[f"_d{a}"].to_numpy() for a in range(run.ndim)][::-1] + [result["frame"].to_numpy()]
     order = np.lexsort(keys)

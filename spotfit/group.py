@@ -43,6 +43,10 @@ from spotfit.models.gaussian import MultiGaussian
 from spotfit.single import window_bounds
 from spotfit.start import initial_guess
 
+#: a frame whose candidates would cover at least this fraction of it with discs of
+#: ``group_radius * sigma`` (:func:`coverage`) is a dense field: its overlapping spots
+#: are fitted jointly without ``crowded`` (:func:`spotfit.api.fit`)
+DENSE_COVERAGE = 0.2
 #: emitters whose intensity is below this many standard errors are removed
 MIN_EMITTER_SNR = 2.0
 #: residual searches for hidden emitters per frame
@@ -752,6 +756,22 @@ def _scatter(image, values, start, shape, nz):
                             image[t * nz + z, y, x] += values[i, p]
                         p += 1
     return image
+
+
+def coverage(coords, shape, config) -> float:
+    """How crowded a frame is: its candidates' number times the area (volume) of a
+    disc (ball) of ``group_radius * sigma`` px, over the frame's area (volume).
+
+    About the fraction of the frame within the grouping radius of a spot
+    when spots do not overlap; above 1 in frames covered with spots.
+    """
+    r = config.group_radius * config.sigma
+    if len(shape) == 3:
+        rz = config.group_radius * config.axial_sigma()
+        unit = 4.0 / 3.0 * np.pi * r * r * rz
+    else:
+        unit = np.pi * r * r
+    return float(len(coords) * unit / max(int(np.prod(shape)), 1))
 
 
 def reach(config, ndim: int = 2) -> dict:

@@ -297,3 +297,40 @@ def test_uncalibrated_frames_fitted_in_several_solves(monkeypatch):
     for block_size in (None, (27, 33)):
         _assert_same(blockwise.fit_blocks(lazy, camera=camera, block_size=block_size,
                                           on_error="raise"), ref)
+
+
+def _dense_movie():
+    """Three 70 x 96 px frames: dense (1 spot per 30 px^2), sparse, dense."""
+    rng = np.random.default_rng(21)
+    frames = []
+    for n in (220, 12, 220):
+        img, _ = spotfit.simulate((70, 96), n_spots=n, photons=2000, background=20, sigma=1.3,
+                                  camera=CAMERA, seed=rng)
+        frames.append(img)
+    return np.stack(frames)
+
+
+def test_dense_frames_within_a_block_get_the_in_memory_joint_fits(client, monkeypatch):
+    movie = _dense_movie()
+    ref = spotfit.fit(movie, camera=CAMERA, sigma=1.3)
+    with monkeypatch.context() as m:  # spot by spot, the dense frames give another table
+        m.setattr(spotfit.api, "DENSE_COVERAGE", np.inf)
+        single = spotfit.fit(movie, camera=CAMERA, sigma=1.3)
+    assert len(single) != len(ref) or not np.allclose(single["x"], ref["x"])
+    for scheduler in (None, client):
+        got = spotfit.blockwise.fit_blocks(da.from_array(movie, chunks=(1, 35, 48)), camera=CAMERA,
+                                           sigma=1.3, scheduler=scheduler, on_error="raise",
+                                           frame_fit=spotfit.api._fit_frames)
+        _assert_same(got, ref)
+    _assert_same(spotfit.fit(da.from_array(movie, chunks=(1, 35, 48)), camera=CAMERA, sigma=1.3), ref)
+
+
+def test_a_dense_frame_cut_into_blocks_is_refused():
+    movie = _dense_movie()
+    lazy = da.from_array(movie, chunks=(1, 35, 48))
+    with pytest.raises(spotfit.SpotfitInputError, match=r"frame 0 is a dense field .*--block-size"):
+        spotfit.blockwise.fit_blocks(lazy, camera=CAMERA, sigma=1.3, block_size=(35, 48),
+                                     frame_fit=spotfit.api._fit_frames)
+    # sparse frames cut into blocks are fine
+    got = spotfit.blockwise.fit_blocks(lazy[1:2], camera=CAMERA, sigma=1.3, block_size=(35, 48))
+    _assert_same(got, spotfit.fit(movie[1:2], camera=CAMERA, sigma=1.3))
