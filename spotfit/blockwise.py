@@ -895,7 +895,7 @@ def _refuse_dense(t, n, run):
         raise SpotfitInputError(
             f"{where} is a dense field ({n} spots, coverage {c:.2f} >= {DENSE_COVERAGE}): its "
             "overlapping spots need joint fits, which blockwise fitting does only for frames "
-            f"within one block; give a block size of at least the frame {shape} (--block-size) "
+            f"within one block; give a block size of at least the frame {shape} (`block_size`) "
             "or fit it in memory", parameter="block_size")
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import spotfit
+import spotfit.api  # noqa: F401  (spotfit.api._fit_frames below)
 from spotfit import blockwise
 
 da = pytest.importorskip("dask.array")
@@ -328,7 +329,7 @@ def test_dense_frames_within_a_block_get_the_in_memory_joint_fits(client, monkey
 def test_a_dense_frame_cut_into_blocks_is_refused():
     movie = _dense_movie()
     lazy = da.from_array(movie, chunks=(1, 35, 48))
-    with pytest.raises(spotfit.SpotfitInputError, match=r"frame 0 is a dense field .*--block-size"):
+    with pytest.raises(spotfit.SpotfitInputError, match=r"frame 0 is a dense field .*`block_size`"):
         spotfit.blockwise.fit_blocks(lazy, camera=CAMERA, sigma=1.3, block_size=(35, 48),
                                      frame_fit=spotfit.api._fit_frames)
     # sparse frames cut into blocks are fine
