@@ -384,6 +384,12 @@ class BackgroundPiece:
         hi = np.array([o + sl.stop for o, sl in zip(self.origin, self.interior)], np.int64)
         return lo, hi
 
+    def extent(self):
+        """First and one-past-last frame index of the whole block per axis (array order)."""
+        shape = self.background.shape[3 - len(self.origin):]
+        lo = np.array(self.origin, np.int64)
+        return lo, lo + np.array(shape, np.int64)
+
     def at(self, index) -> np.ndarray:
         """Background (frame units, float64) at frame pixels ``index`` (int arrays, array order)."""
         local = [np.asarray(i, np.int64) - o for i, o in zip(index, self.origin)]

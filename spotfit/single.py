@@ -212,19 +212,24 @@ def fit_batch(setup: Setup, batch: Batch):
     pandas.DataFrame
         Columns of :func:`spotfit.table.columns`, one row per window.
     """
-    values, errors, chi2, iterations, status = _fit_columns(setup, batch)
+    measured = {}
+    values, errors, chi2, iterations, status = _fit_columns(setup, batch, measured)
     if batch.background:
         values, errors, chi2, iterations, status = _over_background(
-            setup, batch, values, errors, chi2, iterations, status)
+            setup, batch, values, errors, chi2, iterations, status, measured.get("variance"))
     return table.build(batch.frame, values, errors, chi2, iterations, results.status_names(status),
                        setup.camera.unit, setup.ndim)
 
 
-def _fit_columns(setup: Setup, batch: Batch):
-    """Columns of :func:`_columns` of ``batch``'s fits (model chosen per spot if configured)."""
+def _fit_columns(setup: Setup, batch: Batch, measured=None):
+    """Columns of :func:`_columns` of ``batch``'s fits (model chosen per spot if configured);
+    ``measured["variance"]``: the noise model measured per window's frame (uncalibrated)."""
     if _selects(setup):
-        return _fit_selected(setup, batch)
-    return _columns(setup, batch, _solve(setup, batch))
+        return _fit_selected(setup, batch, measured)
+    sol = _solve(setup, batch)
+    if measured is not None:
+        measured["variance"] = sol.variance
+    return _columns(setup, batch, sol)
 
 
 def window_background(batch: Batch, rows) -> np.ndarray:
@@ -239,23 +244,26 @@ def window_background(batch: Batch, rows) -> np.ndarray:
         mine = np.flatnonzero(frames == t)
         if len(mine) == 0:
             continue
-        lo = np.min([p.bounds()[0] for p in pieces], axis=0)
-        hi = np.max([p.bounds()[1] for p in pieces], axis=0)
-        # pixel indices in array order, clipped into the frame (pixels outside are masked)
+        extents = [p.extent() for p in pieces]
+        lo = np.min([e[0] for e in extents], axis=0)
+        hi = np.max([e[1] for e in extents], axis=0)
+        # pixel indices in array order, clipped into the blocks (pixels outside the frame are masked)
         index = [np.clip(w.origin[rows[mine], nd - 1 - a][:, None] + offsets[a][None, :], lo[a], hi[a] - 1)
                  for a in range(nd)]
-        values = np.empty(index[0].shape)
-        for p in pieces:
-            plo, phi = p.bounds()
-            inside = np.ones(index[0].shape, bool)
-            for a in range(nd):
-                inside &= (index[a] >= plo[a]) & (index[a] < phi[a])
-            values[inside] = p.at([i[inside] for i in index])
+        values = np.full(index[0].shape, np.nan)
+        for use_interior in (True, False):  # a block's interior first, else any block holding the pixel
+            for p, extent in zip(pieces, extents):
+                plo, phi = p.bounds() if use_interior else extent
+                inside = np.isnan(values)
+                for a in range(nd):
+                    inside &= (index[a] >= plo[a]) & (index[a] < phi[a])
+                if inside.any():
+                    values[inside] = p.at([i[inside] for i in index])
         out[mine] = values
     return out
 
 
-def _over_background(setup: Setup, batch: Batch, values, errors, chi2, iterations, status):
+def _over_background(setup: Setup, batch: Batch, values, errors, chi2, iterations, status, variance=None):
     """Misfits tried again with the local background's shape across the window as known light.
 
     A spot on a cell's edge, a nucleus' rim or an illumination gradient sits
@@ -275,7 +283,8 @@ def _over_background(setup: Setup, batch: Batch, values, errors, chi2, iteration
     fit when it is ``converged`` and its reduced chi-square is lower (or the
     first was not ``converged``): same pixels, same number of parameters.
     Its ``offset`` is reported as the background under the detected pixel
-    (the fitted level plus the known light there).
+    (the fitted level plus the known light there).  Uncalibrated data keep
+    the noise model measured on all of the frame's fits (``variance``).
     """
     m, cfg = setup.model, setup.config
     dof = np.prod([2 * h + 1 for h in setup.half]) - m.n_params
@@ -291,7 +300,7 @@ def _over_background(setup: Setup, batch: Batch, values, errors, chi2, iteration
     mask = w.mask[rows] & np.isfinite(bg)
     low = np.min(np.where(mask, bg, np.inf), axis=1)
     light = np.where(mask, bg - np.where(np.isfinite(low), low, 0.0)[:, None], 0.0)
-    sub = _take(batch, rows)
+    sub = _take(batch, rows, None if setup.camera.calibrated or variance is None else variance[rows])
     sub.background = None
     sub.windows.data = np.where(sub.windows.mask, sub.windows.data - light, 0.0)
     if setup.camera.calibrated:  # the known light's shot noise
@@ -367,7 +376,7 @@ def _take(batch: Batch, rows, variance=None) -> Batch:
     return Batch(windows, batch.frame[rows], batch.image_var[rows], batch.saturated[rows], variance)
 
 
-def _fit_selected(setup: Setup, batch: Batch):
+def _fit_selected(setup: Setup, batch: Batch, measured=None):
     """Symmetric fits everywhere; the richer model where the data support it.
 
     A spot gets the richer model (``setup.model``) only when its extra
@@ -388,6 +397,8 @@ def _fit_selected(setup: Setup, batch: Batch):
     """
     reduced = _reduced(setup)
     sol = _solve(reduced, batch)
+    if measured is not None:
+        measured["variance"] = sol.variance
     values, errors, chi2, iterations, status = _columns(reduced, batch, sol)
     w = batch.windows
     n_valid = w.mask.sum(axis=1)
