@@ -17,8 +17,10 @@ truth and printed beside the peers' numbers quoted in the issue:
 * **Cells** -- 384 x 512 px images of ten cells: dim cytoplasm, bright
   nuclei with a texture (smoothed noise, correlation ~3 px), darker
   nucleoli, and an illumination gradient across the field multiplying
-  everything; 300 spots (sigma 1.3 px, 1500-5000 photons, three quarters
-  in the cytoplasm) at least 4 px apart.  Matched within 1.5 px.  Also
+  everything; 300 spots (sigma 1.3 px, 2000-6000 photons times the
+  illumination, three quarters in the cytoplasm, 3 px or more inside their
+  cell) at least 5 px apart (``CELL_PHOTONS``, ``CELL_SEPARATION``; harder
+  than the issue's own simulation).  Matched within 1.5 px.  Also
   reported: converged rows wider than 2x the PSF sigma (target: none).
 * **1 spot per 10 x 10 px** -- issue #6's crowded case: 512 x 512 px, 2621
   spots placed uniformly, 1000-3000 photons, background 20 photons/px,
@@ -231,7 +233,7 @@ def cells(n_images: int, seed: int) -> Scenario:
     frames, truth, nuclear = [], [], 0
     for _ in range(n_images):
         bg, cyto, nuc, illum = cell_background(shape, rng)
-        # 300 spots, 3/4 in the cytoplasm, 1/4 over nuclei, >= 4 px apart
+        # 300 spots, 3/4 in the cytoplasm, 1/4 over nuclei, >= CELL_SEPARATION px apart
         inner = ndimage.binary_erosion(cyto, iterations=EDGE_MARGIN)  # away from the cell's edge
         xy = _place_in(rng, inner & ~nuc, 225, CELL_SEPARATION, np.zeros((0, 2)))
         xy = _place_in(rng, nuc, 75, CELL_SEPARATION, xy)

@@ -557,6 +557,7 @@ class _Frame:
     image_var: float = 0.0
     dark: str | None = None
     noise: object = None  # the detection's NoiseModel of this frame
+    background: list | None = None  # the detection's local background (BackgroundPiece per block)
 
 
 def _prepare(setup, t, raw, valid=None, camera=None) -> _Frame:
@@ -631,7 +632,8 @@ def _frames(img, valid_img, setup, report=None, camera=None):
             warnings.warn(f.dark, SpotfitWarning, stacklevel=3)
             warned = True
         f.noise = camera_noise if camera_noise is not None else estimate_noise(f.photons, sigma)
-        f.coords, f.score = find_peaks(f.photons, sigma, noise=f.noise, **options)
+        f.background = []
+        f.coords, f.score = find_peaks(f.photons, sigma, noise=f.noise, backgrounds=f.background, **options)
         if f.valid is not None and len(f.coords):
             keep = f.valid[tuple(f.coords.T)]
             f.coords, f.score = f.coords[keep], f.score[keep]
@@ -663,7 +665,7 @@ def _fit_single(setup: Setup, frames, raster: bool):
         if raster:
             coords = coords[np.lexsort(coords.T[::-1])]  # rows in raster order (z, y, x)
         n = len(coords)
-        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)
+        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var, background=f.background)
         if n > chunk:  # one frame, several solves: its noise model is measured up front
             n_pending = flush()
             variance = None

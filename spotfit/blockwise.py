@@ -337,6 +337,7 @@ class _Candidates:
     coords: np.ndarray
     score: np.ndarray
     core: np.ndarray  # bool: detected pixel in the block's core
+    background: list | None = None  # detection's local background (BackgroundPiece, frame coordinates)
 
 
 def _detect_one(prepared, photons, block: Block, config, ndim) -> _Candidates:
@@ -349,11 +350,13 @@ def _detect_one(prepared, photons, block: Block, config, ndim) -> _Candidates:
              else (int(config.min_distance),) * ndim)
     threshold = detection.DEFAULT_THRESHOLD if config.threshold is None else float(config.threshold)
     interior = tuple(slice(e.start - r.start, e.stop - r.start) for e, r in zip(block.exact, block.read))
-    coords, score = detection._block_peaks(prepared, photons, block.origin, interior, threshold, radii)
+    background = []
+    coords, score = detection._block_peaks(prepared, photons, block.origin, interior, threshold, radii,
+                                           background)
     core = np.ones(len(coords), bool)
     for a, s in enumerate(block.core):
         core &= (coords[:, a] >= s.start) & (coords[:, a] < s.stop)
-    return _Candidates(coords, score, core)
+    return _Candidates(coords, score, core, background)
 
 
 def _raster(coords):
@@ -379,7 +382,7 @@ def _fit_one(setup, t, raw, photons, block: Block, cand: _Candidates, image_var,
     parts = []
     for start in range(0, len(rows), size):
         batch = single.cut_frame(setup, t, photons, local, image_var, rows=rows[start:start + size],
-                                 saturated=saturated, variance=variance)
+                                 saturated=saturated, variance=variance, background=cand.background)
         batch.windows.origin += np.asarray(block.origin[::-1], dtype=batch.windows.origin.dtype)
         parts.append(single.fit_batch(setup, batch))
     import pandas as pd

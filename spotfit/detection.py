@@ -168,7 +168,7 @@ def _is_number_like(value) -> bool:
     return True
 
 
-def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noise=None):
+def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noise=None, backgrounds=None):
     """Find spot candidates in one 2D image or 3D stack.
 
     Parameters
@@ -194,6 +194,11 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noi
         (:func:`spotfit.background.estimate_noise`); to process a frame in
         blocks, measure it once on the whole frame and pass it to every
         block.
+    backgrounds : list, optional
+        If given, the local background that detection estimated is appended
+        to it, one :class:`BackgroundPiece` per block of the frame (the fits
+        take its shape across each window as known light:
+        :func:`spotfit.single.fit_batch`).
 
     Returns
     -------
@@ -236,7 +241,7 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noi
         return empty
     coords, snr = [empty[0]], [empty[1]]
     for block, origin, interior in _blocks(data.shape, sig, radii):
-        c, s = _block_peaks(prepared, data[block], origin, interior, float(threshold), radii)
+        c, s = _block_peaks(prepared, data[block], origin, interior, float(threshold), radii, backgrounds)
         coords.append(c)
         snr.append(s)
     coords, snr = np.concatenate(coords), np.concatenate(snr)
@@ -354,14 +359,55 @@ def _blocks(shape, sig, radii):
     return out
 
 
-def _block_peaks(prepared, raw, origin, interior, threshold, radii):
-    """Candidates of one block whose maxima lie in its interior, in frame coordinates."""
+class BackgroundPiece:
+    """The local background detection estimated on one block of a frame.
+
+    Attributes
+    ----------
+    origin : tuple of int
+        Frame index of the block's first pixel (array order).
+    interior : tuple of slice
+        The part of the block it stands for (block coordinates; the blocks'
+        interiors tile the frame).
+    background : spotfit.background.Background
+        On the block, in detection's working units (``factor`` times the frame's).
+    factor : float
+    """
+
+    def __init__(self, origin, interior, background, factor):
+        self.origin, self.interior = tuple(int(o) for o in origin), tuple(interior)
+        self.background, self.factor = background, float(factor)
+
+    def bounds(self):
+        """First and one-past-last frame index of the interior per axis (array order)."""
+        lo = np.array([o + (sl.start or 0) for o, sl in zip(self.origin, self.interior)], np.int64)
+        hi = np.array([o + sl.stop for o, sl in zip(self.origin, self.interior)], np.int64)
+        return lo, hi
+
+    def extent(self):
+        """First and one-past-last frame index of the whole block per axis (array order)."""
+        shape = self.background.shape[3 - len(self.origin):]
+        lo = np.array(self.origin, np.int64)
+        return lo, lo + np.array(shape, np.int64)
+
+    def at(self, index) -> np.ndarray:
+        """Background (frame units, float64) at frame pixels ``index`` (int arrays, array order)."""
+        local = [np.asarray(i, np.int64) - o for i, o in zip(index, self.origin)]
+        local = [np.zeros_like(local[0])] * (3 - len(local)) + local
+        return self.background.at(local).astype(np.float64) / self.factor
+
+
+def _block_peaks(prepared, raw, origin, interior, threshold, radii, backgrounds=None):
+    """Candidates of one block whose maxima lie in its interior, in frame coordinates;
+    the block's local background is appended to ``backgrounds`` (a list) if given."""
     from spotfit.background import Background, _as_volume, _sigmas
 
     p, edge = prepared, prepared.edge
     data = p.working(raw)
     volume = _as_volume(data)
     background = Background.estimate(volume, _sigmas(p.sig, data.ndim), p.noise)
+    if backgrounds is not None:
+        backgrounds.append(BackgroundPiece(origin, interior, background, p.factor))
     filtered = gaussian_smooth(data - np.float32(p.shift), tuple(SMOOTH * s for s in p.sig))
     background.subtract_from(filtered.reshape(volume.shape), p.shift)
     # local maxima of the filtered image (border pixels included), in the

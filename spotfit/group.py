@@ -268,7 +268,7 @@ class CrowdedFitter:
             if not blob.any():
                 continue
             for i in range(members.shape[1]):
-                spots.rec["status"][members[:, i]] = results.judge(status, outside[i], low[i], sat, blob)
+                spots.rec["status"][members[:, i]] = results.judge(status[i], outside[i], low[i], sat, blob)
         self._pending = []
 
     def _windows(self, image, t, lo, shape, dtype=float):
@@ -637,16 +637,18 @@ class CrowdedFitter:
         misfit = sol.chi2_red > 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)
         candidates = pegged & misfit  # blob tests: after the last round (_judge_blobs)
         blob = np.zeros(G, bool)
-        outs, lows = [], []
+        outs, lows, states = [], [], []
         for i in range(K):
             m = members[:, i]
             idx = model.emitter_params(i)
             values, errors = results.measure(em, theta[:, idx], sol.cov[:, idx][:, :, idx], w.origin)
             outside = ~w.inside(theta[:, idx][:, centre])
             low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
-            rec["status"][m] = results.judge(sol.status, outside, low, sat, blob)
+            state = emitter_status(sol, idx, model.offset_index)
+            rec["status"][m] = results.judge(state, outside, low, sat, blob)
             outs.append(outside)
             lows.append(low)
+            states.append(state)
             for key, v in values.items():
                 rec[key][m] = v
                 rec[f"{key}_err"][m] = errors[key]
@@ -663,7 +665,7 @@ class CrowdedFitter:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
         if candidates.any():
-            self._pending.append((members, sol.status, outs, lows, sat, data, w, sol.chi2_red * dof,
+            self._pending.append((members, states, outs, lows, sat, data, w, sol.chi2_red * dof,
                                   model.n_params, candidates))
 
     def _blob(self, data, w, chi2, n_params, candidates):
@@ -843,3 +845,23 @@ def n_groups(spots) -> int:
 
 
 __all__ = ["group_spots", "CrowdedFitter", "MIN_EMITTER_SNR", "reach"]
+
+
+def emitter_status(sol, idx, offset_index):
+    """The solve's status of one emitter of joint fits (``idx``: its parameters).
+
+    The solver flags a whole window ``low_signal`` when the bias correction
+    of any of its parameters is unstable (:func:`spotfit.solver.solve`); in
+    a joint fit that is often one faint or unresolved emitter among bright
+    ones.  The flag stays on the emitters whose own parameters (or the
+    shared offset) are concerned; the others keep ``converged`` (their
+    estimates are the plain MLE, and their own significance is judged by
+    :func:`spotfit.results.low_signal`).
+    """
+    from spotfit._kernels import CONVERGED, LOW_SIGNAL
+
+    status = sol.status
+    if sol.unstable is None or not sol.unstable.any():
+        return status
+    own = sol.unstable[:, list(idx) + [offset_index]].any(axis=1)
+    return np.where((status == LOW_SIGNAL) & sol.unstable.any(axis=1) & ~own, CONVERGED, status).astype(status.dtype)

@@ -18,11 +18,18 @@ import numpy as np
 from spotfit import results, roi, solver, table
 from spotfit.config import Setup
 from spotfit.estimators import Noise
+from spotfit._kernels import CONVERGED
 from spotfit.start import faint, initial_guess, intensity_floor
 
 #: pixels within this many sigma of another candidate (and nearer to it than to
 #: the window's own spot) are left out of a single-spot fit
 NEIGHBOUR_REACH = 2.5
+#: a fit is tried again over the detection's local background (its shape across
+#: the window taken as known light, :func:`_over_background`) when its reduced
+#: chi-square exceeds 1 by this many standard deviations, ...
+MISFIT_CHI2 = 4.0
+#: ... when its larger width exceeds this many PSF sigmas, or when it is not ``converged``
+MISFIT_WIDTH = 1.2
 #: window pixels fitted in one solve (bounds memory to a few (n, P) float64
 #: arrays of this size: 32768 windows of 11 x 11 px)
 PIXEL_BUDGET = 32768 * 121
@@ -46,6 +53,10 @@ class Batch:
         Measured noise model of each window's frame (uncalibrated, frames
         fitted in several batches; :func:`frame_variance`), else None:
         measured per frame within the batch.
+    background : dict or None
+        Frame index -> the detection's local background of that frame (a
+        list of :class:`spotfit.detection.BackgroundPiece`), for the frames
+        where it is known (:func:`_over_background`).
     """
 
     windows: roi.Windows
@@ -53,6 +64,7 @@ class Batch:
     image_var: np.ndarray
     saturated: np.ndarray
     variance: np.ndarray | None = None
+    background: dict | None = None
 
     def __len__(self):
         return len(self.windows)
@@ -66,10 +78,13 @@ class Batch:
         variance = None
         if batches[0].variance is not None:
             variance = np.concatenate([b.variance for b in batches])
+        background = {}
+        for b in batches:
+            background.update(b.background or {})
         return Batch(roi.concatenate(b.windows for b in batches),
                      np.concatenate([b.frame for b in batches]),
                      np.concatenate([b.image_var for b in batches]),
-                     np.concatenate([b.saturated for b in batches]), variance)
+                     np.concatenate([b.saturated for b in batches]), variance, background or None)
 
 
 def batch_size(setup: Setup) -> int:
@@ -79,7 +94,7 @@ def batch_size(setup: Setup) -> int:
 
 
 def cut_frame(setup: Setup, t: int, photons, coords, image_var: float, rows=None, saturated=None,
-              valid=None, read_var=None, variance=None) -> Batch:
+              valid=None, read_var=None, variance=None, background=None) -> Batch:
     """Windows around candidates of one frame.
 
     Parameters
@@ -103,6 +118,10 @@ def cut_frame(setup: Setup, t: int, photons, coords, image_var: float, rows=None
         Read-noise variance map (sCMOS).
     variance : (3,) ndarray, optional
         The frame's measured noise model (:func:`frame_variance`).
+    background : list of spotfit.detection.BackgroundPiece, optional
+        The frame's local background as detection estimated it
+        (:func:`spotfit.detection.find_peaks`' ``backgrounds``): misfits are
+        tried again over it (:func:`_over_background`).
 
     Returns
     -------
@@ -117,7 +136,8 @@ def cut_frame(setup: Setup, t: int, photons, coords, image_var: float, rows=None
         s = roi.cut(saturated, centers, setup.half, dtype=bool)
         sat = np.any(s.data & w.mask, axis=1)
     var = None if variance is None else np.broadcast_to(np.asarray(variance, float), (n, 3))
-    return Batch(w, np.full(n, t, dtype=np.int64), np.full(n, float(image_var)), sat, var)
+    known = None if not background else {int(t): list(background)}
+    return Batch(w, np.full(n, t, dtype=np.int64), np.full(n, float(image_var)), sat, var, known)
 
 
 def frame_variance(setup: Setup, photons, coords, image_var: float, valid=None) -> np.ndarray:
@@ -192,12 +212,113 @@ def fit_batch(setup: Setup, batch: Batch):
     pandas.DataFrame
         Columns of :func:`spotfit.table.columns`, one row per window.
     """
-    if _selects(setup):
-        values, errors, chi2, iterations, status = _fit_selected(setup, batch)
-    else:
-        values, errors, chi2, iterations, status = _columns(setup, batch, _solve(setup, batch))
+    measured = {}
+    values, errors, chi2, iterations, status = _fit_columns(setup, batch, measured)
+    if batch.background:
+        values, errors, chi2, iterations, status = _over_background(
+            setup, batch, values, errors, chi2, iterations, status, measured.get("variance"))
     return table.build(batch.frame, values, errors, chi2, iterations, results.status_names(status),
                        setup.camera.unit, setup.ndim)
+
+
+def _fit_columns(setup: Setup, batch: Batch, measured=None):
+    """Columns of :func:`_columns` of ``batch``'s fits (model chosen per spot if configured);
+    ``measured["variance"]``: the noise model measured per window's frame (uncalibrated)."""
+    if _selects(setup):
+        return _fit_selected(setup, batch, measured)
+    sol = _solve(setup, batch)
+    if measured is not None:
+        measured["variance"] = sol.variance
+    return _columns(setup, batch, sol)
+
+
+def window_background(batch: Batch, rows) -> np.ndarray:
+    """The detection's local background at every pixel of windows ``rows`` (``(m, P)``; NaN
+    where a window's frame has none), frame units."""
+    w = batch.windows
+    nd = w.grid.ndim
+    offsets = np.indices(w.grid.shape).reshape(nd, -1)  # array order
+    out = np.full((len(rows), offsets.shape[1]), np.nan)
+    frames = batch.frame[rows]
+    for t, pieces in (batch.background or {}).items():
+        mine = np.flatnonzero(frames == t)
+        if len(mine) == 0:
+            continue
+        extents = [p.extent() for p in pieces]
+        lo = np.min([e[0] for e in extents], axis=0)
+        hi = np.max([e[1] for e in extents], axis=0)
+        # pixel indices in array order, clipped into the blocks (pixels outside the frame are masked)
+        index = [np.clip(w.origin[rows[mine], nd - 1 - a][:, None] + offsets[a][None, :], lo[a], hi[a] - 1)
+                 for a in range(nd)]
+        values = np.full(index[0].shape, np.nan)
+        for use_interior in (True, False):  # a block's interior first, else any block holding the pixel
+            for p, extent in zip(pieces, extents):
+                plo, phi = p.bounds() if use_interior else extent
+                inside = np.isnan(values)
+                for a in range(nd):
+                    inside &= (index[a] >= plo[a]) & (index[a] < phi[a])
+                if inside.any():
+                    values[inside] = p.at([i[inside] for i in index])
+        out[mine] = values
+    return out
+
+
+def _over_background(setup: Setup, batch: Batch, values, errors, chi2, iterations, status, variance=None):
+    """Misfits tried again with the local background's shape across the window as known light.
+
+    A spot on a cell's edge, a nucleus' rim or an illumination gradient sits
+    on a background that is not flat across its window; a Gaussian plus a
+    constant offset then leans towards the brighter side (wider, brighter,
+    off-centre).  Detection has estimated that background (it follows
+    cells, nuclei and illumination, not spots: :mod:`spotfit.background`).
+    Each fit that misfits (reduced chi-square above ``1 + MISFIT_CHI2 *
+    sqrt(2 / dof)``, a width above ``MISFIT_WIDTH`` sigmas, or not
+    ``converged``) is fitted again with ``b_i - min(b)`` (``b`` the
+    background at the window's pixels) added to the model as known light:
+    it is taken out of the data and added to the noise variance (with
+    ``mle`` this is exactly the Poisson likelihood of the data given the
+    model plus that light: ``d + read_var`` is Poisson with mean
+    ``mu + read_var``).  The fitted offset is the rest of the background
+    (its level at the window's lowest point).  The refit replaces the first
+    fit when it is ``converged`` and its reduced chi-square is lower (or the
+    first was not ``converged``): same pixels, same number of parameters.
+    Its ``offset`` is reported as the background under the detected pixel
+    (the fitted level plus the known light there).  Uncalibrated data keep
+    the noise model measured on all of the frame's fits (``variance``).
+    """
+    m, cfg = setup.model, setup.config
+    dof = np.prod([2 * h + 1 for h in setup.half]) - m.n_params
+    limit = 1.0 + MISFIT_CHI2 * np.sqrt(2.0 / max(dof, 1))
+    widths = [values[c] for c in ("sigma_x", "sigma_y", "sigma_z")[:setup.ndim]]
+    big = np.max([wd / s for wd, s in zip(widths, setup.widths)], axis=0)
+    known = np.isin(batch.frame, np.fromiter(batch.background, np.int64))
+    rows = np.flatnonzero(known & (~(chi2 <= limit) | (big > MISFIT_WIDTH) | (status != CONVERGED)))
+    if len(rows) == 0:
+        return values, errors, chi2, iterations, status
+    w = batch.windows
+    bg = window_background(batch, rows)
+    mask = w.mask[rows] & np.isfinite(bg)
+    low = np.min(np.where(mask, bg, np.inf), axis=1)
+    light = np.where(mask, bg - np.where(np.isfinite(low), low, 0.0)[:, None], 0.0)
+    sub = _take(batch, rows, None if setup.camera.calibrated or variance is None else variance[rows])
+    sub.background = None
+    sub.windows.data = np.where(sub.windows.mask, sub.windows.data - light, 0.0)
+    if setup.camera.calibrated:  # the known light's shot noise
+        rv = setup.camera.read_variance() if sub.windows.read_var is None else sub.windows.read_var
+        sub.windows.read_var = rv + light
+    v2, e2, c2, i2, s2 = _fit_columns(setup, sub)
+    better = (s2 == CONVERGED) & ((c2 < chi2[rows]) | (status[rows] != CONVERGED))
+    if not better.any():
+        return values, errors, chi2, iterations, status
+    take = rows[better]
+    values = {key: np.array(v, dtype=float) for key, v in values.items()}
+    errors = {key: np.array(v, dtype=float) for key, v in errors.items()}
+    for key in v2:
+        values[key][take], errors[key][take] = v2[key][better], e2[key][better]
+    values["offset"][take] += light[better, light.shape[1] // 2]  # the detected pixel
+    chi2, iterations, status = chi2.copy(), iterations.copy(), status.copy()
+    chi2[take], iterations[take], status[take] = c2[better], i2[better], s2[better]
+    return values, errors, chi2, iterations, status
 
 
 def _columns(setup: Setup, batch: Batch, sol):
@@ -255,7 +376,7 @@ def _take(batch: Batch, rows, variance=None) -> Batch:
     return Batch(windows, batch.frame[rows], batch.image_var[rows], batch.saturated[rows], variance)
 
 
-def _fit_selected(setup: Setup, batch: Batch):
+def _fit_selected(setup: Setup, batch: Batch, measured=None):
     """Symmetric fits everywhere; the richer model where the data support it.
 
     A spot gets the richer model (``setup.model``) only when its extra
@@ -276,6 +397,8 @@ def _fit_selected(setup: Setup, batch: Batch):
     """
     reduced = _reduced(setup)
     sol = _solve(reduced, batch)
+    if measured is not None:
+        measured["variance"] = sol.variance
     values, errors, chi2, iterations, status = _columns(reduced, batch, sol)
     w = batch.windows
     n_valid = w.mask.sum(axis=1)

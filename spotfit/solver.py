@@ -62,6 +62,11 @@ class Solution:
     variance : (n, 3) ndarray
         Uncalibrated noise model ``(alpha, beta, floor)`` each window's
         covariance used (:func:`covariance`); NaN with a calibrated camera.
+    unstable : (n, k) bool ndarray or None
+        The parameters whose bias correction made a window ``low_signal``
+        (a correction larger than the parameter's error, or a bound that the
+        correction changed by more than :data:`COVARIANCE_CHANGE`); a joint
+        fit of several emitters judges each emitter on its own parameters.
     """
 
     theta: np.ndarray
@@ -72,6 +77,7 @@ class Solution:
     status: np.ndarray
     bias: np.ndarray
     variance: np.ndarray
+    unstable: np.ndarray | None = None
 
     @property
     def err(self) -> np.ndarray:
@@ -188,6 +194,7 @@ def solve(
         state.iterations[:] += done
     theta, status = state.theta, state.status
     want_bias = bias_correct and estimator.bias_correctable
+    shaky = np.zeros(theta.shape, bool)
     cov, chi2_red, bias, used = covariance(model, cost, data, theta, grid, noise, free, want_bias,
                                            groups=groups, variance=variance)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
@@ -199,14 +206,15 @@ def solve(
         # flagged low_signal.
         err = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
         with np.errstate(invalid="ignore"):
-            unstable = np.any(np.abs(bias) > err, axis=1) | ~np.all(np.isfinite(bias), axis=1)
+            shaky = (np.abs(bias) > err) | ~np.isfinite(bias)
+        unstable = np.any(shaky, axis=1)
         bias[unstable] = 0.0
         status[unstable & (status == CONVERGED)] = LOW_SIGNAL
         corrected = np.clip(theta - bias, lower, upper)
-        cov = _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, status)
+        cov = _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, status, shaky)
         bias = theta - corrected
         theta = corrected
-    return Solution(theta, cov, state.cost, chi2_red, state.iterations, status, bias, used)
+    return Solution(theta, cov, state.cost, chi2_red, state.iterations, status, bias, used, shaky)
 
 
 #: the covariance at a bias-corrected estimate is used when no variance of a free
@@ -214,7 +222,7 @@ def solve(
 COVARIANCE_CHANGE = 4.0
 
 
-def _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, status):
+def _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, status, shaky=None):
     """The covariance at the bias-corrected estimates (Poisson MLE, calibrated).
 
     The errors reported are the Cramer-Rao bound at the parameters reported:
@@ -226,7 +234,8 @@ def _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, s
     is not finite), e.g. a rotated Gaussian corrected to a nearly degenerate
     ellipse, means the corrected point is not a trustworthy model: such
     fits keep the plain MLE, its covariance, and status ``low_signal``.
-    ``corrected`` and ``status`` are updated in place; returns the covariance.
+    ``corrected`` and ``status`` (and ``shaky``, ``(n, k)``: the parameters
+    whose bound changed too much) are updated in place; returns the covariance.
     """
     rows = np.flatnonzero(np.any(corrected != theta, axis=1))
     if len(rows) == 0:
@@ -238,8 +247,10 @@ def _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, s
     after = np.diagonal(moved, axis1=1, axis2=2)[:, free]
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = after / before
-    good = np.all(np.isfinite(after) & (ratio <= COVARIANCE_CHANGE) & (ratio >= 1.0 / COVARIANCE_CHANGE),
-                  axis=1)
+    fine = np.isfinite(after) & (ratio <= COVARIANCE_CHANGE) & (ratio >= 1.0 / COVARIANCE_CHANGE)
+    good = np.all(fine, axis=1)
+    if shaky is not None:
+        shaky[np.ix_(rows[~good], np.flatnonzero(free))] |= ~fine[~good]
     out = cov.copy()
     out[rows[good]] = moved[good]
     bad = rows[~good]
