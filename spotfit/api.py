@@ -808,10 +808,12 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset):
     chi2_limit = 1.0 + SUSPECT_CHI2 * np.sqrt(2.0 / max(dof, 1))
     # a PSF-narrow minor axis with a long major one (or a misfit) is a row of
     # spots; a fit wide both ways is a blob (texture, aggregate), left as it is
-    suspect = ok & (small < SUSPECT_WIDTH * cfg.sigma) & (
+    # (a fit between the two, minor axis 1.2-1.5 sigmas, is a cluster of
+    # unresolved spots as often as not: the joint fits and their blob test decide)
+    blob = ok & (small > BLOB_WIDTH * cfg.sigma)
+    suspect = ok & ~blob & (
         (big > SUSPECT_WIDTH * cfg.sigma) | (big > SUSPECT_ELONGATION * small)
         | (singles["chi2_red"].to_numpy() > chi2_limit))
-    blob = ok & (small > BLOB_WIDTH * cfg.sigma)
     grouped = ~np.concatenate(alone) if alone else np.zeros(0, bool)  # singles are in raster order per frame
     # grouped candidates are fitted jointly unless their own fit is a blob
     suspect |= grouped & ~blob & (status != results.STATUS_NAMES[NOT_SPOT]) | grouped & ~blob & ok
