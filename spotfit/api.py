@@ -208,7 +208,9 @@ def _fit_sparse(setup: Setup, frames):
         done[rows[replaced]] = True
     if whole:
         joint = _fit_dense(setup, whole, singles=singles[np.isin(t, [f.t for f in whole])])
-        parts.append(joint)
+        bad = np.isin(joint["frame"].to_numpy(), _misfit_regions(setup, joint))
+        done &= ~np.isin(t, joint["frame"].to_numpy()[bad])  # those frames keep their single fits
+        parts.append(joint[~bad])
     if not parts:
         return singles
     parts = [p.drop(columns=[c for c in table._GROUP if c in p]) for p in parts]
@@ -237,6 +239,27 @@ def _tile_size(setup: Setup) -> int:
     return TILE_CORE + 2 * _tile_margin(setup)
 
 
+def _misfit_regions(setup: Setup, joint) -> np.ndarray:
+    """Frames (tiles) of joint fits that did not explain their light: an emitter
+    pinned at the upper width bound of the joint fits (``WIDTH_RANGE``) in a group
+    misfit by ``SUSPECT_CHI2`` standard deviations -- textured light that the
+    residual search fills with PSF-wide emitters.  Such a region keeps its
+    single-spot fits."""
+    from spotfit import results
+    from spotfit._kernels import CONVERGED
+    from spotfit.group import WIDTH_RANGE
+
+    if len(joint) == 0:
+        return np.zeros(0, np.int64)
+    cfg = setup.config
+    sx, sy = joint["sigma_x"].to_numpy(), joint["sigma_y"].to_numpy()
+    dof = np.prod([2 * h + 1 for h in setup.half]) - setup.model.n_params
+    pinned = (sx == sy) & (sx >= 0.99 * WIDTH_RANGE[1] * cfg.sigma) & (sx <= 1.001 * WIDTH_RANGE[1] * cfg.sigma)
+    misfit = joint["chi2_red"].to_numpy() > 1.0 + SUSPECT_CHI2 * np.sqrt(2.0 / max(dof, 1))
+    converged = joint["status"].to_numpy() == results.STATUS_NAMES[CONVERGED]
+    return np.unique(joint["frame"].to_numpy()[pinned & misfit & converged])
+
+
 def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
     """Which single-spot fits of a frame (rows of its candidates, in raster order)
     need the joint fits: a candidate within ``group_radius * sigma`` of
@@ -245,17 +268,22 @@ def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
     separates); bool per row."""
     from scipy.spatial import cKDTree
 
+    from spotfit import results
+    from spotfit._kernels import CONVERGED
+
     cfg = setup.config
     coords = frame.coords
+    sx, sy = singles["sigma_x"].to_numpy(), singles["sigma_y"].to_numpy()
+    big, small = np.maximum(sx, sy), np.minimum(sx, sy)
+    # spots: converged fits narrower than a blob (texture, aggregates are left alone)
+    spot = (singles["status"].to_numpy() == results.STATUS_NAMES[CONVERGED]) & (small <= BLOB_WIDTH * cfg.sigma)
     hot = np.zeros(len(coords), bool)
     if len(coords) > 1:
         pairs = cKDTree(coords[:, ::-1].astype(float)).query_pairs(cfg.group_radius * cfg.sigma,
                                                                    output_type="ndarray")
+        pairs = pairs[spot[pairs[:, 0]] & spot[pairs[:, 1]]]
         hot[pairs.ravel()] = True
-    ok, _, blob = _judge_singles(setup, singles)
-    sx, sy = singles["sigma_x"].to_numpy(), singles["sigma_y"].to_numpy()
-    big, small = np.maximum(sx, sy), np.minimum(sx, sy)
-    hot |= ok & ~blob & (big > SUSPECT_WIDTH * cfg.sigma) & (big > SUSPECT_ELONGATION * small)
+    hot |= spot & (big > SUSPECT_WIDTH * cfg.sigma) & (big > SUSPECT_ELONGATION * small)
     return hot
 
 
@@ -309,8 +337,11 @@ def _fit_tiles(setup: Setup, frame, singles, hot):
     local["y"] = local["y"].to_numpy() - origins[tile, 1]
     local["frame"] = tile.astype(np.int64)
     joint = _fit_dense(setup, tiles, singles=local)
+    bad = _misfit_regions(setup, joint)  # tiles whose cores keep their single fits
+    joint = joint[~np.isin(joint["frame"].to_numpy(), bad)]
+    replaced = np.isin(cell(xy), cells[~np.isin(np.arange(len(cells)), bad)]) & finite
     if len(joint) == 0:
-        return joint, np.isin(cell(xy), cells) & finite
+        return joint, replaced
     k = joint["frame"].to_numpy()
     origin = origins[k]
     joint["x"] += origin[:, 0]
@@ -320,7 +351,7 @@ def _fit_tiles(setup: Setup, frame, singles, hot):
     mine[mine] = cell(pos[mine]) == cells[k[mine]]
     joint = joint[mine].copy()
     joint["frame"] = np.int64(frame.t)
-    return joint, np.isin(cell(xy), cells) & finite
+    return joint, replaced
 
 
 def _per_frame(on_frame):
