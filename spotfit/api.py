@@ -194,11 +194,13 @@ def _fit_sparse(setup: Setup, frames):
     for f in frames:
         if len(f.coords) == 0:
             continue
+        if setup.ndim == 3:  # z-stacks: the single-spot path (the blockwise engine's too)
+            break
         rows = np.flatnonzero(t == f.t)
         hot = _overlaps(setup, f, singles.iloc[rows])
         if not hot.any():
             continue
-        if setup.ndim == 3 or f.photons.size <= TILE_FRAME * _tile_size(setup) ** 2 or \
+        if f.photons.size <= TILE_FRAME * _tile_size(setup) ** 2 or min(f.photons.shape) < _tile_size(setup) or \
                 (setup.read_var_map() is not None and np.ndim(setup.read_var_map())):
             whole.append(f)
             done[rows] = True
@@ -239,6 +241,11 @@ def _tile_size(setup: Setup) -> int:
     return TILE_CORE + 2 * _tile_margin(setup)
 
 
+#: a region with this many emitters pinned at the width bound in misfit groups keeps
+#: its single fits (:func:`_misfit_regions`)
+MISFIT_REGION = 2
+
+
 def _misfit_regions(setup: Setup, joint) -> np.ndarray:
     """Frames (tiles) of joint fits that did not explain their light: an emitter
     pinned at the upper width bound of the joint fits (``WIDTH_RANGE``) in a group
@@ -257,7 +264,8 @@ def _misfit_regions(setup: Setup, joint) -> np.ndarray:
     pinned = (sx == sy) & (sx >= 0.99 * WIDTH_RANGE[1] * cfg.sigma) & (sx <= 1.001 * WIDTH_RANGE[1] * cfg.sigma)
     misfit = joint["chi2_red"].to_numpy() > 1.0 + SUSPECT_CHI2 * np.sqrt(2.0 / max(dof, 1))
     converged = joint["status"].to_numpy() == results.STATUS_NAMES[CONVERGED]
-    return np.unique(joint["frame"].to_numpy()[pinned & misfit & converged])
+    frames, count = np.unique(joint["frame"].to_numpy()[pinned & misfit & converged], return_counts=True)
+    return frames[count >= MISFIT_REGION]
 
 
 def _overlaps(setup: Setup, frame, singles) -> np.ndarray:

@@ -113,8 +113,12 @@ def test_bright_isolated_spots_are_not_split_by_default():
 def test_regions_whose_joint_fits_misfit_at_the_width_bound_keep_their_single_fits():
     setup = spotfit.config.Setup.resolve(spotfit.FitConfig(sigma=1.0), CAMERA, 2)
     top = spotfit.group.WIDTH_RANGE[1]
-    joint = pd.DataFrame({"frame": [0, 0, 1, 2, 3], "sigma_x": [1.0, top, top, top, 1.8],
-                          "sigma_y": [1.0, top, top, top, 1.2], "chi2_red": [1.0, 9.0, 1.1, 9.0, 9.0],
-                          "status": ["converged", "converged", "converged", "low_signal", "converged"]})
-    # frame 0: pinned and misfit; 1: pinned but fits; 2: not converged; 3: a free (single) fit
+    joint = pd.DataFrame({"frame": [0, 0, 0, 1, 1, 2, 2, 3, 3, 4],
+                          "sigma_x": [1.0, top, top, top, top, top, top, 1.8, 1.8, top],
+                          "sigma_y": [1.0, top, top, top, top, top, top, 1.2, 1.2, top],
+                          "chi2_red": [1.0, 9.0, 9.0, 1.1, 1.1, 9.0, 9.0, 9.0, 9.0, 9.0],
+                          "status": ["converged"] * 5 + ["low_signal"] * 2 + ["converged"] * 3})
+    # frame 0: two emitters pinned and misfit; 1: pinned but fitting; 2: not converged;
+    # 3: free (single) fits; 4: one pinned misfit emitter only (MISFIT_REGION = 2)
+    assert spotfit.api.MISFIT_REGION == 2
     assert spotfit.api._misfit_regions(setup, joint).tolist() == [0]
