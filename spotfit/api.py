@@ -271,9 +271,10 @@ def _misfit_regions(setup: Setup, joint) -> np.ndarray:
 def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
     """Which single-spot fits of a frame (rows of its candidates, in raster order)
     need the joint fits: a candidate within ``group_radius * sigma`` of
-    another, or a fit wider than ``SUSPECT_WIDTH`` sigmas along one axis and
-    elongated by ``SUSPECT_ELONGATION`` (two spots closer than the detector
-    separates); bool per row."""
+    another, or a fit wider than ``SUSPECT_WIDTH`` sigmas along one axis,
+    elongated by ``SUSPECT_ELONGATION`` and at least ``WIDTH_RANGE[0]`` sigmas
+    wide across (two spots closer than the detector separates); both only
+    among converged fits narrower than ``BLOB_WIDTH`` sigmas; bool per row."""
     from scipy.spatial import cKDTree
 
     from spotfit import results
@@ -291,7 +292,12 @@ def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
                                                                    output_type="ndarray")
         pairs = pairs[spot[pairs[:, 0]] & spot[pairs[:, 1]]]
         hot[pairs.ravel()] = True
-    hot |= spot & (big > SUSPECT_WIDTH * cfg.sigma) & (big > SUSPECT_ELONGATION * small)
+    # a pair's minor axis is the PSF's; a minor axis narrower than the joint fits' smallest
+    # width is an elongated PSF (astigmatism, a wrong --sigma), not two spots
+    from spotfit.group import WIDTH_RANGE
+
+    hot |= spot & (big > SUSPECT_WIDTH * cfg.sigma) & (big > SUSPECT_ELONGATION * small) & \
+        (small >= WIDTH_RANGE[0] * cfg.sigma)
     return hot
 
 
