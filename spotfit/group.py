@@ -60,6 +60,8 @@ SEARCH_REACH = 1.5
 BLOB_MINOR = 1.5
 #: fitted widths stay within this range times the expected sigma
 WIDTH_RANGE = (0.9, 1.1)
+#: a misfit spot (see MISFIT_SIGMAS) this many sigmas wide is split like one at the width bound
+MISFIT_WIDTH = 1.04
 #: a group fit whose reduced chi-square exceeds 1 by this many standard
 #: deviations with its width at the upper bound is no group of spots (not_spot)
 MISFIT_SIGMAS = 4.0
@@ -378,6 +380,7 @@ class CrowdedFitter:
         residual = self._stack - light
         xyz, t = self._residual_peaks(residual, light, spots, active)
         nearest = np.zeros(0, np.int64)
+        split = self._wide(spots) | self._misfit_wide(spots)
         if len(xyz):
             keyed = np.column_stack([xyz, t * _FRAME_GAP])
             tree = cKDTree(spots.keyed())
@@ -396,11 +399,15 @@ class CrowdedFitter:
                 hit = hit[spots.fixed[hit] & ~spots.locked[hit]]
                 spots.fixed[hit] = False
                 spots.start[hit] = spots.xyz[hit]
+            # a misfit spot with a new emitter beside it is explained by that one
+            if len(xyz):
+                beside = cKDTree(np.column_stack([xyz, t * _FRAME_GAP])).query(spots.keyed())[0]
+                split &= self._wide(spots) | (beside > radius)
         half = np.asarray(self.half)
         w = self._windows(residual, t, np.rint(xyz[:, ::-1]).astype(np.int64) - half, tuple(2 * half + 1))
         start = initial_guess(self.emitter, w.data, w.mask, w.grid, cfg)
         found = self._new_spots(xyz, t, start, spots.offset[nearest], True)
-        return self._split_wide(residual, spots, extra=found)
+        return self._split_wide(residual, spots, extra=found, wide=split)
 
     def _residual_peaks(self, residual, light, spots, active):
         """Significant local maxima of the smoothed residual around spots ``active``:
@@ -464,7 +471,15 @@ class CrowdedFitter:
         """Spots whose lateral width reached its upper bound."""
         return spots.sigma[:, 0] >= 0.99 * WIDTH_RANGE[1] * self.config.sigma
 
-    def _split_wide(self, residual, spots, extra):
+    def _misfit_wide(self, spots):
+        """Spots being fitted that may be an unresolved pair although their width stayed
+        below its bound: wider than ``MISFIT_WIDTH`` sigmas in a misfit window (reduced
+        chi-square ``MISFIT_SIGMAS`` above 1: one Gaussian does not explain the light)."""
+        dof = np.maximum(spots.rec["n_pixels"] - (2 + self.ndim), 1)
+        misfit = spots.rec["chi2_red"] > 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)
+        return ~spots.fixed & ~spots.added & misfit & (spots.sigma[:, 0] >= MISFIT_WIDTH * self.config.sigma)
+
+    def _split_wide(self, residual, spots, extra, wide=None):
         """Split spots stretched to the width bound into two emitters (in place).
 
         A single Gaussian fitted to an unresolved pair widens until its bound;
@@ -476,7 +491,7 @@ class CrowdedFitter:
         from spotfit.filters import DOG_RATIO
 
         cfg = self.config
-        wide = np.flatnonzero(self._wide(spots))
+        wide = np.flatnonzero(self._wide(spots) if wide is None else wide)
         if len(wide) == 0:
             return extra
         from scipy import ndimage
@@ -513,12 +528,42 @@ class CrowdedFitter:
         """Which spots stay (see the module docstring, step 5)."""
         snr = _snr(spots)
         keep = snr >= MIN_EMITTER_SNR
+        # an added emitter must be as significant as a detected one would be
+        keep &= ~spots.added | self._significant(spots)
+        keep &= np.isfinite(snr)
+        # two emitters fitted onto one place have no separate errors (a singular
+        # covariance): the light is one emitter's, kept once (the brighter one)
+        first, second = self._coincident(spots)
+        merged = ~keep[first] & ~keep[second]
+        first, second = first[merged], second[merged]
+        spots.intensity[first] += spots.intensity[second]
+        keep[first] = np.isfinite(spots.intensity[first]) & (spots.intensity[first] > 0)
+        return keep | spots.fixed
+
+    def _coincident(self, spots):
+        """Pairs ``(kept, merged)`` of emitters being fitted that lie within
+        ``SEARCH_EXCLUSION * sigma`` of each other (each emitter in one pair at most,
+        the brighter one first)."""
+        free = np.flatnonzero(~spots.fixed)
+        if len(free) < 2:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        pairs = cKDTree(spots.keyed()[free]).query_pairs(SEARCH_EXCLUSION * self.config.sigma,
+                                                           output_type="ndarray")
+        a, b = free[pairs[:, 0]], free[pairs[:, 1]]
+        swap = spots.intensity[b] > spots.intensity[a]
+        a, b = np.where(swap, b, a), np.where(swap, a, b)
+        used = np.zeros(len(spots), np.int64)
+        np.add.at(used, np.concatenate([a, b]), 1)
+        single = (used[a] == 1) & (used[b] == 1)
+        return a[single], b[single]
+
+    def _significant(self, spots):
+        """Emitters whose last fit passes the test an added emitter must pass: Wald
+        statistic above the BIC penalty and ``N / err_N`` at the detection threshold."""
+        snr = _snr(spots)
         penalty = (1 + self.ndim) * np.log(np.maximum(spots.rec["n_pixels"], 2))
         threshold = self.config.threshold if self.config.threshold is not None else _detection_threshold()
-        # an added emitter must be as significant as a detected one would be
-        keep &= ~spots.added | ((snr**2 > penalty) & (snr >= threshold))
-        keep &= np.isfinite(snr)
-        return keep | spots.fixed
+        return (snr**2 > penalty) & (snr >= threshold)
 
     def _revert(self, before, after, labels):
         """Undo the additions to a group whose refit made one of its earlier emitters
@@ -536,6 +581,11 @@ class CrowdedFitter:
         if not weak.any():
             return after
         added_groups = np.unique(labels[before.added & (labels >= 0)])
+        # a group whose added emitter is as significant as a detected one has
+        # found light that was there: its weak earlier emitter is pruned instead
+        # (it gave its light to the new ones: a pair or a spot in a tail)
+        strong = before.added & self._significant(after) & (labels >= 0)
+        added_groups = np.setdiff1d(added_groups, labels[strong])
         undo = np.isin(labels, np.intersect1d(labels[weak], added_groups)) & (labels >= 0)
         if not undo.any():
             return after

@@ -1,0 +1,124 @@
+"""Sparse frames fitted jointly where their spots overlap, by default (issue #10, "real fields").
+
+Simulated, seeded, non-square images with known truth: isolated spots keep
+their single-spot fit; close pairs that the detector sees as one candidate
+are split; large frames are fitted jointly only in tiles around the
+overlaps; textured light keeps its single fits.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import spotfit
+import spotfit.api
+from spotfit.camera import Camera
+from spotfit.match import match_spots
+from spotfit.simulation import render
+
+CAMERA = Camera(baseline=100.0, gain=1.0, read_noise=1.5)
+
+
+def _frame(shape, sigma, n_single, n_pairs, separation, seed, photons=3000.0, background=20.0):
+    """Isolated spots and close pairs on a grid (cells 16 px apart), Poisson + read noise."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[10:shape[0] - 8:16, 10:shape[1] - 8:16]
+    sites = np.column_stack([xs.ravel(), ys.ravel()]).astype(float)
+    sites = sites[rng.permutation(len(sites))[: n_single + n_pairs]] + rng.uniform(-1, 1, (n_single + n_pairs, 2))
+    angle = rng.uniform(0, np.pi, n_pairs)
+    half = 0.5 * separation * np.column_stack([np.cos(angle), np.sin(angle)])
+    pairs = sites[n_single:]
+    xy = np.concatenate([sites[:n_single], pairs - half, pairs + half])
+    mu = render(shape, xy[:, 0], xy[:, 1], photons, sigma, background=background)
+    img = (100 + rng.poisson(mu) + rng.normal(0, 1.5, shape)).astype(np.float32)
+    return img, xy
+
+
+def _single_only(monkeypatch):
+    monkeypatch.setattr(spotfit.api, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
+
+
+def _recall(table, xy, radius=0.75, everything=None):
+    """Fraction of ``xy`` found within ``radius`` (converged rows), and the converged
+    rows farther than 1.5 px from every spot of ``everything``."""
+    ok = table[table.status == "converged"]
+    i, j = match_spots(ok[["x", "y"]].to_numpy(), xy, radius)
+    everything = xy if everything is None else everything
+    found = match_spots(ok[["x", "y"]].to_numpy(), everything, 1.5)[0]
+    return len(j) / len(xy), len(ok) - len(found)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_close_pairs_in_a_sparse_frame_are_split_by_default(monkeypatch, seed):
+    # a 70 x 110 px frame (sparse: coverage ~0.05) of 8 isolated spots and 6 pairs
+    # 1.6 px apart (1.9 sigma; one candidate each): the default finds >= 90 % of the
+    # pairs' spots within 0.75 px, the single-spot path alone almost none (one fit between two)
+    sigma = 0.85
+    img, xy = _frame((70, 110), sigma, 8, 6, 1.6, seed)
+    default = spotfit.fit(img, camera=CAMERA, sigma=sigma)
+    assert spotfit.api.coverage(np.zeros((14, 2)), img.shape, spotfit.FitConfig(sigma=sigma)) < \
+        spotfit.api.DENSE_COVERAGE
+    _single_only(monkeypatch)
+    single = spotfit.fit(img, camera=CAMERA, sigma=sigma)
+    pairs = xy[8:]
+    r_default, fp_default = _recall(default, pairs, everything=xy)
+    r_single, _ = _recall(single, pairs)
+    assert r_default >= 0.9 and r_single <= 0.2, (r_default, r_single)
+    assert fp_default <= 1
+    # isolated spots keep their single-spot fit, row for row
+    cols = ["x", "y", "intensity", "sigma_x", "sigma_y", "status"]
+    iso_d = default.iloc[match_spots(default[["x", "y"]].to_numpy(), xy[:8], 1.0)[0]]
+    iso_s = single.iloc[match_spots(single[["x", "y"]].to_numpy(), xy[:8], 1.0)[0]]
+    pd.testing.assert_frame_equal(iso_d[cols].sort_values("x").reset_index(drop=True),
+                                  iso_s[cols].sort_values("x").reset_index(drop=True))
+    assert list(default.columns) == list(single.columns)  # no group columns by default
+
+
+def test_large_frames_are_fitted_jointly_in_tiles_around_the_overlaps(monkeypatch):
+    # 230 x 300 px (larger than TILE_FRAME tiles): 150 isolated spots and 10 pairs; only
+    # tiles around the pairs are fitted jointly, the rest is the single-spot path's
+    sigma = 0.85
+    img, xy = _frame((230, 300), sigma, 150, 10, 1.6, 3)
+    assert img.size > spotfit.api.TILE_FRAME * spotfit.api._tile_size(
+        spotfit.config.Setup.resolve(spotfit.FitConfig(sigma=sigma), CAMERA, 2)) ** 2
+    calls = []
+    tiles = spotfit.api._fit_tiles
+    monkeypatch.setattr(spotfit.api, "_fit_tiles", lambda *a: calls.append(1) or tiles(*a))
+    default = spotfit.fit(img, camera=CAMERA, sigma=sigma)
+    assert calls
+    r_default, fp = _recall(default, xy[150:], everything=xy)
+    _single_only(monkeypatch)
+    single = spotfit.fit(img, camera=CAMERA, sigma=sigma)
+    r_single, _ = _recall(single, xy[150:])
+    assert r_default >= 0.9 and r_single <= 0.2 and fp <= 2, (r_default, r_single, fp)
+    # every spot once; rows in raster order by frame like the single-spot path's
+    assert _recall(default, xy[:150])[0] == 1.0
+    keys = default[["frame", "y", "x"]].to_numpy()
+    assert len(default) == len(np.unique(np.rint(keys * 10), axis=0))
+
+
+def test_bright_isolated_spots_are_not_split_by_default():
+    # issue #10: 60 spots of 4000-8000 photons over 10 photons/px, 16 px apart (seed 9)
+    rng = np.random.default_rng(9)
+    ys, xs = np.mgrid[10:130:16, 10:230:16]
+    xy = np.column_stack([xs.ravel(), ys.ravel()]).astype(float)[:60] + rng.uniform(-1, 1, (60, 2))
+    mu = render((140, 240), xy[:, 0], xy[:, 1], rng.uniform(4000, 8000, 60), 1.3, background=10.0)
+    img = (rng.poisson(mu) + 100).astype(np.uint16)
+    table = spotfit.fit(img, camera=Camera(baseline=100.0, gain=1.0))
+    ok = table[table.status == "converged"]
+    i, j = match_spots(ok[["x", "y"]].to_numpy(), xy, 1.0)
+    assert len(j) == 60 and len(ok) == 60 and len(table) == 60
+
+
+def test_regions_whose_joint_fits_misfit_at_the_width_bound_keep_their_single_fits():
+    setup = spotfit.config.Setup.resolve(spotfit.FitConfig(sigma=1.0), CAMERA, 2)
+    top = spotfit.group.WIDTH_RANGE[1]
+    joint = pd.DataFrame({"frame": [0, 0, 0, 1, 1, 2, 2, 3, 3, 4],
+                          "sigma_x": [1.0, top, top, top, top, top, top, 1.8, 1.8, top],
+                          "sigma_y": [1.0, top, top, top, top, top, top, 1.2, 1.2, top],
+                          "chi2_red": [1.0, 9.0, 9.0, 1.1, 1.1, 9.0, 9.0, 9.0, 9.0, 9.0],
+                          "status": ["converged"] * 5 + ["low_signal"] * 2 + ["converged"] * 3})
+    # frame 0: two emitters pinned and misfit; 1: pinned but fitting; 2: not converged;
+    # 3: free (single) fits; 4: one pinned misfit emitter only (MISFIT_REGION = 2)
+    assert spotfit.api.MISFIT_REGION == 2
+    assert spotfit.api._misfit_regions(setup, joint).tolist() == [0]
