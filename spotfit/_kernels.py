@@ -309,13 +309,10 @@ def _pixel_terms(kind, dp, mu, wp, shift, scale):
 
 
 @njit(error_model="numpy", fastmath={"reassoc", "contract"})
-def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
-    """Cost of window ``s``; fills ``H = J W J^T`` and ``g = J e``.
-
-    ``e`` and ``W`` are ``(P,)`` work arrays.  The sums run over contiguous
-    rows of ``J`` so that they vectorise.
-    """
-    k = th.shape[0]
+def _cost_terms(km, cost, s, th, mu, J, scratch, e, W):
+    """Cost of window ``s`` at ``th``; fills the model ``mu``, its Jacobian ``J``
+    and, per pixel, the weighted residual ``e`` and weight ``W`` (``(P,)`` work
+    arrays) that :func:`_normal_equations` turns into the Gauss-Newton system."""
     d, w, shift = cost.data[s], cost.weight[s], cost.shift[s]
     model_window(km, th, mu, J, scratch)
     total = 0.0
@@ -326,19 +323,37 @@ def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
             continue
         c, e[p], W[p] = _pixel_terms(cost.kind, d[p], mu[p], w[p], shift[p], cost.scale)
         total += c
+    return total
+
+
+@njit(error_model="numpy", fastmath={"reassoc", "contract"})
+def _normal_equations(J, e, W, H, g):
+    """``H = J W J^T`` and ``g = J e`` from :func:`_cost_terms`' arrays.
+
+    The sums run over contiguous rows of ``J`` so that they vectorise.
+    """
+    k, P = J.shape
     for i in range(k):
         Ji = J[i]
         acc = 0.0
-        for p in range(mu.shape[0]):
+        for p in range(P):
             acc += Ji[p] * e[p]
         g[i] = acc
         for j in range(i + 1):
             Jj = J[j]
             acc = 0.0
-            for p in range(mu.shape[0]):
+            for p in range(P):
                 acc += Ji[p] * W[p] * Jj[p]
             H[i, j] = acc
             H[j, i] = acc
+
+
+@njit(error_model="numpy")
+def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
+    """Cost of window ``s``; fills ``H = J W J^T`` and ``g = J e``
+    (:func:`_cost_terms` then :func:`_normal_equations`)."""
+    total = _cost_terms(km, cost, s, th, mu, J, scratch, e, W)
+    _normal_equations(J, e, W, H, g)
     return total
 
 
@@ -441,16 +456,16 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
     scratch = np.empty((9, size))
     H = np.empty((k, k))
     g = np.empty(k)
-    H_new = np.empty((k, k))
-    g_new = np.empty(k)
     A = np.empty((k, k))
     L = np.zeros((k, k))
     y = np.empty(k)
     delta = np.empty(k)
+    step = np.empty(k)
     e = np.empty(P)
     W = np.empty(P)
     th = np.empty(k)
     trial = np.empty(k)
+    active = np.empty(k, dtype=np.bool_)
     for s in range(start, stop):
         lo = box.lower[s]
         hi = box.upper[s]
@@ -471,17 +486,24 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
         nu = 2.0
         it = 0
         while st == MAX_ITERATIONS and it < max_iter:
-            if not _damped_solve(H, g, lam, free, A, L, y, delta):
+            # a parameter at a bound that the gradient pushes outwards stays
+            # there for this step (projected LM): its blocked part of the step
+            # would count in the predicted decrease and hold the damping high
+            for i in range(k):
+                active[i] = free[i] and not ((th[i] <= lo[i] and g[i] < 0.0) or (th[i] >= hi[i] and g[i] > 0.0))
+            if not _damped_solve(H, g, lam, active, A, L, y, delta):
                 st = SINGULAR
                 break
             for i in range(k):
                 trial[i] = min(max(th[i] + delta[i], lo[i]), hi[i])
             constrain(km, trial)
-            predicted = 0.0  # cost decrease the quadratic model expects
+            predicted = 0.0  # cost decrease the quadratic model expects for the step taken
             for i in range(k):
-                predicted += 2.0 * delta[i] * g[i]
+                step[i] = trial[i] - th[i]
+            for i in range(k):
+                predicted += 2.0 * step[i] * g[i]
                 for j in range(k):
-                    predicted -= delta[i] * H[i, j] * delta[j]
+                    predicted -= step[i] * H[i, j] * step[j]
             it += 1
             if lam < 1.0 and 0.0 <= predicted <= tol * (value / dof if cost.normalise else 1.0):
                 # converged by the quadratic model: take the step without evaluating it
@@ -489,7 +511,8 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
                     th[i] = trial[i]
                 st = CONVERGED
                 break
-            value_new = _accumulate(km, cost, s, trial, mu, J, scratch, e, W, H_new, g_new)
+            # the cost first; the normal equations only for an accepted step
+            value_new = _cost_terms(km, cost, s, trial, mu, J, scratch, e, W)
             if math.isfinite(value_new) and value_new <= value:
                 gain = value - value_new
                 rho = gain / predicted if predicted > 0.0 else 0.0
@@ -497,9 +520,7 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
                 nu = 2.0
                 for i in range(k):
                     th[i] = trial[i]
-                    g[i] = g_new[i]
-                    for j in range(k):
-                        H[i, j] = H_new[i, j]
+                _normal_equations(J, e, W, H, g)
                 value = value_new
                 unit = value / dof if cost.normalise else 1.0
                 if gain <= tol * unit:
