@@ -460,12 +460,10 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
     L = np.zeros((k, k))
     y = np.empty(k)
     delta = np.empty(k)
-    step = np.empty(k)
     e = np.empty(P)
     W = np.empty(P)
     th = np.empty(k)
     trial = np.empty(k)
-    active = np.empty(k, dtype=np.bool_)
     for s in range(start, stop):
         lo = box.lower[s]
         hi = box.upper[s]
@@ -486,24 +484,17 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
         nu = 2.0
         it = 0
         while st == MAX_ITERATIONS and it < max_iter:
-            # a parameter at a bound that the gradient pushes outwards stays
-            # there for this step (projected LM): its blocked part of the step
-            # would count in the predicted decrease and hold the damping high
-            for i in range(k):
-                active[i] = free[i] and not ((th[i] <= lo[i] and g[i] < 0.0) or (th[i] >= hi[i] and g[i] > 0.0))
-            if not _damped_solve(H, g, lam, active, A, L, y, delta):
+            if not _damped_solve(H, g, lam, free, A, L, y, delta):
                 st = SINGULAR
                 break
             for i in range(k):
                 trial[i] = min(max(th[i] + delta[i], lo[i]), hi[i])
             constrain(km, trial)
-            predicted = 0.0  # cost decrease the quadratic model expects for the step taken
+            predicted = 0.0  # cost decrease the quadratic model expects
             for i in range(k):
-                step[i] = trial[i] - th[i]
-            for i in range(k):
-                predicted += 2.0 * step[i] * g[i]
+                predicted += 2.0 * delta[i] * g[i]
                 for j in range(k):
-                    predicted -= step[i] * H[i, j] * step[j]
+                    predicted -= delta[i] * H[i, j] * delta[j]
             it += 1
             if lam < 1.0 and 0.0 <= predicted <= tol * (value / dof if cost.normalise else 1.0):
                 # converged by the quadratic model: take the step without evaluating it
@@ -681,17 +672,20 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             m += 1
     want_bias = cost.kind == MLE and out.bias.shape[0] == n and at_intensity >= 0
     cov, chi2, sums, bias = out.cov, out.chi2, out.sums, out.bias
+    # one range of windows: work arrays allocated once
+    mu = np.empty(P)
+    J = np.empty((k, P))
+    scratch = np.empty((9, size))
+    A = np.zeros((m, m))
+    A_work = np.empty((m, m))
+    Ainv = np.empty((m, m))
+    B = np.zeros((m, m))
+    L = np.zeros((m, m))
+    y = np.empty(m)
+    Wp = np.empty(P)
+    Q = np.empty(P)
+    T = np.empty((m, m))
     for s in range(start, stop):
-        mu = np.empty(P)
-        J = np.empty((k, P))
-        scratch = np.empty((9, size))
-        A = np.zeros((m, m))
-        Ainv = np.empty((m, m))
-        B = np.zeros((m, m))
-        L = np.zeros((m, m))
-        y = np.empty(m)
-        Wp = np.empty(P)
-        Q = np.empty(P)
         th = theta[s]
         w = cost.weight[s]
         model_window(km, th, mu, J, scratch)
@@ -703,7 +697,8 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             n_valid += 1
             Wp[p] = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p], cost.scale)[2]
         _weighted_gram(J, idx, m, Wp, A)
-        ok = _cholesky_inverse(A.copy(), Ainv, L, y)
+        A_work[:, :] = A
+        ok = _cholesky_inverse(A_work, Ainv, L, y)
         dof = max(n_valid - m, 1)
         if noise.mode == MEASURE_VARIANCE:
             for p in range(P):
@@ -726,6 +721,7 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
                 sums[s, 4] += mu[p] * r2
             continue
         x2 = 0.0
+        fisher = True  # W V W = W at every pixel: B = A, the covariance is A^-1
         for p in range(P):
             if w[p] == 0.0:
                 Q[p] = 0.0
@@ -739,7 +735,10 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             r = data[s, p] - mu[p]
             x2 += r * r / V
             Q[p] = Wp[p] * Wp[p] * V
-        _weighted_gram(J, idx, m, Q, B)
+            if abs(Q[p] - Wp[p]) > 1e-12 * Wp[p]:
+                fisher = False
+        if not fisher:  # (Poisson MLE of a camera without excess noise: B = A)
+            _weighted_gram(J, idx, m, Q, B)
         chi2[s] = x2 / dof
         for i in range(k):
             for j in range(k):
@@ -754,7 +753,12 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             N = th[km.intensity]
             if N * N < bias_snr * bias_snr * Ainv[a0, a0]:  # N / err_N < bias_snr
                 _mle_bias(km, th, mu, J, scratch, idx, m, Ainv, Wp, bias[s])
-        T = np.zeros((m, m))  # Ainv @ B, then @ Ainv
+        if fisher:
+            for a in range(m):
+                for b in range(m):
+                    cov[s, idx[a], idx[b]] = Ainv[a, b]
+            continue
+        T[:, :] = 0.0  # Ainv @ B, then @ Ainv
         for a in range(m):
             for c in range(m):
                 if Ainv[a, c] != 0.0:
