@@ -647,6 +647,11 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
     * ``MEASURED_VARIANCE``: ``V = max(alpha + beta * mu, floor)`` from that
       regression (per window).
 
+    Where ``W V W = W`` at every pixel of a window (the Poisson MLE of a
+    camera without excess noise: ``W = 1 / (mu + read_var) = 1 / V``),
+    ``B = A`` and the covariance is ``A^-1``, the inverse Fisher information;
+    ``B`` and the products are then skipped.
+
     ``data`` are the window pixels ``(n, P)`` (unshifted).  Rows and columns
     of fixed parameters are 0; singular windows get NaN.
 
