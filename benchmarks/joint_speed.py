@@ -7,12 +7,13 @@ on exactly those inputs, it times the Levenberg-Marquardt kernel and the
 covariance of
 
 * this tree (:func:`spotfit.solver.solve`), and
-* the reference: ``spotfit/_kernels.py`` of ``--ref`` (default: the commit
-  before the projected-step solver), loaded from git into a throw-away module
-  and driven the same way (same bounds, same tolerance, same thread count),
+* the reference: ``spotfit/_kernels.py`` of ``--ref`` (default: main before
+  the solver changes of this benchmark's branch), loaded from git into a
+  throw-away module and driven the same way (same bounds, same tolerance, one
+  thread),
 
 per group size ``K`` (single-spot fits as ``single``), in CPU seconds
-(``time.process_time``, one thread) and mean iterations; the ratio is
+(``time.process_time``, one thread; LM and covariance apart) and mean iterations; the ratio is
 reference / this tree.  It also compares the answers where both converged:
 ``|theta - theta_ref| / err`` (the parameter's standard error) and the final
 cost (a lower cost is a better minimum of the same objective).
@@ -44,8 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import dense  # noqa: E402  (the scenarios)
 
-#: the last commit with the previous solver (damping held high at active bounds)
-DEFAULT_REF = "f4c86e9"
+#: main before this branch (the previous solver kernels)
+DEFAULT_REF = "8044943"
 
 
 def log(msg: str) -> None:
@@ -88,23 +89,34 @@ def record(frames: int, seed: int):
 
 
 def solve_with(kernels, model, estimator, data, mask, grid, theta0, kw):
-    """LM + covariance of ``kernels`` (a ``_kernels`` module) as :func:`spotfit.solver.solve`
-    runs them (no hold-first pass, no bias correction: the parts the two share)."""
-    from spotfit._kernels import Box, FitState
+    """LM and covariance kernels of ``kernels`` (a ``_kernels`` module) as
+    :func:`spotfit.solver.solve` runs them on a calibrated camera (no hold-first pass,
+    no bias correction: the parts the two share), in one thread.
+
+    Returns the fit state, the covariance and the CPU seconds of each kernel."""
+    from spotfit._kernels import CAMERA_VARIANCE, Box, CovarianceOut, FitState, NoiseModel
 
     n, k = theta0.shape
     free = np.ones(k, bool) if kw.get("free") is None else np.asarray(kw["free"], bool)
     lower = np.ascontiguousarray(np.broadcast_to(kw.get("lower", -np.inf), (n, k)), dtype=float)
     upper = np.ascontiguousarray(np.broadcast_to(kw.get("upper", np.inf), (n, k)), dtype=float)
-    noise = kw.get("noise", spotfit.estimators.Noise())
-    cost = estimator.cost(np.ascontiguousarray(data, float), mask, noise)
+    noise = kw["noise"]
+    data = np.ascontiguousarray(data, float)
+    cost = estimator.cost(data, mask, noise)
     km = model.kernel(grid)
     state = FitState(theta0.copy(), np.zeros(n, np.int32), np.zeros(n, np.int8), np.zeros(n))
+    t0 = time.process_time()
     kernels.levenberg_marquardt(km, cost, Box(lower, upper, free), state, int(kw.get("max_iter", 50)),
                                 float(kw.get("tol", 1e-3)), 0, n)
-    cov, _, _, _ = solver.covariance(model, cost, np.ascontiguousarray(data, float), state.theta, grid,
-                                     noise, free)
-    return state, cov
+    t1 = time.process_time()
+    out = CovarianceOut(np.zeros((n, k, k)), np.zeros(n), np.zeros((n, 5)), np.zeros((0, k)))
+    read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
+    none = np.zeros(0)
+    kernels.covariance(km, cost, data, state.theta, free,
+                       NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
+                       solver.BIAS_SNR, 0, n)
+    t2 = time.process_time()
+    return state, out.cov, t1 - t0, t2 - t1
 
 
 def main(argv=None) -> int:
@@ -136,22 +148,25 @@ def main(argv=None) -> int:
                        {**kw, "lower": np.broadcast_to(kw.get("lower", -np.inf), theta0.shape)[:1],
                         "upper": np.broadcast_to(kw.get("upper", np.inf), theta0.shape)[:1]})
 
-    agg = defaultdict(lambda: dict(n=0, t_cur=0.0, t_ref=0.0, it_cur=0, it_ref=0, conv_cur=0, conv_ref=0,
-                                   dz=[], dcost=[]))
+    agg = defaultdict(lambda: dict(n=0, t_cur=0.0, t_ref=0.0, lm_ref=0.0, lm_cur=0.0, cov_ref=0.0, cov_cur=0.0,
+                                   it_cur=0, it_ref=0, conv_cur=0, conv_ref=0, dz=[], dcost=[]))
     for label, model, est, data, mask, grid, theta0, kw in calls:
         out = {}
         for name, kern in (("ref", ref), ("cur", cur)):
-            best = np.inf
+            best_lm = best_cov = np.inf
             for _ in range(args.repeats):
-                t0 = time.process_time()
-                state, cov = solve_with(kern, model, est, data, mask, grid, theta0, kw)
-                best = min(best, time.process_time() - t0)
-            out[name] = (state, cov, best)
+                state, cov, t_lm, t_cov = solve_with(kern, model, est, data, mask, grid, theta0, kw)
+                best_lm, best_cov = min(best_lm, t_lm), min(best_cov, t_cov)
+            out[name] = (state, cov, best_lm, best_cov)
         a = agg[label]
-        (s_ref, c_ref, t_ref), (s_cur, c_cur, t_cur) = out["ref"], out["cur"]
+        (s_ref, c_ref, lm_ref, cov_ref), (s_cur, c_cur, lm_cur, cov_cur) = out["ref"], out["cur"]
         a["n"] += len(theta0)
-        a["t_ref"] += t_ref
-        a["t_cur"] += t_cur
+        a["t_ref"] += lm_ref + cov_ref
+        a["t_cur"] += lm_cur + cov_cur
+        a["lm_ref"] += lm_ref
+        a["lm_cur"] += lm_cur
+        a["cov_ref"] += cov_ref
+        a["cov_cur"] += cov_cur
         a["it_ref"] += int(s_ref.iterations.sum())
         a["it_cur"] += int(s_cur.iterations.sum())
         a["conv_ref"] += int(np.sum(s_ref.status == 0))
@@ -169,25 +184,28 @@ def main(argv=None) -> int:
     def key(label):
         return (0, 0) if label == "single" else (1, int(label[2:]))
 
-    head = (f"{'fits':<8}{'windows':>8}{'ref s':>8}{'this s':>8}{'ratio':>7}{'ref it':>8}{'this it':>8}"
+    head = (f"{'fits':<8}{'windows':>8}{'LM ref':>8}{'LM':>7}{'cov ref':>8}{'cov':>7}{'ref s':>7}{'this s':>7}"
+            f"{'ratio':>6}{'ref it':>7}{'it':>6}"
             f"{'conv ref':>9}{'conv':>7}   max|dθ|/err (median, p99)   cost this-ref (median, p1, p99)")
     print(f"{rows} rows fitted; every solve of that fit re-run with both kernels")
     print(head)
     print("-" * len(head))
-    tot = dict(t_ref=0.0, t_cur=0.0)
+    tot = dict(t_ref=0.0, t_cur=0.0, lm_ref=0.0, lm_cur=0.0, cov_ref=0.0, cov_cur=0.0)
     for label in sorted(agg, key=key):
         a = agg[label]
-        tot["t_ref"] += a["t_ref"]
-        tot["t_cur"] += a["t_cur"]
+        for name in tot:
+            tot[name] += a[name]
         dz = np.concatenate(a["dz"])
         dc = np.concatenate(a["dcost"])
         zs = f"{np.nanmedian(dz):.1e}, {np.nanpercentile(dz, 99):.1e}" if len(dz) else "-"
         cs = (f"{np.median(dc):+.1e}, {np.percentile(dc, 1):+.1e}, {np.percentile(dc, 99):+.1e}"
               if len(dc) else "-")
-        print(f"{label:<8}{a['n']:>8}{a['t_ref']:>8.3f}{a['t_cur']:>8.3f}{a['t_ref'] / max(a['t_cur'], 1e-9):>7.2f}"
-              f"{a['it_ref'] / a['n']:>8.1f}{a['it_cur'] / a['n']:>8.1f}{a['conv_ref']:>9}{a['conv_cur']:>7}"
+        print(f"{label:<8}{a['n']:>8}{a['lm_ref']:>8.3f}{a['lm_cur']:>7.3f}{a['cov_ref']:>8.3f}{a['cov_cur']:>7.3f}"
+              f"{a['t_ref']:>7.3f}{a['t_cur']:>7.3f}{a['t_ref'] / max(a['t_cur'], 1e-9):>6.2f}"
+              f"{a['it_ref'] / a['n']:>7.1f}{a['it_cur'] / a['n']:>6.1f}{a['conv_ref']:>9}{a['conv_cur']:>7}"
               f"   {zs:<28}{cs}")
-    print(f"{'all':<8}{'':>8}{tot['t_ref']:>8.3f}{tot['t_cur']:>8.3f}{tot['t_ref'] / tot['t_cur']:>7.2f}")
+    print(f"{'all':<8}{'':>8}{tot['lm_ref']:>8.3f}{tot['lm_cur']:>7.3f}{tot['cov_ref']:>8.3f}{tot['cov_cur']:>7.3f}"
+          f"{tot['t_ref']:>7.3f}{tot['t_cur']:>7.3f}{tot['t_ref'] / tot['t_cur']:>6.2f}")
     return 0
 
 
