@@ -286,6 +286,17 @@ def evaluate(km, theta, mu, J, start, stop):
         model_window(km, theta[i], mu[i], J[i], scratch)
 
 
+@njit(error_model="numpy", nogil=True)
+def values(km, theta, mu, start, stop):
+    """Batched model values only: ``theta (n, k)`` -> ``mu (n, P)``, windows
+    ``start .. stop``; the Jacobian goes to one window's work array, not to an
+    ``(n, k, P)`` array (a joint fit's is ``k`` times the size of its values)."""
+    scratch = np.empty((9, max(km.nz, km.ny, km.nx, 10)))
+    J = np.empty((theta.shape[1], mu.shape[1]))
+    for i in range(start, stop):
+        model_window(km, theta[i], mu[i], J, scratch)
+
+
 # ----------------------------------------------------------------------------
 # Solver: Levenberg-Marquardt and covariance over all windows
 # ----------------------------------------------------------------------------
