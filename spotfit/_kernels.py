@@ -320,10 +320,13 @@ def _pixel_terms(kind, dp, mu, wp, shift, scale):
 
 
 @njit(error_model="numpy", fastmath={"reassoc", "contract"})
-def _cost_terms(km, cost, s, th, mu, J, scratch, e, W):
-    """Cost of window ``s`` at ``th``; fills the model ``mu``, its Jacobian ``J``
-    and, per pixel, the weighted residual ``e`` and weight ``W`` (``(P,)`` work
-    arrays) that :func:`_normal_equations` turns into the Gauss-Newton system."""
+def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
+    """Cost of window ``s``; fills ``H = J W J^T`` and ``g = J e``.
+
+    ``e`` and ``W`` are ``(P,)`` work arrays.  The sums run over contiguous
+    rows of ``J`` so that they vectorise.
+    """
+    k = th.shape[0]
     d, w, shift = cost.data[s], cost.weight[s], cost.shift[s]
     model_window(km, th, mu, J, scratch)
     total = 0.0
@@ -334,37 +337,19 @@ def _cost_terms(km, cost, s, th, mu, J, scratch, e, W):
             continue
         c, e[p], W[p] = _pixel_terms(cost.kind, d[p], mu[p], w[p], shift[p], cost.scale)
         total += c
-    return total
-
-
-@njit(error_model="numpy", fastmath={"reassoc", "contract"})
-def _normal_equations(J, e, W, H, g):
-    """``H = J W J^T`` and ``g = J e`` from :func:`_cost_terms`' arrays.
-
-    The sums run over contiguous rows of ``J`` so that they vectorise.
-    """
-    k, P = J.shape
     for i in range(k):
         Ji = J[i]
         acc = 0.0
-        for p in range(P):
+        for p in range(mu.shape[0]):
             acc += Ji[p] * e[p]
         g[i] = acc
         for j in range(i + 1):
             Jj = J[j]
             acc = 0.0
-            for p in range(P):
+            for p in range(mu.shape[0]):
                 acc += Ji[p] * W[p] * Jj[p]
             H[i, j] = acc
             H[j, i] = acc
-
-
-@njit(error_model="numpy")
-def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
-    """Cost of window ``s``; fills ``H = J W J^T`` and ``g = J e``
-    (:func:`_cost_terms` then :func:`_normal_equations`)."""
-    total = _cost_terms(km, cost, s, th, mu, J, scratch, e, W)
-    _normal_equations(J, e, W, H, g)
     return total
 
 
@@ -467,6 +452,8 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
     scratch = np.empty((9, size))
     H = np.empty((k, k))
     g = np.empty(k)
+    H_new = np.empty((k, k))
+    g_new = np.empty(k)
     A = np.empty((k, k))
     L = np.zeros((k, k))
     y = np.empty(k)
@@ -513,8 +500,7 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
                     th[i] = trial[i]
                 st = CONVERGED
                 break
-            # the cost first; the normal equations only for an accepted step
-            value_new = _cost_terms(km, cost, s, trial, mu, J, scratch, e, W)
+            value_new = _accumulate(km, cost, s, trial, mu, J, scratch, e, W, H_new, g_new)
             if math.isfinite(value_new) and value_new <= value:
                 gain = value - value_new
                 rho = gain / predicted if predicted > 0.0 else 0.0
@@ -522,7 +508,9 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
                 nu = 2.0
                 for i in range(k):
                     th[i] = trial[i]
-                _normal_equations(J, e, W, H, g)
+                    g[i] = g_new[i]
+                    for j in range(k):
+                        H[i, j] = H_new[i, j]
                 value = value_new
                 unit = value / dof if cost.normalise else 1.0
                 if gain <= tol * unit:
