@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 
 #: the modules (files of this package) that define compiled kernels; their sources
 #: together key the cache of every kernel (tests check that the list is complete)
@@ -112,11 +113,11 @@ def over_windows(kernel, n: int, *args, threaded=None) -> None:
     to balance the load; the kernel must be compiled with ``nogil=True`` and write
     each item's results only.  ``threaded``: whether to use threads at all (waking
     them costs more than a small frame's work); default: from
-    :data:`MIN_THREADED_WINDOWS` windows on.
+    :data:`MIN_THREADED_WINDOWS` windows on.  The threads are kept between calls
+    (:func:`_pool`): a dense field makes hundreds of small calls, and starting two
+    threads per call cost more than some of the calls' work.
     """
     import numba
-
-    from concurrent.futures import ThreadPoolExecutor
 
     threads = numba.get_num_threads()
     if threaded is None:
@@ -126,9 +127,42 @@ def over_windows(kernel, n: int, *args, threaded=None) -> None:
         return
     chunks = min(4 * threads, n)
     bounds = [(c * n // chunks, (c + 1) * n // chunks) for c in range(chunks)]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        for done in [pool.submit(kernel, *args, start, stop) for start, stop in bounds]:
+    pending = iter(bounds)
+    lock = threading.Lock()
+
+    def work():
+        while True:
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            kernel(*args, *item)
+
+    # the calling thread works through the ranges too instead of waiting idle
+    futures = [_pool(threads).submit(work) for _ in range(threads - 1)]
+    try:
+        work()
+    finally:
+        for done in futures:
             done.result()
+
+
+_POOL = {"pool": None, "threads": 0, "pid": None}
+
+
+def _pool(threads: int):
+    """A thread pool of ``threads - 1`` workers (the caller is the last one), kept
+    between calls; a new one after the thread count changed or in a new process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if _POOL["pool"] is None or _POOL["threads"] != threads or _POOL["pid"] != os.getpid():
+        old = _POOL["pool"]
+        if old is not None and _POOL["pid"] == os.getpid():
+            old.shutdown(wait=False)
+        _POOL.update(pool=ThreadPoolExecutor(max_workers=max(threads - 1, 1),
+                                             thread_name_prefix="spotfit-kernel"),
+                     threads=threads, pid=os.getpid())
+    return _POOL["pool"]
 
 
 def kernel_stamp(package=None) -> str:

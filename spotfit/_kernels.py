@@ -286,6 +286,17 @@ def evaluate(km, theta, mu, J, start, stop):
         model_window(km, theta[i], mu[i], J[i], scratch)
 
 
+@njit(error_model="numpy", nogil=True)
+def values(km, theta, mu, start, stop):
+    """Batched model values only: ``theta (n, k)`` -> ``mu (n, P)``, windows
+    ``start .. stop``; the Jacobian goes to one window's work array, not to an
+    ``(n, k, P)`` array (a joint fit's is ``k`` times the size of its values)."""
+    scratch = np.empty((9, max(km.nz, km.ny, km.nx, 10)))
+    J = np.empty((theta.shape[1], mu.shape[1]))
+    for i in range(start, stop):
+        model_window(km, theta[i], mu[i], J, scratch)
+
+
 # ----------------------------------------------------------------------------
 # Solver: Levenberg-Marquardt and covariance over all windows
 # ----------------------------------------------------------------------------
@@ -635,6 +646,11 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
     * ``MEASURED_VARIANCE``: ``V = max(alpha + beta * mu, floor)`` from that
       regression (per window).
 
+    Where ``W V W = W`` at every pixel of a window (the Poisson MLE of a
+    camera without excess noise: ``W = 1 / (mu + read_var) = 1 / V``),
+    ``B = A`` and the covariance is ``A^-1``, the inverse Fisher information;
+    ``B`` and the products are then skipped.
+
     ``data`` are the window pixels ``(n, P)`` (unshifted).  Rows and columns
     of fixed parameters are 0; singular windows get NaN.
 
@@ -660,17 +676,20 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             m += 1
     want_bias = cost.kind == MLE and out.bias.shape[0] == n and at_intensity >= 0
     cov, chi2, sums, bias = out.cov, out.chi2, out.sums, out.bias
+    # one range of windows: work arrays allocated once
+    mu = np.empty(P)
+    J = np.empty((k, P))
+    scratch = np.empty((9, size))
+    A = np.zeros((m, m))
+    A_work = np.empty((m, m))
+    Ainv = np.empty((m, m))
+    B = np.zeros((m, m))
+    L = np.zeros((m, m))
+    y = np.empty(m)
+    Wp = np.empty(P)
+    Q = np.empty(P)
+    T = np.empty((m, m))
     for s in range(start, stop):
-        mu = np.empty(P)
-        J = np.empty((k, P))
-        scratch = np.empty((9, size))
-        A = np.zeros((m, m))
-        Ainv = np.empty((m, m))
-        B = np.zeros((m, m))
-        L = np.zeros((m, m))
-        y = np.empty(m)
-        Wp = np.empty(P)
-        Q = np.empty(P)
         th = theta[s]
         w = cost.weight[s]
         model_window(km, th, mu, J, scratch)
@@ -682,7 +701,8 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             n_valid += 1
             Wp[p] = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p], cost.scale)[2]
         _weighted_gram(J, idx, m, Wp, A)
-        ok = _cholesky_inverse(A.copy(), Ainv, L, y)
+        A_work[:, :] = A
+        ok = _cholesky_inverse(A_work, Ainv, L, y)
         dof = max(n_valid - m, 1)
         if noise.mode == MEASURE_VARIANCE:
             for p in range(P):
@@ -705,6 +725,7 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
                 sums[s, 4] += mu[p] * r2
             continue
         x2 = 0.0
+        fisher = True  # W V W = W at every pixel: B = A, the covariance is A^-1
         for p in range(P):
             if w[p] == 0.0:
                 Q[p] = 0.0
@@ -718,7 +739,10 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             r = data[s, p] - mu[p]
             x2 += r * r / V
             Q[p] = Wp[p] * Wp[p] * V
-        _weighted_gram(J, idx, m, Q, B)
+            if abs(Q[p] - Wp[p]) > 1e-12 * Wp[p]:
+                fisher = False
+        if not fisher:  # (Poisson MLE of a camera without excess noise: B = A)
+            _weighted_gram(J, idx, m, Q, B)
         chi2[s] = x2 / dof
         for i in range(k):
             for j in range(k):
@@ -733,7 +757,12 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             N = th[km.intensity]
             if N * N < bias_snr * bias_snr * Ainv[a0, a0]:  # N / err_N < bias_snr
                 _mle_bias(km, th, mu, J, scratch, idx, m, Ainv, Wp, bias[s])
-        T = np.zeros((m, m))  # Ainv @ B, then @ Ainv
+        if fisher:
+            for a in range(m):
+                for b in range(m):
+                    cov[s, idx[a], idx[b]] = Ainv[a, b]
+            continue
+        T[:, :] = 0.0  # Ainv @ B, then @ Ainv
         for a in range(m):
             for c in range(m):
                 if Ainv[a, c] != 0.0:

@@ -185,12 +185,13 @@ def solve(
                                  np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows)))
                 over_windows(levenberg_marquardt, len(rows), km, _rows(cost, rows),
                              Box(lower[rows], upper[rows], free & ~np.asarray(hold_first, bool)),
-                             first, int(min(max_iter, 3)), float(10 * tol))
+                             first, int(min(max_iter, 3)), float(10 * tol),
+                             threaded=_threaded(len(rows), data.shape[1], k))
                 state.theta[rows] = first.theta
                 state.iterations[rows] = first.iterations
         done = state.iterations.copy()
         over_windows(levenberg_marquardt, n, km, cost, Box(lower, upper, free), state, int(max_iter),
-                     float(tol))
+                     float(tol), threaded=_threaded(n, data.shape[1], k))
         state.iterations[:] += done
     theta, status = state.theta, state.status
     want_bias = bias_correct and estimator.bias_correctable
@@ -320,6 +321,19 @@ def score_test(model, estimator, data, mask, grid, theta, embed, noise=Noise(), 
     return out
 
 
+#: windows x pixels x parameters^2 from which a solve runs on threads even with
+#: fewer than :data:`spotfit._jit.MIN_THREADED_WINDOWS` windows (a few large
+#: joint fits are worth waking the threads for; a few small fits are not)
+THREADED_WORK = 200_000
+
+
+def _threaded(n, pixels, k) -> bool:
+    """Whether ``n`` windows of ``pixels`` pixels and ``k`` parameters are worth threads."""
+    from spotfit._jit import MIN_THREADED_WINDOWS
+
+    return n >= 2 and (n >= MIN_THREADED_WINDOWS or n * pixels * k * k >= THREADED_WORK)
+
+
 def _rows(cost, rows):
     """The cost of windows ``rows`` only."""
     return cost._replace(data=cost.data[rows], weight=cost.weight[rows], shift=cost.shift[rows])
@@ -392,14 +406,15 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
         none = np.zeros(0)
         over_windows(kernel, n, km, cost, data, theta, free,
                      NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
-                     BIAS_SNR)
+                     BIAS_SNR, threaded=_threaded(n, data.shape[1], k))
     else:
         if variance is None:
             variance = _measure_variance(km, cost, data, theta, free, groups)
         used = np.ascontiguousarray(variance, dtype=float)
         over_windows(kernel, n, km, cost, data, theta, free,
                      NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(),
-                                used[:, 1].copy(), used[:, 2].copy()), out, 0.0)
+                                used[:, 1].copy(), used[:, 2].copy()), out, 0.0,
+                     threaded=_threaded(n, data.shape[1], k))
     return out.cov, out.chi2, out.bias if bias else np.zeros((n, k)), used
 
 

@@ -157,3 +157,42 @@ def test_compile_kernels_compiles_what_fits_use(monkeypatch):
     spotfit.fit(image, camera=camera)  # photons, mle (faint spots: bias correction)
     spotfit.fit(image, camera=Camera(baseline=100.0))  # ADU, lsq, measured noise
     assert seen == compiled
+
+
+def test_kernel_threads_are_kept_between_calls_and_errors_reach_the_caller():
+    """over_windows reuses one pool of threads (a dense field makes hundreds of
+    calls), covers every window exactly once, and re-raises a kernel's error."""
+    before = numba.get_num_threads()
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 threads")
+    n = 3 * _jit.MIN_THREADED_WINDOWS + 5
+    try:
+        numba.set_num_threads(2)
+        seen = np.zeros(n, np.int64)
+
+        def count(out, start, stop):
+            out[start:stop] += 1
+
+        _jit.over_windows(count, n, seen)
+        pool = _jit._POOL["pool"]
+        _jit.over_windows(count, n, seen)
+        assert _jit._POOL["pool"] is pool
+        np.testing.assert_array_equal(seen, 2)
+
+        def fail(start, stop):
+            if start > 0:
+                raise ValueError("window range failed")
+
+        with pytest.raises(ValueError, match="window range failed"):
+            _jit.over_windows(fail, n)
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_few_large_joint_fits_run_on_threads_few_small_ones_do_not():
+    from spotfit import solver
+
+    assert not solver._threaded(1, 10_000, 26)
+    assert not solver._threaded(20, 64, 5)
+    assert solver._threaded(_jit.MIN_THREADED_WINDOWS, 49, 5)
+    assert solver._threaded(15, 400, 26)  # eight emitters in a 20 x 20 window

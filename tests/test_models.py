@@ -252,3 +252,12 @@ def test_multi_gaussian_emitter_is_the_symmetric_model():
             own = theta[:, multi.emitter_params(i)]
             np.testing.assert_array_equal(one.value(own, grid), sym.value(own, grid))
             assert [multi.param_names[j] for j in multi.emitter_params(i)][-1] == "offset"
+
+
+@pytest.mark.parametrize("name,ndim,integrated", ALL_MODELS)
+def test_value_is_evaluate_without_the_jacobian(name, ndim, integrated):
+    rng = np.random.default_rng(12)
+    model = _model(name, ndim, integrated)
+    grid = Grid((9, 11) if ndim == 2 else (7, 9, 11))
+    theta = _random_theta(model, grid, rng)
+    np.testing.assert_array_equal(model.value(theta, grid), model.evaluate(theta, grid)[0])

@@ -204,8 +204,14 @@ class Model:
         return mu, jac
 
     def value(self, theta: np.ndarray, grid: Grid) -> np.ndarray:
-        """Expected values only, ``(n, P)``."""
-        return self.evaluate(theta, grid)[0]
+        """Expected values only, ``(n, P)`` (as :meth:`evaluate`, without storing the Jacobian)."""
+        from spotfit import _kernels
+        from spotfit._jit import over_windows
+
+        theta = np.ascontiguousarray(theta, dtype=float)
+        mu = np.empty((theta.shape[0], grid.size))
+        over_windows(_kernels.values, theta.shape[0], self.kernel(grid), theta, mu)
+        return mu
 
     # ------------------------------------------------------------ reporting
     def public(self, theta: np.ndarray, cov: np.ndarray):
