@@ -112,7 +112,7 @@ class FitConfig:
         Fit overlapping spots jointly and search the residual for hidden
         emitters (:mod:`spotfit.group`) in every frame, and add the
         ``group_id`` and ``group_size`` columns.  Without it, frames that are
-        dense fields (:data:`spotfit.api.DENSE_COVERAGE`) are fitted so
+        dense fields (:data:`spotfit.group.DENSE_COVERAGE`) are fitted so
         anyway, without those columns; sparse frames get single-spot fits.
     group_radius : float
         Spots closer than ``group_radius * sigma`` are fitted together.

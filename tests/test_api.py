@@ -14,6 +14,8 @@ import tifffile
 from click.testing import CliRunner
 
 import spotfit
+import spotfit.fields
+import spotfit.group
 from spotfit import single
 from spotfit.camera import Camera
 from spotfit.cli import main
@@ -279,8 +281,8 @@ def test_memory_is_bounded_by_the_batch_not_the_candidates(monkeypatch):
 
     frame = (100 + np.random.default_rng(1).poisson(20, (256, 320))).astype(np.uint16)
     # so many candidates make a dense field: the single-spot path is what is measured here
-    monkeypatch.setattr(spotfit.api, "DENSE_COVERAGE", np.inf)
-    monkeypatch.setattr(spotfit.api, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
+    monkeypatch.setattr(spotfit.group, "DENSE_COVERAGE", np.inf)
+    monkeypatch.setattr(spotfit.fields, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
 
     def peak():
         tracemalloc.start()

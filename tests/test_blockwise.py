@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 
 import spotfit
+import spotfit.fields
+import spotfit.group
 import spotfit.api  # noqa: F401  (spotfit.api._fit_frames below)
 from spotfit import blockwise
 
@@ -111,11 +113,11 @@ def test_volume_on_a_local_cluster(volume, volume_ref, client, workers):
 
 
 def _single_spot_path(monkeypatch):
-    """In memory, overlapping spots of sparse frames are fitted jointly (spotfit.api._overlaps);
+    """In memory, overlapping spots of sparse frames are fitted jointly (spotfit.fields._overlaps);
     the blockwise engine fits single spots only: compare it with that path."""
     import spotfit.api
 
-    monkeypatch.setattr(spotfit.api, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
+    monkeypatch.setattr(spotfit.fields, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
 
 
 def test_time_series_blockwise_equals_in_memory(client, monkeypatch):
@@ -325,7 +327,7 @@ def test_dense_frames_within_a_block_get_the_in_memory_joint_fits(client, monkey
     movie = _dense_movie()
     ref = spotfit.fit(movie, camera=CAMERA, sigma=1.3)
     with monkeypatch.context() as m:  # spot by spot, the dense frames give another table
-        m.setattr(spotfit.api, "DENSE_COVERAGE", np.inf)
+        m.setattr(spotfit.group, "DENSE_COVERAGE", np.inf)
         single = spotfit.fit(movie, camera=CAMERA, sigma=1.3)
     assert len(single) != len(ref) or not np.allclose(single["x"], ref["x"])
     for scheduler in (None, client):

@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 import spotfit
+import spotfit.fields
+import spotfit.group
 from spotfit.camera import Camera
 from spotfit.group import group_spots
 from spotfit.match import match_spots
@@ -47,8 +49,8 @@ def test_crowded_image_grouped_beats_single(monkeypatch):
                                   camera=CAMERA, seed=11)
     default = spotfit.fit(img, camera=CAMERA)
     grouped = spotfit.fit(img, camera=CAMERA, crowded=True)
-    monkeypatch.setattr(spotfit.api, "DENSE_COVERAGE", np.inf)  # the single-spot path ...
-    monkeypatch.setattr(spotfit.api, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
+    monkeypatch.setattr(spotfit.group, "DENSE_COVERAGE", np.inf)  # the single-spot path ...
+    monkeypatch.setattr(spotfit.fields, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
     single = spotfit.fit(img, camera=CAMERA)  # ... without its joint fits where spots overlap
     f1_s, rmse_s = _scores(single, truth)
     f1_g, rmse_g = _scores(grouped, truth)

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 
 import spotfit
+import spotfit.fields
+import spotfit.group
 import spotfit.api
 from spotfit.camera import Camera
 from spotfit.match import match_spots
@@ -35,7 +37,7 @@ def _frame(shape, sigma, n_single, n_pairs, separation, seed, photons=3000.0, ba
 
 
 def _single_only(monkeypatch):
-    monkeypatch.setattr(spotfit.api, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
+    monkeypatch.setattr(spotfit.fields, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
 
 
 def _recall(table, xy, radius=0.75, everything=None):
@@ -56,8 +58,8 @@ def test_close_pairs_in_a_sparse_frame_are_split_by_default(monkeypatch, seed):
     sigma = 0.85
     img, xy = _frame((70, 110), sigma, 8, 6, 1.6, seed)
     default = spotfit.fit(img, camera=CAMERA, sigma=sigma)
-    assert spotfit.api.coverage(np.zeros((14, 2)), img.shape, spotfit.FitConfig(sigma=sigma)) < \
-        spotfit.api.DENSE_COVERAGE
+    assert spotfit.group.coverage(np.zeros((14, 2)), img.shape, spotfit.FitConfig(sigma=sigma)) < \
+        spotfit.group.DENSE_COVERAGE
     _single_only(monkeypatch)
     single = spotfit.fit(img, camera=CAMERA, sigma=sigma)
     pairs = xy[8:]
@@ -79,11 +81,11 @@ def test_large_frames_are_fitted_jointly_in_tiles_around_the_overlaps(monkeypatc
     # tiles around the pairs are fitted jointly, the rest is the single-spot path's
     sigma = 0.85
     img, xy = _frame((230, 300), sigma, 150, 10, 1.6, 3)
-    assert img.size > spotfit.api.TILE_FRAME * spotfit.api._tile_size(
+    assert img.size > spotfit.fields.TILE_FRAME * spotfit.fields._tile_size(
         spotfit.config.Setup.resolve(spotfit.FitConfig(sigma=sigma), CAMERA, 2)) ** 2
     calls = []
-    tiles = spotfit.api._fit_tiles
-    monkeypatch.setattr(spotfit.api, "_fit_tiles", lambda *a: calls.append(1) or tiles(*a))
+    tiles = spotfit.fields._fit_tiles
+    monkeypatch.setattr(spotfit.fields, "_fit_tiles", lambda *a: calls.append(1) or tiles(*a))
     default = spotfit.fit(img, camera=CAMERA, sigma=sigma)
     assert calls
     r_default, fp = _recall(default, xy[150:], everything=xy)
@@ -120,5 +122,5 @@ def test_regions_whose_joint_fits_misfit_at_the_width_bound_keep_their_single_fi
                           "status": ["converged"] * 5 + ["low_signal"] * 2 + ["converged"] * 3})
     # frame 0: two emitters pinned and misfit; 1: pinned but fitting; 2: not converged;
     # 3: free (single) fits; 4: one pinned misfit emitter only (MISFIT_REGION = 2)
-    assert spotfit.api.MISFIT_REGION == 2
-    assert spotfit.api._misfit_regions(setup, joint).tolist() == [0]
+    assert spotfit.fields.MISFIT_REGION == 2
+    assert spotfit.fields._misfit_regions(setup, joint).tolist() == [0]

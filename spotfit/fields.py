@@ -1,0 +1,554 @@
+"""Which fits a frame gets: single-spot fits, joint fits where spots overlap, or joint fits everywhere.
+
+The in-memory fitting pipeline after detection, for frames of candidates
+(:class:`Frame`: photons, candidates, what is known about the pixels):
+
+* :func:`fit_frames` -- the default.  A dense frame (its candidates cover at
+  least :data:`spotfit.group.DENSE_COVERAGE` of it, :func:`spotfit.group.coverage`)
+  gets the crowded-field fits (:func:`fit_dense`, without the group columns);
+  another frame gets single-spot fits (:mod:`spotfit.single`), then joint fits
+  where its single fits say spots overlap (:func:`_overlaps`): the whole frame
+  if it is small, else tiles of :data:`TILE_CORE` px around the overlaps.
+* :func:`fit_dense` -- ``crowded=True``: single-spot fits where spots stand
+  alone, joint fits (:class:`spotfit.group.CrowdedFitter`) where they do not,
+  with the group columns.
+
+:mod:`spotfit.api` prepares and detects the frames and calls these;
+:mod:`spotfit.blockwise` calls them for blocks of frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from spotfit import single, table
+from spotfit.config import Setup
+from spotfit import group as _group
+
+__all__ = ["Frame", "fit_frames", "fit_dense", "fit_single"]
+
+
+@dataclass
+class Frame:
+    """One frame ready for fitting: photons, candidates, and what is known about its pixels."""
+
+    t: int
+    photons: np.ndarray
+    coords: np.ndarray | None = None
+    score: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    saturated: np.ndarray | None = None
+    image_var: float = 0.0
+    dark: str | None = None
+    noise: object = None  # the detection's NoiseModel of this frame
+    background: list | None = None  # the detection's local background (BackgroundPiece per block)
+
+
+def fit_frames(setup: Setup, frames):
+    """The default: single-spot fits of frames whose spots stand apart, the
+    crowded-field fits (:func:`fit_dense`, without the group columns) of dense
+    frames (:data:`DENSE_COVERAGE`).
+
+    Consecutive frames of a kind are fitted together in runs (at most
+    :data:`CROWDED_CHUNK` pixels of dense frames, or a single-spot solve's
+    worth of windows), in frame order.
+    """
+    import pandas as pd
+
+    parts, run, kind, size = [], [], None, 0
+    chunk = single.batch_size(setup)
+
+    def flush():
+        if run:
+            if kind:
+                part = fit_dense(setup, run)
+                parts.append(part.drop(columns=[c for c in table._GROUP if c in part]))
+            else:
+                parts.append(_fit_sparse(setup, run))
+            run.clear()
+        return 0
+
+    for f in frames:
+        dense = _group.coverage(f.coords, f.photons.shape, setup.config) >= _group.DENSE_COVERAGE
+        amount = f.photons.size if dense else len(f.coords)
+        if run and (dense != kind or size + amount > (CROWDED_CHUNK if dense else chunk)):
+            size = flush()
+        kind = dense
+        run.append(f)
+        size += amount
+    flush()
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return table.empty(setup.ndim)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def _fit_sparse(setup: Setup, frames):
+    """Frames whose spots mostly stand apart: single-spot fits, then the
+    crowded-field fits (:func:`fit_dense`) where a frame's single fits say
+    that spots overlap (:func:`_overlaps`): the whole frame if it is small,
+    else the tiles of :data:`TILE_CORE` px around the overlaps (with a margin
+    of :func:`_tile_margin` px), whose cores' rows replace the single fits
+    there.  Spots that stand apart keep their single-spot fit."""
+    import pandas as pd
+
+    for f in frames:  # candidates in raster order (z, y, x), as the rows of their single fits
+        if f.coords is not None and len(f.coords) > 1:
+            order = np.lexsort(f.coords.T[::-1])
+            f.coords = f.coords[order]
+            f.score = None if f.score is None else f.score[order]
+    singles = fit_single(setup, frames, raster=True)
+    if len(singles) == 0:
+        return singles
+    t = singles["frame"].to_numpy()
+    parts, whole, done = [], [], np.zeros(len(singles), bool)
+    for f in frames:
+        if len(f.coords) == 0:
+            continue
+        if setup.ndim == 3:  # z-stacks: the single-spot path (the blockwise engine's too)
+            break
+        rows = np.flatnonzero(t == f.t)
+        hot = _overlaps(setup, f, singles.iloc[rows])
+        if not hot.any():
+            continue
+        if f.photons.size <= TILE_FRAME * _tile_size(setup) ** 2 or min(f.photons.shape) < _tile_size(setup) or \
+                (setup.read_var_map() is not None and np.ndim(setup.read_var_map())):
+            whole.append(f)
+            done[rows] = True
+            continue
+        joint, replaced = _fit_tiles(setup, f, singles.iloc[rows], hot)
+        parts.append(joint)
+        done[rows[replaced]] = True
+    if whole:
+        joint = fit_dense(setup, whole, singles=singles[np.isin(t, [f.t for f in whole])])
+        bad = np.isin(joint["frame"].to_numpy(), _misfit_regions(setup, joint))
+        done &= ~np.isin(t, joint["frame"].to_numpy()[bad])  # those frames keep their single fits
+        parts.append(joint[~bad])
+    if not parts:
+        return singles
+    parts = [p.drop(columns=[c for c in table._GROUP if c in p]) for p in parts]
+    out = pd.concat([singles[~done]] + parts, ignore_index=True)
+    keys = [out[c].to_numpy() for c in ("x", "y", "z")[:setup.ndim]] + [out["frame"].to_numpy()]
+    return out.iloc[np.lexsort(keys)].reset_index(drop=True)
+
+
+#: a frame larger than this many tiles (:func:`_tile_size`) is fitted jointly
+#: only in the tiles around its overlapping spots, a smaller one whole
+TILE_FRAME = 16
+#: core of a tile, px: rows whose fitted position falls in it come from the tile
+TILE_CORE = 32
+
+
+def _tile_margin(setup: Setup) -> int:
+    """Pixels around a tile's core: a joint fit's window, the residual search
+    around it, a grouping radius, and its neighbours' windows."""
+    from spotfit.group import SEARCH_REACH
+
+    cfg, h = setup.config, max(setup.half)
+    return int(2 * h + np.ceil((SEARCH_REACH + cfg.group_radius) * cfg.sigma))
+
+
+def _tile_size(setup: Setup) -> int:
+    return TILE_CORE + 2 * _tile_margin(setup)
+
+
+#: a region with this many emitters pinned at the width bound in misfit groups keeps
+#: its single fits (:func:`_misfit_regions`)
+MISFIT_REGION = 2
+
+
+def _misfit_regions(setup: Setup, joint) -> np.ndarray:
+    """Frames (tiles) of joint fits that did not explain their light: an emitter
+    pinned at the upper width bound of the joint fits (``WIDTH_RANGE``) in a group
+    misfit by ``SUSPECT_CHI2`` standard deviations -- textured light that the
+    residual search fills with PSF-wide emitters.  Such a region keeps its
+    single-spot fits."""
+    from spotfit import results
+    from spotfit._kernels import CONVERGED
+    from spotfit.group import WIDTH_RANGE
+
+    if len(joint) == 0:
+        return np.zeros(0, np.int64)
+    cfg = setup.config
+    sx, sy = joint["sigma_x"].to_numpy(), joint["sigma_y"].to_numpy()
+    dof = np.prod([2 * h + 1 for h in setup.half]) - setup.model.n_params
+    pinned = (sx == sy) & (sx >= 0.99 * WIDTH_RANGE[1] * cfg.sigma) & (sx <= 1.001 * WIDTH_RANGE[1] * cfg.sigma)
+    misfit = joint["chi2_red"].to_numpy() > 1.0 + SUSPECT_CHI2 * np.sqrt(2.0 / max(dof, 1))
+    converged = joint["status"].to_numpy() == results.STATUS_NAMES[CONVERGED]
+    frames, count = np.unique(joint["frame"].to_numpy()[pinned & misfit & converged], return_counts=True)
+    return frames[count >= MISFIT_REGION]
+
+
+def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
+    """Which single-spot fits of a frame (rows of its candidates, in raster order)
+    need the joint fits: a candidate within ``group_radius * sigma`` of
+    another, or a fit wider than ``SUSPECT_WIDTH`` sigmas along one axis,
+    elongated by ``SUSPECT_ELONGATION`` and at least ``WIDTH_RANGE[0]`` sigmas
+    wide across (two spots closer than the detector separates); both only
+    among converged fits narrower than ``BLOB_WIDTH`` sigmas; bool per row."""
+    from scipy.spatial import cKDTree
+
+    from spotfit import results
+    from spotfit._kernels import CONVERGED
+
+    cfg = setup.config
+    coords = frame.coords
+    sx, sy = singles["sigma_x"].to_numpy(), singles["sigma_y"].to_numpy()
+    big, small = np.maximum(sx, sy), np.minimum(sx, sy)
+    # spots: converged fits narrower than a blob (texture, aggregates are left alone)
+    spot = (singles["status"].to_numpy() == results.STATUS_NAMES[CONVERGED]) & (small <= BLOB_WIDTH * cfg.sigma)
+    hot = np.zeros(len(coords), bool)
+    if len(coords) > 1:
+        pairs = cKDTree(coords[:, ::-1].astype(float)).query_pairs(cfg.group_radius * cfg.sigma,
+                                                                   output_type="ndarray")
+        pairs = pairs[spot[pairs[:, 0]] & spot[pairs[:, 1]]]
+        hot[pairs.ravel()] = True
+    # a pair's minor axis is the PSF's; a minor axis narrower than the joint fits' smallest
+    # width is an elongated PSF (astigmatism, a wrong --sigma), not two spots
+    from spotfit.group import WIDTH_RANGE
+
+    hot |= spot & (big > SUSPECT_WIDTH * cfg.sigma) & (big > SUSPECT_ELONGATION * small) & \
+        (small >= WIDTH_RANGE[0] * cfg.sigma)
+    return hot
+
+
+def _fit_tiles(setup: Setup, frame, singles, hot):
+    """Joint fits of a large frame in the tiles around its overlapping spots ``hot``.
+
+    The frame is cut into cores of :data:`TILE_CORE` px; each core within
+    2 px of an overlapping spot is fitted (:func:`fit_dense`, with the
+    frame's single fits of the candidates in it) with a margin of
+    :func:`_tile_margin` px, and keeps the rows whose fitted position lies in
+    the core.  Returns those rows (frame coordinates) and which rows of
+    ``singles`` they replace (those whose fit lies in a fitted core).
+    """
+    ny, nx = frame.photons.shape
+    core, size = TILE_CORE, _tile_size(setup)
+    margin = (size - core) // 2
+    xy = singles[["x", "y"]].to_numpy()
+    finite = np.isfinite(xy).all(axis=1)  # a failed fit without a position stays as it is
+    xy = np.where(finite[:, None], xy, frame.coords[:, ::-1])
+    cells_y, cells_x = -(-ny // core), -(-nx // core)
+
+    def cell(pos):  # core of each x, y position
+        c = np.floor(np.rint(pos) / core)
+        return np.clip(c[:, 1], 0, cells_y - 1).astype(np.int64) * cells_x + \
+            np.clip(c[:, 0], 0, cells_x - 1).astype(np.int64)
+
+    near = [cell(xy[hot] + d) for d in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2), (2, 2), (-2, -2), (2, -2), (-2, 2))]
+    cells = np.unique(np.concatenate(near))
+    tiles, picked, origins = [], [], []
+    cxy = frame.coords[:, ::-1]
+    for k, c in enumerate(cells):
+        cy, cx = divmod(int(c), cells_x)
+        y0 = int(np.clip(cy * core - margin, 0, max(ny - size, 0)))
+        x0 = int(np.clip(cx * core - margin, 0, max(nx - size, 0)))
+        inside = np.flatnonzero((cxy[:, 0] >= x0) & (cxy[:, 0] < x0 + size) & (cxy[:, 1] >= y0)
+                                & (cxy[:, 1] < y0 + size))
+        crop = (slice(y0, y0 + size), slice(x0, x0 + size))
+        tiles.append(Frame(k, frame.photons[crop], coords=frame.coords[inside] - [y0, x0],
+                            valid=None if frame.valid is None else frame.valid[crop],
+                            saturated=None if frame.saturated is None else frame.saturated[crop],
+                            image_var=frame.image_var, noise=frame.noise))
+        picked.append(inside)
+        origins.append((x0, y0))
+    # the tiles' single fits: the frame's, in tile coordinates, frame = tile
+    tile = np.repeat(np.arange(len(cells)), [len(p) for p in picked])
+    origins = np.asarray(origins, float)
+    local = singles.iloc[np.concatenate(picked)].reset_index(drop=True)
+    local["x"] = local["x"].to_numpy() - origins[tile, 0]
+    local["y"] = local["y"].to_numpy() - origins[tile, 1]
+    local["frame"] = tile.astype(np.int64)
+    joint = fit_dense(setup, tiles, singles=local)
+    bad = _misfit_regions(setup, joint)  # tiles whose cores keep their single fits
+    joint = joint[~np.isin(joint["frame"].to_numpy(), bad)]
+    replaced = np.isin(cell(xy), cells[~np.isin(np.arange(len(cells)), bad)]) & finite
+    if len(joint) == 0:
+        return joint, replaced
+    k = joint["frame"].to_numpy()
+    origin = origins[k]
+    joint["x"] += origin[:, 0]
+    joint["y"] += origin[:, 1]
+    pos = joint[["x", "y"]].to_numpy()
+    mine = np.isfinite(pos).all(axis=1)
+    mine[mine] = cell(pos[mine]) == cells[k[mine]]
+    joint = joint[mine].copy()
+    joint["frame"] = np.int64(frame.t)
+    return joint, replaced
+
+
+def fit_single(setup: Setup, frames, raster: bool):
+    """Single-spot fits of every candidate of every frame; one table."""
+    import pandas as pd
+
+    chunk = single.batch_size(setup)
+    read_var = setup.read_var_map()
+    parts, pending = [], []  # table parts; batches of whole frames waiting for one solve
+
+    def flush():  # returns the windows now pending: none
+        if pending:
+            parts.append(single.fit_batch(setup, single.Batch.join(pending)))
+            pending.clear()
+        return 0
+
+    n_pending = 0
+    for f in frames:
+        coords = f.coords
+        if len(coords) == 0:
+            continue
+        if raster:
+            coords = coords[np.lexsort(coords.T[::-1])]  # rows in raster order (z, y, x)
+        n = len(coords)
+        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var, background=f.background)
+        if n > chunk:  # one frame, several solves: its noise model is measured up front
+            n_pending = flush()
+            variance = None
+            if not setup.camera.calibrated:
+                variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
+            for start in range(0, n, chunk):
+                rows = np.arange(start, min(n, start + chunk))
+                parts.append(single.fit_batch(setup, single.cut_frame(
+                    setup, f.t, f.photons, coords, f.image_var, rows=rows, variance=variance, **cut)))
+            continue
+        if n_pending + n > chunk:
+            n_pending = flush()
+        pending.append(single.cut_frame(setup, f.t, f.photons, coords, f.image_var, **cut))
+        n_pending += n
+    flush()
+    if not parts:
+        return table.empty(setup.ndim)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+#: pixels of the frames fitted together by the crowded path (a few float64 copies each)
+CROWDED_CHUNK = 1 << 22
+
+#: a single-spot fit is re-examined jointly (it may be two spots, or hide one
+#: in its tail) when its larger width exceeds this many PSF sigmas, ...
+SUSPECT_WIDTH = 1.2
+#: ... when one width exceeds the other this many times, ...
+SUSPECT_ELONGATION = 1.15
+#: ... or when its reduced chi-square exceeds 1 by this many standard deviations
+SUSPECT_CHI2 = 4.0
+#: a single-spot fit wider than this many PSF sigmas both ways is a blob (not
+#: spots, even among other candidates): it is not fitted jointly
+BLOB_WIDTH = 1.5
+NOT_SPOT_JOINS = True
+
+
+def fit_dense(setup: Setup, frames, singles=None):
+    """Crowded fields (``crowded=True``): single-spot fits where spots stand alone, joint fits where they do not.
+
+    Per chunk of frames (:data:`CROWDED_CHUNK` pixels, one frame at least):
+
+    1. Candidates with no other candidate within ``group_radius * sigma``
+       get single-spot fits (:mod:`spotfit.single`: the rotated Gaussian,
+       widths free, all windows in one solve).
+    2. A single fit that looks like one PSF (widths within
+       ``SUSPECT_WIDTH`` sigmas, ``SUSPECT_ELONGATION``, reduced chi-square
+       as expected) stands, as does one that is no spot (``not_spot``) or
+       failed; the others are suspects: perhaps two spots closer than the
+       detector separates, or a spot with a faint one in its tail.
+    3. The other candidates (groups) and the suspects are fitted jointly
+       (:class:`spotfit.group.CrowdedFitter`), with the standing fits' light
+       subtracted from their windows; the residual around them is searched
+       for hidden emitters, which stay if the likelihood needs them (a
+       standing fit beside a new emitter joins its group).
+
+    The table has the columns of the single-spot path plus ``group_id`` and
+    ``group_size`` (1 for a standing single fit); isolated spots are
+    exactly what single-spot fitting gives.  ``singles``: the single-spot
+    fits of step 1 when they are already known (:func:`_fit_single` of the
+    same frames, rows of a frame in raster order).
+    """
+    import pandas as pd
+
+    from spotfit.group import CrowdedFitter
+
+    setup.use_threads()
+    crowd = CrowdedFitter(setup)
+    read_var = setup.read_var_map()
+    parts, chunk, pixels, groups = [], [], 0, 0
+
+    def flush():
+        nonlocal groups
+        if chunk:
+            mine = None if singles is None else singles[singles["frame"].isin([f.t for f in chunk]).to_numpy()]
+            part = _dense_chunk(setup, crowd, chunk, read_var, groups, singles=mine)
+            groups += int(part["group_id"].max()) + 1 - groups if len(part) else 0
+            parts.append(part)
+            chunk.clear()
+        return 0
+
+    for f in frames:
+        if len(f.coords) == 0:
+            continue
+        if chunk and pixels + f.photons.size > CROWDED_CHUNK:
+            pixels = flush()
+        chunk.append(f)
+        pixels += f.photons.size
+    flush()
+    if not parts:
+        return table.empty(setup.ndim, crowded=True)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+@dataclass
+class _Candidates:
+    """A frame of a chunk with the candidates the joint fits start from."""
+
+    t: int
+    photons: np.ndarray
+    coords: np.ndarray
+    valid: np.ndarray | None
+    saturated: np.ndarray | None
+    noise: object
+
+
+def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=None):
+    """:func:`fit_dense` on one chunk of frames; its table rows, by frame and raster order,
+    group ids from ``group_offset`` on (``singles``: the chunk's single-spot fits, if known)."""
+    import pandas as pd
+    from scipy.spatial import cKDTree
+
+    from spotfit import results
+    from spotfit._kernels import CONVERGED, NOT_SPOT
+
+    cfg, nd = setup.config, setup.ndim
+    radius = cfg.group_radius * cfg.sigma
+    # 1. single-spot fits of the candidates that stand alone
+    size = single.batch_size(setup)
+    batches, alone = [], []
+    for f in chunk:
+        coords = f.coords[np.lexsort(f.coords.T[::-1])]  # raster order (z, y, x)
+        f.coords = coords
+        isolated = np.ones(len(coords), bool)
+        if len(coords) > 1:
+            d, _ = cKDTree(coords[:, ::-1].astype(float)).query(coords[:, ::-1].astype(float), k=2)
+            isolated = d[:, 1] > radius
+        alone.append(isolated)
+        if singles is not None:
+            continue
+        rows = np.arange(len(coords))  # every candidate: a grouped one may be a blob
+        cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)
+        variance = None  # a frame fitted in several solves: its noise model measured up front
+        if len(rows) > size and not setup.camera.calibrated:
+            variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
+        for start in range(0, len(rows), size):
+            batches.append(single.cut_frame(setup, f.t, f.photons, coords, f.image_var,
+                                            rows=rows[start:start + size], variance=variance, **cut))
+    singles = _fit_batches(setup, batches, size) if singles is None else singles.reset_index(drop=True)
+    # 2. which single fits stand
+    status = singles["status"].to_numpy() if len(singles) else np.zeros(0, object)
+    sx, sy = singles["sigma_x"].to_numpy(), singles["sigma_y"].to_numpy()
+    ok, suspect, blob = _judge_singles(setup, singles)
+    grouped = ~np.concatenate(alone) if alone else np.zeros(0, bool)  # singles are in raster order per frame
+    # grouped candidates are fitted jointly unless their own fit is a blob
+    suspect |= grouped & ~blob & (status != results.STATUS_NAMES[NOT_SPOT]) | grouped & ~blob & ok
+    stands = ~suspect
+    # 3. joint fits of the groups and the suspects, the standing fits' light subtracted
+    frame_of = {f.t: i for i, f in enumerate(chunk)}
+    t_single = np.array([frame_of[t] for t in singles["frame"].to_numpy()], np.int64)
+    xyz = singles[["x", "y", "z"][:nd]].to_numpy() if len(singles) else np.zeros((0, nd))
+    engine_frames = []
+    for i, f in enumerate(chunk):
+        mine = t_single == i
+        active = np.concatenate([f.coords[suspect[mine] & grouped[mine]],
+                                 np.rint(xyz[suspect & ~grouped & mine][:, ::-1]).astype(np.int64).reshape(-1, nd)])
+        engine_frames.append(_Candidates(i, f.photons, active, f.valid, f.saturated, f.noise))
+    widths = [np.sqrt(sx * sy)] + ([singles["sigma_z"].to_numpy()] if nd == 3 else [])
+    # the standing fits that matter: those whose light reaches the joint fits'
+    # windows or the residual search around them (the rest stand as they are)
+    # (a standing fit as wide as a joint fit's widest PSF is split by the
+    # engine, so it counts as a joint fit here)
+    from spotfit.group import WIDTH_RANGE
+
+    stretched = stands & (np.sqrt(sx * sy) >= 0.99 * WIDTH_RANGE[1] * cfg.sigma)
+    near = stands & (stretched | _near_active(xyz, t_single, engine_frames, setup, seeds=stretched))
+    fixed = {"xyz": xyz[near], "t": t_single[near], "intensity": singles["intensity"].to_numpy()[near],
+             "sigma": np.column_stack(widths)[near], "offset": singles["offset"].to_numpy()[near],
+             "row": np.flatnonzero(near), "locked": (status != results.STATUS_NAMES[CONVERGED])[near]}
+    keep = stands.copy()  # suspects are fitted again jointly
+    joint = table.empty(nd, crowded=True)
+    if any(len(e.coords) for e in engine_frames):
+        spots = crowd.fit_frames(engine_frames, read_var, fixed=fixed)
+        joint = crowd.table(spots, group_offset)
+        joint["frame"] = np.array([f.t for f in chunk], np.int64)[joint["frame"].to_numpy()]
+        keep[spots.single[~spots.fixed & (spots.single >= 0)]] = False
+    alone_rows = singles[keep].copy()
+    first = int(joint["group_id"].max()) + 1 if len(joint) else group_offset
+    alone_rows["group_id"] = np.arange(first, first + len(alone_rows), dtype=np.int64)
+    alone_rows["group_size"] = np.ones(len(alone_rows), np.int64)
+    out = pd.concat([alone_rows, joint], ignore_index=True)
+    keys = [out[c].to_numpy() for c in ("x", "y", "z")[:nd]] + [out["frame"].to_numpy()]
+    return out.iloc[np.lexsort(keys)].reset_index(drop=True)
+
+
+def _judge_singles(setup: Setup, singles):
+    """Which single-spot fits are usable (``converged``, or ``not_spot`` with
+    :data:`NOT_SPOT_JOINS`), suspects (perhaps several spots: wider than
+    ``SUSPECT_WIDTH`` sigmas, elongated by ``SUSPECT_ELONGATION``, or misfit by
+    ``SUSPECT_CHI2`` standard deviations) and blobs (wider than ``BLOB_WIDTH``
+    sigmas both ways); three bool arrays over the rows."""
+    from spotfit import results
+    from spotfit._kernels import CONVERGED, NOT_SPOT
+
+    cfg = setup.config
+    status = singles["status"].to_numpy() if len(singles) else np.zeros(0, object)
+    ok = (status == results.STATUS_NAMES[CONVERGED]) | (NOT_SPOT_JOINS & (status == results.STATUS_NAMES[NOT_SPOT]))
+    sx, sy = singles["sigma_x"].to_numpy(), singles["sigma_y"].to_numpy()
+    big, small = np.maximum(sx, sy), np.minimum(sx, sy)
+    dof = np.prod([2 * h + 1 for h in setup.half]) - setup.model.n_params
+    chi2_limit = 1.0 + SUSPECT_CHI2 * np.sqrt(2.0 / max(dof, 1))
+    # a PSF-narrow minor axis with a long major one (or a misfit) is a row of
+    # spots; a fit wide both ways is a blob (texture, aggregate), left as it is
+    # (a fit between the two, minor axis 1.2-1.5 sigmas, is a cluster of
+    # unresolved spots as often as not: the joint fits and their blob test decide)
+    blob = ok & (small > BLOB_WIDTH * cfg.sigma)
+    suspect = ok & ~blob & (
+        (big > SUSPECT_WIDTH * cfg.sigma) | (big > SUSPECT_ELONGATION * small)
+        | (singles["chi2_red"].to_numpy() > chi2_limit))
+    return ok, suspect, blob
+
+
+def _near_active(xyz, t, engine_frames, setup, seeds=None):
+    """Which single fits at ``xyz`` (x, y[, z]) in chunk frames ``t`` lie within the
+    reach of a joint fit: a candidate fitted jointly, its residual search
+    (window + ``SEARCH_REACH`` sigmas), a new emitter's group window and
+    grouping radius, and a window half-size (their own light); ``seeds``
+    (bool over ``xyz``) count as candidates fitted jointly."""
+    from scipy.spatial import cKDTree
+
+    from spotfit.group import SEARCH_REACH
+
+    out = np.zeros(len(xyz), bool)
+    active = [np.column_stack([e.coords[:, ::-1].astype(float), np.full(len(e.coords), i * 1e7)])
+              for i, e in enumerate(engine_frames) if len(e.coords)]
+    if seeds is not None and seeds.any():
+        active.append(np.column_stack([xyz[seeds], t[seeds] * 1e7]))
+    if not active or len(xyz) == 0:
+        return out
+    cfg = setup.config
+    r = 4 * max(setup.half) + (SEARCH_REACH + cfg.group_radius) * cfg.sigma + 1.0
+    d, _ = cKDTree(np.concatenate(active)).query(np.column_stack([xyz, t * 1e7]), distance_upper_bound=r)
+    return np.isfinite(d)
+
+
+def _fit_batches(setup: Setup, batches, size):
+    """Single-spot fits of batches of windows, joined into solves of at most ``size`` windows."""
+    import pandas as pd
+
+    parts, pending, n = [], [], 0
+    for b in batches:
+        if pending and n + len(b) > size:
+            parts.append(single.fit_batch(setup, single.Batch.join(pending)))
+            pending, n = [], 0
+        pending.append(b)
+        n += len(b)
+    if pending:
+        parts.append(single.fit_batch(setup, single.Batch.join(pending)))
+    if not parts:
+        return table.empty(setup.ndim)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
