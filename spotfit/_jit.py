@@ -54,7 +54,7 @@ MIN_THREADED_WINDOWS = 64
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _DETACHED = []  # second compiling processes no longer waited for (kept referenced)
 _state = {"ready": False, "announce": False, "announced": False, "stamp": None,
-          "alongside": None, "helper": None}
+          "alongside": None, "meanwhile": None, "helper": None, "joining": False}
 
 
 def announce_compilation(on: bool = True) -> None:
@@ -63,12 +63,20 @@ def announce_compilation(on: bool = True) -> None:
     _state["announce"] = on
 
 
-def compile_alongside(target) -> None:
+def compile_alongside(target, meanwhile=None) -> None:
     """At this process' first cache miss, start ``python -c "import M; M.F()"`` for
     ``target`` ``"M:F"`` (a function that compiles some kernels into the cache);
     ``None``: do not (any more; a process already started is left to finish filling
-    the cache)."""
+    the cache).
+
+    ``meanwhile`` (``"M:F"``, optional): compiles some of the same kernels (those the
+    second process compiles last); :func:`join_alongside` calls it in this process
+    if the second process is still running, instead of waiting idle.  Whichever
+    process finishes a kernel first puts it in the cache; the other loads it from
+    there if it has not started it yet.
+    """
     _state["alongside"] = target
+    _state["meanwhile"] = meanwhile if target is not None else None
     if target is None and _state["helper"] is not None:
         _DETACHED.append(_state["helper"])
         _state["helper"] = None
@@ -76,10 +84,19 @@ def compile_alongside(target) -> None:
 
 def join_alongside(timeout: float = 600.0) -> None:
     """Wait for the process :func:`compile_alongside` started, if any (then load
-    what it compiled from the cache instead of compiling it again)."""
-    helper, _state["helper"] = _state["helper"], None
-    if helper is None:
+    what it compiled from the cache instead of compiling it again); while it runs,
+    compile its ``meanwhile`` kernels here."""
+    helper = _state["helper"]
+    if helper is None or _state["joining"]:  # (the meanwhile function calls this too)
         return
+    meanwhile, _state["meanwhile"] = _state["meanwhile"], None
+    if meanwhile is not None and helper.poll() is None:
+        _state["joining"] = True
+        try:
+            _call(meanwhile)
+        finally:
+            _state["joining"] = False
+    _state["helper"] = None
     import subprocess
 
     try:
@@ -170,6 +187,14 @@ def _setup() -> None:
 
     event.register("numba:compile", Listener())
     _state["ready"] = True
+
+
+def _call(target: str) -> None:
+    """Call the function ``"M:F"``."""
+    import importlib
+
+    module, func = target.split(":")
+    getattr(importlib.import_module(module), func)()
 
 
 def _start_helper(target: str) -> None:

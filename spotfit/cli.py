@@ -1033,7 +1033,8 @@ def fit(**params):
     from spotfit._jit import compile_alongside
 
     if params.get("workers") != 1:
-        compile_alongside("spotfit.solver:compile_kernels")  # on a first run only
+        # on a first run only; the score-test kernel here if this process gets there first
+        compile_alongside("spotfit.solver:compile_kernels", meanwhile="spotfit.solver:compile_score_kernel")
     try:
         _fit_or_detect("fit", params)
     finally:

@@ -528,13 +528,30 @@ def crlb(model: Model, theta: np.ndarray, grid: Grid, noise: Noise, mask=None) -
     return np.sqrt(np.clip(np.diagonal(_inverse(fisher), axis1=1, axis2=2), 0.0, None))
 
 
-def compile_kernels() -> None:
-    """Compile (or load from the cache) the covariance and score-test kernels, on a
-    tiny problem with the types every fit passes them.
+def compile_kernels(score: bool = True) -> None:
+    """Compile (or load from the cache) the covariance and (``score``) score-test
+    kernels, on a tiny problem with the types every fit passes them.
 
     Run in a second process on a first run (:func:`spotfit._jit.compile_alongside`)
-    while the first compiles detection and the Levenberg-Marquardt kernel.
+    while the first compiles detection and the Levenberg-Marquardt kernel; the first
+    compiles the score-test kernel itself (:func:`compile_score_kernel`) if it is
+    done with those before the second process is, and the second then loads it.
     """
+    model, estimator, data, mask, grid, theta, noise = _tiny_problem()
+    cost = estimator.cost(data, mask, noise)
+    covariance(model, cost, data, theta, grid, noise, np.ones(model.n_params, bool), bias=True)
+    if score:
+        score_test(model, estimator, data, mask, grid, theta, lambda t: t, noise)
+
+
+def compile_score_kernel() -> None:
+    """Compile (or load from the cache) the score-test kernel (see :func:`compile_kernels`)."""
+    model, estimator, data, mask, grid, theta, noise = _tiny_problem()
+    score_test(model, estimator, data, mask, grid, theta, lambda t: t, noise)
+
+
+def _tiny_problem():
+    """Two windows of 5 x 5 px: the arguments of :func:`compile_kernels`."""
     from spotfit.estimators import Noise, get_estimator
     from spotfit.models import Grid, get_model
 
@@ -544,7 +561,4 @@ def compile_kernels() -> None:
     data = np.full((2, grid.size), 5.0)
     mask = np.ones(data.shape, bool)
     noise = Noise(calibrated=True, excess=1.0, read_var=1.0)
-    estimator = get_estimator("mle")
-    cost = estimator.cost(data, mask, noise)
-    covariance(model, cost, data, theta, grid, noise, np.ones(model.n_params, bool), bias=True)
-    score_test(model, estimator, data, mask, grid, theta, lambda t: t, noise)
+    return model, get_estimator("mle"), data, mask, grid, theta, noise
