@@ -1033,8 +1033,10 @@ def fit(**params):
     from spotfit._jit import compile_alongside
 
     if params.get("workers") != 1:
-        # on a first run only; the score-test kernel here if this process gets there first
-        compile_alongside("spotfit.solver:compile_kernels", meanwhile="spotfit.solver:compile_score_kernel")
+        # on a first run only: the covariance kernel in a second process, the score-test
+        # kernel in this one while it waits for that
+        compile_alongside("spotfit.solver:compile_covariance_kernel",
+                          meanwhile="spotfit.solver:compile_score_kernel")
     try:
         _fit_or_detect("fit", params)
     finally:

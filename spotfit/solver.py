@@ -528,20 +528,23 @@ def crlb(model: Model, theta: np.ndarray, grid: Grid, noise: Noise, mask=None) -
     return np.sqrt(np.clip(np.diagonal(_inverse(fisher), axis1=1, axis2=2), 0.0, None))
 
 
-def compile_kernels(score: bool = True) -> None:
-    """Compile (or load from the cache) the covariance and (``score``) score-test
-    kernels, on a tiny problem with the types every fit passes them.
+def compile_kernels() -> None:
+    """Compile (or load from the cache) the covariance and score-test kernels, on a
+    tiny problem with the types every fit passes them."""
+    compile_covariance_kernel()
+    compile_score_kernel()
+
+
+def compile_covariance_kernel() -> None:
+    """Compile (or load from the cache) the covariance kernel (see :func:`compile_kernels`).
 
     Run in a second process on a first run (:func:`spotfit._jit.compile_alongside`)
-    while the first compiles detection and the Levenberg-Marquardt kernel; the first
-    compiles the score-test kernel itself (:func:`compile_score_kernel`) if it is
-    done with those before the second process is, and the second then loads it.
+    while the first compiles detection and the Levenberg-Marquardt kernel, and then
+    the score-test kernel (:func:`compile_score_kernel`) while it waits for this one.
     """
     model, estimator, data, mask, grid, theta, noise = _tiny_problem()
     cost = estimator.cost(data, mask, noise)
     covariance(model, cost, data, theta, grid, noise, np.ones(model.n_params, bool), bias=True)
-    if score:
-        score_test(model, estimator, data, mask, grid, theta, lambda t: t, noise)
 
 
 def compile_score_kernel() -> None:
