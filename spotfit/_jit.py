@@ -201,8 +201,8 @@ def _setup() -> None:
 def _cold(target: str) -> bool:
     """Whether numba's cache beside the sources surely lacks the kernel ``target``
     (``"M:compile_<kernel>_kernel"``, the kernel defined in :mod:`spotfit._kernels`)
-    compiles: no index file for it (False when unsure: another cache folder is used,
-    or the name does not say)."""
+    compiles: no index file for it, or only one older than ``_kernels.py`` (False when
+    unsure: another cache folder is used, or the name does not say)."""
     func = target.split(":")[-1]
     if os.environ.get("NUMBA_CACHE_DIR") or not (func.startswith("compile_") and func.endswith("_kernel")):
         return False
@@ -212,9 +212,12 @@ def _cold(target: str) -> bool:
         return False  # numba would use its user-wide folder
     try:
         names = os.listdir(cache)
+        source = os.path.getmtime(os.path.join(_PACKAGE, "_kernels.py"))
+        # an entry older than the sources: left by a previous version (pip leaves them)
+        return not any(name.startswith(f"_kernels.{kernel}-") and name.endswith(".nbi")
+                       and os.path.getmtime(os.path.join(cache, name)) >= source for name in names)
     except OSError:
         return True
-    return not any(name.startswith(f"_kernels.{kernel}-") and name.endswith(".nbi") for name in names)
 
 
 def _call(target: str) -> None:

@@ -209,6 +209,8 @@ def test_cold_cache_means_no_index_file_for_the_kernel(monkeypatch, tmp_path):
     lacks the kernel; with NUMBA_CACHE_DIR (another folder) it waits for a cache miss."""
     package = tmp_path / "spotfit"
     (package / "__pycache__").mkdir(parents=True)
+    (package / "_kernels.py").write_text("# kernels\n")
+    os.utime(package / "_kernels.py", (1e9, 1e9))
     monkeypatch.setattr(_jit, "_PACKAGE", str(package))
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     target = "spotfit.solver:compile_covariance_kernel"
@@ -216,6 +218,10 @@ def test_cold_cache_means_no_index_file_for_the_kernel(monkeypatch, tmp_path):
     (package / "__pycache__" / "_kernels.score_statistic-520.py311.nbi").write_bytes(b"")
     assert _jit._cold(target)  # another kernel's entry
     (package / "__pycache__" / "_kernels.covariance-623.py311.nbi").write_bytes(b"")
+    assert not _jit._cold(target)
+    os.utime(package / "_kernels.py")  # sources newer than the entry: an upgrade
+    assert _jit._cold(target)
+    os.utime(package / "__pycache__" / "_kernels.covariance-623.py311.nbi")
     assert not _jit._cold(target)
     assert not _jit._cold("spotfit.solver:compile_kernels")  # the name does not say which
     (package / "__pycache__" / "_kernels.covariance-623.py311.nbi").unlink()
