@@ -67,14 +67,15 @@ def announce_compilation(on: bool = True) -> None:
     _state["announce"] = on
 
 
-def compile_alongside(target, meanwhile=None) -> None:
+def compile_alongside(target, meanwhile=None, early=True) -> None:
     """At this process' first cache miss, start ``python -c "import M; M.F()"`` for
     ``target`` ``"M:F"`` (a function that compiles some kernels into the cache);
     ``None``: do not (any more; a process already started is left to finish filling
     the cache).  When numba's cache beside the sources (the usual place after ``pip
     install``) has no entry at all for the kernel that ``F`` is named after (``F`` is
     ``compile_<kernel>_kernel``), the process is started at once, without waiting for
-    the first cache miss (which comes after this process' imports).
+    the first cache miss (which comes after this process' imports); ``early=False``:
+    not before the first cache miss (e.g. when the input may be refused).
 
     ``meanwhile`` (``"M:F"``, optional): compiles some of the same kernels (those the
     second process compiles last); :func:`join_alongside` calls it in this process
@@ -84,7 +85,8 @@ def compile_alongside(target, meanwhile=None) -> None:
     """
     _state["alongside"] = target
     _state["meanwhile"] = meanwhile if target is not None else None
-    if target is not None and _state["helper"] is None and not _state["announced"] and _cold(target):
+    if early and target is not None and _state["helper"] is None and not _state["announced"] \
+            and _cold(target):
         _start_helper(target)  # now rather than at the first cache miss: a second earlier
     if target is None and _state["helper"] is not None:
         _DETACHED.append(_state["helper"])

@@ -239,3 +239,17 @@ def test_solver_compile_targets_exist():
     for name in ("compile_covariance_kernel", "compile_score_kernel"):
         assert f"spotfit.solver:{name}" in source
         assert callable(getattr(solver, name))
+
+
+@pytest.mark.parametrize("early, cold, started", [(True, True, True), (True, False, False),
+                                                  (False, True, False)])
+def test_second_process_starts_at_once_only_on_a_cold_cache(monkeypatch, early, cold, started):
+    calls = []
+    monkeypatch.setattr(_jit, "_cold", lambda target: cold)
+    monkeypatch.setattr(_jit, "_start_helper", lambda target: calls.append(target))
+    monkeypatch.setitem(_jit._state, "helper", None)
+    monkeypatch.setitem(_jit._state, "announced", False)
+    monkeypatch.setitem(_jit._state, "alongside", None)
+    monkeypatch.setitem(_jit._state, "meanwhile", None)
+    _jit.compile_alongside("spotfit.solver:compile_covariance_kernel", early=early)
+    assert calls == (["spotfit.solver:compile_covariance_kernel"] if started else [])
