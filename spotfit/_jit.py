@@ -17,11 +17,15 @@ numba's), which adds three things to ``numba.njit(cache=True, ...)``:
   (:func:`announce_compilation`; the command line does).
 * **A second compiling process** on a first run, if the program asked for it
   (:func:`compile_alongside`; ``spotfit fit`` does): numba compiles one function
-  at a time, so at the first cache miss a second Python process compiles the
-  kernels the run needs last (:func:`spotfit.solver.compile_kernels`: covariance
-  and score test) while this one compiles detection and the solver; before
-  calling those kernels this process waits for it (:func:`join_alongside`) and
-  loads them from the cache.  On two cores that takes a third off a first run.
+  at a time, so a second Python process compiles the covariance kernel
+  (:func:`spotfit.solver.compile_covariance_kernel`) while this one compiles
+  detection and the solver.  It starts at once when numba's cache beside the sources
+  has no entry for that kernel (:func:`_cold`; the usual first run after ``pip
+  install``), else at the first cache miss.  Before calling the covariance kernel
+  this process compiles the score-test kernel if the second is still running
+  (``meanwhile``), then waits for it (:func:`join_alongside`) and loads the
+  covariance kernel from the cache.  On two cores that takes about half off the
+  compile time of a first run.
 * **Threads without ``parallel=True``** for the kernels that loop over windows:
   numba's parallel compilation costs 2-3 times the serial one (it was most of a
   first run's compile time), so they are compiled serially with ``nogil=True`` and
@@ -55,7 +59,7 @@ MIN_THREADED_WINDOWS = 64
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _DETACHED = []  # second compiling processes no longer waited for (kept referenced)
 _state = {"ready": False, "announce": False, "announced": False, "stamp": None,
-          "alongside": None, "helper": None}
+          "alongside": None, "meanwhile": None, "helper": None, "joining": False}
 
 
 def announce_compilation(on: bool = True) -> None:
@@ -64,12 +68,27 @@ def announce_compilation(on: bool = True) -> None:
     _state["announce"] = on
 
 
-def compile_alongside(target) -> None:
+def compile_alongside(target, meanwhile=None, early=True) -> None:
     """At this process' first cache miss, start ``python -c "import M; M.F()"`` for
     ``target`` ``"M:F"`` (a function that compiles some kernels into the cache);
     ``None``: do not (any more; a process already started is left to finish filling
-    the cache)."""
+    the cache).  When numba's cache beside the sources (the usual place after ``pip
+    install``) has no entry at all for the kernel that ``F`` is named after (``F`` is
+    ``compile_<kernel>_kernel``), the process is started at once, without waiting for
+    the first cache miss (which comes after this process' imports); ``early=False``:
+    not before the first cache miss (e.g. when the input may be refused).
+
+    ``meanwhile`` (``"M:F"``, optional): compiles some of the same kernels (those the
+    second process compiles last); :func:`join_alongside` calls it in this process
+    if the second process is still running, instead of waiting idle.  Whichever
+    process finishes a kernel first puts it in the cache; the other loads it from
+    there if it has not started it yet.
+    """
     _state["alongside"] = target
+    _state["meanwhile"] = meanwhile if target is not None else None
+    if early and target is not None and _state["helper"] is None and not _state["announced"] \
+            and _cold(target):
+        _start_helper(target)  # now rather than at the first cache miss: a second earlier
     if target is None and _state["helper"] is not None:
         _DETACHED.append(_state["helper"])
         _state["helper"] = None
@@ -77,10 +96,19 @@ def compile_alongside(target) -> None:
 
 def join_alongside(timeout: float = 600.0) -> None:
     """Wait for the process :func:`compile_alongside` started, if any (then load
-    what it compiled from the cache instead of compiling it again)."""
-    helper, _state["helper"] = _state["helper"], None
-    if helper is None:
+    what it compiled from the cache instead of compiling it again); while it runs,
+    compile its ``meanwhile`` kernels here."""
+    helper = _state["helper"]
+    if helper is None or _state["joining"]:  # (the meanwhile function calls this too)
         return
+    meanwhile, _state["meanwhile"] = _state["meanwhile"], None
+    if meanwhile is not None and helper.poll() is None:
+        _state["joining"] = True
+        try:
+            _call(meanwhile)
+        finally:
+            _state["joining"] = False
+    _state["helper"] = None
     import subprocess
 
     try:
@@ -206,6 +234,36 @@ def _setup() -> None:
     _state["ready"] = True
 
 
+def _cold(target: str) -> bool:
+    """Whether numba's cache beside the sources surely lacks the kernel ``target``
+    (``"M:compile_<kernel>_kernel"``, the kernel defined in :mod:`spotfit._kernels`)
+    compiles: no index file for it, or only one older than ``_kernels.py`` (False when
+    unsure: another cache folder is used, or the name does not say)."""
+    func = target.split(":")[-1]
+    if os.environ.get("NUMBA_CACHE_DIR") or not (func.startswith("compile_") and func.endswith("_kernel")):
+        return False
+    kernel = func[len("compile_"):-len("_kernel")]
+    cache = os.path.join(_PACKAGE, "__pycache__")
+    if not os.access(cache if os.path.isdir(cache) else _PACKAGE, os.W_OK):
+        return False  # numba would use its user-wide folder
+    try:
+        names = os.listdir(cache)
+        source = os.path.getmtime(os.path.join(_PACKAGE, "_kernels.py"))
+        # an entry older than the sources: left by a previous version (pip leaves them)
+        return not any(name.startswith(f"_kernels.{kernel}-") and name.endswith(".nbi")
+                       and os.path.getmtime(os.path.join(cache, name)) >= source for name in names)
+    except OSError:
+        return True
+
+
+def _call(target: str) -> None:
+    """Call the function ``"M:F"``."""
+    import importlib
+
+    module, func = target.split(":")
+    getattr(importlib.import_module(module), func)()
+
+
 def _start_helper(target: str) -> None:
     import subprocess
 
@@ -247,7 +305,7 @@ def _on_compile_start(event) -> None:
     if func is None or not getattr(func, "__module__", "").startswith("spotfit."):
         return
     _state["announced"] = True
-    if _state["alongside"]:
+    if _state["alongside"] and _state["helper"] is None:
         _start_helper(_state["alongside"])
     if not _state["announce"]:
         return

@@ -666,7 +666,9 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
     P = data.shape[1]
     size = max(km.nz, km.ny, km.nx, 10)
     idx = np.empty(k, dtype=np.int64)
-    m = 0
+    # not ``m = 0``: a literal 0 makes numba compile _weighted_gram and _mle_bias twice
+    # (once for Literal[int](0) while typing the loop, once for int64)
+    m = np.int64(0)
     at_intensity = -1  # position of the intensity among the free parameters
     for i in range(k):
         if free[i]:

@@ -1033,7 +1033,12 @@ def fit(**params):
     from spotfit._jit import compile_alongside
 
     if params.get("workers") != 1:
-        compile_alongside("spotfit.solver:compile_kernels")  # on a first run only
+        # on a first run only: the covariance kernel in a second process, the score-test
+        # kernel in this one while it waits for that
+        # (before the first cache miss only if the inputs exist: no compiling for a typo)
+        compile_alongside("spotfit.solver:compile_covariance_kernel",
+                          meanwhile="spotfit.solver:compile_score_kernel",
+                          early=all(os.path.exists(str(path)) for path in params.get("images") or ()))
     try:
         _fit_or_detect("fit", params)
     finally:

@@ -545,11 +545,31 @@ def crlb(model: Model, theta: np.ndarray, grid: Grid, noise: Noise, mask=None) -
 
 def compile_kernels() -> None:
     """Compile (or load from the cache) the covariance and score-test kernels, on a
-    tiny problem with the types every fit passes them.
+    tiny problem with the types every fit passes them."""
+    compile_covariance_kernel()
+    compile_score_kernel()
+
+
+def compile_covariance_kernel() -> None:
+    """Compile (or load from the cache) the covariance kernel (see :func:`compile_kernels`).
 
     Run in a second process on a first run (:func:`spotfit._jit.compile_alongside`)
-    while the first compiles detection and the Levenberg-Marquardt kernel.
+    while the first compiles detection and the Levenberg-Marquardt kernel, and then
+    the score-test kernel (:func:`compile_score_kernel`) while it waits for this one.
     """
+    model, estimator, data, mask, grid, theta, noise = _tiny_problem()
+    cost = estimator.cost(data, mask, noise)
+    covariance(model, cost, data, theta, grid, noise, np.ones(model.n_params, bool), bias=True)
+
+
+def compile_score_kernel() -> None:
+    """Compile (or load from the cache) the score-test kernel (see :func:`compile_kernels`)."""
+    model, estimator, data, mask, grid, theta, noise = _tiny_problem()
+    score_test(model, estimator, data, mask, grid, theta, lambda t: t, noise)
+
+
+def _tiny_problem():
+    """Two windows of 5 x 5 px: the arguments of :func:`compile_kernels`."""
     from spotfit.estimators import Noise, get_estimator
     from spotfit.models import Grid, get_model
 
@@ -559,7 +579,4 @@ def compile_kernels() -> None:
     data = np.full((2, grid.size), 5.0)
     mask = np.ones(data.shape, bool)
     noise = Noise(calibrated=True, excess=1.0, read_var=1.0)
-    estimator = get_estimator("mle")
-    cost = estimator.cost(data, mask, noise)
-    covariance(model, cost, data, theta, grid, noise, np.ones(model.n_params, bool), bias=True)
-    score_test(model, estimator, data, mask, grid, theta, lambda t: t, noise)
+    return model, get_estimator("mle"), data, mask, grid, theta, noise

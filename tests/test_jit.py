@@ -196,3 +196,98 @@ def test_few_large_joint_fits_run_on_threads_few_small_ones_do_not():
     assert not solver._threaded(20, 64, 5)
     assert solver._threaded(_jit.MIN_THREADED_WINDOWS, 49, 5)
     assert solver._threaded(15, 400, 26)  # eight emitters in a 20 x 20 window
+
+class _Running:
+    """A stand-in for the second compiling process: running until waited for."""
+
+    def __init__(self):
+        self.waited = False
+
+    def poll(self):
+        return 0 if self.waited else None
+
+    def wait(self, timeout=None):
+        self.waited = True
+        return 0
+
+
+def test_join_compiles_the_meanwhile_kernels_while_the_second_process_runs(monkeypatch):
+    """join_alongside runs the `meanwhile` function here first (whose own kernel call
+    joins again: that must not wait), then waits for the second process, once."""
+    calls = []
+    helper = _Running()
+
+    def meanwhile():
+        calls.append(("meanwhile", helper.waited))
+        _jit.join_alongside()  # as score_test does: returns at once
+        calls.append(("inner join returned", helper.waited))
+
+    monkeypatch.setattr(_jit, "_call", lambda target: meanwhile())
+    monkeypatch.setitem(_jit._state, "helper", helper)
+    monkeypatch.setitem(_jit._state, "meanwhile", "m:f")
+    _jit.join_alongside()
+    assert calls == [("meanwhile", False), ("inner join returned", False)]
+    assert helper.waited and _jit._state["helper"] is None and _jit._state["meanwhile"] is None
+    _jit.join_alongside()  # nothing left to wait for or compile
+    assert len(calls) == 2
+
+
+def test_join_does_not_compile_meanwhile_when_the_second_process_is_done(monkeypatch):
+    helper = _Running()
+    helper.waited = True  # finished
+    monkeypatch.setattr(_jit, "_call", lambda target: pytest.fail("compiled although not waiting"))
+    monkeypatch.setitem(_jit._state, "helper", helper)
+    monkeypatch.setitem(_jit._state, "meanwhile", "m:f")
+    _jit.join_alongside()
+    assert _jit._state["helper"] is None
+
+
+def test_cold_cache_means_no_index_file_for_the_kernel(monkeypatch, tmp_path):
+    """The second process starts at once only when numba's in-tree cache surely
+    lacks the kernel; with NUMBA_CACHE_DIR (another folder) it waits for a cache miss."""
+    package = tmp_path / "spotfit"
+    (package / "__pycache__").mkdir(parents=True)
+    (package / "_kernels.py").write_text("# kernels\n")
+    os.utime(package / "_kernels.py", (1e9, 1e9))
+    monkeypatch.setattr(_jit, "_PACKAGE", str(package))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    target = "spotfit.solver:compile_covariance_kernel"
+    assert _jit._cold(target)
+    (package / "__pycache__" / "_kernels.score_statistic-520.py311.nbi").write_bytes(b"")
+    assert _jit._cold(target)  # another kernel's entry
+    (package / "__pycache__" / "_kernels.covariance-623.py311.nbi").write_bytes(b"")
+    assert not _jit._cold(target)
+    os.utime(package / "_kernels.py")  # sources newer than the entry: an upgrade
+    assert _jit._cold(target)
+    os.utime(package / "__pycache__" / "_kernels.covariance-623.py311.nbi")
+    assert not _jit._cold(target)
+    assert not _jit._cold("spotfit.solver:compile_kernels")  # the name does not say which
+    (package / "__pycache__" / "_kernels.covariance-623.py311.nbi").unlink()
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert not _jit._cold(target)
+
+
+def test_solver_compile_targets_exist():
+    """The CLI names the second process' and the meanwhile functions by strings."""
+    import inspect
+
+    from spotfit import cli, solver
+
+    source = inspect.getsource(cli)
+    for name in ("compile_covariance_kernel", "compile_score_kernel"):
+        assert f"spotfit.solver:{name}" in source
+        assert callable(getattr(solver, name))
+
+
+@pytest.mark.parametrize("early, cold, started", [(True, True, True), (True, False, False),
+                                                  (False, True, False)])
+def test_second_process_starts_at_once_only_on_a_cold_cache(monkeypatch, early, cold, started):
+    calls = []
+    monkeypatch.setattr(_jit, "_cold", lambda target: cold)
+    monkeypatch.setattr(_jit, "_start_helper", lambda target: calls.append(target))
+    monkeypatch.setitem(_jit._state, "helper", None)
+    monkeypatch.setitem(_jit._state, "announced", False)
+    monkeypatch.setitem(_jit._state, "alongside", None)
+    monkeypatch.setitem(_jit._state, "meanwhile", None)
+    _jit.compile_alongside("spotfit.solver:compile_covariance_kernel", early=early)
+    assert calls == (["spotfit.solver:compile_covariance_kernel"] if started else [])
