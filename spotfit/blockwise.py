@@ -211,6 +211,7 @@ class _FrameInfo:
     prepared: object = None  # detection's _Prepared, None: no noise, nothing to find
     image_var: float = 0.0
     variance: np.ndarray | None = None
+    noise: object = None  # the frame's NoiseModel in photons (not rescaled)
 
 
 def _measure_frame(frame, t, config, camera, ndim, task, compute) -> _FrameInfo:
@@ -270,7 +271,7 @@ def _measure_frame(frame, t, config, camera, ndim, task, compute) -> _FrameInfo:
         noise = background.NoiseModel.from_camera(camera)
     else:
         noise = _estimate_noise(band_data, sig, ndim, biggest)
-    info = _FrameInfo(t)
+    info = _FrameInfo(t, noise=noise)
     if row_data is not None:
         info.image_var = image_noise(row_data)
     if factor != 1.0:
@@ -642,6 +643,7 @@ class _Run:
     t_chunk: int
     errors: list = field(default_factory=list)
     in_memory: bool = False  # whole frames fitted by the in-memory path
+    infos: list = field(default_factory=list)  # _FrameInfo per frame (None: measured in the tasks)
 
 
 def _as_dask(data, axes):
@@ -790,6 +792,7 @@ def _run_blocks(data, config, camera, axes, block_size, scheduler, task, progres
             keep = [i for i, (frames, b) in enumerate(keys) if all((t, b) in ok for t in frames)]
             calls, keys = [calls[i] for i in keep], [keys[i] for i in keep]
             out = _collect(run, keys, eng.run(calls, progress=progress))
+        run.infos = infos
         return run, out
     finally:
         eng.close()
@@ -882,7 +885,67 @@ def fit_blocks(data, config: FitConfig | None = None, camera: Camera | None = No
     if not parts:
         return table.empty(run.ndim)
     result = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
-    return _raster_rows(result, run)
+    result = _raster_rows(result, run)
+    if not run.in_memory:
+        result = _overlapping(result, run, frame_fit)
+    return result.drop(columns=[c for c in result if c.startswith("_d")])
+
+
+class _FrameReader:
+    """Pixels of one frame of a lazy array, read on demand: ``reader[crop]`` gives
+    photons (``kind="photons"``) or the clipped pixels (``"clipped"``) of a crop."""
+
+    def __init__(self, frame, camera, kind="photons"):
+        self.frame, self.camera, self.kind = frame, camera, kind
+        self.shape = tuple(int(n) for n in frame.shape)
+        self.size = int(np.prod(self.shape))
+
+    def __getitem__(self, crop):
+        raw = np.asarray(self.frame[crop])
+        if self.kind == "photons":
+            return self.camera.to_photons(raw)
+        clipped = _clipped(raw)
+        return np.zeros(raw.shape, bool) if clipped is None else clipped
+
+
+def _overlapping(result, run, frame_fit):
+    """Joint fits where the single fits of a 2D frame cut into blocks say that spots
+    overlap, as in memory (:func:`spotfit.fields._fit_sparse`): tiles around them
+    (read from the lazy array), or the whole frame through ``frame_fit`` when it is
+    small.  Without ``frame_fit``, or for z-stacks, the single fits stand."""
+    from spotfit import fields, table
+
+    if run.ndim != 2 or frame_fit is None or not len(result):
+        return result
+    setup = Setup.resolve(run.config, run.camera, run.ndim)
+    frame = result["frame"].to_numpy()
+    out, changed = [], False
+    for t in np.unique(frame):
+        rows = result[frame == t].reset_index(drop=True).drop(columns=["_d0", "_d1"])
+        coords = result.loc[frame == t, ["_d0", "_d1"]].to_numpy().astype(np.intp)
+        info = run.infos[t] if run.infos and run.infos[t] is not None else None
+        f = fields.Frame(int(t), _FrameReader(run.data[t], run.camera), coords=coords,
+                         saturated=_FrameReader(run.data[t], run.camera, "clipped"),
+                         image_var=0.0 if info is None else info.image_var,
+                         noise=None if info is None else info.noise)
+        hot = fields._overlaps(setup, f, rows)
+        if not hot.any():
+            out.append(rows)
+            continue
+        changed = True
+        if fields.fits_whole(setup, f.photons.shape):  # small: the frame in memory
+            whole = frame_fit(np.asarray(run.data[t:t + 1]), run.config, run.camera, run.ndim)
+            whole["frame"] = np.int64(t)
+            out.append(whole)
+            continue
+        joint, replaced = fields._fit_tiles(setup, f, rows, hot)
+        joint = joint.drop(columns=[c for c in joint if c in table._GROUP])
+        out.append(fields.merge_joint(rows[~replaced], [joint]) if len(joint) else rows[~replaced])
+    if not changed:
+        return result
+    import pandas as pd
+
+    return pd.concat(out, ignore_index=True)
 
 
 def _refuse_dense(t, n, run):
@@ -903,13 +966,13 @@ def _refuse_dense(t, n, run):
 
 
 def _raster_rows(result, run):
-    """Rows per frame in the raster order of their windows' centres (the detected pixels),
-    as the in-memory path gives them (rows of whole frames fitted in memory already are)."""
+    """Rows per frame in the raster order of their windows' centres (the detected pixels,
+    columns ``_d0``...: kept), as the in-memory path gives them (rows of whole frames
+    fitted in memory already are)."""
     if not len(result) or run.in_memory:
         return result
     keys = [result[f"_d{a}"].to_numpy() for a in range(run.ndim)][::-1] + [result["frame"].to_numpy()]
-    order = np.lexsort(keys)
-    return result.iloc[order].drop(columns=[f"_d{a}" for a in range(run.ndim)]).reset_index(drop=True)
+    return result.iloc[np.lexsort(keys)].reset_index(drop=True)
 
 
 def detect_blocks(data, config: FitConfig | None = None, camera: Camera | None = None,

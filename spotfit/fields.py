@@ -92,8 +92,6 @@ def _fit_sparse(setup: Setup, frames):
     else the tiles of :data:`TILE_CORE` px around the overlaps (with a margin
     of :func:`_tile_margin` px), whose cores' rows replace the single fits
     there.  Spots that stand apart keep their single-spot fit."""
-    import pandas as pd
-
     for f in frames:  # candidates in raster order (z, y, x), as the rows of their single fits
         if f.coords is not None and len(f.coords) > 1:
             order = np.lexsort(f.coords.T[::-1])
@@ -113,8 +111,7 @@ def _fit_sparse(setup: Setup, frames):
         hot = _overlaps(setup, f, singles.iloc[rows])
         if not hot.any():
             continue
-        if f.photons.size <= TILE_FRAME * _tile_size(setup) ** 2 or min(f.photons.shape) < _tile_size(setup) or \
-                (setup.read_var_map() is not None and np.ndim(setup.read_var_map())):
+        if fits_whole(setup, f.photons.shape):
             whole.append(f)
             done[rows] = True
             continue
@@ -126,12 +123,34 @@ def _fit_sparse(setup: Setup, frames):
         bad = np.isin(joint["frame"].to_numpy(), _misfit_regions(setup, joint))
         done &= ~np.isin(t, joint["frame"].to_numpy()[bad])  # those frames keep their single fits
         parts.append(joint[~bad])
+    parts = [p.drop(columns=[c for c in table._GROUP if c in p]) for p in parts if len(p)]
     if not parts:
         return singles
-    parts = [p.drop(columns=[c for c in table._GROUP if c in p]) for p in parts]
-    out = pd.concat([singles[~done]] + parts, ignore_index=True)
-    keys = [out[c].to_numpy() for c in ("x", "y", "z")[:setup.ndim]] + [out["frame"].to_numpy()]
+    return merge_joint(singles[~done], parts)
+
+
+def merge_joint(singles, parts):
+    """The rows of frames: ``singles`` (single-spot fits, in raster order of their
+    candidates per frame) and ``parts`` (joint fits' rows); a frame with joint
+    rows has its rows in raster order of their fitted positions (by y, then x),
+    another keeps its single fits' order."""
+    import pandas as pd
+
+    out = pd.concat([singles] + list(parts), ignore_index=True)
+    t = out["frame"].to_numpy()
+    joint = np.isin(t, np.concatenate([p["frame"].to_numpy() for p in parts]))
+    idx = np.arange(len(out), dtype=float)
+    keys = [np.where(joint, out["x"].to_numpy(), idx), np.where(joint, out["y"].to_numpy(), 0.0), t]
     return out.iloc[np.lexsort(keys)].reset_index(drop=True)
+
+
+def fits_whole(setup: Setup, shape) -> bool:
+    """Whether a frame of ``shape`` whose spots overlap is fitted jointly whole
+    (small: at most :data:`TILE_FRAME` tiles, or narrower than a tile, or with
+    per-pixel camera maps), not in tiles (:func:`_fit_tiles`)."""
+    size = _tile_size(setup)
+    return int(np.prod(shape)) <= TILE_FRAME * size ** 2 or min(shape) < size or \
+        (setup.read_var_map() is not None and np.ndim(setup.read_var_map()) > 0)
 
 
 #: a frame larger than this many tiles (:func:`_tile_size`) is fitted jointly

@@ -197,7 +197,7 @@ class CrowdedFitter:
         """Fit all spots of some frames; returns a :class:`_Spots` with results.
 
         Alternates joint fits of all groups with residual searches
-        (``SEARCH_ROUNDS``) and pruning, until nothing changes.
+        (``SEARCH_ROUNDS``) and pruning, then refits: every frame the same rounds.
 
         Parameters
         ----------
@@ -236,8 +236,10 @@ class CrowdedFitter:
                                         fixed["offset"], np.zeros(n, bool), fixed=np.ones(n, bool),
                                         single=fixed["row"], locked=fixed.get("locked")))
         radius = cfg.group_radius * cfg.sigma
-        changed = True
         labels = np.zeros(0, np.int64)
+        # every frame goes through every round and the final refit, so that a
+        # frame's results do not depend on the other frames fitted with it (an
+        # early stop when no frame changes would tie them together)
         for round_ in range(SEARCH_ROUNDS + 1):
             before = spots
             spots, labels = self._joint(spots, radius)
@@ -245,18 +247,13 @@ class CrowdedFitter:
                 spots = self._revert(before, spots, labels)
                 labels = self._labels(spots, radius)
             keep = self._keep(spots)
-            changed = not keep.all()
-            if changed:
+            if not keep.all():
                 spots = spots.take(keep)
             if round_ < SEARCH_ROUNDS:
                 new = self._search(spots, radius)
                 if len(new):
                     spots = spots.extend(new)
-                    changed = True
-            if not changed:
-                break
-        if changed or spots is not self._pending_owner:  # refit the survivors
-            spots, labels = self._joint(spots, radius)
+        spots, labels = self._joint(spots, radius)  # refit the survivors
         self._judge_blobs(spots)
         spots.labels = labels
         return spots
@@ -640,6 +637,10 @@ class CrowdedFitter:
         hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
         shape = tuple(int(s) for s in (hi - lo).max(axis=0) + 1)
         w = self._windows(residual, t, lo, shape)
+        # each group sees its own box only (windows of a bucket share the largest
+        # shape): a group's fit does not depend on the other groups fitted with it
+        mesh = np.indices(shape).reshape(len(shape), -1)
+        w.mask &= np.all(mesh[None, :, :] <= (hi - lo)[:, :, None], axis=1)
         model = MultiGaussian(K, nd, self.integrated)
         # data = photons minus the light of spots outside the group
         own = np.zeros((G, model.n_params))

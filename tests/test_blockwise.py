@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::ResourceWarning"),
 SIGMA_Z = 2.0
 LOCAL = dict(threads_per_worker=1, dashboard_address=None)  # in-process workers (inproc://)
 CAMERA = spotfit.Camera(baseline=100.0, gain=1.0)
+FRAME_FIT = spotfit.api._fit_frames  # what spotfit.fit hands fit_blocks: the in-memory path
 
 
 def _assert_same(got, ref):
@@ -112,16 +113,7 @@ def test_volume_on_a_local_cluster(volume, volume_ref, client, workers):
     _assert_same(got, volume_ref["calibrated"])
 
 
-def _single_spot_path(monkeypatch):
-    """In memory, overlapping spots of sparse frames are fitted jointly (spotfit.fields._overlaps);
-    the blockwise engine fits single spots only: compare it with that path."""
-    import spotfit.api
-
-    monkeypatch.setattr(spotfit.fields, "_overlaps", lambda setup, frame, singles: np.zeros(len(singles), bool))
-
-
-def test_time_series_blockwise_equals_in_memory(client, monkeypatch):
-    _single_spot_path(monkeypatch)
+def test_time_series_blockwise_equals_in_memory(client):
     rng = np.random.default_rng(7)
     shape = (90, 110)
     frames = []
@@ -143,7 +135,7 @@ def test_time_series_blockwise_equals_in_memory(client, monkeypatch):
                 got = spotfit.fit(lazy, camera=camera)
             else:
                 got = blockwise.fit_blocks(lazy, camera=camera, block_size=block_size,
-                                           scheduler=scheduler, on_error="raise")
+                                           scheduler=scheduler, on_error="raise", frame_fit=FRAME_FIT)
             _assert_same(got, ref)
     det_ref = spotfit.detect(movie, camera=CAMERA)
     det = blockwise.detect_blocks(da.from_array(movie, chunks=(1, 30, 30)), camera=CAMERA,
@@ -301,7 +293,6 @@ def test_uncalibrated_frames_fitted_in_several_solves(monkeypatch):
     from spotfit import single
 
     monkeypatch.setattr(single, "PIXEL_BUDGET", 121 * 7)  # 7 windows per solve
-    _single_spot_path(monkeypatch)
     rng = np.random.default_rng(11)
     img, _ = spotfit.simulate((2, 80, 96), n_spots=30, photons=2000, background=10, seed=rng)
     camera = spotfit.Camera(baseline=100.0)
@@ -309,7 +300,7 @@ def test_uncalibrated_frames_fitted_in_several_solves(monkeypatch):
     lazy = da.from_array(img, chunks=(1, 40, 48))
     for block_size in (None, (27, 33)):
         _assert_same(blockwise.fit_blocks(lazy, camera=camera, block_size=block_size,
-                                          on_error="raise"), ref)
+                                          on_error="raise", frame_fit=FRAME_FIT), ref)
 
 
 def _dense_movie():
@@ -347,3 +338,28 @@ def test_a_dense_frame_cut_into_blocks_is_refused():
     # sparse frames cut into blocks are fine
     got = spotfit.blockwise.fit_blocks(lazy[1:2], camera=CAMERA, sigma=1.3, block_size=(35, 48))
     _assert_same(got, spotfit.fit(movie[1:2], camera=CAMERA, sigma=1.3))
+
+
+def test_overlapping_spots_of_a_frame_cut_into_blocks_are_fitted_jointly(monkeypatch):
+    """A large sparse frame cut into blocks: its overlapping spots get the joint fits of
+    the tiles around them (read from the lazy array), as in memory."""
+    rng = np.random.default_rng(5)
+    shape = (300, 420)
+    lone = rng.uniform([10, 10], [shape[1] - 10, shape[0] - 10], size=(60, 2))
+    first = rng.uniform([20, 20], [shape[1] - 20, shape[0] - 20], size=(12, 2))
+    angle = rng.uniform(0, np.pi, 12)
+    second = first + 2.5 * np.column_stack([np.cos(angle), np.sin(angle)])  # pairs 2.5 px apart
+    pos = np.concatenate([lone, first, second])
+    calls = []
+    tiles = spotfit.fields._fit_tiles
+    monkeypatch.setattr(spotfit.fields, "_fit_tiles", lambda *a: calls.append(1) or tiles(*a))
+    for camera in (CAMERA, spotfit.Camera(baseline=100.0)):
+        img, _ = spotfit.simulate(shape, positions=pos, photons=3000, background=15, sigma=1.3,
+                                  camera=CAMERA, seed=rng)
+        ref = spotfit.fit(img, camera=camera, sigma=1.3)
+        calls.clear()
+        lazy = da.from_array(img, chunks=(150, 210))
+        got = blockwise.fit_blocks(lazy, camera=camera, sigma=1.3, block_size=(150, 210),
+                                   on_error="raise", frame_fit=FRAME_FIT)
+        assert len(calls) == 1  # the tiles, blockwise (in memory they ran too)
+        _assert_same(got, ref)
