@@ -200,3 +200,26 @@ def test_dense_single_molecule_frames_are_fitted_jointly_by_default():
     f1 = 2 * matched / (n_found + 40 * len(truth))
     rmse = np.sqrt(np.mean(np.sum(err**2, axis=1) / 2))
     assert f1 >= 0.8 and rmse <= 0.35, (f1, rmse)
+
+
+def test_a_frames_joint_fits_do_not_depend_on_the_other_frames():
+    """Fitted alone or in a movie (one chunk of joint fits), a frame gives the same rows:
+    every frame goes through the same search rounds and each group sees its own window."""
+    camera = spotfit.Camera(baseline=100.0, gain=1.0, read_noise=1.5)
+    rng = np.random.default_rng(31)
+    frames = []
+    for n in (60, 25, 90):  # different densities: different rounds would be needed
+        img, _ = spotfit.simulate((48, 70), n_spots=n, photons=(1000, 4000), background=20,
+                                  sigma=1.3, camera=camera, seed=rng)
+        frames.append(img)
+    movie = np.stack(frames)
+    for crowded in (False, True):
+        whole = spotfit.fit(movie, camera=camera, sigma=1.3, crowded=crowded)
+        for t in range(len(frames)):
+            alone = spotfit.fit(movie[t], camera=camera, sigma=1.3, crowded=crowded)
+            mine = whole[whole["frame"] == t].reset_index(drop=True)
+            assert len(alone) == len(mine) > 10
+            cols = ["x", "y", "intensity", "sigma_x", "offset", "x_err"]
+            np.testing.assert_allclose(alone[cols].to_numpy(float), mine[cols].to_numpy(float),
+                                       rtol=1e-9, atol=1e-9, equal_nan=True)
+            assert (alone["status"].to_numpy() == mine["status"].to_numpy()).all()
