@@ -77,7 +77,7 @@ def run(command):
     from spotfit import _jit
     from spotfit.cli import main as cli
 
-    _jit.compile_alongside = lambda target, meanwhile=None: None  # everything in this process
+    _jit.compile_alongside = lambda target, meanwhile=None, early=False: None  # everything in this process
     imports_s = time.process_time() - started - numba_s
     begun = time.process_time()
     try:

@@ -703,7 +703,9 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
             n_valid += 1
             Wp[p] = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p], cost.scale)[2]
         _weighted_gram(J, idx, m, Wp, A)
-        A_work[:, :] = A
+        for a in range(m):  # a copy (an array assignment compiles numba's shape-error
+            for b in range(m):  # message formatting: ~4 s on a first run)
+                A_work[a, b] = A[a, b]
         ok = _cholesky_inverse(A_work, Ainv, L, y)
         dof = max(n_valid - m, 1)
         if noise.mode == MEASURE_VARIANCE:
