@@ -30,6 +30,12 @@ NEIGHBOUR_REACH = 2.5
 MISFIT_CHI2 = 4.0
 #: ... when its larger width exceeds this many PSF sigmas, or when it is not ``converged``
 MISFIT_WIDTH = 1.2
+#: a ``converged`` 2D fit whose window's detection background varies by more than
+#: this many pixel-noise standard deviations (max - min over the window) has the
+#: background under it refined (:func:`_refine_background`) ...
+STRUCTURE = 1.0
+#: ... in this many rounds of (cubic correction of the background, refit)
+SURFACE_ROUNDS = 3
 #: window pixels fitted in one solve (bounds memory to a few (n, P) float64
 #: arrays of this size: 32768 windows of 11 x 11 px)
 PIXEL_BUDGET = 32768 * 121
@@ -215,8 +221,10 @@ def fit_batch(setup: Setup, batch: Batch):
     measured = {}
     values, errors, chi2, iterations, status = _fit_columns(setup, batch, measured)
     if batch.background:
-        values, errors, chi2, iterations, status = _over_background(
-            setup, batch, values, errors, chi2, iterations, status, measured.get("variance"))
+        columns = _over_background(setup, batch, values, errors, chi2, iterations, status,
+                                   measured.get("variance"))
+        values, errors, chi2, iterations, status = _refine_background(
+            setup, batch, *columns, measured.get("variance"))
     return table.build(batch.frame, values, errors, chi2, iterations, results.status_names(status),
                        setup.camera.unit, setup.ndim)
 
@@ -295,19 +303,40 @@ def _over_background(setup: Setup, batch: Batch, values, errors, chi2, iteration
     rows = np.flatnonzero(known & (~(chi2 <= limit) | (big > MISFIT_WIDTH) | (status != CONVERGED)))
     if len(rows) == 0:
         return values, errors, chi2, iterations, status
-    w = batch.windows
     bg = window_background(batch, rows)
-    mask = w.mask[rows] & np.isfinite(bg)
-    low = np.min(np.where(mask, bg, np.inf), axis=1)
-    light = np.where(mask, bg - np.where(np.isfinite(low), low, 0.0)[:, None], 0.0)
+    light = _known_light(batch.windows.mask[rows], bg)
+    v2, e2, c2, i2, s2 = _fit_over(setup, batch, rows, light, variance)
+    better = (s2 == CONVERGED) & ((c2 < chi2[rows]) | (status[rows] != CONVERGED))
+    return _replace(rows, better, light, (values, errors, chi2, iterations, status), (v2, e2, c2, i2, s2))
+
+
+def _known_light(mask, surface) -> np.ndarray:
+    """``surface - min(surface)`` over each window's fitted pixels (0 elsewhere, and
+    where ``surface`` is NaN): light taken as known, the rest is the fitted offset."""
+    mask = mask & np.isfinite(surface)
+    low = np.min(np.where(mask, surface, np.inf), axis=1)
+    return np.where(mask, surface - np.where(np.isfinite(low), low, 0.0)[:, None], 0.0)
+
+
+def _fit_over(setup: Setup, batch: Batch, rows, light, variance=None):
+    """Columns of the fits of windows ``rows`` with ``light`` ``(m, P)`` as known light:
+    taken out of the data, its shot noise added to the read variance (calibrated data;
+    uncalibrated data keep the noise model ``variance`` measured on the frame's fits)."""
     sub = _take(batch, rows, None if setup.camera.calibrated or variance is None else variance[rows])
     sub.background = None
     sub.windows.data = np.where(sub.windows.mask, sub.windows.data - light, 0.0)
     if setup.camera.calibrated:  # the known light's shot noise
         rv = setup.camera.read_variance() if sub.windows.read_var is None else sub.windows.read_var
         sub.windows.read_var = rv + light
-    v2, e2, c2, i2, s2 = _fit_columns(setup, sub)
-    better = (s2 == CONVERGED) & ((c2 < chi2[rows]) | (status[rows] != CONVERGED))
+    return _fit_columns(setup, sub)
+
+
+def _replace(rows, better, light, columns, refit):
+    """``columns`` (values, errors, chi2, iterations, status) with rows ``rows[better]``
+    taken from ``refit`` (columns of ``rows``); a refit's offset is reported as the
+    background under the detected pixel (its fitted level plus the known light there)."""
+    values, errors, chi2, iterations, status = columns
+    v2, e2, c2, i2, s2 = refit
     if not better.any():
         return values, errors, chi2, iterations, status
     take = rows[better]
@@ -319,6 +348,134 @@ def _over_background(setup: Setup, batch: Batch, values, errors, chi2, iteration
     chi2, iterations, status = chi2.copy(), iterations.copy(), status.copy()
     chi2[take], iterations[take], status[take] = c2[better], i2[better], s2[better]
     return values, errors, chi2, iterations, status
+
+
+def _refine_background(setup: Setup, batch: Batch, values, errors, chi2, iterations, status, variance=None):
+    """Spots over structured background: the background under each refined by a cubic surface.
+
+    Over textured cells (nuclei, cytoplasm, illumination) the background
+    changes within a spot's window on the scale of the PSF, and detection's
+    local background (smooth over ~3 PSF sigmas, :mod:`spotfit.background`)
+    follows it only in part: what is left leans the fit towards the brighter
+    side.  For each ``converged`` 2D fit over a known background ``b`` that
+    varies by more than :data:`STRUCTURE` pixel-noise standard deviations
+    across its window, :data:`SURFACE_ROUNDS` times: the fitted spot is
+    taken out of the window's data, a cubic surface ``q`` (10
+    coefficients, centred on the window) is fitted by weighted least squares
+    (weights ``1 / variance``) to what is left minus ``b``, and the spot is
+    fitted again with ``b + q`` (minus its minimum) as known light
+    (:func:`_fit_over`, a constant offset still free).  This alternation
+    converges to the fit of spot + offset + cubic background; its result
+    replaces the fit when ``converged`` (which rows are ``converged`` is
+    unchanged).  The reported errors are those of that joint model: the
+    Fisher information of the spot's parameters with the surface's nine
+    non-constant coefficients free (:func:`_surface_inflation`), so the
+    uncertainties stay at the Cramer-Rao bound of what was fitted.
+    Spots on flat background (the spread below :data:`STRUCTURE`) and
+    z-stacks keep their fits.
+    """
+    if setup.ndim != 2 or not batch.background:
+        return values, errors, chi2, iterations, status
+    w = batch.windows
+    known = np.isin(batch.frame, np.fromiter(batch.background, np.int64))
+    rows = np.flatnonzero(known & (status == CONVERGED))
+    if len(rows) == 0:
+        return values, errors, chi2, iterations, status
+    bg = window_background(batch, rows)
+    mask = w.mask[rows] & np.isfinite(bg)
+    level = np.where(mask, bg, np.nan)
+    with np.errstate(invalid="ignore"):
+        spread = np.nanmax(level, axis=1) - np.nanmin(level, axis=1)
+        noise = np.sqrt(_pixel_variance(setup, batch, rows, np.nanmean(level, axis=1)))
+    A = _surface_basis(w.grid)
+    busy = (spread > STRUCTURE * noise) & (mask.sum(axis=1) >= 2 * A.shape[1])
+    rows, bg, mask = rows[busy], np.where(mask, bg, 0.0)[busy], mask[busy]
+    if len(rows) == 0:
+        return values, errors, chi2, iterations, status
+    current = {key: v[rows] for key, v in values.items()}
+    for _ in range(SURFACE_ROUNDS):
+        spot = _spot_light(setup, w, rows, current)
+        weight = np.where(mask, 1.0 / _pixel_variance(setup, batch, rows, bg + spot), 0.0)
+        AtW = A.T[None, :, :] * weight[:, None, :]
+        G = AtW @ A
+        G += 1e-9 * np.trace(G, axis1=1, axis2=2)[:, None, None] * np.eye(A.shape[1])
+        rhs = np.einsum("nkp,np->nk", AtW, w.data[rows] - spot - bg)
+        q = np.linalg.solve(G, rhs[..., None])[..., 0] @ A.T
+        light = _known_light(mask, bg + q)
+        refit = _fit_over(setup, batch, rows, light, variance)
+        ok = refit[4] == CONVERGED
+        for key in current:
+            current[key] = np.where(ok, refit[0][key], current[key])
+    v2, e2, c2, i2, s2 = refit
+    factor = _surface_inflation(setup, batch, rows, v2, light, A)
+    for key in ("x", "y", "intensity", "offset"):
+        e2[key] = e2[key] * factor[key]
+    return _replace(rows, s2 == CONVERGED, light, (values, errors, chi2, iterations, status),
+                    (v2, e2, c2, i2, s2))
+
+
+def _surface_basis(grid) -> np.ndarray:
+    """``(P, 10)``: the monomials of x, y up to degree 3 (1 first) at the pixels of a 2D
+    window, x and y centred on the window and scaled to [-1, 1]."""
+    x, y = grid.flat()[:2]
+    x = (x - np.mean(x)) / max(np.ptp(x) / 2, 1.0)
+    y = (y - np.mean(y)) / max(np.ptp(y) / 2, 1.0)
+    return np.column_stack([x ** i * y ** (d - i) for d in range(4) for i in range(d, -1, -1)])
+
+
+def _pixel_variance(setup: Setup, batch: Batch, rows, level) -> np.ndarray:
+    """Pixel variance at expected ``level`` (frame units; ``(m,)`` or ``(m, P)``) in
+    windows ``rows`` of ``batch``: the camera's noise model, or for uncalibrated
+    data relative weights (the frame's pixel noise plus the level)."""
+    level = np.asarray(level, float)
+    if setup.camera.calibrated:
+        rv = batch.windows.read_var
+        if rv is not None and level.ndim == 1:  # sCMOS map: its mean over each window
+            return setup.noise(rv[rows].mean(axis=1)).variance(level)
+        return setup.noise(None if rv is None else rv[rows]).variance(level)
+    shape = (len(rows),) + (1,) * (level.ndim - 1)
+    return np.maximum(batch.image_var[rows].reshape(shape), 1e-12) + np.maximum(level, 0.0)
+
+
+def _spot_params(setup: Setup, w, rows, values):
+    """The rotated model (pixel integration as ``setup``'s) and its parameters, offset 0,
+    for fitted columns ``values`` of windows ``rows``."""
+    from spotfit.models import get_model
+
+    model = get_model("rotated", 2, setup.model.integrated)
+    sx, sy, a = values["sigma_x"], values["sigma_y"], np.nan_to_num(values["angle"])
+    c, s = np.cos(a), np.sin(a)
+    theta = np.column_stack([values["intensity"], values["x"] - w.origin[rows, 0], values["y"] - w.origin[rows, 1],
+                             (sx * c) ** 2 + (sy * s) ** 2, (sx * s) ** 2 + (sy * c) ** 2,
+                             (sx * sx - sy * sy) * s * c, np.zeros(len(rows))])
+    return model, theta
+
+
+def _spot_light(setup: Setup, w, rows, values) -> np.ndarray:
+    """``(m, P)``: the fitted spots' light (no offset) in windows ``rows``."""
+    model, theta = _spot_params(setup, w, rows, values)
+    return model.value(theta, w.grid)
+
+
+def _surface_inflation(setup: Setup, batch: Batch, rows, values, light, A) -> dict:
+    """Error factors of ``x, y, intensity, offset`` when the cubic surface's
+    non-constant coefficients are fitted too: ``sqrt`` of the ratio of the
+    Cramer-Rao variances with and without them (Fisher information of the
+    fitted pixels, variance of the model plus the known light)."""
+    w = batch.windows
+    model, theta = _spot_params(setup, w, rows, values)
+    theta[:, -1] = values["offset"]  # the fitted level (before the known light is added back)
+    mu, jac = model.evaluate(theta, w.grid)
+    weight = np.where(w.mask[rows], 1.0 / _pixel_variance(setup, batch, rows, mu + light), 0.0)
+    full = np.concatenate([jac, np.broadcast_to(A.T[None, 1:], (len(rows), A.shape[1] - 1, A.shape[0]))], axis=1)
+    F = np.einsum("nip,np,njp->nij", full, weight, full)
+    k = jac.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        alone = np.diagonal(np.linalg.pinv(F[:, :k, :k]), axis1=1, axis2=2)
+        joint = np.diagonal(np.linalg.pinv(F), axis1=1, axis2=2)[:, :k]
+        ratio = np.sqrt(np.where(alone > 0, joint / alone, 1.0))
+    ratio = np.where(np.isfinite(ratio), np.maximum(ratio, 1.0), 1.0)
+    return {name: ratio[:, model.index(name)] for name in ("x", "y", "intensity", "offset")}
 
 
 def _columns(setup: Setup, batch: Batch, sol):
