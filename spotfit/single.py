@@ -33,7 +33,7 @@ MISFIT_WIDTH = 1.2
 #: a ``converged`` 2D fit whose window's detection background varies by more than
 #: this many pixel-noise standard deviations (max - min over the window) has the
 #: background under it refined (:func:`_refine_background`) ...
-STRUCTURE = 1.0
+STRUCTURE = 2.0
 #: ... in this many rounds of (cubic correction of the background, refit)
 SURFACE_ROUNDS = 3
 #: window pixels fitted in one solve (bounds memory to a few (n, P) float64
