@@ -34,8 +34,15 @@ MISFIT_WIDTH = 1.2
 #: this many pixel-noise standard deviations (max - min over the window) has the
 #: background under it refined (:func:`_refine_background`) ...
 STRUCTURE = 2.0
-#: ... in this many rounds of (cubic correction of the background, refit)
-SURFACE_ROUNDS = 3
+#: ... or by more than :data:`STRUCTURE_MISFIT` standard deviations when its reduced
+#: chi-square exceeds 1 by :data:`SURFACE_CHI2` standard deviations (light the
+#: background does not explain) ...
+STRUCTURE_MISFIT = 1.0
+SURFACE_CHI2 = 2.0
+#: ... in this many rounds of (kriging of the background, refit)
+SURFACE_ROUNDS = 2
+#: correlation length of the background's texture under a spot, in PSF sigmas
+TEXTURE_SCALE = 2.0
 #: window pixels fitted in one solve (bounds memory to a few (n, P) float64
 #: arrays of this size: 32768 windows of 11 x 11 px)
 PIXEL_BUDGET = 32768 * 121
@@ -351,28 +358,30 @@ def _replace(rows, better, light, columns, refit):
 
 
 def _refine_background(setup: Setup, batch: Batch, values, errors, chi2, iterations, status, variance=None):
-    """Spots over structured background: the background under each refined by a cubic surface.
+    """Spots over textured background: the background under each estimated from around it.
 
     Over textured cells (nuclei, cytoplasm, illumination) the background
     changes within a spot's window on the scale of the PSF, and detection's
-    local background (smooth over ~3 PSF sigmas, :mod:`spotfit.background`)
-    follows it only in part: what is left leans the fit towards the brighter
-    side.  For each ``converged`` 2D fit over a known background ``b`` that
-    varies by more than :data:`STRUCTURE` pixel-noise standard deviations
-    across its window, :data:`SURFACE_ROUNDS` times: the fitted spot is
-    taken out of the window's data, a cubic surface ``q`` (10
-    coefficients, centred on the window) is fitted by weighted least squares
-    (weights ``1 / variance``) to what is left minus ``b``, and the spot is
-    fitted again with ``b + q`` (minus its minimum) as known light
-    (:func:`_fit_over`, a constant offset still free).  This alternation
-    converges to the fit of spot + offset + cubic background; its result
-    replaces the fit when ``converged`` (which rows are ``converged`` is
-    unchanged).  The reported errors are those of that joint model: the
-    Fisher information of the spot's parameters with the surface's nine
-    non-constant coefficients free (:func:`_surface_inflation`), so the
-    uncertainties stay at the Cramer-Rao bound of what was fitted.
-    Spots on flat background (the spread below :data:`STRUCTURE`) and
-    z-stacks keep their fits.
+    local background ``b`` (smooth over ~3 PSF sigmas,
+    :mod:`spotfit.background`) follows it only in part: what is left leans
+    the fit towards the brighter side.  Each ``converged`` 2D fit whose
+    window's ``b`` varies by more than :data:`STRUCTURE` pixel-noise standard
+    deviations (or :data:`STRUCTURE_MISFIT` for a fit misfit by
+    :data:`SURFACE_CHI2`) has the rest of its background estimated from the
+    window's own pixels, :data:`SURFACE_ROUNDS` times: the fitted spot is
+    taken out of the data, and what is left minus ``b`` on the pixels more
+    than 2 PSF sigmas from the spot's centre is interpolated under the spot
+    by kriging (:func:`_texture`): a free quadratic surface plus a texture
+    of Gaussian correlation :data:`TEXTURE_SCALE` PSF sigmas, its variance
+    measured on those pixels, under pixel noise.  The spot is fitted again
+    with ``b`` plus that estimate (minus its minimum) as known light
+    (:func:`_fit_over`, a constant offset still free); the second round
+    starts from the refit (its centre, its tails).  The result replaces the
+    fit when ``converged`` (which rows are ``converged`` does not change).
+    The reported errors of ``x``, ``y``, ``intensity`` and ``offset`` add
+    the uncertainty of that interpolated background
+    (:func:`_texture_inflation`).  Spots on flat background and z-stacks
+    keep their fits.
     """
     if setup.ndim != 2 or not batch.background:
         return values, errors, chi2, iterations, status
@@ -388,39 +397,118 @@ def _refine_background(setup: Setup, batch: Batch, values, errors, chi2, iterati
         spread = np.nanmax(level, axis=1) - np.nanmin(level, axis=1)
         noise = np.sqrt(_pixel_variance(setup, batch, rows, np.nanmean(level, axis=1)))
     A = _surface_basis(w.grid)
-    busy = (spread > STRUCTURE * noise) & (mask.sum(axis=1) >= 2 * A.shape[1])
+    dof = np.prod([2 * h + 1 for h in setup.half]) - setup.model.n_params
+    misfit = chi2[rows] > 1.0 + SURFACE_CHI2 * np.sqrt(2.0 / max(dof, 1))
+    busy = ((spread > STRUCTURE * noise) | misfit & (spread > STRUCTURE_MISFIT * noise)) & \
+        (mask.sum(axis=1) >= 2 * A.shape[1])
     rows, bg, mask = rows[busy], np.where(mask, bg, 0.0)[busy], mask[busy]
     if len(rows) == 0:
         return values, errors, chi2, iterations, status
     current = {key: v[rows] for key, v in values.items()}
     for _ in range(SURFACE_ROUNDS):
         spot = _spot_light(setup, w, rows, current)
-        weight = np.where(mask, 1.0 / _pixel_variance(setup, batch, rows, bg + spot), 0.0)
-        AtW = A.T[None, :, :] * weight[:, None, :]
-        G = AtW @ A
-        G += 1e-9 * np.trace(G, axis1=1, axis2=2)[:, None, None] * np.eye(A.shape[1])
-        rhs = np.einsum("nkp,np->nk", AtW, w.data[rows] - spot - bg)
-        q = np.linalg.solve(G, rhs[..., None])[..., 0] @ A.T
+        var = _pixel_variance(setup, batch, rows, bg + spot)
+        q, amplitude = _texture(setup, w, rows, current, w.data[rows] - spot - bg, var, mask, A)
         light = _known_light(mask, bg + q)
         refit = _fit_over(setup, batch, rows, light, variance)
         ok = refit[4] == CONVERGED
         for key in current:
             current[key] = np.where(ok, refit[0][key], current[key])
     v2, e2, c2, i2, s2 = refit
-    factor = _surface_inflation(setup, batch, rows, v2, light, A)
+    factor = _texture_inflation(setup, batch, rows, v2, light, mask, amplitude, A)
     for key in ("x", "y", "intensity", "offset"):
         e2[key] = e2[key] * factor[key]
     return _replace(rows, s2 == CONVERGED, light, (values, errors, chi2, iterations, status),
                     (v2, e2, c2, i2, s2))
 
 
+#: kriging: the free surface's coefficients have this prior variance (effectively unbounded)
+_FREE = 1e6
+#: pixels of the windows' (P, P) matrices per chunk of the kriging (bounds its memory)
+_KRIGING_BUDGET = 1 << 22
+
+
+def _texture_covariance(setup: Setup, grid) -> np.ndarray:
+    """``(P, P)``: the correlation of the texture between a window's pixels
+    (Gaussian, :data:`TEXTURE_SCALE` PSF sigmas)."""
+    x, y = grid.flat()[:2]
+    d2 = (x[:, None] - x[None, :]) ** 2 + (y[:, None] - y[None, :]) ** 2
+    scale = TEXTURE_SCALE * setup.config.sigma
+    return np.exp(-d2 / (2.0 * scale * scale))
+
+
+def _chunks(n, P):
+    step = max(1, _KRIGING_BUDGET // (P * P))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _texture(setup: Setup, w, rows, values, residual, var, mask, A):
+    """Kriging of the background left in windows ``rows`` (``residual``: data minus spot minus
+    detection's background, ``(m, P)``; ``var``: pixel variance) from the pixels more than 2
+    PSF sigmas from the fitted centre: a free quadratic surface (``A``, prior variance
+    :data:`_FREE`) plus a texture of correlation :func:`_texture_covariance`, whose
+    variance ``s2`` is measured on those pixels (mean of ``residual^2 - var``, at least 0).
+    Returns the estimate at every pixel ``(m, P)`` and ``s2`` ``(m,)``."""
+    x, y = w.grid.flat()[:2]
+    cx = values["x"] - w.origin[rows, 0]
+    cy = values["y"] - w.origin[rows, 1]
+    far = mask & (np.hypot(x[None, :] - cx[:, None], y[None, :] - cy[:, None]) > 2.0 * setup.config.sigma)
+    residual = np.where(mask, residual, 0.0)
+    s2 = np.maximum(np.sum(np.where(far, residual ** 2 - var, 0.0), axis=1) / np.maximum(far.sum(axis=1), 1), 0.0)
+    R = _texture_covariance(setup, w.grid)
+    F = _FREE * (A @ A.T)
+    P = R.shape[0]
+    out = np.empty_like(residual)
+    for sl in _chunks(len(rows), P):
+        K = s2[sl, None, None] * R[None] + F[None]
+        C = K + np.where(far[sl], var[sl], 1e30)[:, :, None] * np.eye(P)[None]
+        out[sl] = np.einsum("npq,nq->np", K, np.linalg.solve(C, residual[sl][..., None])[..., 0])
+    return out, s2
+
+
+def _texture_inflation(setup: Setup, batch: Batch, rows, values, light, mask, s2, A) -> dict:
+    """Error factors of ``x, y, intensity, offset`` for the uncertainty of the background
+    taken as known light: ``sqrt(diag(C0 + G S G^T) / diag(C0))`` with ``C0 = (J^T N^-1 J)^-1``
+    the Cramer-Rao covariance of the spot's parameters (``J`` the model's Jacobian, ``N``
+    the pixel variance of the model plus the known light), ``G = C0 J^T N^-1`` how an error
+    of the known light moves them, and ``S`` the covariance of the kriged background
+    (:func:`_texture`) given the pixels away from the spot; the surface's constant is left
+    out of ``S`` (it is the fitted offset)."""
+    w = batch.windows
+    model, theta = _spot_params(setup, w, rows, values)
+    theta[:, -1] = values["offset"]  # the fitted level (before the known light is added back)
+    mu, jac = model.evaluate(theta, w.grid)
+    inv_var = np.where(mask, 1.0 / _pixel_variance(setup, batch, rows, mu + light), 0.0)
+    x, y = w.grid.flat()[:2]
+    cx = values["x"] - w.origin[rows, 0]
+    cy = values["y"] - w.origin[rows, 1]
+    far = mask & (np.hypot(x[None, :] - cx[:, None], y[None, :] - cy[:, None]) > 2.0 * setup.config.sigma)
+    R = _texture_covariance(setup, w.grid)
+    F = _FREE * (A[:, 1:] @ A[:, 1:].T)
+    P, k = R.shape[0], jac.shape[1]
+    ratio = np.ones((len(rows), k))
+    for sl in _chunks(len(rows), P):
+        K = s2[sl, None, None] * R[None] + F[None]
+        noise = np.where(far[sl], 1.0 / np.maximum(inv_var[sl], 1e-30), 1e30)
+        S = K - K @ np.linalg.solve(K + noise[:, :, None] * np.eye(P)[None], K)
+        JN = jac[sl] * inv_var[sl][:, None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            C0 = np.linalg.pinv(JN @ jac[sl].transpose(0, 2, 1))
+            G = C0 @ JN
+            extra = np.einsum("nip,npq,niq->ni", G, S, G)
+            r = 1.0 + extra / np.diagonal(C0, axis1=1, axis2=2)
+        ratio[sl] = np.where(np.isfinite(r), np.maximum(r, 1.0), 1.0)
+    ratio = np.sqrt(ratio)
+    return {name: ratio[:, model.index(name)] for name in ("x", "y", "intensity", "offset")}
+
+
 def _surface_basis(grid) -> np.ndarray:
-    """``(P, 10)``: the monomials of x, y up to degree 3 (1 first) at the pixels of a 2D
+    """``(P, 6)``: the monomials of x, y up to degree 2 (1 first) at the pixels of a 2D
     window, x and y centred on the window and scaled to [-1, 1]."""
     x, y = grid.flat()[:2]
     x = (x - np.mean(x)) / max(np.ptp(x) / 2, 1.0)
     y = (y - np.mean(y)) / max(np.ptp(y) / 2, 1.0)
-    return np.column_stack([x ** i * y ** (d - i) for d in range(4) for i in range(d, -1, -1)])
+    return np.column_stack([x ** i * y ** (d - i) for d in range(3) for i in range(d, -1, -1)])
 
 
 def _pixel_variance(setup: Setup, batch: Batch, rows, level) -> np.ndarray:
@@ -455,27 +543,6 @@ def _spot_light(setup: Setup, w, rows, values) -> np.ndarray:
     """``(m, P)``: the fitted spots' light (no offset) in windows ``rows``."""
     model, theta = _spot_params(setup, w, rows, values)
     return model.value(theta, w.grid)
-
-
-def _surface_inflation(setup: Setup, batch: Batch, rows, values, light, A) -> dict:
-    """Error factors of ``x, y, intensity, offset`` when the cubic surface's
-    non-constant coefficients are fitted too: ``sqrt`` of the ratio of the
-    Cramer-Rao variances with and without them (Fisher information of the
-    fitted pixels, variance of the model plus the known light)."""
-    w = batch.windows
-    model, theta = _spot_params(setup, w, rows, values)
-    theta[:, -1] = values["offset"]  # the fitted level (before the known light is added back)
-    mu, jac = model.evaluate(theta, w.grid)
-    weight = np.where(w.mask[rows], 1.0 / _pixel_variance(setup, batch, rows, mu + light), 0.0)
-    full = np.concatenate([jac, np.broadcast_to(A.T[None, 1:], (len(rows), A.shape[1] - 1, A.shape[0]))], axis=1)
-    F = np.einsum("nip,np,njp->nij", full, weight, full)
-    k = jac.shape[1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        alone = np.diagonal(np.linalg.pinv(F[:, :k, :k]), axis1=1, axis2=2)
-        joint = np.diagonal(np.linalg.pinv(F), axis1=1, axis2=2)[:, :k]
-        ratio = np.sqrt(np.where(alone > 0, joint / alone, 1.0))
-    ratio = np.where(np.isfinite(ratio), np.maximum(ratio, 1.0), 1.0)
-    return {name: ratio[:, model.index(name)] for name in ("x", "y", "intensity", "offset")}
 
 
 def _columns(setup: Setup, batch: Batch, sol):
