@@ -108,3 +108,15 @@ def test_flat_background_is_left_alone(monkeypatch):
     b = spotfit.fit(img, camera=camera, sigma=SIGMA)
     changed = np.mean(a["x"].to_numpy() != b["x"].to_numpy())
     assert len(a) == len(b) and changed <= 0.01, changed  # at most ~0.1% expected
+
+
+def test_jacobian_by_differences_matches_the_kernel():
+    from spotfit.models import Grid, get_model
+
+    model = get_model("rotated", 2, True)
+    grid = Grid((9, 11))  # non-square
+    theta = np.array([[2500.0, 5.3, 3.8, 1.9, 1.5, 0.2, 0.0], [800.0, 4.9, 4.4, 1.3, 1.8, -0.3, 0.0]])
+    mu, jac = single._jacobian(model, theta, grid)
+    mu0, jac0 = model.evaluate(theta, grid)
+    np.testing.assert_allclose(mu, mu0, rtol=0, atol=1e-9 * mu0.max())
+    np.testing.assert_allclose(jac, jac0, rtol=0, atol=1e-5 * np.abs(jac0).max(axis=2, keepdims=True).max())
