@@ -31,14 +31,12 @@ MISFIT_CHI2 = 4.0
 #: ... when its larger width exceeds this many PSF sigmas, or when it is not ``converged``
 MISFIT_WIDTH = 1.2
 #: a ``converged`` 2D fit whose window's detection background varies by more than
-#: this many pixel-noise standard deviations (max - min over the window) has the
-#: background under it refined (:func:`_refine_background`) ...
-STRUCTURE = 2.0
-#: ... or by more than :data:`STRUCTURE_MISFIT` standard deviations when its reduced
-#: chi-square exceeds 1 by :data:`SURFACE_CHI2` standard deviations (light the
-#: background does not explain) ...
-STRUCTURE_MISFIT = 1.0
-SURFACE_CHI2 = 2.0
+#: this many pixel-noise standard deviations (max - min over the window) ...
+STRUCTURE = 1.0
+#: ... and by more than this fraction of the spot's peak (less is mostly the light of
+#: spots themselves in the background estimate: bright or unresolved neighbours) has
+#: the background under it refined (:func:`_refine_background`) ...
+STRUCTURE_PEAK = 0.04
 #: ... in this many rounds of (kriging of the background, refit)
 SURFACE_ROUNDS = 2
 #: correlation length of the background's texture under a spot, in PSF sigmas
@@ -366,9 +364,9 @@ def _refine_background(setup: Setup, batch: Batch, values, errors, chi2, iterati
     :mod:`spotfit.background`) follows it only in part: what is left leans
     the fit towards the brighter side.  Each ``converged`` 2D fit whose
     window's ``b`` varies by more than :data:`STRUCTURE` pixel-noise standard
-    deviations (or :data:`STRUCTURE_MISFIT` for a fit misfit by
-    :data:`SURFACE_CHI2`) has the rest of its background estimated from the
-    window's own pixels, :data:`SURFACE_ROUNDS` times: the fitted spot is
+    deviations and by more than :data:`STRUCTURE_PEAK` of the spot's peak has
+    the rest of its background estimated from the window's own pixels,
+    :data:`SURFACE_ROUNDS` times: the fitted spot is
     taken out of the data, and what is left minus ``b`` on the pixels more
     than 2 PSF sigmas from the spot's centre is interpolated under the spot
     by kriging (:func:`_texture`): a free quadratic surface plus a texture
@@ -397,10 +395,8 @@ def _refine_background(setup: Setup, batch: Batch, values, errors, chi2, iterati
         spread = np.nanmax(level, axis=1) - np.nanmin(level, axis=1)
         noise = np.sqrt(_pixel_variance(setup, batch, rows, np.nanmean(level, axis=1)))
     A = _surface_basis(w.grid)
-    dof = np.prod([2 * h + 1 for h in setup.half]) - setup.model.n_params
-    misfit = chi2[rows] > 1.0 + SURFACE_CHI2 * np.sqrt(2.0 / max(dof, 1))
-    busy = ((spread > STRUCTURE * noise) | misfit & (spread > STRUCTURE_MISFIT * noise)) & \
-        (mask.sum(axis=1) >= 2 * A.shape[1])
+    peak = values["intensity"][rows] / (2.0 * np.pi * values["sigma_x"][rows] * values["sigma_y"][rows])
+    busy = (spread > STRUCTURE * noise) & (spread > STRUCTURE_PEAK * peak) & (mask.sum(axis=1) >= 2 * A.shape[1])
     rows, bg, mask = rows[busy], np.where(mask, bg, 0.0)[busy], mask[busy]
     if len(rows) == 0:
         return values, errors, chi2, iterations, status
