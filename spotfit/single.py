@@ -11,6 +11,7 @@ frame's noise model up front when the frame is too large for one batch.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,8 +32,9 @@ MISFIT_CHI2 = 4.0
 #: ... when its larger width exceeds this many PSF sigmas, or when it is not ``converged``
 MISFIT_WIDTH = 1.2
 #: a ``converged`` 2D fit whose window's detection background varies by more than
-#: this many pixel-noise standard deviations (max - min over the window) ...
-STRUCTURE = 1.0
+#: this many pixel-noise standard deviations (max - min over the window's corners and
+#: edges' middles) ...
+STRUCTURE = 1.5
 #: ... and by more than this fraction of the spot's peak (less is mostly the light of
 #: spots themselves in the background estimate: bright or unresolved neighbours) has
 #: the background under it refined (:func:`_refine_background`) ...
@@ -245,12 +247,15 @@ def _fit_columns(setup: Setup, batch: Batch, measured=None):
     return _columns(setup, batch, sol)
 
 
-def window_background(batch: Batch, rows) -> np.ndarray:
+def window_background(batch: Batch, rows, pixels=None) -> np.ndarray:
     """The detection's local background at every pixel of windows ``rows`` (``(m, P)``; NaN
-    where a window's frame has none), frame units."""
+    where a window's frame has none), frame units; ``pixels``: only at these (flat
+    indices into the window, ``(m, len(pixels))``)."""
     w = batch.windows
     nd = w.grid.ndim
     offsets = np.indices(w.grid.shape).reshape(nd, -1)  # array order
+    if pixels is not None:
+        offsets = offsets[:, pixels]
     out = np.full((len(rows), offsets.shape[1]), np.nan)
     frames = batch.frame[rows]
     for t, pieces in (batch.background or {}).items():
@@ -388,18 +393,26 @@ def _refine_background(setup: Setup, batch: Batch, values, errors, chi2, iterati
     rows = np.flatnonzero(known & (status == CONVERGED))
     if len(rows) == 0:
         return values, errors, chi2, iterations, status
-    bg = window_background(batch, rows)
-    mask = w.mask[rows] & np.isfinite(bg)
-    level = np.where(mask, bg, np.nan)
-    with np.errstate(invalid="ignore"):
+    # the background's spread over the window, from its corners and edges' middles (the
+    # detection's background is smooth on that scale)
+    ny, nx = w.grid.shape
+    probe = np.delete((np.array([0, ny // 2, ny - 1])[:, None] * nx + np.array([0, nx // 2, nx - 1])[None, :]).ravel(), 4)
+    level = window_background(batch, rows, probe)
+    level = np.where(w.mask[rows][:, probe], level, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a window without any probe: no spread
         spread = np.nanmax(level, axis=1) - np.nanmin(level, axis=1)
         noise = np.sqrt(_pixel_variance(setup, batch, rows, np.nanmean(level, axis=1)))
     A = _surface_basis(w.grid)
     peak = values["intensity"][rows] / (2.0 * np.pi * values["sigma_x"][rows] * values["sigma_y"][rows])
-    busy = (spread > STRUCTURE * noise) & (spread > STRUCTURE_PEAK * peak) & (mask.sum(axis=1) >= 2 * A.shape[1])
-    rows, bg, mask = rows[busy], np.where(mask, bg, 0.0)[busy], mask[busy]
+    busy = (spread > STRUCTURE * noise) & (spread > STRUCTURE_PEAK * peak) & \
+        (w.mask[rows].sum(axis=1) >= 2 * A.shape[1])
+    rows = rows[busy]
     if len(rows) == 0:
         return values, errors, chi2, iterations, status
+    bg = window_background(batch, rows)
+    mask = w.mask[rows] & np.isfinite(bg)
+    bg = np.where(mask, bg, 0.0)
     current = {key: v[rows] for key, v in values.items()}
     for _ in range(SURFACE_ROUNDS):
         spot = _spot_light(setup, w, rows, current)
@@ -486,12 +499,16 @@ def _texture_inflation(setup: Setup, batch: Batch, rows, values, light, mask, s2
     for sl in _chunks(len(rows), P):
         K = s2[sl, None, None] * R[None] + F[None]
         noise = np.where(far[sl], 1.0 / np.maximum(inv_var[sl], 1e-30), 1e30)
-        S = K - K @ np.linalg.solve(K + noise[:, :, None] * np.eye(P)[None], K)
         JN = jac[sl] * inv_var[sl][:, None, :]
         with np.errstate(invalid="ignore", divide="ignore"):
-            C0 = np.linalg.pinv(JN @ jac[sl].transpose(0, 2, 1))
-            G = C0 @ JN
-            extra = np.einsum("nip,npq,niq->ni", G, S, G)
+            fisher = np.einsum("nip,njp->nij", JN, jac[sl])
+            fisher += 1e-12 * np.trace(fisher, axis1=1, axis2=2)[:, None, None] * np.eye(k)
+            C0 = np.linalg.inv(fisher)
+            G = np.einsum("nij,njp->nip", C0, JN)
+            # diag(G S G^T), S = K - K (K + noise)^-1 K, with k right-hand sides instead of P
+            KG = np.einsum("npq,niq->npi", K, G)
+            solved = np.linalg.solve(K + noise[:, :, None] * np.eye(P)[None], KG)
+            extra = np.einsum("nip,npi->ni", G, KG) - np.einsum("npi,npi->ni", KG, solved)
             r = 1.0 + extra / np.diagonal(C0, axis1=1, axis2=2)
         ratio[sl] = np.where(np.isfinite(r), np.maximum(r, 1.0), 1.0)
     ratio = np.sqrt(ratio)
