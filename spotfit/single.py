@@ -11,6 +11,7 @@ frame's noise model up front when the frame is too large for one batch.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -30,6 +31,18 @@ NEIGHBOUR_REACH = 2.5
 MISFIT_CHI2 = 4.0
 #: ... when its larger width exceeds this many PSF sigmas, or when it is not ``converged``
 MISFIT_WIDTH = 1.2
+#: a ``converged`` 2D fit whose window's detection background varies by more than
+#: this many pixel-noise standard deviations (max - min over the window's corners and
+#: edges' middles) ...
+STRUCTURE = 1.5
+#: ... and by more than this fraction of the spot's peak (less is mostly the light of
+#: spots themselves in the background estimate: bright or unresolved neighbours) has
+#: the background under it refined (:func:`_refine_background`) ...
+STRUCTURE_PEAK = 0.04
+#: ... in this many rounds of (kriging of the background, refit)
+SURFACE_ROUNDS = 2
+#: correlation length of the background's texture under a spot, in PSF sigmas
+TEXTURE_SCALE = 2.0
 #: window pixels fitted in one solve (bounds memory to a few (n, P) float64
 #: arrays of this size: 32768 windows of 11 x 11 px)
 PIXEL_BUDGET = 32768 * 121
@@ -215,8 +228,10 @@ def fit_batch(setup: Setup, batch: Batch):
     measured = {}
     values, errors, chi2, iterations, status = _fit_columns(setup, batch, measured)
     if batch.background:
-        values, errors, chi2, iterations, status = _over_background(
-            setup, batch, values, errors, chi2, iterations, status, measured.get("variance"))
+        columns = _over_background(setup, batch, values, errors, chi2, iterations, status,
+                                   measured.get("variance"))
+        values, errors, chi2, iterations, status = _refine_background(
+            setup, batch, *columns, measured.get("variance"))
     return table.build(batch.frame, values, errors, chi2, iterations, results.status_names(status),
                        setup.camera.unit, setup.ndim)
 
@@ -232,12 +247,15 @@ def _fit_columns(setup: Setup, batch: Batch, measured=None):
     return _columns(setup, batch, sol)
 
 
-def window_background(batch: Batch, rows) -> np.ndarray:
+def window_background(batch: Batch, rows, pixels=None) -> np.ndarray:
     """The detection's local background at every pixel of windows ``rows`` (``(m, P)``; NaN
-    where a window's frame has none), frame units."""
+    where a window's frame has none), frame units; ``pixels``: only at these (flat
+    indices into the window, ``(m, len(pixels))``)."""
     w = batch.windows
     nd = w.grid.ndim
     offsets = np.indices(w.grid.shape).reshape(nd, -1)  # array order
+    if pixels is not None:
+        offsets = offsets[:, pixels]
     out = np.full((len(rows), offsets.shape[1]), np.nan)
     frames = batch.frame[rows]
     for t, pieces in (batch.background or {}).items():
@@ -295,19 +313,40 @@ def _over_background(setup: Setup, batch: Batch, values, errors, chi2, iteration
     rows = np.flatnonzero(known & (~(chi2 <= limit) | (big > MISFIT_WIDTH) | (status != CONVERGED)))
     if len(rows) == 0:
         return values, errors, chi2, iterations, status
-    w = batch.windows
     bg = window_background(batch, rows)
-    mask = w.mask[rows] & np.isfinite(bg)
-    low = np.min(np.where(mask, bg, np.inf), axis=1)
-    light = np.where(mask, bg - np.where(np.isfinite(low), low, 0.0)[:, None], 0.0)
+    light = _known_light(batch.windows.mask[rows], bg)
+    v2, e2, c2, i2, s2 = _fit_over(setup, batch, rows, light, variance)
+    better = (s2 == CONVERGED) & ((c2 < chi2[rows]) | (status[rows] != CONVERGED))
+    return _replace(rows, better, light, (values, errors, chi2, iterations, status), (v2, e2, c2, i2, s2))
+
+
+def _known_light(mask, surface) -> np.ndarray:
+    """``surface - min(surface)`` over each window's fitted pixels (0 elsewhere, and
+    where ``surface`` is NaN): light taken as known, the rest is the fitted offset."""
+    mask = mask & np.isfinite(surface)
+    low = np.min(np.where(mask, surface, np.inf), axis=1)
+    return np.where(mask, surface - np.where(np.isfinite(low), low, 0.0)[:, None], 0.0)
+
+
+def _fit_over(setup: Setup, batch: Batch, rows, light, variance=None):
+    """Columns of the fits of windows ``rows`` with ``light`` ``(m, P)`` as known light:
+    taken out of the data, its shot noise added to the read variance (calibrated data;
+    uncalibrated data keep the noise model ``variance`` measured on the frame's fits)."""
     sub = _take(batch, rows, None if setup.camera.calibrated or variance is None else variance[rows])
     sub.background = None
     sub.windows.data = np.where(sub.windows.mask, sub.windows.data - light, 0.0)
     if setup.camera.calibrated:  # the known light's shot noise
         rv = setup.camera.read_variance() if sub.windows.read_var is None else sub.windows.read_var
         sub.windows.read_var = rv + light
-    v2, e2, c2, i2, s2 = _fit_columns(setup, sub)
-    better = (s2 == CONVERGED) & ((c2 < chi2[rows]) | (status[rows] != CONVERGED))
+    return _fit_columns(setup, sub)
+
+
+def _replace(rows, better, light, columns, refit):
+    """``columns`` (values, errors, chi2, iterations, status) with rows ``rows[better]``
+    taken from ``refit`` (columns of ``rows``); a refit's offset is reported as the
+    background under the detected pixel (its fitted level plus the known light there)."""
+    values, errors, chi2, iterations, status = columns
+    v2, e2, c2, i2, s2 = refit
     if not better.any():
         return values, errors, chi2, iterations, status
     take = rows[better]
@@ -319,6 +358,219 @@ def _over_background(setup: Setup, batch: Batch, values, errors, chi2, iteration
     chi2, iterations, status = chi2.copy(), iterations.copy(), status.copy()
     chi2[take], iterations[take], status[take] = c2[better], i2[better], s2[better]
     return values, errors, chi2, iterations, status
+
+
+def _refine_background(setup: Setup, batch: Batch, values, errors, chi2, iterations, status, variance=None):
+    """Spots over textured background: the background under each estimated from around it.
+
+    Over textured cells (nuclei, cytoplasm, illumination) the background
+    changes within a spot's window on the scale of the PSF, and detection's
+    local background ``b`` (smooth over ~3 PSF sigmas,
+    :mod:`spotfit.background`) follows it only in part: what is left leans
+    the fit towards the brighter side.  Each ``converged`` 2D fit whose
+    window's ``b`` varies by more than :data:`STRUCTURE` pixel-noise standard
+    deviations and by more than :data:`STRUCTURE_PEAK` of the spot's peak has
+    the rest of its background estimated from the window's own pixels,
+    :data:`SURFACE_ROUNDS` times: the fitted spot is
+    taken out of the data, and what is left minus ``b`` on the pixels more
+    than 2 PSF sigmas from the spot's centre is interpolated under the spot
+    by kriging (:func:`_texture`): a free quadratic surface plus a texture
+    of Gaussian correlation :data:`TEXTURE_SCALE` PSF sigmas, its variance
+    measured on those pixels, under pixel noise.  The spot is fitted again
+    with ``b`` plus that estimate (minus its minimum) as known light
+    (:func:`_fit_over`, a constant offset still free); the second round
+    starts from the refit (its centre, its tails).  The result replaces the
+    fit when ``converged`` (which rows are ``converged`` does not change).
+    The reported errors of ``x``, ``y``, ``intensity`` and ``offset`` add
+    the uncertainty of that interpolated background
+    (:func:`_texture_inflation`).  Spots on flat background and z-stacks
+    keep their fits.
+    """
+    if setup.ndim != 2 or not batch.background:
+        return values, errors, chi2, iterations, status
+    w = batch.windows
+    known = np.isin(batch.frame, np.fromiter(batch.background, np.int64))
+    rows = np.flatnonzero(known & (status == CONVERGED))
+    if len(rows) == 0:
+        return values, errors, chi2, iterations, status
+    # the background's spread over the window, from its corners and edges' middles (the
+    # detection's background is smooth on that scale)
+    ny, nx = w.grid.shape
+    probe = np.delete((np.array([0, ny // 2, ny - 1])[:, None] * nx + np.array([0, nx // 2, nx - 1])[None, :]).ravel(), 4)
+    level = window_background(batch, rows, probe)
+    level = np.where(w.mask[rows][:, probe], level, np.nan)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a window without any probe: no spread
+        spread = np.nanmax(level, axis=1) - np.nanmin(level, axis=1)
+        noise = np.sqrt(_pixel_variance(setup, batch, rows, np.nanmean(level, axis=1)))
+    A = _surface_basis(w.grid)
+    peak = values["intensity"][rows] / (2.0 * np.pi * values["sigma_x"][rows] * values["sigma_y"][rows])
+    busy = (spread > STRUCTURE * noise) & (spread > STRUCTURE_PEAK * peak) & \
+        (w.mask[rows].sum(axis=1) >= 2 * A.shape[1])
+    rows = rows[busy]
+    if len(rows) == 0:
+        return values, errors, chi2, iterations, status
+    bg = window_background(batch, rows)
+    mask = w.mask[rows] & np.isfinite(bg)
+    bg = np.where(mask, bg, 0.0)
+    current = {key: v[rows] for key, v in values.items()}
+    for _ in range(SURFACE_ROUNDS):
+        spot = _spot_light(setup, w, rows, current)
+        var = _pixel_variance(setup, batch, rows, bg + spot)
+        q, amplitude = _texture(setup, w, rows, current, w.data[rows] - spot - bg, var, mask, A)
+        light = _known_light(mask, bg + q)
+        refit = _fit_over(setup, batch, rows, light, variance)
+        ok = refit[4] == CONVERGED
+        for key in current:
+            current[key] = np.where(ok, refit[0][key], current[key])
+    v2, e2, c2, i2, s2 = refit
+    factor = _texture_inflation(setup, batch, rows, v2, light, mask, amplitude, A)
+    for key in ("x", "y", "intensity", "offset"):
+        e2[key] = e2[key] * factor[key]
+    return _replace(rows, s2 == CONVERGED, light, (values, errors, chi2, iterations, status),
+                    (v2, e2, c2, i2, s2))
+
+
+#: kriging: the free surface's coefficients have this prior variance (effectively unbounded)
+_FREE = 1e6
+#: pixels of the windows' (P, P) matrices per chunk of the kriging (bounds its memory)
+_KRIGING_BUDGET = 1 << 22
+
+
+def _texture_covariance(setup: Setup, grid) -> np.ndarray:
+    """``(P, P)``: the correlation of the texture between a window's pixels
+    (Gaussian, :data:`TEXTURE_SCALE` PSF sigmas)."""
+    x, y = grid.flat()[:2]
+    d2 = (x[:, None] - x[None, :]) ** 2 + (y[:, None] - y[None, :]) ** 2
+    scale = TEXTURE_SCALE * setup.config.sigma
+    return np.exp(-d2 / (2.0 * scale * scale))
+
+
+def _chunks(n, P):
+    step = max(1, _KRIGING_BUDGET // (P * P))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def _texture(setup: Setup, w, rows, values, residual, var, mask, A):
+    """Kriging of the background left in windows ``rows`` (``residual``: data minus spot minus
+    detection's background, ``(m, P)``; ``var``: pixel variance) from the pixels more than 2
+    PSF sigmas from the fitted centre: a free quadratic surface (``A``, prior variance
+    :data:`_FREE`) plus a texture of correlation :func:`_texture_covariance`, whose
+    variance ``s2`` is measured on those pixels (mean of ``residual^2 - var``, at least 0).
+    Returns the estimate at every pixel ``(m, P)`` and ``s2`` ``(m,)``."""
+    x, y = w.grid.flat()[:2]
+    cx = values["x"] - w.origin[rows, 0]
+    cy = values["y"] - w.origin[rows, 1]
+    far = mask & (np.hypot(x[None, :] - cx[:, None], y[None, :] - cy[:, None]) > 2.0 * setup.config.sigma)
+    residual = np.where(mask, residual, 0.0)
+    s2 = np.maximum(np.sum(np.where(far, residual ** 2 - var, 0.0), axis=1) / np.maximum(far.sum(axis=1), 1), 0.0)
+    R = _texture_covariance(setup, w.grid)
+    F = _FREE * (A @ A.T)
+    P = R.shape[0]
+    out = np.empty_like(residual)
+    for sl in _chunks(len(rows), P):
+        K = s2[sl, None, None] * R[None] + F[None]
+        C = K + np.where(far[sl], var[sl], 1e30)[:, :, None] * np.eye(P)[None]
+        out[sl] = np.einsum("npq,nq->np", K, np.linalg.solve(C, residual[sl][..., None])[..., 0])
+    return out, s2
+
+
+def _texture_inflation(setup: Setup, batch: Batch, rows, values, light, mask, s2, A) -> dict:
+    """Error factors of ``x, y, intensity, offset`` for the uncertainty of the background
+    taken as known light: ``sqrt(diag(C0 + G S G^T) / diag(C0))`` with ``C0 = (J^T N^-1 J)^-1``
+    the Cramer-Rao covariance of the spot's parameters (``J`` the model's Jacobian, ``N``
+    the pixel variance of the model plus the known light), ``G = C0 J^T N^-1`` how an error
+    of the known light moves them, and ``S`` the covariance of the kriged background
+    (:func:`_texture`) given the pixels away from the spot; the surface's constant is left
+    out of ``S`` (it is the fitted offset)."""
+    w = batch.windows
+    model, theta = _spot_params(setup, w, rows, values)
+    theta[:, -1] = values["offset"]  # the fitted level (before the known light is added back)
+    mu, jac = _jacobian(model, theta, w.grid)
+    inv_var = np.where(mask, 1.0 / _pixel_variance(setup, batch, rows, mu + light), 0.0)
+    x, y = w.grid.flat()[:2]
+    cx = values["x"] - w.origin[rows, 0]
+    cy = values["y"] - w.origin[rows, 1]
+    far = mask & (np.hypot(x[None, :] - cx[:, None], y[None, :] - cy[:, None]) > 2.0 * setup.config.sigma)
+    R = _texture_covariance(setup, w.grid)
+    F = _FREE * (A[:, 1:] @ A[:, 1:].T)
+    P, k = R.shape[0], jac.shape[1]
+    ratio = np.ones((len(rows), k))
+    for sl in _chunks(len(rows), P):
+        K = s2[sl, None, None] * R[None] + F[None]
+        noise = np.where(far[sl], 1.0 / np.maximum(inv_var[sl], 1e-30), 1e30)
+        JN = jac[sl] * inv_var[sl][:, None, :]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fisher = np.einsum("nip,njp->nij", JN, jac[sl])
+            fisher += 1e-12 * np.trace(fisher, axis1=1, axis2=2)[:, None, None] * np.eye(k)
+            C0 = np.linalg.inv(fisher)
+            G = np.einsum("nij,njp->nip", C0, JN)
+            # diag(G S G^T), S = K - K (K + noise)^-1 K, with k right-hand sides instead of P
+            KG = np.einsum("npq,niq->npi", K, G)
+            solved = np.linalg.solve(K + noise[:, :, None] * np.eye(P)[None], KG)
+            extra = np.einsum("nip,npi->ni", G, KG) - np.einsum("npi,npi->ni", KG, solved)
+            r = 1.0 + extra / np.diagonal(C0, axis1=1, axis2=2)
+        ratio[sl] = np.where(np.isfinite(r), np.maximum(r, 1.0), 1.0)
+    ratio = np.sqrt(ratio)
+    return {name: ratio[:, model.index(name)] for name in ("x", "y", "intensity", "offset")}
+
+
+def _jacobian(model, theta, grid):
+    """``model``'s values ``(n, P)`` and Jacobian ``(n, k, P)`` at ``theta`` by central
+    differences of :meth:`~spotfit.models.Model.value` (the kernel every fit compiles;
+    relative error ~1e-8, ample for error factors)."""
+    mu = model.value(theta, grid)
+    n, k = theta.shape
+    step = 1e-4 * np.maximum(np.abs(theta), 1.0)
+    shifted = np.repeat(theta[:, None, :], 2 * k, axis=1)
+    j = np.arange(k)
+    shifted[:, 2 * j, j] += step
+    shifted[:, 2 * j + 1, j] -= step
+    v = model.value(shifted.reshape(n * 2 * k, k), grid).reshape(n, k, 2, -1)
+    return mu, (v[:, :, 0] - v[:, :, 1]) / (2.0 * step[:, :, None])
+
+
+def _surface_basis(grid) -> np.ndarray:
+    """``(P, 6)``: the monomials of x, y up to degree 2 (1 first) at the pixels of a 2D
+    window, x and y centred on the window and scaled to [-1, 1]."""
+    x, y = grid.flat()[:2]
+    x = (x - np.mean(x)) / max(np.ptp(x) / 2, 1.0)
+    y = (y - np.mean(y)) / max(np.ptp(y) / 2, 1.0)
+    return np.column_stack([x ** i * y ** (d - i) for d in range(3) for i in range(d, -1, -1)])
+
+
+def _pixel_variance(setup: Setup, batch: Batch, rows, level) -> np.ndarray:
+    """Pixel variance at expected ``level`` (frame units; ``(m,)`` or ``(m, P)``) in
+    windows ``rows`` of ``batch``: the camera's noise model, or for uncalibrated
+    data relative weights (the frame's pixel noise plus the level)."""
+    level = np.asarray(level, float)
+    if setup.camera.calibrated:
+        rv = batch.windows.read_var
+        if rv is not None and level.ndim == 1:  # sCMOS map: its mean over each window
+            return setup.noise(rv[rows].mean(axis=1)).variance(level)
+        return setup.noise(None if rv is None else rv[rows]).variance(level)
+    shape = (len(rows),) + (1,) * (level.ndim - 1)
+    return np.maximum(batch.image_var[rows].reshape(shape), 1e-12) + np.maximum(level, 0.0)
+
+
+def _spot_params(setup: Setup, w, rows, values):
+    """The rotated model (pixel integration as ``setup``'s) and its parameters, offset 0,
+    for fitted columns ``values`` of windows ``rows``."""
+    from spotfit.models import get_model
+
+    model = get_model("rotated", 2, setup.model.integrated)
+    sx, sy, a = values["sigma_x"], values["sigma_y"], np.nan_to_num(values["angle"])
+    c, s = np.cos(a), np.sin(a)
+    theta = np.column_stack([values["intensity"], values["x"] - w.origin[rows, 0], values["y"] - w.origin[rows, 1],
+                             (sx * c) ** 2 + (sy * s) ** 2, (sx * s) ** 2 + (sy * c) ** 2,
+                             (sx * sx - sy * sy) * s * c, np.zeros(len(rows))])
+    return model, theta
+
+
+def _spot_light(setup: Setup, w, rows, values) -> np.ndarray:
+    """``(m, P)``: the fitted spots' light (no offset) in windows ``rows``."""
+    model, theta = _spot_params(setup, w, rows, values)
+    return model.value(theta, w.grid)
 
 
 def _columns(setup: Setup, batch: Batch, sol):
