@@ -1,4 +1,4 @@
-"""A fresh ``spotfit fit`` imports only what its run needs (the start-up regression of #15).
+"""A fresh ``spotfit fit`` imports only what its run needs (the start-up regression).
 
 Users run ``spotfit fit`` in shell loops over thousands of files, so every
 process' start-up counts; most of a small image's time was importing
