@@ -349,7 +349,7 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     """The background on the coarse grid (see :meth:`Background.estimate`).
 
     Returns the background per cell, the cells left out as spots and the
-    cell means.  NumPy and SciPy, not compiled: the grid has a few cells per
+    cell means.  NumPy, not compiled: the grid has a few cells per
     PSF width, and compiling this took a third of a first run's compile time.
     """
     means = sums / np.maximum(counts, 1.0)
@@ -424,14 +424,53 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax):
     """One separable pass along `axis` of a 3D float64 array: correlation with
     ``kernel[:2 half + 1]`` (minmax 0), or the minimum (1) / maximum (2) over
     ``2 half + 1`` cells.  Edges: nearest value (``nearest``, always for the
-    minimum and maximum) or zeros.  An axis of length 1 is left as it is."""
-    from scipy import ndimage
+    minimum and maximum) or zeros.  An axis of length 1 is left as it is.
 
+    The same numbers as ``scipy.ndimage.correlate1d`` (``mode="nearest"`` or
+    ``"constant"``), ``minimum_filter1d`` and ``maximum_filter1d``
+    (``mode="nearest"``), computed with NumPy in the same order of operations
+    (tests/test_background.py checks they are equal bit for bit): importing
+    ``scipy.ndimage`` took longer than a small frame's whole fit.  A kernel that
+    is not symmetric, or values that are not finite, go to ``scipy.ndimage``.
+    """
     half = int(half)
     if half == 0 or a.shape[axis] == 1:
         return a.copy()
+    weights = np.asarray(kernel[: 2 * half + 1], dtype=np.float64)
+    # ndimage's test for a symmetric kernel, whose sum it takes pairwise from the centre
+    symmetric = bool(np.all(np.abs(weights[half + 1:] - weights[half - 1::-1]) <= np.finfo(float).eps))
+    if not (symmetric or minmax) or not np.isfinite(a).all():
+        return _filter_axis_ndimage(a, axis, weights, half, nearest, minmax)
+    n = a.shape[axis]
+    line = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
+    if nearest or minmax:
+        first, last = line[..., :1], line[..., -1:]
+    else:
+        first = last = np.zeros(line.shape[:-1] + (1,))
+    padded = np.concatenate([np.repeat(first, half, -1), line, np.repeat(last, half, -1)], -1)
+
+    def shifted(j):  # the line moved by j cells (j in -half .. half)
+        return padded[..., half + j: half + j + n]
+
+    if minmax:
+        extreme = np.minimum if minmax == 1 else np.maximum
+        out = shifted(-half).copy()
+        for j in range(-half + 1, half + 1):
+            extreme(out, shifted(j), out=out)
+    else:
+        out = shifted(0) * weights[half]
+        for j in range(-half, 0):
+            out += (shifted(j) + shifted(-j)) * weights[half + j]
+    return np.ascontiguousarray(np.moveaxis(out, -1, axis))
+
+
+def _filter_axis_ndimage(a, axis, weights, half, nearest, minmax):
+    """:func:`_filter_axis` by ``scipy.ndimage`` (kernels that are not symmetric, values
+    that are not finite)."""
+    from scipy import ndimage
+
     if minmax == 0:
-        return ndimage.correlate1d(a, kernel[: 2 * half + 1], axis=axis,
+        return ndimage.correlate1d(a, weights, axis=axis,
                                    mode="nearest" if nearest else "constant", cval=0.0)
     extreme = ndimage.minimum_filter1d if minmax == 1 else ndimage.maximum_filter1d
     return extreme(a, 2 * half + 1, axis=axis, mode="nearest")

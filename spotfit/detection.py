@@ -68,7 +68,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from spotfit._jit import njit, over_windows
 from spotfit.errors import SpotfitInputError
@@ -601,6 +600,50 @@ def _is_box_maximum(volume, coords, rz, ry, rx):
     return out
 
 
+#: more neighbour offsets than this: :func:`_close_pairs` asks a k-d tree instead
+MAX_PAIR_OFFSETS = 256
+
+
+def _close_pairs(coords, shape, radii) -> np.ndarray:
+    """Pairs ``(i, j)`` of rows of ``coords`` (distinct integer positions, ``(n, d)``,
+    in an array of ``shape``) closer than ``radii`` on every axis: ``|d_a| <= r_a - 1``.
+
+    Each pair once, in no particular order, ``(m, 2)``.  The neighbours are looked up
+    offset by offset among the sorted flat positions, so that detection need not
+    import ``scipy.spatial`` (which took longer than fitting a small frame); with more
+    than :data:`MAX_PAIR_OFFSETS` offsets (very large radii), by
+    ``scipy.spatial.cKDTree.query_pairs`` in units of the radii (a Chebyshev distance
+    of at most ``1 - 0.5 / max(radii)``, the same pairs for integer positions).
+    """
+    import itertools
+
+    coords = np.asarray(coords, dtype=np.int64)
+    spans = [range(-(int(r) - 1), int(r)) for r in radii]
+    if math.prod(len(s) for s in spans) > 2 * MAX_PAIR_OFFSETS:
+        from scipy.spatial import cKDTree
+
+        scaled = coords / np.asarray(radii, dtype=float)
+        return cKDTree(scaled).query_pairs(1 - 0.5 / max(radii), p=np.inf, output_type="ndarray")
+    shape = np.asarray(shape, dtype=np.int64)
+    keys = np.ravel_multi_index(tuple(coords.T), tuple(shape))
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    zero = (0,) * coords.shape[1]
+    found = [np.zeros((0, 2), dtype=np.intp)]
+    for offset in itertools.product(*spans):
+        if offset <= zero:  # each pair once: the lexicographically positive offset of the two
+            continue
+        moved = coords + np.asarray(offset, dtype=np.int64)
+        inside = np.flatnonzero(np.all((moved >= 0) & (moved < shape), axis=1))
+        if inside.size == 0:
+            continue
+        k = np.ravel_multi_index(tuple(moved[inside].T), tuple(shape))
+        at = np.minimum(np.searchsorted(ordered, k), len(ordered) - 1)
+        hit = ordered[at] == k
+        found.append(np.column_stack([inside[hit], order[at[hit]]]))
+    return np.concatenate(found)
+
+
 def _local_maxima(filtered: np.ndarray, cand: np.ndarray, radii) -> np.ndarray:
     """Which candidate pixels are maxima of their neighbourhood.
 
@@ -642,8 +685,7 @@ def _local_maxima(filtered: np.ndarray, cand: np.ndarray, radii) -> np.ndarray:
         # Only equal peaks can be closer than the radii: keep the first.  In
         # units of the radius per axis, "|d_a| <= r_a - 1 on every axis" is a
         # Chebyshev distance below 1 - 0.5 / max(radii) for integer d.
-        scaled = np.column_stack([i[peaks] for i in idx]) / np.asarray(radii, dtype=float)
-        pairs = cKDTree(scaled).query_pairs(1 - 0.5 / max(radii), p=np.inf, output_type="ndarray")
+        pairs = _close_pairs(np.column_stack([i[peaks] for i in idx]), filtered.shape, radii)
         if len(pairs):
             keep = np.ones(len(peaks), dtype=bool)
             for i, j in sorted(map(tuple, np.sort(pairs, axis=1))):

@@ -207,10 +207,9 @@ def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
     elongated by ``SUSPECT_ELONGATION`` and at least ``WIDTH_RANGE[0]`` sigmas
     wide across (two spots closer than the detector separates); both only
     among converged fits narrower than ``BLOB_WIDTH`` sigmas; bool per row."""
-    from scipy.spatial import cKDTree
-
     from spotfit import results
     from spotfit._kernels import CONVERGED
+    from spotfit.roi import pairs_within
 
     cfg = setup.config
     coords = frame.coords
@@ -220,8 +219,10 @@ def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
     spot = (singles["status"].to_numpy() == results.STATUS_NAMES[CONVERGED]) & (small <= BLOB_WIDTH * cfg.sigma)
     hot = np.zeros(len(coords), bool)
     if len(coords) > 1:
-        pairs = cKDTree(coords[:, ::-1].astype(float)).query_pairs(cfg.group_radius * cfg.sigma,
-                                                                   output_type="ndarray")
+        # (the k-d tree's query_pairs, without importing scipy.spatial)
+        xy = coords[:, ::-1].astype(float)
+        first, second = pairs_within(xy, xy, cfg.group_radius * cfg.sigma)
+        pairs = np.column_stack([first, second])[first < second]
         pairs = pairs[spot[pairs[:, 0]] & spot[pairs[:, 1]]]
         hot[pairs.ravel()] = True
     # a pair's minor axis is the PSF's; a minor axis narrower than the joint fits' smallest

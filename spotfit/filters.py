@@ -20,7 +20,6 @@ import functools
 import math
 
 import numpy as np
-import scipy.fft
 from scipy.sparse import csr_matrix
 
 from spotfit._jit import njit, over_windows
@@ -217,6 +216,8 @@ def _correlate_axis(a, kernel, axis):
 
 
 def _fft_filter(data, sigma, wide):
+    import scipy.fft  # here: only wide filters use it (tests/test_startup.py)
+
     data = np.asarray(data, dtype=np.float32)
     sig = np.broadcast_to(np.asarray(sigma, dtype=float), (data.ndim,))
     reach = DOG_RATIO if wide else 1.0
@@ -235,6 +236,8 @@ def _fft_filter(data, sigma, wide):
 @functools.lru_cache(maxsize=4)
 def _transfer(fft_shape, sigma, wide):
     """Frequency response of G(sigma) [- G(DOG_RATIO sigma)] on an rfftn grid (cached per shape)."""
+    import scipy.fft
+
     narrow, broad = np.ones(1, np.float32), np.ones(1, np.float32)
     for axis, (n, s) in enumerate(zip(fft_shape, sigma)):
         last = axis == len(fft_shape) - 1

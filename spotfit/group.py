@@ -31,10 +31,10 @@ Pipeline for one frame (:meth:`CrowdedFitter.fit_frame`):
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 
+# scipy.sparse.csgraph and scipy.spatial are imported where they are used (joint fits
+# only): a frame of spots that stand apart never needs them, and they take longer to
+# import than such a frame takes to fit (tests/test_startup.py)
 from spotfit._jit import njit
 from spotfit import results, roi, solver, table
 from spotfit.config import Setup
@@ -85,6 +85,10 @@ def group_spots(points: np.ndarray, radius: float, max_size: int = 8) -> np.ndar
     (n,) int ndarray
         Group label of each spot, ``0 .. n_groups - 1``.
     """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
     n = len(points)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -376,6 +380,8 @@ class CrowdedFitter:
         light = self._render(spots)
         residual = self._stack - light
         xyz, t = self._residual_peaks(residual, light, spots, active)
+        from scipy.spatial import cKDTree
+
         nearest = np.zeros(0, np.int64)
         split = self._wide(spots) | self._misfit_wide(spots)
         if len(xyz):
@@ -541,6 +547,8 @@ class CrowdedFitter:
         """Pairs ``(kept, merged)`` of emitters being fitted that lie within
         ``SEARCH_EXCLUSION * sigma`` of each other (each emitter in one pair at most,
         the brighter one first)."""
+        from scipy.spatial import cKDTree
+
         free = np.flatnonzero(~spots.fixed)
         if len(free) < 2:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)

@@ -221,8 +221,6 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     int
         Number of pixels masked.
     """
-    from scipy.spatial import cKDTree
-
     n = len(windows)
     if n == 0:
         return 0
@@ -231,8 +229,7 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     if len(other_xyz) < 2:
         return 0
     reach = radius + np.max(windows.grid.shape) / 2.0
-    pairs = cKDTree(xyz).sparse_distance_matrix(cKDTree(other_xyz), reach, output_type="ndarray")
-    own, other = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
+    own, other = pairs_within(xyz, other_xyz, reach)
     keep = np.any(xyz[own] != other_xyz[other], axis=1)  # a window's own centre masks nothing
     own, other = own[keep], other[keep]
     if len(own) == 0:
@@ -252,6 +249,59 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     windows.mask &= counts == 0
     windows.data[masked] = 0.0
     return int(masked.sum())
+
+
+def pairs_within(points, others, reach):
+    """All pairs ``(i, j)`` of ``points[i]`` and ``others[j]`` (``(n, d)`` and ``(m, d)``)
+    at most ``reach`` apart; two int64 arrays, in no particular order.
+
+    The pairs of ``scipy.spatial.cKDTree(points).sparse_distance_matrix(cKDTree(others),
+    reach)``: for positions on the pixel grid (whole numbers, the candidates), the
+    squared distance, exact, against ``reach * reach``, as the k-d tree compares them;
+    found through a grid of cells ``reach`` wide (the neighbours of a point are in its
+    cell and the adjacent ones), so that fitting need not import ``scipy.spatial``
+    (which took longer than fitting a small frame).  Other positions: by the k-d tree.
+    """
+    points = np.asarray(points, dtype=float)
+    others = np.asarray(others, dtype=float)
+    if len(points) == 0 or len(others) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    whole = (np.all(np.isfinite(points)) and np.all(np.isfinite(others)) and np.isfinite(reach)
+             and np.all(points == np.round(points)) and np.all(others == np.round(others))
+             and max(np.abs(points).max(), np.abs(others).max()) < 2.0**31)
+    if not whole:
+        from scipy.spatial import cKDTree
+
+        pairs = cKDTree(points).sparse_distance_matrix(cKDTree(others), reach, output_type="ndarray")
+        return pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
+    import itertools
+
+    a, b = points.astype(np.int64), others.astype(np.int64)
+    cell = max(1, int(np.ceil(reach)))
+    low = np.minimum(a.min(axis=0), b.min(axis=0))
+    ca, cb = (a - low) // cell + 1, (b - low) // cell + 1  # cells from 1: a neighbour's from 0
+    dims = tuple(int(n) for n in np.maximum(ca.max(axis=0), cb.max(axis=0)) + 2)
+    keys = np.ravel_multi_index(tuple(cb.T), dims)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    own, other = [], []
+    for offset in itertools.product((-1, 0, 1), repeat=a.shape[1]):
+        k = np.ravel_multi_index(tuple((ca + np.asarray(offset)).T), dims)
+        start = np.searchsorted(ordered, k, side="left")
+        count = np.searchsorted(ordered, k, side="right") - start
+        total = int(count.sum())
+        if total == 0:
+            continue
+        i = np.repeat(np.arange(len(a), dtype=np.int64), count)
+        first = np.cumsum(count) - count
+        j = order[np.repeat(start - first, count) + np.arange(total)]
+        d2 = np.sum((a[i] - b[j]) ** 2, axis=1)
+        near = d2.astype(float) <= reach * reach
+        own.append(i[near])
+        other.append(j[near].astype(np.int64))
+    if not own:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(own), np.concatenate(other)
 
 
 def concatenate(batches) -> Windows:

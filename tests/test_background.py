@@ -169,3 +169,45 @@ def test_dim_background_false_alarms_with_skewed_noise():
     noise = NoiseModel.from_camera(CAMERA)
     false = sum(len(find_peaks(CAMERA.to_photons(f), 1.3, noise=noise)[0]) for f in img)
     assert false <= 3
+
+
+# ----------------------------------------- coarse-grid filters without scipy.ndimage
+def test_coarse_filters_equal_scipy_ndimage_bit_for_bit():
+    """background._filter_axis (NumPy, so that a fit need not import scipy.ndimage)
+    gives exactly ndimage's numbers: Gaussian correlation (nearest and zero edges)
+    and minimum / maximum filters, on grids down to one cell per axis, with
+    kernels wider than the axis, values of any scale, ties (rounded values),
+    and the ndimage fallback for values that are not finite."""
+    from spotfit.background import _filter_axis
+
+    rng = np.random.default_rng(7)
+    for trial in range(400):
+        shape = tuple(int(n) for n in rng.integers(1, 10, 3))
+        axis, half = int(rng.integers(0, 3)), int(rng.integers(1, 6))
+        if shape[axis] == 1:  # (left as it is, by both)
+            np.testing.assert_array_equal(_filter_axis(np.ones(shape), axis, np.ones(12), half,
+                                                       True, 0), np.ones(shape))
+            continue
+        a = rng.normal(size=shape) * rng.choice([1e-3, 1.0, 1e3])
+        if trial % 3 == 0:
+            a = np.round(a)
+        if trial % 50 == 1:
+            a[(0,) * 3] = np.nan
+        sigma = rng.uniform(0.3, 4.0)
+        kernel = np.zeros(12)
+        k = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+        kernel[: 2 * half + 1] = k / k.sum()
+        for nearest in (True, False):
+            want = ndimage.correlate1d(a, kernel[: 2 * half + 1], axis=axis,
+                                       mode="nearest" if nearest else "constant", cval=0.0)
+            got = _filter_axis(a, axis, kernel, half, nearest, 0)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want, err_msg=f"{shape} {axis} {half} {nearest}")
+        for minmax, func in ((1, ndimage.minimum_filter1d), (2, ndimage.maximum_filter1d)):
+            want = func(a, 2 * half + 1, axis=axis, mode="nearest")
+            np.testing.assert_array_equal(_filter_axis(a, axis, kernel, half, True, minmax), want)
+    # an asymmetric kernel goes to ndimage (its general rule), with the same result
+    a = rng.normal(size=(4, 7, 9))
+    kernel = np.array([0.1, 0.5, 0.4])
+    np.testing.assert_array_equal(_filter_axis(a, 2, kernel, 1, False, 0),
+                                  ndimage.correlate1d(a, kernel, axis=2, mode="constant"))

@@ -306,3 +306,30 @@ def test_edge_noise_model_matches_filtered_white_noise():
     band = np.ones(shape, dtype=bool)
     band[3:-3, 3:-3] = False
     assert (std[band] / model[band]).mean() == pytest.approx(1.0, abs=0.02)
+
+
+def test_close_pairs_are_the_k_d_trees_pairs():
+    """detection._close_pairs (offset lookups, so that detection need not import
+    scipy.spatial) finds exactly the pairs the k-d tree found: closer than the radius
+    on every axis, in 2D and 3D, with equal and unequal radii, crowded and sparse,
+    at the edges; and with radii too large for offset lookups (the k-d tree itself)."""
+    from scipy.spatial import cKDTree
+
+    from spotfit.detection import _close_pairs
+
+    rng = np.random.default_rng(11)
+    cases = [((37, 52), (2, 2)), ((37, 52), (3, 3)), ((9, 11), (2, 4)), ((5, 23, 31), (1, 2, 2)),
+             ((6, 14, 19), (2, 3, 3)), ((40, 44), (20, 20))]
+    for shape, radii in cases:
+        for n in (2, 30, 300):
+            flat = rng.choice(int(np.prod(shape)), size=min(n, int(np.prod(shape))), replace=False)
+            coords = np.column_stack(np.unravel_index(flat, shape))
+            scaled = coords / np.asarray(radii, dtype=float)
+            want = cKDTree(scaled).query_pairs(1 - 0.5 / max(radii), p=np.inf, output_type="ndarray")
+            got = _close_pairs(coords, shape, radii)
+            as_set = lambda p: {tuple(sorted(map(int, q))) for q in p}  # noqa: E731
+            assert as_set(got) == as_set(want), (shape, radii, n)
+            assert len(got) == len(as_set(got))  # each pair once
+            d = np.abs(coords[:, None, :] - coords[None, :, :])
+            brute = np.all(d <= np.asarray(radii) - 1, axis=2) & ~np.eye(len(coords), dtype=bool)
+            assert len(got) == brute.sum() // 2

@@ -134,3 +134,39 @@ def test_concatenate_keeps_order_and_read_variance():
 def test_window_size(half):
     w = roi.cut(np.zeros((NY, NX)), np.array([[5, 5]]), half)
     assert w.grid.shape == (2 * half + 1, 2 * half + 1)
+
+
+def test_pairs_within_are_the_k_d_trees_pairs():
+    """roi.pairs_within (a grid of cells, so that fitting need not import
+    scipy.spatial) finds exactly the k-d tree's pairs: 2D and 3D, sparse and crowded,
+    reaches on and beside the distance of some pairs (5.0, sqrt(29), 7.4), duplicates
+    among the others, and positions off the pixel grid (the k-d tree itself)."""
+    from scipy.spatial import cKDTree
+
+    from spotfit.roi import pairs_within
+
+    rng = np.random.default_rng(5)
+
+    def kd(p, o, reach):
+        m = cKDTree(p).sparse_distance_matrix(cKDTree(o), reach, output_type="ndarray")
+        return set(zip(m["i"].tolist(), m["j"].tolist()))
+
+    for shape in ((41, 67), (7, 30, 45)):
+        for n, m in ((1, 1), (30, 50), (400, 300)):
+            for reach in (5.0, float(np.sqrt(29.0)), 7.4, 0.5):
+                p = np.column_stack([rng.integers(0, s, n) for s in shape]).astype(float)
+                o = np.column_stack([rng.integers(0, s, m) for s in shape]).astype(float)
+                o[: m // 5] = o[m // 5: 2 * (m // 5)]  # duplicates
+                i, j = pairs_within(p, o, reach)
+                got = set(zip(i.tolist(), j.tolist()))
+                assert len(got) == len(i)  # each pair once
+                assert got == kd(p, o, reach), (shape, n, m, reach)
+    # with itself, as fields._overlaps asks: the tree's query_pairs
+    p = np.column_stack([rng.integers(0, 50, 300), rng.integers(0, 70, 300)]).astype(float)
+    i, j = pairs_within(p, p, 2.6)
+    want = cKDTree(p).query_pairs(2.6, output_type="ndarray")
+    assert set(zip(i[i < j].tolist(), j[i < j].tolist())) == set(map(tuple, want.tolist()))
+    p = rng.uniform(0, 30, (50, 2))
+    i, j = pairs_within(p, p, 4.0)
+    assert set(zip(i.tolist(), j.tolist())) == kd(p, p, 4.0)
+    assert [len(x) for x in pairs_within(np.zeros((0, 2)), p, 4.0)] == [0, 0]

@@ -1,0 +1,77 @@
+"""A fresh ``spotfit fit`` imports only what its run needs (the start-up regression).
+
+Users run ``spotfit fit`` in shell loops over thousands of files, so every
+process' start-up counts; most of a small image's time was importing
+modules that its run never used.  These tests time nothing: they run the
+command in a fresh process on a small simulated image with a few spots
+(some close together, so that every neighbour search of detection and
+fitting runs) and look at ``sys.modules`` afterwards, and at whether a
+second, warm run compiles anything or starts the second compiling process.
+The speed itself is measured by ``benchmarks/speed.py`` (section C).
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+#: imported by a single-spot fit of a small image before #15, never used by it:
+#: detection, single-spot fits and the background need none of them
+NOT_ON_THE_SMALL_PATH = ("scipy.spatial", "scipy.ndimage", "scipy.sparse.csgraph", "scipy.stats",
+                         "scipy.special", "scipy.fft", "scipy.optimize", "scipy.interpolate",
+                         "scipy.signal", "skimage", "matplotlib", "dask", "zarr")
+
+RUN = r"""
+import json, sys
+from spotfit import _jit
+from spotfit.cli import main
+code = main(args=sys.argv[1:], prog_name="spotfit", standalone_mode=False)
+print(json.dumps({"code": code, "modules": sorted(sys.modules),
+                  "helper": _jit._state["helper"] is not None or bool(_jit._DETACHED)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory):
+    from spotfit.io import write_tiff
+    from spotfit.simulation import simulate
+
+    folder = tmp_path_factory.mktemp("startup")
+    rng = np.random.default_rng(15)
+    # isolated spots, and a pair 5.5 px apart: in each other's window (neighbour masking),
+    # farther apart than group_radius * sigma (3.9 px; closer ones get joint fits, which
+    # do use scipy.spatial and scipy.ndimage)
+    xy = np.array([[12.3, 10.7], [40.2, 30.4], [60.6, 14.1], [25.5, 36.2], [31.0, 36.4]])
+    image, _ = simulate((48, 72), positions=xy, photons=2000, background=20, sigma=1.3, seed=rng)
+    path = folder / "small.tif"
+    write_tiff(str(path), image, "YX")
+    return folder, path
+
+
+def _fit(folder, path, *extra):
+    out = subprocess.run([sys.executable, "-c", RUN, "fit", str(path), "--out",
+                          str(folder / "spots.csv"), *extra],
+                         capture_output=True, text=True, cwd=folder, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["code"] in (None, 0), out.stderr
+    return result, out.stderr
+
+
+@pytest.mark.parametrize("camera", [(), ("--gain", "1", "--baseline", "100")], ids=["adu", "photons"])
+def test_a_small_fit_imports_only_what_it_uses(small_image, camera):
+    folder, path = small_image
+    result, stderr = _fit(folder, path, *camera)
+    if "Compiling" in stderr:  # the kernels' first run (cold cache): run again, warm
+        result, stderr = _fit(folder, path, *camera)
+    modules = set(result["modules"])
+    unused = sorted(m for m in NOT_ON_THE_SMALL_PATH
+                    if m in modules or any(k.startswith(m + ".") for k in modules))
+    assert not unused, f"a small fit imported {unused}"
+    assert "pandas" in modules and "numba" in modules  # the run did fit (and wrote a table)
+    assert "5 spots" in stderr, stderr
+    # a warm run compiles nothing and starts no second compiling process
+    assert "Compiling" not in stderr, stderr
+    assert not result["helper"]
