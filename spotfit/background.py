@@ -370,14 +370,12 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     kept_sum = np.where(bright > 0, 0.0, sums)
     kept_count = np.where(bright > 0, 0.0, counts)
     env_sum = envelope * counts
-    all_count = counts.copy()
     for axis in range(3):
         if k_half[axis] > 0:
             kept_sum = _filter_axis(kept_sum, axis, kernels[axis], k_half[axis], False, 0)
             kept_count = _filter_axis(kept_count, axis, kernels[axis], k_half[axis], False, 0)
             env_sum = _filter_axis(env_sum, axis, kernels[axis], k_half[axis], False, 0)
-            all_count = _filter_axis(all_count, axis, kernels[axis], k_half[axis], False, 0)
-    weight = np.maximum(all_count, 1e-12)
+    weight = np.maximum(_filtered_counts(counts, kernels, k_half), 1e-12)
     start = env_sum / weight
     t = np.clip(kept_count / weight / min_coverage, 0.0, 1.0)
     kept = kept_count > 0
@@ -386,6 +384,29 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     #    the smooth mean lags behind, the envelope does not
     coarse = np.maximum(value, envelope)
     return coarse, bright > 0, means
+
+
+def _filtered_counts(counts, kernels, k_half):
+    """``counts`` (pixels per cell) filtered like the sums in :func:`_coarse_background`.
+
+    The cells tile a box, so ``counts`` is the outer product of the pixels per
+    cell along each axis, and so is its separable filtering: three 1D passes
+    instead of passes over the whole grid.
+    """
+    total = float(counts.flat[0])
+    if total <= 0:
+        return np.zeros_like(counts)
+    out = np.ones((1, 1, 1))
+    for axis in range(3):
+        index = [0, 0, 0]
+        index[axis] = slice(None)
+        profile = counts[tuple(index)] / (total if axis < 2 else 1.0)  # product = counts
+        if k_half[axis] > 0:
+            profile = _filter_axis(profile.reshape(-1, 1, 1), 0, kernels[axis], k_half[axis], False, 0).ravel()
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        out = out * profile.reshape(shape)
+    return out
 
 
 @njit(nogil=True)
@@ -435,7 +456,7 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax):
     """
     half = int(half)
     if half == 0 or a.shape[axis] == 1:
-        return a.copy()
+        return a
     weights = np.asarray(kernel[: 2 * half + 1], dtype=np.float64)
     # ndimage's test for a symmetric kernel, whose sum it takes pairwise from the centre
     symmetric = bool(np.all(np.abs(weights[half + 1:] - weights[half - 1::-1]) <= np.finfo(float).eps))
