@@ -745,17 +745,25 @@ def _clipped_variance(d: np.ndarray) -> float:
     if d.size == 0:
         return 0.0
     med = float(np.median(d))
-    s = _MAD_TO_SIGMA * float(np.median(np.abs(d - med)))
+    dev = np.abs(d - med)  # |d - med|, and its square: computed once for every round
+    s = _MAD_TO_SIGMA * float(np.median(dev))
     if not s > 0:
         s = float(np.std(d))
     if not s > 0:
         return 0.0
+    square = dev * dev
     for _ in range(3):
-        c = d[np.abs(d - med) < _CLIP_SIGMAS * s]
+        c = square[dev < _CLIP_SIGMAS * s]
         if c.size < 10:
             break
-        s = math.sqrt(float(np.mean((c - med) ** 2)) / _CLIP_VARIANCE)
+        s = math.sqrt(float(np.mean(c)) / _CLIP_VARIANCE)
     return s * s
+
+
+def _sorted_median(a: np.ndarray) -> float:
+    """``np.median`` of a sorted 1D array (non-empty), without sorting it again."""
+    m = a.size // 2
+    return float(a[m]) if a.size % 2 else float(np.mean(a[m - 1:m + 1]))
 
 
 def _fit_transfer(d, level, floor, overall):
@@ -776,10 +784,13 @@ def _fit_transfer(d, level, floor, overall):
         return NoiseModel(read_var=max(v, floor), shot=0.0, floor=floor, source="measured")
     bins = int(min(_MAX_BINS, n // _MIN_BIN))
     order = np.argsort(level, kind="stable")
-    parts = np.array_split(order, bins)
-    lev = np.array([float(np.median(level[p])) for p in parts])
+    # equal-count bins of the levels: contiguous runs of the sorted arrays
+    level, d = level[order], d[order]
+    edges = np.r_[0, np.cumsum([len(p) for p in np.array_split(np.arange(n), bins)])]
+    parts = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    lev = np.array([_sorted_median(level[p]) for p in parts])
     var = np.array([_clipped_variance(d[p]) / _D_GAIN for p in parts])
-    cnt = np.array([len(p) for p in parts], float)
+    cnt = np.diff(edges).astype(float)
     ok = var > 0
     lev, var, cnt = lev[ok], var[ok], cnt[ok]
     if len(var) == 0:
