@@ -760,6 +760,30 @@ def _clipped_variance(d: np.ndarray) -> float:
     return s * s
 
 
+def _clipped_variance_rows(d: np.ndarray) -> np.ndarray:
+    """:func:`_clipped_variance` of each row of a 2D array, all rows at once."""
+    out = np.zeros(d.shape[0])
+    if d.size == 0:
+        return out
+    med = np.median(d, axis=1)
+    dev = np.abs(d - med[:, None])
+    s = _MAD_TO_SIGMA * np.median(dev, axis=1)
+    flat = ~(s > 0)
+    if flat.any():
+        s[flat] = np.std(d[flat], axis=1)
+    active = s > 0
+    square = dev * dev
+    for _ in range(3):
+        inside = dev < _CLIP_SIGMAS * s[:, None]
+        count = inside.sum(axis=1)
+        active &= count >= 10
+        if not active.any():
+            break
+        total = np.where(inside, square, 0.0).sum(axis=1)
+        s = np.where(active, np.sqrt(total / np.maximum(count, 1) / _CLIP_VARIANCE), s)
+    return np.where(s > 0, s * s, 0.0)
+
+
 def _sorted_median(a: np.ndarray) -> float:
     """``np.median`` of a sorted 1D array (non-empty), without sorting it again."""
     m = a.size // 2
@@ -786,10 +810,13 @@ def _fit_transfer(d, level, floor, overall):
     order = np.argsort(level, kind="stable")
     # equal-count bins of the levels: contiguous runs of the sorted arrays
     level, d = level[order], d[order]
-    edges = np.r_[0, np.cumsum([len(p) for p in np.array_split(np.arange(n), bins)])]
-    parts = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-    lev = np.array([_sorted_median(level[p]) for p in parts])
-    var = np.array([_clipped_variance(d[p]) / _D_GAIN for p in parts])
+    # (the sizes of numpy.array_split: the first n % bins bins hold one more)
+    big, size = n % bins, n // bins
+    edges = np.r_[0, np.cumsum([size + 1] * big + [size] * (bins - big))]
+    lev = np.array([_sorted_median(level[a:b]) for a, b in zip(edges[:-1], edges[1:])])
+    cut = big * (size + 1)
+    var = np.concatenate([_clipped_variance_rows(d[:cut].reshape(big, size + 1)),
+                          _clipped_variance_rows(d[cut:].reshape(bins - big, size))]) / _D_GAIN
     cnt = np.diff(edges).astype(float)
     ok = var > 0
     lev, var, cnt = lev[ok], var[ok], cnt[ok]
