@@ -370,14 +370,12 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     kept_sum = np.where(bright > 0, 0.0, sums)
     kept_count = np.where(bright > 0, 0.0, counts)
     env_sum = envelope * counts
-    all_count = counts.copy()
     for axis in range(3):
         if k_half[axis] > 0:
             kept_sum = _filter_axis(kept_sum, axis, kernels[axis], k_half[axis], False, 0)
             kept_count = _filter_axis(kept_count, axis, kernels[axis], k_half[axis], False, 0)
             env_sum = _filter_axis(env_sum, axis, kernels[axis], k_half[axis], False, 0)
-            all_count = _filter_axis(all_count, axis, kernels[axis], k_half[axis], False, 0)
-    weight = np.maximum(all_count, 1e-12)
+    weight = np.maximum(_filtered_counts(counts, kernels, k_half), 1e-12)
     start = env_sum / weight
     t = np.clip(kept_count / weight / min_coverage, 0.0, 1.0)
     kept = kept_count > 0
@@ -386,6 +384,29 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     #    the smooth mean lags behind, the envelope does not
     coarse = np.maximum(value, envelope)
     return coarse, bright > 0, means
+
+
+def _filtered_counts(counts, kernels, k_half):
+    """``counts`` (pixels per cell) filtered like the sums in :func:`_coarse_background`.
+
+    The cells tile a box, so ``counts`` is the outer product of the pixels per
+    cell along each axis, and so is its separable filtering: three 1D passes
+    instead of passes over the whole grid.
+    """
+    total = float(counts.flat[0])
+    if total <= 0:
+        return np.zeros_like(counts)
+    out = np.ones((1, 1, 1))
+    for axis in range(3):
+        index = [0, 0, 0]
+        index[axis] = slice(None)
+        profile = counts[tuple(index)] / (total if axis < 2 else 1.0)  # product = counts
+        if k_half[axis] > 0:
+            profile = _filter_axis(profile.reshape(-1, 1, 1), 0, kernels[axis], k_half[axis], False, 0).ravel()
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        out = out * profile.reshape(shape)
+    return out
 
 
 @njit(nogil=True)
@@ -435,7 +456,7 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax):
     """
     half = int(half)
     if half == 0 or a.shape[axis] == 1:
-        return a.copy()
+        return a
     weights = np.asarray(kernel[: 2 * half + 1], dtype=np.float64)
     # ndimage's test for a symmetric kernel, whose sum it takes pairwise from the centre
     symmetric = bool(np.all(np.abs(weights[half + 1:] - weights[half - 1::-1]) <= np.finfo(float).eps))
@@ -724,17 +745,49 @@ def _clipped_variance(d: np.ndarray) -> float:
     if d.size == 0:
         return 0.0
     med = float(np.median(d))
-    s = _MAD_TO_SIGMA * float(np.median(np.abs(d - med)))
+    dev = np.abs(d - med)  # |d - med|, and its square: computed once for every round
+    s = _MAD_TO_SIGMA * float(np.median(dev))
     if not s > 0:
         s = float(np.std(d))
     if not s > 0:
         return 0.0
+    square = dev * dev
     for _ in range(3):
-        c = d[np.abs(d - med) < _CLIP_SIGMAS * s]
+        c = square[dev < _CLIP_SIGMAS * s]
         if c.size < 10:
             break
-        s = math.sqrt(float(np.mean((c - med) ** 2)) / _CLIP_VARIANCE)
+        s = math.sqrt(float(np.mean(c)) / _CLIP_VARIANCE)
     return s * s
+
+
+def _clipped_variance_rows(d: np.ndarray) -> np.ndarray:
+    """:func:`_clipped_variance` of each row of a 2D array, all rows at once."""
+    out = np.zeros(d.shape[0])
+    if d.size == 0:
+        return out
+    med = np.median(d, axis=1)
+    dev = np.abs(d - med[:, None])
+    s = _MAD_TO_SIGMA * np.median(dev, axis=1)
+    flat = ~(s > 0)
+    if flat.any():
+        s[flat] = np.std(d[flat], axis=1)
+    active = s > 0
+    square = dev * dev
+    for _ in range(3):
+        inside = dev < _CLIP_SIGMAS * s[:, None]
+        count = inside.sum(axis=1)
+        active &= count >= 10
+        if not active.any():
+            break
+        total = np.where(inside, square, 0.0).sum(axis=1)
+        s = np.where(active, np.sqrt(total / np.maximum(count, 1) / _CLIP_VARIANCE), s)
+    return np.where(s > 0, s * s, 0.0)
+
+
+def _sorted_median(a: np.ndarray) -> float:
+    """``np.median`` of a sorted 1D array (non-empty), without sorting it again."""
+    m = a.size // 2
+    return float(a[m]) if a.size % 2 else float(np.mean(a[m - 1:m + 1]))
 
 
 def _fit_transfer(d, level, floor, overall):
@@ -755,10 +808,16 @@ def _fit_transfer(d, level, floor, overall):
         return NoiseModel(read_var=max(v, floor), shot=0.0, floor=floor, source="measured")
     bins = int(min(_MAX_BINS, n // _MIN_BIN))
     order = np.argsort(level, kind="stable")
-    parts = np.array_split(order, bins)
-    lev = np.array([float(np.median(level[p])) for p in parts])
-    var = np.array([_clipped_variance(d[p]) / _D_GAIN for p in parts])
-    cnt = np.array([len(p) for p in parts], float)
+    # equal-count bins of the levels: contiguous runs of the sorted arrays
+    level, d = level[order], d[order]
+    # (the sizes of numpy.array_split: the first n % bins bins hold one more)
+    big, size = n % bins, n // bins
+    edges = np.r_[0, np.cumsum([size + 1] * big + [size] * (bins - big))]
+    lev = np.array([_sorted_median(level[a:b]) for a, b in zip(edges[:-1], edges[1:])])
+    cut = big * (size + 1)
+    var = np.concatenate([_clipped_variance_rows(d[:cut].reshape(big, size + 1)),
+                          _clipped_variance_rows(d[cut:].reshape(bins - big, size))]) / _D_GAIN
+    cnt = np.diff(edges).astype(float)
     ok = var > 0
     lev, var, cnt = lev[ok], var[ok], cnt[ok]
     if len(var) == 0:

@@ -412,12 +412,15 @@ def _block_peaks(prepared, raw, origin, interior, threshold, radii, backgrounds=
     # local maxima of the filtered image (border pixels included), in the
     # interior, among the pixels above the threshold for the smallest noise
     # around them ...
-    cand = _screen(filtered, background, p.noise, p.floor, threshold * edge.white_sd * edge.min_relative)
+    # (the screen keeps only the pixels that are maxima of their box: one pass
+    # over the frame, no array of every bright pixel)
+    cand = _screen(filtered, background, p.noise, p.floor, threshold * edge.white_sd * edge.min_relative,
+                   radii)
     inside = np.ones(len(cand), bool)
     for i, sl in zip(np.unravel_index(cand, filtered.shape), interior):
         inside &= (i >= sl.start) & (i < sl.stop)
     cand = cand[inside]
-    cand = cand[_local_maxima(filtered, cand, radii)]
+    cand = cand[_order_peaks(filtered, cand, radii)]
     # ... whose signal-to-noise ratio exceeds the threshold (raised where the
     # noise is skewed)
     local = np.unravel_index(cand, filtered.shape)
@@ -474,9 +477,11 @@ def filter_frame(frame, sigma, noise=None):
     return filtered / np.float32(p.factor), (sd / p.factor).astype(np.float32)
 
 
-def _screen(filtered, background, noise, floor, factor):
+def _screen(filtered, background, noise, floor, factor, radii=None):
     """Flat indices of the pixels whose filtered value exceeds ``factor`` times a lower
-    bound of their noise standard deviation (the smallest of the cells around them)."""
+    bound of their noise standard deviation (the smallest of the cells around them),
+    increasing; with ``radii`` (half-widths per axis of `filtered`) only those that
+    are also maxima of their box (:func:`_local_maxima`'s first step)."""
     from spotfit.background import _box_filter
 
     rv = noise.read_var
@@ -485,43 +490,70 @@ def _screen(filtered, background, noise, floor, factor):
     var = np.maximum(rv_min + noise.shot * np.maximum(level, 0.0), max(noise.floor, floor)) * noise.correlation
     limit = (factor * np.sqrt(var)).astype(np.float32)
     volume = filtered.reshape(background.shape)
-    return _above(volume, limit, background.cells)
+    box = np.zeros(3, np.int64)
+    if radii is not None:
+        box[3 - len(radii):] = [int(r) for r in radii]
+    return _above(volume, limit, background.cells, box)
 
 
 @njit(nogil=True)
-def _above_rows(volume, limit, cells, cell_x, first, out, fill, start, stop):
+def _above_rows(volume, limit, cells, cell_x, box, first, out, fill, start, stop):
     """Pixels of rows ``start .. stop`` (of the ``nz * ny`` rows of `volume`) above
-    their cell's `limit`: counted into ``first[r]`` (``fill`` False), or their flat
-    indices written to `out` from position ``first[r]`` on (``fill`` True)."""
+    their cell's `limit` and, if ``box`` (half-widths ``(rz, ry, rx)``) is not all
+    zeros, >= every pixel of the box around them (clipped at the edges): counted
+    into ``first[r]`` (``fill`` False), or their flat indices written to `out` from
+    position ``first[r]`` on (``fill`` True)."""
     nz, ny, nx = volume.shape
     cz, cy = cells[0], cells[1]
+    rz, ry, rx = box[0], box[1], box[2]
+    check = rz > 0 or ry > 0 or rx > 0
     for r in range(start, stop):
         z, y = r // ny, r % ny
         row = volume[z, y]
         lim = limit[z // cz, y // cy]
         k = first[r] if fill else 0
         for x in range(nx):
-            if row[x] > lim[cell_x[x]]:
-                if fill:
-                    out[k] = r * nx + x
-                k += 1
+            h = row[x]
+            if not h > lim[cell_x[x]]:
+                continue
+            if check:
+                peak = True
+                for zz in range(max(z - rz, 0), min(z + rz + 1, nz)):
+                    for yy in range(max(y - ry, 0), min(y + ry + 1, ny)):
+                        other = volume[zz, yy]
+                        for xx in range(max(x - rx, 0), min(x + rx + 1, nx)):
+                            if other[xx] > h:
+                                peak = False
+                                break
+                        if not peak:
+                            break
+                    if not peak:
+                        break
+                if not peak:
+                    continue
+            if fill:
+                out[k] = r * nx + x
+            k += 1
         if not fill:
             first[r] = k
 
 
-def _above(volume, limit, cells):
-    """Flat indices of the pixels of `volume` above their cell's `limit`, increasing
-    (:func:`_above_rows`: counted per row, then filled; on threads for large frames)."""
+def _above(volume, limit, cells, box):
+    """Flat indices of the pixels of `volume` above their cell's `limit` (and maxima of
+    their ``box``), increasing (:func:`_above_rows`: counted per row, then filled; on
+    threads for large frames)."""
     nz, ny, nx = volume.shape
     rows, threaded = nz * ny, volume.size >= PARALLEL_PIXELS
     cell_x = np.arange(nx, dtype=np.int64) // int(cells[2])
     counts = np.zeros(rows, np.int64)
     none = np.zeros(0, np.int64)
-    over_windows(_above_rows, rows, volume, limit, cells, cell_x, counts, none, False, threaded=threaded)
+    over_windows(_above_rows, rows, volume, limit, cells, cell_x, box, counts, none, False,
+                 threaded=threaded)
     first = np.zeros(rows, np.int64)
     np.cumsum(counts[:-1], out=first[1:])
     out = np.empty(int(counts.sum()), np.int64)
-    over_windows(_above_rows, rows, volume, limit, cells, cell_x, first, out, True, threaded=threaded)
+    over_windows(_above_rows, rows, volume, limit, cells, cell_x, box, first, out, True,
+                 threaded=threaded)
     return out
 
 
@@ -674,13 +706,23 @@ def _local_maxima(filtered: np.ndarray, cand: np.ndarray, radii) -> np.ndarray:
     if cand.size == 0:
         return np.empty(0, dtype=np.intp)
     idx = np.unravel_index(cand, filtered.shape)
-    height = filtered.ravel()[cand]
     volume = filtered.reshape((1,) * (3 - filtered.ndim) + filtered.shape)  # as (nz, ny, nx)
     rz, ry, rx = ((0,) * (3 - len(radii)) + tuple(int(r) for r in radii))
     coords = np.stack([np.zeros_like(idx[0])] * (3 - filtered.ndim) + list(idx), axis=1)
     is_max = _is_box_maximum(volume, np.ascontiguousarray(coords, dtype=np.int64), rz, ry, rx)
     peaks = np.flatnonzero(is_max)
-    peaks = peaks[np.argsort(-height[peaks], kind="stable")]
+    return peaks[_order_peaks(filtered, cand[peaks], radii)]
+
+
+def _order_peaks(filtered: np.ndarray, cand: np.ndarray, radii) -> np.ndarray:
+    """The second step of :func:`_local_maxima`, for candidates that are all maxima of
+    their box (flat indices, increasing): their positions in `cand` by decreasing
+    height (ties in raster order), of equal peaks closer than the radii the first."""
+    if cand.size == 0:
+        return np.empty(0, dtype=np.intp)
+    idx = np.unravel_index(cand, filtered.shape)
+    height = filtered.ravel()[cand]
+    peaks = np.argsort(-height, kind="stable")
     if max(radii) > 1 and len(peaks) > 1:
         # Only equal peaks can be closer than the radii: keep the first.  In
         # units of the radius per axis, "|d_a| <= r_a - 1 on every axis" is a

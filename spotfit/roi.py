@@ -235,7 +235,9 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     if len(own) == 0:
         return 0
     pix = np.column_stack(windows.grid.flat())  # (P, ndim) window-relative x, y[, z]
-    counts = np.zeros(windows.mask.shape, dtype=np.int32)
+    hit = np.zeros(windows.mask.shape, dtype=bool)  # a neighbour claims the pixel
+    flat_hit = hit.reshape(-1)
+    n_pix = hit.shape[1]
     step = max(1, _PAIR_PIXELS // len(pix))  # pairs at a time: bounded (m, P) temporaries
     for start in range(0, len(own), step):
         o, j = own[start:start + step], other[start:start + step]
@@ -244,9 +246,10 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
         d_other = np.sum((pix[None, :, :] - rel_other[:, None, :]) ** 2, axis=2)
         d_own = np.sum((pix[None, :, :] - rel_own[:, None, :]) ** 2, axis=2)
         near = (d_other < radius * radius) & (d_other < d_own)
-        np.add.at(counts, o, near.astype(np.int32))
-    masked = windows.mask & (counts > 0)
-    windows.mask &= counts == 0
+        pair, p = np.nonzero(near)
+        flat_hit[o[pair] * n_pix + p] = True  # (repeated indices: any neighbour will do)
+    masked = windows.mask & hit
+    windows.mask &= ~hit
     windows.data[masked] = 0.0
     return int(masked.sum())
 

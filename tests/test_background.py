@@ -211,3 +211,35 @@ def test_coarse_filters_equal_scipy_ndimage_bit_for_bit():
     kernel = np.array([0.1, 0.5, 0.4])
     np.testing.assert_array_equal(_filter_axis(a, 2, kernel, 1, False, 0),
                                   ndimage.correlate1d(a, kernel, axis=2, mode="constant"))
+
+
+def test_filtered_counts_equal_filtering_the_whole_grid():
+    # the pixel counts per cell are a product of per-axis profiles, so their
+    # Gaussian filtering is too (three 1D passes instead of passes over the grid)
+    from spotfit.background import _cell_sums, _filtered_counts, _gauss_kernels
+
+    # pixels per cell of a volume that is not a whole number of cells
+    data = np.ones((5, 47, 61), np.float32)
+    cells = np.array([2, 3, 4], np.int64)
+    coarse_shape = tuple(-(-n // int(c)) for n, c in zip(data.shape, cells))
+    _, counts = _cell_sums(data, cells, coarse_shape)
+    kernels, k_half = _gauss_kernels([0.8, 1.3, 1.1])
+    expected = counts
+    for axis in range(3):
+        expected = ndimage.correlate1d(expected, kernels[axis, : 2 * k_half[axis] + 1], axis=axis,
+                                       mode="constant", cval=0.0)
+    np.testing.assert_allclose(_filtered_counts(counts, kernels, k_half), expected, rtol=1e-12)
+
+
+def test_clipped_variance_of_rows_matches_one_row_at_a_time():
+    from spotfit.background import _clipped_variance, _clipped_variance_rows
+
+    rng = np.random.default_rng(13)
+    d = rng.normal(0.0, 3.0, (6, 501))
+    d[1, :40] += 100.0  # outliers
+    d[2] = 5.0  # constant: no spread
+    d[3, :495] = 0.0  # MAD 0: the standard deviation takes over
+    d[4] = np.round(d[4])  # quantised
+    ours = _clipped_variance_rows(d)
+    np.testing.assert_allclose(ours, [_clipped_variance(row) for row in d], rtol=1e-12, atol=0)
+    assert ours[0] == pytest.approx(9.0, rel=0.15) and ours[2] == 0.0

@@ -333,3 +333,29 @@ def test_close_pairs_are_the_k_d_trees_pairs():
             d = np.abs(coords[:, None, :] - coords[None, :, :])
             brute = np.all(d <= np.asarray(radii) - 1, axis=2) & ~np.eye(len(coords), dtype=bool)
             assert len(got) == brute.sum() // 2
+
+
+def test_screen_with_a_box_keeps_exactly_the_box_maxima_above_the_limit():
+    # the fused screen (threshold and box maximum in one pass over the frame)
+    # against scipy: pixels above their cell's limit that equal the maximum of
+    # their box clipped at the edges (= a maximum filter with nearest edges)
+    from spotfit.detection import _above
+
+    rng = np.random.default_rng(11)
+    for shape, cells, radii in [((1, 53, 71), (1, 3, 3), (0, 2, 2)),
+                                ((1, 40, 37), (1, 2, 4), (0, 1, 3)),
+                                ((9, 23, 31), (2, 3, 3), (1, 2, 2))]:
+        volume = np.round(rng.normal(0.0, 1.0, shape) * 4).astype(np.float32) / 4  # plateaus: ties
+        coarse = tuple(-(-n // c) for n, c in zip(shape, cells))
+        limit = rng.uniform(-0.5, 1.0, coarse).astype(np.float32)
+        per_pixel = limit
+        for axis, c in enumerate(cells):
+            per_pixel = np.repeat(per_pixel, c, axis=axis)
+        per_pixel = per_pixel[: shape[0], : shape[1], : shape[2]]
+        box = ndimage.maximum_filter(volume, size=[2 * r + 1 for r in radii], mode="nearest")
+        expected = np.flatnonzero((volume > per_pixel) & (volume >= box))
+        found = _above(volume, limit, np.array(cells, np.int64), np.array(radii, np.int64))
+        np.testing.assert_array_equal(found, expected)
+        # without a box: every pixel above its limit
+        found = _above(volume, limit, np.array(cells, np.int64), np.zeros(3, np.int64))
+        np.testing.assert_array_equal(found, np.flatnonzero(volume > per_pixel))
