@@ -537,8 +537,7 @@ class _Context:
             ids = frame_ids[first:first + per_block]
             if block is None or len(block) != len(ids):
                 block = np.empty((len(ids), size), dtype=np.float32)
-            for k, t in enumerate(ids):  # raw values, converted by the kernel where it reads them
-                block[k].reshape(img.frame_shape)[...] = img.frame(t)
+            _read_frames(img, ids, block)
             if not self.camera.calibrated and self.noise_model is None:
                 self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
             alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
@@ -575,6 +574,21 @@ class _Context:
             sums)
         alpha, beta, floor = solver.variance_model(sums.reshape(-1, 5).sum(axis=0))[0]
         return float(alpha), float(beta), float(floor)
+
+
+def _read_frames(img, ids, block):
+    """Raw values of the frames ``ids`` into the rows of ``block`` (float32), converted by
+    the kernel where it reads them; the frames of an image in memory in one cast."""
+    data = img.data
+    if type(data) is np.ndarray and img.reader is None and data.dtype.newbyteorder("=") == img.dtype:
+        if ids[-1] - ids[0] == len(ids) - 1:  # consecutive frames: a view, no copy
+            part = data[ids[0]:ids[-1] + 1]
+        else:
+            part = data[np.asarray(ids)]
+        np.copyto(block.reshape(part.shape), part, casting="unsafe")
+        return
+    for k, t in enumerate(ids):
+        block[k].reshape(img.frame_shape)[...] = img.frame(t)
 
 
 class _Layout:
