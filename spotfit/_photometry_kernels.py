@@ -507,6 +507,48 @@ def _regression_sums(profiles, c0, K, P, d, w, y, mu, A, inv, L, scale, r, theta
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _read_window(frame, cam_a, cam_b, rv, pix, m, rows, wx, clip, d, rvp):
+    """The ``m`` valid pixels ``pix`` of a window of ``frame`` in photons (``d``) and their
+    read-noise variance (``rvp``, left as it is for a single value); returns 1 when a
+    pixel is clipped.  A window inside the frame (``m`` = its ``rows`` of ``wx`` pixels)
+    is read row by row (vectorised), else pixel by pixel."""
+    cam_map = cam_a.shape[0] > 1
+    rv_map = rv.shape[0] > 1
+    top = -np.inf
+    if wx > 0 and m == rows.shape[0] * wx:
+        first = pix[0]
+        for k in range(rows.shape[0]):
+            q0 = first + rows[k]
+            row = frame[q0:q0 + wx]
+            out = d[k * wx:(k + 1) * wx]
+            if cam_map:
+                row_a = cam_a[q0:q0 + wx]
+                row_b = cam_b[q0:q0 + wx]
+                for c in range(wx):
+                    top = max(top, row[c])
+                    out[c] = row_a[c] + row_b[c] * row[c]
+            else:
+                a = cam_a[0]
+                b = cam_b[0]
+                for c in range(wx):
+                    top = max(top, row[c])
+                    out[c] = a + b * row[c]
+            if rv_map:
+                rvp[k * wx:(k + 1) * wx] = rv[q0:q0 + wx]
+    else:
+        for p in range(m):
+            q = pix[p]
+            top = max(top, frame[q])
+            if cam_map:
+                d[p] = cam_a[q] + cam_b[q] * frame[q]
+            else:
+                d[p] = cam_a[0] + cam_b[0] * frame[q]
+            if rv_map:
+                rvp[p] = rv[q]
+    return 1 if top >= clip else 0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _box_sums(frame, cam_a, cam_b, code, ox, oy, oz, geom):
     """Sums over a spot's box of the frame values coded 1 (aperture) and 2 (annulus).
 
@@ -579,9 +621,10 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
     box_origin : (n, 3) int64 ndarray
         First pixel ``(x, y, z)`` of each box (``z = 0`` in 2D); may lie
         outside the frame.
-    box_geom : (6,) int64 ndarray
-        Box shape then frame shape, ``(planes, rows, columns)`` each (1 plane
-        in 2D).
+    box_geom : (6,) or (9,) int64 ndarray
+        Box shape, frame shape, and window shape, ``(planes, rows, columns)``
+        each (1 plane in 2D): windows inside the frame are then read row by
+        row (else pixel by pixel).
     est : int
         ``LSQ``, ``WLSQ`` or ``MLE``.
     calibrated : bool
@@ -619,6 +662,11 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
     """
     F = frames.shape[0]
     n, P = pix.shape
+    # a window inside the frame is read row by row: offsets of its rows from its first pixel
+    wx = box_geom[8] if box_geom.shape[0] > 6 else 0
+    rows = np.zeros(P // wx if wx > 0 else 0, np.int64)
+    for k in range(rows.shape[0]):
+        rows[k] = ((k // box_geom[7]) * box_geom[4] + k % box_geom[7]) * box_geom[5]
     apertures = box_code.shape[1] > 0
     cam_map = cam_a.shape[0] > 1
     rv_map = rv.shape[0] > 1
@@ -644,7 +692,7 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
         y = np.zeros(P)
         w = np.zeros(P)
         mu = np.zeros(P)
-        rvp = np.zeros(P)
+        rvp = np.full(P, rv[0])  # per pixel (read by _read_window) with a map
         A = np.zeros((mmax, mmax))
         inv = np.zeros((mmax, mmax))
         L = np.zeros((mmax, mmax))
@@ -660,16 +708,7 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
             c0 = col_ptr[i]
             K = col_ptr[i + 1] - c0
             frame = frames[t]
-            clipped = 0
-            for p in range(m):
-                q = pix[i, p]
-                if frame[q] >= clip:
-                    clipped = 1
-                if cam_map:
-                    d[p] = cam_a[q] + cam_b[q] * frame[q]
-                else:
-                    d[p] = cam_a[0] + cam_b[0] * frame[q]
-                rvp[p] = rv[q] if rv_map else rv[0]
+            clipped = _read_window(frame, cam_a, cam_b, rv, pix[i], m, rows, wx, clip, d, rvp)
             if regression:
                 _regression_sums(profiles, c0, K, m, d, w, y, mu, A, inv, L, scale, r, theta, u,
                                  out_sums[i, t0 + t])

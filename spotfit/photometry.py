@@ -610,8 +610,9 @@ class _Layout:
         1 in the aperture, 2 in the annulus, 0 else (and outside the frame).
     box_origin : (n, 3) int64 ndarray
         First pixel ``(x, y, z)`` of each box (``z = 0`` in 2D).
-    box_geom : (6,) int64 ndarray
-        Box shape and frame shape, ``(planes, rows, columns)`` each.
+    box_geom : (9,) int64 ndarray
+        Box shape, frame shape and window shape, ``(planes, rows, columns)``
+        each.
     n_ap, n_bg : (n,) ndarrays
     rv_ap, rv_bg : (n,) ndarrays
         Summed read-noise variance over each spot's aperture and annulus.
@@ -741,7 +742,8 @@ class _Layout:
         self.box_code = np.zeros((n, int(np.prod(shape))), np.uint8)
         self.box_origin = np.zeros((n, 3), np.int64)
         shapes = [(1,) * (3 - ndim) + tuple(shape), (1,) * (3 - ndim) + tuple(self.frame_shape)]
-        self.box_geom = np.array(shapes[0] + shapes[1], np.int64)
+        shapes.append((1,) * (3 - ndim) + tuple(int(2 * h + 1) for h in self.half))
+        self.box_geom = np.array(shapes[0] + shapes[1] + shapes[2], np.int64)
         for first in range(0, n, APERTURE_CHUNK):  # bounded memory: (chunk, box pixels) arrays
             rows = np.arange(first, min(n, first + APERTURE_CHUNK))
             box = roi.cut(self.index, centres[rows, ::-1], half[::-1], dtype=np.int64)
