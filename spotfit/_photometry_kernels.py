@@ -679,11 +679,13 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
     count = np.zeros((n, 2))  # aperture and annulus pixels of each spot
     if apertures:
         for i in range(n):
+            c1 = 0
+            c2 = 0
             for p in range(box_code.shape[1]):
-                if box_code[i, p] == 1:
-                    count[i, 0] += 1.0
-                elif box_code[i, p] == 2:
-                    count[i, 1] += 1.0
+                c1 += box_code[i, p] == 1
+                c2 += box_code[i, p] == 2
+            count[i, 0] = c1
+            count[i, 1] = c2
     total = F * n
     for c in prange(n_chunks):
         start = c * total // n_chunks

@@ -52,6 +52,8 @@ APERTURE_SIGMAS = 3.0
 MIN_ANNULUS = 5
 #: frame values gathered for one compiled call (bounds the memory of a block)
 BLOCK_VALUES = 1 << 23
+#: frame values from which a block of frames in memory is cast by several threads
+PARALLEL_CAST = 1 << 20
 #: windows used to fit the noise model of an uncalibrated camera
 REGRESSION_WINDOWS = 2000
 #: spots whose aperture pixels are found at once (bounds the memory of the layout)
@@ -537,7 +539,7 @@ class _Context:
             ids = frame_ids[first:first + per_block]
             if block is None or len(block) != len(ids):
                 block = np.empty((len(ids), size), dtype=np.float32)
-            _read_frames(img, ids, block)
+            _read_frames(img, ids, block, numba.get_num_threads())
             if not self.camera.calibrated and self.noise_model is None:
                 self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
             alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
@@ -576,16 +578,32 @@ class _Context:
         return float(alpha), float(beta), float(floor)
 
 
-def _read_frames(img, ids, block):
+def _read_frames(img, ids, block, workers=1):
     """Raw values of the frames ``ids`` into the rows of ``block`` (float32), converted by
-    the kernel where it reads them; the frames of an image in memory in one cast."""
+    the kernel where it reads them.  The frames of an image in memory are cast at once,
+    by ``workers`` threads (numpy's cast does not hold the GIL)."""
     data = img.data
     if type(data) is np.ndarray and img.reader is None and data.dtype.newbyteorder("=") == img.dtype:
         if ids[-1] - ids[0] == len(ids) - 1:  # consecutive frames: a view, no copy
             part = data[ids[0]:ids[-1] + 1]
         else:
             part = data[np.asarray(ids)]
-        np.copyto(block.reshape(part.shape), part, casting="unsafe")
+        dest = block.reshape(part.shape)
+        parts = min(workers, len(ids)) if block.size >= PARALLEL_CAST else 1
+        if parts <= 1:
+            np.copyto(dest, part, casting="unsafe")
+            return
+        import threading
+
+        edges = np.linspace(0, len(ids), parts + 1).astype(int)
+        threads = [threading.Thread(target=np.copyto, args=(dest[a:b], part[a:b]),
+                                    kwargs={"casting": "unsafe"})
+                   for a, b in zip(edges[1:-1], edges[2:])]
+        for th in threads:
+            th.start()
+        np.copyto(dest[:edges[1]], part[:edges[1]], casting="unsafe")
+        for th in threads:
+            th.join()
         return
     for k, t in enumerate(ids):
         block[k].reshape(img.frame_shape)[...] = img.frame(t)
