@@ -704,8 +704,8 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
         step = np.zeros(mmax)
         u = np.zeros(mmax)
         for item in range(start, stop):
-            t = item // n
-            i = item - t * n
+            i = item // F  # spot by spot: its profile and box stay in cache over the frames
+            t = item - i * F
             m = n_valid[i]
             c0 = col_ptr[i]
             K = col_ptr[i + 1] - c0
