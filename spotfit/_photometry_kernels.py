@@ -687,22 +687,27 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
             count[i, 0] = c1
             count[i, 1] = c2
     total = F * n
+    # scratch of every chunk, allocated at once (not per chunk: a call has many)
+    pixels = np.zeros((n_chunks, 5, P))
+    pixels[:, 4, :] = rv[0]  # read-noise variance per pixel (read by _read_window with a map)
+    matrices = np.zeros((n_chunks, 3, mmax, mmax))
+    vectors = np.zeros((n_chunks, 5, mmax))
     for c in prange(n_chunks):
         start = c * total // n_chunks
         stop = (c + 1) * total // n_chunks
-        d = np.zeros(P)
-        y = np.zeros(P)
-        w = np.zeros(P)
-        mu = np.zeros(P)
-        rvp = np.full(P, rv[0])  # per pixel (read by _read_window) with a map
-        A = np.zeros((mmax, mmax))
-        inv = np.zeros((mmax, mmax))
-        L = np.zeros((mmax, mmax))
-        scale = np.zeros(mmax)
-        r = np.zeros(mmax)
-        theta = np.zeros(mmax)
-        step = np.zeros(mmax)
-        u = np.zeros(mmax)
+        d = pixels[c, 0]
+        y = pixels[c, 1]
+        w = pixels[c, 2]
+        mu = pixels[c, 3]
+        rvp = pixels[c, 4]
+        A = matrices[c, 0]
+        inv = matrices[c, 1]
+        L = matrices[c, 2]
+        scale = vectors[c, 0]
+        r = vectors[c, 1]
+        theta = vectors[c, 2]
+        step = vectors[c, 3]
+        u = vectors[c, 4]
         for item in range(start, stop):
             i = item // F  # spot by spot: its profile and box stay in cache over the frames
             t = item - i * F
