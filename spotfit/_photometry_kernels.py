@@ -534,7 +534,8 @@ def _read_window(frame, cam_a, cam_b, rv, pix, m, rows, wx, clip, d, rvp):
                     top = max(top, row[c])
                     out[c] = a + b * row[c]
             if rv_map:
-                rvp[k * wx:(k + 1) * wx] = rv[q0:q0 + wx]
+                for c in range(wx):
+                    rvp[k * wx + c] = rv[q0 + c]
     else:
         for p in range(m):
             q = pix[p]
@@ -688,26 +689,27 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
             count[i, 1] = c2
     total = F * n
     # scratch of every chunk, allocated at once (not per chunk: a call has many)
-    pixels = np.zeros((n_chunks, 5, P))
-    pixels[:, 4, :] = rv[0]  # read-noise variance per pixel (read by _read_window with a map)
-    matrices = np.zeros((n_chunks, 3, mmax, mmax))
-    vectors = np.zeros((n_chunks, 5, mmax))
+    pixels = np.zeros((5 * n_chunks, P))
+    matrices = np.zeros((3 * n_chunks, mmax, mmax))
+    vectors = np.zeros((5 * n_chunks, mmax))
     for c in prange(n_chunks):
         start = c * total // n_chunks
         stop = (c + 1) * total // n_chunks
-        d = pixels[c, 0]
-        y = pixels[c, 1]
-        w = pixels[c, 2]
-        mu = pixels[c, 3]
-        rvp = pixels[c, 4]
-        A = matrices[c, 0]
-        inv = matrices[c, 1]
-        L = matrices[c, 2]
-        scale = vectors[c, 0]
-        r = vectors[c, 1]
-        theta = vectors[c, 2]
-        step = vectors[c, 3]
-        u = vectors[c, 4]
+        d = pixels[5 * c]
+        y = pixels[5 * c + 1]
+        w = pixels[5 * c + 2]
+        mu = pixels[5 * c + 3]
+        rvp = pixels[5 * c + 4]  # read-noise variance per pixel (read by _read_window with a map)
+        for p in range(P):
+            rvp[p] = rv[0]
+        A = matrices[3 * c]
+        inv = matrices[3 * c + 1]
+        L = matrices[3 * c + 2]
+        scale = vectors[5 * c]
+        r = vectors[5 * c + 1]
+        theta = vectors[5 * c + 2]
+        step = vectors[5 * c + 3]
+        u = vectors[5 * c + 4]
         for item in range(start, stop):
             i = item // F  # spot by spot: its profile and box stay in cache over the frames
             t = item - i * F
