@@ -688,28 +688,24 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
             count[i, 0] = c1
             count[i, 1] = c2
     total = F * n
-    # scratch of every chunk, allocated at once (not per chunk: a call has many)
-    pixels = np.zeros((5 * n_chunks, P))
-    matrices = np.zeros((3 * n_chunks, mmax, mmax))
-    vectors = np.zeros((5 * n_chunks, mmax))
     for c in prange(n_chunks):
         start = c * total // n_chunks
         stop = (c + 1) * total // n_chunks
-        d = pixels[5 * c]
-        y = pixels[5 * c + 1]
-        w = pixels[5 * c + 2]
-        mu = pixels[5 * c + 3]
-        rvp = pixels[5 * c + 4]  # read-noise variance per pixel (read by _read_window with a map)
+        d = np.zeros(P)
+        y = np.zeros(P)
+        w = np.zeros(P)
+        mu = np.zeros(P)
+        rvp = np.zeros(P)  # read-noise variance per pixel (read by _read_window with a map)
         for p in range(P):
             rvp[p] = rv[0]
-        A = matrices[3 * c]
-        inv = matrices[3 * c + 1]
-        L = matrices[3 * c + 2]
-        scale = vectors[5 * c]
-        r = vectors[5 * c + 1]
-        theta = vectors[5 * c + 2]
-        step = vectors[5 * c + 3]
-        u = vectors[5 * c + 4]
+        A = np.zeros((mmax, mmax))
+        inv = np.zeros((mmax, mmax))
+        L = np.zeros((mmax, mmax))
+        scale = np.zeros(mmax)
+        r = np.zeros(mmax)
+        theta = np.zeros(mmax)
+        step = np.zeros(mmax)
+        u = np.zeros(mmax)
         for item in range(start, stop):
             i = item // F  # spot by spot: its profile and box stay in cache over the frames
             t = item - i * F
