@@ -37,9 +37,9 @@ the fitted model: ``excess * max(mu, 0) + read_var`` with a calibrated camera,
 ``max(alpha + beta * mu, v_floor)`` (a noise model measured on the data)
 otherwise.  For ``MLE`` it is the inverse Fisher information.
 
-Aperture photometry only sums pixel values over precomputed pixel lists, in
-the same pass (the frame's pixels are in cache); the arithmetic around it is
-in numpy.
+Aperture photometry only sums pixel values over a box around each spot whose
+pixels are coded aperture / annulus / neither, in the same pass (the frame's
+pixels are in cache); the arithmetic around it is in numpy.
 
 Matrices are inverted by Cholesky after Jacobi scaling; a pivot below
 ``1e-10`` of its diagonal marks the window ``SINGULAR`` (e.g. two spots at the
@@ -507,25 +507,91 @@ def _regression_sums(profiles, c0, K, P, d, w, y, mu, A, inv, L, scale, r, theta
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _segment_sum(frame, cam_a, cam_b, ptr, start, length, i):
-    """Sum over spot ``i``'s pixel runs of ``frame``, converted by ``a + b * value``."""
-    s = 0.0
-    count = 0
-    if cam_a.shape[0] > 1:
-        for k in range(ptr[i], ptr[i + 1]):
-            for q in range(start[k], start[k] + length[k]):
-                s += cam_a[q] + cam_b[q] * frame[q]
-        return s
-    for k in range(ptr[i], ptr[i + 1]):
-        count += length[k]
-        for q in range(start[k], start[k] + length[k]):
-            s += frame[q]
-    return count * cam_a[0] + cam_b[0] * s
+def _read_window(frame, cam_a, cam_b, rv, pix, m, rows, wx, clip, d, rvp):
+    """The ``m`` valid pixels ``pix`` of a window of ``frame`` in photons (``d``) and their
+    read-noise variance (``rvp``, left as it is for a single value); returns 1 when a
+    pixel is clipped.  A window inside the frame (``m`` = its ``rows`` of ``wx`` pixels)
+    is read row by row (vectorised), else pixel by pixel."""
+    cam_map = cam_a.shape[0] > 1
+    rv_map = rv.shape[0] > 1
+    top = -np.inf
+    if wx > 0 and m == rows.shape[0] * wx:
+        first = pix[0]
+        for k in range(rows.shape[0]):
+            q0 = first + rows[k]
+            row = frame[q0:q0 + wx]
+            out = d[k * wx:(k + 1) * wx]
+            if cam_map:
+                row_a = cam_a[q0:q0 + wx]
+                row_b = cam_b[q0:q0 + wx]
+                for c in range(wx):
+                    top = max(top, row[c])
+                    out[c] = row_a[c] + row_b[c] * row[c]
+            else:
+                a = cam_a[0]
+                b = cam_b[0]
+                for c in range(wx):
+                    top = max(top, row[c])
+                    out[c] = a + b * row[c]
+            if rv_map:
+                for c in range(wx):
+                    rvp[k * wx + c] = rv[q0 + c]
+    else:
+        for p in range(m):
+            q = pix[p]
+            top = max(top, frame[q])
+            if cam_map:
+                d[p] = cam_a[q] + cam_b[q] * frame[q]
+            else:
+                d[p] = cam_a[0] + cam_b[0] * frame[q]
+            if rv_map:
+                rvp[p] = rv[q]
+    return 1 if top >= clip else 0
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _box_sums(frame, cam_a, cam_b, code, ox, oy, oz, geom):
+    """Sums over a spot's box of the frame values coded 1 (aperture) and 2 (annulus).
+
+    The box (``geom[:3]`` planes, rows, columns) starts at frame pixel
+    ``(ox, oy, oz)`` (may lie outside the frame: only its pixels inside,
+    ``geom[3:]`` the frame's planes, rows, columns, are read).  Values are
+    converted by ``a + b * value`` with a per-pixel camera map, else raw
+    (the caller converts the sums).  The loops run over whole box rows of a
+    fixed length, without branches: faster than lists of pixels or of runs.
+    """
+    Lz, Ly, Lx, nz, ny, nx = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]
+    x_lo, x_hi = max(0, -ox), min(Lx, nx - ox)
+    y_lo, y_hi = max(0, -oy), min(Ly, ny - oy)
+    z_lo, z_hi = max(0, -oz), min(Lz, nz - oz)
+    m = x_hi - x_lo
+    cam_map = cam_a.shape[0] > 1
+    s1 = 0.0
+    s2 = 0.0
+    for z in range(z_lo, z_hi):
+        for y in range(y_lo, y_hi):
+            q0 = ((oz + z) * ny + oy + y) * nx + ox + x_lo
+            c0 = (z * Ly + y) * Lx + x_lo
+            row = frame[q0:q0 + m]
+            kind = code[c0:c0 + m]
+            if cam_map:
+                row_a = cam_a[q0:q0 + m]
+                row_b = cam_b[q0:q0 + m]
+                for c in range(m):
+                    v = row_a[c] + row_b[c] * row[c]
+                    s1 += v if kind[c] == 1 else 0.0
+                    s2 += v if kind[c] == 2 else 0.0
+            else:
+                for c in range(m):
+                    v = row[c]
+                    s1 += v if kind[c] == 1 else 0.0
+                    s2 += v if kind[c] == 2 else 0.0
+    return s1, s2
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
-                    ap_ptr, ap_start, ap_len, bg_ptr, bg_start, bg_len,
+                    box_code, box_origin, box_geom,
                     est, calibrated, excess, alpha, beta, v_floor, max_iter, tol, clip, n_chunks,
                     regression, t0, out_n, out_n_var, out_b, out_b_var, out_chi2, out_iter, out_status,
                     out_sat, out_ap, out_bg, out_sums):
@@ -549,12 +615,17 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
         Unit-intensity profiles on the window pixels (in the order of ``pix``).
     rv : (S,) or (1,) float64 ndarray
         Read-noise variance (photons^2) per frame pixel or for all pixels.
-    ap_ptr, ap_start, ap_len : int64 ndarrays
-        Spot ``i``'s aperture is the runs ``k = ap_ptr[i] .. ap_ptr[i + 1] - 1``
-        of ``ap_len[k]`` consecutive pixels from flat index ``ap_start[k]``;
-        ``ap_ptr`` of length 1 skips the apertures.
-    bg_ptr, bg_start, bg_len : int64 ndarrays
-        The annulus of each spot, likewise.
+    box_code : (n, B) uint8 ndarray
+        A box of ``B`` pixels around each spot (array order), coded 1 where
+        the pixel is in the spot's aperture, 2 in its background annulus, 0
+        else (and outside the frame); ``B = 0`` skips the apertures.
+    box_origin : (n, 3) int64 ndarray
+        First pixel ``(x, y, z)`` of each box (``z = 0`` in 2D); may lie
+        outside the frame.
+    box_geom : (6,) or (9,) int64 ndarray
+        Box shape, frame shape, and window shape, ``(planes, rows, columns)``
+        each (1 plane in 2D): windows inside the frame are then read row by
+        row (else pixel by pixel).
     est : int
         ``LSQ``, ``WLSQ`` or ``MLE``.
     calibrated : bool
@@ -592,7 +663,12 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
     """
     F = frames.shape[0]
     n, P = pix.shape
-    apertures = ap_ptr.shape[0] > 1
+    # a window inside the frame is read row by row: offsets of its rows from its first pixel
+    wx = box_geom[8] if box_geom.shape[0] > 6 else 0
+    rows = np.zeros(P // wx if wx > 0 else 0, np.int64)
+    for k in range(rows.shape[0]):
+        rows[k] = ((k // box_geom[7]) * box_geom[4] + k % box_geom[7]) * box_geom[5]
+    apertures = box_code.shape[1] > 0
     cam_map = cam_a.shape[0] > 1
     rv_map = rv.shape[0] > 1
     kmax = 1
@@ -601,6 +677,16 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
     mmax = kmax + 1
     cst = np.zeros((n, 6))
     _window_constants(pix, n_valid, col_ptr, profiles, rv, rv_map, cst)
+    count = np.zeros((n, 2))  # aperture and annulus pixels of each spot
+    if apertures:
+        for i in range(n):
+            c1 = 0
+            c2 = 0
+            for p in range(box_code.shape[1]):
+                c1 += box_code[i, p] == 1
+                c2 += box_code[i, p] == 2
+            count[i, 0] = c1
+            count[i, 1] = c2
     total = F * n
     for c in prange(n_chunks):
         start = c * total // n_chunks
@@ -609,7 +695,9 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
         y = np.zeros(P)
         w = np.zeros(P)
         mu = np.zeros(P)
-        rvp = np.zeros(P)
+        rvp = np.zeros(P)  # read-noise variance per pixel (read by _read_window with a map)
+        for p in range(P):
+            rvp[p] = rv[0]
         A = np.zeros((mmax, mmax))
         inv = np.zeros((mmax, mmax))
         L = np.zeros((mmax, mmax))
@@ -619,22 +707,13 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
         step = np.zeros(mmax)
         u = np.zeros(mmax)
         for item in range(start, stop):
-            t = item // n
-            i = item - t * n
+            i = item // F  # spot by spot: its profile and box stay in cache over the frames
+            t = item - i * F
             m = n_valid[i]
             c0 = col_ptr[i]
             K = col_ptr[i + 1] - c0
             frame = frames[t]
-            clipped = 0
-            for p in range(m):
-                q = pix[i, p]
-                if frame[q] >= clip:
-                    clipped = 1
-                if cam_map:
-                    d[p] = cam_a[q] + cam_b[q] * frame[q]
-                else:
-                    d[p] = cam_a[0] + cam_b[0] * frame[q]
-                rvp[p] = rv[q] if rv_map else rv[0]
+            clipped = _read_window(frame, cam_a, cam_b, rv, pix[i], m, rows, wx, clip, d, rvp)
             if regression:
                 _regression_sums(profiles, c0, K, m, d, w, y, mu, A, inv, L, scale, r, theta, u,
                                  out_sums[i, t0 + t])
@@ -654,5 +733,10 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
             out_status[i, t0 + t] = res[6]
             out_sat[i, t0 + t] = clipped
             if apertures:
-                out_ap[i, t0 + t] = _segment_sum(frame, cam_a, cam_b, ap_ptr, ap_start, ap_len, i)
-                out_bg[i, t0 + t] = _segment_sum(frame, cam_a, cam_b, bg_ptr, bg_start, bg_len, i)
+                s1, s2 = _box_sums(frame, cam_a, cam_b, box_code[i], box_origin[i, 0], box_origin[i, 1],
+                                   box_origin[i, 2], box_geom)
+                if not cam_map:
+                    s1 = count[i, 0] * cam_a[0] + cam_b[0] * s1
+                    s2 = count[i, 1] * cam_a[0] + cam_b[0] * s2
+                out_ap[i, t0 + t] = s1
+                out_bg[i, t0 + t] = s2

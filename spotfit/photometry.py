@@ -52,6 +52,8 @@ APERTURE_SIGMAS = 3.0
 MIN_ANNULUS = 5
 #: frame values gathered for one compiled call (bounds the memory of a block)
 BLOCK_VALUES = 1 << 23
+#: frame values from which a block of frames in memory is cast by several threads
+PARALLEL_CAST = 1 << 20
 #: windows used to fit the noise model of an uncalibrated camera
 REGRESSION_WINDOWS = 2000
 #: spots whose aperture pixels are found at once (bounds the memory of the layout)
@@ -537,8 +539,7 @@ class _Context:
             ids = frame_ids[first:first + per_block]
             if block is None or len(block) != len(ids):
                 block = np.empty((len(ids), size), dtype=np.float32)
-            for k, t in enumerate(ids):  # raw values, converted by the kernel where it reads them
-                block[k].reshape(img.frame_shape)[...] = img.frame(t)
+            _read_frames(img, ids, block, numba.get_num_threads())
             if not self.camera.calibrated and self.noise_model is None:
                 self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
             alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
@@ -548,7 +549,7 @@ class _Context:
             with numba.parallel_chunksize(1):
                 kernels.measure_windows(
                     block, cam_a, cam_b, layout.pix, layout.n_valid, layout.col_ptr, layout.profiles, rv,
-                    *layout.aperture_runs, *layout.annulus_runs,
+                    layout.box_code, layout.box_origin, layout.box_geom,
                     self.est_id, self.camera.calibrated, float(self.camera.excess_noise), alpha, beta,
                     floor, int(cfg.max_iter), MLE_TOL, clip, chunks, False, first,
                     *(out[k] for k in ("n", "n_var", "b", "b_var", "chi2", "iter", "status", "sat", "ap",
@@ -567,15 +568,45 @@ class _Context:
         shape = (n, len(frames))
         scratch = [np.empty(shape) for _ in range(7)]
         sums = np.zeros(shape + (5,))
-        none = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
         kernels.measure_windows(
             frames, cam_a, cam_b, layout.pix, layout.n_valid, layout.col_ptr, layout.profiles, rv,
-            *none, *none, kernels.LSQ, False, 1.0, 1.0, 0.0, 1.0, 1, MLE_TOL, np.inf,
+            np.zeros((n, 0), np.uint8), layout.box_origin, layout.box_geom, kernels.LSQ, False, 1.0, 1.0, 0.0, 1.0, 1, MLE_TOL, np.inf,
             max(1, min(shape[0] * n, 8 * numba.get_num_threads())), True, 0, *scratch[:5],
             np.empty(shape, np.int32), np.empty(shape, np.int8), np.empty(shape, np.int8), *scratch[5:],
             sums)
         alpha, beta, floor = solver.variance_model(sums.reshape(-1, 5).sum(axis=0))[0]
         return float(alpha), float(beta), float(floor)
+
+
+def _read_frames(img, ids, block, workers=1):
+    """Raw values of the frames ``ids`` into the rows of ``block`` (float32), converted by
+    the kernel where it reads them.  The frames of an image in memory are cast at once,
+    by ``workers`` threads (numpy's cast does not hold the GIL)."""
+    data = img.data
+    if type(data) is np.ndarray and img.reader is None and data.dtype.newbyteorder("=") == img.dtype:
+        if ids[-1] - ids[0] == len(ids) - 1:  # consecutive frames: a view, no copy
+            part = data[ids[0]:ids[-1] + 1]
+        else:
+            part = data[np.asarray(ids)]
+        dest = block.reshape(part.shape)
+        parts = min(workers, len(ids)) if block.size >= PARALLEL_CAST else 1
+        if parts <= 1:
+            np.copyto(dest, part, casting="unsafe")
+            return
+        import threading
+
+        edges = np.linspace(0, len(ids), parts + 1).astype(int)
+        threads = [threading.Thread(target=np.copyto, args=(dest[a:b], part[a:b]),
+                                    kwargs={"casting": "unsafe"})
+                   for a, b in zip(edges[1:-1], edges[2:])]
+        for th in threads:
+            th.start()
+        np.copyto(dest[:edges[1]], part[:edges[1]], casting="unsafe")
+        for th in threads:
+            th.join()
+        return
+    for k, t in enumerate(ids):
+        block[k].reshape(img.frame_shape)[...] = img.frame(t)
 
 
 class _Layout:
@@ -592,9 +623,14 @@ class _Layout:
         Unit profiles, pixels in the order of ``pix``: window ``i``'s own spot
         first, then its neighbours.
     neighbours : (n,) int64 ndarray
-    aperture_runs, annulus_runs : tuples of int64 ndarrays
-        Aperture and annulus pixels of each spot as runs along rows
-        (:func:`_runs`).
+    box_code : (n, B) uint8 ndarray
+        A box around each spot (the annulus' bounding box), its pixels coded
+        1 in the aperture, 2 in the annulus, 0 else (and outside the frame).
+    box_origin : (n, 3) int64 ndarray
+        First pixel ``(x, y, z)`` of each box (``z = 0`` in 2D).
+    box_geom : (9,) int64 ndarray
+        Box shape, frame shape and window shape, ``(planes, rows, columns)``
+        each.
     n_ap, n_bg : (n,) ndarrays
     rv_ap, rv_bg : (n,) ndarrays
         Summed read-noise variance over each spot's aperture and annulus.
@@ -721,7 +757,11 @@ class _Layout:
         truncated = np.zeros(n, bool)
         self.n_ap, self.n_bg = np.zeros(n), np.zeros(n)
         self.rv_ap, self.rv_bg = np.zeros(n), np.zeros(n)
-        runs = {"ap": [], "bg": []}
+        self.box_code = np.zeros((n, int(np.prod(shape))), np.uint8)
+        self.box_origin = np.zeros((n, 3), np.int64)
+        shapes = [(1,) * (3 - ndim) + tuple(shape), (1,) * (3 - ndim) + tuple(self.frame_shape)]
+        shapes.append((1,) * (3 - ndim) + tuple(int(2 * h + 1) for h in self.half))
+        self.box_geom = np.array(shapes[0] + shapes[1] + shapes[2], np.int64)
         for first in range(0, n, APERTURE_CHUNK):  # bounded memory: (chunk, box pixels) arrays
             rows = np.arange(first, min(n, first + APERTURE_CHUNK))
             box = roi.cut(self.index, centres[rows, ::-1], half[::-1], dtype=np.int64)
@@ -744,26 +784,13 @@ class _Layout:
                 self.rv_bg[rows] = np.where(in_bg, rv[box.data], 0.0).sum(axis=1)
             else:
                 self.rv_ap[rows], self.rv_bg[rows] = self.n_ap[rows] * rv[0], self.n_bg[rows] * rv[0]
-            runs["ap"].append(_runs(in_ap, box.data, shape[-1]))
-            runs["bg"].append(_runs(in_bg, box.data, shape[-1]))
-        self.aperture_runs = _join_runs(runs["ap"])
-        self.annulus_runs = _join_runs(runs["bg"])
+            self.box_code[rows] = in_ap * np.uint8(1) + in_bg * np.uint8(2)
+            self.box_origin[rows, :ndim] = box.origin
         status = np.zeros(n, np.int64)
         status[crowded] = APERTURE_STATUS.index("crowded")
         status[truncated] = APERTURE_STATUS.index("truncated")
         status[self.n_bg < MIN_ANNULUS] = APERTURE_STATUS.index("no_background")
         self.ap_status = status
-
-
-def _join_runs(parts):
-    """Concatenate :func:`_runs` results of consecutive chunks of spots."""
-    if not parts:
-        return np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ptr = [np.zeros(1, np.int64)]
-    for p, _, _ in parts:
-        ptr.append(p[1:] + ptr[-1][-1])
-    return (np.concatenate(ptr), np.concatenate([p[1] for p in parts]),
-            np.concatenate([p[2] for p in parts]))
 
 
 def _box_distance2(origin, shape, xyz, scale):
@@ -782,38 +809,6 @@ def _box_distance2(origin, shape, xyz, scale):
         view[len(shape) - 1 - j] = length
         total += (offset ** 2).reshape((n,) + tuple(view))
     return total.reshape(n, -1)
-
-
-def _runs(selected, flat_index, row_length):
-    """Runs of consecutive selected pixels along the rows of each box.
-
-    Parameters
-    ----------
-    selected : (n, P) bool ndarray
-        Selected pixels of each box (valid pixels only), C order.
-    flat_index : (n, P) int64 ndarray
-        Flat frame index of each box pixel.
-    row_length : int
-        Pixels per box row (consecutive pixels of a row are consecutive in
-        the frame).
-
-    Returns
-    -------
-    ptr, start, length : int64 ndarrays
-        Box ``i``'s runs are ``ptr[i]:ptr[i + 1]``; run ``k`` covers the flat
-        indices ``start[k] .. start[k] + length[k] - 1``.
-    """
-    n = len(selected)
-    rows = selected.reshape(n, -1, row_length)
-    pad = np.zeros(rows.shape[:2] + (1,), bool)
-    padded = np.concatenate([pad, rows, pad], axis=2)
-    begins = np.nonzero(padded[:, :, 1:-1] & ~padded[:, :, :-2])
-    ends = np.nonzero(padded[:, :, 1:-1] & ~padded[:, :, 2:])
-    start = flat_index.reshape(rows.shape)[begins]
-    length = ends[2] - begins[2] + 1
-    ptr = np.concatenate([[0], np.cumsum(np.bincount(begins[0], minlength=n))])
-    return (ptr.astype(np.int64), np.ascontiguousarray(start, dtype=np.int64),
-            np.ascontiguousarray(length, dtype=np.int64))
 
 
 def _aperture_values(out, layout, ctx):

@@ -482,9 +482,9 @@ def _kernel(g, d, rv, est, valid=None):
     pix = np.concatenate([np.flatnonzero(valid), np.flatnonzero(~valid)])  # valid pixels first
     outs = [np.zeros((1, 1)) for _ in range(5)]
     it, st = np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int8)
-    none = np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     measure_windows(d[None], np.zeros(1), np.ones(1), pix[None], np.array([valid.sum()]),
-                    np.array([0, len(g)]), np.ascontiguousarray(g[:, pix]), np.array([rv]), *none, *none,
+                    np.array([0, len(g)]), np.ascontiguousarray(g[:, pix]), np.array([rv]),
+                    np.zeros((1, 0), np.uint8), np.zeros((1, 3), np.int64), np.zeros(6, np.int64),
                     est, True, 1.0, 0.0, 0.0, 0.0, 100, 1e-6, np.inf, 1, False, 0, *outs, it, st,
                     np.zeros((1, 1), np.int8), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((0, 0, 5)))
     return [o[0, 0] for o in outs], it[0, 0], st[0, 0]
