@@ -65,6 +65,8 @@ CONVERGED, MAX_ITERATIONS, SINGULAR = 0, 1, 2
 _MU_FLOOR = 1e-6  # smallest expected value (photons) a weight is computed from
 _PIVOT = 1e-10  # relative Cholesky pivot below which a matrix counts as singular
 _HALVINGS = 30  # step halvings before an MLE step is given up
+#: frames whose windows of one spot are measured in turn (see measure_windows)
+FRAME_GROUP = 8
 
 
 @njit(cache=True, error_model="numpy")
@@ -688,6 +690,11 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
             count[i, 0] = c1
             count[i, 1] = c2
     total = F * n
+    # (frame group, spot, frame in the group): a spot's profile and box serve a few
+    # frames in turn, while those frames' rows around the spot stay in cache for the
+    # next spots (spot by spot over a whole block would reach every row of every frame
+    # through a new page)
+    G = min(F, FRAME_GROUP)
     for c in prange(n_chunks):
         start = c * total // n_chunks
         stop = (c + 1) * total // n_chunks
@@ -707,8 +714,11 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
         step = np.zeros(mmax)
         u = np.zeros(mmax)
         for item in range(start, stop):
-            i = item // F  # spot by spot: its profile and box stay in cache over the frames
-            t = item - i * F
+            g0 = (item // (n * G)) * G  # first frame of the item's group
+            size = min(G, F - g0)
+            within = item - g0 * n
+            i = within // size
+            t = g0 + within - i * size
             m = n_valid[i]
             c0 = col_ptr[i]
             K = col_ptr[i + 1] - c0
