@@ -77,7 +77,10 @@ class Noise:
 
 
 def _c(a):
-    return np.ascontiguousarray(a, dtype=float)
+    """C-contiguous, writeable float64 (a read-only array, e.g. a broadcast ``read_var``,
+    is another type to numba: every kernel taking the cost would compile again)."""
+    a = np.ascontiguousarray(a, dtype=float)
+    return a if a.flags.writeable else a.copy()
 
 
 class Estimator:

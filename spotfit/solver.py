@@ -403,6 +403,8 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
     join_alongside()  # a first run may compile this kernel in a second process
     if noise.calibrated:
         read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
+        if not read_var.flags.writeable:  # (read-only: another type, compiled again)
+            read_var = read_var.copy()
         none = np.zeros(0)
         over_windows(kernel, n, km, cost, data, theta, free,
                      NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,

@@ -291,3 +291,25 @@ def test_second_process_starts_at_once_only_on_a_cold_cache(monkeypatch, early, 
     monkeypatch.setitem(_jit._state, "meanwhile", None)
     _jit.compile_alongside("spotfit.solver:compile_covariance_kernel", early=early)
     assert calls == (["spotfit.solver:compile_covariance_kernel"] if started else [])
+
+
+@pytest.mark.parametrize("name", ["wlsq", "mle"])
+def test_read_only_pixel_variance_gives_the_kernels_the_same_types(name):
+    """A per-pixel read variance (broadcast: a read-only view) must not make the cost
+    another type to numba than a scalar one (a z-stack fit compiled the solver's
+    kernels a second time); same values either way."""
+    from spotfit.estimators import Noise, get_estimator
+
+    rng = np.random.default_rng(3)
+    data = rng.poisson(20.0, (4, 25)).astype(float)
+    mask = np.ones(data.shape, bool)
+    read_var = rng.uniform(1.0, 3.0, data.shape)
+    frozen = read_var.copy()
+    frozen.flags.writeable = False
+    estimator = get_estimator(name)
+    scalar = numba.typeof(estimator.cost(data, mask, Noise(True, 1.0, 2.0)))  # a 2D fit's
+    free = estimator.cost(data, mask, Noise(True, 1.0, read_var))
+    ro = estimator.cost(data, mask, Noise(True, 1.0, frozen))
+    assert numba.typeof(ro) == numba.typeof(free) == scalar
+    for a, b in zip(ro, free):
+        np.testing.assert_array_equal(a, b)
