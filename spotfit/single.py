@@ -20,6 +20,7 @@ from spotfit import results, roi, solver, table
 from spotfit.config import Setup
 from spotfit.estimators import Noise
 from spotfit._kernels import CONVERGED
+from spotfit.detection import background_at
 from spotfit.start import faint, initial_guess, intensity_floor
 
 #: pixels within this many sigma of another candidate (and nearer to it than to
@@ -262,22 +263,9 @@ def window_background(batch: Batch, rows, pixels=None) -> np.ndarray:
         mine = np.flatnonzero(frames == t)
         if len(mine) == 0:
             continue
-        extents = [p.extent() for p in pieces]
-        lo = np.min([e[0] for e in extents], axis=0)
-        hi = np.max([e[1] for e in extents], axis=0)
-        # pixel indices in array order, clipped into the blocks (pixels outside the frame are masked)
-        index = [np.clip(w.origin[rows[mine], nd - 1 - a][:, None] + offsets[a][None, :], lo[a], hi[a] - 1)
-                 for a in range(nd)]
-        values = np.full(index[0].shape, np.nan)
-        for use_interior in (True, False):  # a block's interior first, else any block holding the pixel
-            for p, extent in zip(pieces, extents):
-                plo, phi = p.bounds() if use_interior else extent
-                inside = np.isnan(values)
-                for a in range(nd):
-                    inside &= (index[a] >= plo[a]) & (index[a] < phi[a])
-                if inside.any():
-                    values[inside] = p.at([i[inside] for i in index])
-        out[mine] = values
+        # pixel indices in array order (pixels outside the frame are masked)
+        index = [w.origin[rows[mine], nd - 1 - a][:, None] + offsets[a][None, :] for a in range(nd)]
+        out[mine] = background_at(pieces, index)
     return out
 
 
