@@ -607,6 +607,59 @@ def _embedding(reduced, full):
     return embed
 
 
+#: the score test (:func:`spotfit.solver.score_test`) runs on the 2D symmetric fits whose
+#: quadrupole score (:func:`_quadrupole_score`) exceeds this fraction of the test's
+#: threshold, ...
+SCORE_GATE = 0.4
+#: ... or whose window has fewer than this fraction of its pixels (neighbours' pixels
+#: left out break the symmetry the quadrupole score relies on); the others are round
+#: beyond doubt and keep the symmetric model
+GATE_VALID = 0.9
+
+
+def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=None) -> np.ndarray:
+    """A cheap stand-in for the score statistic of an elongated spot at symmetric fits
+    ``theta`` (2D): ``g^T I^-1 g`` over the two quadrupole directions only.
+
+    Stretching a round Gaussian spot of light ``L`` along x (or along the
+    diagonal) changes it, to first order, by ``L (dx^2 - dy^2)`` (``L dx dy``),
+    ``dx, dy`` the pixel's offset from the centre; ``g`` is the weighted
+    residual's projection on those two patterns and ``I`` their Fisher
+    information (weights: the noise model at the fitted values, or 1 divided
+    by ``residual_var`` for least squares, as in the score test).  The full
+    score statistic also projects off the symmetric model's directions (which
+    only raises it), so it is at least about this one: a window whose
+    quadrupole score is small is round.  NumPy over all windows at once,
+    about a tenth of the score test's cost.
+    """
+    w = batch.windows
+    model = reduced.model
+    mu = model.value(theta, w.grid)
+    offset = theta[:, model.offset_index]
+    light = mu - offset[:, None]
+    x, y = w.grid.flat()[:2]
+    dx = x[None, :] - theta[:, model.index("x"), None]
+    dy = y[None, :] - theta[:, model.index("y"), None]
+    jc = light * (dx * dx - dy * dy)
+    js = light * (dx * dy)
+    if setup.estimator.normalised_cost or not setup.camera.calibrated:
+        weight = w.mask.astype(float)
+    else:
+        noise = setup.noise(w.read_var)
+        weight = np.where(w.mask, 1.0 / np.maximum(noise.variance(mu), 1e-12), 0.0)
+    e = (w.data - mu) * weight
+    gc, gs = np.einsum("np,np->n", jc, e), np.einsum("np,np->n", js, e)
+    icc = np.einsum("np,np->n", jc * jc, weight)
+    iss = np.einsum("np,np->n", js * js, weight)
+    ics = np.einsum("np,np->n", jc * js, weight)
+    det = icc * iss - ics * ics
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = (iss * gc * gc - 2.0 * ics * gc * gs + icc * gs * gs) / det
+    if residual_var is not None:
+        t = t / np.maximum(residual_var, solver.VAR_FLOOR)
+    return np.where(det > 0, t, np.inf)  # degenerate: let the score test decide
+
+
 def _take(batch: Batch, rows, variance=None) -> Batch:
     w = batch.windows
     windows = roi.Windows(w.data[rows], w.mask[rows], w.origin[rows], w.grid,
@@ -631,7 +684,11 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None):
     elongation is significant.  Faint round spots thus keep the symmetric
     model's precision (two free widths that the data cannot pin down would
     cost ~4% in localisation precision at 300 photons over 50 photons/px)
-    and bright elongated spots get their widths and angle.
+    and bright elongated spots get their widths and angle.  In 2D the score
+    test runs only where :func:`_quadrupole_score` (the same statistic over
+    the two elongation patterns alone, in NumPy) exceeds :data:`SCORE_GATE`
+    of the threshold or the window lost more than ``1 - GATE_VALID`` of its
+    pixels to neighbours: the other spots are round beyond doubt.
 
     Returns the columns of :func:`_columns`, rows in ``batch`` order.
     """
@@ -646,11 +703,21 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None):
     residual_var = None
     if setup.estimator.normalised_cost:  # a sum of squares: in units of the residual variance
         residual_var = sol.cost / np.maximum(n_valid - k_r, 1)
-    score = solver.score_test(setup.model, setup.estimator, w.data, w.mask, w.grid, sol.theta + sol.bias,
-                              _embedding(reduced.model, setup.model), noise=setup.noise(w.read_var),
-                              residual_var=residual_var)
     extra = setup.model.n_params - k_r
-    rows = np.flatnonzero(~(score <= extra * np.log(np.maximum(n_valid, 2))))
+    limit = extra * np.log(np.maximum(n_valid, 2))
+    theta = sol.theta + sol.bias
+    test = np.arange(len(batch))
+    if setup.ndim == 2:  # the score test only where the quadrupole score leaves a doubt
+        quadrupole = _quadrupole_score(setup, reduced, batch, theta, residual_var)
+        test = np.flatnonzero(~(quadrupole <= SCORE_GATE * limit) | (n_valid < GATE_VALID * w.mask.shape[1]))
+    score = np.zeros(len(batch))
+    if len(test):
+        score[test] = solver.score_test(
+            setup.model, setup.estimator, w.data[test], w.mask[test], w.grid, theta[test],
+            _embedding(reduced.model, setup.model),
+            noise=setup.noise(None if w.read_var is None else w.read_var[test]),
+            residual_var=None if residual_var is None else residual_var[test])
+    rows = np.flatnonzero(~(score <= limit))
     if len(rows) == 0:
         return values, errors, chi2, iterations, status
     measured = None if setup.camera.calibrated else sol.variance[rows]
