@@ -564,6 +564,9 @@ def _interpolate_at(coarse, cells, zs, ys, xs):
         m = coarse.shape[axis]
         f = (p + 0.5) / cells[axis] - 0.5
         i = np.clip(np.floor(f).astype(np.int64), 0, m - 1)
+        if m == 1:  # one cell along the axis (a 2D frame's z): one corner, weight 1
+            corners.append(((i, 1.0),))
+            continue
         t = np.clip(f - i, 0.0, 1.0)
         corners.append(((i, 1.0 - t), (np.minimum(i + 1, m - 1), t)))
     for (jz, wz) in corners[0]:
