@@ -254,6 +254,11 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     return int(masked.sum())
 
 
+#: :func:`pairs_within` looks its grid's cells up in a table of up to this many cells
+#: (or 8 per point; else, and with 0, by binary search)
+_CELL_TABLE = 1 << 21
+
+
 def pairs_within(points, others, reach):
     """All pairs ``(i, j)`` of ``points[i]`` and ``others[j]`` (``(n, d)`` and ``(m, d)``)
     at most ``reach`` apart; two int64 arrays, in no particular order.
@@ -287,11 +292,19 @@ def pairs_within(points, others, reach):
     keys = np.ravel_multi_index(tuple(cb.T), dims)
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
+    size = int(np.prod(dims, dtype=np.float64))
+    table = None
+    if _CELL_TABLE > 0 and size <= max(_CELL_TABLE, 8 * len(b)):  # first index and count per cell, looked up directly
+        per_cell = np.bincount(keys, minlength=size)
+        table = (np.cumsum(per_cell) - per_cell, per_cell)
     own, other = [], []
     for offset in itertools.product((-1, 0, 1), repeat=a.shape[1]):
         k = np.ravel_multi_index(tuple((ca + np.asarray(offset)).T), dims)
-        start = np.searchsorted(ordered, k, side="left")
-        count = np.searchsorted(ordered, k, side="right") - start
+        if table is not None:
+            start, count = table[0][k], table[1][k]
+        else:
+            start = np.searchsorted(ordered, k, side="left")
+            count = np.searchsorted(ordered, k, side="right") - start
         total = int(count.sum())
         if total == 0:
             continue
