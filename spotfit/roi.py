@@ -234,17 +234,21 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     own, other = own[keep], other[keep]
     if len(own) == 0:
         return 0
-    pix = np.column_stack(windows.grid.flat())  # (P, ndim) window-relative x, y[, z]
+    pix = [np.asarray(p, float) for p in windows.grid.flat()]  # window-relative x, y[, z], (P,) each
     hit = np.zeros(windows.mask.shape, dtype=bool)  # a neighbour claims the pixel
     flat_hit = hit.reshape(-1)
     n_pix = hit.shape[1]
-    step = max(1, _PAIR_PIXELS // len(pix))  # pairs at a time: bounded (m, P) temporaries
+    step = max(1, _PAIR_PIXELS // len(pix[0]))  # pairs at a time: bounded (m, P) temporaries
     for start in range(0, len(own), step):
         o, j = own[start:start + step], other[start:start + step]
         rel_other = other_xyz[j] - windows.origin[o]  # (m, ndim)
         rel_own = xyz[o] - windows.origin[o]
-        d_other = np.sum((pix[None, :, :] - rel_other[:, None, :]) ** 2, axis=2)
-        d_own = np.sum((pix[None, :, :] - rel_own[:, None, :]) ** 2, axis=2)
+        # squared distances axis by axis ((m, P) each; the same sums in the same order)
+        d_other = (pix[0][None, :] - rel_other[:, :1]) ** 2
+        d_own = (pix[0][None, :] - rel_own[:, :1]) ** 2
+        for a in range(1, len(pix)):
+            d_other += (pix[a][None, :] - rel_other[:, a:a + 1]) ** 2
+            d_own += (pix[a][None, :] - rel_own[:, a:a + 1]) ** 2
         near = (d_other < radius * radius) & (d_other < d_own)
         pair, p = np.nonzero(near)
         flat_hit[o[pair] * n_pix + p] = True  # (repeated indices: any neighbour will do)
