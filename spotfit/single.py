@@ -610,11 +610,12 @@ def _embedding(reduced, full):
 #: the score test (:func:`spotfit.solver.score_test`) runs on the 2D symmetric fits whose
 #: quadrupole score (:func:`_quadrupole_score`) exceeds this fraction of the test's
 #: threshold, ...
-SCORE_GATE = 0.4
+SCORE_GATE = 0.25
 #: ... or whose window has fewer than this fraction of its pixels (neighbours' pixels
-#: left out break the symmetry the quadrupole score relies on); the others are round
-#: beyond doubt and keep the symmetric model
-GATE_VALID = 0.9
+#: left out break the symmetry the quadrupole score relies on), or whose width is at a
+#: bound or centre off the window; the others are round beyond doubt and keep the
+#: symmetric model
+GATE_VALID = 0.95
 
 
 def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=None) -> np.ndarray:
@@ -690,8 +691,9 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None):
     and bright elongated spots get their widths and angle.  In 2D the score
     test runs only where :func:`_quadrupole_score` (the same statistic over
     the two elongation patterns alone, in NumPy) exceeds :data:`SCORE_GATE`
-    of the threshold or the window lost more than ``1 - GATE_VALID`` of its
-    pixels to neighbours: the other spots are round beyond doubt.
+    of the threshold, the window lost more than ``1 - GATE_VALID`` of its
+    pixels to neighbours, or the symmetric fit is at a width bound or
+    centred off the window: the other spots are round beyond doubt.
 
     Returns the columns of :func:`_columns`, rows in ``batch`` order.
     """
@@ -712,7 +714,13 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None):
     test = np.arange(len(batch))
     if setup.ndim == 2:  # the score test only where the quadrupole score leaves a doubt
         quadrupole = _quadrupole_score(setup, reduced, batch, theta, residual_var)
-        test = np.flatnonzero(~(quadrupole <= SCORE_GATE * limit) | (n_valid < GATE_VALID * w.mask.shape[1]))
+        # fits at a width bound or centred off the window are no round spot the statistic describes
+        width = theta[:, np.flatnonzero(reduced.model.width_mask)[0]]
+        low, high = width_limits(reduced.model, w.grid)
+        odd = ~((width > 1.01 * low[0]) & (width < 0.99 * high[0])) | \
+            ~w.inside(theta[:, list(reduced.model.center_index)])
+        test = np.flatnonzero(~(quadrupole <= SCORE_GATE * limit) | (n_valid < GATE_VALID * w.mask.shape[1])
+                              | odd)
     score = np.zeros(len(batch))
     if len(test):
         score[test] = solver.score_test(
