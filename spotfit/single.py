@@ -664,6 +664,20 @@ def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=N
     return np.where(det > 0, t, np.inf)  # degenerate: let the score test decide
 
 
+def _doubtful(setup: Setup, reduced, batch: Batch, theta, limit, residual_var=None) -> np.ndarray:
+    """Which 2D symmetric fits ``theta`` the score test must decide (bool per window):
+    quadrupole score (:func:`_quadrupole_score`) above :data:`SCORE_GATE` of the test's
+    threshold ``limit``, fewer than :data:`GATE_VALID` of the window's pixels, or a fit
+    at a width bound or centred off the window (no round spot the statistic describes)."""
+    w = batch.windows
+    quadrupole = _quadrupole_score(setup, reduced, batch, theta, residual_var)
+    width = theta[:, np.flatnonzero(reduced.model.width_mask)[0]]
+    low, high = width_limits(reduced.model, w.grid)
+    odd = ~((width > 1.01 * low[0]) & (width < 0.99 * high[0])) | \
+        ~w.inside(theta[:, list(reduced.model.center_index)])
+    return ~(quadrupole <= SCORE_GATE * limit) | (w.mask.sum(axis=1) < GATE_VALID * w.mask.shape[1]) | odd
+
+
 def _take(batch: Batch, rows, variance=None) -> Batch:
     w = batch.windows
     windows = roi.Windows(w.data[rows], w.mask[rows], w.origin[rows], w.grid,
@@ -713,14 +727,7 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None):
     theta = sol.theta + sol.bias
     test = np.arange(len(batch))
     if setup.ndim == 2:  # the score test only where the quadrupole score leaves a doubt
-        quadrupole = _quadrupole_score(setup, reduced, batch, theta, residual_var)
-        # fits at a width bound or centred off the window are no round spot the statistic describes
-        width = theta[:, np.flatnonzero(reduced.model.width_mask)[0]]
-        low, high = width_limits(reduced.model, w.grid)
-        odd = ~((width > 1.01 * low[0]) & (width < 0.99 * high[0])) | \
-            ~w.inside(theta[:, list(reduced.model.center_index)])
-        test = np.flatnonzero(~(quadrupole <= SCORE_GATE * limit) | (n_valid < GATE_VALID * w.mask.shape[1])
-                              | odd)
+        test = np.flatnonzero(_doubtful(setup, reduced, batch, theta, limit, residual_var))
     score = np.zeros(len(batch))
     if len(test):
         score[test] = solver.score_test(
