@@ -396,6 +396,41 @@ class BackgroundPiece:
         return self.background.at(local).astype(np.float64) / self.factor
 
 
+    def moved(self, shift) -> "BackgroundPiece":
+        """The same piece in the coordinates of a crop of the frame starting at ``shift``
+        (frame index, array order): a tile's pixel ``i`` is the frame's ``i + shift``."""
+        return BackgroundPiece(np.subtract(self.origin, shift), self.interior, self.background,
+                               self.factor)
+
+
+def background_at(pieces, index) -> np.ndarray:
+    """The local background of :class:`BackgroundPiece` s ``pieces`` at frame pixels
+    ``index`` (int arrays, array order, any shape; float64, frame units).
+
+    A pixel takes the value of the block whose interior holds it, else of any block
+    holding it; a pixel outside every block (beyond the frame) takes that of the
+    nearest pixel of the blocks.
+    """
+    nd = len(index)
+    extents = [p.extent() for p in pieces]
+    lo = np.min([e[0] for e in extents], axis=0)
+    hi = np.max([e[1] for e in extents], axis=0)
+    shape = np.shape(index[0])
+    index = [np.clip(np.asarray(index[a], np.int64).ravel(), lo[a], hi[a] - 1) for a in range(nd)]
+    if len(pieces) == 1:
+        return pieces[0].at(index).reshape(shape)
+    values = np.full(index[0].shape, np.nan)
+    for use_interior in (True, False):  # a block's interior first, else any block holding the pixel
+        for p, extent in zip(pieces, extents):
+            plo, phi = p.bounds() if use_interior else extent
+            inside = np.isnan(values)
+            for a in range(nd):
+                inside &= (index[a] >= plo[a]) & (index[a] < phi[a])
+            if inside.any():
+                values[inside] = p.at([i[inside] for i in index])
+    return values.reshape(shape)
+
+
 def _block_peaks(prepared, raw, origin, interior, threshold, radii, backgrounds=None):
     """Candidates of one block whose maxima lie in its interior, in frame coordinates;
     the block's local background is appended to ``backgrounds`` (a list) if given."""

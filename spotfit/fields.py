@@ -271,7 +271,9 @@ def _fit_tiles(setup: Setup, frame, singles, hot):
         tiles.append(Frame(k, frame.photons[crop], coords=frame.coords[inside] - [y0, x0],
                             valid=None if frame.valid is None else frame.valid[crop],
                             saturated=None if frame.saturated is None else frame.saturated[crop],
-                            image_var=frame.image_var, noise=frame.noise))
+                            image_var=frame.image_var, noise=frame.noise,
+                            background=None if not frame.background else
+                            [p.moved((y0, x0)) for p in frame.background]))
         picked.append(inside)
         origins.append((x0, y0))
     # the tiles' single fits: the frame's, in tile coordinates, frame = tile
@@ -425,6 +427,7 @@ class _Candidates:
     valid: np.ndarray | None
     saturated: np.ndarray | None
     noise: object
+    background: list | None = None  # the detection's local background (BackgroundPiece per block)
 
 
 def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=None):
@@ -477,7 +480,8 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
         mine = t_single == i
         active = np.concatenate([f.coords[suspect[mine] & grouped[mine]],
                                  np.rint(xyz[suspect & ~grouped & mine][:, ::-1]).astype(np.int64).reshape(-1, nd)])
-        engine_frames.append(_Candidates(i, f.photons, active, f.valid, f.saturated, f.noise))
+        engine_frames.append(_Candidates(i, f.photons, active, f.valid, f.saturated, f.noise,
+                                         f.background))
     widths = [np.sqrt(sx * sy)] + ([singles["sigma_z"].to_numpy()] if nd == 3 else [])
     # the standing fits that matter: those whose light reaches the joint fits'
     # windows or the residual search around them (the rest stand as they are)

@@ -321,17 +321,21 @@ class CrowdedFitter:
         return image
 
     def _background_at(self, t, lo, shape):
-        """The frames' local background (:class:`spotfit.background.Background`, one
-        per frame, estimated once) at the pixels of windows ``shape`` from ``lo``
-        (array order) in frames ``t``: ``(n, P)``."""
+        """The frames' local background at the pixels of windows ``shape`` from ``lo``
+        (array order) in frames ``t``: ``(n, P)``.  A frame's ``background`` (the
+        detection's, a list of :class:`spotfit.detection.BackgroundPiece` in the
+        frame's coordinates; a tile's is its frame's, moved) when it has one, else
+        :class:`spotfit.background.Background` estimated once per frame."""
         from spotfit.background import Background, _as_volume, _sigmas
+        from spotfit.detection import background_at
 
         if getattr(self, "_bg_frames", None) is not self._frames:
             self._bg, self._bg_frames = {}, self._frames
         out = np.empty((len(t), int(np.prod(shape))))
         mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
         for i in np.unique(t):
-            if i not in self._bg:
+            known = getattr(self._frames[i], "background", None)  # detection's (BackgroundPiece list)
+            if i not in self._bg and not known:
                 sig = _sigmas(self.config.detection_sigma(self.ndim), self.ndim)
                 photons = _as_volume(np.asarray(self._frames[i].photons, np.float32))
                 self._bg[i] = Background.estimate(photons, sig, self._noise(i))
@@ -339,6 +343,9 @@ class CrowdedFitter:
             pix = lo[rows][:, None, :] + mesh[None]  # (m, P, ndim), array order
             dims = self._stack.shape[1:]
             pix = np.clip(pix, 0, np.array(dims) - 1).reshape(-1, len(shape))
+            if known:
+                out[rows] = background_at(known, [pix[:, a] for a in range(len(shape))]).reshape(len(rows), -1)
+                continue
             index = [np.zeros(len(pix), np.int64)] * (3 - len(shape)) + [pix[:, a] for a in range(len(shape))]
             out[rows] = self._bg[i].at(index).reshape(len(rows), -1)
         return out

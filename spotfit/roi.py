@@ -234,17 +234,21 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     own, other = own[keep], other[keep]
     if len(own) == 0:
         return 0
-    pix = np.column_stack(windows.grid.flat())  # (P, ndim) window-relative x, y[, z]
+    pix = [np.asarray(p, float) for p in windows.grid.flat()]  # window-relative x, y[, z], (P,) each
     hit = np.zeros(windows.mask.shape, dtype=bool)  # a neighbour claims the pixel
     flat_hit = hit.reshape(-1)
     n_pix = hit.shape[1]
-    step = max(1, _PAIR_PIXELS // len(pix))  # pairs at a time: bounded (m, P) temporaries
+    step = max(1, _PAIR_PIXELS // len(pix[0]))  # pairs at a time: bounded (m, P) temporaries
     for start in range(0, len(own), step):
         o, j = own[start:start + step], other[start:start + step]
         rel_other = other_xyz[j] - windows.origin[o]  # (m, ndim)
         rel_own = xyz[o] - windows.origin[o]
-        d_other = np.sum((pix[None, :, :] - rel_other[:, None, :]) ** 2, axis=2)
-        d_own = np.sum((pix[None, :, :] - rel_own[:, None, :]) ** 2, axis=2)
+        # squared distances axis by axis ((m, P) each; the same sums in the same order)
+        d_other = (pix[0][None, :] - rel_other[:, :1]) ** 2
+        d_own = (pix[0][None, :] - rel_own[:, :1]) ** 2
+        for a in range(1, len(pix)):
+            d_other += (pix[a][None, :] - rel_other[:, a:a + 1]) ** 2
+            d_own += (pix[a][None, :] - rel_own[:, a:a + 1]) ** 2
         near = (d_other < radius * radius) & (d_other < d_own)
         pair, p = np.nonzero(near)
         flat_hit[o[pair] * n_pix + p] = True  # (repeated indices: any neighbour will do)
@@ -252,6 +256,11 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     windows.mask &= ~hit
     windows.data[masked] = 0.0
     return int(masked.sum())
+
+
+#: :func:`pairs_within` looks its grid's cells up in a table of up to this many cells
+#: (or 8 per point; else, and with 0, by binary search)
+_CELL_TABLE = 1 << 21
 
 
 def pairs_within(points, others, reach):
@@ -287,11 +296,19 @@ def pairs_within(points, others, reach):
     keys = np.ravel_multi_index(tuple(cb.T), dims)
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
+    size = int(np.prod(dims, dtype=np.float64))
+    table = None
+    if _CELL_TABLE > 0 and size <= max(_CELL_TABLE, 8 * len(b)):  # first index and count per cell, looked up directly
+        per_cell = np.bincount(keys, minlength=size)
+        table = (np.cumsum(per_cell) - per_cell, per_cell)
     own, other = [], []
     for offset in itertools.product((-1, 0, 1), repeat=a.shape[1]):
         k = np.ravel_multi_index(tuple((ca + np.asarray(offset)).T), dims)
-        start = np.searchsorted(ordered, k, side="left")
-        count = np.searchsorted(ordered, k, side="right") - start
+        if table is not None:
+            start, count = table[0][k], table[1][k]
+        else:
+            start = np.searchsorted(ordered, k, side="left")
+            count = np.searchsorted(ordered, k, side="right") - start
         total = int(count.sum())
         if total == 0:
             continue
