@@ -533,14 +533,23 @@ class _Context:
         cam_a, cam_b = self.conversion(img.frame_shape)
         # raw values at the top of an integer pixel type are clipped: such fits are "saturated"
         clip = float(np.iinfo(img.dtype).max) if img.dtype.kind in "ui" else np.inf
-        per_block = max(1, min(n_frames, BLOCK_VALUES // max(size, 1)))
+        # frames of an image in memory whose pixel type the kernel reads are passed as they
+        # are (a view: no copy, no cast, all frames in one call); others are gathered into
+        # blocks of that type (uint16 as it is, any other type cast to float32)
+        in_memory = _in_memory(img)
+        kind = np.dtype(np.uint16) if img.dtype == np.uint16 else np.dtype(np.float32)
+        direct = in_memory and img.data.dtype == kind  # native byte order too
+        per_block = n_frames if direct else max(1, min(n_frames, BLOCK_VALUES // max(size, 1)))
         cfg = self.config
         block = None
         for first in range(0, n_frames, per_block):
             ids = frame_ids[first:first + per_block]
-            if block is None or len(block) != len(ids):
-                block = np.empty((len(ids), size), dtype=np.float32)
-            _read_frames(img, ids, block, numba.get_num_threads())
+            if direct:
+                block = _frame_rows(img.data, ids, size)
+            else:
+                if block is None or len(block) != len(ids):
+                    block = np.empty((len(ids), size), dtype=kind)
+                _read_frames(img, ids, block, numba.get_num_threads(), in_memory)
             if not self.camera.calibrated and self.noise_model is None:
                 self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
             alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
@@ -581,12 +590,28 @@ class _Context:
         return float(alpha), float(beta), float(floor)
 
 
-def _read_frames(img, ids, block, workers=1):
-    """Raw values of the frames ``ids`` into the rows of ``block`` (float32), converted by
-    the kernel where it reads them.  The frames of an image in memory are cast at once,
-    by ``workers`` threads (numpy's cast does not hold the GIL)."""
+def _in_memory(img):
+    """Whether ``img`` is a numpy array in memory (any byte order)."""
     data = img.data
-    if type(data) is np.ndarray and img.reader is None and data.dtype.newbyteorder("=") == img.dtype:
+    return type(data) is np.ndarray and img.reader is None and data.dtype.newbyteorder("=") == img.dtype
+
+
+def _frame_rows(data, ids, size):
+    """The frames ``ids`` of an in-memory image as ``(len(ids), size)`` rows: a view for
+    consecutive frames of a C-contiguous array, else a copy (same pixel type)."""
+    if ids[-1] - ids[0] == len(ids) - 1:
+        part = data[ids[0]:ids[-1] + 1]
+    else:
+        part = data[np.asarray(ids)]
+    return np.ascontiguousarray(part).reshape(len(ids), size)
+
+
+def _read_frames(img, ids, block, workers=1, in_memory=False):
+    """Raw values of the frames ``ids`` into the rows of ``block`` (its pixel type), converted
+    by the kernel where it reads them.  The frames of an image in memory are cast at once,
+    by ``workers`` threads (numpy's cast does not hold the GIL)."""
+    if in_memory:
+        data = img.data
         if ids[-1] - ids[0] == len(ids) - 1:  # consecutive frames: a view, no copy
             part = data[ids[0]:ids[-1] + 1]
         else:
