@@ -802,9 +802,8 @@ class _Layout:
             if hi > lo:  # annulus pixels near another spot are not background
                 pa, pb = a[lo:hi], b[lo:hi]
                 close = _box_distance2(box.origin[pa - first], shape, spots.xyz[pb], scale) <= (R + 1.0) ** 2
-                hit = np.zeros(in_bg.shape, np.int32)
-                np.add.at(hit, pa - first, close.astype(np.int32))
-                in_bg &= hit == 0
+                hit, start = np.unique(pa - first, return_index=True)  # pa is sorted
+                in_bg[hit] &= ~np.logical_or.reduceat(close, start, axis=0)
             self.n_ap[rows] = in_ap.sum(axis=1)
             self.n_bg[rows] = in_bg.sum(axis=1)
             if len(rv) > 1:
@@ -851,23 +850,44 @@ def _aperture_values(out, layout, ctx):
     """
     cam = ctx.camera
     n_ap, n_bg = layout.n_ap[:, None], layout.n_bg[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        background = out["bg"] / n_bg
-        intensity = out["ap"] - n_ap * background
+    ap, bg = out["ap"], out["bg"]
+    with np.errstate(divide="ignore", invalid="ignore"):  # (in place: fewer passes over (n, F))
+        background = bg / n_bg
+        intensity = n_ap * background
+        np.subtract(ap, intensity, out=intensity)
         if cam.calibrated:
             excess = cam.excess_noise
-            v_ap = excess * out["ap"] + layout.rv_ap[:, None]
-            v_bg = excess * out["bg"] + layout.rv_bg[:, None]
+            v_ap = np.multiply(ap, excess)
+            v_ap += layout.rv_ap[:, None]
+            var = np.multiply(bg, excess)
+            var += layout.rv_bg[:, None]
         else:
             alpha, beta, _ = ctx.noise_model or (0.0, 0.0, 0.0)
-            v_ap = n_ap * alpha + beta * out["ap"]
-            v_bg = n_bg * alpha + beta * out["bg"]
-        var = v_ap + (n_ap / n_bg) ** 2 * v_bg
+            v_ap = np.multiply(ap, beta)
+            v_ap += n_ap * alpha
+            var = np.multiply(bg, beta)
+            var += n_bg * alpha
+        var *= (n_ap / n_bg) ** 2  # var = v_ap + (n_ap / n_bg)^2 v_bg
+        var += v_ap
     none = layout.ap_status == APERTURE_STATUS.index("no_background")
     for a in (intensity, background, var):
         a[none] = np.nan
-    return {"aperture_intensity": intensity, "aperture_intensity_err": np.sqrt(np.clip(var, 0.0, None)),
+    return {"aperture_intensity": intensity, "aperture_intensity_err": _root(var),
             "aperture_background": background, "status": layout.ap_status}
+
+
+def _root(a):
+    """``sqrt(max(a, 0))`` in place (NaN stays NaN)."""
+    np.maximum(a, 0.0, out=a)
+    return np.sqrt(a, out=a)
+
+
+def _repeat(a, F):
+    """Each value of ``a`` ``F`` times in turn (``np.repeat``, by a broadcast copy: faster)."""
+    a = np.asarray(a)
+    out = np.empty((len(a), F), a.dtype)
+    out[...] = a[:, None]
+    return out.reshape(-1)
 
 
 # ------------------------------------------------------------------- table
@@ -892,7 +912,7 @@ def _table(spots, parts, ctx, channel, refined):
         if n == 0 or F == 0:
             continue
         flat = lambda a: np.asarray(a).ravel()  # (n, F) -> spot-major rows  # noqa: E731
-        rep = lambda a: np.repeat(np.asarray(a), F)  # noqa: E731
+        rep = lambda a: _repeat(a, F)  # noqa: E731
         data = {"spot_id": rep(layout_spots.ids), "frame": np.tile(np.asarray(frame_ids, np.int64), n),
                 "channel": np.full(n * F, channel, np.int64)}
         for j, a in enumerate(("x", "y", "z")[:ndim]):
@@ -902,10 +922,10 @@ def _table(spots, parts, ctx, channel, refined):
             data["angle"] = rep(layout_spots.angle)
         else:
             data["sigma_z"] = rep(layout_spots.widths[:, 2])
-        intensity, n_err = flat(out["n"]), np.sqrt(np.clip(flat(out["n_var"]), 0.0, None))
+        intensity, n_err = flat(out["n"]), _root(flat(out["n_var"]))  # out is ours: in place
         data["intensity"], data["intensity_err"] = intensity, n_err
         data["background"] = flat(out["b"])
-        data["background_err"] = np.sqrt(np.clip(flat(out["b_var"]), 0.0, None))
+        data["background_err"] = _root(flat(out["b_var"]))
         ap = out["aperture"]
         data.update({k: flat(v) for k, v in ap.items() if k != "status"})
         data["aperture_status"] = _labels(rep(ap["status"]), APERTURE_STATUS)
