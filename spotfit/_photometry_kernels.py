@@ -639,8 +639,9 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
 
     Parameters
     ----------
-    frames : (F, S) float32 ndarray
-        Raw camera values, each frame flattened in C order.
+    frames : (F, S) uint16 or float32 ndarray
+        Raw camera values, each frame flattened in C order (uint16 frames in memory
+        are passed as they are: no float copy; other types are cast to float32).
     cam_a, cam_b : (S,) or (1,) float64 ndarrays
         Camera conversion ``photons = a + b * raw`` (``a = -baseline * b``; ADU
         above baseline without a calibration), per pixel or for all pixels.
