@@ -509,6 +509,23 @@ def _regression_sums(profiles, c0, K, P, d, w, y, mu, A, inv, L, scale, r, theta
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _read_rows(frame, a, b, first, rows, wx, d):
+    """The rows of a window inside the frame (one camera conversion ``a + b * raw``, no
+    read-noise map) into ``d``; returns the largest raw value.  Its own function, without
+    the branches of :func:`_read_window`: the compiled loops are 3-4 times faster."""
+    top = -np.inf
+    for k in range(rows.shape[0]):
+        q0 = first + rows[k]
+        row = frame[q0:q0 + wx]
+        out = d[k * wx:(k + 1) * wx]
+        for c in range(wx):
+            v = row[c]
+            top = max(top, v)
+            out[c] = a + b * v
+    return top
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _read_window(frame, cam_a, cam_b, rv, pix, m, rows, wx, clip, d, rvp):
     """The ``m`` valid pixels ``pix`` of a window of ``frame`` in photons (``d``) and their
     read-noise variance (``rvp``, left as it is for a single value); returns 1 when a
@@ -519,6 +536,9 @@ def _read_window(frame, cam_a, cam_b, rv, pix, m, rows, wx, clip, d, rvp):
     top = -np.inf
     if wx > 0 and m == rows.shape[0] * wx:
         first = pix[0]
+        if not cam_map and not rv_map:
+            top = _read_rows(frame, cam_a[0], cam_b[0], first, rows, wx, d)
+            return 1 if top >= clip else 0
         for k in range(rows.shape[0]):
             q0 = first + rows[k]
             row = frame[q0:q0 + wx]
@@ -552,6 +572,23 @@ def _read_window(frame, cam_a, cam_b, rv, pix, m, rows, wx, clip, d, rvp):
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+def _box_rows(frame, code, q0, c0, dq, dc, rows, m):
+    """Sums of the raw values coded 1 and 2 over ``rows`` rows of ``m`` pixels (frame rows
+    ``dq`` apart from ``q0``, code rows ``dc`` apart from ``c0``).  Its own function,
+    without branches around the loops, so that they are compiled tight."""
+    s1 = 0.0
+    s2 = 0.0
+    for y in range(rows):
+        row = frame[q0 + y * dq:q0 + y * dq + m]
+        kind = code[c0 + y * dc:c0 + y * dc + m]
+        for c in range(m):
+            v = np.float64(row[c])
+            s1 += v if kind[c] == 1 else 0.0
+            s2 += v if kind[c] == 2 else 0.0
+    return s1, s2
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _box_sums(frame, cam_a, cam_b, code, ox, oy, oz, geom):
     """Sums over a spot's box of the frame values coded 1 (aperture) and 2 (annulus).
 
@@ -567,27 +604,28 @@ def _box_sums(frame, cam_a, cam_b, code, ox, oy, oz, geom):
     y_lo, y_hi = max(0, -oy), min(Ly, ny - oy)
     z_lo, z_hi = max(0, -oz), min(Lz, nz - oz)
     m = x_hi - x_lo
-    cam_map = cam_a.shape[0] > 1
     s1 = 0.0
     s2 = 0.0
+    if cam_a.shape[0] == 1:
+        for z in range(z_lo, z_hi):
+            q0 = ((oz + z) * ny + oy + y_lo) * nx + ox + x_lo
+            c0 = (z * Ly + y_lo) * Lx + x_lo
+            t1, t2 = _box_rows(frame, code, q0, c0, nx, Lx, y_hi - y_lo, m)
+            s1 += t1
+            s2 += t2
+        return s1, s2
     for z in range(z_lo, z_hi):
         for y in range(y_lo, y_hi):
             q0 = ((oz + z) * ny + oy + y) * nx + ox + x_lo
             c0 = (z * Ly + y) * Lx + x_lo
             row = frame[q0:q0 + m]
             kind = code[c0:c0 + m]
-            if cam_map:
-                row_a = cam_a[q0:q0 + m]
-                row_b = cam_b[q0:q0 + m]
-                for c in range(m):
-                    v = row_a[c] + row_b[c] * row[c]
-                    s1 += v if kind[c] == 1 else 0.0
-                    s2 += v if kind[c] == 2 else 0.0
-            else:
-                for c in range(m):
-                    v = row[c]
-                    s1 += v if kind[c] == 1 else 0.0
-                    s2 += v if kind[c] == 2 else 0.0
+            row_a = cam_a[q0:q0 + m]
+            row_b = cam_b[q0:q0 + m]
+            for c in range(m):
+                v = row_a[c] + row_b[c] * row[c]
+                s1 += v if kind[c] == 1 else 0.0
+                s2 += v if kind[c] == 2 else 0.0
     return s1, s2
 
 
@@ -601,8 +639,9 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
 
     Parameters
     ----------
-    frames : (F, S) float32 ndarray
-        Raw camera values, each frame flattened in C order.
+    frames : (F, S) uint16 or float32 ndarray
+        Raw camera values, each frame flattened in C order (uint16 frames in memory
+        are passed as they are: no float copy; other types are cast to float32).
     cam_a, cam_b : (S,) or (1,) float64 ndarrays
         Camera conversion ``photons = a + b * raw`` (``a = -baseline * b``; ADU
         above baseline without a calibration), per pixel or for all pixels.
@@ -689,15 +728,15 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
                 c2 += box_code[i, p] == 2
             count[i, 0] = c1
             count[i, 1] = c2
-    total = F * n
-    # (frame group, spot, frame in the group): a spot's profile and box serve a few
-    # frames in turn, while those frames' rows around the spot stay in cache for the
-    # next spots (spot by spot over a whole block would reach every row of every frame
-    # through a new page)
+    # units (frame group, spot), each the spot's windows in the group's frames: a
+    # spot's profile and box serve a few frames in turn, while those frames' rows
+    # around the spot stay in cache for the next spots (spot by spot over a whole
+    # block would reach every row of every frame through a new page)
     G = min(F, FRAME_GROUP)
+    units = ((F + G - 1) // G) * n
     for c in prange(n_chunks):
-        start = c * total // n_chunks
-        stop = (c + 1) * total // n_chunks
+        start = c * units // n_chunks
+        stop = (c + 1) * units // n_chunks
         d = np.zeros(P)
         y = np.zeros(P)
         w = np.zeros(P)
@@ -713,40 +752,38 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
         theta = np.zeros(mmax)
         step = np.zeros(mmax)
         u = np.zeros(mmax)
-        for item in range(start, stop):
-            g0 = (item // (n * G)) * G  # first frame of the item's group
-            size = min(G, F - g0)
-            within = item - g0 * n
-            i = within // size
-            t = g0 + within - i * size
+        for unit in range(start, stop):
+            g0 = (unit // n) * G  # first frame of the unit's group
+            i = unit - (g0 // G) * n
             m = n_valid[i]
             c0 = col_ptr[i]
             K = col_ptr[i + 1] - c0
-            frame = frames[t]
-            clipped = _read_window(frame, cam_a, cam_b, rv, pix[i], m, rows, wx, clip, d, rvp)
-            if regression:
-                _regression_sums(profiles, c0, K, m, d, w, y, mu, A, inv, L, scale, r, theta, u,
-                                 out_sums[i, t0 + t])
-                continue
-            if K == 1:
-                res = _fit_single(profiles[c0], d, rvp, m, cst[i], est, calibrated, excess, alpha,
-                                  beta, v_floor, max_iter, tol)
-            else:
-                res = _fit_joint(profiles, c0, K, m, d, rvp, est, calibrated, excess, alpha, beta,
-                                 v_floor, max_iter, tol, y, w, mu, A, inv, L, scale, r, theta, step, u)
-            out_n[i, t0 + t] = res[0]
-            out_n_var[i, t0 + t] = res[1]
-            out_b[i, t0 + t] = res[2]
-            out_b_var[i, t0 + t] = res[3]
-            out_chi2[i, t0 + t] = res[4]
-            out_iter[i, t0 + t] = res[5]
-            out_status[i, t0 + t] = res[6]
-            out_sat[i, t0 + t] = clipped
-            if apertures:
-                s1, s2 = _box_sums(frame, cam_a, cam_b, box_code[i], box_origin[i, 0], box_origin[i, 1],
-                                   box_origin[i, 2], box_geom)
-                if not cam_map:
-                    s1 = count[i, 0] * cam_a[0] + cam_b[0] * s1
-                    s2 = count[i, 1] * cam_a[0] + cam_b[0] * s2
-                out_ap[i, t0 + t] = s1
-                out_bg[i, t0 + t] = s2
+            for t in range(g0, min(F, g0 + G)):
+                frame = frames[t]
+                clipped = _read_window(frame, cam_a, cam_b, rv, pix[i], m, rows, wx, clip, d, rvp)
+                if regression:
+                    _regression_sums(profiles, c0, K, m, d, w, y, mu, A, inv, L, scale, r, theta, u,
+                                     out_sums[i, t0 + t])
+                    continue
+                if K == 1:
+                    res = _fit_single(profiles[c0], d, rvp, m, cst[i], est, calibrated, excess, alpha,
+                                      beta, v_floor, max_iter, tol)
+                else:
+                    res = _fit_joint(profiles, c0, K, m, d, rvp, est, calibrated, excess, alpha, beta,
+                                     v_floor, max_iter, tol, y, w, mu, A, inv, L, scale, r, theta, step, u)
+                out_n[i, t0 + t] = res[0]
+                out_n_var[i, t0 + t] = res[1]
+                out_b[i, t0 + t] = res[2]
+                out_b_var[i, t0 + t] = res[3]
+                out_chi2[i, t0 + t] = res[4]
+                out_iter[i, t0 + t] = res[5]
+                out_status[i, t0 + t] = res[6]
+                out_sat[i, t0 + t] = clipped
+                if apertures:
+                    s1, s2 = _box_sums(frame, cam_a, cam_b, box_code[i], box_origin[i, 0],
+                                       box_origin[i, 1], box_origin[i, 2], box_geom)
+                    if not cam_map:
+                        s1 = count[i, 0] * cam_a[0] + cam_b[0] * s1
+                        s2 = count[i, 1] * cam_a[0] + cam_b[0] * s2
+                    out_ap[i, t0 + t] = s1
+                    out_bg[i, t0 + t] = s2

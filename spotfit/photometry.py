@@ -533,14 +533,23 @@ class _Context:
         cam_a, cam_b = self.conversion(img.frame_shape)
         # raw values at the top of an integer pixel type are clipped: such fits are "saturated"
         clip = float(np.iinfo(img.dtype).max) if img.dtype.kind in "ui" else np.inf
-        per_block = max(1, min(n_frames, BLOCK_VALUES // max(size, 1)))
+        # frames of an image in memory whose pixel type the kernel reads are passed as they
+        # are (a view: no copy, no cast, all frames in one call); others are gathered into
+        # blocks of that type (uint16 as it is, any other type cast to float32)
+        in_memory = _in_memory(img)
+        kind = np.dtype(np.uint16) if img.dtype == np.uint16 else np.dtype(np.float32)
+        direct = in_memory and img.data.dtype == kind  # native byte order too
+        per_block = n_frames if direct else max(1, min(n_frames, BLOCK_VALUES // max(size, 1)))
         cfg = self.config
         block = None
         for first in range(0, n_frames, per_block):
             ids = frame_ids[first:first + per_block]
-            if block is None or len(block) != len(ids):
-                block = np.empty((len(ids), size), dtype=np.float32)
-            _read_frames(img, ids, block, numba.get_num_threads())
+            if direct:
+                block = _frame_rows(img.data, ids, size)
+            else:
+                if block is None or len(block) != len(ids):
+                    block = np.empty((len(ids), size), dtype=kind)
+                _read_frames(img, ids, block, numba.get_num_threads(), in_memory)
             if not self.camera.calibrated and self.noise_model is None:
                 self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
             alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
@@ -581,12 +590,28 @@ class _Context:
         return float(alpha), float(beta), float(floor)
 
 
-def _read_frames(img, ids, block, workers=1):
-    """Raw values of the frames ``ids`` into the rows of ``block`` (float32), converted by
-    the kernel where it reads them.  The frames of an image in memory are cast at once,
-    by ``workers`` threads (numpy's cast does not hold the GIL)."""
+def _in_memory(img):
+    """Whether ``img`` is a numpy array in memory (any byte order)."""
     data = img.data
-    if type(data) is np.ndarray and img.reader is None and data.dtype.newbyteorder("=") == img.dtype:
+    return type(data) is np.ndarray and img.reader is None and data.dtype.newbyteorder("=") == img.dtype
+
+
+def _frame_rows(data, ids, size):
+    """The frames ``ids`` of an in-memory image as ``(len(ids), size)`` rows: a view for
+    consecutive frames of a C-contiguous array, else a copy (same pixel type)."""
+    if ids[-1] - ids[0] == len(ids) - 1:
+        part = data[ids[0]:ids[-1] + 1]
+    else:
+        part = data[np.asarray(ids)]
+    return np.ascontiguousarray(part).reshape(len(ids), size)
+
+
+def _read_frames(img, ids, block, workers=1, in_memory=False):
+    """Raw values of the frames ``ids`` into the rows of ``block`` (its pixel type), converted
+    by the kernel where it reads them.  The frames of an image in memory are cast at once,
+    by ``workers`` threads (numpy's cast does not hold the GIL)."""
+    if in_memory:
+        data = img.data
         if ids[-1] - ids[0] == len(ids) - 1:  # consecutive frames: a view, no copy
             part = data[ids[0]:ids[-1] + 1]
         else:
@@ -777,9 +802,8 @@ class _Layout:
             if hi > lo:  # annulus pixels near another spot are not background
                 pa, pb = a[lo:hi], b[lo:hi]
                 close = _box_distance2(box.origin[pa - first], shape, spots.xyz[pb], scale) <= (R + 1.0) ** 2
-                hit = np.zeros(in_bg.shape, np.int32)
-                np.add.at(hit, pa - first, close.astype(np.int32))
-                in_bg &= hit == 0
+                hit, start = np.unique(pa - first, return_index=True)  # pa is sorted
+                in_bg[hit] &= ~np.logical_or.reduceat(close, start, axis=0)
             self.n_ap[rows] = in_ap.sum(axis=1)
             self.n_bg[rows] = in_bg.sum(axis=1)
             if len(rv) > 1:
@@ -826,23 +850,44 @@ def _aperture_values(out, layout, ctx):
     """
     cam = ctx.camera
     n_ap, n_bg = layout.n_ap[:, None], layout.n_bg[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        background = out["bg"] / n_bg
-        intensity = out["ap"] - n_ap * background
+    ap, bg = out["ap"], out["bg"]
+    with np.errstate(divide="ignore", invalid="ignore"):  # (in place: fewer passes over (n, F))
+        background = bg / n_bg
+        intensity = n_ap * background
+        np.subtract(ap, intensity, out=intensity)
         if cam.calibrated:
             excess = cam.excess_noise
-            v_ap = excess * out["ap"] + layout.rv_ap[:, None]
-            v_bg = excess * out["bg"] + layout.rv_bg[:, None]
+            v_ap = np.multiply(ap, excess)
+            v_ap += layout.rv_ap[:, None]
+            var = np.multiply(bg, excess)
+            var += layout.rv_bg[:, None]
         else:
             alpha, beta, _ = ctx.noise_model or (0.0, 0.0, 0.0)
-            v_ap = n_ap * alpha + beta * out["ap"]
-            v_bg = n_bg * alpha + beta * out["bg"]
-        var = v_ap + (n_ap / n_bg) ** 2 * v_bg
+            v_ap = np.multiply(ap, beta)
+            v_ap += n_ap * alpha
+            var = np.multiply(bg, beta)
+            var += n_bg * alpha
+        var *= (n_ap / n_bg) ** 2  # var = v_ap + (n_ap / n_bg)^2 v_bg
+        var += v_ap
     none = layout.ap_status == APERTURE_STATUS.index("no_background")
     for a in (intensity, background, var):
         a[none] = np.nan
-    return {"aperture_intensity": intensity, "aperture_intensity_err": np.sqrt(np.clip(var, 0.0, None)),
+    return {"aperture_intensity": intensity, "aperture_intensity_err": _root(var),
             "aperture_background": background, "status": layout.ap_status}
+
+
+def _root(a):
+    """``sqrt(max(a, 0))`` in place (NaN stays NaN)."""
+    np.maximum(a, 0.0, out=a)
+    return np.sqrt(a, out=a)
+
+
+def _repeat(a, F):
+    """Each value of ``a`` ``F`` times in turn (``np.repeat``, by a broadcast copy: faster)."""
+    a = np.asarray(a)
+    out = np.empty((len(a), F), a.dtype)
+    out[...] = a[:, None]
+    return out.reshape(-1)
 
 
 # ------------------------------------------------------------------- table
@@ -867,7 +912,7 @@ def _table(spots, parts, ctx, channel, refined):
         if n == 0 or F == 0:
             continue
         flat = lambda a: np.asarray(a).ravel()  # (n, F) -> spot-major rows  # noqa: E731
-        rep = lambda a: np.repeat(np.asarray(a), F)  # noqa: E731
+        rep = lambda a: _repeat(a, F)  # noqa: E731
         data = {"spot_id": rep(layout_spots.ids), "frame": np.tile(np.asarray(frame_ids, np.int64), n),
                 "channel": np.full(n * F, channel, np.int64)}
         for j, a in enumerate(("x", "y", "z")[:ndim]):
@@ -877,10 +922,10 @@ def _table(spots, parts, ctx, channel, refined):
             data["angle"] = rep(layout_spots.angle)
         else:
             data["sigma_z"] = rep(layout_spots.widths[:, 2])
-        intensity, n_err = flat(out["n"]), np.sqrt(np.clip(flat(out["n_var"]), 0.0, None))
+        intensity, n_err = flat(out["n"]), _root(flat(out["n_var"]))  # out is ours: in place
         data["intensity"], data["intensity_err"] = intensity, n_err
         data["background"] = flat(out["b"])
-        data["background_err"] = np.sqrt(np.clip(flat(out["b_var"]), 0.0, None))
+        data["background_err"] = _root(flat(out["b_var"]))
         ap = out["aperture"]
         data.update({k: flat(v) for k, v in ap.items() if k != "status"})
         data["aperture_status"] = _labels(rep(ap["status"]), APERTURE_STATUS)

@@ -615,3 +615,73 @@ def test_per_pixel_camera_maps_match_numpy_irls():
     for column in ("intensity", "intensity_err", "background", "aperture_intensity",
                    "aperture_intensity_err"):
         assert np.allclose(maps[column], scalar[column], rtol=1e-9, atol=1e-9, equal_nan=True), column
+
+
+def _border_movie():
+    """A uint16 movie with spots inside, at every border and in a corner, one pixel clipped."""
+    rng = np.random.default_rng(41)
+    xy = np.vstack([_grid(rng, cols=3, rows=2, border=15.0),
+                    [[0.2, 35.3], [NX - 1.3, 20.6], [55.4, 0.4], [30.8, NY - 1.2], [0.6, NY - 0.9]]])
+    photons = rng.uniform(800.0, 3000.0, (7, len(xy)))
+    img, _ = _movie(xy, photons, seed=42)
+    img = img.copy()
+    c = np.rint(xy[0]).astype(int)
+    img[4, c[1], c[0]] = np.iinfo(np.uint16).max  # clipped in frame 4 only
+    return img, xy
+
+
+@pytest.mark.parametrize("estimator", ["lsq", "wlsq", "mle"])
+def test_pixel_types_and_frame_sources_give_the_same_table(tmp_path, monkeypatch, estimator):
+    """uint16 frames in memory are read by the kernel as they are; float32 too; other types
+    are cast to float32, and a file's frames are read in blocks: every way gives the same
+    numbers (integers are exact in float32), with a scalar camera and a per-pixel map, all
+    frames or a selection, spots at the borders."""
+    img, xy = _border_movie()
+    assert img.dtype == np.uint16
+    rng = np.random.default_rng(43)
+    sensor = Camera(baseline=rng.uniform(95.0, 105.0, (NY, NX)), gain=rng.uniform(1.6, 2.4, (NY, NX)),
+                    read_noise=rng.uniform(1.0, 3.0, (NY, NX)))
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, img)
+    monkeypatch.setattr(photometry, "BLOCK_VALUES", 3 * NY * NX)  # the file in blocks of 3 frames
+    for camera in (CAMERA, sensor):
+        for frames in (None, [0, 2, 3, 4, 6]):
+            opts = dict(camera=camera, estimator=estimator, sigma=SIGMA, fix_sigma=True, frames=frames)
+            ref = spotfit.measure(img, xy, **opts)
+            hit = (ref.spot_id == 0) & (ref.frame == 4)
+            assert (ref.status[hit] != "converged").all() and (ref.status[~hit] != "saturated").all()
+            for other in (img.astype(np.float32), img.astype(np.int32), img[:, ::-1][:, ::-1], path):
+                table = spotfit.measure(other, xy, **opts)
+                # only uint16 (in memory or in the file) clips at 65535
+                clipped = (ref.status == "saturated") & (not hasattr(other, "dtype") or other.dtype == np.uint16)
+                assert (table.status == "saturated").tolist() == clipped.tolist()
+                for column in ref.columns:
+                    if column == "status":
+                        same = ref.status == "saturated"
+                        assert (table.status[~same] == ref.status[~same]).all()
+                    elif ref[column].dtype.kind == "f":
+                        assert np.allclose(table[column], ref[column], rtol=1e-12, atol=0,
+                                           equal_nan=True), (column, type(other))
+                    else:
+                        assert (table[column].astype(str) == ref[column].astype(str)).all(), column
+
+
+def test_aperture_sums_match_a_numpy_reference():
+    """The compiled aperture and annulus sums against the definition, pixel by pixel in numpy:
+    pixels within R of the spot, annulus R + 1 < r <= 2 R + 1 without the pixels within
+    R + 1 of another spot; spots at the borders included (uint16 frames read as they are)."""
+    img, xy = _border_movie()
+    R = 3.0
+    table = spotfit.measure(img, xy, camera=CAMERA, sigma=SIGMA, fix_sigma=True, aperture=R)
+    photons = CAMERA.to_photons(img, dtype=np.float64)
+    yy, xx = np.mgrid[0:NY, 0:NX]
+    dist = np.sqrt((xx[None] - xy[:, 0, None, None]) ** 2 + (yy[None] - xy[:, 1, None, None]) ** 2)
+    for k in range(len(xy)):
+        ap = dist[k] <= R
+        others = np.delete(dist, k, axis=0)
+        bg = (dist[k] > R + 1) & (dist[k] <= 2 * R + 1) & np.all(others > R + 1, axis=0)
+        mine = table[table.spot_id == k].sort_values("frame")
+        s_ap = photons[:, ap].sum(axis=1)
+        s_bg = photons[:, bg].mean(axis=1)
+        assert np.allclose(mine.aperture_background, s_bg, rtol=1e-12, atol=1e-9)
+        assert np.allclose(mine.aperture_intensity, s_ap - ap.sum() * s_bg, rtol=1e-12, atol=1e-8)
