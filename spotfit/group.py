@@ -58,6 +58,9 @@ SEARCH_REACH = 1.5
 #: a misfit group that one Gaussian wider than this many sigmas both ways explains
 #: at least as well (BIC) is a blob, even if that Gaussian misfits too (texture)
 BLOB_MINOR = 1.5
+#: a group is fitted again in the next round only if a spot within reach of its window
+#: changed: added, removed, or moved by more than this many of its standard errors
+REFIT_MOVE = 0.25
 #: fitted widths stay within this range times the expected sigma
 WIDTH_RANGE = (0.9, 1.1)
 #: a misfit spot (see MISFIT_SIGMAS) this many sigmas wide is split like one at the width bound
@@ -133,10 +136,11 @@ class _Spots:
     unless a new emitter is found beside it (then it joins that group).
     """
 
-    _ARRAYS = ("xyz", "t", "intensity", "sigma", "offset", "added", "start", "fixed", "single", "locked")
+    _ARRAYS = ("xyz", "t", "intensity", "sigma", "offset", "added", "start", "fixed", "single", "locked",
+               "ident", "dirty")
 
     def __init__(self, xyz, t, intensity, sigma, offset, added, start=None, fixed=None, single=None,
-                 locked=None, rec=None):
+                 locked=None, ident=None, dirty=None, rec=None):
         self.xyz = np.asarray(xyz, float)
         self.t = np.asarray(t, np.int64)
         self.intensity = np.asarray(intensity, float)
@@ -151,6 +155,10 @@ class _Spots:
         self.single = np.full(n, -1, np.int64) if single is None else np.asarray(single, np.int64)
         # locked: fixed for good (a fit that is no spot: its light is subtracted, nothing more)
         self.locked = np.zeros(n, bool) if locked is None else np.asarray(locked, bool)
+        # ident: a number that follows the spot through the rounds (-1 until its first
+        # joint fit); dirty: changed since its last joint fit (new, moved, split, freed)
+        self.ident = np.full(n, -1, np.int64) if ident is None else np.asarray(ident, np.int64)
+        self.dirty = np.ones(n, bool) if dirty is None else np.asarray(dirty, bool)
         if rec is None:
             keys = table.value_columns(nd)
             rec = {k: np.full(n, np.nan) for k in keys + [f"{k}_err" for k in keys]}
@@ -241,9 +249,13 @@ class CrowdedFitter:
                                         single=fixed["row"], locked=fixed.get("locked")))
         radius = cfg.group_radius * cfg.sigma
         labels = np.zeros(0, np.int64)
+        # blob tests of misfit groups (run after the last round) and the places
+        # whose light changed since the last joint fits (removed or moved spots)
+        self._pending, self._sources, self._next_ident = [], [], 0
         # every frame goes through every round and the final refit, so that a
         # frame's results do not depend on the other frames fitted with it (an
-        # early stop when no frame changes would tie them together)
+        # early stop when no frame changes would tie them together); within a
+        # round only the groups near a change are refitted (:meth:`_refit`)
         for round_ in range(SEARCH_ROUNDS + 1):
             before = spots
             spots, labels = self._joint(spots, radius)
@@ -252,6 +264,7 @@ class CrowdedFitter:
                 labels = self._labels(spots, radius)
             keep = self._keep(spots)
             if not keep.all():
+                self._sources.append(spots.keyed()[~keep])
                 spots = spots.take(keep)
             if round_ < SEARCH_ROUNDS:
                 new = self._search(spots, radius)
@@ -266,12 +279,18 @@ class CrowdedFitter:
         """Statuses of the last joint fits' emitters, with the blob test (:meth:`_blob`)
         of their misfit groups: run once, on the final fits only (the test
         decides a status, nothing the rounds before depend on)."""
-        for members, status, outside, low, sat, data, w, chi2, n_params, candidates in self._pending:
-            blob = self._blob(data, w, chi2, n_params, candidates)
+        order = np.argsort(spots.ident, kind="stable")
+        for entry in self._pending:
+            ids, status, outside, low, sat, data, w, chi2, n_params, candidates, alive = entry
+            where = np.clip(np.searchsorted(spots.ident, ids, sorter=order), 0, max(len(spots) - 1, 0))
+            members = order[where] if len(spots) else np.zeros_like(ids)
+            alive = alive & np.all(spots.ident[members] == ids, axis=1) if len(spots) else alive & False
+            blob = self._blob(data, w, chi2, n_params, candidates & alive)
             if not blob.any():
                 continue
             for i in range(members.shape[1]):
-                spots.rec["status"][members[:, i]] = results.judge(status[i], outside[i], low[i], sat, blob)
+                state = results.judge(status[i], outside[i], low[i], sat, blob)
+                spots.rec["status"][members[blob, i]] = state[blob]
         self._pending = []
 
     def _windows(self, image, t, lo, shape, dtype=float):
@@ -408,6 +427,7 @@ class CrowdedFitter:
                 hit = np.unique(np.concatenate([np.asarray(h, np.int64) for h in near]))
                 hit = hit[spots.fixed[hit] & ~spots.locked[hit]]
                 spots.fixed[hit] = False
+                spots.dirty[hit] = True
                 spots.start[hit] = spots.xyz[hit]
             # a misfit spot with a new emitter beside it is explained by that one
             if len(xyz):
@@ -527,6 +547,8 @@ class CrowdedFitter:
         wide, direction = wide[ok], direction[ok] / norm[ok]
         step = direction * cfg.sigma
         centre = spots.xyz[wide].copy()
+        self._sources.append(spots.keyed()[wide])
+        spots.dirty[wide] = True
         spots.xyz[wide] = centre - step
         spots.start[wide] = centre - step
         spots.intensity[wide] *= 0.5
@@ -547,6 +569,7 @@ class CrowdedFitter:
         merged = ~keep[first] & ~keep[second]
         first, second = first[merged], second[merged]
         spots.intensity[first] += spots.intensity[second]
+        spots.dirty[first] = True
         keep[first] = np.isfinite(spots.intensity[first]) & (spots.intensity[first] > 0)
         return keep | spots.fixed
 
@@ -606,6 +629,8 @@ class CrowdedFitter:
             getattr(after, a)[restore] = getattr(before, a)[restore]
         for k, v in after.rec.items():
             v[restore] = before.rec[k][restore]
+        after.dirty[restore] = True  # back where they were: their neighbours see them again
+        self._sources.append(after.keyed()[undo & before.added])
         return after.take(~(undo & before.added))
 
     # ---------------------------------------------------------- joint fits
@@ -617,24 +642,76 @@ class CrowdedFitter:
         return labels
 
     def _joint(self, spots: _Spots, radius):
-        """Fit every group jointly; returns the updated spots and their group labels."""
+        """Fit the groups near a change jointly (:meth:`_refit`); returns the updated
+        spots and the group labels of all."""
         n = len(spots)
         labels = self._labels(spots, radius)
-        self._pending, self._pending_owner = [], spots
+        new = spots.ident < 0
+        spots.ident[new] = self._next_ident + np.arange(int(new.sum()))
+        self._next_ident += int(new.sum())
         if n == 0 or spots.fixed.all():
+            self._sources = []
+            spots.dirty[:] = False
             return spots, labels
-        residual = self._stack - self._render(spots)
         free = np.flatnonzero(labels >= 0)
+        refit = self._refit(spots, labels)
+        self._sources = []
+        out = spots.take(np.arange(n))  # a copy to write the new estimates into
+        out.dirty[:] = False
+        free = free[refit[labels[free]]]
+        if len(free) == 0:
+            return out, labels
+        residual = self._stack - self._render(spots)
         sizes = np.bincount(labels[free])
         order = free[np.argsort(labels[free], kind="stable")]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        out = spots.take(np.arange(n))  # a copy to write the new estimates into
-        self._pending, self._pending_owner = [], out  # blob tests of this round's misfit groups
-        for K in np.unique(sizes):
+        starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+        # the blob tests of earlier fits of these spots are superseded
+        for entry in self._pending:
+            entry[-1] &= ~np.isin(entry[0], spots.ident[free]).any(axis=1)
+        for K in np.unique(sizes[sizes > 0]):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
             self._fit_bucket(residual, spots, members, out)
+        # the light of spots that moved by more than REFIT_MOVE standard errors
+        # changed in their neighbours' windows: those are refitted next time
+        moved = self._moved(spots, out, free)
+        if len(moved):
+            self._sources += [spots.keyed()[moved], out.keyed()[moved]]
         return out, labels
+
+    def _refit(self, spots, labels):
+        """Which groups (bool per label) are fitted again: those with a spot that changed
+        since its last joint fit (``dirty``: new, split, freed, restored), or within
+        reach of a place whose light changed (a spot removed or moved, ``_sources``):
+        ``2 * half + 1`` px along each axis, where a spot's light (drawn in a window
+        of half-size ``half``) meets a group's window (its members' windows)."""
+        from scipy.spatial import cKDTree
+
+        n_groups = int(labels.max()) + 1 if (labels >= 0).any() else 0
+        refit = np.zeros(n_groups, bool)
+        grouped = labels >= 0
+        refit[labels[spots.dirty & grouped]] = True
+        keyed = spots.keyed()
+        sources = [keyed[spots.dirty]] + [s for s in self._sources if len(s)]
+        sources = np.concatenate(sources) if sources else np.zeros((0, keyed.shape[1]))
+        todo = grouped & ~refit[np.maximum(labels, 0)]
+        if len(sources) and todo.any():
+            reach = 2 * max(self.half) + 1.0
+            d, _ = cKDTree(sources).query(keyed[todo], p=np.inf, distance_upper_bound=reach + 1e-9)
+            refit[labels[todo][np.isfinite(d)]] = True
+        return refit
+
+    def _moved(self, before, after, fitted):
+        """Spots among ``fitted`` whose position or intensity changed by more than
+        :data:`REFIT_MOVE` of its standard error (or without errors)."""
+        nd = self.ndim
+        rec = after.rec
+        err = np.column_stack([rec[f"{a}_err"][fitted] for a in ("x", "y", "z")[:nd]])
+        shift = np.abs(after.xyz[fitted] - before.xyz[fitted])
+        dn = np.abs(after.intensity[fitted] - before.intensity[fitted])
+        with np.errstate(invalid="ignore"):
+            still = np.all(shift <= REFIT_MOVE * err, axis=1) & (dn <= REFIT_MOVE * rec["intensity_err"][fitted])
+        return fitted[~still]
 
     def _fit_bucket(self, residual, spots, members, out):
         """Joint fits of all groups with the same number of members ``K``.
@@ -732,8 +809,8 @@ class CrowdedFitter:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
         if candidates.any():
-            self._pending.append((members, states, outs, lows, sat, data, w, sol.chi2_red * dof,
-                                  model.n_params, candidates))
+            self._pending.append([out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof,
+                                  model.n_params, candidates, np.ones(G, bool)])
 
     def _blob(self, data, w, chi2, n_params, candidates):
         """Which misfit groups one wide Gaussian explains as well as their emitters.
