@@ -341,33 +341,41 @@ class CrowdedFitter:
 
     def _background_at(self, t, lo, shape):
         """The frames' local background at the pixels of windows ``shape`` from ``lo``
-        (array order) in frames ``t``: ``(n, P)``.  A frame's ``background`` (the
-        detection's, a list of :class:`spotfit.detection.BackgroundPiece` in the
-        frame's coordinates; a tile's is its frame's, moved) when it has one, else
-        :class:`spotfit.background.Background` estimated once per frame."""
+        (array order) in frames ``t``: ``(n, P)``; pixels outside a frame take the
+        value at its nearest edge.  A frame's ``background`` (the detection's, a
+        list of :class:`spotfit.detection.BackgroundPiece` in the frame's
+        coordinates; a tile's is its frame's, moved) when it has one, else
+        :class:`spotfit.background.Background` estimated once per frame.
+
+        Each frame's background is taken at all its pixels once per fit (the
+        windows of its spots overlap several times over, round after round) and
+        the windows' pixels are gathered from it: the same values."""
         from spotfit.background import Background, _as_volume, _sigmas
         from spotfit.detection import background_at
 
+        dims = self._stack.shape[1:]
         if getattr(self, "_bg_frames", None) is not self._frames:
-            self._bg, self._bg_frames = {}, self._frames
-        out = np.empty((len(t), int(np.prod(shape))))
-        mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
+            self._bg_frames = self._frames
+            self._bg_stack = np.zeros(self._stack.shape)
+            self._bg_done = np.zeros(len(self._frames), bool)
         for i in np.unique(t):
+            if self._bg_done[i]:
+                continue
+            every = [a.ravel() for a in np.indices(dims)]  # every pixel of the frame, array order
             known = getattr(self._frames[i], "background", None)  # detection's (BackgroundPiece list)
-            if i not in self._bg and not known:
+            if known:
+                values = background_at(known, every)
+            else:
                 sig = _sigmas(self.config.detection_sigma(self.ndim), self.ndim)
                 photons = _as_volume(np.asarray(self._frames[i].photons, np.float32))
-                self._bg[i] = Background.estimate(photons, sig, self._noise(i))
-            rows = np.flatnonzero(t == i)
-            pix = lo[rows][:, None, :] + mesh[None]  # (m, P, ndim), array order
-            dims = self._stack.shape[1:]
-            pix = np.clip(pix, 0, np.array(dims) - 1).reshape(-1, len(shape))
-            if known:
-                out[rows] = background_at(known, [pix[:, a] for a in range(len(shape))]).reshape(len(rows), -1)
-                continue
-            index = [np.zeros(len(pix), np.int64)] * (3 - len(shape)) + [pix[:, a] for a in range(len(shape))]
-            out[rows] = self._bg[i].at(index).reshape(len(rows), -1)
-        return out
+                bg = Background.estimate(photons, sig, self._noise(i))
+                values = bg.at([np.zeros(len(every[0]), np.int64)] * (3 - len(dims)) + every)
+            self._bg_stack[i] = np.asarray(values, float).reshape(dims)
+            self._bg_done[i] = True
+        mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
+        pix = lo[:, None, :] + mesh[None]  # (n, P, ndim), array order
+        pix = np.clip(pix, 0, np.array(dims) - 1)
+        return self._bg_stack[(t[:, None],) + tuple(pix[..., a] for a in range(len(shape)))]
 
     def _noise(self, i):
         """Detection noise model of frame ``i`` of the chunk (measured once if need be)."""
