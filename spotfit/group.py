@@ -534,19 +534,25 @@ class CrowdedFitter:
             return extra
         from scipy import ndimage
 
+        # the DoG of the residual (filtered where the frames' pixels are zero: outside
+        # them, or not valid) in each stretched spot's window: the filters of the
+        # frames that hold one, padded by the wider filter's reach (``pad`` px: the
+        # same values as filtering each window padded by ``pad`` on its own, at a
+        # fraction of the pixels where windows overlap)
         half = np.asarray(self.half)
         pad = np.asarray([int(np.ceil(4 * DOG_RATIO * s)) for s in cfg.widths(self.ndim)[::-1]])
-        shape = tuple(2 * (half + pad) + 1)
-        big = self._windows(residual, spots.t[wide], np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64) - half - pad,
-                            shape)
-        stack = big.data.reshape((-1,) + shape)
+        margin = pad + half + 2  # a window's centre may lie a pixel outside its frame
+        frames, t = np.unique(spots.t[wide], return_inverse=True)
+        data = residual[frames] if self._valid is None else residual[frames] * self._valid[frames]
+        stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
         sig = (0,) + tuple(cfg.widths(self.ndim)[::-1])
         filtered = ndimage.gaussian_filter(stack, sig, mode="nearest") - \
             ndimage.gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
-        inner = (slice(None),) + tuple(slice(p, p + 2 * h + 1) for p, h in zip(pad, half))
-        mask = big.mask.reshape((-1,) + shape)[inner].reshape(len(wide), -1)
-        w = roi.Windows(filtered[inner].reshape(len(wide), -1), mask, big.origin + pad[::-1],
-                        roi.Grid(tuple(2 * half + 1)))
+        lo = np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64) - half
+        inner = tuple(2 * half + 1)
+        values = roi.cut_box(filtered, np.column_stack([t.ravel(), lo + margin]), (1,) + inner).data
+        w = self._windows(residual, spots.t[wide], lo, inner)
+        w = roi.Windows(values, w.mask, w.origin, w.grid)
         best = np.argmax(np.where(w.mask, w.data, -np.inf), axis=1)
         peak = np.column_stack([c[best] for c in w.grid.flat()]) + w.origin  # x, y[, z]
         direction = peak - spots.xyz[wide]
