@@ -104,8 +104,10 @@ KernelModel = namedtuple(
 #: MLE ``shift`` (each (n, P) float64), MLE excess-noise ``scale`` and whether
 #: convergence is measured in units of the residual variance (``normalise``)
 Cost = namedtuple("Cost", ["kind", "data", "weight", "shift", "scale", "normalise"])
-#: box constraints (n, k) and the parameters that are fitted (k,) bool
-Box = namedtuple("Box", ["lower", "upper", "free"])
+#: box constraints (n, k), the parameters that are fitted (k,) bool, and whether a
+#: parameter at a bound that the step would push out is held for that step
+#: (``active``: 1 for a projected, active-set step; 0 to clip the full step)
+Box = namedtuple("Box", ["lower", "upper", "free", "active"])
 #: fitted values (n, k) in and out; iterations, status, final cost (n,) out
 FitState = namedtuple("FitState", ["theta", "iterations", "status", "cost"])
 #: pixel variance for the covariance: ``mode`` (see above), camera ``excess``,
@@ -462,6 +464,7 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
     W = np.empty(P)
     th = np.empty(k)
     trial = np.empty(k)
+    act = np.empty(k, np.bool_)
     for s in range(start, stop):
         lo = box.lower[s]
         hi = box.upper[s]
@@ -482,7 +485,12 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
         nu = 2.0
         it = 0
         while st == MAX_ITERATIONS and it < max_iter:
-            if not _damped_solve(H, g, lam, free, A, L, y, delta):
+            for i in range(k):
+                act[i] = free[i]
+                if box.active and free[i]:  # at a bound, pushed outwards: held this step
+                    if (th[i] <= lo[i] and g[i] < 0.0) or (th[i] >= hi[i] and g[i] > 0.0):
+                        act[i] = False
+            if not _damped_solve(H, g, lam, act, A, L, y, delta):
                 st = SINGULAR
                 break
             for i in range(k):

@@ -58,6 +58,9 @@ SEARCH_REACH = 1.5
 #: a misfit group that one Gaussian wider than this many sigmas both ways explains
 #: at least as well (BIC) is a blob, even if that Gaussian misfits too (texture)
 BLOB_MINOR = 1.5
+#: a group is fitted again in the next round only if a spot within reach of its window
+#: changed: added, removed, or moved by more than this many of its standard errors
+REFIT_MOVE = 0.25
 #: fitted widths stay within this range times the expected sigma
 WIDTH_RANGE = (0.9, 1.1)
 #: a misfit spot (see MISFIT_SIGMAS) this many sigmas wide is split like one at the width bound
@@ -133,10 +136,11 @@ class _Spots:
     unless a new emitter is found beside it (then it joins that group).
     """
 
-    _ARRAYS = ("xyz", "t", "intensity", "sigma", "offset", "added", "start", "fixed", "single", "locked")
+    _ARRAYS = ("xyz", "t", "intensity", "sigma", "offset", "added", "start", "fixed", "single", "locked",
+               "ident", "dirty")
 
     def __init__(self, xyz, t, intensity, sigma, offset, added, start=None, fixed=None, single=None,
-                 locked=None, rec=None):
+                 locked=None, ident=None, dirty=None, rec=None):
         self.xyz = np.asarray(xyz, float)
         self.t = np.asarray(t, np.int64)
         self.intensity = np.asarray(intensity, float)
@@ -151,6 +155,10 @@ class _Spots:
         self.single = np.full(n, -1, np.int64) if single is None else np.asarray(single, np.int64)
         # locked: fixed for good (a fit that is no spot: its light is subtracted, nothing more)
         self.locked = np.zeros(n, bool) if locked is None else np.asarray(locked, bool)
+        # ident: a number that follows the spot through the rounds (-1 until its first
+        # joint fit); dirty: changed since its last joint fit (new, moved, split, freed)
+        self.ident = np.full(n, -1, np.int64) if ident is None else np.asarray(ident, np.int64)
+        self.dirty = np.ones(n, bool) if dirty is None else np.asarray(dirty, bool)
         if rec is None:
             keys = table.value_columns(nd)
             rec = {k: np.full(n, np.nan) for k in keys + [f"{k}_err" for k in keys]}
@@ -241,9 +249,13 @@ class CrowdedFitter:
                                         single=fixed["row"], locked=fixed.get("locked")))
         radius = cfg.group_radius * cfg.sigma
         labels = np.zeros(0, np.int64)
+        # blob tests of misfit groups (run after the last round) and the places
+        # whose light changed since the last joint fits (removed or moved spots)
+        self._pending, self._sources, self._next_ident = [], [], 0
         # every frame goes through every round and the final refit, so that a
         # frame's results do not depend on the other frames fitted with it (an
-        # early stop when no frame changes would tie them together)
+        # early stop when no frame changes would tie them together); within a
+        # round only the groups near a change are refitted (:meth:`_refit`)
         for round_ in range(SEARCH_ROUNDS + 1):
             before = spots
             spots, labels = self._joint(spots, radius)
@@ -252,6 +264,7 @@ class CrowdedFitter:
                 labels = self._labels(spots, radius)
             keep = self._keep(spots)
             if not keep.all():
+                self._sources.append(spots.keyed()[~keep])
                 spots = spots.take(keep)
             if round_ < SEARCH_ROUNDS:
                 new = self._search(spots, radius)
@@ -266,12 +279,18 @@ class CrowdedFitter:
         """Statuses of the last joint fits' emitters, with the blob test (:meth:`_blob`)
         of their misfit groups: run once, on the final fits only (the test
         decides a status, nothing the rounds before depend on)."""
-        for members, status, outside, low, sat, data, w, chi2, n_params, candidates in self._pending:
-            blob = self._blob(data, w, chi2, n_params, candidates)
+        order = np.argsort(spots.ident, kind="stable")
+        for entry in self._pending:
+            ids, status, outside, low, sat, data, w, chi2, n_params, candidates, alive = entry
+            where = np.clip(np.searchsorted(spots.ident, ids, sorter=order), 0, max(len(spots) - 1, 0))
+            members = order[where] if len(spots) else np.zeros_like(ids)
+            alive = alive & np.all(spots.ident[members] == ids, axis=1) if len(spots) else alive & False
+            blob = self._blob(data, w, chi2, n_params, candidates & alive)
             if not blob.any():
                 continue
             for i in range(members.shape[1]):
-                spots.rec["status"][members[:, i]] = results.judge(status[i], outside[i], low[i], sat, blob)
+                state = results.judge(status[i], outside[i], low[i], sat, blob)
+                spots.rec["status"][members[blob, i]] = state[blob]
         self._pending = []
 
     def _windows(self, image, t, lo, shape, dtype=float):
@@ -322,33 +341,41 @@ class CrowdedFitter:
 
     def _background_at(self, t, lo, shape):
         """The frames' local background at the pixels of windows ``shape`` from ``lo``
-        (array order) in frames ``t``: ``(n, P)``.  A frame's ``background`` (the
-        detection's, a list of :class:`spotfit.detection.BackgroundPiece` in the
-        frame's coordinates; a tile's is its frame's, moved) when it has one, else
-        :class:`spotfit.background.Background` estimated once per frame."""
+        (array order) in frames ``t``: ``(n, P)``; pixels outside a frame take the
+        value at its nearest edge.  A frame's ``background`` (the detection's, a
+        list of :class:`spotfit.detection.BackgroundPiece` in the frame's
+        coordinates; a tile's is its frame's, moved) when it has one, else
+        :class:`spotfit.background.Background` estimated once per frame.
+
+        Each frame's background is taken at all its pixels once per fit (the
+        windows of its spots overlap several times over, round after round) and
+        the windows' pixels are gathered from it: the same values."""
         from spotfit.background import Background, _as_volume, _sigmas
         from spotfit.detection import background_at
 
+        dims = self._stack.shape[1:]
         if getattr(self, "_bg_frames", None) is not self._frames:
-            self._bg, self._bg_frames = {}, self._frames
-        out = np.empty((len(t), int(np.prod(shape))))
-        mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
+            self._bg_frames = self._frames
+            self._bg_stack = np.zeros(self._stack.shape)
+            self._bg_done = np.zeros(len(self._frames), bool)
         for i in np.unique(t):
+            if self._bg_done[i]:
+                continue
+            every = [a.ravel() for a in np.indices(dims)]  # every pixel of the frame, array order
             known = getattr(self._frames[i], "background", None)  # detection's (BackgroundPiece list)
-            if i not in self._bg and not known:
+            if known:
+                values = background_at(known, every)
+            else:
                 sig = _sigmas(self.config.detection_sigma(self.ndim), self.ndim)
                 photons = _as_volume(np.asarray(self._frames[i].photons, np.float32))
-                self._bg[i] = Background.estimate(photons, sig, self._noise(i))
-            rows = np.flatnonzero(t == i)
-            pix = lo[rows][:, None, :] + mesh[None]  # (m, P, ndim), array order
-            dims = self._stack.shape[1:]
-            pix = np.clip(pix, 0, np.array(dims) - 1).reshape(-1, len(shape))
-            if known:
-                out[rows] = background_at(known, [pix[:, a] for a in range(len(shape))]).reshape(len(rows), -1)
-                continue
-            index = [np.zeros(len(pix), np.int64)] * (3 - len(shape)) + [pix[:, a] for a in range(len(shape))]
-            out[rows] = self._bg[i].at(index).reshape(len(rows), -1)
-        return out
+                bg = Background.estimate(photons, sig, self._noise(i))
+                values = bg.at([np.zeros(len(every[0]), np.int64)] * (3 - len(dims)) + every)
+            self._bg_stack[i] = np.asarray(values, float).reshape(dims)
+            self._bg_done[i] = True
+        mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
+        pix = lo[:, None, :] + mesh[None]  # (n, P, ndim), array order
+        pix = np.clip(pix, 0, np.array(dims) - 1)
+        return self._bg_stack[(t[:, None],) + tuple(pix[..., a] for a in range(len(shape)))]
 
     def _noise(self, i):
         """Detection noise model of frame ``i`` of the chunk (measured once if need be)."""
@@ -408,6 +435,7 @@ class CrowdedFitter:
                 hit = np.unique(np.concatenate([np.asarray(h, np.int64) for h in near]))
                 hit = hit[spots.fixed[hit] & ~spots.locked[hit]]
                 spots.fixed[hit] = False
+                spots.dirty[hit] = True
                 spots.start[hit] = spots.xyz[hit]
             # a misfit spot with a new emitter beside it is explained by that one
             if len(xyz):
@@ -506,19 +534,25 @@ class CrowdedFitter:
             return extra
         from scipy import ndimage
 
+        # the DoG of the residual (filtered where the frames' pixels are zero: outside
+        # them, or not valid) in each stretched spot's window: the filters of the
+        # frames that hold one, padded by the wider filter's reach (``pad`` px: the
+        # same values as filtering each window padded by ``pad`` on its own, at a
+        # fraction of the pixels where windows overlap)
         half = np.asarray(self.half)
         pad = np.asarray([int(np.ceil(4 * DOG_RATIO * s)) for s in cfg.widths(self.ndim)[::-1]])
-        shape = tuple(2 * (half + pad) + 1)
-        big = self._windows(residual, spots.t[wide], np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64) - half - pad,
-                            shape)
-        stack = big.data.reshape((-1,) + shape)
+        margin = pad + half + 2  # a window's centre may lie a pixel outside its frame
+        frames, t = np.unique(spots.t[wide], return_inverse=True)
+        data = residual[frames] if self._valid is None else residual[frames] * self._valid[frames]
+        stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
         sig = (0,) + tuple(cfg.widths(self.ndim)[::-1])
         filtered = ndimage.gaussian_filter(stack, sig, mode="nearest") - \
             ndimage.gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
-        inner = (slice(None),) + tuple(slice(p, p + 2 * h + 1) for p, h in zip(pad, half))
-        mask = big.mask.reshape((-1,) + shape)[inner].reshape(len(wide), -1)
-        w = roi.Windows(filtered[inner].reshape(len(wide), -1), mask, big.origin + pad[::-1],
-                        roi.Grid(tuple(2 * half + 1)))
+        lo = np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64) - half
+        inner = tuple(2 * half + 1)
+        values = roi.cut_box(filtered, np.column_stack([t.ravel(), lo + margin]), (1,) + inner).data
+        w = self._windows(residual, spots.t[wide], lo, inner)
+        w = roi.Windows(values, w.mask, w.origin, w.grid)
         best = np.argmax(np.where(w.mask, w.data, -np.inf), axis=1)
         peak = np.column_stack([c[best] for c in w.grid.flat()]) + w.origin  # x, y[, z]
         direction = peak - spots.xyz[wide]
@@ -527,6 +561,8 @@ class CrowdedFitter:
         wide, direction = wide[ok], direction[ok] / norm[ok]
         step = direction * cfg.sigma
         centre = spots.xyz[wide].copy()
+        self._sources.append(spots.keyed()[wide])
+        spots.dirty[wide] = True
         spots.xyz[wide] = centre - step
         spots.start[wide] = centre - step
         spots.intensity[wide] *= 0.5
@@ -547,6 +583,7 @@ class CrowdedFitter:
         merged = ~keep[first] & ~keep[second]
         first, second = first[merged], second[merged]
         spots.intensity[first] += spots.intensity[second]
+        spots.dirty[first] = True
         keep[first] = np.isfinite(spots.intensity[first]) & (spots.intensity[first] > 0)
         return keep | spots.fixed
 
@@ -606,6 +643,8 @@ class CrowdedFitter:
             getattr(after, a)[restore] = getattr(before, a)[restore]
         for k, v in after.rec.items():
             v[restore] = before.rec[k][restore]
+        after.dirty[restore] = True  # back where they were: their neighbours see them again
+        self._sources.append(after.keyed()[undo & before.added])
         return after.take(~(undo & before.added))
 
     # ---------------------------------------------------------- joint fits
@@ -617,24 +656,76 @@ class CrowdedFitter:
         return labels
 
     def _joint(self, spots: _Spots, radius):
-        """Fit every group jointly; returns the updated spots and their group labels."""
+        """Fit the groups near a change jointly (:meth:`_refit`); returns the updated
+        spots and the group labels of all."""
         n = len(spots)
         labels = self._labels(spots, radius)
-        self._pending, self._pending_owner = [], spots
+        new = spots.ident < 0
+        spots.ident[new] = self._next_ident + np.arange(int(new.sum()))
+        self._next_ident += int(new.sum())
         if n == 0 or spots.fixed.all():
+            self._sources = []
+            spots.dirty[:] = False
             return spots, labels
-        residual = self._stack - self._render(spots)
         free = np.flatnonzero(labels >= 0)
+        refit = self._refit(spots, labels)
+        self._sources = []
+        out = spots.take(np.arange(n))  # a copy to write the new estimates into
+        out.dirty[:] = False
+        free = free[refit[labels[free]]]
+        if len(free) == 0:
+            return out, labels
+        residual = self._stack - self._render(spots)
         sizes = np.bincount(labels[free])
         order = free[np.argsort(labels[free], kind="stable")]
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        out = spots.take(np.arange(n))  # a copy to write the new estimates into
-        self._pending, self._pending_owner = [], out  # blob tests of this round's misfit groups
-        for K in np.unique(sizes):
+        starts = np.concatenate([[0], np.cumsum(sizes)])[:-1]
+        # the blob tests of earlier fits of these spots are superseded
+        for entry in self._pending:
+            entry[-1] &= ~np.isin(entry[0], spots.ident[free]).any(axis=1)
+        for K in np.unique(sizes[sizes > 0]):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
             self._fit_bucket(residual, spots, members, out)
+        # the light of spots that moved by more than REFIT_MOVE standard errors
+        # changed in their neighbours' windows: those are refitted next time
+        moved = self._moved(spots, out, free)
+        if len(moved):
+            self._sources += [spots.keyed()[moved], out.keyed()[moved]]
         return out, labels
+
+    def _refit(self, spots, labels):
+        """Which groups (bool per label) are fitted again: those with a spot that changed
+        since its last joint fit (``dirty``: new, split, freed, restored), or within
+        reach of a place whose light changed (a spot removed or moved, ``_sources``):
+        ``2 * half + 1`` px along each axis, where a spot's light (drawn in a window
+        of half-size ``half``) meets a group's window (its members' windows)."""
+        from scipy.spatial import cKDTree
+
+        n_groups = int(labels.max()) + 1 if (labels >= 0).any() else 0
+        refit = np.zeros(n_groups, bool)
+        grouped = labels >= 0
+        refit[labels[spots.dirty & grouped]] = True
+        keyed = spots.keyed()
+        sources = [keyed[spots.dirty]] + [s for s in self._sources if len(s)]
+        sources = np.concatenate(sources) if sources else np.zeros((0, keyed.shape[1]))
+        todo = grouped & ~refit[np.maximum(labels, 0)]
+        if len(sources) and todo.any():
+            reach = 2 * max(self.half) + 1.0
+            d, _ = cKDTree(sources).query(keyed[todo], p=np.inf, distance_upper_bound=reach + 1e-9)
+            refit[labels[todo][np.isfinite(d)]] = True
+        return refit
+
+    def _moved(self, before, after, fitted):
+        """Spots among ``fitted`` whose position or intensity changed by more than
+        :data:`REFIT_MOVE` of its standard error (or without errors)."""
+        nd = self.ndim
+        rec = after.rec
+        err = np.column_stack([rec[f"{a}_err"][fitted] for a in ("x", "y", "z")[:nd]])
+        shift = np.abs(after.xyz[fitted] - before.xyz[fitted])
+        dn = np.abs(after.intensity[fitted] - before.intensity[fitted])
+        with np.errstate(invalid="ignore"):
+            still = np.all(shift <= REFIT_MOVE * err, axis=1) & (dn <= REFIT_MOVE * rec["intensity_err"][fitted])
+        return fitted[~still]
 
     def _fit_bucket(self, residual, spots, members, out):
         """Joint fits of all groups with the same number of members ``K``.
@@ -686,7 +777,8 @@ class CrowdedFitter:
         theta0 = np.clip(theta0, lower, upper)
         free = ~model.width_mask if cfg.fix_sigma else np.ones(model.n_params, bool)
         sol = solver.solve(model, setup.estimator, data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
-                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter, groups=t)
+                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter, groups=t,
+                           active_set=True)
         finite = np.all(np.isfinite(sol.theta), axis=1)
         theta = np.where(finite[:, None], sol.theta, theta0)
         sat = np.zeros(G, bool)
@@ -731,8 +823,8 @@ class CrowdedFitter:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
         if candidates.any():
-            self._pending.append((members, states, outs, lows, sat, data, w, sol.chi2_red * dof,
-                                  model.n_params, candidates))
+            self._pending.append([out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof,
+                                  model.n_params, candidates, np.ones(G, bool)])
 
     def _blob(self, data, w, chi2, n_params, candidates):
         """Which misfit groups one wide Gaussian explains as well as their emitters.
