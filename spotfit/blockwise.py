@@ -405,9 +405,9 @@ def _clipped(raw):
 
 def _threads(n):
     if n:
-        import numba
+        from spotfit._jit import set_kernel_threads
 
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+        set_kernel_threads(n)
 
 
 def _block_task(raw, block, frames, infos, config, camera, ndim, task, cands=None, threads=None):

@@ -148,8 +148,7 @@ def build(frame, values: dict, errors: dict, chi2_red, iterations, status_names,
     if light:
         from spotfit.lighttable import LightTable
 
-        # copies, as a DataFrame makes: the inputs may be views of buffers that the
-        # caller reuses (a z-stack's errors changed in the 9th digit without them)
+        # copies, as the DataFrame constructor makes (the inputs may be the caller's arrays)
         data = {k: v.copy() for k, v in data.items()}
         data["status"] = np.array(status_names, dtype=object)
         data["unit"] = np.full(n, unit, dtype=object)

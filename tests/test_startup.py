@@ -32,7 +32,8 @@ from spotfit import _jit
 from spotfit.cli import main
 code = main(args=sys.argv[1:], prog_name="spotfit", standalone_mode=False)
 print(json.dumps({"code": code, "modules": sorted(sys.modules),
-                  "helper": _jit._state["helper"] is not None or bool(_jit._DETACHED)}))
+                  "helper": _jit._state["helper"] is not None or bool(_jit._DETACHED),
+                  "numba_threads": sys.modules["numba.np.ufunc.parallel"]._is_initialized}))
 """
 
 
@@ -79,6 +80,7 @@ def test_a_small_fit_imports_only_what_it_uses(small_image, camera):
     # a warm run compiles nothing and starts no second compiling process
     assert "Compiling" not in stderr, stderr
     assert not result["helper"]
+    assert not result["numba_threads"]  # numba's thread pool (unused by the fit kernels) not launched
 
 
 def test_a_small_detection_imports_no_pandas(small_image):
