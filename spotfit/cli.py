@@ -938,9 +938,8 @@ def _single(task, image, out, config, camera, inputs, workers, fmt="csv", qc=Fal
         click.echo(f"Note: {image}: {_as_options(note)}", err=True)
     picture = None
     if qc:
-        from spotfit.overlay import qc_path, write_qc
-
         from spotfit.lighttable import as_frame
+        from spotfit.overlay import qc_path, write_qc
 
         picture = (qc_path(out), lambda path: write_qc(
             path, image, as_frame(table), axes=inputs["axes"], series=inputs["series"],
