@@ -169,34 +169,41 @@ def _render(kinds, index, floats, overrides, ints, codes, cat_bytes, cat_len, ou
 
 
 def to_csv_bytes(table, compiled=None) -> bytes:
-    """Render a DataFrame as CSV bytes (header + one line per row).
+    """Render a DataFrame (or a :class:`spotfit.lighttable.LightTable`) as CSV bytes
+    (header + one line per row).
 
     Same text as ``table.to_csv(index=False, float_format="%.8g")`` for
     float, integer, boolean and string columns.  ``compiled``: render with the
-    compiled kernel (True) or pandas (False); default: the kernel for tables of
-    :data:`COMPILED_ROWS` rows or more.
+    compiled kernel (True) or pandas (False; a LightTable:
+    :meth:`~spotfit.lighttable.LightTable.to_csv_bytes`, the same text); default:
+    the kernel for tables of :data:`COMPILED_ROWS` rows or more.
     """
-    import pandas as pd
+    from spotfit.lighttable import LightTable
 
+    light = isinstance(table, LightTable)
     if compiled is None:
         compiled = len(table) >= COMPILED_ROWS
     if not compiled or table.shape[1] < 2:  # pandas quotes empty single fields ('""')
+        if light:
+            return table.to_csv_bytes("%.8g")
         return table.to_csv(index=False, float_format="%.8g").encode()
+    kind = _numpy_kind if light else _pandas_kind()
     n = len(table)
     kinds, index = [], []
     floats, overrides, ints, codes = [], [], [], []
     categories: dict = {}
     for name in table.columns:
         col = table[name]
-        if pd.api.types.is_bool_dtype(col.dtype):
+        what = kind(col.dtype)
+        if what == "bool":
             kinds.append(STR)
             index.append(len(codes))
             codes.append(np.where(col.to_numpy(), _category(categories, "True"), _category(categories, "False")))
-        elif pd.api.types.is_integer_dtype(col.dtype):
+        elif what == "int":
             kinds.append(INT)
             index.append(len(ints))
             ints.append(col.to_numpy(dtype=np.int64))
-        elif pd.api.types.is_float_dtype(col.dtype):
+        elif what == "float":
             kinds.append(FLOAT)
             index.append(len(floats))
             values = col.to_numpy(dtype=np.float64)
@@ -205,7 +212,12 @@ def to_csv_bytes(table, compiled=None) -> bytes:
         else:
             kinds.append(STR)
             index.append(len(codes))
-            values, uniques = pd.factorize(col, use_na_sentinel=True)
+            if light:  # strings, never missing (spotfit.table.build)
+                uniques, values = np.unique(col.to_numpy().astype(str), return_inverse=True)
+            else:
+                import pandas as pd
+
+                values, uniques = pd.factorize(col, use_na_sentinel=True)
             lookup = np.array([_category(categories, str(u)) for u in uniques] + [-1], dtype=np.int64)
             codes.append(lookup[values])  # -1 (missing) -> lookup[-1] = -1
     cat_list = sorted(categories, key=categories.get)
@@ -228,6 +240,27 @@ def to_csv_bytes(table, compiled=None) -> bytes:
         cat_bytes, cat_len, out,
     )
     return header + out[:used].tobytes()
+
+
+def _numpy_kind(dtype) -> str:
+    """"bool", "int", "float" or "str": how a numpy column is written."""
+    return {"b": "bool", "i": "int", "u": "int", "f": "float"}.get(dtype.kind, "str")
+
+
+def _pandas_kind():
+    """:func:`_numpy_kind` for pandas dtypes (extension dtypes too)."""
+    from pandas.api import types
+
+    def kind(dtype) -> str:
+        if types.is_bool_dtype(dtype):
+            return "bool"
+        if types.is_integer_dtype(dtype):
+            return "int"
+        if types.is_float_dtype(dtype):
+            return "float"
+        return "str"
+
+    return kind
 
 
 def _hard_values(values, categories) -> np.ndarray:

@@ -136,7 +136,7 @@ def over_windows(kernel, n: int, *args, threaded=None) -> None:
     """Call ``kernel(*args, start, stop)`` over items ``0 .. n`` (windows, rows of
     pixels) split into ranges.
 
-    The ranges run on numba's number of threads (:func:`numba.get_num_threads`,
+    The ranges run on :func:`kernel_threads` threads (numba's number of threads,
     which :meth:`spotfit.config.FitConfig.use_threads` sets), a few ranges per thread
     to balance the load; the kernel must be compiled with ``nogil=True`` and write
     each item's results only.  ``threaded``: whether to use threads at all (waking
@@ -145,9 +145,7 @@ def over_windows(kernel, n: int, *args, threaded=None) -> None:
     (:func:`_pool`): a dense field makes hundreds of small calls, and starting two
     threads per call cost more than some of the calls' work.
     """
-    import numba
-
-    threads = numba.get_num_threads()
+    threads = kernel_threads()
     if threaded is None:
         threaded = n >= MIN_THREADED_WINDOWS
     if threads <= 1 or not threaded or n < 2:
@@ -176,6 +174,47 @@ def over_windows(kernel, n: int, *args, threaded=None) -> None:
 
 
 _POOL = {"pool": None, "threads": 0, "pid": None}
+_THREADS = threading.local()  # set_kernel_threads' count while numba's threads are not running
+
+
+def set_kernel_threads(n: int) -> None:
+    """``numba.set_num_threads(n)`` (capped to numba's maximum) for :func:`over_windows`,
+    without launching numba's own thread pool when it is not running yet.
+
+    spotfit's fit kernels do not run on numba's threads (see the module docstring),
+    and launching them (the threading layer's library, its threads) costs a fresh
+    process ~30 ms: the count is kept here, per Python thread as numba keeps
+    it, until something launches numba's threads (``numba.set_num_threads``
+    or ``get_num_threads``, a ``parallel=True`` kernel); from then on numba's
+    count is the one used.
+    """
+    import numba
+
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    if _numba_threads_running():
+        numba.set_num_threads(n)
+        _THREADS.count = None
+    else:
+        _THREADS.count = n
+
+
+def kernel_threads() -> int:
+    """The number of threads :func:`over_windows` uses: ``numba.get_num_threads()``
+    once numba's threads run; before, :func:`set_kernel_threads`' count, or
+    numba's default (``numba.config.NUMBA_NUM_THREADS``, what ``get_num_threads``
+    would return after launching them)."""
+    import numba
+
+    if _numba_threads_running():
+        return numba.get_num_threads()
+    count = getattr(_THREADS, "count", None)
+    return numba.config.NUMBA_NUM_THREADS if count is None else count
+
+
+def _numba_threads_running() -> bool:
+    """Whether numba has launched its threads (True when unsure)."""
+    parallel = sys.modules.get("numba.np.ufunc.parallel")
+    return True if parallel is None else bool(getattr(parallel, "_is_initialized", True))
 
 
 def _pool(threads: int):

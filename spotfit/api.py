@@ -34,6 +34,7 @@ from spotfit import fields
 from spotfit.camera import Camera
 from spotfit.config import FitConfig, Setup, make_config
 from spotfit.errors import SpotfitInputError, SpotfitWarning
+from spotfit.lighttable import as_frame, concat
 
 #: a warning is given when the baseline is above this fraction of a frame's pixels
 DARK_FRACTION = 0.99
@@ -88,12 +89,13 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         return _blockwise("fit", image, config, camera, axes, on_frame)
     with _Input(image, axes, channel, config, camera, window=True, invert=invert,
                 series=series) as (img, valid, ndim):
-        return _fit_image(img, valid, ndim, config, camera, _per_frame(on_frame))
+        return as_frame(_fit_image(img, valid, ndim, config, camera, _per_frame(on_frame)))
 
 
 def _lazy(image) -> bool:
-    """A Dask or Zarr array (or an Image of one): fitted block by block (:mod:`spotfit.blockwise`)."""
-    from spotfit.blockwise import is_lazy
+    """A Dask or Zarr array (or an Image of one): fitted block by block (:mod:`spotfit.blockwise`,
+    not imported for an array in memory)."""
+    from spotfit.readers import is_lazy
 
     return is_lazy(image) or (type(image).__name__ == "Image" and is_lazy(getattr(image, "data", None)))
 
@@ -125,7 +127,8 @@ def _fit_frames(raw, config, camera, ndim):
 
 
 def _fit_image(img, valid, ndim, config, camera, report=None):
-    """The fit table of an open image; ``report(t, n_frames, n_found)`` after each frame."""
+    """The fit table of an open image (a :class:`~spotfit.lighttable.LightTable` or a
+    DataFrame); ``report(t, n_frames, n_found)`` after each frame."""
     setup = Setup.resolve(config, camera, ndim)
     frames = _frames(img, valid, setup, report)
     result = fields.fit_dense(setup, frames) if config.crowded else fields.fit_frames(setup, frames)
@@ -186,7 +189,7 @@ def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera 
     if prepared.dark:
         warnings.warn(prepared.dark, SpotfitWarning, stacklevel=2)
     prepared.coords = np.rint(pos[:, ::-1]).astype(np.int64)  # (x, y[, z]) -> array order
-    return fields.fit_single(setup, [prepared], raster=False)
+    return as_frame(fields.fit_single(setup, [prepared], raster=False))
 
 
 def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
@@ -222,12 +225,13 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
         return _blockwise("detect", image, config, camera, axes, on_frame)
     with _Input(image, axes, channel, config, camera, window=False, invert=invert,
                 series=series) as (img, valid, ndim):
-        return _detect_image(img, valid, ndim, config, camera, _per_frame(on_frame))
+        return as_frame(_detect_image(img, valid, ndim, config, camera, _per_frame(on_frame)))
 
 
 def _detect_image(img, valid, ndim, config, camera, report=None):
-    """The detection table of an open image; ``report(t, n_frames, n_found)`` after each frame."""
-    import pandas as pd
+    """The detection table of an open image (a :class:`~spotfit.lighttable.LightTable`);
+    ``report(t, n_frames, n_found)`` after each frame."""
+    from spotfit.lighttable import LightTable
 
     frames, coords, scores = [np.empty(0, np.int64)], [np.empty((0, ndim), np.intp)], [np.empty(0)]
     for f in _frames(img, valid, config, report, camera=camera):
@@ -242,7 +246,7 @@ def _detect_image(img, valid, ndim, config, camera, report=None):
     cols["score"] = np.concatenate(scores).astype(float)
     keys = [cols["x"], cols["y"]] + ([cols["z"]] if ndim == 3 else []) + [frames]
     order = np.lexsort(keys)  # the last key is the primary one
-    return _with_units(pd.DataFrame({k: v[order] for k, v in cols.items()}), img)
+    return _with_units(LightTable({k: v[order] for k, v in cols.items()}), img)
 
 
 # ------------------------------------------------------------ one file
@@ -259,7 +263,7 @@ def process_file(path, task: str = "fit", config: FitConfig | None = None,
                  camera: Camera | None = None, axes: str | None = None, channel=None,
                  pixel_size: float | None = None, z_step: float | None = None,
                  invert: bool = False, series: int | None = None, progress=None,
-                 block_size=None, scheduler=None):
+                 block_size=None, scheduler=None, light: bool = False):
     """Read one image file, detect or fit every frame; the table and how the file was read.
 
     The per-file step of ``spotfit fit`` and ``spotfit detect``, for one
@@ -292,10 +296,14 @@ def process_file(path, task: str = "fit", config: FitConfig | None = None,
         For a file read lazily (Zarr / OME-Zarr): fitted block by block
         (:func:`spotfit.blockwise.fit_blocks`, with these), ``progress``
         then counting blocks (``spots_found`` 0).
+    light : bool
+        Return the table as it was made: a :class:`spotfit.lighttable.LightTable`
+        where no step needed pandas (single-spot fits, detection; what the
+        command line writes as CSV without importing pandas), else a DataFrame.
 
     Returns
     -------
-    table : pandas.DataFrame
+    table : pandas.DataFrame (or LightTable, with ``light``)
     info : dict
         ``shape``, ``axes`` (``TYX``/``TZYX``), ``source_axes`` (as read),
         ``dtype``, ``frames``, ``channels``, ``channel`` (as given),
@@ -314,8 +322,6 @@ def process_file(path, task: str = "fit", config: FitConfig | None = None,
     """
     import dataclasses
     import time
-
-    import pandas as pd
 
     from spotfit.config import resolved_values
     from spotfit.io import count_channels, read_image
@@ -378,9 +384,9 @@ def process_file(path, task: str = "fit", config: FitConfig | None = None,
             info = _describe(scaled, given, channel, len(channels), ndim)
             info["resolved"] = resolved_values(config, camera, ndim, task)
     non_empty = [t for t in tables if len(t)] or tables[:1]
-    table = pd.concat(non_empty, ignore_index=True) if len(non_empty) > 1 else non_empty[0]
+    table = concat(non_empty)
     info["timings_s"] = timings
-    return table, info
+    return (table if light else as_frame(table)), info
 
 
 def _describe(img, given, channel, n_channels, ndim) -> dict:

@@ -341,15 +341,16 @@ def _process_and_write(job: _Job, start: float, progress) -> FileResult:
     table, info = api.process_file(
         job.path, job.task, config=job.config, camera=job.camera, axes=job.axes,
         channel=job.channel, pixel_size=job.pixel_size, z_step=job.z_step,
-        invert=job.invert, series=job.series, progress=progress,
+        invert=job.invert, series=job.series, progress=progress, light=True,
     )
     t = time.perf_counter()
     picture = None
     if job.qc:
+        from spotfit.lighttable import as_frame
         from spotfit.overlay import write_qc
 
         picture = (job.qc, lambda tmp: write_qc(
-            tmp, job.path, table, axes=job.axes, series=job.series,
+            tmp, job.path, as_frame(table), axes=job.axes, series=job.series,
             channel=0 if job.channel == "all" else job.channel))
 
     def describe(csv_bytes):

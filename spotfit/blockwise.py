@@ -386,9 +386,9 @@ def _fit_one(setup, t, raw, photons, block: Block, cand: _Candidates, image_var,
                                  saturated=saturated, variance=variance, background=cand.background)
         batch.windows.origin += np.asarray(block.origin[::-1], dtype=batch.windows.origin.dtype)
         parts.append(single.fit_batch(setup, batch))
-    import pandas as pd
+    from spotfit.lighttable import as_frame, concat
 
-    out = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    out = as_frame(concat(parts))
     for a in range(setup.ndim):  # the detected pixel: the in-memory row order
         out[f"_d{a}"] = coords[rows, a]
     return out
@@ -405,9 +405,9 @@ def _clipped(raw):
 
 def _threads(n):
     if n:
-        import numba
+        from spotfit._jit import set_kernel_threads
 
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+        set_kernel_threads(n)
 
 
 def _block_task(raw, block, frames, infos, config, camera, ndim, task, cands=None, threads=None):
@@ -626,9 +626,12 @@ def _require_dask(distributed=False):
 
 
 def is_lazy(data) -> bool:
-    """True for a Dask or Zarr array (fitted blockwise by :func:`spotfit.fit`)."""
-    mod = type(data).__module__.split(".")[0]
-    return mod in ("dask", "zarr")
+    """True for a Dask or Zarr array (fitted blockwise by :func:`spotfit.fit`;
+    :func:`spotfit.readers.is_lazy`, which the in-memory path asks without
+    importing this module)."""
+    from spotfit.readers import is_lazy as lazy
+
+    return lazy(data)
 
 
 # ---------------------------------------------------------------- the runs

@@ -554,11 +554,12 @@ def _write_csv(table, out) -> str:
 def _write_format(table, info, image, out, fmt) -> str:
     """``fit --format``: write `table` as ThunderSTORM, Picasso or Parquet (spotfit.export)."""
     from spotfit.export import export
+    from spotfit.lighttable import as_frame
 
     shape = info["shape"]
     with _UserErrors(what=out):
         written = export(
-            table, out, fmt, pixel_size=info["pixel_size_um"], z_step=info["z_step_um"],
+            as_frame(table), out, fmt, pixel_size=info["pixel_size_um"], z_step=info["z_step_um"],
             width=shape[-1], height=shape[-2], frames=info["frames"],
             source=os.path.abspath(image), dtype=info["dtype"], where=image,
         )
@@ -928,7 +929,8 @@ def _single(task, image, out, config, camera, inputs, workers, fmt="csv", qc=Fal
             st = provenance.input_stat(image) if sidecar is not None else None
             table, info = api.process_file(
                 image, task, config=config, camera=camera, **inputs, **(blocks or {}),
-                progress=None if bar is None else (lambda *done: bar.update(0, *done)))
+                progress=None if bar is None else (lambda *done: bar.update(0, *done)),
+                light=True)  # pandas only where a step needs it (spotfit.lighttable)
         finally:
             if bar is not None:
                 bar.close()
@@ -936,10 +938,11 @@ def _single(task, image, out, config, camera, inputs, workers, fmt="csv", qc=Fal
         click.echo(f"Note: {image}: {_as_options(note)}", err=True)
     picture = None
     if qc:
+        from spotfit.lighttable import as_frame
         from spotfit.overlay import qc_path, write_qc
 
         picture = (qc_path(out), lambda path: write_qc(
-            path, image, table, axes=inputs["axes"], series=inputs["series"],
+            path, image, as_frame(table), axes=inputs["axes"], series=inputs["series"],
             channel=0 if inputs["channel"] == "all" else inputs["channel"]))
         _check_not_input(picture[0], [image])
     if sidecar is not None:

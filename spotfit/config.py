@@ -464,7 +464,8 @@ class Setup:
         return Noise(calibrated=True, excess=cam.excess_noise, read_var=rv)
 
     def use_threads(self) -> None:
-        """Give the compiled solver ``workers`` threads (at most numba's maximum)."""
-        import numba
+        """Give the compiled solver ``workers`` threads (at most numba's maximum;
+        :func:`spotfit._jit.set_kernel_threads`)."""
+        from spotfit._jit import set_kernel_threads
 
-        numba.set_num_threads(max(1, min(self.workers, numba.config.NUMBA_NUM_THREADS)))
+        set_kernel_threads(self.workers)

@@ -25,6 +25,7 @@ import numpy as np
 
 from spotfit import single, table
 from spotfit.config import Setup
+from spotfit.lighttable import as_frame, concat
 from spotfit import group as _group
 
 __all__ = ["Frame", "fit_frames", "fit_dense", "fit_single"]
@@ -53,10 +54,10 @@ def fit_frames(setup: Setup, frames):
 
     Consecutive frames of a kind are fitted together in runs (at most
     :data:`CROWDED_CHUNK` pixels of dense frames, or a single-spot solve's
-    worth of windows), in frame order.
+    worth of windows), in frame order.  Returns a
+    :class:`~spotfit.lighttable.LightTable` where every fit is a single-spot
+    one (no pandas), else a DataFrame.
     """
-    import pandas as pd
-
     parts, run, kind, size = [], [], None, 0
     chunk = single.batch_size(setup)
 
@@ -81,8 +82,8 @@ def fit_frames(setup: Setup, frames):
     flush()
     parts = [p for p in parts if len(p)]
     if not parts:
-        return table.empty(setup.ndim)
-    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        return table.empty(setup.ndim, light=True)
+    return concat(parts)
 
 
 def _fit_sparse(setup: Setup, frames):
@@ -111,6 +112,7 @@ def _fit_sparse(setup: Setup, frames):
         hot = _overlaps(setup, f, singles.iloc[rows])
         if not hot.any():
             continue
+        singles = as_frame(singles)  # joint fits: pandas from here on
         if fits_whole(setup, f.photons.shape):
             whole.append(f)
             done[rows] = True
@@ -302,9 +304,8 @@ def _fit_tiles(setup: Setup, frame, singles, hot):
 
 
 def fit_single(setup: Setup, frames, raster: bool):
-    """Single-spot fits of every candidate of every frame; one table."""
-    import pandas as pd
-
+    """Single-spot fits of every candidate of every frame; one table
+    (a :class:`~spotfit.lighttable.LightTable`)."""
     chunk = single.batch_size(setup)
     read_var = setup.read_var_map()
     parts, pending = [], []  # table parts; batches of whole frames waiting for one solve
@@ -340,8 +341,8 @@ def fit_single(setup: Setup, frames, raster: bool):
         n_pending += n
     flush()
     if not parts:
-        return table.empty(setup.ndim)
-    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        return table.empty(setup.ndim, light=True)
+    return concat(parts)
 
 
 #: pixels of the frames fitted together by the crowded path (a few float64 copies each)
@@ -389,6 +390,7 @@ def fit_dense(setup: Setup, frames, singles=None):
 
     from spotfit.group import CrowdedFitter
 
+    singles = None if singles is None else as_frame(singles)
     setup.use_threads()
     crowd = CrowdedFitter(setup)
     read_var = setup.read_var_map()
@@ -561,9 +563,8 @@ def _near_active(xyz, t, engine_frames, setup, seeds=None):
 
 
 def _fit_batches(setup: Setup, batches, size):
-    """Single-spot fits of batches of windows, joined into solves of at most ``size`` windows."""
-    import pandas as pd
-
+    """Single-spot fits of batches of windows, joined into solves of at most ``size``
+    windows; a DataFrame."""
     parts, pending, n = [], [], 0
     for b in batches:
         if pending and n + len(b) > size:
@@ -575,4 +576,4 @@ def _fit_batches(setup: Setup, batches, size):
         parts.append(single.fit_batch(setup, single.Batch.join(pending)))
     if not parts:
         return table.empty(setup.ndim)
-    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    return as_frame(concat(parts))

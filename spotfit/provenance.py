@@ -235,7 +235,7 @@ def document(task, path, st, table, info: dict, params: dict, table_path, table_
         The input image.
     st : os.stat_result
         Its :func:`input_stat`, taken before reading it.
-    table : pandas.DataFrame
+    table : pandas.DataFrame or spotfit.lighttable.LightTable
     info : dict
         What :func:`spotfit.api.process_file` says about the image.
     params : dict
@@ -247,10 +247,13 @@ def document(task, path, st, table, info: dict, params: dict, table_path, table_
     run : dict
         How it was run (``workers``, ``processes``, ``solver_threads``).
     """
+    import numpy as np
+
     from spotfit import __version__
 
-    if "status" in table.columns:
-        counts = {str(k): int(v) for k, v in table["status"].value_counts().sort_index().items()}
+    if "status" in table.columns:  # (a DataFrame or a LightTable: no pandas needed)
+        names, n = np.unique(table["status"].to_numpy().astype(str), return_counts=True)
+        counts = {str(k): int(v) for k, v in zip(names, n)}
     else:
         counts = None
     return {
@@ -294,7 +297,7 @@ def write_with_sidecar(table, table_path, sidecar, describe, picture=None) -> in
 
     Parameters
     ----------
-    table : pandas.DataFrame
+    table : pandas.DataFrame or spotfit.lighttable.LightTable
     table_path, sidecar : str
         The CSV and the sidecar (written last: see :func:`spotfit._atomic.atomic_group`).
     describe : callable

@@ -394,6 +394,12 @@ _NGFF_UNITS = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3, "meter":
                "angstrom": 1e-4, "picometer": 1e-6, "centimeter": 1e4}
 
 
+def is_lazy(data) -> bool:
+    """True for a Dask or Zarr array (fitted block by block, :mod:`spotfit.blockwise`)."""
+    mod = type(data).__module__.split(".")[0]
+    return mod in ("dask", "zarr")
+
+
 def is_zarr(where: str) -> bool:
     """True for a folder holding a Zarr group or array (by its marker files)."""
     return os.path.isdir(where) and any(os.path.isfile(os.path.join(where, m)) for m in ZARR_MARKERS)

@@ -223,8 +223,9 @@ def fit_batch(setup: Setup, batch: Batch):
 
     Returns
     -------
-    pandas.DataFrame
-        Columns of :func:`spotfit.table.columns`, one row per window.
+    spotfit.lighttable.LightTable
+        Columns of :func:`spotfit.table.columns`, one row per window (no pandas:
+        :func:`spotfit.lighttable.as_frame` makes it a DataFrame).
     """
     measured = {}
     values, errors, chi2, iterations, status = _fit_columns(setup, batch, measured)
@@ -234,7 +235,7 @@ def fit_batch(setup: Setup, batch: Batch):
         values, errors, chi2, iterations, status = _refine_background(
             setup, batch, *columns, measured.get("variance"))
     return table.build(batch.frame, values, errors, chi2, iterations, results.status_names(status),
-                       setup.camera.unit, setup.ndim)
+                       setup.camera.unit, setup.ndim, light=True)
 
 
 def _fit_columns(setup: Setup, batch: Batch, measured=None):

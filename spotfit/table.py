@@ -94,8 +94,14 @@ def columns(ndim: int = 2, crowded: bool = False) -> list:
             + (list(_GROUP) if crowded else []))
 
 
-def empty(ndim: int = 2, crowded: bool = False):
-    """A fit table with no rows and the full schema (plus group columns if ``crowded``)."""
+def empty(ndim: int = 2, crowded: bool = False, light: bool = False):
+    """A fit table with no rows and the full schema (plus group columns if ``crowded``);
+    ``light``: a :class:`spotfit.lighttable.LightTable` (no pandas)."""
+    if light:
+        from spotfit.lighttable import LightTable
+
+        return LightTable({c: np.empty(0, dtype=object if column(c).dtype == "str" else column(c).dtype)
+                           for c in columns(ndim, crowded)})
     return _empty(int(ndim), bool(crowded)).copy()
 
 
@@ -107,7 +113,8 @@ def _empty(ndim: int, crowded: bool):
     return pd.DataFrame({c: pd.Series(dtype=column(c).dtype) for c in columns(ndim, crowded)})
 
 
-def build(frame, values: dict, errors: dict, chi2_red, iterations, status_names, unit: str, ndim: int):
+def build(frame, values: dict, errors: dict, chi2_red, iterations, status_names, unit: str, ndim: int,
+          light: bool = False):
     """Assemble a fit table from per-spot arrays.
 
     Parameters
@@ -121,14 +128,15 @@ def build(frame, values: dict, errors: dict, chi2_red, iterations, status_names,
     status_names : (n,) ndarray of str
     unit : {"photon", "ADU"}
     ndim : {2, 3}
+    light : bool
+        Return a :class:`spotfit.lighttable.LightTable` (no pandas; the same
+        DataFrame after :func:`spotfit.lighttable.as_frame`).
 
     Returns
     -------
-    pandas.DataFrame
+    pandas.DataFrame or LightTable
         Columns :func:`columns` ``(ndim)`` with the schema's dtypes.
     """
-    import pandas as pd
-
     n = len(frame)
     data = {"frame": np.asarray(frame, dtype=np.int64)}
     for c in value_columns(ndim):
@@ -137,6 +145,16 @@ def build(frame, values: dict, errors: dict, chi2_red, iterations, status_names,
         data[f"{c}_err"] = np.asarray(errors[c], dtype=float)
     data["chi2_red"] = np.asarray(chi2_red, dtype=float)
     data["iterations"] = np.asarray(iterations, dtype=np.int32)
+    if light:
+        from spotfit.lighttable import LightTable
+
+        # copies, as the DataFrame constructor makes (the inputs may be the caller's arrays)
+        data = {k: v.copy() for k, v in data.items()}
+        data["status"] = np.array(status_names, dtype=object)
+        data["unit"] = np.full(n, unit, dtype=object)
+        return LightTable(data)
+    import pandas as pd
+
     data["status"] = pd.Series(np.asarray(status_names, dtype=object), dtype="str")
     data["unit"] = pd.Series(np.full(n, unit, dtype=object), dtype="str")
     return pd.DataFrame(data, columns=columns(ndim))

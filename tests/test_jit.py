@@ -313,3 +313,29 @@ def test_read_only_pixel_variance_gives_the_kernels_the_same_types(name):
     assert numba.typeof(ro) == numba.typeof(free) == scalar
     for a, b in zip(ro, free):
         np.testing.assert_array_equal(a, b)
+
+
+def test_kernel_threads_are_set_without_launching_numbas_threads():
+    """FitConfig.use_threads keeps the count without launching numba's thread pool
+    (which the fit kernels do not use); once numba's threads run, numba's count rules."""
+    code = """
+import numba
+import numba.np.ufunc.parallel as parallel
+from spotfit import _jit
+most = numba.config.NUMBA_NUM_THREADS
+assert _jit.kernel_threads() == most
+_jit.set_kernel_threads(1)
+assert _jit.kernel_threads() == 1 and not parallel._is_initialized
+_jit.set_kernel_threads(10 ** 6)
+assert _jit.kernel_threads() == most
+numba.set_num_threads(1)  # launches numba's threads: their count from now on
+assert _jit.kernel_threads() == 1
+_jit.set_kernel_threads(most)
+assert numba.get_num_threads() == most == _jit.kernel_threads()
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 import spotfit
 from spotfit import single
+from spotfit.lighttable import as_frame
 from spotfit.match import match_spots
 from spotfit.simulation import render
 
@@ -47,7 +48,7 @@ def _fit(images, truth, camera=CAMERA):
     frames = api._frames(api.as_image(np.stack(images), axes="TYX"), None, setup)
     batch = single.Batch.join([single.cut_frame(setup, f.t, f.photons, f.coords, f.image_var,
                                                 background=f.background) for f in frames])
-    t = single.fit_batch(setup, batch)
+    t = as_frame(single.fit_batch(setup, batch))  # (a LightTable: no pandas)
     out, found, rows = [], 0, 0
     for k in range(len(images)):
         mine = t[(t.status == "converged") & (t.frame == k)]
