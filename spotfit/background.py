@@ -292,7 +292,7 @@ class Background:
                          np.int64)
         kernels, k_half = _gauss_kernels(scale)
         read_var = _cell_read_variance(noise, cells, data.shape, coarse_shape)
-        coarse, excluded, means = _coarse_background(
+        coarse, excluded, means = _coarse_in_strips(
             sums, counts, read_var, float(noise.shot), float(noise.correlation), float(noise.floor),
             half, reach, kernels, k_half, CLIP, MIN_COVERAGE)
         return cls(coarse, cells, data.shape, excluded, means)
@@ -385,6 +385,54 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     #    the smooth mean lags behind, the envelope does not
     coarse = np.maximum(value, envelope)
     return coarse, bright > 0, means
+
+
+#: coarse grids of at least this many cells are estimated in strips, one per
+#: thread (:func:`_coarse_in_strips`); a 2048 x 2048 frame at sigma 1.3 px has
+#: 683 x 683 cells, a 256 x 256 one 86 x 86 (not worth waking the threads)
+PARALLEL_CELLS = 1 << 16
+
+
+def _coarse_in_strips(sums, counts, read_var, shot, correlation, floor, half, reach, kernels,
+                      k_half, clip, min_coverage, strips=None):
+    """:func:`_coarse_background` of the grid in strips along its longer of the plane
+    and row axes, on numba's number of threads (:func:`spotfit._jit.over_windows`),
+    for grids of :data:`PARALLEL_CELLS` cells or more; the same numbers.
+
+    Each strip is computed with a margin of ``2 half + reach + k_half`` cells on
+    each side (as far as an edge of the strip can reach through the opening, the
+    dilation and the weighted means) and only its core is kept.  ``strips``: how
+    many (default: the threads, or 1 for small grids); for tests.
+    """
+    import numba
+
+    args = (shot, correlation, floor)
+    rest = (kernels, k_half, clip, min_coverage)
+    axis = 0 if sums.shape[0] > sums.shape[1] else 1
+    n = sums.shape[axis]
+    if strips is None:
+        strips = numba.get_num_threads() if sums.size >= PARALLEL_CELLS else 1
+    strips = max(1, min(int(strips), n))
+    if strips == 1:
+        return _coarse_background(sums, counts, read_var, *args, half, reach, *rest)
+    margin = 2 * int(half[axis]) + int(reach[axis]) + int(k_half[axis])
+    coarse = np.empty(sums.shape)
+    excluded = np.empty(sums.shape, bool)
+    means = np.empty(sums.shape)
+    lead = (slice(None),) * axis
+
+    def run(first, last):
+        for k in range(first, last):
+            lo, hi = k * n // strips, (k + 1) * n // strips
+            a, b = max(lo - margin, 0), min(hi + margin, n)
+            outer, core = lead + (slice(a, b),), lead + (slice(lo - a, hi - a),)
+            part = _coarse_background(sums[outer], counts[outer], read_var[outer], *args,
+                                      half, reach, *rest)
+            for out, value in zip((coarse, excluded, means), part):
+                out[lead + (slice(lo, hi),)] = value[core]
+
+    over_windows(run, strips, threaded=True)
+    return coarse, excluded, means
 
 
 def _filtered_counts(counts, kernels, k_half):
