@@ -684,7 +684,7 @@ def estimate_noise(frame, sigma) -> NoiseModel:
 
 def _measure(bands, sig, floor) -> NoiseModel:
     """:func:`estimate_noise` on bands (nz, rows, nx) of float32 data in a safe range."""
-    diffs = [_differences(b) for b in bands]
+    diffs = _per_band(_differences, bands)
     d_all = np.concatenate([d.ravel() for d in diffs]) if diffs else np.zeros(0)
     if d_all.size == 0:
         return NoiseModel(read_var=floor, shot=0.0, floor=floor, source="measured")
@@ -695,7 +695,7 @@ def _measure(bands, sig, floor) -> NoiseModel:
         return model
     # the expected level seen by each difference: the data averaged with the
     # operator's squared weights (spots included: their photons are noise too)
-    levels = np.concatenate([_weighted_level(b).ravel() for b in bands])
+    levels = np.concatenate([level.ravel() for level in _per_band(_weighted_level, bands)])
     fitted = _fit_transfer(d_all, levels, floor, var0)
     model = model if fitted is None else fitted
     return replace(model, correlation=_correlation(bands, sig, model))
@@ -723,8 +723,8 @@ def _correlation(bands, sig, model) -> float:
     ratio = 1.0
     for _ in range(3):
         current = replace(model, correlation=ratio)
-        kept, every = [], []
-        for band in bands:
+
+        def measure(band):
             bg = Background.estimate(band, sig, current)
             axes = [a for a, s in enumerate(sig) if s > 0]  # a 2D frame has no z sigma
             edge = _EdgeNoise(tuple(band.shape[a] for a in axes), tuple(sig[a] for a in axes),
@@ -737,8 +737,9 @@ def _correlation(bands, sig, model) -> float:
             inner = tuple(slice(k, n - k) for k, n in zip(m, band.shape))
             r, level = r[inner], level[inner]
             ok = ~bg.per_pixel(bg.excluded)[inner]
-            kept.append((r[ok], level[ok]))
-            every.append(r.ravel())
+            return (r[ok], level[ok]), r.ravel()
+
+        kept, every = zip(*_per_band(measure, bands))
         r_all = np.concatenate(every)
         if r_all.size < 2 * _MIN_CORRELATION:
             return max(1.0, ratio)
@@ -757,6 +758,22 @@ def _correlation(bands, sig, model) -> float:
         if done:
             break
     return ratio
+
+
+def _per_band(func, bands, threaded=None) -> list:
+    """``[func(band) for band in bands]``, the bands shared out among numba's threads
+    (:func:`spotfit._jit.over_windows`) when they hold :data:`PARALLEL_PIXELS` pixels
+    or more together (``threaded``: force it, for tests); the same list."""
+    out = [None] * len(bands)
+
+    def run(start, stop):
+        for k in range(start, stop):
+            out[k] = func(bands[k])
+
+    if threaded is None:
+        threaded = sum(b.size for b in bands) >= PARALLEL_PIXELS
+    over_windows(run, len(bands), threaded=threaded)
+    return out
 
 
 #: fewest of a frame's pixels left by the background's clipping to measure the
