@@ -388,51 +388,72 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
 
 
 #: coarse grids of at least this many cells are estimated in strips, one per
-#: thread (:func:`_coarse_in_strips`); a 2048 x 2048 frame at sigma 1.3 px has
+#: thread (:func:`in_strips`); a 2048 x 2048 frame at sigma 1.3 px has
 #: 683 x 683 cells, a 256 x 256 one 86 x 86 (not worth waking the threads)
 PARALLEL_CELLS = 1 << 16
 
 
 def _coarse_in_strips(sums, counts, read_var, shot, correlation, floor, half, reach, kernels,
                       k_half, clip, min_coverage, strips=None):
-    """:func:`_coarse_background` of the grid in strips along its longer of the plane
-    and row axes, on numba's number of threads (:func:`spotfit._jit.over_windows`),
-    for grids of :data:`PARALLEL_CELLS` cells or more; the same numbers.
+    """:func:`_coarse_background` of the grid in strips (:func:`in_strips`); the same
+    numbers.  Each strip is computed with a margin of ``2 half + reach + k_half``
+    cells on each side (as far as an edge of the strip can reach through the
+    opening, the dilation and the weighted means) and only its core is kept."""
+    axis = strip_axis(sums.shape)
+    margin = 2 * int(half[axis]) + int(reach[axis]) + int(k_half[axis])
+    return in_strips(
+        lambda s, c, r: _coarse_background(s, c, r, shot, correlation, floor, half, reach, kernels,
+                                           k_half, clip, min_coverage),
+        (sums, counts, read_var), margin, strips)
 
-    Each strip is computed with a margin of ``2 half + reach + k_half`` cells on
-    each side (as far as an edge of the strip can reach through the opening, the
-    dilation and the weighted means) and only its core is kept.  ``strips``: how
-    many (default: the threads, or 1 for small grids); for tests.
+
+def strip_axis(shape) -> int:
+    """The axis of a (nz, ny, nx) grid that :func:`in_strips` cuts: the longer of planes and rows."""
+    return 0 if shape[0] > shape[1] else 1
+
+
+def in_strips(func, arrays, margin: int, strips=None):
+    """``func(*arrays)`` (arrays of one (nz, ny, nx) shape; returns a tuple of arrays of
+    that shape, or one array) computed in strips along :func:`strip_axis`, on numba's
+    threads (:func:`spotfit._jit.over_windows`): each strip with ``margin`` more
+    cells on each side, of which only its core is kept.  The same numbers as in one
+    piece when no output value depends on inputs more than ``margin`` cells away
+    along that axis.  ``strips``: how many (default: numba's threads for grids of
+    :data:`PARALLEL_CELLS` cells or more, else 1); for tests.
     """
     import numba
 
-    args = (shot, correlation, floor)
-    rest = (kernels, k_half, clip, min_coverage)
-    axis = 0 if sums.shape[0] > sums.shape[1] else 1
-    n = sums.shape[axis]
+    shape = arrays[0].shape
+    axis = strip_axis(shape)
+    n = shape[axis]
     if strips is None:
-        strips = numba.get_num_threads() if sums.size >= PARALLEL_CELLS else 1
+        strips = numba.get_num_threads() if arrays[0].size >= PARALLEL_CELLS else 1
     strips = max(1, min(int(strips), n))
     if strips == 1:
-        return _coarse_background(sums, counts, read_var, *args, half, reach, *rest)
-    margin = 2 * int(half[axis]) + int(reach[axis]) + int(k_half[axis])
-    coarse = np.empty(sums.shape)
-    excluded = np.empty(sums.shape, bool)
-    means = np.empty(sums.shape)
+        return func(*arrays)
     lead = (slice(None),) * axis
+    outputs = []
 
     def run(first, last):
         for k in range(first, last):
             lo, hi = k * n // strips, (k + 1) * n // strips
             a, b = max(lo - margin, 0), min(hi + margin, n)
-            outer, core = lead + (slice(a, b),), lead + (slice(lo - a, hi - a),)
-            part = _coarse_background(sums[outer], counts[outer], read_var[outer], *args,
-                                      half, reach, *rest)
-            for out, value in zip((coarse, excluded, means), part):
-                out[lead + (slice(lo, hi),)] = value[core]
+            part = func(*(x[lead + (slice(a, b),)] for x in arrays))
+            single = not isinstance(part, tuple)
+            part = (part,) if single else part
+            if not outputs:
+                with lock:
+                    if not outputs:
+                        outputs.extend(np.empty(shape, p.dtype) for p in part)
+                        outputs.append(single)
+            for out, value in zip(outputs, part):
+                out[lead + (slice(lo, hi),)] = value[lead + (slice(lo - a, hi - a),)]
 
+    import threading
+
+    lock = threading.Lock()
     over_windows(run, strips, threaded=True)
-    return coarse, excluded, means
+    return outputs[0] if outputs[-1] else tuple(outputs[:-1])
 
 
 def _filtered_counts(counts, kernels, k_half):

@@ -182,3 +182,36 @@ def test_over_windows_runs_nested_calls_in_the_calling_thread():
 
     _jit.over_windows(outer, out.shape[0], threaded=True)
     assert (out == 1).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 257, 131), (23, 9, 40), (4, 61, 17)])
+def test_in_strips_keeps_the_cores_of_strips_with_margins(shape):
+    """A 3-cell running maximum and a pointwise product, in every number of strips up
+    to one per cell, equal the whole grid's."""
+    rng = np.random.default_rng(shape[1])
+    a, b = rng.normal(size=shape), rng.normal(size=shape)
+
+    def func(x, y):
+        return background._box_filter(x, np.ones(3, np.int64), False), (x * y).astype(np.float32)
+
+    whole = func(a, b)
+    n = shape[background.strip_axis(shape)]
+    for strips in sorted({2, 3, 5, n - 1, n}):
+        parts = background.in_strips(func, (a, b), 1, strips)
+        assert all(np.array_equal(w, p) and w.dtype == p.dtype for w, p in zip(whole, parts)), strips
+    assert np.array_equal(background.in_strips(lambda x: x * 2, (a,), 0, 4), a * 2)
+
+
+@pytest.mark.parametrize("camera", [CAMERA, None], ids=["camera", "measured noise"])
+def test_detection_with_striped_grids_finds_the_same_candidates(camera, monkeypatch):
+    from spotfit.detection import find_peaks
+
+    frame = _frame((331, 517), 500, seed=11)
+    noise = NoiseModel.from_camera(camera) if camera is not None else None
+    found = []
+    for cells in (10**12, 1):  # one piece; strips on the threads even for this small grid
+        monkeypatch.setattr(background, "PARALLEL_CELLS", cells)
+        found.append(find_peaks(frame, 1.3, noise=noise))
+    (c0, s0), (c1, s1) = found
+    assert len(c0) > 300
+    assert np.array_equal(c0, c1) and np.array_equal(s0, s1)
