@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from spotfit._jit import njit
+from spotfit._jit import njit, over_windows
 
 FLOAT, INT, STR = 0, 1, 2
 _DIGITS = 8  # significant digits, as "%.8g"
@@ -23,6 +23,9 @@ _POW10 = np.array([10.0**k for k in range(23)])
 #: tables with at least this many rows are rendered by the compiled kernel (below:
 #: pandas, ~0.1 s at most)
 COMPILED_ROWS = 5000
+#: rows rendered per block; the blocks of a larger table run on numba's threads
+#: (:func:`spotfit._jit.over_windows`)
+RENDER_BLOCK = 2048
 
 
 @njit(cache=True, error_model="numpy")
@@ -142,13 +145,13 @@ def _write_category(code, cat_bytes, cat_len, out, pos):
     return pos
 
 
-@njit(cache=True, error_model="numpy")
-def _render(kinds, index, floats, overrides, ints, codes, cat_bytes, cat_len, out):
-    n = floats.shape[1] if floats.shape[0] else (ints.shape[1] if ints.shape[0] else codes.shape[1])
+@njit(cache=True, error_model="numpy", nogil=True)
+def _render(kinds, index, floats, overrides, ints, codes, cat_bytes, cat_len, out, start, stop):
+    """Rows ``start .. stop`` into ``out`` from its first byte; returns the bytes written."""
     ncol = kinds.shape[0]
     digits = np.empty(_DIGITS, dtype=np.int64)
     pos = 0
-    for r in range(n):
+    for r in range(start, stop):
         for c in range(ncol):
             if c:
                 out[pos] = 44  # ','
@@ -233,13 +236,21 @@ def to_csv_bytes(table, compiled=None) -> bytes:
         return header
     row_bound = 24 * len(floats) + 21 * len(ints) + (width + 1) * len(codes) + len(kinds) + 1
     out = np.empty(n * row_bound, dtype=np.uint8)
-    used = _render(
-        np.array(kinds, dtype=np.int64), np.array(index, dtype=np.int64),
-        _stack(floats, n, np.float64), _stack(overrides, n, np.int64), _stack(ints, n, np.int64),
-        _stack(codes, n, np.int64),
-        cat_bytes, cat_len, out,
-    )
-    return header + out[:used].tobytes()
+    args = (np.array(kinds, dtype=np.int64), np.array(index, dtype=np.int64),
+            _stack(floats, n, np.float64), _stack(overrides, n, np.int64), _stack(ints, n, np.int64),
+            _stack(codes, n, np.int64), cat_bytes, cat_len)
+    # blocks of rows, each into its own part of `out`, on numba's threads
+    blocks = -(-n // RENDER_BLOCK)
+    used = np.zeros(blocks, dtype=np.int64)
+
+    def render(first, last):
+        for k in range(first, last):
+            r0, r1 = k * RENDER_BLOCK, min(n, (k + 1) * RENDER_BLOCK)
+            used[k] = _render(*args, out[r0 * row_bound:], r0, r1)
+
+    over_windows(render, blocks, threaded=blocks > 1)
+    return header + b"".join(out[k * RENDER_BLOCK * row_bound:][:used[k]].tobytes()
+                             for k in range(blocks))
 
 
 def _numpy_kind(dtype) -> str:

@@ -141,14 +141,18 @@ def over_windows(kernel, n: int, *args, threaded=None) -> None:
     to balance the load; the kernel must be compiled with ``nogil=True`` and write
     each item's results only.  ``threaded``: whether to use threads at all (waking
     them costs more than a small frame's work); default: from
-    :data:`MIN_THREADED_WINDOWS` windows on.  The threads are kept between calls
+    :data:`MIN_THREADED_WINDOWS` windows on.  ``kernel`` may be a Python function
+    (e.g. one running NumPy on strips of an array); a call made from inside one of
+    its ranges runs in that range's thread.  The threads are kept between calls
     (:func:`_pool`): a dense field makes hundreds of small calls, and starting two
     threads per call cost more than some of the calls' work.
     """
     threads = kernel_threads()
     if threaded is None:
         threaded = n >= MIN_THREADED_WINDOWS
-    if threads <= 1 or not threaded or n < 2:
+    if threads <= 1 or not threaded or n < 2 or getattr(_WORKING, "on", False):
+        # (a call from inside a range runs in its thread: the others are busy, and
+        # a pool worker waiting on its own pool would never return)
         kernel(*args, 0, n)
         return
     chunks = min(4 * threads, n)
@@ -157,12 +161,16 @@ def over_windows(kernel, n: int, *args, threaded=None) -> None:
     lock = threading.Lock()
 
     def work():
-        while True:
-            with lock:
-                item = next(pending, None)
-            if item is None:
-                return
-            kernel(*args, *item)
+        _WORKING.on = True
+        try:
+            while True:
+                with lock:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                kernel(*args, *item)
+        finally:
+            _WORKING.on = False
 
     # the calling thread works through the ranges too instead of waiting idle
     futures = [_pool(threads).submit(work) for _ in range(threads - 1)]
@@ -215,6 +223,8 @@ def _numba_threads_running() -> bool:
     """Whether numba has launched its threads (True when unsure)."""
     parallel = sys.modules.get("numba.np.ufunc.parallel")
     return True if parallel is None else bool(getattr(parallel, "_is_initialized", True))
+
+_WORKING = threading.local()  # .on: this thread runs a range of over_windows
 
 
 def _pool(threads: int):

@@ -292,7 +292,7 @@ class Background:
                          np.int64)
         kernels, k_half = _gauss_kernels(scale)
         read_var = _cell_read_variance(noise, cells, data.shape, coarse_shape)
-        coarse, excluded, means = _coarse_background(
+        coarse, excluded, means = _coarse_in_strips(
             sums, counts, read_var, float(noise.shot), float(noise.correlation), float(noise.floor),
             half, reach, kernels, k_half, CLIP, MIN_COVERAGE)
         return cls(coarse, cells, data.shape, excluded, means)
@@ -385,6 +385,76 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     #    the smooth mean lags behind, the envelope does not
     coarse = np.maximum(value, envelope)
     return coarse, bright > 0, means
+
+
+#: coarse grids of at least this many cells are estimated in strips, one per
+#: thread (:func:`in_strips`); a 2048 x 2048 frame at sigma 1.3 px has
+#: 683 x 683 cells, a 256 x 256 one 86 x 86 (not worth waking the threads)
+PARALLEL_CELLS = 1 << 16
+
+
+def _coarse_in_strips(sums, counts, read_var, shot, correlation, floor, half, reach, kernels,
+                      k_half, clip, min_coverage, strips=None):
+    """:func:`_coarse_background` of the grid in strips (:func:`in_strips`); the same
+    numbers.  Each strip is computed with a margin of ``2 half + reach + k_half``
+    cells on each side (as far as an edge of the strip can reach through the
+    opening, the dilation and the weighted means) and only its core is kept."""
+    axis = strip_axis(sums.shape)
+    margin = 2 * int(half[axis]) + int(reach[axis]) + int(k_half[axis])
+    return in_strips(
+        lambda s, c, r: _coarse_background(s, c, r, shot, correlation, floor, half, reach, kernels,
+                                           k_half, clip, min_coverage),
+        (sums, counts, read_var), margin, strips)
+
+
+def strip_axis(shape) -> int:
+    """The axis of a (nz, ny, nx) grid that :func:`in_strips` cuts: the longer of planes and rows."""
+    return 0 if shape[0] > shape[1] else 1
+
+
+def in_strips(func, arrays, margin: int, strips=None):
+    """``func(*arrays)`` (arrays of one (nz, ny, nx) shape; returns a tuple of arrays of
+    that shape, or one array) computed in strips along :func:`strip_axis`, on numba's
+    threads (:func:`spotfit._jit.over_windows`): each strip with ``margin`` more
+    cells on each side, of which only its core is kept.  The same numbers as in one
+    piece when no output value depends on inputs more than ``margin`` cells away
+    along that axis.  ``strips``: how many (default: the kernels' threads,
+    :func:`spotfit._jit.kernel_threads`, for grids of :data:`PARALLEL_CELLS` cells
+    or more, else 1); for tests.
+    """
+    from spotfit._jit import kernel_threads
+
+    shape = arrays[0].shape
+    axis = strip_axis(shape)
+    n = shape[axis]
+    if strips is None:
+        strips = kernel_threads() if arrays[0].size >= PARALLEL_CELLS else 1
+    strips = max(1, min(int(strips), n))
+    if strips == 1:
+        return func(*arrays)
+    lead = (slice(None),) * axis
+    outputs = []
+
+    def run(first, last):
+        for k in range(first, last):
+            lo, hi = k * n // strips, (k + 1) * n // strips
+            a, b = max(lo - margin, 0), min(hi + margin, n)
+            part = func(*(x[lead + (slice(a, b),)] for x in arrays))
+            single = not isinstance(part, tuple)
+            part = (part,) if single else part
+            if not outputs:
+                with lock:
+                    if not outputs:
+                        outputs.extend(np.empty(shape, p.dtype) for p in part)
+                        outputs.append(single)
+            for out, value in zip(outputs, part):
+                out[lead + (slice(lo, hi),)] = value[lead + (slice(lo - a, hi - a),)]
+
+    import threading
+
+    lock = threading.Lock()
+    over_windows(run, strips, threaded=True)
+    return outputs[0] if outputs[-1] else tuple(outputs[:-1])
 
 
 def _filtered_counts(counts, kernels, k_half):
@@ -636,7 +706,7 @@ def estimate_noise(frame, sigma) -> NoiseModel:
 
 def _measure(bands, sig, floor) -> NoiseModel:
     """:func:`estimate_noise` on bands (nz, rows, nx) of float32 data in a safe range."""
-    diffs = [_differences(b) for b in bands]
+    diffs = _per_band(_differences, bands)
     d_all = np.concatenate([d.ravel() for d in diffs]) if diffs else np.zeros(0)
     if d_all.size == 0:
         return NoiseModel(read_var=floor, shot=0.0, floor=floor, source="measured")
@@ -647,7 +717,7 @@ def _measure(bands, sig, floor) -> NoiseModel:
         return model
     # the expected level seen by each difference: the data averaged with the
     # operator's squared weights (spots included: their photons are noise too)
-    levels = np.concatenate([_weighted_level(b).ravel() for b in bands])
+    levels = np.concatenate([level.ravel() for level in _per_band(_weighted_level, bands)])
     fitted = _fit_transfer(d_all, levels, floor, var0)
     model = model if fitted is None else fitted
     return replace(model, correlation=_correlation(bands, sig, model))
@@ -675,8 +745,8 @@ def _correlation(bands, sig, model) -> float:
     ratio = 1.0
     for _ in range(3):
         current = replace(model, correlation=ratio)
-        kept, every = [], []
-        for band in bands:
+
+        def measure(band):
             bg = Background.estimate(band, sig, current)
             axes = [a for a, s in enumerate(sig) if s > 0]  # a 2D frame has no z sigma
             edge = _EdgeNoise(tuple(band.shape[a] for a in axes), tuple(sig[a] for a in axes),
@@ -689,8 +759,9 @@ def _correlation(bands, sig, model) -> float:
             inner = tuple(slice(k, n - k) for k, n in zip(m, band.shape))
             r, level = r[inner], level[inner]
             ok = ~bg.per_pixel(bg.excluded)[inner]
-            kept.append((r[ok], level[ok]))
-            every.append(r.ravel())
+            return (r[ok], level[ok]), r.ravel()
+
+        kept, every = zip(*_per_band(measure, bands))
         r_all = np.concatenate(every)
         if r_all.size < 2 * _MIN_CORRELATION:
             return max(1.0, ratio)
@@ -709,6 +780,22 @@ def _correlation(bands, sig, model) -> float:
         if done:
             break
     return ratio
+
+
+def _per_band(func, bands, threaded=None) -> list:
+    """``[func(band) for band in bands]``, the bands shared out among numba's threads
+    (:func:`spotfit._jit.over_windows`) when they hold :data:`PARALLEL_PIXELS` pixels
+    or more together (``threaded``: force it, for tests); the same list."""
+    out = [None] * len(bands)
+
+    def run(start, stop):
+        for k in range(start, stop):
+            out[k] = func(bands[k])
+
+    if threaded is None:
+        threaded = sum(b.size for b in bands) >= PARALLEL_PIXELS
+    over_windows(run, len(bands), threaded=threaded)
+    return out
 
 
 #: fewest of a frame's pixels left by the background's clipping to measure the

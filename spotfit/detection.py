@@ -517,13 +517,17 @@ def _screen(filtered, background, noise, floor, factor, radii=None):
     bound of their noise standard deviation (the smallest of the cells around them),
     increasing; with ``radii`` (half-widths per axis of `filtered`) only those that
     are also maxima of their box (:func:`_local_maxima`'s first step)."""
-    from spotfit.background import _box_filter
+    from spotfit.background import _box_filter, in_strips
 
     rv = noise.read_var
     rv_min = float(np.min(rv)) if np.ndim(rv) else float(rv)
-    level = _box_filter(background.coarse, np.ones(3, np.int64), True)  # interpolation uses +-1 cell
-    var = np.maximum(rv_min + noise.shot * np.maximum(level, 0.0), max(noise.floor, floor)) * noise.correlation
-    limit = (factor * np.sqrt(var)).astype(np.float32)
+
+    def limit_of(coarse):
+        level = _box_filter(coarse, np.ones(3, np.int64), True)  # interpolation uses +-1 cell
+        var = np.maximum(rv_min + noise.shot * np.maximum(level, 0.0), max(noise.floor, floor)) * noise.correlation
+        return (factor * np.sqrt(var)).astype(np.float32)
+
+    limit = in_strips(limit_of, (background.coarse,), 1)  # (on threads for large grids)
     volume = filtered.reshape(background.shape)
     box = np.zeros(3, np.int64)
     if radii is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from spotfit import results, roi, solver, table
 from spotfit.config import Setup
 from spotfit.estimators import Noise
+from spotfit._jit import over_windows
 from spotfit._kernels import CONVERGED
 from spotfit.detection import background_at
 from spotfit.start import faint, initial_guess, intensity_floor
@@ -619,6 +620,12 @@ SCORE_GATE = 0.25
 GATE_VALID = 0.95
 
 
+#: windows per block of :func:`_doubtful`'s quadrupole score (a multiple of 8: the
+#: blocks' rows keep their memory alignment); blocks run on numba's threads
+#: (:func:`spotfit._jit.over_windows`) from two blocks on; the same numbers
+GATE_BLOCK = 1024
+
+
 def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=None) -> np.ndarray:
     """A cheap stand-in for the score statistic of an elongated spot at symmetric fits
     ``theta`` (2D): ``g^T I^-1 g`` over the two quadrupole directions only.
@@ -671,7 +678,17 @@ def _doubtful(setup: Setup, reduced, batch: Batch, theta, limit, residual_var=No
     threshold ``limit``, fewer than :data:`GATE_VALID` of the window's pixels, or a fit
     at a width bound or centred off the window (no round spot the statistic describes)."""
     w = batch.windows
-    quadrupole = _quadrupole_score(setup, reduced, batch, theta, residual_var)
+    n = len(theta)
+    quadrupole = np.empty(n)
+
+    def score(first, last):  # blocks of GATE_BLOCK windows
+        for k in range(first, last):
+            rows = slice(k * GATE_BLOCK, min(n, (k + 1) * GATE_BLOCK))
+            quadrupole[rows] = _quadrupole_score(
+                setup, reduced, _take(batch, rows), theta[rows],
+                None if residual_var is None else residual_var[rows])
+
+    over_windows(score, -(-n // GATE_BLOCK), threaded=n >= 2 * GATE_BLOCK)
     width = theta[:, np.flatnonzero(reduced.model.width_mask)[0]]
     low, high = width_limits(reduced.model, w.grid)
     odd = ~((width > 1.01 * low[0]) & (width < 0.99 * high[0])) | \

@@ -1,0 +1,217 @@
+"""Stages split into strips, bands or blocks for numba's threads give the same numbers as
+in one piece: the background's coarse grid, the noise estimate, the score-test gate and
+the CSV writer (non-square frames, strip boundaries at awkward places, 3D stacks)."""
+
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import spotfit
+from spotfit import _csv, _jit, background, single
+from spotfit.background import NoiseModel, estimate_noise
+from spotfit.simulation import render
+
+CAMERA = spotfit.Camera(baseline=100.0, gain=1.0)
+
+
+def _frame(shape, n_spots, seed, sigma=1.3):
+    """Spots over a textured, sloped background, Poisson noise (photons), float32."""
+    rng = np.random.default_rng(seed)
+    ny, nx = shape[-2:]
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    level = 15.0 + 10.0 * xx / nx + 25.0 * np.exp(-((xx - 0.3 * nx) ** 2 + (yy - 0.6 * ny) ** 2) / (0.05 * nx * ny))
+    frames = []
+    for _ in range(shape[0] if len(shape) == 3 else 1):
+        xy = rng.uniform(3, [nx - 3, ny - 3], size=(n_spots, 2))
+        light = render((ny, nx), xy[:, 0], xy[:, 1], rng.uniform(300, 3000, n_spots), sigma)
+        frames.append(rng.poisson(level + light).astype(np.float32))
+    return np.stack(frames) if len(shape) == 3 else frames[0]
+
+
+def _coarse_inputs(volume, sig, noise, monkeypatch):
+    """The arguments Background.estimate gives :func:`background._coarse_in_strips`."""
+    seen = []
+
+    def capture(*args, **kwargs):
+        seen.append(args)
+        return original(*args, **kwargs)
+
+    original = background._coarse_in_strips
+    monkeypatch.setattr(background, "_coarse_in_strips", capture)
+    reference = background.Background.estimate(volume, sig, noise)
+    monkeypatch.setattr(background, "_coarse_in_strips", original)
+    return seen[0], reference
+
+
+@pytest.mark.parametrize("shape, sig", [
+    ((1, 301, 517), (0.0, 1.3, 1.3)),  # wide, odd sizes: strips along rows of cells
+    ((1, 611, 97), (0.0, 1.3, 1.3)),  # tall, narrow
+    ((1, 205, 230), (0.0, 2.6, 1.1)),  # anisotropic cells
+    ((37, 20, 41), (1.6, 1.3, 1.3)),  # a stack with more planes than rows of cells: strips along z
+    ((9, 95, 64), (1.6, 1.3, 1.3)),  # a stack split along rows
+])
+@pytest.mark.parametrize("engine", ["numpy", "ndimage"])
+def test_coarse_background_in_strips_is_the_same_as_in_one_piece(shape, sig, engine, monkeypatch):
+    # the background's correlations run on NumPy until scipy.ndimage is imported
+    import scipy.ndimage  # noqa: F401
+
+    if engine == "numpy":
+        monkeypatch.delitem(sys.modules, "scipy.ndimage")
+    data = _frame(shape, max(4, shape[-1] * shape[-2] // 300), seed=sum(shape))
+    volume = data.reshape((1,) * (3 - data.ndim) + data.shape)
+    for noise in (NoiseModel.from_camera(CAMERA), estimate_noise(data, tuple(s for s in sig if s > 0)
+                                                                 if data.ndim == 2 else sig)):
+        args, reference = _coarse_inputs(volume, sig, noise, monkeypatch)
+        whole = background._coarse_background(*args)
+        axis = 0 if args[0].shape[0] > args[0].shape[1] else 1
+        n = args[0].shape[axis]
+        # two strips, three, a prime count, strips of one or two cells (narrower than
+        # the margin), one strip per cell
+        for strips in sorted({2, 3, 7, max(2, n // 2), n - 1, n}):
+            parts = background._coarse_in_strips(*args, strips=strips)
+            for a, b in zip(whole, parts):
+                assert np.array_equal(a, b), (strips, np.max(np.abs(np.asarray(a, float) - b)))
+        assert np.array_equal(reference.coarse, whole[0])
+
+
+def test_large_grids_are_estimated_in_strips_and_small_ones_not(monkeypatch):
+    calls = []
+    original = background._coarse_background
+
+    def count(sums, *args):
+        calls.append(sums.shape)
+        return original(sums, *args)
+
+    monkeypatch.setattr(background, "_coarse_background", count)
+    noise = NoiseModel.from_camera(CAMERA)
+    small = _frame((200, 150), 20, seed=1)[None]
+    background.Background.estimate(small, (0.0, 1.3, 1.3), noise)
+    assert calls == [(1, 67, 50)]  # one piece: not worth waking the threads
+    calls.clear()
+    monkeypatch.setattr(background, "PARALLEL_CELLS", 1)
+    import numba
+
+    background.Background.estimate(small, (0.0, 1.3, 1.3), noise)
+    assert len(calls) == max(1, numba.get_num_threads())
+
+
+@pytest.mark.parametrize("shape", [(700, 500), (611, 1031), (6, 300, 257)])
+def test_noise_estimate_on_threads_is_the_same(shape, monkeypatch):
+    data = _frame(shape, 60, seed=shape[0]) + 100.0
+    original = background._per_band
+    models = []
+    for threaded in (False, True):
+        monkeypatch.setattr(background, "_per_band",
+                            lambda func, bands, threaded=threaded: original(func, bands, threaded))
+        models.append(estimate_noise(data, 1.3))
+    a, b = models
+    for name in ("read_var", "shot", "floor", "correlation"):
+        assert float(getattr(a, name)) == float(getattr(b, name)), name
+    assert len(background._bands((1,) + shape[-2:] if len(shape) == 2 else shape)) > 1
+
+
+def test_per_band_keeps_the_order_of_the_bands():
+    bands = [np.full((1, 3, 4), k, np.float32) for k in range(11)]
+    assert [float(x) for x in background._per_band(lambda b: b.sum(), bands, threaded=True)] == \
+        [12.0 * k for k in range(11)]
+
+
+@pytest.mark.parametrize("camera", [CAMERA, spotfit.Camera()], ids=["mle", "lsq"])
+def test_score_gate_in_blocks_gives_the_same_table(camera, monkeypatch):
+    """Blocks of 8 and 24 windows (boundaries everywhere in a frame of ~600 candidates)
+    give exactly the table of one block."""
+    image = (_frame((203, 517), 600, seed=5) + 100.0).astype(np.uint16)
+    tables = []
+    for block in (10**9, 8, 24):
+        monkeypatch.setattr(single, "GATE_BLOCK", block)
+        tables.append(spotfit.fit(image, camera=camera, sigma=1.3))
+    assert len(tables[0]) > 400
+    for other in tables[1:]:
+        pd.testing.assert_frame_equal(tables[0], other, check_exact=True)
+
+
+def test_quadrupole_score_of_blocks_is_that_of_all_windows(monkeypatch):
+    seen = []
+    original = single._doubtful
+
+    def capture(*args):
+        seen.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(single, "_doubtful", capture)
+    image = (_frame((150, 331), 300, seed=8) + 100.0).astype(np.uint16)
+    spotfit.fit(image, camera=spotfit.Camera(), sigma=1.3)
+    setup, reduced, batch, theta, limit, rv = max(seen, key=lambda a: len(a[3]))
+    n = len(theta)
+    whole = single._quadrupole_score(setup, reduced, batch, theta, rv)
+    for block in (8, 16, 1024):
+        parts = np.concatenate([
+            single._quadrupole_score(setup, reduced, single._take(batch, slice(a, a + block)),
+                                     theta[a:a + block], None if rv is None else rv[a:a + block])
+            for a in range(0, n, block)])
+        assert np.array_equal(whole, parts, equal_nan=True)
+
+
+@pytest.mark.parametrize("n, block", [(20_011, 2048), (5_003, 7), (13, 4), (4, 4)])
+def test_csv_rendered_in_blocks_matches_pandas(n, block, monkeypatch):
+    monkeypatch.setattr(_csv, "RENDER_BLOCK", block)
+    rng = np.random.default_rng(n)
+    df = pd.DataFrame({
+        "frame": rng.integers(-5, 10**6, n),
+        "x": rng.normal(0, 1, n) * 10.0 ** rng.integers(-12, 12, n),
+        "status": np.where(rng.random(n) < 0.5, "converged", "not_spot"),
+        "ok": rng.random(n) < 0.3,
+        "y": np.where(rng.random(n) < 0.05, np.nan, rng.uniform(0, 2048, n)),
+    })
+    assert _csv.to_csv_bytes(df, compiled=True) == df.to_csv(index=False, float_format="%.8g").encode()
+
+
+def test_over_windows_runs_nested_calls_in_the_calling_thread():
+    """A range that itself calls over_windows (a pool worker waiting on its own pool
+    would never return) gets every item done exactly once."""
+    out = np.zeros((12, 50), np.int64)
+
+    def inner(row, start, stop):
+        out[row, start:stop] += 1
+
+    def outer(start, stop):
+        for row in range(start, stop):
+            _jit.over_windows(inner, out.shape[1], row, threaded=True)
+
+    _jit.over_windows(outer, out.shape[0], threaded=True)
+    assert (out == 1).all()
+
+
+@pytest.mark.parametrize("shape", [(1, 257, 131), (23, 9, 40), (4, 61, 17)])
+def test_in_strips_keeps_the_cores_of_strips_with_margins(shape):
+    """A 3-cell running maximum and a pointwise product, in every number of strips up
+    to one per cell, equal the whole grid's."""
+    rng = np.random.default_rng(shape[1])
+    a, b = rng.normal(size=shape), rng.normal(size=shape)
+
+    def func(x, y):
+        return background._box_filter(x, np.ones(3, np.int64), False), (x * y).astype(np.float32)
+
+    whole = func(a, b)
+    n = shape[background.strip_axis(shape)]
+    for strips in sorted({2, 3, 5, n - 1, n}):
+        parts = background.in_strips(func, (a, b), 1, strips)
+        assert all(np.array_equal(w, p) and w.dtype == p.dtype for w, p in zip(whole, parts)), strips
+    assert np.array_equal(background.in_strips(lambda x: x * 2, (a,), 0, 4), a * 2)
+
+
+@pytest.mark.parametrize("camera", [CAMERA, None], ids=["camera", "measured noise"])
+def test_detection_with_striped_grids_finds_the_same_candidates(camera, monkeypatch):
+    from spotfit.detection import find_peaks
+
+    frame = _frame((331, 517), 500, seed=11)
+    noise = NoiseModel.from_camera(camera) if camera is not None else None
+    found = []
+    for cells in (10**12, 1):  # one piece; strips on the threads even for this small grid
+        monkeypatch.setattr(background, "PARALLEL_CELLS", cells)
+        found.append(find_peaks(frame, 1.3, noise=noise))
+    (c0, s0), (c1, s1) = found
+    assert len(c0) > 300
+    assert np.array_equal(c0, c1) and np.array_equal(s0, s1)
