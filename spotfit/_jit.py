@@ -122,11 +122,16 @@ def njit(*args, **options):
     """``numba.njit`` with ``cache=True`` and spotfit's cache key (see the module docstring).
 
     Use as ``@njit`` or ``@njit(error_model="numpy", nogil=True)``.
+
+    ``inner=True``: a kernel that only other kernels call, compiled without the
+    wrappers that would let Python call it (they cost compile time only).
     """
     _setup()
     from numba import njit as numba_njit
 
     options.setdefault("cache", True)
+    if options.pop("inner", False):
+        options.update(no_cpython_wrapper=True, no_cfunc_wrapper=True)
     if args and callable(args[0]):
         return numba_njit(**options)(args[0])
     return numba_njit(*args, **options)
