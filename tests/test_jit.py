@@ -132,8 +132,9 @@ def test_threaded_window_ranges_match_one_thread(threads):
 
 
 def test_compile_kernels_compiles_what_fits_use(monkeypatch):
-    """The second process of a first run compiles the covariance and score-test
-    kernels for the argument types fits pass (else the run would compile them again)."""
+    """The second process of a first run compiles the covariance kernel (which also
+    computes the score statistic) for the argument types fits pass (else the run would
+    compile it again)."""
     import spotfit
     from spotfit import _kernels, solver
     from spotfit.camera import Camera
@@ -142,14 +143,14 @@ def test_compile_kernels_compiles_what_fits_use(monkeypatch):
     run = solver.over_windows
 
     def recording(kernel, n, *args, **kw):
-        if kernel in (_kernels.covariance, _kernels.score_statistic):
+        if kernel is _kernels.covariance:
             seen.setdefault(kernel.__name__, set()).add(tuple(numba.typeof(a) for a in args))
         return run(kernel, n, *args, **kw)
 
     monkeypatch.setattr(solver, "over_windows", recording)
     solver.compile_kernels()
     compiled, seen = seen, {}
-    assert set(compiled) == {"covariance", "score_statistic"}
+    assert set(compiled) == {"covariance"}
     assert all(len(types) == 1 for types in compiled.values())
     camera = Camera(baseline=100.0, gain=2.0, read_noise=1.5)
     image, _ = spotfit.simulate((40, 52), n_spots=4, photons=(300, 3000), camera=camera,
@@ -253,7 +254,7 @@ def test_cold_cache_means_no_index_file_for_the_kernel(monkeypatch, tmp_path):
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     target = "spotfit.solver:compile_covariance_kernel"
     assert _jit._cold(target)
-    (package / "__pycache__" / "_kernels.score_statistic-520.py311.nbi").write_bytes(b"")
+    (package / "__pycache__" / "_kernels.levenberg_marquardt-520.py311.nbi").write_bytes(b"")
     assert _jit._cold(target)  # another kernel's entry
     (package / "__pycache__" / "_kernels.covariance-623.py311.nbi").write_bytes(b"")
     assert not _jit._cold(target)
@@ -268,13 +269,13 @@ def test_cold_cache_means_no_index_file_for_the_kernel(monkeypatch, tmp_path):
 
 
 def test_solver_compile_targets_exist():
-    """The CLI names the second process' and the meanwhile functions by strings."""
+    """The CLI names the second process' function by a string."""
     import inspect
 
     from spotfit import cli, solver
 
     source = inspect.getsource(cli)
-    for name in ("compile_covariance_kernel", "compile_score_kernel"):
+    for name in ("compile_covariance_kernel",):
         assert f"spotfit.solver:{name}" in source
         assert callable(getattr(solver, name))
 
