@@ -686,6 +686,7 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, embed, start, 
         for p in range(P):
             if w[p] == 0.0:
                 Wp[p] = 0.0
+                E[p] = 0.0
                 continue
             n_valid += 1
             _, E[p], Wp[p] = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p],
