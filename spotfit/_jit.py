@@ -1,7 +1,7 @@
 """How spotfit compiles its kernels and runs them: numba's cache, the first-run notice, threads.
 
 Every module with compiled kernels decorates them with :func:`njit` from here (not
-numba's), which adds three things to ``numba.njit(cache=True, ...)``:
+numba's), which adds these things to ``numba.njit(cache=True, ...)``:
 
 * **One cache key for all kernel modules.**  numba's on-disk cache checks only the
   source file that defines a function, so a kernel whose callee in another file
@@ -18,14 +18,20 @@ numba's), which adds three things to ``numba.njit(cache=True, ...)``:
 * **A second compiling process** on a first run, if the program asked for it
   (:func:`compile_alongside`; ``spotfit fit`` does): numba compiles one function
   at a time, so a second Python process compiles the covariance kernel
-  (:func:`spotfit.solver.compile_covariance_kernel`) while this one compiles
-  detection and the solver.  It starts at once when numba's cache beside the sources
-  has no entry for that kernel (:func:`_cold`; the usual first run after ``pip
-  install``), else at the first cache miss.  Before calling the covariance kernel
-  this process compiles the score-test kernel if the second is still running
-  (``meanwhile``), then waits for it (:func:`join_alongside`) and loads the
-  covariance kernel from the cache.  On two cores that takes about half off the
-  compile time of a first run.
+  (:func:`spotfit.solver.compile_covariance_kernel`; it computes the score statistic
+  too) while this one compiles detection and the solver.  It starts at once when
+  numba's cache beside the sources has no entry for that kernel (:func:`_cold`; the
+  usual first run after ``pip install``), else at the first cache miss.  The model
+  code both need is compiled by whichever gets there first (the second process,
+  usually: this one loads it from the cache).  Before calling the covariance kernel
+  this process compiles the ``meanwhile`` kernels, if any, while the second is still
+  running, then waits for it (:func:`join_alongside`) and loads the covariance kernel
+  from the cache.  On two cores that takes about half off the compile time of a first
+  run.
+* **Less to compile** (what a first run compiles: ``benchmarks/compile_cost.py``):
+  helpers with one caller are inlined at numba's IR level (``inline="always"``);
+  kernels that only other kernels call are compiled without the wrappers that let
+  Python call them (``@njit(inner=True)``).
 * **Threads without ``parallel=True``** for the kernels that loop over windows:
   numba's parallel compilation costs 2-3 times the serial one (it was most of a
   first run's compile time), so they are compiled serially with ``nogil=True`` and
@@ -122,11 +128,16 @@ def njit(*args, **options):
     """``numba.njit`` with ``cache=True`` and spotfit's cache key (see the module docstring).
 
     Use as ``@njit`` or ``@njit(error_model="numpy", nogil=True)``.
+
+    ``inner=True``: a kernel that only other kernels call, compiled without the
+    wrappers that would let Python call it (they cost compile time only).
     """
     _setup()
     from numba import njit as numba_njit
 
     options.setdefault("cache", True)
+    if options.pop("inner", False):
+        options.update(no_cpython_wrapper=True, no_cfunc_wrapper=True)
     if args and callable(args[0]):
         return numba_njit(**options)(args[0])
     return numba_njit(*args, **options)

@@ -88,6 +88,8 @@ LSQ, MLE = 0, 1
 #: read_var``; accumulate the sums of a regression ``r^2 ~ alpha + beta mu``;
 #: that regression's ``max(alpha + beta mu, floor)``
 CAMERA_VARIANCE, MEASURE_VARIANCE, MEASURED_VARIANCE = range(3)
+#: the covariance kernel's other job: the score statistic (see :func:`covariance`)
+SCORE_STATISTIC = 3
 #: smallest pixel variance (photons^2, or where a measured noise model gives
 #: none) and smallest Poisson mean (photons) the kernels use
 VAR_FLOOR = 1e-6
@@ -110,7 +112,7 @@ Cost = namedtuple("Cost", ["kind", "data", "weight", "shift", "scale", "normalis
 Box = namedtuple("Box", ["lower", "upper", "free", "active"])
 #: fitted values (n, k) in and out; iterations, status, final cost (n,) out
 FitState = namedtuple("FitState", ["theta", "iterations", "status", "cost"])
-#: pixel variance for the covariance: ``mode`` (see above), camera ``excess``,
+#: pixel variance for the covariance: ``mode`` (see above; or ``SCORE_STATISTIC``), camera ``excess``,
 #: ``read_var`` (n, P), regression ``alpha``, ``beta``, ``floor`` (n,)
 NoiseModel = namedtuple("NoiseModel", ["mode", "excess", "read_var", "alpha", "beta", "floor"])
 #: outputs of the covariance kernel: ``cov`` (n, k, k), ``chi2`` (n,),
@@ -129,7 +131,7 @@ for _q in (2, 3):
     _GL_WEIGHTS[_q - 2, :_q] = _w / 2.0
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", inner=True)
 def _axis_factors(c0, s, integ, n, f, df, ds):
     """1D Gaussian factor over ``n`` pixels: value, d/dcentre, d/dsigma."""
     inv_s = 1.0 / s
@@ -150,7 +152,7 @@ def _axis_factors(c0, s, integ, n, f, df, ds):
             ds[i] = v * (t * t - 1.0) * inv_s
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", inline="always")
 def _gaussians(km, th, mu, J, scratch):
     """Sum of ``km.emitters`` axis-aligned Gaussians (``SEPARABLE`` layout).
 
@@ -201,7 +203,7 @@ def _gaussians(km, th, mu, J, scratch):
         J[off, p] = 1.0
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", inner=True)
 def _covariance_gaussian(th, inv_det, norm, x, y, out):
     """Unit-intensity Gaussian with covariance [[vxx, cxy], [cxy, vyy]] at (x, y).
 
@@ -225,7 +227,7 @@ def _covariance_gaussian(th, inv_det, norm, x, y, out):
     return g
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", inline="always")
 def _rotated(integ, th, ny, nx, mu, J, tmp):
     """``ROTATED`` layout ``[N, x, y, var_xx, var_yy, cov_xy, offset]``."""
     N = th[0]
@@ -259,7 +261,7 @@ def _rotated(integ, th, ny, nx, mu, J, tmp):
             p += 1
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", inner=True)
 def model_window(km, th, mu, J, scratch):
     """Fill ``mu (P,)`` and ``J (k, P)`` for one window of model ``km``.
 
@@ -271,7 +273,7 @@ def model_window(km, th, mu, J, scratch):
         _gaussians(km, th, mu, J, scratch)
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", inner=True)
 def constrain(km, th):
     """Project parameters into the model's domain (ROTATED: positive definite)."""
     if km.family == ROTATED:
@@ -302,7 +304,7 @@ def values(km, theta, mu, start, stop):
 # ----------------------------------------------------------------------------
 # Solver: Levenberg-Marquardt and covariance over all windows
 # ----------------------------------------------------------------------------
-@njit(error_model="numpy")
+@njit(error_model="numpy", inner=True)
 def _pixel_terms(kind, dp, mu, wp, shift, scale):
     """Cost term, weighted residual ``e`` and weight ``W`` of one pixel.
 
@@ -355,7 +357,7 @@ def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
     return total
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", inner=True)
 def _scaled_cholesky(A, L, y, min_pivot):
     """``D A D = L L^T`` with ``D = diag(y)`` scaling ``A`` to unit diagonal.
 
@@ -383,7 +385,7 @@ def _scaled_cholesky(A, L, y, min_pivot):
     return True
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", inline="always")
 def _damped_solve(H, g, lam, free, A, L, y, delta):
     """Solve ``(H + lam * diag(H)) delta = g`` by scaled Cholesky; False if singular."""
     k = H.shape[0]
@@ -535,61 +537,7 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
         cost_out[s] = value
 
 
-@njit(error_model="numpy", nogil=True)
-def score_statistic(km, cost, theta, D, out, start, stop):
-    """Score statistic of each window's richer model at ``theta`` (see
-    :func:`spotfit.solver.score_test`): ``g^T H^-1 g - v^T (D^T H D)^-1 v`` with
-    the cost's gradient ``g = J e`` and curvature ``H = J W J^T`` at ``theta``
-    (:func:`_accumulate`), ``v = D^T g`` and ``D (n, k, r)`` the Jacobian of the
-    simpler model's embedding.  NaN where a curvature is singular.  Windows
-    ``start .. stop`` (see :func:`spotfit._jit.over_windows`)."""
-    k = theta.shape[1]
-    r = D.shape[2]
-    P = cost.data.shape[1]
-    size = max(km.nz, km.ny, km.nx, 10)
-    for s in range(start, stop):
-        mu = np.empty(P)
-        J = np.empty((k, P))
-        scratch = np.empty((9, size))
-        e = np.empty(P)
-        W = np.empty(P)
-        H = np.empty((k, k))
-        g = np.empty(k)
-        _accumulate(km, cost, s, theta[s], mu, J, scratch, e, W, H, g)
-        Hinv = np.empty((k, k))
-        L = np.zeros((k, k))
-        y = np.empty(k)
-        M = np.empty((r, r))  # D^T H D
-        v = np.zeros(r)  # D^T g
-        HD = np.zeros((k, r))
-        for a in range(r):
-            for i in range(k):
-                v[a] += D[s, i, a] * g[i]
-                for j in range(k):
-                    HD[i, a] += H[i, j] * D[s, j, a]
-        for a in range(r):
-            for b in range(r):
-                t = 0.0
-                for i in range(k):
-                    t += D[s, i, a] * HD[i, b]
-                M[a, b] = t
-        Minv = np.empty((r, r))
-        Lr = np.zeros((r, r))
-        yr = np.empty(r)
-        if not (_cholesky_inverse(H.copy(), Hinv, L, y) and _cholesky_inverse(M.copy(), Minv, Lr, yr)):
-            out[s] = np.nan
-            continue
-        t = 0.0
-        for i in range(k):
-            for j in range(k):
-                t += g[i] * Hinv[i, j] * g[j]
-        for a in range(r):
-            for b in range(r):
-                t -= v[a] * Minv[a, b] * v[b]
-        out[s] = max(t, 0.0)
-
-
-@njit(error_model="numpy", fastmath={"reassoc", "contract"})
+@njit(error_model="numpy", fastmath={"reassoc", "contract"}, inner=True)
 def _weighted_gram(J, idx, m, weight, out):
     """``out[a, b] = sum_p J[idx[a], p] * weight[p] * J[idx[b], p]`` (symmetric, m x m).
 
@@ -606,7 +554,18 @@ def _weighted_gram(J, idx, m, weight, out):
             out[b, a] = acc
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", fastmath={"reassoc", "contract"}, inner=True)
+def _weighted_sums(J, idx, m, e, out):
+    """``out[a] = sum_p J[idx[a], p] * e[p]`` (m,): the gradient ``J e`` (as :func:`_accumulate`)."""
+    for a in range(m):
+        Ja = J[idx[a]]
+        acc = 0.0
+        for p in range(Ja.shape[0]):
+            acc += Ja[p] * e[p]
+        out[a] = acc
+
+
+@njit(error_model="numpy", inner=True)
 def _cholesky_inverse(A, out, L, y):
     """Inverse of a symmetric positive definite ``A`` (m x m); False if singular.
 
@@ -640,7 +599,7 @@ def _cholesky_inverse(A, out, L, y):
 
 
 @njit(error_model="numpy", nogil=True)
-def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
+def covariance(km, cost, data, theta, free, noise, out, bias_snr, embed, start, stop):
     """Per-window covariance ``A^-1 B A^-1``, reduced chi-square and MLE bias.
 
     ``A = J W J^T`` (the cost's curvature), ``B = J W V W J^T`` with the
@@ -667,6 +626,15 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
     Poisson maximum likelihood estimate (:func:`_mle_bias`) of each window
     whose intensity ``km.intensity`` has a signal-to-noise ratio below
     ``bias_snr``; other windows and fixed parameters get 0.
+
+    ``noise.mode == SCORE_STATISTIC``: no covariance; ``out.chi2`` receives each
+    window's score statistic of the richer model ``km`` at ``theta`` (see
+    :func:`spotfit.solver.score_test`), ``g^T H^-1 g - v^T (D^T H D)^-1 v`` with the
+    cost's gradient ``g = J e`` and curvature ``H = A`` over all parameters (``free``
+    all True), ``D = embed (n, k, r)`` the Jacobian of the simpler model's embedding
+    and ``v = D^T g``; NaN where a curvature is singular.  (One kernel for both: each
+    kernel compiles the model code again, ~2 s on a first run.)  ``embed`` is
+    ``(0, 0, 0)`` in the other modes.
 
     Windows ``start .. stop`` (see :func:`spotfit._jit.over_windows`).
     """
@@ -697,8 +665,19 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
     L = np.zeros((m, m))
     y = np.empty(m)
     Wp = np.empty(P)
+    E = np.empty(P)
     Q = np.empty(P)
     T = np.empty((m, m))
+    score = noise.mode == SCORE_STATISTIC
+    r = embed.shape[2]
+    g = np.empty(m)
+    M = np.empty((r, r))  # D^T H D
+    M_work = np.empty((r, r))
+    Minv = np.empty((r, r))
+    Lr = np.zeros((r, r))
+    yr = np.empty(r)
+    v = np.empty(r)  # D^T g
+    HD = np.empty((m, r))
     for s in range(start, stop):
         th = theta[s]
         w = cost.weight[s]
@@ -707,14 +686,19 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
         for p in range(P):
             if w[p] == 0.0:
                 Wp[p] = 0.0
+                E[p] = 0.0
                 continue
             n_valid += 1
-            Wp[p] = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p], cost.scale)[2]
+            _, E[p], Wp[p] = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p],
+                                          cost.scale)
         _weighted_gram(J, idx, m, Wp, A)
         for a in range(m):  # a copy (an array assignment compiles numba's shape-error
             for b in range(m):  # message formatting: ~4 s on a first run)
                 A_work[a, b] = A[a, b]
         ok = _cholesky_inverse(A_work, Ainv, L, y)
+        if score:
+            chi2[s] = _score(embed[s], A, Ainv, ok, J, idx, m, E, g, HD, M, M_work, Minv, Lr, yr, v)
+            continue
         dof = max(n_valid - m, 1)
         if noise.mode == MEASURE_VARIANCE:
             for p in range(P):
@@ -788,7 +772,45 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, start, stop):
                 cov[s, idx[a], idx[b]] = t
 
 
-@njit(error_model="numpy")
+@njit(error_model="numpy", inline="always")
+def _score(D, H, Hinv, ok, J, idx, m, e, g, HD, M, M_work, Minv, Lr, yr, v):
+    """The score statistic of one window (see :func:`covariance`); ``Hinv`` is
+    ``H^-1`` if ``ok``; the other arrays are work arrays."""
+    if not ok:
+        return np.nan
+    r = D.shape[1]
+    _weighted_sums(J, idx, m, e, g)
+    for a in range(r):
+        t = 0.0
+        for i in range(m):
+            t += D[i, a] * g[i]
+        v[a] = t
+    for i in range(m):
+        for a in range(r):
+            t = 0.0
+            for j in range(m):
+                t += H[i, j] * D[j, a]
+            HD[i, a] = t
+    for a in range(r):
+        for b in range(r):
+            t = 0.0
+            for i in range(m):
+                t += D[i, a] * HD[i, b]
+            M[a, b] = t
+            M_work[a, b] = t
+    if not _cholesky_inverse(M_work, Minv, Lr, yr):
+        return np.nan
+    t = 0.0
+    for i in range(m):
+        for j in range(m):
+            t += g[i] * Hinv[i, j] * g[j]
+    for a in range(r):
+        for b in range(r):
+            t -= v[a] * Minv[a, b] * v[b]
+    return max(t, 0.0)
+
+
+@njit(error_model="numpy", inline="always")
 def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
     """First-order bias of a Poisson maximum-likelihood fit (Cox & Snell, 1968).
 

@@ -1036,11 +1036,9 @@ def fit(**params):
     from spotfit._jit import compile_alongside
 
     if params.get("workers") != 1:
-        # on a first run only: the covariance kernel in a second process, the score-test
-        # kernel in this one while it waits for that
+        # on a first run only: the covariance kernel in a second process
         # (before the first cache miss only if the inputs exist: no compiling for a typo)
         compile_alongside("spotfit.solver:compile_covariance_kernel",
-                          meanwhile="spotfit.solver:compile_score_kernel",
                           early=all(os.path.exists(str(path)) for path in params.get("images") or ()))
     try:
         _fit_or_detect("fit", params)

@@ -18,8 +18,8 @@ import numpy as np
 
 from spotfit._jit import join_alongside, over_windows
 from spotfit._kernels import (
-    CAMERA_VARIANCE, CONVERGED, LOW_SIGNAL, MEASURE_VARIANCE, MEASURED_VARIANCE, SINGULAR, VAR_FLOOR,
-    Box, CovarianceOut, FitState, NoiseModel,
+    CAMERA_VARIANCE, CONVERGED, LOW_SIGNAL, MEASURE_VARIANCE, MEASURED_VARIANCE, SCORE_STATISTIC, SINGULAR,
+    VAR_FLOOR, Box, CovarianceOut, FitState, NoiseModel,
 )
 from spotfit.estimators import Estimator, Noise
 from spotfit.models import Grid, Model
@@ -305,7 +305,7 @@ def score_test(model, estimator, data, mask, grid, theta, embed, noise=Noise(), 
     (n,) ndarray
         ``T``; NaN where a curvature is singular.
     """
-    from spotfit._kernels import score_statistic
+    from spotfit._kernels import covariance as kernel
 
     n = len(theta)
     out = np.full(n, np.nan)
@@ -319,10 +319,16 @@ def score_test(model, estimator, data, mask, grid, theta, embed, noise=Noise(), 
         up[:, j] += h
         down[:, j] -= h
         D[:, :, j] = (embed(up) - embed(down)) / (2.0 * h[:, None])
-    cost = estimator.cost(np.ascontiguousarray(data, dtype=float), mask, noise)
+    data = np.ascontiguousarray(data, dtype=float)
+    cost = estimator.cost(data, mask, noise)
+    k = model.n_params
+    none = np.zeros(0)
     join_alongside()  # a first run may compile this kernel in a second process
-    over_windows(score_statistic, n, model.kernel(grid), cost,
-                 np.ascontiguousarray(embed(theta), dtype=float), np.ascontiguousarray(D), out)
+    # the covariance kernel's other mode (one kernel compiles faster than two)
+    over_windows(kernel, n, model.kernel(grid), cost, data, np.ascontiguousarray(embed(theta), dtype=float),
+                 np.ones(k, bool), NoiseModel(SCORE_STATISTIC, 1.0, np.zeros((0, 0)), none, none, none),
+                 CovarianceOut(np.zeros((0, k, k)), out, np.zeros((0, 5)), np.zeros((0, k))), 0.0,
+                 np.ascontiguousarray(D))
     if residual_var is not None:
         out = out / np.maximum(residual_var, VAR_FLOOR)
     return out
@@ -344,6 +350,10 @@ def _threaded(n, pixels, k) -> bool:
 def _rows(cost, rows):
     """The cost of windows ``rows`` only."""
     return cost._replace(data=cost.data[rows], weight=cost.weight[rows], shift=cost.shift[rows])
+
+
+#: the covariance kernel's ``embed`` argument outside its score-statistic mode
+_NO_EMBED = np.zeros((0, 0, 0))
 
 
 def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=None, variance=None):
@@ -415,14 +425,14 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
         none = np.zeros(0)
         over_windows(kernel, n, km, cost, data, theta, free,
                      NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
-                     BIAS_SNR, threaded=_threaded(n, data.shape[1], k))
+                     BIAS_SNR, _NO_EMBED, threaded=_threaded(n, data.shape[1], k))
     else:
         if variance is None:
             variance = _measure_variance(km, cost, data, theta, free, groups)
         used = np.ascontiguousarray(variance, dtype=float)
         over_windows(kernel, n, km, cost, data, theta, free,
                      NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(),
-                                used[:, 1].copy(), used[:, 2].copy()), out, 0.0,
+                                used[:, 1].copy(), used[:, 2].copy()), out, 0.0, _NO_EMBED,
                      threaded=_threaded(n, data.shape[1], k))
     return out.cov, out.chi2, out.bias if bias else np.zeros((n, k)), used
 
@@ -460,7 +470,7 @@ def _measure_variance(km, cost, data, theta, free, groups):
     over_windows(kernel, len(sub), km, _rows(cost, sub), data[sub], theta[sub], free,
                  NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
                  CovarianceOut(np.zeros((len(sub), k, k)), np.zeros(len(sub)), sums, np.zeros((0, k))),
-                 0.0)
+                 0.0, _NO_EMBED)
     per_group = np.zeros((len(labels), 5))
     np.add.at(per_group, inverse[sub], sums)
     return variance_model(per_group)[inverse]
@@ -553,28 +563,21 @@ def crlb(model: Model, theta: np.ndarray, grid: Grid, noise: Noise, mask=None) -
 
 
 def compile_kernels() -> None:
-    """Compile (or load from the cache) the covariance and score-test kernels, on a
-    tiny problem with the types every fit passes them."""
+    """Compile (or load from the cache) the covariance kernel, which also computes the
+    score statistic (:func:`score_test`), on a tiny problem with the types every fit
+    passes it."""
     compile_covariance_kernel()
-    compile_score_kernel()
 
 
 def compile_covariance_kernel() -> None:
     """Compile (or load from the cache) the covariance kernel (see :func:`compile_kernels`).
 
     Run in a second process on a first run (:func:`spotfit._jit.compile_alongside`)
-    while the first compiles detection and the Levenberg-Marquardt kernel, and then
-    the score-test kernel (:func:`compile_score_kernel`) while it waits for this one.
+    while the first compiles detection and the Levenberg-Marquardt kernel.
     """
     model, estimator, data, mask, grid, theta, noise = _tiny_problem()
     cost = estimator.cost(data, mask, noise)
     covariance(model, cost, data, theta, grid, noise, np.ones(model.n_params, bool), bias=True)
-
-
-def compile_score_kernel() -> None:
-    """Compile (or load from the cache) the score-test kernel (see :func:`compile_kernels`)."""
-    model, estimator, data, mask, grid, theta, noise = _tiny_problem()
-    score_test(model, estimator, data, mask, grid, theta, lambda t: t, noise)
 
 
 def _tiny_problem():

@@ -132,8 +132,9 @@ def test_threaded_window_ranges_match_one_thread(threads):
 
 
 def test_compile_kernels_compiles_what_fits_use(monkeypatch):
-    """The second process of a first run compiles the covariance and score-test
-    kernels for the argument types fits pass (else the run would compile them again)."""
+    """The second process of a first run compiles the covariance kernel (which also
+    computes the score statistic) for the argument types fits pass (else the run would
+    compile it again)."""
     import spotfit
     from spotfit import _kernels, solver
     from spotfit.camera import Camera
@@ -142,14 +143,14 @@ def test_compile_kernels_compiles_what_fits_use(monkeypatch):
     run = solver.over_windows
 
     def recording(kernel, n, *args, **kw):
-        if kernel in (_kernels.covariance, _kernels.score_statistic):
+        if kernel is _kernels.covariance:
             seen.setdefault(kernel.__name__, set()).add(tuple(numba.typeof(a) for a in args))
         return run(kernel, n, *args, **kw)
 
     monkeypatch.setattr(solver, "over_windows", recording)
     solver.compile_kernels()
     compiled, seen = seen, {}
-    assert set(compiled) == {"covariance", "score_statistic"}
+    assert set(compiled) == {"covariance"}
     assert all(len(types) == 1 for types in compiled.values())
     camera = Camera(baseline=100.0, gain=2.0, read_noise=1.5)
     image, _ = spotfit.simulate((40, 52), n_spots=4, photons=(300, 3000), camera=camera,
@@ -253,7 +254,7 @@ def test_cold_cache_means_no_index_file_for_the_kernel(monkeypatch, tmp_path):
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     target = "spotfit.solver:compile_covariance_kernel"
     assert _jit._cold(target)
-    (package / "__pycache__" / "_kernels.score_statistic-520.py311.nbi").write_bytes(b"")
+    (package / "__pycache__" / "_kernels.levenberg_marquardt-520.py311.nbi").write_bytes(b"")
     assert _jit._cold(target)  # another kernel's entry
     (package / "__pycache__" / "_kernels.covariance-623.py311.nbi").write_bytes(b"")
     assert not _jit._cold(target)
@@ -268,13 +269,13 @@ def test_cold_cache_means_no_index_file_for_the_kernel(monkeypatch, tmp_path):
 
 
 def test_solver_compile_targets_exist():
-    """The CLI names the second process' and the meanwhile functions by strings."""
+    """The CLI names the second process' function by a string."""
     import inspect
 
     from spotfit import cli, solver
 
     source = inspect.getsource(cli)
-    for name in ("compile_covariance_kernel", "compile_score_kernel"):
+    for name in ("compile_covariance_kernel",):
         assert f"spotfit.solver:{name}" in source
         assert callable(getattr(solver, name))
 
@@ -339,3 +340,47 @@ print("ok")
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+_ONE_SIGNATURE = """
+import sys
+import numpy as np
+import spotfit
+from numba.core.dispatcher import Dispatcher
+from spotfit.camera import Camera
+
+camera = Camera(baseline=100.0, gain=2.0, read_noise=1.5)
+image, _ = spotfit.simulate((40, 52), n_spots=4, photons=(300, 3000), camera=camera,
+                            min_separation=10, border=5, seed=3)
+stack, _ = spotfit.simulate((9, 40, 52), n_spots=3, photons=1500, background=10, sigma=1.3,
+                            sigma_z=2.0, z_stack=True, camera=camera, min_separation=10, seed=4)
+frozen = stack.astype(np.float32)
+frozen.flags.writeable = False
+no_read_noise = Camera(baseline=100.0, gain=2.0)
+for img, axes in ((image, None), (stack, "ZYX"), (frozen, "ZYX")):
+    for cam in (camera, no_read_noise):
+        spotfit.fit(img, camera=cam, axes=axes)  # photons, mle
+    spotfit.fit(img, camera=Camera(baseline=100.0), axes=axes)  # ADU, lsq, measured noise
+spotfit.fit(image, camera=camera, select_model=False)
+used = {}
+for name, module in list(sys.modules.items()):
+    if name.startswith("spotfit") and module is not None:
+        for value in vars(module).values():
+            if isinstance(value, Dispatcher) and value.signatures:
+                used[value.py_func.__module__ + "." + value.py_func.__qualname__] = value.signatures
+assert "spotfit._kernels.levenberg_marquardt" in used, sorted(used)
+for name, sigs in used.items():
+    if len(sigs) > 1:
+        print(name, *sigs, sep="\\n    ")
+"""
+
+
+def test_one_signature_per_kernel_across_2d_and_z_stack_fits():
+    """Every fit passes a kernel the same types (numba compiles each signature on its own:
+    a second one doubled a first z-stack's compile time): 2D and z-stack, with and without
+    a camera, read-only and float32 images, model selection or not. In a process of its
+    own (other tests call kernels with other types); kernels loaded from the cache count
+    their signatures too."""
+    done = subprocess.run([sys.executable, "-c", _ONE_SIGNATURE], capture_output=True, text=True,
+                          timeout=600, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "", f"kernels with more than one signature:\n{done.stdout}"
