@@ -341,6 +341,7 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
+
 _ONE_SIGNATURE = """
 import sys
 import numpy as np
