@@ -39,7 +39,8 @@ otherwise.  For ``MLE`` it is the inverse Fisher information.
 
 Aperture photometry only sums pixel values over a box around each spot whose
 pixels are coded aperture / annulus / neither, in the same pass (the frame's
-pixels are in cache); the arithmetic around it is in numpy.
+pixels are in cache); :func:`finish` turns the sums into the table's values
+afterwards, with the standard errors, in one pass.
 
 Matrices are inverted by Cholesky after Jacobi scaling; a pivot below
 ``1e-10`` of its diagonal marks the window ``SINGULAR`` (e.g. two spots at the
@@ -787,3 +788,45 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
                         s2 = count[i, 1] * cam_a[0] + cam_b[0] * s2
                     out_ap[i, t0 + t] = s1
                     out_bg[i, t0 + t] = s2
+
+
+@njit(cache=True, error_model="numpy")
+def _root(v):
+    """``sqrt(max(v, 0))``, NaN staying NaN (as ``np.sqrt(np.maximum(v, 0.0))``)."""
+    return math.sqrt(v if v > 0.0 or v != v else 0.0)
+
+
+@njit(cache=True, error_model="numpy")
+def finish(n, n_var, b_var, ap, bg, n_ap, n_bg, base_ap, base_bg, slope, none, min_snr, ap_err, low):
+    """The table's values from :func:`measure_windows`' outputs, in one pass, mostly in place.
+
+    ``n_var``, ``b_var`` become standard errors; the aperture sums ``ap``,
+    ``bg`` become the aperture intensity ``ap - n_ap * bg / n_bg`` and the
+    annulus background ``bg / n_bg``, with the error (into ``ap_err``) from
+    the variance ``v_ap + (n_ap / n_bg)^2 v_bg``, each pixel sum's variance
+    ``v = slope * sum + base`` (``base_ap``, ``base_bg`` per spot); all NaN
+    where ``none`` (no background).  ``low`` is True where the intensity is
+    not ``min_snr`` standard errors (``not n / err >= min_snr``).  All
+    ``(n, F)`` arrays; the arithmetic is numpy's, operation for operation,
+    so that the values are the same to the bit.
+    """
+    for i in range(n.shape[0]):
+        r = n_ap[i] / n_bg[i]
+        r2 = r * r
+        for t in range(n.shape[1]):
+            err = _root(n_var[i, t])
+            n_var[i, t] = err
+            low[i, t] = not (n[i, t] / err >= min_snr)
+            b_var[i, t] = _root(b_var[i, t])
+            s_ap = ap[i, t]
+            s_bg = bg[i, t]
+            if none[i]:
+                ap[i, t] = np.nan
+                bg[i, t] = np.nan
+                ap_err[i, t] = np.nan
+                continue
+            background = s_bg / n_bg[i]
+            bg[i, t] = background
+            ap[i, t] = s_ap - n_ap[i] * background
+            var = (s_bg * slope + base_bg[i]) * r2
+            ap_err[i, t] = _root(var + (s_ap * slope + base_ap[i]))

@@ -296,8 +296,9 @@ def _measure_image(img, table, source, config, camera, frames, refine, aperture,
         ids = frame_ids if t is None else [t]
         layout = _Layout(sub, img.frame_shape, ctx, radius)
         out = ctx.run(img, ids, layout)
-        out["aperture"] = _aperture_values(out, layout, ctx)
+        _finish(out, layout, ctx)
         out["neighbours"] = layout.neighbours
+        out["aperture_status"] = layout.ap_status
         parts.append((rows, ids, out))
     return _table(spots, parts, ctx, channel, refined)
 
@@ -838,48 +839,38 @@ def _box_distance2(origin, shape, xyz, scale):
     return total.reshape(n, -1)
 
 
-def _aperture_values(out, layout, ctx):
-    """Aperture intensity, its error and the annulus background, ``(n, F)`` each.
+def _finish(out, layout, ctx):
+    """The table's values from the compiled results ``out``, in place where it can (one pass).
 
+    Standard errors ``n_err``, ``b_err`` from the variances; ``low``: the
+    intensity is not ``min_snr`` standard errors; the aperture intensity,
+    its error and the annulus background, ``(n, F)`` each:
     ``I = S_ap - n_ap * S_bg / n_bg`` (sums ``S`` of pixel values over the
     ``n_ap`` aperture and ``n_bg`` annulus pixels); its variance is
     ``sum_ap v + (n_ap / n_bg)^2 sum_bg v`` with the pixel variance ``v``
     estimated from each pixel's own value: ``excess * d + read_var`` with a
     calibrated camera, ``alpha + beta * d`` (the noise model measured on the
-    data) otherwise.
+    data) otherwise.  NaN where the spot has no background
+    (``no_background``).
     """
+    from spotfit import _photometry_kernels as kernels
+
     cam = ctx.camera
-    n_ap, n_bg = layout.n_ap[:, None], layout.n_bg[:, None]
-    ap, bg = out["ap"], out["bg"]
-    with np.errstate(divide="ignore", invalid="ignore"):  # (in place: fewer passes over (n, F))
-        background = bg / n_bg
-        intensity = n_ap * background
-        np.subtract(ap, intensity, out=intensity)
-        if cam.calibrated:
-            excess = cam.excess_noise
-            v_ap = np.multiply(ap, excess)
-            v_ap += layout.rv_ap[:, None]
-            var = np.multiply(bg, excess)
-            var += layout.rv_bg[:, None]
-        else:
-            alpha, beta, _ = ctx.noise_model or (0.0, 0.0, 0.0)
-            v_ap = np.multiply(ap, beta)
-            v_ap += n_ap * alpha
-            var = np.multiply(bg, beta)
-            var += n_bg * alpha
-        var *= (n_ap / n_bg) ** 2  # var = v_ap + (n_ap / n_bg)^2 v_bg
-        var += v_ap
+    if cam.calibrated:
+        slope, base_ap, base_bg = float(cam.excess_noise), layout.rv_ap, layout.rv_bg
+    else:
+        alpha, beta, _ = ctx.noise_model or (0.0, 0.0, 0.0)
+        slope, base_ap, base_bg = float(beta), layout.n_ap * alpha, layout.n_bg * alpha
     none = layout.ap_status == APERTURE_STATUS.index("no_background")
-    for a in (intensity, background, var):
-        a[none] = np.nan
-    return {"aperture_intensity": intensity, "aperture_intensity_err": _root(var),
-            "aperture_background": background, "status": layout.ap_status}
-
-
-def _root(a):
-    """``sqrt(max(a, 0))`` in place (NaN stays NaN)."""
-    np.maximum(a, 0.0, out=a)
-    return np.sqrt(a, out=a)
+    ap_err = np.empty_like(out["ap"])
+    low = np.empty(out["n"].shape, bool)
+    kernels.finish(out["n"], out["n_var"], out["b_var"], out["ap"], out["bg"],
+                   np.asarray(layout.n_ap, float), np.asarray(layout.n_bg, float),
+                   np.asarray(base_ap, float), np.asarray(base_bg, float), slope, none,
+                   float(ctx.config.min_snr), ap_err, low)
+    out["n_err"], out["b_err"] = out.pop("n_var"), out.pop("b_var")
+    out["aperture_intensity"], out["aperture_background"] = out.pop("ap"), out.pop("bg")
+    out["aperture_intensity_err"], out["low"] = ap_err, low
 
 
 def _repeat(a, F):
@@ -922,19 +913,16 @@ def _table(spots, parts, ctx, channel, refined):
             data["angle"] = rep(layout_spots.angle)
         else:
             data["sigma_z"] = rep(layout_spots.widths[:, 2])
-        intensity, n_err = flat(out["n"]), _root(flat(out["n_var"]))  # out is ours: in place
-        data["intensity"], data["intensity_err"] = intensity, n_err
-        data["background"] = flat(out["b"])
-        data["background_err"] = _root(flat(out["b_var"]))
-        ap = out["aperture"]
-        data.update({k: flat(v) for k, v in ap.items() if k != "status"})
-        data["aperture_status"] = _labels(rep(ap["status"]), APERTURE_STATUS)
+        data["intensity"], data["intensity_err"] = flat(out["n"]), flat(out["n_err"])
+        data["background"], data["background_err"] = flat(out["b"]), flat(out["b_err"])
+        for k in ("aperture_intensity", "aperture_intensity_err", "aperture_background"):
+            data[k] = flat(out[k])
+        data["aperture_status"] = _labels(rep(out["aperture_status"].astype(np.int8)), APERTURE_STATUS)
         data["chi2_red"] = flat(out["chi2"])
         data["iterations"] = flat(out["iter"])
-        data["neighbours"] = rep(out["neighbours"]).astype(np.int64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            faint = ~(intensity / n_err >= ctx.config.min_snr)
-        status = results.judge(flat(out["status"]), np.zeros(n * F, bool), faint, flat(out["sat"]) > 0)
+        data["neighbours"] = rep(np.asarray(out["neighbours"], np.int64))
+        status = results.judge(flat(out["status"]), np.zeros(n * F, bool), flat(out["low"]),
+                               flat(out["sat"]) > 0)
         data["status"] = _labels(status, results.STATUS_NAMES)
         data["unit"] = _labels(np.zeros(n * F, np.int8), (cam.unit,))
         if refined is not None:
