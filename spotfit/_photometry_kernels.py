@@ -830,3 +830,65 @@ def finish(n, n_var, b_var, ap, bg, n_ap, n_bg, base_ap, base_bg, slope, none, m
             ap[i, t] = s_ap - n_ap[i] * background
             var = (s_bg * slope + base_bg[i]) * r2
             ap_err[i, t] = _root(var + (s_ap * slope + base_ap[i]))
+
+
+@njit(cache=True, error_model="numpy")
+def _distance2(origin, x, y, z, xyz, scale, ndim):
+    """Squared scaled distance of box pixel ``(x, y, z)`` (offsets from ``origin``) to ``xyz``,
+    the axes' ``(offset * scale)^2`` summed in the order x, y[, z]."""
+    d = 0.0
+    for j in range(ndim):
+        k = x if j == 0 else (y if j == 1 else z)
+        off = (np.float64(origin[j] + k) - xyz[j]) * scale[j]
+        d += off * off
+    return d
+
+
+@njit(cache=True, error_model="numpy")
+def code_boxes(origin, geom, xyz, scale, r_ap2, r_gap2, r_out2, pair_ptr, other, code, truncated):
+    """Code every box pixel 1 (aperture), 2 (background annulus) or 0, one spot at a time.
+
+    Parameters
+    ----------
+    origin : (n, ndim) int64 ndarray
+        First pixel ``(x, y[, z])`` of each box.
+    geom : (6,) int64 ndarray
+        Box shape and frame shape, ``(planes, rows, columns)`` each.
+    xyz : (n, ndim) float64 ndarray
+        Spot positions; ``scale`` (ndim,) multiplies each axis' offset.
+    r_ap2, r_gap2, r_out2 : float
+        Squared radii: aperture ``d2 <= r_ap2``; annulus ``r_gap2 < d2 <= r_out2``,
+        without pixels within ``d2 <= r_gap2`` of another spot.
+    pair_ptr, other : int64 ndarrays
+        The other spots near spot ``i`` are ``other[pair_ptr[i]:pair_ptr[i + 1]]``.
+    code : (n, B) uint8 ndarray
+        Output; pixels outside the frame are 0.
+    truncated : (n,) bool ndarray
+        Output: an aperture pixel lies outside the frame.
+    """
+    n, ndim = origin.shape
+    Lz, Ly, Lx, nz, ny, nx = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]
+    for i in range(n):
+        ox, oy = origin[i, 0], origin[i, 1]
+        oz = origin[i, 2] if ndim == 3 else 0
+        truncated[i] = False
+        p = 0
+        for z in range(Lz):
+            for y in range(Ly):
+                for x in range(Lx):
+                    inside = (0 <= ox + x < nx) and (0 <= oy + y < ny) and (0 <= oz + z < nz)
+                    d = _distance2(origin[i], x, y, z, xyz[i], scale, ndim)
+                    c = 0
+                    if d <= r_ap2:
+                        if inside:
+                            c = 1
+                        else:
+                            truncated[i] = True
+                    elif inside and d > r_gap2 and d <= r_out2:
+                        c = 2
+                        for k in range(pair_ptr[i], pair_ptr[i + 1]):
+                            if _distance2(origin[i], x, y, z, xyz[other[k]], scale, ndim) <= r_gap2:
+                                c = 0
+                                break
+                    code[i, p] = c
+                    p += 1

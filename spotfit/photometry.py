@@ -783,7 +783,6 @@ class _Layout:
         order = np.argsort(a, kind="stable")
         a, b = a[order], b[order]
         rv = ctx.read_var(self.frame_shape)
-        truncated = np.zeros(n, bool)
         self.n_ap, self.n_bg = np.zeros(n), np.zeros(n)
         self.rv_ap, self.rv_bg = np.zeros(n), np.zeros(n)
         self.box_code = np.zeros((n, int(np.prod(shape))), np.uint8)
@@ -791,52 +790,31 @@ class _Layout:
         shapes = [(1,) * (3 - ndim) + tuple(shape), (1,) * (3 - ndim) + tuple(self.frame_shape)]
         shapes.append((1,) * (3 - ndim) + tuple(int(2 * h + 1) for h in self.half))
         self.box_geom = np.array(shapes[0] + shapes[1] + shapes[2], np.int64)
-        for first in range(0, n, APERTURE_CHUNK):  # bounded memory: (chunk, box pixels) arrays
-            rows = np.arange(first, min(n, first + APERTURE_CHUNK))
-            box = roi.cut(self.index, centres[rows, ::-1], half[::-1], dtype=np.int64)
-            dist2 = _box_distance2(box.origin, shape, spots.xyz[rows], scale)
-            in_ap = dist2 <= R * R
-            in_bg = (dist2 > (R + 1.0) ** 2) & (dist2 <= outer * outer) & box.mask
-            truncated[rows] = np.any(in_ap & ~box.mask, axis=1)
-            in_ap &= box.mask
-            lo, hi = np.searchsorted(a, [rows[0], rows[-1] + 1])
-            if hi > lo:  # annulus pixels near another spot are not background
-                pa, pb = a[lo:hi], b[lo:hi]
-                close = _box_distance2(box.origin[pa - first], shape, spots.xyz[pb], scale) <= (R + 1.0) ** 2
-                hit, start = np.unique(pa - first, return_index=True)  # pa is sorted
-                in_bg[hit] &= ~np.logical_or.reduceat(close, start, axis=0)
-            self.n_ap[rows] = in_ap.sum(axis=1)
-            self.n_bg[rows] = in_bg.sum(axis=1)
-            if len(rv) > 1:
-                self.rv_ap[rows] = np.where(in_ap, rv[box.data], 0.0).sum(axis=1)
-                self.rv_bg[rows] = np.where(in_bg, rv[box.data], 0.0).sum(axis=1)
-            else:
-                self.rv_ap[rows], self.rv_bg[rows] = self.n_ap[rows] * rv[0], self.n_bg[rows] * rv[0]
-            self.box_code[rows] = in_ap * np.uint8(1) + in_bg * np.uint8(2)
-            self.box_origin[rows, :ndim] = box.origin
+        from spotfit import _photometry_kernels as kernels
+
+        origin = centres - half  # (x, y[, z])
+        self.box_origin[:, :ndim] = origin
+        # spot i's neighbours b[ptr[i]:ptr[i + 1]] (a is sorted): their pixels are not background
+        ptr = np.searchsorted(a, np.arange(n + 1)).astype(np.int64)
+        truncated = np.zeros(n, bool)
+        kernels.code_boxes(origin, self.box_geom[:6], np.ascontiguousarray(spots.xyz, float), scale,
+                           R * R, (R + 1.0) ** 2, outer * outer, ptr, b.astype(np.int64),
+                           self.box_code, truncated)
+        in_ap, in_bg = self.box_code == 1, self.box_code == 2
+        self.n_ap[:], self.n_bg[:] = in_ap.sum(axis=1), in_bg.sum(axis=1)
+        if len(rv) > 1:
+            for first in range(0, n, APERTURE_CHUNK):  # bounded memory: (chunk, box pixels) arrays
+                rows = slice(first, min(n, first + APERTURE_CHUNK))
+                box = roi.cut(self.index, centres[rows, ::-1], half[::-1], dtype=np.int64)
+                self.rv_ap[rows] = np.where(in_ap[rows], rv[box.data], 0.0).sum(axis=1)
+                self.rv_bg[rows] = np.where(in_bg[rows], rv[box.data], 0.0).sum(axis=1)
+        else:
+            self.rv_ap[:], self.rv_bg[:] = self.n_ap * rv[0], self.n_bg * rv[0]
         status = np.zeros(n, np.int64)
         status[crowded] = APERTURE_STATUS.index("crowded")
         status[truncated] = APERTURE_STATUS.index("truncated")
         status[self.n_bg < MIN_ANNULUS] = APERTURE_STATUS.index("no_background")
         self.ap_status = status
-
-
-def _box_distance2(origin, shape, xyz, scale):
-    """Squared scaled distance of every box pixel to a point, ``(n, P)``.
-
-    ``origin`` (n, ndim) are the boxes' first pixels ``(x, y[, z])``, ``shape``
-    the box shape in array order, ``xyz`` (n, ndim) the points, ``scale``
-    (ndim,) multiplies each axis' offset.
-    """
-    n = len(origin)
-    total = np.zeros((n,) + tuple(shape))
-    for j in range(origin.shape[1]):  # x, y[, z] -> array axis ndim - j
-        length = shape[::-1][j]
-        offset = (origin[:, j:j + 1] + np.arange(length)[None, :] - xyz[:, j:j + 1]) * scale[j]
-        view = [1] * len(shape)
-        view[len(shape) - 1 - j] = length
-        total += (offset ** 2).reshape((n,) + tuple(view))
-    return total.reshape(n, -1)
 
 
 def _finish(out, layout, ctx):
