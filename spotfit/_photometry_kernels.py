@@ -39,7 +39,8 @@ otherwise.  For ``MLE`` it is the inverse Fisher information.
 
 Aperture photometry only sums pixel values over a box around each spot whose
 pixels are coded aperture / annulus / neither, in the same pass (the frame's
-pixels are in cache); the arithmetic around it is in numpy.
+pixels are in cache); :func:`finish` turns the sums into the table's values
+afterwards, with the standard errors, in one pass.
 
 Matrices are inverted by Cholesky after Jacobi scaling; a pivot below
 ``1e-10`` of its diagonal marks the window ``SINGULAR`` (e.g. two spots at the
@@ -787,3 +788,107 @@ def measure_windows(frames, cam_a, cam_b, pix, n_valid, col_ptr, profiles, rv,
                         s2 = count[i, 1] * cam_a[0] + cam_b[0] * s2
                     out_ap[i, t0 + t] = s1
                     out_bg[i, t0 + t] = s2
+
+
+@njit(cache=True, error_model="numpy")
+def _root(v):
+    """``sqrt(max(v, 0))``, NaN staying NaN (as ``np.sqrt(np.maximum(v, 0.0))``)."""
+    return math.sqrt(v if v > 0.0 or v != v else 0.0)
+
+
+@njit(cache=True, error_model="numpy")
+def finish(n, n_var, b_var, ap, bg, n_ap, n_bg, base_ap, base_bg, slope, none, min_snr, ap_err, low):
+    """The table's values from :func:`measure_windows`' outputs, in one pass, mostly in place.
+
+    ``n_var``, ``b_var`` become standard errors; the aperture sums ``ap``,
+    ``bg`` become the aperture intensity ``ap - n_ap * bg / n_bg`` and the
+    annulus background ``bg / n_bg``, with the error (into ``ap_err``) from
+    the variance ``v_ap + (n_ap / n_bg)^2 v_bg``, each pixel sum's variance
+    ``v = slope * sum + base`` (``base_ap``, ``base_bg`` per spot); all NaN
+    where ``none`` (no background).  ``low`` is True where the intensity is
+    not ``min_snr`` standard errors (``not n / err >= min_snr``).  All
+    ``(n, F)`` arrays; the arithmetic is numpy's, operation for operation,
+    so that the values are the same to the bit.
+    """
+    for i in range(n.shape[0]):
+        r = n_ap[i] / n_bg[i]
+        r2 = r * r
+        for t in range(n.shape[1]):
+            err = _root(n_var[i, t])
+            n_var[i, t] = err
+            low[i, t] = not (n[i, t] / err >= min_snr)
+            b_var[i, t] = _root(b_var[i, t])
+            s_ap = ap[i, t]
+            s_bg = bg[i, t]
+            if none[i]:
+                ap[i, t] = np.nan
+                bg[i, t] = np.nan
+                ap_err[i, t] = np.nan
+                continue
+            background = s_bg / n_bg[i]
+            bg[i, t] = background
+            ap[i, t] = s_ap - n_ap[i] * background
+            var = (s_bg * slope + base_bg[i]) * r2
+            ap_err[i, t] = _root(var + (s_ap * slope + base_ap[i]))
+
+
+@njit(cache=True, error_model="numpy")
+def _distance2(origin, x, y, z, xyz, scale, ndim):
+    """Squared scaled distance of box pixel ``(x, y, z)`` (offsets from ``origin``) to ``xyz``,
+    the axes' ``(offset * scale)^2`` summed in the order x, y[, z]."""
+    d = 0.0
+    for j in range(ndim):
+        k = x if j == 0 else (y if j == 1 else z)
+        off = (np.float64(origin[j] + k) - xyz[j]) * scale[j]
+        d += off * off
+    return d
+
+
+@njit(cache=True, error_model="numpy")
+def code_boxes(origin, geom, xyz, scale, r_ap2, r_gap2, r_out2, pair_ptr, other, code, truncated):
+    """Code every box pixel 1 (aperture), 2 (background annulus) or 0, one spot at a time.
+
+    Parameters
+    ----------
+    origin : (n, ndim) int64 ndarray
+        First pixel ``(x, y[, z])`` of each box.
+    geom : (6,) int64 ndarray
+        Box shape and frame shape, ``(planes, rows, columns)`` each.
+    xyz : (n, ndim) float64 ndarray
+        Spot positions; ``scale`` (ndim,) multiplies each axis' offset.
+    r_ap2, r_gap2, r_out2 : float
+        Squared radii: aperture ``d2 <= r_ap2``; annulus ``r_gap2 < d2 <= r_out2``,
+        without pixels within ``d2 <= r_gap2`` of another spot.
+    pair_ptr, other : int64 ndarrays
+        The other spots near spot ``i`` are ``other[pair_ptr[i]:pair_ptr[i + 1]]``.
+    code : (n, B) uint8 ndarray
+        Output; pixels outside the frame are 0.
+    truncated : (n,) bool ndarray
+        Output: an aperture pixel lies outside the frame.
+    """
+    n, ndim = origin.shape
+    Lz, Ly, Lx, nz, ny, nx = geom[0], geom[1], geom[2], geom[3], geom[4], geom[5]
+    for i in range(n):
+        ox, oy = origin[i, 0], origin[i, 1]
+        oz = origin[i, 2] if ndim == 3 else 0
+        truncated[i] = False
+        p = 0
+        for z in range(Lz):
+            for y in range(Ly):
+                for x in range(Lx):
+                    inside = (0 <= ox + x < nx) and (0 <= oy + y < ny) and (0 <= oz + z < nz)
+                    d = _distance2(origin[i], x, y, z, xyz[i], scale, ndim)
+                    c = 0
+                    if d <= r_ap2:
+                        if inside:
+                            c = 1
+                        else:
+                            truncated[i] = True
+                    elif inside and d > r_gap2 and d <= r_out2:
+                        c = 2
+                        for k in range(pair_ptr[i], pair_ptr[i + 1]):
+                            if _distance2(origin[i], x, y, z, xyz[other[k]], scale, ndim) <= r_gap2:
+                                c = 0
+                                break
+                    code[i, p] = c
+                    p += 1

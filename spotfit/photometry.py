@@ -296,8 +296,9 @@ def _measure_image(img, table, source, config, camera, frames, refine, aperture,
         ids = frame_ids if t is None else [t]
         layout = _Layout(sub, img.frame_shape, ctx, radius)
         out = ctx.run(img, ids, layout)
-        out["aperture"] = _aperture_values(out, layout, ctx)
+        _finish(out, layout, ctx)
         out["neighbours"] = layout.neighbours
+        out["aperture_status"] = layout.ap_status
         parts.append((rows, ids, out))
     return _table(spots, parts, ctx, channel, refined)
 
@@ -782,7 +783,6 @@ class _Layout:
         order = np.argsort(a, kind="stable")
         a, b = a[order], b[order]
         rv = ctx.read_var(self.frame_shape)
-        truncated = np.zeros(n, bool)
         self.n_ap, self.n_bg = np.zeros(n), np.zeros(n)
         self.rv_ap, self.rv_bg = np.zeros(n), np.zeros(n)
         self.box_code = np.zeros((n, int(np.prod(shape))), np.uint8)
@@ -790,29 +790,26 @@ class _Layout:
         shapes = [(1,) * (3 - ndim) + tuple(shape), (1,) * (3 - ndim) + tuple(self.frame_shape)]
         shapes.append((1,) * (3 - ndim) + tuple(int(2 * h + 1) for h in self.half))
         self.box_geom = np.array(shapes[0] + shapes[1] + shapes[2], np.int64)
-        for first in range(0, n, APERTURE_CHUNK):  # bounded memory: (chunk, box pixels) arrays
-            rows = np.arange(first, min(n, first + APERTURE_CHUNK))
-            box = roi.cut(self.index, centres[rows, ::-1], half[::-1], dtype=np.int64)
-            dist2 = _box_distance2(box.origin, shape, spots.xyz[rows], scale)
-            in_ap = dist2 <= R * R
-            in_bg = (dist2 > (R + 1.0) ** 2) & (dist2 <= outer * outer) & box.mask
-            truncated[rows] = np.any(in_ap & ~box.mask, axis=1)
-            in_ap &= box.mask
-            lo, hi = np.searchsorted(a, [rows[0], rows[-1] + 1])
-            if hi > lo:  # annulus pixels near another spot are not background
-                pa, pb = a[lo:hi], b[lo:hi]
-                close = _box_distance2(box.origin[pa - first], shape, spots.xyz[pb], scale) <= (R + 1.0) ** 2
-                hit, start = np.unique(pa - first, return_index=True)  # pa is sorted
-                in_bg[hit] &= ~np.logical_or.reduceat(close, start, axis=0)
-            self.n_ap[rows] = in_ap.sum(axis=1)
-            self.n_bg[rows] = in_bg.sum(axis=1)
-            if len(rv) > 1:
-                self.rv_ap[rows] = np.where(in_ap, rv[box.data], 0.0).sum(axis=1)
-                self.rv_bg[rows] = np.where(in_bg, rv[box.data], 0.0).sum(axis=1)
-            else:
-                self.rv_ap[rows], self.rv_bg[rows] = self.n_ap[rows] * rv[0], self.n_bg[rows] * rv[0]
-            self.box_code[rows] = in_ap * np.uint8(1) + in_bg * np.uint8(2)
-            self.box_origin[rows, :ndim] = box.origin
+        from spotfit import _photometry_kernels as kernels
+
+        origin = centres - half  # (x, y[, z])
+        self.box_origin[:, :ndim] = origin
+        # spot i's neighbours b[ptr[i]:ptr[i + 1]] (a is sorted): their pixels are not background
+        ptr = np.searchsorted(a, np.arange(n + 1)).astype(np.int64)
+        truncated = np.zeros(n, bool)
+        kernels.code_boxes(origin, self.box_geom[:6], np.ascontiguousarray(spots.xyz, float), scale,
+                           R * R, (R + 1.0) ** 2, outer * outer, ptr, b.astype(np.int64),
+                           self.box_code, truncated)
+        in_ap, in_bg = self.box_code == 1, self.box_code == 2
+        self.n_ap[:], self.n_bg[:] = in_ap.sum(axis=1), in_bg.sum(axis=1)
+        if len(rv) > 1:
+            for first in range(0, n, APERTURE_CHUNK):  # bounded memory: (chunk, box pixels) arrays
+                rows = slice(first, min(n, first + APERTURE_CHUNK))
+                box = roi.cut(self.index, centres[rows, ::-1], half[::-1], dtype=np.int64)
+                self.rv_ap[rows] = np.where(in_ap[rows], rv[box.data], 0.0).sum(axis=1)
+                self.rv_bg[rows] = np.where(in_bg[rows], rv[box.data], 0.0).sum(axis=1)
+        else:
+            self.rv_ap[:], self.rv_bg[:] = self.n_ap * rv[0], self.n_bg * rv[0]
         status = np.zeros(n, np.int64)
         status[crowded] = APERTURE_STATUS.index("crowded")
         status[truncated] = APERTURE_STATUS.index("truncated")
@@ -820,66 +817,38 @@ class _Layout:
         self.ap_status = status
 
 
-def _box_distance2(origin, shape, xyz, scale):
-    """Squared scaled distance of every box pixel to a point, ``(n, P)``.
+def _finish(out, layout, ctx):
+    """The table's values from the compiled results ``out``, in place where it can (one pass).
 
-    ``origin`` (n, ndim) are the boxes' first pixels ``(x, y[, z])``, ``shape``
-    the box shape in array order, ``xyz`` (n, ndim) the points, ``scale``
-    (ndim,) multiplies each axis' offset.
-    """
-    n = len(origin)
-    total = np.zeros((n,) + tuple(shape))
-    for j in range(origin.shape[1]):  # x, y[, z] -> array axis ndim - j
-        length = shape[::-1][j]
-        offset = (origin[:, j:j + 1] + np.arange(length)[None, :] - xyz[:, j:j + 1]) * scale[j]
-        view = [1] * len(shape)
-        view[len(shape) - 1 - j] = length
-        total += (offset ** 2).reshape((n,) + tuple(view))
-    return total.reshape(n, -1)
-
-
-def _aperture_values(out, layout, ctx):
-    """Aperture intensity, its error and the annulus background, ``(n, F)`` each.
-
+    Standard errors ``n_err``, ``b_err`` from the variances; ``low``: the
+    intensity is not ``min_snr`` standard errors; the aperture intensity,
+    its error and the annulus background, ``(n, F)`` each:
     ``I = S_ap - n_ap * S_bg / n_bg`` (sums ``S`` of pixel values over the
     ``n_ap`` aperture and ``n_bg`` annulus pixels); its variance is
     ``sum_ap v + (n_ap / n_bg)^2 sum_bg v`` with the pixel variance ``v``
     estimated from each pixel's own value: ``excess * d + read_var`` with a
     calibrated camera, ``alpha + beta * d`` (the noise model measured on the
-    data) otherwise.
+    data) otherwise.  NaN where the spot has no background
+    (``no_background``).
     """
+    from spotfit import _photometry_kernels as kernels
+
     cam = ctx.camera
-    n_ap, n_bg = layout.n_ap[:, None], layout.n_bg[:, None]
-    ap, bg = out["ap"], out["bg"]
-    with np.errstate(divide="ignore", invalid="ignore"):  # (in place: fewer passes over (n, F))
-        background = bg / n_bg
-        intensity = n_ap * background
-        np.subtract(ap, intensity, out=intensity)
-        if cam.calibrated:
-            excess = cam.excess_noise
-            v_ap = np.multiply(ap, excess)
-            v_ap += layout.rv_ap[:, None]
-            var = np.multiply(bg, excess)
-            var += layout.rv_bg[:, None]
-        else:
-            alpha, beta, _ = ctx.noise_model or (0.0, 0.0, 0.0)
-            v_ap = np.multiply(ap, beta)
-            v_ap += n_ap * alpha
-            var = np.multiply(bg, beta)
-            var += n_bg * alpha
-        var *= (n_ap / n_bg) ** 2  # var = v_ap + (n_ap / n_bg)^2 v_bg
-        var += v_ap
+    if cam.calibrated:
+        slope, base_ap, base_bg = float(cam.excess_noise), layout.rv_ap, layout.rv_bg
+    else:
+        alpha, beta, _ = ctx.noise_model or (0.0, 0.0, 0.0)
+        slope, base_ap, base_bg = float(beta), layout.n_ap * alpha, layout.n_bg * alpha
     none = layout.ap_status == APERTURE_STATUS.index("no_background")
-    for a in (intensity, background, var):
-        a[none] = np.nan
-    return {"aperture_intensity": intensity, "aperture_intensity_err": _root(var),
-            "aperture_background": background, "status": layout.ap_status}
-
-
-def _root(a):
-    """``sqrt(max(a, 0))`` in place (NaN stays NaN)."""
-    np.maximum(a, 0.0, out=a)
-    return np.sqrt(a, out=a)
+    ap_err = np.empty_like(out["ap"])
+    low = np.empty(out["n"].shape, bool)
+    kernels.finish(out["n"], out["n_var"], out["b_var"], out["ap"], out["bg"],
+                   np.asarray(layout.n_ap, float), np.asarray(layout.n_bg, float),
+                   np.asarray(base_ap, float), np.asarray(base_bg, float), slope, none,
+                   float(ctx.config.min_snr), ap_err, low)
+    out["n_err"], out["b_err"] = out.pop("n_var"), out.pop("b_var")
+    out["aperture_intensity"], out["aperture_background"] = out.pop("ap"), out.pop("bg")
+    out["aperture_intensity_err"], out["low"] = ap_err, low
 
 
 def _repeat(a, F):
@@ -922,19 +891,16 @@ def _table(spots, parts, ctx, channel, refined):
             data["angle"] = rep(layout_spots.angle)
         else:
             data["sigma_z"] = rep(layout_spots.widths[:, 2])
-        intensity, n_err = flat(out["n"]), _root(flat(out["n_var"]))  # out is ours: in place
-        data["intensity"], data["intensity_err"] = intensity, n_err
-        data["background"] = flat(out["b"])
-        data["background_err"] = _root(flat(out["b_var"]))
-        ap = out["aperture"]
-        data.update({k: flat(v) for k, v in ap.items() if k != "status"})
-        data["aperture_status"] = _labels(rep(ap["status"]), APERTURE_STATUS)
+        data["intensity"], data["intensity_err"] = flat(out["n"]), flat(out["n_err"])
+        data["background"], data["background_err"] = flat(out["b"]), flat(out["b_err"])
+        for k in ("aperture_intensity", "aperture_intensity_err", "aperture_background"):
+            data[k] = flat(out[k])
+        data["aperture_status"] = _labels(rep(out["aperture_status"].astype(np.int8)), APERTURE_STATUS)
         data["chi2_red"] = flat(out["chi2"])
         data["iterations"] = flat(out["iter"])
-        data["neighbours"] = rep(out["neighbours"]).astype(np.int64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            faint = ~(intensity / n_err >= ctx.config.min_snr)
-        status = results.judge(flat(out["status"]), np.zeros(n * F, bool), faint, flat(out["sat"]) > 0)
+        data["neighbours"] = rep(np.asarray(out["neighbours"], np.int64))
+        status = results.judge(flat(out["status"]), np.zeros(n * F, bool), flat(out["low"]),
+                               flat(out["sat"]) > 0)
         data["status"] = _labels(status, results.STATUS_NAMES)
         data["unit"] = _labels(np.zeros(n * F, np.int8), (cam.unit,))
         if refined is not None:

@@ -399,9 +399,12 @@ def test_no_positions_give_an_empty_table(movie_file):
 def test_aperture_layout_in_chunks_is_the_same(movie_file, monkeypatch):
     """Aperture pixels found in chunks of spots (bounded memory) give the same sums."""
     path, xy, _ = movie_file
-    whole = spotfit.measure(str(path), xy, camera=CAMERA)
+    # a read-noise map: its sums over each aperture and annulus are taken in chunks
+    camera = Camera(baseline=100.0, gain=2.0,
+                    read_noise=np.random.default_rng(5).uniform(1.0, 2.0, (NY, NX)))
+    whole = spotfit.measure(str(path), xy, camera=camera)
     monkeypatch.setattr(photometry, "APERTURE_CHUNK", 4)
-    chunked = spotfit.measure(str(path), xy, camera=CAMERA)
+    chunked = spotfit.measure(str(path), xy, camera=camera)
     pd.testing.assert_frame_equal(whole, chunked)
 
 
@@ -676,6 +679,7 @@ def test_aperture_sums_match_a_numpy_reference():
     photons = CAMERA.to_photons(img, dtype=np.float64)
     yy, xx = np.mgrid[0:NY, 0:NX]
     dist = np.sqrt((xx[None] - xy[:, 0, None, None]) ** 2 + (yy[None] - xy[:, 1, None, None]) ** 2)
+    truncated_spots = 0
     for k in range(len(xy)):
         ap = dist[k] <= R
         others = np.delete(dist, k, axis=0)
@@ -685,3 +689,16 @@ def test_aperture_sums_match_a_numpy_reference():
         s_bg = photons[:, bg].mean(axis=1)
         assert np.allclose(mine.aperture_background, s_bg, rtol=1e-12, atol=1e-9)
         assert np.allclose(mine.aperture_intensity, s_ap - ap.sum() * s_bg, rtol=1e-12, atol=1e-8)
+        # variance from each pixel's own value: excess * d + read_var over both regions
+        v_ap = CAMERA.excess_noise * s_ap + ap.sum() * float(CAMERA.read_variance())
+        v_bg = CAMERA.excess_noise * photons[:, bg].sum(axis=1) + bg.sum() * float(CAMERA.read_variance())
+        var = v_ap + (ap.sum() / bg.sum()) ** 2 * v_bg
+        assert np.allclose(mine.aperture_intensity_err, np.sqrt(np.maximum(var, 0)), rtol=1e-12)
+        # "truncated": part of the aperture lies outside the image (it outranks "crowded")
+        gy, gx = np.mgrid[-5:NY + 5, -5:NX + 5]
+        outside = (gx < 0) | (gx >= NX) | (gy < 0) | (gy >= NY)
+        truncated = np.any(outside & (np.hypot(gx - xy[k, 0], gy - xy[k, 1]) <= R))
+        assert bg.sum() >= photometry.MIN_ANNULUS
+        assert np.all((mine.aperture_status == "truncated") == truncated), k
+        truncated_spots += truncated
+    assert truncated_spots == 5
