@@ -1,7 +1,8 @@
 """How spotfit compiles its kernels and runs them: numba's cache, the first-run notice, threads.
 
 Every module with compiled kernels decorates them with :func:`njit` from here (not
-numba's), which adds these things to ``numba.njit(cache=True, ...)``:
+numba's), which adds these things to ``numba.njit(cache=True, fastmath=False, ...)``
+(``fastmath`` explicitly, so that a kernel never inherits its first caller's):
 
 * **One cache key for all kernel modules.**  numba's on-disk cache checks only the
   source file that defines a function, so a kernel whose callee in another file
@@ -59,6 +60,12 @@ KERNEL_MODULES = ("_kernels.py", "_photometry_kernels.py", "_csv.py", "backgroun
 #: the notice, printed once when the first kernel of a run is compiled (the time:
 #: benchmarks/first_run.py on 2 cores, idle to busy)
 NOTICE = "Compiling spotfit's kernels (once after installing or upgrading spotfit; 10-30 s)..."
+#: options of every kernel unless it sets them.  ``fastmath`` explicitly: numba compiles
+#: a kernel that does not set it with its first caller's (``_kernels.model_window``
+#: called from the fastmath ``_accumulate`` or from ``covariance``, whichever compiled
+#: first in the process), so the same code gave different bits after two first runs.
+#: Part of the cache stamp (:func:`kernel_stamp`).
+_DEFAULTS = {"cache": True, "fastmath": False}
 #: fewer windows than this run in the calling thread
 MIN_THREADED_WINDOWS = 64
 
@@ -135,7 +142,8 @@ def njit(*args, **options):
     _setup()
     from numba import njit as numba_njit
 
-    options.setdefault("cache", True)
+    for name, value in _DEFAULTS.items():
+        options.setdefault(name, value)
     if options.pop("inner", False):
         options.update(no_cpython_wrapper=True, no_cfunc_wrapper=True)
     if args and callable(args[0]):
@@ -260,6 +268,7 @@ def kernel_stamp(package=None) -> str:
 
     if package is not None:
         digest = hashlib.sha256(numba.__version__.encode())
+        digest.update(repr(sorted(_DEFAULTS.items())).encode())
         for name in KERNEL_MODULES:
             with open(os.path.join(package, name), "rb") as f:
                 digest.update(f.read())
