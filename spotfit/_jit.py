@@ -33,6 +33,9 @@ numba's), which adds these things to ``numba.njit(cache=True, fastmath=False, ..
   helpers with one caller are inlined at numba's IR level (``inline="always"``);
   kernels that only other kernels call are compiled without the wrappers that let
   Python call them (``@njit(inner=True)``).
+* **Loading without numba's context refresh** (:func:`_load_lightly`): a warm process
+  loads each kernel it calls from the cache without first importing every typing and
+  lowering implementation numba has (which only compiling needs).
 * **Threads without ``parallel=True``** for the kernels that loop over windows:
   numba's parallel compilation costs 2-3 times the serial one (it was most of a
   first run's compile time), so they are compiled serially with ``nogil=True`` and
