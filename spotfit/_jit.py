@@ -33,6 +33,9 @@ numba's), which adds these things to ``numba.njit(cache=True, fastmath=False, ..
   helpers with one caller are inlined at numba's IR level (``inline="always"``);
   kernels that only other kernels call are compiled without the wrappers that let
   Python call them (``@njit(inner=True)``).
+* **Loading without numba's context refresh** (:func:`_load_lightly`): a warm process
+  loads each kernel it calls from the cache without first importing every typing and
+  lowering implementation numba has (which only compiling needs).
 * **Threads without ``parallel=True``** for the kernels that loop over windows:
   numba's parallel compilation costs 2-3 times the serial one (it was most of a
   first run's compile time), so they are compiled serially with ``nogil=True`` and
@@ -147,8 +150,9 @@ def njit(*args, **options):
     if options.pop("inner", False):
         options.update(no_cpython_wrapper=True, no_cfunc_wrapper=True)
     if args and callable(args[0]):
-        return numba_njit(**options)(args[0])
-    return numba_njit(*args, **options)
+        return _load_lightly(numba_njit(**options)(args[0]))
+    decorate = numba_njit(*args, **options)
+    return lambda func: _load_lightly(decorate(func))
 
 
 def over_windows(kernel, n: int, *args, threaded=None) -> None:
@@ -346,6 +350,52 @@ def _start_helper(target: str) -> None:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except OSError:  # no second process: compile everything here
         _state["helper"] = None
+
+
+def _load_lightly(dispatcher):
+    """Make ``dispatcher`` (a cached kernel) load its cache entries without numba's
+    ``refresh`` of the target context; the dispatcher.
+
+    numba's ``Cache.load_overload`` first refreshes the context: it imports and
+    registers every typing and lowering implementation numba has (``numba.np.arraymath``
+    imports ``scipy.linalg`` to check for BLAS), which only compiling needs; in a
+    fresh process with a warm cache that was most of numba's start-up (0.3-0.7 s of a
+    small fit).  Running a cached kernel needs the symbols its machine code calls, and
+    :func:`_ready_to_load` registers all those the refresh would have (numba's runtime
+    and the hash secret; the C helpers and the math library are registered when the
+    context is made; a parallel kernel's threads are started by its entry's
+    ``reload_init``).  A compilation still refreshes the context itself.
+    """
+    cache = getattr(dispatcher, "_cache", None)
+    if not (callable(getattr(cache, "_load_overload", None))
+            and callable(getattr(cache, "_guard_against_spurious_io_errors", None))):
+        return dispatcher  # not a cached kernel, or another numba: its own load_overload
+
+    def load_overload(sig, target_context):
+        if not _ready_to_load(target_context):
+            return type(cache).load_overload(cache, sig, target_context)
+        with cache._guard_against_spurious_io_errors():
+            return cache._load_overload(sig, target_context)
+
+    cache.load_overload = load_overload
+    return dispatcher
+
+
+def _ready_to_load(target_context) -> bool:
+    """Register what cached kernels' machine code links to (once per context); False
+    if this numba does not have what that needs (then its own refresh does it)."""
+    ready = _state.setdefault("loadable", {})
+    key = id(target_context)
+    if key not in ready:
+        try:
+            import numba.cpython.hashing  # noqa: F401  (registers the hash secret's symbols)
+            from numba.core.runtime import rtsys
+
+            rtsys.initialize(target_context)  # numba's runtime (NRT_*): allocation, refcounts
+            ready[key] = True
+        except (ImportError, AttributeError):
+            ready[key] = False
+    return ready[key]
 
 
 def _locator(base):

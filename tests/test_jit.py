@@ -413,3 +413,40 @@ def test_a_kernel_keeps_its_own_fastmath_whoever_compiles_it_first():
     ops = re.findall(r"= (fmul|fadd)([a-z ]*) double", ir)
     assert ops, ir  # the callee's multiply and add ...
     assert all(flags.strip() == "" for _, flags in ops), ops  # ... without fast-math flags
+
+
+_LOADED_THEN_COMPILED = """
+import sys
+import numpy as np
+import spotfit
+from spotfit import _jit
+
+image, _ = spotfit.simulate((40, 52), n_spots=4, photons=2000, background=10, sigma=1.3,
+                            min_separation=10, border=5, seed=8)
+first = spotfit.fit(image)  # kernels from the cache (warmed by the parent)
+print("refreshed" if "numba.np.arraymath" in sys.modules else "light")
+
+def halve(x):
+    return x / 2
+
+halve.__module__ = "spotfit.test_only"
+assert _jit.njit(cache=False)(halve)(3.0) == 1.5  # a compilation: numba's full context
+again = spotfit.fit(image)
+assert "numba.np.arraymath" in sys.modules
+for name in first.columns:
+    np.testing.assert_array_equal(first[name].to_numpy(), again[name].to_numpy(), err_msg=name)
+print("ok")
+"""
+
+
+def test_kernels_loaded_without_a_context_refresh_then_a_compilation():
+    """Cached kernels load without numba's context refresh (the imports of every
+    implementation numba has; compiling needs them, running cached code does not);
+    a compilation later in the same process refreshes the context as usual, and the
+    loaded kernels give the same numbers before and after."""
+    for expected in (None, "light"):  # the first run may compile (cold cache)
+        done = subprocess.run([sys.executable, "-c", _LOADED_THEN_COMPILED], capture_output=True,
+                              text=True, timeout=600, cwd=PACKAGE.parent)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split()[-1] == "ok"
+    assert done.stdout.split()[0] == expected
