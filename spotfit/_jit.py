@@ -381,11 +381,28 @@ def _load_lightly(dispatcher):
     return dispatcher
 
 
+#: numba versions (prefixes) whose cached kernels were checked to link only to what
+#: :func:`_ready_to_load` registers (``nm -u`` over every cached object of the test
+#: suite's runs): machine code that called a symbol nobody registered would crash the
+#: process, so other versions load the way numba does (the context refreshed first)
+LIGHT_LOAD_NUMBA = ("0.68.",)
+
+
+def light_load_verified() -> bool:
+    """Whether the installed numba is one of :data:`LIGHT_LOAD_NUMBA`."""
+    import numba
+
+    return numba.__version__.startswith(LIGHT_LOAD_NUMBA)
+
+
 def _ready_to_load(target_context) -> bool:
     """Register what cached kernels' machine code links to (once per context); False
-    if this numba does not have what that needs (then its own refresh does it)."""
+    if this numba is not a version checked for it (:data:`LIGHT_LOAD_NUMBA`) or does not
+    have what that needs (then its own refresh does it)."""
     ready = _state.setdefault("loadable", {})
     key = id(target_context)
+    if key not in ready and not light_load_verified():
+        ready[key] = False
     if key not in ready:
         try:
             import numba.cpython.hashing  # noqa: F401  (registers the hash secret's symbols)

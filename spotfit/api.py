@@ -31,7 +31,7 @@ import numpy as np
 
 from spotfit import table
 from spotfit import fields
-from spotfit.camera import Camera
+from spotfit.camera import Camera, as_camera
 from spotfit.config import FitConfig, Setup, make_config
 from spotfit.errors import SpotfitInputError, SpotfitWarning
 from spotfit.lighttable import as_frame, concat
@@ -53,7 +53,7 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         with ``axes``.  Masked pixels of a ``numpy.ma.MaskedArray`` are left
         out of detection and fits.
     config : FitConfig, optional
-    camera : Camera, optional
+    camera : Camera or mapping, optional
         Without a calibrated camera, values are in ADU above baseline and the
         least-squares estimator is used by default.
     axes : str, optional
@@ -84,7 +84,7 @@ def fit(image, config: FitConfig | None = None, camera: Camera | None = None,
         ``status``.
     """
     config = make_config(config, options)
-    camera = camera or Camera()
+    camera = as_camera(camera)
     if _lazy(image):
         return _blockwise("fit", image, config, camera, axes, on_frame)
     with _Input(image, axes, channel, config, camera, window=True, invert=invert,
@@ -164,7 +164,7 @@ def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera 
         One row per position, in the order given.
     """
     config = make_config(config, options)
-    camera = camera or Camera()
+    camera = as_camera(camera)
     raw, valid = _split_mask(image)
     raw = _pixel_array(raw)
     ndim = raw.ndim
@@ -220,7 +220,7 @@ def detect(image, config: FitConfig | None = None, camera: Camera | None = None,
         candidates give an empty table with the same columns and dtypes.
     """
     config = make_config(config, options)
-    camera = camera or Camera()
+    camera = as_camera(camera)
     if _lazy(image):
         return _blockwise("detect", image, config, camera, axes, on_frame)
     with _Input(image, axes, channel, config, camera, window=False, invert=invert,
@@ -274,7 +274,7 @@ def process_file(path, task: str = "fit", config: FitConfig | None = None,
     path : str or os.PathLike
     task : {"fit", "detect"}
     config : FitConfig, optional
-    camera : Camera, optional
+    camera : Camera or mapping, optional
     axes, series : optional
         As in :func:`spotfit.read_image`.
     channel : int or "all", optional
@@ -330,7 +330,7 @@ def process_file(path, task: str = "fit", config: FitConfig | None = None,
         raise SpotfitInputError(f"task must be one of {', '.join(TASKS)}, not {task!r}",
                                 parameter="task")
     config = make_config(config, {})
-    camera = camera or Camera()
+    camera = as_camera(camera)
     if invert:
         from spotfit.invert import check_camera
 

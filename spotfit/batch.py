@@ -410,7 +410,7 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
     task : {"fit", "detect"}
     config : FitConfig, optional
         Detection and fit options (its ``workers`` is replaced: see `workers`).
-    camera : Camera, optional
+    camera : Camera or mapping, optional
     axes, channel, pixel_size, z_step, invert, series : optional
         As in :func:`spotfit.api.process_file`; the same for every file.
     workers : int, optional
@@ -461,7 +461,7 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
         others are left without any.
     """
     from spotfit import provenance
-    from spotfit.camera import Camera
+    from spotfit.camera import as_camera
     from spotfit.config import FitConfig
     from spotfit.overlay import qc_path
     from spotfit.pool import Pool
@@ -477,7 +477,7 @@ def run_batch(inputs, out_dir, task="fit", config=None, camera=None, axes=None, 
         raise SpotfitInputError(f"workers must be a whole number >= 1, got {workers!r}",
                                 parameter="workers")
     config = config or FitConfig()
-    camera = camera or Camera()
+    camera = as_camera(camera)
     files = expand_inputs(inputs)
     if not files:
         where = ", ".join(os.fspath(i) for i in inputs) or "(none given)"

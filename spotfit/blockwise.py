@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spotfit.camera import Camera
+from spotfit.camera import Camera, as_camera
 from spotfit.config import FitConfig, Setup, make_config
 from spotfit.errors import SpotfitInputError, SpotfitWarning
 
@@ -872,7 +872,7 @@ def fit_blocks(data, config: FitConfig | None = None, camera: Camera | None = No
     from spotfit import table
 
     config = make_config(config, options)
-    camera = camera or Camera()
+    camera = as_camera(camera)
     run, out = _run_blocks(data, config, camera, axes, block_size, scheduler, "fit", progress,
                            frame_fit=frame_fit)
     _report(run, on_error)
@@ -988,7 +988,7 @@ def detect_blocks(data, config: FitConfig | None = None, camera: Camera | None =
     import pandas as pd
 
     config = make_config(config, options)
-    camera = camera or Camera()
+    camera = as_camera(camera)
     run, out = _run_blocks(data, config, camera, axes, block_size, scheduler, "detect", progress)
     _report(run, on_error)
     frames, coords, scores = [np.empty(0, np.int64)], [np.empty((0, run.ndim), np.intp)], [np.empty(0)]

@@ -21,6 +21,7 @@ above ``baseline`` and no photon statistics can be used.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Union
 
@@ -179,3 +180,33 @@ class Camera:
         if self.calibrated:
             out = out * self.em_gain / np.asarray(self.gain, dtype=float)
         return out + np.asarray(self.baseline, dtype=float)
+
+
+def as_camera(camera) -> Camera:
+    """The :class:`Camera` that the ``camera`` argument of the API's functions means.
+
+    Parameters
+    ----------
+    camera : Camera, mapping or None
+        A :class:`Camera`; a mapping of its fields (``{"gain": 2, "baseline": 100}``);
+        or ``None``: an uncalibrated camera (results in ADU).
+
+    Raises
+    ------
+    SpotfitInputError
+        For anything else, or a mapping with a name that is not a field.
+    """
+    if camera is None:
+        return Camera()
+    if isinstance(camera, Camera):
+        return camera
+    if isinstance(camera, Mapping):
+        fields = ("baseline", "gain", "em_gain", "read_noise")
+        unknown = sorted(str(name) for name in camera if name not in fields)
+        if unknown:
+            raise SpotfitInputError(f"camera has no field {', '.join(map(repr, unknown))} "
+                                    f"(its fields: {', '.join(fields)})", parameter="camera")
+        return Camera(**camera)
+    raise SpotfitInputError("camera must be a spotfit.Camera or a mapping of its fields "
+                            f"(baseline, gain, em_gain, read_noise), got {type(camera).__name__}",
+                            parameter="camera")

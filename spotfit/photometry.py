@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from spotfit import results, roi, solver
-from spotfit.camera import Camera
+from spotfit.camera import Camera, as_camera
 from spotfit.config import make_config
 from spotfit.errors import SpotfitInputError
 from spotfit.estimators import Noise, get_estimator
@@ -119,7 +119,7 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
         ``workers`` as in ``fit``.  Widths: the table's ``sigma_*`` columns
         when present, else ``sigma`` (and ``sigma_z``); ``fix_sigma=True``
         uses ``sigma`` even when the table has widths.
-    camera : Camera, optional
+    camera : Camera or mapping, optional
         A calibrated camera gives photons and allows ``wlsq`` and ``mle``
         (the default then); without, values are ADU above the baseline,
         ``lsq``, with errors from a noise model measured on the data.
@@ -162,7 +162,7 @@ def measure(image, positions, config=None, camera: Camera | None = None, *,
     from spotfit.table import add_physical_units
 
     config = make_config(config, options)
-    camera = camera or Camera()
+    camera = as_camera(camera)
     if at_frame is not None and match_frames:
         raise SpotfitInputError("at_frame and `match_frames` cannot be combined: `at_frame` "
                                 "measures the spots of one frame in every frame",

@@ -91,7 +91,7 @@ def estimate_sigma(image, camera=None, *, axes=None, channel=None, start=None, m
     image : str, os.PathLike, spotfit.io.Image or array_like
         A TIFF path, an image, or an array (``(ny, nx)``, ``(T, ny, nx)``,
         ``(T, nz, ny, nx)``, or any layout with `axes`).
-    camera : Camera, optional
+    camera : Camera or mapping, optional
         The camera calibration (its noise model sets the detection
         threshold; without one the noise is measured on each frame).
     axes, channel : optional
@@ -112,9 +112,9 @@ def estimate_sigma(image, camera=None, *, axes=None, channel=None, start=None, m
     SpotfitInputError
         If fewer than ``MIN_SPOTS`` usable spots are found.
     """
-    from spotfit.camera import Camera
+    from spotfit.camera import as_camera
 
-    camera = camera or Camera()
+    camera = as_camera(camera)
     img, close = _open(image, axes, channel)
     try:
         ndim = 3 if img.is_3d else 2

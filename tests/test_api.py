@@ -314,3 +314,19 @@ def test_config_choices_are_the_registries():
 
     assert MODEL_CHOICES == MODEL_NAMES and {name for name, _ in REGISTRY} == set(MODEL_NAMES)
     assert ESTIMATOR_CHOICES == ESTIMATOR_NAMES
+
+
+def test_camera_given_as_a_mapping_of_its_fields(movie):
+    """``camera={"gain": ..., "baseline": ...}`` means the Camera of those fields (the same
+    table); anything else is a clear error that names ``camera``, not an AttributeError."""
+    img, _ = movie
+    frame = img[0]
+    expected = spotfit.fit(frame, camera=CAMERA)
+    given = spotfit.fit(frame, camera={"baseline": 100.0, "gain": 1.0})
+    pd.testing.assert_frame_equal(given, expected)
+    assert len(spotfit.detect(frame, camera={"gain": 1.0, "baseline": 100})) > 0
+    with pytest.raises(spotfit.SpotfitInputError, match=r"camera has no field 'offset'") as err:
+        spotfit.fit(frame, camera={"offset": 100.0, "gain": 1.0})
+    assert err.value.parameter == "camera"
+    with pytest.raises(spotfit.SpotfitInputError, match=r"camera must be a spotfit.Camera .* got float"):
+        spotfit.fit(frame, camera=2.0)

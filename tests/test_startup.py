@@ -65,6 +65,14 @@ def small_image(tmp_path_factory):
     return folder, path
 
 
+def _light_load() -> bool:
+    """Whether cached kernels load without numba's context refresh with this numba
+    (the versions checked for it; others import what the refresh imports)."""
+    from spotfit import _jit
+
+    return _jit.light_load_verified()
+
+
 def _fit(folder, path, *extra, command="fit"):
     out = subprocess.run([sys.executable, "-c", RUN, command, str(path), "--out",
                           str(folder / "spots.csv"), *extra],
@@ -82,7 +90,8 @@ def test_a_small_fit_imports_only_what_it_uses(small_image, camera):
     if "Compiling" in stderr:  # the kernels' first run (cold cache): run again, warm
         result, stderr = _fit(folder, path, *camera)
     modules = set(result["modules"])
-    unused = sorted(m for m in NOT_ON_THE_SMALL_PATH
+    expected_unused = NOT_ON_THE_SMALL_PATH if _light_load() else NOT_ON_THE_SMALL_PATH[:-4]
+    unused = sorted(m for m in expected_unused
                     if m in modules or any(k.startswith(m + ".") for k in modules))
     assert not unused, f"a small fit imported {unused}"
     assert "numba" in modules and "spotfit.lighttable" in modules  # the run did fit
