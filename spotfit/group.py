@@ -685,7 +685,10 @@ class CrowdedFitter:
         for K in np.unique(sizes[sizes > 0]):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
-            self._fit_bucket(residual, spots, members, out)
+            pos = spots.xyz[members]  # the boxes of _fit_bucket (x, y[, z] order)
+            extent = np.ceil(pos.max(axis=1)) - np.floor(pos.min(axis=1)) + 2 * np.asarray(self.half)[::-1] + 1
+            for rows in shape_classes(extent):
+                self._fit_bucket(residual, spots, members[rows], out)
         # the light of spots that moved by more than REFIT_MOVE standard errors
         # changed in their neighbours' windows: those are refitted next time
         moved = self._moved(spots, out, free)
@@ -916,6 +919,68 @@ def _scatter(image, values, start, shape, nz):
                             image[t * nz + z, y, x] += values[i, p]
                         p += 1
     return image
+
+
+#: a bucket of equally sized groups is fitted in windows of a few shapes rather than one
+#: (:func:`shape_classes`) when a shape saves at least this many window pixels: each
+#: window spans the largest box of its solve, and the fits' cost grows with its pixels
+SHAPE_SAVING = 4000
+#: at most this many shapes per bucket (a solve costs a few ms of overhead)
+SHAPE_CLASSES = 4
+
+
+def shape_classes(extent, saving=SHAPE_SAVING, most=SHAPE_CLASSES):
+    """Split groups into solves of similar window shapes.
+
+    The windows of one solve share one shape, the largest box among them
+    (each group still sees its own box only: the others' extra pixels are
+    masked, so the split changes no group's fit, only the pixels a solve
+    runs over).  Groups are sorted by box size (pixels) and cut into at
+    most ``most`` runs of consecutive sizes so as to minimise the pixels of
+    all windows plus ``saving`` per extra solve (dynamic programming over
+    cuts at up to 16 quantiles).
+
+    Parameters
+    ----------
+    extent : (G, d) ndarray
+        Box size of each group along each axis, px.
+    saving : float
+        Window pixels an extra solve must save.
+    most : int
+        Largest number of solves.
+
+    Returns
+    -------
+    list of int ndarray
+        Group indices of each solve (together each group once).
+    """
+    G = len(extent)
+    area = np.prod(extent, axis=1)
+    order = np.argsort(area, kind="stable")
+    if G < 2 or most < 2 or np.ptp(area) * G < saving:
+        return [order]
+    ext = extent[order]
+    cuts = np.unique(np.linspace(0, G, min(G, 16) + 1).astype(np.int64))
+    m = len(cuts)
+    cost = np.full((m, m), np.inf)  # cost[i, j]: one solve of groups cuts[i] .. cuts[j]
+    for i in range(m - 1):
+        top = np.maximum.accumulate(ext[cuts[i]:], axis=0)
+        for j in range(i + 1, m):
+            cost[i, j] = (cuts[j] - cuts[i]) * np.prod(top[cuts[j] - cuts[i] - 1]) + saving
+    best = np.full((most + 1, m), np.inf)  # best[c, j]: groups 0 .. cuts[j] in c solves
+    back = np.zeros((most + 1, m), np.int64)
+    best[0, 0] = 0.0
+    for c in range(1, most + 1):
+        total = best[c - 1][:, None] + cost
+        back[c] = np.argmin(total, axis=0)
+        best[c] = total[back[c], np.arange(m)]
+    c = int(np.argmin(best[:, m - 1]))
+    out, j = [], m - 1
+    while c > 0:
+        i = back[c, j]
+        out.append(order[cuts[i]:cuts[j]])
+        j, c = i, c - 1
+    return out[::-1]
 
 
 def coverage(coords, shape, config) -> float:
