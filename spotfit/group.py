@@ -685,9 +685,8 @@ class CrowdedFitter:
         for K in np.unique(sizes[sizes > 0]):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
-            pos = spots.xyz[members]  # the boxes of _fit_bucket (x, y[, z] order)
-            extent = np.ceil(pos.max(axis=1)) - np.floor(pos.min(axis=1)) + 2 * np.asarray(self.half)[::-1] + 1
-            for rows in shape_classes(extent):
+            lo, hi = self._boxes(spots, members)
+            for rows in shape_classes(hi - lo + 1):
                 self._fit_bucket(residual, spots, members[rows], out)
         # the light of spots that moved by more than REFIT_MOVE standard errors
         # changed in their neighbours' windows: those are refitted next time
@@ -730,6 +729,15 @@ class CrowdedFitter:
             still = np.all(shift <= REFIT_MOVE * err, axis=1) & (dn <= REFIT_MOVE * rec["intensity_err"][fitted])
         return fitted[~still]
 
+    def _boxes(self, spots, members):
+        """First and last pixel (array order, ``(G, ndim)`` each) of the boxes of groups
+        ``members`` ``(G, K)``: their members' pixels plus the window half-size."""
+        half = np.asarray(self.half)  # array order
+        pos = spots.xyz[members]  # (G, K, nd) x, y[, z]
+        lo = np.floor(pos.min(axis=1)).astype(np.int64)[:, ::-1] - half
+        hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
+        return lo, hi
+
     def _fit_bucket(self, residual, spots, members, out):
         """Joint fits of all groups with the same number of members ``K``.
 
@@ -739,11 +747,9 @@ class CrowdedFitter:
         """
         setup, cfg, nd = self.setup, self.config, self.ndim
         G, K = members.shape
-        half = np.asarray(self.half)  # array order
         pos = spots.xyz[members]  # (G, K, nd) x, y[, z]
         t = spots.t[members[:, 0]]
-        lo = np.floor(pos.min(axis=1)).astype(np.int64)[:, ::-1] - half  # array order
-        hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
+        lo, hi = self._boxes(spots, members)
         shape = tuple(int(s) for s in (hi - lo).max(axis=0) + 1)
         w = self._windows(residual, t, lo, shape)
         # each group sees its own box only (windows of a bucket share the largest
@@ -924,9 +930,9 @@ def _scatter(image, values, start, shape, nz):
 #: a bucket of equally sized groups is fitted in windows of a few shapes rather than one
 #: (:func:`shape_classes`) when a shape saves at least this many window pixels: each
 #: window spans the largest box of its solve, and the fits' cost grows with its pixels
-SHAPE_SAVING = 4000
+SHAPE_SAVING = 2000
 #: at most this many shapes per bucket (a solve costs a few ms of overhead)
-SHAPE_CLASSES = 4
+SHAPE_CLASSES = 6
 
 
 def shape_classes(extent, saving=SHAPE_SAVING, most=SHAPE_CLASSES):
@@ -935,10 +941,10 @@ def shape_classes(extent, saving=SHAPE_SAVING, most=SHAPE_CLASSES):
     The windows of one solve share one shape, the largest box among them
     (each group still sees its own box only: the others' extra pixels are
     masked, so the split changes no group's fit, only the pixels a solve
-    runs over).  Groups are sorted by box size (pixels) and cut into at
-    most ``most`` runs of consecutive sizes so as to minimise the pixels of
-    all windows plus ``saving`` per extra solve (dynamic programming over
-    cuts at up to 16 quantiles).
+    runs over).  Groups are sorted by their box's longest side, then its
+    pixels, and cut into at most ``most`` runs so as to minimise the pixels
+    of all windows plus ``saving`` per extra solve (dynamic programming
+    over cuts at up to 32 quantiles).
 
     Parameters
     ----------
@@ -956,11 +962,11 @@ def shape_classes(extent, saving=SHAPE_SAVING, most=SHAPE_CLASSES):
     """
     G = len(extent)
     area = np.prod(extent, axis=1)
-    order = np.argsort(area, kind="stable")
+    order = np.lexsort((area, extent.max(axis=1)))
     if G < 2 or most < 2 or np.ptp(area) * G < saving:
         return [order]
     ext = extent[order]
-    cuts = np.unique(np.linspace(0, G, min(G, 16) + 1).astype(np.int64))
+    cuts = np.unique(np.linspace(0, G, min(G, 32) + 1).astype(np.int64))
     m = len(cuts)
     cost = np.full((m, m), np.inf)  # cost[i, j]: one solve of groups cuts[i] .. cuts[j]
     for i in range(m - 1):
