@@ -10,7 +10,8 @@ Pipeline for one frame (:meth:`CrowdedFitter.fit_frame`):
    ``max_group`` are split at the median of their widest axis.
 3. **Fit each group jointly**: K Gaussians sharing one width and one offset
    (:class:`~spotfit.models.gaussian.MultiGaussian`), in a window covering
-   all members, vectorised over all groups of the same size.  The light of
+   all members, vectorised over all groups of the same size (in a few solves
+   of similar window shapes, :func:`shape_classes`).  The light of
    spots *outside* the group is subtracted from the window first (their
    current models), so a window's neighbours no longer pull its fit; the
    covariance of a group is its joint Fisher information, so every spot's
