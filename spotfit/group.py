@@ -971,9 +971,9 @@ def shape_classes(extent, saving=SHAPE_SAVING, most=SHAPE_CLASSES):
     m = len(cuts)
     cost = np.full((m, m), np.inf)  # cost[i, j]: one solve of groups cuts[i] .. cuts[j]
     for i in range(m - 1):
-        top = np.maximum.accumulate(ext[cuts[i]:], axis=0)
-        for j in range(i + 1, m):
-            cost[i, j] = (cuts[j] - cuts[i]) * np.prod(top[cuts[j] - cuts[i] - 1]) + saving
+        top = np.maximum.accumulate(ext[cuts[i]:], axis=0)  # largest box from cuts[i] on
+        n = cuts[i + 1:] - cuts[i]
+        cost[i, i + 1:] = n * np.prod(top[n - 1], axis=1) + saving
     best = np.full((most + 1, m), np.inf)  # best[c, j]: groups 0 .. cuts[j] in c solves
     back = np.zeros((most + 1, m), np.int64)
     best[0, 0] = 0.0
