@@ -358,6 +358,11 @@ SUSPECT_CHI2 = 4.0
 #: a single-spot fit wider than this many PSF sigmas both ways is a blob (not
 #: spots, even among other candidates): it is not fitted jointly
 BLOB_WIDTH = 1.5
+#: a grouped candidate whose symmetric single-spot fit converged narrower than this
+#: many sigmas is no blob (``BLOB_WIDTH``, minor axis): the joint fits replace its
+#: single fit, so it keeps the symmetric fit without model choice (score test and
+#: refit with the richer model), which only a blob's or an isolated spot's row needs
+CHOOSE_WIDTH = 1.3
 NOT_SPOT_JOINS = True
 
 
@@ -461,9 +466,12 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
         variance = None  # a frame fitted in several solves: its noise model measured up front
         if len(rows) > size and not setup.camera.calibrated:
             variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
+        # a grouped candidate's model choice only where its fit may be a blob's
+        choose = np.where(isolated, 0.0, CHOOSE_WIDTH * cfg.sigma)
         for start in range(0, len(rows), size):
-            batches.append(single.cut_frame(setup, f.t, f.photons, coords, f.image_var,
-                                            rows=rows[start:start + size], variance=variance, **cut))
+            batches.append((single.cut_frame(setup, f.t, f.photons, coords, f.image_var,
+                                             rows=rows[start:start + size], variance=variance, **cut),
+                            choose[start:start + size]))
     singles = _fit_batches(setup, batches, size) if singles is None else singles.reset_index(drop=True)
     # 2. which single fits stand
     status = singles["status"].to_numpy() if len(singles) else np.zeros(0, object)
@@ -563,17 +571,23 @@ def _near_active(xyz, t, engine_frames, setup, seeds=None):
 
 
 def _fit_batches(setup: Setup, batches, size):
-    """Single-spot fits of batches of windows, joined into solves of at most ``size``
-    windows; a DataFrame."""
+    """Single-spot fits of batches of windows ``(batch, choose_width)`` (as
+    :func:`spotfit.single.fit_batch`), joined into solves of at most ``size`` windows;
+    a DataFrame."""
     parts, pending, n = [], [], 0
-    for b in batches:
+
+    def solve():
+        batch = single.Batch.join([b for b, _ in pending])
+        parts.append(single.fit_batch(setup, batch, np.concatenate([c for _, c in pending])))
+
+    for b, choose in batches:
         if pending and n + len(b) > size:
-            parts.append(single.fit_batch(setup, single.Batch.join(pending)))
+            solve()
             pending, n = [], 0
-        pending.append(b)
+        pending.append((b, choose))
         n += len(b)
     if pending:
-        parts.append(single.fit_batch(setup, single.Batch.join(pending)))
+        solve()
     if not parts:
         return table.empty(setup.ndim)
     return as_frame(concat(parts))

@@ -10,7 +10,8 @@ Pipeline for one frame (:meth:`CrowdedFitter.fit_frame`):
    ``max_group`` are split at the median of their widest axis.
 3. **Fit each group jointly**: K Gaussians sharing one width and one offset
    (:class:`~spotfit.models.gaussian.MultiGaussian`), in a window covering
-   all members, vectorised over all groups of the same size.  The light of
+   all members, vectorised over all groups of the same size (in a few solves
+   of similar window shapes, :func:`shape_classes`).  The light of
    spots *outside* the group is subtracted from the window first (their
    current models), so a window's neighbours no longer pull its fit; the
    covariance of a group is its joint Fisher information, so every spot's
@@ -685,7 +686,9 @@ class CrowdedFitter:
         for K in np.unique(sizes[sizes > 0]):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
-            self._fit_bucket(residual, spots, members, out)
+            lo, hi = self._boxes(spots, members)
+            for rows in shape_classes(hi - lo + 1):
+                self._fit_bucket(residual, spots, members[rows], out)
         # the light of spots that moved by more than REFIT_MOVE standard errors
         # changed in their neighbours' windows: those are refitted next time
         moved = self._moved(spots, out, free)
@@ -727,6 +730,15 @@ class CrowdedFitter:
             still = np.all(shift <= REFIT_MOVE * err, axis=1) & (dn <= REFIT_MOVE * rec["intensity_err"][fitted])
         return fitted[~still]
 
+    def _boxes(self, spots, members):
+        """First and last pixel (array order, ``(G, ndim)`` each) of the boxes of groups
+        ``members`` ``(G, K)``: their members' pixels plus the window half-size."""
+        half = np.asarray(self.half)  # array order
+        pos = spots.xyz[members]  # (G, K, nd) x, y[, z]
+        lo = np.floor(pos.min(axis=1)).astype(np.int64)[:, ::-1] - half
+        hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
+        return lo, hi
+
     def _fit_bucket(self, residual, spots, members, out):
         """Joint fits of all groups with the same number of members ``K``.
 
@@ -736,11 +748,9 @@ class CrowdedFitter:
         """
         setup, cfg, nd = self.setup, self.config, self.ndim
         G, K = members.shape
-        half = np.asarray(self.half)  # array order
         pos = spots.xyz[members]  # (G, K, nd) x, y[, z]
         t = spots.t[members[:, 0]]
-        lo = np.floor(pos.min(axis=1)).astype(np.int64)[:, ::-1] - half  # array order
-        hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
+        lo, hi = self._boxes(spots, members)
         shape = tuple(int(s) for s in (hi - lo).max(axis=0) + 1)
         w = self._windows(residual, t, lo, shape)
         # each group sees its own box only (windows of a bucket share the largest
@@ -916,6 +926,68 @@ def _scatter(image, values, start, shape, nz):
                             image[t * nz + z, y, x] += values[i, p]
                         p += 1
     return image
+
+
+#: a bucket of equally sized groups is fitted in windows of a few shapes rather than one
+#: (:func:`shape_classes`) when a shape saves at least this many window pixels: each
+#: window spans the largest box of its solve, and the fits' cost grows with its pixels
+SHAPE_SAVING = 2000
+#: at most this many shapes per bucket (a solve costs a few ms of overhead)
+SHAPE_CLASSES = 6
+
+
+def shape_classes(extent, saving=SHAPE_SAVING, most=SHAPE_CLASSES):
+    """Split groups into solves of similar window shapes.
+
+    The windows of one solve share one shape, the largest box among them
+    (each group still sees its own box only: the others' extra pixels are
+    masked, so the split changes no group's fit, only the pixels a solve
+    runs over).  Groups are sorted by their box's longest side, then its
+    pixels, and cut into at most ``most`` runs so as to minimise the pixels
+    of all windows plus ``saving`` per extra solve (dynamic programming
+    over cuts at up to 32 quantiles).
+
+    Parameters
+    ----------
+    extent : (G, d) ndarray
+        Box size of each group along each axis, px.
+    saving : float
+        Window pixels an extra solve must save.
+    most : int
+        Largest number of solves.
+
+    Returns
+    -------
+    list of int ndarray
+        Group indices of each solve (together each group once).
+    """
+    G = len(extent)
+    area = np.prod(extent, axis=1)
+    order = np.lexsort((area, extent.max(axis=1)))
+    if G < 2 or most < 2 or np.ptp(area) * G < saving:
+        return [order]
+    ext = extent[order]
+    cuts = np.unique(np.linspace(0, G, min(G, 32) + 1).astype(np.int64))
+    m = len(cuts)
+    cost = np.full((m, m), np.inf)  # cost[i, j]: one solve of groups cuts[i] .. cuts[j]
+    for i in range(m - 1):
+        top = np.maximum.accumulate(ext[cuts[i]:], axis=0)  # largest box from cuts[i] on
+        n = cuts[i + 1:] - cuts[i]
+        cost[i, i + 1:] = n * np.prod(top[n - 1], axis=1) + saving
+    best = np.full((most + 1, m), np.inf)  # best[c, j]: groups 0 .. cuts[j] in c solves
+    back = np.zeros((most + 1, m), np.int64)
+    best[0, 0] = 0.0
+    for c in range(1, most + 1):
+        total = best[c - 1][:, None] + cost
+        back[c] = np.argmin(total, axis=0)
+        best[c] = total[back[c], np.arange(m)]
+    c = int(np.argmin(best[:, m - 1]))
+    out, j = [], m - 1
+    while c > 0:
+        i = back[c, j]
+        out.append(order[cuts[i]:cuts[j]])
+        j, c = i, c - 1
+    return out[::-1]
 
 
 def coverage(coords, shape, config) -> float:

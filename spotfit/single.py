@@ -215,12 +215,23 @@ def _solve(setup: Setup, batch: Batch):
                         groups=batch.frame, variance=batch.variance)
 
 
-def fit_batch(setup: Setup, batch: Batch):
+def fit_batch(setup: Setup, batch: Batch, choose_width=None):
     """Fit every window of ``batch`` in one compiled, parallel solve; return its table rows.
 
     With ``config.select_model`` (default) and a model richer than the
     symmetric one (``rotated``, ``elliptical``; not with ``fix_sigma``), the
     model is chosen per spot by the data (:func:`_fit_selected`).
+
+    Parameters
+    ----------
+    setup : Setup
+    batch : Batch
+    choose_width : (n,) ndarray, optional
+        With model choice: windows whose symmetric fit converged narrower
+        than this (px) keep it without a choice (the crowded-field fits
+        need only a grouped candidate's widths when it may be a blob,
+        :func:`spotfit.fields.fit_dense`).  Default: every window is chosen
+        for.
 
     Returns
     -------
@@ -229,7 +240,7 @@ def fit_batch(setup: Setup, batch: Batch):
         :func:`spotfit.lighttable.as_frame` makes it a DataFrame).
     """
     measured = {}
-    values, errors, chi2, iterations, status = _fit_columns(setup, batch, measured)
+    values, errors, chi2, iterations, status = _fit_columns(setup, batch, measured, choose_width)
     if batch.background:
         columns = _over_background(setup, batch, values, errors, chi2, iterations, status,
                                    measured.get("variance"))
@@ -239,11 +250,12 @@ def fit_batch(setup: Setup, batch: Batch):
                        setup.camera.unit, setup.ndim, light=True)
 
 
-def _fit_columns(setup: Setup, batch: Batch, measured=None):
-    """Columns of :func:`_columns` of ``batch``'s fits (model chosen per spot if configured);
-    ``measured["variance"]``: the noise model measured per window's frame (uncalibrated)."""
+def _fit_columns(setup: Setup, batch: Batch, measured=None, choose_width=None):
+    """Columns of :func:`_columns` of ``batch``'s fits (model chosen per spot if configured,
+    ``choose_width`` as :func:`fit_batch`); ``measured["variance"]``: the noise model
+    measured per window's frame (uncalibrated)."""
     if _selects(setup):
-        return _fit_selected(setup, batch, measured)
+        return _fit_selected(setup, batch, measured, choose_width)
     sol = _solve(setup, batch)
     if measured is not None:
         measured["variance"] = sol.variance
@@ -705,7 +717,7 @@ def _take(batch: Batch, rows, variance=None) -> Batch:
     return Batch(windows, batch.frame[rows], batch.image_var[rows], batch.saturated[rows], variance)
 
 
-def _fit_selected(setup: Setup, batch: Batch, measured=None):
+def _fit_selected(setup: Setup, batch: Batch, measured=None, choose_width=None):
     """Symmetric fits everywhere; the richer model where the data support it.
 
     A spot gets the richer model (``setup.model``) only when its extra
@@ -727,6 +739,9 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None):
     pixels to neighbours, or the symmetric fit is at a width bound or
     centred off the window: the other spots are round beyond doubt.
 
+    ``choose_width`` (per window, px): windows whose symmetric fit converged
+    narrower keep it without a test.
+
     Returns the columns of :func:`_columns`, rows in ``batch`` order.
     """
     reduced = _reduced(setup)
@@ -744,8 +759,15 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None):
     limit = extra * np.log(np.maximum(n_valid, 2))
     theta = sol.theta + sol.bias
     test = np.arange(len(batch))
-    if setup.ndim == 2:  # the score test only where the quadrupole score leaves a doubt
+    if choose_width is not None:  # windows that keep the symmetric fit without a test
+        from spotfit._kernels import CONVERGED
+
+        test = np.flatnonzero(~((status == CONVERGED) & (values["sigma_x"] < choose_width)))
+    if setup.ndim == 2 and len(test) == len(batch):  # the score test only where the quadrupole score leaves a doubt
         test = np.flatnonzero(_doubtful(setup, reduced, batch, theta, limit, residual_var))
+    elif setup.ndim == 2 and len(test):
+        test = test[_doubtful(setup, reduced, _take(batch, test), theta[test], limit[test],
+                              None if residual_var is None else residual_var[test])]
     score = np.zeros(len(batch))
     if len(test):
         score[test] = solver.score_test(

@@ -305,3 +305,97 @@ def test_residual_search_background_is_the_frames_at_each_window_pixel():
                                  x[~first].ravel()]).reshape(y[~first].shape)
     np.testing.assert_array_equal(got, want)
     assert np.ptp(got[first]) > 0 and np.ptp(got[~first]) > 0
+
+
+def test_shape_classes_partition_a_bucket_into_fewer_pixels():
+    """Every group lands in exactly one solve, at most ``most`` solves, and the windows
+    (each its solve's largest box) cover fewer pixels than one shape for all; a split
+    that saves less than ``saving`` pixels is not made."""
+    from spotfit.group import shape_classes
+
+    rng = np.random.default_rng(3)
+    extent = np.column_stack([rng.integers(7, 19, 500), rng.integers(7, 25, 500)])  # non-square boxes
+    classes = shape_classes(extent, saving=1000, most=5)
+    assert 1 < len(classes) <= 5
+    assert np.array_equal(np.sort(np.concatenate(classes)), np.arange(500))
+    pixels = sum(len(c) * np.prod(extent[c].max(axis=0)) for c in classes)
+    assert pixels < 0.9 * len(extent) * np.prod(extent.max(axis=0))
+    assert len(shape_classes(extent, saving=1e12)) == 1
+    assert len(shape_classes(np.full((40, 2), 9))) == 1  # one shape: one solve
+    assert [len(c) for c in shape_classes(extent[:1])] == [1]
+
+
+def test_a_bucket_split_by_window_shape_fits_as_one_solve(monkeypatch):
+    """Groups of equal size fitted in solves of a few window shapes (each group sees
+    its own box only) give the rows of one solve of the largest shape: the same spots,
+    positions and errors within 1e-6 px, on a non-square dense field (1 spot per
+    11 x 11 px) that is fitted well (F1 >= 0.9 within 1.5 px, RMSE <= 0.25 px)."""
+    camera = Camera(baseline=100.0, gain=1.0, read_noise=1.5)
+    img, truth = spotfit.simulate((88, 132), n_spots=96, photons=(1000, 4000), background=20, sigma=1.3,
+                                  camera=camera, seed=21)
+    splits = []
+    classes = spotfit.group.shape_classes
+
+    def counted(extent):  # a small field: splits that save few pixels too
+        out = classes(extent, saving=50)
+        splits.append(len(out))
+        return out
+
+    monkeypatch.setattr(spotfit.group, "shape_classes", counted)
+    split = spotfit.fit(img, camera=camera, sigma=1.3, crowded=True)
+    assert max(splits) > 1, splits  # some bucket was split
+    monkeypatch.setattr(spotfit.group, "shape_classes", lambda extent: [np.arange(len(extent))])
+    one = spotfit.fit(img, camera=camera, sigma=1.3, crowded=True)
+    assert len(split) == len(one)
+    assert (split["status"].to_numpy() == one["status"].to_numpy()).all()
+    cols = ["x", "y", "x_err", "y_err", "sigma_x"]
+    np.testing.assert_allclose(split[cols].to_numpy(float), one[cols].to_numpy(float), rtol=0, atol=1e-6)
+    f1, rmse = _scores(split[split["status"] == "converged"], truth)
+    assert f1 >= 0.9 and rmse <= 0.25, (f1, rmse)
+
+
+def test_grouped_candidates_of_dense_frames_skip_the_model_choice(monkeypatch):
+    """In a dense frame (non-square, elongated spots sigma 1.5 x 1.1 px, isolated and in pairs
+    3.6 px apart) the single fits
+    of candidates with a neighbour within the grouping radius (replaced by the joint
+    fits; maxima 2 px apart are candidates) keep the symmetric model without the score test unless they may be a blob's;
+    isolated candidates keep the model choice and get the rotated model, with widths
+    near the truth.  The table is the same as with the choice made for every candidate."""
+    import spotfit.single
+
+    camera = Camera(baseline=100.0, gain=1.0, read_noise=1.5)
+    sites = np.array([(8.0 + 13 * i, 7.0 + 12 * j) for i in range(7) for j in range(5)])  # x, y
+    sites += np.random.default_rng(8).uniform(-1, 1, sites.shape)
+    pairs = sites[::2]  # every other site: two spots 3.6 px apart along y (the minor axis)
+    xy = np.concatenate([sites[1::2], pairs - [0, 1.8], pairs + [0, 1.8]])
+    img, truth = spotfit.simulate((72, 104), photons=(4000, 6000), background=20, sigma_x=1.5, sigma_y=1.1,
+                                  angle=0.0, camera=camera, positions=xy, seed=8)
+    seen = []
+    fit_batch = spotfit.single.fit_batch
+
+    def recorded(setup, batch, choose_width=None):
+        rows = fit_batch(setup, batch, choose_width)
+        seen.append((choose_width, spotfit.lighttable.as_frame(rows)))
+        return rows
+
+    monkeypatch.setattr(spotfit.single, "fit_batch", recorded)
+    skipped = spotfit.fit(img, camera=camera, sigma=1.3, crowded=True, min_distance=2)
+    choose = np.concatenate([c for c, _ in seen])
+    rows = pd.concat([r for _, r in seen], ignore_index=True)
+    grouped, isolated = choose > 0, choose == 0
+    assert grouped.sum() >= 10 and isolated.sum() >= 10, (grouped.sum(), isolated.sum())
+    sx, sy = rows["sigma_x"].to_numpy(), rows["sigma_y"].to_numpy()
+    converged = rows["status"].to_numpy() == "converged"
+    narrow = grouped & converged & (sx < 1.3 * spotfit.fields.CHOOSE_WIDTH)
+    assert narrow.sum() >= 5 and np.all(sx[narrow] == sy[narrow])  # symmetric: no choice made
+    elongated = isolated & converged & (sx != sy)
+    assert elongated.sum() >= 0.8 * (isolated & converged).sum()
+    big = np.maximum(sx, sy)[elongated]
+    small = np.minimum(sx, sy)[elongated]
+    assert abs(np.median(big) - 1.5) < 0.1 and abs(np.median(small) - 1.1) < 0.1, (np.median(big), np.median(small))
+    monkeypatch.setattr(spotfit.fields, "CHOOSE_WIDTH", 0.0)  # the choice for every candidate
+    every = spotfit.fit(img, camera=camera, sigma=1.3, crowded=True, min_distance=2)
+    assert len(every) == len(skipped)
+    cols = ["x", "y", "intensity", "sigma_x", "sigma_y", "x_err"]
+    np.testing.assert_array_equal(every[cols].to_numpy(float), skipped[cols].to_numpy(float))
+    assert (every["status"].to_numpy() == skipped["status"].to_numpy()).all()
