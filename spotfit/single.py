@@ -638,9 +638,36 @@ def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=N
     by ``residual_var`` for least squares, as in the score test).  The full
     score statistic also projects off the symmetric model's directions (which
     only raises it), so it is at least about this one: a window whose
-    quadrupole score is small is round.  NumPy over all windows at once,
-    about a tenth of the score test's cost.
+    quadrupole score is small is round.  One compiled pass over each window's
+    pixels (:func:`spotfit._kernels.quadrupole_score`), about a seventh of the
+    score test's cost.
     """
+    from spotfit._kernels import quadrupole_score
+
+    w = batch.windows
+    model = reduced.model
+    weighted = not (setup.estimator.normalised_cost or not setup.camera.calibrated)
+    noise = setup.noise(w.read_var) if weighted else None
+    read_var = np.zeros((1, 1)) if noise is None else np.asarray(noise.read_var, float)
+    if read_var.ndim == 0 or read_var.size == 1:
+        read_var = read_var.reshape(1, 1)
+    if read_var.shape == (1, 1) or read_var.shape == w.data.shape:
+        x, y = w.grid.flat()[:2]
+        t = np.empty(len(theta))
+        quadrupole_score(model.kernel(w.grid), np.ascontiguousarray(theta, dtype=float),
+                         np.ascontiguousarray(w.data, dtype=float), np.ascontiguousarray(w.mask),
+                         np.ascontiguousarray(x, dtype=float), np.ascontiguousarray(y, dtype=float),
+                         model.index("x"), model.index("y"), model.offset_index, weighted,
+                         float(0.0 if noise is None else noise.excess), np.ascontiguousarray(read_var),
+                         t, 0, len(theta))
+        if residual_var is not None:
+            t = t / np.maximum(residual_var, solver.VAR_FLOOR)
+        return t
+    return _quadrupole_numpy(setup, reduced, batch, theta, residual_var)
+
+
+def _quadrupole_numpy(setup: Setup, reduced, batch: Batch, theta, residual_var=None) -> np.ndarray:
+    """:func:`_quadrupole_score` in NumPy (a read-noise map of another shape)."""
     w = batch.windows
     model = reduced.model
     mu = model.value(theta, w.grid)
