@@ -818,8 +818,17 @@ def _order_peaks(filtered: np.ndarray, cand: np.ndarray, radii) -> np.ndarray:
     if max(radii) > 1 and len(peaks) > 1:
         # Only equal peaks can be closer than the radii: keep the first.  In
         # units of the radius per axis, "|d_a| <= r_a - 1 on every axis" is a
-        # Chebyshev distance below 1 - 0.5 / max(radii) for integer d.
-        pairs = _close_pairs(np.column_stack([i[peaks] for i in idx]), filtered.shape, radii)
+        # Chebyshev distance below 1 - 0.5 / max(radii) for integer d.  Pairs are
+        # looked for among the peaks whose height another peak shares (sorted by
+        # height, they have an equal neighbour): usually none.
+        ordered = height[peaks]
+        tied = np.zeros(len(peaks), dtype=bool)
+        tied[1:] = ordered[1:] == ordered[:-1]
+        tied[:-1] |= tied[1:]
+        tied = np.flatnonzero(tied)
+        pairs = np.zeros((0, 2), dtype=np.int64)
+        if len(tied) > 1:
+            pairs = tied[_close_pairs(np.column_stack([i[peaks[tied]] for i in idx]), filtered.shape, radii)]
         if len(pairs):
             keep = np.ones(len(peaks), dtype=bool)
             for i, j in sorted(map(tuple, np.sort(pairs, axis=1))):
