@@ -228,15 +228,72 @@ def fit_batch(setup: Setup, batch: Batch):
         Columns of :func:`spotfit.table.columns`, one row per window (no pandas:
         :func:`spotfit.lighttable.as_frame` makes it a DataFrame).
     """
+    if _selects(setup) and len(batch) >= PIECE_WINDOWS and _threads_free():
+        return _select_in_pieces(setup, batch)
     measured = {}
-    values, errors, chi2, iterations, status = _fit_columns(setup, batch, measured)
+    columns = _fit_columns(setup, batch, measured)
+    return _finish(setup, batch, columns, measured.get("variance"))
+
+
+def _finish(setup: Setup, batch: Batch, columns, variance=None):
+    """The table rows of ``batch`` from the columns of its fits: misfits tried again over
+    the detection's background (:func:`_over_background`, :func:`_refine_background`)."""
+    values, errors, chi2, iterations, status = columns
     if batch.background:
-        columns = _over_background(setup, batch, values, errors, chi2, iterations, status,
-                                   measured.get("variance"))
-        values, errors, chi2, iterations, status = _refine_background(
-            setup, batch, *columns, measured.get("variance"))
+        columns = _over_background(setup, batch, values, errors, chi2, iterations, status, variance)
+        values, errors, chi2, iterations, status = _refine_background(setup, batch, *columns, variance)
     return table.build(batch.frame, values, errors, chi2, iterations, results.status_names(status),
                        setup.camera.unit, setup.ndim, light=True)
+
+
+#: a batch of at least this many windows (model chosen per spot) has what follows its
+#: symmetric solve done in one piece per thread side by side (:func:`_select_in_pieces`)
+PIECE_WINDOWS = 4096
+
+
+def _threads_free() -> bool:
+    """More than one kernel thread, and this call not inside a range of
+    :func:`spotfit._jit.over_windows` (whose other threads are busy)."""
+    from spotfit import _jit
+
+    return _jit.kernel_threads() > 1 and not getattr(_jit._WORKING, "on", False)
+
+
+def _select_in_pieces(setup: Setup, batch: Batch):
+    """:func:`fit_batch` with the model chosen per spot: the symmetric fits of all
+    windows in one solve (which measures an uncalibrated frame's noise model), then the
+    rest -- columns, score gate and test, richer fits, refits over the background, table
+    rows -- in one piece of consecutive windows per thread, side by side
+    (:func:`spotfit._jit.over_windows`): each window's rest depends on its own fit and
+    its frame's noise model only, so the rows are those of one piece."""
+    from spotfit._jit import kernel_threads
+    from spotfit.lighttable import concat
+
+    setup.use_threads()
+    reduced = _reduced(setup)
+    sol = _solve(reduced, batch)
+    n = len(batch)
+    pieces = min(2 * kernel_threads(), n)  # two per thread: the pieces' work varies
+    bounds = [(k * n // pieces, (k + 1) * n // pieces) for k in range(pieces)]
+    out = [None] * pieces
+
+    def run(first, last):
+        for k in range(first, last):
+            rows = slice(*bounds[k])
+            sub = _take(batch, rows)
+            sub.background = batch.background
+            part = _rows_of(sol, rows)
+            out[k] = _finish(setup, sub, _select(setup, reduced, sub, part), part.variance)
+
+    over_windows(run, pieces, threaded=True)
+    return concat(out)
+
+
+def _rows_of(sol, rows):
+    """A :class:`spotfit.solver.Solution` of windows ``rows`` of ``sol``."""
+    return solver.Solution(*(None if v is None else v[rows] for v in (
+        sol.theta, sol.cov, sol.cost, sol.chi2_red, sol.iterations, sol.status, sol.bias,
+        sol.variance, sol.unstable)))
 
 
 def _fit_columns(setup: Setup, batch: Batch, measured=None):
@@ -760,6 +817,11 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None):
     sol = _solve(reduced, batch)
     if measured is not None:
         measured["variance"] = sol.variance
+    return _select(setup, reduced, batch, sol)
+
+
+def _select(setup: Setup, reduced, batch: Batch, sol):
+    """:func:`_fit_selected` after the symmetric solve ``sol`` of ``batch``'s windows."""
     values, errors, chi2, iterations, status = _columns(reduced, batch, sol)
     w = batch.windows
     n_valid = w.mask.sum(axis=1)

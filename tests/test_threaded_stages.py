@@ -282,3 +282,25 @@ def test_screen_in_one_pass_finds_what_two_passes_find(shape, box, plateau, monk
     for pixels in (10**12, 1):  # one range; ranges on the threads
         monkeypatch.setattr(detection, "PARALLEL_PIXELS", pixels)
         assert np.array_equal(detection._above(volume, limit, cells, box), expected)
+
+
+@pytest.mark.parametrize("camera", [spotfit.Camera(), CAMERA], ids=["lsq", "mle"])
+def test_model_choice_in_pieces_gives_the_table_of_one_piece(camera, monkeypatch):
+    """What follows the symmetric solve of a large batch, run in pieces side by side
+    (single.PIECE_WINDOWS), gives exactly the table of one piece, with and without a
+    camera (the frame's measured noise model shared by the pieces)."""
+    from spotfit import fields
+
+    image = (_frame((301, 517), 400, seed=22) + 100.0).astype(np.uint16)
+    monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
+    monkeypatch.setattr(fields, "PIECE_WINDOWS", 10**9)
+    monkeypatch.setattr(single, "PIECE_WINDOWS", 10**9)
+    whole = spotfit.fit(image, camera=camera, sigma=1.3, workers=2)
+    assert len(whole) > 300
+    monkeypatch.setattr(single, "PIECE_WINDOWS", 100)
+    seen = []
+    original = single._select_in_pieces
+    monkeypatch.setattr(single, "_select_in_pieces", lambda *a: seen.append(len(a[1])) or original(*a))
+    pieces = spotfit.fit(image, camera=camera, sigma=1.3, workers=2)
+    assert seen and seen[0] > 300
+    pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
