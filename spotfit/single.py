@@ -204,15 +204,47 @@ def width_limits(model, grid):
 def _solve(setup: Setup, batch: Batch):
     m, cfg, w = setup.model, setup.config, batch.windows
     setup.use_threads()
-    theta0 = initial_guess(m, w.data, w.mask, w.grid, cfg)
-    lower, upper = window_bounds(m, setup.estimator, w)
+    theta0, lower, upper, hold = _starts(setup, batch)
     widths = m.width_mask
     free = ~widths if cfg.fix_sigma else np.ones(m.n_params, bool)
-    hold = faint(m, theta0, cfg.sigma, setup.camera.calibrated, batch.image_var)
     return solver.solve(m, setup.estimator, w.data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
                         lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
                         hold_first=None if cfg.fix_sigma else widths, hold_rows=hold,
                         groups=batch.frame, variance=batch.variance)
+
+
+#: windows per block of a solve's starting values and bounds (:func:`_starts`); the
+#: blocks of a batch of two blocks or more run on the kernel threads
+START_BLOCK = 1024
+
+
+def _starts(setup: Setup, batch: Batch):
+    """Starting values (:func:`spotfit.start.initial_guess`), bounds (:func:`window_bounds`)
+    and which fits first hold their widths (:func:`spotfit.start.faint`) of ``batch``'s
+    windows: per window, so computed in blocks of :data:`START_BLOCK` windows side by
+    side (:func:`spotfit._jit.over_windows`) for large batches."""
+    m, cfg, w = setup.model, setup.config, batch.windows
+
+    def block(rows):
+        sub = roi.Windows(w.data[rows], w.mask[rows], w.origin[rows], w.grid,
+                          None if w.read_var is None else w.read_var[rows])
+        theta0 = initial_guess(m, sub.data, sub.mask, sub.grid, cfg)
+        lower, upper = window_bounds(m, setup.estimator, sub)
+        return theta0, lower, upper, faint(m, theta0, cfg.sigma, setup.camera.calibrated,
+                                           batch.image_var[rows])
+
+    n = len(batch)
+    blocks = -(-n // START_BLOCK)
+    if blocks < 2:
+        return block(slice(None))
+    out = [None] * blocks
+
+    def run(first, last):
+        for k in range(first, last):
+            out[k] = block(slice(k * START_BLOCK, min(n, (k + 1) * START_BLOCK)))
+
+    over_windows(run, blocks, threaded=True)
+    return tuple(np.concatenate([o[i] for o in out]) for i in range(4))
 
 
 def fit_batch(setup: Setup, batch: Batch):

@@ -304,3 +304,15 @@ def test_model_choice_in_pieces_gives_the_table_of_one_piece(camera, monkeypatch
     pieces = spotfit.fit(image, camera=camera, sigma=1.3, workers=2)
     assert seen and seen[0] > 300
     pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
+
+
+@pytest.mark.parametrize("camera", [spotfit.Camera(), CAMERA], ids=["lsq", "mle"])
+def test_starting_values_in_blocks_give_the_table_of_one_block(camera, monkeypatch):
+    image = (_frame((203, 517), 500, seed=23) + 100.0).astype(np.uint16)
+    tables = []
+    for block in (10**9, 7, 64):
+        monkeypatch.setattr(single, "START_BLOCK", block)
+        tables.append(spotfit.fit(image, camera=camera, sigma=1.3, workers=2))
+    assert len(tables[0]) > 300
+    for other in tables[1:]:
+        pd.testing.assert_frame_equal(tables[0], other, check_exact=True)
