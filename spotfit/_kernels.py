@@ -873,3 +873,55 @@ def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
         for c in range(m):
             acc += C[a, c] * g[c]
         out[idx[a]] = -0.5 * acc
+
+
+# ----------------------------------------------------------------------------
+# Model choice: the quadrupole score of symmetric fits (spotfit.single's gate)
+# ----------------------------------------------------------------------------
+@njit(error_model="numpy", nogil=True)
+def quadrupole_score(km, theta, data, mask, x, y, ix, iy, ioff, weighted, excess, read_var, out,
+                     start, stop):
+    """``g^T I^-1 g`` over the two quadrupole patterns ``dx^2 - dy^2`` and ``dx dy`` of
+    2D fits ``theta`` (one emitter; centre at ``ix, iy``, offset at ``ioff``), windows
+    ``start .. stop``, into ``out`` (``inf`` where ``I`` is singular): the statistic of
+    :func:`spotfit.single._quadrupole_score`, in one pass over each window's pixels.
+
+    ``g`` projects the weighted residual, ``I`` the weighted light squared on the
+    patterns (light: the model minus its offset); the weight is 1 (``weighted`` 0),
+    else the light over the pixel variance ``excess * max(mu, 0) + read_var``
+    (``read_var`` ``(1, 1)`` or ``(n, P)``), floored at 1e-12.  Pixels outside
+    ``mask`` are left out.
+    """
+    P = data.shape[1]
+    mu = np.empty(P)
+    J = np.empty((theta.shape[1], P))
+    scratch = np.empty((9, max(km.nz, km.ny, km.nx, 10)))
+    per_pixel = read_var.shape[0] > 1 or read_var.shape[1] > 1
+    for i in range(start, stop):
+        model_window(km, theta[i], mu, J, scratch)
+        cx, cy, off = theta[i, ix], theta[i, iy], theta[i, ioff]
+        gc = gs = icc = iss = ics = 0.0
+        for p in range(P):
+            if not mask[i, p]:
+                continue
+            light = mu[p] - off
+            w = light
+            if weighted:
+                var = excess * max(mu[p], 0.0) + (read_var[i, p] if per_pixel else read_var[0, 0])
+                w = light / max(var, 1e-12)
+            a = w * (data[i, p] - mu[p])
+            b = w * light
+            dx = x[p] - cx
+            dy = y[p] - cy
+            u = dx * dx - dy * dy
+            v = dx * dy
+            gc += u * a
+            gs += v * a
+            icc += u * u * b
+            iss += v * v * b
+            ics += u * v * b
+        det = icc * iss - ics * ics
+        if det > 0:
+            out[i] = (iss * gc * gc - 2.0 * ics * gc * gs + icc * gs * gs) / det
+        else:
+            out[i] = np.inf

@@ -535,64 +535,117 @@ def _screen(filtered, background, noise, floor, factor, radii=None):
     return _above(volume, limit, background.cells, box)
 
 
-@njit(nogil=True)
-def _above_rows(volume, limit, cells, cell_x, box, first, out, fill, start, stop):
-    """Pixels of rows ``start .. stop`` (of the ``nz * ny`` rows of `volume`) above
-    their cell's `limit` and, if ``box`` (half-widths ``(rz, ry, rx)``) is not all
-    zeros, >= every pixel of the box around them (clipped at the edges): counted
-    into ``first[r]`` (``fill`` False), or their flat indices written to `out` from
-    position ``first[r]`` on (``fill`` True)."""
+@njit(nogil=True, inline="always")
+def _row_peaks(volume, limit, cells, cell_x, box, r, out, pos, fill):
+    """Pixels of row ``r`` (of the ``nz * ny`` rows of `volume`) above their cell's
+    `limit` and, if ``box`` (half-widths ``(rz, ry, rx)``) is not all zeros, >= every
+    pixel of the box around them (clipped at the edges): their flat indices written to
+    `out` from ``pos`` on if ``fill``; returns ``pos`` plus their number."""
     nz, ny, nx = volume.shape
     cz, cy = cells[0], cells[1]
     rz, ry, rx = box[0], box[1], box[2]
     check = rz > 0 or ry > 0 or rx > 0
-    for r in range(start, stop):
-        z, y = r // ny, r % ny
-        row = volume[z, y]
-        lim = limit[z // cz, y // cy]
-        k = first[r] if fill else 0
-        for x in range(nx):
-            h = row[x]
-            if not h > lim[cell_x[x]]:
-                continue
-            if check:
-                peak = True
-                for zz in range(max(z - rz, 0), min(z + rz + 1, nz)):
-                    for yy in range(max(y - ry, 0), min(y + ry + 1, ny)):
-                        other = volume[zz, yy]
-                        for xx in range(max(x - rx, 0), min(x + rx + 1, nx)):
-                            if other[xx] > h:
-                                peak = False
-                                break
-                        if not peak:
+    z, y = r // ny, r % ny
+    row = volume[z, y]
+    lim = limit[z // cz, y // cy]
+    k = pos
+    for x in range(nx):
+        h = row[x]
+        if not h > lim[cell_x[x]]:
+            continue
+        if check:
+            peak = True
+            for zz in range(max(z - rz, 0), min(z + rz + 1, nz)):
+                for yy in range(max(y - ry, 0), min(y + ry + 1, ny)):
+                    other = volume[zz, yy]
+                    for xx in range(max(x - rx, 0), min(x + rx + 1, nx)):
+                        if other[xx] > h:
+                            peak = False
                             break
                     if not peak:
                         break
                 if not peak:
-                    continue
-            if fill:
-                out[k] = r * nx + x
-            k += 1
-        if not fill:
-            first[r] = k
+                    break
+            if not peak:
+                continue
+        if fill:
+            out[k] = r * nx + x
+        k += 1
+    return k
+
+
+@njit(nogil=True)
+def _above_rows(volume, limit, cells, cell_x, box, first, out, fill, start, stop):
+    """:func:`_row_peaks` of rows ``start .. stop``: counted into ``first[r]`` (``fill``
+    False), or their flat indices written to `out` from position ``first[r]`` on
+    (``fill`` True)."""
+    for r in range(start, stop):
+        if fill:
+            _row_peaks(volume, limit, cells, cell_x, box, r, out, first[r], True)
+        else:
+            first[r] = _row_peaks(volume, limit, cells, cell_x, box, r, out, 0, False)
+
+
+@njit(nogil=True)
+def _above_ranges(volume, limit, cells, cell_x, box, bounds, cap, out, found, first, last):
+    """:func:`_row_peaks` of the row ranges ``first .. last`` (range ``k``: rows
+    ``bounds[k] .. bounds[k + 1]``) in one pass: range ``k`` writes its pixels to
+    ``out[k * cap:]`` and their number to ``found[k]``, or -1 when a row might not
+    fit in ``cap`` any more (a row writes at most ``nx``)."""
+    nx = volume.shape[2]
+    for k in range(first, last):
+        base = k * cap
+        pos = base
+        for r in range(bounds[k], bounds[k + 1]):
+            if pos + nx > base + cap:
+                pos = base - 1
+                break
+            pos = _row_peaks(volume, limit, cells, cell_x, box, r, out, pos, True)
+        found[k] = pos - base
+
+
+#: :func:`_above`: pixels per candidate its single pass makes room for (maxima of
+#: boxes of 3 x 3 pixels or more are at most one in 4 pixels, bar ties); a range of
+#: rows with more is scanned again in two passes
+_ABOVE_ROOM = 4
 
 
 def _above(volume, limit, cells, box):
     """Flat indices of the pixels of `volume` above their cell's `limit` (and maxima of
-    their ``box``), increasing (:func:`_above_rows`: counted per row, then filled; on
-    threads for large frames)."""
+    their ``box``), increasing (:func:`_row_peaks`): one pass over ranges of rows, each
+    writing to room of its own (:func:`_above_ranges`; on threads for large frames), or
+    where that overflows, counted per row, then filled (:func:`_above_rows`)."""
+    from spotfit._jit import kernel_threads
+
     nz, ny, nx = volume.shape
     rows, threaded = nz * ny, volume.size >= PARALLEL_PIXELS
     cell_x = np.arange(nx, dtype=np.int64) // int(cells[2])
-    counts = np.zeros(rows, np.int64)
-    none = np.zeros(0, np.int64)
-    over_windows(_above_rows, rows, volume, limit, cells, cell_x, box, counts, none, False,
+    ranges = min(rows, 4 * kernel_threads()) if threaded else 1
+    bounds = np.array([k * rows // ranges for k in range(ranges + 1)], np.int64)
+    cap = int(np.max(np.diff(bounds))) * nx // _ABOVE_ROOM + nx
+    out = np.empty(ranges * cap, np.int64)
+    found = np.zeros(ranges, np.int64)
+    over_windows(_above_ranges, ranges, volume, limit, cells, cell_x, box, bounds, cap, out, found,
                  threaded=threaded)
-    first = np.zeros(rows, np.int64)
+    parts = []
+    for k in range(ranges):
+        if found[k] >= 0:
+            parts.append(out[k * cap: k * cap + found[k]])
+        else:
+            parts.append(_above_two_pass(volume, limit, cells, cell_x, box, bounds[k], bounds[k + 1]))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+
+
+def _above_two_pass(volume, limit, cells, cell_x, box, start, stop):
+    """:func:`_above` of rows ``start .. stop``: counted per row, then filled."""
+    counts = np.zeros(volume.shape[0] * volume.shape[1], np.int64)
+    none = np.zeros(0, np.int64)
+    _above_rows(volume, limit, cells, cell_x, box, counts, none, False, start, stop)
+    first = np.zeros_like(counts)
     np.cumsum(counts[:-1], out=first[1:])
     out = np.empty(int(counts.sum()), np.int64)
-    over_windows(_above_rows, rows, volume, limit, cells, cell_x, box, first, out, True,
-                 threaded=threaded)
+    first -= first[start]
+    _above_rows(volume, limit, cells, cell_x, box, first, out, True, start, stop)
     return out
 
 
@@ -765,8 +818,17 @@ def _order_peaks(filtered: np.ndarray, cand: np.ndarray, radii) -> np.ndarray:
     if max(radii) > 1 and len(peaks) > 1:
         # Only equal peaks can be closer than the radii: keep the first.  In
         # units of the radius per axis, "|d_a| <= r_a - 1 on every axis" is a
-        # Chebyshev distance below 1 - 0.5 / max(radii) for integer d.
-        pairs = _close_pairs(np.column_stack([i[peaks] for i in idx]), filtered.shape, radii)
+        # Chebyshev distance below 1 - 0.5 / max(radii) for integer d.  Pairs are
+        # looked for among the peaks whose height another peak shares (sorted by
+        # height, they have an equal neighbour): usually none.
+        ordered = height[peaks]
+        tied = np.zeros(len(peaks), dtype=bool)
+        tied[1:] = ordered[1:] == ordered[:-1]
+        tied[:-1] |= tied[1:]
+        tied = np.flatnonzero(tied)
+        pairs = np.zeros((0, 2), dtype=np.int64)
+        if len(tied) > 1:
+            pairs = tied[_close_pairs(np.column_stack([i[peaks[tied]] for i in idx]), filtered.shape, radii)]
         if len(pairs):
             keep = np.ones(len(peaks), dtype=bool)
             for i, j in sorted(map(tuple, np.sort(pairs, axis=1))):

@@ -325,15 +325,13 @@ def fit_single(setup: Setup, frames, raster: bool):
             coords = coords[np.lexsort(coords.T[::-1])]  # rows in raster order (z, y, x)
         n = len(coords)
         cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var, background=f.background)
-        if n > chunk:  # one frame, several solves: its noise model is measured up front
+        pieces = _pieces(setup, n, chunk)
+        if pieces > 1:  # one frame, several solves: its noise model is measured up front
             n_pending = flush()
             variance = None
             if not setup.camera.calibrated:
                 variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
-            for start in range(0, n, chunk):
-                rows = np.arange(start, min(n, start + chunk))
-                parts.append(single.fit_batch(setup, single.cut_frame(
-                    setup, f.t, f.photons, coords, f.image_var, rows=rows, variance=variance, **cut)))
+            parts.extend(_fit_pieces(setup, f, coords, pieces, variance, cut))
             continue
         if n_pending + n > chunk:
             n_pending = flush()
@@ -343,6 +341,50 @@ def fit_single(setup: Setup, frames, raster: bool):
     if not parts:
         return table.empty(setup.ndim, light=True)
     return concat(parts)
+
+
+#: a frame with at least this many candidates is fitted in pieces, one per thread at a time
+#: (:func:`_fit_pieces`)
+PIECE_WINDOWS = 4096
+
+
+def _pieces(setup: Setup, n: int, chunk: int) -> int:
+    """How many solves the ``n`` candidates of one frame take: one per ``chunk``
+    windows, and with a calibrated camera from :data:`PIECE_WINDOWS` on a multiple
+    of the threads (without one, pieces need the frame's noise model measured up
+    front, :func:`spotfit.single.frame_variance`: a fifth more solves than the
+    overlap saves)."""
+    from spotfit._jit import kernel_threads
+
+    pieces = -(-n // chunk)
+    setup.use_threads()
+    threads = kernel_threads()
+    if setup.camera.calibrated and n >= PIECE_WINDOWS and threads > 1:
+        pieces = threads * -(-pieces // threads)
+    return pieces
+
+
+def _fit_pieces(setup: Setup, f, coords, pieces: int, variance, cut) -> list:
+    """Table parts of the single-spot fits of frame ``f``'s candidates ``coords`` in
+    ``pieces`` solves of consecutive candidates, run side by side on the kernel
+    threads (:func:`spotfit._jit.over_windows`; each piece's own kernels then run in
+    its thread): a piece's NumPy between its kernels overlaps another's work.  Each
+    window's fit depends on the window and on its frame's noise model ``variance``
+    (measured up front) only, so the rows are those of one solve."""
+    from spotfit._jit import over_windows
+
+    n = len(coords)
+    bounds = [(k * n // pieces, (k + 1) * n // pieces) for k in range(pieces)]
+    out = [None] * pieces
+
+    def run(first, last):
+        for k in range(first, last):
+            rows = np.arange(*bounds[k])
+            out[k] = single.fit_batch(setup, single.cut_frame(
+                setup, f.t, f.photons, coords, f.image_var, rows=rows, variance=variance, **cut))
+
+    over_windows(run, pieces, threaded=True)
+    return out
 
 
 #: pixels of the frames fitted together by the crowded path (a few float64 copies each)

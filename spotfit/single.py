@@ -204,15 +204,47 @@ def width_limits(model, grid):
 def _solve(setup: Setup, batch: Batch):
     m, cfg, w = setup.model, setup.config, batch.windows
     setup.use_threads()
-    theta0 = initial_guess(m, w.data, w.mask, w.grid, cfg)
-    lower, upper = window_bounds(m, setup.estimator, w)
+    theta0, lower, upper, hold = _starts(setup, batch)
     widths = m.width_mask
     free = ~widths if cfg.fix_sigma else np.ones(m.n_params, bool)
-    hold = faint(m, theta0, cfg.sigma, setup.camera.calibrated, batch.image_var)
     return solver.solve(m, setup.estimator, w.data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
                         lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
                         hold_first=None if cfg.fix_sigma else widths, hold_rows=hold,
                         groups=batch.frame, variance=batch.variance)
+
+
+#: windows per block of a solve's starting values and bounds (:func:`_starts`); the
+#: blocks of a batch of two blocks or more run on the kernel threads
+START_BLOCK = 1024
+
+
+def _starts(setup: Setup, batch: Batch):
+    """Starting values (:func:`spotfit.start.initial_guess`), bounds (:func:`window_bounds`)
+    and which fits first hold their widths (:func:`spotfit.start.faint`) of ``batch``'s
+    windows: per window, so computed in blocks of :data:`START_BLOCK` windows side by
+    side (:func:`spotfit._jit.over_windows`) for large batches."""
+    m, cfg, w = setup.model, setup.config, batch.windows
+
+    def block(rows):
+        sub = roi.Windows(w.data[rows], w.mask[rows], w.origin[rows], w.grid,
+                          None if w.read_var is None else w.read_var[rows])
+        theta0 = initial_guess(m, sub.data, sub.mask, sub.grid, cfg)
+        lower, upper = window_bounds(m, setup.estimator, sub)
+        return theta0, lower, upper, faint(m, theta0, cfg.sigma, setup.camera.calibrated,
+                                           batch.image_var[rows])
+
+    n = len(batch)
+    blocks = -(-n // START_BLOCK)
+    if blocks < 2:
+        return block(slice(None))
+    out = [None] * blocks
+
+    def run(first, last):
+        for k in range(first, last):
+            out[k] = block(slice(k * START_BLOCK, min(n, (k + 1) * START_BLOCK)))
+
+    over_windows(run, blocks, threaded=True)
+    return tuple(np.concatenate([o[i] for o in out]) for i in range(4))
 
 
 def fit_batch(setup: Setup, batch: Batch, choose_width=None):
@@ -226,7 +258,7 @@ def fit_batch(setup: Setup, batch: Batch, choose_width=None):
     ----------
     setup : Setup
     batch : Batch
-    choose_width : (n,) ndarray, optional
+    choose_width : float or (n,) ndarray, optional
         With model choice: windows whose symmetric fit converged narrower
         than this (px) keep it without a choice (the crowded-field fits
         need only a grouped candidate's widths when it may be a blob,
@@ -239,15 +271,73 @@ def fit_batch(setup: Setup, batch: Batch, choose_width=None):
         Columns of :func:`spotfit.table.columns`, one row per window (no pandas:
         :func:`spotfit.lighttable.as_frame` makes it a DataFrame).
     """
+    if _selects(setup) and len(batch) >= PIECE_WINDOWS and _threads_free():
+        return _select_in_pieces(setup, batch, choose_width)
     measured = {}
-    values, errors, chi2, iterations, status = _fit_columns(setup, batch, measured, choose_width)
+    columns = _fit_columns(setup, batch, measured, choose_width)
+    return _finish(setup, batch, columns, measured.get("variance"))
+
+
+def _finish(setup: Setup, batch: Batch, columns, variance=None):
+    """The table rows of ``batch`` from the columns of its fits: misfits tried again over
+    the detection's background (:func:`_over_background`, :func:`_refine_background`)."""
+    values, errors, chi2, iterations, status = columns
     if batch.background:
-        columns = _over_background(setup, batch, values, errors, chi2, iterations, status,
-                                   measured.get("variance"))
-        values, errors, chi2, iterations, status = _refine_background(
-            setup, batch, *columns, measured.get("variance"))
+        columns = _over_background(setup, batch, values, errors, chi2, iterations, status, variance)
+        values, errors, chi2, iterations, status = _refine_background(setup, batch, *columns, variance)
     return table.build(batch.frame, values, errors, chi2, iterations, results.status_names(status),
                        setup.camera.unit, setup.ndim, light=True)
+
+
+#: a batch of at least this many windows (model chosen per spot) has what follows its
+#: symmetric solve done in one piece per thread side by side (:func:`_select_in_pieces`)
+PIECE_WINDOWS = 4096
+
+
+def _threads_free() -> bool:
+    """More than one kernel thread, and this call not inside a range of
+    :func:`spotfit._jit.over_windows` (whose other threads are busy)."""
+    from spotfit import _jit
+
+    return _jit.kernel_threads() > 1 and not getattr(_jit._WORKING, "on", False)
+
+
+def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
+    """:func:`fit_batch` with the model chosen per spot: the symmetric fits of all
+    windows in one solve (which measures an uncalibrated frame's noise model), then the
+    rest -- columns, score gate and test, richer fits, refits over the background, table
+    rows -- in one piece of consecutive windows per thread, side by side
+    (:func:`spotfit._jit.over_windows`): each window's rest depends on its own fit and
+    its frame's noise model only, so the rows are those of one piece."""
+    from spotfit._jit import kernel_threads
+    from spotfit.lighttable import concat
+
+    setup.use_threads()
+    reduced = _reduced(setup)
+    sol = _solve(reduced, batch)
+    n = len(batch)
+    pieces = min(2 * kernel_threads(), n)  # two per thread: the pieces' work varies
+    bounds = [(k * n // pieces, (k + 1) * n // pieces) for k in range(pieces)]
+    out = [None] * pieces
+
+    def run(first, last):
+        for k in range(first, last):
+            rows = slice(*bounds[k])
+            sub = _take(batch, rows)
+            sub.background = batch.background
+            part = _rows_of(sol, rows)
+            width = choose_width[rows] if np.ndim(choose_width) else choose_width
+            out[k] = _finish(setup, sub, _select(setup, reduced, sub, part, width), part.variance)
+
+    over_windows(run, pieces, threaded=True)
+    return concat(out)
+
+
+def _rows_of(sol, rows):
+    """A :class:`spotfit.solver.Solution` of windows ``rows`` of ``sol``."""
+    return solver.Solution(*(None if v is None else v[rows] for v in (
+        sol.theta, sol.cov, sol.cost, sol.chi2_red, sol.iterations, sol.status, sol.bias,
+        sol.variance, sol.unstable)))
 
 
 def _fit_columns(setup: Setup, batch: Batch, measured=None, choose_width=None):
@@ -650,9 +740,36 @@ def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=N
     by ``residual_var`` for least squares, as in the score test).  The full
     score statistic also projects off the symmetric model's directions (which
     only raises it), so it is at least about this one: a window whose
-    quadrupole score is small is round.  NumPy over all windows at once,
-    about a tenth of the score test's cost.
+    quadrupole score is small is round.  One compiled pass over each window's
+    pixels (:func:`spotfit._kernels.quadrupole_score`), about a seventh of the
+    score test's cost.
     """
+    from spotfit._kernels import quadrupole_score
+
+    w = batch.windows
+    model = reduced.model
+    weighted = not (setup.estimator.normalised_cost or not setup.camera.calibrated)
+    noise = setup.noise(w.read_var) if weighted else None
+    read_var = np.zeros((1, 1)) if noise is None else np.asarray(noise.read_var, float)
+    if read_var.ndim == 0 or read_var.size == 1:
+        read_var = read_var.reshape(1, 1)
+    if read_var.shape == (1, 1) or read_var.shape == w.data.shape:
+        x, y = w.grid.flat()[:2]
+        t = np.empty(len(theta))
+        quadrupole_score(model.kernel(w.grid), np.ascontiguousarray(theta, dtype=float),
+                         np.ascontiguousarray(w.data, dtype=float), np.ascontiguousarray(w.mask),
+                         np.ascontiguousarray(x, dtype=float), np.ascontiguousarray(y, dtype=float),
+                         model.index("x"), model.index("y"), model.offset_index, weighted,
+                         float(0.0 if noise is None else noise.excess), np.ascontiguousarray(read_var),
+                         t, 0, len(theta))
+        if residual_var is not None:
+            t = t / np.maximum(residual_var, solver.VAR_FLOOR)
+        return t
+    return _quadrupole_numpy(setup, reduced, batch, theta, residual_var)
+
+
+def _quadrupole_numpy(setup: Setup, reduced, batch: Batch, theta, residual_var=None) -> np.ndarray:
+    """:func:`_quadrupole_score` in NumPy (a read-noise map of another shape)."""
     w = batch.windows
     model = reduced.model
     mu = model.value(theta, w.grid)
@@ -748,6 +865,11 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None, choose_width=None):
     sol = _solve(reduced, batch)
     if measured is not None:
         measured["variance"] = sol.variance
+    return _select(setup, reduced, batch, sol, choose_width)
+
+
+def _select(setup: Setup, reduced, batch: Batch, sol, choose_width=None):
+    """:func:`_fit_selected` after the symmetric solve ``sol`` of ``batch``'s windows."""
     values, errors, chi2, iterations, status = _columns(reduced, batch, sol)
     w = batch.windows
     n_valid = w.mask.sum(axis=1)

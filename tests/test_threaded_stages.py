@@ -1,6 +1,7 @@
 """Stages split into strips, bands or blocks for numba's threads give the same numbers as
 in one piece: the background's coarse grid, the noise estimate, the score-test gate and
-the CSV writer (non-square frames, strip boundaries at awkward places, 3D stacks)."""
+the CSV writer, the screen of detection's maxima, a large frame's single fits in pieces
+(non-square frames, strip boundaries at awkward places, 3D stacks)."""
 
 import sys
 
@@ -215,3 +216,103 @@ def test_detection_with_striped_grids_finds_the_same_candidates(camera, monkeypa
     (c0, s0), (c1, s1) = found
     assert len(c0) > 300
     assert np.array_equal(c0, c1) and np.array_equal(s0, s1)
+
+
+@pytest.mark.parametrize("pieces_from", [10**9, 100])
+def test_large_frame_fitted_in_pieces_gives_the_table_of_one_solve(pieces_from, monkeypatch):
+    """A frame fitted in one piece per thread (calibrated camera, from PIECE_WINDOWS
+    candidates on) has exactly the table of one solve; so has one split into more
+    pieces than threads (a batch size of 150 windows)."""
+    from spotfit import fields
+
+    image = (_frame((301, 517), 400, seed=21) + 100.0).astype(np.uint16)
+    monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
+    monkeypatch.setattr(fields, "PIECE_WINDOWS", 10**9)
+    whole = spotfit.fit(image, camera=CAMERA, sigma=1.3, workers=2)
+    assert len(whole) > 300
+    monkeypatch.setattr(fields, "PIECE_WINDOWS", 100)
+    if pieces_from == 100:
+        monkeypatch.setattr(single, "batch_size", lambda setup: 150)
+    seen = []
+    original = fields._fit_pieces
+    monkeypatch.setattr(fields, "_fit_pieces", lambda *a: seen.append(a[3]) or original(*a))
+    pieces = spotfit.fit(image, camera=CAMERA, sigma=1.3, workers=2)
+    assert seen and seen[0] >= 2
+    pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
+
+
+@pytest.mark.parametrize("camera, read_map", [(spotfit.Camera(), False), (CAMERA, False), (CAMERA, True)],
+                         ids=["lsq", "mle", "mle read-noise map"])
+def test_compiled_quadrupole_score_is_the_numpy_one(camera, read_map, monkeypatch):
+    seen = []
+    original = single._doubtful
+    monkeypatch.setattr(single, "_doubtful", lambda *a: seen.append(a) or original(*a))
+    image = (_frame((150, 331), 300, seed=8) + 100.0).astype(np.uint16)
+    if read_map:
+        rn = np.random.default_rng(3).uniform(1.0, 3.0, image.shape)
+        camera = spotfit.Camera(baseline=100.0, gain=1.0, read_noise=rn)
+    spotfit.fit(image, camera=camera, sigma=1.3)
+    setup, reduced, batch, theta, limit, rv = max(seen, key=lambda a: len(a[3]))
+    assert len(theta) > 200
+    compiled = single._quadrupole_score(setup, reduced, batch, theta, rv)
+    numpy = single._quadrupole_numpy(setup, reduced, batch, theta, rv)
+    assert np.array_equal(np.isinf(compiled), np.isinf(numpy))
+    fin = np.isfinite(numpy)
+    assert np.allclose(compiled[fin], numpy[fin], rtol=1e-9, atol=1e-12)
+    assert np.array_equal(compiled <= single.SCORE_GATE * limit, numpy <= single.SCORE_GATE * limit)
+
+
+@pytest.mark.parametrize("shape, box, plateau", [
+    ((1, 301, 517), (0, 2, 2), False), ((3, 40, 57), (1, 1, 1), False),
+    ((1, 200, 130), (0, 0, 0), False),  # every pixel above the limit: ranges overflow
+    ((1, 120, 90), (0, 1, 1), True),  # a plateau: every pixel a maximum
+])
+def test_screen_in_one_pass_finds_what_two_passes_find(shape, box, plateau, monkeypatch):
+    from spotfit import detection
+
+    rng = np.random.default_rng(sum(shape))
+    volume = np.full(shape, 5.0, np.float32) if plateau else rng.normal(size=shape).astype(np.float32)
+    cells = np.array([1, 4, 4], np.int64)
+    limit = np.full((shape[0], -(-shape[1] // 4), -(-shape[2] // 4)), 0.5, np.float32)
+    limit[..., ::3] = -2.0
+    cell_x = np.arange(shape[2], dtype=np.int64) // 4
+    box = np.array(box, np.int64)
+    expected = detection._above_two_pass(volume, limit, cells, cell_x, box, 0, shape[0] * shape[1])
+    assert len(expected) > 0 and np.all(np.diff(expected) > 0)
+    for pixels in (10**12, 1):  # one range; ranges on the threads
+        monkeypatch.setattr(detection, "PARALLEL_PIXELS", pixels)
+        assert np.array_equal(detection._above(volume, limit, cells, box), expected)
+
+
+@pytest.mark.parametrize("camera", [spotfit.Camera(), CAMERA], ids=["lsq", "mle"])
+def test_model_choice_in_pieces_gives_the_table_of_one_piece(camera, monkeypatch):
+    """What follows the symmetric solve of a large batch, run in pieces side by side
+    (single.PIECE_WINDOWS), gives exactly the table of one piece, with and without a
+    camera (the frame's measured noise model shared by the pieces)."""
+    from spotfit import fields
+
+    image = (_frame((301, 517), 400, seed=22) + 100.0).astype(np.uint16)
+    monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
+    monkeypatch.setattr(fields, "PIECE_WINDOWS", 10**9)
+    monkeypatch.setattr(single, "PIECE_WINDOWS", 10**9)
+    whole = spotfit.fit(image, camera=camera, sigma=1.3, workers=2)
+    assert len(whole) > 300
+    monkeypatch.setattr(single, "PIECE_WINDOWS", 100)
+    seen = []
+    original = single._select_in_pieces
+    monkeypatch.setattr(single, "_select_in_pieces", lambda *a: seen.append(len(a[1])) or original(*a))
+    pieces = spotfit.fit(image, camera=camera, sigma=1.3, workers=2)
+    assert seen and seen[0] > 300
+    pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
+
+
+@pytest.mark.parametrize("camera", [spotfit.Camera(), CAMERA], ids=["lsq", "mle"])
+def test_starting_values_in_blocks_give_the_table_of_one_block(camera, monkeypatch):
+    image = (_frame((203, 517), 500, seed=23) + 100.0).astype(np.uint16)
+    tables = []
+    for block in (10**9, 7, 64):
+        monkeypatch.setattr(single, "START_BLOCK", block)
+        tables.append(spotfit.fit(image, camera=camera, sigma=1.3, workers=2))
+    assert len(tables[0]) > 300
+    for other in tables[1:]:
+        pd.testing.assert_frame_equal(tables[0], other, check_exact=True)
