@@ -316,3 +316,31 @@ def test_starting_values_in_blocks_give_the_table_of_one_block(camera, monkeypat
     assert len(tables[0]) > 300
     for other in tables[1:]:
         pd.testing.assert_frame_equal(tables[0], other, check_exact=True)
+
+
+def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch):
+    """Dense frames pass ``choose_width`` (grouped candidates keep their symmetric fit
+    without a choice) to the single-spot fits; in pieces each piece takes its own windows'
+    widths, and the table is that of one piece."""
+    from spotfit import fields
+
+    movie, _ = spotfit.simulate((6, 32, 44), n_spots=70, photons=3000, background=20, sigma=1.1,
+                                min_separation=1.0, border=1, camera=CAMERA, seed=24)
+    monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
+    monkeypatch.setattr(fields, "PIECE_WINDOWS", 10**9)
+    monkeypatch.setattr(single, "PIECE_WINDOWS", 10**9)
+    whole = spotfit.fit(movie, camera=CAMERA, sigma=1.1, workers=2)
+    assert len(whole) > 200
+    monkeypatch.setattr(single, "PIECE_WINDOWS", 50)
+    widths = []
+    original = single._select_in_pieces
+    monkeypatch.setattr(single, "_select_in_pieces",
+                        lambda *a: widths.append(a[2]) or original(*a))
+    selected = []  # (windows, widths) of each piece's model choice
+    select = single._select
+    monkeypatch.setattr(single, "_select", lambda setup, reduced, batch, sol, width=None: (
+        selected.append((len(batch), width)) or select(setup, reduced, batch, sol, width)))
+    pieces = spotfit.fit(movie, camera=CAMERA, sigma=1.1, workers=2)
+    assert any(w is not None and np.ndim(w) == 1 and np.any(w > 0) for w in widths), widths
+    assert len(selected) > 1 and all(np.shape(w) == (n,) for n, w in selected), selected
+    pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
