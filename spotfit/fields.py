@@ -483,7 +483,6 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
     """:func:`fit_dense` on one chunk of frames; its table rows, by frame and raster order,
     group ids from ``group_offset`` on (``singles``: the chunk's single-spot fits, if known)."""
     import pandas as pd
-    from scipy.spatial import cKDTree
 
     from spotfit import results
     from spotfit._kernels import CONVERGED, NOT_SPOT
@@ -492,15 +491,12 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
     radius = cfg.group_radius * cfg.sigma
     # 1. single-spot fits of the candidates that stand alone
     size = single.batch_size(setup)
-    batches, alone = [], []
+    batches = []
     for f in chunk:
-        coords = f.coords[np.lexsort(f.coords.T[::-1])]  # raster order (z, y, x)
-        f.coords = coords
-        isolated = np.ones(len(coords), bool)
-        if len(coords) > 1:
-            d, _ = cKDTree(coords[:, ::-1].astype(float)).query(coords[:, ::-1].astype(float), k=2)
-            isolated = d[:, 1] > radius
-        alone.append(isolated)
+        f.coords = f.coords[np.lexsort(f.coords.T[::-1])]  # raster order (z, y, x)
+    alone = _isolated(chunk, radius)
+    for f, isolated in zip(chunk, alone):
+        coords = f.coords
         if singles is not None:
             continue
         rows = np.arange(len(coords))  # every candidate: a grouped one may be a blob
@@ -524,8 +520,9 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
     suspect |= grouped & ~blob & (status != results.STATUS_NAMES[NOT_SPOT]) | grouped & ~blob & ok
     stands = ~suspect
     # 3. joint fits of the groups and the suspects, the standing fits' light subtracted
-    frame_of = {f.t: i for i, f in enumerate(chunk)}
-    t_single = np.array([frame_of[t] for t in singles["frame"].to_numpy()], np.int64)
+    numbers = np.array([f.t for f in chunk], np.int64)  # chunk frame of each single fit
+    by_number = np.argsort(numbers, kind="stable")
+    t_single = by_number[np.searchsorted(numbers[by_number], singles["frame"].to_numpy().astype(np.int64))]
     xyz = singles[["x", "y", "z"][:nd]].to_numpy() if len(singles) else np.zeros((0, nd))
     engine_frames = []
     for i, f in enumerate(chunk):
@@ -560,6 +557,25 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
     out = pd.concat([alone_rows, joint], ignore_index=True)
     keys = [out[c].to_numpy() for c in ("x", "y", "z")[:nd]] + [out["frame"].to_numpy()]
     return out.iloc[np.lexsort(keys)].reset_index(drop=True)
+
+
+def _isolated(chunk, radius):
+    """Per frame of ``chunk``: which candidates have no other of their frame within
+    ``radius`` px (bool arrays); all frames' pairs in one grid lookup
+    (:func:`spotfit.roi.pairs_within`, the frame a coordinate farther apart than
+    ``radius``)."""
+    from spotfit.roi import pairs_within
+
+    sizes = [len(f.coords) for f in chunk]
+    if sum(sizes) == 0:
+        return [np.ones(0, bool) for _ in chunk]
+    t = np.repeat(np.arange(len(chunk)), sizes)
+    xyz = np.concatenate([f.coords[:, ::-1] for f in chunk if len(f.coords)]).astype(float)
+    points = np.column_stack([xyz, t * (np.ceil(radius) + 1.0)])
+    first, second = pairs_within(points, points, radius)
+    grouped = np.zeros(len(points), bool)
+    grouped[first[first != second]] = True
+    return np.split(~grouped, np.cumsum(sizes)[:-1])
 
 
 def _judge_singles(setup: Setup, singles):
