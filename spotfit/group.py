@@ -187,26 +187,6 @@ class _Spots:
 _FRAME_GAP = 1e7
 
 
-def _same_pieces(backgrounds):
-    """Groups (lists of positions, two or more) of the detection backgrounds
-    ``backgrounds`` (lists of :class:`~spotfit.detection.BackgroundPiece`, or
-    None) that are the same pieces moved by one shift each (the tiles of a
-    frame, :meth:`~spotfit.detection.BackgroundPiece.moved`)."""
-    groups = {}
-    for k, pieces in enumerate(backgrounds):
-        if not pieces:
-            continue
-        key = tuple((id(p.background), p.factor, tuple((s.start, s.stop) for s in p.interior))
-                    for p in pieces)
-        shift = np.subtract(pieces[0].origin, backgrounds[groups[key][0]][0].origin) if key in groups else None
-        if shift is not None and not all(
-                np.array_equal(np.subtract(p.origin, q.origin), shift)
-                for p, q in zip(pieces, backgrounds[groups[key][0]])):
-            continue  # not one shift: looked up on its own
-        groups.setdefault(key, []).append(k)
-    return [rows for rows in groups.values() if len(rows) > 1]
-
-
 class CrowdedFitter:
     """Joint fits of grouped spots over a chunk of frames, for one :class:`~spotfit.config.Setup`.
 
@@ -372,35 +352,24 @@ class CrowdedFitter:
         windows of its spots overlap several times over, round after round) and
         the windows' pixels are gathered from it: the same values."""
         from spotfit.background import Background, _as_volume, _sigmas
-        from spotfit.detection import background_at
+        from spotfit.detection import background_box
 
         dims = self._stack.shape[1:]
         if getattr(self, "_bg_frames", None) is not self._frames:
             self._bg_frames = self._frames
             self._bg_stack = np.zeros(self._stack.shape)
             self._bg_done = np.zeros(len(self._frames), bool)
-        todo = [int(i) for i in np.unique(t) if not self._bg_done[i]]
-        every = [a.ravel() for a in np.indices(dims)]  # every pixel of a frame, array order
-        # frames whose pieces are one frame's, moved (the tiles of a frame): one lookup for all
-        for rows in _same_pieces([getattr(self._frames[i], "background", None) for i in todo]):
-            first = self._frames[todo[rows[0]]].background
-            shifts = [np.subtract(first[0].origin, self._frames[todo[r]].background[0].origin) for r in rows]
-            index = [np.concatenate([every[a] + s[a] for s in shifts]) for a in range(len(dims))]
-            values = background_at(first, index).reshape(len(rows), *dims)
-            for r, v in zip(rows, values):
-                self._bg_stack[todo[r]] = v
-                self._bg_done[todo[r]] = True
-        for i in todo:
+        for i in np.unique(t):
             if self._bg_done[i]:
                 continue
             known = getattr(self._frames[i], "background", None)  # detection's (BackgroundPiece list)
             if known:
-                values = background_at(known, every)
+                values = background_box(known, (0,) * len(dims), dims)
             else:
                 sig = _sigmas(self.config.detection_sigma(self.ndim), self.ndim)
                 photons = _as_volume(np.asarray(self._frames[i].photons, np.float32))
                 bg = Background.estimate(photons, sig, self._noise(i))
-                values = bg.at([np.zeros(len(every[0]), np.int64)] * (3 - len(dims)) + every)
+                values = bg.box([np.zeros(1, np.int64)] * (3 - len(dims)) + [np.arange(n) for n in dims])
             self._bg_stack[i] = np.asarray(values, float).reshape(dims)
             self._bg_done[i] = True
         mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
