@@ -874,9 +874,10 @@ class CrowdedFitter:
         return out
 
     # --------------------------------------------------------------- table
-    def table(self, spots: _Spots, group_offset: int):
+    def table(self, spots: _Spots, group_offset: int, light: bool = False):
         """Rows of the chunk, by frame and in raster order within a frame
-        (columns of :func:`spotfit.table.columns` + group columns)."""
+        (columns of :func:`spotfit.table.columns` + group columns); ``light``:
+        a :class:`~spotfit.lighttable.LightTable`, else a DataFrame."""
         nd = self.ndim
         free = ~spots.fixed
         labels = np.unique(spots.labels[free], return_inverse=True)[1].astype(np.int64)
@@ -888,12 +889,13 @@ class CrowdedFitter:
         frame = np.array([f.t for f in self._frames], np.int64)[spots.t] if n else np.zeros(0, np.int64)
         t = table.build(frame, {k: rec[k] for k in keys},
                         {k: rec[f"{k}_err"] for k in keys}, rec["chi2_red"], rec["iterations"],
-                        results.status_names(rec["status"]), self.setup.camera.unit, nd)
+                        results.status_names(rec["status"]), self.setup.camera.unit, nd, light=light)
         sizes = np.bincount(spots.labels) if n else np.zeros(0, np.int64)
         t["group_id"] = spots.labels.astype(np.int64) + group_offset
         t["group_size"] = sizes[spots.labels].astype(np.int64)
         order = np.lexsort(tuple(spots.xyz[:, j] for j in range(nd)) + (frame,))  # frame, then raster
-        return t.iloc[order].reset_index(drop=True)
+        t = t.iloc[order]
+        return t if light else t.reset_index(drop=True)
 
 
 @njit(cache=True)
