@@ -269,27 +269,23 @@ def _fit_tiles(setup: Setup, frame, singles, hot):
 
     near = [cell(xy[hot] + d) for d in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2), (2, 2), (-2, -2), (2, -2), (-2, 2))]
     cells = np.unique(np.concatenate(near))
-    tiles, picked, origins = [], [], []
-    cxy = frame.coords[:, ::-1]
-    for k, c in enumerate(cells):
-        cy, cx = divmod(int(c), cells_x)
-        y0 = int(np.clip(cy * core - margin, 0, max(ny - size, 0)))
-        x0 = int(np.clip(cx * core - margin, 0, max(nx - size, 0)))
-        inside = np.flatnonzero((cxy[:, 0] >= x0) & (cxy[:, 0] < x0 + size) & (cxy[:, 1] >= y0)
-                                & (cxy[:, 1] < y0 + size))
-        crop = (slice(y0, y0 + size), slice(x0, x0 + size))
-        tiles.append(Frame(k, frame.photons[crop], coords=frame.coords[inside] - [y0, x0],
+    cy, cx = np.divmod(cells, cells_x)
+    y0 = np.clip(cy * core - margin, 0, max(ny - size, 0))
+    x0 = np.clip(cx * core - margin, 0, max(nx - size, 0))
+    tile, inside = _in_boxes(frame.coords[:, ::-1], x0, y0, size, core)
+    picked = np.split(inside, np.cumsum(np.bincount(tile, minlength=len(cells)))[:-1])
+    origins = np.column_stack([x0, y0]).astype(float)
+    tiles = []
+    for k, (a, b, rows) in enumerate(zip(y0.tolist(), x0.tolist(), picked)):  # views of the frame
+        crop = (slice(a, a + size), slice(b, b + size))
+        tiles.append(Frame(k, frame.photons[crop], coords=frame.coords[rows] - [a, b],
                             valid=None if frame.valid is None else frame.valid[crop],
                             saturated=None if frame.saturated is None else frame.saturated[crop],
                             image_var=frame.image_var, noise=frame.noise,
                             background=None if not frame.background else
-                            [p.moved((y0, x0)) for p in frame.background]))
-        picked.append(inside)
-        origins.append((x0, y0))
+                            [p.moved((a, b)) for p in frame.background]))
     # the tiles' single fits: the frame's, in tile coordinates, frame = tile
-    tile = np.repeat(np.arange(len(cells)), [len(p) for p in picked])
-    origins = np.asarray(origins, float)
-    local = _renumbered(singles.iloc[np.concatenate(picked)])
+    local = _renumbered(singles.iloc[inside])
     local["x"] = local["x"].to_numpy() - origins[tile, 0]
     local["y"] = local["y"].to_numpy() - origins[tile, 1]
     local["frame"] = tile.astype(np.int64)
@@ -309,6 +305,35 @@ def _fit_tiles(setup: Setup, frame, singles, hot):
     joint = joint[mine].copy()
     joint["frame"] = np.int64(frame.t)
     return joint, replaced
+
+
+def _in_boxes(xy, x0, y0, size, cell):
+    """The points ``xy`` (whole x, y >= 0) in the boxes of ``size`` px from
+    ``x0, y0``: pairs (box, point), by box, then point; found through a grid
+    of ``cell`` px (a box's points are in the cells it touches)."""
+    xy = np.asarray(xy, np.int64).reshape(-1, 2)
+    if len(xy) == 0 or len(x0) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    width = int(xy[:, 0].max()) // cell + 1
+    keys = (xy[:, 1] // cell) * width + xy[:, 0] // cell
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    span = -(-size // cell) + 1  # cells a box touches along an axis, at most
+    dy, dx = (a.ravel() for a in np.indices((span, span)))
+    by = (y0[:, None] // cell + dy[None]).ravel()
+    bx = (x0[:, None] // cell + dx[None]).ravel()
+    box = np.repeat(np.arange(len(x0)), span * span)
+    use = bx < width
+    box, k = box[use], (by * width + bx)[use]
+    start = np.searchsorted(ordered, k, side="left")
+    count = np.searchsorted(ordered, k, side="right") - start
+    box = np.repeat(box, count)
+    point = order[np.repeat(start - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))]
+    x, y = xy[point, 0], xy[point, 1]
+    hit = (x >= x0[box]) & (x < x0[box] + size) & (y >= y0[box]) & (y < y0[box] + size)
+    box, point = box[hit], point[hit]
+    order = np.lexsort((point, box))
+    return box[order], point[order]
 
 
 def fit_single(setup: Setup, frames, raster: bool):
