@@ -312,6 +312,13 @@ class Background:
         z, y, x = (np.ascontiguousarray(i, dtype=np.int64) for i in index)
         return _interpolate_at(self.coarse, self.cells, z, y, x)
 
+    def box(self, axes) -> np.ndarray:
+        """Background at every pixel of the box ``z x y x x`` of pixels ``axes``
+        (three 1-d integer arrays), float32 ``(len(z), len(y), len(x))``: the
+        numbers :meth:`at` gives at those pixels, with the interpolation weights
+        computed once per row and column."""
+        return _interpolate_box(self.coarse, self.cells, *(np.asarray(a, np.int64) for a in axes))
+
     def per_pixel(self, cell_values) -> np.ndarray:
         """Values of the cells (e.g. :attr:`excluded`, :attr:`means`) at each pixel."""
         out = cell_values
@@ -639,6 +646,32 @@ def _interpolate_at(coarse, cells, zs, ys, xs):
             continue
         t = np.clip(f - i, 0.0, 1.0)
         corners.append(((i, 1.0 - t), (np.minimum(i + 1, m - 1), t)))
+    for (jz, wz) in corners[0]:
+        for (jy, wy) in corners[1]:
+            for (jx, wx) in corners[2]:
+                out += wz * wy * wx * coarse[jz, jy, jx]
+    return out.astype(np.float32)
+
+
+def _interpolate_box(coarse, cells, zs, ys, xs):
+    """:func:`_interpolate_at` at every pixel of the box ``zs x ys x xs`` (1-d pixel
+    indices per axis), float32 ``(len(zs), len(ys), len(xs))``: the weights of
+    each axis on its own, then the same products and sums per pixel, in the
+    same order (the same numbers)."""
+    out = np.zeros((len(zs), len(ys), len(xs)))
+    corners = []
+    for axis, p in enumerate((zs, ys, xs)):
+        m = coarse.shape[axis]
+        f = (p + 0.5) / cells[axis] - 0.5
+        i = np.clip(np.floor(f).astype(np.int64), 0, m - 1)
+        shape = [1, 1, 1]
+        shape[axis] = len(p)
+        if m == 1:
+            corners.append(((i.reshape(shape), 1.0),))
+            continue
+        t = np.clip(f - i, 0.0, 1.0)
+        corners.append(((i.reshape(shape), (1.0 - t).reshape(shape)),
+                        (np.minimum(i + 1, m - 1).reshape(shape), t.reshape(shape))))
     for (jz, wz) in corners[0]:
         for (jy, wy) in corners[1]:
             for (jx, wx) in corners[2]:

@@ -396,6 +396,14 @@ class BackgroundPiece:
         return self.background.at(local).astype(np.float64) / self.factor
 
 
+    def box(self, axes) -> np.ndarray:
+        """:meth:`at` every pixel of the box of frame pixels ``axes`` (1-d int arrays,
+        array order): an array of the box's shape."""
+        local = [np.asarray(i, np.int64) - o for i, o in zip(axes, self.origin)]
+        local = [np.zeros(1, np.int64)] * (3 - len(local)) + local
+        values = self.background.box(local).astype(np.float64) / self.factor
+        return values.reshape([len(a) for a in axes])
+
     def moved(self, shift) -> "BackgroundPiece":
         """The same piece in the coordinates of a crop of the frame starting at ``shift``
         (frame index, array order): a tile's pixel ``i`` is the frame's ``i + shift``."""
@@ -429,6 +437,18 @@ def background_at(pieces, index) -> np.ndarray:
             if inside.any():
                 values[inside] = p.at([i[inside] for i in index])
     return values.reshape(shape)
+
+
+def background_box(pieces, lo, shape) -> np.ndarray:
+    """:func:`background_at` every pixel of the box of ``shape`` from frame pixel
+    ``lo`` (array order): an array of ``shape``, the same numbers; one piece's
+    with its weights per row and column (:meth:`BackgroundPiece.box`)."""
+    if len(pieces) != 1:
+        return background_at(pieces, [a + o for a, o in zip(np.indices(shape), lo)])
+    low, high = pieces[0].extent()
+    axes = [np.clip(np.arange(o, o + n, dtype=np.int64), low[a], high[a] - 1)
+            for a, (o, n) in enumerate(zip(lo, shape))]
+    return pieces[0].box(axes)
 
 
 def _block_peaks(prepared, raw, origin, interior, threshold, radii, backgrounds=None):

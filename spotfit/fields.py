@@ -25,7 +25,7 @@ import numpy as np
 
 from spotfit import single, table
 from spotfit.config import Setup
-from spotfit.lighttable import as_frame, concat
+from spotfit.lighttable import LightTable, as_frame, concat
 from spotfit import group as _group
 
 __all__ = ["Frame", "fit_frames", "fit_dense", "fit_single"]
@@ -55,8 +55,8 @@ def fit_frames(setup: Setup, frames):
     Consecutive frames of a kind are fitted together in runs (at most
     :data:`CROWDED_CHUNK` pixels of dense frames, or a single-spot solve's
     worth of windows), in frame order.  Returns a
-    :class:`~spotfit.lighttable.LightTable` where every fit is a single-spot
-    one (no pandas), else a DataFrame.
+    :class:`~spotfit.lighttable.LightTable` where no frame is dense (no
+    pandas, joint fits of overlapping spots included), else a DataFrame.
     """
     parts, run, kind, size = [], [], None, 0
     chunk = single.batch_size(setup)
@@ -64,8 +64,7 @@ def fit_frames(setup: Setup, frames):
     def flush():
         if run:
             if kind:
-                part = fit_dense(setup, run)
-                parts.append(part.drop(columns=[c for c in table._GROUP if c in part]))
+                parts.append(_without_group(fit_dense(setup, run)))
             else:
                 parts.append(_fit_sparse(setup, run))
             run.clear()
@@ -112,7 +111,6 @@ def _fit_sparse(setup: Setup, frames):
         hot = _overlaps(setup, f, singles.iloc[rows])
         if not hot.any():
             continue
-        singles = as_frame(singles)  # joint fits: pandas from here on
         if fits_whole(setup, f.photons.shape):
             whole.append(f)
             done[rows] = True
@@ -121,29 +119,39 @@ def _fit_sparse(setup: Setup, frames):
         parts.append(joint)
         done[rows[replaced]] = True
     if whole:
-        joint = fit_dense(setup, whole, singles=singles[np.isin(t, [f.t for f in whole])])
+        joint = fit_dense(setup, whole, singles=singles[np.isin(t, [f.t for f in whole])],
+                          light=isinstance(singles, LightTable))
         bad = np.isin(joint["frame"].to_numpy(), _misfit_regions(setup, joint))
         done &= ~np.isin(t, joint["frame"].to_numpy()[bad])  # those frames keep their single fits
         parts.append(joint[~bad])
-    parts = [p.drop(columns=[c for c in table._GROUP if c in p]) for p in parts if len(p)]
+    parts = [_without_group(p) for p in parts if len(p)]
     if not parts:
         return singles
     return merge_joint(singles[~done], parts)
+
+
+def _without_group(part):
+    """``part`` (a DataFrame or :class:`~spotfit.lighttable.LightTable`) without the group columns."""
+    return part[[c for c in part.columns if c not in table._GROUP]]
 
 
 def merge_joint(singles, parts):
     """The rows of frames: ``singles`` (single-spot fits, in raster order of their
     candidates per frame) and ``parts`` (joint fits' rows); a frame with joint
     rows has its rows in raster order of their fitted positions (by y, then x),
-    another keeps its single fits' order."""
-    import pandas as pd
-
-    out = pd.concat([singles] + list(parts), ignore_index=True)
+    another keeps its single fits' order.  :class:`~spotfit.lighttable.LightTable` s
+    give one, else a DataFrame."""
+    out = concat([singles] + list(parts))
     t = out["frame"].to_numpy()
     joint = np.isin(t, np.concatenate([p["frame"].to_numpy() for p in parts]))
     idx = np.arange(len(out), dtype=float)
     keys = [np.where(joint, out["x"].to_numpy(), idx), np.where(joint, out["y"].to_numpy(), 0.0), t]
-    return out.iloc[np.lexsort(keys)].reset_index(drop=True)
+    return _renumbered(out.iloc[np.lexsort(keys)])
+
+
+def _renumbered(rows):
+    """``rows`` with a fresh index (a DataFrame's; a LightTable has none)."""
+    return rows if isinstance(rows, LightTable) else rows.reset_index(drop=True)
 
 
 def fits_whole(setup: Setup, shape) -> bool:
@@ -249,7 +257,7 @@ def _fit_tiles(setup: Setup, frame, singles, hot):
     ny, nx = frame.photons.shape
     core, size = TILE_CORE, _tile_size(setup)
     margin = (size - core) // 2
-    xy = singles[["x", "y"]].to_numpy()
+    xy = np.column_stack([singles["x"].to_numpy(), singles["y"].to_numpy()])
     finite = np.isfinite(xy).all(axis=1)  # a failed fit without a position stays as it is
     xy = np.where(finite[:, None], xy, frame.coords[:, ::-1])
     cells_y, cells_x = -(-ny // core), -(-nx // core)
@@ -261,31 +269,27 @@ def _fit_tiles(setup: Setup, frame, singles, hot):
 
     near = [cell(xy[hot] + d) for d in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2), (2, 2), (-2, -2), (2, -2), (-2, 2))]
     cells = np.unique(np.concatenate(near))
-    tiles, picked, origins = [], [], []
-    cxy = frame.coords[:, ::-1]
-    for k, c in enumerate(cells):
-        cy, cx = divmod(int(c), cells_x)
-        y0 = int(np.clip(cy * core - margin, 0, max(ny - size, 0)))
-        x0 = int(np.clip(cx * core - margin, 0, max(nx - size, 0)))
-        inside = np.flatnonzero((cxy[:, 0] >= x0) & (cxy[:, 0] < x0 + size) & (cxy[:, 1] >= y0)
-                                & (cxy[:, 1] < y0 + size))
-        crop = (slice(y0, y0 + size), slice(x0, x0 + size))
-        tiles.append(Frame(k, frame.photons[crop], coords=frame.coords[inside] - [y0, x0],
+    cy, cx = np.divmod(cells, cells_x)
+    y0 = np.clip(cy * core - margin, 0, max(ny - size, 0))
+    x0 = np.clip(cx * core - margin, 0, max(nx - size, 0))
+    tile, inside = _in_boxes(frame.coords[:, ::-1], x0, y0, size, core)
+    picked = np.split(inside, np.cumsum(np.bincount(tile, minlength=len(cells)))[:-1])
+    origins = np.column_stack([x0, y0]).astype(float)
+    tiles = []
+    for k, (a, b, rows) in enumerate(zip(y0.tolist(), x0.tolist(), picked)):  # views of the frame
+        crop = (slice(a, a + size), slice(b, b + size))
+        tiles.append(Frame(k, frame.photons[crop], coords=frame.coords[rows] - [a, b],
                             valid=None if frame.valid is None else frame.valid[crop],
                             saturated=None if frame.saturated is None else frame.saturated[crop],
                             image_var=frame.image_var, noise=frame.noise,
                             background=None if not frame.background else
-                            [p.moved((y0, x0)) for p in frame.background]))
-        picked.append(inside)
-        origins.append((x0, y0))
+                            [p.moved((a, b)) for p in frame.background]))
     # the tiles' single fits: the frame's, in tile coordinates, frame = tile
-    tile = np.repeat(np.arange(len(cells)), [len(p) for p in picked])
-    origins = np.asarray(origins, float)
-    local = singles.iloc[np.concatenate(picked)].reset_index(drop=True)
+    local = _renumbered(singles.iloc[inside])
     local["x"] = local["x"].to_numpy() - origins[tile, 0]
     local["y"] = local["y"].to_numpy() - origins[tile, 1]
     local["frame"] = tile.astype(np.int64)
-    joint = fit_dense(setup, tiles, singles=local)
+    joint = fit_dense(setup, tiles, singles=local, light=isinstance(singles, LightTable))
     bad = _misfit_regions(setup, joint)  # tiles whose cores keep their single fits
     joint = joint[~np.isin(joint["frame"].to_numpy(), bad)]
     replaced = np.isin(cell(xy), cells[~np.isin(np.arange(len(cells)), bad)]) & finite
@@ -293,14 +297,43 @@ def _fit_tiles(setup: Setup, frame, singles, hot):
         return joint, replaced
     k = joint["frame"].to_numpy()
     origin = origins[k]
-    joint["x"] += origin[:, 0]
-    joint["y"] += origin[:, 1]
-    pos = joint[["x", "y"]].to_numpy()
+    joint["x"] = joint["x"].to_numpy() + origin[:, 0]
+    joint["y"] = joint["y"].to_numpy() + origin[:, 1]
+    pos = np.column_stack([joint["x"].to_numpy(), joint["y"].to_numpy()])
     mine = np.isfinite(pos).all(axis=1)
     mine[mine] = cell(pos[mine]) == cells[k[mine]]
     joint = joint[mine].copy()
     joint["frame"] = np.int64(frame.t)
     return joint, replaced
+
+
+def _in_boxes(xy, x0, y0, size, cell):
+    """The points ``xy`` (whole x, y >= 0) in the boxes of ``size`` px from
+    ``x0, y0``: pairs (box, point), by box, then point; found through a grid
+    of ``cell`` px (a box's points are in the cells it touches)."""
+    xy = np.asarray(xy, np.int64).reshape(-1, 2)
+    if len(xy) == 0 or len(x0) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    width = int(xy[:, 0].max()) // cell + 1
+    keys = (xy[:, 1] // cell) * width + xy[:, 0] // cell
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    span = -(-size // cell) + 1  # cells a box touches along an axis, at most
+    dy, dx = (a.ravel() for a in np.indices((span, span)))
+    by = (y0[:, None] // cell + dy[None]).ravel()
+    bx = (x0[:, None] // cell + dx[None]).ravel()
+    box = np.repeat(np.arange(len(x0)), span * span)
+    use = bx < width
+    box, k = box[use], (by * width + bx)[use]
+    start = np.searchsorted(ordered, k, side="left")
+    count = np.searchsorted(ordered, k, side="right") - start
+    box = np.repeat(box, count)
+    point = order[np.repeat(start - (np.cumsum(count) - count), count) + np.arange(int(count.sum()))]
+    x, y = xy[point, 0], xy[point, 1]
+    hit = (x >= x0[box]) & (x < x0[box] + size) & (y >= y0[box]) & (y < y0[box] + size)
+    box, point = box[hit], point[hit]
+    order = np.lexsort((point, box))
+    return box[order], point[order]
 
 
 def fit_single(setup: Setup, frames, raster: bool):
@@ -408,7 +441,7 @@ CHOOSE_WIDTH = 1.3
 NOT_SPOT_JOINS = True
 
 
-def fit_dense(setup: Setup, frames, singles=None):
+def fit_dense(setup: Setup, frames, singles=None, light: bool = False):
     """Crowded fields (``crowded=True``): single-spot fits where spots stand alone, joint fits where they do not.
 
     Per chunk of frames (:data:`CROWDED_CHUNK` pixels, one frame at least):
@@ -431,13 +464,13 @@ def fit_dense(setup: Setup, frames, singles=None):
     ``group_size`` (1 for a standing single fit); isolated spots are
     exactly what single-spot fitting gives.  ``singles``: the single-spot
     fits of step 1 when they are already known (:func:`_fit_single` of the
-    same frames, rows of a frame in raster order).
+    same frames, rows of a frame in raster order).  ``light``: a
+    :class:`~spotfit.lighttable.LightTable` (``singles`` one too, if given),
+    else a DataFrame.
     """
-    import pandas as pd
-
     from spotfit.group import CrowdedFitter
 
-    singles = None if singles is None else as_frame(singles)
+    singles = None if singles is None else (singles if light else as_frame(singles))
     setup.use_threads()
     crowd = CrowdedFitter(setup)
     read_var = setup.read_var_map()
@@ -446,9 +479,9 @@ def fit_dense(setup: Setup, frames, singles=None):
     def flush():
         nonlocal groups
         if chunk:
-            mine = None if singles is None else singles[singles["frame"].isin([f.t for f in chunk]).to_numpy()]
-            part = _dense_chunk(setup, crowd, chunk, read_var, groups, singles=mine)
-            groups += int(part["group_id"].max()) + 1 - groups if len(part) else 0
+            mine = None if singles is None else singles[np.isin(singles["frame"].to_numpy(), [f.t for f in chunk])]
+            part = _dense_chunk(setup, crowd, chunk, read_var, groups, singles=mine, light=light)
+            groups += int(part["group_id"].to_numpy().max()) + 1 - groups if len(part) else 0
             parts.append(part)
             chunk.clear()
         return 0
@@ -462,8 +495,8 @@ def fit_dense(setup: Setup, frames, singles=None):
         pixels += f.photons.size
     flush()
     if not parts:
-        return table.empty(setup.ndim, crowded=True)
-    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        return table.empty(setup.ndim, crowded=True, light=light)
+    return concat(parts)
 
 
 @dataclass
@@ -479,12 +512,10 @@ class _Candidates:
     background: list | None = None  # the detection's local background (BackgroundPiece per block)
 
 
-def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=None):
+def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=None, light=False):
     """:func:`fit_dense` on one chunk of frames; its table rows, by frame and raster order,
-    group ids from ``group_offset`` on (``singles``: the chunk's single-spot fits, if known)."""
-    import pandas as pd
-    from scipy.spatial import cKDTree
-
+    group ids from ``group_offset`` on (``singles``: the chunk's single-spot fits, if known;
+    ``light``: a LightTable)."""
     from spotfit import results
     from spotfit._kernels import CONVERGED, NOT_SPOT
 
@@ -492,15 +523,12 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
     radius = cfg.group_radius * cfg.sigma
     # 1. single-spot fits of the candidates that stand alone
     size = single.batch_size(setup)
-    batches, alone = [], []
+    batches = []
     for f in chunk:
-        coords = f.coords[np.lexsort(f.coords.T[::-1])]  # raster order (z, y, x)
-        f.coords = coords
-        isolated = np.ones(len(coords), bool)
-        if len(coords) > 1:
-            d, _ = cKDTree(coords[:, ::-1].astype(float)).query(coords[:, ::-1].astype(float), k=2)
-            isolated = d[:, 1] > radius
-        alone.append(isolated)
+        f.coords = f.coords[np.lexsort(f.coords.T[::-1])]  # raster order (z, y, x)
+    alone = _isolated(chunk, radius)
+    for f, isolated in zip(chunk, alone):
+        coords = f.coords
         if singles is not None:
             continue
         rows = np.arange(len(coords))  # every candidate: a grouped one may be a blob
@@ -514,7 +542,7 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
             batches.append((single.cut_frame(setup, f.t, f.photons, coords, f.image_var,
                                              rows=rows[start:start + size], variance=variance, **cut),
                             choose[start:start + size]))
-    singles = _fit_batches(setup, batches, size) if singles is None else singles.reset_index(drop=True)
+    singles = _fit_batches(setup, batches, size, light) if singles is None else _renumbered(singles)
     # 2. which single fits stand
     status = singles["status"].to_numpy() if len(singles) else np.zeros(0, object)
     sx, sy = singles["sigma_x"].to_numpy(), singles["sigma_y"].to_numpy()
@@ -524,9 +552,11 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
     suspect |= grouped & ~blob & (status != results.STATUS_NAMES[NOT_SPOT]) | grouped & ~blob & ok
     stands = ~suspect
     # 3. joint fits of the groups and the suspects, the standing fits' light subtracted
-    frame_of = {f.t: i for i, f in enumerate(chunk)}
-    t_single = np.array([frame_of[t] for t in singles["frame"].to_numpy()], np.int64)
-    xyz = singles[["x", "y", "z"][:nd]].to_numpy() if len(singles) else np.zeros((0, nd))
+    numbers = np.array([f.t for f in chunk], np.int64)  # chunk frame of each single fit
+    by_number = np.argsort(numbers, kind="stable")
+    t_single = by_number[np.searchsorted(numbers[by_number], singles["frame"].to_numpy().astype(np.int64))]
+    xyz = np.column_stack([singles[c].to_numpy() for c in ("x", "y", "z")[:nd]]) if len(singles) \
+        else np.zeros((0, nd))
     engine_frames = []
     for i, f in enumerate(chunk):
         mine = t_single == i
@@ -547,19 +577,38 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
              "sigma": np.column_stack(widths)[near], "offset": singles["offset"].to_numpy()[near],
              "row": np.flatnonzero(near), "locked": (status != results.STATUS_NAMES[CONVERGED])[near]}
     keep = stands.copy()  # suspects are fitted again jointly
-    joint = table.empty(nd, crowded=True)
+    joint = table.empty(nd, crowded=True, light=light)
     if any(len(e.coords) for e in engine_frames):
         spots = crowd.fit_frames(engine_frames, read_var, fixed=fixed)
-        joint = crowd.table(spots, group_offset)
+        joint = crowd.table(spots, group_offset, light=light)
         joint["frame"] = np.array([f.t for f in chunk], np.int64)[joint["frame"].to_numpy()]
         keep[spots.single[~spots.fixed & (spots.single >= 0)]] = False
     alone_rows = singles[keep].copy()
-    first = int(joint["group_id"].max()) + 1 if len(joint) else group_offset
+    first = int(joint["group_id"].to_numpy().max()) + 1 if len(joint) else group_offset
     alone_rows["group_id"] = np.arange(first, first + len(alone_rows), dtype=np.int64)
     alone_rows["group_size"] = np.ones(len(alone_rows), np.int64)
-    out = pd.concat([alone_rows, joint], ignore_index=True)
+    out = concat([alone_rows, joint])
     keys = [out[c].to_numpy() for c in ("x", "y", "z")[:nd]] + [out["frame"].to_numpy()]
-    return out.iloc[np.lexsort(keys)].reset_index(drop=True)
+    return _renumbered(out.iloc[np.lexsort(keys)])
+
+
+def _isolated(chunk, radius):
+    """Per frame of ``chunk``: which candidates have no other of their frame within
+    ``radius`` px (bool arrays); all frames' pairs in one grid lookup
+    (:func:`spotfit.roi.pairs_within`, the frame a coordinate farther apart than
+    ``radius``)."""
+    from spotfit.roi import pairs_within
+
+    sizes = [len(f.coords) for f in chunk]
+    if sum(sizes) == 0:
+        return [np.ones(0, bool) for _ in chunk]
+    t = np.repeat(np.arange(len(chunk)), sizes)
+    xyz = np.concatenate([f.coords[:, ::-1] for f in chunk if len(f.coords)]).astype(float)
+    points = np.column_stack([xyz, t * (np.ceil(radius) + 1.0)])
+    first, second = pairs_within(points, points, radius)
+    grouped = np.zeros(len(points), bool)
+    grouped[first[first != second]] = True
+    return np.split(~grouped, np.cumsum(sizes)[:-1])
 
 
 def _judge_singles(setup: Setup, singles):
@@ -612,10 +661,10 @@ def _near_active(xyz, t, engine_frames, setup, seeds=None):
     return np.isfinite(d)
 
 
-def _fit_batches(setup: Setup, batches, size):
+def _fit_batches(setup: Setup, batches, size, light=False):
     """Single-spot fits of batches of windows ``(batch, choose_width)`` (as
     :func:`spotfit.single.fit_batch`), joined into solves of at most ``size`` windows;
-    a DataFrame."""
+    a DataFrame (``light``: a LightTable)."""
     parts, pending, n = [], [], 0
 
     def solve():
@@ -631,5 +680,6 @@ def _fit_batches(setup: Setup, batches, size):
     if pending:
         solve()
     if not parts:
-        return table.empty(setup.ndim)
-    return as_frame(concat(parts))
+        return table.empty(setup.ndim, light=light)
+    out = concat(parts)
+    return out if light else as_frame(out)

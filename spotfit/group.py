@@ -352,7 +352,7 @@ class CrowdedFitter:
         windows of its spots overlap several times over, round after round) and
         the windows' pixels are gathered from it: the same values."""
         from spotfit.background import Background, _as_volume, _sigmas
-        from spotfit.detection import background_at
+        from spotfit.detection import background_box
 
         dims = self._stack.shape[1:]
         if getattr(self, "_bg_frames", None) is not self._frames:
@@ -362,15 +362,14 @@ class CrowdedFitter:
         for i in np.unique(t):
             if self._bg_done[i]:
                 continue
-            every = [a.ravel() for a in np.indices(dims)]  # every pixel of the frame, array order
             known = getattr(self._frames[i], "background", None)  # detection's (BackgroundPiece list)
             if known:
-                values = background_at(known, every)
+                values = background_box(known, (0,) * len(dims), dims)
             else:
                 sig = _sigmas(self.config.detection_sigma(self.ndim), self.ndim)
                 photons = _as_volume(np.asarray(self._frames[i].photons, np.float32))
                 bg = Background.estimate(photons, sig, self._noise(i))
-                values = bg.at([np.zeros(len(every[0]), np.int64)] * (3 - len(dims)) + every)
+                values = bg.box([np.zeros(1, np.int64)] * (3 - len(dims)) + [np.arange(n) for n in dims])
             self._bg_stack[i] = np.asarray(values, float).reshape(dims)
             self._bg_done[i] = True
         mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
@@ -875,9 +874,10 @@ class CrowdedFitter:
         return out
 
     # --------------------------------------------------------------- table
-    def table(self, spots: _Spots, group_offset: int):
+    def table(self, spots: _Spots, group_offset: int, light: bool = False):
         """Rows of the chunk, by frame and in raster order within a frame
-        (columns of :func:`spotfit.table.columns` + group columns)."""
+        (columns of :func:`spotfit.table.columns` + group columns); ``light``:
+        a :class:`~spotfit.lighttable.LightTable`, else a DataFrame."""
         nd = self.ndim
         free = ~spots.fixed
         labels = np.unique(spots.labels[free], return_inverse=True)[1].astype(np.int64)
@@ -889,12 +889,13 @@ class CrowdedFitter:
         frame = np.array([f.t for f in self._frames], np.int64)[spots.t] if n else np.zeros(0, np.int64)
         t = table.build(frame, {k: rec[k] for k in keys},
                         {k: rec[f"{k}_err"] for k in keys}, rec["chi2_red"], rec["iterations"],
-                        results.status_names(rec["status"]), self.setup.camera.unit, nd)
+                        results.status_names(rec["status"]), self.setup.camera.unit, nd, light=light)
         sizes = np.bincount(spots.labels) if n else np.zeros(0, np.int64)
         t["group_id"] = spots.labels.astype(np.int64) + group_offset
         t["group_size"] = sizes[spots.labels].astype(np.int64)
         order = np.lexsort(tuple(spots.xyz[:, j] for j in range(nd)) + (frame,))  # frame, then raster
-        return t.iloc[order].reset_index(drop=True)
+        t = t.iloc[order]
+        return t if light else t.reset_index(drop=True)
 
 
 @njit(cache=True)
