@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import platform
 import subprocess
@@ -45,8 +46,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import dense  # noqa: E402  (the scenarios)
 
-#: main before this branch (the previous solver kernels)
-DEFAULT_REF = "8044943"
+#: the reference kernels: main of 2026-12-03 morning (before that day's joint-fit and
+#: score-gate kernels); ``--ref 8044943`` for the solver before the dense-field work
+DEFAULT_REF = "865bd92"
 
 
 def log(msg: str) -> None:
@@ -94,7 +96,7 @@ def solve_with(kernels, model, estimator, data, mask, grid, theta0, kw):
     no bias correction: the parts the two share), in one thread.
 
     Returns the fit state, the covariance and the CPU seconds of each kernel."""
-    from spotfit._kernels import CAMERA_VARIANCE, Box, CovarianceOut, FitState, NoiseModel
+    from spotfit._kernels import CAMERA_VARIANCE, CovarianceOut, FitState, NoiseModel
 
     n, k = theta0.shape
     free = np.ones(k, bool) if kw.get("free") is None else np.asarray(kw["free"], bool)
@@ -106,15 +108,22 @@ def solve_with(kernels, model, estimator, data, mask, grid, theta0, kw):
     km = model.kernel(grid)
     state = FitState(theta0.copy(), np.zeros(n, np.int32), np.zeros(n, np.int8), np.zeros(n))
     t0 = time.process_time()
-    kernels.levenberg_marquardt(km, cost, Box(lower, upper, free), state, int(kw.get("max_iter", 50)),
+    # the Box of the kernels under test: with `active` (projected steps, joint fits) since
+    # 2026-12-03, without before
+    box = kernels.Box(lower, upper, free, int(kw.get("active_set", False))) \
+        if "active" in kernels.Box._fields else kernels.Box(lower, upper, free)
+    kernels.levenberg_marquardt(km, cost, box, state, int(kw.get("max_iter", 50)),
                                 float(kw.get("tol", 1e-3)), 0, n)
     t1 = time.process_time()
     out = CovarianceOut(np.zeros((n, k, k)), np.zeros(n), np.zeros((n, 5)), np.zeros((0, k)))
     read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
     none = np.zeros(0)
+    # kernels since the score statistic became a mode of the covariance kernel take `embed`
+    # (empty outside that mode); the reference commit's do not
+    embed = (np.zeros((0, 0, 0)),) if "embed" in inspect.signature(kernels.covariance.py_func).parameters else ()
     kernels.covariance(km, cost, data, state.theta, free,
                        NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
-                       solver.BIAS_SNR, 0, n)
+                       solver.BIAS_SNR, *embed, 0, n)
     t2 = time.process_time()
     return state, out.cov, t1 - t0, t2 - t1
 
