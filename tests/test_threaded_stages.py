@@ -284,25 +284,37 @@ def test_screen_in_one_pass_finds_what_two_passes_find(shape, box, plateau, monk
         assert np.array_equal(detection._above(volume, limit, cells, box), expected)
 
 
+def _in_one_piece(monkeypatch):
+    """Threads for every batch, but each frame and each model choice in one piece."""
+    from spotfit import fields
+
+    monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
+    monkeypatch.setattr(fields, "PIECE_WINDOWS", 10**9)
+    monkeypatch.setattr(single, "PIECE_WINDOWS", 10**9)
+
+
+def _in_pieces(monkeypatch, windows):
+    """The model choice of batches from ``windows`` in pieces; the list that collects the
+    arguments of each such batch's :func:`spotfit.single._select_in_pieces`."""
+    monkeypatch.setattr(single, "PIECE_WINDOWS", windows)
+    calls = []
+    original = single._select_in_pieces
+    monkeypatch.setattr(single, "_select_in_pieces", lambda *a: calls.append(a) or original(*a))
+    return calls
+
+
 @pytest.mark.parametrize("camera", [spotfit.Camera(), CAMERA], ids=["lsq", "mle"])
 def test_model_choice_in_pieces_gives_the_table_of_one_piece(camera, monkeypatch):
     """What follows the symmetric solve of a large batch, run in pieces side by side
     (single.PIECE_WINDOWS), gives exactly the table of one piece, with and without a
     camera (the frame's measured noise model shared by the pieces)."""
-    from spotfit import fields
-
     image = (_frame((301, 517), 400, seed=22) + 100.0).astype(np.uint16)
-    monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
-    monkeypatch.setattr(fields, "PIECE_WINDOWS", 10**9)
-    monkeypatch.setattr(single, "PIECE_WINDOWS", 10**9)
+    _in_one_piece(monkeypatch)
     whole = spotfit.fit(image, camera=camera, sigma=1.3, workers=2)
     assert len(whole) > 300
-    monkeypatch.setattr(single, "PIECE_WINDOWS", 100)
-    seen = []
-    original = single._select_in_pieces
-    monkeypatch.setattr(single, "_select_in_pieces", lambda *a: seen.append(len(a[1])) or original(*a))
+    calls = _in_pieces(monkeypatch, 100)
     pieces = spotfit.fit(image, camera=camera, sigma=1.3, workers=2)
-    assert seen and seen[0] > 300
+    assert calls and len(calls[0][1]) > 300
     pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
 
 
@@ -322,25 +334,18 @@ def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch)
     """Dense frames pass ``choose_width`` (grouped candidates keep their symmetric fit
     without a choice) to the single-spot fits; in pieces each piece takes its own windows'
     widths, and the table is that of one piece."""
-    from spotfit import fields
-
     movie, _ = spotfit.simulate((6, 32, 44), n_spots=70, photons=3000, background=20, sigma=1.1,
                                 min_separation=1.0, border=1, camera=CAMERA, seed=24)
-    monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
-    monkeypatch.setattr(fields, "PIECE_WINDOWS", 10**9)
-    monkeypatch.setattr(single, "PIECE_WINDOWS", 10**9)
+    _in_one_piece(monkeypatch)
     whole = spotfit.fit(movie, camera=CAMERA, sigma=1.1, workers=2)
     assert len(whole) > 200
-    monkeypatch.setattr(single, "PIECE_WINDOWS", 50)
-    widths = []
-    original = single._select_in_pieces
-    monkeypatch.setattr(single, "_select_in_pieces",
-                        lambda *a: widths.append(a[2]) or original(*a))
+    calls = _in_pieces(monkeypatch, 50)
     selected = []  # (windows, widths) of each piece's model choice
     select = single._select
     monkeypatch.setattr(single, "_select", lambda setup, reduced, batch, sol, width=None: (
         selected.append((len(batch), width)) or select(setup, reduced, batch, sol, width)))
     pieces = spotfit.fit(movie, camera=CAMERA, sigma=1.1, workers=2)
+    widths = [a[2] for a in calls]
     assert any(w is not None and np.ndim(w) == 1 and np.any(w > 0) for w in widths), widths
     assert len(selected) > 1 and all(np.shape(w) == (n,) for n, w in selected), selected
     pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
