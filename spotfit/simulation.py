@@ -45,7 +45,7 @@ from scipy.spatial import cKDTree
 
 import warnings
 
-from spotfit.camera import Camera
+from spotfit.camera import Camera, as_camera
 from spotfit.errors import SpotfitInputError, SpotfitWarning
 
 __all__ = ["render", "simulate", "write_simulation", "DEFAULT_CAMERA"]
@@ -368,7 +368,7 @@ def simulate(
     angle : None, float or "random"
         Rotation of the first axis from +x towards +y, in radians.  ``None``
         means 0; ``"random"`` draws it uniformly from ``[0, pi)`` per spot.
-    camera : Camera, optional
+    camera : Camera or mapping, optional
         Camera turning photons into ADU.  Default :data:`DEFAULT_CAMERA`:
         ``Camera(baseline=100, gain=1.0, read_noise=0.0)``, i.e. 1 ADU per
         photoelectron on a 100 ADU offset.  An uncalibrated camera
@@ -476,9 +476,7 @@ def simulate(
         )
     if min_separation is not None:
         min_separation = _number(min_separation, "min_separation", "pixels", positive=False)
-    camera = DEFAULT_CAMERA if camera is None else camera
-    if not isinstance(camera, Camera):
-        raise SpotfitInputError("camera must be a spotfit.Camera", parameter="camera")
+    camera = DEFAULT_CAMERA if camera is None else as_camera(camera)
     camera.check_shape(frame_shape, "simulated")
     dtype = np.dtype(dtype)
     if dtype.kind not in "uif":

@@ -330,3 +330,9 @@ def test_camera_given_as_a_mapping_of_its_fields(movie):
     assert err.value.parameter == "camera"
     with pytest.raises(spotfit.SpotfitInputError, match=r"camera must be a spotfit.Camera .* got float"):
         spotfit.fit(frame, camera=2.0)
+    # simulate takes the same: a mapping gives the image of the Camera
+    pixels = [spotfit.simulate((20, 24), n_spots=2, camera=c, seed=3)[0]
+              for c in (Camera(baseline=100.0, gain=2.0), {"baseline": 100.0, "gain": 2.0})]
+    np.testing.assert_array_equal(pixels[0], pixels[1])
+    with pytest.raises(spotfit.SpotfitInputError, match=r"camera must be a spotfit.Camera"):
+        spotfit.simulate((20, 24), n_spots=2, camera="sCMOS")
