@@ -938,6 +938,9 @@ def _single(task, image, out, config, camera, inputs, workers, fmt="csv", qc=Fal
     """One file: its table to stdout or --out (with its sidecar), a summary line."""
     import time
 
+    if image != "-" and not os.path.lexists(image):
+        # before importing the library (numba: ~0.6 s) for a mistyped path
+        raise click.ClickException(f"{image}: no such file")
     from spotfit import api, provenance
     from spotfit.progress import ProgressBar, wanted
 

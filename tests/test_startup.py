@@ -134,3 +134,22 @@ def test_the_command_skips_the_last_garbage_collections_and_its_output_is_whole(
     assert all(len(row.split(",")) == len(rows[0].split(",")) for row in rows)
     frozen = int(out.stderr.strip().splitlines()[-1].split()[-1])
     assert frozen > 10_000, out.stderr
+
+
+MISSING = r"""
+import atexit, sys
+atexit.register(lambda: print("numba imported" if "numba" in sys.modules else "numba not imported"))
+from spotfit.cli import main
+main(args=sys.argv[1:], prog_name="spotfit")
+"""
+
+
+@pytest.mark.parametrize("command", ["fit", "detect"])
+def test_a_mistyped_path_fails_before_the_library_is_imported(tmp_path, command):
+    """``spotfit fit typo.tif`` says so at once: not after importing numba (~0.6 s)."""
+    out = subprocess.run([sys.executable, "-c", MISSING, command, "typo.tif", "--out", "x.csv"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip() == "Error: typo.tif: no such file"
+    assert out.stdout.strip() == "numba not imported"
+    assert not (tmp_path / "x.csv").exists()
