@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from spotfit.errors import SpotfitInputError
+from spotfit.io import FrameStack
 
 __all__ = ["invert_image", "check_camera", "InvertedStack"]
 
@@ -73,7 +74,7 @@ def invert_image(img):
     return dataclasses.replace(img, data=InvertedStack(img), reader=None)
 
 
-class InvertedStack:
+class InvertedStack(FrameStack):
     """Array-like ``(T, ...)`` view of an image with inverted pixels, read frame by frame.
 
     ``stack[t]`` reads frame `t` of the underlying image (through
@@ -107,42 +108,11 @@ class InvertedStack:
                 low, high = min(low, float(frame.min())), max(high, float(frame.max()))
             self.constant = self.dtype.type(low + high)
 
-    def _invert(self, frame: np.ndarray) -> np.ndarray:
+    def _frame(self, t: int) -> np.ndarray:
+        frame = self._img.frame(t)
         if self.dtype.kind in "ui":
             return np.invert(frame)
         return (self.constant - frame).astype(self.dtype, copy=False)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        if not isinstance(key, tuple):
-            key = (key,)
-        first, rest = (key[0], key[1:]) if key else (slice(None), ())
-        if isinstance(first, (int, np.integer)) and not isinstance(first, bool):
-            t = int(first) + (self.shape[0] if first < 0 else 0)
-            if not 0 <= t < self.shape[0]:
-                raise IndexError(f"frame {first} is out of range for {self.shape[0]} frames")
-            frame = self._invert(self._img.frame(t))
-            return frame[rest] if rest else frame
-        if isinstance(first, slice):
-            frames = [self._invert(self._img.frame(t))
-                      for t in range(*first.indices(self.shape[0]))]
-            block = np.stack(frames) if frames else np.empty((0,) + self.shape[1:], self.dtype)
-            return block[(slice(None),) + rest] if rest else block
-        return np.asarray(self)[key]
-
-    def __array__(self, dtype=None, copy=None):
-        out = self[:]
-        return out if dtype is None else out.astype(dtype, copy=False)
 
     def close(self) -> None:
         """Close the underlying image."""

@@ -865,7 +865,56 @@ class _ClosingUnlessPaged:
         return False
 
 
-class PagedStack:
+class FrameStack:
+    """Base of the array-likes ``(T, ...)`` that read one frame at a time.
+
+    A subclass sets ``shape``, ``ndim`` and ``dtype`` and defines
+    ``_frame(t)``, frame `t` as a new array; this class gives the rest of the
+    array interface: ``stack[t]`` (one frame, negative `t` counted from the
+    end), ``stack[a:b]`` (those frames, stacked), any other index through
+    ``numpy.asarray(stack)``, which reads every frame.
+    """
+
+    shape: tuple
+    dtype: np.dtype
+
+    def _frame(self, t: int) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        first, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if isinstance(first, numbers.Integral) and not isinstance(first, bool):
+            t = int(first)
+            if t < 0:
+                t += self.shape[0]
+            if not 0 <= t < self.shape[0]:
+                raise IndexError(f"frame {first} is out of range for {self.shape[0]} frames")
+            return self._frame(t)[rest] if rest else self._frame(t)
+        if isinstance(first, slice):
+            frames = [self._frame(t) for t in range(*first.indices(self.shape[0]))]
+            block = np.stack(frames) if frames else np.empty((0,) + self.shape[1:], self.dtype)
+            return block[(slice(None),) + rest] if rest else block
+        return np.asarray(self)[key]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class PagedStack(FrameStack):
     """A ``(T, Y, X)`` or ``(T, Z, Y, X)`` array-like over a TIFF series read page by page.
 
     Used for files that cannot be memory-mapped (compressed, tiled, or with
@@ -936,39 +985,6 @@ class PagedStack:
             if math.prod(shape[:k]) == len(pages) and math.prod(shape[k:]) == page_size:
                 return cls(tif, series, k, plan, where)
         return None
-
-    # ------------------------------------------------------------ array-like
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key):
-        if not isinstance(key, tuple):
-            key = (key,)
-        first, rest = (key[0], key[1:]) if key else (slice(None), ())
-        if isinstance(first, numbers.Integral) and not isinstance(first, bool):
-            t = int(first)
-            if t < 0:
-                t += self.shape[0]
-            if not 0 <= t < self.shape[0]:
-                raise IndexError(f"frame {first} is out of range for {self.shape[0]} frames")
-            return self._frame(t)[rest] if rest else self._frame(t)
-        if isinstance(first, slice):
-            frames = [self._frame(t) for t in range(*first.indices(self.shape[0]))]
-            block = np.stack(frames) if frames else np.empty((0,) + self.shape[1:], self.dtype)
-            return block[(slice(None),) + rest] if rest else block
-        return np.asarray(self)[key]
-
-    def __array__(self, dtype=None, copy=None):
-        out = self[:]
-        return out if dtype is None else out.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
         return f"PagedStack(shape={self.shape}, dtype={self.dtype}, path={self._where!r})"
