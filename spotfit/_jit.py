@@ -155,6 +155,55 @@ def njit(*args, **options):
     return lambda func: _load_lightly(decorate(func))
 
 
+def first_class(dispatcher, signature):
+    """``dispatcher`` (a kernel compiled with its C wrapper, i.e. not ``inner=True``) as a
+    first-class function of one signature (``signature()``: a numba signature, built on
+    first use): pass it to kernels as an argument and call it there.
+
+    A kernel calling another one by name links in the callee's code, then optimises it
+    again and compiles it to machine code again with its own: on a first run every
+    kernel pays again for the model code it calls.  A first-class function is called
+    through its address (numba's ``FunctionType``; one indirect call, which the callee's
+    work per call should dwarf), so its code is compiled once, cached as any kernel.
+    The address is looked up when a kernel is first called with it (compiling
+    ``dispatcher`` for the signature, or loading it from the cache).  The signature's
+    arrays must be of exactly the types the callers pass (layout, dtype, writeable).
+    """
+    from numba.core.types import WrapperAddressProtocol
+    import numba.experimental.function_type  # noqa: F401  (numba's typing of such objects)
+
+    lock = threading.Lock()
+
+    class FirstClass(WrapperAddressProtocol):
+        _signature = None
+        _address = None
+
+        def signature(self):
+            if self._signature is None:
+                self._signature = signature()
+            return self._signature
+
+        def compile(self):
+            """Compile the function (or load it from the cache) now; its address."""
+            return self.__wrapper_address__()
+
+        def __wrapper_address__(self):
+            if self._address is None:
+                with lock:
+                    if self._address is None:
+                        args = self.signature().args
+                        dispatcher.compile(args)
+                        result = dispatcher.overloads[args]
+                        self._address = result.library.get_pointer_to_function(
+                            result.fndesc.llvm_cfunc_wrapper_name)
+            return self._address
+
+        def __repr__(self):
+            return f"first_class({dispatcher.py_func.__qualname__})"
+
+    return FirstClass()
+
+
 def over_windows(kernel, n: int, *args, threaded=None) -> None:
     """Call ``kernel(*args, start, stop)`` over items ``0 .. n`` (windows, rows of
     pixels) split into ranges.

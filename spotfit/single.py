@@ -744,7 +744,7 @@ def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=N
     pixels (:func:`spotfit._kernels.quadrupole_score`), about a seventh of the
     score test's cost.
     """
-    from spotfit._kernels import quadrupole_score
+    from spotfit._kernels import MODEL, quadrupole_score
 
     w = batch.windows
     model = reduced.model
@@ -756,7 +756,7 @@ def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=N
     if read_var.shape == (1, 1) or read_var.shape == w.data.shape:
         x, y = w.grid.flat()[:2]
         t = np.empty(len(theta))
-        quadrupole_score(model.kernel(w.grid), np.ascontiguousarray(theta, dtype=float),
+        quadrupole_score(MODEL, model.kernel(w.grid), np.ascontiguousarray(theta, dtype=float),
                          np.ascontiguousarray(w.data, dtype=float), np.ascontiguousarray(w.mask),
                          np.ascontiguousarray(x, dtype=float), np.ascontiguousarray(y, dtype=float),
                          model.index("x"), model.index("y"), model.offset_index, weighted,
