@@ -768,6 +768,27 @@ def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=N
     return _quadrupole_numpy(setup, reduced, batch, theta, residual_var)
 
 
+def compile_quadrupole_kernel() -> None:
+    """Compile (or load from the cache) the score gate's kernel
+    (:func:`spotfit._kernels.quadrupole_score`) on two windows of 5 x 5 px with the types
+    :func:`_quadrupole_score` passes it.
+
+    On a first run, the fitting process does this while it waits for the second compiling
+    process (``meanwhile`` of :func:`spotfit._jit.compile_alongside`) instead of after it.
+    """
+    from spotfit._kernels import MODEL, quadrupole_score
+    from spotfit.models import Grid, get_model
+
+    grid = Grid((5, 5))
+    model = get_model("symmetric")
+    x, y = grid.flat()[:2]
+    theta = np.array([[100.0, 2.0, 2.0, 1.3, 1.0]] * 2)  # intensity, x, y, sigma, offset
+    quadrupole_score(MODEL, model.kernel(grid), theta, np.full((2, grid.size), 5.0),
+                     np.ones((2, grid.size), bool), np.ascontiguousarray(x, dtype=float),
+                     np.ascontiguousarray(y, dtype=float), model.index("x"), model.index("y"),
+                     model.offset_index, True, 1.0, np.ones((1, 1)), np.empty(2), 0, 2)
+
+
 def _quadrupole_numpy(setup: Setup, reduced, batch: Batch, theta, residual_var=None) -> np.ndarray:
     """:func:`_quadrupole_score` in NumPy (a read-noise map of another shape)."""
     w = batch.windows
