@@ -674,11 +674,18 @@ def covariance(model_fn, km, cost, data, theta, free, noise, out, bias_snr, embe
     mu = np.empty(P)
     J = np.empty((k, P))
     scratch = np.empty((9, size))
-    A = np.zeros((m, m))
+    # (zeros without np.zeros: the second process of a first run, which compiles this
+    # kernel, then compiles four numba library functions fewer)
+    A = np.empty((m, m))
     A_work = np.empty((m, m))
     Ainv = np.empty((m, m))
-    B = np.zeros((m, m))
-    L = np.zeros((m, m))
+    B = np.empty((m, m))
+    L = np.empty((m, m))
+    for a in range(m):
+        for b in range(m):
+            A[a, b] = 0.0
+            B[a, b] = 0.0
+            L[a, b] = 0.0
     y = np.empty(m)
     Wp = np.empty(P)
     E = np.empty(P)
@@ -690,7 +697,10 @@ def covariance(model_fn, km, cost, data, theta, free, noise, out, bias_snr, embe
     M = np.empty((r, r))  # D^T H D
     M_work = np.empty((r, r))
     Minv = np.empty((r, r))
-    Lr = np.zeros((r, r))
+    Lr = np.empty((r, r))
+    for a in range(r):
+        for b in range(r):
+            Lr[a, b] = 0.0
     yr = np.empty(r)
     v = np.empty(r)  # D^T g
     HD = np.empty((m, r))
@@ -844,7 +854,9 @@ def _mle_bias(model_fn, km, th, mu, J, scratch, idx, m, C, W, out):
     """
     k = th.shape[0]
     P = mu.shape[0]
-    d = np.zeros(P)  # tr(C H_p)
+    d = np.empty(P)  # tr(C H_p)
+    for p in range(P):
+        d[p] = 0.0
     Jh = np.empty((k, P))
     muh = np.empty(P)
     thh = np.empty(k)
