@@ -23,8 +23,8 @@ numba's), which adds these things to ``numba.njit(cache=True, fastmath=False, ..
   too) while this one compiles detection and the solver.  It starts at once when
   numba's cache beside the sources has no entry for that kernel (:func:`_cold`; the
   usual first run after ``pip install``), else at the first cache miss.  The model
-  code both need is compiled by whichever gets there first (the second process,
-  usually: this one loads it from the cache).  Before calling the covariance kernel
+  code both need is compiled by the second process first (this one loads it from the
+  cache when its first fits need it).  Before calling the covariance kernel
   this process compiles the ``meanwhile`` kernels, if any, while the second is still
   running, then waits for it (:func:`join_alongside`) and loads the covariance kernel
   from the cache.  On two cores that takes about half off the compile time of a first
@@ -32,7 +32,9 @@ numba's), which adds these things to ``numba.njit(cache=True, fastmath=False, ..
 * **Less to compile** (what a first run compiles: ``benchmarks/compile_cost.py``):
   helpers with one caller are inlined at numba's IR level (``inline="always"``);
   kernels that only other kernels call are compiled without the wrappers that let
-  Python call them (``@njit(inner=True)``).
+  Python call them (``@njit(inner=True)``); code that several kernels call (the model
+  code) is a first-class function (:func:`first_class`), compiled once and called
+  through its address instead of linked into each caller and compiled again there.
 * **Loading without numba's context refresh** (:func:`_load_lightly`): a warm process
   loads each kernel it calls from the cache without first importing every typing and
   lowering implementation numba has (which only compiling needs).
