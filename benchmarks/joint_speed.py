@@ -112,7 +112,9 @@ def solve_with(kernels, model, estimator, data, mask, grid, theta0, kw):
     # 2026-12-03, without before
     box = kernels.Box(lower, upper, free, int(kw.get("active_set", False))) \
         if "active" in kernels.Box._fields else kernels.Box(lower, upper, free)
-    kernels.levenberg_marquardt(km, cost, box, state, int(kw.get("max_iter", 50)),
+    # kernels since the model code became a first-class function take it first
+    fn = (kernels.MODEL,) if hasattr(kernels, "MODEL") else ()
+    kernels.levenberg_marquardt(*fn, km, cost, box, state, int(kw.get("max_iter", 50)),
                                 float(kw.get("tol", 1e-3)), 0, n)
     t1 = time.process_time()
     out = CovarianceOut(np.zeros((n, k, k)), np.zeros(n), np.zeros((n, 5)), np.zeros((0, k)))
@@ -121,7 +123,7 @@ def solve_with(kernels, model, estimator, data, mask, grid, theta0, kw):
     # kernels since the score statistic became a mode of the covariance kernel take `embed`
     # (empty outside that mode); the reference commit's do not
     embed = (np.zeros((0, 0, 0)),) if "embed" in inspect.signature(kernels.covariance.py_func).parameters else ()
-    kernels.covariance(km, cost, data, state.theta, free,
+    kernels.covariance(*fn, km, cost, data, state.theta, free,
                        NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
                        solver.BIAS_SNR, *embed, 0, n)
     t2 = time.process_time()

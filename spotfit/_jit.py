@@ -23,8 +23,8 @@ numba's), which adds these things to ``numba.njit(cache=True, fastmath=False, ..
   too) while this one compiles detection and the solver.  It starts at once when
   numba's cache beside the sources has no entry for that kernel (:func:`_cold`; the
   usual first run after ``pip install``), else at the first cache miss.  The model
-  code both need is compiled by whichever gets there first (the second process,
-  usually: this one loads it from the cache).  Before calling the covariance kernel
+  code both need is compiled by the second process first (this one loads it from the
+  cache when its first fits need it).  Before calling the covariance kernel
   this process compiles the ``meanwhile`` kernels, if any, while the second is still
   running, then waits for it (:func:`join_alongside`) and loads the covariance kernel
   from the cache.  On two cores that takes about half off the compile time of a first
@@ -32,7 +32,9 @@ numba's), which adds these things to ``numba.njit(cache=True, fastmath=False, ..
 * **Less to compile** (what a first run compiles: ``benchmarks/compile_cost.py``):
   helpers with one caller are inlined at numba's IR level (``inline="always"``);
   kernels that only other kernels call are compiled without the wrappers that let
-  Python call them (``@njit(inner=True)``).
+  Python call them (``@njit(inner=True)``); code that several kernels call (the model
+  code) is a first-class function (:func:`first_class`), compiled once and called
+  through its address instead of linked into each caller and compiled again there.
 * **Loading without numba's context refresh** (:func:`_load_lightly`): a warm process
   loads each kernel it calls from the cache without first importing every typing and
   lowering implementation numba has (which only compiling needs).
@@ -153,6 +155,55 @@ def njit(*args, **options):
         return _load_lightly(numba_njit(**options)(args[0]))
     decorate = numba_njit(*args, **options)
     return lambda func: _load_lightly(decorate(func))
+
+
+def first_class(dispatcher, signature):
+    """``dispatcher`` (a kernel compiled with its C wrapper, i.e. not ``inner=True``) as a
+    first-class function of one signature (``signature()``: a numba signature, built on
+    first use): pass it to kernels as an argument and call it there.
+
+    A kernel calling another one by name links in the callee's code, then optimises it
+    again and compiles it to machine code again with its own: on a first run every
+    kernel pays again for the model code it calls.  A first-class function is called
+    through its address (numba's ``FunctionType``; one indirect call, which the callee's
+    work per call should dwarf), so its code is compiled once, cached as any kernel.
+    The address is looked up when a kernel is first called with it (compiling
+    ``dispatcher`` for the signature, or loading it from the cache).  The signature's
+    arrays must be of exactly the types the callers pass (layout, dtype, writeable).
+    """
+    from numba.core.types import WrapperAddressProtocol
+    import numba.experimental.function_type  # noqa: F401  (numba's typing of such objects)
+
+    lock = threading.Lock()
+
+    class FirstClass(WrapperAddressProtocol):
+        _signature = None
+        _address = None
+
+        def signature(self):
+            if self._signature is None:
+                self._signature = signature()
+            return self._signature
+
+        def compile(self):
+            """Compile the function (or load it from the cache) now; its address."""
+            return self.__wrapper_address__()
+
+        def __wrapper_address__(self):
+            if self._address is None:
+                with lock:
+                    if self._address is None:
+                        args = self.signature().args
+                        dispatcher.compile(args)
+                        result = dispatcher.overloads[args]
+                        self._address = result.library.get_pointer_to_function(
+                            result.fndesc.llvm_cfunc_wrapper_name)
+            return self._address
+
+        def __repr__(self):
+            return f"first_class({dispatcher.py_func.__qualname__})"
+
+    return FirstClass()
 
 
 def over_windows(kernel, n: int, *args, threaded=None) -> None:

@@ -75,7 +75,7 @@ from collections import namedtuple
 
 import numpy as np
 
-from spotfit._jit import njit
+from spotfit._jit import first_class, njit
 
 # ---------------------------------------------------------------- codes
 #: fit status codes; their names in output tables are spotfit.results.STATUS_NAMES
@@ -261,16 +261,32 @@ def _rotated(integ, th, ny, nx, mu, J, tmp):
             p += 1
 
 
-@njit(error_model="numpy", inner=True)
+@njit(error_model="numpy", no_cpython_wrapper=True)
 def model_window(km, th, mu, J, scratch):
     """Fill ``mu (P,)`` and ``J (k, P)`` for one window of model ``km``.
 
-    ``scratch`` is a ``(9, max(nz, ny, nx, 10))`` work array.
+    ``scratch`` is a ``(9, max(nz, ny, nx, 10))`` work array.  The kernels call it
+    through :data:`MODEL` (passed to them as ``model_fn``), not by name.
     """
     if km.family == ROTATED:
         _rotated(km.integ, th, km.ny, km.nx, mu, J, scratch[0])
     else:
         _gaussians(km, th, mu, J, scratch)
+
+
+def _model_window_signature():
+    from numba.core import types
+
+    vector, matrix = types.float64[::1], types.float64[:, ::1]
+    km = types.NamedUniTuple(types.int64, len(KernelModel._fields), KernelModel)
+    return types.void(km, vector, vector, matrix, matrix)
+
+
+#: :func:`model_window` compiled once, as a first-class function: the kernels that
+#: evaluate the model take it as their first argument (``model_fn``) and call it through
+#: its address, so that its code is not linked into each of them and optimised and
+#: compiled to machine code again (~0.4 s per kernel on a first run)
+MODEL = first_class(model_window, _model_window_signature)
 
 
 @njit(error_model="numpy", inner=True)
@@ -282,23 +298,23 @@ def constrain(km, th):
 
 
 @njit(error_model="numpy", nogil=True)
-def evaluate(km, theta, mu, J, start, stop):
+def evaluate(model_fn, km, theta, mu, J, start, stop):
     """Batched :func:`model_window`: ``theta (n, k)`` -> ``mu (n, P)``, ``J (n, k, P)``,
     windows ``start .. stop`` (see :func:`spotfit._jit.over_windows`)."""
     scratch = np.empty((9, max(km.nz, km.ny, km.nx, 10)))
     for i in range(start, stop):
-        model_window(km, theta[i], mu[i], J[i], scratch)
+        model_fn(km, theta[i], mu[i], J[i], scratch)
 
 
 @njit(error_model="numpy", nogil=True)
-def values(km, theta, mu, start, stop):
+def values(model_fn, km, theta, mu, start, stop):
     """Batched model values only: ``theta (n, k)`` -> ``mu (n, P)``, windows
     ``start .. stop``; the Jacobian goes to one window's work array, not to an
     ``(n, k, P)`` array (a joint fit's is ``k`` times the size of its values)."""
     scratch = np.empty((9, max(km.nz, km.ny, km.nx, 10)))
     J = np.empty((theta.shape[1], mu.shape[1]))
     for i in range(start, stop):
-        model_window(km, theta[i], mu[i], J, scratch)
+        model_fn(km, theta[i], mu[i], J, scratch)
 
 
 # ----------------------------------------------------------------------------
@@ -324,7 +340,7 @@ def _pixel_terms(kind, dp, mu, wp, shift, scale):
 
 
 @njit(error_model="numpy", fastmath={"reassoc", "contract"})
-def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
+def _accumulate(model_fn, km, cost, s, th, mu, J, scratch, e, W, H, g):
     """Cost of window ``s``; fills ``H = J W J^T`` and ``g = J e``.
 
     ``e`` and ``W`` are ``(P,)`` work arrays.  The sums run over contiguous
@@ -332,7 +348,7 @@ def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
     """
     k = th.shape[0]
     d, w, shift = cost.data[s], cost.weight[s], cost.shift[s]
-    model_window(km, th, mu, J, scratch)
+    model_fn(km, th, mu, J, scratch)
     total = 0.0
     for p in range(mu.shape[0]):
         if w[p] == 0.0:
@@ -421,7 +437,7 @@ def _damped_solve(H, g, lam, free, A, L, y, delta):
 
 
 @njit(error_model="numpy", nogil=True)
-def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
+def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, stop):
     """Fit windows ``start .. stop``; updates ``state`` in place.
 
     Parameters
@@ -479,7 +495,7 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
                 n_valid += 1
         dof = max(n_valid - n_free, 1)
 
-        value = _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g)
+        value = _accumulate(model_fn, km, cost, s, th, mu, J, scratch, e, W, H, g)
         st = MAX_ITERATIONS  # unless something else happens
         if not math.isfinite(value):
             st = SINGULAR
@@ -510,7 +526,7 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
                     th[i] = trial[i]
                 st = CONVERGED
                 break
-            value_new = _accumulate(km, cost, s, trial, mu, J, scratch, e, W, H_new, g_new)
+            value_new = _accumulate(model_fn, km, cost, s, trial, mu, J, scratch, e, W, H_new, g_new)
             if math.isfinite(value_new) and value_new <= value:
                 gain = value - value_new
                 rho = gain / predicted if predicted > 0.0 else 0.0
@@ -599,7 +615,7 @@ def _cholesky_inverse(A, out, L, y):
 
 
 @njit(error_model="numpy", nogil=True)
-def covariance(km, cost, data, theta, free, noise, out, bias_snr, embed, start, stop):
+def covariance(model_fn, km, cost, data, theta, free, noise, out, bias_snr, embed, start, stop):
     """Per-window covariance ``A^-1 B A^-1``, reduced chi-square and MLE bias.
 
     ``A = J W J^T`` (the cost's curvature), ``B = J W V W J^T`` with the
@@ -658,11 +674,18 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, embed, start, 
     mu = np.empty(P)
     J = np.empty((k, P))
     scratch = np.empty((9, size))
-    A = np.zeros((m, m))
+    # (zeros without np.zeros: the second process of a first run, which compiles this
+    # kernel, then compiles four numba library functions fewer)
+    A = np.empty((m, m))
     A_work = np.empty((m, m))
     Ainv = np.empty((m, m))
-    B = np.zeros((m, m))
-    L = np.zeros((m, m))
+    B = np.empty((m, m))
+    L = np.empty((m, m))
+    for a in range(m):
+        for b in range(m):
+            A[a, b] = 0.0
+            B[a, b] = 0.0
+            L[a, b] = 0.0
     y = np.empty(m)
     Wp = np.empty(P)
     E = np.empty(P)
@@ -674,14 +697,17 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, embed, start, 
     M = np.empty((r, r))  # D^T H D
     M_work = np.empty((r, r))
     Minv = np.empty((r, r))
-    Lr = np.zeros((r, r))
+    Lr = np.empty((r, r))
+    for a in range(r):
+        for b in range(r):
+            Lr[a, b] = 0.0
     yr = np.empty(r)
     v = np.empty(r)  # D^T g
     HD = np.empty((m, r))
     for s in range(start, stop):
         th = theta[s]
         w = cost.weight[s]
-        model_window(km, th, mu, J, scratch)
+        model_fn(km, th, mu, J, scratch)
         n_valid = 0
         for p in range(P):
             if w[p] == 0.0:
@@ -752,7 +778,7 @@ def covariance(km, cost, data, theta, free, noise, out, bias_snr, embed, start, 
             a0 = at_intensity
             N = th[km.intensity]
             if N * N < bias_snr * bias_snr * Ainv[a0, a0]:  # N / err_N < bias_snr
-                _mle_bias(km, th, mu, J, scratch, idx, m, Ainv, Wp, bias[s])
+                _mle_bias(model_fn, km, th, mu, J, scratch, idx, m, Ainv, Wp, bias[s])
         if fisher:
             for a in range(m):
                 for b in range(m):
@@ -811,7 +837,7 @@ def _score(D, H, Hinv, ok, J, idx, m, e, g, HD, M, M_work, Minv, Lr, yr, v):
 
 
 @njit(error_model="numpy", inline="always")
-def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
+def _mle_bias(model_fn, km, th, mu, J, scratch, idx, m, C, W, out):
     """First-order bias of a Poisson maximum-likelihood fit (Cox & Snell, 1968).
 
     For independent counts with means ``mu_p(theta)`` the O(1/N) bias of the
@@ -828,7 +854,9 @@ def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
     """
     k = th.shape[0]
     P = mu.shape[0]
-    d = np.zeros(P)  # tr(C H_p)
+    d = np.empty(P)  # tr(C H_p)
+    for p in range(P):
+        d[p] = 0.0
     Jh = np.empty((k, P))
     muh = np.empty(P)
     thh = np.empty(k)
@@ -851,7 +879,7 @@ def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
         for j in range(k):
             thh[j] = th[j]
         thh[jb] += h
-        model_window(km, thh, muh, Jh, scratch)
+        model_fn(km, thh, muh, Jh, scratch)
         for a in range(m):
             ja = idx[a]
             c = C[a, b] / h
@@ -879,7 +907,7 @@ def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
 # Model choice: the quadrupole score of symmetric fits (spotfit.single's gate)
 # ----------------------------------------------------------------------------
 @njit(error_model="numpy", nogil=True)
-def quadrupole_score(km, theta, data, mask, x, y, ix, iy, ioff, weighted, excess, read_var, out,
+def quadrupole_score(model_fn, km, theta, data, mask, x, y, ix, iy, ioff, weighted, excess, read_var, out,
                      start, stop):
     """``g^T I^-1 g`` over the two quadrupole patterns ``dx^2 - dy^2`` and ``dx dy`` of
     2D fits ``theta`` (one emitter; centre at ``ix, iy``, offset at ``ioff``), windows
@@ -898,7 +926,7 @@ def quadrupole_score(km, theta, data, mask, x, y, ix, iy, ioff, weighted, excess
     scratch = np.empty((9, max(km.nz, km.ny, km.nx, 10)))
     per_pixel = read_var.shape[0] > 1 or read_var.shape[1] > 1
     for i in range(start, stop):
-        model_window(km, theta[i], mu, J, scratch)
+        model_fn(km, theta[i], mu, J, scratch)
         cx, cy, off = theta[i, ix], theta[i, iy], theta[i, ioff]
         gc = gs = icc = iss = ics = 0.0
         for p in range(P):

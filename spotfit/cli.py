@@ -1066,7 +1066,9 @@ def fit(**params):
     if params.get("workers") != 1:
         # on a first run only: the covariance kernel in a second process
         # (before the first cache miss only if the inputs exist: no compiling for a typo)
+        # (and the score gate's kernel here while waiting for it, not after)
         compile_alongside("spotfit.solver:compile_covariance_kernel",
+                          meanwhile="spotfit.single:compile_quadrupole_kernel",
                           early=all(os.path.exists(str(path)) for path in params.get("images") or ()))
     try:
         _fit_or_detect("fit", params)

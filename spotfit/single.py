@@ -744,7 +744,7 @@ def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=N
     pixels (:func:`spotfit._kernels.quadrupole_score`), about a seventh of the
     score test's cost.
     """
-    from spotfit._kernels import quadrupole_score
+    from spotfit._kernels import MODEL, quadrupole_score
 
     w = batch.windows
     model = reduced.model
@@ -756,7 +756,7 @@ def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=N
     if read_var.shape == (1, 1) or read_var.shape == w.data.shape:
         x, y = w.grid.flat()[:2]
         t = np.empty(len(theta))
-        quadrupole_score(model.kernel(w.grid), np.ascontiguousarray(theta, dtype=float),
+        quadrupole_score(MODEL, model.kernel(w.grid), np.ascontiguousarray(theta, dtype=float),
                          np.ascontiguousarray(w.data, dtype=float), np.ascontiguousarray(w.mask),
                          np.ascontiguousarray(x, dtype=float), np.ascontiguousarray(y, dtype=float),
                          model.index("x"), model.index("y"), model.offset_index, weighted,
@@ -766,6 +766,27 @@ def _quadrupole_score(setup: Setup, reduced, batch: Batch, theta, residual_var=N
             t = t / np.maximum(residual_var, solver.VAR_FLOOR)
         return t
     return _quadrupole_numpy(setup, reduced, batch, theta, residual_var)
+
+
+def compile_quadrupole_kernel() -> None:
+    """Compile (or load from the cache) the score gate's kernel
+    (:func:`spotfit._kernels.quadrupole_score`) on two windows of 5 x 5 px with the types
+    :func:`_quadrupole_score` passes it.
+
+    On a first run, the fitting process does this while it waits for the second compiling
+    process (``meanwhile`` of :func:`spotfit._jit.compile_alongside`) instead of after it.
+    """
+    from spotfit._kernels import MODEL, quadrupole_score
+    from spotfit.models import Grid, get_model
+
+    grid = Grid((5, 5))
+    model = get_model("symmetric")
+    x, y = grid.flat()[:2]
+    theta = np.array([[100.0, 2.0, 2.0, 1.3, 1.0]] * 2)  # intensity, x, y, sigma, offset
+    quadrupole_score(MODEL, model.kernel(grid), theta, np.full((2, grid.size), 5.0),
+                     np.ones((2, grid.size), bool), np.ascontiguousarray(x, dtype=float),
+                     np.ascontiguousarray(y, dtype=float), model.index("x"), model.index("y"),
+                     model.offset_index, True, 1.0, np.ones((1, 1)), np.empty(2), 0, 2)
 
 
 def _quadrupole_numpy(setup: Setup, reduced, batch: Batch, theta, residual_var=None) -> np.ndarray:

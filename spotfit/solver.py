@@ -19,7 +19,7 @@ import numpy as np
 from spotfit._jit import join_alongside, over_windows
 from spotfit._kernels import (
     CAMERA_VARIANCE, CONVERGED, LOW_SIGNAL, MEASURE_VARIANCE, MEASURED_VARIANCE, SCORE_STATISTIC, SINGULAR,
-    VAR_FLOOR, Box, CovarianceOut, FitState, NoiseModel,
+    MODEL, VAR_FLOOR, Box, CovarianceOut, FitState, NoiseModel,
 )
 from spotfit.estimators import Estimator, Noise
 from spotfit.models import Grid, Model
@@ -190,14 +190,14 @@ def solve(
             if len(rows):
                 first = FitState(state.theta[rows], np.zeros(len(rows), dtype=np.int32),
                                  np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows)))
-                over_windows(levenberg_marquardt, len(rows), km, _rows(cost, rows),
+                over_windows(levenberg_marquardt, len(rows), MODEL, km, _rows(cost, rows),
                              Box(lower[rows], upper[rows], free & ~np.asarray(hold_first, bool), int(active_set)),
                              first, int(min(max_iter, 3)), float(10 * tol),
                              threaded=_threaded(len(rows), data.shape[1], k))
                 state.theta[rows] = first.theta
                 state.iterations[rows] = first.iterations
         done = state.iterations.copy()
-        over_windows(levenberg_marquardt, n, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
+        over_windows(levenberg_marquardt, n, MODEL, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
                      float(tol), threaded=_threaded(n, data.shape[1], k))
         state.iterations[:] += done
     theta, status = state.theta, state.status
@@ -325,7 +325,7 @@ def score_test(model, estimator, data, mask, grid, theta, embed, noise=Noise(), 
     none = np.zeros(0)
     join_alongside()  # a first run may compile this kernel in a second process
     # the covariance kernel's other mode (one kernel compiles faster than two)
-    over_windows(kernel, n, model.kernel(grid), cost, data, np.ascontiguousarray(embed(theta), dtype=float),
+    over_windows(kernel, n, MODEL, model.kernel(grid), cost, data, np.ascontiguousarray(embed(theta), dtype=float),
                  np.ones(k, bool), NoiseModel(SCORE_STATISTIC, 1.0, np.zeros((0, 0)), none, none, none),
                  CovarianceOut(np.zeros((0, k, k)), out, np.zeros((0, 5)), np.zeros((0, k))), 0.0,
                  np.ascontiguousarray(D))
@@ -423,14 +423,14 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
         if not read_var.flags.writeable:  # (read-only: another type, compiled again)
             read_var = read_var.copy()
         none = np.zeros(0)
-        over_windows(kernel, n, km, cost, data, theta, free,
+        over_windows(kernel, n, MODEL, km, cost, data, theta, free,
                      NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
                      BIAS_SNR, _NO_EMBED, threaded=_threaded(n, data.shape[1], k))
     else:
         if variance is None:
             variance = _measure_variance(km, cost, data, theta, free, groups)
         used = np.ascontiguousarray(variance, dtype=float)
-        over_windows(kernel, n, km, cost, data, theta, free,
+        over_windows(kernel, n, MODEL, km, cost, data, theta, free,
                      NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(),
                                 used[:, 1].copy(), used[:, 2].copy()), out, 0.0, _NO_EMBED,
                      threaded=_threaded(n, data.shape[1], k))
@@ -467,7 +467,7 @@ def _measure_variance(km, cost, data, theta, free, groups):
     sub = regression_rows(groups)
     sums = np.zeros((len(sub), 5))
     none = np.zeros(0)
-    over_windows(kernel, len(sub), km, _rows(cost, sub), data[sub], theta[sub], free,
+    over_windows(kernel, len(sub), MODEL, km, _rows(cost, sub), data[sub], theta[sub], free,
                  NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
                  CovarianceOut(np.zeros((len(sub), k, k)), np.zeros(len(sub)), sums, np.zeros((0, k))),
                  0.0, _NO_EMBED)
@@ -575,6 +575,7 @@ def compile_covariance_kernel() -> None:
     Run in a second process on a first run (:func:`spotfit._jit.compile_alongside`)
     while the first compiles detection and the Levenberg-Marquardt kernel.
     """
+    MODEL.compile()  # first: the other process needs the model code too, and loads it from the cache
     model, estimator, data, mask, grid, theta, noise = _tiny_problem()
     cost = estimator.cost(data, mask, noise)
     covariance(model, cost, data, theta, grid, noise, np.ones(model.n_params, bool), bias=True)

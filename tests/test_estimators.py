@@ -38,7 +38,7 @@ def _terms(model, estimator, noise, data, theta):
     k, P = model.n_params, GRID.size
     mu, J, scratch = np.empty(P), np.empty((k, P)), np.empty((9, 11))
     e, W, H, g = np.empty(P), np.empty(P), np.empty((k, k)), np.empty(k)
-    value = K._accumulate(km, cost, 0, np.array(theta, float), mu, J, scratch, e, W, H, g)
+    value = K._accumulate(K.MODEL, km, cost, 0, np.array(theta, float), mu, J, scratch, e, W, H, g)
     return value, g, H
 
 

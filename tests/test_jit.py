@@ -275,10 +275,38 @@ def test_solver_compile_targets_exist():
 
     from spotfit import cli, solver
 
+    from spotfit import single
+
     source = inspect.getsource(cli)
-    for name in ("compile_covariance_kernel",):
-        assert f"spotfit.solver:{name}" in source
-        assert callable(getattr(solver, name))
+    for module, name in ((solver, "compile_covariance_kernel"), (single, "compile_quadrupole_kernel")):
+        assert f"{module.__name__}:{name}" in source
+        assert callable(getattr(module, name))
+
+
+def test_compile_quadrupole_kernel_compiles_what_fits_use(monkeypatch):
+    """The score gate's kernel, compiled while the first run waits for the second process,
+    gets the argument types fits pass it (else the fit would compile it again)."""
+    import spotfit
+    from spotfit import _kernels, single
+    from spotfit.camera import Camera
+
+    seen = set()
+    kernel = _kernels.quadrupole_score
+
+    def recording(*args):
+        seen.add(tuple(numba.typeof(a) for a in args))
+        return kernel(*args)
+
+    monkeypatch.setattr(_kernels, "quadrupole_score", recording)
+    single.compile_quadrupole_kernel()
+    compiled, seen = set(seen), set()
+    assert len(compiled) == 1
+    camera = Camera(baseline=100.0, gain=2.0, read_noise=1.5)
+    image, _ = spotfit.simulate((40, 52), n_spots=4, photons=(300, 3000), camera=camera,
+                                min_separation=10, border=5, seed=3)
+    spotfit.fit(image, camera=camera)
+    spotfit.fit(image, camera=Camera(baseline=100.0))
+    assert seen == compiled, (seen, compiled)
 
 
 @pytest.mark.parametrize("early, cold, started", [(True, True, True), (True, False, False),

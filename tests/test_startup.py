@@ -30,8 +30,9 @@ NOT_ON_THE_SMALL_PATH += ("pandas", "spotfit.blockwise")
 #: start-up), and until the edge-noise sums were computed without scipy.sparse
 NOT_ON_THE_SMALL_PATH += ("numba.np.arraymath", "numba.np.linalg", "scipy.linalg", "scipy.sparse")
 #: the cached kernels a small fit loads (each costs a fresh process 10-40 ms): background
-#: (3), detection (1), the solver, the covariance and the model's values
-KERNELS_OF_A_SMALL_FIT = 7
+#: (3), detection (1), the solver, the covariance, the score gate's quadrupole score and the
+#: model code they call through its address (``spotfit._kernels.MODEL``)
+KERNELS_OF_A_SMALL_FIT = 8
 
 RUN = r"""
 import json, sys
