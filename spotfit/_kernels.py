@@ -53,7 +53,9 @@ its own damped Gauss-Newton iterations and stops as soon as it converges.
 Per pixel, the model kernel (:func:`model_window`) gives value and
 Jacobian, and the cost turns them into the cost value and the normal
 equations ``H delta = g`` without ever storing the Jacobian of more than one
-window.
+window.  The normal equations are built only after a step is taken and only
+if another step follows: a rejected step (larger cost) and the step that
+converges need the cost alone.
 
 Costs (``Cost.kind``):
 
@@ -108,7 +110,9 @@ KernelModel = namedtuple(
 Cost = namedtuple("Cost", ["kind", "data", "weight", "shift", "scale", "normalise"])
 #: box constraints (n, k), the parameters that are fitted (k,) bool, and whether a
 #: parameter at a bound that the step would push out is held for that step
-#: (``active``: 1 for a projected, active-set step; 0 to clip the full step)
+#: (``active``: 1 for a projected, active-set step, as joint fits take, whose
+#: many-parameter normal equations are then built by :func:`_joint_normal_equations`;
+#: 0 to clip the full step)
 Box = namedtuple("Box", ["lower", "upper", "free", "active"])
 #: fitted values (n, k) in and out; iterations, status, final cost (n,) out
 FitState = namedtuple("FitState", ["theta", "iterations", "status", "cost"])
@@ -323,14 +327,12 @@ def _pixel_terms(kind, dp, mu, wp, shift, scale):
     return 2.0 * ws * dev, ws * (dp / m - 1.0), ws / m
 
 
-@njit(error_model="numpy", fastmath={"reassoc", "contract"})
-def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
-    """Cost of window ``s``; fills ``H = J W J^T`` and ``g = J e``.
-
-    ``e`` and ``W`` are ``(P,)`` work arrays.  The sums run over contiguous
-    rows of ``J`` so that they vectorise.
-    """
-    k = th.shape[0]
+@njit(error_model="numpy", fastmath={"reassoc", "contract"}, inner=True)
+def _pixel_costs(km, cost, s, th, mu, J, scratch, e, W):
+    """Cost of window ``s`` at ``th``; fills ``mu``, ``J`` and the pixel terms
+    ``e`` (weighted residual) and ``W`` (weight), ``(P,)`` work arrays, from which
+    :func:`_normal_equations` builds the step's equations (only for a step that is
+    taken: a rejected or converging step needs the cost alone)."""
     d, w, shift = cost.data[s], cost.weight[s], cost.shift[s]
     model_window(km, th, mu, J, scratch)
     total = 0.0
@@ -341,20 +343,54 @@ def _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g):
             continue
         c, e[p], W[p] = _pixel_terms(cost.kind, d[p], mu[p], w[p], shift[p], cost.scale)
         total += c
+    return total
+
+
+@njit(error_model="numpy", fastmath={"reassoc", "contract"}, inner=True)
+def _normal_equations(J, e, W, H, g):
+    """``H = J W J^T`` and ``g = J e`` from :func:`_pixel_costs`' work arrays.
+
+    The sums run over contiguous rows of ``J`` so that they vectorise.
+    """
+    k, P = J.shape
     for i in range(k):
         Ji = J[i]
         acc = 0.0
-        for p in range(mu.shape[0]):
+        for p in range(P):
             acc += Ji[p] * e[p]
         g[i] = acc
         for j in range(i + 1):
             Jj = J[j]
             acc = 0.0
-            for p in range(mu.shape[0]):
+            for p in range(P):
                 acc += Ji[p] * W[p] * Jj[p]
             H[i, j] = acc
             H[j, i] = acc
-    return total
+
+
+@njit(error_model="numpy", fastmath={"reassoc", "contract"}, inner=True)
+def _joint_normal_equations(J, e, W, WJ, H, g):
+    """:func:`_normal_equations` for many-parameter (joint) fits: ``W J`` is formed
+    once (``WJ``, ``(k, P)`` work array), so that each of the ``k (k + 1) / 2`` sums
+    of ``H`` reads two rows instead of three (the same sums, rounded differently)."""
+    k, P = J.shape
+    for i in range(k):
+        Ji = J[i]
+        WJi = WJ[i]
+        acc = 0.0
+        for p in range(P):
+            acc += Ji[p] * e[p]
+            WJi[p] = W[p] * Ji[p]
+        g[i] = acc
+    for i in range(k):
+        Ji = J[i]
+        for j in range(i + 1):
+            WJj = WJ[j]
+            acc = 0.0
+            for p in range(P):
+                acc += Ji[p] * WJj[p]
+            H[i, j] = acc
+            H[j, i] = acc
 
 
 @njit(error_model="numpy", inner=True)
@@ -456,8 +492,7 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
     scratch = np.empty((9, size))
     H = np.empty((k, k))
     g = np.empty(k)
-    H_new = np.empty((k, k))
-    g_new = np.empty(k)
+    WJ = np.empty((k if box.active else 0, P))  # joint fits' W J (_joint_normal_equations)
     A = np.empty((k, k))
     L = np.zeros((k, k))
     y = np.empty(k)
@@ -479,7 +514,11 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
                 n_valid += 1
         dof = max(n_valid - n_free, 1)
 
-        value = _accumulate(km, cost, s, th, mu, J, scratch, e, W, H, g)
+        value = _pixel_costs(km, cost, s, th, mu, J, scratch, e, W)
+        if box.active:
+            _joint_normal_equations(J, e, W, WJ, H, g)
+        else:
+            _normal_equations(J, e, W, H, g)
         st = MAX_ITERATIONS  # unless something else happens
         if not math.isfinite(value):
             st = SINGULAR
@@ -510,7 +549,7 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
                     th[i] = trial[i]
                 st = CONVERGED
                 break
-            value_new = _accumulate(km, cost, s, trial, mu, J, scratch, e, W, H_new, g_new)
+            value_new = _pixel_costs(km, cost, s, trial, mu, J, scratch, e, W)
             if math.isfinite(value_new) and value_new <= value:
                 gain = value - value_new
                 rho = gain / predicted if predicted > 0.0 else 0.0
@@ -518,13 +557,14 @@ def levenberg_marquardt(km, cost, box, state, max_iter, tol, start, stop):
                 nu = 2.0
                 for i in range(k):
                     th[i] = trial[i]
-                    g[i] = g_new[i]
-                    for j in range(k):
-                        H[i, j] = H_new[i, j]
                 value = value_new
                 unit = value / dof if cost.normalise else 1.0
                 if gain <= tol * unit:
                     st = CONVERGED
+                elif box.active:  # the next step's equations (a rejected or final step needs none)
+                    _joint_normal_equations(J, e, W, WJ, H, g)
+                else:
+                    _normal_equations(J, e, W, H, g)
             else:
                 lam *= nu
                 nu *= 2.0
@@ -556,7 +596,7 @@ def _weighted_gram(J, idx, m, weight, out):
 
 @njit(error_model="numpy", fastmath={"reassoc", "contract"}, inner=True)
 def _weighted_sums(J, idx, m, e, out):
-    """``out[a] = sum_p J[idx[a], p] * e[p]`` (m,): the gradient ``J e`` (as :func:`_accumulate`)."""
+    """``out[a] = sum_p J[idx[a], p] * e[p]`` (m,): the gradient ``J e`` (as :func:`_normal_equations`)."""
     for a in range(m):
         Ja = J[idx[a]]
         acc = 0.0
