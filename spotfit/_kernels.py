@@ -368,11 +368,19 @@ def _normal_equations(J, e, W, H, g):
             H[j, i] = acc
 
 
+#: from this many parameters on, :func:`_joint_normal_equations` sums ``H`` in
+#: 2 x 2 blocks (a K = 4 joint fit has 14)
+BLOCKED_PARAMS = 10
+
+
 @njit(error_model="numpy", fastmath={"reassoc", "contract"}, inner=True)
 def _joint_normal_equations(J, e, W, WJ, H, g):
     """:func:`_normal_equations` for many-parameter (joint) fits: ``W J`` is formed
     once (``WJ``, ``(k, P)`` work array), so that each of the ``k (k + 1) / 2`` sums
-    of ``H`` reads two rows instead of three (the same sums, rounded differently)."""
+    of ``H`` reads two rows instead of three, and from :data:`BLOCKED_PARAMS`
+    parameters on the sums run in 2 x 2 blocks of ``H`` (four sums per pass over
+    the pixels: each row is read once per pair of rows it meets, ~2x faster at
+    20 parameters).  The same sums, rounded differently."""
     k, P = J.shape
     for i in range(k):
         Ji = J[i]
@@ -382,15 +390,46 @@ def _joint_normal_equations(J, e, W, WJ, H, g):
             acc += Ji[p] * e[p]
             WJi[p] = W[p] * Ji[p]
         g[i] = acc
-    for i in range(k):
-        Ji = J[i]
-        for j in range(i + 1):
+    i = 0
+    if k >= BLOCKED_PARAMS:
+        while i + 1 < k:  # rows i, i + 1 against columns j, j + 1 <= i + 1
+            A0, A1 = J[i], J[i + 1]
+            for j in range(0, i, 2):
+                B0, B1 = WJ[j], WJ[j + 1]
+                a00 = 0.0
+                a01 = 0.0
+                a10 = 0.0
+                a11 = 0.0
+                for p in range(P):
+                    a00 += A0[p] * B0[p]
+                    a01 += A0[p] * B1[p]
+                    a10 += A1[p] * B0[p]
+                    a11 += A1[p] * B1[p]
+                H[i, j] = H[j, i] = a00
+                H[i, j + 1] = H[j + 1, i] = a01
+                H[i + 1, j] = H[j, i + 1] = a10
+                H[i + 1, j + 1] = H[j + 1, i + 1] = a11
+            B0, B1 = WJ[i], WJ[i + 1]  # the diagonal block
+            a00 = 0.0
+            a10 = 0.0
+            a11 = 0.0
+            for p in range(P):
+                a00 += A0[p] * B0[p]
+                a10 += A1[p] * B0[p]
+                a11 += A1[p] * B1[p]
+            H[i, i] = a00
+            H[i + 1, i] = H[i, i + 1] = a10
+            H[i + 1, i + 1] = a11
+            i += 2
+    for r in range(i, k):  # the rows left (all of them below BLOCKED_PARAMS)
+        Jr = J[r]
+        for j in range(r + 1):
             WJj = WJ[j]
             acc = 0.0
             for p in range(P):
-                acc += Ji[p] * WJj[p]
-            H[i, j] = acc
-            H[j, i] = acc
+                acc += Jr[p] * WJj[p]
+            H[r, j] = acc
+            H[j, r] = acc
 
 
 @njit(error_model="numpy", inner=True)
