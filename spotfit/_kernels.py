@@ -889,6 +889,54 @@ def _score(D, H, Hinv, ok, J, idx, m, e, g, HD, M, M_work, Minv, Lr, yr, v):
     return max(t, 0.0)
 
 
+@njit(error_model="numpy", inner=True)
+def _one_emitter_difference(km, th, jb, h, scratch, idx, m, C, b, d):
+    """:func:`_mle_bias`' forward difference along parameter ``jb`` when it is one
+    emitter's of a several-emitter ``SEPARABLE`` model: ``d += sum_a C[a, b] (J_a(th
+    + h e_jb) - J_a(th)) / h`` from that emitter's model alone (the other emitters'
+    rows of the Jacobian do not change; the shared widths' change by that emitter's
+    part), two one-emitter windows instead of one of all emitters.  False (nothing
+    done) for other parameters and models."""
+    if km.family != SEPARABLE or km.emitters < 2 or km.wx != km.wy:
+        return False
+    three_d = km.wz >= 0
+    per = 4 if three_d else 3
+    e = jb // per
+    if jb >= km.emitters * per:
+        return False  # a width (all emitters) or the offset
+    P = km.nz * km.ny * km.nx
+    k1 = per + (2 if three_d else 1) + 1  # [N, x, y(, z)], widths, offset
+    wz = np.int64(per + 1) if three_d else np.int64(-1)
+    one = KernelModel(np.int64(SEPARABLE), km.integ, np.int64(1), np.int64(per), np.int64(per), wz,
+                      np.int64(0), np.int64(k1 - 1), np.int64(1), km.nz, km.ny, km.nx)
+    t1 = np.zeros(k1)
+    for j in range(per):
+        t1[j] = th[e * per + j]
+    t1[per] = th[km.wx]
+    if three_d:
+        t1[per + 1] = th[km.wz]
+    mu1 = np.empty(P)
+    J1 = np.empty((k1, P))
+    J1h = np.empty((k1, P))
+    model_window(one, t1, mu1, J1, scratch)
+    t1[jb - e * per] += h
+    model_window(one, t1, mu1, J1h, scratch)
+    for a in range(m):
+        ja = idx[a]
+        if e * per <= ja < (e + 1) * per:
+            r = ja - e * per
+        elif ja == km.wx:
+            r = per
+        elif three_d and ja == km.wz:
+            r = per + 1
+        else:
+            continue  # another emitter's, or the offset: unchanged
+        c = C[a, b] / h
+        for p in range(P):
+            d[p] += c * (J1h[r, p] - J1[r, p])
+    return True
+
+
 @njit(error_model="numpy", inline="always")
 def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
     """First-order bias of a Poisson maximum-likelihood fit (Cox & Snell, 1968).
@@ -927,6 +975,8 @@ def _mle_bias(km, th, mu, J, scratch, idx, m, C, W, out):
                     d[p] += c * J[ja, p]
             continue
         h = 1e-4 * max(abs(th[jb]), 1.0)
+        if _one_emitter_difference(km, th, jb, h, scratch, idx, m, C, b, d):
+            continue
         for j in range(k):
             thh[j] = th[j]
         thh[jb] += h
