@@ -67,7 +67,7 @@ KERNEL_MODULES = ("_kernels.py", "_photometry_kernels.py", "_csv.py", "backgroun
 NOTICE = "Compiling spotfit's kernels (once after installing or upgrading spotfit; 10-30 s)..."
 #: options of every kernel unless it sets them.  ``fastmath`` explicitly: numba compiles
 #: a kernel that does not set it with its first caller's (``_kernels.model_window``
-#: called from the fastmath ``_accumulate`` or from ``covariance``, whichever compiled
+#: called from the fastmath ``_pixel_costs`` or from ``covariance``, whichever compiled
 #: first in the process), so the same code gave different bits after two first runs.
 #: Part of the cache stamp (:func:`kernel_stamp`).
 _DEFAULTS = {"cache": True, "fastmath": False}

@@ -1,8 +1,8 @@
 """Estimators: each cost's gradient and curvature against numerical derivatives, and what they declare.
 
-The compiled solver gets, per window, the cost ``C``, ``g = J e`` and
-``H = J W J^T`` (:func:`spotfit._kernels._accumulate`); its Gauss-Newton step
-is ``H delta = g``.  So ``g`` must be ``-1/2 dC/dtheta`` everywhere, and at
+The compiled solver gets, per window, the cost ``C`` (:func:`spotfit._kernels._pixel_costs`),
+``g = J e`` and ``H = J W J^T`` (:func:`spotfit._kernels._normal_equations`; joint fits:
+``_joint_normal_equations``); its Gauss-Newton step is ``H delta = g``.  So ``g`` must be ``-1/2 dC/dtheta`` everywhere, and at
 noise-free data (where the residual terms of the exact Hessian vanish) ``H``
 must be half the Hessian of ``C`` -- for the Poisson MLE that is the Fisher
 information.  Derivatives are central differences with steps of 1e-5
@@ -11,6 +11,7 @@ information.  Derivatives are central differences with steps of 1e-5
 
 import numpy as np
 import pytest
+from numba import njit
 from scipy import stats
 
 from spotfit import _kernels as K
@@ -31,14 +32,27 @@ def _theta(model):
     return theta
 
 
-def _terms(model, estimator, noise, data, theta):
+@njit
+def _accumulate(model_fn, km, cost, s, th, mu, J, scratch, e, W, H, g, WJ, joint):
+    """The solver's cost and normal equations of window ``s`` (the kernels have no
+    Python wrappers); ``joint``: the joint fits' normal equations."""
+    value = K._pixel_costs(model_fn, km, cost, s, th, mu, J, scratch, e, W)
+    if joint:
+        K._joint_normal_equations(J, e, W, WJ, H, g)
+    else:
+        K._normal_equations(J, e, W, H, g)
+    return value
+
+
+def _terms(model, estimator, noise, data, theta, joint=False):
     """Cost, g, H of one window as the compiled solver computes them."""
     cost = estimator.cost(data[None], np.ones((1, GRID.size), bool), noise)
     km = model.kernel(GRID)
     k, P = model.n_params, GRID.size
     mu, J, scratch = np.empty(P), np.empty((k, P)), np.empty((9, 11))
     e, W, H, g = np.empty(P), np.empty(P), np.empty((k, k)), np.empty(k)
-    value = K._accumulate(K.MODEL, km, cost, 0, np.array(theta, float), mu, J, scratch, e, W, H, g)
+    value = _accumulate(K.MODEL, km, cost, 0, np.array(theta, float), mu, J, scratch, e, W, H, g,
+                        np.empty((k, P)), joint)
     return value, g, H
 
 
@@ -188,3 +202,18 @@ def test_unknown_estimator_names_the_parameter():
     with pytest.raises(SpotfitInputError, match="^estimator 'ml' is unknown") as info:
         get_estimator("ml")
     assert info.value.parameter == "estimator"
+
+
+@pytest.mark.parametrize("estimator,name,integrated", CASES)
+def test_joint_normal_equations_equal_the_single_fits(estimator, name, integrated):
+    """The joint fits' normal equations (``W J`` formed once) give the single fits' ``g``
+    and ``H`` to rounding, for every estimator and model, on noisy data."""
+    model = get_model(name, 2, integrated)
+    est = get_estimator(estimator)
+    theta = _theta(model)[0]
+    data = np.random.default_rng(5).poisson(model.value(theta[None], GRID)[0]).astype(float)
+    value, g, H = _terms(model, est, EMCCD, data, theta * 1.02)
+    value_j, g_j, H_j = _terms(model, est, EMCCD, data, theta * 1.02, joint=True)
+    assert value_j == value
+    np.testing.assert_allclose(g_j, g, rtol=1e-12, atol=1e-12 * np.abs(g).max())
+    np.testing.assert_allclose(H_j, H, rtol=1e-12, atol=1e-12 * np.abs(H).max())

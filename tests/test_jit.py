@@ -419,7 +419,7 @@ def test_one_signature_per_kernel_across_2d_and_z_stack_fits():
 def test_a_kernel_keeps_its_own_fastmath_whoever_compiles_it_first():
     """numba compiles a callee that sets no ``fastmath`` with its first caller's (it
     inherits the flag): the 3D model (``model_window``) then came out with fused
-    multiply-adds when the solver's ``_accumulate`` (fastmath) compiled it first and
+    multiply-adds when the solver's ``_accumulate`` (fastmath; now ``_pixel_costs``) compiled it first and
     without them when the covariance kernel did, and error columns differed in the
     8th digit between two first runs of the same code.  spotfit's njit sets
     ``fastmath=False`` unless a kernel asks for it."""

@@ -13,6 +13,7 @@ from spotfit._kernels import MAX_ITERATIONS, SINGULAR
 from spotfit.estimators import Noise, get_estimator
 from spotfit.config import FitConfig
 from spotfit.models import Grid, get_model
+from spotfit.models.gaussian import MultiGaussian
 from spotfit.start import initial_guess
 
 GRID = Grid((9, 11))  # (ny, nx)
@@ -234,6 +235,37 @@ def test_mle_bias_kernel_matches_independent_reference(name, ndim, integrated, m
     np.testing.assert_allclose(bias / err, reference / err, atol=1e-3)
 
 
+@pytest.mark.parametrize("K,ndim", [(3, 2), (2, 3)])
+def test_mle_bias_of_joint_fits_matches_independent_reference(K, ndim, monkeypatch):
+    """Joint fits' models (``K`` emitters sharing their widths): the compiled bias, whose
+    differences along one emitter's parameters come from that emitter alone, equals the
+    numpy reference within 1e-3 of each parameter's standard error."""
+    monkeypatch.setattr(solver, "BIAS_SNR", np.inf)
+    rng = np.random.default_rng(12 + K)
+    grid = Grid((11, 13)) if ndim == 2 else Grid((7, 11, 13))
+    model = MultiGaussian(K, ndim, True)
+    n = 30
+    theta = np.zeros((n, model.n_params))
+    axes = ("x", "y", "z")[:ndim]
+    places = np.array([[3.5, 4.0, 3.0], [6.5, 6.5, 3.5], [9.5, 4.5, 2.5]])  # overlapping, 2.5-3.5 px apart
+    for i in range(K):
+        theta[:, model.emitter_index(i, "intensity")] = rng.uniform(300, 1500, n)
+        for j, a in enumerate(axes):
+            theta[:, model.emitter_index(i, a)] = places[i, j] + rng.uniform(-0.3, 0.3, n)
+    theta[:, model.index("sigma")] = rng.uniform(1.1, 1.5, n)
+    if ndim == 3:
+        theta[:, model.index("sigma_z")] = rng.uniform(1.5, 2.0, n)
+    theta[:, model.offset_index] = rng.uniform(5, 50, n)
+    data = model.value(theta, grid)
+    cost = get_estimator("mle").cost(data, np.ones(data.shape, bool), POISSON)
+    cov, _chi2, bias, _ = solver.covariance(model, cost, data, theta, grid, POISSON,
+                                            np.ones(model.n_params, bool), bias=True)
+    err = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    reference = _reference_mle_bias(model, theta, grid)
+    assert np.median(np.abs(reference / err)) > 0.005  # a correction worth testing
+    np.testing.assert_allclose(bias / err, reference / err, atol=1e-3)
+
+
 def test_mle_bias_correction_removes_photon_bias_at_low_signal():
     """500 photons over 100 photons/px (signal-to-noise ~5 at the bound): the plain MLE
     overestimates the photon count by ~3%; after the correction |bias| <= 1% (about 3 standard
@@ -408,3 +440,67 @@ def test_active_set_steps_reach_the_constrained_optimum_in_fewer_iterations():
     free = np.abs(inside["fit"].theta[:, sigma] - 1.3) < 0.09 * 1.3  # the width off its bounds
     diff = np.abs(inside["fit"].theta - plain["fit"].theta)[both & free][:, xy] / plain["fit"].err[both & free][:, xy]
     assert (both & free).sum() > 200 and np.percentile(diff, 99) < 0.05, np.percentile(diff, 99)
+
+
+@pytest.mark.parametrize("k", [5, 10, 11, 20, 23])
+def test_joint_normal_equations_are_the_normal_equations(k):
+    """The joint fits' normal equations (``W J`` formed once; 2 x 2 blocks of ``H`` from
+    ``BLOCKED_PARAMS`` parameters on, odd ``k`` with a row left over) against NumPy's
+    ``J W J^T`` and ``J e``, and against the single fits' :func:`_normal_equations`."""
+    from numba import njit
+
+    from spotfit._kernels import BLOCKED_PARAMS, _joint_normal_equations, _normal_equations
+
+    assert 5 < BLOCKED_PARAMS <= 20  # both paths parametrised above
+
+    @njit
+    def both(J, e, W, WJ, H, g, H2, g2):
+        _joint_normal_equations(J, e, W, WJ, H, g)
+        _normal_equations(J, e, W, H2, g2)
+
+    rng = np.random.default_rng(k)
+    P = 53
+    J, e, W = rng.standard_normal((k, P)), rng.standard_normal(P), rng.random(P)
+    W[:5] = 0.0  # masked pixels
+    H, g = np.full((k, k), np.nan), np.full(k, np.nan)
+    H2, g2 = H.copy(), g.copy()
+    both(J, e, W, np.empty((k, P)), H, g, H2, g2)
+    expected = J @ (W[:, None] * J.T)
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(H, expected, rtol=0, atol=1e-13 * scale)
+    np.testing.assert_array_equal(H, H.T)
+    np.testing.assert_allclose(g, J @ e, rtol=0, atol=1e-13 * np.abs(J @ e).max())
+    np.testing.assert_allclose(H, H2, rtol=0, atol=1e-13 * scale)
+
+
+def test_joint_fits_of_many_emitters_agree_with_the_clipped_steps():
+    """Six overlapping spots per window (20 parameters: the blocked normal equations)
+    fitted with the joint fits' steps (active set) and with the single fits' (clipped):
+    inside the bounds both reach the same optimum (positions within 0.05 of their
+    errors for 99% of the fits, costs within 1e-3 chi-square)."""
+    rng = np.random.default_rng(31)
+    n, K = 60, 6
+    grid = Grid((17, 19))
+    model = MultiGaussian(K, 2, True)
+    truth = np.zeros((n, model.n_params))
+    for i in range(K):
+        truth[:, model.emitter_index(i, "intensity")] = rng.uniform(2000, 4000, n)
+        truth[:, model.emitter_index(i, "x")] = rng.uniform(4, 14, n)
+        truth[:, model.emitter_index(i, "y")] = rng.uniform(4, 12, n)
+    truth[:, model.index("sigma")] = 1.3
+    truth[:, model.offset_index] = 20.0
+    data = rng.poisson(model.value(truth, grid)).astype(float)
+    start = truth.copy()
+    for i in range(K):
+        for a in ("x", "y"):
+            start[:, model.emitter_index(i, a)] += rng.uniform(-0.2, 0.2, n)
+    lower, upper = model.bounds(grid)
+    fits = [solver.solve(model, get_estimator("mle"), data, np.ones(data.shape, bool), grid, start,
+                         noise=POISSON, lower=lower, upper=upper, active_set=active, bias_correct=False)
+            for active in (True, False)]
+    ok = (fits[0].status == 0) & (fits[1].status == 0)
+    assert ok.mean() > 0.9
+    xy = [model.emitter_index(i, a) for i in range(K) for a in ("x", "y")]
+    diff = np.abs(fits[0].theta - fits[1].theta)[ok][:, xy] / fits[1].err[ok][:, xy]
+    assert np.percentile(diff, 99) < 0.05, np.percentile(diff, 99)
+    assert np.all(np.abs(fits[0].cost[ok] - fits[1].cost[ok]) < 2e-3)
