@@ -349,3 +349,29 @@ def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch)
     assert any(w is not None and np.ndim(w) == 1 and np.any(w > 0) for w in widths), widths
     assert len(selected) > 1 and all(np.shape(w) == (n,) for n, w in selected), selected
     pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
+
+
+@pytest.mark.parametrize("shape, sig", [((4, 60, 53), (1.3, 1.3)), ((3, 9, 40, 37), (2.0, 1.3, 1.1))],
+                         ids=["2d", "3d"])
+def test_dog_in_window_boxes_is_the_dog_of_padded_frames(shape, sig):
+    """The split of stretched joint fits filters each window's box widened by the
+    filter's reach instead of the padded frames: the same values, windows at the
+    frames' edges (a pixel beyond) included."""
+    from spotfit.filters import DOG_RATIO
+    from spotfit.group import _dog_windows
+
+    rng = np.random.default_rng(27)
+    data = rng.normal(10.0, 3.0, shape) * (rng.random(shape) > 0.05)
+    half = np.array([3] * (len(shape) - 1))
+    inner = tuple(2 * half + 1)
+    margin = np.array([int(np.ceil(4 * DOG_RATIO * s)) for s in sig]) + half + 2
+    n = 40
+    t = rng.integers(0, shape[0], n)
+    lo = np.column_stack([rng.integers(-h - 1, m - h + 1, n) for h, m in zip(half, shape[1:])])
+    lo[0] = -half - 1  # the extremes: a centre a pixel outside the frame
+    lo[1] = np.array(shape[1:]) - half
+    boxes = _dog_windows(data, t, lo, inner, sig, margin, boxes=True)
+    frames = _dog_windows(data, t, lo, inner, sig, margin, boxes=False)
+    assert boxes.shape == (n, int(np.prod(inner)))
+    assert np.array_equal(boxes, frames)
+    assert np.ptp(boxes) > 0
