@@ -202,15 +202,19 @@ def width_limits(model, grid):
 
 
 def _solve(setup: Setup, batch: Batch):
+    return solver.finish(_minimise(setup, batch), groups=batch.frame, variance=batch.variance)
+
+
+def _minimise(setup: Setup, batch: Batch) -> solver.Minimised:
+    """The fits of :func:`_solve` before their covariance (:func:`spotfit.solver.minimise`)."""
     m, cfg, w = setup.model, setup.config, batch.windows
     setup.use_threads()
     theta0, lower, upper, hold = _starts(setup, batch)
     widths = m.width_mask
     free = ~widths if cfg.fix_sigma else np.ones(m.n_params, bool)
-    return solver.solve(m, setup.estimator, w.data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
-                        lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
-                        hold_first=None if cfg.fix_sigma else widths, hold_rows=hold,
-                        groups=batch.frame, variance=batch.variance)
+    return solver.minimise(m, setup.estimator, w.data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
+                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
+                           hold_first=None if cfg.fix_sigma else widths, hold_rows=hold)
 
 
 #: windows per block of a solve's starting values and bounds (:func:`_starts`); the
@@ -303,41 +307,47 @@ def _threads_free() -> bool:
 
 
 def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
-    """:func:`fit_batch` with the model chosen per spot: the symmetric fits of all
-    windows in one solve (which measures an uncalibrated frame's noise model), then the
-    rest -- columns, score gate and test, richer fits, refits over the background, table
-    rows -- in one piece of consecutive windows per thread, side by side
-    (:func:`spotfit._jit.over_windows`): each window's rest depends on its own fit and
-    its frame's noise model only, so the rows are those of one piece."""
+    """:func:`fit_batch` with the model chosen per spot, in one piece of consecutive
+    windows per thread, side by side (:func:`spotfit._jit.over_windows`), in two
+    rounds: the symmetric fits (:func:`spotfit.solver.minimise`); then, after an
+    uncalibrated batch's noise model per frame is measured from the pieces' regression
+    windows (:func:`spotfit.solver.noise_sums`, :func:`~spotfit.solver.noise_model`),
+    the rest -- covariances, columns, score gate and test, richer fits, refits over
+    the background, table rows.  Each window's fit depends on its window, and the rest
+    on its fit and its frame's noise model only, so the rows are those of one piece."""
     from spotfit._jit import kernel_threads
     from spotfit.lighttable import concat
 
     setup.use_threads()
     reduced = _reduced(setup)
-    sol = _solve(reduced, batch)
     n = len(batch)
     pieces = min(2 * kernel_threads(), n)  # two per thread: the pieces' work varies
     bounds = [(k * n // pieces, (k + 1) * n // pieces) for k in range(pieces)]
-    out = [None] * pieces
+    subs = [_take(batch, slice(*b)) for b in bounds]
+    measure = not setup.camera.calibrated and batch.variance is None
+    regression = solver.regression_rows(batch.frame) if measure else None
+    fits, sums, out = [None] * pieces, [None] * pieces, [None] * pieces
 
-    def run(first, last):
+    def minimise(first, last):
         for k in range(first, last):
-            rows = slice(*bounds[k])
-            sub = _take(batch, rows)
+            fits[k] = _minimise(reduced, subs[k])
+            if measure:
+                a, b = bounds[k]
+                sums[k] = solver.noise_sums(fits[k], regression[(regression >= a) & (regression < b)] - a)
+
+    def rest(first, last):
+        for k in range(first, last):
+            a, b = bounds[k]
+            sub = subs[k]
             sub.background = batch.background
-            part = _rows_of(sol, rows)
-            width = choose_width[rows] if np.ndim(choose_width) else choose_width
-            out[k] = _finish(setup, sub, _select(setup, reduced, sub, part, width), part.variance)
+            sol = solver.finish(fits[k], groups=sub.frame, variance=variance[a:b] if measure else sub.variance)
+            width = choose_width[a:b] if np.ndim(choose_width) else choose_width
+            out[k] = _finish(setup, sub, _select(setup, reduced, sub, sol, width), sol.variance)
 
-    over_windows(run, pieces, threaded=True)
+    over_windows(minimise, pieces, threaded=True)
+    variance = solver.noise_model(batch.frame, np.concatenate(sums)) if measure else None
+    over_windows(rest, pieces, threaded=True)
     return concat(out)
-
-
-def _rows_of(sol, rows):
-    """A :class:`spotfit.solver.Solution` of windows ``rows`` of ``sol``."""
-    return solver.Solution(*(None if v is None else v[rows] for v in (
-        sol.theta, sol.cov, sol.cost, sol.chi2_red, sol.iterations, sol.status, sol.bias,
-        sol.variance, sol.unstable)))
 
 
 def _fit_columns(setup: Setup, batch: Batch, measured=None, choose_width=None):

@@ -375,3 +375,38 @@ def test_dog_in_window_boxes_is_the_dog_of_padded_frames(shape, sig):
     assert boxes.shape == (n, int(np.prod(inner)))
     assert np.array_equal(boxes, frames)
     assert np.ptp(boxes) > 0
+
+
+def test_fits_in_pieces_measure_the_noise_model_of_one_solve(monkeypatch):
+    """solver.minimise + solver.finish is solver.solve; fits of consecutive pieces, their
+    regression windows' statistics joined (noise_sums, noise_model), give each frame the
+    noise model, covariances and chi-square of one solve: two frames, regression windows
+    a subset of each frame's (REGRESSION_WINDOWS), pieces that cut across frames."""
+    from spotfit import solver
+    from spotfit.config import FitConfig, Setup
+    from spotfit.start import image_noise
+
+    monkeypatch.setattr(solver, "REGRESSION_WINDOWS", 37)
+    setup = Setup.resolve(FitConfig(sigma=1.3), spotfit.Camera(), 2)
+    reduced = single._reduced(setup)
+    batches = []
+    for t, seed in enumerate((28, 29)):
+        photons = _frame((120, 231), 150, seed=seed) * (1.0 + t)  # the frames' noise differs
+        coords = np.argwhere(photons > np.percentile(photons, 98.0))[::4]
+        batches.append(single.cut_frame(setup, t, photons, coords, image_noise(photons)))
+    batch = single.Batch.join(batches)
+    assert len(batch) > 100 and len(np.unique(batch.frame)) == 2
+    whole = single._solve(reduced, batch)
+    regression = solver.regression_rows(batch.frame)
+    assert 0 < len(regression) < len(batch) // 2
+    bounds = [(0, 41), (41, len(batch) // 2 + 3), (len(batch) // 2 + 3, len(batch))]
+    fits = [single._minimise(reduced, single._take(batch, slice(a, b))) for a, b in bounds]
+    sums = [solver.noise_sums(f, regression[(regression >= a) & (regression < b)] - a)
+            for f, (a, b) in zip(fits, bounds)]
+    variance = solver.noise_model(batch.frame, np.concatenate(sums))
+    assert np.array_equal(variance, whole.variance)
+    assert not np.array_equal(variance[0], variance[-1])  # one model per frame
+    for f, (a, b) in zip(fits, bounds):
+        part = solver.finish(f, groups=batch.frame[a:b], variance=variance[a:b])
+        for name in ("theta", "cov", "cost", "chi2_red", "iterations", "status", "bias", "variance"):
+            assert np.array_equal(getattr(part, name), getattr(whole, name)[a:b], equal_nan=True), name
