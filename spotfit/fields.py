@@ -366,6 +366,10 @@ def fit_single(setup: Setup, frames, raster: bool):
                 variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
             parts.extend(_fit_pieces(setup, f, coords, pieces, variance, cut))
             continue
+        if not setup.camera.calibrated and single.in_pieces(setup, n):  # one solve, in pieces,
+            n_pending = flush()  # each cutting its own windows (the frame's noise model in between)
+            parts.append(single.fit_batch(setup, single.Uncut(setup, f.t, f.photons, coords, f.image_var, cut)))
+            continue
         if n_pending + n > chunk:
             n_pending = flush()
         pending.append(single.cut_frame(setup, f.t, f.photons, coords, f.image_var, **cut))

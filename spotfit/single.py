@@ -275,7 +275,7 @@ def fit_batch(setup: Setup, batch: Batch, choose_width=None):
         Columns of :func:`spotfit.table.columns`, one row per window (no pandas:
         :func:`spotfit.lighttable.as_frame` makes it a DataFrame).
     """
-    if _selects(setup) and len(batch) >= PIECE_WINDOWS and _threads_free():
+    if in_pieces(setup, len(batch)):
         return _select_in_pieces(setup, batch, choose_width)
     measured = {}
     columns = _fit_columns(setup, batch, measured, choose_width)
@@ -298,6 +298,45 @@ def _finish(setup: Setup, batch: Batch, columns, variance=None):
 PIECE_WINDOWS = 4096
 
 
+def in_pieces(setup: Setup, n: int) -> bool:
+    """Whether :func:`fit_batch` fits a batch of ``n`` windows in pieces side by side
+    (:func:`_select_in_pieces`; an :class:`Uncut` batch only then)."""
+    return _selects(setup) and n >= PIECE_WINDOWS and _threads_free()
+
+
+@dataclass
+class Uncut:
+    """The windows of a frame's candidates ``coords``, cut piece by piece where they
+    are fitted (:func:`_select_in_pieces`, :meth:`piece`) instead of all at once;
+    arguments as :func:`cut_frame`'s (``cut``: its keyword arguments)."""
+
+    setup: Setup
+    t: int
+    photons: np.ndarray
+    coords: np.ndarray
+    image_var: float
+    cut: dict
+
+    def __post_init__(self):
+        self.frame = np.full(len(self.coords), self.t, dtype=np.int64)
+        self.variance = self.cut.get("variance")
+        known = self.cut.get("background")
+        self.background = None if not known else {int(self.t): list(known)}
+
+    def __len__(self):
+        return len(self.coords)
+
+    def piece(self, first: int, last: int) -> Batch:
+        """The batch of windows ``first .. last`` (:func:`cut_frame`)."""
+        return cut_frame(self.setup, self.t, self.photons, self.coords, self.image_var,
+                         rows=np.arange(first, last), **self.cut)
+
+
+def _piece(batch, first: int, last: int) -> Batch:
+    """Windows ``first .. last`` of a :class:`Batch` or an :class:`Uncut` one."""
+    return batch.piece(first, last) if isinstance(batch, Uncut) else _take(batch, slice(first, last))
+
+
 def _threads_free() -> bool:
     """More than one kernel thread, and this call not inside a range of
     :func:`spotfit._jit.over_windows` (whose other threads are busy)."""
@@ -309,7 +348,8 @@ def _threads_free() -> bool:
 def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
     """:func:`fit_batch` with the model chosen per spot, in one piece of consecutive
     windows per thread, side by side (:func:`spotfit._jit.over_windows`), in two
-    rounds: the symmetric fits (:func:`spotfit.solver.minimise`); then, after an
+    rounds: the symmetric fits (:func:`spotfit.solver.minimise`; of an :class:`Uncut`
+    batch, the piece's windows are cut there first); then, after an
     uncalibrated batch's noise model per frame is measured from the pieces' regression
     windows (:func:`spotfit.solver.noise_sums`, :func:`~spotfit.solver.noise_model`),
     the rest -- covariances, columns, score gate and test, richer fits, refits over
@@ -323,13 +363,14 @@ def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
     n = len(batch)
     pieces = min(2 * kernel_threads(), n)  # two per thread: the pieces' work varies
     bounds = [(k * n // pieces, (k + 1) * n // pieces) for k in range(pieces)]
-    subs = [_take(batch, slice(*b)) for b in bounds]
+    subs = [None] * pieces
     measure = not setup.camera.calibrated and batch.variance is None
     regression = solver.regression_rows(batch.frame) if measure else None
     fits, sums, out = [None] * pieces, [None] * pieces, [None] * pieces
 
     def minimise(first, last):
         for k in range(first, last):
+            subs[k] = _piece(batch, *bounds[k])
             fits[k] = _minimise(reduced, subs[k])
             if measure:
                 a, b = bounds[k]
