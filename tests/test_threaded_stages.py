@@ -410,3 +410,35 @@ def test_fits_in_pieces_measure_the_noise_model_of_one_solve(monkeypatch):
         part = solver.finish(f, groups=batch.frame[a:b], variance=variance[a:b])
         for name in ("theta", "cov", "cost", "chi2_red", "iterations", "status", "bias", "variance"):
             assert np.array_equal(getattr(part, name), getattr(whole, name)[a:b], equal_nan=True), name
+
+
+@pytest.mark.parametrize("camera", [spotfit.Camera(), spotfit.Camera(baseline=100.0),
+                                    spotfit.Camera(baseline=100.5, gain=0.37, em_gain=3.0)],
+                         ids=["none", "baseline", "calibrated"])
+@pytest.mark.parametrize("raw", ["uint16", ">u2", "float64 3d"])
+def test_photons_in_strips_are_those_of_one_pass(camera, raw, monkeypatch):
+    """Large frames are converted to photons in strips of rows side by side
+    (camera.STRIP_PIXELS): the same numbers as the whole frame at once, big-endian
+    input and stacks included; the input is left alone; an overflow still names the
+    camera values."""
+    from spotfit import camera as camera_module
+
+    rng = np.random.default_rng(30)
+    if raw == "float64 3d":
+        adu = rng.normal(300.0, 50.0, (3, 37, 61))
+    else:
+        adu = rng.integers(0, 60000, (203, 117)).astype(raw)
+    before = adu.copy()
+    monkeypatch.setattr(camera_module, "STRIP_PIXELS", 10**12)
+    whole = camera.to_photons(adu)
+    monkeypatch.setattr(camera_module, "STRIP_PIXELS", 1)
+    calls = []
+    original = camera_module.Camera._convert
+    monkeypatch.setattr(camera_module.Camera, "_convert", lambda *a: calls.append(a) or original(*a))
+    strips = camera.to_photons(adu)
+    assert len(calls) == camera_module.STRIPS
+    assert strips.dtype == whole.dtype == np.float32 and strips.dtype.isnative
+    assert np.array_equal(strips, whole)
+    assert np.array_equal(adu, before)
+    with pytest.raises(spotfit.SpotfitInputError, match="gain"):
+        spotfit.Camera(baseline=0.0, gain=1e300).to_photons(adu)
