@@ -316,6 +316,8 @@ class Uncut:
     coords: np.ndarray
     image_var: float
     cut: dict
+    #: jobs (callables) run on the threads beside the pieces' first round
+    beside: tuple = ()
 
     def __post_init__(self):
         self.frame = np.full(len(self.coords), self.t, dtype=np.int64)
@@ -367,9 +369,13 @@ def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
     measure = not setup.camera.calibrated and batch.variance is None
     regression = solver.regression_rows(batch.frame) if measure else None
     fits, sums, out = [None] * pieces, [None] * pieces, [None] * pieces
+    beside = getattr(batch, "beside", ())
 
     def minimise(first, last):
         for k in range(first, last):
+            if k >= pieces:
+                beside[k - pieces]()
+                continue
             subs[k] = _piece(batch, *bounds[k])
             fits[k] = _minimise(reduced, subs[k])
             if measure:
@@ -385,7 +391,7 @@ def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
             width = choose_width[a:b] if np.ndim(choose_width) else choose_width
             out[k] = _finish(setup, sub, _select(setup, reduced, sub, sol, width), sol.variance)
 
-    over_windows(minimise, pieces, threaded=True)
+    over_windows(minimise, pieces + len(beside), threaded=True)
     variance = solver.noise_model(batch.frame, np.concatenate(sums)) if measure else None
     over_windows(rest, pieces, threaded=True)
     return concat(out)
