@@ -19,7 +19,7 @@ import numpy as np
 from spotfit import results, roi, solver, table
 from spotfit.config import Setup
 from spotfit.estimators import Noise
-from spotfit._jit import over_windows
+from spotfit._jit import join_alongside, over_windows
 from spotfit._kernels import CONVERGED
 from spotfit.detection import background_at
 from spotfit.start import faint, initial_guess, intensity_floor
@@ -378,9 +378,6 @@ def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
                 continue
             subs[k] = _piece(batch, *bounds[k])
             fits[k] = _minimise(reduced, subs[k])
-            if measure:
-                a, b = bounds[k]
-                sums[k] = solver.noise_sums(fits[k], regression[(regression >= a) & (regression < b)] - a)
 
     def rest(first, last):
         for k in range(first, last):
@@ -392,7 +389,14 @@ def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
             out[k] = _finish(setup, sub, _select(setup, reduced, sub, sol, width), sol.variance)
 
     over_windows(minimise, pieces + len(beside), threaded=True)
-    variance = solver.noise_model(batch.frame, np.concatenate(sums)) if measure else None
+    # here, not in the pieces' threads: a first run may compile the covariance kernel in a
+    # second process, which this thread waits for once (spotfit._jit.join_alongside)
+    join_alongside()
+    variance = None
+    if measure:  # (each piece's statistics on the threads)
+        for k, (a, b) in enumerate(bounds):
+            sums[k] = solver.noise_sums(fits[k], regression[(regression >= a) & (regression < b)] - a)
+        variance = solver.noise_model(batch.frame, np.concatenate(sums))
     over_windows(rest, pieces, threaded=True)
     return concat(out)
 

@@ -243,6 +243,7 @@ def noise_sums(fit: Minimised, rows) -> np.ndarray:
     rows = np.asarray(rows, np.int64)
     k = fit.state.theta.shape[1]
     sums = np.zeros((len(rows), 5))
+    join_alongside()  # a first run may compile this kernel in a second process
     none = np.zeros(0)
     over_windows(kernel, len(rows), fit.model.kernel(fit.grid), _rows(fit.cost, rows), fit.data[rows],
                  fit.state.theta[rows], fit.free,
