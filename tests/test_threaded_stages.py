@@ -467,3 +467,20 @@ def test_close_pairs_found_beside_the_pieces_are_those_overlaps_finds(camera, mo
     frame.close = None
     assert np.array_equal(overlaps(setup, frame, singles), hot) and len(searches) == 1
     assert hot.sum() > 10
+
+
+@pytest.mark.parametrize("dtype, nan", [(np.float32, False), (np.float64, False), (np.uint16, False),
+                                        (np.float32, True), (np.float64, True)])
+def test_extremes_in_strips_are_those_of_the_whole_array(dtype, nan):
+    """estimate_noise's range of a large frame, in strips of rows on the threads: the
+    whole array's min and max, NaN included."""
+    rng = np.random.default_rng(33)
+    raw = (rng.normal(500.0, 200.0, (2, 331, 517)) + 1000).astype(dtype)
+    if nan:
+        raw[1, 300, 7] = np.nan
+    for strips in (1, 8, 331):
+        low, high = background._extremes(raw, strips)
+        if nan:
+            assert np.isnan(low) and np.isnan(high)
+        else:
+            assert (low, high) == (float(np.min(raw)), float(np.max(raw)))
