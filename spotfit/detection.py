@@ -266,9 +266,10 @@ class _Prepared:
 
     @classmethod
     def of(cls, data, sig, noise):
-        from spotfit.background import SCALE, estimate_noise
+        from spotfit.background import SCALE, _extremes, estimate_noise
 
-        lo, hi = float(np.min(data)), float(np.max(data))  # NaN propagates: no mask array
+        # (on the threads for large frames; NaN propagates: no mask array)
+        lo, hi = _extremes(data.reshape((1,) * (3 - data.ndim) + data.shape))
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise SpotfitInputError("image contains NaN or infinite pixels")
         biggest = max(abs(lo), abs(hi))
