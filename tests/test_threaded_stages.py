@@ -484,3 +484,16 @@ def test_extremes_in_strips_are_those_of_the_whole_array(dtype, nan):
             assert np.isnan(low) and np.isnan(high)
         else:
             assert (low, high) == (float(np.min(raw)), float(np.max(raw)))
+
+
+@pytest.mark.parametrize("shape", [(611, 517), (3, 301, 517), (1, 700, 700)])
+def test_level_removed_in_strips_is_the_whole_subtraction(shape):
+    """Detection removes the frame's typical level in strips of rows on the threads for
+    large frames: the same float32 numbers as one subtraction."""
+    from spotfit import detection
+
+    data = np.random.default_rng(34).normal(300.0, 40.0, shape).astype(np.float32)
+    shift = np.float32(297.31)
+    out = detection._minus(data, shift)
+    expected = data - shift
+    assert out.dtype == expected.dtype == np.float32 and np.array_equal(out, expected)
