@@ -238,15 +238,19 @@ def noise_sums(fit: Minimised, rows) -> np.ndarray:
     """The statistics ``(n, 5)`` of windows ``rows`` of ``fit`` that measure an
     uncalibrated noise model (:func:`noise_model`; per window, so those of
     several fits of some windows each are those of one fit of all)."""
+    join_alongside()  # a first run may compile this kernel in a second process
+    return _regression_sums(fit.model.kernel(fit.grid), fit.cost, fit.data, fit.state.theta, fit.free,
+                            np.asarray(rows, np.int64))
+
+
+def _regression_sums(km, cost, data, theta, free, rows) -> np.ndarray:
+    """The noise model's statistics ``(len(rows), 5)`` of windows ``rows``."""
     from spotfit._kernels import covariance as kernel
 
-    rows = np.asarray(rows, np.int64)
-    k = fit.state.theta.shape[1]
+    k = theta.shape[1]
     sums = np.zeros((len(rows), 5))
-    join_alongside()  # a first run may compile this kernel in a second process
     none = np.zeros(0)
-    over_windows(kernel, len(rows), fit.model.kernel(fit.grid), _rows(fit.cost, rows), fit.data[rows],
-                 fit.state.theta[rows], fit.free,
+    over_windows(kernel, len(rows), MODEL, km, _rows(cost, rows), data[rows], theta[rows], free,
                  NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
                  CovarianceOut(np.zeros((len(rows), k, k)), np.zeros(len(rows)), sums, np.zeros((0, k))),
                  0.0, _NO_EMBED)
@@ -529,18 +533,8 @@ def regression_rows(groups) -> np.ndarray:
 
 def _measure_variance(km, cost, data, theta, free, groups):
     """Per-window ``(alpha, beta, floor)`` of its group's measured noise model."""
-    from spotfit._kernels import covariance as kernel
-
-    n, k = theta.shape
-    groups = np.zeros(n, np.int64) if groups is None else np.asarray(groups)
-    sub = regression_rows(groups)
-    sums = np.zeros((len(sub), 5))
-    none = np.zeros(0)
-    over_windows(kernel, len(sub), MODEL, km, _rows(cost, sub), data[sub], theta[sub], free,
-                 NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
-                 CovarianceOut(np.zeros((len(sub), k, k)), np.zeros(len(sub)), sums, np.zeros((0, k))),
-                 0.0, _NO_EMBED)
-    return noise_model(groups, sums)
+    groups = np.zeros(len(theta), np.int64) if groups is None else np.asarray(groups)
+    return noise_model(groups, _regression_sums(km, cost, data, theta, free, regression_rows(groups)))
 
 
 def variance_model(sums):
