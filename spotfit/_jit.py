@@ -76,6 +76,8 @@ MIN_THREADED_WINDOWS = 64
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _DETACHED = []  # second compiling processes no longer waited for (kept referenced)
+#: held by the thread that joins the second compiling process (:func:`join_alongside`)
+_JOINING = threading.RLock()
 _state = {"ready": False, "announce": False, "announced": False, "stamp": None,
           "alongside": None, "meanwhile": None, "helper": None, "joining": False}
 
@@ -116,6 +118,13 @@ def join_alongside(timeout: float = 600.0) -> None:
     """Wait for the process :func:`compile_alongside` started, if any (then load
     what it compiled from the cache instead of compiling it again); while it runs,
     compile its ``meanwhile`` kernels here."""
+    if _state["helper"] is None:
+        return
+    with _JOINING:  # threads that need the kernel meanwhile wait for the one joining
+        _join(timeout)
+
+
+def _join(timeout):
     helper = _state["helper"]
     if helper is None or _state["joining"]:  # (the meanwhile function calls this too)
         return
@@ -126,7 +135,6 @@ def join_alongside(timeout: float = 600.0) -> None:
             _call(meanwhile)
         finally:
             _state["joining"] = False
-    _state["helper"] = None
     import subprocess
 
     try:
@@ -134,6 +142,8 @@ def join_alongside(timeout: float = 600.0) -> None:
     except subprocess.TimeoutExpired:  # compile here after all
         helper.kill()
         helper.wait()
+    finally:  # (only now: a thread that finds it None needs not wait)
+        _state["helper"] = None
 
 
 def njit(*args, **options):

@@ -726,7 +726,7 @@ def estimate_noise(frame, sigma) -> NoiseModel:
     ndim = raw.ndim
     raw = raw.reshape((1,) * (3 - ndim) + raw.shape)  # a view: bands are converted one by one
     sig = _sigmas(sigma, ndim)
-    biggest = max(abs(float(np.min(raw))), abs(float(np.max(raw)))) if raw.size else 0.0
+    biggest = max(abs(v) for v in _extremes(raw)) if raw.size else 0.0
     factor = 1.0
     if biggest > 0 and not 2.0**-40 < biggest < 2.0**40:  # measure in a safe range
         factor = 2.0 ** int(round(math.log2(1024.0 / biggest)))
@@ -735,6 +735,22 @@ def estimate_noise(frame, sigma) -> NoiseModel:
              for r0, r1 in _bands(raw.shape)]
     model = _measure(bands, sig, floor)
     return model if factor == 1.0 else model.scaled(1.0 / factor)
+
+
+def _extremes(raw, strips: int = 8) -> tuple:
+    """``(min, max)`` of a (nz, ny, nx) array (NaN if it holds one), as floats; of large
+    ones in strips of rows on the kernel threads (the same numbers)."""
+    ny = raw.shape[1]
+    strips = min(strips, ny) if raw.size >= PARALLEL_PIXELS else 1
+    low, high = np.empty(strips, raw.dtype), np.empty(strips, raw.dtype)
+
+    def run(first, last):
+        for k in range(first, last):
+            part = raw[:, k * ny // strips:(k + 1) * ny // strips]
+            low[k], high[k] = np.min(part), np.max(part)
+
+    over_windows(run, strips, threaded=strips > 1)
+    return float(np.min(low)), float(np.max(high))
 
 
 def _measure(bands, sig, floor) -> NoiseModel:

@@ -32,6 +32,12 @@ from spotfit.errors import SpotfitInputError
 ArrayOrFloat = Union[float, np.ndarray]
 
 
+#: frames of at least this many pixels are converted to photons in :data:`STRIPS` strips
+#: of rows side by side (:meth:`Camera.to_photons`)
+STRIP_PIXELS = 1 << 20
+STRIPS = 8
+
+
 @dataclass(frozen=True, eq=False)
 class Camera:
     """Camera calibration.
@@ -119,6 +125,43 @@ class Camera:
         }
 
     # ------------------------------------------------------------ conversion
+    def _convert(self, out, dtype) -> None:
+        """``out`` (a copy of raw values, ``dtype``) minus the baseline, times the gain over
+        the EM gain if calibrated, in place."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            baseline = np.asarray(self.baseline, dtype=dtype)
+            if baseline.ndim or baseline != 0:
+                out -= baseline
+            if self.calibrated:
+                scale = np.asarray(self.gain, dtype=dtype) / dtype.type(self.em_gain)
+                out *= scale
+
+    def _to_photons_in_strips(self, adu, dtype):
+        """:meth:`to_photons`' copy and conversion of a large C-ordered array with scalar
+        camera values, in strips of rows on the kernel threads (elementwise: the same
+        numbers), and whether all of it is finite (or not floating point); ``(None,
+        None)`` for other input."""
+        if type(adu) not in (np.ndarray, np.memmap) or adu.ndim < 2 or adu.size < STRIP_PIXELS \
+                or not adu.flags.c_contiguous or np.ndim(self.baseline) or np.ndim(self.gain):
+            return None, None
+        from spotfit._jit import over_windows
+
+        out = np.empty(adu.shape, dtype.newbyteorder("="))
+        rows_in, rows_out = adu.reshape(-1, adu.shape[-1]), out.reshape(-1, adu.shape[-1])
+        n = len(rows_in)
+        strips = min(STRIPS, n)
+        finite = np.ones(strips, bool)
+
+        def run(first, last):
+            for k in range(first, last):
+                a, b = k * n // strips, (k + 1) * n // strips
+                rows_out[a:b] = rows_in[a:b]
+                self._convert(rows_out[a:b], dtype)
+                finite[k] = out.dtype.kind != "f" or np.isfinite(rows_out[a:b]).all()
+
+        over_windows(run, strips, threaded=True)
+        return out, bool(finite.all())
+
     def check_shape(self, frame_shape: tuple[int, ...], source: str = "image") -> None:
         """Raise if a per-pixel map does not match ``frame_shape`` (ny, nx)."""
         for name in ("baseline", "gain", "read_noise"):
@@ -155,16 +198,13 @@ class Camera:
             message names the camera values to check.
         """
         dtype = np.dtype(dtype)
-        # np.array copies (subok=False: a plain ndarray, never a view of a map)
-        out = np.array(adu, dtype=dtype.newbyteorder("="), copy=True)
-        with np.errstate(over="ignore", invalid="ignore"):
-            baseline = np.asarray(self.baseline, dtype=dtype)
-            if baseline.ndim or baseline != 0:
-                out -= baseline
-            if self.calibrated:
-                scale = np.asarray(self.gain, dtype=dtype) / dtype.type(self.em_gain)
-                out *= scale
-        if out.dtype.kind == "f" and not np.isfinite(out).all():
+        out, finite = self._to_photons_in_strips(adu, dtype)
+        if out is None:
+            # np.array copies (subok=False: a plain ndarray, never a view of a map)
+            out = np.array(adu, dtype=dtype.newbyteorder("="), copy=True)
+            self._convert(out, dtype)
+            finite = out.dtype.kind != "f" or bool(np.isfinite(out).all())
+        if not finite:
             if np.isfinite(np.asarray(adu, dtype=float)).all():
                 raise SpotfitInputError(
                     f"the camera conversion (adu - baseline) * gain / em_gain leaves the "

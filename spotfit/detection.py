@@ -266,9 +266,10 @@ class _Prepared:
 
     @classmethod
     def of(cls, data, sig, noise):
-        from spotfit.background import SCALE, estimate_noise
+        from spotfit.background import SCALE, _extremes, estimate_noise
 
-        lo, hi = float(np.min(data)), float(np.max(data))  # NaN propagates: no mask array
+        # (on the threads for large frames; NaN propagates: no mask array)
+        lo, hi = _extremes(data.reshape((1,) * (3 - data.ndim) + data.shape))
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise SpotfitInputError("image contains NaN or infinite pixels")
         biggest = max(abs(lo), abs(hi))
@@ -462,7 +463,7 @@ def _block_peaks(prepared, raw, origin, interior, threshold, radii, backgrounds=
     background = Background.estimate(volume, _sigmas(p.sig, data.ndim), p.noise)
     if backgrounds is not None:
         backgrounds.append(BackgroundPiece(origin, interior, background, p.factor))
-    filtered = gaussian_smooth(data - np.float32(p.shift), tuple(SMOOTH * s for s in p.sig))
+    filtered = gaussian_smooth(_minus(data, np.float32(p.shift)), tuple(SMOOTH * s for s in p.sig))
     background.subtract_from(filtered.reshape(volume.shape), p.shift)
     # local maxima of the filtered image (border pixels included), in the
     # interior, among the pixels above the threshold for the smallest noise
@@ -485,6 +486,27 @@ def _block_peaks(prepared, raw, origin, interior, threshold, radii, backgrounds=
     keep = snr > _skewed_threshold(threshold, skew)
     coords = np.column_stack([i[keep] for i in in_frame]) if len(cand) else np.zeros((0, data.ndim))
     return coords.astype(np.intp).reshape(-1, data.ndim), snr[keep].astype(float)
+
+
+def _minus(data: np.ndarray, value) -> np.ndarray:
+    """``data - value`` (a new array; the same numbers), large arrays in strips of rows
+    on the kernel threads."""
+    from spotfit.filters import PARALLEL_PIXELS
+
+    out = np.empty(np.broadcast_shapes(data.shape, np.shape(value)), np.result_type(data, value))
+    if data.ndim == 0 or data.size < PARALLEL_PIXELS or out.shape != data.shape:
+        np.subtract(data, value, out=out)
+        return out
+    n = data.shape[0]
+    strips = min(8, n)
+
+    def run(first, last):
+        for k in range(first, last):
+            rows = slice(k * n // strips, (k + 1) * n // strips)
+            np.subtract(data[rows], value, out=out[rows])
+
+    over_windows(run, strips, threaded=True)
+    return out
 
 
 def filter_frame(frame, sigma, noise=None):

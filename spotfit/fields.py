@@ -45,6 +45,7 @@ class Frame:
     dark: str | None = None
     noise: object = None  # the detection's NoiseModel of this frame
     background: list | None = None  # the detection's local background (BackgroundPiece per block)
+    close: tuple | None = None  # (coords, first, second): pairs of candidates (:func:`_close_pairs`)
 
 
 def fit_frames(setup: Setup, frames):
@@ -219,7 +220,6 @@ def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
     among converged fits narrower than ``BLOB_WIDTH`` sigmas; bool per row."""
     from spotfit import results
     from spotfit._kernels import CONVERGED
-    from spotfit.roi import pairs_within
 
     cfg = setup.config
     coords = frame.coords
@@ -229,9 +229,10 @@ def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
     spot = (singles["status"].to_numpy() == results.STATUS_NAMES[CONVERGED]) & (small <= BLOB_WIDTH * cfg.sigma)
     hot = np.zeros(len(coords), bool)
     if len(coords) > 1:
-        # (the k-d tree's query_pairs, without importing scipy.spatial)
-        xy = coords[:, ::-1].astype(float)
-        first, second = pairs_within(xy, xy, cfg.group_radius * cfg.sigma)
+        close = frame.close
+        if close is None or not np.array_equal(close[0], coords):
+            close = _close_pairs(setup, coords)
+        first, second = close[1:]
         pairs = np.column_stack([first, second])[first < second]
         pairs = pairs[spot[pairs[:, 0]] & spot[pairs[:, 1]]]
         hot[pairs.ravel()] = True
@@ -242,6 +243,25 @@ def _overlaps(setup: Setup, frame, singles) -> np.ndarray:
     hot |= spot & (big > SUSPECT_WIDTH * cfg.sigma) & (big > SUSPECT_ELONGATION * small) & \
         (small >= WIDTH_RANGE[0] * cfg.sigma)
     return hot
+
+
+def _close_pairs(setup: Setup, coords) -> tuple:
+    """``(coords, first, second)``: the pairs of candidates ``coords`` (array order) within
+    ``group_radius * sigma`` of each other, both ways (:func:`_overlaps`; the k-d tree's
+    query_pairs, without importing scipy.spatial)."""
+    from spotfit.roi import pairs_within
+
+    cfg = setup.config
+    xy = coords[:, ::-1].astype(float)
+    return (coords,) + tuple(pairs_within(xy, xy, cfg.group_radius * cfg.sigma))
+
+
+def _find_close_pairs(setup: Setup, f, coords):
+    """A job for the threads that fit frame ``f``'s candidates ``coords`` (the joint
+    fits' search for overlapping spots needs their pairs next, :func:`_overlaps`)."""
+    def job():
+        f.close = _close_pairs(setup, coords) if setup.ndim == 2 and len(coords) > 1 else None
+    return job
 
 
 def _fit_tiles(setup: Setup, frame, singles, hot):
@@ -366,6 +386,11 @@ def fit_single(setup: Setup, frames, raster: bool):
                 variance = single.frame_variance(setup, f.photons, coords, f.image_var, valid=f.valid)
             parts.extend(_fit_pieces(setup, f, coords, pieces, variance, cut))
             continue
+        if not setup.camera.calibrated and single.in_pieces(setup, n):  # one solve, in pieces,
+            n_pending = flush()  # each cutting its own windows (the frame's noise model in between)
+            parts.append(single.fit_batch(setup, single.Uncut(setup, f.t, f.photons, coords, f.image_var, cut,
+                                                              beside=(_find_close_pairs(setup, f, coords),))))
+            continue
         if n_pending + n > chunk:
             n_pending = flush()
         pending.append(single.cut_frame(setup, f.t, f.photons, coords, f.image_var, **cut))
@@ -409,14 +434,18 @@ def _fit_pieces(setup: Setup, f, coords, pieces: int, variance, cut) -> list:
     n = len(coords)
     bounds = [(k * n // pieces, (k + 1) * n // pieces) for k in range(pieces)]
     out = [None] * pieces
+    pairs = _find_close_pairs(setup, f, coords)  # one more job beside the pieces
 
     def run(first, last):
         for k in range(first, last):
+            if k == pieces:
+                pairs()
+                continue
             rows = np.arange(*bounds[k])
             out[k] = single.fit_batch(setup, single.cut_frame(
                 setup, f.t, f.photons, coords, f.image_var, rows=rows, variance=variance, **cut))
 
-    over_windows(run, pieces, threaded=True)
+    over_windows(run, pieces + 1, threaded=True)
     return out
 
 

@@ -187,6 +187,40 @@ class _Spots:
 _FRAME_GAP = 1e7
 
 
+def _dog_windows(data, t, lo, inner, sig, margin, boxes=None) -> np.ndarray:
+    """The DoG (``G(sig) - G(DOG_RATIO sig)``, ``mode="nearest"``) of frames ``data``
+    (zero outside them, as if padded by ``margin`` px of zeros) in the windows of
+    shape ``inner`` from ``lo`` (array order) of frames ``t``: ``(n, P)``.
+
+    Filtered per frame, padded; or, when they hold fewer pixels (``boxes``: force
+    it either way, for tests), in each window's box widened by the wider filter's
+    reach: the same values, since a filtered pixel depends only on the pixels
+    within the reach, and the reach is within ``margin`` (the box never meets the
+    padded frame's edge, where ``"nearest"`` would matter).
+    """
+    from scipy import ndimage
+
+    from spotfit.filters import DOG_RATIO
+
+    nd = len(inner)
+    sig = (0,) + tuple(sig)
+    reach = np.array([int(4.0 * DOG_RATIO * s + 0.5) for s in sig[1:]], np.int64)
+    box = (1,) + tuple(int(v) for v in np.asarray(inner) + 2 * reach)
+    padded = len(data) * int(np.prod(np.asarray(data.shape[1:]) + 2 * np.asarray(margin)))
+    if boxes is None:
+        boxes = len(t) * int(np.prod(box)) < padded
+    if boxes:  # (cut_box leaves pixels outside the frames at zero: the padding)
+        stack = roi.cut_box(data, np.column_stack([t, lo - reach]), box, dtype=data.dtype).data
+        stack = stack.reshape((len(t),) + box[1:])
+        start = np.column_stack([np.arange(len(t)), np.broadcast_to(reach, (len(t), nd))])
+    else:
+        stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
+        start = np.column_stack([t, lo + margin])
+    filtered = ndimage.gaussian_filter(stack, sig, mode="nearest") - \
+        ndimage.gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
+    return roi.cut_box(filtered, start, (1,) + tuple(inner)).data
+
+
 class CrowdedFitter:
     """Joint fits of grouped spots over a chunk of frames, for one :class:`~spotfit.config.Setup`.
 
@@ -532,25 +566,19 @@ class CrowdedFitter:
         wide = np.flatnonzero(self._wide(spots) if wide is None else wide)
         if len(wide) == 0:
             return extra
-        from scipy import ndimage
-
         # the DoG of the residual (filtered where the frames' pixels are zero: outside
-        # them, or not valid) in each stretched spot's window: the filters of the
-        # frames that hold one, padded by the wider filter's reach (``pad`` px: the
-        # same values as filtering each window padded by ``pad`` on its own, at a
-        # fraction of the pixels where windows overlap)
+        # them, or not valid) in each stretched spot's window (:func:`_dog_windows`):
+        # the filters of the frames that hold one, padded by the wider filter's reach
+        # (``pad`` px: the same values as filtering each window padded by ``pad`` on
+        # its own), or of each window's box if those hold fewer pixels
         half = np.asarray(self.half)
         pad = np.asarray([int(np.ceil(4 * DOG_RATIO * s)) for s in cfg.widths(self.ndim)[::-1]])
         margin = pad + half + 2  # a window's centre may lie a pixel outside its frame
         frames, t = np.unique(spots.t[wide], return_inverse=True)
         data = residual[frames] if self._valid is None else residual[frames] * self._valid[frames]
-        stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
-        sig = (0,) + tuple(cfg.widths(self.ndim)[::-1])
-        filtered = ndimage.gaussian_filter(stack, sig, mode="nearest") - \
-            ndimage.gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
         lo = np.rint(spots.xyz[wide][:, ::-1]).astype(np.int64) - half
         inner = tuple(2 * half + 1)
-        values = roi.cut_box(filtered, np.column_stack([t.ravel(), lo + margin]), (1,) + inner).data
+        values = _dog_windows(data, t.ravel(), lo, inner, tuple(cfg.widths(self.ndim)[::-1]), margin)
         w = self._windows(residual, spots.t[wide], lo, inner)
         w = roi.Windows(values, w.mask, w.origin, w.grid)
         best = np.argmax(np.where(w.mask, w.data, -np.inf), axis=1)

@@ -146,28 +146,55 @@ def cut_box(image: np.ndarray, start: np.ndarray, shape, dtype=float, read_var=N
     -------
     Windows
     """
+    image = np.asarray(image)
     ndim = image.ndim
     start = np.asarray(start, dtype=np.int64).reshape(-1, ndim)
     shape = tuple(int(s) for s in shape)
     n = start.shape[0]
-    sel, mask = [], np.ones((n,) + (1,) * ndim, dtype=bool)
-    for a in range(ndim):  # index arrays broadcast to (n, *shape)
-        i = start[:, a : a + 1] + np.arange(shape[a])[None, :]
+    size = int(np.prod(shape))
+    # windows within the image are copied from a sliding-window view (whole windows
+    # at a time); the others through clipped indices, their outside pixels masked
+    inside = np.all((start >= 0) & (start <= np.array(image.shape) - np.array(shape)), axis=1)
+    border = np.flatnonzero(~inside)
+    inside = None if len(border) == 0 else np.flatnonzero(inside)
+    sel, mask = [], np.ones((len(border),) + (1,) * ndim, dtype=bool)
+    for a in range(ndim):  # index arrays broadcast to (m, *shape)
+        i = start[border, a : a + 1] + np.arange(shape[a])[None, :]
         view = (slice(None),) + tuple(slice(None) if b == a else None for b in range(ndim))
         mask = mask & ((i >= 0) & (i < image.shape[a]))[view]
         sel.append(np.clip(i, 0, image.shape[a] - 1)[view])
     sel = tuple(sel)
-    size = int(np.prod(shape))
-    data = np.asarray(image[sel], dtype=dtype).reshape(n, size)
-    mask = mask.reshape(n, size)
+    mask_border = mask.reshape(len(border), size)
+    mask = np.ones((n, size), bool)
+    mask[border] = mask_border
+    data = _gather(image, start, shape, dtype, inside, border, sel)
     if valid is not None:
-        mask &= np.asarray(valid, dtype=bool)[sel].reshape(n, size)
-    data[~mask] = 0
+        mask &= _gather(np.asarray(valid, dtype=bool), start, shape, bool, inside, border, sel)
+    if len(border) or valid is not None:
+        data[~mask] = 0
     origin = start[:, ::-1].copy()
     rv = None
     if read_var is not None:
-        rv = np.asarray(np.broadcast_to(read_var, image.shape)[sel], dtype=float).reshape(n, size)
+        rv = _gather(np.broadcast_to(read_var, image.shape), start, shape, float, inside, border, sel)
     return Windows(data=data, mask=mask, origin=origin, grid=Grid(shape), read_var=rv)
+
+
+def _gather(image, start, shape, dtype, inside, border, sel) -> np.ndarray:
+    """``image``'s pixels in windows of ``shape`` from ``start``, ``(n, P)`` of ``dtype``:
+    windows ``inside`` (None: all but ``border``) from a sliding-window view of the
+    image, windows ``border`` by the clipped index arrays ``sel``."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    n, size = len(start), int(np.prod(shape))
+    if len(border) == n:
+        return np.asarray(image[sel], dtype=dtype).reshape(n, size)
+    windows = sliding_window_view(image, shape)
+    if inside is None:
+        return np.asarray(windows[tuple(start.T)], dtype=dtype).reshape(n, size)
+    out = np.empty((n, size), dtype)
+    out[inside] = windows[tuple(start[inside].T)].reshape(len(inside), size)
+    out[border] = image[sel].reshape(len(border), size)
+    return out
 
 
 def scatter_add(image: np.ndarray, windows_values: np.ndarray, origin: np.ndarray, grid: Grid) -> None:

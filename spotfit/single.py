@@ -19,7 +19,7 @@ import numpy as np
 from spotfit import results, roi, solver, table
 from spotfit.config import Setup
 from spotfit.estimators import Noise
-from spotfit._jit import over_windows
+from spotfit._jit import join_alongside, over_windows
 from spotfit._kernels import CONVERGED
 from spotfit.detection import background_at
 from spotfit.start import faint, initial_guess, intensity_floor
@@ -202,15 +202,19 @@ def width_limits(model, grid):
 
 
 def _solve(setup: Setup, batch: Batch):
+    return solver.finish(_minimise(setup, batch), groups=batch.frame, variance=batch.variance)
+
+
+def _minimise(setup: Setup, batch: Batch) -> solver.Minimised:
+    """The fits of :func:`_solve` before their covariance (:func:`spotfit.solver.minimise`)."""
     m, cfg, w = setup.model, setup.config, batch.windows
     setup.use_threads()
     theta0, lower, upper, hold = _starts(setup, batch)
     widths = m.width_mask
     free = ~widths if cfg.fix_sigma else np.ones(m.n_params, bool)
-    return solver.solve(m, setup.estimator, w.data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
-                        lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
-                        hold_first=None if cfg.fix_sigma else widths, hold_rows=hold,
-                        groups=batch.frame, variance=batch.variance)
+    return solver.minimise(m, setup.estimator, w.data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
+                           lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
+                           hold_first=None if cfg.fix_sigma else widths, hold_rows=hold)
 
 
 #: windows per block of a solve's starting values and bounds (:func:`_starts`); the
@@ -271,7 +275,7 @@ def fit_batch(setup: Setup, batch: Batch, choose_width=None):
         Columns of :func:`spotfit.table.columns`, one row per window (no pandas:
         :func:`spotfit.lighttable.as_frame` makes it a DataFrame).
     """
-    if _selects(setup) and len(batch) >= PIECE_WINDOWS and _threads_free():
+    if in_pieces(setup, len(batch)):
         return _select_in_pieces(setup, batch, choose_width)
     measured = {}
     columns = _fit_columns(setup, batch, measured, choose_width)
@@ -294,6 +298,47 @@ def _finish(setup: Setup, batch: Batch, columns, variance=None):
 PIECE_WINDOWS = 4096
 
 
+def in_pieces(setup: Setup, n: int) -> bool:
+    """Whether :func:`fit_batch` fits a batch of ``n`` windows in pieces side by side
+    (:func:`_select_in_pieces`; an :class:`Uncut` batch only then)."""
+    return _selects(setup) and n >= PIECE_WINDOWS and _threads_free()
+
+
+@dataclass
+class Uncut:
+    """The windows of a frame's candidates ``coords``, cut piece by piece where they
+    are fitted (:func:`_select_in_pieces`, :meth:`piece`) instead of all at once;
+    arguments as :func:`cut_frame`'s (``cut``: its keyword arguments)."""
+
+    setup: Setup
+    t: int
+    photons: np.ndarray
+    coords: np.ndarray
+    image_var: float
+    cut: dict
+    #: jobs (callables) run on the threads beside the pieces' first round
+    beside: tuple = ()
+
+    def __post_init__(self):
+        self.frame = np.full(len(self.coords), self.t, dtype=np.int64)
+        self.variance = self.cut.get("variance")
+        known = self.cut.get("background")
+        self.background = None if not known else {int(self.t): list(known)}
+
+    def __len__(self):
+        return len(self.coords)
+
+    def piece(self, first: int, last: int) -> Batch:
+        """The batch of windows ``first .. last`` (:func:`cut_frame`)."""
+        return cut_frame(self.setup, self.t, self.photons, self.coords, self.image_var,
+                         rows=np.arange(first, last), **self.cut)
+
+
+def _piece(batch, first: int, last: int) -> Batch:
+    """Windows ``first .. last`` of a :class:`Batch` or an :class:`Uncut` one."""
+    return batch.piece(first, last) if isinstance(batch, Uncut) else _take(batch, slice(first, last))
+
+
 def _threads_free() -> bool:
     """More than one kernel thread, and this call not inside a range of
     :func:`spotfit._jit.over_windows` (whose other threads are busy)."""
@@ -303,41 +348,57 @@ def _threads_free() -> bool:
 
 
 def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
-    """:func:`fit_batch` with the model chosen per spot: the symmetric fits of all
-    windows in one solve (which measures an uncalibrated frame's noise model), then the
-    rest -- columns, score gate and test, richer fits, refits over the background, table
-    rows -- in one piece of consecutive windows per thread, side by side
-    (:func:`spotfit._jit.over_windows`): each window's rest depends on its own fit and
-    its frame's noise model only, so the rows are those of one piece."""
+    """:func:`fit_batch` with the model chosen per spot, in one piece of consecutive
+    windows per thread, side by side (:func:`spotfit._jit.over_windows`), in two
+    rounds: the symmetric fits (:func:`spotfit.solver.minimise`; of an :class:`Uncut`
+    batch, the piece's windows are cut there first); then, after an
+    uncalibrated batch's noise model per frame is measured from the pieces' regression
+    windows (:func:`spotfit.solver.noise_sums`, :func:`~spotfit.solver.noise_model`),
+    the rest -- covariances, columns, score gate and test, richer fits, refits over
+    the background, table rows.  Each window's fit depends on its window, and the rest
+    on its fit and its frame's noise model only, so the rows are those of one piece."""
     from spotfit._jit import kernel_threads
     from spotfit.lighttable import concat
 
     setup.use_threads()
     reduced = _reduced(setup)
-    sol = _solve(reduced, batch)
     n = len(batch)
     pieces = min(2 * kernel_threads(), n)  # two per thread: the pieces' work varies
     bounds = [(k * n // pieces, (k + 1) * n // pieces) for k in range(pieces)]
-    out = [None] * pieces
+    subs = [None] * pieces
+    measure = not setup.camera.calibrated and batch.variance is None
+    regression = solver.regression_rows(batch.frame) if measure else None
+    fits, sums, out = [None] * pieces, [None] * pieces, [None] * pieces
+    beside = getattr(batch, "beside", ())
 
-    def run(first, last):
+    def minimise(first, last):
         for k in range(first, last):
-            rows = slice(*bounds[k])
-            sub = _take(batch, rows)
+            if k >= pieces:
+                beside[k - pieces]()
+                continue
+            subs[k] = _piece(batch, *bounds[k])
+            fits[k] = _minimise(reduced, subs[k])
+
+    def rest(first, last):
+        for k in range(first, last):
+            a, b = bounds[k]
+            sub = subs[k]
             sub.background = batch.background
-            part = _rows_of(sol, rows)
-            width = choose_width[rows] if np.ndim(choose_width) else choose_width
-            out[k] = _finish(setup, sub, _select(setup, reduced, sub, part, width), part.variance)
+            sol = solver.finish(fits[k], groups=sub.frame, variance=variance[a:b] if measure else sub.variance)
+            width = choose_width[a:b] if np.ndim(choose_width) else choose_width
+            out[k] = _finish(setup, sub, _select(setup, reduced, sub, sol, width), sol.variance)
 
-    over_windows(run, pieces, threaded=True)
+    over_windows(minimise, pieces + len(beside), threaded=True)
+    # here, not in the pieces' threads: a first run may compile the covariance kernel in a
+    # second process, which this thread waits for once (spotfit._jit.join_alongside)
+    join_alongside()
+    variance = None
+    if measure:  # (each piece's statistics on the threads)
+        for k, (a, b) in enumerate(bounds):
+            sums[k] = solver.noise_sums(fits[k], regression[(regression >= a) & (regression < b)] - a)
+        variance = solver.noise_model(batch.frame, np.concatenate(sums))
+    over_windows(rest, pieces, threaded=True)
     return concat(out)
-
-
-def _rows_of(sol, rows):
-    """A :class:`spotfit.solver.Solution` of windows ``rows`` of ``sol``."""
-    return solver.Solution(*(None if v is None else v[rows] for v in (
-        sol.theta, sol.cov, sol.cost, sol.chi2_red, sol.iterations, sol.status, sol.bias,
-        sol.variance, sol.unstable)))
 
 
 def _fit_columns(setup: Setup, batch: Batch, measured=None, choose_width=None):

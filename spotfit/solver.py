@@ -170,6 +170,37 @@ def solve(
     -------
     Solution
     """
+    fit = minimise(model, estimator, data, mask, grid, theta0, noise=noise, lower=lower, upper=upper,
+                   free=free, max_iter=max_iter, tol=tol, hold_first=hold_first, hold_rows=hold_rows,
+                   active_set=active_set)
+    return finish(fit, bias_correct=bias_correct, groups=groups, variance=variance)
+
+
+@dataclass
+class Minimised:
+    """The Levenberg-Marquardt part of :func:`solve`: its inputs, as :func:`solve`
+    prepared them, and the fits' state (:data:`spotfit._kernels.FitState`) before
+    the covariance (:func:`finish`)."""
+
+    model: Model
+    estimator: Estimator
+    data: np.ndarray
+    grid: Grid
+    noise: Noise
+    lower: np.ndarray
+    upper: np.ndarray
+    free: np.ndarray
+    cost: object
+    state: object
+
+    def __len__(self):
+        return len(self.data)
+
+
+def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=None, upper=None, free=None,
+             max_iter=50, tol=1e-3, hold_first=None, hold_rows=None, active_set=False) -> Minimised:
+    """The fits of :func:`solve` (same parameters) without their covariance: then
+    :func:`finish`.  Each window's fit depends on that window only."""
     from spotfit._kernels import levenberg_marquardt
 
     n, k = theta0.shape
@@ -200,6 +231,49 @@ def solve(
         over_windows(levenberg_marquardt, n, MODEL, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
                      float(tol), threaded=_threaded(n, data.shape[1], k))
         state.iterations[:] += done
+    return Minimised(model, estimator, data, grid, noise, lower, upper, free, cost, state)
+
+
+def noise_sums(fit: Minimised, rows) -> np.ndarray:
+    """The statistics ``(n, 5)`` of windows ``rows`` of ``fit`` that measure an
+    uncalibrated noise model (:func:`noise_model`; per window, so those of
+    several fits of some windows each are those of one fit of all)."""
+    join_alongside()  # a first run may compile this kernel in a second process
+    return _regression_sums(fit.model.kernel(fit.grid), fit.cost, fit.data, fit.state.theta, fit.free,
+                            np.asarray(rows, np.int64))
+
+
+def _regression_sums(km, cost, data, theta, free, rows) -> np.ndarray:
+    """The noise model's statistics ``(len(rows), 5)`` of windows ``rows``."""
+    from spotfit._kernels import covariance as kernel
+
+    k = theta.shape[1]
+    sums = np.zeros((len(rows), 5))
+    none = np.zeros(0)
+    over_windows(kernel, len(rows), MODEL, km, _rows(cost, rows), data[rows], theta[rows], free,
+                 NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
+                 CovarianceOut(np.zeros((len(rows), k, k)), np.zeros(len(rows)), sums, np.zeros((0, k))),
+                 0.0, _NO_EMBED)
+    return sums
+
+
+def noise_model(groups, sums) -> np.ndarray:
+    """Per window ``(alpha, beta, floor)`` of its group's noise model, from the
+    statistics ``sums`` (:func:`noise_sums`) of the group's regression windows
+    (:func:`regression_rows` of ``groups``, in their order)."""
+    groups = np.asarray(groups)
+    labels, inverse = np.unique(groups, return_inverse=True)
+    per_group = np.zeros((len(labels), 5))
+    np.add.at(per_group, inverse[regression_rows(groups)], sums)
+    return variance_model(per_group)[inverse]
+
+
+def finish(fit: Minimised, bias_correct: bool = True, groups=None, variance=None) -> Solution:
+    """:func:`solve` after :func:`minimise`: the covariance, statuses and bias
+    correction of the fits ``fit`` (``bias_correct``, ``groups``, ``variance``
+    as in :func:`solve`)."""
+    model, estimator, data, grid, noise = fit.model, fit.estimator, fit.data, fit.grid, fit.noise
+    lower, upper, free, cost, state = fit.lower, fit.upper, fit.free, fit.cost, fit.state
     theta, status = state.theta, state.status
     want_bias = bias_correct and estimator.bias_correctable
     shaky = np.zeros(theta.shape, bool)
@@ -459,21 +533,8 @@ def regression_rows(groups) -> np.ndarray:
 
 def _measure_variance(km, cost, data, theta, free, groups):
     """Per-window ``(alpha, beta, floor)`` of its group's measured noise model."""
-    from spotfit._kernels import covariance as kernel
-
-    n, k = theta.shape
-    groups = np.zeros(n, np.int64) if groups is None else np.asarray(groups)
-    labels, inverse = np.unique(groups, return_inverse=True)
-    sub = regression_rows(groups)
-    sums = np.zeros((len(sub), 5))
-    none = np.zeros(0)
-    over_windows(kernel, len(sub), MODEL, km, _rows(cost, sub), data[sub], theta[sub], free,
-                 NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
-                 CovarianceOut(np.zeros((len(sub), k, k)), np.zeros(len(sub)), sums, np.zeros((0, k))),
-                 0.0, _NO_EMBED)
-    per_group = np.zeros((len(labels), 5))
-    np.add.at(per_group, inverse[sub], sums)
-    return variance_model(per_group)[inverse]
+    groups = np.zeros(len(theta), np.int64) if groups is None else np.asarray(groups)
+    return noise_model(groups, _regression_sums(km, cost, data, theta, free, regression_rows(groups)))
 
 
 def variance_model(sums):

@@ -518,3 +518,34 @@ def test_every_main_path_runs_from_the_cache_loaded_lightly():
     assert runs[1][0] == ("light" if _jit.light_load_verified() else "refreshed")
     assert runs[1][1:] == runs[0][1:], runs  # row counts and sums of x and intensity, bit for bit
     assert all(int(table.split(":")[0]) > 0 for table in runs[1][1:]), runs
+
+
+def test_threads_needing_the_kernel_wait_for_the_second_process_too(monkeypatch):
+    """Fits in pieces on several threads reach the covariance kernel at about the same
+    time: every one of them returns from join_alongside only once the second compiling
+    process is done (else one would compile the kernel itself meanwhile)."""
+    import threading
+    import time
+
+    class Slow(_Running):
+        def wait(self, timeout=None):
+            time.sleep(0.3)
+            return super().wait(timeout)
+
+    helper = Slow()
+    monkeypatch.setitem(_jit._state, "helper", helper)
+    monkeypatch.setitem(_jit._state, "meanwhile", None)
+    seen = []
+
+    def join():
+        _jit.join_alongside()
+        seen.append(helper.waited)
+
+    threads = [threading.Thread(target=join) for _ in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # the later ones arrive while the first waits
+    for t in threads:
+        t.join()
+    assert seen == [True, True, True]
+    assert _jit._state["helper"] is None

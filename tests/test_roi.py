@@ -174,3 +174,52 @@ def test_pairs_within_are_the_k_d_trees_pairs(table, monkeypatch):
     i, j = pairs_within(p, p, 4.0)
     assert set(zip(i.tolist(), j.tolist())) == kd(p, p, 4.0)
     assert [len(x) for x in pairs_within(np.zeros((0, 2)), p, 4.0)] == [0, 0]
+
+
+def _cut_box_by_indices(image, start, shape, dtype=float, read_var=None, valid=None):
+    """The pixels of windows through clipped index arrays, outside pixels masked:
+    an independent oracle for :func:`roi.cut_box`."""
+    n, ndim = start.shape
+    idx = np.indices(shape).reshape(ndim, -1)  # (ndim, P), array order
+    pix = start[:, :, None] + idx[None]  # (n, ndim, P)
+    mask = np.all((pix >= 0) & (pix < np.array(image.shape)[None, :, None]), axis=1)
+    clipped = tuple(np.clip(pix[:, a], 0, image.shape[a] - 1) for a in range(ndim))
+    data = np.asarray(image[clipped], dtype=dtype)
+    if valid is not None:
+        mask &= valid[clipped]
+    data[~mask] = 0
+    rv = None if read_var is None else np.asarray(np.broadcast_to(read_var, image.shape)[clipped], float)
+    return data, mask, rv
+
+
+@pytest.mark.parametrize("shape, box", [((NY, NX), (5, 7)), ((6, NY, NX), (3, 5, 5)), ((NY, 4), (5, 7))],
+                         ids=["2d", "3d", "window wider than the image"])
+@pytest.mark.parametrize("inside", [True, False], ids=["all inside", "some at the border"])
+def test_cut_box_of_inside_and_border_windows_takes_the_indexed_pixels(shape, box, inside):
+    """Windows within the image are copied from a sliding view, the others through
+    clipped indices: each window, its mask, left-out pixels and read variance as
+    indexing pixel by pixel gives them (float32 image, float64 windows)."""
+    rng = np.random.default_rng(31)
+    image = (_ramp(shape) + rng.random(shape)).astype(np.float32)
+    valid = rng.random(shape) > 0.1
+    read_var = rng.random(shape) + 1.0
+    high = np.array(shape) - np.array(box)
+    if inside and np.all(high >= 0):
+        start = np.column_stack([rng.integers(0, h + 1, 50) for h in high])
+    else:
+        start = np.column_stack([rng.integers(-b, s + 1, 50) for b, s in zip(box, shape)])
+        start[0] = 0  # one window inside, where there is room
+        start[0] = np.minimum(start[0], np.maximum(high, 0))
+    for options in ({}, {"valid": valid}, {"read_var": read_var}, {"valid": valid, "read_var": read_var}):
+        w = roi.cut_box(image, start, box, **options)
+        data, mask, rv = _cut_box_by_indices(image, start, box, **options)
+        assert w.data.dtype == np.float64 and w.mask.dtype == bool
+        np.testing.assert_array_equal(w.data, data)
+        np.testing.assert_array_equal(w.mask, mask)
+        np.testing.assert_array_equal(w.origin, start[:, ::-1])
+        if read_var is not None and "read_var" in options:
+            np.testing.assert_array_equal(w.read_var, rv)
+        else:
+            assert w.read_var is None
+    flags = roi.cut_box(valid, start, box, dtype=bool)
+    np.testing.assert_array_equal(flags.data, _cut_box_by_indices(valid, start, box, dtype=bool)[0])

@@ -349,3 +349,151 @@ def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch)
     assert any(w is not None and np.ndim(w) == 1 and np.any(w > 0) for w in widths), widths
     assert len(selected) > 1 and all(np.shape(w) == (n,) for n, w in selected), selected
     pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
+
+
+@pytest.mark.parametrize("shape, sig", [((4, 60, 53), (1.3, 1.3)), ((3, 9, 40, 37), (2.0, 1.3, 1.1))],
+                         ids=["2d", "3d"])
+def test_dog_in_window_boxes_is_the_dog_of_padded_frames(shape, sig):
+    """The split of stretched joint fits filters each window's box widened by the
+    filter's reach instead of the padded frames: the same values, windows at the
+    frames' edges (a pixel beyond) included."""
+    from spotfit.filters import DOG_RATIO
+    from spotfit.group import _dog_windows
+
+    rng = np.random.default_rng(27)
+    data = rng.normal(10.0, 3.0, shape) * (rng.random(shape) > 0.05)
+    half = np.array([3] * (len(shape) - 1))
+    inner = tuple(2 * half + 1)
+    margin = np.array([int(np.ceil(4 * DOG_RATIO * s)) for s in sig]) + half + 2
+    n = 40
+    t = rng.integers(0, shape[0], n)
+    lo = np.column_stack([rng.integers(-h - 1, m - h + 1, n) for h, m in zip(half, shape[1:])])
+    lo[0] = -half - 1  # the extremes: a centre a pixel outside the frame
+    lo[1] = np.array(shape[1:]) - half
+    boxes = _dog_windows(data, t, lo, inner, sig, margin, boxes=True)
+    frames = _dog_windows(data, t, lo, inner, sig, margin, boxes=False)
+    assert boxes.shape == (n, int(np.prod(inner)))
+    assert np.array_equal(boxes, frames)
+    assert np.ptp(boxes) > 0
+
+
+def test_fits_in_pieces_measure_the_noise_model_of_one_solve(monkeypatch):
+    """solver.minimise + solver.finish is solver.solve; fits of consecutive pieces, their
+    regression windows' statistics joined (noise_sums, noise_model), give each frame the
+    noise model, covariances and chi-square of one solve: two frames, regression windows
+    a subset of each frame's (REGRESSION_WINDOWS), pieces that cut across frames."""
+    from spotfit import solver
+    from spotfit.config import FitConfig, Setup
+    from spotfit.start import image_noise
+
+    monkeypatch.setattr(solver, "REGRESSION_WINDOWS", 37)
+    setup = Setup.resolve(FitConfig(sigma=1.3), spotfit.Camera(), 2)
+    reduced = single._reduced(setup)
+    batches = []
+    for t, seed in enumerate((28, 29)):
+        photons = _frame((120, 231), 150, seed=seed) * (1.0 + t)  # the frames' noise differs
+        coords = np.argwhere(photons > np.percentile(photons, 98.0))[::4]
+        batches.append(single.cut_frame(setup, t, photons, coords, image_noise(photons)))
+    batch = single.Batch.join(batches)
+    assert len(batch) > 100 and len(np.unique(batch.frame)) == 2
+    whole = single._solve(reduced, batch)
+    regression = solver.regression_rows(batch.frame)
+    assert 0 < len(regression) < len(batch) // 2
+    bounds = [(0, 41), (41, len(batch) // 2 + 3), (len(batch) // 2 + 3, len(batch))]
+    fits = [single._minimise(reduced, single._take(batch, slice(a, b))) for a, b in bounds]
+    sums = [solver.noise_sums(f, regression[(regression >= a) & (regression < b)] - a)
+            for f, (a, b) in zip(fits, bounds)]
+    variance = solver.noise_model(batch.frame, np.concatenate(sums))
+    assert np.array_equal(variance, whole.variance)
+    assert not np.array_equal(variance[0], variance[-1])  # one model per frame
+    for f, (a, b) in zip(fits, bounds):
+        part = solver.finish(f, groups=batch.frame[a:b], variance=variance[a:b])
+        for name in ("theta", "cov", "cost", "chi2_red", "iterations", "status", "bias", "variance"):
+            assert np.array_equal(getattr(part, name), getattr(whole, name)[a:b], equal_nan=True), name
+
+
+@pytest.mark.parametrize("camera", [spotfit.Camera(), spotfit.Camera(baseline=100.0),
+                                    spotfit.Camera(baseline=100.5, gain=0.37, em_gain=3.0)],
+                         ids=["none", "baseline", "calibrated"])
+@pytest.mark.parametrize("raw", ["uint16", ">u2", "float64 3d"])
+def test_photons_in_strips_are_those_of_one_pass(camera, raw, monkeypatch):
+    """Large frames are converted to photons in strips of rows side by side
+    (camera.STRIP_PIXELS): the same numbers as the whole frame at once, big-endian
+    input and stacks included; the input is left alone; an overflow still names the
+    camera values."""
+    from spotfit import camera as camera_module
+
+    rng = np.random.default_rng(30)
+    if raw == "float64 3d":
+        adu = rng.normal(300.0, 50.0, (3, 37, 61))
+    else:
+        adu = rng.integers(0, 60000, (203, 117)).astype(raw)
+    before = adu.copy()
+    monkeypatch.setattr(camera_module, "STRIP_PIXELS", 10**12)
+    whole = camera.to_photons(adu)
+    monkeypatch.setattr(camera_module, "STRIP_PIXELS", 1)
+    calls = []
+    original = camera_module.Camera._convert
+    monkeypatch.setattr(camera_module.Camera, "_convert", lambda *a: calls.append(a) or original(*a))
+    strips = camera.to_photons(adu)
+    assert len(calls) == camera_module.STRIPS
+    assert strips.dtype == whole.dtype == np.float32 and strips.dtype.isnative
+    assert np.array_equal(strips, whole)
+    assert np.array_equal(adu, before)
+    with pytest.raises(spotfit.SpotfitInputError, match="gain"):
+        spotfit.Camera(baseline=0.0, gain=1e300).to_photons(adu)
+
+
+@pytest.mark.parametrize("camera", [spotfit.Camera(), CAMERA], ids=["lsq", "mle"])
+def test_close_pairs_found_beside_the_pieces_are_those_overlaps_finds(camera, monkeypatch):
+    """A frame fitted in pieces has its candidates' close pairs found by one more job
+    on the threads (fields._find_close_pairs); the search for overlapping spots uses
+    them (and searches itself without them): the same overlapping spots."""
+    from spotfit import fields, roi
+
+    image = (_frame((301, 517), 600, seed=32) + 100.0).astype(np.uint16)
+    monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
+    monkeypatch.setattr(single, "PIECE_WINDOWS", 100)
+    monkeypatch.setattr(fields, "PIECE_WINDOWS", 100)
+    seen, searches = [], []
+    overlaps, pairs_within = fields._overlaps, roi.pairs_within
+    monkeypatch.setattr(fields, "_overlaps", lambda *a: seen.append(a) or overlaps(*a))
+    spotfit.fit(image, camera=camera, sigma=1.3, workers=2)
+    setup, frame, singles = seen[0]
+    assert frame.close is not None and np.array_equal(frame.close[0], frame.coords)
+    monkeypatch.setattr(roi, "pairs_within", lambda *a: searches.append(a) or pairs_within(*a))
+    hot = overlaps(setup, frame, singles)
+    assert not searches  # the pairs found beside the pieces
+    frame.close = None
+    assert np.array_equal(overlaps(setup, frame, singles), hot) and len(searches) == 1
+    assert hot.sum() > 10
+
+
+@pytest.mark.parametrize("dtype, nan", [(np.float32, False), (np.float64, False), (np.uint16, False),
+                                        (np.float32, True), (np.float64, True)])
+def test_extremes_in_strips_are_those_of_the_whole_array(dtype, nan):
+    """estimate_noise's range of a large frame, in strips of rows on the threads: the
+    whole array's min and max, NaN included."""
+    rng = np.random.default_rng(33)
+    raw = (rng.normal(500.0, 200.0, (2, 331, 517)) + 1000).astype(dtype)
+    if nan:
+        raw[1, 300, 7] = np.nan
+    for strips in (1, 8, 331):
+        low, high = background._extremes(raw, strips)
+        if nan:
+            assert np.isnan(low) and np.isnan(high)
+        else:
+            assert (low, high) == (float(np.min(raw)), float(np.max(raw)))
+
+
+@pytest.mark.parametrize("shape", [(611, 517), (3, 301, 517), (1, 700, 700)])
+def test_level_removed_in_strips_is_the_whole_subtraction(shape):
+    """Detection removes the frame's typical level in strips of rows on the threads for
+    large frames: the same float32 numbers as one subtraction."""
+    from spotfit import detection
+
+    data = np.random.default_rng(34).normal(300.0, 40.0, shape).astype(np.float32)
+    shift = np.float32(297.31)
+    out = detection._minus(data, shift)
+    expected = data - shift
+    assert out.dtype == expected.dtype == np.float32 and np.array_equal(out, expected)
