@@ -595,6 +595,41 @@ def _box_filter(a, half, minimum):
     return out
 
 
+def gaussian_filter(a, sigma, mode="nearest", truncate=4.0, engine=None):
+    """``scipy.ndimage.gaussian_filter(a, sigma, mode=mode, truncate=truncate)``, the same
+    numbers (``mode`` ``"nearest"`` or ``"constant"``; an axis with ``sigma`` 0 is not
+    filtered), without importing ``scipy.ndimage`` for it: the separable passes of
+    :func:`_filter_axis` with ndimage's Gaussian weights, each pass rounded to ``a``'s
+    dtype as ndimage's output array is.  ``sigma``: one per axis, px; ``engine``: as
+    :func:`_filter_axis` (``"numpy"`` even when ``scipy.ndimage`` is imported, for tests)."""
+    a = np.asarray(a)
+    out = a
+    for axis, s in enumerate(np.broadcast_to(np.asarray(sigma, dtype=float), (a.ndim,))):
+        if not s > 1e-15:
+            continue
+        half = int(truncate * float(s) + 0.5)
+        if a.shape[axis] == 1 and half > 0:  # (ndimage sums the edge value's taps: its numbers)
+            from scipy import ndimage
+
+            return ndimage.gaussian_filter(a, sigma, mode=mode, truncate=truncate)
+        x = np.arange(-half, half + 1)
+        weights = np.exp(-0.5 / (s * s) * x**2)  # (ndimage's _gaussian_kernel1d)
+        weights = weights / weights.sum()
+        out = np.asarray(_filter_axis(out, axis, weights, half, mode == "nearest", 0, engine), dtype=a.dtype)
+    return out.copy() if out is a else out
+
+
+def maximum_filter(a, half):
+    """``scipy.ndimage.maximum_filter(a, size=2 * half + 1)`` with ``mode="constant",
+    cval=-inf`` (an edge value is its own neighbour then, as with ``"nearest"``), the same
+    numbers, without importing ``scipy.ndimage`` for it; ``half``: one per axis."""
+    out = np.asarray(a)
+    for axis, h in enumerate(half):
+        if h > 0 and out.shape[axis] > 1:
+            out = _filter_axis(out, axis, np.zeros(1), int(h), True, 2)
+    return np.asarray(out, dtype=np.asarray(a).dtype)
+
+
 def _axis_weights(n, c, m):
     """Interpolation indices and weights along one axis (cell centres at (i + 0.5) c - 0.5)."""
     f = (np.arange(n) + 0.5) / c - 0.5

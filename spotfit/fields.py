@@ -249,7 +249,7 @@ def _close_pairs(setup: Setup, coords) -> tuple:
     """``(coords, first, second)``: the pairs of candidates ``coords`` (array order) within
     ``group_radius * sigma`` of each other, both ways (:func:`_overlaps`; the k-d tree's
     query_pairs, without importing scipy.spatial)."""
-    from spotfit.roi import pairs_within
+    from spotfit.near import pairs_within
 
     cfg = setup.config
     xy = coords[:, ::-1].astype(float)
@@ -624,9 +624,9 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
 def _isolated(chunk, radius):
     """Per frame of ``chunk``: which candidates have no other of their frame within
     ``radius`` px (bool arrays); all frames' pairs in one grid lookup
-    (:func:`spotfit.roi.pairs_within`, the frame a coordinate farther apart than
+    (:func:`spotfit.near.pairs_within`, the frame a coordinate farther apart than
     ``radius``)."""
-    from spotfit.roi import pairs_within
+    from spotfit.near import pairs_within
 
     sizes = [len(f.coords) for f in chunk]
     if sum(sizes) == 0:
@@ -673,9 +673,8 @@ def _near_active(xyz, t, engine_frames, setup, seeds=None):
     (window + ``SEARCH_REACH`` sigmas), a new emitter's group window and
     grouping radius, and a window half-size (their own light); ``seeds``
     (bool over ``xyz``) count as candidates fitted jointly."""
-    from scipy.spatial import cKDTree
-
     from spotfit.group import SEARCH_REACH
+    from spotfit.near import any_within
 
     out = np.zeros(len(xyz), bool)
     active = [np.column_stack([e.coords[:, ::-1].astype(float), np.full(len(e.coords), i * 1e7)])
@@ -686,8 +685,7 @@ def _near_active(xyz, t, engine_frames, setup, seeds=None):
         return out
     cfg = setup.config
     r = 4 * max(setup.half) + (SEARCH_REACH + cfg.group_radius) * cfg.sigma + 1.0
-    d, _ = cKDTree(np.concatenate(active)).query(np.column_stack([xyz, t * 1e7]), distance_upper_bound=r)
-    return np.isfinite(d)
+    return any_within(np.column_stack([xyz, t * 1e7]), np.concatenate(active), r, strict=True)
 
 
 def _fit_batches(setup: Setup, batches, size, light=False):

@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import numpy as np
 
-# scipy.sparse.csgraph and scipy.spatial are imported where they are used (joint fits
-# only): a frame of spots that stand apart never needs them, and they take longer to
-# import than such a frame takes to fit (tests/test_startup.py)
+# neighbours and groups come from spotfit.near, not scipy.spatial and scipy.sparse.csgraph,
+# which took longer to import than a small frame takes to fit (tests/test_startup.py);
+# and filters from spotfit.background (the same numbers as scipy.ndimage's, without importing it)
 from spotfit._jit import njit
-from spotfit import results, roi, solver, table
+from spotfit import near, results, roi, solver, table
 from spotfit.config import Setup
 from spotfit.models import get_model
 from spotfit.models.gaussian import MultiGaussian
@@ -89,16 +89,11 @@ def group_spots(points: np.ndarray, radius: float, max_size: int = 8) -> np.ndar
     (n,) int ndarray
         Group label of each spot, ``0 .. n_groups - 1``.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-    from scipy.spatial import cKDTree
-
     n = len(points)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    pairs = cKDTree(points).query_pairs(radius, output_type="ndarray")
-    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
+    first, second = near.pairs_within(points, points, radius)
+    labels = near.components(n, first, second)
     sizes = np.bincount(labels)
     if sizes.max() <= max_size:
         return labels
@@ -198,8 +193,7 @@ def _dog_windows(data, t, lo, inner, sig, margin, boxes=None) -> np.ndarray:
     within the reach, and the reach is within ``margin`` (the box never meets the
     padded frame's edge, where ``"nearest"`` would matter).
     """
-    from scipy import ndimage
-
+    from spotfit.background import gaussian_filter
     from spotfit.filters import DOG_RATIO
 
     nd = len(inner)
@@ -216,8 +210,8 @@ def _dog_windows(data, t, lo, inner, sig, margin, boxes=None) -> np.ndarray:
     else:
         stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
         start = np.column_stack([t, lo + margin])
-    filtered = ndimage.gaussian_filter(stack, sig, mode="nearest") - \
-        ndimage.gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
+    filtered = gaussian_filter(stack, sig, mode="nearest") - \
+        gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
     return roi.cut_box(filtered, start, (1,) + tuple(inner)).data
 
 
@@ -448,33 +442,31 @@ class CrowdedFitter:
         light = self._render(spots)
         residual = self._stack - light
         xyz, t = self._residual_peaks(residual, light, spots, active)
-        from scipy.spatial import cKDTree
-
         nearest = np.zeros(0, np.int64)
         split = self._wide(spots) | self._misfit_wide(spots)
         if len(xyz):
             keyed = np.column_stack([xyz, t * _FRAME_GAP])
-            tree = cKDTree(spots.keyed())
-            dist, nearest = tree.query(keyed)
-            new = dist > SEARCH_EXCLUSION * cfg.sigma
+            new = ~near.any_within(keyed, spots.keyed(), SEARCH_EXCLUSION * cfg.sigma)
             if spots.locked.any():  # a blob's leftover light is no hidden spot
-                new &= cKDTree(spots.keyed()[spots.locked]).query(keyed)[0] > radius
+                new &= ~near.any_within(keyed, spots.keyed()[spots.locked], radius)
             wide = self._wide(spots)
             if wide.any():  # around a stretched spot the split below decides instead
-                near_wide = cKDTree(spots.keyed()[wide]).query(keyed)[0] <= max(self.half)
-                new &= ~near_wide
-            xyz, t, nearest = xyz[new], t[new], nearest[new]
+                new &= ~near.any_within(keyed, spots.keyed()[wide], max(self.half))
+            xyz, t = xyz[new], t[new]
+            # (a residual peak lies within a window and the search's reach of a spot)
+            nearest = near.nearest_of_all(keyed[new], spots.keyed(),
+                                          2.0 * (max(self.half) + SEARCH_REACH * cfg.sigma) + 1.0)
             if len(xyz):  # fixed spots beside a new emitter are fitted with it
-                near = tree.query_ball_point(np.column_stack([xyz, t * _FRAME_GAP]), radius)
-                hit = np.unique(np.concatenate([np.asarray(h, np.int64) for h in near]))
+                _, hit = near.pairs_within(np.column_stack([xyz, t * _FRAME_GAP]), spots.keyed(), radius)
+                hit = np.unique(hit)
                 hit = hit[spots.fixed[hit] & ~spots.locked[hit]]
                 spots.fixed[hit] = False
                 spots.dirty[hit] = True
                 spots.start[hit] = spots.xyz[hit]
             # a misfit spot with a new emitter beside it is explained by that one
             if len(xyz):
-                beside = cKDTree(np.column_stack([xyz, t * _FRAME_GAP])).query(spots.keyed())[0]
-                split &= self._wide(spots) | (beside > radius)
+                beside = near.any_within(spots.keyed(), np.column_stack([xyz, t * _FRAME_GAP]), radius)
+                split &= self._wide(spots) | ~beside
         half = np.asarray(self.half)
         w = self._windows(residual, t, np.rint(xyz[:, ::-1]).astype(np.int64) - half, tuple(2 * half + 1))
         start = initial_guess(self.emitter, w.data, w.mask, w.grid, cfg)
@@ -489,8 +481,7 @@ class CrowdedFitter:
         model at the fitted level there (offset plus all spots' light): the
         shot noise of a bright spot's own photons is no hidden emitter.
         """
-        from scipy import ndimage
-
+        from spotfit.background import gaussian_filter, maximum_filter
         from spotfit.filters import SMOOTH, _kernel_power
 
         cfg, nd = self.config, self.ndim
@@ -508,10 +499,10 @@ class CrowdedFitter:
         data = (w.data - offset) * w.mask
         widths = cfg.widths(nd)[::-1]  # array order
         smoothing = (0,) + tuple(SMOOTH * s for s in widths)
-        smooth = ndimage.gaussian_filter(data.reshape((-1,) + shape), smoothing, mode="constant", truncate=3.0)
+        smooth = gaussian_filter(data.reshape((-1,) + shape), smoothing, mode="constant", truncate=3.0)
         # noise of the smoothed residual: the frame's noise model at the fitted level
         level = offset + self._windows(light, t, centre - half, shape).data
-        level = ndimage.gaussian_filter(level.reshape((-1,) + shape), smoothing, mode="nearest", truncate=3.0)
+        level = gaussian_filter(level.reshape((-1,) + shape), smoothing, mode="nearest", truncate=3.0)
         k2 = float(np.prod([_kernel_power(SMOOTH * s, 2) for s in widths]))
         var = np.empty_like(level)
         for i in np.unique(t):
@@ -527,7 +518,7 @@ class CrowdedFitter:
         clutter = 1.4826 * np.median(np.abs(flat - np.median(flat, axis=1, keepdims=True)), axis=1)
         sd = np.maximum(np.sqrt(var * k2), clutter.reshape((-1,) + (1,) * nd))
         threshold = cfg.threshold if cfg.threshold is not None else _detection_threshold()
-        peak = smooth == ndimage.maximum_filter(smooth, size=(1,) + (3,) * nd, mode="constant", cval=-np.inf)
+        peak = smooth == maximum_filter(smooth, (0,) + (1,) * nd)
         peak &= smooth > threshold * sd
         inner = np.zeros(shape, bool)
         inner[tuple(slice(1, -1) for _ in shape)] = True  # a window's edge is no maximum
@@ -619,14 +610,12 @@ class CrowdedFitter:
         """Pairs ``(kept, merged)`` of emitters being fitted that lie within
         ``SEARCH_EXCLUSION * sigma`` of each other (each emitter in one pair at most,
         the brighter one first)."""
-        from scipy.spatial import cKDTree
-
         free = np.flatnonzero(~spots.fixed)
         if len(free) < 2:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        pairs = cKDTree(spots.keyed()[free]).query_pairs(SEARCH_EXCLUSION * self.config.sigma,
-                                                           output_type="ndarray")
-        a, b = free[pairs[:, 0]], free[pairs[:, 1]]
+        keyed = spots.keyed()[free]
+        i, j = near.pairs_within(keyed, keyed, SEARCH_EXCLUSION * self.config.sigma)
+        a, b = free[i[i < j]], free[j[i < j]]
         swap = spots.intensity[b] > spots.intensity[a]
         a, b = np.where(swap, b, a), np.where(swap, a, b)
         used = np.zeros(len(spots), np.int64)
@@ -729,8 +718,6 @@ class CrowdedFitter:
         reach of a place whose light changed (a spot removed or moved, ``_sources``):
         ``2 * half + 1`` px along each axis, where a spot's light (drawn in a window
         of half-size ``half``) meets a group's window (its members' windows)."""
-        from scipy.spatial import cKDTree
-
         n_groups = int(labels.max()) + 1 if (labels >= 0).any() else 0
         refit = np.zeros(n_groups, bool)
         grouped = labels >= 0
@@ -741,8 +728,8 @@ class CrowdedFitter:
         todo = grouped & ~refit[np.maximum(labels, 0)]
         if len(sources) and todo.any():
             reach = 2 * max(self.half) + 1.0
-            d, _ = cKDTree(sources).query(keyed[todo], p=np.inf, distance_upper_bound=reach + 1e-9)
-            refit[labels[todo][np.isfinite(d)]] = True
+            close = near.any_within(keyed[todo], sources, reach + 1e-9, chebyshev=True, strict=True)
+            refit[labels[todo][close]] = True
         return refit
 
     def _moved(self, before, after, fitted):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spotfit.models import Grid
+from spotfit.near import pairs_within
 
 
 @dataclass
@@ -283,72 +284,6 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     windows.mask &= ~hit
     windows.data[masked] = 0.0
     return int(masked.sum())
-
-
-#: :func:`pairs_within` looks its grid's cells up in a table of up to this many cells
-#: (or 8 per point; else, and with 0, by binary search)
-_CELL_TABLE = 1 << 21
-
-
-def pairs_within(points, others, reach):
-    """All pairs ``(i, j)`` of ``points[i]`` and ``others[j]`` (``(n, d)`` and ``(m, d)``)
-    at most ``reach`` apart; two int64 arrays, in no particular order.
-
-    The pairs of ``scipy.spatial.cKDTree(points).sparse_distance_matrix(cKDTree(others),
-    reach)``: for positions on the pixel grid (whole numbers, the candidates), the
-    squared distance, exact, against ``reach * reach``, as the k-d tree compares them;
-    found through a grid of cells ``reach`` wide (the neighbours of a point are in its
-    cell and the adjacent ones), so that fitting need not import ``scipy.spatial``
-    (which took longer than fitting a small frame).  Other positions: by the k-d tree.
-    """
-    points = np.asarray(points, dtype=float)
-    others = np.asarray(others, dtype=float)
-    if len(points) == 0 or len(others) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    whole = (np.all(np.isfinite(points)) and np.all(np.isfinite(others)) and np.isfinite(reach)
-             and np.all(points == np.round(points)) and np.all(others == np.round(others))
-             and max(np.abs(points).max(), np.abs(others).max()) < 2.0**31)
-    if not whole:
-        from scipy.spatial import cKDTree
-
-        pairs = cKDTree(points).sparse_distance_matrix(cKDTree(others), reach, output_type="ndarray")
-        return pairs["i"].astype(np.int64), pairs["j"].astype(np.int64)
-    import itertools
-
-    a, b = points.astype(np.int64), others.astype(np.int64)
-    cell = max(1, int(np.ceil(reach)))
-    low = np.minimum(a.min(axis=0), b.min(axis=0))
-    ca, cb = (a - low) // cell + 1, (b - low) // cell + 1  # cells from 1: a neighbour's from 0
-    dims = tuple(int(n) for n in np.maximum(ca.max(axis=0), cb.max(axis=0)) + 2)
-    keys = np.ravel_multi_index(tuple(cb.T), dims)
-    order = np.argsort(keys, kind="stable")
-    ordered = keys[order]
-    size = int(np.prod(dims, dtype=np.float64))
-    table = None
-    if _CELL_TABLE > 0 and size <= max(_CELL_TABLE, 8 * len(b)):  # first index and count per cell, looked up directly
-        per_cell = np.bincount(keys, minlength=size)
-        table = (np.cumsum(per_cell) - per_cell, per_cell)
-    own, other = [], []
-    for offset in itertools.product((-1, 0, 1), repeat=a.shape[1]):
-        k = np.ravel_multi_index(tuple((ca + np.asarray(offset)).T), dims)
-        if table is not None:
-            start, count = table[0][k], table[1][k]
-        else:
-            start = np.searchsorted(ordered, k, side="left")
-            count = np.searchsorted(ordered, k, side="right") - start
-        total = int(count.sum())
-        if total == 0:
-            continue
-        i = np.repeat(np.arange(len(a), dtype=np.int64), count)
-        first = np.cumsum(count) - count
-        j = order[np.repeat(start - first, count) + np.arange(total)]
-        d2 = np.sum((a[i] - b[j]) ** 2, axis=1)
-        near = d2.astype(float) <= reach * reach
-        own.append(i[near])
-        other.append(j[near].astype(np.int64))
-    if not own:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(own), np.concatenate(other)
 
 
 def concatenate(batches) -> Windows:

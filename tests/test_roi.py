@@ -138,17 +138,17 @@ def test_window_size(half):
 
 @pytest.mark.parametrize("table", [True, False], ids=["cell-table", "binary-search"])
 def test_pairs_within_are_the_k_d_trees_pairs(table, monkeypatch):
-    """roi.pairs_within (a grid of cells, so that fitting need not import
+    """near.pairs_within (a grid of cells, so that fitting need not import
     scipy.spatial) finds exactly the k-d tree's pairs: 2D and 3D, sparse and crowded,
     reaches on and beside the distance of some pairs (5.0, sqrt(29), 7.4), duplicates
     among the others, and positions off the pixel grid (the k-d tree itself)."""
     from scipy.spatial import cKDTree
 
-    from spotfit import roi
-    from spotfit.roi import pairs_within
+    from spotfit import near
+    from spotfit.near import pairs_within
 
     if not table:
-        monkeypatch.setattr(roi, "_CELL_TABLE", 0)
+        monkeypatch.setattr(near, "_CELL_TABLE", 0)
     rng = np.random.default_rng(5)
 
     def kd(p, o, reach):

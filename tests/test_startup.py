@@ -57,8 +57,8 @@ def small_image(tmp_path_factory):
     folder = tmp_path_factory.mktemp("startup")
     rng = np.random.default_rng(15)
     # isolated spots, and a pair 5.5 px apart: in each other's window (neighbour masking),
-    # farther apart than group_radius * sigma (3.9 px; closer ones get joint fits, which
-    # do use scipy.spatial and scipy.ndimage)
+    # farther apart than group_radius * sigma (3.9 px; closer ones get joint fits:
+    # test_a_fit_with_joint_fits_imports_no_scipy_spatial_graphs_or_ndimage)
     xy = np.array([[12.3, 10.7], [40.2, 30.4], [60.6, 14.1], [25.5, 36.2], [31.0, 36.4]])
     image, _ = simulate((48, 72), positions=xy, photons=2000, background=20, sigma=1.3, seed=rng)
     path = folder / "small.tif"
@@ -103,6 +103,33 @@ def test_a_small_fit_imports_only_what_it_uses(small_image, camera):
     assert not result["helper"]
     assert not result["numba_threads"]  # numba's thread pool (unused by the fit kernels) not launched
     assert 0 < len(result["kernels"]) <= KERNELS_OF_A_SMALL_FIT, result["kernels"]
+
+
+#: what joint fits used to import (neighbours, groups, filters: ~0.3-0.7 s of a fresh
+#: process; spotfit.near and spotfit.background do it now)
+NOT_FOR_JOINT_FITS = ("scipy.spatial", "scipy.sparse.csgraph", "scipy.ndimage")
+
+
+def test_a_fit_with_joint_fits_imports_no_scipy_spatial_graphs_or_ndimage(tmp_path):
+    """A frame with overlapping spots (joint fits, residual search): the same imports
+    left out as for isolated spots' fits, apart from what joint fits need."""
+    from spotfit.io import write_tiff
+    from spotfit.simulation import simulate
+
+    rng = np.random.default_rng(16)
+    xy = np.array([[12.3, 10.7], [40.2, 30.4], [42.4, 31.6], [25.5, 36.2], [27.1, 34.0], [60.6, 14.1]])
+    image, _ = simulate((48, 72), positions=xy, photons=2000, background=20, sigma=1.3, seed=rng)
+    path = tmp_path / "pairs.tif"
+    write_tiff(str(path), image, "YX")
+    result, stderr = _fit(tmp_path, path, "--gain", "1", "--baseline", "100")
+    if "Compiling" in stderr:
+        result, stderr = _fit(tmp_path, path, "--gain", "1", "--baseline", "100")
+    modules = set(result["modules"])
+    assert "spotfit.near" in modules  # the joint fits ran
+    rows = (tmp_path / "spots.csv").read_text().splitlines()
+    assert len(rows) - 1 >= 5, stderr
+    imported = sorted(m for m in NOT_FOR_JOINT_FITS if m in modules)
+    assert not imported, f"a fit with joint fits imported {imported}"
 
 
 def test_a_small_detection_imports_no_pandas(small_image):

@@ -449,19 +449,19 @@ def test_close_pairs_found_beside_the_pieces_are_those_overlaps_finds(camera, mo
     """A frame fitted in pieces has its candidates' close pairs found by one more job
     on the threads (fields._find_close_pairs); the search for overlapping spots uses
     them (and searches itself without them): the same overlapping spots."""
-    from spotfit import fields, roi
+    from spotfit import fields, near
 
     image = (_frame((301, 517), 600, seed=32) + 100.0).astype(np.uint16)
     monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
     monkeypatch.setattr(single, "PIECE_WINDOWS", 100)
     monkeypatch.setattr(fields, "PIECE_WINDOWS", 100)
     seen, searches = [], []
-    overlaps, pairs_within = fields._overlaps, roi.pairs_within
+    overlaps, pairs_within = fields._overlaps, near.pairs_within
     monkeypatch.setattr(fields, "_overlaps", lambda *a: seen.append(a) or overlaps(*a))
     spotfit.fit(image, camera=camera, sigma=1.3, workers=2)
     setup, frame, singles = seen[0]
     assert frame.close is not None and np.array_equal(frame.close[0], frame.coords)
-    monkeypatch.setattr(roi, "pairs_within", lambda *a: searches.append(a) or pairs_within(*a))
+    monkeypatch.setattr(near, "pairs_within", lambda *a: searches.append(a) or pairs_within(*a))
     hot = overlaps(setup, frame, singles)
     assert not searches  # the pairs found beside the pieces
     frame.close = None

@@ -1,0 +1,212 @@
+"""Neighbours among points, without ``scipy.spatial``.
+
+Joint fits ask which spots lie near which: pairs within a distance, the nearest spot
+within a distance, whether any lies within one, and the groups that chains of close
+pairs link.  ``scipy.spatial``'s k-d tree answers all of these, but importing it (with
+``scipy.sparse``'s graphs) took ~0.15-0.3 s of every ``spotfit fit`` that made a joint
+fit, longer than fitting a small frame.  Here the points are put in a grid of cells as
+wide as the distance asked about, so that a point's neighbours are in its own cell and
+the adjacent ones, and the distances of those candidate pairs are compared exactly:
+
+* :func:`pairs_within` -- all pairs at most ``reach`` apart (the k-d tree's
+  ``sparse_distance_matrix`` and ``query_pairs``);
+* :func:`nearest` -- each query's nearest point within ``reach`` (its ``query`` with a
+  distance bound);
+* :func:`any_within` -- whether any point lies within ``reach`` (Euclidean or Chebyshev);
+* :func:`components` -- connected components of a graph given by its edges
+  (``scipy.sparse.csgraph.connected_components``, the same labels).
+
+Distances are computed as the k-d tree computes them (the sum of squared differences
+over the axes in order; its square root), so the answers are the tree's; where two
+points are exactly as near, :func:`nearest` takes the first.  Positions are ``(n, d)``
+arrays, any ``d``; a frame can be an extra coordinate far away (``spotfit.group``).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+#: :func:`pairs_within` looks its grid's cells up in a table of up to this many cells
+#: (or 8 per point; else, and with 0, by binary search)
+_CELL_TABLE = 1 << 21
+
+
+def pairs_within(points, others, reach):
+    """All pairs ``(i, j)`` of ``points[i]`` and ``others[j]`` (``(n, d)`` and ``(m, d)``)
+    at most ``reach`` apart; two int64 arrays, in no particular order.
+
+    The pairs of ``scipy.spatial.cKDTree(points).sparse_distance_matrix(cKDTree(others),
+    reach)``: the squared distance against ``reach * reach``, as the k-d tree compares
+    them (for positions on the pixel grid, whole numbers such as the candidates',
+    exactly, in integers).
+    """
+    points = np.asarray(points, dtype=float)
+    others = np.asarray(others, dtype=float)
+    i, j, d2 = _candidates(points, others, reach)
+    near = d2 <= reach * reach
+    return i[near], j[near]
+
+
+def nearest(queries, points, reach):
+    """Each query's nearest point at most ``reach`` away: ``(distance, index)``, ``(m,)``
+    each; ``(inf, len(points))`` where there is none (as ``cKDTree.query`` with a
+    distance bound reports it).  Of points exactly as near, the first."""
+    queries = np.asarray(queries, dtype=float)
+    points = np.asarray(points, dtype=float)
+    dist = np.full(len(queries), np.inf)
+    index = np.full(len(queries), len(points), np.int64)
+    i, j, d2 = _candidates(queries, points, reach)
+    near = d2 <= reach * reach
+    i, j, d2 = i[near], j[near], d2[near]
+    if len(i):
+        order = np.lexsort((j, d2, i))  # per query: nearest first, then the first point
+        first = order[np.r_[True, i[order][1:] != i[order][:-1]]]
+        dist[i[first]] = np.sqrt(d2[first])
+        index[i[first]] = j[first]
+    return dist, index
+
+
+def nearest_of_all(queries, points, reach) -> np.ndarray:
+    """Index of each query's nearest point, however far (``cKDTree.query``'s index; of
+    points exactly as near, the first): looked for within ``reach`` (the distance within
+    which the caller expects it), then within four times that, and so on, until every
+    query has one.  ``(m,)`` int64."""
+    queries = np.asarray(queries, dtype=float)
+    points = np.asarray(points, dtype=float)
+    index = np.full(len(queries), len(points), np.int64)
+    if len(queries) == 0 or len(points) == 0:
+        return index
+    lo = np.minimum(queries.min(axis=0), points.min(axis=0))
+    hi = np.maximum(queries.max(axis=0), points.max(axis=0))
+    span = float(np.sqrt(np.sum((hi - lo) ** 2)))
+    reach = max(float(reach), 1e-3)
+    todo = np.arange(len(queries))
+    while len(todo):
+        _, found = nearest(queries[todo], points, reach)
+        index[todo] = found
+        todo = todo[found == len(points)]
+        if reach > span:  # everything was within reach: the rest are at infinity
+            break
+        reach *= 4.0
+    return index
+
+
+def any_within(queries, points, reach, chebyshev=False, strict=False):
+    """Whether any of ``points`` lies within ``reach`` of each query (bool ``(m,)``):
+    Euclidean distance, or the largest difference along an axis (``chebyshev``); at most
+    ``reach`` apart, or less than it (``strict``)."""
+    queries = np.asarray(queries, dtype=float)
+    points = np.asarray(points, dtype=float)
+    out = np.zeros(len(queries), bool)
+    if chebyshev:
+        i, j, _ = _candidates(queries, points, reach, distances=False)
+        d = np.abs(queries[i] - points[j]).max(axis=1) if len(i) else np.zeros(0)
+        bound = reach
+    else:
+        i, j, d = _candidates(queries, points, reach)
+        bound = reach * reach
+    out[i[d < bound if strict else d <= bound]] = True
+    return out
+
+
+def components(n: int, first, second) -> np.ndarray:
+    """Connected components of the graph of ``n`` nodes and edges ``first[k] -- second[k]``:
+    a label per node, ``0 .. n_components - 1`` in the order of each component's first
+    node (``scipy.sparse.csgraph.connected_components(..., directed=False)``'s labels).
+
+    Each node takes the smallest label among its neighbours until none changes, with the
+    labels' own labels followed (pointer jumping) so that long chains take few rounds.
+    """
+    labels = np.arange(n, dtype=np.int64)
+    first = np.asarray(first, dtype=np.int64)
+    second = np.asarray(second, dtype=np.int64)
+    if len(first) == 0:
+        return labels
+    while True:
+        low = np.minimum(labels[first], labels[second])
+        new = labels.copy()
+        np.minimum.at(new, first, low)
+        np.minimum.at(new, second, low)
+        np.minimum.at(new, labels, new)  # a root takes its members' smallest label too
+        while True:  # every label to its root
+            jumped = new[new]
+            if np.array_equal(jumped, new):
+                break
+            new = jumped
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+def _candidates(a, b, reach, distances=True):
+    """Pairs ``(i, j)`` of rows of ``a`` and ``b`` in the same or adjacent cells of a grid
+    at least ``reach`` wide (every pair within ``reach``, along each axis, is among them),
+    and their squared distances (``distances``; else ``None``)."""
+    none = np.zeros(0, np.int64)
+    if len(a) == 0 or len(b) == 0 or not np.isfinite(reach) or reach < 0:
+        if len(a) and len(b) and reach == np.inf:  # (everything: not asked by spotfit)
+            i, j = np.divmod(np.arange(len(a) * len(b), dtype=np.int64), len(b))
+            return i, j, (np.sum((a[i] - b[j]) ** 2, axis=1) if distances else None)
+        return none, none, np.zeros(0)
+    whole = (np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+             and np.all(a == np.round(a)) and np.all(b == np.round(b))
+             and max(np.abs(a).max(), np.abs(b).max()) < 2.0**31)
+    if whole:  # cells of whole pixels; distances exactly, in integers
+        a, b = a.astype(np.int64), b.astype(np.int64)
+        cell = max(1, int(np.ceil(reach)))
+        low = np.minimum(a.min(axis=0), b.min(axis=0))
+        ca, cb = (a - low) // cell + 1, (b - low) // cell + 1  # cells from 1: a neighbour's from 0
+    else:  # cells a little wider than reach: rounding cannot move a neighbour two cells away
+        finite_a, finite_b = np.isfinite(a).all(axis=1), np.isfinite(b).all(axis=1)
+        if not (finite_a.all() and finite_b.all()):  # (no neighbours of, or at, infinity)
+            ia, ib = np.flatnonzero(finite_a), np.flatnonzero(finite_b)
+            i, j, d2 = _candidates(a[ia], b[ib], reach, distances)
+            return ia[i], ib[j], d2
+        cell = reach * (1.0 + 1e-6) if reach > 0 else 1.0
+        low = np.minimum(a.min(axis=0), b.min(axis=0))
+        ka, kb = np.floor((a - low) / cell).astype(np.int64), np.floor((b - low) / cell).astype(np.int64)
+        # renumber each axis' occupied cells 1, 2, ...: a frame far away along an extra axis
+        # is one cell; cells that were not adjacent may become so (more candidates only)
+        ca, cb = np.empty_like(ka), np.empty_like(kb)
+        for axis in range(a.shape[1]):
+            _, inverse = np.unique(np.concatenate([ka[:, axis], kb[:, axis]]), return_inverse=True)
+            ca[:, axis], cb[:, axis] = inverse[: len(a)] + 1, inverse[len(a):] + 1
+    dims = tuple(int(n) for n in np.maximum(ca.max(axis=0), cb.max(axis=0)) + 2)
+    size = float(np.prod(np.asarray(dims, dtype=np.float64)))
+    if size >= 2.0**62:  # (too many cells for one int64 key: all pairs, compared below)
+        i, j = np.divmod(np.arange(len(a) * len(b), dtype=np.int64), len(b))
+        return i, j, (np.sum((a[i] - b[j]) ** 2, axis=1).astype(float) if distances else None)
+    keys = np.ravel_multi_index(tuple(cb.T), dims)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    table = None
+    if _CELL_TABLE > 0 and size <= max(_CELL_TABLE, 8 * len(b)):  # first index and count per cell, looked up directly
+        per_cell = np.bincount(keys, minlength=int(size))
+        table = (np.cumsum(per_cell) - per_cell, per_cell)
+    own, other, dist = [], [], []
+    for offset in itertools.product((-1, 0, 1), repeat=a.shape[1]):
+        k = np.ravel_multi_index(tuple((ca + np.asarray(offset)).T), dims)
+        if table is not None:
+            start, count = table[0][k], table[1][k]
+        else:
+            start = np.searchsorted(ordered, k, side="left")
+            count = np.searchsorted(ordered, k, side="right") - start
+        total = int(count.sum())
+        if total == 0:
+            continue
+        i = np.repeat(np.arange(len(a), dtype=np.int64), count)
+        first = np.cumsum(count) - count
+        j = order[np.repeat(start - first, count) + np.arange(total)].astype(np.int64)
+        if distances:
+            d2 = np.sum((a[i] - b[j]) ** 2, axis=1).astype(float)
+            keep = d2 <= reach * reach  # (the callers compare again; this keeps the arrays small)
+            i, j = i[keep], j[keep]
+            dist.append(d2[keep])
+        own.append(i)
+        other.append(j)
+    if not own:
+        return none, none, np.zeros(0)
+    return np.concatenate(own), np.concatenate(other), (np.concatenate(dist) if distances else None)
