@@ -19,7 +19,7 @@ import numpy as np
 from spotfit._jit import join_alongside, over_windows
 from spotfit._kernels import (
     CAMERA_VARIANCE, CONVERGED, LOW_SIGNAL, MEASURE_VARIANCE, MEASURED_VARIANCE, SCORE_STATISTIC, SINGULAR,
-    MODEL, VAR_FLOOR, Box, CovarianceOut, FitState, NoiseModel,
+    MODEL, VAR_FLOOR, model_for, Box, CovarianceOut, FitState, NoiseModel,
 )
 from spotfit.estimators import Estimator, Noise
 from spotfit.models import Grid, Model
@@ -221,14 +221,14 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
             if len(rows):
                 first = FitState(state.theta[rows], np.zeros(len(rows), dtype=np.int32),
                                  np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows)))
-                over_windows(levenberg_marquardt, len(rows), MODEL, km, _rows(cost, rows),
+                over_windows(levenberg_marquardt, len(rows), model_for(km), km, _rows(cost, rows),
                              Box(lower[rows], upper[rows], free & ~np.asarray(hold_first, bool), int(active_set)),
                              first, int(min(max_iter, 3)), float(10 * tol),
                              threaded=_threaded(len(rows), data.shape[1], k))
                 state.theta[rows] = first.theta
                 state.iterations[rows] = first.iterations
         done = state.iterations.copy()
-        over_windows(levenberg_marquardt, n, MODEL, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
+        over_windows(levenberg_marquardt, n, model_for(km), km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
                      float(tol), threaded=_threaded(n, data.shape[1], k))
         state.iterations[:] += done
     return Minimised(model, estimator, data, grid, noise, lower, upper, free, cost, state)
@@ -250,7 +250,7 @@ def _regression_sums(km, cost, data, theta, free, rows) -> np.ndarray:
     k = theta.shape[1]
     sums = np.zeros((len(rows), 5))
     none = np.zeros(0)
-    over_windows(kernel, len(rows), MODEL, km, _rows(cost, rows), data[rows], theta[rows], free,
+    over_windows(kernel, len(rows), model_for(km), km, _rows(cost, rows), data[rows], theta[rows], free,
                  NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
                  CovarianceOut(np.zeros((len(rows), k, k)), np.zeros(len(rows)), sums, np.zeros((0, k))),
                  0.0, _NO_EMBED)
@@ -497,14 +497,14 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
         if not read_var.flags.writeable:  # (read-only: another type, compiled again)
             read_var = read_var.copy()
         none = np.zeros(0)
-        over_windows(kernel, n, MODEL, km, cost, data, theta, free,
+        over_windows(kernel, n, model_for(km), km, cost, data, theta, free,
                      NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
                      BIAS_SNR, _NO_EMBED, threaded=_threaded(n, data.shape[1], k))
     else:
         if variance is None:
             variance = _measure_variance(km, cost, data, theta, free, groups)
         used = np.ascontiguousarray(variance, dtype=float)
-        over_windows(kernel, n, MODEL, km, cost, data, theta, free,
+        over_windows(kernel, n, model_for(km), km, cost, data, theta, free,
                      NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(),
                                 used[:, 1].copy(), used[:, 2].copy()), out, 0.0, _NO_EMBED,
                      threaded=_threaded(n, data.shape[1], k))

@@ -200,7 +200,8 @@ class Model:
         n, k = theta.shape
         mu = np.empty((n, grid.size))
         jac = np.empty((n, k, grid.size))
-        over_windows(_kernels.evaluate, n, _kernels.MODEL, self.kernel(grid), theta, mu, jac)
+        km = self.kernel(grid)
+        over_windows(_kernels.evaluate, n, _kernels.model_for(km), km, theta, mu, jac)
         return mu, jac
 
     def value(self, theta: np.ndarray, grid: Grid) -> np.ndarray:
@@ -210,7 +211,8 @@ class Model:
 
         theta = np.ascontiguousarray(theta, dtype=float)
         mu = np.empty((theta.shape[0], grid.size))
-        over_windows(_kernels.values, theta.shape[0], _kernels.MODEL, self.kernel(grid), theta, mu)
+        km = self.kernel(grid)
+        over_windows(_kernels.values, theta.shape[0], _kernels.model_for(km), km, theta, mu)
         return mu
 
     # ------------------------------------------------------------ reporting
