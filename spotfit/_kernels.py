@@ -301,106 +301,123 @@ def constrain(km, th):
         th[5] = min(max(th[5], -limit), limit)
 
 
+@njit(error_model="numpy", inline="always")
+def _erf_edge(u):
+    """``math.erf(u)``, without calling it where it is exactly +-1 in double precision
+    (``|u| >= 6``: ``1 - erf(6)`` is ~2e-17, below half an ulp of 1; ``tests/test_models.py``
+    checks the library's ``erf`` agrees): the far pixels of a joint fit's window."""
+    if u >= 6.0:
+        return 1.0
+    if u <= -6.0:
+        return -1.0
+    return math.erf(u)
+
+
 @njit(error_model="numpy", inner=True)
-def _axis_factors_chained(c0, s, integ, n, f, df, ds):
-    """:func:`_axis_factors` with each pixel edge's ``erf`` and ``exp`` evaluated once:
-    pixel ``i``'s right edge is pixel ``i + 1``'s left edge (``(i + 1) - 0.5`` and
-    ``i + 0.5`` are the same float), so the values are bit for bit those of
-    :func:`_axis_factors`, with half its transcendental calls."""
+def _axis_factors_chained(c0, s, integ, first, n, f, df, ds):
+    """:func:`_axis_factors` of pixels ``first .. first + n`` (into ``f[0:n]`` ...) with
+    each pixel edge's ``erf`` and ``exp`` evaluated once: pixel ``i``'s right edge is
+    pixel ``i + 1``'s left edge (``(i + 1) - 0.5`` and ``i + 0.5`` are the same float),
+    so the values are bit for bit those of :func:`_axis_factors`, with half its
+    transcendental calls."""
     inv_s = 1.0 / s
     if integ > 0:
-        a = (0 - 0.5 - c0) * inv_s
-        ea = math.erf(a / _SQRT2)
+        a = (first - 0.5 - c0) * inv_s
+        ea = _erf_edge(a / _SQRT2)
         pa = math.exp(-0.5 * a * a) * _INV_SQRT2PI
-        for i in range(n):
-            b = (i + 0.5 - c0) * inv_s
-            eb = math.erf(b / _SQRT2)
+        for j in range(n):
+            b = (first + j + 0.5 - c0) * inv_s
+            eb = _erf_edge(b / _SQRT2)
             pb = math.exp(-0.5 * b * b) * _INV_SQRT2PI
-            f[i] = 0.5 * (eb - ea)
-            df[i] = (pa - pb) * inv_s
-            ds[i] = (a * pa - b * pb) * inv_s
+            f[j] = 0.5 * (eb - ea)
+            df[j] = (pa - pb) * inv_s
+            ds[j] = (a * pa - b * pb) * inv_s
             a, ea, pa = b, eb, pb
     else:
-        for i in range(n):
-            t = (i - c0) * inv_s
+        for j in range(n):
+            t = (first + j - c0) * inv_s
             v = math.exp(-0.5 * t * t) * _INV_SQRT2PI * inv_s
-            f[i] = v
-            df[i] = v * t * inv_s
-            ds[i] = v * (t * t - 1.0) * inv_s
+            f[j] = v
+            df[j] = v * t * inv_s
+            ds[j] = v * (t * t - 1.0) * inv_s
 
 
-@njit(error_model="numpy", no_cpython_wrapper=True)
-def joint_window(km, th, mu, J, scratch):
-    """:func:`model_window` for ``SEPARABLE`` models of several emitters (joint fits):
-    the same values and Jacobian, bit for bit (the same products, in the same order per
-    pixel), computed faster.
+@njit(error_model="numpy", inline="always")
+def _joint_gaussians(km, th, mu, J, scratch, z0, y0, x0, cz, cy, cx):
+    """:func:`_gaussians` over the box ``[z0, z0 + cz) x [y0, y0 + cy) x [x0, x0 + cx)``
+    of the window: there the same values and Jacobian, bit for bit (the same products,
+    in the same order per pixel), computed faster; outside it ``J`` is 0 and ``mu``
+    is left as it was.
 
-    Per emitter, the axis factors are computed with half the ``erf`` and ``exp``
-    calls (:func:`_axis_factors_chained`), the ``N``-scaled x factors once per
-    window, and each row of pixels is filled through row views of ``J`` and ``mu``
-    (no index arithmetic per pixel).  Only the rows that accumulate (``mu``, the
-    widths) and the offset's row are initialised first; every other row is
-    overwritten.  ``scratch`` is ``(9, max(nz, ny, nx, 10))`` as for
-    :func:`model_window`.
-
-    Compiled (or loaded from the cache) on the first joint fit only: a single-spot
-    run never compiles it (:data:`MODEL_JOINT`).
+    Per emitter, the axis factors are computed over the box only, with half the
+    ``erf`` and ``exp`` calls (:func:`_axis_factors_chained`), the ``N``-scaled x
+    factors once, and each row of pixels is filled through row views of ``J`` and
+    ``mu`` (no index arithmetic per pixel).  Only the rows that accumulate (``mu``,
+    the widths) and the offset's row are initialised first; the emitters' rows are
+    overwritten.
     """
     nz, ny, nx = km.nz, km.ny, km.nx
     three_d = km.wz >= 0
     per = 4 if three_d else 3
     wx, wy, wz = km.wx, km.wy, km.wz
     off = km.offset
+    k = J.shape[0]
     P = mu.shape[0]
+    whole = cz == nz and cy == ny and cx == nx
+    if not whole:  # outside the box J = 0: a finite value, which masked pixels' zero weights keep out of the sums
+        for j in range(k):  # (whole rows: long loops, faster than the parts outside the box)
+            Jj = J[j]
+            for p in range(P):
+                Jj[p] = 0.0
     o = th[off]
-    for p in range(P):
-        mu[p] = o
     Jwx = J[wx]
     Jwy = J[wy]
     Jwz = J[wz] if three_d else J[wx]
-    for p in range(P):
-        Jwx[p] = 0.0
-    for p in range(P):
-        Jwy[p] = 0.0
-    if three_d:
-        for p in range(P):
-            Jwz[p] = 0.0
     Joff = J[off]
-    for p in range(P):
-        Joff[p] = 1.0
+    for z in range(z0, z0 + cz):
+        for y in range(y0, y0 + cy):
+            p0 = (z * ny + y) * nx + x0
+            q = p0 + cx
+            mr, jwx, jwy, jwz, jo = mu[p0:q], Jwx[p0:q], Jwy[p0:q], Jwz[p0:q], Joff[p0:q]
+            for x in range(cx):
+                mr[x] = o
+                jwx[x] = 0.0
+                jwy[x] = 0.0
+                jwz[x] = 0.0
+                jo[x] = 1.0
     fx, dx, sx = scratch[0], scratch[1], scratch[2]
     fy, dy, sy = scratch[3], scratch[4], scratch[5]
     fzs, dzs, szs = scratch[6], scratch[7], scratch[8]
-    ndx = np.empty(nx)
-    nsx = np.empty(nx)
-    nfx = np.empty(nx)
+    ndx = np.empty(cx)
+    nsx = np.empty(cx)
+    nfx = np.empty(cx)
     for e in range(km.emitters):
         b = e * per
         N = th[b]
-        _axis_factors_chained(th[b + 1], th[wx], km.integ, nx, fx, dx, sx)
-        _axis_factors_chained(th[b + 2], th[wy], km.integ, ny, fy, dy, sy)
+        _axis_factors_chained(th[b + 1], th[wx], km.integ, x0, cx, fx, dx, sx)
+        _axis_factors_chained(th[b + 2], th[wy], km.integ, y0, cy, fy, dy, sy)
         if three_d:
-            _axis_factors_chained(th[b + 3], th[wz], km.integ, nz, fzs, dzs, szs)
-        for x in range(nx):
+            _axis_factors_chained(th[b + 3], th[wz], km.integ, z0, cz, fzs, dzs, szs)
+        for x in range(cx):
             ndx[x] = N * dx[x]
             nsx[x] = N * sx[x]
             nfx[x] = N * fx[x]
         Jn, Jx, Jy = J[b], J[b + 1], J[b + 2]
         Jz = J[b + 3] if three_d else J[b]
-        p0 = 0
-        for z in range(nz):
+        for z in range(cz):
             fz, dz, sz = 1.0, 0.0, 0.0
             if three_d:
                 fz, dz, sz = fzs[z], dzs[z], szs[z]
-            for y in range(ny):
+            for y in range(cy):
+                p0 = ((z0 + z) * ny + y0 + y) * nx + x0
+                q = p0 + cx
                 fyz = fy[y] * fz
                 dyy, syy, fyy = dy[y], sy[y], fy[y]
+                jn, mr, jx, jy, jwx, jwy = Jn[p0:q], mu[p0:q], Jx[p0:q], Jy[p0:q], Jwx[p0:q], Jwy[p0:q]
                 # the products of _gaussians, in its order: shape = fx * fyz,
                 # mu += N * shape, J[b + 1] = (N dx) fyz, J[b + 2] = ((N fx) dy) fz,
                 # J[wx] += (N sx) fyz, J[wy] += ((N fx) sy) fz
-                q = p0 + nx
-                jn, mr, jx, jy, jwx, jwy = Jn[p0:q], mu[p0:q], Jx[p0:q], Jy[p0:q], Jwx[p0:q], Jwy[p0:q]
-                for x in range(nx):
+                for x in range(cx):
                     shape = fx[x] * fyz
                     jn[x] = shape
                     mr[x] += N * shape
@@ -410,11 +427,22 @@ def joint_window(km, th, mu, J, scratch):
                     jwy[x] += nfx[x] * syy * fz
                 if three_d:
                     jz, jwz = Jz[p0:q], Jwz[p0:q]
-                    for x in range(nx):
+                    for x in range(cx):
                         jz[x] = nfx[x] * fyy * dz
-                    for x in range(nx):
+                    for x in range(cx):
                         jwz[x] += nfx[x] * fyy * sz
-                p0 += nx
+
+
+@njit(error_model="numpy", no_cpython_wrapper=True)
+def joint_window(km, th, mu, J, scratch):
+    """:func:`model_window` for ``SEPARABLE`` models of several emitters (joint fits):
+    the same values and Jacobian, bit for bit, computed faster (:func:`_joint_gaussians`
+    over the whole window).
+
+    Compiled (or loaded from the cache) on the first joint fit only: a single-spot
+    run never compiles it (:data:`MODEL_JOINT`).
+    """
+    _joint_gaussians(km, th, mu, J, scratch, 0, 0, 0, km.nz, km.ny, km.nx)
 
 
 #: :func:`joint_window` as a first-class function of :func:`model_window`'s signature:
@@ -429,6 +457,31 @@ def model_for(km):
     if km.family == SEPARABLE and km.emitters > 1:
         return MODEL_JOINT
     return MODEL
+
+
+#: a :data:`KernelModel` with the box of one window's unmasked pixels, array order:
+#: first pixel ``z0, y0, x0`` and size ``cz, cy, cx`` (:func:`boxed_levenberg_marquardt`)
+BoxedModel = namedtuple("BoxedModel", KernelModel._fields + ("z0", "y0", "x0", "cz", "cy", "cx"))
+
+
+@njit(error_model="numpy", no_cpython_wrapper=True)
+def boxed_window(km, th, mu, J, scratch):
+    """:func:`joint_window` over the box of :data:`BoxedModel` ``km`` only: there
+    ``mu`` and ``J`` bit for bit :func:`model_window`'s, outside ``J = 0`` and ``mu``
+    untouched (masked pixels, which the cost and the normal equations weigh by 0)."""
+    _joint_gaussians(km, th, mu, J, scratch, km.z0, km.y0, km.x0, km.cz, km.cy, km.cx)
+
+
+def _boxed_window_signature():
+    from numba.core import types
+
+    vector, matrix = types.float64[::1], types.float64[:, ::1]
+    km = types.NamedUniTuple(types.int64, len(BoxedModel._fields), BoxedModel)
+    return types.void(km, vector, vector, matrix, matrix)
+
+
+#: :func:`boxed_window` as a first-class function (:func:`boxed_levenberg_marquardt`)
+MODEL_BOXED = first_class(boxed_window, _boxed_window_signature)
 
 
 @njit(error_model="numpy", nogil=True)
@@ -760,6 +813,43 @@ def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, st
         iterations[s] = it
         status[s] = st
         cost_out[s] = value
+
+
+@njit(error_model="numpy", nogil=True)
+def boxed_levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, stop):
+    """:func:`levenberg_marquardt` of joint fits (same arguments; ``model_fn``:
+    :data:`MODEL_BOXED`), the model of each window evaluated only over the box of its
+    unmasked pixels.
+
+    A joint fit's window has the shape of the largest box of its solve, and reaches
+    beyond the frame's edge where its group does: a dense field's joint windows are
+    ~45% masked pixels, over which the model (most of a step's work) need not be
+    evaluated.  Each window is fitted by :func:`levenberg_marquardt` with a
+    :data:`BoxedModel` of its box; the cost, the normal equations and every other
+    sum still run over the whole window, where the masked pixels' terms are exact
+    zeros as before, so the fits are :func:`levenberg_marquardt`'s bit for bit.
+
+    Compiled (or loaded from the cache) on the first joint fit only
+    (:func:`spotfit.solver.minimise` calls it for models of several emitters).
+    """
+    nz, ny, nx = km.nz, km.ny, km.nx
+    for s in range(start, stop):
+        w = cost.weight[s]
+        z0, z1, y0, y1, x0, x1 = nz, -1, ny, -1, nx, -1
+        p = 0
+        for z in range(nz):
+            for y in range(ny):
+                for x in range(nx):
+                    if w[p] != 0.0:
+                        z0, z1 = min(z0, z), max(z1, z)
+                        y0, y1 = min(y0, y), max(y1, y)
+                        x0, x1 = min(x0, x), max(x1, x)
+                    p += 1
+        if z1 < 0:  # nothing unmasked: the whole window (a fit with no data)
+            z0, z1, y0, y1, x0, x1 = 0, nz - 1, 0, ny - 1, 0, nx - 1
+        bkm = BoxedModel(km.family, km.integ, km.emitters, km.wx, km.wy, km.wz, km.intensity, km.offset,
+                         km.linear, nz, ny, nx, z0, y0, x0, z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
+        levenberg_marquardt(model_fn, bkm, cost, box, state, max_iter, tol, s, s + 1)
 
 
 @njit(error_model="numpy", fastmath={"reassoc", "contract"}, inner=True)
