@@ -464,12 +464,58 @@ def model_for(km):
 BoxedModel = namedtuple("BoxedModel", KernelModel._fields + ("z0", "y0", "x0", "cz", "cy", "cx"))
 
 
+@njit(error_model="numpy", inline="always")
+def _rotated_box(integ, th, ny, nx, y0, x0, cy, cx, mu, J, tmp):
+    """:func:`_rotated` over the box ``[y0, y0 + cy) x [x0, x0 + cx)`` of the window
+    (the same code, over the box's pixels: there bit for bit its values); ``J = 0``
+    outside, ``mu`` left as it was.  (A copy rather than a box argument of
+    :func:`_rotated`, so that the single-spot kernels' code stays as it is.)"""
+    if cy != ny or cx != nx:
+        for j in range(J.shape[0]):
+            Jj = J[j]
+            for p in range(mu.shape[0]):
+                Jj[p] = 0.0
+    N = th[0]
+    offset = th[6]
+    inv_det = 1.0 / (th[3] * th[4] - th[5] * th[5])
+    norm = math.sqrt(inv_det) * _INV_TWO_PI
+    for y in range(y0, y0 + cy):
+        p = y * nx + x0
+        for x in range(x0, x0 + cx):
+            if integ:
+                g = 0.0
+                for j in range(5):
+                    tmp[5 + j] = 0.0
+                r = integ - 2
+                for qy in range(integ):
+                    for qx in range(integ):
+                        w = _GL_WEIGHTS[r, qx] * _GL_WEIGHTS[r, qy]
+                        g += w * _covariance_gaussian(th, inv_det, norm, x + _GL_NODES[r, qx],
+                                                      y + _GL_NODES[r, qy], tmp)
+                        for j in range(5):
+                            tmp[5 + j] += w * tmp[j]
+                for j in range(5):
+                    J[1 + j, p] = N * tmp[5 + j]
+            else:
+                g = _covariance_gaussian(th, inv_det, norm, float(x), float(y), tmp)
+                for j in range(5):
+                    J[1 + j, p] = N * tmp[j]
+            mu[p] = N * g + offset
+            J[0, p] = g
+            J[6, p] = 1.0
+            p += 1
+
+
 @njit(error_model="numpy", no_cpython_wrapper=True)
 def boxed_window(km, th, mu, J, scratch):
-    """:func:`joint_window` over the box of :data:`BoxedModel` ``km`` only: there
+    """:func:`model_window` over the box of :data:`BoxedModel` ``km`` only: there
     ``mu`` and ``J`` bit for bit :func:`model_window`'s, outside ``J = 0`` and ``mu``
-    untouched (masked pixels, which the cost and the normal equations weigh by 0)."""
-    _joint_gaussians(km, th, mu, J, scratch, km.z0, km.y0, km.x0, km.cz, km.cy, km.cx)
+    untouched (masked pixels, which the cost and the normal equations weigh by 0).
+    ``SEPARABLE`` models of any number of emitters through :func:`_joint_gaussians`."""
+    if km.family == ROTATED:
+        _rotated_box(km.integ, th, km.ny, km.nx, km.y0, km.x0, km.cy, km.cx, mu, J, scratch[0])
+    else:
+        _joint_gaussians(km, th, mu, J, scratch, km.z0, km.y0, km.x0, km.cz, km.cy, km.cx)
 
 
 def _boxed_window_signature():
@@ -817,9 +863,9 @@ def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, st
 
 @njit(error_model="numpy", nogil=True)
 def boxed_levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, stop):
-    """:func:`levenberg_marquardt` of joint fits (same arguments; ``model_fn``:
-    :data:`MODEL_BOXED`), the model of each window evaluated only over the box of its
-    unmasked pixels.
+    """:func:`levenberg_marquardt` of the crowded-field engine's fits (same arguments;
+    ``model_fn``: :data:`MODEL_BOXED`), the model of each window evaluated only over
+    the box of its unmasked pixels.
 
     A joint fit's window has the shape of the largest box of its solve, and reaches
     beyond the frame's edge where its group does: a dense field's joint windows are
@@ -830,7 +876,8 @@ def boxed_levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, sta
     zeros as before, so the fits are :func:`levenberg_marquardt`'s bit for bit.
 
     Compiled (or loaded from the cache) on the first joint fit only
-    (:func:`spotfit.solver.minimise` calls it for models of several emitters).
+    (:func:`spotfit.solver.minimise` calls it for models of several emitters and
+    with ``boxed``).
     """
     nz, ny, nx = km.nz, km.ny, km.nx
     for s in range(start, stop):

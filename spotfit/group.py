@@ -802,7 +802,7 @@ class CrowdedFitter:
         free = ~model.width_mask if cfg.fix_sigma else np.ones(model.n_params, bool)
         sol = solver.solve(model, setup.estimator, data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
                            lower=lower, upper=upper, free=free, max_iter=cfg.max_iter, groups=t,
-                           active_set=True)
+                           active_set=True, boxed=True)
         finite = np.all(np.isfinite(sol.theta), axis=1)
         theta = np.where(finite[:, None], sol.theta, theta0)
         sat = np.zeros(G, bool)
@@ -874,7 +874,7 @@ class CrowdedFitter:
         lower, upper = window_bounds(m, setup.estimator, sub)
         sol = solver.solve(m, setup.estimator, sub.data, sub.mask, sub.grid, theta0,
                            noise=setup.noise(sub.read_var), lower=lower, upper=upper,
-                           max_iter=self.config.max_iter, bias_correct=False)
+                           max_iter=self.config.max_iter, bias_correct=False, boxed=True)
         pixels = sub.mask.sum(axis=1)
         dof = np.maximum(pixels - m.n_params, 1)
         penalty = np.log(np.maximum(pixels, 2))

@@ -104,6 +104,7 @@ def solve(
     groups: np.ndarray | None = None,
     variance: np.ndarray | None = None,
     active_set: bool = False,
+    boxed: bool = False,
 ) -> Solution:
     """Fit ``model`` to every window at once.
 
@@ -165,6 +166,12 @@ def solve(
         if it were fixed), instead of clipping the full step.  Many-parameter
         joint fits with a width at its bound converge in a few steps instead
         of creeping along the bound; single-spot fits keep the clipped step.
+    boxed : bool
+        Evaluate each window's model only over the box of its unmasked pixels
+        (:func:`spotfit._kernels.boxed_levenberg_marquardt`: the same fits, bit for
+        bit): for windows with many masked pixels, as the crowded-field engine's
+        are.  Always for models of several emitters.  Its kernels are compiled on
+        first use, so single-spot runs leave it False.
 
     Returns
     -------
@@ -172,7 +179,7 @@ def solve(
     """
     fit = minimise(model, estimator, data, mask, grid, theta0, noise=noise, lower=lower, upper=upper,
                    free=free, max_iter=max_iter, tol=tol, hold_first=hold_first, hold_rows=hold_rows,
-                   active_set=active_set)
+                   active_set=active_set, boxed=boxed)
     return finish(fit, bias_correct=bias_correct, groups=groups, variance=variance)
 
 
@@ -198,7 +205,8 @@ class Minimised:
 
 
 def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=None, upper=None, free=None,
-             max_iter=50, tol=1e-3, hold_first=None, hold_rows=None, active_set=False) -> Minimised:
+             max_iter=50, tol=1e-3, hold_first=None, hold_rows=None, active_set=False,
+             boxed=False) -> Minimised:
     """The fits of :func:`solve` (same parameters) without their covariance: then
     :func:`finish`.  Each window's fit depends on that window only."""
     from spotfit._kernels import MODEL_BOXED, boxed_levenberg_marquardt, levenberg_marquardt
@@ -214,7 +222,8 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
     cost = estimator.cost(data, mask, noise)
     km = model.kernel(grid)
     # several emitters (joint fits): the model of each window over the box of its unmasked pixels only
-    lm, fn = (boxed_levenberg_marquardt, MODEL_BOXED) if model_for(km) is not MODEL else (levenberg_marquardt, MODEL)
+    boxed = boxed or model_for(km) is not MODEL
+    lm, fn = (boxed_levenberg_marquardt, MODEL_BOXED) if boxed else (levenberg_marquardt, MODEL)
     state = FitState(np.array(theta0, dtype=float, order="C", copy=True), np.zeros(n, dtype=np.int32),
                      np.zeros(n, dtype=np.int8), np.zeros(n))
     if n:
