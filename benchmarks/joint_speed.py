@@ -115,6 +115,7 @@ def solve_with(kernels, model, estimator, data, mask, grid, theta0, kw):
     data = np.ascontiguousarray(data, float)
     cost = estimator.cost(data, mask, noise)
     km = model.kernel(grid)
+    km = kernels.KernelModel(*km[:len(kernels.KernelModel._fields)])  # (a reference's has fewer fields)
     state = FitState(theta0.copy(), np.zeros(n, np.int32), np.zeros(n, np.int8), np.zeros(n))
     t0 = time.process_time()
     # the Box of the kernels under test: with `active` (projected steps, joint fits) since
@@ -123,12 +124,13 @@ def solve_with(kernels, model, estimator, data, mask, grid, theta0, kw):
         if "active" in kernels.Box._fields else kernels.Box(lower, upper, free)
     # kernels since the model code became a first-class function take it first
     fn = (kernels.MODEL,) if hasattr(kernels, "MODEL") else ()
-    lm = kernels.levenberg_marquardt
     # kernels since the joint fits' own model code: the crowded engine's fits (several
-    # emitters, or ``boxed``) run boxed_levenberg_marquardt, as spotfit.solver.minimise does
-    if hasattr(kernels, "boxed_levenberg_marquardt") and (kw.get("boxed") or kernels.model_for(km) is not kernels.MODEL):
-        lm, fn = kernels.boxed_levenberg_marquardt, (kernels.MODEL_BOXED,)
-    lm(*fn, km, cost, box, state, int(kw.get("max_iter", 50)), float(kw.get("tol", 1e-3)), 0, n)
+    # emitters, or ``boxed``) are boxed, as spotfit.solver.minimise runs them
+    if hasattr(kernels, "MODEL_BOXED") and (kw.get("boxed") or kernels.model_for(km) is not kernels.MODEL):
+        km = km._replace(boxed=1)
+        fn = (kernels.MODEL_BOXED,)
+    kernels.levenberg_marquardt(*fn, km, cost, box, state, int(kw.get("max_iter", 50)),
+                                float(kw.get("tol", 1e-3)), 0, n)
     t1 = time.process_time()
     out = CovarianceOut(np.zeros((n, k, k)), np.zeros(n), np.zeros((n, 5)), np.zeros((0, k)))
     read_var = np.ascontiguousarray(np.broadcast_to(noise.read_var, data.shape), dtype=float)
@@ -136,7 +138,7 @@ def solve_with(kernels, model, estimator, data, mask, grid, theta0, kw):
     # kernels since the score statistic became a mode of the covariance kernel take `embed`
     # (empty outside that mode); the reference commit's do not
     embed = (np.zeros((0, 0, 0)),) if "embed" in inspect.signature(kernels.covariance.py_func).parameters else ()
-    fn = (kernels.model_for(km),) if hasattr(kernels, "model_for") else fn
+    fn = (kernels.model_for(km._replace(boxed=0)),) if hasattr(kernels, "model_for") else fn
     kernels.covariance(*fn, km, cost, data, state.theta, free,
                        NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
                        solver.BIAS_SNR, *embed, 0, n)

@@ -100,10 +100,13 @@ MU_FLOOR = 1e-6
 # --------------------------------------------------------------- bundles
 #: a model's kernel and layout, and the window shape: all ints.  ``intensity``
 #: is the index of the (first) intensity; ``linear`` is 1 when ``mu`` is
-#: ``N * g(other parameters) + offset`` with that one intensity.
+#: ``N * g(other parameters) + offset`` with that one intensity.  ``boxed``: 1 when
+#: :func:`levenberg_marquardt` evaluates each window's model only over the box of its
+#: unmasked pixels (first pixel ``z0, y0, x0``, size ``cz, cy, cx``, which it sets per
+#: window; :data:`MODEL_BOXED`); otherwise the box is the whole window.
 KernelModel = namedtuple(
     "KernelModel", ["family", "integ", "emitters", "wx", "wy", "wz", "intensity", "offset", "linear",
-                    "nz", "ny", "nx"])
+                    "nz", "ny", "nx", "boxed", "z0", "y0", "x0", "cz", "cy", "cx"])
 #: the cost: ``kind`` (LSQ/MLE), per-pixel ``data``, ``weight`` (0 = masked) and
 #: MLE ``shift`` (each (n, P) float64), MLE excess-noise ``scale`` and whether
 #: convergence is measured in units of the residual variance (``normalise``)
@@ -433,35 +436,25 @@ def _joint_gaussians(km, th, mu, J, scratch, z0, y0, x0, cz, cy, cx):
                         jwz[x] += nfx[x] * fyy * sz
 
 
-@njit(error_model="numpy", no_cpython_wrapper=True)
-def joint_window(km, th, mu, J, scratch):
-    """:func:`model_window` for ``SEPARABLE`` models of several emitters (joint fits):
-    the same values and Jacobian, bit for bit, computed faster (:func:`_joint_gaussians`
-    over the whole window).
-
-    Compiled (or loaded from the cache) on the first joint fit only: a single-spot
-    run never compiles it (:data:`MODEL_JOINT`).
-    """
-    _joint_gaussians(km, th, mu, J, scratch, 0, 0, 0, km.nz, km.ny, km.nx)
-
-
-#: :func:`joint_window` as a first-class function of :func:`model_window`'s signature:
-#: the kernels take it in place of :data:`MODEL` for models of several emitters
-#: (:func:`model_for`), without being compiled again; it is compiled (or loaded from the
-#: cache) when the first joint fit calls it
-MODEL_JOINT = first_class(joint_window, _model_window_signature)
-
-
-def model_for(km):
-    """The model function (:data:`MODEL` or :data:`MODEL_JOINT`) for kernel model ``km``."""
-    if km.family == SEPARABLE and km.emitters > 1:
-        return MODEL_JOINT
-    return MODEL
-
-
-#: a :data:`KernelModel` with the box of one window's unmasked pixels, array order:
-#: first pixel ``z0, y0, x0`` and size ``cz, cy, cx`` (:func:`boxed_levenberg_marquardt`)
-BoxedModel = namedtuple("BoxedModel", KernelModel._fields + ("z0", "y0", "x0", "cz", "cy", "cx"))
+@njit(error_model="numpy", inline="always")
+def _unmasked_box(km, weight):
+    """``km`` with the box of the unmasked pixels (``weight != 0``) of a window (the
+    whole window if none is unmasked)."""
+    nz, ny, nx = km.nz, km.ny, km.nx
+    z0, z1, y0, y1, x0, x1 = nz, -1, ny, -1, nx, -1
+    p = 0
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                if weight[p] != 0.0:
+                    z0, z1 = min(z0, z), max(z1, z)
+                    y0, y1 = min(y0, y), max(y1, y)
+                    x0, x1 = min(x0, x), max(x1, x)
+                p += 1
+    if z1 < 0:
+        z0, z1, y0, y1, x0, x1 = 0, nz - 1, 0, ny - 1, 0, nx - 1
+    return KernelModel(km.family, km.integ, km.emitters, km.wx, km.wy, km.wz, km.intensity, km.offset,
+                       km.linear, nz, ny, nx, km.boxed, z0, y0, x0, z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
 
 
 @njit(error_model="numpy", inline="always")
@@ -508,26 +501,35 @@ def _rotated_box(integ, th, ny, nx, y0, x0, cy, cx, mu, J, tmp):
 
 @njit(error_model="numpy", no_cpython_wrapper=True)
 def boxed_window(km, th, mu, J, scratch):
-    """:func:`model_window` over the box of :data:`BoxedModel` ``km`` only: there
+    """:func:`model_window` over the box ``z0, y0, x0, cz, cy, cx`` of ``km`` only: there
     ``mu`` and ``J`` bit for bit :func:`model_window`'s, outside ``J = 0`` and ``mu``
     untouched (masked pixels, which the cost and the normal equations weigh by 0).
-    ``SEPARABLE`` models of any number of emitters through :func:`_joint_gaussians`."""
+    ``SEPARABLE`` models of any number of emitters through :func:`_joint_gaussians`
+    (faster than :func:`_gaussians` for several emitters), ``ROTATED`` through
+    :func:`_rotated_box`.
+
+    Compiled (or loaded from the cache) on the first joint fit only: a single-spot
+    run never compiles it (:data:`MODEL_BOXED`).
+    """
     if km.family == ROTATED:
         _rotated_box(km.integ, th, km.ny, km.nx, km.y0, km.x0, km.cy, km.cx, mu, J, scratch[0])
     else:
         _joint_gaussians(km, th, mu, J, scratch, km.z0, km.y0, km.x0, km.cz, km.cy, km.cx)
 
 
-def _boxed_window_signature():
-    from numba.core import types
+#: :func:`boxed_window` as a first-class function of :func:`model_window`'s signature:
+#: the kernels take it in place of :data:`MODEL` (:func:`model_for`) for models of
+#: several emitters and boxed fits, without being compiled again; it is compiled (or
+#: loaded from the cache) when the first joint fit calls it
+MODEL_BOXED = first_class(boxed_window, _model_window_signature)
 
-    vector, matrix = types.float64[::1], types.float64[:, ::1]
-    km = types.NamedUniTuple(types.int64, len(BoxedModel._fields), BoxedModel)
-    return types.void(km, vector, vector, matrix, matrix)
 
-
-#: :func:`boxed_window` as a first-class function (:func:`boxed_levenberg_marquardt`)
-MODEL_BOXED = first_class(boxed_window, _boxed_window_signature)
+def model_for(km):
+    """The model function for kernel model ``km``: :data:`MODEL_BOXED` for boxed fits and
+    ``SEPARABLE`` models of several emitters (joint fits), else :data:`MODEL`."""
+    if km.boxed or (km.family == SEPARABLE and km.emitters > 1):
+        return MODEL_BOXED
+    return MODEL
 
 
 @njit(error_model="numpy", nogil=True)
@@ -797,8 +799,9 @@ def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, st
             if cost.weight[s, p] != 0.0:
                 n_valid += 1
         dof = max(n_valid - n_free, 1)
+        wkm = _unmasked_box(km, cost.weight[s]) if km.boxed else km  # (boxed: MODEL_BOXED's box)
 
-        value = _pixel_costs(model_fn, km, cost, s, th, mu, J, scratch, e, W)
+        value = _pixel_costs(model_fn, wkm, cost, s, th, mu, J, scratch, e, W)
         if box.active:
             _joint_normal_equations(J, e, W, WJ, H, g)
         else:
@@ -833,7 +836,7 @@ def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, st
                     th[i] = trial[i]
                 st = CONVERGED
                 break
-            value_new = _pixel_costs(model_fn, km, cost, s, trial, mu, J, scratch, e, W)
+            value_new = _pixel_costs(model_fn, wkm, cost, s, trial, mu, J, scratch, e, W)
             if math.isfinite(value_new) and value_new <= value:
                 gain = value - value_new
                 rho = gain / predicted if predicted > 0.0 else 0.0
@@ -859,44 +862,6 @@ def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, st
         iterations[s] = it
         status[s] = st
         cost_out[s] = value
-
-
-@njit(error_model="numpy", nogil=True)
-def boxed_levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, stop):
-    """:func:`levenberg_marquardt` of the crowded-field engine's fits (same arguments;
-    ``model_fn``: :data:`MODEL_BOXED`), the model of each window evaluated only over
-    the box of its unmasked pixels.
-
-    A joint fit's window has the shape of the largest box of its solve, and reaches
-    beyond the frame's edge where its group does: a dense field's joint windows are
-    ~45% masked pixels, over which the model (most of a step's work) need not be
-    evaluated.  Each window is fitted by :func:`levenberg_marquardt` with a
-    :data:`BoxedModel` of its box; the cost, the normal equations and every other
-    sum still run over the whole window, where the masked pixels' terms are exact
-    zeros as before, so the fits are :func:`levenberg_marquardt`'s bit for bit.
-
-    Compiled (or loaded from the cache) on the first joint fit only
-    (:func:`spotfit.solver.minimise` calls it for models of several emitters and
-    with ``boxed``).
-    """
-    nz, ny, nx = km.nz, km.ny, km.nx
-    for s in range(start, stop):
-        w = cost.weight[s]
-        z0, z1, y0, y1, x0, x1 = nz, -1, ny, -1, nx, -1
-        p = 0
-        for z in range(nz):
-            for y in range(ny):
-                for x in range(nx):
-                    if w[p] != 0.0:
-                        z0, z1 = min(z0, z), max(z1, z)
-                        y0, y1 = min(y0, y), max(y1, y)
-                        x0, x1 = min(x0, x), max(x1, x)
-                    p += 1
-        if z1 < 0:  # nothing unmasked: the whole window (a fit with no data)
-            z0, z1, y0, y1, x0, x1 = 0, nz - 1, 0, ny - 1, 0, nx - 1
-        bkm = BoxedModel(km.family, km.integ, km.emitters, km.wx, km.wy, km.wz, km.intensity, km.offset,
-                         km.linear, nz, ny, nx, z0, y0, x0, z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
-        levenberg_marquardt(model_fn, bkm, cost, box, state, max_iter, tol, s, s + 1)
 
 
 @njit(error_model="numpy", fastmath={"reassoc", "contract"}, inner=True)
@@ -1201,7 +1166,8 @@ def _one_emitter_difference(model_fn, km, th, jb, h, scratch, idx, m, C, b, d):
     k1 = per + (2 if three_d else 1) + 1  # [N, x, y(, z)], widths, offset
     wz = np.int64(per + 1) if three_d else np.int64(-1)
     one = KernelModel(np.int64(SEPARABLE), km.integ, np.int64(1), np.int64(per), np.int64(per), wz,
-                      np.int64(0), np.int64(k1 - 1), np.int64(1), km.nz, km.ny, km.nx)
+                      np.int64(0), np.int64(k1 - 1), np.int64(1), km.nz, km.ny, km.nx, np.int64(0),
+                      np.int64(0), np.int64(0), np.int64(0), km.nz, km.ny, km.nx)
     t1 = np.zeros(k1)
     for j in range(per):
         t1[j] = th[e * per + j]

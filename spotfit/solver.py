@@ -168,8 +168,8 @@ def solve(
         of creeping along the bound; single-spot fits keep the clipped step.
     boxed : bool
         Evaluate each window's model only over the box of its unmasked pixels
-        (:func:`spotfit._kernels.boxed_levenberg_marquardt`: the same fits, bit for
-        bit): for windows with many masked pixels, as the crowded-field engine's
+        (``KernelModel.boxed``, :data:`spotfit._kernels.MODEL_BOXED`: the same fits, bit
+        for bit): for windows with many masked pixels, as the crowded-field engine's
         are.  Always for models of several emitters.  Its kernels are compiled on
         first use, so single-spot runs leave it False.
 
@@ -209,7 +209,7 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
              boxed=False) -> Minimised:
     """The fits of :func:`solve` (same parameters) without their covariance: then
     :func:`finish`.  Each window's fit depends on that window only."""
-    from spotfit._kernels import MODEL_BOXED, boxed_levenberg_marquardt, levenberg_marquardt
+    from spotfit._kernels import levenberg_marquardt
 
     n, k = theta0.shape
     free = np.ones(k, bool) if free is None else np.asarray(free, bool)
@@ -221,9 +221,9 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
 
     cost = estimator.cost(data, mask, noise)
     km = model.kernel(grid)
-    # several emitters (joint fits): the model of each window over the box of its unmasked pixels only
-    boxed = boxed or model_for(km) is not MODEL
-    lm, fn = (boxed_levenberg_marquardt, MODEL_BOXED) if boxed else (levenberg_marquardt, MODEL)
+    if boxed or model_for(km) is not MODEL:  # joint fits: each window's model over the box of its unmasked pixels
+        km = km._replace(boxed=1)
+    fn = model_for(km)
     state = FitState(np.array(theta0, dtype=float, order="C", copy=True), np.zeros(n, dtype=np.int32),
                      np.zeros(n, dtype=np.int8), np.zeros(n))
     if n:
@@ -232,14 +232,14 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
             if len(rows):
                 first = FitState(state.theta[rows], np.zeros(len(rows), dtype=np.int32),
                                  np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows)))
-                over_windows(lm, len(rows), fn, km, _rows(cost, rows),
+                over_windows(levenberg_marquardt, len(rows), fn, km, _rows(cost, rows),
                              Box(lower[rows], upper[rows], free & ~np.asarray(hold_first, bool), int(active_set)),
                              first, int(min(max_iter, 3)), float(10 * tol),
                              threaded=_threaded(len(rows), data.shape[1], k))
                 state.theta[rows] = first.theta
                 state.iterations[rows] = first.iterations
         done = state.iterations.copy()
-        over_windows(lm, n, fn, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
+        over_windows(levenberg_marquardt, n, fn, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
                      float(tol), threaded=_threaded(n, data.shape[1], k))
         state.iterations[:] += done
     return Minimised(model, estimator, data, grid, noise, lower, upper, free, cost, state)

@@ -1,5 +1,5 @@
-"""The joint fits' kernels (``_kernels.joint_window``, ``boxed_window``,
-``boxed_levenberg_marquardt``) against the single-spot kernels they replace.
+"""The joint fits' kernels (``_kernels.boxed_window``, boxed fits of
+``levenberg_marquardt``) against the single-spot kernels they replace.
 
 They promise the same numbers, bit for bit: the several-emitter model through a faster
 loop, and the model evaluated only over the box of a window's unmasked pixels.  Windows
@@ -50,9 +50,9 @@ def test_joint_model_is_the_single_spot_model_bit_for_bit(shape, integrated, n_e
     grid = Grid(shape)
     km = model.kernel(grid)
     theta = _theta(rng, model, shape, 30)
-    assert K.model_for(km) is K.MODEL_JOINT
+    assert K.model_for(km) is K.MODEL_BOXED
     mu0, J0 = _evaluate(K.MODEL, km, theta, grid.size)
-    mu1, J1 = _evaluate(K.MODEL_JOINT, km, theta, grid.size)
+    mu1, J1 = _evaluate(K.MODEL_BOXED, km, theta, grid.size)
     assert np.array_equal(mu0, mu1) and np.array_equal(J0, J1)
     # and it is the sum of its emitters, each as the one-emitter model draws it
     em = model.emitter_model
@@ -98,7 +98,7 @@ def test_boxed_model_equals_the_model_inside_its_box_and_is_zero_outside(kind):
     km = model.kernel(grid)
     mu0, J0 = _evaluate(K.MODEL, km, theta, grid.size)
     y0, x0, cy, cx = 2, 3, 7, 10  # rows 2-8, columns 3-12
-    bkm = K.BoxedModel(*km, 0, y0, x0, 1, cy, cx)
+    bkm = km._replace(y0=y0, x0=x0, cy=cy, cx=cx)
     mu1, J1 = _evaluate(K.MODEL_BOXED, bkm, theta, grid.size)
     inside = np.zeros(shape, bool)
     inside[y0:y0 + cy, x0:x0 + cx] = True
@@ -136,13 +136,14 @@ def test_boxed_fits_are_the_whole_windows_fits_bit_for_bit(n_emitters):
     lower[model.index("sigma")], upper[model.index("sigma")] = 0.6, 3.0
     est = get_estimator("mle")
     fits = []
-    for kernel, fn in ((K.levenberg_marquardt, K.MODEL), (K.boxed_levenberg_marquardt, K.MODEL_BOXED)):
+    km = model.kernel(grid)
+    for km, fn in ((km, K.MODEL), (km._replace(boxed=1), K.MODEL_BOXED)):
         cost = est.cost(data, mask, POISSON)
         n, k = truth.shape
         state = K.FitState(theta0.copy(), np.zeros(n, np.int32), np.zeros(n, np.int8), np.zeros(n))
         box = K.Box(np.ascontiguousarray(np.broadcast_to(lower, (n, k))),
                     np.ascontiguousarray(np.broadcast_to(upper, (n, k))), np.ones(k, bool), 1)
-        kernel(fn, model.kernel(grid), cost, box, state, 50, 1e-3, 0, n)
+        K.levenberg_marquardt(fn, km, cost, box, state, 50, 1e-3, 0, n)
         fits.append(state)
     a, b = fits
     assert np.array_equal(a.theta, b.theta) and np.array_equal(a.cost, b.cost)

@@ -175,7 +175,8 @@ class Model:
             wz = w[2] if self.ndim == 3 else -1
         nz, ny, nx = grid.zyx
         return K.KernelModel(int(self.family), int(self.kernel_integ), int(self.n_emitters), wx, wy, wz,
-                             int(self.intensity_index), int(self.offset_index), int(self.linear), nz, ny, nx)
+                             int(self.intensity_index), int(self.offset_index), int(self.linear), nz, ny, nx,
+                             0, 0, 0, 0, nz, ny, nx)
 
     # ------------------------------------------------------------- values
     def evaluate(self, theta: np.ndarray, grid: Grid):
