@@ -446,10 +446,19 @@ def _unmasked_box(km, weight):
     for z in range(nz):
         for y in range(ny):
             for x in range(nx):
-                if weight[p] != 0.0:
-                    z0, z1 = min(z0, z), max(z1, z)
-                    y0, y1 = min(y0, y), max(y1, y)
-                    x0, x1 = min(x0, x), max(x1, x)
+                if weight[p] != 0.0:  # (comparisons, not min/max: no new signatures of those to compile)
+                    if z < z0:
+                        z0 = z
+                    if z > z1:
+                        z1 = z
+                    if y < y0:
+                        y0 = y
+                    if y > y1:
+                        y1 = y
+                    if x < x0:
+                        x0 = x
+                    if x > x1:
+                        x1 = x
                 p += 1
     if z1 < 0:
         z0, z1, y0, y1, x0, x1 = 0, nz - 1, 0, ny - 1, 0, nx - 1
