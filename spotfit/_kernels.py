@@ -47,7 +47,7 @@ engine's other fits (``solve(boxed=True)``) use :data:`MODEL_BOXED` instead
 loop, evaluated only over the box of each window's unmasked pixels
 (``KernelModel.boxed``: :func:`levenberg_marquardt` sets the box per window;
 a joint window is ~45% masked pixels).  It is compiled on the first joint fit
-only (~3.5 s of CPU), never on a single-spot run.
+only (~2.5-3.5 s of CPU), never on a single-spot run.
 
 Compiled with numba through :func:`spotfit._jit.njit` (cached: compiled once
 per installation, then loaded from the cache in about 0.1 s).  The batched
