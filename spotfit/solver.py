@@ -19,7 +19,7 @@ import numpy as np
 from spotfit._jit import join_alongside, over_windows
 from spotfit._kernels import (
     CAMERA_VARIANCE, CONVERGED, LOW_SIGNAL, MEASURE_VARIANCE, MEASURED_VARIANCE, SCORE_STATISTIC, SINGULAR,
-    MODEL, VAR_FLOOR, Box, CovarianceOut, FitState, NoiseModel,
+    MODEL, VAR_FLOOR, model_for, Box, CovarianceOut, FitState, NoiseModel,
 )
 from spotfit.estimators import Estimator, Noise
 from spotfit.models import Grid, Model
@@ -104,6 +104,7 @@ def solve(
     groups: np.ndarray | None = None,
     variance: np.ndarray | None = None,
     active_set: bool = False,
+    boxed: bool = False,
 ) -> Solution:
     """Fit ``model`` to every window at once.
 
@@ -165,6 +166,12 @@ def solve(
         if it were fixed), instead of clipping the full step.  Many-parameter
         joint fits with a width at its bound converge in a few steps instead
         of creeping along the bound; single-spot fits keep the clipped step.
+    boxed : bool
+        Evaluate each window's model only over the box of its unmasked pixels
+        (``KernelModel.boxed``, :data:`spotfit._kernels.MODEL_BOXED`: the same fits, bit
+        for bit): for windows with many masked pixels, as the crowded-field engine's
+        are.  Always for models of several emitters.  Its kernels are compiled on
+        first use, so single-spot runs leave it False.
 
     Returns
     -------
@@ -172,7 +179,7 @@ def solve(
     """
     fit = minimise(model, estimator, data, mask, grid, theta0, noise=noise, lower=lower, upper=upper,
                    free=free, max_iter=max_iter, tol=tol, hold_first=hold_first, hold_rows=hold_rows,
-                   active_set=active_set)
+                   active_set=active_set, boxed=boxed)
     return finish(fit, bias_correct=bias_correct, groups=groups, variance=variance)
 
 
@@ -198,7 +205,8 @@ class Minimised:
 
 
 def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=None, upper=None, free=None,
-             max_iter=50, tol=1e-3, hold_first=None, hold_rows=None, active_set=False) -> Minimised:
+             max_iter=50, tol=1e-3, hold_first=None, hold_rows=None, active_set=False,
+             boxed=False) -> Minimised:
     """The fits of :func:`solve` (same parameters) without their covariance: then
     :func:`finish`.  Each window's fit depends on that window only."""
     from spotfit._kernels import levenberg_marquardt
@@ -213,6 +221,9 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
 
     cost = estimator.cost(data, mask, noise)
     km = model.kernel(grid)
+    if boxed or model_for(km) is not MODEL:  # joint fits: each window's model over the box of its unmasked pixels
+        km = km._replace(boxed=1)
+    fn = model_for(km)
     state = FitState(np.array(theta0, dtype=float, order="C", copy=True), np.zeros(n, dtype=np.int32),
                      np.zeros(n, dtype=np.int8), np.zeros(n))
     if n:
@@ -221,14 +232,14 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
             if len(rows):
                 first = FitState(state.theta[rows], np.zeros(len(rows), dtype=np.int32),
                                  np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows)))
-                over_windows(levenberg_marquardt, len(rows), MODEL, km, _rows(cost, rows),
+                over_windows(levenberg_marquardt, len(rows), fn, km, _rows(cost, rows),
                              Box(lower[rows], upper[rows], free & ~np.asarray(hold_first, bool), int(active_set)),
                              first, int(min(max_iter, 3)), float(10 * tol),
                              threaded=_threaded(len(rows), data.shape[1], k))
                 state.theta[rows] = first.theta
                 state.iterations[rows] = first.iterations
         done = state.iterations.copy()
-        over_windows(levenberg_marquardt, n, MODEL, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
+        over_windows(levenberg_marquardt, n, fn, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
                      float(tol), threaded=_threaded(n, data.shape[1], k))
         state.iterations[:] += done
     return Minimised(model, estimator, data, grid, noise, lower, upper, free, cost, state)
@@ -250,7 +261,7 @@ def _regression_sums(km, cost, data, theta, free, rows) -> np.ndarray:
     k = theta.shape[1]
     sums = np.zeros((len(rows), 5))
     none = np.zeros(0)
-    over_windows(kernel, len(rows), MODEL, km, _rows(cost, rows), data[rows], theta[rows], free,
+    over_windows(kernel, len(rows), model_for(km), km, _rows(cost, rows), data[rows], theta[rows], free,
                  NoiseModel(MEASURE_VARIANCE, 1.0, np.zeros((0, 0)), none, none, none),
                  CovarianceOut(np.zeros((len(rows), k, k)), np.zeros(len(rows)), sums, np.zeros((0, k))),
                  0.0, _NO_EMBED)
@@ -497,14 +508,14 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
         if not read_var.flags.writeable:  # (read-only: another type, compiled again)
             read_var = read_var.copy()
         none = np.zeros(0)
-        over_windows(kernel, n, MODEL, km, cost, data, theta, free,
+        over_windows(kernel, n, model_for(km), km, cost, data, theta, free,
                      NoiseModel(CAMERA_VARIANCE, float(noise.excess), read_var, none, none, none), out,
                      BIAS_SNR, _NO_EMBED, threaded=_threaded(n, data.shape[1], k))
     else:
         if variance is None:
             variance = _measure_variance(km, cost, data, theta, free, groups)
         used = np.ascontiguousarray(variance, dtype=float)
-        over_windows(kernel, n, MODEL, km, cost, data, theta, free,
+        over_windows(kernel, n, model_for(km), km, cost, data, theta, free,
                      NoiseModel(MEASURED_VARIANCE, 1.0, np.zeros((0, 0)), used[:, 0].copy(),
                                 used[:, 1].copy(), used[:, 2].copy()), out, 0.0, _NO_EMBED,
                      threaded=_threaded(n, data.shape[1], k))

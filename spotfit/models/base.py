@@ -175,7 +175,8 @@ class Model:
             wz = w[2] if self.ndim == 3 else -1
         nz, ny, nx = grid.zyx
         return K.KernelModel(int(self.family), int(self.kernel_integ), int(self.n_emitters), wx, wy, wz,
-                             int(self.intensity_index), int(self.offset_index), int(self.linear), nz, ny, nx)
+                             int(self.intensity_index), int(self.offset_index), int(self.linear), nz, ny, nx,
+                             0, 0, 0, 0, nz, ny, nx)
 
     # ------------------------------------------------------------- values
     def evaluate(self, theta: np.ndarray, grid: Grid):
@@ -200,7 +201,8 @@ class Model:
         n, k = theta.shape
         mu = np.empty((n, grid.size))
         jac = np.empty((n, k, grid.size))
-        over_windows(_kernels.evaluate, n, _kernels.MODEL, self.kernel(grid), theta, mu, jac)
+        km = self.kernel(grid)
+        over_windows(_kernels.evaluate, n, _kernels.model_for(km), km, theta, mu, jac)
         return mu, jac
 
     def value(self, theta: np.ndarray, grid: Grid) -> np.ndarray:
@@ -210,7 +212,8 @@ class Model:
 
         theta = np.ascontiguousarray(theta, dtype=float)
         mu = np.empty((theta.shape[0], grid.size))
-        over_windows(_kernels.values, theta.shape[0], _kernels.MODEL, self.kernel(grid), theta, mu)
+        km = self.kernel(grid)
+        over_windows(_kernels.values, theta.shape[0], _kernels.model_for(km), km, theta, mu)
         return mu
 
     # ------------------------------------------------------------ reporting
