@@ -245,3 +245,88 @@ def test_clipped_variance_of_rows_matches_one_row_at_a_time():
     ours = _clipped_variance_rows(d)
     np.testing.assert_allclose(ours, [_clipped_variance(row) for row in d], rtol=1e-12, atol=0)
     assert ours[0] == pytest.approx(9.0, rel=0.15) and ours[2] == 0.0
+
+
+# --- the pixel kernels of detection and the background, against NumPy in the order of
+# --- operations of one sum per pixel (cell, row), bit for bit
+_ODD_SHAPES = [(1, 67, 101), (3, 11, 14), (1, 5, 4), (2, 1, 3)]
+
+
+def _reflect(i, n):
+    while i < 0 or i >= n:
+        i = -i - 1 if i < 0 else 2 * n - 1 - i
+    return i
+
+
+@pytest.mark.parametrize("shape", _ODD_SHAPES)
+@pytest.mark.parametrize("sigma", [0.6, 1.3, 2.0])
+def test_gaussian_row_pass_sums_each_pixel_in_tap_order(shape, sigma):
+    from spotfit.filters import _correlate_axis_rows
+
+    rng = np.random.default_rng(7)
+    a = (rng.normal(100.0, 30.0, shape) * rng.uniform(0.01, 10.0)).astype(np.float32)
+    half = int(np.ceil(4.0 * sigma))
+    k = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    kernel = (k / k.sum()).astype(np.float32)
+    for axis in (0, 1, 2):
+        n = shape[axis]
+        expected = np.zeros(shape, np.float32)  # acc = 0; acc += w[t] * a[reflect(x + t - half)], t = 0, 1, ...
+        for t in range(kernel.size):
+            src = np.take(a, [_reflect(i + t - half, n) for i in range(n)], axis=axis)
+            expected = expected + kernel[t] * src  # float32 products and sums, as the kernel's
+        out = np.full(shape, np.nan, np.float32)
+        _correlate_axis_rows(a, kernel, axis, out, 0, shape[0] * shape[1])
+        assert np.array_equal(out.view(np.int32), expected.view(np.int32)), axis
+
+
+@pytest.mark.parametrize("shape", _ODD_SHAPES)
+@pytest.mark.parametrize("cells", [(1, 3, 3), (2, 2, 5), (1, 1, 1), (1, 4, 7)])
+def test_cell_sums_add_each_row_of_a_cell_in_pixel_order(shape, cells):
+    from spotfit.background import _cell_sums_rows
+
+    rng = np.random.default_rng(11)
+    data = (rng.lognormal(3.0, 2.0, shape) * rng.choice([-1, 1], shape)).astype(np.float32)
+    cells = np.array(cells, np.int64)
+    coarse = tuple(-(-n // int(c)) for n, c in zip(shape, cells))
+    expected, count = np.zeros(coarse), np.zeros(coarse)
+    for iz in range(coarse[0]):
+        for iy in range(coarse[1]):
+            for z in range(iz * cells[0], min((iz + 1) * cells[0], shape[0])):
+                for y in range(iy * cells[1], min((iy + 1) * cells[1], shape[1])):
+                    for jx in range(coarse[2]):
+                        xs = range(jx * cells[2], min((jx + 1) * cells[2], shape[2]))
+                        acc = 0.0
+                        for x in xs:
+                            acc += float(data[z, y, x])
+                        expected[iz, iy, jx] += acc
+                        count[iz, iy, jx] += len(xs)
+    sums, counts = np.zeros(coarse), np.zeros(coarse)
+    _cell_sums_rows(data, cells, sums, counts, 0, coarse[0] * coarse[1])
+    assert np.array_equal(sums.view(np.int64), expected.view(np.int64))
+    assert np.array_equal(counts, count)
+
+
+@pytest.mark.parametrize("shape, cells", [((1, 67, 101), (1, 3, 3)), ((3, 11, 14), (2, 2, 5)),
+                                          ((1, 5, 4), (1, 3, 3))])
+@pytest.mark.parametrize("sign, shift", [(-1.0, 3.25), (1.0, 0.0)])
+def test_interpolated_background_is_added_pixel_by_pixel(shape, cells, sign, shift):
+    from spotfit.background import _add_interpolated_rows, _axis_weights
+
+    rng = np.random.default_rng(5)
+    coarse = rng.uniform(-50.0, 500.0, tuple(-(-n // c) for n, c in zip(shape, cells)))
+    image = rng.normal(100.0, 20.0, shape).astype(np.float32)
+    (lz, hz, wz), (ly, hy, wy), (lx, hx, wx) = (
+        _axis_weights(n, c, m) for n, c, m in zip(shape, cells, coarse.shape))
+    expected = image.copy()
+    for z in range(shape[0]):
+        for y in range(shape[1]):
+            line = coarse[lz[z], ly[y]] * (1 - wy[y]) + coarse[lz[z], hy[y]] * wy[y]
+            if coarse.shape[0] > 1:
+                other = coarse[hz[z], ly[y]] * (1 - wy[y]) + coarse[hz[z], hy[y]] * wy[y]
+                line = line * (1 - wz[z]) + other * wz[z]
+            value = sign * (line[lx] * (1 - wx) + line[hx] * wx)
+            expected[z, y] = (expected[z, y].astype(np.float64) + value + shift).astype(np.float32)
+    out = image.copy()
+    _add_interpolated_rows(out, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, sign, shift, 0,
+                           shape[0] * shape[1])
+    assert np.array_equal(out.view(np.int32), expected.view(np.int32))
