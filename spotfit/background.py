@@ -495,23 +495,18 @@ def _cell_sums_rows(data, cells, sums, counts, start, stop):
     nz, ny, nx = data.shape
     cz, cy, cx = cells[0], cells[1], cells[2]
     mz, my, mx = sums.shape
-    line = np.empty(mx)  # one row's sum per cell
     for r in range(start, stop):
         iz, iy = r // my, r % my
         for z in range(iz * cz, min((iz + 1) * cz, nz)):
             for y in range(iy * cy, min((iy + 1) * cy, ny)):
                 row = data[z, y]
-                # the k-th pixel of every cell, k = 0 .. cx - 1: each cell's sum in
-                # the order of its pixels, as one loop per cell, and vectorised
-                line[:] = 0.0
-                for k in range(cx):
-                    for jx in range(mx):
-                        x = jx * cx + k
-                        if x < nx:
-                            line[jx] += row[x]
                 for jx in range(mx):
-                    sums[iz, iy, jx] += line[jx]
-                    counts[iz, iy, jx] += min((jx + 1) * cx, nx) - jx * cx
+                    x1 = min((jx + 1) * cx, nx)
+                    acc = 0.0
+                    for x in range(jx * cx, x1):
+                        acc += row[x]
+                    sums[iz, iy, jx] += acc
+                    counts[iz, iy, jx] += x1 - jx * cx
 
 
 def _cell_sums(data, cells, coarse_shape):
@@ -651,11 +646,8 @@ def _add_interpolated_rows(image, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, si
     nz, ny, nx = image.shape
     mz, my, mx = coarse.shape
     line = np.empty(mx)
-    # the x weights and each row's two corner values per pixel gathered first: the
-    # sums below then run vectorised (the same operations per pixel)
-    vx = np.empty(nx)
-    for x in range(nx):
-        vx[x] = 1 - wx[x]
+    # each row's two corner values per pixel gathered first: the sums below then run
+    # vectorised (the same operations per pixel)
     low, high = np.empty(nx), np.empty(nx)
     for r in range(start, stop):
         z, y = r // ny, r % ny
@@ -671,7 +663,7 @@ def _add_interpolated_rows(image, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, si
             high[x] = line[hx[x]]
         row = image[z, y]
         for x in range(nx):
-            row[x] = row[x] + sign * (low[x] * vx[x] + high[x] * wx[x]) + shift
+            row[x] = row[x] + sign * (low[x] * (1 - wx[x]) + high[x] * wx[x]) + shift
 
 
 
