@@ -562,15 +562,19 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
     def shifted(j):  # the array moved by j cells along `axis` (j in -half .. half)
         return padded[lead + (slice(half + j, half + j + n),)]
 
+    # (the operations of one expression per cell, into arrays made once)
     if minmax:
         extreme = np.minimum if minmax == 1 else np.maximum
-        out = shifted(-half).copy()
-        for j in range(-half + 1, half + 1):
+        out = extreme(shifted(-half), shifted(-half + 1))
+        for j in range(-half + 2, half + 1):
             extreme(out, shifted(j), out=out)
     else:
         out = shifted(0) * weights[half]
+        pair = np.empty_like(out)
         for j in range(-half, 0):
-            out += (shifted(j) + shifted(-j)) * weights[half + j]
+            np.add(shifted(j), shifted(-j), out=pair)
+            pair *= weights[half + j]
+            out += pair
     return out
 
 
