@@ -836,18 +836,23 @@ def _correlation(bands, sig, model) -> float:
     """
     from spotfit.filters import SMOOTH, _EdgeNoise, gaussian_smooth
 
+    axes = [a for a, s in enumerate(sig) if s > 0]  # a 2D frame has no z sigma
+
+    def smooth(band):  # what does not depend on the round: once per band
+        edge = _EdgeNoise(tuple(band.shape[a] for a in axes), tuple(sig[a] for a in axes),
+                          SMOOTH, SCALE)
+        return gaussian_smooth(band, tuple(SMOOTH * s for s in sig)), edge
+
+    smoothed = {id(band): done for band, done in zip(bands, _per_band(smooth, bands))}
     ratio = 1.0
     for _ in range(3):
         current = replace(model, correlation=ratio)
 
         def measure(band):
             bg = Background.estimate(band, sig, current)
-            axes = [a for a, s in enumerate(sig) if s > 0]  # a 2D frame has no z sigma
-            edge = _EdgeNoise(tuple(band.shape[a] for a in axes), tuple(sig[a] for a in axes),
-                              SMOOTH, SCALE)
-            filtered = gaussian_smooth(band, tuple(SMOOTH * s for s in sig))
+            smoothed_band, edge = smoothed[id(band)]
             level = bg.full()
-            filtered -= level
+            filtered = smoothed_band - level
             r = filtered / (np.sqrt(model.variance(level)) * edge.white_sd)
             m = [int(math.ceil(4 * SCALE * s)) if s > 0 else 0 for s in sig]
             inner = tuple(slice(k, n - k) for k, n in zip(m, band.shape))

@@ -330,3 +330,65 @@ def test_interpolated_background_is_added_pixel_by_pixel(shape, cells, sign, shi
     _add_interpolated_rows(out, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, sign, shift, 0,
                            shape[0] * shape[1])
     assert np.array_equal(out.view(np.int32), expected.view(np.int32))
+
+
+def test_noise_correlation_smooths_each_band_once_with_the_same_ratio(monkeypatch):
+    """_correlation's rounds share each band's detection filter (it does not depend on
+    the round): the filter runs once per band, and the ratio is the one of filtering
+    the bands again in every round (main's way), exactly; the bands are left as they were."""
+    import spotfit.filters as filters
+    from dataclasses import replace
+
+    from spotfit.background import (SCALE, Background, NoiseModel, _correlation, _MAX_ASYMMETRY,
+                                    _MIN_CORRELATION, _MIN_KEPT)
+
+    rng = np.random.default_rng(17)
+    bands = [np.ascontiguousarray(
+        (ndimage.gaussian_filter(rng.normal(0, 10.0, (1, 64, 700)), (0, 0.7, 0.7)) + 300.0)
+        .astype(np.float32)) for _ in range(3)]
+    before = [b.copy() for b in bands]
+    sig = (0.0, 1.3, 1.3)
+    model = NoiseModel(read_var=30.0, shot=0.0, floor=1e-6, source="measured")
+
+    def every_round():  # the rounds filtering each band again
+        ratio = 1.0
+        for _ in range(3):
+            current = replace(model, correlation=ratio)
+            kept, every = [], []
+            for band in bands:
+                bg = Background.estimate(band, sig, current)
+                edge = filters._EdgeNoise(band.shape[1:], sig[1:], filters.SMOOTH, SCALE)
+                filtered = filters.gaussian_smooth(band, tuple(filters.SMOOTH * s for s in sig))
+                level = bg.full()
+                filtered -= level
+                r = filtered / (np.sqrt(model.variance(level)) * edge.white_sd)
+                m = [int(np.ceil(4 * SCALE * s)) if s > 0 else 0 for s in sig]
+                inner = tuple(slice(k, n - k) for k, n in zip(m, band.shape))
+                r, level = r[inner], level[inner]
+                ok = ~bg.per_pixel(bg.excluded)[inner]
+                kept.append((r[ok], level[ok]))
+                every.append(r.ravel())
+            r_all = np.concatenate(every)
+            assert r_all.size >= 2 * _MIN_CORRELATION
+            r_kept = np.concatenate([k[0] for k in kept])
+            assert r_kept.size >= _MIN_KEPT * r_all.size
+            level = np.concatenate([k[1] for k in kept])
+            r = r_kept[level <= np.median(level)]
+            q16, q50, q84 = np.percentile(r, [15.87, 50.0, 84.13])
+            assert ((q84 - q50) - (q50 - q16)) <= _MAX_ASYMMETRY * (q84 - q16)
+            new = max(1.0, float((q84 - q16) / 2.0) ** 2)
+            done = abs(new - ratio) < 0.05 * ratio
+            ratio = new
+            if done:
+                return ratio
+        return ratio
+
+    expected = every_round()
+    calls = []
+    smooth = filters.gaussian_smooth
+    monkeypatch.setattr(filters, "gaussian_smooth", lambda *a: calls.append(1) or smooth(*a))
+    got = _correlation(bands, sig, model)
+    assert got == expected and got > 1.5  # correlated noise, more than one round
+    assert len(calls) == len(bands)
+    for b, b0 in zip(bands, before):
+        assert np.array_equal(b, b0)
