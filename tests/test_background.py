@@ -392,3 +392,34 @@ def test_noise_correlation_smooths_each_band_once_with_the_same_ratio(monkeypatc
     assert len(calls) == len(bands)
     for b, b0 in zip(bands, before):
         assert np.array_equal(b, b0)
+
+
+@pytest.mark.parametrize("coarse_shape, cells", [((1, 40, 23), (1, 3, 3)), ((4, 9, 11), (2, 4, 5)),
+                                                 ((1, 1, 6), (1, 2, 2))])
+def test_background_at_pixels_is_the_multilinear_sum_in_corner_order(coarse_shape, cells):
+    """Background.at's gather through one flat index: the corners' terms of main's
+    (z, y, x)-indexed sum, added in the same order, bit for bit."""
+    from spotfit.background import _interpolate_at
+
+    rng = np.random.default_rng(23)
+    coarse = rng.uniform(-10.0, 900.0, coarse_shape)
+    cells = np.array(cells, np.int64)
+    n = 5000
+    zs, ys, xs = (rng.integers(0, m * c, n) for m, c in zip(coarse_shape, cells))
+    expected = np.zeros(n)
+    corners = []
+    for axis, p in enumerate((zs, ys, xs)):
+        m = coarse_shape[axis]
+        f = (p + 0.5) / cells[axis] - 0.5
+        i = np.clip(np.floor(f).astype(np.int64), 0, m - 1)
+        if m == 1:
+            corners.append(((i, 1.0),))
+            continue
+        t = np.clip(f - i, 0.0, 1.0)
+        corners.append(((i, 1.0 - t), (np.minimum(i + 1, m - 1), t)))
+    for jz, wz in corners[0]:
+        for jy, wy in corners[1]:
+            for jx, wx in corners[2]:
+                expected += wz * wy * wx * coarse[jz, jy, jx]
+    got = _interpolate_at(coarse, cells, zs, ys, xs)
+    assert np.array_equal(got.view(np.int32), expected.astype(np.float32).view(np.int32))
