@@ -245,3 +245,181 @@ def test_clipped_variance_of_rows_matches_one_row_at_a_time():
     ours = _clipped_variance_rows(d)
     np.testing.assert_allclose(ours, [_clipped_variance(row) for row in d], rtol=1e-12, atol=0)
     assert ours[0] == pytest.approx(9.0, rel=0.15) and ours[2] == 0.0
+
+
+# --- the pixel kernels of detection and the background, against NumPy in the order of
+# --- operations of one sum per pixel (cell, row), bit for bit
+_ODD_SHAPES = [(1, 67, 101), (3, 11, 14), (1, 5, 4), (2, 1, 3)]
+
+
+def _reflect(i, n):
+    while i < 0 or i >= n:
+        i = -i - 1 if i < 0 else 2 * n - 1 - i
+    return i
+
+
+@pytest.mark.parametrize("shape", _ODD_SHAPES)
+@pytest.mark.parametrize("sigma", [0.6, 1.3, 2.0])
+def test_gaussian_row_pass_sums_each_pixel_in_tap_order(shape, sigma):
+    from spotfit.filters import _correlate_axis_rows
+
+    rng = np.random.default_rng(7)
+    a = (rng.normal(100.0, 30.0, shape) * rng.uniform(0.01, 10.0)).astype(np.float32)
+    half = int(np.ceil(4.0 * sigma))
+    k = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    kernel = (k / k.sum()).astype(np.float32)
+    for axis in (0, 1, 2):
+        n = shape[axis]
+        expected = np.zeros(shape, np.float32)  # acc = 0; acc += w[t] * a[reflect(x + t - half)], t = 0, 1, ...
+        for t in range(kernel.size):
+            src = np.take(a, [_reflect(i + t - half, n) for i in range(n)], axis=axis)
+            expected = expected + kernel[t] * src  # float32 products and sums, as the kernel's
+        out = np.full(shape, np.nan, np.float32)
+        _correlate_axis_rows(a, kernel, axis, out, 0, shape[0] * shape[1])
+        assert np.array_equal(out.view(np.int32), expected.view(np.int32)), axis
+
+
+@pytest.mark.parametrize("shape", _ODD_SHAPES)
+@pytest.mark.parametrize("cells", [(1, 3, 3), (2, 2, 5), (1, 1, 1), (1, 4, 7)])
+def test_cell_sums_add_each_row_of_a_cell_in_pixel_order(shape, cells):
+    from spotfit.background import _cell_sums_rows
+
+    rng = np.random.default_rng(11)
+    data = (rng.lognormal(3.0, 2.0, shape) * rng.choice([-1, 1], shape)).astype(np.float32)
+    cells = np.array(cells, np.int64)
+    coarse = tuple(-(-n // int(c)) for n, c in zip(shape, cells))
+    expected, count = np.zeros(coarse), np.zeros(coarse)
+    for iz in range(coarse[0]):
+        for iy in range(coarse[1]):
+            for z in range(iz * cells[0], min((iz + 1) * cells[0], shape[0])):
+                for y in range(iy * cells[1], min((iy + 1) * cells[1], shape[1])):
+                    for jx in range(coarse[2]):
+                        xs = range(jx * cells[2], min((jx + 1) * cells[2], shape[2]))
+                        acc = 0.0
+                        for x in xs:
+                            acc += float(data[z, y, x])
+                        expected[iz, iy, jx] += acc
+                        count[iz, iy, jx] += len(xs)
+    sums, counts = np.zeros(coarse), np.zeros(coarse)
+    _cell_sums_rows(data, cells, sums, counts, 0, coarse[0] * coarse[1])
+    assert np.array_equal(sums.view(np.int64), expected.view(np.int64))
+    assert np.array_equal(counts, count)
+
+
+@pytest.mark.parametrize("shape, cells", [((1, 67, 101), (1, 3, 3)), ((3, 11, 14), (2, 2, 5)),
+                                          ((1, 5, 4), (1, 3, 3))])
+@pytest.mark.parametrize("sign, shift", [(-1.0, 3.25), (1.0, 0.0)])
+def test_interpolated_background_is_added_pixel_by_pixel(shape, cells, sign, shift):
+    from spotfit.background import _add_interpolated_rows, _axis_weights
+
+    rng = np.random.default_rng(5)
+    coarse = rng.uniform(-50.0, 500.0, tuple(-(-n // c) for n, c in zip(shape, cells)))
+    image = rng.normal(100.0, 20.0, shape).astype(np.float32)
+    (lz, hz, wz), (ly, hy, wy), (lx, hx, wx) = (
+        _axis_weights(n, c, m) for n, c, m in zip(shape, cells, coarse.shape))
+    expected = image.copy()
+    for z in range(shape[0]):
+        for y in range(shape[1]):
+            line = coarse[lz[z], ly[y]] * (1 - wy[y]) + coarse[lz[z], hy[y]] * wy[y]
+            if coarse.shape[0] > 1:
+                other = coarse[hz[z], ly[y]] * (1 - wy[y]) + coarse[hz[z], hy[y]] * wy[y]
+                line = line * (1 - wz[z]) + other * wz[z]
+            value = sign * (line[lx] * (1 - wx) + line[hx] * wx)
+            expected[z, y] = (expected[z, y].astype(np.float64) + value + shift).astype(np.float32)
+    out = image.copy()
+    _add_interpolated_rows(out, coarse, lz, hz, wz, ly, hy, wy, lx, hx, wx, sign, shift, 0,
+                           shape[0] * shape[1])
+    assert np.array_equal(out.view(np.int32), expected.view(np.int32))
+
+
+def test_noise_correlation_smooths_each_band_once_with_the_same_ratio(monkeypatch):
+    """_correlation's rounds share each band's detection filter (it does not depend on
+    the round): the filter runs once per band, and the ratio is the one of filtering
+    the bands again in every round (main's way), exactly; the bands are left as they were."""
+    import spotfit.filters as filters
+    from dataclasses import replace
+
+    from spotfit.background import (SCALE, Background, NoiseModel, _correlation, _MAX_ASYMMETRY,
+                                    _MIN_CORRELATION, _MIN_KEPT)
+
+    rng = np.random.default_rng(17)
+    bands = [np.ascontiguousarray(
+        (ndimage.gaussian_filter(rng.normal(0, 10.0, (1, 64, 700)), (0, 0.7, 0.7)) + 300.0)
+        .astype(np.float32)) for _ in range(3)]
+    before = [b.copy() for b in bands]
+    sig = (0.0, 1.3, 1.3)
+    model = NoiseModel(read_var=30.0, shot=0.0, floor=1e-6, source="measured")
+
+    def every_round():  # the rounds filtering each band again
+        ratio = 1.0
+        for _ in range(3):
+            current = replace(model, correlation=ratio)
+            kept, every = [], []
+            for band in bands:
+                bg = Background.estimate(band, sig, current)
+                edge = filters._EdgeNoise(band.shape[1:], sig[1:], filters.SMOOTH, SCALE)
+                filtered = filters.gaussian_smooth(band, tuple(filters.SMOOTH * s for s in sig))
+                level = bg.full()
+                filtered -= level
+                r = filtered / (np.sqrt(model.variance(level)) * edge.white_sd)
+                m = [int(np.ceil(4 * SCALE * s)) if s > 0 else 0 for s in sig]
+                inner = tuple(slice(k, n - k) for k, n in zip(m, band.shape))
+                r, level = r[inner], level[inner]
+                ok = ~bg.per_pixel(bg.excluded)[inner]
+                kept.append((r[ok], level[ok]))
+                every.append(r.ravel())
+            r_all = np.concatenate(every)
+            assert r_all.size >= 2 * _MIN_CORRELATION
+            r_kept = np.concatenate([k[0] for k in kept])
+            assert r_kept.size >= _MIN_KEPT * r_all.size
+            level = np.concatenate([k[1] for k in kept])
+            r = r_kept[level <= np.median(level)]
+            q16, q50, q84 = np.percentile(r, [15.87, 50.0, 84.13])
+            assert ((q84 - q50) - (q50 - q16)) <= _MAX_ASYMMETRY * (q84 - q16)
+            new = max(1.0, float((q84 - q16) / 2.0) ** 2)
+            done = abs(new - ratio) < 0.05 * ratio
+            ratio = new
+            if done:
+                return ratio
+        return ratio
+
+    expected = every_round()
+    calls = []
+    smooth = filters.gaussian_smooth
+    monkeypatch.setattr(filters, "gaussian_smooth", lambda *a: calls.append(1) or smooth(*a))
+    got = _correlation(bands, sig, model)
+    assert got == expected and got > 1.5  # correlated noise, more than one round
+    assert len(calls) == len(bands)
+    for b, b0 in zip(bands, before):
+        assert np.array_equal(b, b0)
+
+
+@pytest.mark.parametrize("coarse_shape, cells", [((1, 40, 23), (1, 3, 3)), ((4, 9, 11), (2, 4, 5)),
+                                                 ((1, 1, 6), (1, 2, 2))])
+def test_background_at_pixels_is_the_multilinear_sum_in_corner_order(coarse_shape, cells):
+    """Background.at's gather through one flat index: the corners' terms of main's
+    (z, y, x)-indexed sum, added in the same order, bit for bit."""
+    from spotfit.background import _interpolate_at
+
+    rng = np.random.default_rng(23)
+    coarse = rng.uniform(-10.0, 900.0, coarse_shape)
+    cells = np.array(cells, np.int64)
+    n = 5000
+    zs, ys, xs = (rng.integers(0, m * c, n) for m, c in zip(coarse_shape, cells))
+    expected = np.zeros(n)
+    corners = []
+    for axis, p in enumerate((zs, ys, xs)):
+        m = coarse_shape[axis]
+        f = (p + 0.5) / cells[axis] - 0.5
+        i = np.clip(np.floor(f).astype(np.int64), 0, m - 1)
+        if m == 1:
+            corners.append(((i, 1.0),))
+            continue
+        t = np.clip(f - i, 0.0, 1.0)
+        corners.append(((i, 1.0 - t), (np.minimum(i + 1, m - 1), t)))
+    for jz, wz in corners[0]:
+        for jy, wy in corners[1]:
+            for jx, wx in corners[2]:
+                expected += wz * wy * wx * coarse[jz, jy, jx]
+    got = _interpolate_at(coarse, cells, zs, ys, xs)
+    assert np.array_equal(got.view(np.int32), expected.astype(np.float32).view(np.int32))

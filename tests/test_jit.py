@@ -549,3 +549,17 @@ def test_threads_needing_the_kernel_wait_for_the_second_process_too(monkeypatch)
         t.join()
     assert seen == [True, True, True]
     assert _jit._state["helper"] is None
+
+
+def test_first_class_function_is_typed_once_as_numba_types_it():
+    """A kernel's first-class function argument (:func:`spotfit._jit.first_class`) has its
+    numba type kept: the type numba's own typing gives, the same object every call."""
+    import numba
+    from numba.experimental.function_type import typeof_function_type
+
+    from spotfit._kernels import MODEL
+
+    expected = typeof_function_type(MODEL, None)
+    assert numba.typeof(MODEL) == expected
+    assert numba.typeof(MODEL) is numba.typeof(MODEL)
+    assert numba.typeof(MODEL).signature == MODEL.signature()
