@@ -245,13 +245,21 @@ def _covariance_gaussian(th, inv_det, norm, x, y, out):
 @njit(error_model="numpy", inline="always")
 def _rotated(integ, th, ny, nx, mu, J, tmp):
     """``ROTATED`` layout ``[N, x, y, var_xx, var_yy, cov_xy, offset]``."""
+    _rotated_pixels(integ, th, nx, 0, 0, ny, nx, mu, J, tmp)
+
+
+@njit(error_model="numpy", inline="always")
+def _rotated_pixels(integ, th, nx, y0, x0, cy, cx, mu, J, tmp):
+    """:func:`_rotated`'s values and Jacobian at the pixels of the box ``[y0, y0 + cy) x
+    [x0, x0 + cx)`` of a window ``nx`` px wide (the whole window, or a joint fit's box,
+    :func:`_rotated_box`); the other pixels are left as they were."""
     N = th[0]
     offset = th[6]
     inv_det = 1.0 / (th[3] * th[4] - th[5] * th[5])
     norm = math.sqrt(inv_det) * _INV_TWO_PI
-    p = 0
-    for y in range(ny):
-        for x in range(nx):
+    for y in range(y0, y0 + cy):
+        p = y * nx + x0
+        for x in range(x0, x0 + cx):
             if integ:
                 g = 0.0
                 for j in range(5):
@@ -477,43 +485,14 @@ def _unmasked_box(km, weight):
 @njit(error_model="numpy", inline="always")
 def _rotated_box(integ, th, ny, nx, y0, x0, cy, cx, mu, J, tmp):
     """:func:`_rotated` over the box ``[y0, y0 + cy) x [x0, x0 + cx)`` of the window
-    (the same code, over the box's pixels: there bit for bit its values); ``J = 0``
-    outside, ``mu`` left as it was.  (A copy rather than a box argument of
-    :func:`_rotated`, so that the single-spot kernels' code stays as it is.)"""
+    (:func:`_rotated_pixels`: there bit for bit its values); ``J = 0`` outside, ``mu``
+    left as it was."""
     if cy != ny or cx != nx:
         for j in range(J.shape[0]):
             Jj = J[j]
             for p in range(mu.shape[0]):
                 Jj[p] = 0.0
-    N = th[0]
-    offset = th[6]
-    inv_det = 1.0 / (th[3] * th[4] - th[5] * th[5])
-    norm = math.sqrt(inv_det) * _INV_TWO_PI
-    for y in range(y0, y0 + cy):
-        p = y * nx + x0
-        for x in range(x0, x0 + cx):
-            if integ:
-                g = 0.0
-                for j in range(5):
-                    tmp[5 + j] = 0.0
-                r = integ - 2
-                for qy in range(integ):
-                    for qx in range(integ):
-                        w = _GL_WEIGHTS[r, qx] * _GL_WEIGHTS[r, qy]
-                        g += w * _covariance_gaussian(th, inv_det, norm, x + _GL_NODES[r, qx],
-                                                      y + _GL_NODES[r, qy], tmp)
-                        for j in range(5):
-                            tmp[5 + j] += w * tmp[j]
-                for j in range(5):
-                    J[1 + j, p] = N * tmp[5 + j]
-            else:
-                g = _covariance_gaussian(th, inv_det, norm, float(x), float(y), tmp)
-                for j in range(5):
-                    J[1 + j, p] = N * tmp[j]
-            mu[p] = N * g + offset
-            J[0, p] = g
-            J[6, p] = 1.0
-            p += 1
+    _rotated_pixels(integ, th, nx, y0, x0, cy, cx, mu, J, tmp)
 
 
 @njit(error_model="numpy", no_cpython_wrapper=True)
