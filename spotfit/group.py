@@ -445,19 +445,18 @@ class CrowdedFitter:
         nearest = np.zeros(0, np.int64)
         split = self._wide(spots) | self._misfit_wide(spots)
         if len(xyz):
-            keyed = np.column_stack([xyz, t * _FRAME_GAP])
-            new = ~near.any_within(keyed, spots.keyed(), SEARCH_EXCLUSION * cfg.sigma)
+            keyed, placed = np.column_stack([xyz, t * _FRAME_GAP]), spots.keyed()
+            new = ~near.any_within(keyed, placed, SEARCH_EXCLUSION * cfg.sigma)
             if spots.locked.any():  # a blob's leftover light is no hidden spot
-                new &= ~near.any_within(keyed, spots.keyed()[spots.locked], radius)
+                new &= ~near.any_within(keyed, placed[spots.locked], radius)
             wide = self._wide(spots)
             if wide.any():  # around a stretched spot the split below decides instead
-                new &= ~near.any_within(keyed, spots.keyed()[wide], max(self.half))
-            xyz, t = xyz[new], t[new]
+                new &= ~near.any_within(keyed, placed[wide], max(self.half))
+            xyz, t, keyed = xyz[new], t[new], keyed[new]
             # (a residual peak lies within a window and the search's reach of a spot)
-            nearest = near.nearest_of_all(keyed[new], spots.keyed(),
-                                          2.0 * (max(self.half) + SEARCH_REACH * cfg.sigma) + 1.0)
+            nearest = near.nearest_of_all(keyed, placed, 2.0 * (max(self.half) + SEARCH_REACH * cfg.sigma) + 1.0)
             if len(xyz):  # fixed spots beside a new emitter are fitted with it
-                _, hit = near.pairs_within(np.column_stack([xyz, t * _FRAME_GAP]), spots.keyed(), radius)
+                _, hit = near.pairs_within(keyed, placed, radius)
                 hit = np.unique(hit)
                 hit = hit[spots.fixed[hit] & ~spots.locked[hit]]
                 spots.fixed[hit] = False
@@ -465,7 +464,7 @@ class CrowdedFitter:
                 spots.start[hit] = spots.xyz[hit]
             # a misfit spot with a new emitter beside it is explained by that one
             if len(xyz):
-                beside = near.any_within(spots.keyed(), np.column_stack([xyz, t * _FRAME_GAP]), radius)
+                beside = near.any_within(placed, keyed, radius)
                 split &= self._wide(spots) | ~beside
         half = np.asarray(self.half)
         w = self._windows(residual, t, np.rint(xyz[:, ::-1]).astype(np.int64) - half, tuple(2 * half + 1))

@@ -44,9 +44,8 @@ def pairs_within(points, others, reach):
     """
     points = np.asarray(points, dtype=float)
     others = np.asarray(others, dtype=float)
-    i, j, d2 = _candidates(points, others, reach)
-    near = d2 <= reach * reach
-    return i[near], j[near]
+    i, j, _ = _candidates(points, others, reach)
+    return i, j
 
 
 def nearest(queries, points, reach):
@@ -58,8 +57,6 @@ def nearest(queries, points, reach):
     dist = np.full(len(queries), np.inf)
     index = np.full(len(queries), len(points), np.int64)
     i, j, d2 = _candidates(queries, points, reach)
-    near = d2 <= reach * reach
-    i, j, d2 = i[near], j[near], d2[near]
     if len(i):
         order = np.lexsort((j, d2, i))  # per query: nearest first, then the first point
         first = order[np.r_[True, i[order][1:] != i[order][:-1]]]
@@ -143,15 +140,13 @@ def components(n: int, first, second) -> np.ndarray:
 
 def _candidates(a, b, reach, distances=True):
     """Pairs ``(i, j)`` of rows of ``a`` and ``b`` in the same or adjacent cells of a grid
-    at least ``reach`` wide (every pair within ``reach``, along each axis, is among them),
-    and their squared distances (``distances``; else ``None``)."""
+    at least ``reach`` wide: with ``distances``, those at most ``reach`` apart and their
+    squared distances; else every candidate (all pairs within ``reach`` along each axis
+    are among them) and ``None``."""
     none = np.zeros(0, np.int64)
-    if len(a) == 0 or len(b) == 0 or not np.isfinite(reach) or reach < 0:
-        if len(a) and len(b) and reach == np.inf:  # (everything: not asked by spotfit)
-            i, j = np.divmod(np.arange(len(a) * len(b), dtype=np.int64), len(b))
-            return i, j, (np.sum((a[i] - b[j]) ** 2, axis=1) if distances else None)
+    if len(a) == 0 or len(b) == 0 or not reach >= 0:
         return none, none, np.zeros(0)
-    whole = (np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    whole = (np.isfinite(reach) and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
              and np.all(a == np.round(a)) and np.all(b == np.round(b))
              and max(np.abs(a).max(), np.abs(b).max()) < 2.0**31)
     if whole:  # cells of whole pixels; distances exactly, in integers
@@ -202,7 +197,7 @@ def _candidates(a, b, reach, distances=True):
         j = order[np.repeat(start - first, count) + np.arange(total)].astype(np.int64)
         if distances:
             d2 = np.sum((a[i] - b[j]) ** 2, axis=1).astype(float)
-            keep = d2 <= reach * reach  # (the callers compare again; this keeps the arrays small)
+            keep = d2 <= reach * reach  # (the k-d tree's comparison)
             i, j = i[keep], j[keep]
             dist.append(d2[keep])
         own.append(i)
