@@ -32,6 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host import describe, reference_seconds  # noqa: E402
+
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "spots.tif"
 DEFAULT = ["fit", str(SAMPLE), "--baseline", "100", "--gain", "2", "--read-noise", "1.5"]
 
@@ -47,8 +50,10 @@ def main() -> None:
         os.environ["SPOTFIT_COMPILE_NOTICE"] = "0"
         if "--out" not in command and command[0] == "fit":
             command = [*command, "--out", str(Path(tmp) / "spots.csv")]
+        speed = [reference_seconds()]
         report(*run(command), signatures=args.signatures)
-    print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+          f"{describe([*speed, reference_seconds()])}: before / after")
 
 
 def run(command):

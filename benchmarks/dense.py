@@ -59,6 +59,9 @@ import spotfit
 from spotfit.match import match_spots
 from spotfit.simulation import render
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host import describe, reference_seconds  # noqa: E402
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -361,6 +364,7 @@ def main(argv=None) -> int:
         return only is None or any(key.startswith(o) for o in only)
 
     load = os.getloadavg()
+    speed = [reference_seconds()]
     print(f"# spotfit {spotfit.__version__} from {os.path.dirname(spotfit.__file__)}; "
           f"python {platform.python_version()}, numpy {np.__version__}; {os.cpu_count()} cores, "
           f"load average {load[0]:.1f} / {load[1]:.1f}; options {options or 'defaults'} "
@@ -412,7 +416,7 @@ def main(argv=None) -> int:
             tmp = Path(tmp)
             log("speed: sparse 2048^2 (reference) ...")
             ref = sparse_2048(args.seed, options, tmp)
-            print(f"\nend to end (read_image + fit + write_table, one process, best of repeats):")
+            print("\nend to end (read_image + fit + write_table, one process, best of repeats):")
             print(f"  sparse 2048^2, 10,000 spots : {ref:>9.0f} spots/s   target >= 30000 (speed.py)  "
                   f"{verdict(ref >= 30000)}")
             failures += ref < 30000
@@ -422,7 +426,8 @@ def main(argv=None) -> int:
                 print(f"  {sc.name:<28}: {rate:>9.0f} spots/s   target >= 5000   "
                       f"ratio to sparse {rate / ref:.2f}  {verdict(rate >= 5000)}")
                 failures += rate < 5000
-    print(f"\n{failures} target(s) failed")
+    speed.append(reference_seconds())
+    print(f"\n{failures} target(s) failed; {describe(speed)}: at the start / end")
     return 1 if failures else 0
 
 

@@ -20,7 +20,9 @@ Each line prints the wall-clock seconds, the CPU seconds (the process and the se
 process it starts to compile alongside; on an idle 2-core machine the wall time of a
 first run is about half of it, on a loaded one more), the ratio to the warm run of the
 same command, and whether the compile notice was printed on stderr (it should be on a
-first run, not on a warm one).
+first run, not on a warm one).  Last, the machine's speed just before and just after the
+first runs (``host.py``): this host's speed drifts up to 2x within minutes, and a first
+run's compile time follows it.
 ``--venv DIR`` reuses (or creates) an environment there and only reinstalls spotfit, which
 empties its cache: a first run again in seconds instead of a minute of ``pip install``.
 ``--repo PATH`` installs another checkout (e.g. an older version, for a before/after
@@ -41,6 +43,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from host import describe, reference_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data" / "spots.tif"
@@ -128,7 +132,9 @@ def main() -> None:
             "z-stack 9x48x64 --gain": [str(stack), "--baseline", "100", "--gain", "2"],
             "600x600 frame --gain": [str(large), "--baseline", "100", "--gain", "2"],
         }
+        speed = [reference_seconds()]  # the machine's speed just before and after the first fits
         first = {name: timed_fit(python, case, tmp / "first.csv", env) for name, case in cases.items()}
+        speed.append(reference_seconds())
         warm = {name: timed_fit(python, case, tmp / "warm.csv", env) for name, case in cases.items()}
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'first spotfit fit after install':34s} {'first s':>8s} {'CPU s':>6s} {'warm s':>7s} "
@@ -141,6 +147,7 @@ def main() -> None:
               f"{'yes' if n1 else 'no':>3s}/{'yes' if n2 else 'no'}{mark}")
     print(f"{'all first runs':34s} {sum(v[0] for v in first.values()):8.1f} "
           f"{sum(v[1] for v in first.values()):6.1f}")
+    print(f"{describe(speed)}: before / after the first runs")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ import numpy as np  # noqa: E402
 import scipy  # noqa: E402
 
 import spotfit  # noqa: E402
+from host import describe, reference_seconds  # noqa: E402
 from fit_speed import (  # noqa: E402  (reference loop and helpers of the colleague's benchmark)
     BACKGROUND, CAMERA, MATCH_RADIUS, PHOTONS, SIGMA, curve_fit_loop, log, rmse_xy, timed,
 )
@@ -735,6 +736,7 @@ def main(argv=None):
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()
+    speed = [reference_seconds()]
     rng = np.random.default_rng(args.seed)
     peers = Peers(not args.no_peers)
     print(f"speed.py{' --quick' if args.quick else ''}: spotfit against the speed issue's targets "
@@ -765,6 +767,7 @@ def main(argv=None):
     print(f"   {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
           f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
           f"this benchmark: {time.perf_counter() - t_start:.0f} s, peak RSS {peak_self / 1e6:.0f} MB")
+    print(f"   {describe([*speed, reference_seconds()])}: at the start / end")
     log(f"done in {time.perf_counter() - t_start:.1f} s")
 
 
