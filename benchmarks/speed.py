@@ -11,7 +11,9 @@ A. *Fitting alone.*  Isolated simulated spots on a lattice (1000-3000
    ``estimator="mle"`` and a calibrated camera (pixel-integrated), on all
    cores (and on one core for 10^4).  The per-spot ``curve_fit`` loop of
    ``fit_speed.py`` fits a subset of the same spots in the same windows; its
-   fits/s is the reference of every ratio.
+   fits/s is the reference of every ratio.  The targets' verdicts (7 x 7, 10^4
+   spots) use the median ratio of a few rounds that time the ``curve_fit`` loop and
+   spotfit back to back, since the machine's speed drifts between the table's runs.
 B. *End to end in one process.*  ``read_image`` + ``fit`` (detection and
    fit) + ``write_table`` on a 2048 x 2048 image with 10,000 spots, timed in
    this process after a warm-up, with a stage breakdown; ``spotfit fit`` in a
@@ -223,6 +225,7 @@ def section_a(args, rng, peers):
     n_cf = 300 if args.quick else 1000
     cf_repeats = 1 if args.quick else 2
     n_photutils = 100 if args.quick else 300
+    pair_rounds = 3 if args.quick else 5
     cores = os.cpu_count() or 1
 
     data = {}
@@ -354,16 +357,30 @@ def section_a(args, rng, peers):
             ref = cf[3]
             acc_ok = all(s <= c * (1 + ACCURACY_TOLERANCE)
                          for s, c in zip(r["sub"], (ref["rx"], ref["ry"])))
-            ok = r["ratio"] >= TARGETS["ratio"] and acc_ok
+            # the verdict's ratio: the median of rounds that time curve_fit and spotfit
+            # back to back (this host's speed drifts within minutes; the table's ratio
+            # divides two bests that may be minutes apart)
+            image, xy = data[n_ref]
+            paired = []
+            for _ in range(pair_rounds):
+                t0 = time.perf_counter()
+                curve_fit_loop(cf_image, ref_xy[:n_cf], 3)
+                t1 = time.perf_counter()
+                spotfit_fit(image, xy, 3, threads, est)
+                t2 = time.perf_counter()
+                paired.append((len(xy) / (t2 - t1)) / (n_cf / (t1 - t0)))
+            ratio = statistics.median(paired)
+            ok = ratio >= TARGETS["ratio"] and acc_ok
             tag = record(
                 f"A fitting alone, 7x7 rotated, 10^4 spots, {est}, {threads} thread(s)",
-                f"{r['ratio']:.1f}x curve_fit; RMSE {r['sub'][0]:.4f}/{r['sub'][1]:.4f} vs "
+                f"{ratio:.1f}x curve_fit; RMSE {r['sub'][0]:.4f}/{r['sub'][1]:.4f} vs "
                 f"{ref['rx']:.4f}/{ref['ry']:.4f} px",
                 f">= {TARGETS['ratio']:g}x, RMSE <= curve_fit (+{ACCURACY_TOLERANCE:.0%})", ok)
             print(f"   target: {r['method']} 7x7, 10^4 spots, {threads} thread(s): "
-                  f"{r['ratio']:.1f}x (>= {TARGETS['ratio']:g}x: "
-                  f"{verdict(r['ratio'] >= TARGETS['ratio'])}), accuracy on the same "
-                  f"{n_cf} spots {verdict(acc_ok)} -> {tag}")
+                  f"{ratio:.1f}x, the median of {pair_rounds} rounds timing curve_fit and spotfit "
+                  f"back to back ({', '.join(f'{p:.0f}' for p in paired)}; table {r['ratio']:.1f}x) "
+                  f"(>= {TARGETS['ratio']:g}x: {verdict(ratio >= TARGETS['ratio'])}), accuracy on "
+                  f"the same {n_cf} spots {verdict(acc_ok)} -> {tag}")
     print()
 
 
