@@ -163,12 +163,15 @@ def _candidates(a, b, reach, distances=True):
         cell = reach * (1.0 + 1e-6) if reach > 0 else 1.0
         low = np.minimum(a.min(axis=0), b.min(axis=0))
         ka, kb = np.floor((a - low) / cell).astype(np.int64), np.floor((b - low) / cell).astype(np.int64)
-        # renumber each axis' occupied cells 1, 2, ...: a frame far away along an extra axis
-        # is one cell; cells that were not adjacent may become so (more candidates only)
+        # renumber each axis' occupied cells 1, 2, ... in order, one number more between two
+        # that were not adjacent: a frame far away along an extra axis is one cell, adjacent
+        # to no other frame's (a pair two or more cells apart is farther than reach)
         ca, cb = np.empty_like(ka), np.empty_like(kb)
         for axis in range(a.shape[1]):
-            _, inverse = np.unique(np.concatenate([ka[:, axis], kb[:, axis]]), return_inverse=True)
-            ca[:, axis], cb[:, axis] = inverse[: len(a)] + 1, inverse[len(a):] + 1
+            occupied, inverse = np.unique(np.concatenate([ka[:, axis], kb[:, axis]]), return_inverse=True)
+            number = np.arange(1, len(occupied) + 1)
+            number[1:] += np.cumsum(np.diff(occupied) > 1)
+            ca[:, axis], cb[:, axis] = number[inverse[: len(a)]], number[inverse[len(a):]]
     dims = tuple(int(n) for n in np.maximum(ca.max(axis=0), cb.max(axis=0)) + 2)
     size = float(np.prod(np.asarray(dims, dtype=np.float64)))
     if size >= 2.0**62:  # (too many cells for one int64 key: all pairs, compared below)
@@ -182,7 +185,11 @@ def _candidates(a, b, reach, distances=True):
         per_cell = np.bincount(keys, minlength=int(size))
         table = (np.cumsum(per_cell) - per_cell, per_cell)
     own, other, dist = [], [], []
-    for offset in itertools.product((-1, 0, 1), repeat=a.shape[1]):
+    # along an axis whose points all lie in one cell (a single frame's extra axis), only
+    # that cell holds neighbours
+    spread = [(0,) if ca[:, axis].min() == ca[:, axis].max() == cb[:, axis].min() == cb[:, axis].max()
+              else (-1, 0, 1) for axis in range(a.shape[1])]
+    for offset in itertools.product(*spread):
         k = np.ravel_multi_index(tuple((ca + np.asarray(offset)).T), dims)
         if table is not None:
             start, count = table[0][k], table[1][k]
