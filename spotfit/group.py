@@ -698,12 +698,13 @@ class CrowdedFitter:
         # the blob tests of earlier fits of these spots are superseded
         for entry in self._pending:
             entry[-1] &= ~np.isin(entry[0], spots.ident[free]).any(axis=1)
+        buckets = []
         for K in np.unique(sizes[sizes > 0]):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
             lo, hi = self._boxes(spots, members)
-            for rows in shape_classes(hi - lo + 1):
-                self._fit_bucket(residual, spots, members[rows], out)
+            buckets += [members[rows] for rows in shape_classes(hi - lo + 1)]
+        self._fit_buckets(residual, spots, buckets, out)
         # the light of spots that moved by more than REFIT_MOVE standard errors
         # changed in their neighbours' windows: those are refitted next time
         moved = self._moved(spots, out, free)
@@ -752,12 +753,36 @@ class CrowdedFitter:
         hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
         return lo, hi
 
-    def _fit_bucket(self, residual, spots, members, out):
+    def _fit_buckets(self, residual, spots, buckets, out):
+        """:meth:`_fit_bucket` of each of ``buckets`` (members ``(G, K)`` of groups fitted
+        in one solve), side by side on the kernel threads
+        (:func:`spotfit._jit.over_windows`), the costliest first: one bucket's NumPy
+        between its kernels overlaps another's kernels (each bucket's solve then runs in
+        its thread).  Each bucket writes its own groups' spots of ``out`` only, and its
+        fits depend on its windows only: the same fits as one bucket after the other.
+        The blob tests they leave (``_pending``) are queued in bucket order."""
+        from spotfit._jit import over_windows
+
+        pending = [[] for _ in buckets]
+        work = [len(m) * int(np.prod(np.ptp(spots.xyz[m], axis=1).max(axis=0) + 1 + 2 * max(self.half)))
+                * (m.shape[1] * (1 + self.ndim) + 2) ** 2 for m in buckets]
+        order = np.argsort(-np.asarray(work, float), kind="stable")
+
+        def run(first, last):
+            for k in order[first:last]:
+                self._fit_bucket(residual, spots, buckets[k], out, pending[k])
+
+        over_windows(run, len(buckets), threaded=len(buckets) > 1)
+        for entries in pending:
+            self._pending += entries
+
+    def _fit_bucket(self, residual, spots, members, out, pending=None):
         """Joint fits of all groups with the same number of members ``K``.
 
         Each group's window spans its members plus the window half-size (an
         isolated spot's first fit gets exactly the window and start of a
-        single-spot fit).
+        single-spot fit).  The blob tests it leaves go to ``pending`` (a list;
+        default ``_pending``).
         """
         setup, cfg, nd = self.setup, self.config, self.ndim
         G, K = members.shape
@@ -846,7 +871,7 @@ class CrowdedFitter:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
         if candidates.any():
-            self._pending.append([out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof,
+            (self._pending if pending is None else pending).append([out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof,
                                   model.n_params, candidates, np.ones(G, bool)])
 
     def _blob(self, data, w, chi2, n_params, candidates):
