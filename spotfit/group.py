@@ -308,14 +308,30 @@ class CrowdedFitter:
         """Statuses of the last joint fits' emitters, with the blob test (:meth:`_blob`)
         of their misfit groups: run once, on the final fits only (the test
         decides a status, nothing the rounds before depend on)."""
+        from spotfit._jit import over_windows
+
         order = np.argsort(spots.ident, kind="stable")
+        tests = []
         for entry in self._pending:
             ids, status, outside, low, sat, data, w, chi2, n_params, candidates, alive = entry
             where = np.clip(np.searchsorted(spots.ident, ids, sorter=order), 0, max(len(spots) - 1, 0))
             members = order[where] if len(spots) else np.zeros_like(ids)
             alive = alive & np.all(spots.ident[members] == ids, axis=1) if len(spots) else alive & False
-            blob = self._blob(data, w, chi2, n_params, candidates & alive)
-            if not blob.any():
+            tests.append((members, candidates & alive))
+        # the tests side by side on the kernel threads (each depends on its windows only),
+        # their statuses set in order
+        blobs = [None] * len(tests)
+        todo = [k for k, (_, which) in enumerate(tests) if which.any()]
+
+        def run(first, last):
+            for k in todo[first:last]:
+                entry = self._pending[k]
+                blobs[k] = self._blob(entry[5], entry[6], entry[7], entry[8], tests[k][1])
+
+        over_windows(run, len(todo), threaded=len(todo) > 1)
+        for entry, (members, _), blob in zip(self._pending, tests, blobs):
+            ids, status, outside, low, sat = entry[:5]
+            if blob is None or not blob.any():
                 continue
             for i in range(members.shape[1]):
                 state = results.judge(status[i], outside[i], low[i], sat, blob)
