@@ -29,8 +29,12 @@ import itertools
 import numpy as np
 
 #: :func:`pairs_within` looks its grid's cells up in a table of up to this many cells
-#: (or 8 per point; else, and with 0, by binary search)
+#: (or 8 per point; else, and with 0, by binary search) ...
 _CELL_TABLE = 1 << 21
+#: ... and of at most this many cells per point (queries and points) (a table of
+#: millions of cells for a few thousand points, as a sub-pixel reach gives on a large
+#: frame, took longer to build than the binary searches it saved)
+_CELLS_PER_POINT = 256
 
 
 def pairs_within(points, others, reach):
@@ -181,7 +185,8 @@ def _candidates(a, b, reach, distances=True):
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
     table = None
-    if _CELL_TABLE > 0 and size <= max(_CELL_TABLE, 8 * len(b)):  # first index and count per cell, looked up directly
+    if _CELL_TABLE > 0 and size <= max(min(_CELL_TABLE, _CELLS_PER_POINT * (len(a) + len(b))), 8 * len(b)):
+        # first index and count per cell, looked up directly
         per_cell = np.bincount(keys, minlength=int(size))
         table = (np.cumsum(per_cell) - per_cell, per_cell)
     own, other, dist = [], [], []
