@@ -779,16 +779,24 @@ class CrowdedFitter:
         The blob tests they leave (``_pending``) are queued in bucket order."""
         from spotfit._jit import over_windows
 
+        from spotfit._jit import kernel_threads
+
         pending = [[] for _ in buckets]
-        work = [len(m) * int(np.prod(np.ptp(spots.xyz[m], axis=1).max(axis=0) + 1 + 2 * max(self.half)))
-                * (m.shape[1] * (1 + self.ndim) + 2) ** 2 for m in buckets]
-        order = np.argsort(-np.asarray(work, float), kind="stable")
+        work = np.array([len(m) * float(np.prod(np.ptp(spots.xyz[m], axis=1).max(axis=0) + 1 + 2 * max(self.half)))
+                         * (m.shape[1] * (1 + self.ndim) + 2) ** 2 for m in buckets])
+        order = np.argsort(-work, kind="stable")
+        # a bucket with a thread's share of the work or more is fitted alone, its
+        # solve on all threads; the others side by side
+        alone = work[order] * kernel_threads() >= work.sum()
+        for k in order[alone]:
+            self._fit_bucket(residual, spots, buckets[k], out, pending[k])
+        rest = order[~alone]
 
         def run(first, last):
-            for k in order[first:last]:
+            for k in rest[first:last]:
                 self._fit_bucket(residual, spots, buckets[k], out, pending[k])
 
-        over_windows(run, len(buckets), threaded=len(buckets) > 1)
+        over_windows(run, len(rest), threaded=len(rest) > 1)
         for entries in pending:
             self._pending += entries
 
