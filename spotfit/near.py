@@ -153,6 +153,7 @@ def _candidates(a, b, reach, distances=True):
     whole = (np.isfinite(reach) and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
              and np.all(a == np.round(a)) and np.all(b == np.round(b))
              and max(np.abs(a).max(), np.abs(b).max()) < 2.0**31)
+    lone = [False] * a.shape[1]  # axes along which a neighbour is in the same cell only
     if whole:  # cells of whole pixels; distances exactly, in integers
         a, b = a.astype(np.int64), b.astype(np.int64)
         cell = max(1, int(np.ceil(reach)))
@@ -173,9 +174,11 @@ def _candidates(a, b, reach, distances=True):
         ca, cb = np.empty_like(ka), np.empty_like(kb)
         for axis in range(a.shape[1]):
             occupied, inverse = np.unique(np.concatenate([ka[:, axis], kb[:, axis]]), return_inverse=True)
+            gap = np.diff(occupied) > 1
             number = np.arange(1, len(occupied) + 1)
-            number[1:] += np.cumsum(np.diff(occupied) > 1)
+            number[1:] += np.cumsum(gap)
             ca[:, axis], cb[:, axis] = number[inverse[: len(a)]], number[inverse[len(a):]]
+            lone[axis] = bool(gap.all())  # no two occupied cells adjacent (frames)
     dims = tuple(int(n) for n in np.maximum(ca.max(axis=0), cb.max(axis=0)) + 2)
     size = float(np.prod(np.asarray(dims, dtype=np.float64)))
     if size >= 2.0**62:  # (too many cells for one int64 key: all pairs, compared below)
@@ -190,9 +193,9 @@ def _candidates(a, b, reach, distances=True):
         per_cell = np.bincount(keys, minlength=int(size))
         table = (np.cumsum(per_cell) - per_cell, per_cell)
     own, other, dist = [], [], []
-    # along an axis whose points all lie in one cell (a single frame's extra axis), only
-    # that cell holds neighbours
-    spread = [(0,) if ca[:, axis].min() == ca[:, axis].max() == cb[:, axis].min() == cb[:, axis].max()
+    # along an axis whose points all lie in one cell, or in cells no two of which are
+    # adjacent (the frames' extra axis), only a point's own cell holds its neighbours
+    spread = [(0,) if lone[axis] or ca[:, axis].min() == ca[:, axis].max() == cb[:, axis].min() == cb[:, axis].max()
               else (-1, 0, 1) for axis in range(a.shape[1])]
     for offset in itertools.product(*spread):
         k = np.ravel_multi_index(tuple((ca + np.asarray(offset)).T), dims)
