@@ -556,9 +556,21 @@ def _dense_chunk(setup: Setup, crowd, chunk, read_var, group_offset, singles=Non
     for f in chunk:
         f.coords = f.coords[np.lexsort(f.coords.T[::-1])]  # raster order (z, y, x)
     alone = _isolated(chunk, radius)
+    together = None  # small frames' windows cut in one go (single.cut_frames): the same windows
+    if singles is None and len({f.photons.shape for f in chunk}) == 1 and \
+            (setup.camera.calibrated or all(len(f.coords) <= size for f in chunk)):
+        together = single.cut_frames(setup, chunk, read_var=read_var)
+    first = 0
     for f, isolated in zip(chunk, alone):
         coords = f.coords
         if singles is not None:
+            continue
+        if together is not None:  # the same pieces of the frame as below, from the windows cut together
+            choose = np.where(isolated, 0.0, CHOOSE_WIDTH * cfg.sigma)
+            for start in range(0, len(coords), size):
+                stop = min(start + size, len(coords))
+                batches.append((single._take(together, slice(first + start, first + stop)), choose[start:stop]))
+            first += len(coords)
             continue
         rows = np.arange(len(coords))  # every candidate: a grouped one may be a blob
         cut = dict(saturated=f.saturated, valid=f.valid, read_var=read_var)

@@ -308,14 +308,30 @@ class CrowdedFitter:
         """Statuses of the last joint fits' emitters, with the blob test (:meth:`_blob`)
         of their misfit groups: run once, on the final fits only (the test
         decides a status, nothing the rounds before depend on)."""
+        from spotfit._jit import over_windows
+
         order = np.argsort(spots.ident, kind="stable")
+        tests = []
         for entry in self._pending:
             ids, status, outside, low, sat, data, w, chi2, n_params, candidates, alive = entry
             where = np.clip(np.searchsorted(spots.ident, ids, sorter=order), 0, max(len(spots) - 1, 0))
             members = order[where] if len(spots) else np.zeros_like(ids)
             alive = alive & np.all(spots.ident[members] == ids, axis=1) if len(spots) else alive & False
-            blob = self._blob(data, w, chi2, n_params, candidates & alive)
-            if not blob.any():
+            tests.append((members, candidates & alive))
+        # the tests side by side on the kernel threads (each depends on its windows only),
+        # their statuses set in order
+        blobs = [None] * len(tests)
+        todo = [k for k, (_, which) in enumerate(tests) if which.any()]
+
+        def run(first, last):
+            for k in todo[first:last]:
+                entry = self._pending[k]
+                blobs[k] = self._blob(entry[5], entry[6], entry[7], entry[8], tests[k][1])
+
+        over_windows(run, len(todo), threaded=len(todo) > 1)
+        for entry, (members, _), blob in zip(self._pending, tests, blobs):
+            ids, status, outside, low, sat = entry[:5]
+            if blob is None or not blob.any():
                 continue
             for i in range(members.shape[1]):
                 state = results.judge(status[i], outside[i], low[i], sat, blob)
@@ -698,12 +714,13 @@ class CrowdedFitter:
         # the blob tests of earlier fits of these spots are superseded
         for entry in self._pending:
             entry[-1] &= ~np.isin(entry[0], spots.ident[free]).any(axis=1)
+        buckets = []
         for K in np.unique(sizes[sizes > 0]):
             groups = np.flatnonzero(sizes == K)
             members = order[starts[groups][:, None] + np.arange(K)[None, :]]
             lo, hi = self._boxes(spots, members)
-            for rows in shape_classes(hi - lo + 1):
-                self._fit_bucket(residual, spots, members[rows], out)
+            buckets += [members[rows] for rows in shape_classes(hi - lo + 1)]
+        self._fit_buckets(residual, spots, buckets, out)
         # the light of spots that moved by more than REFIT_MOVE standard errors
         # changed in their neighbours' windows: those are refitted next time
         moved = self._moved(spots, out, free)
@@ -752,12 +769,44 @@ class CrowdedFitter:
         hi = np.ceil(pos.max(axis=1)).astype(np.int64)[:, ::-1] + half
         return lo, hi
 
-    def _fit_bucket(self, residual, spots, members, out):
+    def _fit_buckets(self, residual, spots, buckets, out):
+        """:meth:`_fit_bucket` of each of ``buckets`` (members ``(G, K)`` of groups fitted
+        in one solve), side by side on the kernel threads
+        (:func:`spotfit._jit.over_windows`), the costliest first: one bucket's NumPy
+        between its kernels overlaps another's kernels (each bucket's solve then runs in
+        its thread).  Each bucket writes its own groups' spots of ``out`` only, and its
+        fits depend on its windows only: the same fits as one bucket after the other.
+        The blob tests they leave (``_pending``) are queued in bucket order."""
+        from spotfit._jit import over_windows
+
+        from spotfit._jit import kernel_threads
+
+        pending = [[] for _ in buckets]
+        work = np.array([len(m) * float(np.prod(np.ptp(spots.xyz[m], axis=1).max(axis=0) + 1 + 2 * max(self.half)))
+                         * (m.shape[1] * (1 + self.ndim) + 2) ** 2 for m in buckets])
+        order = np.argsort(-work, kind="stable")
+        # a bucket with a thread's share of the work or more is fitted alone, its
+        # solve on all threads; the others side by side
+        alone = work[order] * kernel_threads() >= work.sum()
+        for k in order[alone]:
+            self._fit_bucket(residual, spots, buckets[k], out, pending[k])
+        rest = order[~alone]
+
+        def run(first, last):
+            for k in rest[first:last]:
+                self._fit_bucket(residual, spots, buckets[k], out, pending[k])
+
+        over_windows(run, len(rest), threaded=len(rest) > 1)
+        for entries in pending:
+            self._pending += entries
+
+    def _fit_bucket(self, residual, spots, members, out, pending=None):
         """Joint fits of all groups with the same number of members ``K``.
 
         Each group's window spans its members plus the window half-size (an
         isolated spot's first fit gets exactly the window and start of a
-        single-spot fit).
+        single-spot fit).  The blob tests it leaves go to ``pending`` (a list;
+        default ``_pending``).
         """
         setup, cfg, nd = self.setup, self.config, self.ndim
         G, K = members.shape
@@ -846,7 +895,7 @@ class CrowdedFitter:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
         if candidates.any():
-            self._pending.append([out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof,
+            (self._pending if pending is None else pending).append([out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof,
                                   model.n_params, candidates, np.ones(G, bool)])
 
     def _blob(self, data, w, chi2, n_params, candidates):

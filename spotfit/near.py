@@ -29,8 +29,12 @@ import itertools
 import numpy as np
 
 #: :func:`pairs_within` looks its grid's cells up in a table of up to this many cells
-#: (or 8 per point; else, and with 0, by binary search)
+#: (or 8 per point; else, and with 0, by binary search) ...
 _CELL_TABLE = 1 << 21
+#: ... and of at most this many cells per point (queries and points) (a table of
+#: millions of cells for a few thousand points, as a sub-pixel reach gives on a large
+#: frame, took longer to build than the binary searches it saved)
+_CELLS_PER_POINT = 256
 
 
 def pairs_within(points, others, reach):
@@ -149,6 +153,7 @@ def _candidates(a, b, reach, distances=True):
     whole = (np.isfinite(reach) and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
              and np.all(a == np.round(a)) and np.all(b == np.round(b))
              and max(np.abs(a).max(), np.abs(b).max()) < 2.0**31)
+    lone = [False] * a.shape[1]  # axes along which a neighbour is in the same cell only
     if whole:  # cells of whole pixels; distances exactly, in integers
         a, b = a.astype(np.int64), b.astype(np.int64)
         cell = max(1, int(np.ceil(reach)))
@@ -163,12 +168,17 @@ def _candidates(a, b, reach, distances=True):
         cell = reach * (1.0 + 1e-6) if reach > 0 else 1.0
         low = np.minimum(a.min(axis=0), b.min(axis=0))
         ka, kb = np.floor((a - low) / cell).astype(np.int64), np.floor((b - low) / cell).astype(np.int64)
-        # renumber each axis' occupied cells 1, 2, ...: a frame far away along an extra axis
-        # is one cell; cells that were not adjacent may become so (more candidates only)
+        # renumber each axis' occupied cells 1, 2, ... in order, one number more between two
+        # that were not adjacent: a frame far away along an extra axis is one cell, adjacent
+        # to no other frame's (a pair two or more cells apart is farther than reach)
         ca, cb = np.empty_like(ka), np.empty_like(kb)
         for axis in range(a.shape[1]):
-            _, inverse = np.unique(np.concatenate([ka[:, axis], kb[:, axis]]), return_inverse=True)
-            ca[:, axis], cb[:, axis] = inverse[: len(a)] + 1, inverse[len(a):] + 1
+            occupied, inverse = np.unique(np.concatenate([ka[:, axis], kb[:, axis]]), return_inverse=True)
+            gap = np.diff(occupied) > 1
+            number = np.arange(1, len(occupied) + 1)
+            number[1:] += np.cumsum(gap)
+            ca[:, axis], cb[:, axis] = number[inverse[: len(a)]], number[inverse[len(a):]]
+            lone[axis] = bool(gap.all())  # no two occupied cells adjacent (frames)
     dims = tuple(int(n) for n in np.maximum(ca.max(axis=0), cb.max(axis=0)) + 2)
     size = float(np.prod(np.asarray(dims, dtype=np.float64)))
     if size >= 2.0**62:  # (too many cells for one int64 key: all pairs, compared below)
@@ -178,11 +188,16 @@ def _candidates(a, b, reach, distances=True):
     order = np.argsort(keys, kind="stable")
     ordered = keys[order]
     table = None
-    if _CELL_TABLE > 0 and size <= max(_CELL_TABLE, 8 * len(b)):  # first index and count per cell, looked up directly
+    if _CELL_TABLE > 0 and size <= max(min(_CELL_TABLE, _CELLS_PER_POINT * (len(a) + len(b))), 8 * len(b)):
+        # first index and count per cell, looked up directly
         per_cell = np.bincount(keys, minlength=int(size))
         table = (np.cumsum(per_cell) - per_cell, per_cell)
     own, other, dist = [], [], []
-    for offset in itertools.product((-1, 0, 1), repeat=a.shape[1]):
+    # along an axis whose points all lie in one cell, or in cells no two of which are
+    # adjacent (the frames' extra axis), only a point's own cell holds its neighbours
+    spread = [(0,) if lone[axis] or ca[:, axis].min() == ca[:, axis].max() == cb[:, axis].min() == cb[:, axis].max()
+              else (-1, 0, 1) for axis in range(a.shape[1])]
+    for offset in itertools.product(*spread):
         k = np.ravel_multi_index(tuple((ca + np.asarray(offset)).T), dims)
         if table is not None:
             start, count = table[0][k], table[1][k]

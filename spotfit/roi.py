@@ -222,7 +222,7 @@ def scatter_add(image: np.ndarray, windows_values: np.ndarray, origin: np.ndarra
 _PAIR_PIXELS = 1 << 20
 
 
-def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others=None) -> int:
+def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others=None, frames=None) -> int:
     """Mask, in each window, the pixels that belong to a neighbouring candidate.
 
     A pixel of window ``i`` is masked when it lies within ``radius`` of
@@ -243,6 +243,10 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
         the neighbours looked for, when ``windows`` are only some of them
         (an image fitted in chunks).  A candidate at a window's own centre
         masks nothing.
+    frames : (n,) int ndarray, optional
+        The frame of each window, when ``windows`` come from several frames
+        (``others`` must then be None): a window's neighbours are those of its
+        frame only.  The same masks as each frame's windows on their own.
 
     Returns
     -------
@@ -257,7 +261,11 @@ def mask_neighbours(windows: Windows, centers: np.ndarray, radius: float, others
     if len(other_xyz) < 2:
         return 0
     reach = radius + np.max(windows.grid.shape) / 2.0
-    own, other = pairs_within(xyz, other_xyz, reach)
+    if frames is None:
+        own, other = pairs_within(xyz, other_xyz, reach)
+    else:  # the frame as a far-away coordinate: no pairs across frames, the same distances
+        keyed = np.column_stack([xyz, np.asarray(frames, float) * (2.0 * np.ceil(reach) + 2.0)])
+        own, other = pairs_within(keyed, keyed, reach)
     keep = np.any(xyz[own] != other_xyz[other], axis=1)  # a window's own centre masks nothing
     own, other = own[keep], other[keep]
     if len(own) == 0:

@@ -155,6 +155,45 @@ def cut_frame(setup: Setup, t: int, photons, coords, image_var: float, rows=None
     return Batch(w, np.full(n, t, dtype=np.int64), np.full(n, float(image_var)), sat, var, known)
 
 
+def cut_frames(setup: Setup, frames, read_var=None) -> Batch:
+    """:func:`cut_frame` of all candidates of ``frames`` (objects with ``t``,
+    ``photons``, ``coords``, ``image_var``, ``valid`` and ``saturated``, all of one
+    shape) in one cut: the same windows, in frame order (a frame's candidates
+    in their order), without their frames' measured noise models.
+
+    Small frames (single-molecule movies) are cut together: per frame, the
+    cutting cost more than its few windows.
+    """
+    frames = [f for f in frames if len(f.coords)]
+    if not frames:
+        return cut_frame(setup, 0, np.zeros((1,) * setup.ndim), np.zeros((0, setup.ndim), np.int64), 0.0)
+    sizes = [len(f.coords) for f in frames]
+    t = np.repeat(np.arange(len(frames)), sizes)
+    stack = np.stack([f.photons for f in frames]) if len(frames) > 1 else frames[0].photons[None]
+
+    def maps(name, fill):
+        if all(getattr(f, name) is None for f in frames):
+            return None
+        return np.stack([np.full(f.photons.shape, fill) if getattr(f, name) is None else
+                         np.asarray(getattr(f, name), bool) for f in frames])
+
+    valid, saturated = maps("valid", True), maps("saturated", False)
+    centers = np.concatenate([np.asarray(f.coords, np.int64) for f in frames])
+    half = np.asarray(setup.half, np.int64)
+    start = np.column_stack([t, centers - half])
+    shape = (1,) + tuple(int(2 * h + 1) for h in half)
+    rv = None if read_var is None else np.broadcast_to(read_var, stack.shape)
+    w = roi.cut_box(stack, start, shape, read_var=rv, valid=valid)
+    w = roi.Windows(w.data, w.mask, w.origin[:, : setup.ndim], roi.Grid(shape[1:]), w.read_var)
+    roi.mask_neighbours(w, centers, NEIGHBOUR_REACH * setup.config.sigma, frames=t)
+    sat = np.zeros(len(w), bool)
+    if saturated is not None:
+        s = roi.cut_box(saturated, start, shape, dtype=bool)
+        sat = np.any(s.data & w.mask, axis=1)
+    return Batch(w, np.repeat(np.array([f.t for f in frames], np.int64), sizes),
+                 np.repeat(np.array([float(f.image_var) for f in frames]), sizes), sat)
+
+
 def frame_variance(setup: Setup, photons, coords, image_var: float, valid=None) -> np.ndarray:
     """The measured noise model ``(alpha, beta, floor)`` of an uncalibrated frame.
 

@@ -497,3 +497,70 @@ def test_level_removed_in_strips_is_the_whole_subtraction(shape):
     out = detection._minus(data, shift)
     expected = data - shift
     assert out.dtype == expected.dtype == np.float32 and np.array_equal(out, expected)
+
+
+def test_windows_of_frames_cut_together_are_those_cut_frame_by_frame():
+    """single.cut_frames gives, frame after frame, the windows cut_frame gives each frame:
+    pixels, masks (image edges, invalid pixels, neighbours of the frame's own candidates
+    only), origins, saturation, frame numbers (non-square frames, candidates on the edges,
+    a frame with a valid map and a saturated one beside one without)."""
+    from types import SimpleNamespace
+
+    from spotfit.config import FitConfig, Setup
+
+    rng = np.random.default_rng(71)
+    shape = (23, 37)
+    setup = Setup.resolve(FitConfig(sigma=1.2), CAMERA, 2)
+    frames = []
+    for t in range(4):
+        photons = rng.uniform(0.0, 50.0, shape).astype(np.float32)
+        n = int(rng.integers(3, 40))
+        coords = np.column_stack([rng.integers(0, shape[0], n), rng.integers(0, shape[1], n)])
+        coords[0] = (0, shape[1] - 1)  # a corner: a window mostly outside
+        coords = np.unique(coords, axis=0)
+        valid = rng.random(shape) > 0.1 if t == 1 else None
+        saturated = rng.random(shape) > 0.97 if t == 2 else None
+        frames.append(SimpleNamespace(t=10 + 3 * t, photons=photons, coords=coords, image_var=float(t + 1),
+                                      valid=valid, saturated=saturated))
+    read_var = rng.uniform(1.0, 4.0, shape)
+    together = single.cut_frames(setup, frames, read_var=read_var)
+    one_by_one = single.Batch.join([single.cut_frame(setup, f.t, f.photons, f.coords, f.image_var,
+                                                     saturated=f.saturated, valid=f.valid, read_var=read_var)
+                                    for f in frames])
+    assert len(together) == sum(len(f.coords) for f in frames)
+    for name in ("data", "mask", "origin", "read_var"):
+        np.testing.assert_array_equal(getattr(together.windows, name), getattr(one_by_one.windows, name))
+    assert together.windows.grid.shape == one_by_one.windows.grid.shape
+    for name in ("frame", "image_var", "saturated"):
+        np.testing.assert_array_equal(getattr(together, name), getattr(one_by_one, name))
+    assert together.saturated.any() and (~together.windows.mask).any()
+
+
+def test_dense_movie_fitted_on_two_threads_gives_the_table_of_one(monkeypatch):
+    """A movie of dense frames (joint fits: buckets and blob tests side by side on the
+    threads; windows cut for all frames at once) gives exactly the table of one thread,
+    and the frames' rows are those of the frames fitted alone, to rounding (their
+    buckets' windows are shaped by all the frames' groups)."""
+    from spotfit.match import match_spots
+    from spotfit.simulation import render as draw
+
+    rng = np.random.default_rng(72)
+    shape, sigma = (30, 41), 1.1
+    frames, truth = [], []
+    for _ in range(3):
+        xy = rng.uniform(0.0, [shape[1] - 1, shape[0] - 1], (45, 2))
+        mu = draw(shape, xy[:, 0], xy[:, 1], rng.uniform(1000.0, 4000.0, len(xy)), sigma, background=10.0)
+        frames.append((rng.poisson(mu) + 100.0).astype(np.float32))
+        truth.append(xy)
+    movie = np.stack(frames)
+    monkeypatch.setattr(_jit, "MIN_THREADED_WINDOWS", 1)
+    one = spotfit.fit(movie, camera=CAMERA, sigma=sigma, axes="TYX", workers=1)
+    two = spotfit.fit(movie, camera=CAMERA, sigma=sigma, axes="TYX", workers=2)
+    pd.testing.assert_frame_equal(one, two, check_exact=True)
+    for t, frame in enumerate(frames):
+        alone = spotfit.fit(frame, camera=CAMERA, sigma=sigma, workers=2)
+        mine = two[two["frame"] == t].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine.drop(columns="frame"), alone.drop(columns="frame"), rtol=1e-6)
+        ok = mine[mine["status"] == "converged"]
+        found, _ = match_spots(ok[["x", "y"]].to_numpy(), truth[t], 1.0)
+        assert len(found) >= 0.6 * len(truth[t])  # a crowded frame: most emitters found (px)
