@@ -558,24 +558,45 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
     else:
         first = last = np.zeros(a.shape[:axis] + (1,) + a.shape[axis + 1:])
     padded = np.concatenate([np.repeat(first, half, axis), a, np.repeat(last, half, axis)], axis)
+    out = np.empty(a.shape)
+    # in blocks of about :data:`FILTER_BLOCK` cells along the outermost axis of more than
+    # one cell (`axis` itself too: a block then reads its margin of the padded array): a
+    # block's passes stay in the processor's cache; each cell's operations are the same
+    block = next(b for b in range(a.ndim) if a.shape[b] > 1)
+    size = a.shape[block]
+    step = max(1, min(size, FILTER_BLOCK // max(1, a.size // size)))
+    outer = (slice(None),) * block
+    pair = None if minmax else np.empty(a.shape[:block] + (step,) + a.shape[block + 1:])
+    for lo in range(0, size, step):
+        hi = min(lo + step, size)
+        if block == axis:
+            def shifted(j, lo=lo, hi=hi):  # the block moved by j cells along `axis` (-half .. half)
+                return padded[outer + (slice(half + j + lo, half + j + hi),)]
+        else:
+            rows = padded[outer + (slice(lo, hi),)]
 
-    def shifted(j):  # the array moved by j cells along `axis` (j in -half .. half)
-        return padded[lead + (slice(half + j, half + j + n),)]
+            def shifted(j, rows=rows):
+                return rows[lead + (slice(half + j, half + j + n),)]
 
-    # (the operations of one expression per cell, into arrays made once)
-    if minmax:
-        extreme = np.minimum if minmax == 1 else np.maximum
-        out = extreme(shifted(-half), shifted(-half + 1))
-        for j in range(-half + 2, half + 1):
-            extreme(out, shifted(j), out=out)
-    else:
-        out = shifted(0) * weights[half]
-        pair = np.empty_like(out)
-        for j in range(-half, 0):
-            np.add(shifted(j), shifted(-j), out=pair)
-            pair *= weights[half + j]
-            out += pair
+        o = out[outer + (slice(lo, hi),)]
+        # (the operations of one expression per cell, into arrays made once)
+        if minmax:
+            extreme = np.minimum if minmax == 1 else np.maximum
+            extreme(shifted(-half), shifted(-half + 1), out=o)
+            for j in range(-half + 2, half + 1):
+                extreme(o, shifted(j), out=o)
+        else:
+            np.multiply(shifted(0), weights[half], out=o)
+            p = pair[outer + (slice(0, hi - lo),)]
+            for j in range(-half, 0):
+                np.add(shifted(j), shifted(-j), out=p)
+                p *= weights[half + j]
+                o += p
     return out
+
+
+#: cells per block of :func:`_filter_axis` (a block's arrays fit in a core's cache)
+FILTER_BLOCK = 1 << 14
 
 
 def _filter_axis_ndimage(a, axis, weights, half, nearest, minmax):
