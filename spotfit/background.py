@@ -581,12 +581,13 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
         first = last = np.zeros(a.shape[:axis] + (1,) + a.shape[axis + 1:])
     padded = np.concatenate([np.repeat(first, half, axis), a, np.repeat(last, half, axis)], axis)
     out = np.empty(a.shape)
-    # in blocks of about :data:`FILTER_BLOCK` cells along the outermost axis of more than
-    # one cell (`axis` itself too: a block then reads its margin of the padded array): a
-    # block's passes stay in the processor's cache; each cell's operations are the same
+    # correlations in blocks of about :data:`FILTER_BLOCK` cells along the outermost axis of
+    # more than one cell (`axis` itself too: a block then reads its margin of the padded
+    # array): a block's passes stay in the processor's cache; each cell's operations are
+    # the same (minima and maxima, two operands per operation, gain nothing: one block)
     block = next(b for b in range(a.ndim) if a.shape[b] > 1)
     size = a.shape[block]
-    step = max(1, min(size, FILTER_BLOCK // max(1, a.size // size)))
+    step = size if minmax else max(1, min(size, FILTER_BLOCK // max(1, a.size // size)))
     outer = (slice(None),) * block
     pair = None if minmax else np.empty(a.shape[:block] + (step,) + a.shape[block + 1:])
     for lo in range(0, size, step):
