@@ -369,29 +369,51 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
         envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 2)
     # 2. spots: cells brighter than the envelope by `clip` pixel-noise
     #    standard deviations, dilated by `reach` cells
-    var = np.maximum(read_var + shot * np.maximum(envelope, 0.0), floor) * correlation
-    bright = (means > envelope + clip * np.sqrt(var)).astype(np.float64)
+    # (the steps cell by cell in blocks of cells that stay in the processor's cache,
+    # :func:`_cell_blocks`: the same operations on each cell)
+    blocks = _cell_blocks(means.shape)
+    bright = np.empty(means.shape)
+    for b in blocks:
+        env = envelope[b]
+        var = np.maximum(read_var[b] + shot * np.maximum(env, 0.0), floor) * correlation
+        bright[b] = means[b] > env + clip * np.sqrt(var)
     for axis in range(3):
         bright = _filter_axis(bright, axis, kernels[axis], reach[axis], True, 2)
     # 3. Gaussian-weighted means (normalised convolutions) of the other cells,
     #    of all cells' envelope, and the weights themselves
-    kept_sum = np.where(bright > 0, 0.0, sums)
-    kept_count = np.where(bright > 0, 0.0, counts)
-    env_sum = envelope * counts
+    kept_sum, kept_count, env_sum = (np.empty(means.shape) for _ in range(3))
+    excluded = np.empty(means.shape, bool)
+    for b in blocks:
+        out = np.greater(bright[b], 0, out=excluded[b])
+        kept_sum[b] = np.where(out, 0.0, sums[b])
+        kept_count[b] = np.where(out, 0.0, counts[b])
+        np.multiply(envelope[b], counts[b], out=env_sum[b])
     for axis in range(3):
         if k_half[axis] > 0:
             kept_sum = _filter_axis(kept_sum, axis, kernels[axis], k_half[axis], False, 0)
             kept_count = _filter_axis(kept_count, axis, kernels[axis], k_half[axis], False, 0)
             env_sum = _filter_axis(env_sum, axis, kernels[axis], k_half[axis], False, 0)
-    weight = np.maximum(_filtered_counts(counts, kernels, k_half), 1e-12)
-    start = env_sum / weight
-    t = np.clip(kept_count / weight / min_coverage, 0.0, 1.0)
-    kept = kept_count > 0
-    value = np.where(kept, t * (kept_sum / np.where(kept, kept_count, 1.0)) + (1.0 - t) * start, start)
-    # 4. never below the envelope: at sharp edges (a cell's, a nucleus')
-    #    the smooth mean lags behind, the envelope does not
-    coarse = np.maximum(value, envelope)
-    return coarse, bright > 0, means
+    weight = np.broadcast_to(np.maximum(_filtered_counts(counts, kernels, k_half), 1e-12), means.shape)
+    coarse = np.empty(means.shape)
+    for b in blocks:
+        w, count = weight[b], kept_count[b]
+        start = env_sum[b] / w
+        t = np.clip(count / w / min_coverage, 0.0, 1.0)
+        kept = count > 0
+        value = np.where(kept, t * (kept_sum[b] / np.where(kept, count, 1.0)) + (1.0 - t) * start, start)
+        # 4. never below the envelope: at sharp edges (a cell's, a nucleus')
+        #    the smooth mean lags behind, the envelope does not
+        np.maximum(value, envelope[b], out=coarse[b])
+    return coarse, excluded, means
+
+
+def _cell_blocks(shape) -> list:
+    """Index tuples of blocks of about :data:`FILTER_BLOCK` cells of a grid of ``shape``:
+    ranges along its outermost axis of more than one cell."""
+    axis = next((a for a in range(len(shape)) if shape[a] > 1), 0)
+    size = max(int(shape[axis]), 1)
+    step = max(1, min(size, FILTER_BLOCK // max(1, int(np.prod(shape)) // size)))
+    return [(slice(None),) * axis + (slice(lo, min(lo + step, size)),) for lo in range(0, size, step)]
 
 
 #: coarse grids of at least this many cells are estimated in strips, one per
@@ -558,24 +580,46 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
     else:
         first = last = np.zeros(a.shape[:axis] + (1,) + a.shape[axis + 1:])
     padded = np.concatenate([np.repeat(first, half, axis), a, np.repeat(last, half, axis)], axis)
+    out = np.empty(a.shape)
+    # correlations in blocks of about :data:`FILTER_BLOCK` cells along the outermost axis of
+    # more than one cell (`axis` itself too: a block then reads its margin of the padded
+    # array): a block's passes stay in the processor's cache; each cell's operations are
+    # the same (minima and maxima, two operands per operation, gain nothing: one block)
+    block = next(b for b in range(a.ndim) if a.shape[b] > 1)
+    size = a.shape[block]
+    step = size if minmax else max(1, min(size, FILTER_BLOCK // max(1, a.size // size)))
+    outer = (slice(None),) * block
+    pair = None if minmax else np.empty(a.shape[:block] + (step,) + a.shape[block + 1:])
+    for lo in range(0, size, step):
+        hi = min(lo + step, size)
+        if block == axis:
+            def shifted(j, lo=lo, hi=hi):  # the block moved by j cells along `axis` (-half .. half)
+                return padded[outer + (slice(half + j + lo, half + j + hi),)]
+        else:
+            rows = padded[outer + (slice(lo, hi),)]
 
-    def shifted(j):  # the array moved by j cells along `axis` (j in -half .. half)
-        return padded[lead + (slice(half + j, half + j + n),)]
+            def shifted(j, rows=rows):
+                return rows[lead + (slice(half + j, half + j + n),)]
 
-    # (the operations of one expression per cell, into arrays made once)
-    if minmax:
-        extreme = np.minimum if minmax == 1 else np.maximum
-        out = extreme(shifted(-half), shifted(-half + 1))
-        for j in range(-half + 2, half + 1):
-            extreme(out, shifted(j), out=out)
-    else:
-        out = shifted(0) * weights[half]
-        pair = np.empty_like(out)
-        for j in range(-half, 0):
-            np.add(shifted(j), shifted(-j), out=pair)
-            pair *= weights[half + j]
-            out += pair
+        o = out[outer + (slice(lo, hi),)]
+        # (the operations of one expression per cell, into arrays made once)
+        if minmax:
+            extreme = np.minimum if minmax == 1 else np.maximum
+            extreme(shifted(-half), shifted(-half + 1), out=o)
+            for j in range(-half + 2, half + 1):
+                extreme(o, shifted(j), out=o)
+        else:
+            np.multiply(shifted(0), weights[half], out=o)
+            p = pair[outer + (slice(0, hi - lo),)]
+            for j in range(-half, 0):
+                np.add(shifted(j), shifted(-j), out=p)
+                p *= weights[half + j]
+                o += p
     return out
+
+
+#: cells per block of :func:`_filter_axis` (a block's arrays fit in a core's cache)
+FILTER_BLOCK = 1 << 14
 
 
 def _filter_axis_ndimage(a, axis, weights, half, nearest, minmax):

@@ -207,14 +207,15 @@ def frame_variance(setup: Setup, photons, coords, image_var: float, valid=None) 
     return _solve(first, batch).variance[0]
 
 
-def window_bounds(model, estimator, windows: roi.Windows):
+def window_bounds(model, estimator, windows: roi.Windows, floor=None):
     """Box constraints ``(n, k)`` of each window's fit.
 
     The model's bounds (:meth:`~spotfit.models.Model.bounds`); with an
     estimator declaring ``nonnegative_offset`` the offset cannot go negative
     (a Poisson rate); intensities stay above :func:`spotfit.start.intensity_floor`
     (relative to the window's data); in border-truncated windows each centre stays within
-    half a pixel of the image, where the data can still constrain it.
+    half a pixel of the image, where the data can still constrain it.  ``floor``: the
+    windows' :func:`spotfit.start.intensity_floor`, when the caller has it already.
     """
     lower, upper = model.bounds(windows.grid)
     if estimator.nonnegative_offset:
@@ -222,7 +223,8 @@ def window_bounds(model, estimator, windows: roi.Windows):
     first, last = windows.valid_extent()
     lower = np.repeat(lower[None], len(windows), axis=0)
     upper = np.repeat(upper[None], len(windows), axis=0)
-    floor = intensity_floor(windows.data, windows.mask)  # relative to the data: any unit
+    if floor is None:  # relative to the data: any unit
+        floor = intensity_floor(windows.data, windows.mask)
     for i in range(model.n_emitters):
         lower[:, model.emitter_index(i, "intensity")] = floor
     for i in range(model.n_emitters):
@@ -271,8 +273,9 @@ def _starts(setup: Setup, batch: Batch):
     def block(rows):
         sub = roi.Windows(w.data[rows], w.mask[rows], w.origin[rows], w.grid,
                           None if w.read_var is None else w.read_var[rows])
-        theta0 = initial_guess(m, sub.data, sub.mask, sub.grid, cfg)
-        lower, upper = window_bounds(m, setup.estimator, sub)
+        floor = intensity_floor(sub.data, sub.mask)  # (both need it)
+        theta0 = initial_guess(m, sub.data, sub.mask, sub.grid, cfg, floor=floor)
+        lower, upper = window_bounds(m, setup.estimator, sub, floor=floor)
         return theta0, lower, upper, faint(m, theta0, cfg.sigma, setup.camera.calibrated,
                                            batch.image_var[rows])
 

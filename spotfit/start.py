@@ -30,7 +30,7 @@ def intensity_floor(data, mask) -> np.ndarray:
     return np.maximum(INTENSITY_FLOOR * scale, np.finfo(float).tiny / INTENSITY_FLOOR)
 
 
-def initial_guess(model, data, mask, grid, config):
+def initial_guess(model, data, mask, grid, config, floor=None):
     """Starting values from moments of each window.
 
     Offset: mean of the valid pixels on the window's outer ring (their
@@ -47,6 +47,8 @@ def initial_guess(model, data, mask, grid, config):
     data, mask : (n, P) ndarray
     grid : spotfit.models.Grid
     config : spotfit.config.FitConfig
+    floor : (n,) ndarray, optional
+        :func:`intensity_floor` of the windows, when the caller has it already.
 
     Returns
     -------
@@ -84,7 +86,7 @@ def initial_guess(model, data, mask, grid, config):
         center[:, j] = np.where(total > 0, mean, centre_window[j])
         s = np.sqrt(np.clip(var, 0.0, None))
         widths[:, j] = expected[j] if config.fix_sigma else np.clip(s, 0.7 * expected[j], 1.5 * expected[j])
-    intensity = np.maximum(total, intensity_floor(data, mask))
+    intensity = np.maximum(total, intensity_floor(data, mask) if floor is None else floor)
     return model.from_moments(center, widths, intensity, offset)
 
 
