@@ -777,9 +777,7 @@ class CrowdedFitter:
         its thread).  Each bucket writes its own groups' spots of ``out`` only, and its
         fits depend on its windows only: the same fits as one bucket after the other.
         The blob tests they leave (``_pending``) are queued in bucket order."""
-        from spotfit._jit import over_windows
-
-        from spotfit._jit import kernel_threads
+        from spotfit._jit import kernel_threads, over_windows
 
         pending = [[] for _ in buckets]
         work = np.array([len(m) * float(np.prod(np.ptp(spots.xyz[m], axis=1).max(axis=0) + 1 + 2 * max(self.half)))
@@ -895,8 +893,9 @@ class CrowdedFitter:
                 out.sigma[ok, 1] = th[:, em.index("sigma_z")]
             out.offset[ok] = th[:, em.offset_index]
         if candidates.any():
-            (self._pending if pending is None else pending).append([out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof,
-                                  model.n_params, candidates, np.ones(G, bool)])
+            (self._pending if pending is None else pending).append(
+                [out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof, model.n_params,
+                 candidates, np.ones(G, bool)])
 
     def _blob(self, data, w, chi2, n_params, candidates):
         """Which misfit groups one wide Gaussian explains as well as their emitters.
