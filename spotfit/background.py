@@ -319,6 +319,12 @@ class Background:
         computed once per row and column."""
         return _interpolate_box(self.coarse, self.cells, *(np.asarray(a, np.int64) for a in axes))
 
+    def boxes(self, axes) -> np.ndarray:
+        """:meth:`box` of ``k`` boxes of one shape at once: ``axes`` are three
+        ``(k, n)`` integer arrays (a box's pixels per row); float32
+        ``(k, nz, ny, nx)``, the same numbers."""
+        return _interpolate_boxes(self.coarse, self.cells, *(np.asarray(a, np.int64) for a in axes))
+
     def per_pixel(self, cell_values) -> np.ndarray:
         """Values of the cells (e.g. :attr:`excluded`, :attr:`means`) at each pixel."""
         out = cell_values
@@ -748,14 +754,22 @@ def _interpolate_box(coarse, cells, zs, ys, xs):
     indices per axis), float32 ``(len(zs), len(ys), len(xs))``: the weights of
     each axis on its own, then the same products and sums per pixel, in the
     same order (the same numbers)."""
-    out = np.zeros((len(zs), len(ys), len(xs)))
+    return _interpolate_boxes(coarse, cells, zs[None], ys[None], xs[None])[0]
+
+
+def _interpolate_boxes(coarse, cells, zs, ys, xs):
+    """:func:`_interpolate_box` of ``k`` boxes of one shape at once: ``zs``, ``ys``,
+    ``xs`` are ``(k, n)`` pixel indices (a box's per row), float32 ``(k, nz, ny, nx)``;
+    the same products and sums per pixel, in the same order (the same numbers)."""
+    k = len(zs)
+    out = np.zeros((k, zs.shape[1], ys.shape[1], xs.shape[1]))
     corners = []
     for axis, p in enumerate((zs, ys, xs)):
         m = coarse.shape[axis]
         f = (p + 0.5) / cells[axis] - 0.5
         i = np.clip(np.floor(f).astype(np.int64), 0, m - 1)
-        shape = [1, 1, 1]
-        shape[axis] = len(p)
+        shape = [k, 1, 1, 1]
+        shape[axis + 1] = p.shape[1]
         if m == 1:
             corners.append(((i.reshape(shape), 1.0),))
             continue

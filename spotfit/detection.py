@@ -452,6 +452,22 @@ def background_box(pieces, lo, shape) -> np.ndarray:
     return pieces[0].box(axes)
 
 
+def background_boxes(pieces, shape) -> np.ndarray:
+    """:func:`background_box` ``([p], (0, ...), shape)`` of each of ``pieces`` (one
+    :class:`BackgroundPiece` per crop of a frame, all of one block's background and
+    factor: the tiles of a frame, :meth:`BackgroundPiece.moved`) at once:
+    ``(k,) + shape``, the same numbers."""
+    first, nd = pieces[0], len(shape)
+    origin = np.array([p.origin for p in pieces], np.int64).reshape(len(pieces), nd)
+    block = np.array(first.background.shape[3 - nd:], np.int64)
+    # each crop's pixels clipped to its block (background_box), in block coordinates (box)
+    local = [np.clip(np.arange(n, dtype=np.int64)[None, :], origin[:, a, None],
+                     origin[:, a, None] + block[a] - 1) - origin[:, a, None] for a, n in enumerate(shape)]
+    local = [np.zeros((len(pieces), 1), np.int64)] * (3 - nd) + local
+    values = first.background.boxes(local).astype(np.float64) / first.factor
+    return values.reshape((len(pieces),) + tuple(shape))
+
+
 def _block_peaks(prepared, raw, origin, interior, threshold, radii, backgrounds=None):
     """Candidates of one block whose maxima lie in its interior, in frame coordinates;
     the block's local background is appended to ``backgrounds`` (a list) if given."""

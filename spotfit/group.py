@@ -396,13 +396,22 @@ class CrowdedFitter:
         windows of its spots overlap several times over, round after round) and
         the windows' pixels are gathered from it: the same values."""
         from spotfit.background import Background, _as_volume, _sigmas
-        from spotfit.detection import background_box
+        from spotfit.detection import background_box, background_boxes
 
         dims = self._stack.shape[1:]
         if getattr(self, "_bg_frames", None) is not self._frames:
             self._bg_frames = self._frames
             self._bg_stack = np.zeros(self._stack.shape)
             self._bg_done = np.zeros(len(self._frames), bool)
+        # the tiles of a frame (one block's background each, moved) all at once
+        shared = {}
+        for i in np.unique(t).tolist():
+            known = getattr(self._frames[i], "background", None)
+            if not self._bg_done[i] and known and len(known) == 1:
+                shared.setdefault((id(known[0].background), known[0].factor), []).append(i)
+        for rows in shared.values():
+            self._bg_stack[rows] = background_boxes([self._frames[i].background[0] for i in rows], dims)
+            self._bg_done[rows] = True
         for i in np.unique(t):
             if self._bg_done[i]:
                 continue
@@ -520,9 +529,11 @@ class CrowdedFitter:
         level = gaussian_filter(level.reshape((-1,) + shape), smoothing, mode="nearest", truncate=3.0)
         k2 = float(np.prod([_kernel_power(SMOOTH * s, 2) for s in widths]))
         var = np.empty_like(level)
-        for i in np.unique(t):
-            rows = t == i
-            noise = self._noise(i)
+        models = {}  # frames by noise model (a frame's tiles share its own)
+        for i in np.unique(t).tolist():
+            models.setdefault(id(self._noise(i)), (self._noise(i), []))[1].append(i)
+        for noise, frames in models.values():
+            rows = t == frames[0] if len(frames) == 1 else np.isin(t, frames)
             rv = noise.read_var
             read = float(np.mean(rv)) if np.ndim(rv) else float(rv)
             v = read + noise.shot * np.maximum(level[rows], 0.0)

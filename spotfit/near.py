@@ -192,31 +192,26 @@ def _candidates(a, b, reach, distances=True):
         # first index and count per cell, looked up directly
         per_cell = np.bincount(keys, minlength=int(size))
         table = (np.cumsum(per_cell) - per_cell, per_cell)
-    own, other, dist = [], [], []
     # along an axis whose points all lie in one cell, or in cells no two of which are
     # adjacent (the frames' extra axis), only a point's own cell holds its neighbours
     spread = [(0,) if lone[axis] or ca[:, axis].min() == ca[:, axis].max() == cb[:, axis].min() == cb[:, axis].max()
               else (-1, 0, 1) for axis in range(a.shape[1])]
-    for offset in itertools.product(*spread):
-        k = np.ravel_multi_index(tuple((ca + np.asarray(offset)).T), dims)
-        if table is not None:
-            start, count = table[0][k], table[1][k]
-        else:
-            start = np.searchsorted(ordered, k, side="left")
-            count = np.searchsorted(ordered, k, side="right") - start
-        total = int(count.sum())
-        if total == 0:
-            continue
-        i = np.repeat(np.arange(len(a), dtype=np.int64), count)
-        first = np.cumsum(count) - count
-        j = order[np.repeat(start - first, count) + np.arange(total)].astype(np.int64)
-        if distances:
-            d2 = np.sum((a[i] - b[j]) ** 2, axis=1).astype(float)
-            keep = d2 <= reach * reach  # (the k-d tree's comparison)
-            i, j = i[keep], j[keep]
-            dist.append(d2[keep])
-        own.append(i)
-        other.append(j)
-    if not own:
+    # every offset's cells at once, offset after offset (the pairs in that order)
+    offsets = np.array(list(itertools.product(*spread)), np.int64)
+    k = np.ravel_multi_index(tuple((ca[None, :, :] + offsets[:, None, :]).reshape(-1, a.shape[1]).T), dims)
+    if table is not None:
+        start, count = table[0][k], table[1][k]
+    else:
+        start = np.searchsorted(ordered, k, side="left")
+        count = np.searchsorted(ordered, k, side="right") - start
+    total = int(count.sum())
+    if total == 0:
         return none, none, np.zeros(0)
-    return np.concatenate(own), np.concatenate(other), (np.concatenate(dist) if distances else None)
+    i = np.repeat(np.tile(np.arange(len(a), dtype=np.int64), len(offsets)), count)
+    first = np.cumsum(count) - count
+    j = order[np.repeat(start - first, count) + np.arange(total)].astype(np.int64)
+    if not distances:
+        return i, j, None
+    d2 = np.sum((a[i] - b[j]) ** 2, axis=1).astype(float)
+    keep = d2 <= reach * reach  # (the k-d tree's comparison)
+    return i[keep], j[keep], d2[keep]

@@ -423,3 +423,29 @@ def test_background_at_pixels_is_the_multilinear_sum_in_corner_order(coarse_shap
                 expected += wz * wy * wx * coarse[jz, jy, jx]
     got = _interpolate_at(coarse, cells, zs, ys, xs)
     assert np.array_equal(got.view(np.int32), expected.astype(np.float32).view(np.int32))
+
+
+def test_tiles_backgrounds_at_once_are_each_tiles():
+    """``detection.background_boxes`` (a frame's tiles' backgrounds in one go, as the
+    joint fits of a large frame take them) gives each tile's ``background_box`` bit
+    for bit: tiles inside the block, at its edges and hanging over them (clipped)."""
+    from spotfit.background import Background
+
+    rng = np.random.default_rng(7)
+    ny, nx = 150, 230  # non-square
+    yy, xx = np.mgrid[:ny, :nx]
+    frame = (BG + 5.0 * np.sin(xx / 23.0) + 0.05 * yy + rng.normal(0, 2.0, (ny, nx))).astype(np.float32)
+    model = NoiseModel(read_var=4.0, shot=0.0, floor=1e-6, source="measured")
+    bg = Background.estimate(frame[None], (0.0, 1.3, 1.3), model)
+    piece = detection.BackgroundPiece((3, 5), (slice(0, ny - 3), slice(0, nx - 5)), bg, 2.5)
+    shape = (40, 52)
+    shifts = [(0, 0), (3, 5), (60, 100), (ny - 40, nx - 52), (120, 200), (-4, 190)]
+    tiles = [piece.moved(s) for s in shifts]
+    together = detection.background_boxes(tiles, shape)
+    assert together.shape == (len(shifts),) + shape and together.dtype == np.float64
+    for k, tile in enumerate(tiles):
+        alone = detection.background_box([tile], (0, 0), shape)
+        assert np.array_equal(together[k], alone), shifts[k]
+    # and it follows the frame: a tile's pixel is the frame's pixel it was cut from
+    assert np.array_equal(together[2], detection.background_box([piece], (60, 100), shape))
+    assert np.ptp(together[2]) > 1.0  # (a background that varies, so the test can fail)

@@ -115,3 +115,28 @@ def test_gaussian_and_maximum_filters_are_ndimages_bit_for_bit(dtype, mode):
             maximum_filter(a, half), ndimage.maximum_filter(a, size=tuple(2 * h + 1 for h in half),
                                                             mode="constant", cval=-np.inf))
         np.testing.assert_array_equal(a, before)  # the input is left as it was
+
+
+@pytest.mark.parametrize("table", [1 << 21, 0])
+def test_candidate_pairs_come_offset_after_offset(table, monkeypatch):
+    """The grid lookup's pairs are those of each neighbouring cell in turn (the order
+    callers have always seen): per offset of the cells, by query, the points of a cell
+    in index order -- checked against that order built by hand on a non-square cloud."""
+    monkeypatch.setattr(near, "_CELL_TABLE", table)
+    rng = np.random.default_rng(11)
+    a = np.rint(rng.uniform(0, [90, 40], (70, 2)))
+    b = np.rint(rng.uniform(0, [90, 40], (50, 2)))
+    reach = 6.0
+    i, j, d2 = near._candidates(a, b, reach)
+    low = np.minimum(a.min(axis=0), b.min(axis=0))
+    ca, cb = (a - low) // 6 + 1, (b - low) // 6 + 1
+    expect = []
+    for oy in (-1, 0, 1):
+        for ox in (-1, 0, 1):
+            for p in range(len(a)):
+                for q in np.flatnonzero((cb == ca[p] + [oy, ox]).all(axis=1)):
+                    if np.sum((a[p] - b[q]) ** 2) <= reach * reach:
+                        expect.append((p, q))
+    assert len(expect) > 20
+    assert [tuple(v) for v in np.column_stack([i, j]).tolist()] == expect
+    np.testing.assert_array_equal(d2, np.sum((a[i] - b[j]) ** 2, axis=1))
