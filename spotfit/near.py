@@ -35,6 +35,8 @@ _CELL_TABLE = 1 << 21
 #: millions of cells for a few thousand points, as a sub-pixel reach gives on a large
 #: frame, took longer to build than the binary searches it saved)
 _CELLS_PER_POINT = 256
+#: candidate pairs looked at per piece in :func:`_candidates` (its peak memory: ~40 bytes each)
+_PIECE = 1 << 22
 
 
 def pairs_within(points, others, reach):
@@ -204,14 +206,29 @@ def _candidates(a, b, reach, distances=True):
     else:
         start = np.searchsorted(ordered, k, side="left")
         count = np.searchsorted(ordered, k, side="right") - start
-    total = int(count.sum())
+    ends = np.cumsum(count)
+    total = int(ends[-1])
     if total == 0:
         return none, none, np.zeros(0)
-    i = np.repeat(np.tile(np.arange(len(a), dtype=np.int64), len(offsets)), count)
-    first = np.cumsum(count) - count
-    j = order[np.repeat(start - first, count) + np.arange(total)].astype(np.int64)
-    if not distances:
-        return i, j, None
-    d2 = np.sum((a[i] - b[j]) ** 2, axis=1).astype(float)
-    keep = d2 <= reach * reach  # (the k-d tree's comparison)
-    return i[keep], j[keep], d2[keep]
+    point = np.tile(np.arange(len(a), dtype=np.int64), len(offsets))
+    # in pieces of about _PIECE candidate pairs (lookups in order): a bounded peak of
+    # memory when millions of points each have several neighbours
+    cuts = np.searchsorted(ends, np.arange(_PIECE, total, _PIECE), side="left") + 1
+    own, other, dist = [], [], []
+    for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(count)]])):
+        c = count[lo:hi]
+        n = int(c.sum())
+        if n == 0:
+            continue
+        i = np.repeat(point[lo:hi], c)
+        j = order[np.repeat(start[lo:hi] - (np.cumsum(c) - c), c) + np.arange(n)].astype(np.int64)
+        if distances:
+            d2 = np.sum((a[i] - b[j]) ** 2, axis=1).astype(float)
+            keep = d2 <= reach * reach  # (the k-d tree's comparison)
+            i, j = i[keep], j[keep]
+            dist.append(d2[keep])
+        own.append(i)
+        other.append(j)
+    if len(own) == 1:
+        return own[0], other[0], (dist[0] if distances else None)
+    return np.concatenate(own), np.concatenate(other), (np.concatenate(dist) if distances else None)

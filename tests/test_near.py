@@ -118,11 +118,14 @@ def test_gaussian_and_maximum_filters_are_ndimages_bit_for_bit(dtype, mode):
 
 
 @pytest.mark.parametrize("table", [1 << 21, 0])
-def test_candidate_pairs_come_offset_after_offset(table, monkeypatch):
+@pytest.mark.parametrize("piece", [1 << 22, 5, 1])
+def test_candidate_pairs_come_offset_after_offset(table, piece, monkeypatch):
     """The grid lookup's pairs are those of each neighbouring cell in turn (the order
     callers have always seen): per offset of the cells, by query, the points of a cell
-    in index order -- checked against that order built by hand on a non-square cloud."""
+    in index order -- checked against that order built by hand on a non-square cloud;
+    the same when the lookups are done in pieces of a few pairs (memory's bound)."""
     monkeypatch.setattr(near, "_CELL_TABLE", table)
+    monkeypatch.setattr(near, "_PIECE", piece)
     rng = np.random.default_rng(11)
     a = np.rint(rng.uniform(0, [90, 40], (70, 2)))
     b = np.rint(rng.uniform(0, [90, 40], (50, 2)))
