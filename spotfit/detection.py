@@ -57,8 +57,11 @@ model | measured noise):
   25 | 66 at 0.2 photons/px (there the measured model cannot tell how
   skewed the noise is; give the camera).
 
-:func:`spotfit.detect` (:mod:`spotfit.api`) runs this frame by frame over an
-image or a time-lapse and returns a table.  Coordinates follow
+:func:`find_peaks_stack` gives the same candidates for each frame of a stack
+of small 2D frames sharing a noise model (a camera's) in one pass over the
+stack: per small frame, the calls cost more than the work.
+:func:`spotfit.detect` (:mod:`spotfit.api`) runs this frame by frame (small
+frames a stack at a time) over an image or a time-lapse and returns a table.  Coordinates follow
 :mod:`spotfit`: 0-based pixel centres, ``x`` = column, ``y`` = row,
 ``z`` = plane.
 """
