@@ -558,14 +558,21 @@ def _dark(camera, photons, t):
             "results are doubtful; is the baseline right?")
 
 
+#: :func:`_frames` detects 2D frames of at most this many pixels, with a camera's
+#: noise model, in stacks (:func:`spotfit.detection.find_peaks_stack`: the same
+#: candidates, one pass per stack instead of per frame) of up to STACK_PIXELS pixels
+STACK_FRAME_PIXELS = 128 * 128
+STACK_PIXELS = 1 << 18
+
+
 def _frames(img, valid_img, setup, report=None, camera=None):
     """Prepared, detected frames of ``img``, one at a time; ``report(t, n_frames, n_found)``
-    after each (``n_found``: the frame's candidates).
+    after each (``n_found``: the frame's candidates).  Small 2D frames with a calibrated
+    camera are read and detected a stack at a time (:data:`STACK_FRAME_PIXELS`).
 
     Gives at most one :class:`SpotfitWarning` about a dark frame per call.
     """
     from spotfit.background import NoiseModel, estimate_noise
-    from spotfit.detection import find_peaks
 
     config = setup.config if isinstance(setup, Setup) else setup
     ndim = 3 if img.is_3d else 2
@@ -575,6 +582,7 @@ def _frames(img, valid_img, setup, report=None, camera=None):
     camera_noise = NoiseModel.from_camera(cam) if cam.calibrated else None
     warned = False
     valid_frames = valid_img.frames() if valid_img is not None else None
+    pending = []
     for t, raw in img.frames():
         valid = next(valid_frames)[1].astype(bool) if valid_frames is not None else None
         f = _prepare(setup, t, raw, valid, camera)
@@ -582,11 +590,34 @@ def _frames(img, valid_img, setup, report=None, camera=None):
             warnings.warn(f.dark, SpotfitWarning, stacklevel=3)
             warned = True
         f.noise = camera_noise if camera_noise is not None else estimate_noise(f.photons, sigma)
+        pending.append(f)
+        size = f.photons.size
+        if (camera_noise is not None and ndim == 2 and 0 < size <= STACK_FRAME_PIXELS
+                and len(pending) < STACK_PIXELS // size):
+            continue
+        yield from _detected(pending, sigma, options, img.n_frames, report)
+        pending = []
+    yield from _detected(pending, sigma, options, img.n_frames, report)
+
+
+def _detected(frames, sigma, options, n_frames, report):
+    """:func:`_frames`' detection of prepared ``frames`` (one noise model for all when
+    more than one: a stack of small frames), each yielded and then reported."""
+    from spotfit.detection import find_peaks, find_peaks_stack
+
+    for f in frames:
         f.background = []
-        f.coords, f.score = find_peaks(f.photons, sigma, noise=f.noise, backgrounds=f.background, **options)
+    if len(frames) > 1 and len({f.photons.shape for f in frames}) == 1 and frames[0].photons.ndim == 2:
+        found = find_peaks_stack(np.stack([f.photons for f in frames]), sigma, noise=frames[0].noise,
+                                 backgrounds=[f.background for f in frames], **options)
+    else:
+        found = [find_peaks(f.photons, sigma, noise=f.noise, backgrounds=f.background, **options)
+                 for f in frames]
+    for f, (coords, score) in zip(frames, found):
+        f.coords, f.score = coords, score
         if f.valid is not None and len(f.coords):
             keep = f.valid[tuple(f.coords.T)]
             f.coords, f.score = f.coords[keep], f.score[keep]
         yield f
         if report is not None:
-            report(t, img.n_frames, len(f.coords))
+            report(f.t, n_frames, len(f.coords))

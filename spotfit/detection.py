@@ -57,8 +57,11 @@ model | measured noise):
   25 | 66 at 0.2 photons/px (there the measured model cannot tell how
   skewed the noise is; give the camera).
 
-:func:`spotfit.detect` (:mod:`spotfit.api`) runs this frame by frame over an
-image or a time-lapse and returns a table.  Coordinates follow
+:func:`find_peaks_stack` gives the same candidates for each frame of a stack
+of small 2D frames sharing a noise model (a camera's) in one pass over the
+stack: per small frame, the calls cost more than the work.
+:func:`spotfit.detect` (:mod:`spotfit.api`) runs this frame by frame (small
+frames a stack at a time) over an image or a time-lapse and returns a table.  Coordinates follow
 :mod:`spotfit`: 0-based pixel centres, ``x`` = column, ``y`` = row,
 ``z`` = plane.
 """
@@ -77,6 +80,7 @@ from spotfit.filters import (  # noqa: F401  (dog_filter, DOG_RATIO: the public 
 
 __all__ = [
     "find_peaks",
+    "find_peaks_stack",
     "filter_frame",
     "detection_halo",
     "gaussian_smooth",
@@ -246,6 +250,114 @@ def find_peaks(frame, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noi
     coords, snr = np.concatenate(coords), np.concatenate(snr)
     order = np.argsort(-snr, kind="stable")
     return coords[order].astype(np.intp).reshape(-1, data.ndim), snr[order].astype(float)
+
+
+def find_peaks_stack(frames, sigma, threshold=DEFAULT_THRESHOLD, min_distance=None, noise=None,
+                     backgrounds=None):
+    """:func:`find_peaks` of each 2D frame of a stack, in one pass over the stack.
+
+    Each frame's result is exactly (bit for bit) what :func:`find_peaks` gives
+    for it alone: its own level shift, float32 rounding floor, local
+    background, noise and threshold.  For movies of many small frames the
+    pipeline's steps then run once per stack instead of once per frame (per
+    small frame, the calls cost more than the work).  Stacks where that would
+    not hold or not help -- no shared noise model, frames far from unit range,
+    frames of more than ``_NOISE_SAMPLES`` pixels, stacks of more than
+    ``BLOCK_PIXELS``, smoothing by FFT -- are detected frame by frame.
+
+    Parameters
+    ----------
+    frames : (n, ny, nx) array_like
+        The frames, stacked along the first axis.
+    sigma, threshold, min_distance
+        As in :func:`find_peaks` (2D: a scalar or ``(sigma_y, sigma_x)``).
+    noise : spotfit.background.NoiseModel, optional
+        One noise model for every frame (a calibrated camera's); default:
+        each frame's own, measured on it (then frame by frame).
+    backgrounds : list of list, optional
+        One list per frame; each gets that frame's :class:`BackgroundPiece`.
+
+    Returns
+    -------
+    list of (coords, score)
+        Per frame, as :func:`find_peaks` returns them.
+    """
+    from spotfit.background import SCALE, Background
+    from spotfit.filters import _DIRECT_SIGMA
+
+    stack = np.asarray(frames)
+    if stack.ndim != 3:
+        raise SpotfitInputError(f"find_peaks_stack needs a 3D array of 2D frames, got shape {stack.shape}")
+    n, ny, nx = stack.shape
+    sig = _check_options(sigma, threshold, min_distance, 2)
+    sig = sig * 2 if len(sig) == 1 else sig
+    pieces = backgrounds if backgrounds is not None else [None] * n
+
+    def one_by_one():
+        return [find_peaks(stack[t], sigma, threshold, min_distance, noise, pieces[t]) for t in range(n)]
+
+    if (noise is None or n < 2 or stack.size == 0 or stack.size > BLOCK_PIXELS
+            or ny * nx > _NOISE_SAMPLES or SMOOTH * max(sig) > _DIRECT_SIGMA):
+        return one_by_one()
+    low, high = np.min(stack, axis=(1, 2)), np.max(stack, axis=(1, 2))
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        raise SpotfitInputError("image contains NaN or infinite pixels")
+    lo, hi = low.astype(np.float64), high.astype(np.float64)
+    biggest = np.maximum(np.abs(lo), np.abs(hi))
+    if np.any((biggest > 0) & ~((biggest > _UNIT_RANGE[0]) & (biggest < _UNIT_RANGE[1]))):
+        return one_by_one()  # (a frame to rescale: its working units differ)
+    radii = default_min_distance(sig) if min_distance is None else (int(min_distance),) * 2
+    # _Prepared.of per frame (factor 1; a small frame's sub-grid is all of it)
+    shift = np.median(stack.reshape(n, -1).astype(np.float64), axis=1).astype(np.float32).astype(np.float64)
+    floor = (_NOISE_FLOOR * np.maximum(hi - shift, shift - lo)) ** 2
+    live = np.maximum(floor, _max_variance(noise)) > 0  # frames with any noise at all
+    results = [(np.empty((0, 2), dtype=np.intp), np.empty(0, dtype=float)) for _ in range(n)]
+    if not live.any():
+        return results
+    edge = _EdgeNoise((ny, nx), sig, SMOOTH, SCALE)
+    frame_of, coords, snr, background = _stack_peaks(
+        np.ascontiguousarray(stack, dtype=np.float32), sig, shift, floor, noise, edge, float(threshold), radii)
+    for t in range(n):
+        if pieces[t] is not None and live[t]:
+            plane = Background(background.coarse[t:t + 1], background.cells, (1, ny, nx),
+                               background.excluded[t:t + 1], background.means[t:t + 1])
+            pieces[t].append(BackgroundPiece((0, 0), (slice(0, ny), slice(0, nx)), plane, 1.0))
+    bounds = np.searchsorted(frame_of, np.arange(n + 1))
+    for t in np.flatnonzero(live):
+        part = slice(bounds[t], bounds[t + 1])
+        results[t] = (coords[part], snr[part])
+    return results
+
+
+def _stack_peaks(data, sig, shift, floor, noise, edge, threshold, radii):
+    """:func:`_block_peaks` of every frame of a (n, ny, nx) float32 stack (one block per
+    frame; ``shift`` and ``floor`` per frame): the candidates' frames (increasing),
+    ``(row, col)`` and scores (each frame's by decreasing score) and the stack's
+    :class:`~spotfit.background.Background` (its planes are the frames')."""
+    from spotfit.background import Background, _add_interpolated_rows, _axis_weights
+
+    n, ny, nx = data.shape
+    background = Background.estimate(data, (0.0,) + tuple(sig), noise)
+    work = data - shift.astype(np.float32)[:, None, None]
+    filtered = gaussian_smooth(work, (0.0,) + tuple(SMOOTH * s for s in sig))
+    # background.subtract_from frame by frame (each frame's own shift)
+    zero = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1))
+    weights = [w for m, c, k in zip((ny, nx), background.cells[1:], background.coarse.shape[1:])
+               for w in _axis_weights(m, int(c), k)]
+    for t in range(n):
+        over_windows(_add_interpolated_rows, ny, filtered[t:t + 1], background.coarse[t:t + 1], *zero,
+                     *weights, -1.0, float(shift[t]), threaded=False)
+    cand = _screen(filtered, background, noise, floor, threshold * edge.white_sd * edge.min_relative,
+                   (0,) + tuple(radii), planes=False)
+    cand = cand[_order_peaks(filtered, cand, (1,) + tuple(radii))]
+    t, y, x = np.unravel_index(cand, filtered.shape)
+    sd, skew = _noise_sd((t, y, x), (y, x), background, noise, edge, floor[t])
+    snr = filtered.ravel()[cand] / sd
+    keep = snr > _skewed_threshold(threshold, skew)
+    t, y, x, snr = t[keep], y[keep], x[keep], snr[keep].astype(float)
+    order = np.lexsort((-snr, t))
+    coords = np.column_stack([y[order], x[order]]).astype(np.intp).reshape(-1, 2)
+    return t[order], coords, snr[order], background
 
 
 class _Prepared:
@@ -570,22 +682,30 @@ def filter_frame(frame, sigma, noise=None):
     return filtered / np.float32(p.factor), (sd / p.factor).astype(np.float32)
 
 
-def _screen(filtered, background, noise, floor, factor, radii=None):
+def _screen(filtered, background, noise, floor, factor, radii=None, planes=True):
     """Flat indices of the pixels whose filtered value exceeds ``factor`` times a lower
     bound of their noise standard deviation (the smallest of the cells around them),
     increasing; with ``radii`` (half-widths per axis of `filtered`) only those that
-    are also maxima of their box (:func:`_local_maxima`'s first step)."""
+    are also maxima of their box (:func:`_local_maxima`'s first step).  ``floor``: a
+    number, or one per plane of a stack of 2D frames (``planes`` False: the cells'
+    planes are frames, not mixed)."""
     from spotfit.background import _box_filter, in_strips
 
     rv = noise.read_var
     rv_min = float(np.min(rv)) if np.ndim(rv) else float(rv)
 
-    def limit_of(coarse):
-        level = _box_filter(coarse, np.ones(3, np.int64), True)  # interpolation uses +-1 cell
-        var = np.maximum(rv_min + noise.shot * np.maximum(level, 0.0), max(noise.floor, floor)) * noise.correlation
+    box = np.array([1 if planes else 0, 1, 1], np.int64)  # interpolation uses +-1 cell
+
+    def limit_of(coarse, least=max(noise.floor, floor) if np.ndim(floor) == 0 else None):
+        level = _box_filter(coarse, box, True)
+        var = np.maximum(rv_min + noise.shot * np.maximum(level, 0.0), least) * noise.correlation
         return (factor * np.sqrt(var)).astype(np.float32)
 
-    limit = in_strips(limit_of, (background.coarse,), 1)  # (on threads for large grids)
+    arrays = (background.coarse,)
+    if np.ndim(floor):  # (one per plane, as an array of the grid's shape: strips slice it)
+        least = np.maximum(noise.floor, np.asarray(floor, np.float64))
+        arrays += (np.ascontiguousarray(np.broadcast_to(least[:, None, None], background.coarse.shape)),)
+    limit = in_strips(limit_of, arrays, 1)  # (on threads for large grids)
     volume = filtered.reshape(background.shape)
     box = np.zeros(3, np.int64)
     if radii is not None:
