@@ -694,10 +694,10 @@ def _screen(filtered, background, noise, floor, factor, radii=None, planes=True)
     rv = noise.read_var
     rv_min = float(np.min(rv)) if np.ndim(rv) else float(rv)
 
-    box = np.array([1 if planes else 0, 1, 1], np.int64)  # interpolation uses +-1 cell
+    cells = np.array([1 if planes else 0, 1, 1], np.int64)  # interpolation uses +-1 cell
 
     def limit_of(coarse, least=max(noise.floor, floor) if np.ndim(floor) == 0 else None):
-        level = _box_filter(coarse, box, True)
+        level = _box_filter(coarse, cells, True)
         var = np.maximum(rv_min + noise.shot * np.maximum(level, 0.0), least) * noise.correlation
         return (factor * np.sqrt(var)).astype(np.float32)
 
