@@ -304,12 +304,12 @@ def find_peaks_stack(frames, sigma, threshold=DEFAULT_THRESHOLD, min_distance=No
         raise SpotfitInputError("image contains NaN or infinite pixels")
     lo, hi = low.astype(np.float64), high.astype(np.float64)
     biggest = np.maximum(np.abs(lo), np.abs(hi))
-    if np.any((biggest > 0) & ~((biggest > _UNIT_RANGE[0]) & (biggest < _UNIT_RANGE[1]))):
+    if np.any(_off_unit_range(biggest)):
         return one_by_one()  # (a frame to rescale: its working units differ)
     radii = default_min_distance(sig) if min_distance is None else (int(min_distance),) * 2
     # _Prepared.of per frame (factor 1; a small frame's sub-grid is all of it)
     shift = np.median(stack.reshape(n, -1).astype(np.float64), axis=1).astype(np.float32).astype(np.float64)
-    floor = (_NOISE_FLOOR * np.maximum(hi - shift, shift - lo)) ** 2
+    floor = _rounding_floor(lo, hi, shift)
     live = np.maximum(floor, _max_variance(noise)) > 0  # frames with any noise at all
     results = [(np.empty((0, 2), dtype=np.intp), np.empty(0, dtype=float)) for _ in range(n)]
     if not live.any():
@@ -386,14 +386,14 @@ class _Prepared:
             raise SpotfitInputError("image contains NaN or infinite pixels")
         biggest = max(abs(lo), abs(hi))
         factor = 1.0
-        if biggest > 0 and not _UNIT_RANGE[0] < biggest < _UNIT_RANGE[1]:
+        if _off_unit_range(biggest):
             factor = 2.0 ** int(round(math.log2(1024.0 / biggest)))
         if noise is None:
             noise = estimate_noise(data, sig)
         if factor != 1.0:
             noise = noise.scaled(factor)
         shift = float(np.float32(np.median(_subgrid(data).astype(np.float64) * factor)))
-        floor = (_NOISE_FLOOR * max(hi * factor - shift, shift - lo * factor)) ** 2
+        floor = float(_rounding_floor(lo * factor, hi * factor, shift))
         if not max(floor, _max_variance(noise)) > 0:
             return None
         return cls(sig, factor, shift, noise, floor, _EdgeNoise(data.shape, sig, SMOOTH, SCALE))
@@ -407,6 +407,18 @@ class _Prepared:
 
 #: frames whose largest |value| lies outside this range are rescaled first
 _UNIT_RANGE = (2.0**-40, 2.0**40)
+
+
+def _off_unit_range(biggest):
+    """Whether frames whose largest |value| is ``biggest`` (a number or an array of
+    them) are rescaled (:class:`_Prepared`)."""
+    return (biggest > 0) & ~((biggest > _UNIT_RANGE[0]) & (biggest < _UNIT_RANGE[1]))
+
+
+def _rounding_floor(lo, hi, shift):
+    """The smallest variance of a frame of values ``lo .. hi`` filtered after removing
+    ``shift`` (float32 rounding; numbers or arrays, one per frame)."""
+    return (_NOISE_FLOOR * np.maximum(hi - shift, shift - lo)) ** 2
 #: frames larger than this many pixels are processed in blocks of rows
 BLOCK_PIXELS = 1 << 24
 
