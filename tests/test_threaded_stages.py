@@ -332,8 +332,8 @@ def test_starting_values_in_blocks_give_the_table_of_one_block(camera, monkeypat
 
 def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch):
     """Dense frames pass ``choose_width`` (grouped candidates keep their symmetric fit
-    without a choice) to the single-spot fits; in pieces each piece takes its own windows'
-    widths, and the table is that of one piece."""
+    without a choice) and the ``settled`` rule to the single-spot fits; in pieces each
+    piece takes its own windows' widths and the rule, and the table is that of one piece."""
     movie, _ = spotfit.simulate((6, 32, 44), n_spots=70, photons=3000, background=20, sigma=1.1,
                                 min_separation=1.0, border=1, camera=CAMERA, seed=24)
     _in_one_piece(monkeypatch)
@@ -342,12 +342,13 @@ def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch)
     calls = _in_pieces(monkeypatch, 50)
     selected = []  # (windows, widths) of each piece's model choice
     select = single._select
-    monkeypatch.setattr(single, "_select", lambda setup, reduced, batch, sol, width=None: (
-        selected.append((len(batch), width)) or select(setup, reduced, batch, sol, width)))
+    monkeypatch.setattr(single, "_select", lambda setup, reduced, batch, sol, width=None, settled=None: (
+        selected.append((len(batch), width, settled)) or select(setup, reduced, batch, sol, width, settled)))
     pieces = spotfit.fit(movie, camera=CAMERA, sigma=1.1, workers=2)
     widths = [a[2] for a in calls]
     assert any(w is not None and np.ndim(w) == 1 and np.any(w > 0) for w in widths), widths
-    assert len(selected) > 1 and all(np.shape(w) == (n,) for n, w in selected), selected
+    assert len(selected) > 1 and all(np.shape(w) == (n,) for n, w, _ in selected), selected
+    assert all(callable(rule) for _, _, rule in selected)  # every piece applies the settled rule
     pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
 
 
