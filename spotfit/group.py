@@ -210,9 +210,26 @@ def _dog_windows(data, t, lo, inner, sig, margin, boxes=None) -> np.ndarray:
     else:
         stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
         start = np.column_stack([t, lo + margin])
-    filtered = gaussian_filter(stack, sig, mode="nearest") - \
-        gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
-    return roi.cut_box(filtered, start, (1,) + tuple(inner)).data
+    narrow, wide = _side_by_side(lambda: gaussian_filter(stack, sig, mode="nearest"),
+                                 lambda: gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]),
+                                                         mode="nearest"))
+    return roi.cut_box(narrow - wide, start, (1,) + tuple(inner)).data
+
+
+def _side_by_side(*jobs) -> list:
+    """The results of ``jobs`` (callables), run side by side on the kernel threads
+    (:func:`spotfit._jit.over_windows`; NumPy's filters release the GIL): the same
+    values as one after the other."""
+    from spotfit._jit import over_windows
+
+    out = [None] * len(jobs)
+
+    def run(first, last):
+        for k in range(first, last):
+            out[k] = jobs[k]()
+
+    over_windows(run, len(jobs), threaded=True)
+    return out
 
 
 class CrowdedFitter:
@@ -523,10 +540,11 @@ class CrowdedFitter:
         data = (w.data - offset) * w.mask
         widths = cfg.widths(nd)[::-1]  # array order
         smoothing = (0,) + tuple(SMOOTH * s for s in widths)
-        smooth = gaussian_filter(data.reshape((-1,) + shape), smoothing, mode="constant", truncate=3.0)
         # noise of the smoothed residual: the frame's noise model at the fitted level
         level = offset + self._windows(light, t, centre - half, shape).data
-        level = gaussian_filter(level.reshape((-1,) + shape), smoothing, mode="nearest", truncate=3.0)
+        smooth, level = _side_by_side(
+            lambda: gaussian_filter(data.reshape((-1,) + shape), smoothing, mode="constant", truncate=3.0),
+            lambda: gaussian_filter(level.reshape((-1,) + shape), smoothing, mode="nearest", truncate=3.0))
         k2 = float(np.prod([_kernel_power(SMOOTH * s, 2) for s in widths]))
         var = np.empty_like(level)
         models = {}  # frames by noise model (a frame's tiles share its own)
