@@ -894,33 +894,37 @@ class CrowdedFitter:
         misfit = sol.chi2_red > 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)
         candidates = pegged & misfit  # blob tests: after the last round (_judge_blobs)
         blob = np.zeros(G, bool)
-        outs, lows, states = [], [], []
-        for i in range(K):
-            m = members[:, i]
-            idx = model.emitter_params(i)
-            values, errors = results.measure(em, theta[:, idx], sol.cov[:, idx][:, :, idx], w.origin)
-            outside = ~w.inside(theta[:, idx][:, centre])
-            low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
-            state = emitter_status(sol, idx, model.offset_index)
-            rec["status"][m] = results.judge(state, outside, low, sat, blob)
-            outs.append(outside)
-            lows.append(low)
-            states.append(state)
-            for key, v in values.items():
-                rec[key][m] = v
-                rec[f"{key}_err"][m] = errors[key]
-            rec["chi2_red"][m] = sol.chi2_red
-            rec["iterations"][m] = sol.iterations
-            rec["n_pixels"][m] = w.mask.sum(axis=1)
-            th = theta[finite][:, idx]  # keep old estimates where a fit failed
-            ok = m[finite]
-            out.intensity[ok] = th[:, em.intensity_index]
-            out.xyz[ok] = th[:, centre] + w.origin[finite]
-            out.start[ok] = out.xyz[ok]
-            out.sigma[ok, 0] = th[:, em.index("sigma")]
-            if nd == 3:
-                out.sigma[ok, 1] = th[:, em.index("sigma_z")]
-            out.offset[ok] = th[:, em.offset_index]
+        # every emitter of every group at once: row g * K + i is emitter i of group g
+        idx = np.array([model.emitter_params(i) for i in range(K)])  # (K, emitter's parameters)
+        ke = idx.shape[1]
+        flat = members.ravel()
+        th_all = theta[:, idx]  # (G, K, ke)
+        # the columns emitter by emitter (results.measure's quadratic forms are summed
+        # in an order that depends on the batch, so per emitter as ever: the same bits)
+        each = [results.measure(em, th_all[:, i], sol.cov[:, idx[i]][:, :, idx[i]], w.origin) for i in range(K)]
+        values, errors = ({key: np.column_stack([part[j][key] for part in each]).reshape(G * K) for key in each[0][j]}
+                          for j in (0, 1))
+        outside = ~w.inside(th_all[:, :, centre].reshape(G * K, len(centre)), rows=np.repeat(np.arange(G), K))
+        low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
+        state = emitter_status(sol, idx, model.offset_index).reshape(G * K)
+        rec["status"][flat] = results.judge(state, outside, low, np.repeat(sat, K), np.repeat(blob, K))
+        for key, v in values.items():
+            rec[key][flat] = v
+            rec[f"{key}_err"][flat] = errors[key]
+        rec["chi2_red"][flat] = np.repeat(sol.chi2_red, K)
+        rec["iterations"][flat] = np.repeat(sol.iterations, K)
+        rec["n_pixels"][flat] = np.repeat(w.mask.sum(axis=1), K)
+        th = th_all[finite].reshape(-1, ke)  # keep old estimates where a fit failed
+        ok = members[finite].ravel()
+        out.intensity[ok] = th[:, em.intensity_index]
+        out.xyz[ok] = th[:, centre] + np.repeat(w.origin[finite], K, axis=0)
+        out.start[ok] = out.xyz[ok]
+        out.sigma[ok, 0] = th[:, em.index("sigma")]
+        if nd == 3:
+            out.sigma[ok, 1] = th[:, em.index("sigma_z")]
+        out.offset[ok] = th[:, em.offset_index]
+        # (per emitter, for the blob tests)
+        outs, lows, states = (list(a.reshape(G, K).T) for a in (outside, low, state))
         if candidates.any():
             (self._pending if pending is None else pending).append(
                 [out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof, model.n_params,
@@ -1170,7 +1174,8 @@ __all__ = ["group_spots", "CrowdedFitter", "MIN_EMITTER_SNR", "reach"]
 
 
 def emitter_status(sol, idx, offset_index):
-    """The solve's status of one emitter of joint fits (``idx``: its parameters).
+    """The solve's status of one emitter of joint fits (``idx``: its parameters), ``(G,)``;
+    or of each of several (``idx`` ``(K, k_e)``: emitter ``i``'s in row ``i``), ``(G, K)``.
 
     The solver flags a whole window ``low_signal`` when the bias correction
     of any of its parameters is unstable (:func:`spotfit.solver.solve`); in
@@ -1182,8 +1187,11 @@ def emitter_status(sol, idx, offset_index):
     """
     from spotfit._kernels import CONVERGED, LOW_SIGNAL
 
-    status = sol.status
+    idx = np.asarray(idx, np.int64)
+    status = sol.status if idx.ndim == 1 else np.repeat(sol.status[:, None], len(idx), axis=1)
     if sol.unstable is None or not sol.unstable.any():
         return status
-    own = sol.unstable[:, list(idx) + [offset_index]].any(axis=1)
-    return np.where((status == LOW_SIGNAL) & sol.unstable.any(axis=1) & ~own, CONVERGED, status).astype(status.dtype)
+    cols = np.concatenate([idx, np.full(idx.shape[:-1] + (1,), offset_index)], axis=-1)
+    own = sol.unstable[:, cols].any(axis=-1)
+    some = sol.unstable.any(axis=1) if idx.ndim == 1 else sol.unstable.any(axis=1)[:, None]
+    return np.where((status == LOW_SIGNAL) & some & ~own, CONVERGED, status).astype(status.dtype)
