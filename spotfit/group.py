@@ -187,33 +187,60 @@ def _dog_windows(data, t, lo, inner, sig, margin, boxes=None) -> np.ndarray:
     (zero outside them, as if padded by ``margin`` px of zeros) in the windows of
     shape ``inner`` from ``lo`` (array order) of frames ``t``: ``(n, P)``.
 
-    Filtered per frame, padded; or, when they hold fewer pixels (``boxes``: force
+    Filtered per frame, padded; or, when that takes fewer operations (``boxes``: force
     it either way, for tests), in each window's box widened by the wider filter's
     reach: the same values, since a filtered pixel depends only on the pixels
     within the reach, and the reach is within ``margin`` (the box never meets the
-    padded frame's edge, where ``"nearest"`` would matter).
+    padded frame's edge, where ``"nearest"`` would matter).  In a box each filter
+    sees only the pixels the window's values depend on: each axis' pass over the box
+    cropped to the window widened by that filter's half-width along the axes still to
+    filter, the rows it leaves cropped to the window (:func:`_filter_interior`).
     """
     from spotfit.background import gaussian_filter
     from spotfit.filters import DOG_RATIO
 
     nd = len(inner)
-    sig = (0,) + tuple(sig)
-    reach = np.array([int(4.0 * DOG_RATIO * s + 0.5) for s in sig[1:]], np.int64)
+    widths = (tuple(float(s) for s in sig), tuple(float(DOG_RATIO * s) for s in sig))
+    reach = np.array([int(4.0 * DOG_RATIO * s + 0.5) for s in sig], np.int64)
+    # the filters' half-widths (as gaussian_filter takes them), within the box's reach
+    halves = [[int(4.0 * s + 0.5) for s in w] for w in widths]
+    fits = all(h <= r for hs in halves for h, r in zip(hs, reach))
     box = (1,) + tuple(int(v) for v in np.asarray(inner) + 2 * reach)
     padded = len(data) * int(np.prod(np.asarray(data.shape[1:]) + 2 * np.asarray(margin)))
-    if boxes is None:
-        boxes = len(t) * int(np.prod(box)) < padded
-    if boxes:  # (cut_box leaves pixels outside the frames at zero: the padding)
+    if boxes is None:  # pixels passed through the filters (2 filters, nd passes each)
+        per_box = sum(int(np.prod(inner[:a])) * int(np.prod([i + 2 * h for i, h in zip(inner[a:], hs[a:])]))
+                      for hs in halves for a in range(nd))
+        boxes = fits and len(t) * per_box < 2 * nd * padded
+    if boxes and fits:  # (cut_box leaves pixels outside the frames at zero: the padding)
         stack = roi.cut_box(data, np.column_stack([t, lo - reach]), box, dtype=data.dtype).data
         stack = stack.reshape((len(t),) + box[1:])
-        start = np.column_stack([np.arange(len(t)), np.broadcast_to(reach, (len(t), nd))])
-    else:
-        stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
-        start = np.column_stack([t, lo + margin])
-    narrow, wide = _side_by_side(lambda: gaussian_filter(stack, sig, mode="nearest"),
-                                 lambda: gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]),
-                                                         mode="nearest"))
+        narrow, wide = _side_by_side(*(lambda w=w, hs=hs: _filter_interior(stack, w, hs, reach, inner)
+                                       for w, hs in zip(widths, halves)))
+        return (narrow - wide).reshape(len(t), -1)
+    stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
+    start = np.column_stack([t, lo + margin])
+    narrow, wide = _side_by_side(*(lambda w=w: gaussian_filter(stack, (0.0,) + w, mode="nearest")
+                                   for w in widths))
     return roi.cut_box(narrow - wide, start, (1,) + tuple(inner)).data
+
+
+def _filter_interior(stack, widths, halves, reach, inner):
+    """``gaussian_filter(stack, (0,) + widths, mode="nearest")`` of boxes ``stack``
+    (``(n,) + inner + 2 reach``) at their windows' pixels (``inner`` from ``reach``):
+    axis after axis, each pass over the pixels that the windows' values depend on
+    (the window widened by ``halves`` along the axes not yet filtered), then cropped
+    to the window along its axis.  The same numbers: a pass computes each value from
+    its own row, in the same order, and no value kept comes near a cropped edge."""
+    from spotfit.background import gaussian_filter
+
+    nd = len(inner)
+    a = stack[(slice(None),) + tuple(slice(int(r - h), int(r + i + h)) for r, h, i in zip(reach, halves, inner))]
+    for axis in range(nd):
+        one = [0.0] * (nd + 1)
+        one[axis + 1] = widths[axis]
+        a = gaussian_filter(a, tuple(one), mode="nearest")
+        a = a[(slice(None),) * (axis + 1) + (slice(halves[axis], halves[axis] + inner[axis]),)]
+    return a
 
 
 def _side_by_side(*jobs) -> list:
