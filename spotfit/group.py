@@ -185,16 +185,18 @@ _FRAME_GAP = 1e7
 def _dog_windows(data, t, lo, inner, sig, margin, boxes=None) -> np.ndarray:
     """The DoG (``G(sig) - G(DOG_RATIO sig)``, ``mode="nearest"``) of frames ``data``
     (zero outside them, as if padded by ``margin`` px of zeros) in the windows of
-    shape ``inner`` from ``lo`` (array order) of frames ``t``: ``(n, P)``.
+    shape ``inner`` from ``lo`` (array order) of frames ``t``: ``(n, P)``, at the
+    windows' pixels within the frames (0 at those beyond, which the split leaves out).
 
-    Filtered per frame, padded; or, when that takes fewer operations (``boxes``: force
-    it either way, for tests), in each window's box widened by the wider filter's
-    reach: the same values, since a filtered pixel depends only on the pixels
-    within the reach, and the reach is within ``margin`` (the box never meets the
-    padded frame's edge, where ``"nearest"`` would matter).  In a box each filter
-    sees only the pixels the window's values depend on: each axis' pass over the box
-    cropped to the window widened by that filter's half-width along the axes still to
-    filter, the rows it leaves cropped to the window (:func:`_filter_interior`).
+    Filtered per frame with zeros beyond its edges (``mode="constant"``: the numbers of
+    the frame padded by ``margin`` zeros, whose own edge, where ``"nearest"`` would
+    matter, lies beyond the reach of any pixel of the frame); or, when that takes fewer
+    operations (``boxes``: force it either way, for tests), in each window's box widened
+    by the wider filter's reach: the same values, since a filtered pixel depends only
+    on the pixels within the reach.  In a box each filter sees only the pixels the
+    window's values depend on: each axis' pass over the box cropped to the window
+    widened by that filter's half-width along the axes still to filter, the rows it
+    leaves cropped to the window (:func:`_filter_interior`).
     """
     from spotfit.background import gaussian_filter
     from spotfit.filters import DOG_RATIO
@@ -205,23 +207,24 @@ def _dog_windows(data, t, lo, inner, sig, margin, boxes=None) -> np.ndarray:
     # the filters' half-widths (as gaussian_filter takes them), within the box's reach
     halves = [[int(4.0 * s + 0.5) for s in w] for w in widths]
     fits = all(h <= r for hs in halves for h, r in zip(hs, reach))
+    assert all(r <= m for r, m in zip(reach, margin))  # (the margin the numbers are those of)
     box = (1,) + tuple(int(v) for v in np.asarray(inner) + 2 * reach)
-    padded = len(data) * int(np.prod(np.asarray(data.shape[1:]) + 2 * np.asarray(margin)))
     if boxes is None:  # pixels passed through the filters (2 filters, nd passes each)
         per_box = sum(int(np.prod(inner[:a])) * int(np.prod([i + 2 * h for i, h in zip(inner[a:], hs[a:])]))
                       for hs in halves for a in range(nd))
-        boxes = fits and len(t) * per_box < 2 * nd * padded
+        boxes = fits and len(t) * per_box < 2 * nd * data.size
     if boxes and fits:  # (cut_box leaves pixels outside the frames at zero: the padding)
         stack = roi.cut_box(data, np.column_stack([t, lo - reach]), box, dtype=data.dtype).data
         stack = stack.reshape((len(t),) + box[1:])
         narrow, wide = _side_by_side(*(lambda w=w, hs=hs: _filter_interior(stack, w, hs, reach, inner)
                                        for w, hs in zip(widths, halves)))
-        return (narrow - wide).reshape(len(t), -1)
-    stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
-    start = np.column_stack([t, lo + margin])
-    narrow, wide = _side_by_side(*(lambda w=w: gaussian_filter(stack, (0.0,) + w, mode="nearest")
+        mesh = np.indices(inner).reshape(nd, -1)  # the windows' pixels within the frames
+        pix = lo[:, :, None] + mesh[None]
+        within = np.all((pix >= 0) & (pix < np.array(data.shape[1:])[None, :, None]), axis=1)
+        return np.where(within, (narrow - wide).reshape(len(t), -1), 0.0)
+    narrow, wide = _side_by_side(*(lambda w=w: gaussian_filter(data, (0.0,) + w, mode="constant")
                                    for w in widths))
-    return roi.cut_box(narrow - wide, start, (1,) + tuple(inner)).data
+    return roi.cut_box(narrow - wide, np.column_stack([t, lo]), (1,) + tuple(inner)).data
 
 
 def _filter_interior(stack, widths, halves, reach, inner):

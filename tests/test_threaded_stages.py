@@ -356,7 +356,8 @@ def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch)
                          ids=["2d", "3d"])
 def test_dog_in_window_boxes_is_the_dog_of_padded_frames(shape, sig):
     """The split of stretched joint fits filters each window's box widened by the
-    filter's reach instead of the padded frames: the same values, windows at the
+    filter's reach, or the frames with zeros beyond their edges, instead of the padded
+    frames: the same values at the windows' pixels within the frames, windows at the
     frames' edges (a pixel beyond) included."""
     from spotfit.filters import DOG_RATIO
     from spotfit.group import _dog_windows
@@ -376,6 +377,18 @@ def test_dog_in_window_boxes_is_the_dog_of_padded_frames(shape, sig):
     assert boxes.shape == (n, int(np.prod(inner)))
     assert np.array_equal(boxes, frames)
     assert np.ptp(boxes) > 0
+    # both: the DoG of the frames padded by `margin` zeros, at the windows' pixels within
+    # the frames (0 beyond them)
+    from spotfit import roi
+    from spotfit.background import gaussian_filter
+
+    padded = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
+    dog = gaussian_filter(padded, (0,) + tuple(sig), mode="nearest") - \
+        gaussian_filter(padded, (0,) + tuple(DOG_RATIO * s for s in sig), mode="nearest")
+    want = roi.cut_box(dog, np.column_stack([t, lo + margin]), (1,) + inner).data
+    pix = lo[:, :, None] + np.indices(inner).reshape(len(inner), -1)[None]
+    within = np.all((pix >= 0) & (pix < np.array(shape[1:])[None, :, None]), axis=1)
+    assert (~within).any() and np.array_equal(boxes, np.where(within, want, 0.0))
 
 
 def test_fits_in_pieces_measure_the_noise_model_of_one_solve(monkeypatch):
