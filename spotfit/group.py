@@ -472,10 +472,13 @@ class CrowdedFitter:
                 values = bg.box([np.zeros(1, np.int64)] * (3 - len(dims)) + [np.arange(n) for n in dims])
             self._bg_stack[i] = np.asarray(values, float).reshape(dims)
             self._bg_done[i] = True
-        mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
-        pix = lo[:, None, :] + mesh[None]  # (n, P, ndim), array order
-        pix = np.clip(pix, 0, np.array(dims) - 1)
-        return self._bg_stack[(t[:, None],) + tuple(pix[..., a] for a in range(len(shape)))]
+        # each axis' pixels (clipped to the frame), broadcast against the others'
+        nd = len(shape)
+        index = [t.reshape((-1,) + (1,) * nd)]
+        for a, n in enumerate(shape):
+            along = np.clip(lo[:, a, None] + np.arange(n), 0, dims[a] - 1)
+            index.append(along.reshape((len(t),) + (1,) * a + (n,) + (1,) * (nd - 1 - a)))
+        return self._bg_stack[tuple(index)].reshape(len(t), -1)
 
     def _noise(self, i):
         """Detection noise model of frame ``i`` of the chunk (measured once if need be)."""
