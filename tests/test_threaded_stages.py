@@ -247,6 +247,8 @@ def test_compiled_quadrupole_score_is_the_numpy_one(camera, read_map, monkeypatc
     seen = []
     original = single._doubtful
     monkeypatch.setattr(single, "_doubtful", lambda *a: seen.append(a) or original(*a))
+    # (a dense frame: every candidate's symmetric fit through the gate, suspects' too)
+    monkeypatch.setattr(spotfit.fields, "SETTLE_SYMMETRIC", False)
     image = (_frame((150, 331), 300, seed=8) + 100.0).astype(np.uint16)
     if read_map:
         rn = np.random.default_rng(3).uniform(1.0, 3.0, image.shape)
