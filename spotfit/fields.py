@@ -467,6 +467,9 @@ BLOB_WIDTH = 1.5
 #: single fit, so it keeps the symmetric fit without model choice (score test and
 #: refit with the richer model), which only a blob's or an isolated spot's row needs
 CHOOSE_WIDTH = 1.3
+#: a dense frame's candidate whose symmetric single fit is already a suspect keeps it
+#: without the model choice (:func:`settled_by_symmetric`)
+SETTLE_SYMMETRIC = True
 NOT_SPOT_JOINS = True
 
 
@@ -661,10 +664,17 @@ def _judge_singles(setup: Setup, singles):
     from spotfit import results
     from spotfit._kernels import CONVERGED, NOT_SPOT
 
-    cfg = setup.config
     status = singles["status"].to_numpy() if len(singles) else np.zeros(0, object)
     ok = (status == results.STATUS_NAMES[CONVERGED]) | (NOT_SPOT_JOINS & (status == results.STATUS_NAMES[NOT_SPOT]))
     sx, sy = singles["sigma_x"].to_numpy(), singles["sigma_y"].to_numpy()
+    suspect, blob = _suspect_or_blob(setup, ok, sx, sy, singles["chi2_red"].to_numpy())
+    return ok, suspect, blob
+
+
+def _suspect_or_blob(setup: Setup, ok, sx, sy, chi2):
+    """:func:`_judge_singles`' suspects and blobs among fits ``ok`` of widths ``sx, sy``
+    and reduced chi-square ``chi2``; two bool arrays."""
+    cfg = setup.config
     big, small = np.maximum(sx, sy), np.minimum(sx, sy)
     dof = np.prod([2 * h + 1 for h in setup.half]) - setup.model.n_params
     chi2_limit = 1.0 + SUSPECT_CHI2 * np.sqrt(2.0 / max(dof, 1))
@@ -673,10 +683,26 @@ def _judge_singles(setup: Setup, singles):
     # (a fit between the two, minor axis 1.2-1.5 sigmas, is a cluster of
     # unresolved spots as often as not: the joint fits and their blob test decide)
     blob = ok & (small > BLOB_WIDTH * cfg.sigma)
-    suspect = ok & ~blob & (
-        (big > SUSPECT_WIDTH * cfg.sigma) | (big > SUSPECT_ELONGATION * small)
-        | (singles["chi2_red"].to_numpy() > chi2_limit))
-    return ok, suspect, blob
+    suspect = ok & ~blob & ((big > SUSPECT_WIDTH * cfg.sigma) | (big > SUSPECT_ELONGATION * small)
+                            | (chi2 > chi2_limit))
+    return suspect, blob
+
+
+def settled_by_symmetric(setup: Setup):
+    """The rule (``settled`` of :func:`spotfit.single.fit_batch`) by which a dense
+    frame's single fit keeps its symmetric fit without the model choice: a converged
+    symmetric fit that is already a suspect (:func:`_judge_singles`: wider than
+    ``SUSPECT_WIDTH`` sigmas or misfit, but no blob).  The joint fits replace such a
+    fit whatever the richer model would say, unless that made it a blob (its minor
+    axis wider than ``BLOB_WIDTH`` sigmas, which a round fit no wider than that
+    rarely hides: ~1% of them) or a failed fit: so the richer fit, most of a dense
+    field's single-fit cost, is left out."""
+    from spotfit._kernels import CONVERGED
+
+    def settled(values, chi2, status):
+        ok = np.asarray(status) == CONVERGED
+        return _suspect_or_blob(setup, ok, values["sigma_x"], values["sigma_y"], chi2)[0]
+    return settled
 
 
 def _near_active(xyz, t, engine_frames, setup, seeds=None):
@@ -706,9 +732,11 @@ def _fit_batches(setup: Setup, batches, size, light=False):
     a DataFrame (``light``: a LightTable)."""
     parts, pending, n = [], [], 0
 
+    settled = settled_by_symmetric(setup) if SETTLE_SYMMETRIC else None
+
     def solve():
         batch = single.Batch.join([b for b, _ in pending])
-        parts.append(single.fit_batch(setup, batch, np.concatenate([c for _, c in pending])))
+        parts.append(single.fit_batch(setup, batch, np.concatenate([c for _, c in pending]), settled))
 
     for b, choose in batches:
         if pending and n + len(b) > size:

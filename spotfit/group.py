@@ -185,34 +185,81 @@ _FRAME_GAP = 1e7
 def _dog_windows(data, t, lo, inner, sig, margin, boxes=None) -> np.ndarray:
     """The DoG (``G(sig) - G(DOG_RATIO sig)``, ``mode="nearest"``) of frames ``data``
     (zero outside them, as if padded by ``margin`` px of zeros) in the windows of
-    shape ``inner`` from ``lo`` (array order) of frames ``t``: ``(n, P)``.
+    shape ``inner`` from ``lo`` (array order) of frames ``t``: ``(n, P)``, at the
+    windows' pixels within the frames (0 at those beyond, which the split leaves out).
 
-    Filtered per frame, padded; or, when they hold fewer pixels (``boxes``: force
-    it either way, for tests), in each window's box widened by the wider filter's
-    reach: the same values, since a filtered pixel depends only on the pixels
-    within the reach, and the reach is within ``margin`` (the box never meets the
-    padded frame's edge, where ``"nearest"`` would matter).
+    Filtered per frame with zeros beyond its edges (``mode="constant"``: the numbers of
+    the frame padded by ``margin`` zeros, whose own edge, where ``"nearest"`` would
+    matter, lies beyond the reach of any pixel of the frame); or, when that takes fewer
+    operations (``boxes``: force it either way, for tests), in each window's box widened
+    by the wider filter's reach: the same values, since a filtered pixel depends only
+    on the pixels within the reach.  In a box each filter sees only the pixels the
+    window's values depend on: each axis' pass over the box cropped to the window
+    widened by that filter's half-width along the axes still to filter, the rows it
+    leaves cropped to the window (:func:`_filter_interior`).
     """
     from spotfit.background import gaussian_filter
     from spotfit.filters import DOG_RATIO
 
     nd = len(inner)
-    sig = (0,) + tuple(sig)
-    reach = np.array([int(4.0 * DOG_RATIO * s + 0.5) for s in sig[1:]], np.int64)
+    widths = (tuple(float(s) for s in sig), tuple(float(DOG_RATIO * s) for s in sig))
+    reach = np.array([int(4.0 * DOG_RATIO * s + 0.5) for s in sig], np.int64)
+    # the filters' half-widths (as gaussian_filter takes them), within the box's reach
+    halves = [[int(4.0 * s + 0.5) for s in w] for w in widths]
+    fits = all(h <= r for hs in halves for h, r in zip(hs, reach))
+    assert all(r <= m for r, m in zip(reach, margin))  # (the margin the numbers are those of)
     box = (1,) + tuple(int(v) for v in np.asarray(inner) + 2 * reach)
-    padded = len(data) * int(np.prod(np.asarray(data.shape[1:]) + 2 * np.asarray(margin)))
-    if boxes is None:
-        boxes = len(t) * int(np.prod(box)) < padded
-    if boxes:  # (cut_box leaves pixels outside the frames at zero: the padding)
+    if boxes is None:  # pixels passed through the filters (2 filters, nd passes each)
+        per_box = sum(int(np.prod(inner[:a])) * int(np.prod([i + 2 * h for i, h in zip(inner[a:], hs[a:])]))
+                      for hs in halves for a in range(nd))
+        boxes = fits and len(t) * per_box < 2 * nd * data.size
+    if boxes and fits:  # (cut_box leaves pixels outside the frames at zero: the padding)
         stack = roi.cut_box(data, np.column_stack([t, lo - reach]), box, dtype=data.dtype).data
         stack = stack.reshape((len(t),) + box[1:])
-        start = np.column_stack([np.arange(len(t)), np.broadcast_to(reach, (len(t), nd))])
-    else:
-        stack = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
-        start = np.column_stack([t, lo + margin])
-    filtered = gaussian_filter(stack, sig, mode="nearest") - \
-        gaussian_filter(stack, (0,) + tuple(DOG_RATIO * v for v in sig[1:]), mode="nearest")
-    return roi.cut_box(filtered, start, (1,) + tuple(inner)).data
+        narrow, wide = _side_by_side(*(lambda w=w, hs=hs: _filter_interior(stack, w, hs, reach, inner)
+                                       for w, hs in zip(widths, halves)))
+        mesh = np.indices(inner).reshape(nd, -1)  # the windows' pixels within the frames
+        pix = lo[:, :, None] + mesh[None]
+        within = np.all((pix >= 0) & (pix < np.array(data.shape[1:])[None, :, None]), axis=1)
+        return np.where(within, (narrow - wide).reshape(len(t), -1), 0.0)
+    narrow, wide = _side_by_side(*(lambda w=w: gaussian_filter(data, (0.0,) + w, mode="constant")
+                                   for w in widths))
+    return roi.cut_box(narrow - wide, np.column_stack([t, lo]), (1,) + tuple(inner)).data
+
+
+def _filter_interior(stack, widths, halves, reach, inner):
+    """``gaussian_filter(stack, (0,) + widths, mode="nearest")`` of boxes ``stack``
+    (``(n,) + inner + 2 reach``) at their windows' pixels (``inner`` from ``reach``):
+    axis after axis, each pass over the pixels that the windows' values depend on
+    (the window widened by ``halves`` along the axes not yet filtered), then cropped
+    to the window along its axis.  The same numbers: a pass computes each value from
+    its own row, in the same order, and no value kept comes near a cropped edge."""
+    from spotfit.background import gaussian_filter
+
+    nd = len(inner)
+    a = stack[(slice(None),) + tuple(slice(int(r - h), int(r + i + h)) for r, h, i in zip(reach, halves, inner))]
+    for axis in range(nd):
+        one = [0.0] * (nd + 1)
+        one[axis + 1] = widths[axis]
+        a = gaussian_filter(a, tuple(one), mode="nearest")
+        a = a[(slice(None),) * (axis + 1) + (slice(halves[axis], halves[axis] + inner[axis]),)]
+    return a
+
+
+def _side_by_side(*jobs) -> list:
+    """The results of ``jobs`` (callables), run side by side on the kernel threads
+    (:func:`spotfit._jit.over_windows`; NumPy's filters release the GIL): the same
+    values as one after the other."""
+    from spotfit._jit import over_windows
+
+    out = [None] * len(jobs)
+
+    def run(first, last):
+        for k in range(first, last):
+            out[k] = jobs[k]()
+
+    over_windows(run, len(jobs), threaded=True)
+    return out
 
 
 class CrowdedFitter:
@@ -425,10 +472,13 @@ class CrowdedFitter:
                 values = bg.box([np.zeros(1, np.int64)] * (3 - len(dims)) + [np.arange(n) for n in dims])
             self._bg_stack[i] = np.asarray(values, float).reshape(dims)
             self._bg_done[i] = True
-        mesh = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, len(shape))
-        pix = lo[:, None, :] + mesh[None]  # (n, P, ndim), array order
-        pix = np.clip(pix, 0, np.array(dims) - 1)
-        return self._bg_stack[(t[:, None],) + tuple(pix[..., a] for a in range(len(shape)))]
+        # each axis' pixels (clipped to the frame), broadcast against the others'
+        nd = len(shape)
+        index = [t.reshape((-1,) + (1,) * nd)]
+        for a, n in enumerate(shape):
+            along = np.clip(lo[:, a, None] + np.arange(n), 0, dims[a] - 1)
+            index.append(along.reshape((len(t),) + (1,) * a + (n,) + (1,) * (nd - 1 - a)))
+        return self._bg_stack[tuple(index)].reshape(len(t), -1)
 
     def _noise(self, i):
         """Detection noise model of frame ``i`` of the chunk (measured once if need be)."""
@@ -523,10 +573,11 @@ class CrowdedFitter:
         data = (w.data - offset) * w.mask
         widths = cfg.widths(nd)[::-1]  # array order
         smoothing = (0,) + tuple(SMOOTH * s for s in widths)
-        smooth = gaussian_filter(data.reshape((-1,) + shape), smoothing, mode="constant", truncate=3.0)
         # noise of the smoothed residual: the frame's noise model at the fitted level
         level = offset + self._windows(light, t, centre - half, shape).data
-        level = gaussian_filter(level.reshape((-1,) + shape), smoothing, mode="nearest", truncate=3.0)
+        smooth, level = _side_by_side(
+            lambda: gaussian_filter(data.reshape((-1,) + shape), smoothing, mode="constant", truncate=3.0),
+            lambda: gaussian_filter(level.reshape((-1,) + shape), smoothing, mode="nearest", truncate=3.0))
         k2 = float(np.prod([_kernel_power(SMOOTH * s, 2) for s in widths]))
         var = np.empty_like(level)
         models = {}  # frames by noise model (a frame's tiles share its own)
@@ -876,33 +927,37 @@ class CrowdedFitter:
         misfit = sol.chi2_red > 1.0 + MISFIT_SIGMAS * np.sqrt(2.0 / dof)
         candidates = pegged & misfit  # blob tests: after the last round (_judge_blobs)
         blob = np.zeros(G, bool)
-        outs, lows, states = [], [], []
-        for i in range(K):
-            m = members[:, i]
-            idx = model.emitter_params(i)
-            values, errors = results.measure(em, theta[:, idx], sol.cov[:, idx][:, :, idx], w.origin)
-            outside = ~w.inside(theta[:, idx][:, centre])
-            low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
-            state = emitter_status(sol, idx, model.offset_index)
-            rec["status"][m] = results.judge(state, outside, low, sat, blob)
-            outs.append(outside)
-            lows.append(low)
-            states.append(state)
-            for key, v in values.items():
-                rec[key][m] = v
-                rec[f"{key}_err"][m] = errors[key]
-            rec["chi2_red"][m] = sol.chi2_red
-            rec["iterations"][m] = sol.iterations
-            rec["n_pixels"][m] = w.mask.sum(axis=1)
-            th = theta[finite][:, idx]  # keep old estimates where a fit failed
-            ok = m[finite]
-            out.intensity[ok] = th[:, em.intensity_index]
-            out.xyz[ok] = th[:, centre] + w.origin[finite]
-            out.start[ok] = out.xyz[ok]
-            out.sigma[ok, 0] = th[:, em.index("sigma")]
-            if nd == 3:
-                out.sigma[ok, 1] = th[:, em.index("sigma_z")]
-            out.offset[ok] = th[:, em.offset_index]
+        # every emitter of every group at once: row g * K + i is emitter i of group g
+        idx = np.array([model.emitter_params(i) for i in range(K)])  # (K, emitter's parameters)
+        ke = idx.shape[1]
+        flat = members.ravel()
+        th_all = theta[:, idx]  # (G, K, ke)
+        # the columns emitter by emitter (results.measure's quadratic forms are summed
+        # in an order that depends on the batch, so per emitter as ever: the same bits)
+        each = [results.measure(em, th_all[:, i], sol.cov[:, idx[i]][:, :, idx[i]], w.origin) for i in range(K)]
+        values, errors = ({key: np.column_stack([part[j][key] for part in each]).reshape(G * K) for key in each[0][j]}
+                          for j in (0, 1))
+        outside = ~w.inside(th_all[:, :, centre].reshape(G * K, len(centre)), rows=np.repeat(np.arange(G), K))
+        low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr)
+        state = emitter_status(sol, idx, model.offset_index).reshape(G * K)
+        rec["status"][flat] = results.judge(state, outside, low, np.repeat(sat, K), np.repeat(blob, K))
+        for key, v in values.items():
+            rec[key][flat] = v
+            rec[f"{key}_err"][flat] = errors[key]
+        rec["chi2_red"][flat] = np.repeat(sol.chi2_red, K)
+        rec["iterations"][flat] = np.repeat(sol.iterations, K)
+        rec["n_pixels"][flat] = np.repeat(w.mask.sum(axis=1), K)
+        th = th_all[finite].reshape(-1, ke)  # keep old estimates where a fit failed
+        ok = members[finite].ravel()
+        out.intensity[ok] = th[:, em.intensity_index]
+        out.xyz[ok] = th[:, centre] + np.repeat(w.origin[finite], K, axis=0)
+        out.start[ok] = out.xyz[ok]
+        out.sigma[ok, 0] = th[:, em.index("sigma")]
+        if nd == 3:
+            out.sigma[ok, 1] = th[:, em.index("sigma_z")]
+        out.offset[ok] = th[:, em.offset_index]
+        # (per emitter, for the blob tests)
+        outs, lows, states = (list(a.reshape(G, K).T) for a in (outside, low, state))
         if candidates.any():
             (self._pending if pending is None else pending).append(
                 [out.ident[members], states, outs, lows, sat, data, w, sol.chi2_red * dof, model.n_params,
@@ -1152,7 +1207,8 @@ __all__ = ["group_spots", "CrowdedFitter", "MIN_EMITTER_SNR", "reach"]
 
 
 def emitter_status(sol, idx, offset_index):
-    """The solve's status of one emitter of joint fits (``idx``: its parameters).
+    """The solve's status of one emitter of joint fits (``idx``: its parameters), ``(G,)``;
+    or of each of several (``idx`` ``(K, k_e)``: emitter ``i``'s in row ``i``), ``(G, K)``.
 
     The solver flags a whole window ``low_signal`` when the bias correction
     of any of its parameters is unstable (:func:`spotfit.solver.solve`); in
@@ -1164,8 +1220,11 @@ def emitter_status(sol, idx, offset_index):
     """
     from spotfit._kernels import CONVERGED, LOW_SIGNAL
 
-    status = sol.status
+    idx = np.asarray(idx, np.int64)
+    status = sol.status if idx.ndim == 1 else np.repeat(sol.status[:, None], len(idx), axis=1)
     if sol.unstable is None or not sol.unstable.any():
         return status
-    own = sol.unstable[:, list(idx) + [offset_index]].any(axis=1)
-    return np.where((status == LOW_SIGNAL) & sol.unstable.any(axis=1) & ~own, CONVERGED, status).astype(status.dtype)
+    cols = np.concatenate([idx, np.full(idx.shape[:-1] + (1,), offset_index)], axis=-1)
+    own = sol.unstable[:, cols].any(axis=-1)
+    some = sol.unstable.any(axis=1) if idx.ndim == 1 else sol.unstable.any(axis=1)[:, None]
+    return np.where((status == LOW_SIGNAL) & some & ~own, CONVERGED, status).astype(status.dtype)

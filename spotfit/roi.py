@@ -81,22 +81,23 @@ class Windows:
                 last[cut, nd - 1 - a] = size - 1 - np.argmax(valid[:, ::-1], axis=1)
         return first, last
 
-    def inside(self, rel: np.ndarray) -> np.ndarray:
+    def inside(self, rel: np.ndarray, rows=None) -> np.ndarray:
         """True where window-relative ``(x, y[, z])`` lies in a valid pixel.
 
         A centre counts as inside when it falls within the window's extent
         ``[-1/2, S - 1/2)`` and on an image pixel (not in the masked part
-        of a border-truncated window).
+        of a border-truncated window).  ``rows``: the window of each position
+        (default: one position per window, in order).
         """
         shape_xyz = np.array(self.grid.shape[::-1])
         idx = np.floor(rel + 0.5).astype(np.int64)
         ok = np.all((idx >= 0) & (idx < shape_xyz), axis=1)
-        flat = np.zeros(len(self), dtype=np.int64)
+        flat = np.zeros(len(idx), dtype=np.int64)
         stride = 1
         for a in range(idx.shape[1]):  # x fastest
             flat += np.clip(idx[:, a], 0, shape_xyz[a] - 1) * stride
             stride *= shape_xyz[a]
-        return ok & self.mask[np.arange(len(self)), flat]
+        return ok & self.mask[np.arange(len(self)) if rows is None else rows, flat]
 
 
 def cut(image: np.ndarray, centers: np.ndarray, half_size, dtype=float, read_var=None,

@@ -293,7 +293,7 @@ def _starts(setup: Setup, batch: Batch):
     return tuple(np.concatenate([o[i] for o in out]) for i in range(4))
 
 
-def fit_batch(setup: Setup, batch: Batch, choose_width=None):
+def fit_batch(setup: Setup, batch: Batch, choose_width=None, settled=None):
     """Fit every window of ``batch`` in one compiled, parallel solve; return its table rows.
 
     With ``config.select_model`` (default) and a model richer than the
@@ -310,6 +310,12 @@ def fit_batch(setup: Setup, batch: Batch, choose_width=None):
         need only a grouped candidate's widths when it may be a blob,
         :func:`spotfit.fields.fit_dense`).  Default: every window is chosen
         for.
+    settled : callable, optional
+        With model choice: ``settled(values, chi2, status) -> (n,) bool`` of the
+        symmetric fits' columns (:func:`_columns`; the same rule for each window, on its
+        own fit): windows it marks keep the symmetric fit without a choice too (the
+        crowded-field fits replace a fit that is already a suspect,
+        :func:`spotfit.fields.settled_by_symmetric`).
 
     Returns
     -------
@@ -318,9 +324,9 @@ def fit_batch(setup: Setup, batch: Batch, choose_width=None):
         :func:`spotfit.lighttable.as_frame` makes it a DataFrame).
     """
     if in_pieces(setup, len(batch)):
-        return _select_in_pieces(setup, batch, choose_width)
+        return _select_in_pieces(setup, batch, choose_width, settled)
     measured = {}
-    columns = _fit_columns(setup, batch, measured, choose_width)
+    columns = _fit_columns(setup, batch, measured, choose_width, settled)
     return _finish(setup, batch, columns, measured.get("variance"))
 
 
@@ -389,7 +395,7 @@ def _threads_free() -> bool:
     return _jit.kernel_threads() > 1 and not getattr(_jit._WORKING, "on", False)
 
 
-def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
+def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None, settled=None):
     """:func:`fit_batch` with the model chosen per spot, in one piece of consecutive
     windows per thread, side by side (:func:`spotfit._jit.over_windows`), in two
     rounds: the symmetric fits (:func:`spotfit.solver.minimise`; of an :class:`Uncut`
@@ -428,7 +434,7 @@ def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
             sub.background = batch.background
             sol = solver.finish(fits[k], groups=sub.frame, variance=variance[a:b] if measure else sub.variance)
             width = choose_width[a:b] if np.ndim(choose_width) else choose_width
-            out[k] = _finish(setup, sub, _select(setup, reduced, sub, sol, width), sol.variance)
+            out[k] = _finish(setup, sub, _select(setup, reduced, sub, sol, width, settled), sol.variance)
 
     over_windows(minimise, pieces + len(beside), threaded=True)
     # here, not in the pieces' threads: a first run may compile the covariance kernel in a
@@ -443,12 +449,12 @@ def _select_in_pieces(setup: Setup, batch: Batch, choose_width=None):
     return concat(out)
 
 
-def _fit_columns(setup: Setup, batch: Batch, measured=None, choose_width=None):
+def _fit_columns(setup: Setup, batch: Batch, measured=None, choose_width=None, settled=None):
     """Columns of :func:`_columns` of ``batch``'s fits (model chosen per spot if configured,
-    ``choose_width`` as :func:`fit_batch`); ``measured["variance"]``: the noise model
-    measured per window's frame (uncalibrated)."""
+    ``choose_width`` and ``settled`` as :func:`fit_batch`); ``measured["variance"]``: the
+    noise model measured per window's frame (uncalibrated)."""
     if _selects(setup):
-        return _fit_selected(setup, batch, measured, choose_width)
+        return _fit_selected(setup, batch, measured, choose_width, settled)
     sol = _solve(setup, batch)
     if measured is not None:
         measured["variance"] = sol.variance
@@ -958,7 +964,7 @@ def _take(batch: Batch, rows, variance=None) -> Batch:
     return Batch(windows, batch.frame[rows], batch.image_var[rows], batch.saturated[rows], variance)
 
 
-def _fit_selected(setup: Setup, batch: Batch, measured=None, choose_width=None):
+def _fit_selected(setup: Setup, batch: Batch, measured=None, choose_width=None, settled=None):
     """Symmetric fits everywhere; the richer model where the data support it.
 
     A spot gets the richer model (``setup.model``) only when its extra
@@ -981,7 +987,8 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None, choose_width=None):
     centred off the window: the other spots are round beyond doubt.
 
     ``choose_width`` (per window, px): windows whose symmetric fit converged
-    narrower keep it without a test.
+    narrower keep it without a test; ``settled`` (a rule on the symmetric fits'
+    columns, :func:`fit_batch`): windows it marks keep it too.
 
     Returns the columns of :func:`_columns`, rows in ``batch`` order.
     """
@@ -989,10 +996,10 @@ def _fit_selected(setup: Setup, batch: Batch, measured=None, choose_width=None):
     sol = _solve(reduced, batch)
     if measured is not None:
         measured["variance"] = sol.variance
-    return _select(setup, reduced, batch, sol, choose_width)
+    return _select(setup, reduced, batch, sol, choose_width, settled)
 
 
-def _select(setup: Setup, reduced, batch: Batch, sol, choose_width=None):
+def _select(setup: Setup, reduced, batch: Batch, sol, choose_width=None, settled=None):
     """:func:`_fit_selected` after the symmetric solve ``sol`` of ``batch``'s windows."""
     values, errors, chi2, iterations, status = _columns(reduced, batch, sol)
     w = batch.windows
@@ -1005,10 +1012,15 @@ def _select(setup: Setup, reduced, batch: Batch, sol, choose_width=None):
     limit = extra * np.log(np.maximum(n_valid, 2))
     theta = sol.theta + sol.bias
     test = np.arange(len(batch))
-    if choose_width is not None:  # windows that keep the symmetric fit without a test
+    if choose_width is not None or settled is not None:  # windows that keep the symmetric fit without a test
         from spotfit._kernels import CONVERGED
 
-        test = np.flatnonzero(~((status == CONVERGED) & (values["sigma_x"] < choose_width)))
+        keep = np.zeros(len(batch), bool)
+        if choose_width is not None:
+            keep |= (status == CONVERGED) & (values["sigma_x"] < choose_width)
+        if settled is not None:
+            keep |= settled(values, chi2, status)
+        test = np.flatnonzero(~keep)
     if setup.ndim == 2 and len(test) == len(batch):  # the score test only where the quadrupole score leaves a doubt
         test = np.flatnonzero(_doubtful(setup, reduced, batch, theta, limit, residual_var))
     elif setup.ndim == 2 and len(test):

@@ -21,6 +21,12 @@ def test_emitter_status_keeps_the_flag_on_the_emitters_concerned():
     second = emitter_status(sol, np.array([3, 4, 5, 6]), 6)
     assert list(first) == [CONVERGED, LOW_SIGNAL, CONVERGED, SINGULAR]
     assert list(second) == [LOW_SIGNAL, LOW_SIGNAL, CONVERGED, SINGULAR]
+    # both emitters at once (group._fit_bucket): column i is emitter i's, with or without flags
+    both = emitter_status(sol, np.array([[0, 1, 2, 6], [3, 4, 5, 6]]), 6)
+    assert both.shape == (4, 2) and list(both[:, 0]) == list(first) and list(both[:, 1]) == list(second)
+    calm = SimpleNamespace(status=sol.status, unstable=np.zeros((4, 7), bool))
+    assert emitter_status(calm, np.array([[0, 1, 2, 6], [3, 4, 5, 6]]), 6).tolist() == \
+        np.repeat(sol.status[:, None], 2, axis=1).tolist()
 
 
 def test_bright_spots_of_a_crowded_field_are_not_low_signal():

@@ -247,6 +247,8 @@ def test_compiled_quadrupole_score_is_the_numpy_one(camera, read_map, monkeypatc
     seen = []
     original = single._doubtful
     monkeypatch.setattr(single, "_doubtful", lambda *a: seen.append(a) or original(*a))
+    # (a dense frame: every candidate's symmetric fit through the gate, suspects' too)
+    monkeypatch.setattr(spotfit.fields, "SETTLE_SYMMETRIC", False)
     image = (_frame((150, 331), 300, seed=8) + 100.0).astype(np.uint16)
     if read_map:
         rn = np.random.default_rng(3).uniform(1.0, 3.0, image.shape)
@@ -332,8 +334,8 @@ def test_starting_values_in_blocks_give_the_table_of_one_block(camera, monkeypat
 
 def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch):
     """Dense frames pass ``choose_width`` (grouped candidates keep their symmetric fit
-    without a choice) to the single-spot fits; in pieces each piece takes its own windows'
-    widths, and the table is that of one piece."""
+    without a choice) and the ``settled`` rule to the single-spot fits; in pieces each
+    piece takes its own windows' widths and the rule, and the table is that of one piece."""
     movie, _ = spotfit.simulate((6, 32, 44), n_spots=70, photons=3000, background=20, sigma=1.1,
                                 min_separation=1.0, border=1, camera=CAMERA, seed=24)
     _in_one_piece(monkeypatch)
@@ -342,12 +344,13 @@ def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch)
     calls = _in_pieces(monkeypatch, 50)
     selected = []  # (windows, widths) of each piece's model choice
     select = single._select
-    monkeypatch.setattr(single, "_select", lambda setup, reduced, batch, sol, width=None: (
-        selected.append((len(batch), width)) or select(setup, reduced, batch, sol, width)))
+    monkeypatch.setattr(single, "_select", lambda setup, reduced, batch, sol, width=None, settled=None: (
+        selected.append((len(batch), width, settled)) or select(setup, reduced, batch, sol, width, settled)))
     pieces = spotfit.fit(movie, camera=CAMERA, sigma=1.1, workers=2)
     widths = [a[2] for a in calls]
     assert any(w is not None and np.ndim(w) == 1 and np.any(w > 0) for w in widths), widths
-    assert len(selected) > 1 and all(np.shape(w) == (n,) for n, w in selected), selected
+    assert len(selected) > 1 and all(np.shape(w) == (n,) for n, w, _ in selected), selected
+    assert all(callable(rule) for _, _, rule in selected)  # every piece applies the settled rule
     pd.testing.assert_frame_equal(whole, pieces, check_exact=True)
 
 
@@ -355,7 +358,8 @@ def test_model_choice_in_pieces_keeps_the_grouped_candidates_choice(monkeypatch)
                          ids=["2d", "3d"])
 def test_dog_in_window_boxes_is_the_dog_of_padded_frames(shape, sig):
     """The split of stretched joint fits filters each window's box widened by the
-    filter's reach instead of the padded frames: the same values, windows at the
+    filter's reach, or the frames with zeros beyond their edges, instead of the padded
+    frames: the same values at the windows' pixels within the frames, windows at the
     frames' edges (a pixel beyond) included."""
     from spotfit.filters import DOG_RATIO
     from spotfit.group import _dog_windows
@@ -375,6 +379,18 @@ def test_dog_in_window_boxes_is_the_dog_of_padded_frames(shape, sig):
     assert boxes.shape == (n, int(np.prod(inner)))
     assert np.array_equal(boxes, frames)
     assert np.ptp(boxes) > 0
+    # both: the DoG of the frames padded by `margin` zeros, at the windows' pixels within
+    # the frames (0 beyond them)
+    from spotfit import roi
+    from spotfit.background import gaussian_filter
+
+    padded = np.pad(data, [(0, 0)] + [(int(m), int(m)) for m in margin])
+    dog = gaussian_filter(padded, (0,) + tuple(sig), mode="nearest") - \
+        gaussian_filter(padded, (0,) + tuple(DOG_RATIO * s for s in sig), mode="nearest")
+    want = roi.cut_box(dog, np.column_stack([t, lo + margin]), (1,) + inner).data
+    pix = lo[:, :, None] + np.indices(inner).reshape(len(inner), -1)[None]
+    within = np.all((pix >= 0) & (pix < np.array(shape[1:])[None, :, None]), axis=1)
+    assert (~within).any() and np.array_equal(boxes, np.where(within, want, 0.0))
 
 
 def test_fits_in_pieces_measure_the_noise_model_of_one_solve(monkeypatch):
