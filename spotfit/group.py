@@ -987,7 +987,7 @@ class CrowdedFitter:
         lower, upper = window_bounds(m, setup.estimator, sub)
         sol = solver.solve(m, setup.estimator, sub.data, sub.mask, sub.grid, theta0,
                            noise=setup.noise(sub.read_var), lower=lower, upper=upper,
-                           max_iter=self.config.max_iter, bias_correct=False, boxed=True)
+                           max_iter=self.config.max_iter, bias_correct=False, boxed=True, active_set=True)
         pixels = sub.mask.sum(axis=1)
         dof = np.maximum(pixels - m.n_params, 1)
         penalty = np.log(np.maximum(pixels, 2))

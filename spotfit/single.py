@@ -255,7 +255,7 @@ def _minimise(setup: Setup, batch: Batch) -> solver.Minimised:
     free = ~widths if cfg.fix_sigma else np.ones(m.n_params, bool)
     return solver.minimise(m, setup.estimator, w.data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
                            lower=lower, upper=upper, free=free, max_iter=cfg.max_iter,
-                           hold_first=None if cfg.fix_sigma else widths, hold_rows=hold)
+                           hold_first=None if cfg.fix_sigma else widths, hold_rows=hold, active_set=True)
 
 
 #: windows per block of a solve's starting values and bounds (:func:`_starts`); the
