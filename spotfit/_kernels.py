@@ -243,18 +243,86 @@ def _covariance_gaussian(th, inv_det, norm, x, y, out):
 
 
 @njit(error_model="numpy", inline="always")
-def _rotated(integ, th, ny, nx, mu, J, tmp):
-    """``ROTATED`` layout ``[N, x, y, var_xx, var_yy, cov_xy, offset]``."""
-    _rotated_pixels(integ, th, nx, 0, 0, ny, nx, mu, J, tmp)
+def _rotated(integ, th, ny, nx, mu, J, scratch):
+    """``ROTATED`` layout ``[N, x, y, var_xx, var_yy, cov_xy, offset]``; ``scratch`` as
+    :func:`model_window`'s."""
+    _rotated_pixels(integ, th, nx, 0, 0, ny, nx, mu, J, scratch)
+
+
+@njit(error_model="numpy", inner=True)
+def _rotated_axis_sums(c0, v, integ, first, n, s0, s1, s2):
+    """Per pixel ``first .. first + n`` of one axis, the quadrature sums of the axis'
+    Gaussian factor ``e = exp(-d^2 / (2 v))`` (``d`` = node - ``c0``): ``s0 = sum w e``,
+    ``s1 = sum w e d / v``, ``s2 = sum w e (d / v)^2`` (``integ`` Gauss-Legendre nodes
+    per pixel, or the pixel centre with weight 1 for ``integ = 0``)."""
+    inv_v = 1.0 / v
+    r = integ - 2
+    for j in range(n):
+        t0 = 0.0
+        t1 = 0.0
+        t2 = 0.0
+        if integ:
+            for q in range(integ):
+                d = first + j + _GL_NODES[r, q] - c0
+                u = d * inv_v
+                e = _GL_WEIGHTS[r, q] * math.exp(-0.5 * d * u)
+                t0 += e
+                t1 += e * u
+                t2 += e * u * u
+        else:
+            d = first + j - c0
+            u = d * inv_v
+            e = math.exp(-0.5 * d * u)
+            t0 = e
+            t1 = e * u
+            t2 = e * u * u
+        s0[j] = t0
+        s1[j] = t1
+        s2[j] = t2
 
 
 @njit(error_model="numpy", inline="always")
-def _rotated_pixels(integ, th, nx, y0, x0, cy, cx, mu, J, tmp):
+def _rotated_pixels(integ, th, nx, y0, x0, cy, cx, mu, J, scratch):
     """:func:`_rotated`'s values and Jacobian at the pixels of the box ``[y0, y0 + cy) x
     [x0, x0 + cx)`` of a window ``nx`` px wide (the whole window, or a joint fit's box,
-    :func:`_rotated_box`); the other pixels are left as they were."""
+    :func:`_rotated_box`); the other pixels are left as they were.
+
+    A round or axis-aligned form (``cov_xy = 0``: the symmetric fit's point where the
+    model choice's score test evaluates this model, and most fits' start) is separable:
+    the quadrature over each pixel is the product of the two axes' sums
+    (:func:`_rotated_axis_sums`, ``integ`` exponentials per pixel of each axis instead
+    of ``integ^2`` per pixel of the window), the same values up to rounding (1e-15
+    relative; ``tests/test_models.py``)."""
     N = th[0]
     offset = th[6]
+    if th[5] == 0.0:
+        vxx, vyy = th[3], th[4]
+        norm = _INV_TWO_PI / math.sqrt(vxx * vyy)
+        sx0, sx1, sx2 = scratch[1], scratch[2], scratch[3]
+        sy0, sy1, sy2 = scratch[4], scratch[5], scratch[6]
+        _rotated_axis_sums(th[1], vxx, integ, x0, cx, sx0, sx1, sx2)
+        _rotated_axis_sums(th[2], vyy, integ, y0, cy, sy0, sy1, sy2)
+        hx = 0.5 / vxx
+        hy = 0.5 / vyy
+        for y in range(cy):
+            p = (y0 + y) * nx + x0
+            ny0 = N * norm * sy0[y]
+            ny1 = N * norm * sy1[y]
+            ny2 = N * norm * sy2[y]
+            gy = norm * sy0[y]
+            for x in range(cx):
+                g = gy * sx0[x]
+                mu[p] = N * g + offset
+                J[0, p] = g
+                J[1, p] = ny0 * sx1[x]
+                J[2, p] = ny1 * sx0[x]
+                J[3, p] = ny0 * (0.5 * sx2[x] - hx * sx0[x])
+                J[4, p] = (0.5 * ny2 - hy * ny0) * sx0[x]
+                J[5, p] = ny1 * sx1[x]
+                J[6, p] = 1.0
+                p += 1
+        return
+    tmp = scratch[0]
     inv_det = 1.0 / (th[3] * th[4] - th[5] * th[5])
     norm = math.sqrt(inv_det) * _INV_TWO_PI
     for y in range(y0, y0 + cy):
@@ -292,7 +360,7 @@ def model_window(km, th, mu, J, scratch):
     through :data:`MODEL` (passed to them as ``model_fn``), not by name.
     """
     if km.family == ROTATED:
-        _rotated(km.integ, th, km.ny, km.nx, mu, J, scratch[0])
+        _rotated(km.integ, th, km.ny, km.nx, mu, J, scratch)
     else:
         _gaussians(km, th, mu, J, scratch)
 
@@ -483,7 +551,7 @@ def _unmasked_box(km, weight):
 
 
 @njit(error_model="numpy", inline="always")
-def _rotated_box(integ, th, ny, nx, y0, x0, cy, cx, mu, J, tmp):
+def _rotated_box(integ, th, ny, nx, y0, x0, cy, cx, mu, J, scratch):
     """:func:`_rotated` over the box ``[y0, y0 + cy) x [x0, x0 + cx)`` of the window
     (:func:`_rotated_pixels`: there bit for bit its values); ``J = 0`` outside, ``mu``
     left as it was."""
@@ -492,7 +560,7 @@ def _rotated_box(integ, th, ny, nx, y0, x0, cy, cx, mu, J, tmp):
             Jj = J[j]
             for p in range(mu.shape[0]):
                 Jj[p] = 0.0
-    _rotated_pixels(integ, th, nx, y0, x0, cy, cx, mu, J, tmp)
+    _rotated_pixels(integ, th, nx, y0, x0, cy, cx, mu, J, scratch)
 
 
 @njit(error_model="numpy", no_cpython_wrapper=True)
@@ -508,7 +576,7 @@ def boxed_window(km, th, mu, J, scratch):
     run never compiles it (:data:`MODEL_BOXED`).
     """
     if km.family == ROTATED:
-        _rotated_box(km.integ, th, km.ny, km.nx, km.y0, km.x0, km.cy, km.cx, mu, J, scratch[0])
+        _rotated_box(km.integ, th, km.ny, km.nx, km.y0, km.x0, km.cy, km.cx, mu, J, scratch)
     else:
         _joint_gaussians(km, th, mu, J, scratch, km.z0, km.y0, km.x0, km.cz, km.cy, km.cx)
 

@@ -261,3 +261,53 @@ def test_value_is_evaluate_without_the_jacobian(name, ndim, integrated):
     grid = Grid((9, 11) if ndim == 2 else (7, 9, 11))
     theta = _random_theta(model, grid, rng)
     np.testing.assert_array_equal(model.value(theta, grid), model.evaluate(theta, grid)[0])
+
+
+@pytest.mark.parametrize("hint,integrated", [(None, False), (None, True), (1.3, True)])
+def test_rotated_round_and_axis_aligned_forms_take_the_separable_path(hint, integrated):
+    """``cov_xy = 0`` (the symmetric fit's point of the model choice's score test, and a
+    fit's start) is evaluated axis by axis: the values and Jacobian of the general
+    quadrature (forced here by ``cov_xy = 1e-300``, which changes no value) within 1e-13
+    of the peak (rounding), in a whole window and in a joint fit's box of it, 0 outside
+    the box; point-sampled, 3 x 3 and 2 x 2 nodes."""
+    from numba import njit
+
+    from spotfit._kernels import boxed_window
+
+    rng = np.random.default_rng(5)
+    grid = Grid((9, 11))  # (rows, columns)
+    model = get_model("rotated", 2, integrated, sigma=hint)
+    n = 40
+    theta = np.zeros((n, model.n_params))
+    theta[:, 0] = rng.uniform(500, 3000, n)
+    theta[:, 1] = rng.uniform(3.0, 7.0, n)  # x: column
+    theta[:, 2] = rng.uniform(2.5, 5.5, n)  # y: row
+    theta[:, 3] = rng.uniform(0.8, 2.0, n) ** 2
+    theta[:, 4] = np.where(rng.random(n) < 0.5, theta[:, 3], rng.uniform(0.8, 2.0, n) ** 2)  # round or not
+    theta[:, 6] = rng.uniform(0, 50, n)
+    general = theta.copy()
+    general[:, 5] = 1e-300
+    mu, jac = model.evaluate(theta, grid)
+    mu_g, jac_g = model.evaluate(general, grid)
+    assert np.abs(mu - mu_g).max() <= 1e-13 * np.abs(mu_g).max()
+    for j in range(model.n_params):
+        scale = np.abs(jac_g[:, j]).max()
+        assert np.abs(jac[:, j] - jac_g[:, j]).max() <= 1e-13 * scale, model.param_names[j]
+    assert np.abs(jac[:, 5]).max() > 0  # d/d cov_xy of an off-centre pixel: not 0
+
+    @njit
+    def boxed(km, th, mu, J):
+        boxed_window(km, th, mu, J, np.empty((9, 11)))
+
+    km = model.kernel(grid)._replace(boxed=1, y0=2, x0=3, cy=5, cx=6)
+    inside = np.zeros(grid.shape, bool)
+    inside[2:7, 3:9] = True
+    inside = inside.ravel()
+    for th, reference in ((theta, jac_g), (general, jac_g)):
+        for s in range(n):
+            m_box, j_box = np.full(grid.size, -1.0), np.full((model.n_params, grid.size), np.nan)
+            boxed(km, th[s], m_box, j_box)
+            assert np.abs(m_box[inside] - mu_g[s, inside]).max() <= 1e-13 * np.abs(mu_g[s]).max()
+            assert np.all(m_box[~inside] == -1.0) and np.all(j_box[:, ~inside] == 0.0)
+            assert np.abs(j_box[:, inside] - reference[s][:, inside]).max() <= \
+                1e-13 * np.abs(reference[s]).max()
