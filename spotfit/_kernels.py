@@ -45,9 +45,12 @@ Joint fits (``SEPARABLE`` models of several emitters) and the crowded-field
 engine's other fits (``solve(boxed=True)``) use :data:`MODEL_BOXED` instead
 (:func:`model_for`): the same values and Jacobian bit for bit, from a faster
 loop, evaluated only over the box of each window's unmasked pixels
-(``KernelModel.boxed``: :func:`levenberg_marquardt` sets the box per window;
-a joint window is ~45% masked pixels).  It is compiled on the first joint fit
-only (~2.5-3.5 s of CPU), never on a single-spot run.
+(``KernelModel.boxed``: :func:`levenberg_marquardt` and :func:`covariance` set the
+box per window; a joint window is ~45% masked pixels), and the cost, normal
+equations and covariance of such fits are summed over the box's pixels alone, in
+the box's own order (:func:`_compact`): a group's fit is then the same bit for bit
+in any window around its box.  It is compiled on the first joint fit only
+(~2.5-3.5 s of CPU), never on a single-spot run.
 
 Compiled with numba through :func:`spotfit._jit.njit` (cached: compiled once
 per installation, then loaded from the cache in about 0.1 s).  The batched
@@ -246,7 +249,7 @@ def _covariance_gaussian(th, inv_det, norm, x, y, out):
 def _rotated(integ, th, ny, nx, mu, J, scratch):
     """``ROTATED`` layout ``[N, x, y, var_xx, var_yy, cov_xy, offset]``; ``scratch`` as
     :func:`model_window`'s."""
-    _rotated_pixels(integ, th, nx, 0, 0, ny, nx, mu, J, scratch)
+    _rotated_pixels(integ, th, ny, nx, 0, 0, ny, nx, mu, J, scratch)
 
 
 @njit(error_model="numpy", inner=True)
@@ -281,8 +284,105 @@ def _rotated_axis_sums(c0, v, integ, first, n, s0, s1, s2):
         s2[j] = t2
 
 
+#: largest exponent (in magnitude) of the node factors :func:`_rotated_factored` multiplies
+#: (four per node, so their product stays far from overflow); forms more extreme than
+#: that (a pixel-thin ellipse far from its centre) take the per-node exponentials
+FACTORED_EXPONENT = 150.0
+
+
 @njit(error_model="numpy", inline="always")
-def _rotated_pixels(integ, th, nx, y0, x0, cy, cx, mu, J, scratch):
+def _rotated_factored(integ, th, ny, nx, y0, x0, cy, cx, mu, J, scratch):
+    """The rotated model's pixel quadrature with one exponential per pixel: the
+    Gaussian at node ``(u, v)`` of pixel ``(x, y)`` (offsets ``d0 = (a0, b0)`` from the
+    centre) is its value at the pixel centre times ``exp(-(u, v) Sigma^-1 d0)`` times
+    ``exp(-(u, v) Sigma^-1 (u, v) / 2)``; the first splits into four factors, each of
+    one node coordinate and one pixel coordinate (per column or row of the box), the
+    second is a constant per node.  The values of the per-node exponentials up to
+    rounding (1e-13 of the peak, ``tests/test_models.py``).  False (nothing written)
+    where a factor's exponent could exceed :data:`FACTORED_EXPONENT` in the window
+    (``ny x nx``) of the box."""
+    N = th[0]
+    offset = th[6]
+    vxx, vyy, cxy = th[3], th[4], th[5]
+    inv_det = 1.0 / (vxx * vyy - cxy * cxy)
+    ivv = vyy * inv_det  # Sigma^-1 = [[ivv, -ic], [-ic, iuu]]
+    iuu = vxx * inv_det
+    ic = cxy * inv_det
+    r = integ - 2
+    umax = abs(_GL_NODES[r, 0])
+    # (over the whole window, not the box: a window and a box of it take the same path,
+    # so a pixel's values do not depend on which pixels around it are fitted)
+    amax = max(abs(th[1]), abs(nx - 1 - th[1]))
+    bmax = max(abs(th[2]), abs(ny - 1 - th[2]))
+    if umax * max(ivv * amax, abs(ic) * amax, abs(ic) * bmax, iuu * bmax) > FACTORED_EXPONENT:
+        return False
+    norm = math.sqrt(inv_det) * _INV_TWO_PI
+    const = scratch[0]  # per node (q, s): weight * exp(-Q(u, v) / 2)
+    for q in range(integ):
+        u = _GL_NODES[r, q]
+        for t in range(integ):
+            v = _GL_NODES[r, t]
+            const[q * integ + t] = _GL_WEIGHTS[r, q] * _GL_WEIGHTS[r, t] * \
+                math.exp(-0.5 * (ivv * u * u - 2.0 * ic * u * v + iuu * v * v))
+    # per column: X1[q] = exp(-u_q ivv a0), X2[t] = exp(v_t ic a0) (rows 1-3 and 4-6)
+    for j in range(cx):
+        a0 = x0 + j - th[1]
+        for q in range(integ):
+            u = _GL_NODES[r, q]
+            scratch[1 + q, j] = math.exp(-u * ivv * a0)
+            scratch[4 + q, j] = math.exp(u * ic * a0)
+    y1 = scratch[7]  # per row: Y1[q] = exp(u_q ic b0), Y2[t] = exp(-v_t iuu b0)
+    y2 = scratch[8]
+    for i in range(cy):
+        b0 = y0 + i - th[2]
+        for q in range(integ):
+            u = _GL_NODES[r, q]
+            y1[q] = math.exp(u * ic * b0)
+            y2[q] = math.exp(-u * iuu * b0)
+        p = (y0 + i) * nx + x0
+        for j in range(cx):
+            a0 = x0 + j - th[1]
+            pa0 = ivv * a0 - ic * b0
+            pb0 = iuu * b0 - ic * a0
+            s0 = 0.0
+            sa = 0.0
+            sb = 0.0
+            saa = 0.0
+            sbb = 0.0
+            sab = 0.0
+            for q in range(integ):
+                u = _GL_NODES[r, q]
+                fq = scratch[1 + q, j] * y1[q]
+                for t in range(integ):
+                    v = _GL_NODES[r, t]
+                    gq = const[q * integ + t] * fq * scratch[4 + t, j] * y2[t]
+                    pa = pa0 + (ivv * u - ic * v)
+                    pb = pb0 + (iuu * v - ic * u)
+                    ga = gq * pa
+                    gb = gq * pb
+                    s0 += gq
+                    sa += ga
+                    sb += gb
+                    saa += ga * pa
+                    sbb += gb * pb
+                    sab += ga * pb
+            e0 = norm * math.exp(-0.5 * (a0 * pa0 + b0 * pb0))
+            g = e0 * s0
+            ne = N * e0
+            mu[p] = N * g + offset
+            J[0, p] = g
+            J[1, p] = ne * sa
+            J[2, p] = ne * sb
+            J[3, p] = 0.5 * ne * (saa - ivv * s0)
+            J[4, p] = 0.5 * ne * (sbb - iuu * s0)
+            J[5, p] = ne * (sab + ic * s0)
+            J[6, p] = 1.0
+            p += 1
+    return True
+
+
+@njit(error_model="numpy", inline="always")
+def _rotated_pixels(integ, th, ny, nx, y0, x0, cy, cx, mu, J, scratch):
     """:func:`_rotated`'s values and Jacobian at the pixels of the box ``[y0, y0 + cy) x
     [x0, x0 + cx)`` of a window ``nx`` px wide (the whole window, or a joint fit's box,
     :func:`_rotated_box`); the other pixels are left as they were.
@@ -322,7 +422,17 @@ def _rotated_pixels(integ, th, nx, y0, x0, cy, cx, mu, J, scratch):
                 J[6, p] = 1.0
                 p += 1
         return
-    tmp = scratch[0]
+    if integ and _rotated_factored(integ, th, ny, nx, y0, x0, cy, cx, mu, J, scratch):
+        return
+    _rotated_direct(integ, th, nx, y0, x0, cy, cx, mu, J, scratch[0])
+
+
+@njit(error_model="numpy", inline="always")
+def _rotated_direct(integ, th, nx, y0, x0, cy, cx, mu, J, tmp):
+    """:func:`_rotated_pixels` with an exponential per quadrature node (or per pixel
+    centre, ``integ = 0``): any form."""
+    N = th[0]
+    offset = th[6]
     inv_det = 1.0 / (th[3] * th[4] - th[5] * th[5])
     norm = math.sqrt(inv_det) * _INV_TWO_PI
     for y in range(y0, y0 + cy):
@@ -551,6 +661,60 @@ def _unmasked_box(km, weight):
 
 
 @njit(error_model="numpy", inline="always")
+def _box_pixels(km, P):
+    """Pixels of ``km``'s box (:func:`_unmasked_box`) when it is a boxed model's and smaller
+    than its window of ``P`` pixels, else 0 (the window's layout is the box's)."""
+    if not km.boxed:
+        return 0
+    n = km.cz * km.cy * km.cx
+    return n if n < P else 0
+
+
+@njit(error_model="numpy", inner=True)
+def _compact(km, J, e, W, Jbuf, ebuf, Wbuf, n):
+    """The rows of ``J (k, P)`` and ``e, W (P,)`` at the ``n`` pixels of ``km``'s box, in
+    the box's own raster order, into the first ``k * n`` and ``n`` places of the work
+    arrays: ``(k, n)``, ``(n,)`` and ``(n,)`` contiguous views.  The normal equations'
+    sums over them do not depend on the window around the box (a joint fit's window is
+    its bucket's largest box; its sums run in lanes that depend on the row length), so a
+    group's fit is the same bit for bit in any bucket, and the padding is not summed."""
+    k, P = J.shape
+    Jc = Jbuf[: k * n].reshape((k, n))
+    ec = ebuf[:n]
+    Wc = Wbuf[:n]
+    ny, nx = km.ny, km.nx
+    q = 0
+    for z in range(km.z0, km.z0 + km.cz):
+        for y in range(km.y0, km.y0 + km.cy):
+            p0 = (z * ny + y) * nx + km.x0
+            for x in range(km.cx):
+                ec[q + x] = e[p0 + x]
+                Wc[q + x] = W[p0 + x]
+            for i in range(k):
+                Ji = J[i]
+                Jci = Jc[i]
+                for x in range(km.cx):
+                    Jci[q + x] = Ji[p0 + x]
+            q += km.cx
+    return Jc, ec, Wc
+
+
+@njit(error_model="numpy", inner=True)
+def _compact_vector(km, v, buf, n):
+    """:func:`_compact` of one ``(P,)`` array: its ``n`` box pixels, a ``(n,)`` view of ``buf``."""
+    out = buf[:n]
+    ny, nx = km.ny, km.nx
+    q = 0
+    for z in range(km.z0, km.z0 + km.cz):
+        for y in range(km.y0, km.y0 + km.cy):
+            p0 = (z * ny + y) * nx + km.x0
+            for x in range(km.cx):
+                out[q + x] = v[p0 + x]
+            q += km.cx
+    return out
+
+
+@njit(error_model="numpy", inline="always")
 def _rotated_box(integ, th, ny, nx, y0, x0, cy, cx, mu, J, scratch):
     """:func:`_rotated` over the box ``[y0, y0 + cy) x [x0, x0 + cx)`` of the window
     (:func:`_rotated_pixels`: there bit for bit its values); ``J = 0`` outside, ``mu``
@@ -560,7 +724,7 @@ def _rotated_box(integ, th, ny, nx, y0, x0, cy, cx, mu, J, scratch):
             Jj = J[j]
             for p in range(mu.shape[0]):
                 Jj[p] = 0.0
-    _rotated_pixels(integ, th, nx, y0, x0, cy, cx, mu, J, scratch)
+    _rotated_pixels(integ, th, ny, nx, y0, x0, cy, cx, mu, J, scratch)
 
 
 @njit(error_model="numpy", no_cpython_wrapper=True)
@@ -647,6 +811,21 @@ def _pixel_costs(model_fn, km, cost, s, th, mu, J, scratch, e, W):
     d, w, shift = cost.data[s], cost.weight[s], cost.shift[s]
     model_fn(km, th, mu, J, scratch)
     total = 0.0
+    if km.boxed:
+        # a boxed fit's cost over its box's rows (its unmasked pixels are all there; the
+        # pixels beyond are masked, and only the box's terms are read: _compact), in an
+        # order that does not depend on the window around the box
+        for z in range(km.z0, km.z0 + km.cz):
+            for y in range(km.y0, km.y0 + km.cy):
+                p0 = (z * km.ny + y) * km.nx + km.x0
+                for p in range(p0, p0 + km.cx):
+                    if w[p] == 0.0:
+                        e[p] = 0.0
+                        W[p] = 0.0
+                        continue
+                    c, e[p], W[p] = _pixel_terms(cost.kind, d[p], mu[p], w[p], shift[p], cost.scale)
+                    total += c
+        return total
     for p in range(mu.shape[0]):
         if w[p] == 0.0:
             e[p] = 0.0
@@ -806,6 +985,24 @@ def _damped_solve(H, g, lam, free, A, L, y, delta):
     return True
 
 
+@njit(error_model="numpy", inline="always")
+def _step_equations(wkm, nb, active, J, e, W, WJbuf, H, g, Jbuf, ebuf, Wbuf):
+    """A step's normal equations from :func:`_pixel_costs`' work arrays: over the box's
+    ``nb`` pixels (:func:`_compact`) for a boxed fit whose box is smaller than its window,
+    :func:`_joint_normal_equations` for active-set fits, else :func:`_normal_equations`."""
+    k, P = J.shape
+    if nb:
+        Jc, ec, Wc = _compact(wkm, J, e, W, Jbuf, ebuf, Wbuf, nb)
+        if active:
+            _joint_normal_equations(Jc, ec, Wc, WJbuf[: k * nb].reshape((k, nb)), H, g)
+        else:
+            _normal_equations(Jc, ec, Wc, H, g)
+    elif active:
+        _joint_normal_equations(J, e, W, WJbuf[: k * P].reshape((k, P)), H, g)
+    else:
+        _normal_equations(J, e, W, H, g)
+
+
 @njit(error_model="numpy", nogil=True)
 def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, stop):
     """Fit windows ``start .. stop``; updates ``state`` in place.
@@ -842,7 +1039,7 @@ def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, st
     scratch = np.empty((9, size))
     H = np.empty((k, k))
     g = np.empty(k)
-    WJ = np.empty((k if box.active else 0, P))  # joint fits' W J (_joint_normal_equations)
+    WJbuf = np.empty((k if box.active else 0) * P)  # active-set fits' W J (_joint_normal_equations)
     A = np.empty((k, k))
     L = np.zeros((k, k))
     y = np.empty(k)
@@ -852,6 +1049,9 @@ def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, st
     th = np.empty(k)
     trial = np.empty(k)
     act = np.empty(k, np.bool_)
+    Jbuf = np.empty(k * P if km.boxed else 0)  # boxed fits' sums over the box alone (_compact)
+    ebuf = np.empty(P if km.boxed else 0)
+    Wbuf = np.empty(P if km.boxed else 0)
     for s in range(start, stop):
         lo = box.lower[s]
         hi = box.upper[s]
@@ -865,11 +1065,9 @@ def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, st
         dof = max(n_valid - n_free, 1)
         wkm = _unmasked_box(km, cost.weight[s]) if km.boxed else km  # (boxed: MODEL_BOXED's box)
 
+        nb = _box_pixels(wkm, P)
         value = _pixel_costs(model_fn, wkm, cost, s, th, mu, J, scratch, e, W)
-        if box.active:
-            _joint_normal_equations(J, e, W, WJ, H, g)
-        else:
-            _normal_equations(J, e, W, H, g)
+        _step_equations(wkm, nb, box.active, J, e, W, WJbuf, H, g, Jbuf, ebuf, Wbuf)
         st = MAX_ITERATIONS  # unless something else happens
         if not math.isfinite(value):
             st = SINGULAR
@@ -912,10 +1110,8 @@ def levenberg_marquardt(model_fn, km, cost, box, state, max_iter, tol, start, st
                 unit = value / dof if cost.normalise else 1.0
                 if gain <= tol * unit:
                     st = CONVERGED
-                elif box.active:  # the next step's equations (a rejected or final step needs none)
-                    _joint_normal_equations(J, e, W, WJ, H, g)
-                else:
-                    _normal_equations(J, e, W, H, g)
+                else:  # the next step's equations (a rejected or final step needs none)
+                    _step_equations(wkm, nb, box.active, J, e, W, WJbuf, H, g, Jbuf, ebuf, Wbuf)
             else:
                 lam *= nu
                 nu *= 2.0
@@ -1079,10 +1275,16 @@ def covariance(model_fn, km, cost, data, theta, free, noise, out, bias_snr, embe
     yr = np.empty(r)
     v = np.empty(r)  # D^T g
     HD = np.empty((m, r))
+    Jbuf = np.empty(k * P if km.boxed else 0)  # boxed fits' sums over the box alone (_compact)
+    ebuf = np.empty(P if km.boxed else 0)
+    Wbuf = np.empty(P if km.boxed else 0)
+    Qbuf = np.empty(P if km.boxed else 0)
     for s in range(start, stop):
         th = theta[s]
         w = cost.weight[s]
-        model_fn(km, th, mu, J, scratch)
+        wkm = _unmasked_box(km, w) if km.boxed else km  # (the same values in the box, J = 0 beyond)
+        nb = _box_pixels(wkm, P)
+        model_fn(wkm, th, mu, J, scratch)
         n_valid = 0
         for p in range(P):
             if w[p] == 0.0:
@@ -1092,7 +1294,11 @@ def covariance(model_fn, km, cost, data, theta, free, noise, out, bias_snr, embe
             n_valid += 1
             _, E[p], Wp[p] = _pixel_terms(cost.kind, cost.data[s, p], mu[p], w[p], cost.shift[s, p],
                                           cost.scale)
-        _weighted_gram(J, idx, m, Wp, A)
+        if nb:
+            Jc, Ec, Wc = _compact(wkm, J, E, Wp, Jbuf, ebuf, Wbuf, nb)
+            _weighted_gram(Jc, idx, m, Wc, A)
+        else:
+            _weighted_gram(J, idx, m, Wp, A)
         for a in range(m):  # a copy (an array assignment compiles numba's shape-error
             for b in range(m):  # message formatting: ~4 s on a first run)
                 A_work[a, b] = A[a, b]
@@ -1138,7 +1344,9 @@ def covariance(model_fn, km, cost, data, theta, free, noise, out, bias_snr, embe
             Q[p] = Wp[p] * Wp[p] * V
             if abs(Q[p] - Wp[p]) > 1e-12 * Wp[p]:
                 fisher = False
-        if not fisher:  # (Poisson MLE of a camera without excess noise: B = A)
+        if not fisher and nb:  # (Poisson MLE of a camera without excess noise: B = A)
+            _weighted_gram(Jbuf[: k * nb].reshape((k, nb)), idx, m, _compact_vector(wkm, Q, Qbuf, nb), B)
+        elif not fisher:
             _weighted_gram(J, idx, m, Q, B)
         chi2[s] = x2 / dof
         for i in range(k):
@@ -1153,7 +1361,7 @@ def covariance(model_fn, km, cost, data, theta, free, noise, out, bias_snr, embe
             a0 = at_intensity
             N = th[km.intensity]
             if N * N < bias_snr * bias_snr * Ainv[a0, a0]:  # N / err_N < bias_snr
-                _mle_bias(model_fn, km, th, mu, J, scratch, idx, m, Ainv, Wp, bias[s])
+                _mle_bias(model_fn, wkm, th, mu, J, scratch, idx, m, Ainv, Wp, bias[s])
         if fisher:
             for a in range(m):
                 for b in range(m):

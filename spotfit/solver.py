@@ -170,11 +170,15 @@ def solve(
         background: a single-molecule frame's read noise only), about twice
         as many steps clipped.  spotfit's fits all use it; False clips.
     boxed : bool
-        Evaluate each window's model only over the box of its unmasked pixels
-        (``KernelModel.boxed``, :data:`spotfit._kernels.MODEL_BOXED`: the same fits, bit
-        for bit): for windows with many masked pixels, as the crowded-field engine's
-        are.  Always for models of several emitters.  Its kernels are compiled on
-        first use, so single-spot runs leave it False.
+        Evaluate each window's model, and sum its cost, normal equations and
+        covariance, only over the box of its unmasked pixels (``KernelModel.boxed``,
+        :data:`spotfit._kernels.MODEL_BOXED`): the same fits up to rounding, and bit
+        for bit the same whatever window surrounds the box (a bucket of joint fits
+        pads its groups' windows to its largest box: a frame's fits then do not
+        depend on the other frames fitted with it).  For windows with many masked
+        pixels, as the crowded-field engine's are.  Always for models of several
+        emitters.  Its kernels are compiled on first use, so single-spot runs leave
+        it False.
 
     Returns
     -------
@@ -202,6 +206,7 @@ class Minimised:
     free: np.ndarray
     cost: object
     state: object
+    boxed: bool = False  # each window's model over the box of its unmasked pixels (as solve's)
 
     def __len__(self):
         return len(self.data)
@@ -245,7 +250,7 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
         over_windows(levenberg_marquardt, n, fn, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
                      float(tol), threaded=_threaded(n, data.shape[1], k))
         state.iterations[:] += done
-    return Minimised(model, estimator, data, grid, noise, lower, upper, free, cost, state)
+    return Minimised(model, estimator, data, grid, noise, lower, upper, free, cost, state, bool(km.boxed))
 
 
 def noise_sums(fit: Minimised, rows) -> np.ndarray:
@@ -292,7 +297,7 @@ def finish(fit: Minimised, bias_correct: bool = True, groups=None, variance=None
     want_bias = bias_correct and estimator.bias_correctable
     shaky = np.zeros(theta.shape, bool)
     cov, chi2_red, bias, used = covariance(model, cost, data, theta, grid, noise, free, want_bias,
-                                           groups=groups, variance=variance)
+                                           groups=groups, variance=variance, boxed=fit.boxed)
     singular = ~np.all(np.isfinite(np.diagonal(cov, axis1=1, axis2=2))[:, free], axis=1)
     status[singular & (status == CONVERGED)] = SINGULAR
     if want_bias:
@@ -307,7 +312,8 @@ def finish(fit: Minimised, bias_correct: bool = True, groups=None, variance=None
         bias[unstable] = 0.0
         status[unstable & (status == CONVERGED)] = LOW_SIGNAL
         corrected = np.clip(theta - bias, lower, upper)
-        cov = _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, status, shaky)
+        cov = _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, status, shaky,
+                            boxed=fit.boxed)
         bias = theta - corrected
         theta = corrected
     return Solution(theta, cov, state.cost, chi2_red, state.iterations, status, bias, used, shaky)
@@ -318,7 +324,7 @@ def finish(fit: Minimised, bias_correct: bool = True, groups=None, variance=None
 COVARIANCE_CHANGE = 4.0
 
 
-def _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, status, shaky=None):
+def _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, status, shaky=None, boxed=False):
     """The covariance at the bias-corrected estimates (Poisson MLE, calibrated).
 
     The errors reported are the Cramer-Rao bound at the parameters reported:
@@ -338,7 +344,7 @@ def _at_corrected(model, cost, data, theta, corrected, cov, grid, noise, free, s
         return cov
     read_var = noise.read_var if np.ndim(noise.read_var) == 0 else np.asarray(noise.read_var)[rows]
     moved, _, _, _ = covariance(model, _rows(cost, rows), data[rows], corrected[rows], grid,
-                                Noise(noise.calibrated, noise.excess, read_var), free)
+                                Noise(noise.calibrated, noise.excess, read_var), free, boxed=boxed)
     before = np.diagonal(cov[rows], axis1=1, axis2=2)[:, free]
     after = np.diagonal(moved, axis1=1, axis2=2)[:, free]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -444,7 +450,8 @@ def _rows(cost, rows):
 _NO_EMBED = np.zeros((0, 0, 0))
 
 
-def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=None, variance=None):
+def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=None, variance=None,
+               boxed=False):
     """Covariance of the estimates under the noise model, reduced chi2, MLE bias.
 
     With a calibrated camera this is the sandwich covariance
@@ -485,6 +492,10 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
     variance : (n, 3) ndarray, optional
         Uncalibrated: ``(alpha, beta, floor)`` per window, instead of
         measuring them.
+    boxed : bool
+        Each window's model and sums over the box of its unmasked pixels (as
+        :func:`solve`'s ``boxed``; always for models of several emitters): a
+        window's covariance then does not depend on the window around the box.
 
     Returns
     -------
@@ -503,6 +514,8 @@ def covariance(model, cost, data, theta, grid, noise, free, bias=False, groups=N
     if n == 0:
         return out.cov, out.chi2, np.zeros((n, k)), used
     km = model.kernel(grid)
+    if boxed or model_for(km) is not MODEL:  # as minimise: sums over each window's box alone
+        km = km._replace(boxed=1)
     data = np.ascontiguousarray(data, dtype=float)
     free = np.asarray(free, bool)
     join_alongside()  # a first run may compile this kernel in a second process
