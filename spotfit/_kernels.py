@@ -678,25 +678,11 @@ def _compact(km, J, e, W, Jbuf, ebuf, Wbuf, n):
     sums over them do not depend on the window around the box (a joint fit's window is
     its bucket's largest box; its sums run in lanes that depend on the row length), so a
     group's fit is the same bit for bit in any bucket, and the padding is not summed."""
-    k, P = J.shape
+    k = J.shape[0]
     Jc = Jbuf[: k * n].reshape((k, n))
-    ec = ebuf[:n]
-    Wc = Wbuf[:n]
-    ny, nx = km.ny, km.nx
-    q = 0
-    for z in range(km.z0, km.z0 + km.cz):
-        for y in range(km.y0, km.y0 + km.cy):
-            p0 = (z * ny + y) * nx + km.x0
-            for x in range(km.cx):
-                ec[q + x] = e[p0 + x]
-                Wc[q + x] = W[p0 + x]
-            for i in range(k):
-                Ji = J[i]
-                Jci = Jc[i]
-                for x in range(km.cx):
-                    Jci[q + x] = Ji[p0 + x]
-            q += km.cx
-    return Jc, ec, Wc
+    for i in range(k):
+        _compact_vector(km, J[i], Jc[i], n)
+    return Jc, _compact_vector(km, e, ebuf, n), _compact_vector(km, W, Wbuf, n)
 
 
 @njit(error_model="numpy", inner=True)
@@ -814,7 +800,8 @@ def _pixel_costs(model_fn, km, cost, s, th, mu, J, scratch, e, W):
     if km.boxed:
         # a boxed fit's cost over its box's rows (its unmasked pixels are all there; the
         # pixels beyond are masked, and only the box's terms are read: _compact), in an
-        # order that does not depend on the window around the box
+        # order that does not depend on the window around the box (a loop of its own: as
+        # part of a flat loop's helper, it was vectorised in lanes that do)
         for z in range(km.z0, km.z0 + km.cz):
             for y in range(km.y0, km.y0 + km.cy):
                 p0 = (z * km.ny + y) * km.nx + km.x0
