@@ -35,8 +35,12 @@ def _assert_same_or_tied(q, p, got, want):
                           np.sum((q[differ] - p[want[differ]]) ** 2, axis=1))
 
 
+@pytest.mark.parametrize("all_pairs", [near._ALL_PAIRS, 0])
 @pytest.mark.parametrize("ndim,frames,whole", [(2, 1, False), (2, 3, False), (3, 2, False), (2, 2, True)])
-def test_pairs_nearest_and_any_within_are_the_k_d_trees(ndim, frames, whole):
+def test_pairs_nearest_and_any_within_are_the_k_d_trees(ndim, frames, whole, all_pairs, monkeypatch):
+    """Few points (every pair compared, :data:`spotfit.near._ALL_PAIRS`) and many (the
+    grid), and the grid alone (``all_pairs`` 0)."""
+    monkeypatch.setattr(near, "_ALL_PAIRS", all_pairs)
     rng = np.random.default_rng(40 + ndim + frames)
     for n, m in ((0, 5), (1, 1), (40, 25), (600, 300)):
         p, q = _points(rng, n, ndim, frames, whole), _points(rng, m, ndim, frames, whole)
@@ -126,6 +130,7 @@ def test_candidate_pairs_come_offset_after_offset(table, piece, monkeypatch):
     the same when the lookups are done in pieces of a few pairs (memory's bound)."""
     monkeypatch.setattr(near, "_CELL_TABLE", table)
     monkeypatch.setattr(near, "_PIECE", piece)
+    monkeypatch.setattr(near, "_ALL_PAIRS", 0)  # (few points are compared all at once)
     rng = np.random.default_rng(11)
     a = np.rint(rng.uniform(0, [90, 40], (70, 2)))
     b = np.rint(rng.uniform(0, [90, 40], (50, 2)))
@@ -143,3 +148,16 @@ def test_candidate_pairs_come_offset_after_offset(table, piece, monkeypatch):
     assert len(expect) > 20
     assert [tuple(v) for v in np.column_stack([i, j]).tolist()] == expect
     np.testing.assert_array_equal(d2, np.sum((a[i] - b[j]) ** 2, axis=1))
+
+
+@pytest.mark.parametrize("all_pairs", [near._ALL_PAIRS, 0])
+def test_points_that_are_not_finite_have_no_neighbours(all_pairs, monkeypatch):
+    """NaN and infinite positions pair with nothing (both ways, every query), whether the
+    pairs are compared all at once or through the grid."""
+    monkeypatch.setattr(near, "_ALL_PAIRS", all_pairs)
+    p = np.array([[1.0, 2.0], [np.nan, 2.0], [np.inf, np.inf], [1.5, 2.5], [40.0, 3.0]])
+    i, j = near.pairs_within(p, p, 2.0)
+    assert set(zip(i.tolist(), j.tolist())) == {(0, 0), (0, 3), (3, 0), (3, 3), (4, 4)}
+    assert near.any_within(p, p[[0]], 1.0, chebyshev=True).tolist() == [True, False, False, True, False]
+    dist, index = near.nearest(p, p[[2, 4]], 50.0)
+    assert index.tolist() == [1, 2, 2, 1, 1] and np.isinf(dist[1:3]).all()
