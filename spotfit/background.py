@@ -367,12 +367,15 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
     PSF width, and compiling this took a third of a first run's compile time.
     """
     means = sums / np.maximum(counts, 1.0)
+    # every array below is finite where the sums are (cell means, their extremes, 0/1
+    # flags, sums of finite values): checked once, not by each filter pass
+    finite = bool(np.isfinite(means).all())
     # 1. lower envelope: grey opening of the cell means
     envelope = means
     for axis in range(3):
-        envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 1)
+        envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 1, finite=finite)
     for axis in range(3):
-        envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 2)
+        envelope = _filter_axis(envelope, axis, kernels[axis], half[axis], True, 2, finite=finite)
     # 2. spots: cells brighter than the envelope by `clip` pixel-noise
     #    standard deviations, dilated by `reach` cells
     # (the steps cell by cell in blocks of cells that stay in the processor's cache,
@@ -384,7 +387,7 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
         var = np.maximum(read_var[b] + shot * np.maximum(env, 0.0), floor) * correlation
         bright[b] = means[b] > env + clip * np.sqrt(var)
     for axis in range(3):
-        bright = _filter_axis(bright, axis, kernels[axis], reach[axis], True, 2)
+        bright = _filter_axis(bright, axis, kernels[axis], reach[axis], True, 2, finite=True)
     # 3. Gaussian-weighted means (normalised convolutions) of the other cells,
     #    of all cells' envelope, and the weights themselves
     kept_sum, kept_count, env_sum = (np.empty(means.shape) for _ in range(3))
@@ -396,9 +399,9 @@ def _coarse_background(sums, counts, read_var, shot, correlation, floor, half, r
         np.multiply(envelope[b], counts[b], out=env_sum[b])
     for axis in range(3):
         if k_half[axis] > 0:
-            kept_sum = _filter_axis(kept_sum, axis, kernels[axis], k_half[axis], False, 0)
-            kept_count = _filter_axis(kept_count, axis, kernels[axis], k_half[axis], False, 0)
-            env_sum = _filter_axis(env_sum, axis, kernels[axis], k_half[axis], False, 0)
+            kept_sum = _filter_axis(kept_sum, axis, kernels[axis], k_half[axis], False, 0, finite=finite)
+            kept_count = _filter_axis(kept_count, axis, kernels[axis], k_half[axis], False, 0, finite=finite)
+            env_sum = _filter_axis(env_sum, axis, kernels[axis], k_half[axis], False, 0, finite=finite)
     weight = np.broadcast_to(np.maximum(_filtered_counts(counts, kernels, k_half), 1e-12), means.shape)
     coarse = np.empty(means.shape)
     for b in blocks:
@@ -547,7 +550,7 @@ def _cell_sums(data, cells, coarse_shape):
     return sums, counts
 
 
-def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
+def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None, finite=None):
     """One separable pass along `axis` of a 3D float64 array: correlation with
     ``kernel[:2 half + 1]`` (minmax 0), or the minimum (1) / maximum (2) over
     ``2 half + 1`` cells.  Edges: nearest value (``nearest``, always for the
@@ -561,7 +564,12 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
     is not symmetric, or values that are not finite, go to ``scipy.ndimage``, and so
     do correlations once ``scipy.ndimage`` is imported (joint fits import it), being the
     faster of the two then (``engine``: ``None`` decides so, ``"numpy"`` forces NumPy
-    where it applies, for tests).
+    where it applies, for tests).  ``finite``: whether every value of ``a`` is finite,
+    when the caller knows (else it is checked; a pass over ``a``).
+
+    The minimum and maximum take the window within the array at its edges (the same
+    as the nearest value repeated: an extreme of a repeated value is that value), no
+    padded copy.
     """
     half = int(half)
     if half == 0 or a.shape[axis] == 1:
@@ -569,8 +577,8 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
     weights = np.asarray(kernel[: 2 * half + 1], dtype=np.float64)
     # ndimage's test for a symmetric kernel, whose sum it takes pairwise from the centre
     symmetric = bool(np.all(np.abs(weights[half + 1:] - weights[half - 1::-1]) <= np.finfo(float).eps))
-    if not (symmetric or minmax) or not np.isfinite(a).all() or \
-            (engine is None and not minmax and "scipy.ndimage" in sys.modules):
+    if not (symmetric or minmax) or (engine is None and not minmax and "scipy.ndimage" in sys.modules) \
+            or not (np.isfinite(a).all() if finite is None else finite):
         # (correlations: ndimage is the faster once imported; minima and maxima: NumPy,
         # ~1.5-2.5x faster than ndimage's on a 2048 x 2048 frame's grid of cells)
         return _filter_axis_ndimage(a, axis, weights, half, nearest, minmax)
@@ -581,7 +589,17 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
     def part(start, stop):
         return a[lead + (slice(start, stop),)]
 
-    if nearest or minmax:
+    if minmax:  # cell i: the extreme of cells max(i - half, 0) .. min(i + half, n - 1)
+        extreme = np.minimum if minmax == 1 else np.maximum
+        out = a.copy()
+        for j in range(1, min(half, n - 1) + 1):
+            o = out[lead + (slice(0, n - j),)]
+            extreme(o, part(j, n), out=o)  # the cell j further on
+            o = out[lead + (slice(j, n),)]
+            extreme(o, part(0, n - j), out=o)  # the cell j before
+        return out
+
+    if nearest:
         first, last = part(0, 1), part(n - 1, n)
     else:
         first = last = np.zeros(a.shape[:axis] + (1,) + a.shape[axis + 1:])
@@ -590,12 +608,12 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
     # correlations in blocks of about :data:`FILTER_BLOCK` cells along the outermost axis of
     # more than one cell (`axis` itself too: a block then reads its margin of the padded
     # array): a block's passes stay in the processor's cache; each cell's operations are
-    # the same (minima and maxima, two operands per operation, gain nothing: one block)
+    # the same
     block = next(b for b in range(a.ndim) if a.shape[b] > 1)
     size = a.shape[block]
-    step = size if minmax else max(1, min(size, FILTER_BLOCK // max(1, a.size // size)))
+    step = max(1, min(size, FILTER_BLOCK // max(1, a.size // size)))
     outer = (slice(None),) * block
-    pair = None if minmax else np.empty(a.shape[:block] + (step,) + a.shape[block + 1:])
+    pair = np.empty(a.shape[:block] + (step,) + a.shape[block + 1:])
     for lo in range(0, size, step):
         hi = min(lo + step, size)
         if block == axis:
@@ -609,18 +627,12 @@ def _filter_axis(a, axis, kernel, half, nearest, minmax, engine=None):
 
         o = out[outer + (slice(lo, hi),)]
         # (the operations of one expression per cell, into arrays made once)
-        if minmax:
-            extreme = np.minimum if minmax == 1 else np.maximum
-            extreme(shifted(-half), shifted(-half + 1), out=o)
-            for j in range(-half + 2, half + 1):
-                extreme(o, shifted(j), out=o)
-        else:
-            np.multiply(shifted(0), weights[half], out=o)
-            p = pair[outer + (slice(0, hi - lo),)]
-            for j in range(-half, 0):
-                np.add(shifted(j), shifted(-j), out=p)
-                p *= weights[half + j]
-                o += p
+        np.multiply(shifted(0), weights[half], out=o)
+        p = pair[outer + (slice(0, hi - lo),)]
+        for j in range(-half, 0):
+            np.add(shifted(j), shifted(-j), out=p)
+            p *= weights[half + j]
+            o += p
     return out
 
 
