@@ -102,7 +102,8 @@ class FitConfig:
         its extra widths (a score test at the BIC level,
         :func:`spotfit.single.fit_batch`); False fits ``model`` to every spot.
     max_iter : int
-        Solver iteration limit per spot.
+        Solver iteration limit per fit; a joint fit of several overlapping spots gets
+        :data:`spotfit.group.JOINT_ITERATIONS` times this.
     min_snr : float
         Fits with ``intensity / intensity_err`` below this are flagged
         ``low_signal``.
@@ -167,7 +168,8 @@ class FitConfig:
         "level), the symmetric model to the others; --no-select-model: --model for every spot.",
         "flag", "fit", cli="--select-model/--no-select-model"))
     max_iter: int = field(default=50, metadata=_meta(
-        "Solver iteration limit per spot.", "whole", "fit", unit="iterations", low=1))
+        "Solver iteration limit per fit (a joint fit of several overlapping spots: twice "
+        "this).", "whole", "fit", unit="iterations", low=1))
     min_snr: float = field(default=3.0, metadata=_meta(
         "Converged fits whose intensity signal-to-noise is below this get status low_signal "
         "(faint fits: judged at the --sigma width; see the README's status values).",

@@ -474,3 +474,23 @@ def test_dense_suspects_keep_their_symmetric_fit(monkeypatch):
     assert every > 300 and skipped < 0.6 * every, scores
     assert f1 >= 0.75 and rmse <= 0.35, scores  # (the scenario's targets: F1 >= 0.72, 50 nm = 0.5 px)
     assert abs(f1 - f1_every) <= 0.02 and abs(rmse - rmse_every) <= 0.02, scores
+
+
+def test_joint_fits_of_several_emitters_may_take_twice_the_iterations():
+    """``--max-iter`` per fit; a joint fit of several emitters gets
+    ``group.JOINT_ITERATIONS`` (2) times that (its steps crawl where emitters share light):
+    on SMLM-like frames with ``max_iter=15`` the rows of groups of 2 or more use up to 30,
+    some more than a single fit may (15, plus up to 3 of its first pass with the widths
+    held), and the others stay within that."""
+    from spotfit.group import JOINT_ITERATIONS, joint_iterations
+
+    assert joint_iterations(15, 1) == 15 and joint_iterations(15, 4) == 15 * JOINT_ITERATIONS == 30
+    camera = Camera(baseline=500.0, gain=1.0, read_noise=8.0)
+    movie, _ = _smlm_stack(8, (30, 40), 55, seed=31)
+    table = spotfit.fit(movie, camera=camera, sigma=1.09, axes="TYX", crowded=True, max_iter=15)
+    grouped = table["group_size"].to_numpy() >= 2
+    iterations = table["iterations"].to_numpy()
+    assert grouped.sum() > 100 and (~grouped).sum() > 50
+    assert iterations[grouped].max() <= 30
+    assert (iterations[grouped] > 18).sum() >= 5
+    assert iterations[~grouped].max() <= 18
