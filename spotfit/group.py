@@ -75,7 +75,7 @@ MISFIT_SIGMAS = 4.0
 #: 8-26 parameters share light, and the steps of a group of 5-8 crawl along the valley of
 #: two emitters' shared light long after a single spot's fit has stopped
 #: (``benchmarks/dense.py``, SMLM 60 per frame: 191 of ~12,000 rows stopped at 50
-#: iterations, 14 at 100)
+#: iterations, 22 with this)
 JOINT_ITERATIONS = 2
 
 

@@ -172,11 +172,11 @@ def _candidates(a, b, reach, distances=True):
     none = np.zeros(0, np.int64)
     if len(a) == 0 or len(b) == 0 or not reach >= 0:
         return none, none, np.zeros(0)
+    if len(a) * len(b) <= _ALL_PAIRS:
+        return _all_pairs(a, b, reach, distances)
     whole = (np.isfinite(reach) and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
              and np.all(a == np.round(a)) and np.all(b == np.round(b))
              and max(np.abs(a).max(), np.abs(b).max()) < 2.0**31)
-    if len(a) * len(b) <= _ALL_PAIRS:
-        return _all_pairs(a, b, reach, distances)
     lone = [False] * a.shape[1]  # axes along which a neighbour is in the same cell only
     if whole:  # cells of whole pixels; distances exactly, in integers
         a, b = a.astype(np.int64), b.astype(np.int64)
