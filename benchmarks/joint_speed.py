@@ -122,6 +122,8 @@ def solve_with(kernels, model, estimator, data, mask, grid, theta0, kw):
     # 2026-12-03, without before
     box = kernels.Box(lower, upper, free, int(kw.get("active_set", False))) \
         if "active" in kernels.Box._fields else kernels.Box(lower, upper, free)
+    if "rough" in kernels.Box._fields:  # (fits from rough starts, since 2026-12-04)
+        box = kernels.Box(*box, int(kw.get("rough_start", False)))
     # kernels since the model code became a first-class function take it first
     fn = (kernels.MODEL,) if hasattr(kernels, "MODEL") else ()
     # kernels since the joint fits' own model code: the crowded engine's fits (several

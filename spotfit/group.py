@@ -924,7 +924,7 @@ class CrowdedFitter:
         free = ~model.width_mask if cfg.fix_sigma else np.ones(model.n_params, bool)
         sol = solver.solve(model, setup.estimator, data, w.mask, w.grid, theta0, noise=setup.noise(w.read_var),
                            lower=lower, upper=upper, free=free, max_iter=joint_iterations(cfg.max_iter, K), groups=t,
-                           active_set=True)
+                           active_set=True, rough_start=True)
         finite = np.all(np.isfinite(sol.theta), axis=1)
         theta = np.where(finite[:, None], sol.theta, theta0)
         sat = np.zeros(G, bool)

@@ -105,6 +105,7 @@ def solve(
     variance: np.ndarray | None = None,
     active_set: bool = False,
     boxed: bool = False,
+    rough_start: bool = False,
 ) -> Solution:
     """Fit ``model`` to every window at once.
 
@@ -179,6 +180,13 @@ def solve(
         pixels, as the crowded-field engine's are.  Always for models of several
         emitters.  Its kernels are compiled on first use, so single-spot runs leave
         it False.
+    rough_start : bool
+        The fits start from rough places (the crowded-field engine's joint fits:
+        residual peaks, split spots, neighbours' earlier fits): a step shrinks an
+        intensity to no less than :data:`spotfit._kernels.INTENSITY_SHRINK` of its
+        value, so that an overshooting first step does not take an emitter's
+        intensity to its bound, where its position no longer moves the fit (and the
+        spot is lost).  A spurious emitter still fades to its bound, in a few steps.
 
     Returns
     -------
@@ -186,7 +194,7 @@ def solve(
     """
     fit = minimise(model, estimator, data, mask, grid, theta0, noise=noise, lower=lower, upper=upper,
                    free=free, max_iter=max_iter, tol=tol, hold_first=hold_first, hold_rows=hold_rows,
-                   active_set=active_set, boxed=boxed)
+                   active_set=active_set, boxed=boxed, rough_start=rough_start)
     return finish(fit, bias_correct=bias_correct, groups=groups, variance=variance)
 
 
@@ -214,7 +222,7 @@ class Minimised:
 
 def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=None, upper=None, free=None,
              max_iter=50, tol=1e-3, hold_first=None, hold_rows=None, active_set=False,
-             boxed=False) -> Minimised:
+             boxed=False, rough_start=False) -> Minimised:
     """The fits of :func:`solve` (same parameters) without their covariance: then
     :func:`finish`.  Each window's fit depends on that window only."""
     from spotfit._kernels import levenberg_marquardt
@@ -241,13 +249,14 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
                 first = FitState(state.theta[rows], np.zeros(len(rows), dtype=np.int32),
                                  np.zeros(len(rows), dtype=np.int8), np.zeros(len(rows)))
                 over_windows(levenberg_marquardt, len(rows), fn, km, _rows(cost, rows),
-                             Box(lower[rows], upper[rows], free & ~np.asarray(hold_first, bool), int(active_set)),
+                             Box(lower[rows], upper[rows], free & ~np.asarray(hold_first, bool), int(active_set),
+                                 int(rough_start)),
                              first, int(min(max_iter, 3)), float(10 * tol),
                              threaded=_threaded(len(rows), data.shape[1], k))
                 state.theta[rows] = first.theta
                 state.iterations[rows] = first.iterations
         done = state.iterations.copy()
-        over_windows(levenberg_marquardt, n, fn, km, cost, Box(lower, upper, free, int(active_set)), state, int(max_iter),
+        over_windows(levenberg_marquardt, n, fn, km, cost, Box(lower, upper, free, int(active_set), int(rough_start)), state, int(max_iter),
                      float(tol), threaded=_threaded(n, data.shape[1], k))
         state.iterations[:] += done
     return Minimised(model, estimator, data, grid, noise, lower, upper, free, cost, state, bool(km.boxed))

@@ -147,7 +147,7 @@ def test_boxed_fits_are_the_whole_windows_fits(n_emitters):
         n, k = truth.shape
         state = K.FitState(theta0.copy(), np.zeros(n, np.int32), np.zeros(n, np.int8), np.zeros(n))
         box = K.Box(np.ascontiguousarray(np.broadcast_to(lower, (n, k))),
-                    np.ascontiguousarray(np.broadcast_to(upper, (n, k))), np.ones(k, bool), 1)
+                    np.ascontiguousarray(np.broadcast_to(upper, (n, k))), np.ones(k, bool), 1, 0)
         K.levenberg_marquardt(fn, km, cost, box, state, 50, 1e-3, 0, n)
         fits.append(state)
     a, b = fits
