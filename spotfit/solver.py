@@ -256,8 +256,8 @@ def minimise(model, estimator, data, mask, grid, theta0, noise=Noise(), lower=No
                 state.theta[rows] = first.theta
                 state.iterations[rows] = first.iterations
         done = state.iterations.copy()
-        over_windows(levenberg_marquardt, n, fn, km, cost, Box(lower, upper, free, int(active_set), int(rough_start)), state, int(max_iter),
-                     float(tol), threaded=_threaded(n, data.shape[1], k))
+        over_windows(levenberg_marquardt, n, fn, km, cost, Box(lower, upper, free, int(active_set), int(rough_start)),
+                     state, int(max_iter), float(tol), threaded=_threaded(n, data.shape[1], k))
         state.iterations[:] += done
     return Minimised(model, estimator, data, grid, noise, lower, upper, free, cost, state, bool(km.boxed))
 
