@@ -53,7 +53,7 @@ def main() -> None:
         speed = [reference_seconds()]
         report(*run(command), signatures=args.signatures)
     print(f"load average (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
-          f"{describe([*speed, reference_seconds()])}: before / after")
+          f"{describe([*speed, reference_seconds()], ': before / after')}")
 
 
 def run(command):

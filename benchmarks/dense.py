@@ -427,7 +427,7 @@ def main(argv=None) -> int:
                       f"ratio to sparse {rate / ref:.2f}  {verdict(rate >= 5000)}")
                 failures += rate < 5000
     speed.append(reference_seconds())
-    print(f"\n{failures} target(s) failed; {describe(speed)}: at the start / end")
+    print(f"\n{failures} target(s) failed; {describe(speed, ': at the start / end')}")
     return 1 if failures else 0
 
 

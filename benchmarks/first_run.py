@@ -147,7 +147,7 @@ def main() -> None:
               f"{'yes' if n1 else 'no':>3s}/{'yes' if n2 else 'no'}{mark}")
     print(f"{'all first runs':34s} {sum(v[0] for v in first.values()):8.1f} "
           f"{sum(v[1] for v in first.values()):6.1f}")
-    print(f"{describe(speed)}: before / after the first runs")
+    print(describe(speed, ": before / after the first runs"))
 
 
 if __name__ == "__main__":

@@ -784,7 +784,7 @@ def main(argv=None):
     print(f"   {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; "
           f"load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
           f"this benchmark: {time.perf_counter() - t_start:.0f} s, peak RSS {peak_self / 1e6:.0f} MB")
-    print(f"   {describe([*speed, reference_seconds()])}: at the start / end")
+    print("   " + describe([*speed, reference_seconds()], ": at the start / end").replace("\n", "\n   "))
     log(f"done in {time.perf_counter() - t_start:.1f} s")
 
 
