@@ -644,9 +644,10 @@ class _Program(click.Group):
 
         previous = None
         if threading.current_thread() is threading.main_thread():
-            from spotfit.errors import raise_terminated
+            from spotfit.errors import raise_terminated, redeliver_interrupts_from_finalizers
 
             previous = signal.signal(signal.SIGTERM, raise_terminated)
+            redeliver_interrupts_from_finalizers()
         try:
             with _Warnings():
                 code = self._run(args, prog_name, complete_var, **extra)

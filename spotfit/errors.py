@@ -15,6 +15,7 @@
 """
 
 import signal as _signal
+import sys as _sys
 
 
 class SpotfitInputError(ValueError):
@@ -60,3 +61,36 @@ class Terminated(KeyboardInterrupt):
 def raise_terminated(signum, frame):
     """A signal handler that raises :class:`Terminated` (install for SIGTERM)."""
     raise Terminated()
+
+
+def redeliver_interrupts_from_finalizers() -> None:
+    """Make the signals whose handlers raise (SIGTERM: :class:`Terminated`; SIGINT:
+    :class:`KeyboardInterrupt`) stop the process even when they arrive while Python runs
+    a finalizer (``__del__``, a weak reference's callback; numba's compiler runs many):
+    an exception cannot leave a finalizer, so Python printed it with a traceback
+    ("Exception ignored in ...") and carried on.  This :data:`sys.unraisablehook` prints
+    nothing for them and sends the signal to the process again, 10 ms later from another
+    thread (sent at once, the handler would raise inside the hook, which ignores it too):
+    its handler then raises it in the code that runs then.  Other unraisable exceptions go to the
+    previous hook.  For the command line and a batch's worker processes, which install
+    such handlers; idempotent.
+    """
+    previous = _sys.unraisablehook
+    if getattr(previous, "_redelivers_interrupts", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, KeyboardInterrupt):
+            import os
+            import threading
+
+            signum = getattr(exc, "signum", _signal.SIGINT)
+            again = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+            again.daemon = True
+            again.start()
+            return
+        previous(unraisable)
+
+    hook._redelivers_interrupts = True
+    _sys.unraisablehook = hook

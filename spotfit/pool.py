@@ -32,7 +32,7 @@ import sys
 import time
 from collections import deque
 
-from spotfit.errors import Terminated
+from spotfit.errors import Terminated, redeliver_interrupts_from_finalizers
 
 __all__ = ["Pool", "describe_exit"]
 
@@ -247,6 +247,7 @@ def _worker_main(conn, parent_pid: int, work, threads: int) -> None:
     global _IN_JOB
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _worker_sigterm)
+    redeliver_interrupts_from_finalizers()  # (a SIGTERM during numba's finalizers)
     _die_with_parent(parent_pid)
     for name in THREAD_VARIABLES:  # before numpy and numba load
         if name == "NUMBA_NUM_THREADS" and "numba" in sys.modules:

@@ -832,3 +832,37 @@ def test_workers_compile_when_numba_was_imported_at_startup(tmp_path):
                           capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[(0, 1), (1, 2), (2, 3)]"
+
+
+@pytest.mark.parametrize("name", ["Terminated", "KeyboardInterrupt"])
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_run_without_a_traceback(name):
+    """SIGTERM (or SIGINT) arriving while Python runs a finalizer (numba's compiler runs
+    many: seen in a batch's worker during a first run's compile) raised its exception
+    inside ``__del__``, where it cannot propagate: Python printed "Exception ignored in"
+    with a traceback and the run went on.  The command line and the workers install
+    :func:`spotfit.errors.redeliver_interrupts_from_finalizers`: nothing is printed, the
+    signal is delivered again and stops the code that runs next.  (In a fresh
+    interpreter: the hook and the handlers are process-wide.)"""
+    code = textwrap.dedent(f"""
+        import signal, sys, time
+        from spotfit.errors import Terminated, raise_terminated, redeliver_interrupts_from_finalizers
+        signal.signal(signal.SIGTERM, raise_terminated)
+        if sys.argv[1] == "hook":
+            redeliver_interrupts_from_finalizers()
+
+        class Finalized:
+            def __del__(self):
+                raise {name}()  # as the signal's handler raises it inside a finalizer
+
+        try:
+            Finalized()
+            for _ in range(1000):
+                time.sleep(0.001)
+            print("ran on")
+        except {name}:
+            print("stopped")
+        """)
+    for mode, out, quiet in (("hook", "stopped", True), ("none", "ran on", False)):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=60)
+        assert done.stdout.strip() == out, (mode, done.stdout, done.stderr)
+        assert ("Traceback" not in done.stderr) == quiet, (mode, done.stderr)
