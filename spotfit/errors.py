@@ -69,11 +69,11 @@ def redeliver_interrupts_from_finalizers() -> None:
     a finalizer (``__del__``, a weak reference's callback; numba's compiler runs many):
     an exception cannot leave a finalizer, so Python printed it with a traceback
     ("Exception ignored in ...") and carried on.  This :data:`sys.unraisablehook` prints
-    nothing for them and sends the signal to the process again, 10 ms later from another
-    thread (sent at once, the handler would raise inside the hook, which ignores it too):
-    its handler then raises it in the code that runs then.  Other unraisable exceptions go to the
-    previous hook.  For the command line and a batch's worker processes, which install
-    such handlers; idempotent.
+    nothing for them and sends the signal to the process again 10 ms later, from a timer
+    thread (sent at once, its handler would raise inside the hook, which swallows it
+    too); the handler then raises it in whatever code runs at that moment.  Other
+    unraisable exceptions go to the previous hook.  For the command line and a batch's
+    worker processes, which install such handlers; idempotent.
     """
     previous = _sys.unraisablehook
     if getattr(previous, "_redelivers_interrupts", False):
