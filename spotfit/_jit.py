@@ -339,13 +339,16 @@ def _pool(threads: int):
     return _POOL["pool"]
 
 
-def kernel_stamp(package=None) -> str:
+def kernel_stamp(package=None, numba_version=None) -> str:
     """Hash of the sources of all :data:`KERNEL_MODULES` (in the folder ``package``,
-    default: this package's) and numba's version."""
-    import numba
-
+    default: this package's) and numba's version (``numba_version``, default: the
+    imported numba's)."""
     if package is not None:
-        digest = hashlib.sha256(numba.__version__.encode())
+        if numba_version is None:
+            import numba
+
+            numba_version = numba.__version__
+        digest = hashlib.sha256(numba_version.encode())
         digest.update(repr(sorted(_DEFAULTS.items())).encode())
         for name in KERNEL_MODULES:
             with open(os.path.join(package, name), "rb") as f:
@@ -384,8 +387,9 @@ def _setup() -> None:
 def _cold(target: str) -> bool:
     """Whether numba's cache beside the sources surely lacks the kernel ``target``
     (``"M:compile_<kernel>_kernel"``, the kernel defined in :mod:`spotfit._kernels`)
-    compiles: no index file for it, or only one older than ``_kernels.py`` (False when
-    unsure: another cache folder is used, or the name does not say)."""
+    compiles: no index file for it, or only ones older than ``_kernels.py`` that were
+    not written for these sources (:func:`_written_for`; False when unsure: another
+    cache folder is used, or the name does not say)."""
     func = target.split(":")[-1]
     if os.environ.get("NUMBA_CACHE_DIR") or not (func.startswith("compile_") and func.endswith("_kernel")):
         return False
@@ -394,13 +398,41 @@ def _cold(target: str) -> bool:
     if not os.access(cache if os.path.isdir(cache) else _PACKAGE, os.W_OK):
         return False  # numba would use its user-wide folder
     try:
-        names = os.listdir(cache)
+        entries = [os.path.join(cache, name) for name in os.listdir(cache)
+                   if name.startswith(f"_kernels.{kernel}-") and name.endswith(".nbi")]
         source = os.path.getmtime(os.path.join(_PACKAGE, "_kernels.py"))
-        # an entry older than the sources: left by a previous version (pip leaves them)
-        return not any(name.startswith(f"_kernels.{kernel}-") and name.endswith(".nbi")
-                       and os.path.getmtime(os.path.join(cache, name)) >= source for name in names)
-    except OSError:
+        if any(os.path.getmtime(entry) >= source for entry in entries):
+            return False
+    except OSError:  # no cache folder yet
         return True
+    # entries older than the sources: left by a previous version (pip leaves them), or
+    # written for these very sources, which a reinstall or a checkout dated again
+    return not _written_for(entries)
+
+
+def _written_for(entries) -> bool:
+    """Whether one of the index files ``entries`` holds the stamp of this package's
+    sources (:func:`kernel_stamp`; numba pickles it as text into the index, so its
+    bytes are found in the file), computed without importing numba (its version from
+    the installed distribution's metadata when numba is not imported yet)."""
+    if not entries:
+        return False
+    try:
+        numba = sys.modules.get("numba")
+        if numba is not None:
+            version = numba.__version__
+        else:
+            from importlib import metadata
+
+            version = metadata.version("numba")
+        stamp = kernel_stamp(_PACKAGE, version).encode()
+        for entry in entries:
+            with open(entry, "rb") as f:
+                if stamp in f.read():
+                    return True
+    except (OSError, ImportError, ValueError):  # (metadata.PackageNotFoundError is an ImportError)
+        pass
+    return False
 
 
 def _call(target: str) -> None:

@@ -269,6 +269,50 @@ def test_cold_cache_means_no_index_file_for_the_kernel(monkeypatch, tmp_path):
     assert not _jit._cold(target)
 
 
+def _index_file(path, stamp):
+    """An index file as numba writes it: its format version, then the pickled
+    ``(stamp, overloads)``."""
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(("0.68.1",), f, protocol=-1)
+        f.write(pickle.dumps((stamp, {((), "cpu"): "x.1.nbc"}), protocol=-1))
+
+
+def test_an_older_entry_written_for_these_sources_is_not_cold(monkeypatch, tmp_path):
+    """Sources dated after their cache entries with the same text (a reinstall of the
+    same version, a checkout): the entries are valid (the stamp is the sources' hash),
+    so no second process is started on every run; an older entry of other sources
+    (an upgrade) still means cold."""
+    import numba
+
+    package = tmp_path / "spotfit"
+    cache = package / "__pycache__"
+    cache.mkdir(parents=True)
+    for name in _jit.KERNEL_MODULES:
+        (package / name).write_text(f"# {name}\n")
+    monkeypatch.setattr(_jit, "_PACKAGE", str(package))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    target = "spotfit.solver:compile_covariance_kernel"
+    entry = cache / "_kernels.covariance-623.py311.nbi"
+    _index_file(entry, "0" * 64)  # written for other sources
+    os.utime(entry, (1e9, 1e9))
+    assert _jit._cold(target)
+    _index_file(entry, _jit.kernel_stamp(str(package)))  # for these sources, then redated
+    os.utime(entry, (1e9, 1e9))
+    assert _jit._cold("spotfit.solver:compile_quadrupole_score_kernel")  # another kernel's
+    assert not _jit._cold(target)
+    # the stamp without numba imported: numba's version from its distribution's metadata
+    from importlib import metadata
+
+    assert _jit.kernel_stamp(str(package), metadata.version("numba")) == _jit.kernel_stamp(str(package))
+    monkeypatch.delitem(sys.modules, "numba")
+    assert not _jit._cold(target)
+    monkeypatch.setitem(sys.modules, "numba", numba)
+    (package / "group.py").write_text("# changed\n")  # an upgrade: the old entry is stale
+    assert _jit._cold(target)
+
+
 def test_solver_compile_targets_exist():
     """The CLI names the second process' function by a string."""
     import inspect
