@@ -941,7 +941,7 @@ def _overlapping(result, run, frame_fit):
             whole["frame"] = np.int64(t)
             out.append(whole)
             continue
-        joint, replaced = fields._fit_tiles(setup, f, rows, hot)
+        (joint, replaced), = fields._fit_tiles(setup, [(f, rows, hot)])
         joint = joint.drop(columns=[c for c in joint if c in table._GROUP])
         out.append(fields.merge_joint(rows[~replaced], [joint]) if len(joint) else rows[~replaced])
     if not changed:

@@ -103,6 +103,7 @@ def _fit_sparse(setup: Setup, frames):
         return singles
     t = singles["frame"].to_numpy()
     parts, whole, done = [], [], np.zeros(len(singles), bool)
+    tiled, tiled_rows = [], []
     for f in frames:
         if len(f.coords) == 0:
             continue
@@ -116,9 +117,12 @@ def _fit_sparse(setup: Setup, frames):
             whole.append(f)
             done[rows] = True
             continue
-        joint, replaced = _fit_tiles(setup, f, singles.iloc[rows], hot)
-        parts.append(joint)
-        done[rows[replaced]] = True
+        tiled.append((f, singles.iloc[rows], hot))
+        tiled_rows.append(rows)
+    if tiled:  # the tiles of all frames in one pass
+        for rows, (joint, replaced) in zip(tiled_rows, _fit_tiles(setup, tiled)):
+            parts.append(joint)
+            done[rows[replaced]] = True
     if whole:
         joint = fit_dense(setup, whole, singles=singles[np.isin(t, [f.t for f in whole])],
                           light=isinstance(singles, LightTable))
@@ -264,67 +268,84 @@ def _find_close_pairs(setup: Setup, f, coords):
     return job
 
 
-def _fit_tiles(setup: Setup, frame, singles, hot):
-    """Joint fits of a large frame in the tiles around its overlapping spots ``hot``.
+def _fit_tiles(setup: Setup, jobs) -> list:
+    """Joint fits of large frames in the tiles around their overlapping spots.
 
-    The frame is cut into cores of :data:`TILE_CORE` px; each core within
-    2 px of an overlapping spot is fitted (:func:`fit_dense`, with the
-    frame's single fits of the candidates in it) with a margin of
-    :func:`_tile_margin` px, and keeps the rows whose fitted position lies in
-    the core.  Returns those rows (frame coordinates) and which rows of
-    ``singles`` they replace (those whose fit lies in a fitted core).
+    ``jobs``: ``(frame, singles, hot)`` per frame: the frame, its single-spot fits
+    (rows of its candidates, in raster order) and which of them overlap
+    (:func:`_overlaps`).  Each frame is cut into cores of :data:`TILE_CORE` px;
+    each core within 2 px of an overlapping spot is fitted (:func:`fit_dense`,
+    with the frame's single fits of the candidates in it) with a margin of
+    :func:`_tile_margin` px, and keeps the rows whose fitted position lies in the
+    core.  The tiles of all frames are fitted together (one pass of the
+    crowded-field engine for all: its fixed cost, not the tiles' work, is most
+    of it when a frame has a few overlaps; each tile's fits do not depend on
+    the others).  Returns, per job, those rows (frame coordinates) and which
+    rows of its ``singles`` they replace (those whose fit lies in a fitted core).
     """
-    ny, nx = frame.photons.shape
     core, size = TILE_CORE, _tile_size(setup)
     margin = (size - core) // 2
-    xy = np.column_stack([singles["x"].to_numpy(), singles["y"].to_numpy()])
-    finite = np.isfinite(xy).all(axis=1)  # a failed fit without a position stays as it is
-    xy = np.where(finite[:, None], xy, frame.coords[:, ::-1])
-    cells_y, cells_x = -(-ny // core), -(-nx // core)
+    tiles, local, plans = [], [], []
+    for frame, singles, hot in jobs:
+        ny, nx = frame.photons.shape
+        xy = np.column_stack([singles["x"].to_numpy(), singles["y"].to_numpy()])
+        finite = np.isfinite(xy).all(axis=1)  # a failed fit without a position stays as it is
+        xy = np.where(finite[:, None], xy, frame.coords[:, ::-1])
+        cells_y, cells_x = -(-ny // core), -(-nx // core)
 
-    def cell(pos):  # core of each x, y position
-        c = np.floor(np.rint(pos) / core)
-        return np.clip(c[:, 1], 0, cells_y - 1).astype(np.int64) * cells_x + \
-            np.clip(c[:, 0], 0, cells_x - 1).astype(np.int64)
+        def cell(pos, cells_y=cells_y, cells_x=cells_x):  # core of each x, y position
+            c = np.floor(np.rint(pos) / core)
+            return np.clip(c[:, 1], 0, cells_y - 1).astype(np.int64) * cells_x + \
+                np.clip(c[:, 0], 0, cells_x - 1).astype(np.int64)
 
-    near = [cell(xy[hot] + d) for d in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2), (2, 2), (-2, -2), (2, -2), (-2, 2))]
-    cells = np.unique(np.concatenate(near))
-    cy, cx = np.divmod(cells, cells_x)
-    y0 = np.clip(cy * core - margin, 0, max(ny - size, 0))
-    x0 = np.clip(cx * core - margin, 0, max(nx - size, 0))
-    tile, inside = _in_boxes(frame.coords[:, ::-1], x0, y0, size, core)
-    picked = np.split(inside, np.cumsum(np.bincount(tile, minlength=len(cells)))[:-1])
-    origins = np.column_stack([x0, y0]).astype(float)
-    tiles = []
-    for k, (a, b, rows) in enumerate(zip(y0.tolist(), x0.tolist(), picked)):  # views of the frame
-        crop = (slice(a, a + size), slice(b, b + size))
-        tiles.append(Frame(k, frame.photons[crop], coords=frame.coords[rows] - [a, b],
-                            valid=None if frame.valid is None else frame.valid[crop],
-                            saturated=None if frame.saturated is None else frame.saturated[crop],
-                            image_var=frame.image_var, noise=frame.noise,
-                            background=None if not frame.background else
-                            [p.moved((a, b)) for p in frame.background]))
-    # the tiles' single fits: the frame's, in tile coordinates, frame = tile
-    local = _renumbered(singles.iloc[inside])
-    local["x"] = local["x"].to_numpy() - origins[tile, 0]
-    local["y"] = local["y"].to_numpy() - origins[tile, 1]
-    local["frame"] = tile.astype(np.int64)
-    joint = fit_dense(setup, tiles, singles=local, light=isinstance(singles, LightTable))
+        near = [cell(xy[hot] + d) for d in ((0, 0), (2, 0), (-2, 0), (0, 2), (0, -2), (2, 2), (-2, -2), (2, -2), (-2, 2))]
+        cells = np.unique(np.concatenate(near))
+        cy, cx = np.divmod(cells, cells_x)
+        y0 = np.clip(cy * core - margin, 0, max(ny - size, 0))
+        x0 = np.clip(cx * core - margin, 0, max(nx - size, 0))
+        tile, inside = _in_boxes(frame.coords[:, ::-1], x0, y0, size, core)
+        picked = np.split(inside, np.cumsum(np.bincount(tile, minlength=len(cells)))[:-1])
+        origins = np.column_stack([x0, y0]).astype(float)
+        first = len(tiles)  # this frame's tiles are frames first, first + 1, ... of the fits
+        for k, (a, b, rows) in enumerate(zip(y0.tolist(), x0.tolist(), picked)):  # views of the frame
+            crop = (slice(a, a + size), slice(b, b + size))
+            tiles.append(Frame(first + k, frame.photons[crop], coords=frame.coords[rows] - [a, b],
+                               valid=None if frame.valid is None else frame.valid[crop],
+                               saturated=None if frame.saturated is None else frame.saturated[crop],
+                               image_var=frame.image_var, noise=frame.noise,
+                               background=None if not frame.background else
+                               [p.moved((a, b)) for p in frame.background]))
+        # the tiles' single fits: the frame's, in tile coordinates, frame = tile
+        mine = _renumbered(singles.iloc[inside])
+        mine["x"] = mine["x"].to_numpy() - origins[tile, 0]
+        mine["y"] = mine["y"].to_numpy() - origins[tile, 1]
+        mine["frame"] = (first + tile).astype(np.int64)
+        local.append(mine)
+        plans.append((frame.t, cell, cells, origins, first, xy, finite))
+    joint = fit_dense(setup, tiles, singles=concat(local), light=isinstance(jobs[0][1], LightTable))
     bad = _misfit_regions(setup, joint)  # tiles whose cores keep their single fits
     joint = joint[~np.isin(joint["frame"].to_numpy(), bad)]
-    replaced = np.isin(cell(xy), cells[~np.isin(np.arange(len(cells)), bad)]) & finite
-    if len(joint) == 0:
-        return joint, replaced
-    k = joint["frame"].to_numpy()
-    origin = origins[k]
-    joint["x"] = joint["x"].to_numpy() + origin[:, 0]
-    joint["y"] = joint["y"].to_numpy() + origin[:, 1]
-    pos = np.column_stack([joint["x"].to_numpy(), joint["y"].to_numpy()])
-    mine = np.isfinite(pos).all(axis=1)
-    mine[mine] = cell(pos[mine]) == cells[k[mine]]
-    joint = joint[mine].copy()
-    joint["frame"] = np.int64(frame.t)
-    return joint, replaced
+    k_all = joint["frame"].to_numpy()
+    out = []
+    for t, cell, cells, origins, first, xy, finite in plans:
+        kept = ~np.isin(np.arange(first, first + len(cells)), bad)
+        replaced = np.isin(cell(xy), cells[kept]) & finite
+        mine = joint[(k_all >= first) & (k_all < first + len(cells))]
+        if len(mine) == 0:
+            out.append((mine, replaced))
+            continue
+        k = mine["frame"].to_numpy() - first
+        origin = origins[k]
+        mine = mine.copy()
+        mine["x"] = mine["x"].to_numpy() + origin[:, 0]
+        mine["y"] = mine["y"].to_numpy() + origin[:, 1]
+        pos = np.column_stack([mine["x"].to_numpy(), mine["y"].to_numpy()])
+        inside = np.isfinite(pos).all(axis=1)
+        inside[inside] = cell(pos[inside]) == cells[k[inside]]
+        mine = mine[inside].copy()
+        mine["frame"] = np.int64(t)
+        out.append((mine, replaced))
+    return out
 
 
 def _in_boxes(xy, x0, y0, size, cell):

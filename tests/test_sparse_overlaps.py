@@ -76,6 +76,26 @@ def test_close_pairs_in_a_sparse_frame_are_split_by_default(monkeypatch, seed):
     assert list(default.columns) == list(single.columns)  # no group columns by default
 
 
+def test_the_tiles_of_a_stacks_frames_are_fitted_in_one_pass_with_each_frames_own_rows(monkeypatch):
+    # three large frames (230 x 300 px) with pairs 1.6 px apart and one without any: the
+    # tiles of all frames go through the crowded-field engine once, and each frame gets
+    # the rows it gets when fitted alone, bit for bit
+    sigma = 0.85
+    frames = [_frame((230, 300), sigma, 60, n, 1.6, seed)[0] for seed, n in ((11, 4), (12, 0), (13, 2))]
+    stack = np.stack(frames)
+    calls = []
+    tiles = spotfit.fields._fit_tiles
+    monkeypatch.setattr(spotfit.fields, "_fit_tiles", lambda setup, jobs: calls.append(len(jobs)) or tiles(setup, jobs))
+    together = spotfit.fit(stack, camera=CAMERA, sigma=sigma, axes="TYX")
+    assert calls == [2]  # the frame without overlaps has no tiles
+    for t, img in enumerate(frames):
+        alone = spotfit.fit(img[None], camera=CAMERA, sigma=sigma, axes="TYX")
+        alone["frame"] = np.int64(t)
+        pd.testing.assert_frame_equal(together[together["frame"] == t].reset_index(drop=True), alone,
+                                      check_exact=True)
+    assert calls[1:] == [1, 1]
+
+
 def test_large_frames_are_fitted_jointly_in_tiles_around_the_overlaps(monkeypatch):
     # 230 x 300 px (larger than TILE_FRAME tiles): 150 isolated spots and 10 pairs; only
     # tiles around the pairs are fitted jointly, the rest is the single-spot path's
