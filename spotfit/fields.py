@@ -316,11 +316,11 @@ def _fit_tiles(setup: Setup, jobs) -> list:
                                background=None if not frame.background else
                                [p.moved((a, b)) for p in frame.background]))
         # the tiles' single fits: the frame's, in tile coordinates, frame = tile
-        mine = _renumbered(singles.iloc[inside])
-        mine["x"] = mine["x"].to_numpy() - origins[tile, 0]
-        mine["y"] = mine["y"].to_numpy() - origins[tile, 1]
-        mine["frame"] = (first + tile).astype(np.int64)
-        local.append(mine)
+        moved = _renumbered(singles.iloc[inside])
+        moved["x"] = moved["x"].to_numpy() - origins[tile, 0]
+        moved["y"] = moved["y"].to_numpy() - origins[tile, 1]
+        moved["frame"] = (first + tile).astype(np.int64)
+        local.append(moved)
         plans.append((frame.t, cell, cells, origins, first, xy, finite))
     joint = fit_dense(setup, tiles, singles=concat(local), light=isinstance(jobs[0][1], LightTable))
     bad = _misfit_regions(setup, joint)  # tiles whose cores keep their single fits
