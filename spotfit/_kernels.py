@@ -1620,3 +1620,66 @@ def quadrupole_score(model_fn, km, theta, data, mask, x, y, ix, iy, ioff, weight
             out[i] = (iss * gc * gc - 2.0 * ics * gc * gs + icc * gs * gs) / det
         else:
             out[i] = np.inf
+
+
+# ----------------------------------------------------------------------------
+# Kriging: the systems of a window's far pixels (spotfit.single's texture refinement)
+# ----------------------------------------------------------------------------
+@njit(error_model="numpy", nogil=True)  # no fastmath: the same bits wherever its buffers lie
+def far_solve(R, F, s2, noise, far, rhs, out, start, stop):
+    """Solve ``(s2[i] R + F + diag(noise[i])) z = rhs[i]`` on the ``far[i]`` pixels of
+    windows ``i`` in ``start .. stop`` (each right-hand side column); ``out[i]`` is
+    ``z`` there and 0 on the other pixels (whose noise is taken as unbounded).
+
+    ``R, F (P, P)`` symmetric, ``s2 (n,)``, ``noise (n, P)``, ``far (n, P)`` bool,
+    ``rhs, out (n, P, m)``.  Cholesky of the far pixels' block (``m_far^3 / 3``
+    multiply-adds instead of an LU of all ``P``); a block that is not positive
+    definite to working precision gives NaN.
+    """
+    P = R.shape[0]
+    columns = rhs.shape[2]
+    idx = np.empty(P, np.int64)
+    L = np.empty((P, P))
+    z = np.empty(P)
+    for i in range(start, stop):
+        m = 0
+        for p in range(P):
+            if far[i, p]:
+                idx[m] = p
+                m += 1
+        for a in range(m):  # the lower triangle of the far block
+            pa = idx[a]
+            for b in range(a + 1):
+                L[a, b] = s2[i] * R[pa, idx[b]] + F[pa, idx[b]]
+            L[a, a] += noise[i, pa]
+        ok = True
+        for j in range(m):  # Cholesky in place, row by row
+            for a in range(j):
+                s = L[j, a]
+                for q in range(a):
+                    s -= L[j, q] * L[a, q]
+                L[j, a] = s / L[a, a]
+            s = L[j, j]
+            for q in range(j):
+                s -= L[j, q] * L[j, q]
+            if not s > 0.0:
+                ok = False
+                break
+            L[j, j] = math.sqrt(s)
+        for c in range(columns):
+            for p in range(P):
+                out[i, p, c] = 0.0 if ok else np.nan
+            if not ok:
+                continue
+            for a in range(m):  # L y = rhs
+                s = rhs[i, idx[a], c]
+                for q in range(a):
+                    s -= L[a, q] * z[q]
+                z[a] = s / L[a, a]
+            for a in range(m - 1, -1, -1):  # L^T z = y
+                s = z[a]
+                for q in range(a + 1, m):
+                    s -= L[q, a] * z[q]
+                z[a] = s / L[a, a]
+            for a in range(m):
+                out[i, idx[a], c] = z[a]

@@ -634,8 +634,6 @@ def _refine_background(setup: Setup, batch: Batch, values, errors, chi2, iterati
 
 #: kriging: the free surface's coefficients have this prior variance (effectively unbounded)
 _FREE = 1e6
-#: pixels of the windows' (P, P) matrices per chunk of the kriging (bounds its memory)
-_KRIGING_BUDGET = 1 << 22
 
 
 def _texture_covariance(setup: Setup, grid) -> np.ndarray:
@@ -645,11 +643,6 @@ def _texture_covariance(setup: Setup, grid) -> np.ndarray:
     d2 = (x[:, None] - x[None, :]) ** 2 + (y[:, None] - y[None, :]) ** 2
     scale = TEXTURE_SCALE * setup.config.sigma
     return np.exp(-d2 / (2.0 * scale * scale))
-
-
-def _chunks(n, P):
-    step = max(1, _KRIGING_BUDGET // (P * P))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
 def _texture(setup: Setup, w, rows, values, residual, var, mask, A):
@@ -667,13 +660,34 @@ def _texture(setup: Setup, w, rows, values, residual, var, mask, A):
     s2 = np.maximum(np.sum(np.where(far, residual ** 2 - var, 0.0), axis=1) / np.maximum(far.sum(axis=1), 1), 0.0)
     R = _texture_covariance(setup, w.grid)
     F = _FREE * (A @ A.T)
-    P = R.shape[0]
-    out = np.empty_like(residual)
-    for sl in _chunks(len(rows), P):
-        K = s2[sl, None, None] * R[None] + F[None]
-        C = K + np.where(far[sl], var[sl], 1e30)[:, :, None] * np.eye(P)[None]
-        out[sl] = np.einsum("npq,nq->np", K, np.linalg.solve(C, residual[sl][..., None])[..., 0])
+    z = _far_solve(s2, R, F, var, far, residual[:, :, None])[:, :, 0]
+    # K z (R and F symmetric), window by window (one product of all windows' rows would
+    # give a window bits that depend on how many windows share it)
+    out = s2[:, None] * (z[:, None, :] @ R)[:, 0] + (z[:, None, :] @ F)[:, 0]
     return out, s2
+
+
+def _far_solve(s2, R, F, noise, far, rhs) -> np.ndarray:
+    """Solutions ``z (n, P, m)`` of ``(s2 R + F + N) z = rhs`` in each window, ``N`` the
+    pixel noise ``noise`` on its ``far`` pixels and unbounded on the others: the
+    system of the far pixels, 0 on the others (:func:`spotfit._kernels.far_solve`, on
+    threads).  ``s2 (n,)``; ``R, F (P, P)`` symmetric; ``noise, far (n, P)``; ``rhs
+    (n, P, m)``.  A window whose far block is not positive definite to working
+    precision (not seen: ``noise > 0``) is solved by least squares."""
+    from spotfit._jit import over_windows
+    from spotfit._kernels import far_solve
+
+    n = len(s2)
+    out = np.empty(rhs.shape)
+    f64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
+    over_windows(far_solve, n, f64(R), f64(F), f64(s2), f64(noise), np.ascontiguousarray(far, dtype=bool),
+                 f64(rhs), out)
+    for i in np.flatnonzero(~np.isfinite(out).all(axis=(1, 2))):
+        f = np.flatnonzero(far[i])
+        out[i] = 0.0
+        block = s2[i] * R[np.ix_(f, f)] + F[np.ix_(f, f)] + np.diag(noise[i, f])
+        out[i, f] = np.linalg.lstsq(block, rhs[i, f], rcond=None)[0]
+    return out
 
 
 def _texture_inflation(setup: Setup, batch: Batch, rows, values, light, mask, s2, A) -> dict:
@@ -695,23 +709,20 @@ def _texture_inflation(setup: Setup, batch: Batch, rows, values, light, mask, s2
     far = mask & (np.hypot(x[None, :] - cx[:, None], y[None, :] - cy[:, None]) > 2.0 * setup.config.sigma)
     R = _texture_covariance(setup, w.grid)
     F = _FREE * (A[:, 1:] @ A[:, 1:].T)
-    P, k = R.shape[0], jac.shape[1]
-    ratio = np.ones((len(rows), k))
-    for sl in _chunks(len(rows), P):
-        K = s2[sl, None, None] * R[None] + F[None]
-        noise = np.where(far[sl], 1.0 / np.maximum(inv_var[sl], 1e-30), 1e30)
-        JN = jac[sl] * inv_var[sl][:, None, :]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            fisher = np.einsum("nip,njp->nij", JN, jac[sl])
-            fisher += 1e-12 * np.trace(fisher, axis1=1, axis2=2)[:, None, None] * np.eye(k)
-            C0 = np.linalg.inv(fisher)
-            G = np.einsum("nij,njp->nip", C0, JN)
-            # diag(G S G^T), S = K - K (K + noise)^-1 K, with k right-hand sides instead of P
-            KG = np.einsum("npq,niq->npi", K, G)
-            solved = np.linalg.solve(K + noise[:, :, None] * np.eye(P)[None], KG)
-            extra = np.einsum("nip,npi->ni", G, KG) - np.einsum("npi,npi->ni", KG, solved)
-            r = 1.0 + extra / np.diagonal(C0, axis1=1, axis2=2)
-        ratio[sl] = np.where(np.isfinite(r), np.maximum(r, 1.0), 1.0)
+    k = jac.shape[1]
+    JN = jac * inv_var[:, None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fisher = np.einsum("nip,njp->nij", JN, jac)
+        fisher += 1e-12 * np.trace(fisher, axis1=1, axis2=2)[:, None, None] * np.eye(k)
+        C0 = np.linalg.inv(fisher)
+        G = np.einsum("nij,njp->nip", C0, JN)
+        # diag(G S G^T), S = K - K (K + noise)^-1 K, with k right-hand sides instead of P
+        KG = s2[:, None, None] * (G @ R) + G @ F  # (n, k, P): the rows of K G^T (R, F symmetric)
+        noise = 1.0 / np.maximum(inv_var, 1e-30)
+        solved = _far_solve(s2, R, F, noise, far, KG.transpose(0, 2, 1))  # (n, P, k)
+        extra = np.einsum("nip,nip->ni", G, KG) - np.einsum("nip,npi->ni", KG, solved)
+        r = 1.0 + extra / np.diagonal(C0, axis1=1, axis2=2)
+    ratio = np.where(np.isfinite(r), np.maximum(r, 1.0), 1.0)
     ratio = np.sqrt(ratio)
     return {name: ratio[:, model.index(name)] for name in ("x", "y", "intensity", "offset")}
 

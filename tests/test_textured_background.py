@@ -120,3 +120,43 @@ def test_jacobian_by_differences_matches_the_kernel():
     mu0, jac0 = model.evaluate(theta, grid)
     np.testing.assert_allclose(mu, mu0, rtol=0, atol=1e-9 * mu0.max())
     np.testing.assert_allclose(jac, jac0, rtol=0, atol=1e-5 * np.abs(jac0).max(axis=2, keepdims=True).max())
+
+
+def test_far_solve_is_the_windows_whole_system_with_unbounded_noise_near_the_spot():
+    """The kriging's systems (single._far_solve, a compiled Cholesky of the far
+    pixels' block) against numpy's solve of the whole window, noise 1e30 on the pixels
+    within 2 sigma of the spot and on masked ones; 9 x 11 px windows (non-square), the
+    texture correlation and free surface of the refinement, 1-3 right-hand sides."""
+    from spotfit.models import Grid
+
+    rng = np.random.default_rng(7)
+    grid = Grid((9, 11))
+    x, y = grid.flat()[:2]
+    scale = single.TEXTURE_SCALE * SIGMA
+    R = np.exp(-((x[:, None] - x[None]) ** 2 + (y[:, None] - y[None]) ** 2) / (2.0 * scale ** 2))
+    A = single._surface_basis(grid)
+    F = single._FREE * (A @ A.T)
+    n, P = 24, grid.size
+    s2 = rng.uniform(0.0, 300.0, n)
+    s2[0] = 0.0  # no texture: the free surface alone
+    noise = rng.uniform(20.0, 400.0, (n, P))
+    centre = rng.uniform([3.0, 2.5], [7.0, 5.5], (n, 2))
+    far = np.hypot(x[None] - centre[:, :1], y[None] - centre[:, 1:]) > 2.0 * SIGMA
+    far &= rng.random((n, P)) > 0.05  # masked pixels
+    for m in (1, 3):
+        rhs = rng.normal(0.0, 30.0, (n, P, m))
+        got = single._far_solve(s2, R, F, noise, far, rhs)
+        C = s2[:, None, None] * R + F + np.where(far, noise, 1e30)[:, :, None] * np.eye(P)
+        want = np.linalg.solve(C, rhs)
+        assert np.all(got[~far] == 0.0)
+        # what the refinement uses: the kriged background K z, within 1e-8 of its range (1e-10 seen)
+        K = s2[:, None, None] * R + F
+        np.testing.assert_allclose(K @ got, K @ want, rtol=0, atol=1e-8 * np.abs(K @ want).max())
+    # a far block that is not positive definite (negative noise): least squares, not NaN
+    noise[3, far[3]] = -1e9
+    rhs = rng.normal(0.0, 30.0, (n, P, 1))
+    got = single._far_solve(s2, R, F, noise, far, rhs)
+    f = np.flatnonzero(far[3])
+    block = s2[3] * R[np.ix_(f, f)] + F[np.ix_(f, f)] + np.diag(noise[3, f])
+    np.testing.assert_allclose(got[3, f], np.linalg.lstsq(block, rhs[3, f], rcond=None)[0], rtol=1e-10)
+    assert np.isfinite(got).all()
