@@ -570,9 +570,12 @@ def _frames(img, valid_img, setup, report=None, camera=None):
     after each (``n_found``: the frame's candidates).  Small 2D frames with a calibrated
     camera are read and detected a stack at a time (:data:`STACK_FRAME_PIXELS`).
 
-    Gives at most one :class:`SpotfitWarning` about a dark frame per call.
+    Gives at most one :class:`SpotfitWarning` about a dark frame per call, and one
+    when the first frame looks dark on light (or, inverted, bright on dark:
+    :func:`spotfit.invert.contrast_hint`).
     """
     from spotfit.background import NoiseModel, estimate_noise
+    from spotfit.invert import InvertedStack, contrast_hint
 
     config = setup.config if isinstance(setup, Setup) else setup
     ndim = 3 if img.is_3d else 2
@@ -583,6 +586,19 @@ def _frames(img, valid_img, setup, report=None, camera=None):
     warned = False
     valid_frames = valid_img.frames() if valid_img is not None else None
     pending = []
+    first = [True]
+
+    def detected(frames):
+        for f in _detected(frames, sigma, options, img.n_frames, report):
+            if first[0]:
+                first[0] = False
+                where = f"frame {f.t}: " if img.n_frames > 1 else ""
+                hint = contrast_hint(f.photons, sigma, options, f.coords, f.score,
+                                     inverted=isinstance(img.data, InvertedStack), valid=f.valid, where=where)
+                if hint:
+                    warnings.warn(hint, SpotfitWarning, stacklevel=4)
+            yield f
+
     for t, raw in img.frames():
         valid = next(valid_frames)[1].astype(bool) if valid_frames is not None else None
         f = _prepare(setup, t, raw, valid, camera)
@@ -595,9 +611,9 @@ def _frames(img, valid_img, setup, report=None, camera=None):
         if (camera_noise is not None and ndim == 2 and 0 < size <= STACK_FRAME_PIXELS
                 and len(pending) < STACK_PIXELS // size):
             continue
-        yield from _detected(pending, sigma, options, img.n_frames, report)
+        yield from detected(pending)
         pending = []
-    yield from _detected(pending, sigma, options, img.n_frames, report)
+    yield from detected(pending)
 
 
 def _detected(frames, sigma, options, n_frames, report):

@@ -234,13 +234,22 @@ def _options() -> dict:
     return {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
 
 
+def _flags() -> set:
+    """Parameter names of this command's on/off options (``--invert``)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return set()
+    return {p.name for p in ctx.command.params if isinstance(p, click.Option) and p.is_flag}
+
+
 def _as_options(text: str, parameter: str | None = None) -> str:
     """A library message in this command's options.
 
     The library names Python parameters (:class:`spotfit.errors.SpotfitInputError`):
     the `parameter` a message starts with, and any parameter quoted as
     ```name``` or ```name=value```, become the option (``sigma must be
-    ...`` -> ``--sigma must be ...``; ```axes='TYX'``` -> ``--axes TYX``).
+    ...`` -> ``--sigma must be ...``; ```axes='TYX'``` -> ``--axes TYX``;
+    ```invert=True``` -> ``--invert``).
     Names that are not options of this command lose their quotes.
     """
     import re
@@ -254,6 +263,8 @@ def _as_options(text: str, parameter: str | None = None) -> str:
         name, value = match.group(1), match.group(3)
         if name not in options:
             return match.group(0)[1:-1]
+        if value == "True" and name in _flags():  # `invert=True`: --invert
+            value = None
         return options[name] + (f" {value}" if value is not None else "")
 
     return re.sub(_QUOTED, option, text)

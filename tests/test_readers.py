@@ -17,7 +17,7 @@ import spotfit
 from spotfit import io as sio
 from spotfit import readers
 from spotfit.camera import Camera
-from spotfit.errors import SpotfitInputError
+from spotfit.errors import SpotfitInputError, SpotfitWarning
 from spotfit.invert import invert_image
 from spotfit.io import Image, read_image, write_tiff
 from spotfit.simulation import simulate
@@ -258,6 +258,89 @@ def test_invert_finds_dark_spots_on_light_background(tmp_path):
     import pandas as pd
 
     np.testing.assert_allclose(pd.read_csv(out)["x"], table["x"], atol=1e-5)
+
+
+def _spotfit_warnings(record):
+    return [str(w.message) for w in record if issubclass(w.category, SpotfitWarning)]
+
+
+def test_a_dark_on_light_image_without_invert_says_so(tmp_path):
+    """spotfit finds bright spots: an image of dark ones gives no converged spots, and a
+    warning that names the dark objects and ``invert``; with ``invert`` none."""
+    import warnings
+
+    image, truth = spots_8bit(seed=11, shape=(230, 310), n_spots=40)
+    dark = (255 - image.astype(np.int16) - 40).clip(0, 255).astype(np.uint8)
+    before = dark.copy()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        table = spotfit.fit(dark)
+    [message] = _spotfit_warnings(record)
+    assert (table["status"] == "converged").sum() <= 2  # rows on the bright rims: not_spot
+    counts = message.split(" spot-like objects clearly darker")[0]
+    assert 30 <= int(counts) <= 45, message  # 40 spots, all in the central 230 x 256 px
+    assert "230 x 256 px" in message and message.endswith("use `invert=True`")
+    np.testing.assert_array_equal(dark, before)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        table = spotfit.fit(dark, invert=True)
+        found = spotfit.detect(dark, invert=True)
+    assert _spotfit_warnings(record) == []
+    assert len(found) >= len(truth) and np.all(nearest(table, truth) < 0.3)
+    # a stack: the first frame is looked at, and named
+    with pytest.warns(SpotfitWarning, match="^frame 0: .* darker than the background"):
+        spotfit.detect(np.stack([dark, dark]))
+    # the command line names the option
+    iio.imwrite(tmp_path / "dark.png", dark)
+    run = run_cli("detect", tmp_path / "dark.png", "--out", tmp_path / "d.csv")
+    assert run.exit_code == 0, run.stderr
+    [line] = [line for line in run.stderr.splitlines() if line.startswith("Warning:")]
+    assert "darker than the background" in line and line.endswith("use --invert"), line
+    run = run_cli("fit", tmp_path / "dark.png", "--invert", "--out", tmp_path / "f.csv")
+    assert run.exit_code == 0 and "Warning" not in run.stderr, run.stderr
+
+
+def test_invert_of_a_bright_spot_image_says_so():
+    import warnings
+
+    image, _ = spots_8bit(seed=12, shape=(230, 310), n_spots=40)
+    with pytest.warns(SpotfitWarning, match=r"inverted image holds \d+ .* leave out `invert`$"):
+        spotfit.fit(image, invert=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert len(spotfit.fit(image)) >= 40
+    assert _spotfit_warnings(record) == []
+
+
+def test_bright_spots_and_noise_are_not_looked_at_upside_down(monkeypatch):
+    """Bright spots and Poisson noise make the upper tail of the pixels the longer: no
+    second detection, no warning; a Gaussian-noise frame may be looked at, and has no
+    clear dark objects."""
+    import warnings
+
+    import spotfit.detection
+
+    calls = []
+    real = spotfit.detection.find_peaks
+    monkeypatch.setattr(spotfit.detection, "find_peaks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(13)
+    image, _ = spots_8bit(seed=14, shape=(181, 362), n_spots=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert len(spotfit.detect(image)) == 3 and len(calls) == 1
+        spotfit.detect(rng.poisson(50.0, (300, 410)).astype(np.uint16))
+        assert len(calls) == 2
+        spotfit.detect(np.zeros((40, 60), np.uint16))
+        for seed in range(3):  # symmetric noise: either tail can be the longer
+            spotfit.detect(np.random.default_rng(seed).normal(100.0, 5.0, (300, 410)))
+    assert _spotfit_warnings(record) == []
+
+
+@pytest.mark.skipif(not (TRACKPY / "image_sequence" / "T76S3F00001.png").exists(),
+                    reason="trackpy test data not available")
+def test_trackpy_colloids_without_invert_get_the_warning():
+    with pytest.warns(SpotfitWarning, match=r"clearly darker than the background and 0 clearly brighter"):
+        spotfit.detect(TRACKPY / "image_sequence" / "T76S3F00001.png")
 
 
 def test_invert_refuses_a_camera_calibration(tmp_path):
