@@ -143,9 +143,10 @@ def contrast_hint(photons, sigma, options, found, score, inverted=False, valid=N
     dark = int(np.count_nonzero(dark_score >= clear))
     if dark < HINT_MIN_DARK or dark < HINT_RATIO * bright:
         return None
-    size = " x ".join(str(n) for n in part.shape[-2:])
+    size = " x ".join(str(n) for n in part.shape[-2:]) + " px" + (
+        f" of {part.shape[0]} planes" if part.ndim == 3 else "")
     counts = (f"{dark} spot-like objects clearly darker than the background and {bright} "
-              f"clearly brighter (at {HINT_CLEAR:g}x the detection threshold, in the central {size} px)")
+              f"clearly brighter (at {HINT_CLEAR:g}x the detection threshold, in the central {size})")
     if inverted:
         return (f"{where}the inverted image holds {counts}: the objects look bright on a dark "
                 "background in the image as stored; if they are, leave out `invert`")

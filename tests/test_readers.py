@@ -312,6 +312,25 @@ def test_invert_of_a_bright_spot_image_says_so():
     assert _spotfit_warnings(record) == []
 
 
+def test_a_dark_z_stack_gets_the_warning_and_its_inverse_none():
+    import warnings
+
+    image, truth = simulate((20, 90, 110), n_spots=30, photons=3000, background=5, sigma=1.3,
+                            sigma_z=2.0, z_stack=True, camera=Camera(baseline=10, gain=1), seed=3,
+                            min_separation=8)
+    dark = image.max() + 20 - image
+    options = dict(axes="ZYX", sigma=1.3, sigma_z=2.0)
+    with pytest.warns(SpotfitWarning, match=r"^30 spot-like objects clearly darker .* in the central "
+                                            r"90 x 110 px of 20 planes\)"):
+        spotfit.detect(dark, **options)
+    with pytest.warns(SpotfitWarning, match=r"^the inverted image holds 30 .* leave out `invert`$"):
+        spotfit.detect(image, invert=True, **options)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert len(spotfit.detect(dark, invert=True, **options)) == len(truth)
+    assert _spotfit_warnings(record) == []
+
+
 def test_bright_spots_and_noise_are_not_looked_at_upside_down(monkeypatch):
     """Bright spots and Poisson noise make the upper tail of the pixels the longer: no
     second detection, no warning; a Gaussian-noise frame may be looked at, and has no
