@@ -527,7 +527,7 @@ def _prepare(setup, t, raw, valid=None, camera=None) -> fields.Frame:
     f = fields.Frame(t, photons, valid=valid, dark=_dark(camera, photons, t))
     if isinstance(setup, Setup):
         if not camera.calibrated:
-            f.image_var = image_noise(photons)
+            f.image_var = image_noise(photons, valid)
         f.saturated = _clipped(raw, valid)
     return f
 
@@ -605,7 +605,7 @@ def _frames(img, valid_img, setup, report=None, camera=None):
         if f.dark and not warned:
             warnings.warn(f.dark, SpotfitWarning, stacklevel=3)
             warned = True
-        f.noise = camera_noise if camera_noise is not None else estimate_noise(f.photons, sigma)
+        f.noise = camera_noise if camera_noise is not None else estimate_noise(f.photons, sigma, f.valid)
         pending.append(f)
         size = f.photons.size
         if (camera_noise is not None and ndim == 2 and 0 < size <= STACK_FRAME_PIXELS

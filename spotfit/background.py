@@ -798,7 +798,7 @@ def _interpolate_boxes(coarse, cells, zs, ys, xs):
 # ---------------------------------------------------------------------------
 # noise measured on the frame
 # ---------------------------------------------------------------------------
-def estimate_noise(frame, sigma) -> NoiseModel:
+def estimate_noise(frame, sigma, valid=None) -> NoiseModel:
     """Measure the noise model of a frame without a camera calibration.
 
     Parameters
@@ -808,6 +808,11 @@ def estimate_noise(frame, sigma) -> NoiseModel:
     sigma : float or sequence of float
         PSF sigma in pixels (decides the background scale and which pixels
         belong to spots).
+    valid : bool array_like of the frame's shape, optional
+        False for pixels left out (a masked image's masked ones, whatever
+        value they hold): only differences and filtered values whose pixels
+        are all valid are measured.  Without it a frame half filled with a
+        constant would measure half its noise variance.
 
     Returns
     -------
@@ -847,9 +852,14 @@ def estimate_noise(frame, sigma) -> NoiseModel:
     if biggest > 0 and not 2.0**-40 < biggest < 2.0**40:  # measure in a safe range
         factor = 2.0 ** int(round(math.log2(1024.0 / biggest)))
     floor = max((16 * float(np.finfo(np.float32).eps) * biggest * factor) ** 2, 1e-30)
+    rows = _bands(raw.shape)
     bands = [np.ascontiguousarray((raw[:, r0:r1].astype(np.float64) * factor).astype(np.float32))
-             for r0, r1 in _bands(raw.shape)]
-    model = _measure(bands, sig, floor)
+             for r0, r1 in rows]
+    masks = None
+    if valid is not None and not np.all(valid):
+        valid = np.asarray(valid, bool).reshape(raw.shape)
+        masks = [np.ascontiguousarray(valid[:, r0:r1]) for r0, r1 in rows]
+    model = _measure(bands, sig, floor, masks)
     return model if factor == 1.0 else model.scaled(1.0 / factor)
 
 
@@ -869,9 +879,13 @@ def _extremes(raw, strips: int = 8) -> tuple:
     return float(np.min(low)), float(np.max(high))
 
 
-def _measure(bands, sig, floor) -> NoiseModel:
-    """:func:`estimate_noise` on bands (nz, rows, nx) of float32 data in a safe range."""
+def _measure(bands, sig, floor, masks=None) -> NoiseModel:
+    """:func:`estimate_noise` on bands (nz, rows, nx) of float32 data in a safe range;
+    ``masks``: the bands' valid pixels (bool, the same shapes), or None for all."""
     diffs = _per_band(_differences, bands)
+    usable = None if masks is None else [_whole_supports(m) for m in masks]
+    if usable is not None:
+        diffs = [d[u] for d, u in zip(diffs, usable)]
     d_all = np.concatenate([d.ravel() for d in diffs]) if diffs else np.zeros(0)
     if d_all.size == 0:
         return NoiseModel(read_var=floor, shot=0.0, floor=floor, source="measured")
@@ -882,13 +896,27 @@ def _measure(bands, sig, floor) -> NoiseModel:
         return model
     # the expected level seen by each difference: the data averaged with the
     # operator's squared weights (spots included: their photons are noise too)
-    levels = np.concatenate([level.ravel() for level in _per_band(_weighted_level, bands)])
+    levels = _per_band(_weighted_level, bands)
+    if usable is not None:
+        levels = [level[u] for level, u in zip(levels, usable)]
+    levels = np.concatenate([level.ravel() for level in levels])
     fitted = _fit_transfer(d_all, levels, floor, var0)
     model = model if fitted is None else fitted
-    return replace(model, correlation=_correlation(bands, sig, model))
+    return replace(model, correlation=_correlation(bands, sig, model, masks))
 
 
-def _correlation(bands, sig, model) -> float:
+def _whole_supports(valid: np.ndarray) -> np.ndarray:
+    """Which of :func:`_differences`' values (shape (nz, ny - 4, nx - 4)) have all 5 x 5
+    pixels of their support in ``valid`` (nz, ny, nx)."""
+    nz, ny, nx = valid.shape
+    if ny < 5 or nx < 5:
+        return np.zeros((nz, 0, 0), bool)
+    bad = (~valid).astype(np.int32)
+    across = sum(bad[:, :, i:nx - 4 + i] for i in range(5))
+    return sum(across[:, i:ny - 4 + i] for i in range(5)) == 0
+
+
+def _correlation(bands, sig, model, masks=None) -> float:
     """Variance of the detection filter's noise over its white-noise prediction (>= 1).
 
     Noise correlated between neighbouring pixels (interpolated, binned,
@@ -903,7 +931,9 @@ def _correlation(bands, sig, model) -> float:
     used.  The result is trusted only if the distribution is symmetric
     (asymmetry below ``_MAX_ASYMMETRY``): a skewed one is dominated by the
     light of spots, and the noise is then taken as white.  Two rounds, the
-    second with the background clipped at the corrected noise.
+    second with the background clipped at the corrected noise.  ``masks``:
+    the bands' valid pixels; filtered values that reach a left-out pixel are
+    not used.
     """
     from spotfit.filters import SMOOTH, _EdgeNoise, gaussian_smooth
 
@@ -915,6 +945,13 @@ def _correlation(bands, sig, model) -> float:
         return gaussian_smooth(band, tuple(SMOOTH * s for s in sig)), edge
 
     smoothed = {id(band): done for band, done in zip(bands, _per_band(smooth, bands))}
+    reach = {}  # the pixels whose filtered value no left-out pixel reaches (4 sigma)
+    if masks is not None:
+        from scipy.ndimage import minimum_filter
+
+        for band, m in zip(bands, masks):
+            size = [2 * int(math.ceil(4 * SMOOTH * s)) + 1 if s > 0 else 1 for s in sig]
+            reach[id(band)] = minimum_filter(m, size=size, mode="nearest")
     ratio = 1.0
     for _ in range(3):
         current = replace(model, correlation=ratio)
@@ -929,6 +966,10 @@ def _correlation(bands, sig, model) -> float:
             inner = tuple(slice(k, n - k) for k, n in zip(m, band.shape))
             r, level = r[inner], level[inner]
             ok = ~bg.per_pixel(bg.excluded)[inner]
+            if id(band) in reach:
+                clean = reach[id(band)][inner]
+                ok &= clean
+                return (r[ok], level[ok]), r[clean]
             return (r[ok], level[ok]), r.ravel()
 
         kept, every = zip(*_per_band(measure, bands))

@@ -36,6 +36,7 @@ from spotfit.io import FrameStack
 
 __all__ = ["invert_image", "check_camera", "InvertedStack", "contrast_hint"]
 
+
 def check_camera(camera) -> None:
     """Refuse a calibrated camera together with inversion (see the module docstring).
 
@@ -85,8 +86,8 @@ def contrast_hint(photons, sigma, options, found, score, inverted=False, valid=N
     clue why.  A frame whose darkest pixels lie further below its median than
     its brightest above it (:data:`HINT_TAILS`) is detected again upside down:
     the mirror ``max + min - photons`` of its central :data:`HINT_CROP` pixels
-    square (:data:`HINT_CROP_PLANES` planes of a z-stack), with the noise measured on it and the same detection options.
-    When that holds at least :data:`HINT_MIN_DARK` objects scoring
+    square (:data:`HINT_CROP_PLANES` planes of a z-stack), with the noise
+    measured on it and the same detection options.  When that holds at least :data:`HINT_MIN_DARK` objects scoring
     :data:`HINT_CLEAR` times the threshold and :data:`HINT_RATIO` times as many
     as the frame has there, the objects are darker than their background.
     For a frame that was already inverted (``inverted``) the same finding
@@ -133,9 +134,10 @@ def contrast_hint(photons, sigma, options, found, score, inverted=False, valid=N
                  for n, m in zip(frame.shape, sides))
     part = frame[crop]
     mirror = np.float32(float(np.min(part)) + float(np.max(part))) - part.astype(np.float32)
-    coords, dark_score = find_peaks(mirror, sigma, noise=estimate_noise(mirror, sigma), **options)
+    inside_valid = None if valid is None else valid[crop]
+    coords, dark_score = find_peaks(mirror, sigma, noise=estimate_noise(mirror, sigma, inside_valid), **options)
     if valid is not None and len(coords):
-        dark_score = dark_score[valid[crop][tuple(coords.T)]]
+        dark_score = dark_score[inside_valid[tuple(coords.T)]]
     clear = HINT_CLEAR * (options.get("threshold") or DEFAULT_THRESHOLD)
     start = np.array([c.start for c in crop])
     inside = np.all((found >= start) & (found < start + np.array(part.shape)), axis=1)

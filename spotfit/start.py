@@ -90,13 +90,16 @@ def initial_guess(model, data, mask, grid, config, floor=None):
     return model.from_moments(center, widths, intensity, offset)
 
 
-def image_noise(frame) -> float:
+def image_noise(frame, valid=None) -> float:
     """Robust pixel-noise variance of a frame (MAD of neighbour differences).
 
     Parameters
     ----------
     frame : (ny, nx) or (nz, ny, nx) array_like
         Photons, or ADU above baseline.
+    valid : bool array_like of the frame's shape, optional
+        False for pixels left out (a masked image's): only differences of two
+        valid pixels count.
 
     Returns
     -------
@@ -107,6 +110,11 @@ def image_noise(frame) -> float:
     a = a.reshape(-1, a.shape[-1])
     step = max(1, a.shape[0] // 64)  # ~64 rows (10^4-10^5 differences) are plenty for a median
     d = np.diff(a[::step], axis=-1)
+    if valid is not None:
+        v = np.asarray(valid, bool).reshape(a.shape)[::step]
+        d = d[v[:, 1:] & v[:, :-1]]
+        if d.size == 0:
+            return 0.0
     mad = float(np.median(np.abs(d - np.median(d))))
     return (1.4826 * mad) ** 2 / 2.0
 

@@ -271,6 +271,50 @@ def test_masked_pixels_are_left_out(movie):
     assert results[0].x[spot] != plain.x[spot]
 
 
+@pytest.mark.parametrize("covered", [0.5, 0.8])
+def test_a_mask_over_most_of_the_frame_does_not_lower_the_noise(covered):
+    """Without a camera the noise is measured on the frame: a mask over most of it (say,
+    everything outside a cell) must not count its filled-in pixels as noise-free.
+    Before, half a frame masked measured ~half the noise variance and pure noise gave
+    ~1,700 candidates per 300 x 400 px; spots on the open part were found among them."""
+    from spotfit.background import estimate_noise
+    from spotfit.start import image_noise
+
+    rng = np.random.default_rng(21)
+    camera = Camera(baseline=100.0, gain=1.0, read_noise=3.0)
+    shape = (300, 410)
+    open_x = int(shape[1] * (1 - covered))  # the unmasked columns: x < open_x
+    img, truth = spotfit.simulate(shape, n_spots=40, photons=2000.0, background=30.0, sigma=1.3,
+                                  camera=camera, min_separation=8.0, seed=22)
+    img = img.astype(np.float64)
+    mask = np.zeros(shape, bool)
+    mask[:, open_x:] = True
+    img[mask] = rng.uniform(0, 5000, mask.sum())  # whatever the masked pixels hold
+    inside = truth[truth.x < open_x - 4]
+    noise_only = (100.0 + rng.normal(0.0, np.sqrt(30.0 + 9.0), shape))
+    expected = 30.0 + 9.0  # variance of the background pixels, ADU^2
+    for data in (img, noise_only):
+        found = spotfit.detect(np.ma.masked_array(data, mask=mask), sigma=1.3)
+        assert (found.x < open_x).all()
+        if data is noise_only:
+            assert len(found) <= 2, len(found)  # ~0.1 false candidates per 512 x 512 px
+        else:
+            d = np.hypot(found.x.to_numpy()[:, None] - inside.x.to_numpy(),
+                         found.y.to_numpy()[:, None] - inside.y.to_numpy())
+            assert (d.min(axis=0) < 1.5).all()  # every spot of the open part
+            assert len(found) <= len(truth[truth.x < open_x]) + 2
+    # the measured noise itself, filled with the median as detection fills it (ADU^2)
+    filled = noise_only.copy()
+    filled[mask] = np.median(noise_only[~mask])
+    model = estimate_noise(filled, 1.3, ~mask)
+    assert float(model.variance(np.array([100.0]))[0]) == pytest.approx(expected, rel=0.1)
+    assert image_noise(filled, ~mask) == pytest.approx(expected, rel=0.1)
+    assert image_noise(filled) < 0.7 * expected  # the filled-in pixels, counted
+    table = spotfit.fit(np.ma.masked_array(img, mask=mask), sigma=1.3)
+    ok = table[table.status == "converged"]
+    assert len(ok) >= len(inside) and (ok.x < open_x).all()
+
+
 def test_memory_is_bounded_by_the_batch_not_the_candidates(monkeypatch):
     """A noise frame at threshold 0.5 (a candidate every ~50 px): fitted in batches of 100
     windows, the fit's peak of array memory is a fraction of fitting all candidates at once
