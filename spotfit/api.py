@@ -186,8 +186,9 @@ def fit_spots(image, positions, config: FitConfig | None = None, camera: Camera 
     if len(pos) == 0:
         return table.empty(ndim)
     prepared = _prepare(setup, int(frame), raw, valid)
-    if prepared.dark:
-        warnings.warn(prepared.dark, SpotfitWarning, stacklevel=2)
+    for note in (prepared.dark, prepared.padded):
+        if note:
+            warnings.warn(note, SpotfitWarning, stacklevel=2)
     prepared.coords = np.rint(pos[:, ::-1]).astype(np.int64)  # (x, y[, z]) -> array order
     return as_frame(fields.fit_single(setup, [prepared], raster=False))
 
@@ -516,15 +517,23 @@ def _prepare(setup, t, raw, valid=None, camera=None) -> fields.Frame:
     ``setup`` is a :class:`Setup` (fits) or a :class:`FitConfig`
     (detection only, with ``camera``).
     """
+    from spotfit.padding import find_padding, padding_note
     from spotfit.start import image_noise
 
     camera = camera or setup.camera
     photons = camera.to_photons(raw)
+    padding, padded = find_padding(raw), None
+    if padding is not None and valid is not None:  # masked already: nothing new
+        padding &= np.asarray(valid, dtype=bool)
+        padding = padding if padding.any() else None
+    if padding is not None:
+        padded = padding_note(raw, padding, t)
+        valid = ~padding if valid is None else np.asarray(valid, dtype=bool) & ~padding
     if valid is not None:
         valid = np.asarray(valid, dtype=bool)
         # left-out pixels neither make nor hide peaks: the frame's typical level
         photons[~valid] = np.median(photons[valid]) if valid.any() else 0.0
-    f = fields.Frame(t, photons, valid=valid, dark=_dark(camera, photons, t))
+    f = fields.Frame(t, photons, valid=valid, dark=_dark(camera, photons, t), padded=padded)
     if isinstance(setup, Setup):
         if not camera.calibrated:
             f.image_var = image_noise(photons, valid)
@@ -570,8 +579,8 @@ def _frames(img, valid_img, setup, report=None, camera=None):
     after each (``n_found``: the frame's candidates).  Small 2D frames with a calibrated
     camera are read and detected a stack at a time (:data:`STACK_FRAME_PIXELS`).
 
-    Gives at most one :class:`SpotfitWarning` about a dark frame per call, and one
-    when the first frame looks dark on light (or, inverted, bright on dark:
+    Gives at most one :class:`SpotfitWarning` about a dark frame per call, one about
+    padding left out (:func:`spotfit.padding.find_padding`), and one when the first frame looks dark on light (or, inverted, bright on dark:
     :func:`spotfit.invert.contrast_hint`).
     """
     from spotfit.background import NoiseModel, estimate_noise
@@ -583,7 +592,7 @@ def _frames(img, valid_img, setup, report=None, camera=None):
     cam = camera or setup.camera
     # a calibrated camera's noise model; otherwise each frame's, measured on it
     camera_noise = NoiseModel.from_camera(cam) if cam.calibrated else None
-    warned = False
+    warned = padded = False
     valid_frames = valid_img.frames() if valid_img is not None else None
     pending = []
     first = [True]
@@ -605,6 +614,9 @@ def _frames(img, valid_img, setup, report=None, camera=None):
         if f.dark and not warned:
             warnings.warn(f.dark, SpotfitWarning, stacklevel=3)
             warned = True
+        if f.padded and not padded:
+            warnings.warn(f.padded, SpotfitWarning, stacklevel=3)
+            padded = True
         f.noise = camera_noise if camera_noise is not None else estimate_noise(f.photons, sigma, f.valid)
         pending.append(f)
         size = f.photons.size

@@ -43,6 +43,7 @@ class Frame:
     saturated: np.ndarray | None = None
     image_var: float = 0.0
     dark: str | None = None
+    padded: str | None = None  # a warning's text: padding left out (:func:`spotfit.api._padding`)
     noise: object = None  # the detection's NoiseModel of this frame
     background: list | None = None  # the detection's local background (BackgroundPiece per block)
     close: tuple | None = None  # (coords, first, second): pairs of candidates (:func:`_close_pairs`)

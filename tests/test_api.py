@@ -315,6 +315,99 @@ def test_a_mask_over_most_of_the_frame_does_not_lower_the_noise(covered):
     assert len(ok) >= len(inside) and (ok.x < open_x).all()
 
 
+def _padded(width, seed=22):
+    """Camera data (300 x 410 px, 40 spots) with a zero border ``width`` px wide on the
+    top and left (a drift-corrected frame), and its truth."""
+    camera = Camera(baseline=100.0, gain=1.0, read_noise=3.0)
+    img, truth = spotfit.simulate((300, 410), n_spots=40, photons=2000.0, background=30.0, sigma=1.3,
+                                  camera=camera, min_separation=8.0, seed=seed)
+    img[:, :width] = 0
+    img[:width, :] = 0
+    return img, truth[(truth.x > width + 2) & (truth.y > width + 2)]
+
+
+@pytest.mark.parametrize("width", [10, 205])
+def test_zero_padding_is_left_out_as_no_data(width):
+    """A registered or stitched frame's zero padding made a step that the local background
+    cannot follow (a 10 px border: 110 false candidates along it) and, over half the
+    frame, halved the measured noise (1,764 candidates).  Flat regions of one value,
+    9 x 9 px or more, that stand apart from the data beside them are left out like
+    masked pixels, with a warning; the spots beside them are fitted as ever."""
+    img, inside = _padded(width)
+    before = img.copy()
+    with pytest.warns(spotfit.SpotfitWarning, match=r"^frame 0: \d+ px \([\d.]+% of the frame\) lie in "
+                                                    r"flat regions of one value \(value 0\) .* left out as no data"):
+        found = spotfit.detect(img, sigma=1.3)
+    np.testing.assert_array_equal(img, before)
+    d = np.hypot(found.x.to_numpy()[:, None] - inside.x.to_numpy(), found.y.to_numpy()[:, None] - inside.y.to_numpy())
+    assert (d.min(axis=0) < 1.5).all()  # every spot
+    assert len(found) <= len(inside) + 2  # and ~nothing else
+    with pytest.warns(spotfit.SpotfitWarning, match="left out as no data"):
+        table = spotfit.fit(img, sigma=1.3)
+    ok = table[table.status == "converged"]
+    d = np.hypot(ok.x.to_numpy()[:, None] - inside.x.to_numpy(), ok.y.to_numpy()[:, None] - inside.y.to_numpy())
+    assert (d.min(axis=0) < 0.3).all() and len(ok) <= len(inside) + 2  # px
+
+
+def test_flat_data_is_not_padding():
+    """Flat regions that the data runs into are data: a noise-free simulation's background,
+    a lone bright pixel on zeros, a blank frame -- no warning, the spots found."""
+    import warnings
+
+    from spotfit.padding import find_padding
+
+    rng = np.random.default_rng(3)  # noise-free spots on a flat 10 ADU, rounded: flat between them
+    truth = rng.uniform([8, 8], [162, 112], (12, 2))
+    yy, xx = np.mgrid[:120, :170]
+    clean = 10.0 + sum(3000.0 / (2 * np.pi * 1.3**2) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.3**2))
+                       for x, y in truth)
+    clean = np.rint(clean).astype(np.uint16)
+    assert find_padding(clean) is None
+    lone = np.zeros((60, 90), np.uint8)
+    lone[20, 30] = 200
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(spotfit.detect(clean, sigma=1.3)) == len(truth)
+        assert spotfit.detect(lone)[["x", "y"]].values.tolist() == [[30.0, 20.0]]
+        assert len(spotfit.detect(np.zeros((60, 90), np.uint16))) == 0
+    assert find_padding(np.full((60, 90), 7, np.uint16)) is None
+    # saturated pixels are not padding, however flat
+    sat = _padded(10)[0]
+    sat[:10, :] = np.iinfo(sat.dtype).max
+    sat[:, :10] = np.iinfo(sat.dtype).max
+    assert find_padding(sat) is None
+
+
+def test_padding_boxes_against_a_direct_search():
+    """:func:`spotfit.padding.find_padding`'s flat boxes (runs of equal values, by
+    doubling) on small random arrays with flat patches, against checking every 9 x 9 box."""
+    from spotfit import padding
+
+    rng = np.random.default_rng(4)
+    k = padding.PADDING_BOX
+    for _ in range(60):
+        ny, nx = rng.integers(k, 30, 2)
+        a = rng.integers(0, 3, (ny, nx)).astype(np.uint8)
+        for _ in range(rng.integers(0, 3)):
+            y0, x0 = rng.integers(0, ny - k + 1), rng.integers(0, nx - k + 1)
+            a[y0:y0 + rng.integers(k, 14), x0:x0 + rng.integers(k, 14)] = rng.integers(0, 3)
+        expected = np.zeros(a.shape, bool)
+        for y in range(ny - k + 1):
+            for x in range(nx - k + 1):
+                if (a[y:y + k, x:x + k] == a[y, x]).all():
+                    expected[y:y + k, x:x + k] = True
+        rows = a[::padding.PADDING_STRIDE]
+        runs = padding._runs(rows[:, 1:] == rows[:, :-1], k - 1, 1).any()
+        if not runs:  # the cheap look at every PADDING_STRIDE-th row rules boxes out
+            assert not expected.any()
+            continue
+        across = padding._runs(a[:, 1:] == a[:, :-1], k - 1, 1)
+        down = padding._runs(a[1:] == a[:-1], k - 1, 0)
+        boxes = padding._runs(across, k, 0) & down[:, :nx - k + 1]
+        got = padding._spread(padding._spread(boxes, k, 0), k, 1)
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_memory_is_bounded_by_the_batch_not_the_candidates(monkeypatch):
     """A noise frame at threshold 0.5 (a candidate every ~50 px): fitted in batches of 100
     windows, the fit's peak of array memory is a fraction of fitting all candidates at once

@@ -8,6 +8,7 @@ reported errors (1 when the errors are honest); positions in px.
 """
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -47,7 +48,9 @@ def _fit(data, **options):
     row, col = np.divmod(np.arange(n), ncol)
     image.reshape(nrow, ny, ncol, nx)[row, :, col, :] = data.reshape(n, ny, nx)
     origin = np.column_stack([col * nx, row * ny]).astype(float)
-    table = spotfit.fit_spots(image, origin + [5, 4], camera=CAMERA, sigma=1.3, window=4, **options)
+    with warnings.catch_warnings():  # the mosaic's empty slots: zeros beside the windows' data
+        warnings.filterwarnings("ignore", "frame 0: .* left out as no data", spotfit.SpotfitWarning)
+        table = spotfit.fit_spots(image, origin + [5, 4], camera=CAMERA, sigma=1.3, window=4, **options)
     table["dx"] = table.x - origin[:, 0]
     table["dy"] = table.y - origin[:, 1]
     return table
