@@ -163,7 +163,28 @@ def not_spot(values, widths, lower, upper):
     return out
 
 
-def judge(status, outside, low, saturated=None, wide=None):
+def collapsed(values, lower):
+    """Fits with a width at its lower bound along some axis (a single bright pixel: a hot
+    pixel, a cosmic ray), whatever the solver said.
+
+    Parameters
+    ----------
+    values : dict of str -> (n,) ndarray
+        Output columns (:func:`measure`): ``sigma_x``, ``sigma_y``[, ``sigma_z``].
+    lower : tuple of float
+        The widths' lower bounds along ``x, y[, z]`` (px, planes).
+
+    Returns
+    -------
+    (n,) bool ndarray
+    """
+    out = np.zeros(len(values["sigma_x"]), bool)
+    for column, lo in zip(("sigma_x", "sigma_y", "sigma_z"), lower):
+        out |= values[column] <= lo * (1 + 1e-3)
+    return out
+
+
+def judge(status, outside, low, saturated=None, wide=None, collapsed=None):
     """Final status codes.
 
     Parameters
@@ -183,6 +204,10 @@ def judge(status, outside, low, saturated=None, wide=None):
         :func:`not_spot`: a ``converged`` fit (significant: not
         ``low_signal``) becomes ``not_spot``; ``saturated`` still takes
         precedence.
+    collapsed : (n,) bool ndarray, optional
+        :func:`collapsed`: a ``max_iterations`` fit becomes ``not_spot`` too
+        (the position of a one-pixel object does not settle: least squares
+        on a hot pixel ran out of iterations 30 times in 30).
 
     Returns
     -------
@@ -193,6 +218,8 @@ def judge(status, outside, low, saturated=None, wide=None):
     out[(out == CONVERGED) & low] = LOW_SIGNAL
     if wide is not None:  # a shape is judged only on a significant fit
         out[wide & (out == CONVERGED)] = NOT_SPOT
+    if collapsed is not None:
+        out[collapsed & (out == MAX_ITERATIONS)] = NOT_SPOT
     if saturated is not None:  # the clipped pixel explains an odd fit best
         out[saturated & ((out == CONVERGED) | (out == LOW_SIGNAL) | (out == NOT_SPOT))] = SATURATED
     return out

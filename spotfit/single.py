@@ -802,8 +802,9 @@ def _columns(setup: Setup, batch: Batch, sol):
 
     low = results.low_signal(values["intensity"], errors["intensity"], cfg.min_snr,
                              expected=None if cfg.fix_sigma else expected)
-    wide = results.not_spot(values, setup.widths, *width_limits(m, w.grid))
-    status = results.judge(sol.status, outside, low, batch.saturated, wide)
+    limits = width_limits(m, w.grid)
+    wide = results.not_spot(values, setup.widths, *limits)
+    status = results.judge(sol.status, outside, low, batch.saturated, wide, results.collapsed(values, limits[0]))
     return values, errors, sol.chi2_red, sol.iterations, status
 
 

@@ -51,6 +51,27 @@ def test_a_hot_pixel_is_not_a_spot():
     assert spot.status.tolist() == ["converged"]
 
 
+def test_hot_pixels_without_a_camera_are_not_spots():
+    """Least squares without a camera: a point-sampled Gaussian collapsed to 0.3 px on a hot
+    pixel has no settled position, and ran out of iterations (``max_iterations`` 30 times
+    in 30 before): a width at its lower bound is ``not_spot`` whatever the solver said."""
+    rng = np.random.default_rng(3)
+    xy = np.column_stack([rng.uniform(8, 142, 12), rng.uniform(8, 92, 12)])
+    img = _image((100, 150), xy, 3000.0, 1.3, background=30.0, seed=4)
+    hot = np.column_stack([rng.integers(3, 147, 20), rng.integers(3, 97, 20)])  # x, y
+    far = np.hypot(*(hot[:, None, :] - xy[None, :, :]).transpose(2, 0, 1)).min(axis=1) > 6
+    apart = np.hypot(*(hot[:, None, :] - hot[None, :, :]).transpose(2, 0, 1))
+    apart = (apart + np.eye(len(hot)) * 99).min(axis=1) > 3  # (two side by side: one elongated object)
+    hot = hot[far & apart]
+    assert len(hot) >= 12
+    img[hot[:, 1], hot[:, 0]] = 4000
+    table = spotfit.fit(img, sigma=1.3)
+    i, j = match_spots(table[["x", "y"]].to_numpy(), hot.astype(float), 0.5)
+    assert len(j) == len(hot) and (table["status"].to_numpy()[i] == "not_spot").all()
+    i, j = match_spots(table[["x", "y"]].to_numpy(), xy, 1.0)
+    assert len(j) == len(xy) and (table["status"].to_numpy()[i] == "converged").all()
+
+
 def test_crowded_fits_keep_bright_isolated_spots():
     # issue #10: 60 spots of 4000-8000 photons over 10 photons/px, 16 px apart;
     # the crowded path once added an emitter beside a bright spot, split its light
