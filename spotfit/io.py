@@ -1051,9 +1051,12 @@ def _check_finite(data: np.ndarray, where: str, read=np.asarray) -> None:
         n_inf += int(np.count_nonzero(np.isinf(block)))
         del block
     if n_nan or n_inf:
+        hint = ("; if NaN marks no data (as registration leaves it), replace it with 0, which "
+                "spotfit leaves out as padding, or in Python pass numpy.ma.masked_invalid(image)"
+                if n_nan else "")
         raise SpotfitInputError(
             f"{where}: {n_nan} NaN and {n_inf} infinite pixel values "
-            f"(of {data.size}); spotfit needs finite pixels"
+            f"(of {data.size}); spotfit needs finite pixels{hint}"
         )
 
 

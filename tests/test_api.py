@@ -349,6 +349,30 @@ def test_zero_padding_is_left_out_as_no_data(width):
     assert (d.min(axis=0) < 0.3).all() and len(ok) <= len(inside) + 2  # px
 
 
+def test_nan_padding_is_refused_with_the_two_ways_that_work(tmp_path):
+    """NaN is refused (it may be corruption); the error names two ways for NaN that marks
+    no data, and both give the spots: 0 (left out as padding) or a masked array."""
+    import tifffile
+
+    img, inside = _padded(0)
+    img = img.astype(np.float32)
+    img[:, :20] = np.nan
+    inside = inside[inside.x > 22]
+    path = tmp_path / "registered.tif"
+    tifffile.imwrite(path, img)
+    with pytest.raises(spotfit.SpotfitInputError, match=r"6000 NaN .* replace it with 0, which spotfit "
+                                                        r"leaves out as padding, or in Python pass "
+                                                        r"numpy.ma.masked_invalid\(image\)$"):
+        spotfit.fit(path, sigma=1.3)
+    with pytest.warns(spotfit.SpotfitWarning, match="left out as no data"):
+        zeros = spotfit.fit(np.nan_to_num(img, nan=0.0), sigma=1.3)
+    masked = spotfit.fit(np.ma.masked_invalid(img), sigma=1.3)
+    for table in (zeros, masked):
+        ok = table[table.status == "converged"]
+        d = np.hypot(ok.x.to_numpy()[:, None] - inside.x.to_numpy(), ok.y.to_numpy()[:, None] - inside.y.to_numpy())
+        assert (d.min(axis=0) < 0.3).all() and len(ok) <= len(inside) + 3 and (ok.x > 19.5).all()
+
+
 def test_flat_data_is_not_padding():
     """Flat regions that the data runs into are data: a noise-free simulation's background,
     a lone bright pixel on zeros, a blank frame -- no warning, the spots found."""
