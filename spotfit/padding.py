@@ -76,14 +76,16 @@ def find_padding(raw):
 
 
 def _stepped(a, flat):
-    """The regions of ``flat`` (one value each) that border the data along
-    ``2 * PADDING_BOX`` px or more and stand apart from it by a step of more than
-    :data:`PADDING_STEP` of the data's range: padding (zeros beside a camera's
-    baseline) rather than a flat background that the data runs into (noise-free
-    simulations, a lone bright pixel on zeros, 8-bit images with a flat patch)."""
+    """The regions of ``flat`` (one value each) below the data's median that border
+    the data along ``2 * PADDING_BOX`` px or more and stand apart from it by a step of
+    more than :data:`PADDING_STEP` of the data's range: padding (zeros beside a
+    camera's baseline) rather than a flat background that the data runs into
+    (noise-free simulations, a lone bright pixel on zeros, 8-bit images with a flat
+    patch) or a bright plateau (a blob saturating a 12-bit camera at 4095 in a 16-bit
+    file)."""
     rest = a[~flat]
     rest = rest[:: max(1, rest.size // 65536)].astype(np.float64)
-    low, high = np.percentile(rest, [1.0, 99.0])
+    low, middle, high = np.percentile(rest, [1.0, 50.0, 99.0])
     values, counts = np.unique(a[flat], return_counts=True)
     out = np.zeros(flat.shape, bool)
     for v in values[np.argsort(-counts, kind="stable")][:PADDING_VALUES]:
@@ -93,7 +95,7 @@ def _stepped(a, flat):
             ring = _spread(ring, 3, axis)[tuple(slice(1, -1) if i == axis else slice(None)
                                                 for i in range(a.ndim))]
         ring &= ~flat
-        if np.count_nonzero(ring) >= 2 * PADDING_BOX and \
+        if v < middle and np.count_nonzero(ring) >= 2 * PADDING_BOX and \
                 abs(float(np.median(a[ring])) - float(v)) > PADDING_STEP * (high - low):
             out |= region
     return out

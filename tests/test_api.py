@@ -395,10 +395,14 @@ def test_flat_data_is_not_padding():
         assert spotfit.detect(lone)[["x", "y"]].values.tolist() == [[30.0, 20.0]]
         assert len(spotfit.detect(np.zeros((60, 90), np.uint16))) == 0
     assert find_padding(np.full((60, 90), 7, np.uint16)) is None
-    # saturated pixels are not padding, however flat
+    # saturated pixels are not padding, however flat: at the type's maximum, or a
+    # plateau above the data (a 12-bit camera's 4095 in a 16-bit file)
     sat = _padded(10)[0]
     sat[:10, :] = np.iinfo(sat.dtype).max
     sat[:, :10] = np.iinfo(sat.dtype).max
+    assert find_padding(sat) is None
+    sat = _padded(0)[0]
+    sat[100:115, 200:215] = 4095
     assert find_padding(sat) is None
 
 
