@@ -542,15 +542,12 @@ def _prepare(setup, t, raw, valid=None, camera=None) -> fields.Frame:
 
 
 def _clipped(raw, valid):
-    """Pixels at the maximum of an integer pixel type (None if there are none)."""
-    raw = np.asarray(raw)
-    if raw.dtype.kind not in "ui":
-        return None
-    top = np.iinfo(raw.dtype).max
-    if raw.max() < top:
-        return None
-    clipped = raw == top
-    return clipped if valid is None else clipped & valid
+    """:func:`spotfit.camera.clipped_pixels` of ``raw`` among the ``valid`` ones (None if
+    there are none)."""
+    from spotfit.camera import clipped_pixels
+
+    clipped = clipped_pixels(raw)
+    return clipped if valid is None or clipped is None else clipped & valid
 
 
 def _dark(camera, photons, t):

@@ -395,12 +395,11 @@ def _fit_one(setup, t, raw, photons, block: Block, cand: _Candidates, image_var,
 
 
 def _clipped(raw):
-    """Pixels at the maximum of an integer pixel type, or None (as the in-memory path:
-    ``spotfit.api._clipped``; spotfit.api imports this module)."""
-    raw = np.asarray(raw)
-    if raw.dtype.kind not in "ui" or raw.max() < np.iinfo(raw.dtype).max:
-        return None
-    return raw == np.iinfo(raw.dtype).max
+    """Pixels a camera clipped (:func:`spotfit.camera.clipped_pixels`, as the in-memory
+    path), or None."""
+    from spotfit.camera import clipped_pixels
+
+    return clipped_pixels(raw)
 
 
 def _threads(n):

@@ -250,3 +250,40 @@ def as_camera(camera) -> Camera:
     raise SpotfitInputError("camera must be a spotfit.Camera or a mapping of its fields "
                             f"(baseline, gain, em_gain, read_noise), got {type(camera).__name__}",
                             parameter="camera")
+
+
+#: bit depths of cameras whose images come in a wider integer type (a 12-bit camera's
+#: in a 16-bit file): a frame whose largest value is ``2**n - 1`` for one of these, held
+#: by two pixels side by side, is clipped there (a ceiling, not a coincidence)
+CAMERA_BITS = (8, 10, 11, 12, 14, 15)
+
+
+def clipped_pixels(raw):
+    """Pixels a camera clipped: at the maximum of an integer pixel type, or at a camera's
+    ceiling in a wider type (:data:`CAMERA_BITS`: 4095 for a 12-bit camera in a 16-bit
+    file).
+
+    Parameters
+    ----------
+    raw : array_like
+        A frame (or a block of one) as read; float frames have no clipped pixels.
+
+    Returns
+    -------
+    ndarray of bool of the frame's shape, or None if there are none
+    """
+    raw = np.asarray(raw)
+    if raw.dtype.kind not in "ui" or raw.size == 0:
+        return None
+    top = int(raw.max())
+    clipped = None
+    if top == np.iinfo(raw.dtype).max:
+        clipped = raw == top
+    elif top + 1 in {2**n for n in CAMERA_BITS}:
+        clipped = raw == top
+        side_by_side = (clipped[..., 1:] & clipped[..., :-1]).any() or \
+            (raw.ndim > 1 and (clipped[..., 1:, :] & clipped[..., :-1, :]).any())
+        if not side_by_side:
+            return None
+    return clipped
+

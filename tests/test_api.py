@@ -20,6 +20,7 @@ from spotfit import single
 from spotfit.camera import Camera
 from spotfit.cli import main
 from spotfit.config import FitConfig, option_metadata
+from spotfit.match import match_spots
 
 CAMERA = Camera(baseline=100.0, gain=1.0)
 
@@ -244,6 +245,34 @@ def test_a_baseline_above_every_pixel_gives_one_warning(movie):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         spotfit.fit(img, camera=CAMERA)
+
+
+@pytest.mark.parametrize("bits", [12, 14])
+def test_spots_at_a_cameras_ceiling_in_a_wider_type_are_saturated(bits):
+    """A 12-bit (14-bit) camera's image in a 16-bit file clips at 4095 (16383): the spots
+    whose peaks reach it are ``saturated`` (they were ``converged``, with intensities too
+    low); a frame whose largest value is 4095 in one pixel only is not clipped there."""
+    from spotfit.camera import clipped_pixels
+
+    ceiling = 2**bits - 1
+    camera = Camera(baseline=100.0, gain=1.0)
+    img, truth = spotfit.simulate((120, 170), n_spots=12, photons=(2000.0, 4.0 * ceiling * 2 * np.pi * 1.69),
+                                  background=20.0, sigma=1.3, camera=camera, min_separation=10.0, seed=5)
+    clipped = np.minimum(img, ceiling).astype(np.uint16)
+    peak = np.array([img[int(round(y)) - 1:int(round(y)) + 2, int(round(x)) - 1:int(round(x)) + 2].max()
+                     for x, y in zip(truth.x, truth.y)])
+    assert 0 < (peak > ceiling).sum() < len(truth)
+    table = spotfit.fit(clipped, camera=camera)
+    i, j = match_spots(table[["x", "y"]].to_numpy(), truth[["x", "y"]].to_numpy(), 1.0)
+    status = table.status.to_numpy()[i]
+    assert len(j) == len(truth)
+    assert (status[peak[j] > ceiling] == "saturated").all()
+    assert (status[peak[j] < ceiling - 50] == "converged").all()
+    one = np.full((20, 30), 100, np.uint16)
+    one[5, 5] = ceiling
+    assert clipped_pixels(one) is None
+    one[5, 6] = ceiling
+    assert clipped_pixels(one).sum() == 2
 
 
 def test_masked_pixels_are_left_out(movie):
