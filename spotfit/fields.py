@@ -19,7 +19,7 @@ The in-memory fitting pipeline after detection, for frames of candidates
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,8 +42,7 @@ class Frame:
     valid: np.ndarray | None = None
     saturated: np.ndarray | None = None
     image_var: float = 0.0
-    dark: str | None = None
-    padded: str | None = None  # a warning's text: padding left out (:func:`spotfit.api._padding`)
+    notes: dict = field(default_factory=dict)  # warnings' texts by kind (:func:`spotfit.api._prepare`)
     noise: object = None  # the detection's NoiseModel of this frame
     background: list | None = None  # the detection's local background (BackgroundPiece per block)
     close: tuple | None = None  # (coords, first, second): pairs of candidates (:func:`_close_pairs`)

@@ -378,6 +378,27 @@ def test_zero_padding_is_left_out_as_no_data(width):
     assert (d.min(axis=0) < 0.3).all() and len(ok) <= len(inside) + 2  # px
 
 
+def test_a_background_subtracted_and_clipped_at_zero_is_named():
+    """Without a camera the noise is measured on the frame; a background subtracted and
+    clipped at 0 leaves it too low (noise makes spots from ~70 % zeros on): from half the
+    pixels at 0 a warning says so; with the camera's model, or fewer zeros, none."""
+    import warnings
+
+    img, _ = _padded(0)
+    for subtract, zeros, warned in ((126, 0.29, False), (130, 0.53, True), (135, 0.80, True)):
+        clipped = np.clip(img.astype(np.int32) - subtract, 0, None).astype(np.uint16)
+        assert (clipped == 0).mean() == pytest.approx(zeros, abs=0.01)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            spotfit.detect(clipped)
+            spotfit.detect(clipped, camera=Camera(baseline=0.0, gain=1.0))
+        notes = [str(w.message) for w in record]
+        assert len(notes) == int(warned), notes
+        if warned:
+            assert notes[0].startswith(f"{100 * (clipped == 0).mean():.1f}% of the pixels of frame 0 are 0: "
+                                       "a background subtracted and clipped at 0 before spotfit?")
+
+
 def test_nan_padding_is_refused_with_the_two_ways_that_work(tmp_path):
     """NaN is refused (it may be corruption); the error names two ways for NaN that marks
     no data, and both give the spots: 0 (left out as padding) or a masked array."""
@@ -418,11 +439,13 @@ def test_flat_data_is_not_padding():
     assert find_padding(clean) is None
     lone = np.zeros((60, 90), np.uint8)
     lone[20, 30] = 200
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         assert len(spotfit.detect(clean, sigma=1.3)) == len(truth)
         assert spotfit.detect(lone)[["x", "y"]].values.tolist() == [[30.0, 20.0]]
         assert len(spotfit.detect(np.zeros((60, 90), np.uint16))) == 0
+    # (the lone pixel's frame is 99.98 % zeros: said, as for a clipped background)
+    assert [str(w.message)[:40] for w in record] == ["99.9% of the pixels of frame 0 are 0: a "]
     assert find_padding(np.full((60, 90), 7, np.uint16)) is None
     # saturated pixels are not padding, however flat: at the type's maximum, or a
     # plateau above the data (a 12-bit camera's 4095 in a 16-bit file)
