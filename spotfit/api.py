@@ -568,10 +568,10 @@ def _floor(raw, valid, t):
     share = np.count_nonzero(sample == 0) / max(sample.size, 1)
     if not FLOOR_FRACTION <= share < 1.0:  # (a blank frame: nothing to say)
         return None
-    return (f"{min(100 * share, 99.9):.1f}% of the pixels of frame {t} are 0: a background subtracted and "
-            "clipped at 0 before spotfit? The noise measured on such a frame is too low (noise "
-            "makes spots) and intensities are biased; give spotfit the image as recorded (it "
-            "fits the background itself), or the camera (`gain`, `baseline`)")
+    return (f"{min(100 * share, 99.9):.1f}% of the pixels of frame {t} are 0: a background "
+            "subtracted and clipped at 0 before spotfit? The noise measured on such a frame is "
+            "too low (noise makes spots) and intensities are biased; give spotfit the image as "
+            "recorded (it fits the background itself), or the camera (`gain`, `baseline`)")
 
 
 def _dark(camera, photons, t):

@@ -286,4 +286,3 @@ def clipped_pixels(raw):
         if not side_by_side:
             return None
     return clipped
-

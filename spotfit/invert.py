@@ -87,9 +87,10 @@ def contrast_hint(photons, sigma, options, found, score, inverted=False, valid=N
     its brightest above it (:data:`HINT_TAILS`) is detected again upside down:
     the mirror ``max + min - photons`` of its central :data:`HINT_CROP` pixels
     square (:data:`HINT_CROP_PLANES` planes of a z-stack), with the noise
-    measured on it and the same detection options.  When that holds at least :data:`HINT_MIN_DARK` objects scoring
-    :data:`HINT_CLEAR` times the threshold and :data:`HINT_RATIO` times as many
-    as the frame has there, the objects are darker than their background.
+    measured on it and the same detection options.  When that holds at least
+    :data:`HINT_MIN_DARK` objects scoring :data:`HINT_CLEAR` times the threshold
+    and :data:`HINT_RATIO` times as many as the frame has there, the objects
+    are darker than their background.
     For a frame that was already inverted (``inverted``) the same finding
     means the user's objects were bright: the text then says to leave
     ``invert`` out.
@@ -135,7 +136,8 @@ def contrast_hint(photons, sigma, options, found, score, inverted=False, valid=N
     part = frame[crop]
     mirror = np.float32(float(np.min(part)) + float(np.max(part))) - part.astype(np.float32)
     inside_valid = None if valid is None else valid[crop]
-    coords, dark_score = find_peaks(mirror, sigma, noise=estimate_noise(mirror, sigma, inside_valid), **options)
+    noise = estimate_noise(mirror, sigma, inside_valid)
+    coords, dark_score = find_peaks(mirror, sigma, noise=noise, **options)
     if valid is not None and len(coords):
         dark_score = dark_score[inside_valid[tuple(coords.T)]]
     clear = HINT_CLEAR * (options.get("threshold") or DEFAULT_THRESHOLD)

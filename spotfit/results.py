@@ -156,10 +156,10 @@ def not_spot(values, widths, lower, upper):
     -------
     (n,) bool ndarray
     """
-    out = np.zeros(len(values["sigma_x"]), bool)
-    for column, expected, lo, hi in zip(("sigma_x", "sigma_y", "sigma_z"), widths, lower, upper):
+    out = collapsed(values, lower)
+    for column, expected, hi in zip(("sigma_x", "sigma_y", "sigma_z"), widths, upper):
         w = values[column]
-        out |= (w > MAX_WIDTH * expected) | (w <= lo * (1 + 1e-3)) | (w >= hi * (1 - 1e-3))
+        out |= (w > MAX_WIDTH * expected) | (w >= hi * (1 - 1e-3))
     return out
 
 

@@ -804,7 +804,8 @@ def _columns(setup: Setup, batch: Batch, sol):
                              expected=None if cfg.fix_sigma else expected)
     limits = width_limits(m, w.grid)
     wide = results.not_spot(values, setup.widths, *limits)
-    status = results.judge(sol.status, outside, low, batch.saturated, wide, results.collapsed(values, limits[0]))
+    collapsed = results.collapsed(values, limits[0])
+    status = results.judge(sol.status, outside, low, batch.saturated, wide, collapsed)
     return values, errors, sol.chi2_red, sol.iterations, status
 
 
