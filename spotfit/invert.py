@@ -55,7 +55,7 @@ def check_camera(camera) -> None:
 
 
 #: :func:`contrast_hint` looks at a frame whose darkest pixels lie further below its
-#: median than its brightest above it (these quantiles, of up to ~65,000 pixels: a
+#: median than its brightest above it (these quantiles, of up to ~16,000 pixels: a
 #: few ms; bright spots, cells and Poisson noise all make the upper tail the longer) ...
 HINT_TAILS = (0.001, 0.999)
 #: ... in a central crop of at most this many pixels per side (a bounded cost,
@@ -126,7 +126,7 @@ def contrast_hint(photons, sigma, options, found, score, inverted=False, valid=N
     pixels = frame if valid is None else frame[valid]
     if pixels.size == 0:
         return None
-    sample = pixels.ravel()[:: max(1, pixels.size // 65536)].astype(np.float32)
+    sample = pixels.ravel()[:: max(1, pixels.size // 16384)].astype(np.float32)
     low, median, high = np.quantile(sample, (HINT_TAILS[0], 0.5, HINT_TAILS[1]))
     if not median - low > high - median:
         return None
