@@ -533,6 +533,7 @@ class _Context:
         rv = self.read_var(img.frame_shape)
         cam_a, cam_b = self.conversion(img.frame_shape)
         # raw values at the top of an integer pixel type are clipped: such fits are "saturated"
+        # (and at a camera's ceiling in a wider type: per block of frames, below)
         clip = float(np.iinfo(img.dtype).max) if img.dtype.kind in "ui" else np.inf
         # frames of an image in memory whose pixel type the kernel reads are passed as they
         # are (a view: no copy, no cast, all frames in one call); others are gathered into
@@ -553,6 +554,7 @@ class _Context:
                 _read_frames(img, ids, block, numba.get_num_threads(), in_memory)
             if not self.camera.calibrated and self.noise_model is None:
                 self.noise_model = self._fit_noise_model(block, cam_a, cam_b, layout, rv)
+            ceiling = _ceiling(block, len(ids), img.frame_shape, clip)
             alpha, beta, floor = self.noise_model or (0.0, 0.0, 0.0)
             # many small chunks, handed out one at a time: a thread that the
             # machine's other work slows down does not hold the others up (on one
@@ -564,7 +566,7 @@ class _Context:
                     block, cam_a, cam_b, layout.pix, layout.n_valid, layout.col_ptr, layout.profiles, rv,
                     layout.box_code, layout.box_origin, layout.box_geom,
                     self.est_id, self.camera.calibrated, float(self.camera.excess_noise), alpha, beta,
-                    floor, int(cfg.max_iter), MLE_TOL, clip, chunks, False, first,
+                    floor, int(cfg.max_iter), MLE_TOL, ceiling, chunks, False, first,
                     *(out[k] for k in ("n", "n_var", "b", "b_var", "chi2", "iter", "status", "sat", "ap",
                                        "bg")),
                     np.zeros((0, 0, 5)))
@@ -589,6 +591,19 @@ class _Context:
             sums)
         alpha, beta, floor = solver.variance_model(sums.reshape(-1, 5).sum(axis=0))[0]
         return float(alpha), float(beta), float(floor)
+
+
+def _ceiling(block, n_frames, frame_shape, clip):
+    """The raw value at and above which the pixels of ``block`` (rows of ``n_frames``
+    frames) are clipped: a camera's ceiling in a wider integer type when one of its
+    frames shows it (:func:`spotfit.camera.clipped_pixels`: 4095 for a 12-bit camera in a
+    16-bit file), else ``clip`` (the pixel type's maximum, or inf)."""
+    from spotfit.camera import clipped_pixels
+
+    if block.dtype.kind not in "ui" or not np.isfinite(clip):
+        return clip
+    clipped = clipped_pixels(block.reshape((n_frames,) + tuple(frame_shape)))
+    return clip if clipped is None else float(block.max())
 
 
 def _in_memory(img):

@@ -542,6 +542,20 @@ def test_clipped_pixels_make_a_measurement_saturated():
     assert list(zip(flagged.spot_id, flagged.frame)) == [(0, 2)]
 
 
+def test_a_cameras_ceiling_in_a_wider_type_makes_a_measurement_saturated():
+    """As fits do (spotfit.camera.clipped_pixels): a 12-bit camera's image in a 16-bit file
+    clips at 4095; the frame where a spot's peak reaches it is ``saturated``."""
+    xy = np.array([[30.2, 20.7], [80.4, 45.1]])
+    photons = np.full((4, 2), 2000.0)
+    photons[2, 0] = 3e5  # far above 4095 ADU at the peak
+    img, truth = _movie(xy, photons, seed=3)
+    img = np.minimum(img, 4095).astype(np.uint16)
+    assert (img[2] == 4095).sum() >= 2 and img[[0, 1, 3]].max() < 4095
+    table = spotfit.measure(img, xy, camera=CAMERA)
+    flagged = table[table.status == "saturated"]
+    assert list(zip(flagged.spot_id, flagged.frame)) == [(0, 2)]
+
+
 def test_kernel_masked_pixels_and_singular_windows():
     rng = np.random.default_rng(92)
     g, d, rv, _ = _reference_problem(rng, False)
