@@ -38,6 +38,31 @@ def test_blobs_wider_than_twice_sigma_are_not_spots(crowded):
     assert (blob == "not_spot").mean() >= 0.8 and np.isin(blob, ["not_spot", "low_signal"]).all()
 
 
+def test_spots_wider_than_the_sigma_given_say_so():
+    """Spots of sigma 3 px fitted with the default 1.3 px are mostly not_spot (32 of 40):
+    a warning names `sigma` and how to measure it, which gives 2.99 px and fits them all;
+    hot pixels (not_spot at the lower width bound) do not count."""
+    import warnings
+
+    from spotfit.psf import estimate_sigma
+    from spotfit.simulation import simulate
+
+    img, truth = simulate((300, 410), n_spots=40, photons=8000.0, background=30.0, sigma=3.0,
+                          camera=CAMERA, min_separation=16.0, seed=2)
+    with pytest.warns(spotfit.SpotfitWarning, match=r"^32 of 40 fitted spots \(80%\) are wider than 2 x "
+                                                    r"the sigma used \(1.3 px\) and flagged not_spot: .* give "
+                                                    r"their `sigma` \(measured by --sigma auto on the command "
+                                                    r"line, spotfit.psf.estimate_sigma in Python\)$"):
+        table = spotfit.fit(img)
+    assert (table.status == "not_spot").sum() == 32
+    sigma = estimate_sigma(img).sigma
+    assert sigma == pytest.approx(3.0, abs=0.1)  # px
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = spotfit.fit(img, sigma=sigma)
+    assert (table.status == "converged").sum() == len(truth)
+
+
 def test_a_hot_pixel_is_not_a_spot():
     # one pixel 2000 photons above its neighbours: the fit's width collapses to
     # its lower bound (0.3 px), which is no PSF
