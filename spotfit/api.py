@@ -130,9 +130,11 @@ def _fit_image(img, valid, ndim, config, camera, report=None):
     """The fit table of an open image (a :class:`~spotfit.lighttable.LightTable` or a
     DataFrame); ``report(t, n_frames, n_found)`` after each frame."""
     setup = Setup.resolve(config, camera, ndim)
-    frames = _frames(img, valid, setup, report)
+    said = set()
+    frames = _frames(img, valid, setup, report, said=said)
     result = fields.fit_dense(setup, frames) if config.crowded else fields.fit_frames(setup, frames)
-    _warn_widths(result, config, ndim)
+    if "contrast" not in said:  # (dark objects' fits are wide: that warning says why)
+        _warn_widths(result, config, ndim)
     return _with_units(result, img)
 
 
@@ -163,7 +165,7 @@ def _warn_widths(result, config, ndim) -> None:
     used = f"{config.sigma:g} px" + (f", {config.axial_sigma():g} planes in z" if ndim == 3 else "")
     warnings.warn(f"{wide} of {significant} fitted spots ({100 * wide / significant:.0f}%) are wider than "
                   f"{MAX_WIDTH:g} x the sigma used ({used}) and flagged not_spot: if your spots are "
-                  "that wide, give their `sigma` (measured by --sigma auto on the command line, "
+                  "that wide, give their `sigma` (measure it: `sigma='auto'` on the command line, "
                   "spotfit.psf.estimate_sigma in Python)", SpotfitWarning, stacklevel=3)
 
 
@@ -627,7 +629,7 @@ STACK_FRAME_PIXELS = 128 * 128
 STACK_PIXELS = 1 << 18
 
 
-def _frames(img, valid_img, setup, report=None, camera=None):
+def _frames(img, valid_img, setup, report=None, camera=None, said=None):
     """Prepared, detected frames of ``img``, one at a time; ``report(t, n_frames, n_found)``
     after each (``n_found``: the frame's candidates).  Small 2D frames with a calibrated
     camera are read and detected a stack at a time (:data:`STACK_FRAME_PIXELS`).
@@ -635,7 +637,8 @@ def _frames(img, valid_img, setup, report=None, camera=None):
     Gives at most one :class:`SpotfitWarning` of each kind of a frame's notes per call
     (a dark frame, padding left out, a clipped floor: :func:`_prepare`), and one when
     the first frame looks dark on light (or, inverted, bright on dark:
-    :func:`spotfit.invert.contrast_hint`).
+    :func:`spotfit.invert.contrast_hint`; ``"contrast"`` is then added to the set
+    ``said``, if given).
     """
     from spotfit.background import NoiseModel, estimate_noise
     from spotfit.invert import InvertedStack, contrast_hint
@@ -660,6 +663,8 @@ def _frames(img, valid_img, setup, report=None, camera=None):
                                      inverted=isinstance(img.data, InvertedStack), valid=f.valid, where=where)
                 if hint:
                     warnings.warn(hint, SpotfitWarning, stacklevel=4)
+                    if said is not None:
+                        said.add("contrast")
             yield f
 
     for t, raw in img.frames():

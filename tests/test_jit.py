@@ -259,9 +259,10 @@ def test_cold_cache_means_no_index_file_for_the_kernel(monkeypatch, tmp_path):
     assert _jit._cold(target)  # another kernel's entry
     (package / "__pycache__" / "_kernels.covariance-623.py311.nbi").write_bytes(b"")
     assert not _jit._cold(target)
-    os.utime(package / "_kernels.py")  # sources newer than the entry: an upgrade
+    # (explicit times: "now" twice can be the same file-system tick)
+    os.utime(package / "_kernels.py", (2e9, 2e9))  # sources newer than the entry: an upgrade
     assert _jit._cold(target)
-    os.utime(package / "__pycache__" / "_kernels.covariance-623.py311.nbi")
+    os.utime(package / "__pycache__" / "_kernels.covariance-623.py311.nbi", (3e9, 3e9))
     assert not _jit._cold(target)
     assert not _jit._cold("spotfit.solver:compile_kernels")  # the name does not say which
     (package / "__pycache__" / "_kernels.covariance-623.py311.nbi").unlink()

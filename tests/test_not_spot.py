@@ -51,7 +51,7 @@ def test_spots_wider_than_the_sigma_given_say_so():
                           camera=CAMERA, min_separation=16.0, seed=2)
     with pytest.warns(spotfit.SpotfitWarning, match=r"^32 of 40 fitted spots \(80%\) are wider than 2 x "
                                                     r"the sigma used \(1.3 px\) and flagged not_spot: .* give "
-                                                    r"their `sigma` \(measured by --sigma auto on the command "
+                                                    r"their `sigma` \(measure it: `sigma='auto'` on the command "
                                                     r"line, spotfit.psf.estimate_sigma in Python\)$"):
         table = spotfit.fit(img)
     assert (table.status == "not_spot").sum() == 32
