@@ -131,7 +131,7 @@ def _spread(m, k, axis):
     pad = [(0, 0)] * m.ndim
     pad[axis] = (k - 1, k - 1)
     padded = np.pad(m, pad)
-    return _runs(~padded, k, axis).__invert__()
+    return ~_runs(~padded, k, axis)
 
 
 def padding_note(raw, padding, t) -> str:
@@ -141,8 +141,8 @@ def padding_note(raw, padding, t) -> str:
     step = max(1, raw.size // 262144)
     values = np.unique(raw.ravel()[::step][padding.ravel()[::step]])
     value = f"value {values[0]:g}" if len(values) == 1 else "several values"
-    share = padding.mean()
-    return (f"frame {t}: {int(padding.sum())} px ({100 * share:.1f}% of the frame) lie in flat "
+    count = int(np.count_nonzero(padding))
+    return (f"frame {t}: {count} px ({100 * count / padding.size:.1f}% of the frame) lie in flat "
             f"regions of one value ({value}) of {PADDING_BOX} x {PADDING_BOX} px or more: left "
             "out as no data, like masked pixels (the padding of a registered, drift-corrected "
             "or stitched image)")
