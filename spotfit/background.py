@@ -945,12 +945,12 @@ def _correlation(bands, sig, model, masks=None) -> float:
         return gaussian_smooth(band, tuple(SMOOTH * s for s in sig)), edge
 
     smoothed = {id(band): done for band, done in zip(bands, _per_band(smooth, bands))}
-    reach = {}  # the pixels whose filtered value no left-out pixel reaches (4 sigma)
+    reach = {}  # the pixels whose filtered value, background subtracted, no left-out pixel reaches
     if masks is not None:
         from scipy.ndimage import minimum_filter
 
         for band, m in zip(bands, masks):
-            size = [2 * int(math.ceil(4 * SMOOTH * s)) + 1 if s > 0 else 1 for s in sig]
+            size = [2 * int(math.ceil(4 * SCALE * s)) + 1 if s > 0 else 1 for s in sig]
             reach[id(band)] = minimum_filter(m, size=size, mode="nearest")
     ratio = 1.0
     for _ in range(3):
